@@ -1,0 +1,116 @@
+"""The `tinymlaas` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import TinyMLaaSError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K/M suffix (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 1024, "M": 1024 * 1024}.get(t[-1:], 1)
+    try:
+        return int(float(t.rstrip("KM")) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 256K, 1M, 65536)") from None
+
+
+def cmd_targets(args) -> int:
+    from .targets import all_targets
+
+    targets = all_targets()
+    if args.json:
+        print(json.dumps({n: {"description": t.description, "board": t.board.__dict__, "emulator": t.emulator.machine}
+                          for n, t in targets.items()}, indent=2))
+        return 0
+    print(f"{'target':<12} {'core':<11} {'FPU':<4} {'DSP':<4} {'board class':<26} {'flash':>10} {'RAM':>10}  emulator")
+    for name, t in targets.items():
+        print(f"{name:<12} {t.core:<11} {'yes' if t.fpu else 'no':<4} {'yes' if t.dsp else 'no':<4} {t.board.name:<26} "
+              f"{t.board.flash_bytes // 1024:>8}K {t.board.ram_bytes // 1024:>8}K  {t.emulator.qemu} -M {t.emulator.machine}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .pipeline import STAGES, CompileOptions, compile_model, format_report
+
+    options = CompileOptions(
+        inputs=args.inputs, seed=args.seed, timeout=args.timeout, max_flash=args.max_flash, max_ram=args.max_ram
+    )
+    bar = None
+    if not args.json and sys.stderr.isatty() or args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(STAGES), desc="compile", unit="stage", file=sys.stderr, leave=False)
+
+    def progress(stage: str) -> None:
+        if bar is not None:
+            if bar.n or stage != STAGES[0]:
+                bar.update(1)
+            bar.set_postfix_str(stage)
+
+    try:
+        report = compile_model(args.model, args.target, args.out, options, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report))
+    return 0 if report.verified else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinymlaas", description="Trained models to verified bare-metal firmware.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("targets", help="list the boards tinymlaas can build for")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("compile", help="compile a TFLite model to firmware, run it in the emulator, verify and measure")
+    p.add_argument("model", help="a .tflite file (float32, int8, or dynamic-range quantized)")
+    p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
+    p.add_argument("--out", "-o", help="output folder (default out/MODEL-TARGET); replaced only on success")
+    p.add_argument("--inputs", "-n", type=_positive_int, default=10, help="random inputs to verify with (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--timeout", type=float, default=120.0, help="emulator time limit in seconds (default 120)")
+    p.add_argument("--max-flash", type=_size, help="flash budget for the model, e.g. 512K (default: the board's)")
+    p.add_argument("--max-ram", type=_size, help="RAM budget for the model, e.g. 128K (default: the board's)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")
+    p.set_defaults(func=cmd_compile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # TVM and the interpreter log to stderr at import; users want our lines only.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("tvm").setLevel(logging.ERROR)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TinyMLaaSError as e:
+        print(f"tinymlaas: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tinymlaas: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Emulate stage: run a firmware ELF in QEMU with exact instruction and memory-access counting.
+
+Counting is a small TCG plugin of our own (firmware/qemu_plugin/icount.c), built on first use.
+The harness brackets each inference with marker calls; the plugin reports each bracket's counts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import PROJECT_ROOT
+from .errors import EmulatorFailure, EmulatorTimeout, ToolMissing
+from .firmware import Firmware
+
+PLUGIN_SOURCE = PROJECT_ROOT / "firmware" / "qemu_plugin" / "icount.c"
+
+
+@dataclass
+class RegionCount:
+    instructions: int
+    memory_accesses: int
+
+
+@dataclass
+class EmulatorRun:
+    exit_code: int
+    stdout: str
+    regions: list[RegionCount]  # one per inference, the marks' own cost already subtracted
+    seconds: float
+    harness: dict = field(default_factory=dict)  # key=value pairs the harness printed
+
+
+def plugin_path() -> Path:
+    """The counting plugin, compiled from source when missing or older than its source."""
+    cache = Path(os.environ.get("TINYMLAAS_BUILD_DIR", PROJECT_ROOT / "build")) / "qemu-plugin"
+    lib = cache / "libtinymlaas_icount.so"
+    if not lib.exists() or lib.stat().st_mtime < PLUGIN_SOURCE.stat().st_mtime:
+        cache.mkdir(parents=True, exist_ok=True)
+        cc = shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            raise ToolMissing("a host C compiler (gcc) is needed to build the QEMU counting plugin")
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(PLUGIN_SOURCE)], check=True)
+        tmp.replace(lib)
+    return lib
+
+
+class QemuEmulator:
+    """QEMU system emulation with -icount shift=0: one instruction per virtual nanosecond, repeatable."""
+
+    name = "qemu"
+
+    def __init__(self, timeout: float = 120.0):
+        self.timeout = timeout
+
+    def command(self, target, firmware: Firmware, counts_file: Path) -> list[str]:
+        qemu = shutil.which(target.emulator.qemu)
+        if qemu is None:
+            raise ToolMissing(f"'{target.emulator.qemu}' is not installed (run `make setup`)")
+        marks = {k: firmware.symbols.get(f"tinymlaas_mark_{k}") for k in ("begin", "end")}
+        if None in marks.values():
+            raise EmulatorFailure(f"{firmware.elf.name}: harness marker functions not found")
+        # Thumb function symbols carry bit 0; the plugin sees the instruction address.
+        plugin = f"{plugin_path()},begin={marks['begin'] & ~1:#x},end={marks['end'] & ~1:#x},out={counts_file}"
+        return [
+            qemu,
+            "-M",
+            target.emulator.machine,
+            *target.emulator.extra_args,
+            "-nographic",
+            "-monitor",
+            "none",
+            "-serial",
+            "none",
+            "-semihosting-config",
+            "enable=on,target=native",
+            "-icount",
+            "shift=0",
+            "-plugin",
+            plugin,
+            "-kernel",
+            str(firmware.elf),
+        ]
+
+    def run(self, target, firmware: Firmware, workdir: Path) -> EmulatorRun:
+        counts_file = workdir / "counts.txt"
+        cmd = self.command(target, firmware, counts_file)
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=self.timeout)
+        except subprocess.TimeoutExpired as e:
+            raise EmulatorTimeout(
+                f"{target.emulator.qemu} -M {target.emulator.machine} did not finish within {self.timeout:g} s; "
+                "the firmware hangs or the model is too slow for this timeout"
+            ) from e
+        seconds = time.monotonic() - start
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()
+            raise EmulatorFailure(
+                f"firmware exited with status {proc.returncode} in {target.emulator.machine}: "
+                f"{tail[-1][:200] if tail else 'no output'}"
+            )
+        regions = []
+        if counts_file.exists():
+            for line in counts_file.read_text().splitlines():
+                parts = line.split()
+                if parts and parts[0] == "region":
+                    regions.append(RegionCount(*(int(x) for x in parts[1:3])))
+        if not regions:
+            raise EmulatorFailure("the counting plugin recorded no inference")
+        calibration, measured = regions[0], regions[1:]
+        measured = [
+            RegionCount(r.instructions - calibration.instructions, r.memory_accesses - calibration.memory_accesses)
+            for r in measured
+        ]
+        harness = {}
+        # Semihosting console output arrives on QEMU's stdout or stderr depending on the machine.
+        for key, value in re.findall(r"(\w+)=(\d+)", proc.stdout + proc.stderr):
+            harness[key] = int(value)
+        return EmulatorRun(proc.returncode, proc.stdout + proc.stderr, measured, seconds, harness)
+
+
+class RenodeEmulator:
+    """Renode backend (platform files in renode/). Available where `renode` is on PATH."""
+
+    name = "renode"
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("renode") is not None
+
+    def run(self, target, firmware: Firmware, workdir: Path) -> EmulatorRun:  # pragma: no cover - needs Renode
+        raise ToolMissing("Renode is not installed on this machine; use the QEMU emulator")
+
+
+def emulator_for(name: str = "qemu", timeout: float = 120.0):
+    if name == "qemu":
+        return QemuEmulator(timeout)
+    if name == "renode":
+        return RenodeEmulator()
+    raise ValueError(f"unknown emulator '{name}'")

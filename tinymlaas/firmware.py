@@ -1,0 +1,82 @@
+"""Firmware stage: link the driver, the kernels and the measurement harness with the cross compiler."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import PROJECT_ROOT
+from .codegen import KernelObject
+from .driver import DriverSources
+from .errors import BuildFailure, ToolMissing
+
+FIRMWARE_DIR = PROJECT_ROOT / "firmware"
+STACK_RESERVE = 0x10000  # the harness paints and measures up to 64 KiB of stack
+
+
+@dataclass
+class Firmware:
+    elf: Path
+    map_file: Path
+    symbols: dict[str, int]
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise BuildFailure(f"{what} failed: {detail[-1][:300] if detail else 'exit ' + str(proc.returncode)}")
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ToolMissing(f"'{name}' is not installed (run `make setup`)")
+    return path
+
+
+def read_symbols(elf: Path, target) -> dict[str, int]:
+    out = subprocess.run([target.tool("nm"), str(elf)], capture_output=True, text=True, check=True).stdout
+    symbols = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            symbols[parts[2]] = int(parts[0], 16)
+    return symbols
+
+
+def link_firmware(target, kernels: KernelObject, driver: DriverSources, workdir: Path) -> Firmware:
+    gcc = require_tool(target.gcc)
+    flash, ram = target.emulator.flash, target.emulator.ram
+    elf = workdir / "firmware.elf"
+    map_file = workdir / "firmware.map"
+    cmd = [
+        gcc,
+        *target.cc_flags,
+        "-O2",
+        "-g",
+        "-ffunction-sections",
+        "-fdata-sections",
+        "--specs=picolibc.specs",
+        "--oslib=semihost",
+        "--crt0=hosted",
+        f"-I{workdir}",
+        str(FIRMWARE_DIR / "harness.c"),
+        str(driver.source),
+        str(driver.weights_asm),
+        str(kernels.path),
+        "-lm",
+        "-Wl,--gc-sections",
+        f"-Wl,--defsym=__flash={flash.base:#x}",
+        f"-Wl,--defsym=__flash_size={flash.size:#x}",
+        f"-Wl,--defsym=__ram={ram.base:#x}",
+        f"-Wl,--defsym=__ram_size={ram.size:#x}",
+        f"-Wl,--defsym=__stack_size={STACK_RESERVE:#x}",
+        f"-Wl,-Map={map_file}",
+        "-o",
+        str(elf),
+    ]
+    _run(cmd, workdir, f"linking firmware for {target.name}")
+    return Firmware(elf, map_file, read_symbols(elf, target))

@@ -1,0 +1,249 @@
+"""The compile pipeline: model file -> verified, measured firmware for one target.
+
+import -> lower (with a schedule) -> codegen -> driver -> firmware -> emulate -> verify -> measure.
+Everything is written to a temporary folder beside the output folder and moved into place only
+when the whole pipeline succeeded, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .codegen import build_kernels
+from .driver import generate_driver
+from .emulate import emulator_for
+from .errors import ModelTooLarge
+from .firmware import link_firmware
+from .importer import import_relax, load_tflite
+from .lower import lower
+from .measure import measure_firmware
+from .schedule import default_schedule
+from .targets import Target, get_target
+from .verify import compare, make_inputs, reference_outputs, split_outputs
+
+STAGES = ("import", "lower", "codegen", "driver", "link", "reference", "emulate", "verify", "measure")
+
+
+@dataclass
+class CompileOptions:
+    inputs: int = 10
+    seed: int = 0
+    timeout: float = 120.0
+    emulator: str = "qemu"
+    max_flash: int | None = None  # user constraints, tighter than the board's
+    max_ram: int | None = None
+
+
+@dataclass
+class CompileReport:
+    model: str
+    model_path: str
+    target: str
+    board: str
+    core: str
+    instructions: int  # one inference, first input
+    instructions_min: int
+    instructions_max: int
+    instructions_repeat_exact: bool  # the same input run twice gave the same count
+    memory_accesses: int
+    fidelity: dict
+    sizes: dict
+    fits: dict
+    stages_seconds: dict
+    compile_seconds: float
+    notes: list[str] = field(default_factory=list)
+    artifacts: dict = field(default_factory=dict)
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.fidelity.get("passed"))
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["verified"] = self.verified
+        return d
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def check_fits(model_name: str, target: Target, flash: int, ram: int, options: CompileOptions, detail: str) -> dict:
+    flash_limit = min(target.board.flash_bytes, options.max_flash or target.board.flash_bytes)
+    ram_limit = min(target.board.ram_bytes, options.max_ram or target.board.ram_bytes)
+    problems = []
+    if flash > flash_limit:
+        problems.append(f"flash {_fmt(flash)} B > {_fmt(flash_limit)} B")
+    if ram > ram_limit:
+        problems.append(f"RAM {_fmt(ram)} B > {_fmt(ram_limit)} B")
+    if problems:
+        raise ModelTooLarge(
+            f"{model_name} does not fit {target.name} ({target.board.name}): {'; '.join(problems)} ({detail})"
+        )
+    return {"flash_limit": flash_limit, "ram_limit": ram_limit, "flash": flash, "ram": ram}
+
+
+def compile_model(
+    model_path: str | Path,
+    target_name: str,
+    out_dir: str | Path | None = None,
+    options: CompileOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CompileReport:
+    options = options or CompileOptions()
+    target = get_target(target_name)
+    progress = progress or (lambda stage: None)
+    watch = _Stopwatch()
+
+    def stage(name: str) -> None:
+        watch.lap(name)
+        progress(name)
+
+    started = time.monotonic()
+    stage("import")
+    model = load_tflite(model_path)
+    out = Path(out_dir) if out_dir else Path("out") / f"{model.name}-{target.name}"
+    relax_mod = import_relax(model)
+
+    stage("lower")
+    program = lower(relax_mod, schedule=default_schedule)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        stage("codegen")
+        kernels = build_kernels(program, target, work)
+        check_fits(
+            model.name, target,
+            flash=kernels.code_bytes + program.weight_bytes,
+            ram=program.arena_bytes + program.scratch_bytes,
+            options=options,
+            detail=f"code {_fmt(kernels.code_bytes)} B, weights {_fmt(program.weight_bytes)} B, "
+            f"arena {_fmt(program.arena_bytes)} B, kernel scratch {_fmt(program.scratch_bytes)} B",
+        )
+
+        stage("driver")
+        driver = generate_driver(model, program, kernels, work)
+
+        stage("link")
+        firmware = link_firmware(target, kernels, driver, work)
+
+        stage("reference")
+        batches = make_inputs(model, options.inputs, options.seed)
+        batches.append(batches[0])  # input 0 again: its count must repeat exactly
+        (work / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
+        want = reference_outputs(model, batches)
+        (work / "expected_outputs.bin").write_bytes(b"".join(y.tobytes() for batch in want for y in batch))
+
+        stage("emulate")
+        run = emulator_for(options.emulator, options.timeout).run(target, firmware, work)
+
+        stage("verify")
+        got = split_outputs(model, (work / "outputs.bin").read_bytes(), len(batches))
+        fidelity = compare(model, got, want)
+        counts = [r.instructions for r in run.regions]
+
+        stage("measure")
+        sizes = measure_firmware(firmware.elf, target, program, run.harness.get("stack_bytes"))
+        fits = check_fits(
+            model.name, target, flash=sizes.flash_model, ram=sizes.ram_model, options=options,
+            detail=f"measured: code {_fmt(sizes.model_code)} B, weights {_fmt(sizes.weights)} B, "
+            f"arena {_fmt(sizes.arena)} B, scratch {_fmt(sizes.kernel_scratch)} B, stack {_fmt(sizes.stack_peak or 0)} B",
+        )
+        watch.lap(None)
+        notes = list(model.notes)
+        if run.harness.get("overflowed_window"):
+            notes.append("stack use exceeded the painted window; stack_peak is a lower bound")
+        report = CompileReport(
+            model=model.name,
+            model_path=str(model.path),
+            target=target.name,
+            board=target.board.name,
+            core=target.core,
+            instructions=counts[0],
+            instructions_min=min(counts),
+            instructions_max=max(counts),
+            instructions_repeat_exact=counts[0] == counts[-1],
+            memory_accesses=run.regions[0].memory_accesses,
+            fidelity=fidelity.to_dict(),
+            sizes=sizes.to_dict(),
+            fits=fits,
+            stages_seconds=watch.seconds,
+            compile_seconds=round(time.monotonic() - started, 3),
+            notes=notes,
+            artifacts={
+                "firmware": "firmware.elf",
+                "driver": "tinymlaas_model.c",
+                "header": "tinymlaas_model.h",
+                "kernels": "kernels.o",
+                "weights": "weights.bin",
+                "inputs": "inputs.bin",
+                "outputs": "outputs.bin",
+                "expected_outputs": "expected_outputs.bin",
+            },
+        )
+        (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        _replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    report.artifacts = {k: str(out / v) for k, v in report.artifacts.items()}
+    report.artifacts["dir"] = str(out)
+    return report
+
+
+class _Stopwatch:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._name, self._since = None, time.monotonic()
+
+    def lap(self, name: str | None) -> None:
+        now = time.monotonic()
+        if self._name is not None:
+            self.seconds[self._name] = round(now - self._since, 3)
+        self._name, self._since = name, now
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(dst)
+
+
+def format_report(r: CompileReport) -> str:
+    f, s = r.fidelity, r.sizes
+    if f["kind"] == "float":
+        fid = f"max rel error {f['max_rel_error']:.2e} (abs {f['max_abs_error']:.2e})"
+    else:
+        fid = f"{f['exact_fraction'] * 100:.2f}% of output bytes bit-exact, max {f['max_lsb_diff']} LSB off"
+    rows = [
+        ("model", r.model),
+        ("target", f"{r.target} ({r.core}, board class {r.board})"),
+        ("verified", f"{'PASS' if r.verified else 'FAIL'}: {fid} over {f['inputs']} inputs [{f['tolerance']}]"),
+        ("instructions/inference", f"{_fmt(r.instructions)} (range {_fmt(r.instructions_min)}..{_fmt(r.instructions_max)}, "
+         f"repeat {'exact' if r.instructions_repeat_exact else 'DIFFERS'})"),
+        ("memory accesses", _fmt(r.memory_accesses)),
+        ("flash (model)", f"{_fmt(s['flash_model'])} B = code {_fmt(s['model_code'])} + weights {_fmt(s['weights'])}"
+         f"  [board {_fmt(r.fits['flash_limit'])} B]"),
+        ("RAM (model)", f"{_fmt(s['ram_model'])} B = arena {_fmt(s['arena'])} + scratch {_fmt(s['kernel_scratch'])}"
+         f" + stack {_fmt(s['stack_peak'] or 0)}  [board {_fmt(r.fits['ram_limit'])} B]"),
+        ("firmware image", f"flash {_fmt(s['firmware_flash'])} B, other data/bss {_fmt(s['data_bss_other'])} B"),
+        ("compile time", f"{r.compile_seconds:.1f} s"),
+        ("output", r.artifacts.get("dir", "")),
+    ]
+    rows += [("note", n) for n in r.notes]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+

@@ -1,0 +1,111 @@
+"""Boards as data: one YAML file per target in `targets/`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import PROJECT_ROOT
+from .errors import UnknownTarget
+
+TARGETS_DIR = PROJECT_ROOT / "targets"
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    base: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    flash_bytes: int
+    ram_bytes: int
+    clock_hz: int
+
+
+@dataclass(frozen=True)
+class Emulator:
+    qemu: str
+    machine: str
+    flash: MemoryRegion
+    ram: MemoryRegion
+    counter: str
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    core: str
+    arch: str  # "arm" or "riscv"
+    fpu: bool
+    dsp: bool
+    mve: bool
+    board: Board
+    llvm: dict
+    cc_prefix: str
+    cc_flags: tuple[str, ...]
+    emulator: Emulator
+    platformio_board: str | None = None
+    renode_platform: str | None = None
+    source: Path | None = field(default=None, compare=False)
+
+    @property
+    def gcc(self) -> str:
+        return self.cc_prefix + "gcc"
+
+    def tool(self, name: str) -> str:
+        return self.cc_prefix + name
+
+
+def _region(d: dict) -> MemoryRegion:
+    return MemoryRegion(base=int(d["base"]), size=int(d["size"]))
+
+
+def load_target_file(path: Path) -> Target:
+    d = yaml.safe_load(path.read_text())
+    emu = d["emulator"]
+    return Target(
+        name=d["name"],
+        description=d["description"],
+        core=d["core"],
+        arch=d["arch"],
+        fpu=bool(d["features"]["fpu"]),
+        dsp=bool(d["features"]["dsp"]),
+        mve=bool(d["features"]["mve"]),
+        board=Board(**d["board"]),
+        llvm=dict(d["llvm"]),
+        cc_prefix=d["cc"]["prefix"],
+        cc_flags=tuple(d["cc"]["flags"]),
+        emulator=Emulator(
+            qemu=emu["qemu"],
+            machine=emu["machine"],
+            flash=_region(emu["flash"]),
+            ram=_region(emu["ram"]),
+            counter=emu["counter"],
+            extra_args=tuple(emu.get("extra_args", ())),
+        ),
+        platformio_board=(d.get("platformio") or {}).get("board"),
+        renode_platform=(d.get("renode") or {}).get("platform"),
+        source=path,
+    )
+
+
+def all_targets(directory: Path = TARGETS_DIR) -> dict[str, Target]:
+    targets = {}
+    for path in sorted(directory.glob("*.yaml")):
+        t = load_target_file(path)
+        targets[t.name] = t
+    return targets
+
+
+def get_target(name: str, directory: Path = TARGETS_DIR) -> Target:
+    targets = all_targets(directory)
+    if name not in targets:
+        raise UnknownTarget(f"unknown target '{name}'; known targets: {', '.join(targets)}")
+    return targets[name]

@@ -1,0 +1,114 @@
+"""Verify stage: the firmware's outputs against the TFLite interpreter on seeded random inputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .importer import TFLiteModel
+
+FLOAT_REL_TOLERANCE = 1e-5
+
+
+@dataclass
+class Fidelity:
+    kind: str  # "float" or "quantized"
+    inputs: int
+    passed: bool
+    # float outputs
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None  # max |y - ref| / max |ref|, per output tensor
+    # quantized outputs
+    exact_fraction: float | None = None  # share of output bytes identical to the interpreter's
+    max_lsb_diff: int | None = None
+    tolerance: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def make_inputs(model: TFLiteModel, count: int, seed: int) -> list[list[np.ndarray]]:
+    """Seeded random inputs covering each input type's range."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        batch = []
+        for spec in model.inputs:
+            if spec.dtype == "float32":
+                batch.append(rng.standard_normal(spec.shape).astype(np.float32))
+            else:
+                info = np.iinfo(spec.dtype)
+                batch.append(rng.integers(info.min, info.max, size=spec.shape, endpoint=True).astype(spec.dtype))
+        batches.append(batch)
+    return batches
+
+
+def interpreter(model: TFLiteModel):
+    """The interpreter with TFLite's reference kernels: the semantics every build must reproduce."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_content=model.data, experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    it.allocate_tensors()
+    return it
+
+
+def reference_outputs(model: TFLiteModel, batches: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    it = interpreter(model)
+    ins, outs = it.get_input_details(), it.get_output_details()
+    results = []
+    for batch in batches:
+        for detail, x in zip(ins, batch):
+            it.set_tensor(detail["index"], x)
+        it.invoke()
+        results.append([it.get_tensor(d["index"]).copy() for d in outs])
+    return results
+
+
+def split_outputs(model: TFLiteModel, raw: bytes, count: int) -> list[list[np.ndarray]]:
+    per = sum(t.nbytes for t in model.outputs)
+    if len(raw) != per * count:
+        raise ValueError(f"firmware wrote {len(raw)} output bytes, expected {per * count}")
+    results = []
+    for i in range(count):
+        off, batch = i * per, []
+        for spec in model.outputs:
+            batch.append(np.frombuffer(raw, dtype=spec.dtype, count=int(np.prod(spec.shape)), offset=off).reshape(spec.shape))
+            off += spec.nbytes
+        results.append(batch)
+    return results
+
+
+def compare(
+    model: TFLiteModel, got: list[list[np.ndarray]], want: list[list[np.ndarray]], integer_kernels: bool = False
+) -> Fidelity:
+    """Float outputs must be within FLOAT_REL_TOLERANCE. Quantized outputs must be within 1 LSB when the
+    build uses integer kernels; through TVM's float lowering of quantized ops they are only reported."""
+    if all(t.dtype == "float32" for t in model.outputs):
+        max_abs, max_rel = 0.0, 0.0
+        for g_batch, w_batch in zip(got, want):
+            for g, w in zip(g_batch, w_batch):
+                err = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)))) if g.size else 0.0
+                scale = float(np.max(np.abs(w))) if w.size else 0.0
+                max_abs = max(max_abs, err)
+                max_rel = max(max_rel, err / scale if scale > 0 else err)
+        return Fidelity(
+            "float", len(got), passed=max_rel <= FLOAT_REL_TOLERANCE, max_abs_error=max_abs, max_rel_error=max_rel,
+            tolerance=f"relative error <= {FLOAT_REL_TOLERANCE:g}",
+        )
+    same = total = 0
+    max_lsb = 0
+    for g_batch, w_batch in zip(got, want):
+        for g, w in zip(g_batch, w_batch):
+            diff = np.abs(g.astype(np.int64) - w.astype(np.int64))
+            same += int(np.count_nonzero(diff == 0))
+            total += diff.size
+            max_lsb = max(max_lsb, int(diff.max()) if diff.size else 0)
+    if integer_kernels:
+        passed, tolerance = max_lsb <= 1, "max difference <= 1 LSB"
+    else:
+        passed, tolerance = True, "reported only: int8 ops lowered through float dequantize/quantize"
+    return Fidelity(
+        "quantized", len(got), passed=passed, exact_fraction=same / total if total else 1.0,
+        max_lsb_diff=max_lsb, tolerance=tolerance,
+    )
