@@ -148,12 +148,27 @@ def load_tflite(path: str | Path) -> TFLiteModel:
     return TFLiteModel(path.stem, path, data, inputs, outputs, ops, quantized, original, notes)
 
 
+def unsupported_operators(model: TFLiteModel) -> list[str]:
+    """Operators of the model that TVM's TFLite frontend has no converter for."""
+    import tflite
+    from tvm.relax.frontend.tflite import tflite_frontend
+
+    fb = tflite.Model.GetRootAsModel(model.data, 0)
+    sg = fb.Subgraphs(0)
+    converter = tflite_frontend.OperatorConverter(fb, sg, tflite_frontend.ExprTable(), None)
+    names = (converter.get_op_code_str(sg.Operators(i)) for i in range(sg.OperatorsLength()))
+    return sorted({n for n in names if n not in converter.convert_map})
+
+
 def import_relax(model: TFLiteModel):
     """TFLite -> Relax IRModule via TVM's frontend. Unsupported operators are named."""
     import tflite
     import tvm
     from tvm.relax.frontend.tflite import from_tflite
 
+    missing = unsupported_operators(model)
+    if missing:
+        raise UnsupportedOperator(missing, model.path.name)
     try:
         return from_tflite(tflite.Model.GetRootAsModel(model.data, 0))
     except tvm.error.OpNotImplemented as e:

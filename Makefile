@@ -1,0 +1,57 @@
+# tinymlaas: `make setup` installs everything on a fresh Debian 12 machine; `make demo`; `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODELS ?= ../shared/models/mlperf-tiny
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Cross compilers with picolibc, QEMU for Arm and RISC-V, LLVM 15 (llvm-mca for cycle estimates).
+APT_PACKAGES := gcc make gcc-arm-none-eabi picolibc-arm-none-eabi \
+	gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf qemu-system-arm qemu-system-misc llvm-15
+
+PLUGIN := build/qemu-plugin/libtinymlaas_icount.so
+
+.PHONY: setup apt venv plugin demo test test-all bench clean
+
+setup: apt venv plugin
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+plugin: $(PLUGIN)
+
+$(PLUGIN): firmware/qemu_plugin/icount.c
+	mkdir -p $(dir $@)
+	gcc -shared -fPIC -O2 -Wall -o $@ $<
+
+demo: setup
+	$(VENV)/bin/tinymlaas targets
+	$(VENV)/bin/tinymlaas compile $(MODELS)/kws_ref_model.tflite --target cortex-m4 --progress
+	$(VENV)/bin/tinymlaas compile $(MODELS)/kws_ref_model.tflite --target rv32imafc --progress
+
+# The fast suite: everything but the `slow` marker (whole-model sweeps on soft-float cores).
+test: setup
+	TINYMLAAS_MODELS=$(MODELS) $(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	TINYMLAAS_MODELS=$(MODELS) $(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/mlperf_tiny.py --models $(MODELS) --out benchmarks/results/mlperf_tiny.json
+
+clean:
+	rm -rf build out .pytest_cache

@@ -1,0 +1,108 @@
+"""Compile every MLPerf Tiny model for Cortex-M4 and RV32IMAFC; one JSON with the measured figures.
+
+Usage: python benchmarks/mlperf_tiny.py [--models DIR] [--targets cortex-m4,rv32imafc] [--out FILE]
+
+Instruction counts are exact (QEMU -icount with our counting plugin) and repeatable, so one run
+per configuration suffices. The int8 rows carry the ratio to TFLite Micro + CMSIS-NN measured in
+the same QEMU with the same counter (figures from the project's issue tracker, listed in BASELINE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tinymlaas import __version__  # noqa: E402
+from tinymlaas.pipeline import CompileOptions, compile_model  # noqa: E402
+
+MODELS = [
+    "kws_ref_model", "kws_ref_model_float32", "vww_96_int8", "vww_96_float",
+    "pretrainedResnet_quant", "pretrainedResnet", "ad01_int8", "ad01_fp32",
+]
+
+# TFLite Micro (90b983c) + CMSIS-NN (4ab83cc), -O2, Cortex-M4F, QEMU mps2-an386 -icount shift=0,
+# second Invoke(): instructions per inference and arena bytes used.
+BASELINE = {
+    "source": "TFLM 90b983c + CMSIS-NN 4ab83cc on cortex-m4 (mps2-an386), as measured for issue #3",
+    "cortex-m4": {
+        "kws_ref_model": {"instructions": 7_698_080, "arena_bytes": 22_820},
+        "vww_96_int8": {"instructions": 24_102_320, "arena_bytes": 100_708},
+        "pretrainedResnet_quant": {"instructions": 29_861_800, "arena_bytes": 54_996},
+        "ad01_int8": {"instructions": 583_080, "arena_bytes": 2_580},
+    },
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=str(ROOT.parent / "shared" / "models" / "mlperf-tiny"))
+    ap.add_argument("--targets", default="cortex-m4,rv32imafc")
+    ap.add_argument("--inputs", type=int, default=10)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mlperf_tiny.json"))
+    args = ap.parse_args()
+    targets = args.targets.split(",")
+    rows = []
+    jobs = [(m, t) for m in MODELS for t in targets]
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, target in tqdm(jobs, desc="mlperf-tiny", unit="build"):
+            started = time.monotonic()
+            r = compile_model(Path(args.models) / f"{model}.tflite", target, Path(tmp) / f"{model}-{target}",
+                              CompileOptions(inputs=args.inputs))
+            s = r.sizes
+            row = {
+                "model": model,
+                "target": target,
+                "instructions": r.instructions,
+                "instructions_repeat_exact": r.instructions_repeat_exact,
+                "memory_accesses": r.memory_accesses,
+                "flash": {"model_code": s["model_code"], "weights": s["weights"], "model_total": s["flash_model"],
+                          "firmware_image": s["firmware_flash"]},
+                "ram": {"arena": s["arena"], "kernel_scratch": s["kernel_scratch"], "stack_peak": s["stack_peak"],
+                        "model_total": s["ram_model"]},
+                "fidelity": r.fidelity,
+                "compile_seconds": round(time.monotonic() - started, 2),
+                "stages_seconds": r.stages_seconds,
+            }
+            base = BASELINE.get(target, {}).get(model)
+            if base:
+                row["vs_tflm_cmsis_nn"] = {
+                    "instructions_ratio": round(r.instructions / base["instructions"], 3),
+                    "ram_ratio": round(s["ram_model"] / base["arena_bytes"], 3),
+                    "baseline": base,
+                }
+            rows.append(row)
+    result = {
+        "benchmark": "mlperf_tiny",
+        "tinymlaas_version": __version__,
+        "host": platform.platform(),
+        "inputs_per_build": args.inputs,
+        "baseline": BASELINE["source"],
+        "results": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'model':<24}{'target':<11}{'instructions':>14}{'flash':>11}{'RAM':>10}  fidelity            vs TFLM+CMSIS-NN")
+    for row in rows:
+        f = row["fidelity"]
+        fid = (f"rel {f['max_rel_error']:.1e}" if f["kind"] == "float"
+               else f"{f['exact_fraction'] * 100:.1f}% exact, {f['max_lsb_diff']} LSB")
+        vs = row.get("vs_tflm_cmsis_nn")
+        vs_text = f"{vs['instructions_ratio']:.2f}x instr, {vs['ram_ratio']:.2f}x RAM" if vs else ""
+        print(f"{row['model']:<24}{row['target']:<11}{row['instructions']:>14,}{row['flash']['model_total']:>11,}"
+              f"{row['ram']['model_total']:>10,}  {fid:<20}{vs_text}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The whole pipeline on the MLPerf Tiny models: real TVM, cross compilers, QEMU and TFLite interpreter."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import ALL_MODELS, model_path
+
+from tinymlaas.importer import load_tflite
+from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.targets import all_targets
+from tinymlaas.verify import split_outputs
+
+FLOAT_MODELS = [m for m in ALL_MODELS if not load_tflite(model_path(m)).quantized] if model_path(ALL_MODELS[0]).exists() else []
+INT8_MODELS = [m for m in ALL_MODELS if m not in FLOAT_MODELS]
+FPU_TARGETS = [name for name, t in all_targets().items() if t.fpu]
+
+_cache = {}
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory, models_dir):
+    def get(model, target, inputs=4):
+        key = (model, target, inputs)
+        if key not in _cache:
+            out = tmp_path_factory.mktemp("build") / f"{model}-{target}"
+            _cache[key] = compile_model(model_path(model), target, out, CompileOptions(inputs=inputs, seed=7))
+        return _cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imafc"])
+@pytest.mark.parametrize("model", ["kws_ref_model_float32", "vww_96_float", "pretrainedResnet", "ad01_fp32"])
+def test_float_models_match_tflite(compiled, model, target):
+    r = compiled(model, target)
+    assert r.fidelity["kind"] == "float"
+    assert r.fidelity["max_rel_error"] <= 1e-5
+    assert r.verified
+    assert r.instructions_repeat_exact
+    assert r.instructions > 100_000
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imafc"])
+@pytest.mark.parametrize("model", ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant", "ad01_int8"])
+def test_int8_models_run_and_are_reported_honestly(compiled, model, target):
+    r = compiled(model, target)
+    f = r.fidelity
+    assert f["kind"] == "quantized"
+    # Recompute the reported figures from the bytes the firmware wrote and the interpreter's.
+    m = load_tflite(model_path(model))
+    got = split_outputs(m, open(r.artifacts["outputs"], "rb").read(), f["inputs"])
+    want = split_outputs(m, open(r.artifacts["expected_outputs"], "rb").read(), f["inputs"])
+    diff = np.concatenate([np.abs(g[0].astype(int) - w[0].astype(int)).ravel() for g, w in zip(got, want)])
+    assert f["exact_fraction"] == pytest.approx(np.mean(diff == 0))
+    assert f["max_lsb_diff"] == diff.max()
+    # Float lowering of int8 ops: no output far off (softmax outputs amplify 1-LSB logit differences).
+    assert f["max_lsb_diff"] <= 32
+    assert r.instructions_repeat_exact
+
+
+@pytest.mark.parametrize("target", FPU_TARGETS)
+def test_kws_int8_runs_on_every_fpu_target(compiled, target):
+    r = compiled("kws_ref_model", target, inputs=2)
+    assert r.instructions_repeat_exact
+    assert r.fidelity["exact_fraction"] >= 0.7
+    assert r.sizes["stack_peak"] > 0
+
+
+def test_instruction_counts_repeat_across_builds(tmp_path, models_dir):
+    a = compile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path / "a", CompileOptions(inputs=2))
+    b = compile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path / "b", CompileOptions(inputs=2))
+    assert (a.instructions, a.memory_accesses) == (b.instructions, b.memory_accesses)
+
+
+def test_sizes_are_consistent(compiled):
+    r = compiled("kws_ref_model_float32", "cortex-m4")
+    s = r.sizes
+    # the float KWS weights: what the interpreter holds, dequantized to float32 (kernel layout may differ)
+    assert 80_000 < s["weights"] < 100_000
+    assert s["flash_model"] == s["model_code"] + s["weights"]
+    assert s["ram_model"] == s["arena"] + s["kernel_scratch"] + s["stack_peak"]
+    assert 0 < s["stack_peak"] < 64 * 1024
+    assert s["firmware_flash"] > s["flash_model"]
+    # the arena reuses memory: less than all intermediate tensors (25*5*64 floats each, 10 layers) together
+    assert s["arena"] < 10 * 25 * 5 * 64 * 4
+
+
+def test_report_and_artifacts_written(compiled):
+    r = compiled("ad01_fp32", "cortex-m4")
+    report = json.loads(open(r.artifacts["dir"] + "/report.json").read())
+    assert report["instructions"] == r.instructions and report["verified"]
+    for name in ("firmware", "driver", "header", "kernels", "weights"):
+        assert open(r.artifacts[name], "rb").read(4)
+
+
+@pytest.mark.parametrize("target", ["cortex-m3", "rv32imac"])
+def test_soft_float_targets(compiled, target):
+    # No FPU: LLVM calls the soft-float routines; results still match the float reference.
+    r = compiled("kws_ref_model_float32", target, inputs=1)
+    assert r.verified and r.fidelity["max_rel_error"] <= 1e-5
