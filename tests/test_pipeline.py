@@ -4,16 +4,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import ALL_MODELS, model_path
+from conftest import model_path
 
 from tinymlaas.importer import load_tflite
 from tinymlaas.pipeline import CompileOptions, compile_model
 from tinymlaas.targets import all_targets
 from tinymlaas.verify import split_outputs
 
-FLOAT_MODELS = [m for m in ALL_MODELS if not load_tflite(model_path(m)).quantized] if model_path(ALL_MODELS[0]).exists() else []
-INT8_MODELS = [m for m in ALL_MODELS if m not in FLOAT_MODELS]
-FPU_TARGETS = [name for name, t in all_targets().items() if t.fpu]
 
 _cache = {}
 
@@ -43,33 +40,45 @@ def test_float_models_match_tflite(compiled, model, target):
 
 @pytest.mark.parametrize("target", ["cortex-m4", "rv32imafc"])
 @pytest.mark.parametrize("model", ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant", "ad01_int8"])
-def test_int8_models_run_and_are_reported_honestly(compiled, model, target):
+def test_int8_models_are_bit_exact(compiled, model, target):
     r = compiled(model, target)
-    f = r.fidelity
-    assert f["kind"] == "quantized"
-    # Recompute the reported figures from the bytes the firmware wrote and the interpreter's.
+    assert r.lowering == "integer"
+    assert r.fidelity["kind"] == "quantized" and r.fidelity["exact_fraction"] == 1.0 and r.fidelity["max_lsb_diff"] == 0
+    assert r.verified and r.instructions_repeat_exact
+    # Recompute from the bytes the firmware wrote and the interpreter's.
     m = load_tflite(model_path(model))
+    got = open(r.artifacts["outputs"], "rb").read()
+    assert got == open(r.artifacts["expected_outputs"], "rb").read()
+    assert len(got) == sum(t.nbytes for t in m.outputs) * r.fidelity["inputs"]
+
+
+@pytest.mark.parametrize("target", sorted(all_targets()))
+def test_kws_int8_on_every_target(compiled, target):
+    # integer kernels need no FPU: Cortex-M3 and RV32IMAC too
+    r = compiled("kws_ref_model", target, inputs=3)
+    assert r.lowering == "integer" and r.fidelity["max_lsb_diff"] == 0
+    assert r.instructions_repeat_exact
+    assert 0 < r.sizes["stack_peak"] < 4096
+    # weights stay int8 in flash: no larger than the TFLite file's constants
+    assert r.sizes["weights"] < 40_000
+
+
+def test_int8_through_float_lowering_is_reported_honestly(tmp_path, models_dir):
+    r = compile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path / "k", CompileOptions(inputs=4, seed=7,
+                                                                                           int8_lowering="float"))
+    assert r.lowering == "float-emulated" and any("not bit-exact" in n for n in r.notes)
+    f = r.fidelity
+    m = load_tflite(model_path("kws_ref_model"))
     got = split_outputs(m, open(r.artifacts["outputs"], "rb").read(), f["inputs"])
     want = split_outputs(m, open(r.artifacts["expected_outputs"], "rb").read(), f["inputs"])
     diff = np.concatenate([np.abs(g[0].astype(int) - w[0].astype(int)).ravel() for g, w in zip(got, want)])
     assert f["exact_fraction"] == pytest.approx(np.mean(diff == 0))
     assert f["max_lsb_diff"] == diff.max()
-    # Float lowering of int8 ops: no output far off (softmax outputs amplify 1-LSB logit differences).
-    assert f["max_lsb_diff"] <= 32
-    assert r.instructions_repeat_exact
-
-
-@pytest.mark.parametrize("target", FPU_TARGETS)
-def test_kws_int8_runs_on_every_fpu_target(compiled, target):
-    r = compiled("kws_ref_model", target, inputs=2)
-    assert r.instructions_repeat_exact
-    assert r.fidelity["exact_fraction"] >= 0.7
-    assert r.sizes["stack_peak"] > 0
 
 
 def test_instruction_counts_repeat_across_builds(tmp_path, models_dir):
-    a = compile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path / "a", CompileOptions(inputs=2))
-    b = compile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path / "b", CompileOptions(inputs=2))
+    a = compile_model(model_path("ad01_int8"), "cortex-m4", tmp_path / "a", CompileOptions(inputs=2))
+    b = compile_model(model_path("ad01_int8"), "cortex-m4", tmp_path / "b", CompileOptions(inputs=2))
     assert (a.instructions, a.memory_accesses) == (b.instructions, b.memory_accesses)
 
 

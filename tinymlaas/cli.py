@@ -47,7 +47,8 @@ def cmd_compile(args) -> int:
     from .pipeline import STAGES, CompileOptions, compile_model, format_report
 
     options = CompileOptions(
-        inputs=args.inputs, seed=args.seed, timeout=args.timeout, max_flash=args.max_flash, max_ram=args.max_ram
+        inputs=args.inputs, seed=args.seed, timeout=args.timeout, max_flash=args.max_flash, max_ram=args.max_ram,
+        int8_lowering=args.int8_lowering,
     )
     bar = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="emulator time limit in seconds (default 120)")
     p.add_argument("--max-flash", type=_size, help="flash budget for the model, e.g. 512K (default: the board's)")
     p.add_argument("--max-ram", type=_size, help="RAM budget for the model, e.g. 128K (default: the board's)")
+    p.add_argument("--int8-lowering", choices=("integer", "float"), default="integer",
+                   help="int8 models: integer kernels (bit-exact, default) or TVM's float emulation of int8 ops")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")
     p.set_defaults(func=cmd_compile)

@@ -71,8 +71,15 @@ def to_c_abi(func, symbol: str):
     """PrimFunc with Buffer params -> PrimFunc with pointer params (+ hoisted scratch). Returns (func, scratch)."""
     import tvm
 
-    big = {n for n, b in _compacted_alloc_bytes(func).items() if b >= STACK_ALLOC_LIMIT}
     src = func.script()
+    declared = {}
+    for line in src.splitlines():
+        m = _ALLOC_RE.match(line)
+        if m:
+            declared[m.group(2)] = int(np.prod(_dims(m.group(3)), dtype=np.int64)) * np.dtype(m.group(4) or "float32").itemsize
+    big = set()
+    if any(b >= STACK_ALLOC_LIMIT for b in declared.values()):  # compaction may shrink them: ask TVM
+        big = {n for n, b in _compacted_alloc_bytes(func).items() if b >= STACK_ALLOC_LIMIT}
     if "metadata[" in src:
         raise BuildFailure(f"kernel {symbol}: embedded constant tensors are not supported in kernels")
     lines = src.splitlines()
@@ -126,7 +133,7 @@ def build_kernels(program: Program, target, workdir: Path) -> KernelObject:
     # Kernels run one after another: each one's scratch starts at offset 0 of one shared area.
     scratch_bytes = 0
     for step in program.steps:
-        if isinstance(step, KernelCall):
+        if isinstance(step, KernelCall) and not step.extern:
             offset = 0
             for buf in scratch[step.kernel]:
                 step.args.append(Region("scratch", offset=offset, nbytes=buf.nbytes))

@@ -92,7 +92,7 @@ int tinymlaas_model_run(const void *const inputs[], void *const outputs[]);
     protos, calls = [], []
     for step in program.steps:
         if isinstance(step, KernelCall):
-            sym = kernels.symbols[step.kernel]
+            sym = step.kernel if step.extern else kernels.symbols[step.kernel]
             protos.append(f"void {sym}({', '.join(['void *'] * len(step.args))});")
             calls.append(f"    {sym}({', '.join(_ptr(a, offsets) for a in step.args)});")
         elif isinstance(step, Copy):

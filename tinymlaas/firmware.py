@@ -64,6 +64,7 @@ def link_firmware(target, kernels: KernelObject, driver: DriverSources, workdir:
         "--crt0=hosted",
         f"-I{workdir}",
         str(FIRMWARE_DIR / "harness.c"),
+        *[str(c) for c in sorted((FIRMWARE_DIR / "kernels").glob("*.c"))],
         str(driver.source),
         str(driver.weights_asm),
         str(kernels.path),

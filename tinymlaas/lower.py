@@ -27,6 +27,7 @@ class Region:
 class KernelCall:
     kernel: str
     args: list[Region]
+    extern: bool = False  # a C kernel linked with the firmware (firmware/kernels/), not a TIR kernel
 
 
 @dataclass
@@ -137,6 +138,8 @@ def flatten(mod) -> Program:
                     raise NotImplementedError(f"operation '{name}' is not supported in a static program")
             elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar):
                 steps.append(KernelCall(value.op.name_hint, [region_of(a) for a in value.args]))
+            elif isinstance(value, relax.Call) and isinstance(value.op, relax.ExternFunc):
+                steps.append(KernelCall(str(value.op.global_symbol), [region_of(a) for a in value.args], extern=True))
             elif isinstance(value, relax.Var) and value in regions:
                 regions[var] = regions[value]
             elif isinstance(value, relax.Var) and value in inputs:

@@ -23,6 +23,7 @@ from .firmware import link_firmware
 from .importer import import_relax, load_tflite
 from .lower import lower
 from .measure import measure_firmware
+from .quantized import import_integer, integer_import_blockers
 from .schedule import default_schedule
 from .targets import Target, get_target
 from .verify import compare, make_inputs, reference_outputs, split_outputs
@@ -38,6 +39,7 @@ class CompileOptions:
     emulator: str = "qemu"
     max_flash: int | None = None  # user constraints, tighter than the board's
     max_ram: int | None = None
+    int8_lowering: str = "integer"  # "integer": our integer kernels; "float": TVM's dequantize/float/quantize
 
 
 @dataclass
@@ -47,6 +49,7 @@ class CompileReport:
     target: str
     board: str
     core: str
+    lowering: str  # "float" model, "integer" int8 kernels, or "float-emulated" int8 through float ops
     instructions: int  # one inference, first input
     instructions_min: int
     instructions_max: int
@@ -109,7 +112,17 @@ def compile_model(
     stage("import")
     model = load_tflite(model_path)
     out = Path(out_dir) if out_dir else Path("out") / f"{model.name}-{target.name}"
-    relax_mod = import_relax(model)
+    notes = list(model.notes)
+    lowering = "float"
+    if model.quantized:
+        blockers = integer_import_blockers(model)
+        if options.int8_lowering == "integer" and not blockers:
+            lowering = "integer"
+        else:
+            lowering = "float-emulated"
+            reason = "as requested" if options.int8_lowering != "integer" else f"no integer kernel for: {', '.join(blockers)}"
+            notes.append(f"int8 operators lowered through float dequantize/op/quantize ({reason}): not bit-exact")
+    relax_mod = import_integer(model) if lowering == "integer" else import_relax(model)
 
     stage("lower")
     program = lower(relax_mod, schedule=default_schedule)
@@ -146,7 +159,7 @@ def compile_model(
 
         stage("verify")
         got = split_outputs(model, (work / "outputs.bin").read_bytes(), len(batches))
-        fidelity = compare(model, got, want)
+        fidelity = compare(model, got, want, integer_kernels=lowering == "integer")
         counts = [r.instructions for r in run.regions]
 
         stage("measure")
@@ -157,7 +170,6 @@ def compile_model(
             f"arena {_fmt(sizes.arena)} B, scratch {_fmt(sizes.kernel_scratch)} B, stack {_fmt(sizes.stack_peak or 0)} B",
         )
         watch.lap(None)
-        notes = list(model.notes)
         if run.harness.get("overflowed_window"):
             notes.append("stack use exceeded the painted window; stack_peak is a lower bound")
         report = CompileReport(
@@ -166,6 +178,7 @@ def compile_model(
             target=target.name,
             board=target.board.name,
             core=target.core,
+            lowering=lowering,
             instructions=counts[0],
             instructions_min=min(counts),
             instructions_max=max(counts),
@@ -230,6 +243,8 @@ def format_report(r: CompileReport) -> str:
     rows = [
         ("model", r.model),
         ("target", f"{r.target} ({r.core}, board class {r.board})"),
+        ("lowering", {"integer": "int8 integer kernels", "float": "float32",
+                      "float-emulated": "int8 through float ops"}[r.lowering]),
         ("verified", f"{'PASS' if r.verified else 'FAIL'}: {fid} over {f['inputs']} inputs [{f['tolerance']}]"),
         ("instructions/inference", f"{_fmt(r.instructions)} (range {_fmt(r.instructions_min)}..{_fmt(r.instructions_max)}, "
          f"repeat {'exact' if r.instructions_repeat_exact else 'DIFFERS'})"),

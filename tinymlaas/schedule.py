@@ -12,12 +12,18 @@ def _root_blocks(sch):
     return sch.get_child_blocks(sch.get_sblock("root"))
 
 
+KEEP_PREFIX = "keep_"  # stages a kernel wants materialized per element rather than inlined
+
+
 def inline_injective(sch) -> None:
     changed = True
     while changed:
         changed = False
         for block in _root_blocks(sch):
-            for inline in (sch.compute_inline, sch.reverse_compute_inline):
+            if sch.get(block).name_hint.startswith(KEEP_PREFIX):
+                continue
+            after_keep = any(sch.get(p).name_hint.startswith(KEEP_PREFIX) for p in sch.get_producers(block))
+            for inline in (sch.compute_inline,) if after_keep else (sch.compute_inline, sch.reverse_compute_inline):
                 try:
                     inline(block)
                 except Exception:  # not inlinable here: the schedule primitive says so by raising
@@ -42,10 +48,21 @@ def epilogue_at_reduction(sch) -> None:
                 pass
 
 
+def keep_stages_at_consumer(sch) -> None:
+    """Compute each keep_ stage inside its consumer's innermost loop: one element, held in a register."""
+    for block in _root_blocks(sch):
+        if not sch.get(block).name_hint.startswith(KEEP_PREFIX):
+            continue
+        consumers = sch.get_consumers(block)
+        if len(consumers) == 1:
+            sch.compute_at(block, sch.get_loops(consumers[0])[-1])
+
+
 def default_schedule(func):
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     inline_injective(sch)
     epilogue_at_reduction(sch)
+    keep_stages_at_consumer(sch)
     return sch.mod["main"]

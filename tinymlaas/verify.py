@@ -82,7 +82,7 @@ def split_outputs(model: TFLiteModel, raw: bytes, count: int) -> list[list[np.nd
 def compare(
     model: TFLiteModel, got: list[list[np.ndarray]], want: list[list[np.ndarray]], integer_kernels: bool = False
 ) -> Fidelity:
-    """Float outputs must be within FLOAT_REL_TOLERANCE. Quantized outputs must be within 1 LSB when the
+    """Float outputs must be within FLOAT_REL_TOLERANCE. Quantized outputs must be bit-exact when the
     build uses integer kernels; through TVM's float lowering of quantized ops they are only reported."""
     if all(t.dtype == "float32" for t in model.outputs):
         max_abs, max_rel = 0.0, 0.0
@@ -105,7 +105,7 @@ def compare(
             total += diff.size
             max_lsb = max(max_lsb, int(diff.max()) if diff.size else 0)
     if integer_kernels:
-        passed, tolerance = max_lsb <= 1, "max difference <= 1 LSB"
+        passed, tolerance = max_lsb == 0, "bit-exact"
     else:
         passed, tolerance = True, "reported only: int8 ops lowered through float dequantize/quantize"
     return Fidelity(

@@ -1,0 +1,271 @@
+"""Integer kernels in TE with TFLite's exact int8 arithmetic.
+
+int8 activations and weights, int32 accumulation and bias, requantization with a fixed-point
+multiplier and shift (saturating rounding doubling high multiply, then rounding divide by a power
+of two), zero points and clamping, exactly as TFLite's reference kernels compute them.
+"""
+
+from __future__ import annotations
+
+def _i32(v):
+    from tvm import tirx
+
+    return tirx.const(v, "int32")
+
+
+def _let(value, body, name="t"):
+    """`body(value)`. A TIR Let here would be cleaner, but TVM's loop unrolling duplicates Let
+    bindings and its analyzer then rejects the function; LLVM removes the common subexpressions."""
+    if hasattr(value, "asobject"):  # a te.TensorSlice such as shift[o]
+        value = value.asobject()
+    return body(value)
+
+
+def srdhm(a, b):
+    """gemmlowp SaturatingRoundingDoublingHighMul for int32, b a quantized multiplier.
+
+    Multipliers are in [0, 2**31), so the one saturating case (a == b == INT32_MIN) cannot occur.
+    """
+    from tvm import tirx
+
+    def high(ab):
+        nudge = tirx.Select(ab >= tirx.const(0, "int64"), tirx.const(1 << 30, "int64"), tirx.const(1 - (1 << 30), "int64"))
+        return tirx.truncdiv(ab + nudge, tirx.const(1 << 31, "int64")).astype("int32")
+
+    return _let(a.astype("int64") * b.astype("int64"), high, "ab")
+
+
+def rounding_divide_by_pot(x, exponent):
+    """gemmlowp RoundingDivideByPOT: x / 2**exponent, rounding half away from zero."""
+    from tvm import tirx
+
+    def divide(x, e):
+        mask = (_i32(1) << e) - _i32(1)
+        threshold = (mask >> _i32(1)) + tirx.Select(x < _i32(0), _i32(1), _i32(0))
+        return (x >> e) + tirx.Select((x & mask) > threshold, _i32(1), _i32(0))
+
+    if isinstance(exponent, int) or isinstance(exponent, tirx.IntImm):
+        return _let(x, lambda xv: divide(xv, exponent), "x")
+    return _let(x, lambda xv: _let(exponent, lambda ev: divide(xv, ev), "e"), "x")
+
+
+def multiply_by_quantized_multiplier(x, multiplier, shift):
+    """TFLite MultiplyByQuantizedMultiplier (double rounding): shift > 0 is a left shift."""
+    from tvm import tirx
+
+    return _let(
+        shift,
+        lambda s: rounding_divide_by_pot(srdhm(x * (_i32(1) << tirx.Max(s, _i32(0))), multiplier), tirx.Max(-s, _i32(0))),
+        "shift",
+    )
+
+
+def multiply_by_quantized_multiplier_single_rounding(x, multiplier, shift):
+    """x * multiplier * 2**(shift - 31) with one rounding: TFLite's int8 FULLY_CONNECTED in the interpreter."""
+    from tvm import tirx
+
+    def scaled(total):
+        rounding = tirx.const(1, "int64") << (total - tirx.const(1, "int64"))
+        return ((x.astype("int64") * multiplier.astype("int64") + rounding) >> total).astype("int32")
+
+    return _let((_i32(31) - shift).astype("int64"), scaled, "total")
+
+
+def _requantize(acc, multiplier, shift, zp_out: int, act_min: int, act_max: int, single_rounding: bool = False):
+    from tvm import tirx
+
+    scale = multiply_by_quantized_multiplier_single_rounding if single_rounding else multiply_by_quantized_multiplier
+    return _let(
+        scale(acc, multiplier, shift) + _i32(zp_out),
+        lambda v: tirx.Min(tirx.Max(v, _i32(act_min)), _i32(act_max)).astype("int8"),
+        "v",
+    )
+
+
+def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, padding, zp_in, zp_out, act_min, act_max):
+    """NHWC int8 convolution, weights OHWI, per-channel requantization."""
+    from tvm import te, tirx
+
+    n, h, w, c = (int(v) for v in data.shape)
+    oc, kh, kw, _ = (int(v) for v in weight.shape)
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = stride, dilation, padding
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, c), "rc")
+
+    def value(b, y, x, ch):
+        inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
+        # padding contributes (zp_in - zp_in) = 0, as TFLite skips it
+        return tirx.if_then_else(inside, data[b, y, x, ch].astype("int32") - _i32(zp_in), _i32(0))
+
+    acc = te.compute(
+        (n, oh, ow, oc),
+        lambda b, y, x, o: te.sum(
+            value(b, y * sh + ry * dh - pt, x * sw + rx * dw - pl, rc) * weight[o, ry, rx, rc].astype("int32"),
+            axis=[ry, rx, rc],
+        ),
+        name="acc",
+    )
+    return te.compute(
+        (n, oh, ow, oc),
+        lambda b, y, x, o: _requantize(acc[b, y, x, o] + bias[o], multiplier[o], shift[o], zp_out, act_min, act_max),
+        name="requantize",
+    )
+
+
+def depthwise_conv2d_s8(
+    data, weight, bias, multiplier, shift, *, stride, dilation, padding, depth_multiplier, zp_in, zp_out, act_min, act_max
+):
+    """NHWC int8 depthwise convolution, weights 1HWC (C = in channels * depth multiplier)."""
+    from tvm import te, tirx
+
+    n, h, w, c = (int(v) for v in data.shape)
+    _, kh, kw, oc = (int(v) for v in weight.shape)
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = stride, dilation, padding
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+
+    def value(b, y, x, ch):
+        inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
+        return tirx.if_then_else(inside, data[b, y, x, ch].astype("int32") - _i32(zp_in), _i32(0))
+
+    acc = te.compute(
+        (n, oh, ow, oc),
+        lambda b, y, x, o: te.sum(
+            value(b, y * sh + ry * dh - pt, x * sw + rx * dw - pl, o // depth_multiplier)
+            * weight[0, ry, rx, o].astype("int32"),
+            axis=[ry, rx],
+        ),
+        name="acc",
+    )
+    return te.compute(
+        (n, oh, ow, oc),
+        lambda b, y, x, o: _requantize(acc[b, y, x, o] + bias[o], multiplier[o], shift[o], zp_out, act_min, act_max),
+        name="requantize",
+    )
+
+
+def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weight, zp_out, act_min, act_max):
+    """[batch, in] x [out, in]^T int8, per-tensor or per-channel requantization (multiplier/shift of length out).
+
+    The interpreter rescales FULLY_CONNECTED with a single rounding (unlike its convolutions), so we do too.
+    """
+    from tvm import te
+
+    batch, depth = (int(v) for v in data.shape)
+    out_features = int(weight.shape[0])
+    per_channel = int(multiplier.shape[0]) > 1
+    k = te.reduce_axis((0, depth), "k")
+    acc = te.compute(
+        (batch, out_features),
+        lambda b, o: te.sum(
+            (data[b, k].astype("int32") - _i32(zp_in)) * (weight[o, k].astype("int32") - _i32(zp_weight)), axis=k
+        ),
+        name="acc",
+    )
+    return te.compute(
+        (batch, out_features),
+        lambda b, o: _requantize(
+            acc[b, o] + bias[o],
+            multiplier[o if per_channel else 0],
+            shift[o if per_channel else 0],
+            zp_out,
+            act_min,
+            act_max,
+            single_rounding=True,
+        ),
+        name="requantize",
+    )
+
+
+def _pool_window(h, w, kh, kw, sh, sw, pt, pl, y, x):
+    from tvm import tirx
+
+    y0, x0 = y * sh - pt, x * sw - pl
+    fy0, fx0 = tirx.Max(-y0, _i32(0)), tirx.Max(-x0, _i32(0))
+    fy1, fx1 = tirx.Min(_i32(kh), _i32(h) - y0), tirx.Min(_i32(kw), _i32(w) - x0)
+    return y0, x0, fy0, fx0, fy1, fx1
+
+
+def avg_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
+    """TFLite int8 average pool: sum over the valid part of the window, divide rounding half away from zero."""
+    from tvm import te, tirx
+
+    n, h, w, c = (int(v) for v in data.shape)
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = pool, stride, padding
+    oh = (h + pt + pb - kh) // sh + 1
+    ow = (w + pl + pr - kw) // sw + 1
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+
+    def inside(y, x):
+        return tirx.all(y >= 0, y < h, x >= 0, x < w)
+
+    total = te.compute(
+        (n, oh, ow, c),
+        lambda b, y, x, ch: te.sum(
+            tirx.if_then_else(
+                inside(y * sh + ry - pt, x * sw + rx - pl),
+                data[b, y * sh + ry - pt, x * sw + rx - pl, ch].astype("int32"),
+                _i32(0),
+            ),
+            axis=[ry, rx],
+        ),
+        name="sum",
+    )
+
+    def finish(b, y, x, ch):
+        _, _, fy0, fx0, fy1, fx1 = _pool_window(h, w, kh, kw, sh, sw, pt, pl, y.astype("int32"), x.astype("int32"))
+        count = (fy1 - fy0) * (fx1 - fx0)
+        acc = total[b, y, x, ch]
+        half = tirx.truncdiv(count, _i32(2))
+        q = tirx.Select(acc > _i32(0), tirx.truncdiv(acc + half, count), tirx.truncdiv(acc - half, count))
+        return tirx.Min(tirx.Max(q, _i32(act_min)), _i32(act_max)).astype("int8")
+
+    return te.compute((n, oh, ow, c), finish, name="average")
+
+
+def max_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
+    from tvm import te, tirx
+
+    n, h, w, c = (int(v) for v in data.shape)
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = pool, stride, padding
+    oh = (h + pt + pb - kh) // sh + 1
+    ow = (w + pl + pr - kw) // sw + 1
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+
+    def value(b, y, x, ch):
+        inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
+        return tirx.if_then_else(inside, data[b, y, x, ch], tirx.const(-128, "int8"))
+
+    m = te.compute(
+        (n, oh, ow, c),
+        lambda b, y, x, ch: te.max(value(b, y * sh + ry - pt, x * sw + rx - pl, ch), axis=[ry, rx]),
+        name="max",
+    )
+    return te.compute(
+        (n, oh, ow, c),
+        lambda *i: tirx.Min(tirx.Max(m(*i), tirx.const(act_min, "int8")), tirx.const(act_max, "int8")),
+        name="clamp",
+    )
+
+
+def add_s8(a, b, *, left_shift, zp_a, zp_b, zp_out, mult_a, shift_a, mult_b, shift_b, mult_out, shift_out, act_min, act_max):
+    """TFLite int8 ADD (same shapes): both inputs rescaled to a common scale with 20 bits of headroom."""
+    from tvm import te, tirx
+
+    def scaled(x, zp, mult, shift):
+        v = (x.astype("int32") - _i32(zp)) * _i32(1 << left_shift)
+        return rounding_divide_by_pot(srdhm(v, _i32(mult)), -shift)
+
+    # The rescaled sum is its own stage, computed per element ("keep_": not inlined by the schedule),
+    # so the output rescaling does not copy both input rescalings into one expression tree.
+    raw = te.compute(
+        a.shape, lambda *i: scaled(a(*i), zp_a, mult_a, shift_a) + scaled(b(*i), zp_b, mult_b, shift_b), name="keep_sum"
+    )
+
+    def f(*i):
+        out = rounding_divide_by_pot(srdhm(raw(*i), _i32(mult_out)), -shift_out) + _i32(zp_out)
+        return _let(out, lambda v: tirx.Min(tirx.Max(v, _i32(act_min)), _i32(act_max)).astype("int8"), "v")
+
+    return te.compute(a.shape, f, name="add")

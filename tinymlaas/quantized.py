@@ -1,0 +1,267 @@
+"""Import of full-integer (int8) TFLite models straight to integer kernels.
+
+TVM's frontend expands every quantized operator into dequantize -> float op -> quantize, which needs
+an FPU and is not bit-exact. This stage recognises the quantized operators at the TFLite level and
+emits one integer kernel per operator into the Relax graph (`int8_kernels`), with TFLite's
+requantization parameters computed here exactly as TFLite computes them (in double, then
+QuantizeMultiplier). Weights stay int8, biases and multipliers int32; no float is left.
+Softmax is a C kernel (`firmware/kernels/softmax_s8.c`, gemmlowp fixed point) called from the graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import int8_kernels as k
+from .errors import UnsupportedOperator
+from .importer import TFLiteModel
+
+SUPPORTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "RESHAPE", "SOFTMAX"}
+EXTERN_KERNELS = {"tinymlaas_softmax_s8"}
+
+# TFLite enums (schema.fbs)
+_SAME, _VALID = 0, 1
+_ACT_NONE, _ACT_RELU, _ACT_RELU_N1_TO_1, _ACT_RELU6 = 0, 1, 2, 3
+
+
+def _round_away(x: float) -> int:
+    """std::round: half away from zero."""
+    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
+
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """TFLite QuantizeMultiplier: real = m * 2**(shift - 31), m in [2**30, 2**31)."""
+    if real == 0.0:
+        return 0, 0
+    q, shift = math.frexp(real)
+    q_fixed = _round_away(q * (1 << 31))
+    if q_fixed == 1 << 31:
+        q_fixed //= 2
+        shift += 1
+    if shift < -31:
+        shift, q_fixed = 0, 0
+    return q_fixed, shift
+
+
+def activation_range(act: int, scale: float, zero_point: int) -> tuple[int, int]:
+    """TFLite CalculateActivationRangeQuantized for int8 (quantization of the bounds in float32)."""
+    lo, hi = -128, 127
+
+    def q(x: float) -> int:
+        return zero_point + _round_away(float(np.float32(x) / np.float32(scale)))
+
+    if act == _ACT_RELU:
+        return max(lo, q(0.0)), hi
+    if act == _ACT_RELU6:
+        return max(lo, q(0.0)), min(hi, q(6.0))
+    if act == _ACT_RELU_N1_TO_1:
+        return max(lo, q(-1.0)), min(hi, q(1.0))
+    if act == _ACT_NONE:
+        return lo, hi
+    raise ValueError(f"fused activation {act}")
+
+
+def padding(kind: int, in_size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TFLite ComputePaddingHeightWidth for one dimension: (before, after)."""
+    eff = (k - 1) * dilation + 1
+    if kind == _VALID:
+        return 0, 0
+    out = (in_size + stride - 1) // stride
+    total = max((out - 1) * stride + eff - in_size, 0)
+    return total // 2, total - total // 2
+
+
+def softmax_params(beta: float, input_scale: float) -> tuple[int, int, int]:
+    """TFLite PreprocessSoftmaxScaling + CalculateInputRadius with 5 integer bits for the scaled difference."""
+    integer_bits = 5
+    real = min(beta * input_scale * (1 << (31 - integer_bits)), float((1 << 31) - 1))
+    multiplier, left_shift = quantize_multiplier(real)
+    radius = math.floor(1.0 * ((1 << integer_bits) - 1) * (1 << (31 - integer_bits)) / (1 << left_shift))
+    return multiplier, left_shift, -radius
+
+
+class _Graph:
+    """The model's tensors as seen by the importer: constants, quantization, producers."""
+
+    def __init__(self, model: TFLiteModel):
+        from ai_edge_litert import schema_py_generated as schema
+
+        self.schema = schema
+        self.fb = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model.data, 0))
+        self.sg = self.fb.subgraphs[0]
+        names = {v: key for key, v in schema.BuiltinOperator.__dict__.items() if not key.startswith("_")}
+        self.op_names = []
+        for op in self.sg.operators:
+            code = self.fb.operatorCodes[op.opcodeIndex]
+            self.op_names.append(names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"))
+
+    def tensor(self, i: int):
+        return self.sg.tensors[i]
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.tensor(i).shape)
+
+    def const(self, i: int, dtype: str) -> np.ndarray | None:
+        t = self.tensor(i)
+        data = self.fb.buffers[t.buffer].data
+        if data is None or len(data) == 0:
+            return None
+        return np.frombuffer(bytes(bytearray(data)), dtype=dtype).reshape(self.shape(i))
+
+    def scale(self, i: int) -> np.ndarray:
+        q = self.tensor(i).quantization
+        return np.asarray(q.scale if q is not None and q.scale is not None else [0.0], dtype=np.float32)
+
+    def zero_point(self, i: int) -> int:
+        q = self.tensor(i).quantization
+        return int(q.zeroPoint[0]) if q is not None and q.zeroPoint is not None and len(q.zeroPoint) else 0
+
+
+def integer_import_blockers(model: TFLiteModel) -> list[str]:
+    """Why this model cannot take the integer path (empty list: it can)."""
+    if not model.quantized:
+        return ["not a full-integer model"]
+    g = _Graph(model)
+    problems = sorted({name for name in g.op_names if name not in SUPPORTED})
+    types = {g.tensor(i).type for op in g.sg.operators for i in list(op.inputs) + list(op.outputs) if i >= 0}
+    allowed = {g.schema.TensorType.INT8, g.schema.TensorType.INT32}
+    if types - allowed:
+        problems.append("tensor types other than int8/int32")
+    return problems
+
+
+def _emit_kernel(bb, fn, args, name: str, **attrs):
+    """Emit `fn` (a TE integer kernel) as one opaque call_tir.
+
+    Not `bb.emit_te`: that builds PrimFuncs with int64 index types, which turns every integer
+    expression into 64-bit arithmetic, slow on 32-bit cores.
+    """
+    from tvm import relax, te
+
+    holders = []
+    for i, a in enumerate(args):
+        shape = [int(v) for v in (a.ty.shape.values if hasattr(a.ty.shape, "values") else a.ty.shape)]
+        holders.append(te.placeholder(shape, str(a.ty.dtype), f"in{i}"))
+    out = fn(*holders, **attrs)
+    func = te.create_prim_func(holders + [out]).with_attr("op_pattern", 8)  # kOpaque: one kernel per operator
+    gv = bb.add_func(func, name)
+    return bb.emit(relax.call_tir(gv, list(args), relax.TensorType([int(v) for v in out.shape], out.dtype)))
+
+
+def import_integer(model: TFLiteModel):
+    """Full-integer TFLite model -> Relax IRModule whose kernels are integer TIR (plus the C softmax)."""
+    import tvm
+    from tvm import relax
+
+    blockers = integer_import_blockers(model)
+    if blockers:
+        raise UnsupportedOperator(blockers, model.path.name)
+    g = _Graph(model)
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"input{i}", relax.TensorType(model.inputs[i].shape, model.inputs[i].dtype))
+              for i in range(len(model.inputs))]
+    values: dict[int, object] = {int(t): p for t, p in zip(g.sg.inputs, params)}
+
+    def requant_consts(in_idx: int, w_idx: int, out_idx: int):
+        in_scale = float(g.scale(in_idx)[0])
+        out_scale = float(g.scale(out_idx)[0])
+        w_scales = g.scale(w_idx)
+        pairs = [quantize_multiplier(in_scale * float(s) / out_scale) for s in w_scales]
+        mult = np.array([m for m, _ in pairs], dtype=np.int32)
+        shift = np.array([s for _, s in pairs], dtype=np.int32)
+        return mult, shift
+
+    def bias_of(idx: int, channels: int) -> np.ndarray:
+        if idx < 0:
+            return np.zeros(channels, dtype=np.int32)
+        return g.const(idx, "int32").reshape(channels)
+
+    with bb.function("main", params):
+        with bb.dataflow():
+            for op, name in zip(g.sg.operators, g.op_names):
+                ins, out = [int(i) for i in op.inputs], int(op.outputs[0])
+                opt = op.builtinOptions
+                hint = f"t{out}_{name.lower()}"
+                x = values[ins[0]]
+                zp_out, out_scale = g.zero_point(out), float(g.scale(out)[0])
+                if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+                    w = g.const(ins[1], "int8")
+                    _, h, wd, _ = g.shape(ins[0])
+                    kh, kw = (w.shape[1], w.shape[2])
+                    channels = w.shape[0] if name == "CONV_2D" else w.shape[3]
+                    pt, pb = padding(opt.padding, h, kh, opt.strideH, opt.dilationHFactor)
+                    pl, pr = padding(opt.padding, wd, kw, opt.strideW, opt.dilationWFactor)
+                    mult, shift = requant_consts(ins[0], ins[1], out)
+                    if mult.size == 1:
+                        mult, shift = np.repeat(mult, channels), np.repeat(shift, channels)
+                    lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
+                    common = dict(
+                        stride=(opt.strideH, opt.strideW), dilation=(opt.dilationHFactor, opt.dilationWFactor),
+                        padding=(pt, pl, pb, pr), zp_in=g.zero_point(ins[0]), zp_out=zp_out, act_min=lo, act_max=hi,
+                    )
+                    args = [x, relax.const(w), relax.const(bias_of(ins[2] if len(ins) > 2 else -1, channels)),
+                            relax.const(mult), relax.const(shift)]
+                    if name == "CONV_2D":
+                        y = _emit_kernel(bb, k.conv2d_s8, args, hint, **common)
+                    else:
+                        y = _emit_kernel(bb, k.depthwise_conv2d_s8, args, hint, **common,
+                                         depth_multiplier=opt.depthMultiplier)
+                elif name == "FULLY_CONNECTED":
+                    w = g.const(ins[1], "int8")
+                    out_features, depth = w.shape
+                    in_shape = g.shape(ins[0])
+                    if len(in_shape) != 2 or in_shape[1] != depth:
+                        x = bb.emit(relax.op.reshape(x, (int(np.prod(in_shape)) // depth, depth)))
+                    mult, shift = requant_consts(ins[0], ins[1], out)
+                    lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
+                    args = [x, relax.const(w), relax.const(bias_of(ins[2] if len(ins) > 2 else -1, out_features)),
+                            relax.const(mult), relax.const(shift)]
+                    y = _emit_kernel(bb, k.fully_connected_s8, args, hint, zp_in=g.zero_point(ins[0]),
+                                     zp_weight=g.zero_point(ins[1]), zp_out=zp_out, act_min=lo, act_max=hi)
+                    if tuple(int(s) for s in y.ty.shape) != g.shape(out):
+                        y = bb.emit(relax.op.reshape(y, g.shape(out)))
+                elif name in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
+                    _, h, wd, _ = g.shape(ins[0])
+                    pt, pb = padding(opt.padding, h, opt.filterHeight, opt.strideH, 1)
+                    pl, pr = padding(opt.padding, wd, opt.filterWidth, opt.strideW, 1)
+                    lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
+                    fn = k.avg_pool2d_s8 if name == "AVERAGE_POOL_2D" else k.max_pool2d_s8
+                    y = _emit_kernel(bb, fn, [x], hint, pool=(opt.filterHeight, opt.filterWidth),
+                                     stride=(opt.strideH, opt.strideW), padding=(pt, pl, pb, pr), act_min=lo, act_max=hi)
+                elif name == "ADD":
+                    a_idx, b_idx = ins
+                    if g.shape(a_idx) != g.shape(b_idx):
+                        raise UnsupportedOperator(["ADD with broadcasting"], model.path.name)
+                    sa, sb = float(g.scale(a_idx)[0]), float(g.scale(b_idx)[0])
+                    left_shift = 20
+                    twice_max = 2.0 * float(max(np.float32(sa), np.float32(sb)))
+                    ma, sha = quantize_multiplier(sa / twice_max)
+                    mb, shb = quantize_multiplier(sb / twice_max)
+                    mo, sho = quantize_multiplier(twice_max / ((1 << left_shift) * out_scale))
+                    lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
+                    y = _emit_kernel(
+                        bb, k.add_s8, [x, values[b_idx]], hint, left_shift=left_shift, zp_a=g.zero_point(a_idx),
+                        zp_b=g.zero_point(b_idx), zp_out=zp_out, mult_a=ma, shift_a=sha, mult_b=mb, shift_b=shb,
+                        mult_out=mo, shift_out=sho, act_min=lo, act_max=hi,
+                    )
+                elif name == "RESHAPE":
+                    y = bb.emit(relax.op.reshape(x, g.shape(out)))
+                elif name == "SOFTMAX":
+                    shape = g.shape(out)
+                    m, shift, diff_min = softmax_params(float(opt.beta), float(g.scale(ins[0])[0]))
+                    consts = np.array([m, shift, diff_min, shape[-1], int(np.prod(shape))], dtype=np.int32)
+                    y = bb.emit(relax.call_dps_packed(
+                        "tinymlaas_softmax_s8", [x, relax.const(consts)], relax.TensorType(shape, "int8")
+                    ))
+                else:  # pragma: no cover - excluded by integer_import_blockers
+                    raise UnsupportedOperator([name], model.path.name)
+                values[out] = y
+            outs = [values[int(i)] for i in g.sg.outputs]
+            result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+        bb.emit_func_output(result)
+    # Kernels are opaque to fusion, one per TFLite operator: fusing two requantizing kernels nests
+    # their fixed-point arithmetic into one expression, and separate kernels keep every TFLite
+    # tensor observable for per-layer verification.
+    return relax.transform.Normalize()(bb.get())
