@@ -67,8 +67,8 @@ def test_model_too_large_for_board(tmp_path, models_dir):
 
 def test_model_over_user_budget(tmp_path, models_dir):
     out = tmp_path / "out"
-    proc = cli("compile", model_path("kws_ref_model"), "--target", "cortex-m4", "--max-flash", "64K", "--out", out)
-    assert_clean_failure(proc, out, "flash", "> 65,536 B")
+    proc = cli("compile", model_path("kws_ref_model"), "--target", "cortex-m4", "--max-flash", "16K", "--out", out)
+    assert_clean_failure(proc, out, "flash", "> 16,384 B")
 
 
 def test_emulator_timeout_keeps_previous_output(tmp_path, models_dir):
