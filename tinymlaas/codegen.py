@@ -129,6 +129,13 @@ def build_kernels(program: Program, target, workdir: Path) -> KernelObject:
         built.write_to_file(str(obj))
     except Exception as e:
         raise BuildFailure(f"LLVM code generation failed for {target.name}: {str(e).splitlines()[-1][:300]}") from e
+    # No C++ unwinding on the device: drop the unwind tables LLVM emits on Arm (they would pull in libgcc's
+    # unwinder) and TVM's module-entry alias.
+    subprocess.run(
+        [target.tool("objcopy"), "--remove-section=.ARM.exidx*", "--remove-section=.ARM.extab*",
+         "--strip-symbol=__tvm_ffi_main", str(obj)],
+        check=True, capture_output=True,
+    )
 
     # Kernels run one after another: each one's scratch starts at offset 0 of one shared area.
     scratch_bytes = 0

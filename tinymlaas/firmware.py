@@ -26,8 +26,9 @@ class Firmware:
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise BuildFailure(f"{what} failed: {detail[-1][:300] if detail else 'exit ' + str(proc.returncode)}")
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        errors = [line for line in lines if "error" in line.lower() and "collect2" not in line] or lines
+        raise BuildFailure(f"{what} failed: {errors[0][:300] if errors else 'exit ' + str(proc.returncode)}")
 
 
 def require_tool(name: str) -> str:
