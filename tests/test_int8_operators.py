@@ -30,12 +30,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+@pytest.mark.parametrize(
+    "target, kernels",
+    [("cortex-m4", "dsp"), ("cortex-m4", "tir"), ("rv32imac", "tir")],  # DSP micro-kernels and integer TIR
+)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_operator_is_bit_exact(case, target, tmp_path):
+def test_operator_is_bit_exact(case, target, kernels, tmp_path):
     path = tmp_path / f"{case}.tflite"
     path.write_bytes(CASES[case]())
-    r = compile_model(path, target, tmp_path / "out", CompileOptions(inputs=20, seed=3))
+    r = compile_model(path, target, tmp_path / "out", CompileOptions(inputs=20, seed=3, kernels=kernels))
     assert r.lowering == "integer"
     assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
     out = np.frombuffer(open(r.artifacts["outputs"], "rb").read(), dtype=np.int8)

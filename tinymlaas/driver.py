@@ -86,11 +86,22 @@ static const uint32_t tinymlaas_output_bytes[TINYMLAAS_NUM_OUTPUTS] = {{{outs}}}
 /* One inference. Buffers are the caller's; returns 0. */
 int tinymlaas_model_run(const void *const inputs[], void *const outputs[]);
 
+/* Per-step profiling (-DTINYMLAAS_PROFILE): the emulator's counting plugin closes one region per step. */
+#ifdef TINYMLAAS_PROFILE
+void tinymlaas_mark_begin(void);
+void tinymlaas_mark_end(void);
+#define TINYMLAAS_STEP() do {{ tinymlaas_mark_end(); tinymlaas_mark_begin(); }} while (0)
+#else
+#define TINYMLAAS_STEP() do {{ }} while (0)
+#endif
+
 #endif
 """
     )
     protos, calls = [], []
-    for step in program.steps:
+    for i, step in enumerate(program.steps):
+        if i:
+            calls.append("    TINYMLAAS_STEP();")
         if isinstance(step, KernelCall):
             sym = step.kernel if step.extern else kernels.symbols[step.kernel]
             protos.append(f"void {sym}({', '.join(['void *'] * len(step.args))});")

@@ -48,11 +48,14 @@ def read_symbols(elf: Path, target) -> dict[str, int]:
     return symbols
 
 
-def link_firmware(target, kernels: KernelObject, driver: DriverSources, workdir: Path) -> Firmware:
+def link_firmware(
+    target, kernels: KernelObject, driver: DriverSources, workdir: Path, profile: bool = False, name: str = "firmware"
+) -> Firmware:
+    """profile: count each step of the model separately (see TINYMLAAS_STEP in the generated header)."""
     gcc = require_tool(target.gcc)
     flash, ram = target.emulator.flash, target.emulator.ram
-    elf = workdir / "firmware.elf"
-    map_file = workdir / "firmware.map"
+    elf = workdir / f"{name}.elf"
+    map_file = workdir / f"{name}.map"
     cmd = [
         gcc,
         *target.cc_flags,
@@ -64,6 +67,7 @@ def link_firmware(target, kernels: KernelObject, driver: DriverSources, workdir:
         "--oslib=semihost",
         "--crt0=hosted",
         f"-I{workdir}",
+        *(["-DTINYMLAAS_PROFILE"] if profile else []),
         str(FIRMWARE_DIR / "harness.c"),
         *[str(c) for c in sorted((FIRMWARE_DIR / "kernels").glob("*.c"))],
         str(driver.source),

@@ -24,15 +24,14 @@ def _let(value, body, name="t"):
 def srdhm(a, b):
     """gemmlowp SaturatingRoundingDoublingHighMul for int32, b a quantized multiplier.
 
-    Multipliers are in [0, 2**31), so the one saturating case (a == b == INT32_MIN) cannot occur.
+    TFLite computes trunc((a*b + nudge) / 2**31) with nudge = 2**30 or 1 - 2**30 by sign; for every
+    int64 product that equals floor((a*b + 2**30) / 2**31), one add and one arithmetic shift. Multipliers
+    are in [0, 2**31), so the one saturating case (a == b == INT32_MIN) cannot occur.
     """
     from tvm import tirx
 
-    def high(ab):
-        nudge = tirx.Select(ab >= tirx.const(0, "int64"), tirx.const(1 << 30, "int64"), tirx.const(1 - (1 << 30), "int64"))
-        return tirx.truncdiv(ab + nudge, tirx.const(1 << 31, "int64")).astype("int32")
-
-    return _let(a.astype("int64") * b.astype("int64"), high, "ab")
+    ab = a.astype("int64") * b.astype("int64")
+    return ((ab + tirx.const(1 << 30, "int64")) >> tirx.const(31, "int64")).astype("int32")
 
 
 def rounding_divide_by_pot(x, exponent):

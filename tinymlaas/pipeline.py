@@ -40,6 +40,7 @@ class CompileOptions:
     max_flash: int | None = None  # user constraints, tighter than the board's
     max_ram: int | None = None
     int8_lowering: str = "integer"  # "integer": our integer kernels; "float": TVM's dequantize/float/quantize
+    kernels: str = "auto"  # int8 layers: "tir", "dsp" (DSP micro-kernels), or "auto" (dsp where the core has DSP)
 
 
 @dataclass
@@ -122,7 +123,8 @@ def compile_model(
             lowering = "float-emulated"
             reason = "as requested" if options.int8_lowering != "integer" else f"no integer kernel for: {', '.join(blockers)}"
             notes.append(f"int8 operators lowered through float dequantize/op/quantize ({reason}): not bit-exact")
-    relax_mod = import_integer(model) if lowering == "integer" else import_relax(model)
+    kernels = options.kernels if options.kernels != "auto" else ("dsp" if target.dsp else "tir")
+    relax_mod = import_integer(model, kernels) if lowering == "integer" else import_relax(model)
 
     stage("lower")
     program = lower(relax_mod, schedule=default_schedule)

@@ -19,7 +19,8 @@ from .errors import UnsupportedOperator
 from .importer import TFLiteModel
 
 SUPPORTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "RESHAPE", "SOFTMAX"}
-EXTERN_KERNELS = {"tinymlaas_softmax_s8"}
+EXTERN_KERNELS = {"tinymlaas_softmax_s8", "tinymlaas_conv_s8", "tinymlaas_conv1x1_s8", "tinymlaas_depthwise_s8"}
+KERNEL_KINDS = ("tir", "dsp")  # per layer: integer TIR, or the DSP micro-kernels of firmware/kernels/conv_s8.c
 
 # TFLite enums (schema.fbs)
 _SAME, _VALID = 0, 1
@@ -150,8 +151,16 @@ def _emit_kernel(bb, fn, args, name: str, **attrs):
     return bb.emit(relax.call_tir(gv, list(args), relax.TensorType([int(v) for v in out.shape], out.dtype)))
 
 
-def import_integer(model: TFLiteModel):
-    """Full-integer TFLite model -> Relax IRModule whose kernels are integer TIR (plus the C softmax)."""
+def _conv_params(n, h, w, c, oh, ow, oc, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, zp_out, lo, hi, single=0):
+    return np.array([n, h, w, c, oh, ow, oc, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, zp_out, lo, hi, single], dtype=np.int32)
+
+
+def import_integer(model: TFLiteModel, kernels: str | dict[int, str] = "tir"):
+    """Full-integer TFLite model -> Relax IRModule of integer kernels.
+
+    kernels: "tir" or "dsp" for every layer, or {operator index: kind}; "dsp" applies to convolutions,
+    depthwise convolutions (depth multiplier 1) and fully connected layers, others stay TIR.
+    """
     import tvm
     from tvm import relax
 
@@ -178,9 +187,18 @@ def import_integer(model: TFLiteModel):
             return np.zeros(channels, dtype=np.int32)
         return g.const(idx, "int32").reshape(channels)
 
+    def kind_of(index: int) -> str:
+        kind = kernels.get(index, "tir") if isinstance(kernels, dict) else kernels
+        if kind not in KERNEL_KINDS:
+            raise ValueError(f"unknown kernel kind '{kind}'")
+        return kind
+
+    def extern(symbol, args, shape):
+        return bb.emit(relax.call_dps_packed(symbol, list(args), relax.TensorType(list(shape), "int8")))
+
     with bb.function("main", params):
         with bb.dataflow():
-            for op, name in zip(g.sg.operators, g.op_names):
+            for index, (op, name) in enumerate(zip(g.sg.operators, g.op_names)):
                 ins, out = [int(i) for i in op.inputs], int(op.outputs[0])
                 opt = op.builtinOptions
                 hint = f"t{out}_{name.lower()}"
@@ -203,7 +221,17 @@ def import_integer(model: TFLiteModel):
                     )
                     args = [x, relax.const(w), relax.const(bias_of(ins[2] if len(ins) > 2 else -1, channels)),
                             relax.const(mult), relax.const(shift)]
-                    if name == "CONV_2D":
+                    dsp = kind_of(index) == "dsp" and (name == "CONV_2D" or opt.depthMultiplier == 1)
+                    if dsp:
+                        n, _, _, c = g.shape(ins[0])
+                        _, oh, ow, _ = g.shape(out)
+                        cp = _conv_params(n, h, wd, c, oh, ow, channels, kh, kw, opt.strideH, opt.strideW,
+                                          opt.dilationHFactor, opt.dilationWFactor, pt, pl, common["zp_in"], zp_out, lo, hi)
+                        pointwise = name == "CONV_2D" and kh == kw == 1 and opt.strideH == opt.strideW == 1 and pt == pl == 0
+                        symbol = ("tinymlaas_conv1x1_s8" if pointwise else
+                                  "tinymlaas_conv_s8" if name == "CONV_2D" else "tinymlaas_depthwise_s8")
+                        y = extern(symbol, args + [relax.const(cp)], g.shape(out))
+                    elif name == "CONV_2D":
                         y = _emit_kernel(bb, k.conv2d_s8, args, hint, **common)
                     else:
                         y = _emit_kernel(bb, k.depthwise_conv2d_s8, args, hint, **common,
@@ -216,10 +244,19 @@ def import_integer(model: TFLiteModel):
                         x = bb.emit(relax.op.reshape(x, (int(np.prod(in_shape)) // depth, depth)))
                     mult, shift = requant_consts(ins[0], ins[1], out)
                     lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
-                    args = [x, relax.const(w), relax.const(bias_of(ins[2] if len(ins) > 2 else -1, out_features)),
-                            relax.const(mult), relax.const(shift)]
-                    y = _emit_kernel(bb, k.fully_connected_s8, args, hint, zp_in=g.zero_point(ins[0]),
-                                     zp_weight=g.zero_point(ins[1]), zp_out=zp_out, act_min=lo, act_max=hi)
+                    bias = relax.const(bias_of(ins[2] if len(ins) > 2 else -1, out_features))
+                    if kind_of(index) == "dsp" and g.zero_point(ins[1]) == 0:
+                        batch = int(np.prod(g.shape(ins[0]))) // depth
+                        cp = _conv_params(batch, 1, 1, depth, 1, 1, out_features, 1, 1, 1, 1, 1, 1, 0, 0,
+                                          g.zero_point(ins[0]), zp_out, lo, hi, single=1)
+                        reps = out_features if mult.size == 1 else 1
+                        y = extern("tinymlaas_conv1x1_s8", [x, relax.const(w), bias, relax.const(np.repeat(mult, reps)),
+                                                         relax.const(np.repeat(shift, reps)), relax.const(cp)],
+                                   (batch, out_features))
+                    else:
+                        args = [x, relax.const(w), bias, relax.const(mult), relax.const(shift)]
+                        y = _emit_kernel(bb, k.fully_connected_s8, args, hint, zp_in=g.zero_point(ins[0]),
+                                         zp_weight=g.zero_point(ins[1]), zp_out=zp_out, act_min=lo, act_max=hi)
                     if tuple(int(s) for s in y.ty.shape) != g.shape(out):
                         y = bb.emit(relax.op.reshape(y, g.shape(out)))
                 elif name in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):

@@ -1,0 +1,279 @@
+/*
+ * int8 convolution and depthwise convolution (NHWC activations, OHWI / 1HWC weights) with the DSP
+ * extension's dual 16-bit multiply-accumulate: SXTAB16 widens two int8 lanes and adds the input offset
+ * in one instruction, SMLAD multiplies two pairs and accumulates. Four output channels share each
+ * input load. Requantization is TFLite's, bit-exact. Without __ARM_FEATURE_DSP the same loops run in
+ * plain C. Selected per layer by tinymlaas.quantized (kernel "dsp").
+ *
+ * params: N H W C  OH OW OC  KH KW  SH SW  DH DW  PT PL  zp_in zp_out act_min act_max single_rounding
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "fixedpoint_s8.h"
+
+#if defined(__ARM_FEATURE_DSP)
+#include <arm_acle.h>
+#endif
+
+enum { P_N, P_H, P_W, P_C, P_OH, P_OW, P_OC, P_KH, P_KW, P_SH, P_SW, P_DH, P_DW, P_PT, P_PL,
+       P_ZP_IN, P_ZP_OUT, P_ACT_MIN, P_ACT_MAX, P_SINGLE };
+
+static inline int32_t ror8(int32_t x)
+{
+    return (int32_t)(((uint32_t)x >> 8) | ((uint32_t)x << 24));
+}
+
+#if defined(__ARM_FEATURE_DSP)
+/* bytes 1 and 3, widened (and offset): the rotate is part of the instruction; gcc 12 does not fold ror8 into it */
+static inline int32_t sxtb16_ror8(int32_t x)
+{
+    int32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
+    return r;
+}
+
+static inline int32_t sxtab16_ror8(int32_t acc, int32_t x)
+{
+    int32_t r;
+    __asm__("sxtab16 %0, %1, %2, ror #8" : "=r"(r) : "r"(acc), "r"(x));
+    return r;
+}
+#endif
+
+static inline int32_t load32(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4); /* one unaligned LDR on Cortex-M3 and up */
+    return v;
+}
+
+/* Requantization parameters held in registers: `params` would be reloaded after every int8 store. */
+struct requant {
+    int32_t zp_out, lo, hi, single;
+};
+
+static inline struct requant requant_of(const int32_t *params)
+{
+    struct requant r = {params[P_ZP_OUT], params[P_ACT_MIN], params[P_ACT_MAX], params[P_SINGLE]};
+    return r;
+}
+
+static inline int8_t finish(int32_t acc, int32_t bias, int32_t mult, int32_t shift, struct requant r)
+{
+    acc += bias;
+    int32_t v = r.single ? tinymlaas_requantize_single(acc, mult, shift) : tinymlaas_requantize(acc, mult, shift);
+    return tinymlaas_clamp_s8(v + r.zp_out, r.lo, r.hi);
+}
+
+/* acc[j] += sum_c (x[c] + offset) * w_j[c] for four weight rows `stride` bytes apart */
+static inline void dot4(const int8_t *x, const int8_t *w0, int c_len, int stride, int32_t offset, int32_t acc[4])
+{
+    const int8_t *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    int c = 0;
+#if defined(__ARM_FEATURE_DSP)
+    const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
+    for (; c + 4 <= c_len; c += 4) {
+        int32_t xv = load32(x + c);
+        int32_t xl = __sxtab16(off2, xv);
+        int32_t xh = sxtab16_ror8(off2, xv);
+        int32_t wv = load32(w0 + c);
+        a0 = __smlad(xl, __sxtb16(wv), a0);
+        a0 = __smlad(xh, sxtb16_ror8(wv), a0);
+        wv = load32(w1 + c);
+        a1 = __smlad(xl, __sxtb16(wv), a1);
+        a1 = __smlad(xh, sxtb16_ror8(wv), a1);
+        wv = load32(w2 + c);
+        a2 = __smlad(xl, __sxtb16(wv), a2);
+        a2 = __smlad(xh, sxtb16_ror8(wv), a2);
+        wv = load32(w3 + c);
+        a3 = __smlad(xl, __sxtb16(wv), a3);
+        a3 = __smlad(xh, sxtb16_ror8(wv), a3);
+    }
+#endif
+    for (; c < c_len; c++) {
+        int32_t xv = x[c] + offset;
+        a0 += xv * w0[c];
+        a1 += xv * w1[c];
+        a2 += xv * w2[c];
+        a3 += xv * w3[c];
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
+static inline int32_t dot1(const int8_t *x, const int8_t *w, int c_len, int32_t offset)
+{
+    int32_t a = 0;
+    int c = 0;
+#if defined(__ARM_FEATURE_DSP)
+    const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
+    for (; c + 4 <= c_len; c += 4) {
+        int32_t xv = load32(x + c), wv = load32(w + c);
+        a = __smlad(__sxtab16(off2, xv), __sxtb16(wv), a);
+        a = __smlad(sxtab16_ror8(off2, xv), sxtb16_ror8(wv), a);
+    }
+#endif
+    for (; c < c_len; c++)
+        a += (x[c] + offset) * w[c];
+    return a;
+}
+
+static inline int max_i(int a, int b) { return a > b ? a : b; }
+static inline int min_i(int a, int b) { return a < b ? a : b; }
+
+#define IM2COL_MAX 2048 /* bytes of one output pixel's input patch gathered on the stack */
+
+void tinymlaas_conv_s8(const int8_t *restrict input, const int8_t *restrict weights, const int32_t *restrict bias,
+                       const int32_t *restrict mult, const int32_t *restrict shift, const int32_t *restrict params,
+                       int8_t *restrict output)
+{
+    const int N = params[P_N], H = params[P_H], W = params[P_W], C = params[P_C];
+    const int OH = params[P_OH], OW = params[P_OW], OC = params[P_OC];
+    const int KH = params[P_KH], KW = params[P_KW], SH = params[P_SH], SW = params[P_SW];
+    const int DH = params[P_DH], DW = params[P_DW], PT = params[P_PT], PL = params[P_PL];
+    const int8_t zp_in = (int8_t)params[P_ZP_IN];
+    const int32_t offset = -params[P_ZP_IN];
+    const struct requant rq = requant_of(params);
+    const int row = KH * KW * C; /* one output channel's weights, and one patch */
+    const int gather = row <= IM2COL_MAX;
+    int8_t patch[gather ? row : 1] __attribute__((aligned(4))); /* on the stack, measured with the rest */
+    for (int n = 0; n < N; n++) {
+        const int8_t *in = input + n * H * W * C;
+        for (int oy = 0; oy < OH; oy++) {
+            const int y0 = oy * SH - PT;
+            for (int ox = 0; ox < OW; ox++) {
+                const int x0 = ox * SW - PL;
+                int8_t *out = output + ((n * OH + oy) * OW + ox) * OC;
+                int oc = 0;
+                if (gather) {
+                    /* im2col: padding holds the input zero point, which contributes (zp - zp) * w = 0 */
+                    int8_t *dst = patch;
+                    for (int ky = 0; ky < KH; ky++) {
+                        int iy = y0 + ky * DH;
+                        for (int kx = 0; kx < KW; kx++, dst += C) {
+                            int ix = x0 + kx * DW;
+                            if (iy < 0 || iy >= H || ix < 0 || ix >= W)
+                                memset(dst, zp_in, C);
+                            else
+                                memcpy(dst, in + (iy * W + ix) * C, C);
+                        }
+                    }
+                    for (; oc + 4 <= OC; oc += 4) {
+                        int32_t acc[4] = {0, 0, 0, 0};
+                        dot4(patch, weights + oc * row, row, row, offset, acc);
+                        out[oc] = finish(acc[0], bias[oc], mult[oc], shift[oc], rq);
+                        out[oc + 1] = finish(acc[1], bias[oc + 1], mult[oc + 1], shift[oc + 1], rq);
+                        out[oc + 2] = finish(acc[2], bias[oc + 2], mult[oc + 2], shift[oc + 2], rq);
+                        out[oc + 3] = finish(acc[3], bias[oc + 3], mult[oc + 3], shift[oc + 3], rq);
+                    }
+                    for (; oc < OC; oc++)
+                        out[oc] = finish(dot1(patch, weights + oc * row, row, offset), bias[oc], mult[oc], shift[oc], rq);
+                    continue;
+                }
+                for (; oc < OC; oc++) {
+                    int32_t acc = 0;
+                    const int8_t *w = weights + oc * row;
+                    for (int ky = 0; ky < KH; ky++) {
+                        int iy = y0 + ky * DH;
+                        if (iy < 0 || iy >= H)
+                            continue;
+                        for (int kx = 0; kx < KW; kx++) {
+                            int ix = x0 + kx * DW;
+                            if (ix >= 0 && ix < W)
+                                acc += dot1(in + (iy * W + ix) * C, w + (ky * KW + kx) * C, C, offset);
+                        }
+                    }
+                    out[oc] = finish(acc, bias[oc], mult[oc], shift[oc], rq);
+                }
+            }
+        }
+    }
+}
+
+/* depth multiplier 1: four channels per step, per-channel products with SMLABB/SMLATT */
+void tinymlaas_depthwise_s8(const int8_t *restrict input, const int8_t *restrict weights,
+                            const int32_t *restrict bias, const int32_t *restrict mult,
+                            const int32_t *restrict shift, const int32_t *restrict params, int8_t *restrict output)
+{
+    const int N = params[P_N], H = params[P_H], W = params[P_W], C = params[P_C];
+    const int OH = params[P_OH], OW = params[P_OW];
+    const int KH = params[P_KH], KW = params[P_KW], SH = params[P_SH], SW = params[P_SW];
+    const int DH = params[P_DH], DW = params[P_DW], PT = params[P_PT], PL = params[P_PL];
+    const int32_t offset = -params[P_ZP_IN];
+    const struct requant rq = requant_of(params);
+#if defined(__ARM_FEATURE_DSP)
+    const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
+#endif
+    for (int n = 0; n < N; n++) {
+        const int8_t *in = input + n * H * W * C;
+        for (int oy = 0; oy < OH; oy++) {
+            const int y0 = oy * SH - PT;
+            /* valid taps: ky in [ky0, ky1), kx in [kx0, kx1) */
+            const int ky0 = max_i(0, (-y0 + DH - 1) / DH), ky1 = min_i(KH, (H - y0 + DH - 1) / DH);
+            for (int ox = 0; ox < OW; ox++) {
+                const int x0 = ox * SW - PL;
+                const int kx0 = max_i(0, (-x0 + DW - 1) / DW), kx1 = min_i(KW, (W - x0 + DW - 1) / DW);
+                int8_t *out = output + ((n * OH + oy) * OW + ox) * C;
+                int c = 0;
+#if defined(__ARM_FEATURE_DSP)
+                for (; c + 4 <= C; c += 4) {
+                    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                    for (int ky = ky0; ky < ky1; ky++) {
+                        const int8_t *x = in + ((y0 + ky * DH) * W + x0) * C + c;
+                        const int8_t *w = weights + ky * KW * C + c;
+                        for (int kx = kx0; kx < kx1; kx++) {
+                            int32_t xv = load32(x + kx * DW * C);
+                            int32_t wv = load32(w + kx * C);
+                            int32_t xl = __sxtab16(off2, xv), xh = sxtab16_ror8(off2, xv);
+                            int32_t wl = __sxtb16(wv), wh = sxtb16_ror8(wv);
+                            a0 = __smlabb(xl, wl, a0);
+                            a2 = __smlatt(xl, wl, a2);
+                            a1 = __smlabb(xh, wh, a1);
+                            a3 = __smlatt(xh, wh, a3);
+                        }
+                    }
+                    out[c] = finish(a0, bias[c], mult[c], shift[c], rq);
+                    out[c + 1] = finish(a1, bias[c + 1], mult[c + 1], shift[c + 1], rq);
+                    out[c + 2] = finish(a2, bias[c + 2], mult[c + 2], shift[c + 2], rq);
+                    out[c + 3] = finish(a3, bias[c + 3], mult[c + 3], shift[c + 3], rq);
+                }
+#endif
+                for (; c < C; c++) {
+                    int32_t acc = 0;
+                    for (int ky = ky0; ky < ky1; ky++)
+                        for (int kx = kx0; kx < kx1; kx++)
+                            acc += (in[((y0 + ky * DH) * W + x0 + kx * DW) * C + c] + offset) *
+                                   weights[(ky * KW + kx) * C + c];
+                    out[c] = finish(acc, bias[c], mult[c], shift[c], rq);
+                }
+            }
+        }
+    }
+}
+
+/* 1x1 convolution, stride 1, no padding (pointwise layers) and fully connected layers: a matrix product
+ * of P pixels x C channels by OC x C weights. */
+void tinymlaas_conv1x1_s8(const int8_t *restrict input, const int8_t *restrict weights, const int32_t *restrict bias,
+                          const int32_t *restrict mult, const int32_t *restrict shift, const int32_t *restrict params,
+                          int8_t *restrict output)
+{
+    const int P = params[P_N] * params[P_H] * params[P_W], C = params[P_C], OC = params[P_OC];
+    const int32_t offset = -params[P_ZP_IN];
+    const struct requant rq = requant_of(params);
+    for (int p = 0; p < P; p++) {
+        const int8_t *x = input + p * C;
+        int8_t *out = output + p * OC;
+        int oc = 0;
+        for (; oc + 4 <= OC; oc += 4) {
+            int32_t acc[4] = {0, 0, 0, 0};
+            dot4(x, weights + oc * C, C, C, offset, acc);
+            out[oc] = finish(acc[0], bias[oc], mult[oc], shift[oc], rq);
+            out[oc + 1] = finish(acc[1], bias[oc + 1], mult[oc + 1], shift[oc + 1], rq);
+            out[oc + 2] = finish(acc[2], bias[oc + 2], mult[oc + 2], shift[oc + 2], rq);
+            out[oc + 3] = finish(acc[3], bias[oc + 3], mult[oc + 3], shift[oc + 3], rq);
+        }
+        for (; oc < OC; oc++)
+            out[oc] = finish(dot1(x, weights + oc * C, C, offset), bias[oc], mult[oc], shift[oc], rq);
+    }
+}
