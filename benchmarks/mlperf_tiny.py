@@ -62,6 +62,7 @@ def main() -> int:
             row = {
                 "model": model,
                 "target": target,
+                "lowering": r.lowering,
                 "instructions": r.instructions,
                 "instructions_repeat_exact": r.instructions_repeat_exact,
                 "memory_accesses": r.memory_accesses,

@@ -4,7 +4,7 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as s
 
-I8, I32 = s.TensorType.INT8, s.TensorType.INT32
+I8, I32, F32 = s.TensorType.INT8, s.TensorType.INT32, s.TensorType.FLOAT32
 
 
 class Layer:
@@ -154,3 +154,12 @@ def reshape(seed, in_shape, out_shape):
     x = L.activation("x", in_shape, 0.1, 1)
     y = L.activation("y", out_shape, 0.1, 1)
     return L.model("RESHAPE", [x], [y], [x], _opts("ReshapeOptions", newShape=list(out_shape)))
+
+
+def unsupported_operator_model() -> bytes:
+    """A valid float model whose one operator (DYNAMIC_UPDATE_SLICE) TVM's TFLite frontend cannot import."""
+    L = Layer(0)
+    operand, update = L.tensor("operand", [4], F32), L.tensor("update", [2], F32)
+    start = L.tensor("start", [1], I32, data=np.array([1], dtype=np.int32))
+    out = L.tensor("out", [4], F32)
+    return L.model("DYNAMIC_UPDATE_SLICE", [operand, update, start], [out], [operand, update])

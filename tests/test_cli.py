@@ -4,10 +4,9 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from ai_edge_litert import schema_py_generated as s
-from conftest import build_tflite, model_path
+from conftest import model_path
+from quantized_layers import unsupported_operator_model
 
 
 def cli(*args, cwd=None):
@@ -46,12 +45,7 @@ def test_unknown_target(tmp_path, models_dir):
 
 
 def test_unsupported_operator_named(tmp_path):
-    f32 = s.TensorType.FLOAT32
-    data = build_tflite(
-        "DYNAMIC_UPDATE_SLICE", inputs=[0, 1], outputs=[3],
-        tensors=[("operand", [4], f32), ("update", [2], f32), ("start", [1], s.TensorType.INT32), ("out", [4], f32)],
-        buffers={2: np.array([1], dtype=np.int32).tobytes()},
-    )
+    data = unsupported_operator_model()
     path = tmp_path / "dus.tflite"
     path.write_bytes(data)
     out = tmp_path / "out"

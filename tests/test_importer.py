@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-from ai_edge_litert import schema_py_generated as s
-from conftest import build_tflite, model_path
+from conftest import model_path
+from quantized_layers import unsupported_operator_model
 
 from tinymlaas.errors import InvalidModel, UnsupportedOperator
 from tinymlaas.importer import import_relax, load_tflite
@@ -37,14 +37,7 @@ def test_missing_file(tmp_path):
 
 
 def test_unsupported_operator_is_named(tmp_path):
-    f32, i32 = s.TensorType.FLOAT32, s.TensorType.INT32
-    data = build_tflite(
-        "DYNAMIC_UPDATE_SLICE",
-        inputs=[0, 1],
-        outputs=[3],
-        tensors=[("operand", [4], f32), ("update", [2], f32), ("start", [1], i32), ("out", [4], f32)],
-        buffers={2: np.array([1], dtype=np.int32).tobytes()},
-    )
+    data = unsupported_operator_model()
     path = tmp_path / "dus.tflite"
     path.write_bytes(data)
     model = load_tflite(path)  # a valid model ...

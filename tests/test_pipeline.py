@@ -108,3 +108,14 @@ def test_soft_float_targets(compiled, target):
     # No FPU: LLVM calls the soft-float routines; results still match the float reference.
     r = compiled("kws_ref_model_float32", target, inputs=1)
     assert r.verified and r.fidelity["max_rel_error"] <= 1e-5
+
+
+def test_per_layer_profile_adds_up(compiled, tmp_path):
+    from tinymlaas.pipeline import profile_model
+
+    steps = profile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path)
+    whole = compiled("kws_ref_model", "cortex-m4")
+    assert len(steps) >= 10 and all(count > 0 for _, count in steps)
+    # same input 0 (seed differs from the compiled fixture's, and requantization branches are data dependent)
+    assert abs(sum(c for _, c in steps) - whole.instructions) / whole.instructions < 0.01
+    assert max(steps, key=lambda s: s[1])[0].startswith("tinymlaas_")  # DSP kernels on Cortex-M4

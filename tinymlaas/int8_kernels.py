@@ -81,21 +81,30 @@ def _requantize(acc, multiplier, shift, zp_out: int, act_min: int, act_max: int,
     )
 
 
-def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, padding, zp_in, zp_out, act_min, act_max):
-    """NHWC int8 convolution, weights OHWI, per-channel requantization."""
-    from tvm import te, tirx
+def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in):
+    """Output size, and the input minus its zero point with padding reading as 0 (TFLite skips it)."""
+    from tvm import tirx
 
     n, h, w, c = (int(v) for v in data.shape)
-    oc, kh, kw, _ = (int(v) for v in weight.shape)
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = stride, dilation, padding
     oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
     ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, c), "rc")
 
     def value(b, y, x, ch):
         inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
-        # padding contributes (zp_in - zp_in) = 0, as TFLite skips it
         return tirx.if_then_else(inside, data[b, y, x, ch].astype("int32") - _i32(zp_in), _i32(0))
+
+    return n, c, oh, ow, value
+
+
+def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, padding, zp_in, zp_out, act_min, act_max):
+    """NHWC int8 convolution, weights OHWI, per-channel requantization."""
+    from tvm import te
+
+    oc, kh, kw, _ = (int(v) for v in weight.shape)
+    (sh, sw), (dh, dw), (pt, pl, _, _) = stride, dilation, padding
+    n, c, oh, ow, value = _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in)
+    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, c), "rc")
 
     acc = te.compute(
         (n, oh, ow, oc),
@@ -116,18 +125,12 @@ def depthwise_conv2d_s8(
     data, weight, bias, multiplier, shift, *, stride, dilation, padding, depth_multiplier, zp_in, zp_out, act_min, act_max
 ):
     """NHWC int8 depthwise convolution, weights 1HWC (C = in channels * depth multiplier)."""
-    from tvm import te, tirx
+    from tvm import te
 
-    n, h, w, c = (int(v) for v in data.shape)
     _, kh, kw, oc = (int(v) for v in weight.shape)
-    (sh, sw), (dh, dw), (pt, pl, pb, pr) = stride, dilation, padding
-    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
-    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    (sh, sw), (dh, dw), (pt, pl, _, _) = stride, dilation, padding
+    n, _, oh, ow, value = _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in)
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
-
-    def value(b, y, x, ch):
-        inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
-        return tirx.if_then_else(inside, data[b, y, x, ch].astype("int32") - _i32(zp_in), _i32(0))
 
     acc = te.compute(
         (n, oh, ow, oc),
@@ -187,15 +190,20 @@ def _pool_window(h, w, kh, kw, sh, sw, pt, pl, y, x):
     return y0, x0, fy0, fx0, fy1, fx1
 
 
+def _pool_geometry(data, pool, stride, padding):
+    from tvm import te
+
+    n, h, w, c = (int(v) for v in data.shape)
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = pool, stride, padding
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    return n, h, w, c, kh, kw, sh, sw, pt, pl, oh, ow, te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+
+
 def avg_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
     """TFLite int8 average pool: sum over the valid part of the window, divide rounding half away from zero."""
     from tvm import te, tirx
 
-    n, h, w, c = (int(v) for v in data.shape)
-    (kh, kw), (sh, sw), (pt, pl, pb, pr) = pool, stride, padding
-    oh = (h + pt + pb - kh) // sh + 1
-    ow = (w + pl + pr - kw) // sw + 1
-    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    n, h, w, c, kh, kw, sh, sw, pt, pl, oh, ow, ry, rx = _pool_geometry(data, pool, stride, padding)
 
     def inside(y, x):
         return tirx.all(y >= 0, y < h, x >= 0, x < w)
@@ -227,11 +235,7 @@ def avg_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
 def max_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
     from tvm import te, tirx
 
-    n, h, w, c = (int(v) for v in data.shape)
-    (kh, kw), (sh, sw), (pt, pl, pb, pr) = pool, stride, padding
-    oh = (h + pt + pb - kh) // sh + 1
-    ow = (w + pl + pr - kw) // sw + 1
-    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    n, h, w, c, kh, kw, sh, sw, pt, pl, oh, ow, ry, rx = _pool_geometry(data, pool, stride, padding)
 
     def value(b, y, x, ch):
         inside = tirx.all(y >= 0, y < h, x >= 0, x < w)

@@ -213,6 +213,24 @@ def compile_model(
     return report
 
 
+def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "auto") -> list[tuple[str, int]]:
+    """Exact instructions of each step (kernel call or copy) of one inference, in order."""
+    from .lower import KernelCall
+
+    target = get_target(target_name)
+    model = load_tflite(model_path)
+    kinds = kernels if kernels != "auto" else ("dsp" if target.dsp else "tir")
+    integer = model.quantized and not integer_import_blockers(model)
+    program = lower(import_integer(model, kinds) if integer else import_relax(model), schedule=default_schedule)
+    built = build_kernels(program, target, workdir)
+    firmware = link_firmware(target, built, generate_driver(model, program, built, workdir), workdir, profile=True)
+    batch = make_inputs(model, 1, 0)[0]
+    (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for x in batch))
+    run = emulator_for("qemu").run(target, firmware, workdir)
+    names = [s.kernel if isinstance(s, KernelCall) else "copy" for s in program.steps]
+    return list(zip(names, (r.instructions for r in run.regions)))
+
+
 class _Stopwatch:
     def __init__(self):
         self.seconds: dict[str, float] = {}

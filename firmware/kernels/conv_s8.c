@@ -66,6 +66,13 @@ static inline int8_t finish(int32_t acc, int32_t bias, int32_t mult, int32_t shi
     return tinymlaas_clamp_s8(v + r.zp_out, r.lo, r.hi);
 }
 
+static inline void finish4(int8_t *out, const int32_t acc[4], const int32_t *bias, const int32_t *mult,
+                           const int32_t *shift, struct requant r)
+{
+    for (int j = 0; j < 4; j++)
+        out[j] = finish(acc[j], bias[j], mult[j], shift[j], r);
+}
+
 /* acc[j] += sum_c (x[c] + offset) * w_j[c] for four weight rows `stride` bytes apart */
 static inline void dot4(const int8_t *x, const int8_t *w0, int c_len, int stride, int32_t offset, int32_t acc[4])
 {
@@ -119,6 +126,21 @@ static inline int32_t dot1(const int8_t *x, const int8_t *w, int c_len, int32_t 
     return a;
 }
 
+/* out[oc] for all OC output channels: requantized dot products of x (len bytes) with each weight row */
+static inline void matvec_s8(const int8_t *x, const int8_t *weights, int len, int OC, int32_t offset,
+                             const int32_t *bias, const int32_t *mult, const int32_t *shift, struct requant rq,
+                             int8_t *out)
+{
+    int oc = 0;
+    for (; oc + 4 <= OC; oc += 4) {
+        int32_t acc[4] = {0, 0, 0, 0};
+        dot4(x, weights + oc * len, len, len, offset, acc);
+        finish4(out + oc, acc, bias + oc, mult + oc, shift + oc, rq);
+    }
+    for (; oc < OC; oc++)
+        out[oc] = finish(dot1(x, weights + oc * len, len, offset), bias[oc], mult[oc], shift[oc], rq);
+}
+
 static inline int max_i(int a, int b) { return a > b ? a : b; }
 static inline int min_i(int a, int b) { return a < b ? a : b; }
 
@@ -159,16 +181,7 @@ void tinymlaas_conv_s8(const int8_t *restrict input, const int8_t *restrict weig
                                 memcpy(dst, in + (iy * W + ix) * C, C);
                         }
                     }
-                    for (; oc + 4 <= OC; oc += 4) {
-                        int32_t acc[4] = {0, 0, 0, 0};
-                        dot4(patch, weights + oc * row, row, row, offset, acc);
-                        out[oc] = finish(acc[0], bias[oc], mult[oc], shift[oc], rq);
-                        out[oc + 1] = finish(acc[1], bias[oc + 1], mult[oc + 1], shift[oc + 1], rq);
-                        out[oc + 2] = finish(acc[2], bias[oc + 2], mult[oc + 2], shift[oc + 2], rq);
-                        out[oc + 3] = finish(acc[3], bias[oc + 3], mult[oc + 3], shift[oc + 3], rq);
-                    }
-                    for (; oc < OC; oc++)
-                        out[oc] = finish(dot1(patch, weights + oc * row, row, offset), bias[oc], mult[oc], shift[oc], rq);
+                    matvec_s8(patch, weights, row, OC, offset, bias, mult, shift, rq, out);
                     continue;
                 }
                 for (; oc < OC; oc++) {
@@ -233,10 +246,8 @@ void tinymlaas_depthwise_s8(const int8_t *restrict input, const int8_t *restrict
                             a3 = __smlatt(xh, wh, a3);
                         }
                     }
-                    out[c] = finish(a0, bias[c], mult[c], shift[c], rq);
-                    out[c + 1] = finish(a1, bias[c + 1], mult[c + 1], shift[c + 1], rq);
-                    out[c + 2] = finish(a2, bias[c + 2], mult[c + 2], shift[c + 2], rq);
-                    out[c + 3] = finish(a3, bias[c + 3], mult[c + 3], shift[c + 3], rq);
+                    const int32_t acc[4] = {a0, a1, a2, a3};
+                    finish4(out + c, acc, bias + c, mult + c, shift + c, rq);
                 }
 #endif
                 for (; c < C; c++) {
@@ -261,19 +272,6 @@ void tinymlaas_conv1x1_s8(const int8_t *restrict input, const int8_t *restrict w
     const int P = params[P_N] * params[P_H] * params[P_W], C = params[P_C], OC = params[P_OC];
     const int32_t offset = -params[P_ZP_IN];
     const struct requant rq = requant_of(params);
-    for (int p = 0; p < P; p++) {
-        const int8_t *x = input + p * C;
-        int8_t *out = output + p * OC;
-        int oc = 0;
-        for (; oc + 4 <= OC; oc += 4) {
-            int32_t acc[4] = {0, 0, 0, 0};
-            dot4(x, weights + oc * C, C, C, offset, acc);
-            out[oc] = finish(acc[0], bias[oc], mult[oc], shift[oc], rq);
-            out[oc + 1] = finish(acc[1], bias[oc + 1], mult[oc + 1], shift[oc + 1], rq);
-            out[oc + 2] = finish(acc[2], bias[oc + 2], mult[oc + 2], shift[oc + 2], rq);
-            out[oc + 3] = finish(acc[3], bias[oc + 3], mult[oc + 3], shift[oc + 3], rq);
-        }
-        for (; oc < OC; oc++)
-            out[oc] = finish(dot1(x, weights + oc * C, C, offset), bias[oc], mult[oc], shift[oc], rq);
-    }
+    for (int p = 0; p < P; p++)
+        matvec_s8(input + p * C, weights, C, OC, offset, bias, mult, shift, rq, output + p * OC);
 }
