@@ -24,6 +24,15 @@ void __attribute__((noinline)) tinymlaas_mark_end(void) { __asm__ volatile("" ::
 
 static uint32_t *paint_low;
 
+#ifdef TINYMLAAS_TRACE
+static FILE *trace_file;
+
+void tinymlaas_trace(const void *data, uint32_t nbytes)
+{
+    fwrite(data, 1, nbytes, trace_file);
+}
+#endif
+
 static void __attribute__((noinline)) paint_stack(uintptr_t top)
 {
     uintptr_t low = (uintptr_t)__heap_start;
@@ -52,6 +61,13 @@ int main(void)
         printf("tinymlaas: cannot open inputs.bin or outputs.bin\n");
         return 3;
     }
+#ifdef TINYMLAAS_TRACE
+    trace_file = fopen("trace.bin", "wb");
+    if (!trace_file) {
+        printf("tinymlaas: cannot open trace.bin\n");
+        return 3;
+    }
+#endif
     const void *inputs[TINYMLAAS_NUM_INPUTS];
     void *outputs[TINYMLAAS_NUM_OUTPUTS];
     uint32_t off = 0;
@@ -90,6 +106,9 @@ int main(void)
     }
     fclose(out);
     fclose(in);
+#ifdef TINYMLAAS_TRACE
+    fclose(trace_file);
+#endif
     uintptr_t low = lowest_touched();
     printf("tinymlaas: inferences=%u stack_bytes=%lu stack_window=%lu overflowed_window=%d\n", count,
            (unsigned long)(top - low), (unsigned long)(top - (uintptr_t)paint_low), low == (uintptr_t)paint_low);

@@ -119,3 +119,29 @@ def test_per_layer_profile_adds_up(compiled, tmp_path):
     # same input 0 (seed differs from the compiled fixture's, and requantization branches are data dependent)
     assert abs(sum(c for _, c in steps) - whole.instructions) / whole.instructions < 0.01
     assert max(steps, key=lambda s: s[1])[0].startswith("tinymlaas_")  # DSP kernels on Cortex-M4
+
+
+def _assert_layers_exact(results):
+    for checks in results:
+        for c in checks:
+            assert c.exact_fraction is not None, f"{c.operator} {c.tensor}: not produced by any step"
+            assert c.max_lsb_diff == 0, f"{c.operator} {c.tensor}: {c.exact_fraction:.2%} exact"
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+@pytest.mark.parametrize("model", ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant", "ad01_int8"])
+def test_every_intermediate_tensor_is_bit_exact(model, target, tmp_path, models_dir):
+    from tinymlaas.pipeline import verify_layers
+
+    results = verify_layers(model_path(model), target, tmp_path, inputs=3, seed=11)
+    assert len(results) == 3 and len(results[0]) >= 3
+    _assert_layers_exact(results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["cortex-m3", "cortex-m4", "cortex-m7", "rv32imac"])
+@pytest.mark.parametrize("model", ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant"])
+def test_intermediate_tensors_bit_exact_on_100_inputs(model, target, tmp_path, models_dir):
+    from tinymlaas.pipeline import verify_layers
+
+    _assert_layers_exact(verify_layers(model_path(model), target, tmp_path, inputs=100, seed=100))

@@ -49,9 +49,10 @@ def read_symbols(elf: Path, target) -> dict[str, int]:
 
 
 def link_firmware(
-    target, kernels: KernelObject, driver: DriverSources, workdir: Path, profile: bool = False, name: str = "firmware"
+    target, kernels: KernelObject, driver: DriverSources, workdir: Path, profile: bool = False, trace: bool = False,
+    name: str = "firmware",
 ) -> Firmware:
-    """profile: count each step of the model separately (see TINYMLAAS_STEP in the generated header)."""
+    """profile: count each step separately (TINYMLAAS_STEP); trace: write each step's output to trace.bin."""
     gcc = require_tool(target.gcc)
     flash, ram = target.emulator.flash, target.emulator.ram
     elf = workdir / f"{name}.elf"
@@ -68,6 +69,7 @@ def link_firmware(
         "--crt0=hosted",
         f"-I{workdir}",
         *(["-DTINYMLAAS_PROFILE"] if profile else []),
+        *(["-DTINYMLAAS_TRACE"] if trace else []),
         str(FIRMWARE_DIR / "harness.c"),
         *[str(c) for c in sorted((FIRMWARE_DIR / "kernels").glob("*.c"))],
         str(driver.source),

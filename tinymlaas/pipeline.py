@@ -231,6 +231,34 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
     return list(zip(names, (r.instructions for r in run.regions)))
 
 
+def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, seed: int = 0,
+                  kernels: str = "auto") -> list[list]:
+    """Every intermediate tensor of an int8 build against the interpreter's, for each of `inputs` inputs."""
+    from .lower import Copy, KernelCall
+    from .verify import compare_layers
+
+    target = get_target(target_name)
+    model = load_tflite(model_path)
+    kinds = kernels if kernels != "auto" else ("dsp" if target.dsp else "tir")
+    integer = model.quantized and not integer_import_blockers(model)
+    program = lower(import_integer(model, kinds) if integer else import_relax(model), schedule=default_schedule)
+    built = build_kernels(program, target, workdir)
+    firmware = link_firmware(target, built, generate_driver(model, program, built, workdir), workdir, trace=True)
+    batches = make_inputs(model, inputs, seed)
+    (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
+    emulator_for("qemu").run(target, firmware, workdir)
+    sizes = [[a for a in s.args if a.kind != "scratch"][-1].nbytes if isinstance(s, KernelCall) else s.nbytes
+             for s in program.steps if isinstance(s, (KernelCall, Copy))]
+    trace, off, results = (workdir / "trace.bin").read_bytes(), 0, []
+    for batch in batches:
+        steps = []
+        for n in sizes:
+            steps.append(trace[off:off + n])
+            off += n
+        results.append(compare_layers(model, batch, steps))
+    return results
+
+
 class _Stopwatch:
     def __init__(self):
         self.seconds: dict[str, float] = {}

@@ -112,3 +112,46 @@ def compare(
         "quantized", len(got), passed=passed, exact_fraction=same / total if total else 1.0,
         max_lsb_diff=max_lsb, tolerance=tolerance,
     )
+
+
+@dataclass
+class LayerCheck:
+    tensor: str
+    operator: str
+    nbytes: int
+    exact_fraction: float | None  # None: no step of the build produced this tensor
+    max_lsb_diff: int | None
+
+
+def interpreter_tensors(model: TFLiteModel, batch: list[np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+    """(tensor name, operator, value) of every operator's output, in graph order, for one input."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_content=model.data, experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
+                     experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    for detail, x in zip(it.get_input_details(), batch):
+        it.set_tensor(detail["index"], x)
+    it.invoke()
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    result = []
+    for op in it._get_ops_details():
+        for t in op["outputs"]:
+            result.append((details[t]["name"], op["op_name"], it.get_tensor(t).copy()))
+    return result
+
+
+def compare_layers(model: TFLiteModel, batch: list[np.ndarray], steps: list[bytes]) -> list[LayerCheck]:
+    """Each interpreter tensor against the next step of the build that wrote as many bytes (steps in order)."""
+    checks, pos = [], 0
+    for name, op, want in interpreter_tensors(model, batch):
+        raw = want.tobytes()
+        j = next((k for k in range(pos, len(steps)) if len(steps[k]) == len(raw)), None)
+        if j is None:
+            checks.append(LayerCheck(name, op, len(raw), None, None))
+            continue
+        pos = j + 1
+        got = np.frombuffer(steps[j], dtype=want.dtype).astype(np.int64)
+        diff = np.abs(got - want.astype(np.int64).ravel())
+        checks.append(LayerCheck(name, op, len(raw), float(np.mean(diff == 0)), int(diff.max()) if diff.size else 0))
+    return checks
