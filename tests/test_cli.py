@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from conftest import model_path
 from quantized_layers import unsupported_operator_model
 

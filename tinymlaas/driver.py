@@ -139,4 +139,6 @@ int tinymlaas_model_run(const void *const inputs[], void *const outputs[])
 }}
 """
     )
-    return DriverSources(outdir / "tinymlaas_model.h", outdir / "tinymlaas_model.c", outdir / "weights.S", outdir / "weights.bin", len(blob))
+    return DriverSources(
+        outdir / "tinymlaas_model.h", outdir / "tinymlaas_model.c", outdir / "weights.S", outdir / "weights.bin", len(blob)
+    )

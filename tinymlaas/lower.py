@@ -159,15 +159,18 @@ def flatten(mod) -> Program:
             out_regions.extend(reg)
         else:
             out_regions.append(reg if reg is not None else region_of(r))
-    final = []
+    # Output buffers are numbered as `main` returns them, whatever order they were allocated in.
+    renumber = {reg.index: i for i, reg in enumerate(out_regions) if reg.kind == "output"}
+
+    def fix(r: Region) -> Region:
+        return Region("output", index=renumber[r.index], nbytes=r.nbytes) if r.kind == "output" else r
+
+    for step in steps:
+        if isinstance(step, KernelCall):
+            step.args = [fix(a) for a in step.args]
     for i, reg in enumerate(out_regions):
-        want = Region("output", index=i, nbytes=reg.nbytes)
-        if reg.kind == "output" and reg.index == i:
-            final.append(reg)
-        elif reg.kind == "output":  # renumber
-            final.append(reg)
-        else:
-            steps.append(Copy(reg, want, reg.nbytes))
+        if reg.kind != "output":  # a result left in the arena (or an input returned as is) is copied out
+            steps.append(Copy(reg, Region("output", index=i, nbytes=reg.nbytes), reg.nbytes))
     kernels = tvm.IRModule({gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)})
     return Program(kernels=kernels, steps=steps, constants=constants, arena_bytes=arena)
 

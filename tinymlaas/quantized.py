@@ -19,7 +19,6 @@ from .errors import UnsupportedOperator
 from .importer import TFLiteModel
 
 SUPPORTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "RESHAPE", "SOFTMAX"}
-EXTERN_KERNELS = {"tinymlaas_softmax_s8", "tinymlaas_conv_s8", "tinymlaas_conv1x1_s8", "tinymlaas_depthwise_s8"}
 KERNEL_KINDS = ("tir", "dsp")  # per layer: integer TIR, or the DSP micro-kernels of firmware/kernels/conv_s8.c
 
 # TFLite enums (schema.fbs)
@@ -161,7 +160,6 @@ def import_integer(model: TFLiteModel, kernels: str | dict[int, str] = "tir"):
     kernels: "tir" or "dsp" for every layer, or {operator index: kind}; "dsp" applies to convolutions,
     depthwise convolutions (depth multiplier 1) and fully connected layers, others stay TIR.
     """
-    import tvm
     from tvm import relax
 
     blockers = integer_import_blockers(model)
