@@ -138,7 +138,6 @@ def test_every_intermediate_tensor_is_bit_exact(model, target, tmp_path, models_
     _assert_layers_exact(results)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("target", ["cortex-m3", "cortex-m4", "cortex-m7", "rv32imac"])
 @pytest.mark.parametrize("model", ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant"])
 def test_intermediate_tensors_bit_exact_on_100_inputs(model, target, tmp_path, models_dir):
