@@ -263,6 +263,36 @@ void tinymlaas_depthwise_s8(const int8_t *restrict input, const int8_t *restrict
     }
 }
 
+/* two pixels x two output channels: each weight word serves both pixels */
+static inline void dot2x2(const int8_t *x0, const int8_t *x1, const int8_t *w0, const int8_t *w1, int len,
+                          int32_t offset, int32_t acc[4])
+{
+    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0; /* a<pixel><channel> */
+    int c = 0;
+#if defined(__ARM_FEATURE_DSP)
+    const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
+    for (; c + 4 <= len; c += 4) {
+        int32_t v0 = load32(x0 + c), v1 = load32(x1 + c);
+        int32_t x0l = __sxtab16(off2, v0), x0h = sxtab16_ror8(off2, v0);
+        int32_t x1l = __sxtab16(off2, v1), x1h = sxtab16_ror8(off2, v1);
+        int32_t wv = load32(w0 + c);
+        int32_t wl = __sxtb16(wv), wh = sxtb16_ror8(wv);
+        a00 = __smlad(x0h, wh, __smlad(x0l, wl, a00));
+        a10 = __smlad(x1h, wh, __smlad(x1l, wl, a10));
+        wv = load32(w1 + c);
+        wl = __sxtb16(wv), wh = sxtb16_ror8(wv);
+        a01 = __smlad(x0h, wh, __smlad(x0l, wl, a01));
+        a11 = __smlad(x1h, wh, __smlad(x1l, wl, a11));
+    }
+#endif
+    for (; c < len; c++) {
+        int32_t v0 = x0[c] + offset, v1 = x1[c] + offset;
+        a00 += v0 * w0[c], a10 += v1 * w0[c];
+        a01 += v0 * w1[c], a11 += v1 * w1[c];
+    }
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+}
+
 /* 1x1 convolution, stride 1, no padding (pointwise layers) and fully connected layers: a matrix product
  * of P pixels x C channels by OC x C weights. */
 void tinymlaas_conv1x1_s8(const int8_t *restrict input, const int8_t *restrict weights, const int32_t *restrict bias,
@@ -272,6 +302,24 @@ void tinymlaas_conv1x1_s8(const int8_t *restrict input, const int8_t *restrict w
     const int P = params[P_N] * params[P_H] * params[P_W], C = params[P_C], OC = params[P_OC];
     const int32_t offset = -params[P_ZP_IN];
     const struct requant rq = requant_of(params);
-    for (int p = 0; p < P; p++)
+    int p = 0;
+    for (; p + 2 <= P; p += 2) {
+        const int8_t *x0 = input + p * C, *x1 = x0 + C;
+        int8_t *out0 = output + p * OC, *out1 = out0 + OC;
+        int oc = 0;
+        for (; oc + 2 <= OC; oc += 2) {
+            int32_t acc[4];
+            dot2x2(x0, x1, weights + oc * C, weights + (oc + 1) * C, C, offset, acc);
+            out0[oc] = finish(acc[0], bias[oc], mult[oc], shift[oc], rq);
+            out0[oc + 1] = finish(acc[1], bias[oc + 1], mult[oc + 1], shift[oc + 1], rq);
+            out1[oc] = finish(acc[2], bias[oc], mult[oc], shift[oc], rq);
+            out1[oc + 1] = finish(acc[3], bias[oc + 1], mult[oc + 1], shift[oc + 1], rq);
+        }
+        for (; oc < OC; oc++) {
+            out0[oc] = finish(dot1(x0, weights + oc * C, C, offset), bias[oc], mult[oc], shift[oc], rq);
+            out1[oc] = finish(dot1(x1, weights + oc * C, C, offset), bias[oc], mult[oc], shift[oc], rq);
+        }
+    }
+    for (; p < P; p++)
         matvec_s8(input + p * C, weights, C, OC, offset, bias, mult, shift, rq, output + p * OC);
 }
