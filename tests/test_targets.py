@@ -28,3 +28,17 @@ def test_fpu_and_dsp_flags():
 def test_unknown_target_lists_known_ones():
     with pytest.raises(UnknownTarget, match="cortex-m4"):
         get_target("cortex-m99")
+
+
+def test_renode_platform_matches_the_memory_map():
+    import re
+
+    from tinymlaas import PROJECT_ROOT
+
+    for t in all_targets().values():
+        text = (PROJECT_ROOT / t.renode_platform).read_text()
+        regions = dict(re.findall(r"^(flash|ram): Memory.MappedMemory @ sysbus (0x[0-9a-f]+)", text, re.M))
+        assert int(regions["flash"], 16) == t.emulator.flash.base, t.name
+        assert int(regions["ram"], 16) == t.emulator.ram.base, t.name
+        sizes = [int(v, 16) for v in re.findall(r"size: (0x[0-9a-f]+)", text)]
+        assert sizes == [t.emulator.flash.size, t.emulator.ram.size], t.name

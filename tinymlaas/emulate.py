@@ -136,7 +136,11 @@ class RenodeEmulator:
         return shutil.which("renode") is not None
 
     def run(self, target, firmware: Firmware, workdir: Path) -> EmulatorRun:  # pragma: no cover - needs Renode
-        raise ToolMissing("Renode is not installed on this machine; use the QEMU emulator")
+        if not self.available():
+            raise ToolMissing("'renode' is not on PATH; use the QEMU emulator")
+        raise EmulatorFailure(
+            f"the Renode backend ({target.renode_platform}) cannot run the semihosting harness yet; use the QEMU emulator"
+        )
 
 
 def emulator_for(name: str = "qemu", timeout: float = 120.0):
