@@ -93,6 +93,23 @@ def check_fits(model_name: str, target: Target, flash: int, ram: int, options: C
     return {"flash_limit": flash_limit, "ram_limit": ram_limit, "flash": flash, "ram": ram}
 
 
+def import_model(model, target: Target, int8_lowering: str = "integer", kernels: str = "auto"):
+    """The Relax module for `model` on `target`: integer kernels for int8 models where possible.
+
+    Returns (relax module, lowering, notes): lowering is "float", "integer" or "float-emulated".
+    """
+    notes = list(model.notes)
+    if not model.quantized:
+        return import_relax(model), "float", notes
+    blockers = integer_import_blockers(model)
+    if int8_lowering == "integer" and not blockers:
+        kinds = kernels if kernels != "auto" else ("dsp" if target.dsp else "tir")
+        return import_integer(model, kinds), "integer", notes
+    reason = "as requested" if int8_lowering != "integer" else f"no integer kernel for: {', '.join(blockers)}"
+    notes.append(f"int8 operators lowered through float dequantize/op/quantize ({reason}): not bit-exact")
+    return import_relax(model), "float-emulated", notes
+
+
 def compile_model(
     model_path: str | Path,
     target_name: str,
@@ -113,18 +130,7 @@ def compile_model(
     stage("import")
     model = load_tflite(model_path)
     out = Path(out_dir) if out_dir else Path("out") / f"{model.name}-{target.name}"
-    notes = list(model.notes)
-    lowering = "float"
-    if model.quantized:
-        blockers = integer_import_blockers(model)
-        if options.int8_lowering == "integer" and not blockers:
-            lowering = "integer"
-        else:
-            lowering = "float-emulated"
-            reason = "as requested" if options.int8_lowering != "integer" else f"no integer kernel for: {', '.join(blockers)}"
-            notes.append(f"int8 operators lowered through float dequantize/op/quantize ({reason}): not bit-exact")
-    kernels = options.kernels if options.kernels != "auto" else ("dsp" if target.dsp else "tir")
-    relax_mod = import_integer(model, kernels) if lowering == "integer" else import_relax(model)
+    relax_mod, lowering, notes = import_model(model, target, options.int8_lowering, options.kernels)
 
     stage("lower")
     program = lower(relax_mod, schedule=default_schedule)
@@ -213,20 +219,27 @@ def compile_model(
     return report
 
 
+def _build_and_run(model_path, target_name: str, workdir: Path, batches_of, kernels: str, **link_flags):
+    """Build with extra harness options (profile / trace) and run it on the inputs `batches_of(model)` gives."""
+    target = get_target(target_name)
+    model = load_tflite(model_path)
+    relax_mod, _, _ = import_model(model, target, kernels=kernels)
+    program = lower(relax_mod, schedule=default_schedule)
+    built = build_kernels(program, target, workdir)
+    firmware = link_firmware(target, built, generate_driver(model, program, built, workdir), workdir, **link_flags)
+    batches = batches_of(model)
+    (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
+    run = emulator_for("qemu").run(target, firmware, workdir)
+    return model, program, batches, run
+
+
 def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "auto") -> list[tuple[str, int]]:
     """Exact instructions of each step (kernel call or copy) of one inference, in order."""
     from .lower import KernelCall
 
-    target = get_target(target_name)
-    model = load_tflite(model_path)
-    kinds = kernels if kernels != "auto" else ("dsp" if target.dsp else "tir")
-    integer = model.quantized and not integer_import_blockers(model)
-    program = lower(import_integer(model, kinds) if integer else import_relax(model), schedule=default_schedule)
-    built = build_kernels(program, target, workdir)
-    firmware = link_firmware(target, built, generate_driver(model, program, built, workdir), workdir, profile=True)
-    batch = make_inputs(model, 1, 0)[0]
-    (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for x in batch))
-    run = emulator_for("qemu").run(target, firmware, workdir)
+    _, program, _, run = _build_and_run(
+        model_path, target_name, workdir, lambda m: make_inputs(m, 1, 0), kernels, profile=True
+    )
     names = [s.kernel if isinstance(s, KernelCall) else "copy" for s in program.steps]
     return list(zip(names, (r.instructions for r in run.regions)))
 
@@ -237,16 +250,9 @@ def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, 
     from .lower import Copy, KernelCall
     from .verify import compare_layers
 
-    target = get_target(target_name)
-    model = load_tflite(model_path)
-    kinds = kernels if kernels != "auto" else ("dsp" if target.dsp else "tir")
-    integer = model.quantized and not integer_import_blockers(model)
-    program = lower(import_integer(model, kinds) if integer else import_relax(model), schedule=default_schedule)
-    built = build_kernels(program, target, workdir)
-    firmware = link_firmware(target, built, generate_driver(model, program, built, workdir), workdir, trace=True)
-    batches = make_inputs(model, inputs, seed)
-    (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
-    emulator_for("qemu").run(target, firmware, workdir)
+    model, program, batches, _ = _build_and_run(
+        model_path, target_name, workdir, lambda m: make_inputs(m, inputs, seed), kernels, trace=True
+    )
     sizes = [[a for a in s.args if a.kind != "scratch"][-1].nbytes if isinstance(s, KernelCall) else s.nbytes
              for s in program.steps if isinstance(s, (KernelCall, Copy))]
     trace, off, results = (workdir / "trace.bin").read_bytes(), 0, []
