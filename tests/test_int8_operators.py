@@ -16,6 +16,8 @@ CASES = {
     "conv_1x1_odd": lambda: q.conv2d(4, [1, 5, 3, 7], 9, 1, 1, VALID, RELU_N1_TO_1),
     "depthwise_same_s2_m2_relu": lambda: q.depthwise(5, [1, 8, 7, 3], 2, 3, 2, SAME, RELU),
     "depthwise_valid_s1": lambda: q.depthwise(6, [1, 6, 6, 5], 1, 3, 1, VALID, NONE),
+    "depthwise_3x3_c8_same_relu6": lambda: q.depthwise(18, [1, 7, 9, 8], 1, 3, 1, SAME, RELU6),
+    "depthwise_3x3_c4_s2_same": lambda: q.depthwise(19, [1, 8, 8, 4], 1, 3, 2, SAME, NONE),
     "fc_relu": lambda: q.fully_connected(7, [1, 37], 11, RELU),
     "fc_flatten_batch": lambda: q.fully_connected(8, [2, 3, 8], 5, NONE),
     "avgpool_same_partial_windows": lambda: q.pool(9, "AVERAGE_POOL_2D", [1, 9, 9, 3], 3, 2, SAME),

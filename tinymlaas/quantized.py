@@ -226,8 +226,13 @@ def import_integer(model: TFLiteModel, kernels: str | dict[int, str] = "tir"):
                         cp = _conv_params(n, h, wd, c, oh, ow, channels, kh, kw, opt.strideH, opt.strideW,
                                           opt.dilationHFactor, opt.dilationWFactor, pt, pl, common["zp_in"], zp_out, lo, hi)
                         pointwise = name == "CONV_2D" and kh == kw == 1 and opt.strideH == opt.strideW == 1 and pt == pl == 0
-                        symbol = ("tinymlaas_conv1x1_s8" if pointwise else
-                                  "tinymlaas_conv_s8" if name == "CONV_2D" else "tinymlaas_depthwise_s8")
+                        dw3x3 = (name == "DEPTHWISE_CONV_2D" and kh == kw == 3 and c % 4 == 0
+                                 and opt.dilationHFactor == opt.dilationWFactor == 1)
+                        symbol = ("tinymlaas_conv1x1_s8" if pointwise else "tinymlaas_conv_s8" if name == "CONV_2D"
+                                  else "tinymlaas_depthwise3x3_s8" if dw3x3 else "tinymlaas_depthwise_s8")
+                        if dw3x3:  # [C/4][9 taps][4 lanes]: a channel block's tap words adjacent
+                            args[1] = relax.const(np.ascontiguousarray(
+                                w.reshape(9, channels // 4, 4).transpose(1, 0, 2)).reshape(w.shape))
                         y = extern(symbol, args + [relax.const(cp)], g.shape(out))
                     elif name == "CONV_2D":
                         y = _emit_kernel(bb, k.conv2d_s8, args, hint, **common)

@@ -323,3 +323,68 @@ void tinymlaas_conv1x1_s8(const int8_t *restrict input, const int8_t *restrict w
     for (; p < P; p++)
         matvec_s8(input + p * C, weights, C, OC, offset, bias, mult, shift, rq, output + p * OC);
 }
+
+/* 3x3 depthwise, dilation 1, depth multiplier 1, C a multiple of 4. Weights re-laid out by the compiler as
+ * [C/4][9 taps][4 lanes], so a channel block's nine tap words are adjacent; interior pixels skip all bounds
+ * checks. */
+void tinymlaas_depthwise3x3_s8(const int8_t *restrict input, const int8_t *restrict weights,
+                               const int32_t *restrict bias, const int32_t *restrict mult,
+                               const int32_t *restrict shift, const int32_t *restrict params, int8_t *restrict output)
+{
+    const int N = params[P_N], H = params[P_H], W = params[P_W], C = params[P_C];
+    const int OH = params[P_OH], OW = params[P_OW], SH = params[P_SH], SW = params[P_SW];
+    const int PT = params[P_PT], PL = params[P_PL];
+    const int32_t offset = -params[P_ZP_IN];
+    const struct requant rq = requant_of(params);
+    const int row = W * C;
+#if defined(__ARM_FEATURE_DSP)
+    const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
+#endif
+    for (int n = 0; n < N; n++) {
+        const int8_t *in = input + n * H * row;
+        for (int oy = 0; oy < OH; oy++) {
+            const int y0 = oy * SH - PT;
+            const int ky0 = max_i(0, -y0), ky1 = min_i(3, H - y0);
+            for (int ox = 0; ox < OW; ox++) {
+                const int x0 = ox * SW - PL;
+                const int kx0 = max_i(0, -x0), kx1 = min_i(3, W - x0);
+                const int interior = ky0 == 0 && ky1 == 3 && kx0 == 0 && kx1 == 3;
+                int8_t *out = output + ((n * OH + oy) * OW + ox) * C;
+                for (int c = 0; c < C; c += 4) {
+                    const int8_t *w = weights + c * 9; /* block c/4: 36 bytes */
+                    int32_t acc[4] = {0, 0, 0, 0};
+#if defined(__ARM_FEATURE_DSP)
+                    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#define TAP(ptr, t)                                                                                        \
+    do {                                                                                                   \
+        int32_t xv = load32(ptr), wv = load32(w + 4 * (t));                                                \
+        int32_t xl = __sxtab16(off2, xv), xh = sxtab16_ror8(off2, xv);                                     \
+        int32_t wl = __sxtb16(wv), wh = sxtb16_ror8(wv);                                                   \
+        a0 = __smlabb(xl, wl, a0), a2 = __smlatt(xl, wl, a2);                                              \
+        a1 = __smlabb(xh, wh, a1), a3 = __smlatt(xh, wh, a3);                                              \
+    } while (0)
+                    if (interior) {
+                        const int8_t *r0 = in + y0 * row + x0 * C + c, *r1 = r0 + row, *r2 = r1 + row;
+                        TAP(r0, 0); TAP(r0 + C, 1); TAP(r0 + 2 * C, 2);
+                        TAP(r1, 3); TAP(r1 + C, 4); TAP(r1 + 2 * C, 5);
+                        TAP(r2, 6); TAP(r2 + C, 7); TAP(r2 + 2 * C, 8);
+                    } else {
+                        for (int ky = ky0; ky < ky1; ky++)
+                            for (int kx = kx0; kx < kx1; kx++)
+                                TAP(in + (y0 + ky) * row + (x0 + kx) * C + c, ky * 3 + kx);
+                    }
+#undef TAP
+                    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+#else
+                    (void)interior;
+                    for (int ky = ky0; ky < ky1; ky++)
+                        for (int kx = kx0; kx < kx1; kx++)
+                            for (int j = 0; j < 4; j++)
+                                acc[j] += (in[(y0 + ky) * row + (x0 + kx) * C + c + j] + offset) * w[(ky * 3 + kx) * 4 + j];
+#endif
+                    finish4(out + c, acc, bias + c, mult + c, shift + c, rq);
+                }
+            }
+        }
+    }
+}
