@@ -1,5 +1,7 @@
 """Every integer kernel, bit-exact with the TFLite interpreter's reference kernels, on small random layers."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import quantized_layers as q
@@ -43,5 +45,5 @@ def test_operator_is_bit_exact(case, target, kernels, tmp_path):
     r = compile_model(path, target, tmp_path / "out", CompileOptions(inputs=20, seed=3, kernels=kernels))
     assert r.lowering == "integer"
     assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
-    out = np.frombuffer(open(r.artifacts["outputs"], "rb").read(), dtype=np.int8)
+    out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
     assert len(np.unique(out)) > 3  # a layer whose outputs all saturate would prove nothing

@@ -1,6 +1,7 @@
 """The whole pipeline on the MLPerf Tiny models: real TVM, cross compilers, QEMU and TFLite interpreter."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from tinymlaas.importer import load_tflite
 from tinymlaas.pipeline import CompileOptions, compile_model
 from tinymlaas.targets import all_targets
 from tinymlaas.verify import split_outputs
-
 
 _cache = {}
 
@@ -47,8 +47,8 @@ def test_int8_models_are_bit_exact(compiled, model, target):
     assert r.verified and r.instructions_repeat_exact
     # Recompute from the bytes the firmware wrote and the interpreter's.
     m = load_tflite(model_path(model))
-    got = open(r.artifacts["outputs"], "rb").read()
-    assert got == open(r.artifacts["expected_outputs"], "rb").read()
+    got = Path(r.artifacts["outputs"]).read_bytes()
+    assert got == Path(r.artifacts["expected_outputs"]).read_bytes()
     assert len(got) == sum(t.nbytes for t in m.outputs) * r.fidelity["inputs"]
 
 
@@ -69,8 +69,8 @@ def test_int8_through_float_lowering_is_reported_honestly(tmp_path, models_dir):
     assert r.lowering == "float-emulated" and any("not bit-exact" in n for n in r.notes)
     f = r.fidelity
     m = load_tflite(model_path("kws_ref_model"))
-    got = split_outputs(m, open(r.artifacts["outputs"], "rb").read(), f["inputs"])
-    want = split_outputs(m, open(r.artifacts["expected_outputs"], "rb").read(), f["inputs"])
+    got = split_outputs(m, Path(r.artifacts["outputs"]).read_bytes(), f["inputs"])
+    want = split_outputs(m, Path(r.artifacts["expected_outputs"]).read_bytes(), f["inputs"])
     diff = np.concatenate([np.abs(g[0].astype(int) - w[0].astype(int)).ravel() for g, w in zip(got, want)])
     assert f["exact_fraction"] == pytest.approx(np.mean(diff == 0))
     assert f["max_lsb_diff"] == diff.max()
@@ -97,10 +97,10 @@ def test_sizes_are_consistent(compiled):
 
 def test_report_and_artifacts_written(compiled):
     r = compiled("ad01_fp32", "cortex-m4")
-    report = json.loads(open(r.artifacts["dir"] + "/report.json").read())
+    report = json.loads(Path(r.artifacts["dir"] + "/report.json").read_text())
     assert report["instructions"] == r.instructions and report["verified"]
     for name in ("firmware", "driver", "header", "kernels", "weights"):
-        assert open(r.artifacts[name], "rb").read(4)
+        assert Path(r.artifacts[name]).stat().st_size > 0
 
 
 @pytest.mark.parametrize("target", ["cortex-m3", "rv32imac"])

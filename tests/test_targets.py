@@ -37,7 +37,7 @@ def test_renode_platform_matches_the_memory_map():
 
     for t in all_targets().values():
         text = (PROJECT_ROOT / t.renode_platform).read_text()
-        regions = dict(re.findall(r"^(flash|ram): Memory.MappedMemory @ sysbus (0x[0-9a-f]+)", text, re.M))
+        regions = dict(re.findall(r"^(flash|ram): Memory.MappedMemory @ sysbus (0x[0-9a-f]+)", text, re.MULTILINE))
         assert int(regions["flash"], 16) == t.emulator.flash.base, t.name
         assert int(regions["ram"], 16) == t.emulator.ram.base, t.name
         sizes = [int(v, 16) for v in re.findall(r"size: (0x[0-9a-f]+)", text)]

@@ -93,7 +93,7 @@ class QemuEmulator:
         cmd = self.command(target, firmware, counts_file)
         start = time.monotonic()
         try:
-            proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=self.timeout)
+            proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=self.timeout, check=False)
         except subprocess.TimeoutExpired as e:
             raise EmulatorTimeout(
                 f"{target.emulator.qemu} -M {target.emulator.machine} did not finish within {self.timeout:g} s; "

@@ -24,7 +24,7 @@ class Firmware:
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         errors = [line for line in lines if "error" in line.lower() and "collect2" not in line] or lines

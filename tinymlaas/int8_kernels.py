@@ -7,6 +7,7 @@ of two), zero points and clamping, exactly as TFLite's reference kernels compute
 
 from __future__ import annotations
 
+
 def _i32(v):
     from tvm import tirx
 
@@ -43,7 +44,7 @@ def rounding_divide_by_pot(x, exponent):
         threshold = (mask >> _i32(1)) + tirx.Select(x < _i32(0), _i32(1), _i32(0))
         return (x >> e) + tirx.Select((x & mask) > threshold, _i32(1), _i32(0))
 
-    if isinstance(exponent, int) or isinstance(exponent, tirx.IntImm):
+    if isinstance(exponent, (int, tirx.IntImm)):
         return _let(x, lambda xv: divide(xv, exponent), "x")
     return _let(x, lambda xv: _let(exponent, lambda ev: divide(xv, ev), "e"), "x")
 
@@ -235,7 +236,7 @@ def avg_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
 def max_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
     from tvm import te, tirx
 
-    n, h, w, c, kh, kw, sh, sw, pt, pl, oh, ow, ry, rx = _pool_geometry(data, pool, stride, padding)
+    n, h, w, c, _, _, sh, sw, pt, pl, oh, ow, ry, rx = _pool_geometry(data, pool, stride, padding)
 
     def value(b, y, x, ch):
         inside = tirx.all(y >= 0, y < h, x >= 0, x < w)

@@ -11,9 +11,9 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .codegen import build_kernels
 from .driver import generate_driver
@@ -300,13 +300,14 @@ def format_report(r: CompileReport) -> str:
         ("lowering", {"integer": "int8 integer kernels", "float": "float32",
                       "float-emulated": "int8 through float ops"}[r.lowering]),
         ("verified", f"{'PASS' if r.verified else 'FAIL'}: {fid} over {f['inputs']} inputs [{f['tolerance']}]"),
-        ("instructions/inference", f"{_fmt(r.instructions)} (range {_fmt(r.instructions_min)}..{_fmt(r.instructions_max)}, "
-         f"repeat {'exact' if r.instructions_repeat_exact else 'DIFFERS'})"),
+        ("instructions/inference", (f"{_fmt(r.instructions)} (range {_fmt(r.instructions_min)}.."
+                                    f"{_fmt(r.instructions_max)}, repeat "
+                                    f"{'exact' if r.instructions_repeat_exact else 'DIFFERS'})")),
         ("memory accesses", _fmt(r.memory_accesses)),
-        ("flash (model)", f"{_fmt(s['flash_model'])} B = code {_fmt(s['model_code'])} + weights {_fmt(s['weights'])}"
-         f"  [board {_fmt(r.fits['flash_limit'])} B]"),
-        ("RAM (model)", f"{_fmt(s['ram_model'])} B = arena {_fmt(s['arena'])} + scratch {_fmt(s['kernel_scratch'])}"
-         f" + stack {_fmt(s['stack_peak'] or 0)}  [board {_fmt(r.fits['ram_limit'])} B]"),
+        ("flash (model)", (f"{_fmt(s['flash_model'])} B = code {_fmt(s['model_code'])} + weights {_fmt(s['weights'])}"
+                           f"  [board {_fmt(r.fits['flash_limit'])} B]")),
+        ("RAM (model)", (f"{_fmt(s['ram_model'])} B = arena {_fmt(s['arena'])} + scratch {_fmt(s['kernel_scratch'])}"
+                         f" + stack {_fmt(s['stack_peak'] or 0)}  [board {_fmt(r.fits['ram_limit'])} B]")),
         ("firmware image", f"flash {_fmt(s['firmware_flash'])} B, other data/bss {_fmt(s['data_bss_other'])} B"),
         ("compile time", f"{r.compile_seconds:.1f} s"),
         ("output", r.artifacts.get("dir", "")),

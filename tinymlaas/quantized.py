@@ -28,7 +28,7 @@ _ACT_NONE, _ACT_RELU, _ACT_RELU_N1_TO_1, _ACT_RELU6 = 0, 1, 2, 3
 
 def _round_away(x: float) -> int:
     """std::round: half away from zero."""
-    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
+    return math.floor(abs(x) + 0.5) * (1 if x >= 0 else -1)
 
 
 def quantize_multiplier(real: float) -> tuple[int, int]:
@@ -213,10 +213,11 @@ def import_integer(model: TFLiteModel, kernels: str | dict[int, str] = "tir"):
                     if mult.size == 1:
                         mult, shift = np.repeat(mult, channels), np.repeat(shift, channels)
                     lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
-                    common = dict(
-                        stride=(opt.strideH, opt.strideW), dilation=(opt.dilationHFactor, opt.dilationWFactor),
-                        padding=(pt, pl, pb, pr), zp_in=g.zero_point(ins[0]), zp_out=zp_out, act_min=lo, act_max=hi,
-                    )
+                    common = {
+                        "stride": (opt.strideH, opt.strideW), "dilation": (opt.dilationHFactor, opt.dilationWFactor),
+                        "padding": (pt, pl, pb, pr), "zp_in": g.zero_point(ins[0]), "zp_out": zp_out,
+                        "act_min": lo, "act_max": hi,
+                    }
                     args = [x, relax.const(w), relax.const(bias_of(ins[2] if len(ins) > 2 else -1, channels)),
                             relax.const(mult), relax.const(shift)]
                     dsp = kind_of(index) == "dsp" and (name == "CONV_2D" or opt.depthMultiplier == 1)

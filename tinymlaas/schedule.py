@@ -16,6 +16,8 @@ KEEP_PREFIX = "keep_"  # stages a kernel wants materialized per element rather t
 
 
 def inline_injective(sch) -> None:
+    from tvm.s_tir import ScheduleError
+
     changed = True
     while changed:
         changed = False
@@ -26,7 +28,7 @@ def inline_injective(sch) -> None:
             for inline in (sch.compute_inline,) if after_keep else (sch.compute_inline, sch.reverse_compute_inline):
                 try:
                     inline(block)
-                except Exception:  # not inlinable here: the schedule primitive says so by raising
+                except ScheduleError:  # not inlinable here
                     continue
                 changed = True
                 break
@@ -35,6 +37,8 @@ def inline_injective(sch) -> None:
 
 
 def epilogue_at_reduction(sch) -> None:
+    from tvm.s_tir import ScheduleError
+
     for block in _root_blocks(sch):
         iters = sch.get(block).iter_vars
         spatial = sum(1 for iv in iters if int(iv.iter_type) == 0)
@@ -44,8 +48,8 @@ def epilogue_at_reduction(sch) -> None:
         for consumer in sch.get_consumers(block):
             try:
                 sch.reverse_compute_at(consumer, loops[spatial - 1])
-            except Exception:
-                pass
+            except ScheduleError:  # the consumer cannot follow this reduction: it stays a separate loop nest
+                continue
 
 
 def keep_stages_at_consumer(sch) -> None:
