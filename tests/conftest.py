@@ -5,7 +5,7 @@ import pytest
 
 from tinymlaas import PROJECT_ROOT
 
-MODELS_DIR = Path(os.environ.get("TINYMLAAS_MODELS", PROJECT_ROOT.parent / "shared" / "models" / "mlperf-tiny"))
+MODELS_DIR = Path(os.environ.get("TINYMLAAS_MODELS", PROJECT_ROOT.parent / "shared" / "models" / "mlperf-tiny")).resolve()
 
 ALL_MODELS = [
     "kws_ref_model",

@@ -84,6 +84,13 @@ def test_bad_option_values(tmp_path, models_dir):
     assert proc.returncode == 2 and "at least 1" in proc.stderr
 
 
+def test_default_output_folder_is_relative_to_cwd(tmp_path, models_dir):
+    proc = cli("compile", model_path("ad01_int8"), "--target", "cortex-m4", "--inputs", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "ad01_int8-cortex-m4" / "firmware.elf").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ad01_int8-cortex-m4"]
+
+
 def test_compile_json(tmp_path, models_dir):
     out = tmp_path / "kws"
     proc = cli("compile", model_path("ad01_fp32"), "--target", "rv32imafc", "--inputs", "2", "--json", "--out", out)

@@ -54,6 +54,7 @@ def link_firmware(
 ) -> Firmware:
     """profile: count each step separately (TINYMLAAS_STEP); trace: write each step's output to trace.bin."""
     gcc = require_tool(target.gcc)
+    workdir = workdir.resolve()  # gcc runs inside it
     flash, ram = target.emulator.flash, target.emulator.ram
     elf = workdir / f"{name}.elf"
     map_file = workdir / f"{name}.map"

@@ -129,7 +129,8 @@ def compile_model(
     started = time.monotonic()
     stage("import")
     model = load_tflite(model_path)
-    out = Path(out_dir) if out_dir else Path("out") / f"{model.name}-{target.name}"
+    # absolute: the tools run inside the work folder
+    out = (Path(out_dir) if out_dir else Path("out") / f"{model.name}-{target.name}").resolve()
     relax_mod, lowering, notes = import_model(model, target, options.int8_lowering, options.kernels)
 
     stage("lower")
