@@ -60,12 +60,15 @@ class QemuEmulator:
         self.timeout = timeout
 
     def command(self, target, firmware: Firmware, counts_file: Path) -> list[str]:
-        qemu = shutil.which(target.emulator.qemu)
-        if qemu is None:
-            raise ToolMissing(f"'{target.emulator.qemu}' is not installed (run `make setup`)")
         marks = {k: firmware.symbols.get(f"tinymlaas_mark_{k}") for k in ("begin", "end")}
         if None in marks.values():
             raise EmulatorFailure(f"{firmware.elf.name}: harness marker functions not found")
+        return self._command(target, ["-kernel", str(firmware.elf)], marks, counts_file)
+
+    def _command(self, target, image_args: list[str], marks: dict, counts_file: Path) -> list[str]:
+        qemu = shutil.which(target.emulator.qemu)
+        if qemu is None:
+            raise ToolMissing(f"'{target.emulator.qemu}' is not installed (run `make setup`)")
         # Thumb function symbols carry bit 0; the plugin sees the instruction address.
         plugin = f"{plugin_path()},begin={marks['begin'] & ~1:#x},end={marks['end'] & ~1:#x},out={counts_file}"
         return [
@@ -84,13 +87,20 @@ class QemuEmulator:
             "shift=0",
             "-plugin",
             plugin,
-            "-kernel",
-            str(firmware.elf),
+            *image_args,
         ]
 
+    def run_payload(self, target, payload: Path, marks: dict, workdir: Path) -> EmulatorRun:
+        """Boot a raw flash payload (what a bootloader put in place) at the flash base, as a device would."""
+        image_args = ["-device", f"loader,file={payload},addr={target.emulator.flash.base:#x}"]
+        return self._execute(target, self._command(target, image_args, marks, workdir / "counts.txt"), workdir)
+
     def run(self, target, firmware: Firmware, workdir: Path) -> EmulatorRun:
+        return self._execute(target, self.command(target, firmware, workdir / "counts.txt"), workdir)
+
+    def _execute(self, target, cmd: list[str], workdir: Path) -> EmulatorRun:
         counts_file = workdir / "counts.txt"
-        cmd = self.command(target, firmware, counts_file)
+        counts_file.unlink(missing_ok=True)
         start = time.monotonic()
         try:
             proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=self.timeout, check=False)
