@@ -1,1 +1,51 @@
-"""The tinymlaas web service (Flask REST API and MQTT coordination): translates HTTP/MQTT into core calls."""
+"""The tinymlaas server: a Flask app (REST API, OpenAPI) over the core, plus the MQTT coordinator.
+
+`create_app(settings)` builds the app; `server.runtime.Server` adds the broker, the coordinator
+and build workers around it (`tinymlaas serve`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask
+
+from tinymlaas.store import ArtifactStore
+
+from .config import Settings
+from .db import make_engine, make_sessionmaker, upgrade
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    sessions: object
+    store: ArtifactStore
+    coordinator: object | None = None  # set when MQTT runs; deployments wait for it otherwise
+
+    def enqueue_build(self, build_id: int) -> None:
+        from .jobs import enqueue_build
+
+        enqueue_build(self.settings.queue_url, build_id)
+
+
+def create_app(settings: Settings | None = None, migrate: bool = True) -> Flask:
+    from .api import register_api
+
+    settings = settings or Settings.from_env()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if migrate:
+        upgrade(settings.database_url)
+    app = Flask("tinymlaas")
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        API_TITLE="tinymlaas",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api/v1",
+        OPENAPI_JSON_PATH="openapi.json",
+    )
+    engine = make_engine(settings.database_url)
+    app.extensions["tinymlaas"] = ServerContext(settings, make_sessionmaker(engine), ArtifactStore(settings.artifacts_dir))
+    register_api(app)
+    return app

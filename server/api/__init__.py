@@ -1,0 +1,90 @@
+"""The REST API: one blueprint per resource, errors as JSON problem bodies (RFC 9457)."""
+
+from __future__ import annotations
+
+from flask import current_app, g, jsonify, request
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException
+
+from ..service import ServiceError, user_for_token
+
+
+class ProblemApi(Api):
+    """flask-smorest with every error as application/problem+json naming the field at fault."""
+
+    def handle_http_exception(self, error: HTTPException):
+        data = getattr(error, "data", None) or {}
+        errors = data.get("messages") or data.get("errors")
+        field = data.get("field")
+        detail = data.get("message") or error.description
+        if errors and not field:
+            # webargs: {"json": {"target": ["Missing data for required field."]}}
+            for where in errors.values():
+                if isinstance(where, dict) and where:
+                    field, msgs = next(iter(where.items()))
+                    detail = f"{field}: {msgs[0] if isinstance(msgs, list) else msgs}"
+                    break
+        return problem(error.code or 500, detail, field, errors)
+
+
+def problem(status: int, detail: str, field: str | None = None, errors=None):
+    from http import HTTPStatus
+
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+    if field:
+        body["field"] = field
+    if errors:
+        body["errors"] = errors
+    resp = jsonify(body)
+    resp.status_code = status
+    resp.mimetype = "application/problem+json"
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="tinymlaas"'
+    return resp
+
+
+def ctx():
+    return current_app.extensions["tinymlaas"]
+
+
+def session():
+    if "db" not in g:
+        g.db = ctx().sessions()
+    return g.db
+
+
+def require_user():
+    header = request.headers.get("Authorization", "")
+    token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    user = user_for_token(session(), token) if token else None
+    if user is None:
+        raise ServiceError(401, "a valid API token is needed: 'Authorization: Bearer <token>'", "Authorization")
+    return user
+
+
+def register_api(app) -> None:
+    from . import artifacts, builds, deployments, devices, models
+
+    api = ProblemApi(app, spec_kwargs={"components": {"securitySchemes": {
+        "token": {"type": "http", "scheme": "bearer"}, "device": {"type": "http", "scheme": "basic"}}},
+        "security": [{"token": []}]})
+    for module in (devices, models, builds, deployments, artifacts):
+        api.register_blueprint(module.blp, url_prefix="/api/v1")
+
+    @app.errorhandler(ServiceError)
+    def _service_error(e: ServiceError):
+        return problem(e.status, str(e), e.field)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        return api.handle_http_exception(e)
+
+    @app.teardown_appcontext
+    def _close_session(_exc):
+        db = g.pop("db", None)
+        if db is not None:
+            db.close()
+
+    @app.get("/api/v1/health")
+    def health():
+        return {"status": "ok"}

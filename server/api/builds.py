@@ -1,0 +1,66 @@
+from flask import send_file
+from flask_smorest import Blueprint
+from sqlalchemy import select
+
+from .. import db
+from ..service import ServiceError, cancel_build, request_build
+from . import ctx, require_user, schemas, session
+
+blp = Blueprint("builds", __name__, description="Build jobs: compile, verify in the emulator, sign")
+
+
+@blp.route("/builds", methods=["POST"])
+@blp.arguments(schemas.BuildRequest)
+@blp.response(202, schemas.Build)
+def create(body):
+    """Queue a build of a model for a target; poll its state and progress."""
+    user = require_user()
+    build = request_build(session(), user, body["model_id"], body["target"], body["constraints"], body["version"])
+    ctx().enqueue_build(build.id)
+    return build
+
+
+@blp.route("/builds", methods=["GET"])
+@blp.response(200, schemas.Build(many=True))
+def list_builds():
+    require_user()
+    return session().scalars(select(db.Build).order_by(db.Build.id)).all()
+
+
+def _build(build_id: int) -> db.Build:
+    build = session().get(db.Build, build_id)
+    if build is None:
+        raise ServiceError(404, f"no build {build_id}")
+    return build
+
+
+@blp.route("/builds/<int:build_id>", methods=["GET"])
+@blp.response(200, schemas.Build)
+def get_build(build_id):
+    require_user()
+    return _build(build_id)
+
+
+@blp.route("/builds/<int:build_id>/cancel", methods=["POST"])
+@blp.response(200, schemas.Build)
+def cancel(build_id):
+    require_user()
+    return cancel_build(session(), _build(build_id))
+
+
+ARTIFACT_FILES = {"image": "image.signed.bin", "firmware": "firmware.elf", "payload": "firmware.bin",
+                  "report": "report.json", "selftest": "selftest.json"}
+
+
+@blp.route("/builds/<int:build_id>/artifacts/<name>", methods=["GET"])
+@blp.response(200, content_type="application/octet-stream")
+def artifact(build_id, name):
+    """One artifact of a finished build: image (signed MCUboot), firmware (ELF), payload, report, selftest."""
+    require_user()
+    build = _build(build_id)
+    if name not in ARTIFACT_FILES:
+        raise ServiceError(404, f"no artifact '{name}'; one of: {', '.join(ARTIFACT_FILES)}", "name")
+    if name not in (build.artifacts or {}):
+        raise ServiceError(409, f"build {build_id} is {build.state}; artifacts exist once it is done")
+    return send_file(ctx().store.path(build.artifacts[name]), download_name=f"build{build_id}-{ARTIFACT_FILES[name]}",
+                     conditional=True)

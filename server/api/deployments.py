@@ -1,0 +1,63 @@
+from flask_smorest import Blueprint
+from sqlalchemy import select
+
+from tinymlaas.rollout import RolloutPlan
+
+from .. import db
+from ..service import ServiceError, create_deployment, deployment_summary, jobs_of, rollback
+from . import ctx, require_user, schemas, session
+
+blp = Blueprint("deployments", __name__, description="Staged OTA rollouts of a build to a device group")
+
+
+def _started(dep: db.Deployment) -> db.Deployment:
+    coordinator = ctx().coordinator
+    if coordinator is not None:
+        coordinator.kick(dep.id)
+    session().refresh(dep)
+    return dep
+
+
+@blp.route("/deployments", methods=["POST"])
+@blp.arguments(schemas.DeploymentRequest)
+@blp.response(201, schemas.Deployment)
+def create(body):
+    """Deploy a finished build to a group, stage by stage; immutable once created."""
+    user = require_user()
+    plan = RolloutPlan(tuple(body["stages"]), body["success_threshold"], body["error_threshold"])
+    dep = create_deployment(session(), user, body["build_id"], body["group"], plan, body["force"])
+    return _started(dep)
+
+
+@blp.route("/deployments", methods=["GET"])
+@blp.response(200, schemas.Deployment(many=True))
+def list_deployments():
+    require_user()
+    return session().scalars(select(db.Deployment).order_by(db.Deployment.id)).all()
+
+
+def _deployment(dep_id: int) -> db.Deployment:
+    dep = session().get(db.Deployment, dep_id)
+    if dep is None:
+        raise ServiceError(404, f"no deployment {dep_id}")
+    return dep
+
+
+@blp.route("/deployments/<int:dep_id>", methods=["GET"])
+@blp.response(200, schemas.DeploymentStatus)
+def status(dep_id):
+    """The rollout: state, per-stage device statuses, and every device's job."""
+    require_user()
+    dep = _deployment(dep_id)
+    out = schemas.Deployment().dump(dep)
+    out["summary"] = deployment_summary(session(), dep)
+    out["jobs"] = schemas.DeviceJob(many=True).dump(jobs_of(session(), dep))
+    return out
+
+
+@blp.route("/deployments/<int:dep_id>/rollback", methods=["POST"])
+@blp.response(201, schemas.Deployment)
+def roll_back(dep_id):
+    """A new deployment of the build the group ran before this one (forced: it is a downgrade)."""
+    user = require_user()
+    return _started(rollback(session(), user, _deployment(dep_id).id))

@@ -1,0 +1,35 @@
+from flask_smorest import Blueprint
+from sqlalchemy import select
+
+from .. import db
+from ..service import ServiceError, add_model
+from . import ctx, require_user, schemas, session
+
+blp = Blueprint("models", __name__, description="Uploaded models")
+
+
+@blp.route("/models", methods=["POST"])
+@blp.arguments(schemas.ModelUpload, location="files")
+@blp.response(201, schemas.Model)
+def upload(files):
+    """Upload a TFLite model (multipart field `file`); it is parsed and checked before it is kept."""
+    user = require_user()
+    f = files["file"]
+    return add_model(session(), ctx().store, user, f.filename, f.read())
+
+
+@blp.route("/models", methods=["GET"])
+@blp.response(200, schemas.Model(many=True))
+def list_models():
+    require_user()
+    return session().scalars(select(db.Model).order_by(db.Model.id)).all()
+
+
+@blp.route("/models/<int:model_id>", methods=["GET"])
+@blp.response(200, schemas.Model)
+def get_model(model_id):
+    require_user()
+    model = session().get(db.Model, model_id)
+    if model is None:
+        raise ServiceError(404, f"no model {model_id}")
+    return model

@@ -1,0 +1,125 @@
+"""Request and response schemas (marshmallow), which also make the OpenAPI document."""
+
+from flask_smorest.fields import Upload
+from marshmallow import Schema, fields, validate
+
+
+class DeviceRegister(Schema):
+    id = fields.String(required=True, metadata={"description": "device id; also its MQTT user name"})
+    target = fields.String(required=True, metadata={"description": "a target name, see `tinymlaas targets`"})
+    group = fields.String(load_default="default", validate=validate.Length(1, 64))
+    firmware_version = fields.String(load_default=None, allow_none=True)
+
+
+class Device(Schema):
+    id = fields.String()
+    target = fields.String()
+    group = fields.String()
+    flash_bytes = fields.Integer()
+    ram_bytes = fields.Integer()
+    firmware_version = fields.String(allow_none=True)
+    build_id = fields.Integer(allow_none=True)
+    state = fields.String()
+    last_seen = fields.DateTime(allow_none=True)
+    instructions = fields.Integer(allow_none=True, metadata={"description": "last measured instructions/inference"})
+
+
+class MqttCredentials(Schema):
+    host = fields.String()
+    port = fields.Integer()
+    username = fields.String()
+    password = fields.String()
+    topic_root = fields.String()
+
+
+class DeviceRegistered(Device):
+    mqtt = fields.Nested(MqttCredentials)
+    signing_key = fields.String(metadata={"description": "PEM public key the device trusts for images"})
+
+
+class DeviceQuery(Schema):
+    group = fields.String()
+
+
+class ModelUpload(Schema):
+    file = Upload(required=True, metadata={"description": "a .tflite file"})
+
+
+class Model(Schema):
+    id = fields.Integer()
+    name = fields.String()
+    sha256 = fields.String()
+    size = fields.Integer()
+    quantized = fields.Boolean()
+    operators = fields.List(fields.String())
+    created_at = fields.DateTime()
+
+
+class Constraints(Schema):
+    max_flash = fields.Integer(validate=validate.Range(min=1))
+    max_ram = fields.Integer(validate=validate.Range(min=1))
+
+
+class BuildRequest(Schema):
+    model_id = fields.Integer(required=True)
+    target = fields.String(required=True)
+    constraints = fields.Nested(Constraints, load_default=dict)
+    version = fields.String(load_default=None, allow_none=True,
+                            metadata={"description": "image version major.minor.revision[+build]; default 1.0.<id>"})
+
+
+class Build(Schema):
+    id = fields.Integer()
+    model_id = fields.Integer()
+    target = fields.String()
+    constraints = fields.Dict()
+    version = fields.String()
+    state = fields.String(metadata={"description": "queued, building, emulating, done, failed, cancelled"})
+    stage = fields.String(allow_none=True)
+    progress = fields.Float()
+    message = fields.String(allow_none=True)
+    report = fields.Dict(allow_none=True)
+    artifacts = fields.Dict(keys=fields.String(), values=fields.String())
+    created_at = fields.DateTime()
+    updated_at = fields.DateTime()
+
+
+class DeploymentRequest(Schema):
+    build_id = fields.Integer(required=True)
+    group = fields.String(load_default="default")
+    stages = fields.List(fields.Integer(), load_default=lambda: [100],
+                         metadata={"description": "cumulative percentages of the group, e.g. [10, 50, 100]"})
+    success_threshold = fields.Float(load_default=1.0)
+    error_threshold = fields.Float(load_default=0.1)
+    force = fields.Boolean(load_default=False, metadata={"description": "allow a downgrade"})
+
+
+class Deployment(Schema):
+    id = fields.Integer(metadata={"description": "also the deployment's sequence number"})
+    build_id = fields.Integer()
+    group = fields.String()
+    stages = fields.List(fields.Integer())
+    success_threshold = fields.Float()
+    error_threshold = fields.Float()
+    force = fields.Boolean()
+    rollback_of = fields.Integer(allow_none=True)
+    state = fields.String(metadata={"description": "in_progress, succeeded, halted"})
+    current_stage = fields.Integer()
+    reason = fields.String(allow_none=True)
+    created_at = fields.DateTime()
+
+
+class DeviceJob(Schema):
+    id = fields.String()
+    device_id = fields.String()
+    stage = fields.Integer()
+    status = fields.String()
+    step = fields.String(allow_none=True)
+    progress = fields.Float()
+    message = fields.String(allow_none=True)
+    instructions = fields.Integer(allow_none=True)
+
+
+class DeploymentStatus(Deployment):
+    summary = fields.Dict()
+    jobs = fields.List(fields.Nested(DeviceJob))

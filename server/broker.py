@@ -1,0 +1,220 @@
+"""MQTT brokers: Mosquitto (production; we write its password file and ACLs) or amqtt in-process (default).
+
+Both enforce the same rule: a device logs in with its own id and secret and may touch only
+`tinymlaas/v1/devices/<its id>/...`; the server's own user may touch everything under `tinymlaas/v1/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import getpass
+import hashlib
+import hmac
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+ROOT = "tinymlaas/v1"
+SERVER_USER = "tinymlaas-server"
+_ITERATIONS = 101  # Mosquitto's own default for its $7$ (PBKDF2-SHA512) hashes
+
+
+def hash_secret(secret: str, salt: bytes | None = None) -> str:
+    """The Mosquitto password-file hash of `secret`: $7$iterations$salt$hash, PBKDF2-HMAC-SHA512."""
+    salt = salt or os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, _ITERATIONS, 64)
+    return f"$7${_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def check_secret(secret: str, hashed: str) -> bool:
+    try:
+        _, kind, iterations, salt, digest = hashed.split("$")
+        if kind != "7":
+            return False
+        got = hashlib.pbkdf2_hmac("sha512", secret.encode(), base64.b64decode(salt), int(iterations), 64)
+    except ValueError:
+        return False
+    return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def topic_allowed(username: str | None, topic: str) -> bool:
+    if username == SERVER_USER:
+        return topic == ROOT or topic.startswith(ROOT + "/")
+    if not username or "+" in username or "#" in username or "/" in username:
+        return False
+    return topic.startswith(f"{ROOT}/devices/{username}/")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:g} s")
+
+
+# amqtt plugins: they ask the authority registered under their config's name (the server's device registry).
+_AUTHORITIES: dict[str, object] = {}
+
+try:
+    from dataclasses import dataclass
+
+    from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+    class RegistryAuthPlugin(BaseAuthPlugin):
+        @dataclass
+        class Config:
+            authority: str = "default"
+
+        async def authenticate(self, *, session) -> bool:
+            authority = _AUTHORITIES.get(self.config.authority)
+            password = session.password.decode() if isinstance(session.password, bytes) else session.password
+            return bool(authority and session.username and password
+                        and authority.authenticate(session.username, password))
+
+    class RegistryTopicPlugin(BaseTopicPlugin):
+        @dataclass
+        class Config:
+            authority: str = "default"
+
+        async def topic_filtering(self, *, session=None, topic=None, action=None) -> bool:
+            return bool(topic) and topic_allowed(session.username if session else None, topic)
+except ImportError:  # pragma: no cover - amqtt is a dependency; keeps Mosquitto-only installs importable
+    pass
+
+
+class EmbeddedBroker:
+    """amqtt on an asyncio loop in a thread of the server process (the embedded default)."""
+
+    def __init__(self, authority, host: str = "127.0.0.1", port: int = 1883):
+        self.host, self.port = host, port
+        self.authority = authority
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._broker = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        from amqtt.broker import Broker
+
+        key = f"broker-{id(self)}"
+        _AUTHORITIES[key] = self.authority
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 0}},
+            "plugins": {
+                "server.broker.RegistryAuthPlugin": {"authority": key},
+                "server.broker.RegistryTopicPlugin": {"authority": key},
+            },
+        }
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run():
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._broker = Broker(config, loop=self._loop)
+                self._loop.run_until_complete(self._broker.start())
+            except BaseException as e:  # reported to start()'s caller
+                errors.append(e)
+                ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        if errors:
+            raise errors[0]
+        wait_for_port(self.host, self.port)
+
+    def stop(self) -> None:
+        if self._loop and self._broker:
+            asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._broker = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def credentials_changed(self) -> None:
+        pass  # the plugins ask the registry on every connection
+
+
+class MosquittoBroker:
+    """A Mosquitto process we configure: loopback listener, our password file, per-device ACL pattern."""
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int = 1883):
+        self.dir = Path(workdir)
+        self.host, self.port = host, port
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def binary() -> str | None:
+        return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.path.exists(p)), None)
+
+    def write_config(self, credentials: dict[str, str]) -> None:
+        """credentials: user -> hash_secret() string. Rewritten atomically; SIGHUP makes Mosquitto reload."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.dir / "passwd", "".join(f"{u}:{h}\n" for u, h in sorted(credentials.items())), 0o600)
+        _write_atomic(self.dir / "acl", (
+            f"user {SERVER_USER}\ntopic readwrite {ROOT}/#\n\n"
+            f"# every other user: its own subtree only\npattern readwrite {ROOT}/devices/%u/#\n"
+        ), 0o600)
+        _write_atomic(self.dir / "mosquitto.conf", (
+            "per_listener_settings false\n"
+            f"user {getpass.getuser()}\n"  # no privilege drop: the files stay readable on reload
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous false\n"
+            f"password_file {self.dir / 'passwd'}\n"
+            f"acl_file {self.dir / 'acl'}\n"
+            "persistence false\n"
+            "max_queued_messages 10000\n"
+            "log_dest stderr\nlog_type error\nlog_type warning\n"
+        ), 0o644)
+
+    def start(self) -> None:
+        exe = self.binary()
+        if exe is None:
+            raise RuntimeError("mosquitto is not installed (run `make setup`)")
+        self.proc = subprocess.Popen([exe, "-c", str(self.dir / "mosquitto.conf")],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.dir / "mosquitto.log", "ab"))
+        wait_for_port(self.host, self.port)
+
+    def credentials_changed(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def _write_atomic(path: Path, text: str, mode: int) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    os.replace(tmp, path)

@@ -1,0 +1,157 @@
+"""Storage: SQLAlchemy models, engine set-up (SQLite in WAL mode, or PostgreSQL) and migrations (Alembic)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # also its MQTT user name
+    target: Mapped[str] = mapped_column(String(32))
+    group: Mapped[str] = mapped_column(String(64), default="default", index=True)
+    flash_bytes: Mapped[int] = mapped_column(Integer)
+    ram_bytes: Mapped[int] = mapped_column(Integer)
+    firmware_version: Mapped[str | None] = mapped_column(String(32))
+    build_id: Mapped[int | None] = mapped_column(ForeignKey("builds.id"))
+    secret_hash: Mapped[str] = mapped_column(String(200))  # Mosquitto's PBKDF2-SHA512 format
+    state: Mapped[str] = mapped_column(String(16), default="registered")  # registered, online, lost
+    last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    instructions: Mapped[int | None] = mapped_column(Integer)  # last measured instructions per inference
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+class Model(Base):
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(Integer)
+    quantized: Mapped[bool] = mapped_column(Boolean)
+    operators: Mapped[list] = mapped_column(JSON)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+class Build(Base):
+    __tablename__ = "builds"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    target: Mapped[str] = mapped_column(String(32))
+    constraints: Mapped[dict] = mapped_column(JSON, default=dict)
+    version: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    stage: Mapped[str | None] = mapped_column(String(32))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str | None] = mapped_column(Text)
+    report: Mapped[dict | None] = mapped_column(JSON)
+    artifacts: Mapped[dict] = mapped_column(JSON, default=dict)  # name -> sha256 in the artifact store
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now, onupdate=now)
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+    id: Mapped[int] = mapped_column(primary_key=True)  # also the sequence number: increasing, never reused
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id"))
+    group: Mapped[str] = mapped_column(String(64))
+    stages: Mapped[list] = mapped_column(JSON)
+    success_threshold: Mapped[float] = mapped_column(Float)
+    error_threshold: Mapped[float] = mapped_column(Float)
+    force: Mapped[bool] = mapped_column(Boolean, default=False)
+    rollback_of: Mapped[int | None] = mapped_column(ForeignKey("deployments.id"))
+    state: Mapped[str] = mapped_column(String(16), default="in_progress")  # in_progress, succeeded, halted
+    current_stage: Mapped[int] = mapped_column(Integer, default=-1)
+    reason: Mapped[str | None] = mapped_column(Text)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now, onupdate=now)
+
+
+class DeviceJob(Base):
+    """One device's part of a deployment; its id is the MQTT job id (idempotent)."""
+
+    __tablename__ = "device_jobs"
+    id: Mapped[str] = mapped_column(String(96), primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[int] = mapped_column(Integer)
+    # pending (not notified yet), notified, in_progress, succeeded, failed, rejected, cancelled
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    step: Mapped[str | None] = mapped_column(String(32))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str | None] = mapped_column(Text)
+    instructions: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now, onupdate=now)
+
+
+class Telemetry(Base):
+    __tablename__ = "telemetry"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+    data: Mapped[dict] = mapped_column(JSON)
+
+
+def make_engine(url: str):
+    kwargs = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    engine = create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn, _):
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+    return engine
+
+
+def make_sessionmaker(engine):
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str) -> None:
+    """Bring the database to the newest schema (creates it when empty)."""
+    from alembic import command
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), "head")

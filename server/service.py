@@ -1,0 +1,305 @@
+"""What the API and the MQTT coordinator do, over the database: the server's one place for fleet logic.
+
+The web layer and the coordinator translate requests and messages into these calls; the decisions
+themselves (rollout stages, image checks, compilation) are the core's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tinymlaas.errors import TinyMLaaSError, UnknownTarget
+from tinymlaas.package import parse_version
+from tinymlaas.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
+from tinymlaas.store import ArtifactStore
+from tinymlaas.targets import get_target
+
+from .broker import hash_secret
+from .db import Build, Deployment, Device, DeviceJob, Model, Telemetry, User, now
+
+BUILD_STATES = ("queued", "building", "emulating", "done", "failed", "cancelled")
+BUILD_FINAL = ("done", "failed", "cancelled")
+DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class ServiceError(Exception):
+    """A request the server refuses: HTTP status, the field at fault (if any), and why."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        self.status, self.field = status, field
+        super().__init__(message)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_user(session: Session, name: str) -> tuple[User, str]:
+    if session.scalar(select(User).where(User.name == name)):
+        raise ServiceError(409, f"user '{name}' exists", "name")
+    token = "tmk_" + secrets.token_urlsafe(32)
+    user = User(name=name, token_hash=token_hash(token))
+    session.add(user)
+    session.commit()
+    return user, token
+
+
+def user_for_token(session: Session, token: str) -> User | None:
+    return session.scalar(select(User).where(User.token_hash == token_hash(token)))
+
+
+# devices
+
+def register_device(session: Session, owner: User, device_id: str, target: str, group: str = "default",
+                    firmware_version: str | None = None) -> tuple[Device, str]:
+    if not DEVICE_ID.match(device_id or ""):
+        raise ServiceError(422, "lower-case letters, digits, '-' and '_', at most 64, starting with a letter or digit",
+                           "id")
+    _target(target)
+    if session.get(Device, device_id):
+        raise ServiceError(409, f"device '{device_id}' is already registered", "id")
+    t = get_target(target)
+    secret = secrets.token_urlsafe(24)
+    device = Device(id=device_id, target=target, group=group or "default", flash_bytes=t.board.flash_bytes,
+                    ram_bytes=t.board.ram_bytes, firmware_version=firmware_version, secret_hash=hash_secret(secret),
+                    owner_id=owner.id)
+    session.add(device)
+    session.commit()
+    return device, secret
+
+
+def _target(name: str):
+    try:
+        return get_target(name)
+    except UnknownTarget as e:
+        raise ServiceError(422, str(e), "target") from None
+
+
+# models
+
+def add_model(session: Session, store: ArtifactStore, owner: User, filename: str, data: bytes) -> Model:
+    from tinymlaas.importer import load_tflite, unsupported_operators
+
+    if not data:
+        raise ServiceError(422, "the file is empty", "file")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / (Path(filename or "model.tflite").name or "model.tflite")
+        path.write_bytes(data)
+        try:
+            model = load_tflite(path)
+            unsupported = unsupported_operators(model)
+        except TinyMLaaSError as e:
+            raise ServiceError(422, str(e), "file") from None
+    if unsupported:
+        raise ServiceError(422, f"unsupported operator(s): {', '.join(sorted(set(unsupported)))}", "file")
+    digest = store.put_bytes(data)
+    row = Model(name=model.name, sha256=digest, size=len(data), quantized=bool(model.quantized),
+                operators=sorted(set(model.operators)), owner_id=owner.id)
+    session.add(row)
+    session.commit()
+    return row
+
+
+# builds
+
+def request_build(session: Session, owner: User, model_id: int, target: str, constraints: dict | None = None,
+                  version: str | None = None) -> Build:
+    model = session.get(Model, model_id)
+    if model is None:
+        raise ServiceError(422, f"no model {model_id}", "model_id")
+    _target(target)
+    if version is not None:
+        try:
+            parse_version(version)
+        except ValueError:
+            raise ServiceError(422, f"'{version}' is not major.minor.revision[+build]", "version") from None
+    build = Build(model_id=model.id, target=target, constraints=constraints or {}, version=version or "",
+                  owner_id=owner.id)
+    session.add(build)
+    session.flush()
+    if not version:
+        build.version = f"1.0.{build.id}"  # later builds are newer
+    session.commit()
+    return build
+
+
+def cancel_build(session: Session, build: Build) -> Build:
+    if build.state in BUILD_FINAL:
+        raise ServiceError(409, f"build {build.id} is already {build.state}")
+    build.state, build.message = "cancelled", "cancelled by user"
+    session.commit()
+    return build
+
+
+# deployments
+
+def create_deployment(session: Session, owner: User, build_id: int, group: str, plan: RolloutPlan,
+                      force: bool = False, rollback_of: int | None = None) -> Deployment:
+    build = session.get(Build, build_id)
+    if build is None:
+        raise ServiceError(422, f"no build {build_id}", "build_id")
+    if build.state != "done":
+        raise ServiceError(409, f"build {build_id} is {build.state}, not done", "build_id")
+    problems = plan.problems()
+    if problems:
+        field, why = next(iter(problems.items()))
+        raise ServiceError(422, why, field)
+    devices = session.scalars(
+        select(Device).where(Device.group == group, Device.target == build.target).order_by(Device.id)
+    ).all()
+    if not devices:
+        raise ServiceError(422, f"no {build.target} device in group '{group}'", "group")
+    if not force:
+        newer = [d for d in devices if d.firmware_version and parse_version(d.firmware_version)
+                 > parse_version(build.version)]
+        if newer:
+            raise ServiceError(409, f"build {build.id} ({build.version}) is older than the firmware of "
+                               f"{len(newer)} device(s) (e.g. {newer[0].id} runs {newer[0].firmware_version}); "
+                               "a downgrade needs force", "force")
+    active = session.scalar(select(Deployment).where(Deployment.group == group, Deployment.state == "in_progress"))
+    if active is not None:
+        raise ServiceError(409, f"deployment {active.id} is still in progress in group '{group}'", "group")
+    dep = Deployment(build_id=build.id, group=group, stages=list(plan.stages), success_threshold=plan.success_threshold,
+                     error_threshold=plan.error_threshold, force=force, rollback_of=rollback_of, owner_id=owner.id)
+    session.add(dep)
+    session.flush()
+    bounds = stage_bounds(plan, len(devices))
+    for stage, (start, end) in enumerate(bounds):
+        for pos in range(start, end):
+            session.add(DeviceJob(id=f"dep{dep.id}-{devices[pos].id}", deployment_id=dep.id,
+                                  device_id=devices[pos].id, position=pos, stage=stage))
+    session.commit()
+    return dep
+
+
+def rollback(session: Session, owner: User, deployment_id: int) -> Deployment:
+    """A new deployment of the build the group ran before `deployment_id` (a downgrade, so forced)."""
+    dep = session.get(Deployment, deployment_id)
+    if dep is None:
+        raise ServiceError(404, f"no deployment {deployment_id}")
+    if dep.state == "in_progress":
+        raise ServiceError(409, f"deployment {dep.id} is in progress; it must halt or finish first")
+    previous = session.scalar(
+        select(Deployment).where(Deployment.group == dep.group, Deployment.id < dep.id,
+                                 Deployment.build_id != dep.build_id, Deployment.state == "succeeded")
+        .order_by(Deployment.id.desc())
+    )
+    if previous is None:
+        raise ServiceError(409, f"group '{dep.group}' has no earlier successful deployment to roll back to")
+    plan = RolloutPlan(tuple(dep.stages), dep.success_threshold, dep.error_threshold)
+    return create_deployment(session, owner, previous.build_id, dep.group, plan, force=True, rollback_of=dep.id)
+
+
+def plan_of(dep: Deployment) -> RolloutPlan:
+    return RolloutPlan(tuple(dep.stages), dep.success_threshold, dep.error_threshold)
+
+
+def jobs_of(session: Session, dep: Deployment) -> list[DeviceJob]:
+    return list(session.scalars(select(DeviceJob).where(DeviceJob.deployment_id == dep.id)
+                                .order_by(DeviceJob.position)))
+
+
+def advance(session: Session, dep: Deployment) -> list[DeviceJob]:
+    """Apply the rollout decision; returns the jobs to notify now (already marked notified)."""
+    if dep.state != "in_progress":
+        return []
+    jobs = jobs_of(session, dep)
+    to_notify: list[DeviceJob] = []
+    while True:
+        d = decide(plan_of(dep), [j.status for j in jobs], dep.current_stage)
+        if d.state != "in_progress":
+            dep.state, dep.reason = d.state, d.reason
+            for j in jobs:
+                if j.status == "pending":
+                    j.status, j.message = "cancelled", f"rollout {d.state}: {d.reason}"
+            break
+        if d.notify_stage is None:
+            break
+        dep.current_stage = d.notify_stage
+        for j in jobs:
+            if j.stage == d.notify_stage and j.status == "pending":
+                j.status = "notified"
+                to_notify.append(j)
+    session.commit()
+    return to_notify
+
+
+@dataclass
+class JobUpdate:
+    accepted: bool
+    reason: str = ""
+    deployment: Deployment | None = None
+
+
+STATUS_FROM_DEVICE = {"IN_PROGRESS": "in_progress", "SUCCEEDED": "succeeded", "FAILED": "failed",
+                      "REJECTED": "rejected"}
+
+
+def apply_job_update(session: Session, device_id: str, job_id: str, update: dict) -> JobUpdate:
+    """A device's report on a job. Idempotent: a repeated terminal report is accepted and changes nothing."""
+    job = session.get(DeviceJob, job_id)
+    if job is None or job.device_id != device_id:
+        return JobUpdate(False, f"no job {job_id} for device {device_id}")
+    status = STATUS_FROM_DEVICE.get(str(update.get("status")))
+    if status is None:
+        return JobUpdate(False, f"unknown status {update.get('status')!r}")
+    if job.status in TERMINAL:
+        same = job.status == status
+        return JobUpdate(same, "" if same else f"job {job_id} is already {job.status}")
+    if job.status == "pending":
+        return JobUpdate(False, f"job {job_id} was not notified")
+    job.status = status
+    job.step = str(update.get("step") or job.step or "")[:32] or None
+    job.progress = float(update.get("progress", 1.0 if status in TERMINAL else job.progress))
+    job.message = update.get("message") or job.message
+    device = session.get(Device, device_id)
+    if update.get("instructions"):
+        job.instructions = int(update["instructions"])
+    dep = session.get(Deployment, job.deployment_id)
+    if status == "succeeded":
+        build = session.get(Build, dep.build_id)
+        device.firmware_version, device.build_id = build.version, build.id
+        if job.instructions:
+            device.instructions = job.instructions
+    session.commit()
+    return JobUpdate(True, deployment=dep)
+
+
+def record_state(session: Session, device_id: str, state: dict) -> None:
+    device = session.get(Device, device_id)
+    if device is None:
+        return
+    device.state = str(state.get("state", device.state))[:16]
+    if state.get("firmware_version"):
+        device.firmware_version = str(state["firmware_version"])[:32]
+    device.last_seen = now()
+    session.commit()
+
+
+def record_telemetry(session: Session, device_id: str, data: dict) -> None:
+    if session.get(Device, device_id) is None:
+        return
+    session.add(Telemetry(device_id=device_id, data=data))
+    if isinstance(data.get("instructions"), int):
+        session.get(Device, device_id).instructions = data["instructions"]
+    session.commit()
+
+
+def deployment_summary(session: Session, dep: Deployment) -> dict:
+    jobs = jobs_of(session, dep)
+    counts = dict(session.execute(select(DeviceJob.status, func.count()).where(DeviceJob.deployment_id == dep.id)
+                                  .group_by(DeviceJob.status)).all())
+    stages = []
+    for stage in sorted({j.stage for j in jobs}):
+        members = [j for j in jobs if j.stage == stage]
+        stages.append({"stage": stage, "percent": dep.stages[stage] if stage < len(dep.stages) else 100,
+                       "devices": len(members), "statuses": [j.status for j in members]})
+    return {"counts": counts, "stages": stages}
