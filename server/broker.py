@@ -161,8 +161,9 @@ class EmbeddedBroker:
 class MosquittoBroker:
     """A Mosquitto process we configure: loopback listener, our password file, per-device ACL pattern."""
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int = 1883):
+    def __init__(self, workdir: Path, credentials, host: str = "127.0.0.1", port: int = 1883):
         self.dir = Path(workdir)
+        self.credentials = credentials  # () -> {user: hash_secret() string}
         self.host, self.port = host, port
         self.proc: subprocess.Popen | None = None
 
@@ -170,8 +171,9 @@ class MosquittoBroker:
     def binary() -> str | None:
         return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.path.exists(p)), None)
 
-    def write_config(self, credentials: dict[str, str]) -> None:
-        """credentials: user -> hash_secret() string. Rewritten atomically; SIGHUP makes Mosquitto reload."""
+    def write_config(self) -> None:
+        """Password file, ACL and config, rewritten atomically; SIGHUP makes a running Mosquitto reload them."""
+        credentials = self.credentials()
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.dir / "passwd", "".join(f"{u}:{h}\n" for u, h in sorted(credentials.items())), 0o600)
         _write_atomic(self.dir / "acl", (
@@ -194,11 +196,13 @@ class MosquittoBroker:
         exe = self.binary()
         if exe is None:
             raise RuntimeError("mosquitto is not installed (run `make setup`)")
+        self.write_config()
         self.proc = subprocess.Popen([exe, "-c", str(self.dir / "mosquitto.conf")],
                                      stdout=subprocess.DEVNULL, stderr=open(self.dir / "mosquitto.log", "ab"))
         wait_for_port(self.host, self.port)
 
     def credentials_changed(self) -> None:
+        self.write_config()
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
 

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tinymlaas.errors import TinyMLaaSError, UnknownTarget
-from tinymlaas.package import parse_version
+from tinymlaas.package import canonical_version, parse_version
 from tinymlaas.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
 from tinymlaas.store import ArtifactStore
 from tinymlaas.targets import get_target
@@ -118,7 +118,7 @@ def request_build(session: Session, owner: User, model_id: int, target: str, con
     _target(target)
     if version is not None:
         try:
-            parse_version(version)
+            version = canonical_version(version)
         except ValueError:
             raise ServiceError(422, f"'{version}' is not major.minor.revision[+build]", "version") from None
     build = Build(model_id=model.id, target=target, constraints=constraints or {}, version=version or "",
@@ -126,7 +126,7 @@ def request_build(session: Session, owner: User, model_id: int, target: str, con
     session.add(build)
     session.flush()
     if not version:
-        build.version = f"1.0.{build.id}"  # later builds are newer
+        build.version = f"1.0.{build.id}+0"  # later builds are newer
     session.commit()
     return build
 

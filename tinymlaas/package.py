@@ -91,6 +91,11 @@ def parse_version(text: str) -> tuple[int, int, int, int]:
     return parts[0], parts[1], parts[2], int(build or 0)
 
 
+def canonical_version(text: str) -> str:
+    major, minor, revision, build = parse_version(text)
+    return f"{major}.{minor}.{revision}+{build}"
+
+
 def read_header(data: bytes) -> ImageInfo:
     if len(data) < 32:
         raise ImageRejected("truncated", f"{len(data)} B is shorter than an image header")

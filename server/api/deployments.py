@@ -49,10 +49,8 @@ def status(dep_id):
     """The rollout: state, per-stage device statuses, and every device's job."""
     require_user()
     dep = _deployment(dep_id)
-    out = schemas.Deployment().dump(dep)
-    out["summary"] = deployment_summary(session(), dep)
-    out["jobs"] = schemas.DeviceJob(many=True).dump(jobs_of(session(), dep))
-    return out
+    out = {c.name: getattr(dep, c.name) for c in db.Deployment.__table__.columns}
+    return {**out, "summary": deployment_summary(session(), dep), "jobs": jobs_of(session(), dep)}
 
 
 @blp.route("/deployments/<int:dep_id>/rollback", methods=["POST"])

@@ -1,0 +1,294 @@
+"""`tinymlaas agent`: one emulated device. The device side of OTA, over HTTP and MQTT.
+
+It registers (once; credentials persist in its state folder), connects to MQTT with its own
+credentials and a last will, and for each job: downloads the image with resume, checks hash,
+signature, size and version, writes the inactive slot, boots it as a test image in QEMU, runs the
+self-test, then confirms or reverts — reporting every step. Its flash (A/B slots) and its state
+file are on disk, so a kill at any moment restarts into a valid image and finishes or fails the job.
+
+The physical board is the one stand-in: its flash is a file and its CPU is QEMU.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import requests
+
+from tinymlaas.errors import TinyMLaaSError
+from tinymlaas.ota import Bootloader, BootedImage, Flash, NoBootableImage
+from tinymlaas.package import ImageRejected, inspect_image, slot_size
+from tinymlaas.selftest import run_selftest
+from tinymlaas.targets import get_target
+
+from .broker import ROOT
+
+log = logging.getLogger("tinymlaas.agent")
+DOWNLOAD_CHUNK = 16 * 1024
+# QEMU self-tests of many agents in one process share the machine's cores.
+SELFTEST_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+
+
+class Agent:
+    def __init__(self, server: str, device_id: str, target: str, state_dir: Path, token: str | None = None,
+                 group: str = "default", faults: tuple[str, ...] = (), mqtt_port: int | None = None):
+        self.server = server.rstrip("/")
+        self.device_id, self.target, self.group, self.token = device_id, target, group, token
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.faults = set(faults)  # "selftest": this device's self-test fails (fault injection for tests)
+        self.mqtt_port = mqtt_port
+        self.state = self._load()
+        self.flash = Flash(self.dir / "flash.img", slot_size(get_target(target)))
+        self.booted: BootedImage | None = None
+        self.client: mqtt.Client | None = None
+        self.jobs: queue.Queue = queue.Queue()
+        self.connected = threading.Event()
+        self.stopped = threading.Event()
+        self.crashed: BaseException | None = None  # set when the job thread died (e.g. an injected reset)
+        self._worker: threading.Thread | None = None
+        self.events: list[dict] = []  # every update sent, for tests and the CLI
+
+    # persistent state
+
+    def _load(self) -> dict:
+        path = self.dir / "agent.json"
+        return json.loads(path.read_text()) if path.exists() else {"done_jobs": {}}
+
+    def _save(self) -> None:
+        tmp = self.dir / "agent.json.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.dir / "agent.json")
+
+    @property
+    def bootloader(self) -> Bootloader:
+        return Bootloader(self.flash, self.state["signing_key"].encode())
+
+    @property
+    def version(self) -> str | None:
+        return self.booted.info.version if self.booted else None
+
+    # life cycle
+
+    def register(self) -> None:
+        if "mqtt" in self.state:
+            return
+        if not self.token:
+            raise TinyMLaaSError("this device is not registered yet: an API token is needed to register it")
+        r = requests.post(f"{self.server}/api/v1/devices", headers={"Authorization": f"Bearer {self.token}"},
+                          json={"id": self.device_id, "target": self.target, "group": self.group}, timeout=30)
+        if r.status_code != 201:
+            raise TinyMLaaSError(f"registration refused ({r.status_code}): {r.json().get('detail', r.text)}")
+        body = r.json()
+        self.state.update(mqtt=body["mqtt"], signing_key=body["signing_key"])
+        self._save()
+
+    def boot(self) -> BootedImage | None:
+        """Power-on: the bootloader's decision, then finishing a test boot that a reset interrupted."""
+        try:
+            self.booted = self.bootloader.boot()
+        except NoBootableImage:
+            self.booted = None
+        job = self.state.get("job")
+        if self.booted is not None and self.booted.test:
+            if job and job.get("phase") == "staged":
+                self._finish_test_boot(job)
+            else:
+                self.bootloader.revert()
+                self.booted = self.bootloader.boot()
+        elif job and job.get("phase") in ("staged", "testing"):
+            self._finish(job, "FAILED", step="reverted",
+                         message="reset before the self-test confirmed the image: reverted to the previous image")
+        return self.booted
+
+    def start(self) -> Agent:
+        self.register()
+        self.boot()
+        m = self.state["mqtt"]
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, clean_session=True)
+        self.client.username_pw_set(m["username"], m["password"])
+        self.client.will_set(self._topic("state"), json.dumps({"state": "lost"}), qos=1, retain=True)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(0.2, 2)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self.connected.clear()
+        self.client.on_message = self._on_message
+        self.client.connect_async(m["host"], self.mqtt_port or m["port"], keepalive=30)
+        self.client.loop_start()
+        self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}", daemon=True)
+        self._worker.start()
+        return self
+
+    def stop(self, clean: bool = True) -> None:
+        """clean=False drops the connection without a goodbye, as a power cut does (the will fires)."""
+        self.stopped.set()
+        self.jobs.put(None)
+        if self.client is not None:
+            if clean:
+                self._publish("state", {"state": "offline", "firmware_version": self.version}, retain=True)
+                self.client.disconnect()
+            else:
+                self.client._sock_close()  # noqa: SLF001 - no DISCONNECT packet: the broker sends the will
+            self.client.loop_stop()
+
+    def _topic(self, suffix: str) -> str:
+        return f"{ROOT}/devices/{self.device_id}/{suffix}"
+
+    def _publish(self, suffix: str, payload: dict, retain: bool = False) -> None:
+        if self.client is not None:
+            self.client.publish(self._topic(suffix), json.dumps(payload), qos=1, retain=retain)
+
+    def _on_connect(self, client, _userdata, _flags, reason, _props):
+        if reason.is_failure:
+            log.error("%s: MQTT connection refused: %s", self.device_id, reason)
+            return
+        self._publish("state", {"state": "online", "firmware_version": self.version, "target": self.target,
+                                "slot": self.booted.slot if self.booted else None}, retain=True)
+        client.subscribe(self._topic("jobs/notify-next"), qos=1)
+        job = self.state.get("job")
+        if job and job.get("last_update"):  # the broker may have restarted: say again where we are
+            self._publish(f"jobs/{job['jobId']}/update", job["last_update"])
+        self.connected.set()
+
+    def _on_message(self, _client, _userdata, msg):
+        if msg.topic == self._topic("jobs/notify-next") and msg.payload:
+            try:
+                self.jobs.put(json.loads(msg.payload))
+            except ValueError:
+                log.warning("%s: unreadable job document", self.device_id)
+
+    def _work(self) -> None:
+        while not self.stopped.is_set():
+            doc = self.jobs.get()
+            if doc is None:
+                return
+            try:
+                self.handle_job(doc)
+            except BaseException as e:  # an injected reset or a crash: the device stops here, as a board would
+                self.crashed = e
+                log.info("%s: stopped: %s", self.device_id, e)
+                return
+
+    # the update
+
+    def _update(self, job: dict, status: str, **fields) -> None:
+        payload = {"status": status, **{k: v for k, v in fields.items() if v is not None}}
+        job["last_update"] = payload
+        self._save()
+        self.events.append({"job": job["jobId"], **payload})
+        self._publish(f"jobs/{job['jobId']}/update", payload)
+
+    def _finish(self, job: dict, status: str, **fields) -> None:
+        self._update(job, status, **fields)
+        self.state["done_jobs"][job["jobId"]] = job["last_update"]
+        self.state.pop("job", None)
+        for name in ("download.part", "selftest.json"):
+            (self.dir / name).unlink(missing_ok=True)
+        self._save()
+        self._publish("state", {"state": "online", "firmware_version": self.version,
+                                "slot": self.booted.slot if self.booted else None}, retain=True)
+
+    def handle_job(self, doc: dict) -> None:
+        job_id = doc.get("jobId")
+        if not job_id:
+            return
+        if job_id in self.state["done_jobs"]:  # a repeated notification: repeat the final answer
+            self._publish(f"jobs/{job_id}/update", self.state["done_jobs"][job_id])
+            return
+        job = self.state.get("job")
+        if not job or job["jobId"] != job_id:
+            job = {**doc, "phase": "download"}
+            self.state["job"] = job
+            self._save()
+        if job["phase"] != "download":
+            return  # staged already: the boot path finishes it
+        self._update(job, "IN_PROGRESS", step="downloading", progress=0.0)
+        try:
+            image = self._download(job["image"]["url"], job["image"]["sha256"], self.dir / "download.part", job)
+            spec = json.loads(self._download(job["selftest"]["url"], job["selftest"]["sha256"],
+                                             self.dir / "selftest.json", None))
+        except (requests.RequestException, TinyMLaaSError) as e:
+            self._finish(job, "FAILED", step="download", message=str(e)[:300])
+            return
+        try:
+            inspect_image(image, self.state["signing_key"].encode(), self.flash.slot_size, self.version,
+                          allow_downgrade=bool(job.get("allow_downgrade")))
+        except ImageRejected as e:
+            self._finish(job, "REJECTED", step="verify", reason=e.reason, message=str(e))
+            return
+        self._update(job, "IN_PROGRESS", step="installing", progress=0.6)
+        self.bootloader.stage(image)
+        job["phase"] = "staged"
+        self._save()
+        self._update(job, "IN_PROGRESS", step="rebooting", progress=0.8)
+        self.booted = self.bootloader.boot()
+        if not self.booted.test:
+            self._finish(job, "FAILED", step="boot", message="the bootloader did not start the new image")
+            return
+        self._finish_test_boot(job, spec)
+
+    def _finish_test_boot(self, job: dict, spec: dict | None = None) -> None:
+        """Running the new image once as a test image: self-test, then confirm or revert."""
+        spec = spec or json.loads((self.dir / "selftest.json").read_text())
+        job["phase"] = "testing"
+        self._save()
+        self._update(job, "IN_PROGRESS", step="self-test", progress=0.9)
+        if "selftest" in self.faults:
+            raw = bytearray(base64.b64decode(spec["expected_outputs"]))
+            raw[0] ^= 0xFF
+            spec = {**spec, "expected_outputs": base64.b64encode(bytes(raw)).decode()}
+        with SELFTEST_SLOTS:
+            result = run_selftest(self.booted.payload, spec)
+        if result.passed:
+            self.bootloader.confirm()
+            self.booted = self.bootloader.boot()
+            self._publish("telemetry", {"instructions": result.instructions, "build": job.get("build"),
+                                        "version": self.version})
+            self._finish(job, "SUCCEEDED", step="confirmed", progress=1.0, instructions=result.instructions,
+                         message=result.detail)
+        else:
+            self.bootloader.revert()
+            self.booted = self.bootloader.boot()
+            self._publish("telemetry", {"errors": [f"self-test failed: {result.detail}"], "build": job.get("build")})
+            self._finish(job, "FAILED", step="reverted", message=f"self-test failed: {result.detail}")
+
+    def _download(self, url: str, sha256: str, part: Path, job: dict | None, attempts: int = 5) -> bytes:
+        """GET with resume: a dropped connection continues from the bytes already on disk (HTTP Range)."""
+        m = self.state["mqtt"]
+        auth = (m["username"], m["password"])
+        for attempt in range(attempts):
+            have = part.stat().st_size if part.exists() else 0
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            try:
+                with requests.get(url, headers=headers, auth=auth, stream=True, timeout=30) as r:
+                    if r.status_code == 416:  # already complete
+                        pass
+                    elif r.status_code not in (200, 206):
+                        raise TinyMLaaSError(f"download refused ({r.status_code}): {r.text[:200]}")
+                    else:
+                        mode = "ab" if r.status_code == 206 else "wb"
+                        with open(part, mode) as f:
+                            for block in r.iter_content(DOWNLOAD_CHUNK):
+                                f.write(block)
+                                f.flush()
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+                log.info("%s: download interrupted at %d B (%s); resuming", self.device_id,
+                         part.stat().st_size if part.exists() else 0, type(e).__name__)
+                if job is not None:
+                    job["resumed"] = job.get("resumed", 0) + 1
+                time.sleep(0.1 * (attempt + 1))
+                continue
+            data = part.read_bytes()
+            if hashlib.sha256(data).hexdigest() == sha256:
+                return data
+            part.unlink()  # corrupted in transit: start over
+        raise TinyMLaaSError(f"download of {url} failed after {attempts} attempts")

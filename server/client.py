@@ -1,0 +1,123 @@
+"""A small Python client for the tinymlaas API (what the CLI uses)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import requests
+
+from tinymlaas.errors import TinyMLaaSError
+
+
+class ApiError(TinyMLaaSError):
+    def __init__(self, status: int, problem: dict):
+        self.status, self.problem = status, problem
+        field = f" [{problem['field']}]" if problem.get("field") else ""
+        super().__init__(f"HTTP {status}{field}: {problem.get('detail') or problem.get('title') or 'error'}")
+
+
+class Client:
+    def __init__(self, url: str, token: str, timeout: float = 60.0):
+        self.url = url.rstrip("/") + "/api/v1"
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {token}"
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, **kwargs):
+        try:
+            r = self.http.request(method, self.url + path, timeout=self.timeout, **kwargs)
+        except requests.ConnectionError as e:
+            raise TinyMLaaSError(f"cannot reach the server at {self.url}: {type(e).__name__}") from None
+        if r.status_code >= 400:
+            try:
+                problem = r.json()
+            except ValueError:
+                problem = {"detail": r.text[:200]}
+            raise ApiError(r.status_code, problem)
+        return r
+
+    def register_device(self, device_id: str, target: str, group: str = "default") -> dict:
+        return self._call("POST", "/devices", json={"id": device_id, "target": target, "group": group}).json()
+
+    def devices(self, group: str | None = None) -> list[dict]:
+        return self._call("GET", "/devices", params={"group": group} if group else None).json()
+
+    def upload_model(self, path: str | Path) -> dict:
+        path = Path(path)
+        with open(path, "rb") as f:
+            return self._call("POST", "/models", files={"file": (path.name, f)}).json()
+
+    def request_build(self, model_id: int, target: str, version: str | None = None, **constraints) -> dict:
+        body = {"model_id": model_id, "target": target, "constraints": constraints}
+        if version:
+            body["version"] = version
+        return self._call("POST", "/builds", json=body).json()
+
+    def build(self, build_id: int) -> dict:
+        return self._call("GET", f"/builds/{build_id}").json()
+
+    def wait_build(self, build_id: int, timeout: float = 900.0, on_progress=None) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            b = self.build(build_id)
+            if on_progress:
+                on_progress(b)
+            if b["state"] in ("done", "failed", "cancelled"):
+                return b
+            if time.monotonic() > deadline:
+                raise TinyMLaaSError(f"build {build_id} is still {b['state']} after {timeout:g} s")
+            time.sleep(0.5)
+
+    def cancel_build(self, build_id: int) -> dict:
+        return self._call("POST", f"/builds/{build_id}/cancel").json()
+
+    def download_artifact(self, build_id: int, name: str, out: str | Path) -> Path:
+        r = self._call("GET", f"/builds/{build_id}/artifacts/{name}")
+        Path(out).write_bytes(r.content)
+        return Path(out)
+
+    def deploy(self, build_id: int, group: str = "default", stages=(100,), success_threshold: float = 1.0,
+               error_threshold: float = 0.1, force: bool = False) -> dict:
+        return self._call("POST", "/deployments", json={
+            "build_id": build_id, "group": group, "stages": list(stages), "success_threshold": success_threshold,
+            "error_threshold": error_threshold, "force": force}).json()
+
+    def deployment(self, dep_id: int) -> dict:
+        return self._call("GET", f"/deployments/{dep_id}").json()
+
+    def deployments(self) -> list[dict]:
+        return self._call("GET", "/deployments").json()
+
+    def rollback(self, dep_id: int) -> dict:
+        return self._call("POST", f"/deployments/{dep_id}/rollback").json()
+
+    def wait_deployment(self, dep_id: int, timeout: float = 600.0, on_progress=None) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            d = self.deployment(dep_id)
+            if on_progress:
+                on_progress(d)
+            open_jobs = [j for j in d["jobs"] if j["status"] in ("notified", "in_progress")]
+            if d["state"] != "in_progress" and not open_jobs:
+                return d
+            if time.monotonic() > deadline:
+                raise TinyMLaaSError(f"deployment {dep_id} is still {d['state']} after {timeout:g} s")
+            time.sleep(0.3)
+
+
+def draw_rollout(d: dict, width: int = 60) -> str:
+    """The rollout as text: one row per stage, one mark per device."""
+    marks = {"succeeded": "#", "failed": "X", "rejected": "R", "in_progress": "~", "notified": ".",
+             "pending": " ", "cancelled": "-"}
+    lines = [f"deployment {d['id']} (build {d['build_id']} -> group '{d['group']}'): {d['state'].upper()}"
+             + (f" — {d['reason']}" if d.get("reason") else "")]
+    for st in d["summary"]["stages"]:
+        row = "".join(marks.get(s, "?") for s in st["statuses"])
+        rows = [row[i:i + width] for i in range(0, len(row), width)] or [""]
+        label = f"stage {st['stage'] + 1} ({st['devices']:>3} dev)"
+        lines.append(f"  {label} [{rows[0]:<{width}}]")
+        lines += [f"  {'':<{len(label)}} [{r:<{width}}]" for r in rows[1:]]
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(d["summary"]["counts"].items()))
+    lines.append(f"  {counts}    (# succeeded, X failed, R rejected, ~ updating, . notified, - cancelled)")
+    return "\n".join(lines)

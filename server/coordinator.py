@@ -1,0 +1,145 @@
+"""The MQTT coordinator: device state, job notifications and updates, telemetry, rollout progress.
+
+Topics (under tinymlaas/v1/devices/<id>/), in the AWS IoT Jobs shape:
+  state                    retained; {"state": "online", ...}; the device's last will sets "lost"
+  jobs/notify-next         retained, server -> device: the job document, or empty when none
+  jobs/<job>/update        device -> server: {"status": IN_PROGRESS|SUCCEEDED|FAILED|REJECTED, "step", ...}
+  jobs/<job>/update/accepted|rejected   server -> device: the answer to an update
+  telemetry                device -> server: {"instructions": ..., "errors": ...}
+All QoS 1. Job ids are stable, so a repeated notification or update is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import paho.mqtt.client as mqtt
+from sqlalchemy import select
+
+from .broker import ROOT, SERVER_USER
+from .db import Build, Deployment, DeviceJob
+from .service import advance, apply_job_update, record_state, record_telemetry
+
+log = logging.getLogger("tinymlaas.coordinator")
+
+
+class Coordinator:
+    def __init__(self, context, host: str, port: int, password: str, broker=None):
+        self.ctx = context
+        self.broker = broker
+        self.lock = threading.RLock()  # one rollout decision at a time
+        self.connected = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tinymlaas-coordinator",
+                                  clean_session=True)
+        self.client.username_pw_set(SERVER_USER, password)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(0.2, 2)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self.connected.clear()
+        self.client.on_message = self._on_message
+        self.host, self.port = host, port
+
+    def start(self) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        if not self.connected.wait(15):
+            raise TimeoutError(f"the coordinator could not connect to MQTT at {self.host}:{self.port}")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def credentials_changed(self) -> None:
+        if self.broker is not None:
+            self.broker.credentials_changed()
+
+    # connection
+
+    def _on_connect(self, client, _userdata, _flags, reason, _props):
+        if reason.is_failure:
+            log.error("MQTT connection refused: %s", reason)
+            return
+        client.subscribe([(f"{ROOT}/devices/+/state", 1), (f"{ROOT}/devices/+/jobs/+/update", 1),
+                          (f"{ROOT}/devices/+/telemetry", 1)])
+        self.connected.set()
+        threading.Thread(target=self.resync, name="coordinator-resync", daemon=True).start()
+
+    def resync(self) -> None:
+        """After any (re)connection: advance every open rollout and re-send every open notification."""
+        with self.ctx.sessions() as s:
+            for dep in s.scalars(select(Deployment).where(Deployment.state == "in_progress")).all():
+                self.kick(dep.id)
+            jobs = s.scalars(select(DeviceJob).where(DeviceJob.status.in_(("notified", "in_progress")))).all()
+            for job in jobs:
+                self._notify(s, job)
+
+    # rollouts
+
+    def kick(self, deployment_id: int) -> None:
+        with self.lock, self.ctx.sessions() as s:
+            dep = s.get(Deployment, deployment_id)
+            for job in advance(s, dep):
+                self._notify(s, job)
+
+    def _job_document(self, s, job: DeviceJob) -> dict:
+        dep = s.get(Deployment, job.deployment_id)
+        build = s.get(Build, dep.build_id)
+        base = self.ctx.settings.public_url.rstrip("/") + "/api/v1/artifacts/"
+        return {
+            "jobId": job.id,
+            "deployment": dep.id,
+            "build": build.id,
+            "version": build.version,
+            "target": build.target,
+            "allow_downgrade": dep.force,
+            "image": {"url": base + build.artifacts["image"], "sha256": build.artifacts["image"],
+                      "size": (build.report or {}).get("image", {}).get("size")},
+            "selftest": {"url": base + build.artifacts["selftest"], "sha256": build.artifacts["selftest"]},
+        }
+
+    def _notify(self, s, job: DeviceJob) -> None:
+        self.client.publish(f"{ROOT}/devices/{job.device_id}/jobs/notify-next",
+                            json.dumps(self._job_document(s, job)), qos=1, retain=True)
+
+    # messages
+
+    def _on_message(self, client, _userdata, msg):
+        parts = msg.topic.split("/")
+        if len(parts) < 4 or not msg.payload:
+            return
+        device_id = parts[3]
+        try:
+            payload = json.loads(msg.payload)
+            if not isinstance(payload, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            log.warning("%s: bad payload (%s)", msg.topic, e)
+            return
+        try:
+            if parts[4:] == ["state"]:
+                with self.ctx.sessions() as s:
+                    record_state(s, device_id, payload)
+            elif parts[4:] == ["telemetry"]:
+                with self.ctx.sessions() as s:
+                    record_telemetry(s, device_id, payload)
+            elif len(parts) == 7 and parts[4] == "jobs" and parts[6] == "update":
+                self._job_update(client, device_id, parts[5], payload)
+        except Exception:  # one bad message must not stop the coordinator
+            log.exception("handling %s", msg.topic)
+
+    def _job_update(self, client, device_id: str, job_id: str, payload: dict) -> None:
+        with self.lock, self.ctx.sessions() as s:
+            result = apply_job_update(s, device_id, job_id, payload)
+            topic = f"{ROOT}/devices/{device_id}/jobs/{job_id}/update/"
+            answer = {"jobId": job_id, "status": payload.get("status")}
+            if not result.accepted:
+                answer["reason"] = result.reason
+            client.publish(topic + ("accepted" if result.accepted else "rejected"), json.dumps(answer), qos=1)
+            if result.accepted and payload.get("status") != "IN_PROGRESS":
+                # done with this job: clear the retained notification so a reconnect does not repeat it
+                client.publish(f"{ROOT}/devices/{device_id}/jobs/notify-next", b"", qos=1, retain=True)
+            if result.deployment is not None:
+                for job in advance(s, result.deployment):
+                    self._notify(s, job)

@@ -1,0 +1,127 @@
+"""`tinymlaas serve`: the app, the MQTT broker and coordinator, and build workers, in one command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+
+from sqlalchemy import select
+from werkzeug.serving import make_server
+
+from . import create_app
+from .broker import SERVER_USER, EmbeddedBroker, MosquittoBroker, check_secret, hash_secret
+from .config import Settings
+from .coordinator import Coordinator
+from .db import Device, User
+from .jobs import ensure_signing_key
+from .service import create_user
+
+log = logging.getLogger("tinymlaas.server")
+
+
+class DeviceAuthority:
+    """Who may log in to MQTT: the server, and each registered device with its own secret."""
+
+    def __init__(self, sessions, server_secret: str):
+        self.sessions = sessions
+        self.server_secret = server_secret
+
+    def authenticate(self, username: str, password: str) -> bool:
+        if username == SERVER_USER:
+            return secrets.compare_digest(password, self.server_secret)
+        with self.sessions() as s:
+            device = s.get(Device, username)
+            return device is not None and check_secret(password, device.secret_hash)
+
+    def credentials(self) -> dict[str, str]:
+        with self.sessions() as s:
+            creds = {d.id: d.secret_hash for d in s.scalars(select(Device))}
+        creds[SERVER_USER] = hash_secret(self.server_secret)
+        return creds
+
+
+def _secret_file(path, make) -> str:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(make())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+class Server:
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 8080, workers: int = 1):
+        self.settings, self.host, self.port, self.workers = settings, host, port, workers
+        self.app = None
+        self.broker = None
+        self.coordinator = None
+        self.http = None
+        self.worker_procs: list[subprocess.Popen] = []
+        self.admin_token: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http.server_port if self.http else self.port}"
+
+    def start(self) -> Server:
+        s = self.settings
+        self.http = make_server(self.host, self.port, None, threaded=True)  # bound first: the port may be 0
+        if s.public_url == Settings.public_url or self.port == 0:
+            s.public_url = self.url
+        self.app = create_app(s)
+        self.http.app = self.app
+        ctx = self.app.extensions["tinymlaas"]
+        ensure_signing_key(s)
+        self.admin_token = self._admin_token(ctx)
+        server_secret = _secret_file(s.data_dir / "keys" / "mqtt-server.secret", lambda: secrets.token_urlsafe(24))
+        authority = DeviceAuthority(ctx.sessions, server_secret)
+        if s.mqtt == "embedded":
+            self.broker = EmbeddedBroker(authority, s.mqtt_host, s.mqtt_port)
+        elif s.mqtt == "mosquitto":
+            self.broker = MosquittoBroker(s.mosquitto_dir, authority.credentials, s.mqtt_host, s.mqtt_port)
+        if self.broker is not None:
+            self.broker.start()
+        self.coordinator = Coordinator(ctx, s.mqtt_host, s.mqtt_port, server_secret, self.broker)
+        self.coordinator.start()
+        ctx.coordinator = self.coordinator
+        threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
+        for _ in range(self.workers):
+            self.worker_procs.append(start_worker(s))
+        return self
+
+    def _admin_token(self, ctx) -> str | None:
+        """On first start: an `admin` user, its token written to DATA/admin.token (owner-only)."""
+        path = self.settings.data_dir / "admin.token"
+        with ctx.sessions() as session:
+            if session.scalar(select(User).limit(1)) is None:
+                _, token = create_user(session, "admin")
+                path.write_text(token + "\n")
+                path.chmod(0o600)
+        return path.read_text().strip() if path.exists() else None
+
+    def stop(self) -> None:
+        for p in self.worker_procs:
+            p.terminate()
+        for p in self.worker_procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.worker_procs = []
+        if self.http:
+            self.http.shutdown()
+        if self.coordinator:
+            self.coordinator.stop()
+        if self.broker:
+            self.broker.stop()
+
+
+def start_worker(settings: Settings, log_file=None) -> subprocess.Popen:
+    """A build worker process (`tinymlaas worker`) on the same database, queue and files."""
+    env = {**os.environ, **settings.to_env()}
+    out = log_file or open(settings.data_dir / "worker.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "tinymlaas", "worker"], env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
