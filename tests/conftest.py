@@ -28,3 +28,79 @@ def models_dir() -> Path:
 
 def model_path(name: str) -> Path:
     return MODELS_DIR / f"{name}.tflite"
+
+
+@pytest.fixture(scope="session")
+def small_firmware(tmp_path_factory):
+    """A one-layer int8 model compiled for cortex-m4, with a signing key: the OTA tests' firmware."""
+    import quantized_layers as q
+
+    from tinymlaas.package import firmware_payload, generate_key, package_build
+    from tinymlaas.pipeline import CompileOptions, compile_model
+    from tinymlaas.targets import get_target
+
+    work = tmp_path_factory.mktemp("ota")
+    model = work / "fc.tflite"
+    model.write_bytes(q.fully_connected(7, [1, 37], 11, 1))
+    compile_model(model, "cortex-m4", work / "build", CompileOptions(inputs=3))
+    key = generate_key(work / "keys" / "signing.pem")
+    package = package_build(work / "build", get_target("cortex-m4"), key, "1.0.1")
+    firmware_payload(work / "build" / "firmware.elf", get_target("cortex-m4"), work / "payload.bin")
+    return {"dir": work, "key": key, "package": package, "payload": work / "payload.bin"}
+
+
+def _postgres_bin() -> Path | None:
+    root = Path("/usr/lib/postgresql")
+    versions = sorted(root.glob("*/bin/initdb")) if root.exists() else []
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on loopback (initdb in a temporary folder), for the whole session."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from server.broker import free_port
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        if os.environ.get("TINYMLAAS_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL is not installed but TINYMLAAS_REQUIRE_POSTGRES is set")
+        pytest.skip("PostgreSQL server binaries not installed (make setup installs them)")
+    data = Path(tempfile.mkdtemp(prefix="tinymlaas-pg-"))
+    as_user = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(data, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def pg(*cmd):
+        subprocess.run(as_user + [str(bindir / cmd[0]), *cmd[1:]], check=True, capture_output=True)
+
+    pg("initdb", "-D", str(data / "db"), "-A", "trust", "-U", "tinymlaas")
+    pg("pg_ctl", "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
+       f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "tinymlaas", "tinymlaas")
+        yield f"postgresql+psycopg://tinymlaas@127.0.0.1:{port}/tinymlaas"
+    finally:
+        pg("pg_ctl", "-D", str(data / "db"), "-m", "immediate", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Each API test runs on SQLite and on a real PostgreSQL (a fresh database each time)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db.sqlite'}"
+    url = request.getfixturevalue("postgres_url")
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    return url

@@ -13,7 +13,6 @@ and raises PowerLoss, which is how the tests reset the device at every point of 
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -87,8 +86,6 @@ class Flash:
         with open(self.path, "r+b") as f:
             f.seek(offset)
             f.write(data[: len(data) // 2] if torn else data)
-            f.flush()
-            os.fsync(f.fileno())
         if torn:
             raise PowerLoss(f"reset during write {self.writes}")
 

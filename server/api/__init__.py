@@ -24,6 +24,9 @@ class ProblemApi(Api):
                     field, msgs = next(iter(where.items()))
                     detail = f"{field}: {msgs[0] if isinstance(msgs, list) else msgs}"
                     break
+        if error.code == 413:
+            limit = current_app.config["MAX_CONTENT_LENGTH"]
+            detail, field = f"the upload is larger than the server's limit of {limit:,} bytes", "file"
         return problem(error.code or 500, detail, field, errors)
 
 

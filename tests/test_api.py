@@ -1,0 +1,172 @@
+"""The REST API through the real app and a real database (SQLite and PostgreSQL): outcomes and refusals."""
+
+import io
+
+import pytest
+from conftest import model_path
+from sqlalchemy import func, select
+
+from server import create_app
+from server.config import Settings
+from server.db import Build, Deployment, Device, DeviceJob, Model, alembic_config
+from server.service import create_user
+
+
+@pytest.fixture
+def app(tmp_path, database_url):
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, max_upload_bytes=2 * 1024 * 1024)
+    app = create_app(settings)
+    with app.extensions["tinymlaas"].sessions() as s:
+        _, token = create_user(s, "alice")
+    app.token = token
+    return app
+
+
+@pytest.fixture
+def client(app):
+    c = app.test_client()
+    c.auth = {"Authorization": f"Bearer {app.token}"}
+    return c
+
+
+def counts(app) -> dict:
+    with app.extensions["tinymlaas"].sessions() as s:
+        return {m.__name__: s.scalar(select(func.count()).select_from(m))
+                for m in (Device, Model, Build, Deployment, DeviceJob)}
+
+
+def artifacts(app) -> list:
+    return sorted(p.name for p in app.extensions["tinymlaas"].store.root.rglob("*") if p.is_file())
+
+
+def assert_problem(r, status: int, field: str | None = None, words: str = ""):
+    assert r.status_code == status, r.get_data(as_text=True)
+    assert r.mimetype == "application/problem+json"
+    body = r.get_json()
+    assert body["status"] == status and body["title"] and body["detail"]
+    if field:
+        assert body.get("field") == field, body
+    assert words.lower() in body["detail"].lower(), body
+
+
+def test_register_list_and_get_devices(client):
+    r = client.post("/api/v1/devices", json={"id": "m4-001", "target": "cortex-m4", "group": "lab"}, headers=client.auth)
+    assert r.status_code == 201
+    body = r.get_json()
+    assert body["flash_bytes"] == 2 * 1024 * 1024 and body["mqtt"]["username"] == "m4-001"
+    assert body["mqtt"]["password"] and "BEGIN PUBLIC KEY" in body["signing_key"]
+    assert [d["id"] for d in client.get("/api/v1/devices?group=lab", headers=client.auth).get_json()] == ["m4-001"]
+    assert client.get("/api/v1/devices?group=other", headers=client.auth).get_json() == []
+    got = client.get("/api/v1/devices/m4-001", headers=client.auth).get_json()
+    assert got["state"] == "registered" and "mqtt" not in got  # the secret is shown once only
+    assert_problem(client.post("/api/v1/devices", json={"id": "m4-001", "target": "cortex-m4"}, headers=client.auth),
+                   409, "id", "already registered")
+
+
+def test_model_upload_and_build_request(client, app, models_dir):
+    data = model_path("ad01_int8").read_bytes()
+    r = client.post("/api/v1/models", data={"file": (io.BytesIO(data), "ad01_int8.tflite")}, headers=client.auth)
+    assert r.status_code == 201, r.get_json()
+    m = r.get_json()
+    assert m["quantized"] and m["size"] == len(data) and m["operators"] == ["FULLY_CONNECTED"]
+    assert m["sha256"] in artifacts(app)
+    r = client.post("/api/v1/builds", json={"model_id": m["id"], "target": "rv32imac",
+                                             "constraints": {"max_ram": 65536}}, headers=client.auth)
+    assert r.status_code == 202
+    b = r.get_json()
+    assert b["state"] == "queued" and b["version"] == f"1.0.{b['id']}+0" and b["constraints"] == {"max_ram": 65536}
+    assert client.get(f"/api/v1/builds/{b['id']}", headers=client.auth).get_json()["state"] == "queued"
+    assert_problem(client.get(f"/api/v1/builds/{b['id']}/artifacts/image", headers=client.auth), 409, None, "queued")
+    r = client.post(f"/api/v1/builds/{b['id']}/cancel", headers=client.auth)
+    assert r.get_json()["state"] == "cancelled"
+    assert_problem(client.post(f"/api/v1/builds/{b['id']}/cancel", headers=client.auth), 409, None, "cancelled")
+
+
+BAD_REQUESTS = {
+    "unknown target": (lambda c, m: c.post("/api/v1/builds", json={"model_id": m, "target": "cortex-m99"},
+                                           headers=c.auth), 422, "target", "unknown target 'cortex-m99'"),
+    "unknown model": (lambda c, m: c.post("/api/v1/builds", json={"model_id": 999, "target": "cortex-m4"},
+                                          headers=c.auth), 422, "model_id", "no model 999"),
+    "missing field": (lambda c, m: c.post("/api/v1/builds", json={"model_id": m}, headers=c.auth),
+                      422, "target", "missing data"),
+    "wrong type": (lambda c, m: c.post("/api/v1/builds", json={"model_id": "seven", "target": "cortex-m4"},
+                                       headers=c.auth), 422, "model_id", "integer"),
+    "bad version": (lambda c, m: c.post("/api/v1/builds", json={"model_id": m, "target": "cortex-m4",
+                                                                "version": "one"}, headers=c.auth),
+                    422, "version", "major.minor"),
+    "corrupt model": (lambda c, m: c.post("/api/v1/models", data={"file": (io.BytesIO(b"\x00" * 4096), "x.tflite")},
+                                          headers=c.auth), 422, "file", "not a tflite flatbuffer"),
+    "truncated model": (lambda c, m: c.post("/api/v1/models", data={
+        "file": (io.BytesIO(model_path("ad01_int8").read_bytes()[:5000]), "ad.tflite")}, headers=c.auth),
+        422, "file", ""),
+    "empty model": (lambda c, m: c.post("/api/v1/models", data={"file": (io.BytesIO(b""), "x.tflite")},
+                                        headers=c.auth), 422, "file", "empty"),
+    "missing file": (lambda c, m: c.post("/api/v1/models", data={}, headers=c.auth), 422, "file", "missing"),
+    "huge upload": (lambda c, m: c.post("/api/v1/models", data={"file": (io.BytesIO(b"\x00" * (3 << 20)), "x")},
+                                        headers=c.auth), 413, None, "large"),
+    "wrong token": (lambda c, m: c.post("/api/v1/builds", json={"model_id": m, "target": "cortex-m4"},
+                                        headers={"Authorization": "Bearer tmk_wrong"}), 401, "Authorization", "token"),
+    "no token": (lambda c, m: c.get("/api/v1/devices"), 401, "Authorization", "token"),
+    "bad device id": (lambda c, m: c.post("/api/v1/devices", json={"id": "Bad/Id", "target": "cortex-m4"},
+                                          headers=c.auth), 422, "id", "lower-case"),
+    "device unknown target": (lambda c, m: c.post("/api/v1/devices", json={"id": "d1", "target": "esp32"},
+                                                  headers=c.auth), 422, "target", "unknown target"),
+    "deploy unknown build": (lambda c, m: c.post("/api/v1/deployments", json={"build_id": 42}, headers=c.auth),
+                             422, "build_id", "no build 42"),
+    "deploy unfinished build": (lambda c, m: c.post("/api/v1/deployments", json={"build_id": 1}, headers=c.auth),
+                                409, "build_id", "queued"),
+    "unknown artifact": (lambda c, m: c.get("/api/v1/artifacts/" + "0" * 64, headers=c.auth), 404, None, "no artifact"),
+    "artifact without auth": (lambda c, m: c.get("/api/v1/artifacts/" + "0" * 64), 401, "Authorization", ""),
+    "not json": (lambda c, m: c.post("/api/v1/builds", data="{", headers={**c.auth, "Content-Type": "application/json"}),
+                 400, None, ""),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_requests_get_a_problem_and_change_nothing(client, app, models_dir, case):
+    data = model_path("ad01_int8").read_bytes()
+    m = client.post("/api/v1/models", data={"file": (io.BytesIO(data), "ad.tflite")}, headers=client.auth).get_json()
+    client.post("/api/v1/builds", json={"model_id": m["id"], "target": "cortex-m4"}, headers=client.auth)
+    before, files = counts(app), artifacts(app)
+    call, status, field, words = BAD_REQUESTS[case]
+    assert_problem(call(client, m["id"]), status, field, words)
+    assert counts(app) == before and artifacts(app) == files
+
+
+def test_unsupported_operator_is_named(client, app):
+    import quantized_layers as q
+
+    r = client.post("/api/v1/models", data={"file": (io.BytesIO(q.unsupported_operator_model()), "x.tflite")},
+                    headers=client.auth)
+    assert_problem(r, 422, "file", "DYNAMIC_UPDATE_SLICE")
+    assert counts(app)["Model"] == 0 and artifacts(app) == []
+
+
+def test_openapi_document_is_valid_and_complete(client):
+    from openapi_spec_validator import validate
+
+    spec = client.get("/api/v1/openapi.json").get_json()
+    validate(spec)
+    paths = spec["paths"]
+    for path in ("/api/v1/devices", "/api/v1/models", "/api/v1/builds", "/api/v1/builds/{build_id}",
+                 "/api/v1/deployments", "/api/v1/deployments/{dep_id}", "/api/v1/deployments/{dep_id}/rollback",
+                 "/api/v1/artifacts/{digest}"):
+        assert path in paths
+    assert "BuildRequest" in spec["components"]["schemas"]
+
+
+def test_migrations_match_the_models(database_url, tmp_path):
+    """The Alembic history creates exactly the schema the models declare (no forgotten migration)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from server.db import Base, upgrade
+
+    upgrade(database_url)
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == []
+    assert alembic_config(database_url).get_main_option("script_location").endswith("migrations")

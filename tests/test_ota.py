@@ -1,0 +1,177 @@
+"""OTA on the device side: MCUboot images (imgtool), A/B slots, resets at every write point, the self-test."""
+
+import json
+
+import pytest
+
+from tinymlaas.ota import NO_SLOT, Bootloader, Flash, PowerLoss
+from tinymlaas.package import (ImageRejected, generate_key, inspect_image, public_key_pem, read_header, sign_image,
+                               slot_size)
+from tinymlaas.rollout import RolloutPlan, decide, stage_bounds
+from tinymlaas.selftest import run_selftest
+from tinymlaas.targets import get_target
+
+M4 = get_target("cortex-m4")
+
+
+@pytest.fixture(scope="module")
+def images(small_firmware, tmp_path_factory):
+    """The same firmware signed as 1.0.1 and 1.0.2, plus a key the device does not trust."""
+    work = tmp_path_factory.mktemp("images")
+    key, payload = small_firmware["key"], small_firmware["payload"]
+    out = {}
+    for version in ("1.0.1", "1.0.2"):
+        sign_image(payload, key, version, slot_size(M4), work / f"{version}.bin")
+        out[version] = (work / f"{version}.bin").read_bytes()
+    other = generate_key(work / "other.pem")
+    sign_image(payload, other, "1.0.3", slot_size(M4), work / "other.bin")
+    out["unknown-key"] = (work / "other.bin").read_bytes()
+    out["trusted"] = public_key_pem(key)
+    return out
+
+
+def test_signed_image_is_mcuboot_format_and_verifies(images, small_firmware):
+    info = inspect_image(images["1.0.2"], images["trusted"], slot_size(M4), running_version="1.0.1")
+    assert info.version == "1.0.2+0"
+    assert info.payload_offset == 0x200
+    assert images["1.0.2"][info.payload_offset:info.payload_offset + info.payload_size] == \
+        small_firmware["payload"].read_bytes()
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1:]
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("payload-byte", "bad-hash"),
+    ("signature-byte", "bad-signature"),
+    ("truncated", "truncated"),
+    ("oversized", "oversized"),
+    ("downgrade", "downgrade"),
+    ("unknown-key", "bad-signature"),
+    ("not-an-image", "bad-magic"),
+])
+def test_bad_images_are_rejected(images, case, reason):
+    good = images["1.0.2"]
+    running = "1.0.2"
+    data = {
+        "payload-byte": _flip(good, 0x200 + 100),
+        "signature-byte": _flip(good, len(good) - 3),
+        "truncated": good[: len(good) - 40],
+        "oversized": good + bytes(slot_size(M4)),
+        "downgrade": images["1.0.1"],
+        "unknown-key": images["unknown-key"],
+        "not-an-image": bytes(4096),
+    }[case]
+    with pytest.raises(ImageRejected) as e:
+        inspect_image(data, images["trusted"], slot_size(M4), running_version=running)
+    assert e.value.reason == reason
+
+
+def test_forced_downgrade_is_allowed(images):
+    info = inspect_image(images["1.0.1"], images["trusted"], slot_size(M4), "1.0.2", allow_downgrade=True)
+    assert info.version == "1.0.1+0"
+
+
+def _update_path(bl: Bootloader, image: bytes, selftest_passes: bool = True) -> None:
+    """What a device does for one update: stage, reboot into the test image, then confirm or revert."""
+    bl.stage(image)
+    booted = bl.boot()
+    assert booted.test
+    if selftest_passes:
+        bl.confirm()
+    else:
+        bl.revert()
+
+
+def test_reset_at_every_write_point_boots_a_valid_image(images, tmp_path):
+    trusted = images["trusted"]
+    clean = Flash(tmp_path / "clean.img", slot_size(M4))
+    Bootloader(clean, trusted).provision(images["1.0.1"])
+    base = clean.writes
+    _update_path(Bootloader(clean, trusted), images["1.0.2"])
+    total = clean.writes - base
+    assert total > 4  # header invalidation, data chunks, pending record, tried record, confirm record
+    assert Bootloader(clean, trusted).boot().info.version == "1.0.2+0"
+
+    for point in range(1, total + 1):
+        flash = Flash(tmp_path / f"f{point}.img", slot_size(M4))
+        Bootloader(flash, trusted).provision(images["1.0.1"])
+        flash.fail_at = flash.writes + point
+        with pytest.raises(PowerLoss):
+            _update_path(Bootloader(flash, trusted), images["1.0.2"])
+        # power comes back: a fresh view of the same flash
+        after = Flash(flash.path, slot_size(M4))
+        booted = Bootloader(after, trusted).boot()
+        assert booted.info.version in ("1.0.1+0", "1.0.2+0"), point
+        if booted.test:  # the reset hit before the test boot was recorded: it runs once, as a test
+            assert booted.info.version == "1.0.2+0"
+        if point == total:  # torn confirm: the old record stands, the test image was tried -> revert
+            assert booted.info.version == "1.0.1+0" and not booted.test
+        # and the device can always finish an update afterwards
+        bl = Bootloader(after, trusted)
+        if booted.test:
+            bl.confirm()
+        else:
+            _update_path(bl, images["1.0.2"])
+        final = Bootloader(after, trusted).boot()
+        assert final.info.version == "1.0.2+0" and not final.test, point
+
+
+def test_unconfirmed_test_image_reverts_on_next_boot(images, tmp_path):
+    flash = Flash(tmp_path / "f.img", slot_size(M4))
+    bl = Bootloader(flash, images["trusted"])
+    bl.provision(images["1.0.1"])
+    bl.stage(images["1.0.2"])
+    assert bl.boot().test
+    again = bl.boot()  # reset without confirm
+    assert again.info.version == "1.0.1+0" and not again.test
+    assert flash.record().pending == NO_SLOT
+
+
+def test_corrupt_active_slot_falls_back_to_the_other(images, tmp_path):
+    flash = Flash(tmp_path / "f.img", slot_size(M4))
+    bl = Bootloader(flash, images["trusted"])
+    bl.provision(images["1.0.1"])
+    _update_path(bl, images["1.0.2"])
+    active = flash.record().active
+    flash.write(flash.slot_offset(active) + 0x300, b"\xde\xad")  # a flash bit error in the running image
+    booted = bl.boot()
+    assert booted.info.version == "1.0.1+0" and booted.slot == 1 - active
+
+
+def test_selftest_passes_on_the_image_and_catches_a_corrupt_one(small_firmware):
+    spec = json.loads(small_firmware["package"].selftest.read_text())
+    payload = small_firmware["payload"].read_bytes()
+    ok = run_selftest(payload, spec)
+    assert ok.passed, ok.detail
+    report = json.loads((small_firmware["dir"] / "build" / "report.json").read_text())
+    assert ok.instructions == report["instructions"]
+    # weights corrupted in flash: the image runs but its outputs differ
+    weights = (small_firmware["dir"] / "build" / "weights.bin").read_bytes()
+    at = payload.find(weights[:64])
+    assert at > 0
+    bad = run_selftest(payload[:at] + bytes(b ^ 0x80 for b in weights[:64]) + payload[at + 64:], spec)
+    assert not bad.passed and "differ" in bad.detail
+
+
+def test_image_header_reports_sizes(images):
+    info = read_header(images["1.0.1"])
+    assert info.total_size == len(images["1.0.1"])
+
+
+def test_rollout_stages_and_decisions():
+    plan = RolloutPlan((10, 50, 100), success_threshold=0.9, error_threshold=0.2)
+    assert stage_bounds(plan, 20) == [(0, 2), (2, 10), (10, 20)]
+    assert stage_bounds(plan, 1) == [(0, 1)]
+    s = ["pending"] * 20
+    assert decide(plan, s, -1).notify_stage == 0
+    s[0:2] = ["succeeded", "in_progress"]
+    assert decide(plan, s, 0).notify_stage is None
+    s[1] = "succeeded"
+    assert decide(plan, s, 0).notify_stage == 1
+    s[2:10] = ["succeeded"] * 6 + ["failed", "failed"]  # 2 of 10 notified failed: the error threshold
+    d = decide(plan, s, 1)
+    assert d.state == "halted" and "2 of 10" in d.reason
+    assert RolloutPlan((50, 40)).problems().keys() == {"stages"}
+    assert RolloutPlan((100,), error_threshold=0).problems().keys() == {"error_threshold"}
