@@ -57,6 +57,7 @@ class Agent:
         self.crashed: BaseException | None = None  # set when the job thread died (e.g. an injected reset)
         self._worker: threading.Thread | None = None
         self.events: list[dict] = []  # every update sent, for tests and the CLI
+        self.resumed_downloads = 0
 
     # persistent state
 
@@ -94,20 +95,24 @@ class Agent:
 
     def boot(self) -> BootedImage | None:
         """Power-on: the bootloader's decision, then finishing a test boot that a reset interrupted."""
-        try:
-            self.booted = self.bootloader.boot()
-        except NoBootableImage:
-            self.booted = None
+        self._boot()
         job = self.state.get("job")
         if self.booted is not None and self.booted.test:
             if job and job.get("phase") == "staged":
                 self._finish_test_boot(job)
             else:
                 self.bootloader.revert()
-                self.booted = self.bootloader.boot()
+                self._boot()
         elif job and job.get("phase") in ("staged", "testing"):
             self._finish(job, "FAILED", step="reverted",
                          message="reset before the self-test confirmed the image: reverted to the previous image")
+        return self.booted
+
+    def _boot(self) -> BootedImage | None:
+        try:
+            self.booted = self.bootloader.boot()
+        except NoBootableImage:  # nothing installed yet (or nothing valid): wait for an update
+            self.booted = None
         return self.booted
 
     def start(self) -> Agent:
@@ -230,8 +235,7 @@ class Agent:
         job["phase"] = "staged"
         self._save()
         self._update(job, "IN_PROGRESS", step="rebooting", progress=0.8)
-        self.booted = self.bootloader.boot()
-        if not self.booted.test:
+        if self._boot() is None or not self.booted.test:
             self._finish(job, "FAILED", step="boot", message="the bootloader did not start the new image")
             return
         self._finish_test_boot(job, spec)
@@ -250,14 +254,14 @@ class Agent:
             result = run_selftest(self.booted.payload, spec)
         if result.passed:
             self.bootloader.confirm()
-            self.booted = self.bootloader.boot()
+            self._boot()
             self._publish("telemetry", {"instructions": result.instructions, "build": job.get("build"),
                                         "version": self.version})
             self._finish(job, "SUCCEEDED", step="confirmed", progress=1.0, instructions=result.instructions,
                          message=result.detail)
         else:
             self.bootloader.revert()
-            self.booted = self.bootloader.boot()
+            self._boot()
             self._publish("telemetry", {"errors": [f"self-test failed: {result.detail}"], "build": job.get("build")})
             self._finish(job, "FAILED", step="reverted", message=f"self-test failed: {result.detail}")
 
@@ -283,8 +287,7 @@ class Agent:
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
                 log.info("%s: download interrupted at %d B (%s); resuming", self.device_id,
                          part.stat().st_size if part.exists() else 0, type(e).__name__)
-                if job is not None:
-                    job["resumed"] = job.get("resumed", 0) + 1
+                self.resumed_downloads += 1
                 time.sleep(0.1 * (attempt + 1))
                 continue
             data = part.read_bytes()

@@ -68,6 +68,17 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:g} s")
 
 
+class _SnapshotDict(dict):
+    """amqtt 0.12 iterates its subscription table across awaits while other clients change it
+    ("dictionary changed size during iteration" drops a connecting client); iterate over a copy."""
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def items(self):
+        return list(super().items())
+
+
 # amqtt plugins: they ask the authority registered under their config's name (the server's device registry).
 _AUTHORITIES: dict[str, object] = {}
 
@@ -98,6 +109,30 @@ except ImportError:  # pragma: no cover - amqtt is a dependency; keeps Mosquitto
     pass
 
 
+def _confined_broker_class():
+    """amqtt's Broker, with retained messages delivered only where the ACL allows.
+
+    amqtt 0.12 sends retained messages on SUBSCRIBE (and, on every new connection, for every filter
+    any client subscribed to) without asking the topic plugins: a device would receive other
+    devices' retained state and jobs. Mosquitto applies its ACL to retained messages too.
+    """
+    from amqtt.broker import Broker
+
+    class ConfinedBroker(Broker):
+        async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
+            topic_filter, qos = subscription
+            handler = self._get_handler(session)
+            tasks = [
+                asyncio.ensure_future(handler.mqtt_publish(r.topic, r.data, min(qos, r.qos or qos), retain=True))
+                for topic, r in list(self._retained_messages.items())
+                if handler and self._matches(topic, topic_filter) and topic_allowed(session.username, topic)
+            ]
+            if tasks:
+                await asyncio.wait(tasks)
+
+    return ConfinedBroker
+
+
 class EmbeddedBroker:
     """amqtt on an asyncio loop in a thread of the server process (the embedded default)."""
 
@@ -109,8 +144,6 @@ class EmbeddedBroker:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        from amqtt.broker import Broker
-
         key = f"broker-{id(self)}"
         _AUTHORITIES[key] = self.authority
         config = {
@@ -127,7 +160,8 @@ class EmbeddedBroker:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
             try:
-                self._broker = Broker(config, loop=self._loop)
+                self._broker = _confined_broker_class()(config, loop=self._loop)
+                self._broker._subscriptions = _SnapshotDict()  # noqa: SLF001 - see _SnapshotDict
                 self._loop.run_until_complete(self._broker.start())
             except BaseException as e:  # reported to start()'s caller
                 errors.append(e)

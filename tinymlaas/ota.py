@@ -147,7 +147,7 @@ class Bootloader:
                     self.flash.write_record(tried=True)
                     return BootedImage(rec.pending, found[0], found[1], test=True)
             # tried and not confirmed (or not valid): revert
-            rec = self.flash.write_record(pending=NO_SLOT, tried=False)
+            rec = self._abandon(rec.pending)
         for slot in (rec.active, 1 - rec.active):
             found = self.valid_image(slot)
             if found is not None:
@@ -176,8 +176,14 @@ class Bootloader:
             self.flash.write_record(active=rec.pending, pending=NO_SLOT, tried=False)
 
     def revert(self) -> None:
-        if self.flash.record().pending != NO_SLOT:
-            self.flash.write_record(pending=NO_SLOT, tried=False)
+        rec = self.flash.record()
+        if rec.pending != NO_SLOT:
+            self._abandon(rec.pending)
+
+    def _abandon(self, slot: int) -> BootRecord:
+        """Drop a pending image: its header first, so no fallback can ever boot an image that failed."""
+        self.flash.write(self.flash.slot_offset(slot), b"\0" * SECTOR)
+        return self.flash.write_record(pending=NO_SLOT, tried=False)
 
     def provision(self, image: bytes) -> None:
         """Factory programming: `image` into slot 0 as the confirmed image."""
