@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 MODELS ?= ../shared/models/mlperf-tiny
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Cross compilers with picolibc, QEMU for Arm and RISC-V, LLVM 15 (llvm-mca for cycle estimates).
+# Cross compilers with picolibc, QEMU for Arm and RISC-V, LLVM 15 (llvm-mca for cycle estimates);
+# Mosquitto (the production MQTT broker) and PostgreSQL (the tests also run the API on it).
 APT_PACKAGES := gcc make gcc-arm-none-eabi picolibc-arm-none-eabi \
-	gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf qemu-system-arm qemu-system-misc llvm-15
+	gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf qemu-system-arm qemu-system-misc llvm-15 \
+	mosquitto postgresql
 
 PLUGIN := build/qemu-plugin/libtinymlaas_icount.so
 
@@ -38,10 +40,12 @@ $(PLUGIN): firmware/qemu_plugin/icount.c
 	mkdir -p $(dir $@)
 	gcc -shared -fPIC -O2 -Wall -o $@ $<
 
+# The whole flow: boards, one compile report, then server + embedded broker + 3 emulated devices,
+# KWS uploaded, built per target, rolled out over MQTT, final fleet state.
 demo: setup
 	$(VENV)/bin/tinymlaas targets
 	$(VENV)/bin/tinymlaas compile $(MODELS)/kws_ref_model.tflite --target cortex-m4 --progress
-	$(VENV)/bin/tinymlaas compile $(MODELS)/kws_ref_model.tflite --target rv32imafc --progress
+	$(VENV)/bin/tinymlaas demo $(MODELS)/kws_ref_model.tflite --data build/demo
 
 # The fast suite: everything but the `slow` marker (whole-model sweeps on soft-float cores).
 test: setup
@@ -52,6 +56,7 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/mlperf_tiny.py --models $(MODELS) --out benchmarks/results/mlperf_tiny.json
+	$(PY) benchmarks/fleet.py --models $(MODELS) --out benchmarks/results/fleet.json
 
 clean:
 	rm -rf build out .pytest_cache

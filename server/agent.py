@@ -127,7 +127,7 @@ class Agent:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
-        self.client.connect_async(m["host"], self.mqtt_port or m["port"], keepalive=30)
+        self.client.connect_async(m["host"], self.mqtt_port or m["port"], keepalive=15)
         self.client.loop_start()
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}", daemon=True)
         self._worker.start()

@@ -164,9 +164,11 @@ def create_deployment(session: Session, owner: User, build_id: int, group: str, 
             raise ServiceError(409, f"build {build.id} ({build.version}) is older than the firmware of "
                                f"{len(newer)} device(s) (e.g. {newer[0].id} runs {newer[0].firmware_version}); "
                                "a downgrade needs force", "force")
-    active = session.scalar(select(Deployment).where(Deployment.group == group, Deployment.state == "in_progress"))
+    active = session.scalar(select(Deployment).join(Build, Build.id == Deployment.build_id).where(
+        Deployment.group == group, Build.target == build.target, Deployment.state == "in_progress"))
     if active is not None:
-        raise ServiceError(409, f"deployment {active.id} is still in progress in group '{group}'", "group")
+        raise ServiceError(409, f"deployment {active.id} is still in progress for the {build.target} devices of "
+                           f"group '{group}'", "group")
     dep = Deployment(build_id=build.id, group=group, stages=list(plan.stages), success_threshold=plan.success_threshold,
                      error_threshold=plan.error_threshold, force=force, rollback_of=rollback_of, owner_id=owner.id)
     session.add(dep)

@@ -39,7 +39,8 @@ def start_agents(server: Server, root: Path, ids, target: str = "cortex-m4", gro
               for i in ids]
     for a in agents:
         a.start()
-    wait_for(lambda: all(a.connected.is_set() for a in agents), 60, "agents connected")
+    wait_for(lambda: all(a.connected.is_set() for a in agents), 120,
+             lambda: f"agents to connect: {[a.device_id for a in agents if not a.connected.is_set()]}")
     return agents
 
 
@@ -47,7 +48,7 @@ def wait_for(cond, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
+            raise TimeoutError(f"timed out waiting for {what() if callable(what) else what}")
         time.sleep(0.05)
 
 

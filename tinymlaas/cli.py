@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import TinyMLaaSError
 
@@ -301,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_demo(args) -> int:
+    from server.demo import run_demo
+
+    return run_demo(Path(args.model), Path(args.data))
+
+
 def _service_parsers(sub) -> None:
     def api(p):
         p.add_argument("--server", default=os.environ.get("TINYMLAAS_SERVER", "http://127.0.0.1:8080"),
@@ -319,6 +326,11 @@ def _service_parsers(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="build worker processes (default 1)")
     p.add_argument("--public-url", help="the URL devices download from (default: this server's)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="the whole flow on one machine: server, 3 emulated devices, build, rollout")
+    p.add_argument("model", help="a .tflite model (the Makefile passes MLPerf Tiny KWS)")
+    p.add_argument("--data", default="build/demo", help="folder for the server and the devices (replaced)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("worker", help="run build workers (Huey consumer) on the server's data folder")
     p.add_argument("--data", help="data folder (default: env TINYMLAAS_DATA)")

@@ -1,0 +1,126 @@
+"""Fleet load: rollout time for N emulated devices, and API requests per second; one JSON.
+
+Usage: python benchmarks/fleet.py [--models DIR] [--agents 50,200] [--out FILE]
+
+Every device is a real agent (own MQTT login, HTTP download with its own credentials, image checks,
+A/B slot write, QEMU self-test of the new image) in this one process; the server is the real app
+(werkzeug threaded server, SQLite WAL), one Huey worker, and each MQTT broker in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fleet_helpers import build, start_agents, start_server  # noqa: E402
+
+from server.broker import MosquittoBroker  # noqa: E402
+from server.client import Client  # noqa: E402
+from tinymlaas import __version__  # noqa: E402
+
+logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+
+
+def rollout(root: Path, model: Path, broker: str, n: int) -> dict:
+    server = start_server(root / f"{broker}-{n}", mqtt=broker)
+    agents = []
+    try:
+        client = Client(server.url, server.admin_token)
+        b = build(client, model)
+        t0 = time.monotonic()
+        agents = start_agents(server, root / f"{broker}-{n}-devices", [f"d{i:04d}" for i in range(n)], group="bench")
+        connect_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        d = client.wait_deployment(client.deploy(b["id"], group="bench", stages=[10, 50, 100])["id"], timeout=1800)
+        seconds = time.monotonic() - t1
+        return {"broker": broker, "agents": n, "state": d["state"], "counts": d["summary"]["counts"],
+                "register_and_connect_s": round(connect_s, 2), "rollout_s": round(seconds, 2),
+                "devices_per_s": round(n / seconds, 1), "image_bytes": b["report"]["image"]["size"]}
+    finally:
+        for a in agents:
+            a.stop()
+        server.stop()
+
+
+def api_throughput(root: Path, threads: int = 8, seconds: float = 5.0, devices: int = 200) -> dict:
+    server = start_server(root / "api", workers=0)
+    try:
+        client = Client(server.url, server.admin_token)
+        for i in range(devices):
+            client.register_device(f"api{i:04d}", "cortex-m4", "api")
+        endpoints = {
+            "GET /devices/{id}": lambda s, i: s.get(f"{server.url}/api/v1/devices/api{i % devices:04d}"),
+            "GET /devices?group (200 rows)": lambda s, i: s.get(f"{server.url}/api/v1/devices?group=api"),
+            "GET /health": lambda s, i: s.get(f"{server.url}/api/v1/health"),
+        }
+        out = {}
+        for name, call in endpoints.items():
+            done, errors, stop = [0] * threads, [0] * threads, threading.Event()
+
+            def worker(k):
+                s = requests.Session()
+                s.headers["Authorization"] = f"Bearer {server.admin_token}"
+                i = k
+                while not stop.is_set():
+                    r = call(s, i)
+                    if r.status_code == 200:
+                        done[k] += 1
+                    else:
+                        errors[k] += 1
+                    i += threads
+
+            ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+            t0 = time.monotonic()
+            for t in ts:
+                t.start()
+            time.sleep(seconds)
+            stop.set()
+            for t in ts:
+                t.join()
+            elapsed = time.monotonic() - t0
+            out[name] = {"requests_per_s": round(sum(done) / elapsed, 1), "errors": sum(errors)}
+        return {"threads": threads, "seconds": seconds, "endpoints": out}
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=str(ROOT.parent / "shared" / "models" / "mlperf-tiny"))
+    ap.add_argument("--agents", default="50,200")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fleet.json"))
+    args = ap.parse_args()
+    model = Path(args.models) / "ad01_int8.tflite"
+    brokers = ["embedded"] + (["mosquitto"] if MosquittoBroker.binary() else [])
+    results = {"tinymlaas": __version__, "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                                     "platform": platform.platform()},
+               "model": model.name, "rollouts": [], "api": None}
+    with tempfile.TemporaryDirectory(prefix="tinymlaas-fleet-") as tmp:
+        for broker in brokers:
+            for n in (int(x) for x in args.agents.split(",")):
+                r = rollout(Path(tmp), model, broker, n)
+                print(json.dumps(r), flush=True)
+                results["rollouts"].append(r)
+        results["api"] = api_throughput(Path(tmp))
+        print(json.dumps(results["api"]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
