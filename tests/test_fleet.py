@@ -280,3 +280,31 @@ def test_broker_restart_mid_rollout(tmp_path, models_dir):
     finally:
         _stop(agents)
         server.stop()
+
+
+def test_cli_against_the_live_server(live, capsys, tmp_path):
+    from tinymlaas.cli import main
+
+    server, v1 = live["server"], live["v1"]
+    api = ["--server", server.url, "--token", server.admin_token]
+    assert main(["devices", "register", "cli-dev-1", "--target", "cortex-m7", "--group", "cli", *api]) == 0
+    assert "MQTT user cli-dev-1" in capsys.readouterr().out
+    assert main(["devices", "list", "--group", "cli", *api]) == 0
+    assert "cli-dev-1" in capsys.readouterr().out
+    assert main(["builds", "status", str(v1["id"]), *api]) == 0
+    assert "instructions/inference" in capsys.readouterr().out
+    assert main(["builds", "download", str(v1["id"]), "--artifact", "report", "-o", str(tmp_path / "r.json"), *api]) == 0
+    assert (tmp_path / "r.json").exists()
+    # refusals: exit 2, one line naming what and why
+    assert main(["builds", "request", "--model", "1", "--target", "cortex-m99", *api]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[target]" in err[0] and "cortex-m99" in err[0]
+    assert main(["devices", "list", "--server", server.url, "--token", "tmk_wrong"]) == 2
+    assert "401" in capsys.readouterr().err
+    assert main(["deploy", str(v1["id"]), "--group", "cli", "--stages", "50,20", *api]) == 2
+    assert "[stages]" in capsys.readouterr().err
+    # a rollout drawn: the halted canary rollout exits 1
+    canary = [d for d in live["client"].deployments() if d["group"] == "canary"][-1]
+    assert main(["rollouts", "status", str(canary["id"]), *api]) == 1
+    out = capsys.readouterr().out
+    assert "HALTED" in out and "stage 1 (  3 dev) [X" in out and "stage 2" in out
