@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fleet_helpers import build, start_agents, start_server  # noqa: E402
+from fleet_helpers import build, start_agents, start_server
 
-from server.broker import MosquittoBroker  # noqa: E402
-from server.client import Client  # noqa: E402
-from tinymlaas import __version__  # noqa: E402
+from server.broker import MosquittoBroker
+from server.client import Client
+from tinymlaas import __version__
 
 logging.getLogger("amqtt").setLevel(logging.CRITICAL)
 
@@ -71,7 +71,7 @@ def api_throughput(root: Path, threads: int = 8, seconds: float = 5.0, devices: 
         for name, call in endpoints.items():
             done, errors, stop = [0] * threads, [0] * threads, threading.Event()
 
-            def worker(k):
+            def worker(k, call=call, done=done, errors=errors, stop=stop):
                 s = requests.Session()
                 s.headers["Authorization"] = f"Bearer {server.admin_token}"
                 i = k

@@ -22,8 +22,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tinymlaas import __version__  # noqa: E402
-from tinymlaas.pipeline import CompileOptions, compile_model  # noqa: E402
+from tinymlaas import __version__
+from tinymlaas.pipeline import CompileOptions, compile_model
 
 MODELS = [
     "kws_ref_model", "kws_ref_model_float32", "vww_96_int8", "vww_96_float",

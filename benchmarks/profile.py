@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tinymlaas.pipeline import profile_model  # noqa: E402
+from tinymlaas.pipeline import profile_model
 
 
 def main() -> int:

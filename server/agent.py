@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 import requests
 
 from tinymlaas.errors import TinyMLaaSError
-from tinymlaas.ota import Bootloader, BootedImage, Flash, NoBootableImage
+from tinymlaas.ota import BootedImage, Bootloader, Flash, NoBootableImage
 from tinymlaas.package import ImageRejected, inspect_image, slot_size
 from tinymlaas.selftest import run_selftest
 from tinymlaas.targets import get_target
@@ -142,7 +142,7 @@ class Agent:
                 self._publish("state", {"state": "offline", "firmware_version": self.version}, retain=True)
                 self.client.disconnect()
             else:
-                self.client._sock_close()  # noqa: SLF001 - no DISCONNECT packet: the broker sends the will
+                self.client._sock_close()
             self.client.loop_stop()
 
     def _topic(self, suffix: str) -> str:

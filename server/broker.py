@@ -161,7 +161,7 @@ class EmbeddedBroker:
             asyncio.set_event_loop(self._loop)
             try:
                 self._broker = _confined_broker_class()(config, loop=self._loop)
-                self._broker._subscriptions = _SnapshotDict()  # noqa: SLF001 - see _SnapshotDict
+                self._broker._subscriptions = _SnapshotDict()
                 self._loop.run_until_complete(self._broker.start())
             except BaseException as e:  # reported to start()'s caller
                 errors.append(e)

@@ -58,16 +58,8 @@ class Client:
         return self._call("GET", f"/builds/{build_id}").json()
 
     def wait_build(self, build_id: int, timeout: float = 900.0, on_progress=None) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            b = self.build(build_id)
-            if on_progress:
-                on_progress(b)
-            if b["state"] in ("done", "failed", "cancelled"):
-                return b
-            if time.monotonic() > deadline:
-                raise TinyMLaaSError(f"build {build_id} is still {b['state']} after {timeout:g} s")
-            time.sleep(0.5)
+        return _poll(lambda: self.build(build_id), lambda b: b["state"] in ("done", "failed", "cancelled"),
+                     timeout, on_progress, lambda b: f"build {build_id} is still {b['state']}", 0.5)
 
     def cancel_build(self, build_id: int) -> dict:
         return self._call("POST", f"/builds/{build_id}/cancel").json()
@@ -93,17 +85,24 @@ class Client:
         return self._call("POST", f"/deployments/{dep_id}/rollback").json()
 
     def wait_deployment(self, dep_id: int, timeout: float = 600.0, on_progress=None) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            d = self.deployment(dep_id)
-            if on_progress:
-                on_progress(d)
-            open_jobs = [j for j in d["jobs"] if j["status"] in ("notified", "in_progress")]
-            if d["state"] != "in_progress" and not open_jobs:
-                return d
-            if time.monotonic() > deadline:
-                raise TinyMLaaSError(f"deployment {dep_id} is still {d['state']} after {timeout:g} s")
-            time.sleep(0.3)
+        """Until the rollout has ended and no notified device is still working on it."""
+        return _poll(lambda: self.deployment(dep_id),
+                     lambda d: d["state"] != "in_progress"
+                     and not any(j["status"] in ("notified", "in_progress") for j in d["jobs"]),
+                     timeout, on_progress, lambda d: f"deployment {dep_id} is still {d['state']}", 0.3)
+
+
+def _poll(fetch, finished, timeout: float, on_progress, still, interval: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        obj = fetch()
+        if on_progress:
+            on_progress(obj)
+        if finished(obj):
+            return obj
+        if time.monotonic() > deadline:
+            raise TinyMLaaSError(f"{still(obj)} after {timeout:g} s")
+        time.sleep(interval)
 
 
 def draw_rollout(d: dict, width: int = 60) -> str:

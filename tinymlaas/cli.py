@@ -82,9 +82,9 @@ def _client(args):
 
     token = args.token or os.environ.get("TINYMLAAS_TOKEN")
     if not token:
-        path = os.path.join(os.environ.get("TINYMLAAS_DATA", "instance"), "admin.token")
-        if os.path.exists(path):
-            token = open(path).read().strip()
+        path = Path(os.environ.get("TINYMLAAS_DATA", "instance")) / "admin.token"
+        if path.exists():
+            token = path.read_text().strip()
     if not token:
         raise TinyMLaaSError("an API token is needed: --token, TINYMLAAS_TOKEN, or DATA/admin.token")
     return Client(args.server, token)

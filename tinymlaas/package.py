@@ -99,7 +99,7 @@ def canonical_version(text: str) -> str:
 def read_header(data: bytes) -> ImageInfo:
     if len(data) < 32:
         raise ImageRejected("truncated", f"{len(data)} B is shorter than an image header")
-    magic, _, header_size, protected_size, image_size = struct.unpack_from("<IIHHI", data, 0)
+    magic, _, header_size, _protected, image_size = struct.unpack_from("<IIHHI", data, 0)
     if magic != IMAGE_MAGIC:
         raise ImageRejected("bad-magic", f"header magic {magic:#010x} is not MCUboot's {IMAGE_MAGIC:#010x}")
     major, minor, revision, build = struct.unpack_from("<BBHI", data, 20)

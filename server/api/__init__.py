@@ -56,6 +56,13 @@ def session():
     return g.db
 
 
+def get_or_404(model, key, what: str):
+    row = session().get(model, key)
+    if row is None:
+        raise ServiceError(404, f"no {what} {key!r}" if isinstance(key, str) else f"no {what} {key}")
+    return row
+
+
 def require_user():
     header = request.headers.get("Authorization", "")
     token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""

@@ -4,7 +4,7 @@ from sqlalchemy import select
 
 from .. import db
 from ..service import ServiceError, cancel_build, request_build
-from . import ctx, require_user, schemas, session
+from . import ctx, get_or_404, require_user, schemas, session
 
 blp = Blueprint("builds", __name__, description="Build jobs: compile, verify in the emulator, sign")
 
@@ -28,10 +28,7 @@ def list_builds():
 
 
 def _build(build_id: int) -> db.Build:
-    build = session().get(db.Build, build_id)
-    if build is None:
-        raise ServiceError(404, f"no build {build_id}")
-    return build
+    return get_or_404(db.Build, build_id, "build")
 
 
 @blp.route("/builds/<int:build_id>", methods=["GET"])

@@ -4,8 +4,8 @@ from sqlalchemy import select
 from tinymlaas.rollout import RolloutPlan
 
 from .. import db
-from ..service import ServiceError, create_deployment, deployment_summary, jobs_of, rollback
-from . import ctx, require_user, schemas, session
+from ..service import create_deployment, deployment_summary, jobs_of, rollback
+from . import ctx, get_or_404, require_user, schemas, session
 
 blp = Blueprint("deployments", __name__, description="Staged OTA rollouts of a build to a device group")
 
@@ -37,10 +37,7 @@ def list_deployments():
 
 
 def _deployment(dep_id: int) -> db.Deployment:
-    dep = session().get(db.Deployment, dep_id)
-    if dep is None:
-        raise ServiceError(404, f"no deployment {dep_id}")
-    return dep
+    return get_or_404(db.Deployment, dep_id, "deployment")
 
 
 @blp.route("/deployments/<int:dep_id>", methods=["GET"])

@@ -6,8 +6,8 @@ from tinymlaas.package import public_key_pem
 from .. import db
 from ..broker import ROOT
 from ..jobs import ensure_signing_key
-from ..service import ServiceError, register_device
-from . import ctx, require_user, schemas, session
+from ..service import register_device
+from . import ctx, get_or_404, require_user, schemas, session
 
 blp = Blueprint("devices", __name__, description="Device registry")
 
@@ -45,7 +45,4 @@ def list_devices(query):
 @blp.response(200, schemas.Device)
 def get_device(device_id):
     require_user()
-    device = session().get(db.Device, device_id)
-    if device is None:
-        raise ServiceError(404, f"no device '{device_id}'")
-    return device
+    return get_or_404(db.Device, device_id, "device")

@@ -2,8 +2,8 @@ from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from .. import db
-from ..service import ServiceError, add_model
-from . import ctx, require_user, schemas, session
+from ..service import add_model
+from . import ctx, get_or_404, require_user, schemas, session
 
 blp = Blueprint("models", __name__, description="Uploaded models")
 
@@ -29,7 +29,4 @@ def list_models():
 @blp.response(200, schemas.Model)
 def get_model(model_id):
     require_user()
-    model = session().get(db.Model, model_id)
-    if model is None:
-        raise ServiceError(404, f"no model {model_id}")
-    return model
+    return get_or_404(db.Model, model_id, "model")
