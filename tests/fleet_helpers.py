@@ -18,8 +18,9 @@ logging.getLogger("amqtt").setLevel(logging.CRITICAL)
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
-def start_server(data: Path, mqtt: str = "embedded", workers: int = 1, public_url: str | None = None) -> Server:
-    settings = Settings(data_dir=data, mqtt=mqtt, mqtt_port=free_port(), build_inputs=3)
+def start_server(data: Path, mqtt: str = "embedded", workers: int = 1, public_url: str | None = None,
+                 database_url: str = "") -> Server:
+    settings = Settings(data_dir=data, mqtt=mqtt, mqtt_port=free_port(), build_inputs=3, database_url=database_url)
     if public_url:
         settings.public_url = public_url
     return Server(settings, port=0, workers=workers).start()

@@ -308,3 +308,21 @@ def test_cli_against_the_live_server(live, capsys, tmp_path):
     assert main(["rollouts", "status", str(canary["id"]), *api]) == 1
     out = capsys.readouterr().out
     assert "HALTED" in out and "stage 1 (  3 dev) [X" in out and "stage 2" in out
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_whole_flow_on_postgresql(database_url, tmp_path, models_dir):
+    """Server, worker process and coordinator on a real PostgreSQL: build, staged rollout, fleet state."""
+    server = start_server(tmp_path / "data", database_url=database_url)
+    agents = []
+    try:
+        assert server.settings.database_url.startswith("postgresql")
+        client = Client(server.url, server.admin_token)
+        b = build(client, model_path("ad01_int8"), target="rv32imac")
+        agents = start_agents(server, tmp_path, [f"pg-{i}" for i in range(4)], target="rv32imac", group="pg")
+        d = client.wait_deployment(client.deploy(b["id"], group="pg", stages=[50, 100])["id"], timeout=300)
+        assert d["state"] == "succeeded" and d["summary"]["counts"] == {"succeeded": 4}
+        assert {x["firmware_version"] for x in client.devices("pg")} == {b["version"]}
+    finally:
+        _stop(agents)
+        server.stop()
