@@ -231,8 +231,9 @@ class MosquittoBroker:
         if exe is None:
             raise RuntimeError("mosquitto is not installed (run `make setup`)")
         self.write_config()
-        self.proc = subprocess.Popen([exe, "-c", str(self.dir / "mosquitto.conf")],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.dir / "mosquitto.log", "ab"))
+        with open(self.dir / "mosquitto.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([exe, "-c", str(self.dir / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                                         stderr=log)
         wait_for_port(self.host, self.port)
 
     def credentials_changed(self) -> None:

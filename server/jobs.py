@@ -23,6 +23,7 @@ from tinymlaas.targets import get_target
 
 from .config import Settings
 from .db import Build, Model, make_engine, make_sessionmaker
+from .service import BUILD_FINAL
 
 log = logging.getLogger("tinymlaas.jobs")
 EMULATING_FROM = STAGES.index("reference")
@@ -77,7 +78,7 @@ def run_build(settings: Settings, build_id: int) -> None:
     store = ArtifactStore(settings.artifacts_dir)
     with sessions() as s:
         build = s.get(Build, build_id)
-        if build is None or build.state in ("done", "failed", "cancelled"):
+        if build is None or build.state in BUILD_FINAL:
             return
         build.state, build.stage, build.progress, build.message = "building", "import", 0.0, None
         build.attempts += 1

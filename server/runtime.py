@@ -119,9 +119,9 @@ class Server:
             self.broker.stop()
 
 
-def start_worker(settings: Settings, log_file=None) -> subprocess.Popen:
-    """A build worker process (`tinymlaas worker`) on the same database, queue and files."""
+def start_worker(settings: Settings) -> subprocess.Popen:
+    """A build worker process (`tinymlaas worker`) on the same database, queue and files; it logs to DATA/worker.log."""
     env = {**os.environ, **settings.to_env()}
-    out = log_file or open(settings.data_dir / "worker.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "tinymlaas", "worker"], env=env, stdout=out,
-                            stderr=subprocess.STDOUT)
+    with open(settings.data_dir / "worker.log", "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "tinymlaas", "worker"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)

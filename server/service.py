@@ -25,8 +25,7 @@ from tinymlaas.targets import get_target
 from .broker import hash_secret
 from .db import Build, Deployment, Device, DeviceJob, Model, Telemetry, User, now
 
-BUILD_STATES = ("queued", "building", "emulating", "done", "failed", "cancelled")
-BUILD_FINAL = ("done", "failed", "cancelled")
+BUILD_FINAL = ("done", "failed", "cancelled")  # a build is queued, building or emulating before one of these
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
