@@ -18,7 +18,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("target")
-    ap.add_argument("--kernels", default="auto", choices=("auto", "tir", "dsp"))
+    ap.add_argument("--kernels", default="auto", choices=("auto", "tir", "dsp", "dsp16"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         steps = profile_model(args.model, args.target, Path(tmp), kernels=args.kernels)

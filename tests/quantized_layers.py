@@ -78,13 +78,21 @@ def _opts(kind, **fields):
     return getattr(s.BuiltinOptions, kind), o
 
 
-def conv2d(seed, in_shape, out_c, k, stride, padding, act, per_channel=True, dilation=1):
+def conv2d(seed, in_shape, out_c, k, stride, padding, act, per_channel=True, dilation=1, out_scale_factor=1.0,
+           dead_channels=False):
+    """dead_channels: channel 0 with a zero multiplier and channel 1 saturated by a huge bias, as trained
+    models have them; out_scale_factor < 1 gives multipliers above 1 (positive shifts)."""
     L = Layer(seed)
     n, h, w, c = in_shape
-    in_scale, out_scale = 0.05, 0.05 * 0.01 * k * k * c * 0.5
+    in_scale, out_scale = 0.05, 0.05 * 0.01 * k * k * c * 0.5 * out_scale_factor
     x = L.activation("x", in_shape, in_scale, 7)
     wt, ws = L.weights("w", [out_c, k, k, c], 0 if per_channel else None)
     b = L.bias("b", out_c, in_scale * ws)
+    if dead_channels:
+        L.tensors[wt].quantization.scale[0] = np.float32(1e-14)
+        bias = np.frombuffer(L.buffers[L.tensors[b].buffer].data.tobytes(), dtype=np.int32).copy()
+        bias[:2] = 2**30
+        L.buffers[L.tensors[b].buffer].data = np.frombuffer(bias.tobytes(), dtype=np.uint8)
     eff = (k - 1) * dilation + 1
     oh = -(-h // stride) if padding == 0 else (h - eff) // stride + 1
     ow = -(-w // stride) if padding == 0 else (w - eff) // stride + 1

@@ -1,5 +1,6 @@
 """Every integer kernel, bit-exact with the TFLite interpreter's reference kernels, on small random layers."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ CASES = {
     "conv_valid_s1_per_tensor": lambda: q.conv2d(2, [1, 6, 8, 4], 3, 3, 1, VALID, NONE, per_channel=False),
     "conv_same_dilated_relu": lambda: q.conv2d(3, [1, 10, 9, 2], 4, 3, 1, SAME, RELU, dilation=2),
     "conv_1x1_odd": lambda: q.conv2d(4, [1, 5, 3, 7], 9, 1, 1, VALID, RELU_N1_TO_1),
+    "conv_1x1_odd_pixels_c12": lambda: q.conv2d(22, [1, 3, 5, 12], 7, 1, 1, VALID, RELU),
+    "conv_dead_channels": lambda: q.conv2d(20, [1, 5, 5, 8], 6, 3, 1, SAME, RELU, dead_channels=True),
+    "conv_multiplier_above_one": lambda: q.conv2d(21, [1, 4, 4, 4], 4, 1, 1, VALID, NONE, out_scale_factor=0.1),
     "depthwise_same_s2_m2_relu": lambda: q.depthwise(5, [1, 8, 7, 3], 2, 3, 2, SAME, RELU),
     "depthwise_valid_s1": lambda: q.depthwise(6, [1, 6, 6, 5], 1, 3, 1, VALID, NONE),
     "depthwise_3x3_c8_same_relu6": lambda: q.depthwise(18, [1, 7, 9, 8], 1, 3, 1, SAME, RELU6),
@@ -36,7 +40,8 @@ CASES = {
 
 @pytest.mark.parametrize(
     "target, kernels",
-    [("cortex-m4", "dsp"), ("cortex-m4", "tir"), ("rv32imac", "tir")],  # DSP micro-kernels and integer TIR
+    # DSP micro-kernels with int8 and int16 weights, integer TIR
+    [("cortex-m4", "dsp"), ("cortex-m4", "dsp16"), ("cortex-m4", "tir"), ("rv32imac", "tir")],
 )
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_operator_is_bit_exact(case, target, kernels, tmp_path):
@@ -47,3 +52,74 @@ def test_operator_is_bit_exact(case, target, kernels, tmp_path):
     assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
     out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
     assert len(np.unique(out)) > 3  # a layer whose outputs all saturate would prove nothing
+
+
+# Which DSP kernel each case must reach: the fast kernels where requantization was proved overflow-free
+# (dead channels folded to constants), the general ones (conv_s8.c) where it was not.
+DSP_KERNEL = {
+    ("conv_same_s2_relu6_per_channel", "dsp"): "tinymlaas_gemm_w8",
+    ("conv_1x1_odd_pixels_c12", "dsp"): "tinymlaas_gemm_w8",
+    ("conv_dead_channels", "dsp"): "tinymlaas_gemm_w8",
+    ("conv_multiplier_above_one", "dsp"): "tinymlaas_conv1x1_s8",
+    ("conv_1x1_odd", "dsp"): "tinymlaas_conv1x1_s8",  # a multiplier >= 0.5: left shift, general form
+    ("depthwise_3x3_c8_same_relu6", "dsp"): "tinymlaas_depthwise3x3_w8",
+    ("depthwise_valid_s1", "dsp"): "tinymlaas_depthwise_s8",
+    ("fc_relu", "dsp"): "tinymlaas_gemv_w8",
+    ("fc_flatten_batch", "dsp"): "tinymlaas_gemm_w8",
+    ("conv_same_s2_relu6_per_channel", "dsp16"): "tinymlaas_gemm_w16",
+    ("depthwise_3x3_c8_same_relu6", "dsp16"): "tinymlaas_depthwise3x3_w16",
+    ("fc_relu", "dsp16"): "tinymlaas_gemv_w16",
+}
+
+
+@pytest.mark.parametrize("case, kernels", sorted(DSP_KERNEL))
+def test_dsp_kernel_choice(case, kernels, tmp_path):
+    from tinymlaas.importer import load_tflite
+    from tinymlaas.quantized import import_integer
+
+    path = tmp_path / f"{case}.tflite"
+    path.write_bytes(CASES[case]())
+    text = import_integer(load_tflite(path), kernels).script()
+    assert set(re.findall(r'"(tinymlaas_[a-z0-9_]+)"', text)) == {DSP_KERNEL[case, kernels]}
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_requant_table_equals_tflite_requantization(single):
+    """gemm_dsp.c's arithmetic (emulated with int32 overflow checks) against TFLite's formula, at the proved
+    accumulator bounds and at random accumulators, for the channels requant_table accepts."""
+    from tinymlaas.quantized import _requantize_exact, quantize_multiplier, requant_table
+
+    rng = np.random.default_rng(5)
+    accepted = 0
+
+    def i32(v):
+        assert -(2**31) <= v < 2**31, "int32 overflow in the kernel's arithmetic"
+        return v
+
+    for trial in range(60):
+        oc, k = 16, int(rng.integers(1, 600))
+        w = rng.integers(-127, 128, size=(oc, k)).astype(np.int8)
+        bias = rng.integers(-(2**(trial % 31)), 2**(trial % 31) + 1, size=oc).astype(np.int32)
+        pairs = [quantize_multiplier(float(r)) for r in np.exp(rng.uniform(np.log(1e-9), np.log(3.0 if trial % 5 == 0 else 0.45), size=oc))]
+        mult, shift = np.array([m for m, _ in pairs]), np.array([s for _, s in pairs])
+        zp_in, zp_out = int(rng.integers(-128, 128)), int(rng.integers(-128, 128))
+        act = (max(-128, zp_out), 127) if trial % 3 else (-128, 127)
+        table = requant_table(w, bias, mult, shift, zp_in, zp_out, act, single)
+        if table is None:
+            continue
+        spread = max(abs(-128 - zp_in), abs(127 - zp_in)) * np.abs(w.astype(np.int64)).sum(axis=1)
+        for ch in range(oc):
+            tb, tm, tr, te = (int(v) for v in table[ch])
+            accs = [-int(spread[ch]), int(spread[ch]), *rng.integers(-spread[ch], spread[ch] + 1, size=50).tolist()]
+            for acc in accs:
+                if single:
+                    v = (i32(i32(acc + tb) * tm >> 32) + tr) >> te
+                else:
+                    x = i32(i32(2 * acc + tb) * tm + (1 << 31) >> 32)
+                    v = i32(x + tr - int(x < 0)) >> te
+                got = min(max(v, -128, act[0]), 127, act[1])
+                want = min(max(_requantize_exact(acc + int(bias[ch]), int(mult[ch]), int(shift[ch]), single) + zp_out,
+                               act[0]), act[1])
+                assert got == want, (trial, ch, acc)
+        accepted += 1
+    assert accepted >= 30

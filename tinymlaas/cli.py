@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ram", type=_size, help="RAM budget for the model, e.g. 128K (default: the board's)")
     p.add_argument("--int8-lowering", choices=("integer", "float"), default="integer",
                    help="int8 models: integer kernels (bit-exact, default) or TVM's float emulation of int8 ops")
-    p.add_argument("--kernels", choices=("auto", "tir", "dsp"), default="auto",
-                   help="int8 layers: TIR kernels, DSP micro-kernels (SMLAD), or auto: DSP where the core has it")
+    p.add_argument("--kernels", choices=("auto", "tir", "dsp", "dsp16"), default="auto",
+                   help="int8 layers: TIR kernels, DSP micro-kernels (SMLAD) with the int8 weights or int16 (dsp16, faster, 2x weight flash), or auto: dsp where the core has DSP")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")
     p.set_defaults(func=cmd_compile)

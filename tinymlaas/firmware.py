@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -21,6 +22,29 @@ class Firmware:
     elf: Path
     map_file: Path
     symbols: dict[str, int]
+    kernel_library: list[Path]  # objects of firmware/kernels/*.c: model code, counted from the map
+
+
+_MAP_SECTION = re.compile(r"^ (\.\S+)(?:\s+0x[0-9a-f]+\s+0x([0-9a-f]+)\s+(\S+))?$")
+_MAP_PLACEMENT = re.compile(r"^\s+0x[0-9a-f]+\s+0x([0-9a-f]+)\s+(\S+)$")  # of a long section name's line above
+
+
+def linked_bytes(map_file: Path, objects: list[Path]) -> int:
+    """Flash bytes (code and read-only data) the linker kept from `objects`, read from its map file."""
+    names = {str(o) for o in objects}
+    text = map_file.read_text(errors="replace")
+    text = text[text.find("Linker script and memory map"):]  # before it: discarded sections
+    total, section = 0, ""
+    for line in text.splitlines():
+        placed = None
+        if m := _MAP_SECTION.match(line):
+            section = m.group(1)
+            placed = m.group(2, 3) if m.group(2) else None
+        elif m := _MAP_PLACEMENT.match(line):
+            placed = m.group(1, 2)
+        if placed and placed[1] in names and section.startswith((".text", ".rodata", ".srodata")):
+            total += int(placed[0], 16)
+    return total
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
@@ -58,21 +82,21 @@ def link_firmware(
     flash, ram = target.emulator.flash, target.emulator.ram
     elf = workdir / f"{name}.elf"
     map_file = workdir / f"{name}.map"
+    cflags = [*target.cc_flags, "-O2", "-g", "-ffunction-sections", "-fdata-sections", "--specs=picolibc.specs"]
+    library = []
+    for source in sorted((FIRMWARE_DIR / "kernels").glob("*.c")):
+        library.append(workdir / f"lib_{source.stem}.o")
+        _run([gcc, *cflags, "-c", str(source), "-o", str(library[-1])], workdir, f"compiling {source.name}")
     cmd = [
         gcc,
-        *target.cc_flags,
-        "-O2",
-        "-g",
-        "-ffunction-sections",
-        "-fdata-sections",
-        "--specs=picolibc.specs",
+        *cflags,
         "--oslib=semihost",
         "--crt0=hosted",
         f"-I{workdir}",
         *(["-DTINYMLAAS_PROFILE"] if profile else []),
         *(["-DTINYMLAAS_TRACE"] if trace else []),
         str(FIRMWARE_DIR / "harness.c"),
-        *[str(c) for c in sorted((FIRMWARE_DIR / "kernels").glob("*.c"))],
+        *[str(o) for o in library],
         str(driver.source),
         str(driver.weights_asm),
         str(kernels.path),
@@ -88,4 +112,4 @@ def link_firmware(
         str(elf),
     ]
     _run(cmd, workdir, f"linking firmware for {target.name}")
-    return Firmware(elf, map_file, read_symbols(elf, target))
+    return Firmware(elf, map_file, read_symbols(elf, target), library)

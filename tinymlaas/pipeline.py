@@ -19,7 +19,7 @@ from .codegen import build_kernels
 from .driver import generate_driver
 from .emulate import emulator_for
 from .errors import ModelTooLarge
-from .firmware import link_firmware
+from .firmware import link_firmware, linked_bytes
 from .importer import import_relax, load_tflite
 from .lower import lower
 from .measure import measure_firmware
@@ -40,7 +40,7 @@ class CompileOptions:
     max_flash: int | None = None  # user constraints, tighter than the board's
     max_ram: int | None = None
     int8_lowering: str = "integer"  # "integer": our integer kernels; "float": TVM's dequantize/float/quantize
-    kernels: str = "auto"  # int8 layers: "tir", "dsp" (DSP micro-kernels), or "auto" (dsp where the core has DSP)
+    kernels: str = "auto"  # int8 layers: "tir", "dsp"/"dsp16" (DSP micro-kernels, int8/int16 weights), "auto" (dsp if DSP)
 
 
 @dataclass
@@ -172,7 +172,8 @@ def compile_model(
         counts = [r.instructions for r in run.regions]
 
         stage("measure")
-        sizes = measure_firmware(firmware.elf, target, program, run.harness.get("stack_bytes"))
+        sizes = measure_firmware(firmware.elf, target, program, run.harness.get("stack_bytes"),
+                                 linked_bytes(firmware.map_file, firmware.kernel_library))
         fits = check_fits(
             model.name, target, flash=sizes.flash_model, ram=sizes.ram_model, options=options,
             detail=f"measured: code {_fmt(sizes.model_code)} B, weights {_fmt(sizes.weights)} B, "

@@ -19,7 +19,9 @@ from .errors import UnsupportedOperator
 from .importer import TFLiteModel
 
 SUPPORTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "RESHAPE", "SOFTMAX"}
-KERNEL_KINDS = ("tir", "dsp")  # per layer: integer TIR, or the DSP micro-kernels of firmware/kernels/conv_s8.c
+KERNEL_KINDS = ("tir", "dsp", "dsp16")
+# per layer: integer TIR; DSP micro-kernels (firmware/kernels/gemm_dsp.c) with the int8 weights; or with the
+# weights pre-widened to int16 in flash: faster, twice the weight flash
 
 # TFLite enums (schema.fbs)
 _SAME, _VALID = 0, 1
@@ -150,6 +152,75 @@ def _emit_kernel(bb, fn, args, name: str, **attrs):
     return bb.emit(relax.call_tir(gv, list(args), relax.TensorType([int(v) for v in out.shape], out.dtype)))
 
 
+_LANES = (0, 2, 1, 3)  # SXTAB16 widens a word's bytes 0, 2 and 1, 3: int16 weights follow that order
+
+
+def blocked_weights(w2d: np.ndarray, block: int, wide: bool) -> np.ndarray:
+    """(OC, K) int8 -> [OC/block][K/4][block][4], zero-padded: gemm_dsp.c's layouts.
+
+    int8 keeps k0 k1 k2 k3 (SXTB16 splits a word into k0 k2 | k1 k3 in the loop); int16 is stored split.
+    """
+    oc, k = w2d.shape
+    oc_pad, k_pad = -(-oc // block) * block, -(-k // 4) * 4
+    padded = np.zeros((oc_pad, k_pad), dtype=np.int16 if wide else np.int8)
+    padded[:oc, :k] = w2d
+    quads = padded.reshape(oc_pad // block, block, k_pad // 4, 4)
+    if wide:
+        quads = quads[..., _LANES]
+    return np.ascontiguousarray(quads.transpose(0, 2, 1, 3))
+
+
+def _requantize_exact(acc: int, mult: int, shift: int, single: bool) -> int | None:
+    """TFLite's requantization of one accumulator in Python integers (None: int32 overflow in TFLite)."""
+    if single:
+        total = 31 - shift
+        return (acc * mult + (1 << (total - 1))) >> total
+    scaled = acc << max(shift, 0)
+    if not -(2**31) <= scaled < 2**31:
+        return None
+    x, e = (scaled * mult + (1 << 30)) >> 31, max(-shift, 0)
+    if e == 0:
+        return x
+    mask = (1 << e) - 1
+    return (x >> e) + int((x & mask) > (mask >> 1) + int(x < 0))
+
+
+def requant_table(w2d: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.ndarray, zp_in: int, zp_out: int,
+                  act: tuple[int, int], single: bool) -> np.ndarray | None:
+    """Per output channel {bias, multiplier, round, shift} for gemm_dsp.c's requantization, or None.
+
+    The C code skips 64-bit arithmetic, saturation and the sign tests of TFLite's formulas; that is exact
+    only while no intermediate can overflow, which is proved here from the weights: |accumulator| is at
+    most |bias| + max|x - zp_in| * sum|w|. The output zero point is folded into the rounding constant.
+    A channel the proof fails for is still taken when its output cannot depend on the input
+    (requantization is monotonic, so equal outputs at both accumulator bounds): trained models carry such
+    dead channels (a huge bias, a zero multiplier); it becomes a constant (multiplier 0).
+    """
+    x_max = max(abs(-128 - zp_in), abs(127 - zp_in))
+    spread = x_max * np.abs(w2d.astype(np.int64)).sum(axis=1)
+    rows = []
+    for b, m, s, d in zip(bias.tolist(), mult.tolist(), shift.tolist(), spread.tolist()):
+        a = abs(b) + d
+        if single:  # smmul(acc + bias, m) then >> (31 - s - 32)
+            e, scaled = -s - 1, a // 2 + 1
+            ok = 1 <= e <= 30 and a < 2**31
+        else:  # smmulr(2 * (acc + bias), m) then rounding >> -s
+            e, scaled = -s, a + 1
+            ok = 1 <= e <= 30 and 2 * a < 2**31
+        rnd = (1 << (e - 1)) + (zp_out << e) if ok else 0
+        if ok and m > 0 and scaled + abs(rnd) + 1 < 2**31:
+            rows.append((b if single else 2 * b, m, rnd, e))
+            continue
+        ends = [_requantize_exact(b + sign * d, m, s, single) for sign in (-1, 1)]
+        if a >= 2**31 or None in ends:
+            return None
+        lo, hi = (min(max(v + zp_out, act[0]), act[1]) for v in ends)
+        if lo != hi:
+            return None
+        rows.append((0, 0, 2 * lo, 1))  # (0 + 2 * lo) >> 1
+    return np.array(rows, dtype=np.int32)
+
+
 def _conv_params(n, h, w, c, oh, ow, oc, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, zp_out, lo, hi, single=0):
     return np.array([n, h, w, c, oh, ow, oc, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, zp_out, lo, hi, single], dtype=np.int32)
 
@@ -157,7 +228,7 @@ def _conv_params(n, h, w, c, oh, ow, oc, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, 
 def import_integer(model: TFLiteModel, kernels: str | dict[int, str] = "tir"):
     """Full-integer TFLite model -> Relax IRModule of integer kernels.
 
-    kernels: "tir" or "dsp" for every layer, or {operator index: kind}; "dsp" applies to convolutions,
+    kernels: "tir", "dsp" or "dsp16" for every layer, or {operator index: kind}; the DSP kinds apply to convolutions,
     depthwise convolutions (depth multiplier 1) and fully connected layers, others stay TIR.
     """
     from tvm import relax
@@ -218,23 +289,42 @@ def import_integer(model: TFLiteModel, kernels: str | dict[int, str] = "tir"):
                         "padding": (pt, pl, pb, pr), "zp_in": g.zero_point(ins[0]), "zp_out": zp_out,
                         "act_min": lo, "act_max": hi,
                     }
-                    args = [x, relax.const(w), relax.const(bias_of(ins[2] if len(ins) > 2 else -1, channels)),
-                            relax.const(mult), relax.const(shift)]
-                    dsp = kind_of(index) == "dsp" and (name == "CONV_2D" or opt.depthMultiplier == 1)
+                    bias = bias_of(ins[2] if len(ins) > 2 else -1, channels)
+                    args = [x, relax.const(w), relax.const(bias), relax.const(mult), relax.const(shift)]
+                    kind = kind_of(index)
+                    dsp = kind != "tir" and (name == "CONV_2D" or opt.depthMultiplier == 1)
                     if dsp:
                         n, _, _, c = g.shape(ins[0])
                         _, oh, ow, _ = g.shape(out)
-                        cp = _conv_params(n, h, wd, c, oh, ow, channels, kh, kw, opt.strideH, opt.strideW,
-                                          opt.dilationHFactor, opt.dilationWFactor, pt, pl, common["zp_in"], zp_out, lo, hi)
-                        pointwise = name == "CONV_2D" and kh == kw == 1 and opt.strideH == opt.strideW == 1 and pt == pl == 0
+                        cp = relax.const(_conv_params(
+                            n, h, wd, c, oh, ow, channels, kh, kw, opt.strideH, opt.strideW, opt.dilationHFactor,
+                            opt.dilationWFactor, pt, pl, common["zp_in"], zp_out, lo, hi))
                         dw3x3 = (name == "DEPTHWISE_CONV_2D" and kh == kw == 3 and c % 4 == 0
                                  and opt.dilationHFactor == opt.dilationWFactor == 1)
-                        symbol = ("tinymlaas_conv1x1_s8" if pointwise else "tinymlaas_conv_s8" if name == "CONV_2D"
-                                  else "tinymlaas_depthwise3x3_s8" if dw3x3 else "tinymlaas_depthwise_s8")
-                        if dw3x3:  # [C/4][9 taps][4 lanes]: a channel block's tap words adjacent
-                            args[1] = relax.const(np.ascontiguousarray(
-                                w.reshape(9, channels // 4, 4).transpose(1, 0, 2)).reshape(w.shape))
-                        y = extern(symbol, args + [relax.const(cp)], g.shape(out))
+                        w2d = w.reshape(channels, -1) if name == "CONV_2D" else w.reshape(kh * kw, channels).T
+                        table = None
+                        if name == "CONV_2D" or dw3x3:
+                            table = requant_table(w2d, bias, mult, shift, common["zp_in"], zp_out, (lo, hi), single=False)
+                        wide = kind == "dsp16"
+                        suffix = "_w16" if wide else "_w8"
+                        if table is not None and name == "CONV_2D":
+                            y = extern("tinymlaas_gemm" + suffix, [x, relax.const(blocked_weights(w2d, 2, wide)),
+                                                                   relax.const(table), cp], g.shape(out))
+                        elif table is not None:  # [C/4][9 taps][4 lanes]
+                            taps = w.reshape(9, channels // 4, 4).transpose(1, 0, 2)
+                            taps = taps[..., _LANES].astype(np.int16) if wide else taps
+                            y = extern("tinymlaas_depthwise3x3" + suffix, [x, relax.const(np.ascontiguousarray(taps)),
+                                                                           relax.const(table), cp], g.shape(out))
+                        else:  # requantization that needs the general form (conv_s8.c)
+                            pointwise = (name == "CONV_2D" and kh == kw == 1 and opt.strideH == opt.strideW == 1
+                                         and pt == pl == 0)
+                            symbol = ("tinymlaas_conv1x1_s8" if pointwise else "tinymlaas_conv_s8"
+                                      if name == "CONV_2D" else "tinymlaas_depthwise3x3_s8" if dw3x3
+                                      else "tinymlaas_depthwise_s8")
+                            if dw3x3:  # [C/4][9 taps][4 lanes]: a channel block's tap words adjacent
+                                args[1] = relax.const(np.ascontiguousarray(
+                                    w.reshape(9, channels // 4, 4).transpose(1, 0, 2)).reshape(w.shape))
+                            y = extern(symbol, args + [cp], g.shape(out))
                     elif name == "CONV_2D":
                         y = _emit_kernel(bb, k.conv2d_s8, args, hint, **common)
                     else:
@@ -248,15 +338,26 @@ def import_integer(model: TFLiteModel, kernels: str | dict[int, str] = "tir"):
                         x = bb.emit(relax.op.reshape(x, (int(np.prod(in_shape)) // depth, depth)))
                     mult, shift = requant_consts(ins[0], ins[1], out)
                     lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
-                    bias = relax.const(bias_of(ins[2] if len(ins) > 2 else -1, out_features))
-                    if kind_of(index) == "dsp" and g.zero_point(ins[1]) == 0:
+                    bias_values = bias_of(ins[2] if len(ins) > 2 else -1, out_features)
+                    bias = relax.const(bias_values)
+                    kind = kind_of(index)
+                    if kind != "tir" and g.zero_point(ins[1]) == 0:
                         batch = int(np.prod(g.shape(ins[0]))) // depth
-                        cp = _conv_params(batch, 1, 1, depth, 1, 1, out_features, 1, 1, 1, 1, 1, 1, 0, 0,
-                                          g.zero_point(ins[0]), zp_out, lo, hi, single=1)
+                        cp = relax.const(_conv_params(batch, 1, 1, depth, 1, 1, out_features, 1, 1, 1, 1, 1, 1, 0, 0,
+                                                      g.zero_point(ins[0]), zp_out, lo, hi, single=1))
                         reps = out_features if mult.size == 1 else 1
-                        y = extern("tinymlaas_conv1x1_s8", [x, relax.const(w), bias, relax.const(np.repeat(mult, reps)),
-                                                         relax.const(np.repeat(shift, reps)), relax.const(cp)],
-                                   (batch, out_features))
+                        mult, shift = np.repeat(mult, reps), np.repeat(shift, reps)
+                        table = requant_table(w, bias_values, mult, shift, g.zero_point(ins[0]), zp_out, (lo, hi),
+                                              single=True)
+                        if table is not None:  # one row: four channels per step; a batch: the 2x2 product
+                            kernel, block = ("tinymlaas_gemv", 4) if batch == 1 else ("tinymlaas_gemm", 2)
+                            wide = kind == "dsp16"
+                            y = extern(kernel + ("_w16" if wide else "_w8"),
+                                       [x, relax.const(blocked_weights(w, block, wide)), relax.const(table), cp],
+                                       (batch, out_features))
+                        else:
+                            y = extern("tinymlaas_conv1x1_s8", [x, relax.const(w), bias, relax.const(mult),
+                                                                relax.const(shift), cp], (batch, out_features))
                     else:
                         args = [x, relax.const(w), bias, relax.const(mult), relax.const(shift)]
                         y = _emit_kernel(bb, k.fully_connected_s8, args, hint, zp_in=g.zero_point(ins[0]),

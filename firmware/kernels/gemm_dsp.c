@@ -1,0 +1,570 @@
+/*
+ * int8 convolution, 1x1 convolution and fully connected layers as a matrix product on the DSP extension.
+ *
+ * Each pair of output pixels is gathered once, with the input offset added, into an int16 patch on the
+ * stack (im2col; padding is 0 there, which is what (zero point - zero point) contributes). The inner
+ * loop computes two pixels x two output channels per four input channels with eight SMLAD.
+ * Weights come in two variants, the compiler picks one per layer:
+ *   w8:  int8 in flash (as in the model); two SXTB16 widen each weight word in the loop
+ *   w16: pre-widened to int16 (twice the flash); one LDM loads two channels' four weights, no widening
+ *
+ * Layouts, k = (ky, kx, c) flattened and padded with zeros to quads of four:
+ *   patch   [quad][pixel 0..1][k0 k2 | k1 k3]         int16, the order SXTAB16/SXTB16 produce
+ *   weights [OC/2][quad][channel 0..1][k0 k1 k2 k3]   int8  (gemm: output channels in pairs)
+ *           [OC/2][quad][channel 0..1][k0 k2 | k1 k3] int16
+ *           [OC/4][quad][channel 0..3][...]           gemv: one pixel, four channels per step
+ *   requant [OC][bias, multiplier, round, shift]       see struct tinymlaas_rq
+ *
+ * Requantization is TFLite's, bit-exact, in its cheapest exact form: the compiler proved for the layer
+ * that no intermediate overflows (tinymlaas.quantized.requant_table) and folded the output zero point
+ * into the rounding constant. Layers it cannot prove use conv_s8.c.
+ *
+ * params: N H W C  OH OW OC  KH KW  SH SW  DH DW  PT PL  zp_in zp_out act_min act_max single_rounding
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__ARM_FEATURE_DSP)
+#include <arm_acle.h>
+#endif
+
+enum { P_N, P_H, P_W, P_C, P_OH, P_OW, P_OC, P_KH, P_KW, P_SH, P_SW, P_DH, P_DW, P_PT, P_PL,
+       P_ZP_IN, P_ZP_OUT, P_ACT_MIN, P_ACT_MAX, P_SINGLE };
+
+/*
+ * double rounding (conv): (smmulr(2 * acc + bias, mult) + round - (x < 0)) >> shift, bias = 2 * TFLite bias,
+ *   == RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(acc + bias, mult), shift) + zp_out
+ * single rounding (the interpreter's fully connected): (smmul(acc + bias, mult) + round) >> shift
+ *   == ((acc + bias) * mult + 2^(30 - s)) >> (31 - s) + zp_out, s the TFLite shift
+ */
+struct tinymlaas_rq {
+    int32_t bias, mult, round, shift;
+};
+
+static inline int32_t smmulr(int32_t a, int32_t b)
+{
+#if defined(__ARM_FEATURE_DSP)
+    int32_t r;
+    __asm__("smmulr %0, %1, %2" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+#else
+    return (int32_t)(((int64_t)a * b + 0x80000000ll) >> 32);
+#endif
+}
+
+static inline int32_t smmul(int32_t a, int32_t b)
+{
+    return (int32_t)(((int64_t)a * b) >> 32); /* gcc: one SMMUL */
+}
+
+static inline __attribute__((always_inline)) int8_t requantize(int32_t acc, const struct tinymlaas_rq *q,
+                                                               int single, int clamp, int32_t lo, int32_t hi)
+{
+    int32_t v;
+    if (single) {
+        v = (smmul(acc + q->bias, q->mult) + q->round) >> q->shift;
+    } else {
+        int32_t x = smmulr(2 * acc + q->bias, q->mult);
+        v = (x + q->round - (int32_t)((uint32_t)x >> 31)) >> q->shift;
+    }
+#if defined(__ARM_FEATURE_DSP)
+    v = __ssat(v, 8);
+#else
+    v = v < -128 ? -128 : v > 127 ? 127 : v;
+#endif
+    if (clamp)
+        v = v < lo ? lo : v > hi ? hi : v;
+    return (int8_t)v;
+}
+
+#if defined(__ARM_FEATURE_DSP)
+/* bytes 1 and 3, widened (and offset): the rotate is part of the instruction; gcc 12 does not fold it */
+static inline int32_t sxtb16_ror8(int32_t x)
+{
+    int32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
+    return r;
+}
+
+static inline int32_t sxtab16_ror8(int32_t acc, int32_t x)
+{
+    int32_t r;
+    __asm__("sxtab16 %0, %1, %2, ror #8" : "=r"(r) : "r"(acc), "r"(x));
+    return r;
+}
+#endif
+
+/* four int8 inputs + offset -> two words (k0 k2 | k1 k3) */
+static inline void widen4(const int8_t *x, int32_t offset, int16_t *dst)
+{
+#if defined(__ARM_FEATURE_DSP)
+    const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
+    int32_t v;
+    memcpy(&v, x, 4);
+    int32_t lo = __sxtab16(off2, v), hi = sxtab16_ror8(off2, v);
+    memcpy(dst, &lo, 4);
+    memcpy(dst + 2, &hi, 4);
+#else
+    dst[0] = (int16_t)(x[0] + offset), dst[1] = (int16_t)(x[2] + offset);
+    dst[2] = (int16_t)(x[1] + offset), dst[3] = (int16_t)(x[3] + offset);
+#endif
+}
+
+/* slot of k within its quad: (k0 k2 | k1 k3) */
+static const uint8_t lane_of[4] = {0, 2, 1, 3};
+
+/*
+ * One output pixel's input patch, offset added, into lane `pixel` of the interleaved patch:
+ * dst[quad * 8 + pixel * 4 + lane]. Padding and the tail of the last quad are 0.
+ */
+static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox, int pixel, int16_t *patch)
+{
+    const int H = params[P_H], W = params[P_W], C = params[P_C];
+    const int KH = params[P_KH], KW = params[P_KW], DH = params[P_DH], DW = params[P_DW];
+    const int y0 = oy * params[P_SH] - params[P_PT], x0 = ox * params[P_SW] - params[P_PL];
+    const int32_t offset = -params[P_ZP_IN];
+    int16_t *dst = patch + pixel * 4;
+    if (C % 4 == 0) { /* whole quads per tap */
+        for (int ky = 0; ky < KH; ky++) {
+            const int iy = y0 + ky * DH;
+            for (int kx = 0; kx < KW; kx++) {
+                const int ix = x0 + kx * DW;
+                if (iy < 0 || iy >= H || ix < 0 || ix >= W) {
+                    for (int c = 0; c < C; c += 4, dst += 8)
+                        memset(dst, 0, 8);
+                } else {
+                    const int8_t *src = in + (iy * W + ix) * C;
+                    for (int c = 0; c < C; c += 4, dst += 8)
+                        widen4(src + c, offset, dst);
+                }
+            }
+        }
+        return;
+    }
+    int k = 0;
+    for (int ky = 0; ky < KH; ky++) {
+        const int iy = y0 + ky * DH;
+        for (int kx = 0; kx < KW; kx++) {
+            const int ix = x0 + kx * DW;
+            const int inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
+            const int8_t *src = in + (iy * W + ix) * C;
+            for (int c = 0; c < C; c++, k++)
+                dst[(k >> 2) * 8 + lane_of[k & 3]] = inside ? (int16_t)(src[c] + offset) : 0;
+        }
+    }
+    for (; k & 3; k++)
+        dst[(k >> 2) * 8 + lane_of[k & 3]] = 0;
+}
+
+/* acc[pixel * 2 + channel] = sum over quads of patch x weights (2 pixels x 2 channels), int8 weights */
+static inline __attribute__((always_inline)) void mac2x2_w8(const int16_t *patch, const int8_t *weights, int quads,
+                                                            int32_t acc[4])
+{
+#if defined(__ARM_FEATURE_DSP)
+    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, xa, xb, wa, wb, w0, w1;
+    const int16_t *x = patch;
+    const int8_t *w = weights;
+    int pairs = quads;
+#define TINYMLAAS_QUAD8                                                                                  \
+    "ldrd %[wa], %[wb], [%[w]], #8\n\t" /* channel 0 and 1, four weights each */                         \
+    "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixel 0 */                                                    \
+    "sxtb16 %[w0], %[wa]\n\t"                                                                           \
+    "sxtb16 %[w1], %[wa], ror #8\n\t"                                                                   \
+    "smlad %[a00], %[xa], %[w0], %[a00]\n\t"                                                            \
+    "smlad %[a00], %[xb], %[w1], %[a00]\n\t"                                                            \
+    "sxtb16 %[wa], %[wb]\n\t"                                                                           \
+    "sxtb16 %[wb], %[wb], ror #8\n\t"                                                                   \
+    "smlad %[a01], %[xa], %[wa], %[a01]\n\t"                                                            \
+    "smlad %[a01], %[xb], %[wb], %[a01]\n\t"                                                            \
+    "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixel 1 */                                                    \
+    "smlad %[a10], %[xa], %[w0], %[a10]\n\t"                                                            \
+    "smlad %[a10], %[xb], %[w1], %[a10]\n\t"                                                            \
+    "smlad %[a11], %[xa], %[wa], %[a11]\n\t"                                                            \
+    "smlad %[a11], %[xb], %[wb], %[a11]\n\t"
+    __asm__ volatile(
+        "lsrs %[n], %[n], #1\n\t" /* n = quads / 2, carry = quads odd */
+        "bcc 1f\n\t"
+        TINYMLAAS_QUAD8
+        "1:\n\t"
+        "cmp %[n], #0\n\t"
+        "beq 3f\n\t"
+        "2:\n\t"
+        TINYMLAAS_QUAD8
+        TINYMLAAS_QUAD8
+        "subs %[n], %[n], #1\n\t"
+        "bne 2b\n\t"
+        "3:\n\t"
+        : [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11), [xa] "=&r"(xa), [xb] "=&r"(xb),
+          [wa] "=&r"(wa), [wb] "=&r"(wb), [w0] "=&r"(w0), [w1] "=&r"(w1), [x] "+r"(x), [w] "+r"(w), [n] "+r"(pairs)
+        :
+        : "cc", "memory");
+#undef TINYMLAAS_QUAD8
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+#else
+    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+    for (int q = 0; q < quads; q++, patch += 8, weights += 8) {
+        for (int j = 0; j < 4; j++) {
+            const int lane = lane_of[j];
+            a00 += patch[lane] * weights[j], a01 += patch[lane] * weights[4 + j];
+            a10 += patch[4 + lane] * weights[j], a11 += patch[4 + lane] * weights[4 + j];
+        }
+    }
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+#endif
+}
+
+/* the same with int16 weights */
+static inline __attribute__((always_inline)) void mac2x2_w16(const int16_t *patch, const int16_t *weights, int quads,
+                                                             int32_t acc[4])
+{
+#if defined(__ARM_FEATURE_DSP)
+    register int32_t w0 __asm__("r8"), w1 __asm__("r9"), w2 __asm__("r10"), w3 __asm__("r11");
+    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, xa, xb;
+    const int16_t *x = patch, *w = weights;
+    int pairs = quads;
+    /* LDM needs its registers in ascending order: w0..w3 are pinned to r8..r11 */
+#define TINYMLAAS_QUAD                                                                                   \
+    "ldmia %[w]!, {%[w0], %[w1], %[w2], %[w3]}\n\t"                                                      \
+    "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                                  \
+    "smlad %[a00], %[xa], %[w0], %[a00]\n\t"                                                             \
+    "smlad %[a00], %[xb], %[w1], %[a00]\n\t"                                                             \
+    "smlad %[a01], %[xa], %[w2], %[a01]\n\t"                                                             \
+    "smlad %[a01], %[xb], %[w3], %[a01]\n\t"                                                             \
+    "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                                  \
+    "smlad %[a10], %[xa], %[w0], %[a10]\n\t"                                                             \
+    "smlad %[a10], %[xb], %[w1], %[a10]\n\t"                                                             \
+    "smlad %[a11], %[xa], %[w2], %[a11]\n\t"                                                             \
+    "smlad %[a11], %[xb], %[w3], %[a11]\n\t"
+    __asm__ volatile(
+        "lsrs %[n], %[n], #1\n\t" /* n = quads / 2, carry = quads odd */
+        "bcc 1f\n\t"
+        TINYMLAAS_QUAD
+        "1:\n\t"
+        "cmp %[n], #0\n\t"
+        "beq 3f\n\t"
+        "2:\n\t"
+        TINYMLAAS_QUAD
+        TINYMLAAS_QUAD
+        "subs %[n], %[n], #1\n\t"
+        "bne 2b\n\t"
+        "3:\n\t"
+        : [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11), [xa] "=&r"(xa), [xb] "=&r"(xb),
+          [w0] "=&r"(w0), [w1] "=&r"(w1), [w2] "=&r"(w2), [w3] "=&r"(w3), [x] "+r"(x), [w] "+r"(w), [n] "+r"(pairs)
+        :
+        : "cc", "memory");
+#undef TINYMLAAS_QUAD
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+#else
+    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+    for (int q = 0; q < quads; q++, patch += 8, weights += 8) {
+        for (int j = 0; j < 4; j++) {
+            a00 += patch[j] * weights[j], a01 += patch[j] * weights[4 + j];
+            a10 += patch[4 + j] * weights[j], a11 += patch[4 + j] * weights[4 + j];
+        }
+    }
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+#endif
+}
+
+/* two pixels' outputs for all OC channels (out1 == out0: one pixel in both lanes); wide: int16 weights */
+static inline __attribute__((always_inline)) void gemm_pixels(const int16_t *patch, const void *weights,
+                                                              const struct tinymlaas_rq *rq, int quads, int OC,
+                                                              int8_t *out0, int8_t *out1, int wide, int single,
+                                                              int clamp, int32_t lo, int32_t hi)
+{
+    const uint8_t *w = weights;
+    const int step = quads * (wide ? 16 : 8); /* bytes of one channel pair */
+    int32_t acc[4];
+    int oc = 0;
+    for (; oc + 2 <= OC; oc += 2, w += step) {
+        if (wide)
+            mac2x2_w16(patch, (const int16_t *)w, quads, acc);
+        else
+            mac2x2_w8(patch, (const int8_t *)w, quads, acc);
+        out0[oc] = requantize(acc[0], rq + oc, single, clamp, lo, hi);
+        out0[oc + 1] = requantize(acc[1], rq + oc + 1, single, clamp, lo, hi);
+        out1[oc] = requantize(acc[2], rq + oc, single, clamp, lo, hi);
+        out1[oc + 1] = requantize(acc[3], rq + oc + 1, single, clamp, lo, hi);
+    }
+    if (oc < OC) { /* odd OC: the pair's second channel is zero padding */
+        if (wide)
+            mac2x2_w16(patch, (const int16_t *)w, quads, acc);
+        else
+            mac2x2_w8(patch, (const int8_t *)w, quads, acc);
+        out0[oc] = requantize(acc[0], rq + oc, single, clamp, lo, hi);
+        out1[oc] = requantize(acc[2], rq + oc, single, clamp, lo, hi);
+    }
+}
+
+static inline __attribute__((always_inline)) void gemm_layer(const int8_t *input, const void *weights,
+                                                             const struct tinymlaas_rq *rq, const int32_t *params,
+                                                             int8_t *output, int16_t *patch, int quads, int wide,
+                                                             int single, int clamp)
+{
+    const int OH = params[P_OH], OW = params[P_OW], OC = params[P_OC];
+    const int P = params[P_N] * OH * OW, image = params[P_H] * params[P_W] * params[P_C];
+    const int32_t lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
+    for (int p = 0; p < P; p += 2) {
+        const int two = p + 1 < P;
+        for (int j = 0; j < 2; j++) {
+            const int q = two ? p + j : p; /* a lone last pixel fills both lanes */
+            const int n = q / (OH * OW), oy = q / OW % OH, ox = q % OW;
+            gather_patch(input + n * image, params, oy, ox, j, patch);
+        }
+        gemm_pixels(patch, weights, rq, quads, OC, output + p * OC, output + (two ? p + 1 : p) * OC, wide, single,
+                    clamp, lo, hi);
+    }
+}
+
+/* constant flags: each combination gets its own copy of the loops */
+#define TINYMLAAS_DISPATCH(layer, wide, ...)                                                              \
+    do {                                                                                                  \
+        const int clamp_ = params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127;                           \
+        if (params[P_SINGLE])                                                                             \
+            clamp_ ? layer(__VA_ARGS__, wide, 1, 1) : layer(__VA_ARGS__, wide, 1, 0);                     \
+        else                                                                                              \
+            clamp_ ? layer(__VA_ARGS__, wide, 0, 1) : layer(__VA_ARGS__, wide, 0, 0);                     \
+    } while (0)
+
+void tinymlaas_gemm_w8(const int8_t *restrict input, const int8_t *restrict weights,
+                       const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *restrict output)
+{
+    const int quads = (params[P_KH] * params[P_KW] * params[P_C] + 3) / 4;
+    int16_t patch[quads * 8] __attribute__((aligned(8))); /* on the stack, measured with the rest */
+    TINYMLAAS_DISPATCH(gemm_layer, 0, input, weights, rq, params, output, patch, quads);
+}
+
+void tinymlaas_gemm_w16(const int8_t *restrict input, const int16_t *restrict weights,
+                        const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                        int8_t *restrict output)
+{
+    const int quads = (params[P_KH] * params[P_KW] * params[P_C] + 3) / 4;
+    int16_t patch[quads * 8] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
+}
+
+/* acc[j] = patch . weights of channel j, one pixel, four channels, int8 weights */
+static inline __attribute__((always_inline)) void mac1x4_w8(const int16_t *patch, const int8_t *weights, int quads,
+                                                            int32_t acc[4])
+{
+#if defined(__ARM_FEATURE_DSP)
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, xa, xb, wa, wb, t0, t1;
+    const int16_t *x = patch;
+    const int8_t *w = weights;
+    int n = quads;
+#define TINYMLAAS_PAIR8(acc_a, acc_b)                                                                     \
+    "ldrd %[wa], %[wb], [%[w]], #8\n\t"                                                                   \
+    "sxtb16 %[t0], %[wa]\n\t"                                                                           \
+    "sxtb16 %[t1], %[wa], ror #8\n\t"                                                                   \
+    "smlad %[" acc_a "], %[xa], %[t0], %[" acc_a "]\n\t"                                                 \
+    "smlad %[" acc_a "], %[xb], %[t1], %[" acc_a "]\n\t"                                                 \
+    "sxtb16 %[t0], %[wb]\n\t"                                                                           \
+    "sxtb16 %[t1], %[wb], ror #8\n\t"                                                                   \
+    "smlad %[" acc_b "], %[xa], %[t0], %[" acc_b "]\n\t"                                                 \
+    "smlad %[" acc_b "], %[xb], %[t1], %[" acc_b "]\n\t"
+    __asm__ volatile(
+        "1:\n\t"
+        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
+        TINYMLAAS_PAIR8("a0", "a1")
+        TINYMLAAS_PAIR8("a2", "a3")
+        "subs %[n], %[n], #1\n\t"
+        "bne 1b\n\t"
+        : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [xa] "=&r"(xa), [xb] "=&r"(xb),
+          [wa] "=&r"(wa), [wb] "=&r"(wb), [t0] "=&r"(t0), [t1] "=&r"(t1), [x] "+r"(x), [w] "+r"(w), [n] "+r"(n)
+        :
+        : "cc", "memory");
+#undef TINYMLAAS_PAIR8
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+#else
+    int32_t a[4] = {0, 0, 0, 0};
+    for (int q = 0; q < quads; q++, patch += 4, weights += 16)
+        for (int ch = 0; ch < 4; ch++)
+            for (int j = 0; j < 4; j++)
+                a[ch] += patch[lane_of[j]] * weights[ch * 4 + j];
+    acc[0] = a[0], acc[1] = a[1], acc[2] = a[2], acc[3] = a[3];
+#endif
+}
+
+/* the same with int16 weights */
+static inline __attribute__((always_inline)) void mac1x4_w16(const int16_t *patch, const int16_t *weights, int quads,
+                                                         int32_t acc[4])
+{
+#if defined(__ARM_FEATURE_DSP)
+    register int32_t w0 __asm__("r8"), w1 __asm__("r9"), w2 __asm__("r10"), w3 __asm__("r11");
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, xa, xb;
+    const int16_t *x = patch, *w = weights;
+    int n = quads;
+    __asm__ volatile(
+        "1:\n\t"
+        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
+        "ldmia %[w]!, {%[w0], %[w1], %[w2], %[w3]}\n\t"
+        "smlad %[a0], %[xa], %[w0], %[a0]\n\t"
+        "smlad %[a0], %[xb], %[w1], %[a0]\n\t"
+        "smlad %[a1], %[xa], %[w2], %[a1]\n\t"
+        "smlad %[a1], %[xb], %[w3], %[a1]\n\t"
+        "ldmia %[w]!, {%[w0], %[w1], %[w2], %[w3]}\n\t"
+        "smlad %[a2], %[xa], %[w0], %[a2]\n\t"
+        "smlad %[a2], %[xb], %[w1], %[a2]\n\t"
+        "smlad %[a3], %[xa], %[w2], %[a3]\n\t"
+        "smlad %[a3], %[xb], %[w3], %[a3]\n\t"
+        "subs %[n], %[n], #1\n\t"
+        "bne 1b\n\t"
+        : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [xa] "=&r"(xa), [xb] "=&r"(xb),
+          [w0] "=&r"(w0), [w1] "=&r"(w1), [w2] "=&r"(w2), [w3] "=&r"(w3), [x] "+r"(x), [w] "+r"(w), [n] "+r"(n)
+        :
+        : "cc", "memory");
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+#else
+    int32_t a[4] = {0, 0, 0, 0};
+    for (int q = 0; q < quads; q++, patch += 4, weights += 16)
+        for (int ch = 0; ch < 4; ch++)
+            for (int j = 0; j < 4; j++)
+                a[ch] += patch[j] * weights[ch * 4 + j];
+    acc[0] = a[0], acc[1] = a[1], acc[2] = a[2], acc[3] = a[3];
+#endif
+}
+
+static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input, const void *weights,
+                                                             const struct tinymlaas_rq *rq, const int32_t *params,
+                                                             int8_t *output, int16_t *patch, int quads, int wide,
+                                                             int single, int clamp)
+{
+    const int C = params[P_C], OC = params[P_OC], batch = params[P_N];
+    const int32_t offset = -params[P_ZP_IN], lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
+    const int step = quads * (wide ? 32 : 16); /* bytes of four channels */
+    for (int b = 0; b < batch; b++, input += C, output += OC) {
+        int c = 0;
+        for (; c + 4 <= C; c += 4)
+            widen4(input + c, offset, patch + c);
+        for (; c < quads * 4; c++)
+            patch[(c & ~3) + lane_of[c & 3]] = c < C ? (int16_t)(input[c] + offset) : 0;
+        const uint8_t *w = weights;
+        for (int oc = 0; oc < OC; oc += 4, w += step) {
+            int32_t acc[4];
+            if (wide)
+                mac1x4_w16(patch, (const int16_t *)w, quads, acc);
+            else
+                mac1x4_w8(patch, (const int8_t *)w, quads, acc);
+            for (int j = 0; j < 4 && oc + j < OC; j++)
+                output[oc + j] = requantize(acc[j], rq + oc + j, single, clamp, lo, hi);
+        }
+    }
+}
+
+/* fully connected, one row at a time: weights in blocks of four output channels */
+void tinymlaas_gemv_w8(const int8_t *restrict input, const int8_t *restrict weights,
+                       const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *restrict output)
+{
+    const int quads = (params[P_C] + 3) / 4;
+    int16_t patch[quads * 4] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads);
+}
+
+void tinymlaas_gemv_w16(const int8_t *restrict input, const int16_t *restrict weights,
+                        const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                        int8_t *restrict output)
+{
+    const int quads = (params[P_C] + 3) / 4;
+    int16_t patch[quads * 4] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads);
+}
+
+/*
+ * 3x3 depthwise, dilation 1, depth multiplier 1, C a multiple of 4, weights laid out [C/4][9 taps][4 lanes]
+ * (int8 c0 c1 c2 c3, or int16 c0 c2 | c1 c3): per tap one load of weights, one LDR and two SXTAB16 of
+ * inputs, four 16x16 multiply-accumulates (SMLABB/SMLATT).
+ */
+static inline __attribute__((always_inline)) void depthwise3x3_layer(const int8_t *input, const void *weights,
+                                                                     const struct tinymlaas_rq *rq,
+                                                                     const int32_t *params, int8_t *output,
+                                                                     int wide, int clamp)
+{
+    const int N = params[P_N], H = params[P_H], W = params[P_W], C = params[P_C];
+    const int OH = params[P_OH], OW = params[P_OW], SH = params[P_SH], SW = params[P_SW];
+    const int PT = params[P_PT], PL = params[P_PL];
+    const int32_t offset = -params[P_ZP_IN], lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
+    const int row = W * C;
+#if defined(__ARM_FEATURE_DSP)
+    const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
+#endif
+    for (int n = 0; n < N; n++) {
+        const int8_t *in = input + n * H * row;
+        for (int oy = 0; oy < OH; oy++) {
+            const int y0 = oy * SH - PT;
+            const int ky0 = y0 < 0 ? -y0 : 0, ky1 = H - y0 < 3 ? H - y0 : 3;
+            for (int ox = 0; ox < OW; ox++) {
+                const int x0 = ox * SW - PL;
+                const int kx0 = x0 < 0 ? -x0 : 0, kx1 = W - x0 < 3 ? W - x0 : 3;
+                const int interior = ky0 == 0 && ky1 == 3 && kx0 == 0 && kx1 == 3;
+                int8_t *out = output + ((n * OH + oy) * OW + ox) * C;
+                const int8_t *base = in + y0 * row + x0 * C;
+                const int8_t *w8 = weights;
+                const int16_t *w16 = weights;
+                for (int c = 0; c < C; c += 4, w8 += 36, w16 += 36) {
+                    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#if defined(__ARM_FEATURE_DSP)
+#define TAP(ptr, t)                                                                                        \
+    do {                                                                                                   \
+        int32_t xv, wl, wh;                                                                                \
+        memcpy(&xv, ptr, 4);                                                                               \
+        if (wide) {                                                                                        \
+            memcpy(&wl, w16 + 4 * (t), 4);                                                                 \
+            memcpy(&wh, w16 + 4 * (t) + 2, 4);                                                             \
+        } else {                                                                                           \
+            int32_t wv;                                                                                    \
+            memcpy(&wv, w8 + 4 * (t), 4);                                                                  \
+            wl = __sxtb16(wv), wh = sxtb16_ror8(wv);                                                       \
+        }                                                                                                  \
+        int32_t xl = __sxtab16(off2, xv), xh = sxtab16_ror8(off2, xv);                                     \
+        a0 = __smlabb(xl, wl, a0), a2 = __smlatt(xl, wl, a2);                                              \
+        a1 = __smlabb(xh, wh, a1), a3 = __smlatt(xh, wh, a3);                                              \
+    } while (0)
+#else
+#define TAP(ptr, t)                                                                                        \
+    do {                                                                                                   \
+        const int8_t *p_ = (ptr);                                                                          \
+        int32_t *acc_[4] = {&a0, &a1, &a2, &a3};                                                           \
+        for (int j_ = 0; j_ < 4; j_++)                                                                     \
+            *acc_[j_] += (p_[j_] + offset) * (wide ? w16[4 * (t) + lane_of[j_]] : w8[4 * (t) + j_]);       \
+    } while (0)
+#endif
+                    if (interior) {
+                        const int8_t *r0 = base + c, *r1 = r0 + row, *r2 = r1 + row;
+                        TAP(r0, 0); TAP(r0 + C, 1); TAP(r0 + 2 * C, 2);
+                        TAP(r1, 3); TAP(r1 + C, 4); TAP(r1 + 2 * C, 5);
+                        TAP(r2, 6); TAP(r2 + C, 7); TAP(r2 + 2 * C, 8);
+                    } else {
+                        for (int ky = ky0; ky < ky1; ky++)
+                            for (int kx = kx0; kx < kx1; kx++)
+                                TAP(base + ky * row + kx * C + c, ky * 3 + kx);
+                    }
+#undef TAP
+                    out[c] = requantize(a0, rq + c, 0, clamp, lo, hi);
+                    out[c + 1] = requantize(a1, rq + c + 1, 0, clamp, lo, hi);
+                    out[c + 2] = requantize(a2, rq + c + 2, 0, clamp, lo, hi);
+                    out[c + 3] = requantize(a3, rq + c + 3, 0, clamp, lo, hi);
+                }
+            }
+        }
+    }
+}
+
+void tinymlaas_depthwise3x3_w8(const int8_t *restrict input, const int8_t *restrict weights,
+                               const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                               int8_t *restrict output)
+{
+    if (params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127) /* convolutions: double rounding only */
+        depthwise3x3_layer(input, weights, rq, params, output, 0, 1);
+    else
+        depthwise3x3_layer(input, weights, rq, params, output, 0, 0);
+}
+
+void tinymlaas_depthwise3x3_w16(const int8_t *restrict input, const int16_t *restrict weights,
+                                const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                                int8_t *restrict output)
+{
+    if (params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127)
+        depthwise3x3_layer(input, weights, rq, params, output, 1, 1);
+    else
+        depthwise3x3_layer(input, weights, rq, params, output, 1, 0);
+}
