@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import PROJECT_ROOT
@@ -22,7 +22,7 @@ class Firmware:
     elf: Path
     map_file: Path
     symbols: dict[str, int]
-    kernel_library: list[Path]  # objects of firmware/kernels/*.c: model code, counted from the map
+    kernel_library: list[Path] = field(default_factory=list)  # objects of firmware/kernels/*.c: model code
 
 
 _MAP_SECTION = re.compile(r"^ (\.\S+)(?:\s+0x[0-9a-f]+\s+0x([0-9a-f]+)\s+(\S+))?$")
