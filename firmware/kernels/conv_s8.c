@@ -3,7 +3,8 @@
  * extension's dual 16-bit multiply-accumulate: SXTAB16 widens two int8 lanes and adds the input offset
  * in one instruction, SMLAD multiplies two pairs and accumulates. Four output channels share each
  * input load. Requantization is TFLite's, bit-exact. Without __ARM_FEATURE_DSP the same loops run in
- * plain C. Selected per layer by tinymlaas.quantized (kernel "dsp").
+ * plain C. tinymlaas.quantized uses these for DSP layers whose requantization gemm_dsp.c cannot take, and
+ * for depthwise layers other than 3x3.
  *
  * params: N H W C  OH OW OC  KH KW  SH SW  DH DW  PT PL  zp_in zp_out act_min act_max single_rounding
  */
@@ -11,35 +12,6 @@
 #include <string.h>
 
 #include "fixedpoint_s8.h"
-
-#if defined(__ARM_FEATURE_DSP)
-#include <arm_acle.h>
-#endif
-
-enum { P_N, P_H, P_W, P_C, P_OH, P_OW, P_OC, P_KH, P_KW, P_SH, P_SW, P_DH, P_DW, P_PT, P_PL,
-       P_ZP_IN, P_ZP_OUT, P_ACT_MIN, P_ACT_MAX, P_SINGLE };
-
-static inline int32_t ror8(int32_t x)
-{
-    return (int32_t)(((uint32_t)x >> 8) | ((uint32_t)x << 24));
-}
-
-#if defined(__ARM_FEATURE_DSP)
-/* bytes 1 and 3, widened (and offset): the rotate is part of the instruction; gcc 12 does not fold ror8 into it */
-static inline int32_t sxtb16_ror8(int32_t x)
-{
-    int32_t r;
-    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
-    return r;
-}
-
-static inline int32_t sxtab16_ror8(int32_t acc, int32_t x)
-{
-    int32_t r;
-    __asm__("sxtab16 %0, %1, %2, ror #8" : "=r"(r) : "r"(acc), "r"(x));
-    return r;
-}
-#endif
 
 static inline int32_t load32(const int8_t *p)
 {
@@ -84,19 +56,19 @@ static inline void dot4(const int8_t *x, const int8_t *w0, int c_len, int stride
     for (; c + 4 <= c_len; c += 4) {
         int32_t xv = load32(x + c);
         int32_t xl = __sxtab16(off2, xv);
-        int32_t xh = sxtab16_ror8(off2, xv);
+        int32_t xh = tinymlaas_sxtab16_ror8(off2, xv);
         int32_t wv = load32(w0 + c);
         a0 = __smlad(xl, __sxtb16(wv), a0);
-        a0 = __smlad(xh, sxtb16_ror8(wv), a0);
+        a0 = __smlad(xh, tinymlaas_sxtb16_ror8(wv), a0);
         wv = load32(w1 + c);
         a1 = __smlad(xl, __sxtb16(wv), a1);
-        a1 = __smlad(xh, sxtb16_ror8(wv), a1);
+        a1 = __smlad(xh, tinymlaas_sxtb16_ror8(wv), a1);
         wv = load32(w2 + c);
         a2 = __smlad(xl, __sxtb16(wv), a2);
-        a2 = __smlad(xh, sxtb16_ror8(wv), a2);
+        a2 = __smlad(xh, tinymlaas_sxtb16_ror8(wv), a2);
         wv = load32(w3 + c);
         a3 = __smlad(xl, __sxtb16(wv), a3);
-        a3 = __smlad(xh, sxtb16_ror8(wv), a3);
+        a3 = __smlad(xh, tinymlaas_sxtb16_ror8(wv), a3);
     }
 #endif
     for (; c < c_len; c++) {
@@ -118,7 +90,7 @@ static inline int32_t dot1(const int8_t *x, const int8_t *w, int c_len, int32_t 
     for (; c + 4 <= c_len; c += 4) {
         int32_t xv = load32(x + c), wv = load32(w + c);
         a = __smlad(__sxtab16(off2, xv), __sxtb16(wv), a);
-        a = __smlad(sxtab16_ror8(off2, xv), sxtb16_ror8(wv), a);
+        a = __smlad(tinymlaas_sxtab16_ror8(off2, xv), tinymlaas_sxtb16_ror8(wv), a);
     }
 #endif
     for (; c < c_len; c++)
@@ -238,8 +210,8 @@ void tinymlaas_depthwise_s8(const int8_t *restrict input, const int8_t *restrict
                         for (int kx = kx0; kx < kx1; kx++) {
                             int32_t xv = load32(x + kx * DW * C);
                             int32_t wv = load32(w + kx * C);
-                            int32_t xl = __sxtab16(off2, xv), xh = sxtab16_ror8(off2, xv);
-                            int32_t wl = __sxtb16(wv), wh = sxtb16_ror8(wv);
+                            int32_t xl = __sxtab16(off2, xv), xh = tinymlaas_sxtab16_ror8(off2, xv);
+                            int32_t wl = __sxtb16(wv), wh = tinymlaas_sxtb16_ror8(wv);
                             a0 = __smlabb(xl, wl, a0);
                             a2 = __smlatt(xl, wl, a2);
                             a1 = __smlabb(xh, wh, a1);
@@ -273,14 +245,14 @@ static inline void dot2x2(const int8_t *x0, const int8_t *x1, const int8_t *w0, 
     const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
     for (; c + 4 <= len; c += 4) {
         int32_t v0 = load32(x0 + c), v1 = load32(x1 + c);
-        int32_t x0l = __sxtab16(off2, v0), x0h = sxtab16_ror8(off2, v0);
-        int32_t x1l = __sxtab16(off2, v1), x1h = sxtab16_ror8(off2, v1);
+        int32_t x0l = __sxtab16(off2, v0), x0h = tinymlaas_sxtab16_ror8(off2, v0);
+        int32_t x1l = __sxtab16(off2, v1), x1h = tinymlaas_sxtab16_ror8(off2, v1);
         int32_t wv = load32(w0 + c);
-        int32_t wl = __sxtb16(wv), wh = sxtb16_ror8(wv);
+        int32_t wl = __sxtb16(wv), wh = tinymlaas_sxtb16_ror8(wv);
         a00 = __smlad(x0h, wh, __smlad(x0l, wl, a00));
         a10 = __smlad(x1h, wh, __smlad(x1l, wl, a10));
         wv = load32(w1 + c);
-        wl = __sxtb16(wv), wh = sxtb16_ror8(wv);
+        wl = __sxtb16(wv), wh = tinymlaas_sxtb16_ror8(wv);
         a01 = __smlad(x0h, wh, __smlad(x0l, wl, a01));
         a11 = __smlad(x1h, wh, __smlad(x1l, wl, a11));
     }
@@ -358,8 +330,8 @@ void tinymlaas_depthwise3x3_s8(const int8_t *restrict input, const int8_t *restr
 #define TAP(ptr, t)                                                                                        \
     do {                                                                                                   \
         int32_t xv = load32(ptr), wv = load32(w + 4 * (t));                                                \
-        int32_t xl = __sxtab16(off2, xv), xh = sxtab16_ror8(off2, xv);                                     \
-        int32_t wl = __sxtb16(wv), wh = sxtb16_ror8(wv);                                                   \
+        int32_t xl = __sxtab16(off2, xv), xh = tinymlaas_sxtab16_ror8(off2, xv);                                     \
+        int32_t wl = __sxtb16(wv), wh = tinymlaas_sxtb16_ror8(wv);                                                   \
         a0 = __smlabb(xl, wl, a0), a2 = __smlatt(xl, wl, a2);                                              \
         a1 = __smlabb(xh, wh, a1), a3 = __smlatt(xh, wh, a3);                                              \
     } while (0)

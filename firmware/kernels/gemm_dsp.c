@@ -24,12 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__ARM_FEATURE_DSP)
-#include <arm_acle.h>
-#endif
-
-enum { P_N, P_H, P_W, P_C, P_OH, P_OW, P_OC, P_KH, P_KW, P_SH, P_SW, P_DH, P_DW, P_PT, P_PL,
-       P_ZP_IN, P_ZP_OUT, P_ACT_MIN, P_ACT_MAX, P_SINGLE };
+#include "fixedpoint_s8.h"
 
 /*
  * double rounding (conv): (smmulr(2 * acc + bias, mult) + round - (x < 0)) >> shift, bias = 2 * TFLite bias,
@@ -77,23 +72,6 @@ static inline __attribute__((always_inline)) int8_t requantize(int32_t acc, cons
     return (int8_t)v;
 }
 
-#if defined(__ARM_FEATURE_DSP)
-/* bytes 1 and 3, widened (and offset): the rotate is part of the instruction; gcc 12 does not fold it */
-static inline int32_t sxtb16_ror8(int32_t x)
-{
-    int32_t r;
-    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
-    return r;
-}
-
-static inline int32_t sxtab16_ror8(int32_t acc, int32_t x)
-{
-    int32_t r;
-    __asm__("sxtab16 %0, %1, %2, ror #8" : "=r"(r) : "r"(acc), "r"(x));
-    return r;
-}
-#endif
-
 /* four int8 inputs + offset -> two words (k0 k2 | k1 k3) */
 static inline void widen4(const int8_t *x, int32_t offset, int16_t *dst)
 {
@@ -101,7 +79,7 @@ static inline void widen4(const int8_t *x, int32_t offset, int16_t *dst)
     const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
     int32_t v;
     memcpy(&v, x, 4);
-    int32_t lo = __sxtab16(off2, v), hi = sxtab16_ror8(off2, v);
+    int32_t lo = __sxtab16(off2, v), hi = tinymlaas_sxtab16_ror8(off2, v);
     memcpy(dst, &lo, 4);
     memcpy(dst + 2, &hi, 4);
 #else
@@ -513,9 +491,9 @@ static inline __attribute__((always_inline)) void depthwise3x3_layer(const int8_
         } else {                                                                                           \
             int32_t wv;                                                                                    \
             memcpy(&wv, w8 + 4 * (t), 4);                                                                  \
-            wl = __sxtb16(wv), wh = sxtb16_ror8(wv);                                                       \
+            wl = __sxtb16(wv), wh = tinymlaas_sxtb16_ror8(wv);                                                       \
         }                                                                                                  \
-        int32_t xl = __sxtab16(off2, xv), xh = sxtab16_ror8(off2, xv);                                     \
+        int32_t xl = __sxtab16(off2, xv), xh = tinymlaas_sxtab16_ror8(off2, xv);                                     \
         a0 = __smlabb(xl, wl, a0), a2 = __smlatt(xl, wl, a2);                                              \
         a1 = __smlabb(xh, wh, a1), a3 = __smlatt(xh, wh, a3);                                              \
     } while (0)
