@@ -134,6 +134,18 @@ static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox
         dst[(k >> 2) * 8 + lane_of[k & 3]] = 0;
 }
 
+/* The loop of the 2x2 products: `quad` twice per pass (n = quads / 2), once before it when quads is odd. */
+#define TINYMLAAS_TWO_QUADS_PER_PASS(quad)                                                                \
+    "lsrs %[n], %[n], #1\n\t"                                                                             \
+    "bcc 1f\n\t" quad                                                                                     \
+    "1:\n\t"                                                                                              \
+    "cmp %[n], #0\n\t"                                                                                    \
+    "beq 3f\n\t"                                                                                          \
+    "2:\n\t" quad quad                                                                                    \
+    "subs %[n], %[n], #1\n\t"                                                                             \
+    "bne 2b\n\t"                                                                                          \
+    "3:\n\t"
+
 /* acc[pixel * 2 + channel] = sum over quads of patch x weights (2 pixels x 2 channels), int8 weights */
 static inline __attribute__((always_inline)) void mac2x2_w8(const int16_t *patch, const int8_t *weights, int quads,
                                                             int32_t acc[4])
@@ -160,18 +172,7 @@ static inline __attribute__((always_inline)) void mac2x2_w8(const int16_t *patch
     "smlad %[a11], %[xa], %[wa], %[a11]\n\t"                                                            \
     "smlad %[a11], %[xb], %[wb], %[a11]\n\t"
     __asm__ volatile(
-        "lsrs %[n], %[n], #1\n\t" /* n = quads / 2, carry = quads odd */
-        "bcc 1f\n\t"
-        TINYMLAAS_QUAD8
-        "1:\n\t"
-        "cmp %[n], #0\n\t"
-        "beq 3f\n\t"
-        "2:\n\t"
-        TINYMLAAS_QUAD8
-        TINYMLAAS_QUAD8
-        "subs %[n], %[n], #1\n\t"
-        "bne 2b\n\t"
-        "3:\n\t"
+        TINYMLAAS_TWO_QUADS_PER_PASS(TINYMLAAS_QUAD8)
         : [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11), [xa] "=&r"(xa), [xb] "=&r"(xb),
           [wa] "=&r"(wa), [wb] "=&r"(wb), [w0] "=&r"(w0), [w1] "=&r"(w1), [x] "+r"(x), [w] "+r"(w), [n] "+r"(pairs)
         :
@@ -214,18 +215,7 @@ static inline __attribute__((always_inline)) void mac2x2_w16(const int16_t *patc
     "smlad %[a11], %[xa], %[w2], %[a11]\n\t"                                                             \
     "smlad %[a11], %[xb], %[w3], %[a11]\n\t"
     __asm__ volatile(
-        "lsrs %[n], %[n], #1\n\t" /* n = quads / 2, carry = quads odd */
-        "bcc 1f\n\t"
-        TINYMLAAS_QUAD
-        "1:\n\t"
-        "cmp %[n], #0\n\t"
-        "beq 3f\n\t"
-        "2:\n\t"
-        TINYMLAAS_QUAD
-        TINYMLAAS_QUAD
-        "subs %[n], %[n], #1\n\t"
-        "bne 2b\n\t"
-        "3:\n\t"
+        TINYMLAAS_TWO_QUADS_PER_PASS(TINYMLAAS_QUAD)
         : [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11), [xa] "=&r"(xa), [xb] "=&r"(xb),
           [w0] "=&r"(w0), [w1] "=&r"(w1), [w2] "=&r"(w2), [w3] "=&r"(w3), [x] "+r"(x), [w] "+r"(w), [n] "+r"(pairs)
         :
