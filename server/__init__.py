@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from flask import Flask
 
-from tinymlaas.store import ArtifactStore
+from tinymlaas.ota.store import ArtifactStore
 
 from .config import Settings
 from .db import make_engine, make_sessionmaker, upgrade

@@ -25,9 +25,9 @@ import paho.mqtt.client as mqtt
 import requests
 
 from tinymlaas.errors import TinyMLaaSError
-from tinymlaas.ota import BootedImage, Bootloader, Flash, NoBootableImage
-from tinymlaas.package import ImageRejected, inspect_image, slot_size
-from tinymlaas.selftest import run_selftest
+from tinymlaas.ota.package import ImageRejected, inspect_image, slot_size
+from tinymlaas.ota.selftest import run_selftest
+from tinymlaas.ota.slots import BootedImage, Bootloader, Flash, NoBootableImage
 from tinymlaas.targets import get_target
 
 from .broker import ROOT

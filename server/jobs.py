@@ -16,9 +16,9 @@ from pathlib import Path
 from sqlalchemy import select
 
 from tinymlaas.errors import TinyMLaaSError
-from tinymlaas.package import generate_key, package_build
+from tinymlaas.ota.package import generate_key, package_build
+from tinymlaas.ota.store import ArtifactStore
 from tinymlaas.pipeline import STAGES, CompileOptions, compile_model
-from tinymlaas.store import ArtifactStore
 from tinymlaas.targets import get_target
 
 from .config import Settings

@@ -17,9 +17,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tinymlaas.errors import TinyMLaaSError, UnknownTarget
-from tinymlaas.package import canonical_version, parse_version
-from tinymlaas.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
-from tinymlaas.store import ArtifactStore
+from tinymlaas.ota.package import canonical_version, parse_version
+from tinymlaas.ota.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
+from tinymlaas.ota.store import ArtifactStore
 from tinymlaas.targets import get_target
 
 from .broker import hash_secret
@@ -85,7 +85,7 @@ def _target(name: str):
 # models
 
 def add_model(session: Session, store: ArtifactStore, owner: User, filename: str, data: bytes) -> Model:
-    from tinymlaas.importer import load_tflite, unsupported_operators
+    from tinymlaas.frontend.tflite import load_tflite, unsupported_operators
 
     if not data:
         raise ServiceError(422, "the file is empty", "file")

@@ -35,7 +35,7 @@ def small_firmware(tmp_path_factory):
     """A one-layer int8 model compiled for cortex-m4, with a signing key: the OTA tests' firmware."""
     import quantized_layers as q
 
-    from tinymlaas.package import firmware_payload, generate_key, package_build
+    from tinymlaas.ota.package import firmware_payload, generate_key, package_build
     from tinymlaas.pipeline import CompileOptions, compile_model
     from tinymlaas.targets import get_target
 

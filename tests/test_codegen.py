@@ -6,7 +6,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from tinymlaas.codegen import STACK_ALLOC_LIMIT, llvm_target, to_c_abi
+from tinymlaas.backends.mcu.codegen import STACK_ALLOC_LIMIT, llvm_target, to_c_abi
 from tinymlaas.targets import get_target
 
 

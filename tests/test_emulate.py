@@ -4,9 +4,9 @@ import subprocess
 
 import pytest
 
-from tinymlaas.emulate import QemuEmulator
+from tinymlaas.backends.mcu.firmware import Firmware, read_symbols
 from tinymlaas.errors import EmulatorTimeout
-from tinymlaas.firmware import Firmware, read_symbols
+from tinymlaas.runners.qemu import QemuEmulator
 from tinymlaas.targets import get_target
 
 PROGRAM = r"""

@@ -15,7 +15,7 @@ from server.broker import ROOT
 from server.client import ApiError, Client
 from server.db import Build
 from server.runtime import start_worker
-from tinymlaas.package import inspect_image, public_key_pem, sign_image, slot_size
+from tinymlaas.ota.package import inspect_image, public_key_pem, sign_image, slot_size
 from tinymlaas.targets import get_target
 
 
@@ -121,7 +121,7 @@ def _bad_build(live, tmp_path, kind: str) -> int:
         sign_image(payload, server.settings.signing_key, "0.9.0", slot, tmp_path / "old.bin")
         data = (tmp_path / "old.bin").read_bytes()
     else:  # unknown key
-        from tinymlaas.package import generate_key
+        from tinymlaas.ota.package import generate_key
 
         sign_image(payload, generate_key(tmp_path / "rogue.pem"), "9.0.0", slot, tmp_path / "rogue.bin")
         data = (tmp_path / "rogue.bin").read_bytes()

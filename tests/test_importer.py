@@ -4,7 +4,7 @@ from conftest import model_path
 from quantized_layers import unsupported_operator_model
 
 from tinymlaas.errors import InvalidModel, UnsupportedOperator
-from tinymlaas.importer import import_relax, load_tflite
+from tinymlaas.frontend.tflite import import_relax, load_tflite
 from tinymlaas.verify import make_inputs, reference_outputs
 
 

@@ -74,8 +74,8 @@ DSP_KERNEL = {
 
 @pytest.mark.parametrize("case, kernels", sorted(DSP_KERNEL))
 def test_dsp_kernel_choice(case, kernels, tmp_path):
-    from tinymlaas.importer import load_tflite
-    from tinymlaas.quantized import import_integer
+    from tinymlaas.frontend.tflite import load_tflite
+    from tinymlaas.ops.int8 import import_integer
 
     path = tmp_path / f"{case}.tflite"
     path.write_bytes(CASES[case]())
@@ -87,7 +87,7 @@ def test_dsp_kernel_choice(case, kernels, tmp_path):
 def test_requant_table_equals_tflite_requantization(single):
     """gemm_dsp.c's arithmetic (emulated with int32 overflow checks) against TFLite's formula, at the proved
     accumulator bounds and at random accumulators, for the channels requant_table accepts."""
-    from tinymlaas.quantized import _requantize_exact, quantize_multiplier, requant_table
+    from tinymlaas.ops.int8 import _requantize_exact, quantize_multiplier, requant_table
 
     rng = np.random.default_rng(5)
     accepted = 0

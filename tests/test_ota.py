@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from tinymlaas.ota import NO_SLOT, Bootloader, Flash, PowerLoss
-from tinymlaas.package import ImageRejected, generate_key, inspect_image, public_key_pem, read_header, sign_image, slot_size
-from tinymlaas.rollout import RolloutPlan, decide, stage_bounds
-from tinymlaas.selftest import run_selftest
+from tinymlaas.ota.package import ImageRejected, generate_key, inspect_image, public_key_pem, read_header, sign_image, slot_size
+from tinymlaas.ota.rollout import RolloutPlan, decide, stage_bounds
+from tinymlaas.ota.selftest import run_selftest
+from tinymlaas.ota.slots import NO_SLOT, Bootloader, Flash, PowerLoss
 from tinymlaas.targets import get_target
 
 M4 = get_target("cortex-m4")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import model_path
 
-from tinymlaas.importer import load_tflite
+from tinymlaas.frontend.tflite import load_tflite
 from tinymlaas.pipeline import CompileOptions, compile_model
 from tinymlaas.targets import all_targets
 from tinymlaas.verify import split_outputs

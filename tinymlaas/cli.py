@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import TinyMLaaSError
+from tinymlaas.errors import TinyMLaaSError
 
 
 def _positive_int(text: str) -> int:
@@ -30,7 +30,7 @@ def _size(text: str) -> int:
 
 
 def cmd_targets(args) -> int:
-    from .targets import all_targets
+    from tinymlaas.targets import all_targets
 
     targets = all_targets()
     if args.json:
@@ -45,7 +45,7 @@ def cmd_targets(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .pipeline import STAGES, CompileOptions, compile_model, format_report
+    from tinymlaas.pipeline import STAGES, CompileOptions, compile_model, format_report
 
     options = CompileOptions(
         inputs=args.inputs, seed=args.seed, timeout=args.timeout, max_flash=args.max_flash, max_ram=args.max_ram,

@@ -15,18 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .codegen import build_kernels
-from .driver import generate_driver
-from .emulate import emulator_for
-from .errors import ModelTooLarge
-from .firmware import link_firmware, linked_bytes
-from .importer import import_relax, load_tflite
-from .lower import lower
-from .measure import measure_firmware
-from .quantized import import_integer, integer_import_blockers
-from .schedule import default_schedule
-from .targets import Target, get_target
-from .verify import compare, make_inputs, reference_outputs, split_outputs
+from tinymlaas.backends.mcu.codegen import build_kernels
+from tinymlaas.backends.mcu.driver import generate_driver
+from tinymlaas.backends.mcu.firmware import link_firmware, linked_bytes
+from tinymlaas.backends.mcu.measure import measure_firmware
+from tinymlaas.errors import ModelTooLarge
+from tinymlaas.frontend.tflite import import_relax, load_tflite
+from tinymlaas.ir.lower import lower
+from tinymlaas.ir.schedule import default_schedule
+from tinymlaas.ops.int8 import import_integer, integer_import_blockers
+from tinymlaas.runners.qemu import emulator_for
+from tinymlaas.targets import Target, get_target
+from tinymlaas.verify import compare, make_inputs, reference_outputs, split_outputs
 
 STAGES = ("import", "lower", "codegen", "driver", "link", "reference", "emulate", "verify", "measure")
 
@@ -237,7 +237,7 @@ def _build_and_run(model_path, target_name: str, workdir: Path, batches_of, kern
 
 def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "auto") -> list[tuple[str, int]]:
     """Exact instructions of each step (kernel call or copy) of one inference, in order."""
-    from .lower import KernelCall
+    from tinymlaas.ir.lower import KernelCall
 
     _, program, _, run = _build_and_run(
         model_path, target_name, workdir, lambda m: make_inputs(m, 1, 0), kernels, profile=True
@@ -249,8 +249,8 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
 def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, seed: int = 0,
                   kernels: str = "auto") -> list[list]:
     """Every intermediate tensor of an int8 build against the interpreter's, for each of `inputs` inputs."""
-    from .lower import Copy, KernelCall
-    from .verify import compare_layers
+    from tinymlaas.ir.lower import Copy, KernelCall
+    from tinymlaas.verify import compare_layers
 
     model, program, batches, _ = _build_and_run(
         model_path, target_name, workdir, lambda m: make_inputs(m, inputs, seed), kernels, trace=True

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from . import PROJECT_ROOT
-from .errors import UnknownTarget
+from tinymlaas import PROJECT_ROOT
+from tinymlaas.errors import UnknownTarget
 
 TARGETS_DIR = PROJECT_ROOT / "targets"
 

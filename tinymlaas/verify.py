@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .importer import TFLiteModel
+from tinymlaas.frontend.tflite import TFLiteModel
 
 FLOAT_REL_TOLERANCE = 1e-5
 

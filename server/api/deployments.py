@@ -1,7 +1,7 @@
 from flask_smorest import Blueprint
 from sqlalchemy import select
 
-from tinymlaas.rollout import RolloutPlan
+from tinymlaas.ota.rollout import RolloutPlan
 
 from .. import db
 from ..service import create_deployment, deployment_summary, jobs_of, rollback

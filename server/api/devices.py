@@ -1,7 +1,7 @@
 from flask_smorest import Blueprint
 from sqlalchemy import select
 
-from tinymlaas.package import public_key_pem
+from tinymlaas.ota.package import public_key_pem
 
 from .. import db
 from ..broker import ROOT

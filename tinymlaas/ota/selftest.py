@@ -13,10 +13,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .emulate import emulator_for
-from .errors import TinyMLaaSError
-from .firmware import Firmware
-from .targets import get_target
+from tinymlaas.backends.mcu.firmware import Firmware
+from tinymlaas.errors import TinyMLaaSError
+from tinymlaas.runners.qemu import emulator_for
+from tinymlaas.targets import get_target
 
 
 @dataclass

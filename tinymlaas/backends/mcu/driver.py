@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .codegen import KernelObject
-from .importer import TFLiteModel
-from .lower import ARENA_ALIGN, Copy, KernelCall, Program, Region
+from tinymlaas.backends.mcu.codegen import KernelObject
+from tinymlaas.frontend.tflite import TFLiteModel
+from tinymlaas.ir.lower import ARENA_ALIGN, Copy, KernelCall, Program, Region
 
 
 @dataclass

@@ -16,9 +16,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TinyMLaaSError
-from .firmware import require_tool
-from .targets import Target
+from tinymlaas.backends.mcu.firmware import require_tool
+from tinymlaas.errors import TinyMLaaSError
+from tinymlaas.targets import Target
 
 HEADER_SIZE = 0x200
 IMAGE_MAGIC = 0x96F3B83D
@@ -169,8 +169,8 @@ def package_build(build_dir: Path, target: Target, key: Path, version: str) -> B
     """The deployable artifacts of a compiled build folder (what `compile_model` wrote)."""
     import json
 
-    from .firmware import Firmware, read_symbols
-    from .selftest import selftest_spec
+    from tinymlaas.backends.mcu.firmware import Firmware, read_symbols
+    from tinymlaas.ota.selftest import selftest_spec
 
     build_dir = Path(build_dir)
     elf = build_dir / "firmware.elf"

@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from . import int8_kernels as k
-from .errors import UnsupportedOperator
-from .importer import TFLiteModel
+import tinymlaas.ops.int8_te as k
+from tinymlaas.errors import UnsupportedOperator
+from tinymlaas.frontend.tflite import TFLiteModel
 
 SUPPORTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "RESHAPE", "SOFTMAX"}
 KERNEL_KINDS = ("tir", "dsp", "dsp16")

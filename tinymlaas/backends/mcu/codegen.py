@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BuildFailure
-from .lower import ARENA_ALIGN, KernelCall, Program, Region
+from tinymlaas.errors import BuildFailure
+from tinymlaas.ir.lower import ARENA_ALIGN, KernelCall, Program, Region
 
 SYMBOL_PREFIX = "tinymlaas_k_"
 STACK_ALLOC_LIMIT = 1024  # TVM puts smaller allocations on the stack, larger ones need a workspace call

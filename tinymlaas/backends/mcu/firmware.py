@@ -8,10 +8,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import PROJECT_ROOT
-from .codegen import KernelObject
-from .driver import DriverSources
-from .errors import BuildFailure, ToolMissing
+from tinymlaas import PROJECT_ROOT
+from tinymlaas.backends.mcu.codegen import KernelObject
+from tinymlaas.backends.mcu.driver import DriverSources
+from tinymlaas.errors import BuildFailure, ToolMissing
 
 FIRMWARE_DIR = PROJECT_ROOT / "firmware"
 STACK_RESERVE = 0x10000  # the harness paints and measures up to 64 KiB of stack

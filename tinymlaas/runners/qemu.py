@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import PROJECT_ROOT
-from .errors import EmulatorFailure, EmulatorTimeout, ToolMissing
-from .firmware import Firmware
+from tinymlaas import PROJECT_ROOT
+from tinymlaas.backends.mcu.firmware import Firmware
+from tinymlaas.errors import EmulatorFailure, EmulatorTimeout, ToolMissing
 
 PLUGIN_SOURCE = PROJECT_ROOT / "firmware" / "qemu_plugin" / "icount.c"
 

@@ -18,8 +18,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TinyMLaaSError
-from .package import ImageInfo, ImageRejected, image_payload, inspect_image
+from tinymlaas.errors import TinyMLaaSError
+from tinymlaas.ota.package import ImageInfo, ImageRejected, image_payload, inspect_image
 
 SECTOR = 4096
 RECORD_MAGIC = 0x544D4252  # "TMBR"
