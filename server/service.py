@@ -85,7 +85,8 @@ def _target(name: str):
 # models
 
 def add_model(session: Session, store: ArtifactStore, owner: User, filename: str, data: bytes) -> Model:
-    from tinymlaas.frontend.tflite import load_tflite, unsupported_operators
+    from tinymlaas.frontend.tflite import load_tflite
+    from tinymlaas.frontend.to_relax import unsupported_operators
 
     if not data:
         raise ServiceError(422, "the file is empty", "file")

@@ -74,12 +74,14 @@ DSP_KERNEL = {
 
 @pytest.mark.parametrize("case, kernels", sorted(DSP_KERNEL))
 def test_dsp_kernel_choice(case, kernels, tmp_path):
+    from tinymlaas.frontend.cleanup import clean
     from tinymlaas.frontend.tflite import load_tflite
-    from tinymlaas.ops.int8 import import_integer
+    from tinymlaas.frontend.to_relax import to_relax
+    from tinymlaas.targets import get_target
 
     path = tmp_path / f"{case}.tflite"
     path.write_bytes(CASES[case]())
-    text = import_integer(load_tflite(path), kernels).script()
+    text = to_relax(clean(load_tflite(path).graph), get_target("cortex-m4"), kernels).script()
     assert set(re.findall(r'"(tinymlaas_[a-z0-9_]+)"', text)) == {DSP_KERNEL[case, kernels]}
 
 

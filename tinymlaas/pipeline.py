@@ -20,10 +20,11 @@ from tinymlaas.backends.mcu.driver import generate_driver
 from tinymlaas.backends.mcu.firmware import link_firmware, linked_bytes
 from tinymlaas.backends.mcu.measure import measure_firmware
 from tinymlaas.errors import ModelTooLarge
-from tinymlaas.frontend.tflite import import_relax, load_tflite
+from tinymlaas.frontend.cleanup import clean
+from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
+from tinymlaas.frontend.to_relax import to_relax
 from tinymlaas.ir.lower import lower
 from tinymlaas.ir.schedule import default_schedule
-from tinymlaas.ops.int8 import import_integer, integer_import_blockers
 from tinymlaas.runners.qemu import emulator_for
 from tinymlaas.targets import Target, get_target
 from tinymlaas.verify import compare, make_inputs, reference_outputs, split_outputs
@@ -93,21 +94,18 @@ def check_fits(model_name: str, target: Target, flash: int, ram: int, options: C
     return {"flash_limit": flash_limit, "ram_limit": ram_limit, "flash": flash, "ram": ram}
 
 
-def import_model(model, target: Target, int8_lowering: str = "integer", kernels: str = "auto"):
-    """The Relax module for `model` on `target`: integer kernels for int8 models where possible.
+def import_model(model, target: Target, int8_lowering: str = "integer", kernels: str | dict = "auto"):
+    """The Relax module for `model` on `target`, every operator through our registry.
 
-    Returns (relax module, lowering, notes): lowering is "float", "integer" or "float-emulated".
+    Returns (relax module, lowering, notes): lowering is "float", "integer" (integer kernels, bit-exact) or
+    "float-emulated" (int8 through TVM's dequantize/float/quantize, only when asked for).
     """
     notes = list(model.notes)
-    if not model.quantized:
-        return import_relax(model), "float", notes
-    blockers = integer_import_blockers(model)
-    if int8_lowering == "integer" and not blockers:
-        kinds = kernels if kernels != "auto" else ("dsp" if target.dsp else "tir")
-        return import_integer(model, kinds), "integer", notes
-    reason = "as requested" if int8_lowering != "integer" else f"no integer kernel for: {', '.join(blockers)}"
-    notes.append(f"int8 operators lowered through float dequantize/op/quantize ({reason}): not bit-exact")
-    return import_relax(model), "float-emulated", notes
+    if model.quantized and int8_lowering == "float":
+        notes.append("int8 operators lowered through float dequantize/op/quantize (as requested): not bit-exact")
+        return import_relax_tvm(model), "float-emulated", notes
+    graph = clean(model.graph)
+    return to_relax(graph, target, kernels), ("integer" if model.quantized else "float"), notes
 
 
 def compile_model(
@@ -140,7 +138,7 @@ def compile_model(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         stage("codegen")
-        kernels = build_kernels(program, target, work)
+        program, kernels = build_kernels(program, target, work)
         check_fits(
             model.name, target,
             flash=kernels.code_bytes + program.weight_bytes,
@@ -227,7 +225,7 @@ def _build_and_run(model_path, target_name: str, workdir: Path, batches_of, kern
     model = load_tflite(model_path)
     relax_mod, _, _ = import_model(model, target, kernels=kernels)
     program = lower(relax_mod, schedule=default_schedule)
-    built = build_kernels(program, target, workdir)
+    program, built = build_kernels(program, target, workdir)
     firmware = link_firmware(target, built, generate_driver(model, program, built, workdir), workdir, **link_flags)
     batches = batches_of(model)
     (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))

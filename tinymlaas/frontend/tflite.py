@@ -1,16 +1,24 @@
-"""Import stage: a TFLite flatbuffer -> a checked model description and a TVM Relax module."""
+"""Parse stage: a TFLite flatbuffer -> a checked `Graph` (and the model file's description for verification).
+
+The flatbuffer is read once with the TFLite schema's object API; every index, shape and constant buffer is
+checked here, so later stages can trust the graph. A corrupt file raises InvalidModel, never anything else.
+"""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
-from tinymlaas.errors import InvalidModel, UnsupportedOperator
+from tinymlaas.errors import InvalidModel
+from tinymlaas.frontend.graph import Graph, Operator, Quantization, Tensor
 
-_TFLITE_DTYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7: "int16", 9: "int8", 6: "bool"}
+# TFLite TensorType -> numpy dtype name
+DTYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool", 7: "int16", 9: "int8",
+          10: "float64", 13: "uint32", 16: "uint16"}
+MAX_ELEMENTS = 1 << 28  # one tensor: far beyond any microcontroller, small enough to refuse absurd shapes early
 
 
 @dataclass(frozen=True)
@@ -34,70 +42,178 @@ class TFLiteModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     operators: list[str]  # one entry per operator, in graph order
-    quantized: bool  # full-integer model (int8 activations)
+    quantized: bool  # integer activations (int8, or int16 with int8 weights)
     original_data: bytes = field(repr=False, default=b"")
     notes: list[str] = field(default_factory=list)
+    graph: Graph | None = field(repr=False, default=None)
 
     @property
     def hybrid(self) -> bool:
         return self.data != self.original_data
 
 
-def _op_names() -> dict[int, str]:
-    import tflite
+def _schema():
+    from ai_edge_litert import schema_py_generated as schema
 
-    return {v: k for k, v in tflite.BuiltinOperator.__dict__.items() if not k.startswith("_")}
+    return schema
 
 
-def _parse(data: bytes, label: str):
-    import tflite
+def _enum_names(enum) -> dict[int, str]:
+    return {v: k for k, v in enum.__dict__.items() if not k.startswith("_")}
 
+
+def _options(obj) -> MappingProxyType:
+    if obj is None:
+        return MappingProxyType({})
+    values = {}
+    for key, value in vars(obj).items():
+        if isinstance(value, np.ndarray):
+            value = tuple(value.tolist())
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return MappingProxyType(values)
+
+
+def _unpack(data: bytes, label: str):
+    schema = _schema()
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise InvalidModel(f"{label}: not a TFLite flatbuffer (no 'TFL3' identifier)")
     try:
-        model = tflite.Model.GetRootAsModel(data, 0)
-        if model.SubgraphsLength() < 1:
-            raise InvalidModel(f"{label}: TFLite model has no subgraph")
-        model.Subgraphs(0).OperatorsLength()
-    except InvalidModel:
-        raise
+        model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
     except Exception as e:  # a corrupt flatbuffer raises anything from IndexError to struct.error
-        raise InvalidModel(f"{label}: corrupt TFLite flatbuffer ({type(e).__name__})") from e
+        raise InvalidModel(f"{label}: corrupt TFLite flatbuffer ({type(e).__name__} while reading it)") from e
+    if not model.subgraphs:
+        raise InvalidModel(f"{label}: TFLite model has no subgraph")
     return model
 
 
-def _tensor_spec(subgraph, index: int) -> TensorSpec:
-    t = subgraph.Tensors(index)
-    q = t.Quantization()
-    scale = float(q.Scale(0)) if q is not None and q.ScaleLength() == 1 else 0.0
-    zp = int(q.ZeroPoint(0)) if q is not None and q.ZeroPointLength() == 1 else 0
-    dtype = _TFLITE_DTYPES.get(t.Type())
+def _quantization(q, label: str, tname: str) -> Quantization | None:
+    if q is None or q.scale is None or len(q.scale) == 0:
+        return None
+    scale = tuple(float(s) for s in q.scale)
+    zps = tuple(int(z) for z in q.zeroPoint) if q.zeroPoint is not None and len(q.zeroPoint) else (0,) * len(scale)
+    if len(zps) != len(scale) or not all(np.isfinite(scale)):
+        raise InvalidModel(f"{label}: tensor '{tname}' has inconsistent quantization parameters")
+    return Quantization(scale, zps, int(q.quantizedDimension or 0))
+
+
+def _tensor(model, t, index: int, label: str) -> Tensor:
+    name = t.name.decode("utf-8", "replace") if isinstance(t.name, bytes) else str(t.name or f"tensor{index}")
+    dtype = DTYPES.get(t.type)
     if dtype is None:
-        raise InvalidModel(f"tensor '{t.Name().decode()}' has an unsupported TFLite type {t.Type()}")
-    return TensorSpec(t.Name().decode(), tuple(int(s) for s in t.ShapeAsNumpy()), dtype, scale, zp)
+        raise InvalidModel(f"{label}: tensor '{name}' has an unsupported TFLite type {t.type}")
+    shape = tuple(int(s) for s in (t.shape if t.shape is not None else ()))
+    if any(s < 0 for s in shape):
+        raise InvalidModel(f"{label}: tensor '{name}' has a negative dimension in shape {list(shape)}")
+    if np.prod(shape, dtype=np.float64) > MAX_ELEMENTS:
+        raise InvalidModel(f"{label}: tensor '{name}' of shape {list(shape)} is too large")
+    data = None
+    if not 0 <= t.buffer < len(model.buffers):
+        raise InvalidModel(f"{label}: tensor '{name}' refers to buffer {t.buffer} of {len(model.buffers)}")
+    buf = model.buffers[t.buffer]
+    raw = buf.data
+    if raw is not None and len(raw):
+        raw = np.asarray(raw, dtype=np.uint8).tobytes()
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if len(raw) != want:
+            raise InvalidModel(f"{label}: constant tensor '{name}' holds {len(raw)} bytes, its shape "
+                               f"{list(shape)} of {dtype} needs {want}")
+        data = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    elif getattr(buf, "offset", 0) and buf.offset > 1:
+        raise InvalidModel(f"{label}: tensor '{name}' keeps its data outside the flatbuffer (models over 2 GB)")
+    return Tensor(index, name, shape, dtype, _quantization(t.quantization, label, name), data)
+
+
+def read_graph(data: bytes, label: str = "model") -> Graph:
+    """The first subgraph of a TFLite flatbuffer as a checked Graph."""
+    schema = _schema()
+    model = _unpack(data, label)
+    sg = model.subgraphs[0]
+    builtin_names = _enum_names(schema.BuiltinOperator)
+    codes = model.operatorCodes or []
+    tensors_fb = sg.tensors or []
+    try:
+        tensors = tuple(_tensor(model, t, i, label) for i, t in enumerate(tensors_fb))
+    except InvalidModel:
+        raise
+    except Exception as e:
+        raise InvalidModel(f"{label}: corrupt tensor table ({type(e).__name__})") from e
+
+    def check_index(i: int, what: str, optional: bool = False) -> int:
+        i = int(i)
+        if optional and i == -1:
+            return -1
+        if not 0 <= i < len(tensors):
+            raise InvalidModel(f"{label}: {what} refers to tensor {i}, but the model has {len(tensors)}")
+        return i
+
+    operators = []
+    for n, op in enumerate(sg.operators or []):
+        if not 0 <= op.opcodeIndex < len(codes):
+            raise InvalidModel(f"{label}: operator #{n} has opcode index {op.opcodeIndex} of {len(codes)}")
+        code = codes[op.opcodeIndex]
+        builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+        if builtin == schema.BuiltinOperator.CUSTOM:
+            custom = code.customCode.decode("utf-8", "replace") if isinstance(code.customCode, bytes) else "?"
+            opcode = f"CUSTOM:{custom}"
+        else:
+            opcode = builtin_names.get(builtin, f"BUILTIN_{builtin}")
+        ins = tuple(check_index(i, f"operator #{n} ({opcode})", optional=True) for i in (op.inputs if op.inputs is not None else ()))
+        outs = tuple(check_index(i, f"operator #{n} ({opcode})") for i in (op.outputs if op.outputs is not None else ()))
+        if not outs:
+            raise InvalidModel(f"{label}: operator #{n} ({opcode}) has no output")
+        opts = dict(_options(op.builtinOptions))
+        opts.update(_options(getattr(op, "builtinOptions2", None)))
+        operators.append(Operator(n, opcode, ins, outs, MappingProxyType(opts), int(op.builtinOptionsType or 0),
+                                  int(code.version or 1)))
+    inputs = tuple(check_index(i, "the graph's input") for i in (sg.inputs if sg.inputs is not None else ()))
+    outputs = tuple(check_index(i, "the graph's output") for i in (sg.outputs if sg.outputs is not None else ()))
+    if not inputs or not outputs:
+        raise InvalidModel(f"{label}: the graph has no {'inputs' if not inputs else 'outputs'}")
+    produced = set(inputs) | {i for t in tensors if t.is_const for i in [t.index]}
+    for op in operators:
+        for i in op.inputs:
+            if i >= 0 and i not in produced:
+                raise InvalidModel(f"{label}: operator #{op.index} ({op.opcode}) reads tensor "
+                                   f"'{tensors[i].name}' before anything writes it")
+        produced.update(op.outputs)
+    for i in outputs:
+        if i not in produced:
+            raise InvalidModel(f"{label}: graph output '{tensors[i].name}' is never written")
+    for i in inputs:
+        if tensors[i].is_const:
+            raise InvalidModel(f"{label}: graph input '{tensors[i].name}' is a constant")
+    return Graph(label, tensors, tuple(operators), inputs, outputs)
+
+
+def _spec(t: Tensor) -> TensorSpec:
+    return TensorSpec(t.name, t.shape, t.dtype, t.scale, t.zero_point)
 
 
 def _dequantize_hybrid_weights(data: bytes) -> tuple[bytes, int]:
     """Rewrite constant int8 weights that float ops consume (dynamic-range quantization) as float32.
 
-    TVM imports only float or full-integer graphs. The rewritten model computes what the float
-    network with those (already rounded) weights computes; the verification reference runs the same file.
+    The rewritten model computes what the float network with those (already rounded) weights computes;
+    the verification reference runs the same file.
     """
     import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
 
+    schema = _schema()
     m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
     rewritten = 0
     for sg in m.subgraphs:
         float_consumers = set()
         for op in sg.operators:
+            if m.operatorCodes[op.opcodeIndex].builtinCode == schema.BuiltinOperator.DEQUANTIZE:
+                continue  # an explicit DEQUANTIZE of a constant is an operator of its own
             ins = [i for i in (op.inputs if op.inputs is not None else []) if i >= 0]
             if any(sg.tensors[i].type == schema.TensorType.FLOAT32 for i in ins):
                 float_consumers.update(ins)
         for i in sorted(float_consumers):
             t = sg.tensors[i]
             buf = m.buffers[t.buffer]
-            if t.type != schema.TensorType.INT8 or buf.data is None or len(buf.data) == 0:
+            if t.type != schema.TensorType.INT8 or buf.data is None or len(buf.data) == 0 or t.quantization is None:
                 continue
             q = np.frombuffer(bytes(bytearray(buf.data)), dtype=np.int8).astype(np.float64)
             q = q.reshape(t.shape)
@@ -119,56 +235,47 @@ def _dequantize_hybrid_weights(data: bytes) -> tuple[bytes, int]:
     return bytes(builder.Output()), rewritten
 
 
-def load_tflite(path: str | Path) -> TFLiteModel:
-    path = Path(path)
-    label = path.name
-    if not path.is_file():
-        raise InvalidModel(f"{path}: no such model file")
-    original = path.read_bytes()
-    model = _parse(original, label)
-    names = _op_names()
-    sg = model.Subgraphs(0)
-    ops = []
-    for i in range(sg.OperatorsLength()):
-        code = model.OperatorCodes(sg.Operators(i).OpcodeIndex())
-        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        ops.append(code.CustomCode().decode() if builtin == 32 and code.CustomCode() else names.get(builtin, str(builtin)))
-    inputs = [_tensor_spec(sg, sg.Inputs(i)) for i in range(sg.InputsLength())]
-    outputs = [_tensor_spec(sg, sg.Outputs(i)) for i in range(sg.OutputsLength())]
-    data, rewritten = original, 0
-    notes = []
-    if all(t.dtype == "float32" for t in inputs):
-        data, rewritten = _dequantize_hybrid_weights(original)
+def load_model_bytes(original: bytes, label: str, path: Path | None = None) -> TFLiteModel:
+    graph = read_graph(original, label)
+    data, notes = original, []
+    ins = [graph.tensor(i) for i in graph.inputs]
+    outs = [graph.tensor(i) for i in graph.outputs]
+    if all(t.dtype == "float32" for t in ins) and any(
+        t.dtype == "int8" and t.is_const and t.quant for t in graph.tensors
+    ):
+        try:
+            data, rewritten = _dequantize_hybrid_weights(original)
+        except Exception as e:
+            raise InvalidModel(f"{label}: corrupt TFLite flatbuffer ({type(e).__name__} while rewriting it)") from e
         if rewritten:
+            graph = read_graph(data, label)
             notes.append(
                 f"dynamic-range (hybrid) quantized model: {rewritten} int8 weight tensors dequantized to float32; "
                 "verified against the interpreter on the dequantized model"
             )
-    quantized = any(t.dtype in ("int8", "uint8", "int16") for t in inputs + outputs)
-    return TFLiteModel(path.stem, path, data, inputs, outputs, ops, quantized, original, notes)
+    quantized = any(t.dtype in ("int8", "uint8", "int16") and t.quant is not None for t in ins + outs)
+    name = (path.stem if path else label.rsplit(".", 1)[0]) or "model"
+    return TFLiteModel(name, path or Path(label), data, [_spec(t) for t in ins], [_spec(t) for t in outs],
+                       [op.opcode for op in graph.operators], quantized, original, notes, graph)
 
 
-def unsupported_operators(model: TFLiteModel) -> list[str]:
-    """Operators of the model that TVM's TFLite frontend has no converter for."""
-    import tflite
-    from tvm.relax.frontend.tflite import tflite_frontend
-
-    fb = tflite.Model.GetRootAsModel(model.data, 0)
-    sg = fb.Subgraphs(0)
-    converter = tflite_frontend.OperatorConverter(fb, sg, tflite_frontend.ExprTable(), None)
-    names = (converter.get_op_code_str(sg.Operators(i)) for i in range(sg.OperatorsLength()))
-    return sorted({n for n in names if n not in converter.convert_map})
+def load_tflite(path: str | Path) -> TFLiteModel:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidModel(f"{path}: no such model file")
+    return load_model_bytes(path.read_bytes(), path.name, path)
 
 
-def import_relax(model: TFLiteModel):
-    """TFLite -> Relax IRModule via TVM's frontend. Unsupported operators are named."""
+def import_relax_tvm(model: TFLiteModel):
+    """TVM's own TFLite frontend: only for `--int8-lowering float` (int8 through dequantize/float/quantize)."""
+    import re
+
     import tflite
     import tvm
     from tvm.relax.frontend.tflite import from_tflite
 
-    missing = unsupported_operators(model)
-    if missing:
-        raise UnsupportedOperator(missing, model.path.name)
+    from tinymlaas.errors import UnsupportedOperator
+
     try:
         return from_tflite(tflite.Model.GetRootAsModel(model.data, 0))
     except tvm.error.OpNotImplemented as e:

@@ -6,11 +6,13 @@ buffers, and constants. No VM, no runtime: the driver generator turns it into st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 ARENA_ALIGN = 16
+_OP_VAR = re.compile(r"^op(\d+)")  # values bound by the importer are named after their TFLite operator
 
 
 @dataclass(frozen=True)
@@ -23,28 +25,30 @@ class Region:
     nbytes: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class KernelCall:
     kernel: str
-    args: list[Region]
+    args: tuple[Region, ...]
     extern: bool = False  # a C kernel linked with the firmware (firmware/kernels/), not a TIR kernel
+    op_index: int | None = None  # the TFLite operator it computes (the last one, when several were fused)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Copy:
     src: Region
     dst: Region
     nbytes: int
+    op_index: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Program:
     kernels: object  # tvm.IRModule of PrimFuncs, keyed by kernel name
-    steps: list  # KernelCall | Copy, in execution order
-    constants: list[np.ndarray]
+    steps: tuple  # KernelCall | Copy, in execution order
+    constants: tuple[np.ndarray, ...]
     arena_bytes: int
     scratch_bytes: int = 0  # kernel-internal buffers hoisted out of the kernels (set by codegen)
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
 
     @property
     def weight_bytes(self) -> int:
@@ -115,6 +119,10 @@ def flatten(mod) -> Program:
             return regions[expr]
         raise NotImplementedError(f"kernel argument of unexpected form: {expr}")
 
+    def op_index(var) -> int | None:
+        m = _OP_VAR.match(var.name)
+        return int(m.group(1)) if m else None
+
     body = main.body
     for block in body.blocks:
         for binding in block.bindings:
@@ -137,15 +145,26 @@ def flatten(mod) -> Program:
                 else:
                     raise NotImplementedError(f"operation '{name}' is not supported in a static program")
             elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar):
-                steps.append(KernelCall(value.op.name_hint, [region_of(a) for a in value.args]))
+                steps.append(KernelCall(value.op.name_hint, tuple(region_of(a) for a in value.args),
+                                        op_index=op_index(var)))
             elif isinstance(value, relax.Call) and isinstance(value.op, relax.ExternFunc):
-                steps.append(KernelCall(str(value.op.global_symbol), [region_of(a) for a in value.args], extern=True))
+                steps.append(KernelCall(str(value.op.global_symbol), tuple(region_of(a) for a in value.args),
+                                        extern=True, op_index=op_index(var)))
             elif isinstance(value, relax.Var) and value in regions:
                 regions[var] = regions[value]
+                # CallTIRRewrite binds the call to `_` and the importer's `op<i>` to its output: name the step
+                index = op_index(var)
+                for k in range(len(steps) - 1, -1, -1):
+                    if isinstance(steps[k], KernelCall) and steps[k].args and steps[k].args[-1] == regions[value]:
+                        if steps[k].op_index is None and index is not None:
+                            steps[k] = replace(steps[k], op_index=index)
+                        break
             elif isinstance(value, relax.Var) and value in inputs:
                 regions[var] = region_of(value)
             elif isinstance(value, relax.Tuple):
                 regions[var] = tuple(region_of(f) for f in value.fields)
+            elif isinstance(value, relax.TupleGetItem) and isinstance(regions.get(value.tuple_value), tuple):
+                regions[var] = regions[value.tuple_value][value.index]
             else:
                 raise NotImplementedError(f"binding of unexpected form: {value}")
 
@@ -165,14 +184,12 @@ def flatten(mod) -> Program:
     def fix(r: Region) -> Region:
         return Region("output", index=renumber[r.index], nbytes=r.nbytes) if r.kind == "output" else r
 
-    for step in steps:
-        if isinstance(step, KernelCall):
-            step.args = [fix(a) for a in step.args]
+    steps = [replace(s, args=tuple(fix(a) for a in s.args)) if isinstance(s, KernelCall) else s for s in steps]
     for i, reg in enumerate(out_regions):
         if reg.kind != "output":  # a result left in the arena (or an input returned as is) is copied out
             steps.append(Copy(reg, Region("output", index=i, nbytes=reg.nbytes), reg.nbytes))
     kernels = tvm.IRModule({gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)})
-    return Program(kernels=kernels, steps=steps, constants=constants, arena_bytes=arena)
+    return Program(kernels=kernels, steps=tuple(steps), constants=tuple(constants), arena_bytes=arena)
 
 
 def lower(relax_mod, schedule=None, fold_constants: bool = True) -> Program:

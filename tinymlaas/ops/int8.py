@@ -1,4 +1,4 @@
-"""Import of full-integer (int8) TFLite models straight to integer kernels.
+"""int8 operators: integer kernels with TFLite's exact arithmetic, bit-exact with the interpreter.
 
 TVM's frontend expands every quantized operator into dequantize -> float op -> quantize, which needs
 an FPU and is not bit-exact. This stage recognises the quantized operators at the TFLite level and
@@ -16,9 +16,8 @@ import numpy as np
 
 import tinymlaas.ops.int8_te as k
 from tinymlaas.errors import UnsupportedOperator
-from tinymlaas.frontend.tflite import TFLiteModel
+from tinymlaas.ops.registry import register
 
-SUPPORTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "RESHAPE", "SOFTMAX"}
 KERNEL_KINDS = ("tir", "dsp", "dsp16")
 # per layer: integer TIR; DSP micro-kernels (firmware/kernels/gemm_dsp.c) with the int8 weights; or with the
 # weights pre-widened to int16 in flash: faster, twice the weight flash
@@ -84,57 +83,7 @@ def softmax_params(beta: float, input_scale: float) -> tuple[int, int, int]:
     return multiplier, left_shift, -radius
 
 
-class _Graph:
-    """The model's tensors as seen by the importer: constants, quantization, producers."""
-
-    def __init__(self, model: TFLiteModel):
-        from ai_edge_litert import schema_py_generated as schema
-
-        self.schema = schema
-        self.fb = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model.data, 0))
-        self.sg = self.fb.subgraphs[0]
-        names = {v: key for key, v in schema.BuiltinOperator.__dict__.items() if not key.startswith("_")}
-        self.op_names = []
-        for op in self.sg.operators:
-            code = self.fb.operatorCodes[op.opcodeIndex]
-            self.op_names.append(names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"))
-
-    def tensor(self, i: int):
-        return self.sg.tensors[i]
-
-    def shape(self, i: int) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.tensor(i).shape)
-
-    def const(self, i: int, dtype: str) -> np.ndarray | None:
-        t = self.tensor(i)
-        data = self.fb.buffers[t.buffer].data
-        if data is None or len(data) == 0:
-            return None
-        return np.frombuffer(bytes(bytearray(data)), dtype=dtype).reshape(self.shape(i))
-
-    def scale(self, i: int) -> np.ndarray:
-        q = self.tensor(i).quantization
-        return np.asarray(q.scale if q is not None and q.scale is not None else [0.0], dtype=np.float32)
-
-    def zero_point(self, i: int) -> int:
-        q = self.tensor(i).quantization
-        return int(q.zeroPoint[0]) if q is not None and q.zeroPoint is not None and len(q.zeroPoint) else 0
-
-
-def integer_import_blockers(model: TFLiteModel) -> list[str]:
-    """Why this model cannot take the integer path (empty list: it can)."""
-    if not model.quantized:
-        return ["not a full-integer model"]
-    g = _Graph(model)
-    problems = sorted({name for name in g.op_names if name not in SUPPORTED})
-    types = {g.tensor(i).type for op in g.sg.operators for i in list(op.inputs) + list(op.outputs) if i >= 0}
-    allowed = {g.schema.TensorType.INT8, g.schema.TensorType.INT32}
-    if types - allowed:
-        problems.append("tensor types other than int8/int32")
-    return problems
-
-
-def _emit_kernel(bb, fn, args, name: str, **attrs):
+def _emit_kernel(ctx, fn, args, **attrs):
     """Emit `fn` (a TE integer kernel) as one opaque call_tir.
 
     Not `bb.emit_te`: that builds PrimFuncs with int64 index types, which turns every integer
@@ -148,8 +97,8 @@ def _emit_kernel(bb, fn, args, name: str, **attrs):
         holders.append(te.placeholder(shape, str(a.ty.dtype), f"in{i}"))
     out = fn(*holders, **attrs)
     func = te.create_prim_func(holders + [out]).with_attr("op_pattern", 8)  # kOpaque: one kernel per operator
-    gv = bb.add_func(func, name)
-    return bb.emit(relax.call_tir(gv, list(args), relax.TensorType([int(v) for v in out.shape], out.dtype)))
+    gv = ctx.bb.add_func(func, f"op{ctx.op.index}_{ctx.op.opcode.lower()}")
+    return ctx.emit(relax.call_tir(gv, list(args), relax.TensorType([int(v) for v in out.shape], out.dtype)))
 
 
 _LANES = (0, 2, 1, 3)  # SXTAB16 widens a word's bytes 0, 2 and 1, 3: int16 weights follow that order
@@ -225,185 +174,293 @@ def _conv_params(n, h, w, c, oh, ow, oc, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, 
     return np.array([n, h, w, c, oh, ow, oc, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, zp_out, lo, hi, single], dtype=np.int32)
 
 
-def import_integer(model: TFLiteModel, kernels: str | dict[int, str] = "tir"):
-    """Full-integer TFLite model -> Relax IRModule of integer kernels.
 
-    kernels: "tir", "dsp" or "dsp16" for every layer, or {operator index: kind}; the DSP kinds apply to convolutions,
-    depthwise convolutions (depth multiplier 1) and fully connected layers, others stay TIR.
-    """
+
+# --- converters -------------------------------------------------------------------------------------------------
+
+def _dsp_applies(graph, op, target, impl) -> bool:
+    """The DSP micro-kernels take convolutions, depthwise convolutions of depth multiplier 1 and fully connected
+    layers with symmetric weights."""
+    if impl == "tir":
+        return True
+    if op.opcode == "DEPTHWISE_CONV_2D":
+        return int(op.opt("depthMultiplier", 1) or 1) == 1
+    if op.opcode == "FULLY_CONNECTED":
+        return graph.tensor(op.inputs[1]).zero_point == 0 and graph.tensor(op.inputs[1]).is_const
+    return graph.tensor(op.inputs[1]).is_const
+
+
+def _extern(ctx, symbol, args, shape, dtype="int8"):
     from tvm import relax
 
-    blockers = integer_import_blockers(model)
-    if blockers:
-        raise UnsupportedOperator(blockers, model.path.name)
-    g = _Graph(model)
-    bb = relax.BlockBuilder()
-    params = [relax.Var(f"input{i}", relax.TensorType(model.inputs[i].shape, model.inputs[i].dtype))
-              for i in range(len(model.inputs))]
-    values: dict[int, object] = {int(t): p for t, p in zip(g.sg.inputs, params)}
+    return ctx.emit(relax.call_dps_packed(symbol, list(args), relax.TensorType(list(shape), dtype)))
 
-    def requant_consts(in_idx: int, w_idx: int, out_idx: int):
-        in_scale = float(g.scale(in_idx)[0])
-        out_scale = float(g.scale(out_idx)[0])
-        w_scales = g.scale(w_idx)
-        pairs = [quantize_multiplier(in_scale * float(s) / out_scale) for s in w_scales]
-        mult = np.array([m for m, _ in pairs], dtype=np.int32)
-        shift = np.array([s for _, s in pairs], dtype=np.int32)
-        return mult, shift
 
-    def bias_of(idx: int, channels: int) -> np.ndarray:
-        if idx < 0:
-            return np.zeros(channels, dtype=np.int32)
-        return g.const(idx, "int32").reshape(channels)
+def _requant_consts(ctx, in_idx: int, w_idx: int, out_idx: int, channels: int):
+    in_scale, out_scale = ctx.tensor(in_idx).scale, ctx.tensor(out_idx).scale
+    w_scales = ctx.tensor(w_idx).quant.scale
+    pairs = [quantize_multiplier(in_scale * float(s) / out_scale) for s in w_scales]
+    mult = np.array([m for m, _ in pairs], dtype=np.int32)
+    shift = np.array([s for _, s in pairs], dtype=np.int32)
+    if mult.size == 1 and channels > 1:
+        mult, shift = np.repeat(mult, channels), np.repeat(shift, channels)
+    return mult, shift
 
-    def kind_of(index: int) -> str:
-        kind = kernels.get(index, "tir") if isinstance(kernels, dict) else kernels
-        if kind not in KERNEL_KINDS:
-            raise ValueError(f"unknown kernel kind '{kind}'")
-        return kind
 
-    def extern(symbol, args, shape):
-        return bb.emit(relax.call_dps_packed(symbol, list(args), relax.TensorType(list(shape), "int8")))
+def _bias_of(ctx, op, k: int, channels: int) -> np.ndarray:
+    if len(op.inputs) <= k or op.inputs[k] < 0:
+        return np.zeros(channels, dtype=np.int32)
+    return np.asarray(ctx.tensor(op.inputs[k]).data, dtype=np.int32).reshape(channels)
 
-    with bb.function("main", params):
-        with bb.dataflow():
-            for index, (op, name) in enumerate(zip(g.sg.operators, g.op_names)):
-                ins, out = [int(i) for i in op.inputs], int(op.outputs[0])
-                opt = op.builtinOptions
-                hint = f"t{out}_{name.lower()}"
-                x = values[ins[0]]
-                zp_out, out_scale = g.zero_point(out), float(g.scale(out)[0])
-                if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-                    w = g.const(ins[1], "int8")
-                    _, h, wd, _ = g.shape(ins[0])
-                    kh, kw = (w.shape[1], w.shape[2])
-                    channels = w.shape[0] if name == "CONV_2D" else w.shape[3]
-                    pt, pb = padding(opt.padding, h, kh, opt.strideH, opt.dilationHFactor)
-                    pl, pr = padding(opt.padding, wd, kw, opt.strideW, opt.dilationWFactor)
-                    mult, shift = requant_consts(ins[0], ins[1], out)
-                    if mult.size == 1:
-                        mult, shift = np.repeat(mult, channels), np.repeat(shift, channels)
-                    lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
-                    common = {
-                        "stride": (opt.strideH, opt.strideW), "dilation": (opt.dilationHFactor, opt.dilationWFactor),
-                        "padding": (pt, pl, pb, pr), "zp_in": g.zero_point(ins[0]), "zp_out": zp_out,
-                        "act_min": lo, "act_max": hi,
-                    }
-                    bias = bias_of(ins[2] if len(ins) > 2 else -1, channels)
-                    args = [x, relax.const(w), relax.const(bias), relax.const(mult), relax.const(shift)]
-                    kind = kind_of(index)
-                    dsp = kind != "tir" and (name == "CONV_2D" or opt.depthMultiplier == 1)
-                    if dsp:
-                        n, _, _, c = g.shape(ins[0])
-                        _, oh, ow, _ = g.shape(out)
-                        cp = relax.const(_conv_params(
-                            n, h, wd, c, oh, ow, channels, kh, kw, opt.strideH, opt.strideW, opt.dilationHFactor,
-                            opt.dilationWFactor, pt, pl, common["zp_in"], zp_out, lo, hi))
-                        dw3x3 = (name == "DEPTHWISE_CONV_2D" and kh == kw == 3 and c % 4 == 0
-                                 and opt.dilationHFactor == opt.dilationWFactor == 1)
-                        w2d = w.reshape(channels, -1) if name == "CONV_2D" else w.reshape(kh * kw, channels).T
-                        table = None
-                        if name == "CONV_2D" or dw3x3:
-                            table = requant_table(w2d, bias, mult, shift, common["zp_in"], zp_out, (lo, hi), single=False)
-                        wide = kind == "dsp16"
-                        suffix = "_w16" if wide else "_w8"
-                        if table is not None and name == "CONV_2D":
-                            y = extern("tinymlaas_gemm" + suffix, [x, relax.const(blocked_weights(w2d, 2, wide)),
-                                                                   relax.const(table), cp], g.shape(out))
-                        elif table is not None:  # [C/4][9 taps][4 lanes]
-                            taps = w.reshape(9, channels // 4, 4).transpose(1, 0, 2)
-                            taps = taps[..., _LANES].astype(np.int16) if wide else taps
-                            y = extern("tinymlaas_depthwise3x3" + suffix, [x, relax.const(np.ascontiguousarray(taps)),
-                                                                           relax.const(table), cp], g.shape(out))
-                        else:  # requantization that needs the general form (conv_s8.c)
-                            pointwise = (name == "CONV_2D" and kh == kw == 1 and opt.strideH == opt.strideW == 1
-                                         and pt == pl == 0)
-                            symbol = ("tinymlaas_conv1x1_s8" if pointwise else "tinymlaas_conv_s8"
-                                      if name == "CONV_2D" else "tinymlaas_depthwise3x3_s8" if dw3x3
-                                      else "tinymlaas_depthwise_s8")
-                            if dw3x3:  # [C/4][9 taps][4 lanes]: a channel block's tap words adjacent
-                                args[1] = relax.const(np.ascontiguousarray(
-                                    w.reshape(9, channels // 4, 4).transpose(1, 0, 2)).reshape(w.shape))
-                            y = extern(symbol, args + [cp], g.shape(out))
-                    elif name == "CONV_2D":
-                        y = _emit_kernel(bb, k.conv2d_s8, args, hint, **common)
-                    else:
-                        y = _emit_kernel(bb, k.depthwise_conv2d_s8, args, hint, **common,
-                                         depth_multiplier=opt.depthMultiplier)
-                elif name == "FULLY_CONNECTED":
-                    w = g.const(ins[1], "int8")
-                    out_features, depth = w.shape
-                    in_shape = g.shape(ins[0])
-                    if len(in_shape) != 2 or in_shape[1] != depth:
-                        x = bb.emit(relax.op.reshape(x, (int(np.prod(in_shape)) // depth, depth)))
-                    mult, shift = requant_consts(ins[0], ins[1], out)
-                    lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
-                    bias_values = bias_of(ins[2] if len(ins) > 2 else -1, out_features)
-                    bias = relax.const(bias_values)
-                    kind = kind_of(index)
-                    if kind != "tir" and g.zero_point(ins[1]) == 0:
-                        batch = int(np.prod(g.shape(ins[0]))) // depth
-                        cp = relax.const(_conv_params(batch, 1, 1, depth, 1, 1, out_features, 1, 1, 1, 1, 1, 1, 0, 0,
-                                                      g.zero_point(ins[0]), zp_out, lo, hi, single=1))
-                        reps = out_features if mult.size == 1 else 1
-                        mult, shift = np.repeat(mult, reps), np.repeat(shift, reps)
-                        table = requant_table(w, bias_values, mult, shift, g.zero_point(ins[0]), zp_out, (lo, hi),
-                                              single=True)
-                        if table is not None:  # one row: four channels per step; a batch: the 2x2 product
-                            kernel, block = ("tinymlaas_gemv", 4) if batch == 1 else ("tinymlaas_gemm", 2)
-                            wide = kind == "dsp16"
-                            y = extern(kernel + ("_w16" if wide else "_w8"),
-                                       [x, relax.const(blocked_weights(w, block, wide)), relax.const(table), cp],
-                                       (batch, out_features))
-                        else:
-                            y = extern("tinymlaas_conv1x1_s8", [x, relax.const(w), bias, relax.const(mult),
-                                                                relax.const(shift), cp], (batch, out_features))
-                    else:
-                        args = [x, relax.const(w), bias, relax.const(mult), relax.const(shift)]
-                        y = _emit_kernel(bb, k.fully_connected_s8, args, hint, zp_in=g.zero_point(ins[0]),
-                                         zp_weight=g.zero_point(ins[1]), zp_out=zp_out, act_min=lo, act_max=hi)
-                    if tuple(int(s) for s in y.ty.shape) != g.shape(out):
-                        y = bb.emit(relax.op.reshape(y, g.shape(out)))
-                elif name in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-                    _, h, wd, _ = g.shape(ins[0])
-                    pt, pb = padding(opt.padding, h, opt.filterHeight, opt.strideH, 1)
-                    pl, pr = padding(opt.padding, wd, opt.filterWidth, opt.strideW, 1)
-                    lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
-                    fn = k.avg_pool2d_s8 if name == "AVERAGE_POOL_2D" else k.max_pool2d_s8
-                    y = _emit_kernel(bb, fn, [x], hint, pool=(opt.filterHeight, opt.filterWidth),
-                                     stride=(opt.strideH, opt.strideW), padding=(pt, pl, pb, pr), act_min=lo, act_max=hi)
-                elif name == "ADD":
-                    a_idx, b_idx = ins
-                    if g.shape(a_idx) != g.shape(b_idx):
-                        raise UnsupportedOperator(["ADD with broadcasting"], model.path.name)
-                    sa, sb = float(g.scale(a_idx)[0]), float(g.scale(b_idx)[0])
-                    left_shift = 20
-                    twice_max = 2.0 * float(max(np.float32(sa), np.float32(sb)))
-                    ma, sha = quantize_multiplier(sa / twice_max)
-                    mb, shb = quantize_multiplier(sb / twice_max)
-                    mo, sho = quantize_multiplier(twice_max / ((1 << left_shift) * out_scale))
-                    lo, hi = activation_range(opt.fusedActivationFunction, out_scale, zp_out)
-                    y = _emit_kernel(
-                        bb, k.add_s8, [x, values[b_idx]], hint, left_shift=left_shift, zp_a=g.zero_point(a_idx),
-                        zp_b=g.zero_point(b_idx), zp_out=zp_out, mult_a=ma, shift_a=sha, mult_b=mb, shift_b=shb,
-                        mult_out=mo, shift_out=sho, act_min=lo, act_max=hi,
-                    )
-                elif name == "RESHAPE":
-                    y = bb.emit(relax.op.reshape(x, g.shape(out)))
-                elif name == "SOFTMAX":
-                    shape = g.shape(out)
-                    m, shift, diff_min = softmax_params(float(opt.beta), float(g.scale(ins[0])[0]))
-                    consts = np.array([m, shift, diff_min, shape[-1], int(np.prod(shape))], dtype=np.int32)
-                    y = bb.emit(relax.call_dps_packed(
-                        "tinymlaas_softmax_s8", [x, relax.const(consts)], relax.TensorType(shape, "int8")
-                    ))
-                else:  # pragma: no cover - excluded by integer_import_blockers
-                    raise UnsupportedOperator([name], model.path.name)
-                values[out] = y
-            outs = [values[int(i)] for i in g.sg.outputs]
-            result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
-        bb.emit_func_output(result)
-    # Kernels are opaque to fusion, one per TFLite operator: fusing two requantizing kernels nests
-    # their fixed-point arithmetic into one expression, and separate kernels keep every TFLite
-    # tensor observable for per-layer verification.
-    return relax.transform.Normalize()(bb.get())
+
+def _const_weights(ctx, op, k=1) -> np.ndarray:
+    t = ctx.tensor(op.inputs[k])
+    if not t.is_const:
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} with computed weights (int8)"], ctx.graph.name)
+    return np.asarray(t.data)
+
+
+def _act(ctx, op):
+    out = ctx.tensor(op.outputs[0])
+    return activation_range(int(op.opt("fusedActivationFunction", 0) or 0), out.scale, out.zero_point)
+
+
+@register(("CONV_2D", "DEPTHWISE_CONV_2D"), "int8", implementations=("tir", "dsp", "dsp16"), applies=_dsp_applies)
+def conv2d(ctx, op, impl):
+    from tvm import relax
+
+    name = op.opcode
+    w = _const_weights(ctx, op)
+    x_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.outputs[0])
+    n, h, wd, c = x_t.shape
+    kh, kw = w.shape[1], w.shape[2]
+    channels = w.shape[0] if name == "CONV_2D" else w.shape[3]
+    sh, sw = op.opt("strideH", 1), op.opt("strideW", 1)
+    dh, dw = op.opt("dilationHFactor", 1) or 1, op.opt("dilationWFactor", 1) or 1
+    pt, pb = padding(op.opt("padding", 0), h, kh, sh, dh)
+    pl, pr = padding(op.opt("padding", 0), wd, kw, sw, dw)
+    if name == "CONV_2D" and w.shape[3] != c:
+        raise UnsupportedOperator([f"CONV_2D #{op.index} grouped (int8)"], ctx.graph.name)
+    mult, shift = _requant_consts(ctx, op.inputs[0], op.inputs[1], op.outputs[0], channels)
+    zp_in, zp_out = x_t.zero_point, out_t.zero_point
+    lo, hi = _act(ctx, op)
+    common = {"stride": (sh, sw), "dilation": (dh, dw), "padding": (pt, pl, pb, pr), "zp_in": zp_in, "zp_out": zp_out,
+              "act_min": lo, "act_max": hi}
+    bias = _bias_of(ctx, op, 2, channels)
+    x = ctx.input(op, 0)
+    args = [x, relax.const(w), relax.const(bias), relax.const(mult), relax.const(shift)]
+    shape = out_t.shape
+    if impl in ("dsp", "dsp16"):
+        _, oh, ow, _ = shape
+        cp = relax.const(_conv_params(n, h, wd, c, oh, ow, channels, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, zp_out, lo, hi))
+        dw3x3 = name == "DEPTHWISE_CONV_2D" and kh == kw == 3 and c % 4 == 0 and dh == dw == 1
+        w2d = w.reshape(channels, -1) if name == "CONV_2D" else w.reshape(kh * kw, channels).T
+        table = None
+        if name == "CONV_2D" or dw3x3:
+            table = requant_table(w2d, bias, mult, shift, zp_in, zp_out, (lo, hi), single=False)
+        wide = impl == "dsp16"
+        suffix = "_w16" if wide else "_w8"
+        if table is not None and name == "CONV_2D":
+            y = _extern(ctx, "tinymlaas_gemm" + suffix, [x, relax.const(blocked_weights(w2d, 2, wide)),
+                                                         relax.const(table), cp], shape)
+        elif table is not None:  # [C/4][9 taps][4 lanes]
+            taps = w.reshape(9, channels // 4, 4).transpose(1, 0, 2)
+            taps = taps[..., _LANES].astype(np.int16) if wide else taps
+            y = _extern(ctx, "tinymlaas_depthwise3x3" + suffix, [x, relax.const(np.ascontiguousarray(taps)),
+                                                                 relax.const(table), cp], shape)
+        else:  # requantization that needs the general form (conv_s8.c)
+            pointwise = name == "CONV_2D" and kh == kw == 1 and sh == sw == 1 and pt == pl == 0
+            symbol = ("tinymlaas_conv1x1_s8" if pointwise else "tinymlaas_conv_s8" if name == "CONV_2D"
+                      else "tinymlaas_depthwise3x3_s8" if dw3x3 else "tinymlaas_depthwise_s8")
+            if dw3x3:  # [C/4][9 taps][4 lanes]: a channel block's tap words adjacent
+                args[1] = relax.const(np.ascontiguousarray(w.reshape(9, channels // 4, 4).transpose(1, 0, 2)).reshape(w.shape))
+            y = _extern(ctx, symbol, args + [cp], shape)
+    elif name == "CONV_2D":
+        y = _emit_kernel(ctx, k.conv2d_s8, args, **common)
+    else:
+        y = _emit_kernel(ctx, k.depthwise_conv2d_s8, args, **common, depth_multiplier=int(op.opt("depthMultiplier", 1) or 1))
+    ctx.set_output(op, 0, y)
+
+
+@register("FULLY_CONNECTED", "int8", implementations=("tir", "dsp", "dsp16"), applies=_dsp_applies)
+def fully_connected(ctx, op, impl):
+    from tvm import relax
+
+    w = _const_weights(ctx, op)
+    out_features, depth = w.shape
+    x_t, w_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    x = ctx.input(op, 0)
+    batch = x_t.size // depth
+    if x_t.shape != (batch, depth):
+        x = ctx.emit(relax.op.reshape(x, (batch, depth)))
+    mult, shift = _requant_consts(ctx, op.inputs[0], op.inputs[1], op.outputs[0], 1)
+    lo, hi = _act(ctx, op)
+    bias_values = _bias_of(ctx, op, 2, out_features)
+    bias = relax.const(bias_values)
+    zp_in, zp_out = x_t.zero_point, out_t.zero_point
+    if impl in ("dsp", "dsp16"):
+        cp = relax.const(_conv_params(batch, 1, 1, depth, 1, 1, out_features, 1, 1, 1, 1, 1, 1, 0, 0, zp_in, zp_out,
+                                      lo, hi, single=1))
+        reps = out_features if mult.size == 1 else 1
+        mult, shift = np.repeat(mult, reps), np.repeat(shift, reps)
+        table = requant_table(w, bias_values, mult, shift, zp_in, zp_out, (lo, hi), single=True)
+        if table is not None:  # one row: four channels per step; a batch: the 2x2 product
+            kernel, block = ("tinymlaas_gemv", 4) if batch == 1 else ("tinymlaas_gemm", 2)
+            wide = impl == "dsp16"
+            y = _extern(ctx, kernel + ("_w16" if wide else "_w8"),
+                        [x, relax.const(blocked_weights(w, block, wide)), relax.const(table), cp], (batch, out_features))
+        else:
+            y = _extern(ctx, "tinymlaas_conv1x1_s8", [x, relax.const(w), bias, relax.const(mult), relax.const(shift), cp],
+                        (batch, out_features))
+    else:
+        args = [x, relax.const(w), bias, relax.const(mult), relax.const(shift)]
+        y = _emit_kernel(ctx, k.fully_connected_s8, args, zp_in=zp_in, zp_weight=w_t.zero_point, zp_out=zp_out,
+                         act_min=lo, act_max=hi)
+    ctx.set_output(op, 0, y)
+
+
+@register(("AVERAGE_POOL_2D", "MAX_POOL_2D"), "int8", implementations=("tir",))
+def pool(ctx, op, impl):
+    _, h, wd, _ = ctx.tensor(op.inputs[0]).shape
+    kh, kw = op.opt("filterHeight", 1), op.opt("filterWidth", 1)
+    sh, sw = op.opt("strideH", 1), op.opt("strideW", 1)
+    pt, pb = padding(op.opt("padding", 0), h, kh, sh, 1)
+    pl, pr = padding(op.opt("padding", 0), wd, kw, sw, 1)
+    lo, hi = _act(ctx, op)
+    fn = k.avg_pool2d_s8 if op.opcode == "AVERAGE_POOL_2D" else k.max_pool2d_s8
+    y = _emit_kernel(ctx, fn, [ctx.input(op, 0)], pool=(kh, kw), stride=(sh, sw), padding=(pt, pl, pb, pr),
+                     act_min=lo, act_max=hi)
+    ctx.set_output(op, 0, y)
+
+
+@register(("ADD", "SUB"), "int8", implementations=("tir",))
+def add(ctx, op, impl):
+    """TFLite int8 ADD/SUB: both inputs rescaled to twice the larger scale with 20 bits of headroom."""
+    a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    left_shift = 20
+    twice_max = 2.0 * float(max(np.float32(a_t.scale), np.float32(b_t.scale)))
+    ma, sha = quantize_multiplier(a_t.scale / twice_max)
+    mb, shb = quantize_multiplier(b_t.scale / twice_max)
+    mo, sho = quantize_multiplier(twice_max / ((1 << left_shift) * out_t.scale))
+    lo, hi = _act(ctx, op)
+    y = _emit_kernel(ctx, k.add_s8, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=out_t.shape,
+                     subtract=op.opcode == "SUB", left_shift=left_shift,
+                     zp_a=a_t.zero_point, zp_b=b_t.zero_point, zp_out=out_t.zero_point, mult_a=ma, shift_a=sha,
+                     mult_b=mb, shift_b=shb, mult_out=mo, shift_out=sho, act_min=lo, act_max=hi)
+    ctx.set_output(op, 0, y)
+
+
+@register("MUL", "int8", implementations=("tir",))
+def mul(ctx, op, impl):
+    """TFLite int8 MUL: (a - zp_a) * (b - zp_b) rescaled by scale_a * scale_b / scale_out (double rounding)."""
+    a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    m, s = quantize_multiplier(float(np.float32(a_t.scale) * np.float32(b_t.scale)) / out_t.scale)
+    lo, hi = _act(ctx, op)
+    y = _emit_kernel(ctx, k.mul_s8, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=out_t.shape, zp_a=a_t.zero_point,
+                     zp_b=b_t.zero_point, zp_out=out_t.zero_point, mult=m, shift=s, act_min=lo, act_max=hi)
+    ctx.set_output(op, 0, y)
+
+
+@register(("MAXIMUM", "MINIMUM"), ("int8", "int16"), implementations=("tir",))
+def maximum(ctx, op, impl):
+    from tvm import relax
+
+    from tinymlaas.ops.movement import same_quantization
+
+    same_quantization(ctx, op, (0, 1))
+    fn = relax.op.maximum if op.opcode == "MAXIMUM" else relax.op.minimum
+    ctx.set_output(op, 0, fn(ctx.input(op, 0), ctx.input(op, 1)))
+
+
+@register("SOFTMAX", "int8", implementations=("c",))
+def softmax(ctx, op, impl):
+    from tvm import relax
+
+    out_t = ctx.tensor(op.outputs[0])
+    shape = out_t.shape
+    m, shift, diff_min = softmax_params(float(op.opt("beta", 1.0)), ctx.tensor(op.inputs[0]).scale)
+    consts = np.array([m, shift, diff_min, shape[-1], int(np.prod(shape))], dtype=np.int32)
+    ctx.set_output(op, 0, _extern(ctx, "tinymlaas_softmax_s8", [ctx.input(op, 0), relax.const(consts)], shape))
+
+
+# Elementwise operators of one int8 input: the output depends on the input value only, so the interpreter's own
+# reference kernel is tabulated at compile time over all 256 inputs (same quantization, same options) and the
+# device does a table lookup. Bit-exact by construction, integer-only on the device, and one load per element.
+LUT_OPS = ("LOGISTIC", "TANH", "HARD_SWISH", "ELU", "EXP", "LOG", "SQRT", "RSQRT", "ABS", "NEG", "LEAKY_RELU", "RELU",
+           "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "GELU", "SQUARE", "SIN", "COS", "QUANTIZE", "DEQUANTIZE", "FLOOR",
+           "CEIL", "ROUND", "SIGN")
+
+
+def lookup_table(graph, op) -> np.ndarray:
+    """The interpreter's outputs of `op` for the inputs -128..127 (one-operator model, BUILTIN_REF kernels)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    src, dst = graph.tensor(op.inputs[0]), graph.tensor(op.outputs[0])
+    tensors = []
+    for t in (src, dst):
+        tt = s.TensorT()
+        tt.name, tt.shape, tt.buffer = t.name.encode(), np.array([256], dtype=np.int32), 0
+        tt.type = {v: k for k, v in _TYPES.items()}[t.dtype]
+        if t.quant is not None:
+            q = s.QuantizationParametersT()
+            q.scale, q.zeroPoint = list(t.quant.scale), list(t.quant.zero_point)
+            tt.quantization = q
+        tensors.append(tt)
+    code = s.OperatorCodeT()
+    code.builtinCode = getattr(s.BuiltinOperator, op.opcode)
+    code.deprecatedBuiltinCode = min(code.builtinCode, 127)
+    code.version = op.version
+    fb_op = s.OperatorT()
+    fb_op.opcodeIndex, fb_op.inputs, fb_op.outputs = 0, np.array([0], np.int32), np.array([1], np.int32)
+    if op.options_type:
+        cls = {v: k for k, v in s.BuiltinOptions.__dict__.items() if not k.startswith("_")}[op.options_type]
+        opts = getattr(s, cls + "T")()
+        for key, value in op.options.items():
+            setattr(opts, key, value)
+        fb_op.builtinOptionsType, fb_op.builtinOptions = op.options_type, opts
+    sg = s.SubGraphT()
+    sg.tensors, sg.operators = tensors, [fb_op]
+    sg.inputs, sg.outputs = np.array([0], np.int32), np.array([1], np.int32)
+    model = s.ModelT()
+    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [sg], [s.BufferT()]
+    b = flatbuffers.Builder(1024)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    it = Interpreter(model_content=bytes(b.Output()), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], np.arange(-128, 128, dtype=np.int8))
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"]).copy()
+
+
+_TYPES = {0: "float32", 2: "int32", 7: "int16", 9: "int8", 6: "bool"}
+
+
+@register(LUT_OPS, "int8", implementations=("lut",))
+def table_lookup(ctx, op, impl):
+    from tvm import relax
+
+    src = ctx.tensor(op.inputs[0])
+    if src.dtype != "int8":  # QUANTIZE float -> int8 is arithmetic, not a table
+        return quantize(ctx, op, impl)
+    try:
+        table = lookup_table(ctx.graph, op)
+    except Exception as e:  # the interpreter refuses these quantization parameters for this operator
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} ({str(e).splitlines()[0][:120]})"], ctx.graph.name) from e
+    y = _emit_kernel(ctx, k.lookup_s8, [ctx.input(op, 0), relax.const(table)])
+    ctx.set_output(op, 0, y)
+
+
+def quantize(ctx, op, impl):
+    """float32 -> int8: round(x / scale) + zero point, clamped (TFLite AffineQuantize, half away from zero)."""
+    from tvm import relax
+
+    dst = ctx.tensor(op.outputs[0])
+    x = relax.op.divide(ctx.input(op, 0), ctx.const(np.float32(dst.scale), "float32"))
+    t = relax.op.trunc(x)  # std::round: away from zero at one half (x - trunc(x) is exact)
+    away = relax.op.greater_equal(relax.op.abs(relax.op.subtract(x, t)), ctx.const(0.5, "float32"))
+    r = relax.op.where(away, relax.op.add(t, relax.op.sign(x)), t)
+    q = relax.op.add(relax.op.astype(r, "int32"), ctx.const(dst.zero_point, "int32"))
+    info = np.iinfo(dst.dtype)
+    ctx.set_output(op, 0, relax.op.astype(relax.op.clip(q, int(info.min), int(info.max)), dst.dtype))

@@ -254,8 +254,17 @@ def max_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
     )
 
 
-def add_s8(a, b, *, left_shift, zp_a, zp_b, zp_out, mult_a, shift_a, mult_b, shift_b, mult_out, shift_out, act_min, act_max):
-    """TFLite int8 ADD (same shapes): both inputs rescaled to a common scale with 20 bits of headroom."""
+def broadcast(x, out_shape, index):
+    """x read at an output index, numpy-style broadcasting (dimensions of size 1 repeat, leading ones added)."""
+    rank = len(x.shape)
+    lead = len(out_shape) - rank
+    idx = [0 if int(x.shape[d]) == 1 and int(out_shape[lead + d]) != 1 else index[lead + d] for d in range(rank)]
+    return x[tuple(idx)]
+
+
+def add_s8(a, b, *, out_shape, subtract, left_shift, zp_a, zp_b, zp_out, mult_a, shift_a, mult_b, shift_b, mult_out,
+           shift_out, act_min, act_max):
+    """TFLite int8 ADD/SUB (with broadcasting): both inputs rescaled to a common scale with 20 bits of headroom."""
     from tvm import te, tirx
 
     def scaled(x, zp, mult, shift):
@@ -264,12 +273,34 @@ def add_s8(a, b, *, left_shift, zp_a, zp_b, zp_out, mult_a, shift_a, mult_b, shi
 
     # The rescaled sum is its own stage, computed per element ("keep_": not inlined by the schedule),
     # so the output rescaling does not copy both input rescalings into one expression tree.
-    raw = te.compute(
-        a.shape, lambda *i: scaled(a(*i), zp_a, mult_a, shift_a) + scaled(b(*i), zp_b, mult_b, shift_b), name="keep_sum"
-    )
+    def combine(*i):
+        sa = scaled(broadcast(a, out_shape, i), zp_a, mult_a, shift_a)
+        sb = scaled(broadcast(b, out_shape, i), zp_b, mult_b, shift_b)
+        return sa - sb if subtract else sa + sb
+
+    raw = te.compute(out_shape, combine, name="keep_sum")
 
     def f(*i):
         out = rounding_divide_by_pot(srdhm(raw(*i), _i32(mult_out)), -shift_out) + _i32(zp_out)
         return _let(out, lambda v: tirx.Min(tirx.Max(v, _i32(act_min)), _i32(act_max)).astype("int8"), "v")
 
-    return te.compute(a.shape, f, name="add")
+    return te.compute(out_shape, f, name="add")
+
+
+def mul_s8(a, b, *, out_shape, zp_a, zp_b, zp_out, mult, shift, act_min, act_max):
+    """TFLite int8 MUL (with broadcasting)."""
+    from tvm import te, tirx
+
+    def f(*i):
+        prod = (broadcast(a, out_shape, i).astype("int32") - _i32(zp_a)) * (broadcast(b, out_shape, i).astype("int32") - _i32(zp_b))
+        out = multiply_by_quantized_multiplier(prod, _i32(mult), _i32(shift)) + _i32(zp_out)
+        return tirx.Min(tirx.Max(out, _i32(act_min)), _i32(act_max)).astype("int8")
+
+    return te.compute(out_shape, f, name="mul")
+
+
+def lookup_s8(x, table):
+    """table[x + 128]: an elementwise operator tabulated over all int8 inputs."""
+    from tvm import te
+
+    return te.compute(x.shape, lambda *i: table[x(*i).astype("int32") + _i32(128)], name="lookup")

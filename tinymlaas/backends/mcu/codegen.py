@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +114,9 @@ def llvm_target(target):
     return tvm.target.Target(dict(target.llvm))
 
 
-def build_kernels(program: Program, target, workdir: Path) -> KernelObject:
-    """Compile all kernels of `program` into one object; plan their scratch and patch the calls."""
+def build_kernels(program: Program, target, workdir: Path) -> tuple[Program, KernelObject]:
+    """Compile all kernels of `program` into one object. Returns a new Program whose calls pass the planned
+    scratch buffers (the input program is left as it was: a search builds one program many times)."""
     import tvm
 
     funcs, symbols, scratch = {}, {}, {}
@@ -138,16 +139,18 @@ def build_kernels(program: Program, target, workdir: Path) -> KernelObject:
     )
 
     # Kernels run one after another: each one's scratch starts at offset 0 of one shared area.
-    scratch_bytes = 0
+    scratch_bytes, steps = 0, []
     for step in program.steps:
-        if isinstance(step, KernelCall) and not step.extern:
-            offset = 0
+        if isinstance(step, KernelCall) and not step.extern and scratch[step.kernel]:
+            offset, extra = 0, []
             for buf in scratch[step.kernel]:
-                step.args.append(Region("scratch", offset=offset, nbytes=buf.nbytes))
+                extra.append(Region("scratch", offset=offset, nbytes=buf.nbytes))
                 offset += (buf.nbytes + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
             scratch_bytes = max(scratch_bytes, offset)
-    program.scratch_bytes = scratch_bytes
-    return KernelObject(obj, symbols, scratch, code_bytes=object_code_bytes(obj, target))
+            step = replace(step, args=step.args + tuple(extra))
+        steps.append(step)
+    planned = replace(program, steps=tuple(steps), scratch_bytes=scratch_bytes)
+    return planned, KernelObject(obj, symbols, scratch, code_bytes=object_code_bytes(obj, target))
 
 
 def object_code_bytes(obj: Path, target) -> int:

@@ -1,0 +1,102 @@
+"""The model as the compiler sees it: tensors and operators as plain frozen data.
+
+Parsed once from the flatbuffer (`tflite.read_graph`), cleaned by `cleanup` passes (each returns a new
+Graph), then lowered operator by operator through the registry (`tinymlaas.ops`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Quantization:
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    axis: int = 0
+
+    @property
+    def per_channel(self) -> bool:
+        return len(self.scale) > 1
+
+
+@dataclass(frozen=True, eq=False)
+class Tensor:
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    quant: Quantization | None = None
+    data: np.ndarray | None = field(default=None, repr=False)  # constant value (read-only), None for activations
+
+    @property
+    def is_const(self) -> bool:
+        return self.data is not None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def scale(self) -> float:
+        return float(self.quant.scale[0]) if self.quant else 0.0
+
+    @property
+    def zero_point(self) -> int:
+        return int(self.quant.zero_point[0]) if self.quant else 0
+
+
+@dataclass(frozen=True)
+class Operator:
+    index: int  # position in the model file: kept through clean-up, carried to every kernel call
+    opcode: str
+    inputs: tuple[int, ...]  # tensor indices; -1 for an optional input left out
+    outputs: tuple[int, ...]
+    options: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    options_type: int = 0  # the flatbuffer's BuiltinOptions type (to write the operator out again)
+    version: int = 1
+
+    def opt(self, name: str, default=None):
+        return self.options.get(name, default)
+
+
+@dataclass(frozen=True)
+class Graph:
+    name: str
+    tensors: tuple[Tensor, ...]
+    operators: tuple[Operator, ...]
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    notes: tuple[str, ...] = ()
+
+    def tensor(self, index: int) -> Tensor:
+        return self.tensors[index]
+
+    def with_constant(self, index: int, value: np.ndarray) -> Graph:
+        """A new graph where tensor `index` is the constant `value`."""
+        value = np.ascontiguousarray(value)
+        value.setflags(write=False)
+        tensors = list(self.tensors)
+        tensors[index] = replace(tensors[index], data=value, shape=tuple(int(s) for s in value.shape),
+                                 dtype=str(value.dtype))
+        return replace(self, tensors=tuple(tensors))
+
+    def consumers(self) -> dict[int, list[Operator]]:
+        result: dict[int, list[Operator]] = {}
+        for op in self.operators:
+            for i in op.inputs:
+                if i >= 0:
+                    result.setdefault(i, []).append(op)
+        return result
+
+    def precision(self, op: Operator) -> str:
+        """float32, int8 or int16 (int16 activations, int8 weights): which kernels this operator needs."""
+        dtypes = {self.tensors[i].dtype for i in (*op.inputs, *op.outputs) if i >= 0 and not self.tensors[i].is_const}
+        if "int16" in dtypes and any(self.tensors[i].quant for i in op.outputs):
+            return "int16"
+        quantized = any(self.tensors[i].quant is not None and self.tensors[i].dtype in ("int8", "uint8", "int16")
+                        for i in (*op.inputs, *op.outputs) if i >= 0 and not self.tensors[i].is_const)
+        return "int8" if quantized else "float32"

@@ -1,0 +1,124 @@
+"""Graph -> Relax: every operator through its registered converter, in graph order.
+
+Relax stays the graph IR (fusion, memory planning). Every value an operator binds is named `op<index>` so
+that the kernel calls planned from it still say which TFLite operator they came from.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from tinymlaas.errors import InvalidModel, UnsupportedOperator
+from tinymlaas.frontend.graph import Graph, Operator, Tensor
+from tinymlaas.ops import registry
+
+OP_VAR = re.compile(r"^op(\d+)(?:_|$)")
+
+
+class LoweringContext:
+    """What a converter sees: the graph, the target, the Relax builder and the values computed so far."""
+
+    def __init__(self, graph: Graph, target, choices: dict[int, str]):
+        from tvm import relax
+
+        self.graph, self.target, self.choices = graph, target, choices
+        self.bb = relax.BlockBuilder()
+        self.values: dict[int, object] = {}
+        self.op: Operator | None = None
+
+    def tensor(self, index: int) -> Tensor:
+        return self.graph.tensor(index)
+
+    def input(self, op: Operator, k: int):
+        """The k-th input of `op` as a Relax expression (constants become Relax constants)."""
+        from tvm import relax
+
+        i = op.inputs[k]
+        if i in self.values:
+            return self.values[i]
+        t = self.graph.tensor(i)
+        if t.is_const:
+            return relax.const(np.ascontiguousarray(t.data), t.dtype)
+        raise InvalidModel(f"operator #{op.index} ({op.opcode}) reads '{t.name}' before it is computed")
+
+    def const(self, value, dtype: str | None = None):
+        from tvm import relax
+
+        value = np.asarray(value, dtype=dtype)
+        return relax.const(value, str(value.dtype))
+
+    def emit(self, expr):
+        return self.bb.emit(expr, name_hint=f"op{self.op.index}")
+
+    def set_output(self, op: Operator, k: int, expr) -> None:
+        """Bind `expr` as output k of `op`, reshaped to the tensor's static shape if needed."""
+        from tvm import relax
+
+        t = self.graph.tensor(op.outputs[k])
+        shape = getattr(expr.ty, "shape", None)
+        have = tuple(int(s) for s in shape.values) if isinstance(shape, relax.ShapeExpr) else None
+        if have is not None and have != t.shape:
+            if int(np.prod(have)) != t.size:
+                raise InvalidModel(f"operator #{op.index} ({op.opcode}) computes shape {list(have)} "
+                                   f"but the model declares {list(t.shape)} for '{t.name}'")
+            expr = relax.op.reshape(expr, t.shape)
+        if not isinstance(expr, relax.Var) or expr in self.values.values() or expr in self._params:
+            expr = self.emit(expr)
+        self.values[op.outputs[k]] = expr
+
+    def implementation(self, op: Operator, conv: registry.Converter) -> str:
+        """The caller's choice for this layer (or for every layer) where it applies, else DSP kernels where the core
+        has DSP instructions, else the converter's first implementation."""
+        choice = self.choices.get(op.index) if isinstance(self.choices, dict) else self.choices
+        options = registry.candidates(self.graph, op, self.target)
+        if choice in options:
+            return choice
+        if getattr(self.target, "dsp", False) and "dsp" in options and choice in (None, "auto"):
+            return "dsp"
+        return options[0] if options else conv.implementations[0]
+
+
+def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None):
+    """Relax IRModule computing `graph`'s outputs from its inputs.
+
+    choices: operator index -> implementation, or one implementation for every layer that offers it ("auto": DSP
+    kernels on DSP cores)."""
+    from tvm import relax
+
+    missing = registry.unsupported(graph)
+    if missing:
+        raise UnsupportedOperator(missing, graph.name)
+    ctx = LoweringContext(graph, target, choices or {})
+    params = [relax.Var(f"input{k}", relax.TensorType(graph.tensor(i).shape, graph.tensor(i).dtype))
+              for k, i in enumerate(graph.inputs)]
+    ctx._params = params
+    ctx.values.update(dict(zip(graph.inputs, params)))
+    with ctx.bb.function("main", params):
+        with ctx.bb.dataflow():
+            for op in graph.operators:
+                conv = registry.lookup(graph, op)
+                ctx.op = op
+                conv.convert(ctx, op, ctx.implementation(op, conv))
+                for i in op.outputs:
+                    if i not in ctx.values and any(i in o.inputs for o in graph.operators) | (i in graph.outputs):
+                        raise InvalidModel(f"operator #{op.index} ({op.opcode}) left output '{graph.tensor(i).name}' unset")
+            outs = [ctx.values[i] if i in ctx.values else ctx.input(_Output(i), 0) for i in graph.outputs]
+            result = ctx.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+        ctx.bb.emit_func_output(result)
+    return relax.transform.Normalize()(ctx.bb.get())
+
+
+class _Output:
+    """A graph output that is a constant: read through LoweringContext.input."""
+
+    def __init__(self, index: int):
+        self.inputs, self.index, self.opcode = (index,), -1, "output"
+
+
+def unsupported_operators(model) -> list[str]:
+    """Operators of the model (after clean-up) that no converter takes, as 'OPCODE' or 'OPCODE (int8)'."""
+    from tinymlaas.frontend.cleanup import clean
+
+    return registry.unsupported(clean(model.graph))

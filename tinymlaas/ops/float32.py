@@ -1,0 +1,430 @@
+"""float32 operators as Relax operations (TVM legalizes them to TIR; FuseOps fuses elementwise tails)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinymlaas.errors import UnsupportedOperator
+from tinymlaas.ops.movement import const_ints
+from tinymlaas.ops.registry import register
+from tinymlaas.ops.semantics import norm_axis
+
+F32 = "float32"
+_SAME = 0
+
+
+def activation(ctx, op, y):
+    """The operator's fused activation function (TFLite ActivationFunctionType)."""
+    from tvm import relax
+
+    act = int(op.opt("fusedActivationFunction", 0) or 0)
+    if act == 0:
+        return y
+    if act == 1:
+        return relax.op.nn.relu(y)
+    if act == 2:
+        return relax.op.clip(y, -1.0, 1.0)
+    if act == 3:
+        return relax.op.clip(y, 0.0, 6.0)
+    if act == 4:
+        return relax.op.tanh(y)
+    raise UnsupportedOperator([f"{op.opcode} #{op.index} with fused activation {act}"], ctx.graph.name)
+
+
+def same_padding(in_size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TFLite SAME padding of one dimension: (before, after)."""
+    eff = (k - 1) * dilation + 1
+    out = (in_size + stride - 1) // stride
+    total = max((out - 1) * stride + eff - in_size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_padding(op, h, w, kh, kw):
+    if int(op.opt("padding", 0)) != _SAME:
+        return [0, 0, 0, 0]
+    pt, pb = same_padding(h, kh, op.opt("strideH", 1), op.opt("dilationHFactor", 1) or 1)
+    pl, pr = same_padding(w, kw, op.opt("strideW", 1), op.opt("dilationWFactor", 1) or 1)
+    return [pt, pl, pb, pr]
+
+
+def _bias(ctx, op, y, k=2):
+    from tvm import relax
+
+    if len(op.inputs) > k and op.inputs[k] >= 0:
+        y = relax.op.add(y, ctx.input(op, k))
+    return y
+
+
+@register("CONV_2D", F32)
+def conv2d(ctx, op, impl):
+    from tvm import relax
+
+    _, h, w, c = ctx.tensor(op.inputs[0]).shape
+    oc, kh, kw, ic = ctx.tensor(op.inputs[1]).shape
+    weight = relax.op.permute_dims(ctx.input(op, 1), [1, 2, 3, 0])  # OHWI -> HWIO
+    y = relax.op.nn.conv2d(ctx.input(op, 0), weight, strides=(op.opt("strideH", 1), op.opt("strideW", 1)),
+                           padding=conv_padding(op, h, w, kh, kw),
+                           dilation=(op.opt("dilationHFactor", 1) or 1, op.opt("dilationWFactor", 1) or 1),
+                           groups=c // ic, data_layout="NHWC", kernel_layout="HWIO")
+    ctx.set_output(op, 0, activation(ctx, op, _bias(ctx, op, y)))
+
+
+@register("DEPTHWISE_CONV_2D", F32)
+def depthwise_conv2d(ctx, op, impl):
+    from tvm import relax
+
+    _, h, w, c = ctx.tensor(op.inputs[0]).shape
+    _, kh, kw, oc = ctx.tensor(op.inputs[1]).shape
+    weight = relax.op.reshape(ctx.input(op, 1), (kh, kw, oc, 1))
+    y = relax.op.nn.conv2d(ctx.input(op, 0), weight, strides=(op.opt("strideH", 1), op.opt("strideW", 1)),
+                           padding=conv_padding(op, h, w, kh, kw),
+                           dilation=(op.opt("dilationHFactor", 1) or 1, op.opt("dilationWFactor", 1) or 1),
+                           groups=c, data_layout="NHWC", kernel_layout="HWOI")
+    ctx.set_output(op, 0, activation(ctx, op, _bias(ctx, op, y)))
+
+
+@register("TRANSPOSE_CONV", F32)
+def transpose_conv(ctx, op, impl):
+    """TFLite scatters each input pixel at y*stride - pad; its padding is a forward convolution's from the output."""
+    from tvm import relax
+
+    out_shape = ctx.tensor(op.outputs[0]).shape
+    _, h, w, _ = ctx.tensor(op.inputs[2]).shape
+    oc, kh, kw, ic = ctx.tensor(op.inputs[1]).shape
+    sh, sw = op.opt("strideH", 1), op.opt("strideW", 1)
+    pads, extra = [], []
+    for size, k, s, out in ((h, kh, sh, out_shape[1]), (w, kw, sw, out_shape[2])):
+        before = same_padding(out, k, s, 1)[0] if int(op.opt("padding", 0)) == _SAME else 0
+        after = (size - 1) * s + k - before - out
+        pads.append((before, max(after, 0)))
+        extra.append(max(-after, 0))
+    weight = relax.op.permute_dims(ctx.input(op, 1), [3, 0, 1, 2])  # OHWI -> IOHW
+    y = relax.op.nn.conv2d_transpose(ctx.input(op, 2), weight, strides=(sh, sw),
+                                     padding=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]],
+                                     output_padding=extra, data_layout="NHWC", kernel_layout="IOHW")
+    ctx.set_output(op, 0, activation(ctx, op, _bias(ctx, op, y, 3)))
+
+
+@register("FULLY_CONNECTED", F32)
+def fully_connected(ctx, op, impl):
+    from tvm import relax
+
+    out_features, depth = ctx.tensor(op.inputs[1]).shape
+    x, x_t = ctx.input(op, 0), ctx.tensor(op.inputs[0])
+    if x_t.shape != (x_t.size // depth, depth):
+        x = relax.op.reshape(x, (x_t.size // depth, depth))
+    y = relax.op.matmul(x, relax.op.permute_dims(ctx.input(op, 1), [1, 0]))
+    ctx.set_output(op, 0, activation(ctx, op, _bias(ctx, op, y)))
+
+
+@register("BATCH_MATMUL", F32)
+def batch_matmul(ctx, op, impl):
+    from tvm import relax
+
+    a, b = ctx.input(op, 0), ctx.input(op, 1)
+    for flag, k in (("adjX", 0), ("adjY", 1)):
+        if op.opt(flag, False):
+            rank = len(ctx.tensor(op.inputs[k]).shape)
+            perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+            if k == 0:
+                a = relax.op.permute_dims(a, perm)
+            else:
+                b = relax.op.permute_dims(b, perm)
+    ctx.set_output(op, 0, relax.op.matmul(a, b))
+
+
+def _pool_args(ctx, op):
+    _, h, w, _ = ctx.tensor(op.inputs[0]).shape
+    kh, kw = op.opt("filterHeight", 1), op.opt("filterWidth", 1)
+    padding = [0, 0, 0, 0]
+    if int(op.opt("padding", 0)) == _SAME:
+        pt, pb = same_padding(h, kh, op.opt("strideH", 1), 1)
+        pl, pr = same_padding(w, kw, op.opt("strideW", 1), 1)
+        padding = [pt, pl, pb, pr]
+    return {"pool_size": (kh, kw), "strides": (op.opt("strideH", 1), op.opt("strideW", 1)), "padding": padding,
+            "layout": "NHWC"}
+
+
+@register("AVERAGE_POOL_2D", F32)
+def avg_pool(ctx, op, impl):
+    from tvm import relax
+
+    y = relax.op.nn.avg_pool2d(ctx.input(op, 0), count_include_pad=False, **_pool_args(ctx, op))
+    ctx.set_output(op, 0, activation(ctx, op, y))
+
+
+@register("MAX_POOL_2D", F32)
+def max_pool(ctx, op, impl):
+    from tvm import relax
+
+    ctx.set_output(op, 0, activation(ctx, op, relax.op.nn.max_pool2d(ctx.input(op, 0), **_pool_args(ctx, op))))
+
+
+@register("L2_POOL_2D", F32)
+def l2_pool(ctx, op, impl):
+    from tvm import relax
+
+    x = ctx.input(op, 0)
+    y = relax.op.nn.avg_pool2d(relax.op.multiply(x, x), count_include_pad=False, **_pool_args(ctx, op))
+    ctx.set_output(op, 0, activation(ctx, op, relax.op.sqrt(y)))
+
+
+_BINARY = {
+    "ADD": "add", "SUB": "subtract", "MUL": "multiply", "DIV": "divide", "MAXIMUM": "maximum", "MINIMUM": "minimum",
+    "POW": "power", "FLOOR_DIV": "floor_divide", "FLOOR_MOD": "floor_mod", "EQUAL": "equal", "NOT_EQUAL": "not_equal",
+    "LESS": "less", "LESS_EQUAL": "less_equal", "GREATER": "greater", "GREATER_EQUAL": "greater_equal",
+    "LOGICAL_AND": "logical_and", "LOGICAL_OR": "logical_or", "ATAN2": "atan2",
+}
+
+
+@register(tuple(_BINARY), F32)
+def binary(ctx, op, impl):
+    from tvm import relax
+
+    fn = getattr(relax.op, _BINARY[op.opcode])
+    a, b = ctx.input(op, 0), ctx.input(op, 1)
+    if op.opcode == "FLOOR_MOD" and ctx.tensor(op.inputs[0]).dtype == F32:
+        # TFLite: r = fmod(a, b), moved to b's sign when they differ
+        q = relax.op.floor(relax.op.divide(a, b))
+        ctx.set_output(op, 0, relax.op.subtract(a, relax.op.multiply(q, b)))
+        return
+    ctx.set_output(op, 0, activation(ctx, op, fn(a, b)))
+
+
+@register("SQUARED_DIFFERENCE", F32)
+def squared_difference(ctx, op, impl):
+    from tvm import relax
+
+    d = relax.op.subtract(ctx.input(op, 0), ctx.input(op, 1))
+    ctx.set_output(op, 0, relax.op.multiply(d, d))
+
+
+@register("ADD_N", F32)
+def add_n(ctx, op, impl):
+    from tvm import relax
+
+    y = ctx.input(op, 0)
+    for k in range(1, len(op.inputs)):
+        y = relax.op.add(y, ctx.input(op, k))
+    ctx.set_output(op, 0, y)
+
+
+_UNARY = {
+    "ABS": "abs", "NEG": "negative", "EXP": "exp", "LOG": "log", "SQRT": "sqrt", "RSQRT": "rsqrt", "SIN": "sin",
+    "COS": "cos", "FLOOR": "floor", "CEIL": "ceil", "LOGISTIC": "sigmoid", "TANH": "tanh", "SIGN": "sign",
+    "LOGICAL_NOT": "logical_not",
+}
+
+
+@register(tuple(_UNARY), F32)
+def unary(ctx, op, impl):
+    from tvm import relax
+
+    ctx.set_output(op, 0, getattr(relax.op, _UNARY[op.opcode])(ctx.input(op, 0)))
+
+
+@register("SQUARE", F32)
+def square(ctx, op, impl):
+    from tvm import relax
+
+    x = ctx.input(op, 0)
+    ctx.set_output(op, 0, relax.op.multiply(x, x))
+
+
+@register("ROUND", F32)
+def round_(ctx, op, impl):
+    """TFLite rounds half to even: floor, then up where the rest is above one half or exactly one half of an odd."""
+    from tvm import relax
+
+    x = ctx.input(op, 0)
+    fl = relax.op.floor(x)
+    diff = relax.op.subtract(x, fl)
+    half = ctx.const(0.5, F32)
+    odd = relax.op.not_equal(relax.op.floor_mod(fl, ctx.const(2.0, F32)), ctx.const(0.0, F32))
+    up = relax.op.logical_or(relax.op.greater(diff, half), relax.op.logical_and(relax.op.equal(diff, half), odd))
+    ctx.set_output(op, 0, relax.op.where(up, relax.op.add(fl, ctx.const(1.0, F32)), fl))
+
+
+@register(("RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1"), F32)
+def relu(ctx, op, impl):
+    from tvm import relax
+
+    lo, hi = {"RELU": (0.0, None), "RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0), "RELU_0_TO_1": (0.0, 1.0)}[op.opcode]
+    x = ctx.input(op, 0)
+    ctx.set_output(op, 0, relax.op.nn.relu(x) if hi is None else relax.op.clip(x, lo, hi))
+
+
+@register("LEAKY_RELU", F32)
+def leaky_relu(ctx, op, impl):
+    from tvm import relax
+
+    ctx.set_output(op, 0, relax.op.nn.leakyrelu(ctx.input(op, 0), float(np.float32(op.opt("alpha", 0.2)))))
+
+
+@register("PRELU", F32)
+def prelu(ctx, op, impl):
+    from tvm import relax
+
+    x, alpha = ctx.input(op, 0), ctx.input(op, 1)
+    zero = ctx.const(0.0, F32)
+    ctx.set_output(op, 0, relax.op.where(relax.op.greater_equal(x, zero), x, relax.op.multiply(x, alpha)))
+
+
+@register("ELU", F32)
+def elu(ctx, op, impl):
+    from tvm import relax
+
+    x = ctx.input(op, 0)
+    neg = relax.op.subtract(relax.op.exp(x), ctx.const(1.0, F32))
+    ctx.set_output(op, 0, relax.op.where(relax.op.less(x, ctx.const(0.0, F32)), neg, x))
+
+
+@register("HARD_SWISH", F32)
+def hard_swish(ctx, op, impl):
+    from tvm import relax
+
+    x = ctx.input(op, 0)
+    r6 = relax.op.clip(relax.op.add(x, ctx.const(3.0, F32)), 0.0, 6.0)
+    ctx.set_output(op, 0, relax.op.multiply(x, relax.op.divide(r6, ctx.const(6.0, F32))))
+
+
+@register("GELU", F32)
+def gelu(ctx, op, impl):
+    from tvm import relax
+
+    x = ctx.input(op, 0)
+    ctx.set_output(op, 0, relax.op.nn.gelu_tanh(x) if op.opt("approximate", False) else relax.op.nn.gelu(x))
+
+
+@register("SOFTMAX", F32)
+def softmax(ctx, op, impl):
+    from tvm import relax
+
+    x = ctx.input(op, 0)
+    beta = float(op.opt("beta", 1.0))
+    if beta != 1.0:
+        x = relax.op.multiply(x, ctx.const(beta, F32))
+    ctx.set_output(op, 0, relax.op.nn.softmax(x, axis=-1))
+
+
+@register("LOG_SOFTMAX", F32)
+def log_softmax(ctx, op, impl):
+    from tvm import relax
+
+    ctx.set_output(op, 0, relax.op.nn.log_softmax(ctx.input(op, 0), axis=-1))
+
+
+@register("L2_NORMALIZATION", F32)
+def l2_normalization(ctx, op, impl):
+    from tvm import relax
+
+    x = ctx.input(op, 0)
+    norm = relax.op.sqrt(relax.op.sum(relax.op.multiply(x, x), axis=[-1], keepdims=True))
+    y = relax.op.divide(x, relax.op.maximum(norm, ctx.const(1e-6, F32)))
+    ctx.set_output(op, 0, activation(ctx, op, y))
+
+
+_REDUCE = {"MEAN": "mean", "SUM": "sum", "REDUCE_MAX": "max", "REDUCE_MIN": "min", "REDUCE_PROD": "prod"}
+
+
+def reduce_axes(ctx, op) -> list[int]:
+    rank = len(ctx.tensor(op.inputs[0]).shape)
+    return sorted({norm_axis(a, rank) for a in const_ints(ctx, op, 1)})
+
+
+@register(tuple(_REDUCE), F32)
+def reduce(ctx, op, impl):
+    from tvm import relax
+
+    fn = getattr(relax.op, _REDUCE[op.opcode])
+    ctx.set_output(op, 0, fn(ctx.input(op, 0), axis=reduce_axes(ctx, op), keepdims=bool(op.opt("keepDims", False))))
+
+
+@register(("REDUCE_ANY", "REDUCE_ALL"), F32)
+def reduce_bool(ctx, op, impl):
+    from tvm import relax
+
+    x = relax.op.astype(ctx.input(op, 0), "int8")
+    fn = relax.op.max if op.opcode == "REDUCE_ANY" else relax.op.min
+    y = fn(x, axis=reduce_axes(ctx, op), keepdims=bool(op.opt("keepDims", False)))
+    ctx.set_output(op, 0, relax.op.astype(y, "bool"))
+
+
+@register(("ARG_MAX", "ARG_MIN"), ("float32", "int8", "int16"))
+def arg_max(ctx, op, impl):
+    from tvm import relax
+
+    rank = len(ctx.tensor(op.inputs[0]).shape)
+    axis = norm_axis(const_ints(ctx, op, 1)[0], rank)
+    fn = relax.op.argmax if op.opcode == "ARG_MAX" else relax.op.argmin
+    y = fn(ctx.input(op, 0), axis=axis)
+    ctx.set_output(op, 0, relax.op.astype(y, ctx.tensor(op.outputs[0]).dtype))
+
+
+@register("CUMSUM", F32)
+def cumsum(ctx, op, impl):
+    from tvm import relax
+
+    rank = len(ctx.tensor(op.inputs[0]).shape)
+    axis = norm_axis(const_ints(ctx, op, 1)[0], rank)
+    x = ctx.input(op, 0)
+    if op.opt("reverse", False):
+        x = relax.op.flip(x, axis)
+    y = relax.op.cumsum(x, axis=axis, exclusive=bool(op.opt("exclusive", False)))
+    if op.opt("reverse", False):
+        y = relax.op.flip(y, axis)
+    ctx.set_output(op, 0, y)
+
+
+@register(("SELECT", "SELECT_V2"), ("float32", "int8", "int16"))
+def select(ctx, op, impl):
+    from tvm import relax
+
+    ctx.set_output(op, 0, relax.op.where(ctx.input(op, 0), ctx.input(op, 1), ctx.input(op, 2)))
+
+
+@register("CAST", F32)
+def cast(ctx, op, impl):
+    from tvm import relax
+
+    ctx.set_output(op, 0, relax.op.astype(ctx.input(op, 0), ctx.tensor(op.outputs[0]).dtype))
+
+
+@register("ZEROS_LIKE", ("float32", "int8", "int16"))
+def zeros_like(ctx, op, impl):
+    from tvm import relax
+
+    ctx.set_output(op, 0, relax.op.zeros_like(ctx.input(op, 0)))
+
+
+@register("FILL", F32)
+def fill(ctx, op, impl):
+    from tvm import relax
+
+    t = ctx.tensor(op.outputs[0])
+    ctx.set_output(op, 0, relax.op.broadcast_to(relax.op.reshape(ctx.input(op, 1), [1] * len(t.shape)), t.shape))
+
+
+@register("DEQUANTIZE", F32)
+def dequantize_half(ctx, op, impl):
+    from tvm import relax
+
+    ctx.set_output(op, 0, relax.op.astype(ctx.input(op, 0), F32))
+
+
+@register(("RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR"), F32)
+def resize(ctx, op, impl):
+    from tvm import relax
+
+    _, oh, ow, _ = ctx.tensor(op.outputs[0]).shape
+    align, half = bool(op.opt("alignCorners", False)), bool(op.opt("halfPixelCenters", False))
+    if op.opcode == "RESIZE_BILINEAR":
+        method, rounding = "linear", ""
+        mode = "align_corners" if align else "half_pixel" if half else "asymmetric"
+    else:
+        method = "nearest_neighbor"
+        mode, rounding = ("align_corners", "round") if align else \
+            ("tf_half_pixel_for_nn", "") if half else ("asymmetric", "floor")
+    y = relax.op.image.resize2d(ctx.input(op, 0), (oh, ow), layout="NHWC", method=method,
+                                coordinate_transformation_mode=mode, rounding_method=rounding)
+    ctx.set_output(op, 0, y)
