@@ -37,3 +37,13 @@ class ToolMissing(TinyMLaaSError):
 
 class BuildFailure(TinyMLaaSError):
     pass
+
+
+class InternalError(Exception):
+    """A bug of ours (not the user's input): the CLI reports it on one line with the stage and operator."""
+
+    def __init__(self, stage: str, operator: str | None, cause: BaseException):
+        self.stage, self.operator, self.cause = stage, operator, cause
+        at = f" at operator {operator}" if operator else ""
+        detail = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+        super().__init__(f"internal error in stage {stage}{at}: {type(cause).__name__}" + (f": {detail}" if detail else ""))

@@ -19,7 +19,7 @@ from tinymlaas.backends.mcu.codegen import build_kernels
 from tinymlaas.backends.mcu.driver import generate_driver
 from tinymlaas.backends.mcu.firmware import link_firmware, linked_bytes
 from tinymlaas.backends.mcu.measure import measure_firmware
-from tinymlaas.errors import ModelTooLarge
+from tinymlaas.errors import InternalError, ModelTooLarge, TinyMLaaSError
 from tinymlaas.frontend.cleanup import clean
 from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
 from tinymlaas.frontend.to_relax import to_relax
@@ -115,6 +115,24 @@ def compile_model(
     options: CompileOptions | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CompileReport:
+    """Compile, run, verify and measure. Input problems raise TinyMLaaSError; a bug of ours raises InternalError
+    naming the stage (and the operator, where one was being converted)."""
+    current = ["import"]
+
+    def track(stage: str) -> None:
+        current[0] = stage
+        if progress is not None:
+            progress(stage)
+
+    try:
+        return _compile_model(model_path, target_name, out_dir, options, track)
+    except (TinyMLaaSError, InternalError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise InternalError(current[0], None, e) from e
+
+
+def _compile_model(model_path, target_name, out_dir, options, progress) -> CompileReport:
     options = options or CompileOptions()
     target = get_target(target_name)
     progress = progress or (lambda stage: None)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from tinymlaas.errors import InvalidModel
 from tinymlaas.frontend.tflite import TFLiteModel
 
 FLOAT_REL_TOLERANCE = 1e-5
@@ -44,13 +45,27 @@ def make_inputs(model: TFLiteModel, count: int, seed: int) -> list[list[np.ndarr
     return batches
 
 
-def interpreter(model: TFLiteModel):
-    """The interpreter with TFLite's reference kernels: the semantics every build must reproduce."""
+def reference_interpreter(data: bytes, preserve_all_tensors: bool = False):
+    """The interpreter with TFLite's reference kernels: the semantics every build must reproduce.
+
+    A few builtin operators (CEIL, ELU, ROUND, ...) have no kernel in the reference resolver; for models with them
+    the interpreter's builtin kernels are the reference. Returns (interpreter, resolver name)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    it = Interpreter(model_content=model.data, experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    it.allocate_tensors()
-    return it
+    for resolver in (OpResolverType.BUILTIN_REF, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES):
+        try:
+            it = Interpreter(model_content=data, experimental_op_resolver_type=resolver,
+                             experimental_preserve_all_tensors=preserve_all_tensors)
+            it.allocate_tensors()
+            return it, resolver.name
+        except (ValueError, RuntimeError) as e:
+            if "Didn't find op" not in str(e) or resolver != OpResolverType.BUILTIN_REF:
+                raise InvalidModel(f"the TFLite interpreter refuses the model: {str(e).strip().splitlines()[0][:200]}") from e
+    raise AssertionError("unreachable")
+
+
+def interpreter(model: TFLiteModel):
+    return reference_interpreter(model.data)[0]
 
 
 def reference_outputs(model: TFLiteModel, batches: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
@@ -125,11 +140,7 @@ class LayerCheck:
 
 def interpreter_tensors(model: TFLiteModel, batch: list[np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
     """(tensor name, operator, value) of every operator's output, in graph order, for one input."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    it = Interpreter(model_content=model.data, experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
-                     experimental_preserve_all_tensors=True)
-    it.allocate_tensors()
+    it, _ = reference_interpreter(model.data, preserve_all_tensors=True)
     for detail, x in zip(it.get_input_details(), batch):
         it.set_tensor(detail["index"], x)
     it.invoke()

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from tinymlaas.errors import InvalidModel, UnsupportedOperator
+from tinymlaas.errors import InternalError, InvalidModel, TinyMLaaSError, UnsupportedOperator
 from tinymlaas.frontend.graph import Graph, Operator, Tensor
 from tinymlaas.ops import registry
 
@@ -100,7 +100,12 @@ def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None):
             for op in graph.operators:
                 conv = registry.lookup(graph, op)
                 ctx.op = op
-                conv.convert(ctx, op, ctx.implementation(op, conv))
+                try:
+                    conv.convert(ctx, op, ctx.implementation(op, conv))
+                except TinyMLaaSError:
+                    raise
+                except Exception as e:  # a bug of ours in this converter: say which operator
+                    raise InternalError("import", f"{op.opcode} #{op.index}", e) from e
                 for i in op.outputs:
                     if i not in ctx.values and any(i in o.inputs for o in graph.operators) | (i in graph.outputs):
                         raise InvalidModel(f"operator #{op.index} ({op.opcode}) left output '{graph.tensor(i).name}' unset")

@@ -83,25 +83,50 @@ def depthwise_conv2d(ctx, op, impl):
     ctx.set_output(op, 0, activation(ctx, op, _bias(ctx, op, y)))
 
 
-@register("TRANSPOSE_CONV", F32)
-def transpose_conv(ctx, op, impl):
-    """TFLite scatters each input pixel at y*stride - pad; its padding is a forward convolution's from the output."""
+def dilate_and_pad(x, shape, stride, pads):
+    """NHWC x with stride-1 zeros between pixels, then padded (negative widths crop): the input a transposed
+    convolution correlates with its flipped kernel."""
     from tvm import relax
 
-    out_shape = ctx.tensor(op.outputs[0]).shape
-    _, h, w, _ = ctx.tensor(op.inputs[2]).shape
-    oc, kh, kw, ic = ctx.tensor(op.inputs[1]).shape
-    sh, sw = op.opt("strideH", 1), op.opt("strideW", 1)
-    pads, extra = [], []
-    for size, k, s, out in ((h, kh, sh, out_shape[1]), (w, kw, sw, out_shape[2])):
-        before = same_padding(out, k, s, 1)[0] if int(op.opt("padding", 0)) == _SAME else 0
-        after = (size - 1) * s + k - before - out
-        pads.append((before, max(after, 0)))
-        extra.append(max(-after, 0))
-    weight = relax.op.permute_dims(ctx.input(op, 1), [3, 0, 1, 2])  # OHWI -> IOHW
-    y = relax.op.nn.conv2d_transpose(ctx.input(op, 2), weight, strides=(sh, sw),
-                                     padding=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]],
-                                     output_padding=extra, data_layout="NHWC", kernel_layout="IOHW")
+    n, h, w, c = shape
+    sh, sw = stride
+    if sh > 1 or sw > 1:
+        x = relax.op.reshape(x, (n, h, 1, w, 1, c))
+        x = relax.op.nn.pad(x, [0, 0, 0, 0, 0, sh - 1, 0, 0, 0, sw - 1, 0, 0])
+        x = relax.op.reshape(x, (n, h * sh, w * sw, c))
+        x = relax.op.strided_slice(x, [1, 2], [0, 0], [(h - 1) * sh + 1, (w - 1) * sw + 1])
+    size = [(h - 1) * sh + 1, (w - 1) * sw + 1]
+    crop_begin, crop_end = [max(-p[0], 0) for p in pads], [size[i] - max(-pads[i][1], 0) for i in range(2)]
+    if any(crop_begin) or crop_end != size:
+        x = relax.op.strided_slice(x, [1, 2], crop_begin, crop_end)
+    widths = [0, 0, max(pads[0][0], 0), max(pads[0][1], 0), max(pads[1][0], 0), max(pads[1][1], 0), 0, 0]
+    return relax.op.nn.pad(x, widths) if any(widths) else x
+
+
+def transpose_conv_geometry(op, in_shape, w_shape, out_shape):
+    """(stride, [(before, after)] per spatial axis) of the dilated input that a plain convolution then reads."""
+    _, h, w, _ = in_shape
+    _, kh, kw, _ = w_shape
+    stride = (op.opt("strideH", 1), op.opt("strideW", 1))
+    pads = []
+    for size, k, s, out in ((h, kh, stride[0], out_shape[1]), (w, kw, stride[1], out_shape[2])):
+        top = same_padding(out, k, s, 1)[0] if int(op.opt("padding", 0)) == _SAME else 0
+        before = k - 1 - top
+        pads.append((before, out + k - 1 - ((size - 1) * s + 1) - before))
+    return stride, pads
+
+
+@register("TRANSPOSE_CONV", F32)
+def transpose_conv(ctx, op, impl):
+    """TFLite scatters input pixel y to output rows y*stride - pad + k; as a gather: the input dilated by the
+    stride and padded, correlated with the kernel flipped in space (weights OHWI -> flipped HWIO, folded)."""
+    from tvm import relax
+
+    x_t, w_t, out_t = ctx.tensor(op.inputs[2]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    stride, pads = transpose_conv_geometry(op, x_t.shape, w_t.shape, out_t.shape)
+    x = dilate_and_pad(ctx.input(op, 2), x_t.shape, stride, pads)
+    weight = relax.op.permute_dims(relax.op.flip(relax.op.flip(ctx.input(op, 1), 1), 2), [1, 2, 3, 0])
+    y = relax.op.nn.conv2d(x, weight, data_layout="NHWC", kernel_layout="HWIO")
     ctx.set_output(op, 0, activation(ctx, op, _bias(ctx, op, y, 3)))
 
 
@@ -361,18 +386,29 @@ def arg_max(ctx, op, impl):
     ctx.set_output(op, 0, relax.op.astype(y, ctx.tensor(op.outputs[0]).dtype))
 
 
+def _cumsum_te(x, axis: int, exclusive: bool, reverse: bool):
+    from tvm import te, tirx
+
+    n = int(x.shape[axis])
+    j = te.reduce_axis((0, n), "j")
+
+    def f(*i):
+        idx = list(i)
+        idx[axis] = j
+        take = (j >= i[axis]) if reverse else (j <= i[axis])
+        if exclusive:
+            take = tirx.all(take, j != i[axis])
+        return te.sum(tirx.if_then_else(take, x[tuple(idx)], tirx.const(0, x.dtype)), axis=j)
+
+    return te.compute(x.shape, f, name="cumsum")
+
+
 @register("CUMSUM", F32)
 def cumsum(ctx, op, impl):
-    from tvm import relax
-
     rank = len(ctx.tensor(op.inputs[0]).shape)
     axis = norm_axis(const_ints(ctx, op, 1)[0], rank)
-    x = ctx.input(op, 0)
-    if op.opt("reverse", False):
-        x = relax.op.flip(x, axis)
-    y = relax.op.cumsum(x, axis=axis, exclusive=bool(op.opt("exclusive", False)))
-    if op.opt("reverse", False):
-        y = relax.op.flip(y, axis)
+    y = ctx.bb.emit_te(_cumsum_te, ctx.input(op, 0), axis, bool(op.opt("exclusive", False)),
+                       bool(op.opt("reverse", False)), primfunc_name_hint=f"op{op.index}_cumsum")
     ctx.set_output(op, 0, y)
 
 

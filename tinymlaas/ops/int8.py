@@ -395,7 +395,8 @@ def lookup_table(graph, op) -> np.ndarray:
     """The interpreter's outputs of `op` for the inputs -128..127 (one-operator model, BUILTIN_REF kernels)."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as s
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from tinymlaas.verify import reference_interpreter
 
     src, dst = graph.tensor(op.inputs[0]), graph.tensor(op.outputs[0])
     tensors = []
@@ -427,8 +428,7 @@ def lookup_table(graph, op) -> np.ndarray:
     model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [sg], [s.BufferT()]
     b = flatbuffers.Builder(1024)
     b.Finish(model.Pack(b), file_identifier=b"TFL3")
-    it = Interpreter(model_content=bytes(b.Output()), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    it.allocate_tensors()
+    it, _ = reference_interpreter(bytes(b.Output()))
     it.set_tensor(it.get_input_details()[0]["index"], np.arange(-128, 128, dtype=np.int8))
     it.invoke()
     return it.get_tensor(it.get_output_details()[0]["index"]).copy()

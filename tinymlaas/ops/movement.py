@@ -213,7 +213,7 @@ def gather_nd(ctx, op, impl):
     from tvm import relax
 
     same_quantization(ctx, op)
-    ctx.set_output(op, 0, relax.op.gather_nd(ctx.input(op, 0), ctx.input(op, 1)))
+    ctx.set_output(op, 0, relax.op.gather_nd(ctx.input(op, 0), relax.op.astype(ctx.input(op, 1), "int64")))
 
 
 @register("EMBEDDING_LOOKUP", ALL)

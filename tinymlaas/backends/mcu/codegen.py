@@ -85,11 +85,14 @@ def to_c_abi(func, symbol: str):
     lines = src.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("def "))
     params, decls, scratch = [], [], []
-    for p in func.params:
+    printed = re.findall(r"(\w+): T\.Buffer", lines[head])  # the printer makes repeated names unique
+    if len(printed) != len(func.params):
+        raise BuildFailure(f"kernel {symbol}: unexpected parameter list {lines[head][:200]}")
+    for k, (p, name) in enumerate(zip(func.params, printed)):
         shape = ", ".join(str(int(s)) for s in p.ty.shape)
         dtype = str(p.ty.dtype.dtype)
-        params.append(f'{p.name}_ptr: T.handle("{dtype}", "global")')
-        decls.append(f'    {p.name} = T.decl_buffer(({shape},), "{dtype}", data={p.name}_ptr)')
+        params.append(f'p{k}_ptr: T.handle("{dtype}", "global")')
+        decls.append(f'    {name} = T.decl_buffer(({shape},), "{dtype}", data=p{k}_ptr)')
     body = []
     for line in lines[head + 1 :]:
         m = _ALLOC_RE.match(line)
@@ -114,7 +117,7 @@ def llvm_target(target):
     return tvm.target.Target(dict(target.llvm))
 
 
-def build_kernels(program: Program, target, workdir: Path) -> tuple[Program, KernelObject]:
+def build_kernels(program: Program, target, workdir: Path, narrow_indices: bool = True) -> tuple[Program, KernelObject]:
     """Compile all kernels of `program` into one object. Returns a new Program whose calls pass the planned
     scratch buffers (the input program is left as it was: a search builds one program many times)."""
     import tvm
@@ -126,7 +129,10 @@ def build_kernels(program: Program, target, workdir: Path) -> tuple[Program, Ker
         symbols[gv.name_hint] = symbol
     obj = workdir / "kernels.o"
     try:
-        built = tvm.tirx.build(tvm.IRModule(funcs), target=llvm_target(target))
+        mod = tvm.IRModule(funcs)
+        if narrow_indices:  # legalized Relax ops index with int64: 32-bit cores pay for it, soft-float cores in libgcc
+            mod = tvm.tirx.transform.ForceNarrowIndexToInt32()(mod)
+        built = tvm.tirx.build(mod, target=llvm_target(target))
         built.write_to_file(str(obj))
     except Exception as e:
         raise BuildFailure(f"LLVM code generation failed for {target.name}: {str(e).splitlines()[-1][:300]}") from e

@@ -1,0 +1,315 @@
+"""The service's subcommands of `tinymlaas` (serve, worker, agent, demo, and the API client commands).
+
+Registered through the `tinymlaas.commands` entry point: the core CLI never imports the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tinymlaas.cli import _size
+from tinymlaas.errors import TinyMLaaSError
+
+# --- the service: server, worker, device agent, and the API client commands -----------------------------------
+
+def _client(args):
+    from server.client import Client
+
+    token = args.token or os.environ.get("TINYMLAAS_TOKEN")
+    if not token:
+        path = Path(os.environ.get("TINYMLAAS_DATA", "instance")) / "admin.token"
+        if path.exists():
+            token = path.read_text().strip()
+    if not token:
+        raise TinyMLaaSError("an API token is needed: --token, TINYMLAAS_TOKEN, or DATA/admin.token")
+    return Client(args.server, token)
+
+
+def _print(obj, as_json: bool, fmt) -> None:
+    print(json.dumps(obj, indent=2) if as_json else fmt(obj))
+
+
+def cmd_serve(args) -> int:
+    import time
+
+    from server.config import Settings
+    from server.runtime import Server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    settings = Settings(data_dir=args.data, mqtt=args.mqtt, mqtt_port=args.mqtt_port,
+                        public_url=args.public_url or Settings.public_url)
+    server = Server(settings, args.host, args.port, args.workers).start()
+    print(f"tinymlaas server on {server.url} (data {settings.data_dir}, MQTT {args.mqtt} on "
+          f"{settings.mqtt_host}:{settings.mqtt_port}, {args.workers} build worker(s))")
+    print(f"admin token in {settings.data_dir / 'admin.token'}")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from server.config import Settings
+    from server.jobs import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings.from_env() if args.data is None else Settings(data_dir=args.data)
+    run_worker(settings, args.workers)
+    return 0
+
+
+def cmd_agent(args) -> int:
+    import time
+
+    from server.agent import Agent
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    token = args.token or os.environ.get("TINYMLAAS_TOKEN")
+    agent = Agent(args.server, args.id, args.target, args.state_dir or f"devices/{args.id}", token, args.group)
+    agent.start()
+    print(f"device {args.id} ({args.target}) running {agent.version or 'no image'}; Ctrl-C stops it")
+    try:
+        while agent.crashed is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        agent.stop()
+    return 0
+
+
+def cmd_devices_register(args) -> int:
+    d = _client(args).register_device(args.id, args.target, args.group)
+    _print(d, args.json, lambda d: f"registered {d['id']} ({d['target']}, group {d['group']}); MQTT user "
+           f"{d['mqtt']['username']} password {d['mqtt']['password']} (shown once)")
+    return 0
+
+
+def cmd_devices_list(args) -> int:
+    rows = _client(args).devices(args.group)
+
+    def fmt(rows):
+        out = [f"{'device':<20} {'target':<11} {'group':<12} {'state':<10} {'firmware':<12} instructions"]
+        out += [f"{d['id']:<20} {d['target']:<11} {d['group']:<12} {d['state']:<10} "
+                f"{d['firmware_version'] or '-':<12} {d['instructions'] or '-'}" for d in rows]
+        return "\n".join(out)
+    _print(rows, args.json, fmt)
+    return 0
+
+
+def cmd_models_upload(args) -> int:
+    m = _client(args).upload_model(args.file)
+    _print(m, args.json, lambda m: f"model {m['id']}: {m['name']} ({m['size']:,} B, "
+           f"{'int8' if m['quantized'] else 'float'}, sha256 {m['sha256'][:12]})")
+    return 0
+
+
+def _format_build(b: dict) -> str:
+    line = f"build {b['id']}: model {b['model_id']} for {b['target']}, version {b['version']}: {b['state']}"
+    if b["state"] not in ("done", "failed", "cancelled"):
+        line += f" ({b['stage'] or 'waiting'}, {b['progress']:.0%})"
+    if b.get("message"):
+        line += f" — {b['message']}"
+    r = b.get("report") or {}
+    if r:
+        line += (f"\n  {r['instructions']:,} instructions/inference, flash {r['sizes']['flash_model']:,} B, "
+                 f"RAM {r['sizes']['ram_model']:,} B, verified {r['verified']}; image {r['image']['size']:,} B")
+    return line
+
+
+def _wait_build(client, build_id: int) -> dict:
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc=f"build {build_id}", unit="%", file=sys.stderr, leave=False) as bar:
+        def show(b):
+            bar.n = int(b["progress"] * 100)
+            bar.set_postfix_str(f"{b['state']} {b['stage'] or ''}")
+            bar.refresh()
+        return client.wait_build(build_id, on_progress=show)
+
+
+def cmd_builds_request(args) -> int:
+    client = _client(args)
+    constraints = {k: v for k, v in (("max_flash", args.max_flash), ("max_ram", args.max_ram)) if v}
+    b = client.request_build(args.model, args.target, args.version, **constraints)
+    if args.wait:
+        b = _wait_build(client, b["id"])
+    _print(b, args.json, _format_build)
+    return 0 if b["state"] != "failed" else 1
+
+
+def cmd_builds_status(args) -> int:
+    client = _client(args)
+    b = _wait_build(client, args.id) if args.wait else client.build(args.id)
+    _print(b, args.json, _format_build)
+    return 0
+
+
+def cmd_builds_download(args) -> int:
+    path = _client(args).download_artifact(args.id, args.artifact, args.out)
+    print(f"{path} ({path.stat().st_size:,} B)")
+    return 0
+
+
+def _watch_rollout(client, dep_id: int) -> dict:
+    from server.client import draw_rollout
+
+    last = None
+
+    def show(d):
+        nonlocal last
+        text = draw_rollout(d)
+        if text != last and sys.stderr.isatty():
+            print(text, file=sys.stderr)
+        last = text
+    return client.wait_deployment(dep_id, on_progress=show)
+
+
+def cmd_deploy(args) -> int:
+    client = _client(args)
+    stages = [int(x) for x in args.stages.split(",")]
+    d = client.deploy(args.build, args.group, stages, args.success_threshold, args.error_threshold, args.force)
+    if args.wait:
+        d = _watch_rollout(client, d["id"])
+    return _show_rollout(client, d["id"], args.json)
+
+
+def _show_rollout(client, dep_id: int, as_json: bool) -> int:
+    from server.client import draw_rollout
+
+    d = client.deployment(dep_id)
+    _print(d, as_json, draw_rollout)
+    return 0 if d["state"] != "halted" else 1
+
+
+def cmd_rollouts_status(args) -> int:
+    client = _client(args)
+    if args.id is None:
+        deps = client.deployments()
+        if not deps:
+            print("no deployments")
+            return 0
+        args.id = deps[-1]["id"]
+    if args.wait:
+        _watch_rollout(client, args.id)
+    return _show_rollout(client, args.id, args.json)
+
+
+def cmd_rollouts_rollback(args) -> int:
+    client = _client(args)
+    d = client.rollback(args.id)
+    if args.wait:
+        _watch_rollout(client, d["id"])
+    return _show_rollout(client, d["id"], args.json)
+
+
+def cmd_demo(args) -> int:
+    from server.demo import run_demo
+
+    return run_demo(Path(args.model), Path(args.data))
+
+
+def register(sub) -> None:
+    def api(p):
+        p.add_argument("--server", default=os.environ.get("TINYMLAAS_SERVER", "http://127.0.0.1:8080"),
+                       help="server URL (env TINYMLAAS_SERVER)")
+        p.add_argument("--token", help="API token (env TINYMLAAS_TOKEN; default: DATA/admin.token)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        return p
+
+    p = sub.add_parser("serve", help="run the server: API, MQTT broker and coordinator, build workers")
+    p.add_argument("--data", default=os.environ.get("TINYMLAAS_DATA", "instance"), help="data folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--mqtt", choices=("embedded", "mosquitto", "external"), default="embedded",
+                   help="embedded amqtt broker (default), a managed Mosquitto, or an external broker")
+    p.add_argument("--mqtt-port", type=int, default=1883)
+    p.add_argument("--workers", type=int, default=1, help="build worker processes (default 1)")
+    p.add_argument("--public-url", help="the URL devices download from (default: this server's)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="the whole flow on one machine: server, 3 emulated devices, build, rollout")
+    p.add_argument("model", help="a .tflite model (the Makefile passes MLPerf Tiny KWS)")
+    p.add_argument("--data", default="build/demo", help="folder for the server and the devices (replaced)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("worker", help="run build workers (Huey consumer) on the server's data folder")
+    p.add_argument("--data", help="data folder (default: env TINYMLAAS_DATA)")
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("agent", help="run one emulated device (A/B slots, QEMU self-test)")
+    p.add_argument("--server", default=os.environ.get("TINYMLAAS_SERVER", "http://127.0.0.1:8080"))
+    p.add_argument("--token", help="API token to register with (first start only)")
+    p.add_argument("--id", required=True, help="device id")
+    p.add_argument("--target", "-t", required=True)
+    p.add_argument("--group", default="default")
+    p.add_argument("--state-dir", help="flash and state folder (default devices/ID)")
+    p.set_defaults(func=cmd_agent)
+
+    devices = sub.add_parser("devices", help="device registry").add_subparsers(dest="what", required=True)
+    p = api(devices.add_parser("register", help="register a device; prints its MQTT credentials once"))
+    p.add_argument("id")
+    p.add_argument("--target", "-t", required=True)
+    p.add_argument("--group", default="default")
+    p.set_defaults(func=cmd_devices_register)
+    p = api(devices.add_parser("list", help="list devices"))
+    p.add_argument("--group")
+    p.set_defaults(func=cmd_devices_list)
+
+    models = sub.add_parser("models", help="uploaded models").add_subparsers(dest="what", required=True)
+    p = api(models.add_parser("upload", help="upload a .tflite model"))
+    p.add_argument("file")
+    p.set_defaults(func=cmd_models_upload)
+
+    builds = sub.add_parser("builds", help="build jobs").add_subparsers(dest="what", required=True)
+    p = api(builds.add_parser("request", help="queue a build of a model for a target"))
+    p.add_argument("--model", type=int, required=True, help="model id")
+    p.add_argument("--target", "-t", required=True)
+    p.add_argument("--max-flash", type=_size)
+    p.add_argument("--max-ram", type=_size)
+    p.add_argument("--version", help="image version major.minor.revision[+build] (default 1.0.<build id>)")
+    p.add_argument("--wait", action="store_true", help="wait for it, with a progress bar")
+    p.set_defaults(func=cmd_builds_request)
+    p = api(builds.add_parser("status", help="a build's state, progress and report"))
+    p.add_argument("id", type=int)
+    p.add_argument("--wait", action="store_true")
+    p.set_defaults(func=cmd_builds_status)
+    p = api(builds.add_parser("download", help="download a build artifact"))
+    p.add_argument("id", type=int)
+    p.add_argument("--artifact", default="image", choices=("image", "firmware", "payload", "report", "selftest"))
+    p.add_argument("--out", "-o", required=True)
+    p.set_defaults(func=cmd_builds_download)
+
+    p = api(sub.add_parser("deploy", help="roll a build out to a device group, stage by stage"))
+    p.add_argument("build", type=int, help="build id")
+    p.add_argument("--group", default="default")
+    p.add_argument("--stages", default="100", help="cumulative percentages, e.g. 10,50,100 (default 100)")
+    p.add_argument("--success-threshold", type=float, default=1.0, help="fraction of a stage to advance (1.0)")
+    p.add_argument("--error-threshold", type=float, default=0.1, help="fraction failed that halts (0.1)")
+    p.add_argument("--force", action="store_true", help="allow a downgrade")
+    p.add_argument("--wait", action="store_true", help="follow the rollout until it ends")
+    p.set_defaults(func=cmd_deploy)
+
+    rollouts = sub.add_parser("rollouts", help="deployments").add_subparsers(dest="what", required=True)
+    p = api(rollouts.add_parser("status", help="draw a rollout (default: the latest)"))
+    p.add_argument("id", type=int, nargs="?")
+    p.add_argument("--wait", action="store_true")
+    p.set_defaults(func=cmd_rollouts_status)
+    p = api(rollouts.add_parser("rollback", help="deploy the group's previous build again (forced)"))
+    p.add_argument("id", type=int, help="the deployment to roll back")
+    p.add_argument("--wait", action="store_true")
+    p.set_defaults(func=cmd_rollouts_rollback)
+
+
+

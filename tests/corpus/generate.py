@@ -1,0 +1,201 @@
+"""Generate the test corpus with TensorFlow, the way users export models (run once; the .tflite files are committed).
+
+    python tests/corpus/generate.py            # needs `pip install tensorflow-cpu` (make setup-tensorflow)
+
+ops/: one small graph per operator (odd shapes), as float32, full-int8 (float interface, QUANTIZE/DEQUANTIZE at
+the edges, as the converter emits by default) and int16x8. models/: whole architectures of the kinds TinyML users
+train, built with Keras 3 and converted with TFLiteConverter.from_keras_model. manifest.json lists every file with
+the TFLite operators it holds; what the converter refused is listed as such.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RNG = np.random.default_rng(2026)
+IMG = (1, 7, 9, 5)  # odd everything
+SEQ = (1, 13, 6)
+
+
+def const(shape, scale=0.5):
+    return tf.constant(RNG.standard_normal(shape).astype(np.float32) * scale)
+
+
+def pos(x):
+    return tf.abs(x) + 0.5
+
+
+_PRELU = tf.keras.layers.PReLU(alpha_initializer=tf.keras.initializers.RandomUniform(0.05, 0.4), shared_axes=[1, 2])
+
+# name -> (input shapes, function of the inputs)
+OPS = {
+    "abs": ([IMG], lambda x: tf.abs(x)),
+    "add": ([IMG, IMG], lambda x, y: x + y),
+    "add_broadcast_relu": ([IMG], lambda x: tf.nn.relu(x + const((5,)))),
+    "add_n": ([IMG, IMG, IMG], lambda x, y, z: tf.add_n([x, y, z])),
+    "arg_max": ([SEQ], lambda x: tf.cast(tf.argmax(x, axis=-1, output_type=tf.int32), tf.float32)),
+    "arg_min": ([SEQ], lambda x: tf.cast(tf.argmin(x, axis=1, output_type=tf.int32), tf.float32)),
+    "average_pool_2d": ([IMG], lambda x: tf.nn.avg_pool2d(x, 3, 2, "SAME")),
+    "batch_matmul": ([(1, 5, 7), (1, 7, 3)], lambda x, y: tf.matmul(x, y)),
+    "batch_to_space_nd": ([(4, 3, 5, 2)], lambda x: tf.batch_to_space(x, [2, 2], [[0, 1], [1, 0]])),
+    "broadcast_to": ([(1, 1, 9, 5)], lambda x: tf.broadcast_to(x, (1, 7, 9, 5)) * 1.5),
+    "ceil": ([IMG], lambda x: tf.math.ceil(x * 3.0)),
+    "concatenation": ([IMG, IMG], lambda x, y: tf.concat([x, y * 2.0], axis=-1)),
+    "conv_2d": ([IMG], lambda x: tf.nn.relu6(tf.nn.conv2d(x, const((3, 3, 5, 6)), 2, "SAME") + const((6,)))),
+    "conv_2d_valid_dilated": ([(1, 11, 10, 3)], lambda x: tf.nn.conv2d(x, const((3, 2, 3, 4)), 1, "VALID",
+                                                                      dilations=2)),
+    "cos": ([IMG], lambda x: tf.cos(x)),
+    "cumsum": ([SEQ], lambda x: tf.cumsum(x, axis=1)),
+    "depth_to_space": ([(1, 3, 5, 8)], lambda x: tf.nn.depth_to_space(x, 2)),
+    "depthwise_conv_2d": ([IMG], lambda x: tf.nn.depthwise_conv2d(x, const((3, 3, 5, 2)), [1, 1, 1, 1], "SAME")),
+    "div": ([IMG, IMG], lambda x, y: x / pos(y)),
+    "elu": ([IMG], lambda x: tf.nn.elu(x)),
+    "equal": ([IMG], lambda x: tf.cast(tf.equal(tf.round(x), 0.0), tf.float32)),
+    "exp": ([IMG], lambda x: tf.exp(x)),
+    "expand_dims": ([SEQ], lambda x: tf.nn.conv2d(tf.expand_dims(x, 1), const((1, 3, 6, 4)), 1, "SAME")),
+    "floor": ([IMG], lambda x: tf.floor(x * 3.0)),
+    "floor_div": ([IMG], lambda x: tf.math.floordiv(x * 4.0, 1.5)),
+    "floor_mod": ([IMG], lambda x: tf.math.floormod(x * 4.0, 1.5)),
+    "fully_connected": ([(1, 37)], lambda x: tf.nn.relu(tf.matmul(x, const((37, 11))) + const((11,)))),
+    "gather": ([IMG], lambda x: tf.gather(x, [4, 0, 2, 2], axis=2)),
+    "gather_nd": ([(5, 7)], lambda x: tf.gather_nd(x, [[1, 2], [4, 6], [0, 0]])),
+    "gelu": ([IMG], lambda x: tf.nn.gelu(x, approximate=False)),
+    "greater": ([IMG, IMG], lambda x, y: tf.cast(tf.greater(x, y), tf.float32)),
+    "hard_swish": ([IMG], lambda x: x * tf.nn.relu6(x + 3.0) / 6.0),
+    "l2_normalization": ([SEQ], lambda x: tf.math.l2_normalize(x, axis=-1)),
+    "leaky_relu": ([IMG], lambda x: tf.nn.leaky_relu(x, 0.3)),
+    "less_equal": ([IMG, IMG], lambda x, y: tf.cast(tf.less_equal(x, y), tf.float32)),
+    "log": ([IMG], lambda x: tf.math.log(pos(x))),
+    "log_softmax": ([SEQ], lambda x: tf.nn.log_softmax(x)),
+    "logical_and_or_not": ([IMG, IMG], lambda x, y: tf.cast(tf.logical_or(tf.logical_and(x > 0, y > 0),
+                                                                         tf.logical_not(x > y)), tf.float32)),
+    "logistic": ([IMG], lambda x: tf.sigmoid(x)),
+    "max_pool_2d": ([IMG], lambda x: tf.nn.max_pool2d(x, (2, 3), (2, 2), "VALID")),
+    "maximum_minimum": ([IMG, IMG], lambda x, y: tf.minimum(tf.maximum(x, y), 0.7)),
+    "mean": ([IMG], lambda x: tf.reduce_mean(x, axis=[1, 2], keepdims=True)),
+    "mean_last_axis": ([SEQ], lambda x: tf.reduce_mean(x, axis=-1)),
+    "mirror_pad_reflect": ([IMG], lambda x: tf.pad(x, [[0, 0], [2, 1], [1, 2], [0, 0]], "REFLECT")),
+    "mirror_pad_symmetric": ([IMG], lambda x: tf.pad(x, [[0, 0], [1, 1], [2, 0], [0, 0]], "SYMMETRIC")),
+    "mul": ([IMG, IMG], lambda x, y: x * y),
+    "mul_broadcast": ([IMG], lambda x: x * const((9, 1))),
+    "neg": ([IMG], lambda x: -x),
+    "not_equal": ([IMG], lambda x: tf.cast(tf.not_equal(tf.round(x), 0.0), tf.float32)),
+    "pack": ([SEQ, SEQ], lambda x, y: tf.stack([x, y], axis=2)),
+    "pad": ([IMG], lambda x: tf.pad(x, [[0, 0], [1, 2], [0, 1], [0, 0]])),
+    "padv2": ([IMG], lambda x: tf.pad(x, [[0, 0], [1, 0], [2, 1], [0, 0]], constant_values=1.5)),
+    "pow": ([IMG], lambda x: tf.pow(pos(x), 1.7)),
+    "prelu": ([IMG], lambda x: _PRELU(x)),
+    "reduce_max": ([IMG], lambda x: tf.reduce_max(x, axis=[1, 2])),
+    "reduce_min": ([IMG], lambda x: tf.reduce_min(x, axis=-1, keepdims=True)),
+    "reduce_prod": ([SEQ], lambda x: tf.reduce_prod(x, axis=-1)),
+    "relu": ([IMG], lambda x: tf.nn.relu(x)),
+    "relu6": ([IMG], lambda x: tf.nn.relu6(x * 4.0)),
+    "relu_n1_to_1": ([IMG], lambda x: tf.clip_by_value(x, -1.0, 1.0)),
+    "reshape": ([IMG], lambda x: tf.reshape(x, (1, 63, 5)) * 2.0),
+    "resize_bilinear": ([IMG], lambda x: tf.image.resize(x, (13, 17), "bilinear")),
+    "resize_bilinear_align": ([IMG], lambda x: tf.compat.v1.image.resize_bilinear(x, (13, 17), align_corners=True)),
+    "resize_nearest": ([IMG], lambda x: tf.image.resize(x, (14, 18), "nearest")),
+    "reverse_v2": ([IMG], lambda x: tf.reverse(x, axis=[2])),
+    "round": ([IMG], lambda x: tf.round(x * 4.0)),
+    "rsqrt": ([IMG], lambda x: tf.math.rsqrt(pos(x))),
+    "select_v2": ([IMG, IMG], lambda x, y: tf.where(x > y, x, y * 2.0)),
+    "sign": ([IMG], lambda x: tf.sign(x)),
+    "sin": ([IMG], lambda x: tf.sin(x)),
+    "slice": ([IMG], lambda x: tf.slice(x, [0, 1, 2, 1], [1, 4, -1, 3])),
+    "softmax": ([SEQ], lambda x: tf.nn.softmax(x * 2.0)),
+    "space_to_batch_nd": ([(1, 6, 5, 2)], lambda x: tf.space_to_batch(x, [2, 2], [[0, 0], [1, 0]])),
+    "space_to_depth": ([(1, 6, 4, 3)], lambda x: tf.nn.space_to_depth(x, 2)),
+    "split": ([IMG], lambda x: tf.concat(tf.split(x, 3, axis=2)[::-1], axis=-1) * 1.0),
+    "split_v": ([IMG], lambda x: tf.add_n([t[:, :, :3] for t in tf.split(x, [2, 4, 1], axis=1)[:1]]) * 1.0),
+    "sqrt": ([IMG], lambda x: tf.sqrt(pos(x))),
+    "square": ([IMG], lambda x: tf.square(x)),
+    "squared_difference": ([IMG, IMG], lambda x, y: tf.math.squared_difference(x, y)),
+    "squeeze": ([(1, 7, 1, 5)], lambda x: tf.squeeze(x, axis=2) * 2.0),
+    "strided_slice": ([IMG], lambda x: x[:, 1:-1:2, ::-2, 1:]),
+    "strided_slice_shrink": ([IMG], lambda x: x[0, 3, :, 2:4]),
+    "sub": ([IMG, IMG], lambda x, y: x - y),
+    "sum": ([IMG], lambda x: tf.reduce_sum(x, axis=[2])),
+    "tanh": ([IMG], lambda x: tf.tanh(x)),
+    "tile": ([(1, 3, 4, 2)], lambda x: tf.tile(x, [1, 2, 1, 3])),
+    "transpose": ([IMG], lambda x: tf.transpose(x, [0, 3, 1, 2])),
+    "transpose_conv": ([(1, 4, 5, 3)], lambda x: tf.nn.conv2d_transpose(x, const((3, 3, 6, 3)), (1, 8, 10, 6), 2,
+                                                                        "SAME")),
+    "transpose_conv_valid": ([(1, 4, 5, 3)], lambda x: tf.nn.conv2d_transpose(x, const((2, 3, 4, 3)), (1, 5, 7, 4),
+                                                                              1, "VALID")),
+    "unpack": ([SEQ], lambda x: tf.add_n(tf.unstack(x, axis=2)[1:4])),
+    "zeros_like_fill": ([IMG], lambda x: x + tf.zeros_like(x) + tf.fill([1, 7, 9, 5], 0.25)),
+}
+
+
+def representative(shapes, positive=False):
+    def gen():
+        for _ in range(32):
+            yield [RNG.standard_normal(s).astype(np.float32) for s in shapes]
+    return gen
+
+
+def convert(converter, precision, shapes):
+    if precision == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative(shapes)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif precision == "int16x8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative(shapes)
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    return converter.convert()
+
+
+def operators_of(data: bytes) -> list[str]:
+    from ai_edge_litert import schema_py_generated as s
+
+    names = {v: k for k, v in s.BuiltinOperator.__dict__.items() if not k.startswith("_")}
+    m = s.ModelT.InitFromObj(s.Model.GetRootAsModel(data, 0))
+    return sorted({names[max(m.operatorCodes[op.opcodeIndex].builtinCode,
+                             m.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)] for op in m.subgraphs[0].operators})
+
+
+def op_models(only=None):
+    out = HERE / "ops"
+    out.mkdir(exist_ok=True)
+    entries = {}
+    for name, (shapes, fn) in OPS.items():
+        if only and name not in only:
+            continue
+        specs = [tf.TensorSpec(s, tf.float32, name=f"x{i}") for i, s in enumerate(shapes)]
+        try:
+            concrete = tf.function(fn, input_signature=specs).get_concrete_function()
+        except Exception as e:
+            raise SystemExit(f"{name}: {str(e).strip().splitlines()[-1]}") from e
+        for precision in ("float32", "int8", "int16x8"):
+            key = f"{name}_{precision}"
+            try:
+                data = convert(tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn), precision, shapes)
+            except Exception as e:  # the converter refuses this operator in this precision
+                entries[key] = {"precision": precision, "refused": str(e).strip().splitlines()[-1][:200]}
+                continue
+            (out / f"{key}.tflite").write_bytes(data)
+            entries[key] = {"file": f"ops/{key}.tflite", "precision": precision, "operators": operators_of(data)}
+            print(key, entries[key]["operators"], file=sys.stderr)
+    return entries
+
+
+def main() -> None:
+    only = set(sys.argv[1:])
+    manifest_path = HERE / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest.update(op_models(only))
+    manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
