@@ -105,7 +105,14 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
         notes.append("int8 operators lowered through float dequantize/op/quantize (as requested): not bit-exact")
         return import_relax_tvm(model), "float-emulated", notes
     graph = clean(model.graph)
-    return to_relax(graph, target, kernels), ("integer" if model.quantized else "float"), notes
+    precisions = {graph.precision(op) for op in graph.operators}
+    lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
+    from tinymlaas.verify import reference_resolver
+
+    if reference_resolver(model.data) != "BUILTIN_REF":
+        notes.append("the interpreter has no reference kernel for an operator of this model: verified against its "
+                     "builtin (optimized) kernels")
+    return to_relax(graph, target, kernels), lowering, notes
 
 
 def compile_model(
@@ -315,7 +322,7 @@ def format_report(r: CompileReport) -> str:
     rows = [
         ("model", r.model),
         ("target", f"{r.target} ({r.core}, board class {r.board})"),
-        ("lowering", {"integer": "int8 integer kernels", "float": "float32",
+        ("lowering", {"integer": "integer kernels", "float": "float32", "mixed": "integer and float32 kernels",
                       "float-emulated": "int8 through float ops"}[r.lowering]),
         ("verified", f"{'PASS' if r.verified else 'FAIL'}: {fid} over {f['inputs']} inputs [{f['tolerance']}]"),
         ("instructions/inference", (f"{_fmt(r.instructions)} (range {_fmt(r.instructions_min)}.."

@@ -71,6 +71,7 @@ class Graph:
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
     notes: tuple[str, ...] = ()
+    source: bytes = field(default=b"", repr=False, compare=False)  # the flatbuffer it was read from
 
     def tensor(self, index: int) -> Tensor:
         return self.tensors[index]
@@ -94,9 +95,8 @@ class Graph:
 
     def precision(self, op: Operator) -> str:
         """float32, int8 or int16 (int16 activations, int8 weights): which kernels this operator needs."""
-        dtypes = {self.tensors[i].dtype for i in (*op.inputs, *op.outputs) if i >= 0 and not self.tensors[i].is_const}
-        if "int16" in dtypes and any(self.tensors[i].quant for i in op.outputs):
+        acts = [self.tensors[i] for i in (*op.inputs, *op.outputs) if i >= 0 and not self.tensors[i].is_const]
+        if any(t.dtype == "int16" and t.quant is not None for t in acts):
             return "int16"
-        quantized = any(self.tensors[i].quant is not None and self.tensors[i].dtype in ("int8", "uint8", "int16")
-                        for i in (*op.inputs, *op.outputs) if i >= 0 and not self.tensors[i].is_const)
+        quantized = any(t.quant is not None and t.dtype in ("int8", "uint8") for t in acts)
         return "int8" if quantized else "float32"

@@ -184,7 +184,7 @@ def read_graph(data: bytes, label: str = "model") -> Graph:
     for i in inputs:
         if tensors[i].is_const:
             raise InvalidModel(f"{label}: graph input '{tensors[i].name}' is a constant")
-    return Graph(label, tensors, tuple(operators), inputs, outputs)
+    return Graph(label, tensors, tuple(operators), inputs, outputs, source=data)
 
 
 def _spec(t: Tensor) -> TensorSpec:

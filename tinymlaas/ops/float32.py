@@ -83,7 +83,7 @@ def depthwise_conv2d(ctx, op, impl):
     ctx.set_output(op, 0, activation(ctx, op, _bias(ctx, op, y)))
 
 
-def dilate_and_pad(x, shape, stride, pads):
+def dilate_and_pad(x, shape, stride, pads, zero: float = 0.0):
     """NHWC x with stride-1 zeros between pixels, then padded (negative widths crop): the input a transposed
     convolution correlates with its flipped kernel."""
     from tvm import relax
@@ -92,7 +92,7 @@ def dilate_and_pad(x, shape, stride, pads):
     sh, sw = stride
     if sh > 1 or sw > 1:
         x = relax.op.reshape(x, (n, h, 1, w, 1, c))
-        x = relax.op.nn.pad(x, [0, 0, 0, 0, 0, sh - 1, 0, 0, 0, sw - 1, 0, 0])
+        x = relax.op.nn.pad(x, [0, 0, 0, 0, 0, sh - 1, 0, 0, 0, sw - 1, 0, 0], "constant", zero)
         x = relax.op.reshape(x, (n, h * sh, w * sw, c))
         x = relax.op.strided_slice(x, [1, 2], [0, 0], [(h - 1) * sh + 1, (w - 1) * sw + 1])
     size = [(h - 1) * sh + 1, (w - 1) * sw + 1]
@@ -100,7 +100,7 @@ def dilate_and_pad(x, shape, stride, pads):
     if any(crop_begin) or crop_end != size:
         x = relax.op.strided_slice(x, [1, 2], crop_begin, crop_end)
     widths = [0, 0, max(pads[0][0], 0), max(pads[0][1], 0), max(pads[1][0], 0), max(pads[1][1], 0), 0, 0]
-    return relax.op.nn.pad(x, widths) if any(widths) else x
+    return relax.op.nn.pad(x, widths, "constant", zero) if any(widths) else x
 
 
 def transpose_conv_geometry(op, in_shape, w_shape, out_shape):
@@ -358,8 +358,13 @@ def reduce_axes(ctx, op) -> list[int]:
 
 
 @register(tuple(_REDUCE), F32)
+@register(("REDUCE_MAX", "REDUCE_MIN"), ("int8", "int16"))
 def reduce(ctx, op, impl):
     from tvm import relax
+
+    from tinymlaas.ops.movement import same_quantization
+
+    same_quantization(ctx, op)
 
     fn = getattr(relax.op, _REDUCE[op.opcode])
     ctx.set_output(op, 0, fn(ctx.input(op, 0), axis=reduce_axes(ctx, op), keepdims=bool(op.opt("keepDims", False))))
@@ -449,8 +454,13 @@ def dequantize_half(ctx, op, impl):
 
 
 @register(("RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR"), F32)
+@register("RESIZE_NEAREST_NEIGHBOR", ("int8", "int16"))
 def resize(ctx, op, impl):
     from tvm import relax
+
+    from tinymlaas.ops.movement import same_quantization
+
+    same_quantization(ctx, op)
 
     _, oh, ow, _ = ctx.tensor(op.outputs[0]).shape
     align, half = bool(op.opt("alignCorners", False)), bool(op.opt("halfPixelCenters", False))

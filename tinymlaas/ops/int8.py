@@ -96,7 +96,10 @@ def _emit_kernel(ctx, fn, args, **attrs):
         shape = [int(v) for v in (a.ty.shape.values if hasattr(a.ty.shape, "values") else a.ty.shape)]
         holders.append(te.placeholder(shape, str(a.ty.dtype), f"in{i}"))
     out = fn(*holders, **attrs)
-    func = te.create_prim_func(holders + [out]).with_attr("op_pattern", 8)  # kOpaque: one kernel per operator
+    func = te.create_prim_func(holders + [out]).with_attrs({
+        "op_pattern": 8,  # kOpaque: one kernel per operator
+        "tinymlaas.int32_indices": True,  # int32 indices already; its int64 arithmetic is meant (64-bit products)
+    })
     gv = ctx.bb.add_func(func, f"op{ctx.op.index}_{ctx.op.opcode.lower()}")
     return ctx.emit(relax.call_tir(gv, list(args), relax.TensorType([int(v) for v in out.shape], out.dtype)))
 
@@ -354,7 +357,7 @@ def add(ctx, op, impl):
 def mul(ctx, op, impl):
     """TFLite int8 MUL: (a - zp_a) * (b - zp_b) rescaled by scale_a * scale_b / scale_out (double rounding)."""
     a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
-    m, s = quantize_multiplier(float(np.float32(a_t.scale) * np.float32(b_t.scale)) / out_t.scale)
+    m, s = quantize_multiplier(a_t.scale * b_t.scale / out_t.scale)  # in double, as TFLite
     lo, hi = _act(ctx, op)
     y = _emit_kernel(ctx, k.mul_s8, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=out_t.shape, zp_a=a_t.zero_point,
                      zp_b=b_t.zero_point, zp_out=out_t.zero_point, mult=m, shift=s, act_min=lo, act_max=hi)
@@ -396,7 +399,7 @@ def lookup_table(graph, op) -> np.ndarray:
     import flatbuffers
     from ai_edge_litert import schema_py_generated as s
 
-    from tinymlaas.verify import reference_interpreter
+    from tinymlaas.verify import reference_interpreter, reference_resolver
 
     src, dst = graph.tensor(op.inputs[0]), graph.tensor(op.outputs[0])
     tensors = []
@@ -428,7 +431,8 @@ def lookup_table(graph, op) -> np.ndarray:
     model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [sg], [s.BufferT()]
     b = flatbuffers.Builder(1024)
     b.Finish(model.Pack(b), file_identifier=b"TFL3")
-    it, _ = reference_interpreter(bytes(b.Output()))
+    # the kernels the whole model's reference runs: the reference kernels, or builtin ones where some are missing
+    it, _ = reference_interpreter(bytes(b.Output()), resolver_name=reference_resolver(graph.source))
     it.set_tensor(it.get_input_details()[0]["index"], np.arange(-128, 128, dtype=np.int8))
     it.invoke()
     return it.get_tensor(it.get_output_details()[0]["index"]).copy()
@@ -452,8 +456,24 @@ def table_lookup(ctx, op, impl):
     ctx.set_output(op, 0, y)
 
 
+@register(("QUANTIZE", "DEQUANTIZE"), "int16", implementations=("relax",))
+def quantize_int16(ctx, op, impl):
+    """float32 <-> int16 at a model's edges. DEQUANTIZE: (x - zp) * scale in float32 (the product of a float32 and
+    an int16 is exact in double, so rounding it once to float32 is what TFLite's double arithmetic gives)."""
+    from tvm import relax
+
+    src = ctx.tensor(op.inputs[0])
+    if op.opcode == "QUANTIZE":
+        if src.dtype != "float32":
+            raise UnsupportedOperator([f"QUANTIZE #{op.index} from {src.dtype} to int16"], ctx.graph.name)
+        return quantize(ctx, op, impl)
+    v = relax.op.astype(relax.op.subtract(relax.op.astype(ctx.input(op, 0), "int32"), ctx.const(src.zero_point, "int32")),
+                        "float32")
+    ctx.set_output(op, 0, relax.op.multiply(v, ctx.const(np.float32(src.scale), "float32")))
+
+
 def quantize(ctx, op, impl):
-    """float32 -> int8: round(x / scale) + zero point, clamped (TFLite AffineQuantize, half away from zero)."""
+    """float32 -> int8 or int16: round(x / scale) + zero point, clamped (TFLite AffineQuantize, half away from zero)."""
     from tvm import relax
 
     dst = ctx.tensor(op.outputs[0])
@@ -464,3 +484,60 @@ def quantize(ctx, op, impl):
     q = relax.op.add(relax.op.astype(r, "int32"), ctx.const(dst.zero_point, "int32"))
     info = np.iinfo(dst.dtype)
     ctx.set_output(op, 0, relax.op.astype(relax.op.clip(q, int(info.min), int(info.max)), dst.dtype))
+
+
+_COMPARE = {"EQUAL": "==", "NOT_EQUAL": "!=", "LESS": "<", "LESS_EQUAL": "<=", "GREATER": ">", "GREATER_EQUAL": ">="}
+
+
+def quantize_multiplier_smaller_than_one(real: float) -> tuple[int, int]:
+    """TFLite QuantizeMultiplierSmallerThanOneExp: as QuantizeMultiplier, for 0 < real < 1 (shift <= 0)."""
+    m, shift = quantize_multiplier(real)
+    if shift > 0:
+        raise UnsupportedOperator([f"comparison of int8 tensors with a scale >= 1 ({real})"], "model")
+    return m, shift
+
+
+@register(tuple(_COMPARE), "int8", implementations=("tir",))
+def compare(ctx, op, impl):
+    """TFLite int8 comparisons: both inputs offset, shifted left by 8 and scaled by their own scale, then compared."""
+    a_t, b_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1])
+    ma, sa = quantize_multiplier_smaller_than_one(a_t.scale)
+    mb, sb = quantize_multiplier_smaller_than_one(b_t.scale)
+    y = _emit_kernel(ctx, k.compare_s8, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=ctx.tensor(op.outputs[0]).shape,
+                     relation=_COMPARE[op.opcode], zp_a=a_t.zero_point, zp_b=b_t.zero_point, mult_a=ma, shift_a=sa,
+                     mult_b=mb, shift_b=sb)
+    ctx.set_output(op, 0, y)
+
+
+@register("PRELU", "int8", implementations=("tir",))
+def prelu(ctx, op, impl):
+    """TFLite int8 PRELU: x >= zero point: rescaled by in/out scale; else (x - zp) * (alpha - zp_alpha) rescaled by
+    in * alpha / out scale."""
+    x_t, a_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    m1, s1 = quantize_multiplier(x_t.scale / out_t.scale)
+    m2, s2 = quantize_multiplier(x_t.scale * a_t.scale / out_t.scale)
+    y = _emit_kernel(ctx, k.prelu_s8, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=out_t.shape, zp_in=x_t.zero_point,
+                     zp_alpha=a_t.zero_point, zp_out=out_t.zero_point, mult_pos=m1, shift_pos=s1, mult_neg=m2, shift_neg=s2)
+    ctx.set_output(op, 0, y)
+
+
+@register("TRANSPOSE_CONV", "int8", implementations=("tir",))
+def transpose_conv(ctx, op, impl):
+    """As float32: the input dilated by the stride and padded with its zero point, then an int8 convolution with the
+    kernel flipped in space; TFLite requantizes per channel like a convolution."""
+    from tvm import relax
+
+    from tinymlaas.ops.float32 import dilate_and_pad, transpose_conv_geometry
+
+    x_t, w_t, out_t = ctx.tensor(op.inputs[2]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    w = np.ascontiguousarray(_const_weights(ctx, op)[:, ::-1, ::-1, :])
+    channels = w.shape[0]
+    stride, pads = transpose_conv_geometry(op, x_t.shape, w_t.shape, out_t.shape)
+    x = ctx.emit(dilate_and_pad(ctx.input(op, 2), x_t.shape, stride, pads, float(x_t.zero_point)))
+    mult, shift = _requant_consts(ctx, op.inputs[2], op.inputs[1], op.outputs[0], channels)
+    lo, hi = _act(ctx, op)
+    bias = _bias_of(ctx, op, 3, channels)
+    args = [x, relax.const(w), relax.const(bias), relax.const(mult), relax.const(shift)]
+    y = _emit_kernel(ctx, k.conv2d_s8, args, stride=(1, 1), dilation=(1, 1), padding=(0, 0, 0, 0),
+                     zp_in=x_t.zero_point, zp_out=out_t.zero_point, act_min=lo, act_max=hi)
+    ctx.set_output(op, 0, y)

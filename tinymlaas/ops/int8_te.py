@@ -304,3 +304,32 @@ def lookup_s8(x, table):
     from tvm import te
 
     return te.compute(x.shape, lambda *i: table[x(*i).astype("int32") + _i32(128)], name="lookup")
+
+
+def compare_s8(a, b, *, out_shape, relation, zp_a, zp_b, mult_a, shift_a, mult_b, shift_b):
+    """TFLite int8 comparison (with broadcasting): each side ((x - zp) << 8) scaled by its own multiplier."""
+    from tvm import te
+
+    def side(x, zp, mult, shift):
+        return multiply_by_quantized_multiplier((x.astype("int32") - _i32(zp)) * _i32(256), _i32(mult), _i32(shift))
+
+    def f(*i):
+        va = side(broadcast(a, out_shape, i), zp_a, mult_a, shift_a)
+        vb = side(broadcast(b, out_shape, i), zp_b, mult_b, shift_b)
+        return {"==": va == vb, "!=": va != vb, "<": va < vb, "<=": va <= vb, ">": va > vb, ">=": va >= vb}[relation]
+
+    return te.compute(out_shape, f, name="compare")
+
+
+def prelu_s8(x, alpha, *, out_shape, zp_in, zp_alpha, zp_out, mult_pos, shift_pos, mult_neg, shift_neg):
+    from tvm import te, tirx
+
+    def f(*i):
+        v = broadcast(x, out_shape, i).astype("int32") - _i32(zp_in)
+        a = broadcast(alpha, out_shape, i).astype("int32") - _i32(zp_alpha)
+        pos = multiply_by_quantized_multiplier(v, _i32(mult_pos), _i32(shift_pos))
+        neg = multiply_by_quantized_multiplier(v * a, _i32(mult_neg), _i32(shift_neg))
+        out = tirx.Select(v >= _i32(0), pos, neg) + _i32(zp_out)
+        return tirx.Min(tirx.Max(out, _i32(-128)), _i32(127)).astype("int8")
+
+    return te.compute(out_shape, f, name="prelu")

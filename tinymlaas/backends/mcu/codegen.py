@@ -131,7 +131,10 @@ def build_kernels(program: Program, target, workdir: Path, narrow_indices: bool 
     try:
         mod = tvm.IRModule(funcs)
         if narrow_indices:  # legalized Relax ops index with int64: 32-bit cores pay for it, soft-float cores in libgcc
-            mod = tvm.tirx.transform.ForceNarrowIndexToInt32()(mod)
+            narrow = tvm.tirx.transform.ForceNarrowIndexToInt32()
+            for gv, f in list(mod.functions.items()):
+                if not (f.attrs and f.attrs.get("tinymlaas.int32_indices")):
+                    mod[gv] = narrow(tvm.IRModule({gv: f}))[gv]
         built = tvm.tirx.build(mod, target=llvm_target(target))
         built.write_to_file(str(obj))
     except Exception as e:
