@@ -104,14 +104,14 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
     if model.quantized and int8_lowering == "float":
         notes.append("int8 operators lowered through float dequantize/op/quantize (as requested): not bit-exact")
         return import_relax_tvm(model), "float-emulated", notes
-    graph = clean(model.graph)
+    graph = clean(model.graph, shapes_from_interpreter=True)
     precisions = {graph.precision(op) for op in graph.operators}
     lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
     from tinymlaas.verify import reference_resolver
 
     if reference_resolver(model.data) != "BUILTIN_REF":
-        notes.append("the interpreter has no reference kernel for an operator of this model: verified against its "
-                     "builtin (optimized) kernels")
+        notes.append("the interpreter's reference kernels cannot run this model (an operator missing or aborting): "
+                     "verified against its builtin (optimized) kernels")
     return to_relax(graph, target, kernels), lowering, notes
 
 

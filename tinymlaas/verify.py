@@ -68,18 +68,56 @@ def reference_interpreter(data: bytes, preserve_all_tensors: bool = False, resol
 
 
 def interpreter(model: TFLiteModel):
-    return reference_interpreter(model.data)[0]
+    return reference_interpreter(model.data, resolver_name=reference_resolver(model.data))[0]
 
 
-_RESOLVERS: dict[int, str] = {}
+_RESOLVERS: dict[str, str] = {}
+
+# Run in a child process: the interpreter aborts the whole process on some models (a failed check in a kernel's
+# preparation), which must not take the compiler or the server with it.
+_PROBE = r"""
+import sys, numpy as np
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+data = sys.stdin.buffer.read()
+try:
+    it = Interpreter(model_content=data, experimental_op_resolver_type=getattr(OpResolverType, sys.argv[1]))
+    it.allocate_tensors()
+    for d in it.get_input_details():
+        it.set_tensor(d["index"], np.zeros(d["shape"], dtype=d["dtype"]))
+    it.invoke()
+except Exception as e:
+    sys.stderr.write(str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__)
+    sys.exit(3 if "Didn't find op" in str(e) else 4)
+"""
 
 
 def reference_resolver(data: bytes) -> str:
-    """BUILTIN_REF, or the builtin kernels for a model with an operator the reference resolver lacks."""
-    key = hash(data)
-    if key not in _RESOLVERS:
-        _RESOLVERS[key] = reference_interpreter(data)[1]
-    return _RESOLVERS[key]
+    """BUILTIN_REF, or the builtin kernels for a model with an operator the reference resolver lacks or aborts on.
+
+    Each is tried in a child process first; a model the interpreter cannot run at all is refused (InvalidModel)."""
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+
+    key = hashlib.sha256(data).hexdigest()
+    if key in _RESOLVERS:
+        return _RESOLVERS[key]
+    problems = []
+    for resolver in ("BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
+        proc = subprocess.run([sys.executable, "-c", _PROBE, resolver], input=data, capture_output=True, timeout=600,
+                              env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        if proc.returncode == 0:
+            _RESOLVERS[key] = resolver
+            return resolver
+        if proc.returncode < 0:
+            problems.append(f"{resolver} kernels abort ({signal.Signals(-proc.returncode).name})")
+        elif proc.returncode == 3:
+            problems.append(f"{resolver} kernels lack an operator")
+        else:
+            message = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise InvalidModel(f"the TFLite interpreter refuses the model: {message[-1][:200] if message else 'error'}")
+    raise InvalidModel(f"the TFLite interpreter cannot run the model ({'; '.join(problems)})")
 
 
 def reference_outputs(model: TFLiteModel, batches: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
@@ -156,7 +194,7 @@ class LayerCheck:
 
 def interpreter_tensors(model: TFLiteModel, batch: list[np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
     """(tensor name, operator, value) of every operator's output, in graph order, for one input."""
-    it, _ = reference_interpreter(model.data, preserve_all_tensors=True)
+    it, _ = reference_interpreter(model.data, preserve_all_tensors=True, resolver_name=reference_resolver(model.data))
     for detail, x in zip(it.get_input_details(), batch):
         it.set_tensor(detail["index"], x)
     it.invoke()

@@ -189,11 +189,131 @@ def op_models(only=None):
     return entries
 
 
+def architectures():
+    """Whole networks of the kinds TinyML users train (random weights, Keras 3 layers, exported as users export)."""
+    from tensorflow import keras
+    from tensorflow.keras import layers as L
+
+    keras.utils.set_random_seed(7)
+
+    def resnet8():
+        x = inp = keras.Input((32, 32, 3))
+        x = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, padding="same")(x)))
+        for filters, stride in ((16, 1), (32, 2), (64, 2)):
+            y = L.ReLU()(L.BatchNormalization()(L.Conv2D(filters, 3, stride, padding="same")(x)))
+            y = L.BatchNormalization()(L.Conv2D(filters, 3, padding="same")(y))
+            if stride != 1:
+                x = L.Conv2D(filters, 1, stride)(x)
+            x = L.ReLU()(L.Add()([x, y]))
+        x = L.Dense(10, activation="softmax")(L.GlobalAveragePooling2D()(x))
+        return keras.Model(inp, x)
+
+    def ds_cnn_kws():
+        x = inp = keras.Input((49, 10, 1))
+        x = L.ReLU()(L.BatchNormalization()(L.Conv2D(32, (10, 4), (2, 2), padding="same")(x)))
+        for _ in range(3):
+            x = L.ReLU()(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same")(x)))
+            x = L.ReLU()(L.BatchNormalization()(L.Conv2D(32, 1)(x)))
+        x = L.AveragePooling2D((25, 5))(x)
+        return keras.Model(inp, L.Dense(12, activation="softmax")(L.Flatten()(x)))
+
+    def conv1d_sensor():
+        x = inp = keras.Input((128, 3))
+        x = L.Conv1D(16, 5, activation="relu", padding="same")(x)
+        x = L.MaxPooling1D(2)(x)
+        x = L.Conv1D(24, 3, activation="relu")(x)
+        x = L.GlobalAveragePooling1D()(x)
+        return keras.Model(inp, L.Dense(6, activation="softmax")(x))
+
+    def lstm_unrolled():
+        inp = keras.Input((20, 8))
+        x = L.LSTM(16, unroll=True)(inp)
+        return keras.Model(inp, L.Dense(4)(x))
+
+    def gru_unrolled():
+        inp = keras.Input((15, 6))
+        x = L.GRU(12, unroll=True)(inp)
+        return keras.Model(inp, L.Dense(3, activation="softmax")(x))
+
+    def conv_autoencoder():
+        x = inp = keras.Input((32, 32, 1))
+        x = L.Conv2D(8, 3, 2, padding="same", activation="relu")(x)
+        x = L.Conv2D(16, 3, 2, padding="same", activation="relu")(x)
+        x = L.Conv2DTranspose(8, 3, 2, padding="same", activation="relu")(x)
+        x = L.Conv2DTranspose(1, 3, 2, padding="same", activation="sigmoid")(x)
+        return keras.Model(inp, x)
+
+    def unet_tiny():
+        inp = keras.Input((24, 24, 2))
+        a = L.Conv2D(8, 3, padding="same", activation="relu")(inp)
+        b = L.Conv2D(16, 3, padding="same", activation="relu")(L.MaxPooling2D()(a))
+        u = L.UpSampling2D()(b)
+        x = L.Conv2D(8, 3, padding="same", activation="relu")(L.Concatenate()([a, u]))
+        return keras.Model(inp, L.Conv2D(3, 1, activation="softmax")(x))
+
+    def flatten_mlp():
+        inp = keras.Input((28, 28, 1))
+        x = L.Dense(32, activation="relu")(L.Flatten()(inp))
+        return keras.Model(inp, L.Dense(10)(x))
+
+    def dense_autoencoder():
+        inp = keras.Input((160,))
+        x = inp
+        for units in (64, 16, 64):
+            x = L.ReLU()(L.BatchNormalization()(L.Dense(units)(x)))
+        return keras.Model(inp, L.Dense(160)(x))
+
+    def tiny_transformer():
+        inp = keras.Input((16, 24))
+        att = L.MultiHeadAttention(num_heads=2, key_dim=12)(inp, inp)
+        x = L.LayerNormalization()(L.Add()([inp, att]))
+        ff = L.Dense(24)(L.Dense(48, activation="gelu")(x))
+        x = L.LayerNormalization()(L.Add()([x, ff]))
+        return keras.Model(inp, L.Dense(5, activation="softmax")(L.GlobalAveragePooling1D()(x)))
+
+    def mobilenet_v2():
+        return keras.applications.MobileNetV2((96, 96, 3), alpha=0.35, weights=None, classes=10)
+
+    def mobilenet_v3_small():
+        return keras.applications.MobileNetV3Small((96, 96, 3), alpha=0.75, weights=None, classes=10,
+                                                   include_preprocessing=False, dropout_rate=0.0)
+
+    return {f.__name__: f for f in (resnet8, ds_cnn_kws, conv1d_sensor, lstm_unrolled, gru_unrolled, conv_autoencoder,
+                                    unet_tiny, flatten_mlp, dense_autoencoder, tiny_transformer, mobilenet_v2,
+                                    mobilenet_v3_small)}
+
+
+def arch_models(only=None):
+    out = HERE / "models"
+    out.mkdir(exist_ok=True)
+    entries = {}
+    for name, build in architectures().items():
+        if only and name not in only:
+            continue
+        model = build()
+        shapes = [(1, *i.shape[1:]) for i in model.inputs]
+        for precision in ("float32", "int8", "int16x8"):
+            key = f"{name}_{precision}"
+            try:
+                data = convert(tf.lite.TFLiteConverter.from_keras_model(model), precision, shapes)
+            except Exception as e:
+                entries[key] = {"precision": precision, "refused": str(e).strip().splitlines()[-1][:200]}
+                continue
+            (out / f"{key}.tflite").write_bytes(data)
+            entries[key] = {"file": f"models/{key}.tflite", "precision": precision, "operators": operators_of(data),
+                            "architecture": True}
+            print(key, entries[key]["operators"], file=sys.stderr)
+    return entries
+
+
 def main() -> None:
     only = set(sys.argv[1:])
     manifest_path = HERE / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest.update(op_models(only))
+    if not only or only & set(OPS):
+        manifest.update(op_models(only))
+    if not only or only - set(OPS):
+        manifest.update(arch_models(only))
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
 
 

@@ -61,7 +61,9 @@ def _slice(x, op, outs):
 
 @folds("PACK")
 def _pack(x, op, outs):
-    return [np.stack(x, axis=norm_axis(op.opt("axis", 0), x[0].ndim + 1))]
+    axis = norm_axis(op.opt("axis", 0), len(outs[0].shape))
+    part = [d for a, d in enumerate(outs[0].shape) if a != axis]
+    return [np.stack([v.reshape(part) for v in x], axis=axis)]
 
 
 @folds("UNPACK")
@@ -220,10 +222,38 @@ def remove_dead(graph: Graph) -> Graph:
     return replace(graph, operators=tuple(reversed(kept)))
 
 
+def resolve_shapes(graph: Graph) -> Graph:
+    """Every tensor's shape as the interpreter computes it at preparation.
+
+    Converters write placeholder shapes for tensors behind a shape computation they could not resolve (Keras
+    UpSampling and attention layers), and the interpreter recomputes them; so do we, with the reference itself.
+    """
+    from tinymlaas.verify import reference_interpreter, reference_resolver
+
+    if not graph.source:
+        return graph
+    it, _ = reference_interpreter(graph.source, resolver_name=reference_resolver(graph.source))
+    for detail in it.get_input_details():  # dynamic tensors get their shapes only when the graph runs
+        it.set_tensor(detail["index"], np.zeros(detail["shape"], dtype=detail["dtype"]))
+    it.invoke()
+    tensors = list(graph.tensors)
+    for detail in it.get_tensor_details():
+        i = int(detail["index"])
+        if i < len(tensors) and not tensors[i].is_const:
+            shape = tuple(int(d) for d in detail["shape"])
+            if shape != tensors[i].shape and int(np.prod(shape, dtype=np.int64)) > 0:
+                tensors[i] = replace(tensors[i], shape=shape)
+    return replace(graph, tensors=tuple(tensors))
+
+
 PASSES = (fold_constants, remove_identities, remove_dead)
 
 
-def clean(graph: Graph) -> Graph:
+def clean(graph: Graph, shapes_from_interpreter: bool = False) -> Graph:
+    """The passes in order. shapes_from_interpreter: first take the shapes the reference interpreter computes
+    (compiling needs them; checking which operators a model uses does not, and should not run the interpreter)."""
+    if shapes_from_interpreter:
+        graph = resolve_shapes(graph)
     for p in PASSES:
         graph = p(graph)
     return graph

@@ -541,3 +541,24 @@ def transpose_conv(ctx, op, impl):
     y = _emit_kernel(ctx, k.conv2d_s8, args, stride=(1, 1), dilation=(1, 1), padding=(0, 0, 0, 0),
                      zp_in=x_t.zero_point, zp_out=out_t.zero_point, act_min=lo, act_max=hi)
     ctx.set_output(op, 0, y)
+
+
+@register("MEAN", "int8", implementations=("tir",))
+def mean(ctx, op, impl):
+    """The interpreter's integer MEAN: the int32 sum of (x - zp_in), one rescale by in/out scale with 1/n folded into
+    the multiplier (its shift bounded as the interpreter bounds it), plus zp_out. Measured against the interpreter
+    for 4-D spatial means with kept dims and for other axes; both take this path."""
+    from tinymlaas.ops.float32 import reduce_axes
+
+    x_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.outputs[0])
+    axes = reduce_axes(ctx, op)
+    keep = bool(op.opt("keepDims", False))
+    n = int(np.prod([x_t.shape[a] for a in axes]))
+    mult, shift = quantize_multiplier(x_t.scale / out_t.scale)
+    bits = min(n.bit_length() - 1, 32, 31 + shift)
+    mult, shift = (mult << bits) // n, shift - bits
+    info = np.iinfo(out_t.dtype)
+    y = _emit_kernel(ctx, k.mean_s8, [ctx.input(op, 0)], axes=axes, keepdims=keep, n=n, zp_in=x_t.zero_point,
+                     zp_out=out_t.zero_point, mult=mult, shift=shift, lo=int(info.min), hi=int(info.max),
+                     out_dtype=out_t.dtype)
+    ctx.set_output(op, 0, y)

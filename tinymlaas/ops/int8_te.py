@@ -333,3 +333,33 @@ def prelu_s8(x, alpha, *, out_shape, zp_in, zp_alpha, zp_out, mult_pos, shift_po
         return tirx.Min(tirx.Max(out, _i32(-128)), _i32(127)).astype("int8")
 
     return te.compute(out_shape, f, name="prelu")
+
+
+def mean_s8(x, *, axes, keepdims, n, zp_in, zp_out, mult, shift, lo, hi, out_dtype):
+    """TFLite integer MEAN over `axes`: the int32 sum of (x - zp_in), rescaled once (1/n folded into mult, shift)."""
+    from tvm import te, tirx
+
+    shape = [int(v) for v in x.shape]
+    rax = {a: te.reduce_axis((0, shape[a]), f"r{a}") for a in axes}
+    out_shape = [1 if a in rax else d for a, d in enumerate(shape)] if keepdims else \
+        [d for a, d in enumerate(shape) if a not in rax]
+
+    def total(*o):
+        it = iter(o)
+        idx = []
+        for a in range(len(shape)):
+            if a in rax:
+                idx.append(rax[a])
+                if keepdims:
+                    next(it)
+            else:
+                idx.append(next(it))
+        return te.sum(x[tuple(idx)].astype("int32"), axis=list(rax.values()))
+
+    sums = te.compute(out_shape, total, name="sum")
+
+    def f(*o):
+        scaled = multiply_by_quantized_multiplier(sums(*o) - _i32(zp_in * n), _i32(mult), _i32(shift))
+        return tirx.Min(tirx.Max(scaled + _i32(zp_out), _i32(lo)), _i32(hi)).astype(out_dtype)
+
+    return te.compute(out_shape, f, name="mean")

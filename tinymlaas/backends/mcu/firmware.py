@@ -72,6 +72,29 @@ def read_symbols(elf: Path, target) -> dict[str, int]:
     return symbols
 
 
+def kernel_library(gcc: str, cflags: list[str], workdir: Path) -> list[Path]:
+    """firmware/kernels/*.c compiled for these flags, once: cached by the hash of the sources, headers and flags."""
+    import hashlib
+    import os
+    import tempfile
+
+    sources = sorted((FIRMWARE_DIR / "kernels").glob("*.c"))
+    digest = hashlib.sha256(" ".join([gcc, *cflags]).encode())
+    for f in sorted((FIRMWARE_DIR / "kernels").glob("*.[ch]")):
+        digest.update(f.name.encode() + f.read_bytes())
+    cache = Path(os.environ.get("TINYMLAAS_BUILD_DIR", PROJECT_ROOT / "build")) / "kernel-lib" / digest.hexdigest()[:16]
+    objects = [cache / f"lib_{s.stem}.o" for s in sources]
+    if all(o.exists() for o in objects):
+        return objects
+    cache.mkdir(parents=True, exist_ok=True)
+    for source, obj in zip(sources, objects):
+        fd, tmp = tempfile.mkstemp(suffix=".o", dir=cache)
+        os.close(fd)
+        _run([gcc, *cflags, "-c", str(source), "-o", tmp], workdir, f"compiling {source.name}")
+        os.replace(tmp, obj)  # atomic: concurrent builds see a whole object or none
+    return objects
+
+
 def link_firmware(
     target, kernels: KernelObject, driver: DriverSources, workdir: Path, profile: bool = False, trace: bool = False,
     name: str = "firmware",
@@ -83,10 +106,7 @@ def link_firmware(
     elf = workdir / f"{name}.elf"
     map_file = workdir / f"{name}.map"
     cflags = [*target.cc_flags, "-O2", "-g", "-ffunction-sections", "-fdata-sections", "--specs=picolibc.specs"]
-    library = []
-    for source in sorted((FIRMWARE_DIR / "kernels").glob("*.c")):
-        library.append(workdir / f"lib_{source.stem}.o")
-        _run([gcc, *cflags, "-c", str(source), "-o", str(library[-1])], workdir, f"compiling {source.name}")
+    library = kernel_library(gcc, cflags, workdir)
     cmd = [
         gcc,
         *cflags,
