@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tinymlaas.errors import InvalidModel, UnsupportedOperator
+from tinymlaas.errors import InvalidModel, ModelTooLarge, UnsupportedOperator
 from tinymlaas.pipeline import CompileOptions, compile_model
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -18,15 +18,23 @@ MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
 BUILT = {k: v for k, v in MANIFEST.items() if "file" in v}
 
 NOT_YET = {  # operators without a kernel in this precision yet (named in the error)
-    "int8": "batch_matmul div l2_normalization log_softmax mean mean_last_axis reduce_prod resize_bilinear_align "
-            "resize_bilinear squared_difference sum",
+    "int8": "batch_matmul div l2_normalization log_softmax reduce_prod resize_bilinear_align resize_bilinear "
+            "squared_difference sum tiny_transformer",
     "int16x8": "abs add_broadcast_relu add average_pool_2d batch_matmul broadcast_to concatenation conv_2d "
                "conv_2d_valid_dilated depthwise_conv_2d exp expand_dims fully_connected gelu leaky_relu log logistic "
                "max_pool_2d maximum_minimum mean mean_last_axis mul_broadcast mul pack reduce_prod relu6 relu "
                "reshape resize_bilinear_align resize_bilinear rsqrt softmax squared_difference squeeze sub sum tanh "
-               "transpose_conv transpose_conv_valid zeros_like_fill",
+               "transpose_conv transpose_conv_valid zeros_like_fill "
+               "conv1d_sensor conv_autoencoder dense_autoencoder ds_cnn_kws flatten_mlp gru_unrolled lstm_unrolled "
+               "resnet8 unet_tiny",
 }
-INVALID = {"padv2_int16x8"}  # the interpreter itself refuses the converter's output (int16 input, float pad value)
+# the interpreter itself refuses the converter's output (an int16 PADV2 with a float pad value; an int16 depthwise
+# convolution whose quantization could overflow)
+INVALID = {"padv2_int16x8", "mobilenet_v2_int16x8"}
+TOO_LARGE = {("mobilenet_v2_float32", "cortex-m4"): "RAM", ("mobilenet_v3_small_float32", "cortex-m4"): "flash"}
+# The reference interpreter's own kernels miss TILE (Keras UpSampling2D), so the model is checked against its
+# optimized kernels, whose int8 convolutions round 1 LSB differently on 0.2% of the outputs: not bit-exact yet.
+REFERENCE_GAP = {"unet_tiny_int8"}
 
 
 def _expected_unsupported(key: str, entry: dict) -> bool:
@@ -34,8 +42,8 @@ def _expected_unsupported(key: str, entry: dict) -> bool:
     return name in NOT_YET.get(entry["precision"], "").split()
 
 
-def _cases(precision: str):
-    return sorted(k for k, v in BUILT.items() if v["precision"] == precision)
+def _cases(precision: str, architecture: bool = False):
+    return sorted(k for k, v in BUILT.items() if v["precision"] == precision and v.get("architecture", False) == architecture)
 
 
 def _compile(key, target, tmp_path):
@@ -52,6 +60,14 @@ def _check(key, target, tmp_path):
         with pytest.raises(UnsupportedOperator):
             _compile(key, target, tmp_path)
         return
+    if (key, target) in TOO_LARGE:
+        with pytest.raises(ModelTooLarge, match=TOO_LARGE[key, target]):
+            _compile(key, target, tmp_path)
+        return
+    if key in REFERENCE_GAP:
+        r = _compile(key, target, tmp_path)
+        assert not r.verified and any("builtin" in n for n in r.notes)
+        return
     r = _compile(key, target, tmp_path)
     assert r.verified, r.fidelity
     if r.lowering == "integer":
@@ -61,7 +77,8 @@ def _check(key, target, tmp_path):
 
 def test_corpus_covers_the_operators():
     ops = {op for v in BUILT.values() for op in v["operators"]}
-    assert len(BUILT) >= 240 and len(ops) >= 80
+    architectures = {k.rsplit("_", 1)[0] for k, v in BUILT.items() if v.get("architecture")}
+    assert len(BUILT) >= 270 and len(ops) >= 80 and len(architectures) >= 10
 
 
 @pytest.mark.parametrize("key", _cases("float32"))
@@ -90,3 +107,33 @@ def test_float32_operator_on_rv32imafc(key, tmp_path):
 @pytest.mark.parametrize("key", _cases("int8") + _cases("int16x8"))
 def test_integer_operator_without_fpu_or_dsp(key, target, tmp_path):
     _check(key, target, tmp_path)
+
+
+@pytest.mark.parametrize("target", [pytest.param("cortex-m4", marks=pytest.mark.slow), "rv32imafc"])
+@pytest.mark.parametrize("key", _cases("float32", architecture=True))
+def test_float32_architecture(key, target, tmp_path):
+    _check(key, target, tmp_path)
+
+
+@pytest.mark.parametrize("key", _cases("int8", architecture=True) + _cases("int16x8", architecture=True))
+def test_integer_architecture_on_cortex_m4(key, tmp_path):
+    _check(key, "cortex-m4", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["cortex-m3", "rv32imac"])
+@pytest.mark.parametrize("key", _cases("int8", architecture=True))
+def test_int8_architecture_without_fpu_or_dsp(key, target, tmp_path):
+    _check(key, target, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", [k for k in _cases("int8", architecture=True)
+                                 if k not in REFERENCE_GAP and not _expected_unsupported(k, BUILT[k])])
+def test_int8_architecture_every_intermediate_tensor(key, tmp_path):
+    """Every tensor the interpreter computes, byte for byte, against the build's trace of each step."""
+    from tinymlaas.pipeline import verify_layers
+
+    for checks in verify_layers(CORPUS / BUILT[key]["file"], "cortex-m4", tmp_path, inputs=2):
+        compared = [c for c in checks if c.exact_fraction is not None]
+        assert compared and all(c.max_lsb_diff == 0 for c in compared), [c for c in compared if c.max_lsb_diff]

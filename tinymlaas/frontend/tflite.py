@@ -93,21 +93,48 @@ def _quantization(q, label: str, tname: str) -> Quantization | None:
         return None
     scale = tuple(float(s) for s in q.scale)
     zps = tuple(int(z) for z in q.zeroPoint) if q.zeroPoint is not None and len(q.zeroPoint) else (0,) * len(scale)
-    if len(zps) != len(scale) or not all(np.isfinite(scale)):
+    if len(zps) != len(scale) or not all(np.isfinite(scale)) or any(v < 0 for v in scale):
         raise InvalidModel(f"{label}: tensor '{tname}' has inconsistent quantization parameters")
     return Quantization(scale, zps, int(q.quantizedDimension or 0))
 
 
+_ZERO_POINT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+
+
+def _check_quantization(t: Tensor, label: str) -> None:
+    if t.quant is None:
+        return
+    lo, hi = _ZERO_POINT_RANGE.get(t.dtype, (-(2**31), 2**31 - 1))
+    if any(not lo <= z <= hi for z in t.quant.zero_point):
+        raise InvalidModel(f"{label}: tensor '{t.name}' has a zero point outside the range of {t.dtype}")
+    if t.quant.per_channel and (not 0 <= t.quant.axis < max(len(t.shape), 1)
+                                or t.shape and len(t.quant.scale) != t.shape[t.quant.axis]):
+        raise InvalidModel(f"{label}: tensor '{t.name}' has {len(t.quant.scale)} scales for axis {t.quant.axis} "
+                           f"of shape {shape_text(t.shape)}")
+
+
+def printable(text: str, limit: int = 80) -> str:
+    """A name from the file as it may appear in a one-line message: control characters escaped, length bounded."""
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shape_text(shape) -> str:
+    dims = [str(d) for d in shape]
+    return "[" + ", ".join(dims if len(dims) <= 8 else dims[:8] + [f"... {len(dims)} dims"]) + "]"
+
+
 def _tensor(model, t, index: int, label: str) -> Tensor:
-    name = t.name.decode("utf-8", "replace") if isinstance(t.name, bytes) else str(t.name or f"tensor{index}")
+    raw = t.name.decode("utf-8", "replace") if isinstance(t.name, bytes) else str(t.name or "")
+    name = printable(raw) or f"tensor{index}"
     dtype = DTYPES.get(t.type)
     if dtype is None:
         raise InvalidModel(f"{label}: tensor '{name}' has an unsupported TFLite type {t.type}")
     shape = tuple(int(s) for s in (t.shape if t.shape is not None else ()))
     if any(s < 0 for s in shape):
-        raise InvalidModel(f"{label}: tensor '{name}' has a negative dimension in shape {list(shape)}")
+        raise InvalidModel(f"{label}: tensor '{name}' has a negative dimension in shape {shape_text(shape)}")
     if np.prod(shape, dtype=np.float64) > MAX_ELEMENTS:
-        raise InvalidModel(f"{label}: tensor '{name}' of shape {list(shape)} is too large")
+        raise InvalidModel(f"{label}: tensor '{name}' of shape {shape_text(shape)} is too large")
     data = None
     if not 0 <= t.buffer < len(model.buffers):
         raise InvalidModel(f"{label}: tensor '{name}' refers to buffer {t.buffer} of {len(model.buffers)}")
@@ -118,7 +145,7 @@ def _tensor(model, t, index: int, label: str) -> Tensor:
         want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if len(raw) != want:
             raise InvalidModel(f"{label}: constant tensor '{name}' holds {len(raw)} bytes, its shape "
-                               f"{list(shape)} of {dtype} needs {want}")
+                               f"{shape_text(shape)} of {dtype} needs {want}")
         data = np.frombuffer(raw, dtype=dtype).reshape(shape)
     elif getattr(buf, "offset", 0) and buf.offset > 1:
         raise InvalidModel(f"{label}: tensor '{name}' keeps its data outside the flatbuffer (models over 2 GB)")
@@ -140,6 +167,9 @@ def read_graph(data: bytes, label: str = "model") -> Graph:
     except Exception as e:
         raise InvalidModel(f"{label}: corrupt tensor table ({type(e).__name__})") from e
 
+    for t in tensors:
+        _check_quantization(t, label)
+
     def check_index(i: int, what: str, optional: bool = False) -> int:
         i = int(i)
         if optional and i == -1:
@@ -155,7 +185,7 @@ def read_graph(data: bytes, label: str = "model") -> Graph:
         code = codes[op.opcodeIndex]
         builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
         if builtin == schema.BuiltinOperator.CUSTOM:
-            custom = code.customCode.decode("utf-8", "replace") if isinstance(code.customCode, bytes) else "?"
+            custom = printable(code.customCode.decode("utf-8", "replace"), 40) if isinstance(code.customCode, bytes) else "?"
             opcode = f"CUSTOM:{custom}"
         else:
             opcode = builtin_names.get(builtin, f"BUILTIN_{builtin}")

@@ -104,8 +104,8 @@ def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None):
                     conv.convert(ctx, op, ctx.implementation(op, conv))
                 except TinyMLaaSError:
                     raise
-                except Exception as e:  # a bug of ours in this converter: say which operator
-                    raise InternalError("import", f"{op.opcode} #{op.index}", e) from e
+                except Exception as e:
+                    _judge(graph, op, e)
                 for i in op.outputs:
                     if i not in ctx.values and any(i in o.inputs for o in graph.operators) | (i in graph.outputs):
                         raise InvalidModel(f"operator #{op.index} ({op.opcode}) left output '{graph.tensor(i).name}' unset")
@@ -113,6 +113,16 @@ def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None):
             result = ctx.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         ctx.bb.emit_func_output(result)
     return relax.transform.Normalize()(ctx.bb.get())
+
+
+def _judge(graph: Graph, op: Operator, error: Exception):
+    """A converter failed. If the interpreter refuses the model too, the model is at fault (InvalidModel, raised by
+    the probe); if the interpreter runs it, the bug is ours (InternalError naming the operator)."""
+    if graph.source:
+        from tinymlaas.verify import reference_resolver
+
+        reference_resolver(graph.source)
+    raise InternalError("import", f"{op.opcode} #{op.index}", error) from error
 
 
 class _Output:

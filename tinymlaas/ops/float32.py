@@ -60,7 +60,7 @@ def conv2d(ctx, op, impl):
     from tvm import relax
 
     _, h, w, c = ctx.tensor(op.inputs[0]).shape
-    oc, kh, kw, ic = ctx.tensor(op.inputs[1]).shape
+    _, kh, kw, ic = ctx.tensor(op.inputs[1]).shape
     weight = relax.op.permute_dims(ctx.input(op, 1), [1, 2, 3, 0])  # OHWI -> HWIO
     y = relax.op.nn.conv2d(ctx.input(op, 0), weight, strides=(op.opt("strideH", 1), op.opt("strideW", 1)),
                            padding=conv_padding(op, h, w, kh, kw),
@@ -134,7 +134,7 @@ def transpose_conv(ctx, op, impl):
 def fully_connected(ctx, op, impl):
     from tvm import relax
 
-    out_features, depth = ctx.tensor(op.inputs[1]).shape
+    _, depth = ctx.tensor(op.inputs[1]).shape
     x, x_t = ctx.input(op, 0), ctx.tensor(op.inputs[0])
     if x_t.shape != (x_t.size // depth, depth):
         x = relax.op.reshape(x, (x_t.size // depth, depth))

@@ -446,8 +446,10 @@ def table_lookup(ctx, op, impl):
     from tvm import relax
 
     src = ctx.tensor(op.inputs[0])
-    if src.dtype != "int8":  # QUANTIZE float -> int8 is arithmetic, not a table
+    if op.opcode == "QUANTIZE" and src.dtype == "float32":  # arithmetic, not a table
         return quantize(ctx, op, impl)
+    if src.dtype != "int8":
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} on {src.dtype} input"], ctx.graph.name)
     try:
         table = lookup_table(ctx.graph, op)
     except Exception as e:  # the interpreter refuses these quantization parameters for this operator

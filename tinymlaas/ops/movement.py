@@ -20,8 +20,8 @@ def same_quantization(ctx, op, inputs=(0,)) -> None:
     for k in inputs:
         t = ctx.tensor(op.inputs[k])
         if (t.quant is None) != (out.quant is None) or (t.quant and (t.scale, t.zero_point) != (out.scale, out.zero_point)):
-            raise UnsupportedOperator([f"{op.opcode} #{op.index} rescaling '{t.name}' to '{out.name}' "
-                                       "(input and output quantization differ)"], ctx.graph.name)
+            what = f"{op.opcode} #{op.index} rescaling '{t.name}' to '{out.name}' (input and output quantization differ)"
+            raise UnsupportedOperator([what], ctx.graph.name)
 
 
 def const_ints(ctx, op, k) -> list[int]:
