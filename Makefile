@@ -13,7 +13,7 @@ APT_PACKAGES := gcc make gcc-arm-none-eabi picolibc-arm-none-eabi \
 
 PLUGIN := build/qemu-plugin/libtinymlaas_icount.so
 
-.PHONY: setup apt venv plugin demo test test-all bench clean
+.PHONY: setup apt venv plugin demo test test-all bench corpus clean
 
 setup: apt venv plugin
 
@@ -27,10 +27,11 @@ apt:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock requirements-tensorflow.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q -r requirements-tensorflow.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -57,6 +58,10 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/mlperf_tiny.py --models $(MODELS) --out benchmarks/results/mlperf_tiny.json
 	$(PY) benchmarks/fleet.py --models $(MODELS) --out benchmarks/results/fleet.json
+
+# Regenerate the committed test corpus with TensorFlow (make setup installs it).
+corpus: setup
+	$(PY) tests/corpus/generate.py
 
 clean:
 	rm -rf build out .pytest_cache

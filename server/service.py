@@ -84,7 +84,9 @@ def _target(name: str):
 
 # models
 
-def add_model(session: Session, store: ArtifactStore, owner: User, filename: str, data: bytes) -> Model:
+def add_model(session: Session, store: ArtifactStore, owner: User, filename: str, data: bytes,
+              quantize: str = "none") -> Model:
+    from tinymlaas.frontend.keras import convert_keras, is_keras_input
     from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.frontend.to_relax import unsupported_operators
 
@@ -94,6 +96,10 @@ def add_model(session: Session, store: ArtifactStore, owner: User, filename: str
         path = Path(tmp) / (Path(filename or "model.tflite").name or "model.tflite")
         path.write_bytes(data)
         try:
+            if is_keras_input(path):  # kept as the TFLite model TensorFlow's converter makes of it
+                converted = path.with_suffix(".tflite")
+                convert_keras(path, converted, quantize)
+                path, data = converted, converted.read_bytes()
             model = load_tflite(path)
             unsupported = unsupported_operators(model)
         except TinyMLaaSError as e:

@@ -66,7 +66,7 @@ def cmd_compile(args) -> int:
 
     options = CompileOptions(
         inputs=args.inputs, seed=args.seed, timeout=args.timeout, max_flash=args.max_flash, max_ram=args.max_ram,
-        int8_lowering=args.int8_lowering, kernels=args.kernels,
+        int8_lowering=args.int8_lowering, kernels=args.kernels, quantize=args.quantize, calibration=args.calibration,
     )
     bar = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("compile", help="compile a TFLite model to firmware, run it in the emulator, verify and measure")
-    p.add_argument("model", help="a .tflite file (float32, int8, or dynamic-range quantized)")
+    p.add_argument("model", help="a .tflite file (float32, int8, int16x8, dynamic-range), a .keras/.h5 file or a "
+                   "SavedModel folder (converted with TensorFlow)")
+    p.add_argument("--quantize", choices=("none", "int8", "int16x8"), default="none",
+                   help="Keras/SavedModel input: quantize when converting (default none: float32)")
+    p.add_argument("--calibration", help="Keras/SavedModel input: .npz of calibration samples, one array per input")
     p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
     p.add_argument("--out", "-o", help="output folder (default out/MODEL-TARGET); replaced only on success")
     p.add_argument("--inputs", "-n", type=_positive_int, default=10, help="random inputs to verify with (default 10)")

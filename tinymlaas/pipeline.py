@@ -21,6 +21,7 @@ from tinymlaas.backends.mcu.firmware import link_firmware, linked_bytes
 from tinymlaas.backends.mcu.measure import measure_firmware
 from tinymlaas.errors import InternalError, ModelTooLarge, TinyMLaaSError
 from tinymlaas.frontend.cleanup import clean
+from tinymlaas.frontend.keras import convert_keras, is_keras_input
 from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
 from tinymlaas.frontend.to_relax import to_relax
 from tinymlaas.ir.lower import lower
@@ -42,6 +43,8 @@ class CompileOptions:
     max_ram: int | None = None
     int8_lowering: str = "integer"  # "integer": our integer kernels; "float": TVM's dequantize/float/quantize
     kernels: str = "auto"  # int8 layers: "tir", "dsp"/"dsp16" (DSP micro-kernels, int8/int16 weights), "auto" (dsp if DSP)
+    quantize: str = "none"  # Keras/SavedModel input: none | int8 | int16x8
+    calibration: str | None = None  # .npz of calibration samples for quantizing Keras/SavedModel input
 
 
 @dataclass
@@ -151,7 +154,14 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
 
     started = time.monotonic()
     stage("import")
+    converted_notes, source = [], Path(model_path)
+    if is_keras_input(source):  # Keras / SavedModel: TensorFlow's converter first, as users do
+        converted = Path(tempfile.mkdtemp(prefix="tinymlaas-convert-")) / f"{source.stem or 'model'}.tflite"
+        converted_notes = convert_keras(source, converted, options.quantize,
+                                        Path(options.calibration) if options.calibration else None)
+        model_path = converted
     model = load_tflite(model_path)
+    model.notes.extend(converted_notes)
     # absolute: the tools run inside the work folder
     out = (Path(out_dir) if out_dir else Path("out") / f"{model.name}-{target.name}").resolve()
     relax_mod, lowering, notes = import_model(model, target, options.int8_lowering, options.kernels)
@@ -234,6 +244,8 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
                 "expected_outputs": "expected_outputs.bin",
             },
         )
+        shutil.copy(model.path, work / "model.tflite")  # what was compiled (a Keras input's conversion)
+        report.artifacts["model"] = "model.tflite"
         (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         _replace_dir(work, out)
     except BaseException:

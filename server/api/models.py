@@ -9,13 +9,14 @@ blp = Blueprint("models", __name__, description="Uploaded models")
 
 
 @blp.route("/models", methods=["POST"])
+@blp.arguments(schemas.ModelOptions, location="form")
 @blp.arguments(schemas.ModelUpload, location="files")
 @blp.response(201, schemas.Model)
-def upload(files):
-    """Upload a TFLite model (multipart field `file`); it is parsed and checked before it is kept."""
+def upload(form, files):
+    """Upload a model (multipart field `file`: TFLite, or Keras converted here); parsed and checked before it is kept."""
     user = require_user()
     f = files["file"]
-    return add_model(session(), ctx().store, user, f.filename, f.read())
+    return add_model(session(), ctx().store, user, f.filename, f.read(), form.get("quantize", "none"))
 
 
 @blp.route("/models", methods=["GET"])

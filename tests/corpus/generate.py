@@ -1,6 +1,6 @@
 """Generate the test corpus with TensorFlow, the way users export models (run once; the .tflite files are committed).
 
-    python tests/corpus/generate.py            # needs `pip install tensorflow-cpu` (make setup-tensorflow)
+    make corpus        # (make setup installs TensorFlow 2.21, requirements-tensorflow.lock)
 
 ops/: one small graph per operator (odd shapes), as float32, full-int8 (float interface, QUANTIZE/DEQUANTIZE at
 the edges, as the converter emits by default) and int16x8. models/: whole architectures of the kinds TinyML users

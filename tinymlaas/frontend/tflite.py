@@ -42,7 +42,7 @@ class TFLiteModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     operators: list[str]  # one entry per operator, in graph order
-    quantized: bool  # integer activations (int8, or int16 with int8 weights)
+    quantized: bool  # integer activations (int8, or int16 with int8 weights) anywhere in the graph
     original_data: bytes = field(repr=False, default=b"")
     notes: list[str] = field(default_factory=list)
     graph: Graph | None = field(repr=False, default=None)
@@ -283,7 +283,9 @@ def load_model_bytes(original: bytes, label: str, path: Path | None = None) -> T
                 f"dynamic-range (hybrid) quantized model: {rewritten} int8 weight tensors dequantized to float32; "
                 "verified against the interpreter on the dequantized model"
             )
-    quantized = any(t.dtype in ("int8", "uint8", "int16") and t.quant is not None for t in ins + outs)
+    # integer activations anywhere (a full-integer model may keep a float interface: QUANTIZE/DEQUANTIZE at the edges)
+    quantized = any(t.dtype in ("int8", "uint8", "int16") and t.quant is not None and not t.is_const
+                    for t in graph.tensors)
     name = (path.stem if path else label.rsplit(".", 1)[0]) or "model"
     return TFLiteModel(name, path or Path(label), data, [_spec(t) for t in ins], [_spec(t) for t in outs],
                        [op.opcode for op in graph.operators], quantized, original, notes, graph)

@@ -1,0 +1,73 @@
+"""Keras and SavedModel input: converted with TensorFlow's converter, then compiled, run and verified."""
+
+import numpy as np
+import pytest
+
+from tinymlaas.cli import main
+from tinymlaas.errors import InvalidModel
+from tinymlaas.pipeline import CompileOptions, compile_model
+
+tf = pytest.importorskip("tensorflow", reason="TensorFlow is the optional `tensorflow` extra (make setup installs it)")
+
+
+@pytest.fixture(scope="module")
+def keras_model(tmp_path_factory):
+    from tensorflow import keras
+
+    keras.utils.set_random_seed(3)
+    L = keras.layers
+    inp = keras.Input((10, 9, 2))
+    x = L.Conv2D(5, 3, activation="relu")(inp)
+    x = L.Dense(4)(L.Flatten()(x))
+    model = keras.Model(inp, x)
+    folder = tmp_path_factory.mktemp("keras")
+    model.save(folder / "net.keras")
+    model.export(str(folder / "saved"))
+    np.savez(folder / "calib.npz", x=np.random.default_rng(1).standard_normal((16, 10, 9, 2)).astype(np.float32))
+    return folder
+
+
+@pytest.mark.parametrize("source, quantize", [("net.keras", "none"), ("net.keras", "int8"), ("saved", "int8")])
+def test_keras_and_savedmodel_compile(keras_model, tmp_path, source, quantize):
+    calib = str(keras_model / "calib.npz") if source == "net.keras" and quantize != "none" else None
+    r = compile_model(keras_model / source, "cortex-m4", tmp_path / "out",
+                      CompileOptions(inputs=3, quantize=quantize, calibration=calib))
+    assert r.verified
+    assert r.lowering == ("float" if quantize == "none" else "integer")
+    if r.lowering == "integer":
+        assert r.fidelity["max_lsb_diff"] == 0
+    assert (calib is None and quantize != "none") == any("accuracy is unknown" in n for n in r.notes)
+    assert (tmp_path / "out" / "model.tflite").exists()
+
+
+def test_bad_calibration_is_refused(keras_model, tmp_path):
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 3, 3), np.float32))
+    with pytest.raises(InvalidModel, match="calibration samples of shape"):
+        compile_model(keras_model / "net.keras", "cortex-m4", tmp_path / "out",
+                      CompileOptions(quantize="int8", calibration=str(tmp_path / "bad.npz")))
+
+
+def test_cli_compiles_keras(keras_model, tmp_path, capsys):
+    assert main(["compile", str(keras_model / "net.keras"), "-t", "rv32imac", "--quantize", "int8", "-n", "2",
+                 "--calibration", str(keras_model / "calib.npz"), "-o", str(tmp_path / "o")]) == 0
+    assert "bit-exact" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_api_takes_keras_upload(keras_model, tmp_path, quantize):
+    import io
+
+    from server import create_app
+    from server.config import Settings
+    from server.service import create_user
+
+    app = create_app(Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    with app.extensions["tinymlaas"].sessions() as s:
+        _, token = create_user(s, "keras")
+    data = (keras_model / "net.keras").read_bytes()
+    r = app.test_client().post("/api/v1/models", data={"file": (io.BytesIO(data), "net.keras"), "quantize": quantize},
+                               headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201, r.get_data(as_text=True)
+    body = r.get_json()
+    assert body["name"] == "net" and body["quantized"] == (quantize != "none")
+    assert "CONV_2D" in body["operators"]
