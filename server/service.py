@@ -92,6 +92,8 @@ def add_model(session: Session, store: ArtifactStore, owner: User, filename: str
 
     if not data:
         raise ServiceError(422, "the file is empty", "file")
+    if quantize not in ("none", "int8", "int16x8"):
+        raise ServiceError(422, f"quantize must be none, int8 or int16x8, not '{quantize[:20]}'", "quantize")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / (Path(filename or "model.tflite").name or "model.tflite")
         path.write_bytes(data)

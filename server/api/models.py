@@ -1,3 +1,4 @@
+from flask import request
 from flask_smorest import Blueprint
 from sqlalchemy import select
 
@@ -9,14 +10,14 @@ blp = Blueprint("models", __name__, description="Uploaded models")
 
 
 @blp.route("/models", methods=["POST"])
-@blp.arguments(schemas.ModelOptions, location="form")
 @blp.arguments(schemas.ModelUpload, location="files")
 @blp.response(201, schemas.Model)
-def upload(form, files):
-    """Upload a model (multipart field `file`: TFLite, or Keras converted here); parsed and checked before it is kept."""
+def upload(files):
+    """Upload a model (multipart field `file`: TFLite, or Keras converted here with the optional multipart field
+    `quantize`: none, int8 or int16x8); parsed and checked before it is kept."""
     user = require_user()
     f = files["file"]
-    return add_model(session(), ctx().store, user, f.filename, f.read(), form.get("quantize", "none"))
+    return add_model(session(), ctx().store, user, f.filename, f.read(), request.form.get("quantize", "none"))
 
 
 @blp.route("/models", methods=["GET"])

@@ -45,11 +45,6 @@ class ModelUpload(Schema):
     file = Upload(required=True, metadata={"description": "a .tflite file, or a .keras/.h5 file (converted with TensorFlow)"})
 
 
-class ModelOptions(Schema):
-    quantize = fields.String(load_default="none", validate=validate.OneOf(["none", "int8", "int16x8"]),
-                             metadata={"description": "Keras input: quantization when converting (generated calibration)"})
-
-
 class Model(Schema):
     id = fields.Integer()
     name = fields.String()
