@@ -28,7 +28,7 @@ from tinymlaas.ir.lower import lower
 from tinymlaas.ir.schedule import default_schedule
 from tinymlaas.runners.qemu import emulator_for
 from tinymlaas.targets import Target, get_target
-from tinymlaas.verify import compare, make_inputs, reference_outputs, split_outputs
+from tinymlaas.verify import compare, make_inputs, reference_outputs, reference_resolver, split_outputs
 
 STAGES = ("import", "lower", "codegen", "driver", "link", "reference", "emulate", "verify", "measure")
 
@@ -110,8 +110,6 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
     graph = clean(model.graph, shapes_from_interpreter=True)
     precisions = {graph.precision(op) for op in graph.operators}
     lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
-    from tinymlaas.verify import reference_resolver
-
     if reference_resolver(model.data) != "BUILTIN_REF":
         notes.append("the interpreter's reference kernels cannot run this model (an operator missing or aborting): "
                      "verified against its builtin (optimized) kernels")

@@ -45,30 +45,20 @@ def make_inputs(model: TFLiteModel, count: int, seed: int) -> list[list[np.ndarr
     return batches
 
 
-def reference_interpreter(data: bytes, preserve_all_tensors: bool = False, resolver_name: str | None = None):
-    """The interpreter with TFLite's reference kernels: the semantics every build must reproduce.
-
-    A few builtin operators (CEIL, ELU, ROUND, ...) have no kernel in the reference resolver; for models with them
-    the interpreter's builtin kernels are the reference. Returns (interpreter, resolver name)."""
+def reference_interpreter(data: bytes, preserve_all_tensors: bool = False):
+    """The interpreter the build must reproduce, with the kernels `reference_resolver` found safe for this model
+    (the reference kernels, or the builtin ones where the reference resolver cannot run it)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    resolvers = (OpResolverType.BUILTIN_REF, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    if resolver_name is not None:
-        resolvers = (getattr(OpResolverType, resolver_name),)
-    for resolver in resolvers:
-        try:
-            it = Interpreter(model_content=data, experimental_op_resolver_type=resolver,
-                             experimental_preserve_all_tensors=preserve_all_tensors)
-            it.allocate_tensors()
-            return it, resolver.name
-        except (ValueError, RuntimeError) as e:
-            if "Didn't find op" not in str(e) or resolver == resolvers[-1]:
-                raise InvalidModel(f"the TFLite interpreter refuses the model: {str(e).strip().splitlines()[0][:200]}") from e
-    raise AssertionError("unreachable")
+    resolver = getattr(OpResolverType, reference_resolver(data))
+    it = Interpreter(model_content=data, experimental_op_resolver_type=resolver,
+                     experimental_preserve_all_tensors=preserve_all_tensors)
+    it.allocate_tensors()
+    return it
 
 
 def interpreter(model: TFLiteModel):
-    return reference_interpreter(model.data, resolver_name=reference_resolver(model.data))[0]
+    return reference_interpreter(model.data)
 
 
 _RESOLVERS: dict[str, str] = {}
@@ -194,7 +184,7 @@ class LayerCheck:
 
 def interpreter_tensors(model: TFLiteModel, batch: list[np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
     """(tensor name, operator, value) of every operator's output, in graph order, for one input."""
-    it, _ = reference_interpreter(model.data, preserve_all_tensors=True, resolver_name=reference_resolver(model.data))
+    it = reference_interpreter(model.data, preserve_all_tensors=True)
     for detail, x in zip(it.get_input_details(), batch):
         it.set_tensor(detail["index"], x)
     it.invoke()

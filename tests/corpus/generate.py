@@ -174,13 +174,13 @@ def op_models(only=None):
         specs = [tf.TensorSpec(s, tf.float32, name=f"x{i}") for i, s in enumerate(shapes)]
         try:
             concrete = tf.function(fn, input_signature=specs).get_concrete_function()
-        except Exception as e:
+        except Exception as e:  # a generator bug: say which graph
             raise SystemExit(f"{name}: {str(e).strip().splitlines()[-1]}") from e
         for precision in ("float32", "int8", "int16x8"):
             key = f"{name}_{precision}"
             try:
                 data = convert(tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn), precision, shapes)
-            except Exception as e:  # the converter refuses this operator in this precision
+            except Exception as e:  # noqa: BLE001 - the converter refuses this operator in this precision
                 entries[key] = {"precision": precision, "refused": str(e).strip().splitlines()[-1][:200]}
                 continue
             (out / f"{key}.tflite").write_bytes(data)
@@ -296,7 +296,7 @@ def arch_models(only=None):
             key = f"{name}_{precision}"
             try:
                 data = convert(tf.lite.TFLiteConverter.from_keras_model(model), precision, shapes)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - the converter refuses this network in this precision
                 entries[key] = {"precision": precision, "refused": str(e).strip().splitlines()[-1][:200]}
                 continue
             (out / f"{key}.tflite").write_bytes(data)

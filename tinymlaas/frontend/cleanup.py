@@ -228,11 +228,11 @@ def resolve_shapes(graph: Graph) -> Graph:
     Converters write placeholder shapes for tensors behind a shape computation they could not resolve (Keras
     UpSampling and attention layers), and the interpreter recomputes them; so do we, with the reference itself.
     """
-    from tinymlaas.verify import reference_interpreter, reference_resolver
+    from tinymlaas.verify import reference_interpreter
 
     if not graph.source:
         return graph
-    it, _ = reference_interpreter(graph.source, resolver_name=reference_resolver(graph.source))
+    it = reference_interpreter(graph.source)
     for detail in it.get_input_details():  # dynamic tensors get their shapes only when the graph runs
         it.set_tensor(detail["index"], np.zeros(detail["shape"], dtype=detail["dtype"]))
     it.invoke()

@@ -9,6 +9,7 @@ a warning that accuracy is then unknown.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def _calibration(path: Path | None, shapes: list[tuple[int, ...]], notes: list[s
         try:
             with np.load(path) as data:
                 arrays = [np.asarray(data[k], dtype=np.float32) for k in data.files]
-        except Exception as e:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             raise InvalidModel(f"{path}: not a readable .npz of calibration arrays ({type(e).__name__})") from None
         if len(arrays) != len(shapes):
             raise InvalidModel(f"{path}: {len(arrays)} arrays for a model with {len(shapes)} inputs")
@@ -75,7 +76,7 @@ def convert_keras(path: Path, out: Path, quantize: str = "none", calibration: Pa
             model = tf.keras.models.load_model(str(path), compile=False)
             converter = tf.lite.TFLiteConverter.from_keras_model(model)
             shapes = [tuple(1 if d is None else int(d) for d in i.shape) for i in model.inputs]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - TensorFlow raises anything for a file it cannot load
         raise InvalidModel(f"{path.name}: TensorFlow cannot load it ({type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from None
     if quantize != "none":
@@ -86,7 +87,7 @@ def convert_keras(path: Path, out: Path, quantize: str = "none", calibration: Pa
             else tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
     try:
         data = converter.convert()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the converter's errors have no common type
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         raise InvalidModel(f"{path.name}: the TFLite converter refuses it: {lines[-1][:200] if lines else type(e).__name__}") from None
     out.write_bytes(data)

@@ -26,6 +26,9 @@ class LoweringContext:
         self.graph, self.target, self.choices = graph, target, choices
         self.bb = relax.BlockBuilder()
         self.values: dict[int, object] = {}
+        self.params = [relax.Var(f"input{k}", relax.TensorType(graph.tensor(i).shape, graph.tensor(i).dtype))
+                       for k, i in enumerate(graph.inputs)]
+        self.values.update(zip(graph.inputs, self.params))
         self.op: Operator | None = None
 
     def tensor(self, index: int) -> Tensor:
@@ -33,15 +36,17 @@ class LoweringContext:
 
     def input(self, op: Operator, k: int):
         """The k-th input of `op` as a Relax expression (constants become Relax constants)."""
+        return self.value(op.inputs[k])
+
+    def value(self, i: int):
         from tvm import relax
 
-        i = op.inputs[k]
         if i in self.values:
             return self.values[i]
         t = self.graph.tensor(i)
         if t.is_const:
             return relax.const(np.ascontiguousarray(t.data), t.dtype)
-        raise InvalidModel(f"operator #{op.index} ({op.opcode}) reads '{t.name}' before it is computed")
+        raise InvalidModel(f"'{t.name}' is read before it is computed")
 
     def const(self, value, dtype: str | None = None):
         from tvm import relax
@@ -64,7 +69,7 @@ class LoweringContext:
                 raise InvalidModel(f"operator #{op.index} ({op.opcode}) computes shape {list(have)} "
                                    f"but the model declares {list(t.shape)} for '{t.name}'")
             expr = relax.op.reshape(expr, t.shape)
-        if not isinstance(expr, relax.Var) or expr in self.values.values() or expr in self._params:
+        if not isinstance(expr, relax.Var) or expr in self.values.values():
             expr = self.emit(expr)
         self.values[op.outputs[k]] = expr
 
@@ -91,11 +96,7 @@ def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None):
     if missing:
         raise UnsupportedOperator(missing, graph.name)
     ctx = LoweringContext(graph, target, choices or {})
-    params = [relax.Var(f"input{k}", relax.TensorType(graph.tensor(i).shape, graph.tensor(i).dtype))
-              for k, i in enumerate(graph.inputs)]
-    ctx._params = params
-    ctx.values.update(dict(zip(graph.inputs, params)))
-    with ctx.bb.function("main", params):
+    with ctx.bb.function("main", ctx.params):
         with ctx.bb.dataflow():
             for op in graph.operators:
                 conv = registry.lookup(graph, op)
@@ -104,12 +105,12 @@ def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None):
                     conv.convert(ctx, op, ctx.implementation(op, conv))
                 except TinyMLaaSError:
                     raise
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - any failure of a converter is judged by the interpreter
                     _judge(graph, op, e)
                 for i in op.outputs:
                     if i not in ctx.values and any(i in o.inputs for o in graph.operators) | (i in graph.outputs):
                         raise InvalidModel(f"operator #{op.index} ({op.opcode}) left output '{graph.tensor(i).name}' unset")
-            outs = [ctx.values[i] if i in ctx.values else ctx.input(_Output(i), 0) for i in graph.outputs]
+            outs = [ctx.value(i) for i in graph.outputs]
             result = ctx.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         ctx.bb.emit_func_output(result)
     return relax.transform.Normalize()(ctx.bb.get())
@@ -123,13 +124,6 @@ def _judge(graph: Graph, op: Operator, error: Exception):
 
         reference_resolver(graph.source)
     raise InternalError("import", f"{op.opcode} #{op.index}", error) from error
-
-
-class _Output:
-    """A graph output that is a constant: read through LoweringContext.input."""
-
-    def __init__(self, index: int):
-        self.inputs, self.index, self.opcode = (index,), -1, "output"
 
 
 def unsupported_operators(model) -> list[str]:

@@ -18,9 +18,9 @@ import tinymlaas.ops.int8_te as k
 from tinymlaas.errors import UnsupportedOperator
 from tinymlaas.ops.registry import register
 
-KERNEL_KINDS = ("tir", "dsp", "dsp16")
-# per layer: integer TIR; DSP micro-kernels (firmware/kernels/gemm_dsp.c) with the int8 weights; or with the
-# weights pre-widened to int16 in flash: faster, twice the weight flash
+# Convolutions and fully connected layers offer, per layer: integer TIR ("tir"); DSP micro-kernels
+# (firmware/kernels/gemm_dsp.c) with the int8 weights ("dsp"); or with the weights pre-widened to int16 in flash
+# ("dsp16": faster, twice the weight flash).
 
 # TFLite enums (schema.fbs)
 _SAME, _VALID = 0, 1
@@ -398,8 +398,9 @@ def lookup_table(graph, op) -> np.ndarray:
     """The interpreter's outputs of `op` for the inputs -128..127 (one-operator model, BUILTIN_REF kernels)."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as s
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from tinymlaas.verify import reference_interpreter, reference_resolver
+    from tinymlaas.verify import reference_resolver
 
     src, dst = graph.tensor(op.inputs[0]), graph.tensor(op.outputs[0])
     tensors = []
@@ -432,7 +433,9 @@ def lookup_table(graph, op) -> np.ndarray:
     b = flatbuffers.Builder(1024)
     b.Finish(model.Pack(b), file_identifier=b"TFL3")
     # the kernels the whole model's reference runs: the reference kernels, or builtin ones where some are missing
-    it, _ = reference_interpreter(bytes(b.Output()), resolver_name=reference_resolver(graph.source))
+    resolver = getattr(OpResolverType, reference_resolver(graph.source))
+    it = Interpreter(model_content=bytes(b.Output()), experimental_op_resolver_type=resolver)
+    it.allocate_tensors()
     it.set_tensor(it.get_input_details()[0]["index"], np.arange(-128, 128, dtype=np.int8))
     it.invoke()
     return it.get_tensor(it.get_output_details()[0]["index"]).copy()
