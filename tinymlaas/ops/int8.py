@@ -46,9 +46,9 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     return q_fixed, shift
 
 
-def activation_range(act: int, scale: float, zero_point: int) -> tuple[int, int]:
-    """TFLite CalculateActivationRangeQuantized for int8 (quantization of the bounds in float32)."""
-    lo, hi = -128, 127
+def activation_range(act: int, scale: float, zero_point: int, dtype: str = "int8") -> tuple[int, int]:
+    """TFLite CalculateActivationRangeQuantized (quantization of the bounds in float32)."""
+    lo, hi = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
 
     def q(x: float) -> int:
         return zero_point + _round_away(float(np.float32(x) / np.float32(scale)))
@@ -62,6 +62,21 @@ def activation_range(act: int, scale: float, zero_point: int) -> tuple[int, int]
     if act == _ACT_NONE:
         return lo, hi
     raise ValueError(f"fused activation {act}")
+
+
+def reduce_multiplier(mult: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 15-bit multiplier and total right shift of TFLite's rescale of int64 accumulators (int16x8 kernels)."""
+    mult = np.asarray(mult, dtype=np.int64)
+    reduced = np.where(mult < 0x7FFF0000, (mult + (1 << 15)) >> 16, 0x7FFF).astype(np.int32)
+    return reduced, (15 - np.asarray(shift, dtype=np.int32)).astype(np.int32)
+
+
+def accumulator(x_t, weights_by_output: np.ndarray, zp_weight: int = 0) -> str:
+    """int32 unless the products of an int16 input could overflow it (then int64, as TFLite accumulates)."""
+    if x_t.dtype != "int16":
+        return "int32"
+    bound = 32768 * int(np.abs(weights_by_output.astype(np.int64) - zp_weight).sum(axis=1).max(initial=0))
+    return "int32" if bound < 2**31 else "int64"
 
 
 def padding(kind: int, in_size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -211,9 +226,18 @@ def _requant_consts(ctx, in_idx: int, w_idx: int, out_idx: int, channels: int):
 
 
 def _bias_of(ctx, op, k: int, channels: int) -> np.ndarray:
+    """int32 for int8 kernels; int64 for int16x8 (TFLite's int16 kernels add either bias type to an int64 sum)."""
+    dtype = np.int64 if ctx.tensor(op.outputs[0]).dtype == "int16" else np.int32
     if len(op.inputs) <= k or op.inputs[k] < 0:
-        return np.zeros(channels, dtype=np.int32)
-    return np.asarray(ctx.tensor(op.inputs[k]).data, dtype=np.int32).reshape(channels)
+        return np.zeros(channels, dtype=dtype)
+    return np.asarray(ctx.tensor(op.inputs[k]).data, dtype=dtype).reshape(channels)
+
+
+def _rescale(ctx, op, mult, shift):
+    """The multipliers as the kernel of this precision takes them (int16x8: 15-bit, total shift)."""
+    if ctx.tensor(op.outputs[0]).dtype == "int16":
+        return reduce_multiplier(mult, shift)
+    return mult, shift
 
 
 def _const_weights(ctx, op, k=1) -> np.ndarray:
@@ -225,9 +249,10 @@ def _const_weights(ctx, op, k=1) -> np.ndarray:
 
 def _act(ctx, op):
     out = ctx.tensor(op.outputs[0])
-    return activation_range(int(op.opt("fusedActivationFunction", 0) or 0), out.scale, out.zero_point)
+    return activation_range(int(op.opt("fusedActivationFunction", 0) or 0), out.scale, out.zero_point, out.dtype)
 
 
+@register(("CONV_2D", "DEPTHWISE_CONV_2D"), "int16", implementations=("tir",))
 @register(("CONV_2D", "DEPTHWISE_CONV_2D"), "int8", implementations=("tir", "dsp", "dsp16"), applies=_dsp_applies)
 def conv2d(ctx, op, impl):
     from tvm import relax
@@ -251,7 +276,7 @@ def conv2d(ctx, op, impl):
               "act_min": lo, "act_max": hi}
     bias = _bias_of(ctx, op, 2, channels)
     x = ctx.input(op, 0)
-    args = [x, relax.const(w), relax.const(bias), relax.const(mult), relax.const(shift)]
+    args = [x, relax.const(w), relax.const(bias), *map(relax.const, _rescale(ctx, op, mult, shift))]
     shape = out_t.shape
     if impl in ("dsp", "dsp16"):
         _, oh, ow, _ = shape
@@ -279,12 +304,14 @@ def conv2d(ctx, op, impl):
                 args[1] = relax.const(np.ascontiguousarray(w.reshape(9, channels // 4, 4).transpose(1, 0, 2)).reshape(w.shape))
             y = _extern(ctx, symbol, args + [cp], shape)
     elif name == "CONV_2D":
-        y = _emit_kernel(ctx, k.conv2d_s8, args, **common)
+        y = _emit_kernel(ctx, k.conv2d_s8, args, **common, acc_dtype=accumulator(x_t, w.reshape(channels, -1)))
     else:
-        y = _emit_kernel(ctx, k.depthwise_conv2d_s8, args, **common, depth_multiplier=int(op.opt("depthMultiplier", 1) or 1))
+        y = _emit_kernel(ctx, k.depthwise_conv2d_s8, args, **common, depth_multiplier=int(op.opt("depthMultiplier", 1) or 1),
+                         acc_dtype=accumulator(x_t, w.reshape(-1, channels).T))
     ctx.set_output(op, 0, y)
 
 
+@register("FULLY_CONNECTED", "int16", implementations=("tir",))
 @register("FULLY_CONNECTED", "int8", implementations=("tir", "dsp", "dsp16"), applies=_dsp_applies)
 def fully_connected(ctx, op, impl):
     from tvm import relax
@@ -318,11 +345,11 @@ def fully_connected(ctx, op, impl):
     else:
         args = [x, relax.const(w), bias, relax.const(mult), relax.const(shift)]
         y = _emit_kernel(ctx, k.fully_connected_s8, args, zp_in=zp_in, zp_weight=w_t.zero_point, zp_out=zp_out,
-                         act_min=lo, act_max=hi)
+                         act_min=lo, act_max=hi, acc_dtype=accumulator(x_t, w, w_t.zero_point))
     ctx.set_output(op, 0, y)
 
 
-@register(("AVERAGE_POOL_2D", "MAX_POOL_2D"), "int8", implementations=("tir",))
+@register(("AVERAGE_POOL_2D", "MAX_POOL_2D"), ("int8", "int16"), implementations=("tir",))
 def pool(ctx, op, impl):
     _, h, wd, _ = ctx.tensor(op.inputs[0]).shape
     kh, kw = op.opt("filterHeight", 1), op.opt("filterWidth", 1)
@@ -336,11 +363,11 @@ def pool(ctx, op, impl):
     ctx.set_output(op, 0, y)
 
 
-@register(("ADD", "SUB"), "int8", implementations=("tir",))
+@register(("ADD", "SUB"), ("int8", "int16"), implementations=("tir",))
 def add(ctx, op, impl):
-    """TFLite int8 ADD/SUB: both inputs rescaled to twice the larger scale with 20 bits of headroom."""
+    """TFLite int8 ADD/SUB: both inputs rescaled to twice the larger scale with 20 bits of headroom (int16: 15)."""
     a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
-    left_shift = 20
+    left_shift = 15 if out_t.dtype == "int16" else 20
     twice_max = 2.0 * float(max(np.float32(a_t.scale), np.float32(b_t.scale)))
     ma, sha = quantize_multiplier(a_t.scale / twice_max)
     mb, shb = quantize_multiplier(b_t.scale / twice_max)
@@ -353,14 +380,15 @@ def add(ctx, op, impl):
     ctx.set_output(op, 0, y)
 
 
-@register("MUL", "int8", implementations=("tir",))
+@register("MUL", ("int8", "int16"), implementations=("tir",))
 def mul(ctx, op, impl):
     """TFLite int8 MUL: (a - zp_a) * (b - zp_b) rescaled by scale_a * scale_b / scale_out (double rounding)."""
     a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
     m, s = quantize_multiplier(a_t.scale * b_t.scale / out_t.scale)  # in double, as TFLite
     lo, hi = _act(ctx, op)
     y = _emit_kernel(ctx, k.mul_s8, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=out_t.shape, zp_a=a_t.zero_point,
-                     zp_b=b_t.zero_point, zp_out=out_t.zero_point, mult=m, shift=s, act_min=lo, act_max=hi)
+                     zp_b=b_t.zero_point, zp_out=out_t.zero_point, mult=m, shift=s, act_min=lo, act_max=hi,
+                     out_dtype=out_t.dtype)
     ctx.set_output(op, 0, y)
 
 
@@ -526,7 +554,7 @@ def prelu(ctx, op, impl):
     ctx.set_output(op, 0, y)
 
 
-@register("TRANSPOSE_CONV", "int8", implementations=("tir",))
+@register("TRANSPOSE_CONV", ("int8", "int16"), implementations=("tir",))
 def transpose_conv(ctx, op, impl):
     """As float32: the input dilated by the stride and padded with its zero point, then an int8 convolution with the
     kernel flipped in space; TFLite requantizes per channel like a convolution."""
@@ -542,13 +570,14 @@ def transpose_conv(ctx, op, impl):
     mult, shift = _requant_consts(ctx, op.inputs[2], op.inputs[1], op.outputs[0], channels)
     lo, hi = _act(ctx, op)
     bias = _bias_of(ctx, op, 3, channels)
-    args = [x, relax.const(w), relax.const(bias), relax.const(mult), relax.const(shift)]
+    args = [x, relax.const(w), relax.const(bias), *map(relax.const, _rescale(ctx, op, mult, shift))]
     y = _emit_kernel(ctx, k.conv2d_s8, args, stride=(1, 1), dilation=(1, 1), padding=(0, 0, 0, 0),
-                     zp_in=x_t.zero_point, zp_out=out_t.zero_point, act_min=lo, act_max=hi)
+                     zp_in=x_t.zero_point, zp_out=out_t.zero_point, act_min=lo, act_max=hi,
+                     acc_dtype=accumulator(x_t, w.reshape(channels, -1)))
     ctx.set_output(op, 0, y)
 
 
-@register("MEAN", "int8", implementations=("tir",))
+@register("MEAN", ("int8", "int16"), implementations=("tir",))
 def mean(ctx, op, impl):
     """The interpreter's integer MEAN: the int32 sum of (x - zp_in), one rescale by in/out scale with 1/n folded into
     the multiplier (its shift bounded as the interpreter bounds it), plus zp_out. Measured against the interpreter

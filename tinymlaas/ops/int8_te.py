@@ -1,8 +1,10 @@
-"""Integer kernels in TE with TFLite's exact int8 arithmetic.
+"""Integer kernels in TE with TFLite's exact arithmetic.
 
-int8 activations and weights, int32 accumulation and bias, requantization with a fixed-point
+int8: int8 activations and weights, int32 accumulation and bias, requantization with a fixed-point
 multiplier and shift (saturating rounding doubling high multiply, then rounding divide by a power
 of two), zero points and clamping, exactly as TFLite's reference kernels compute them.
+int16x8: int16 activations (zero point 0), int8 weights, int64 bias; the accumulator is int64 where
+int32 could overflow, and the rescale is TFLite's 64-bit one (a 15-bit multiplier, one rounding).
 """
 
 from __future__ import annotations
@@ -71,15 +73,39 @@ def multiply_by_quantized_multiplier_single_rounding(x, multiplier, shift):
     return _let((_i32(31) - shift).astype("int64"), scaled, "total")
 
 
-def _requantize(acc, multiplier, shift, zp_out: int, act_min: int, act_max: int, single_rounding: bool = False):
+def multiply_by_quantized_multiplier_64(x, reduced_multiplier, total_shift):
+    """TFLite's MultiplyByQuantizedMultiplier of an int64 accumulator: (x * m15 + round) >> (15 - shift), truncated to
+    int32. The caller passes the 15-bit multiplier and 15 - shift (see int8.reduce_multiplier)."""
     from tvm import tirx
 
-    scale = multiply_by_quantized_multiplier_single_rounding if single_rounding else multiply_by_quantized_multiplier
-    return _let(
-        scale(acc, multiplier, shift) + _i32(zp_out),
-        lambda v: tirx.Min(tirx.Max(v, _i32(act_min)), _i32(act_max)).astype("int8"),
-        "v",
-    )
+    def scaled(total):
+        rounding = tirx.const(1, "int64") << (total - tirx.const(1, "int64"))
+        return ((x.astype("int64") * reduced_multiplier.astype("int64") + rounding) >> total).astype("int32")
+
+    return _let(total_shift.astype("int64"), scaled, "total")
+
+
+def _clamp(v, lo: int, hi: int, dtype: str):
+    from tvm import tirx
+
+    return _let(v, lambda x: tirx.Min(tirx.Max(x, _i32(lo)), _i32(hi)).astype(dtype), "v")
+
+
+_RESCALE = {  # how TFLite's kernels rescale an accumulator
+    "double": multiply_by_quantized_multiplier,  # int8 convolutions
+    "single": multiply_by_quantized_multiplier_single_rounding,  # FULLY_CONNECTED, int8 and int16x8
+    "reduced": multiply_by_quantized_multiplier_64,  # int16x8 convolutions (int64 accumulator)
+}
+
+
+def _requantize(acc, multiplier, shift, zp_out: int, act_min: int, act_max: int, rounding: str = "double",
+                out_dtype: str = "int8"):
+    return _clamp(_RESCALE[rounding](acc, multiplier, shift) + _i32(zp_out), act_min, act_max, out_dtype)
+
+
+def _product(a, b, acc_dtype: str):
+    """a * b in the accumulator's type (int32 operands)."""
+    return a * b if acc_dtype == "int32" else a.astype(acc_dtype) * b.astype(acc_dtype)
 
 
 def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in):
@@ -98,8 +124,9 @@ def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in):
     return n, c, oh, ow, value
 
 
-def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, padding, zp_in, zp_out, act_min, act_max):
-    """NHWC int8 convolution, weights OHWI, per-channel requantization."""
+def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, padding, zp_in, zp_out, act_min, act_max,
+              acc_dtype="int32"):
+    """NHWC int8 (or int16x8) convolution, weights OHWI, per-channel requantization."""
     from tvm import te
 
     oc, kh, kw, _ = (int(v) for v in weight.shape)
@@ -110,22 +137,32 @@ def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, paddin
     acc = te.compute(
         (n, oh, ow, oc),
         lambda b, y, x, o: te.sum(
-            value(b, y * sh + ry * dh - pt, x * sw + rx * dw - pl, rc) * weight[o, ry, rx, rc].astype("int32"),
+            _product(value(b, y * sh + ry * dh - pt, x * sw + rx * dw - pl, rc), weight[o, ry, rx, rc].astype("int32"),
+                     acc_dtype),
             axis=[ry, rx, rc],
         ),
         name="acc",
     )
-    return te.compute(
-        (n, oh, ow, oc),
-        lambda b, y, x, o: _requantize(acc[b, y, x, o] + bias[o], multiplier[o], shift[o], zp_out, act_min, act_max),
-        name="requantize",
-    )
+    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype)
+
+
+def _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, out_dtype):
+    from tvm import te
+
+    def f(*i):
+        o = i[-1]
+        total = acc(*i).astype(bias.dtype) + bias[o]
+        rounding = "reduced" if str(out_dtype) == "int16" else "double"
+        return _requantize(total, multiplier[o], shift[o], zp_out, act_min, act_max, rounding, str(out_dtype))
+
+    return te.compute(acc.shape, f, name="requantize")
 
 
 def depthwise_conv2d_s8(
-    data, weight, bias, multiplier, shift, *, stride, dilation, padding, depth_multiplier, zp_in, zp_out, act_min, act_max
+    data, weight, bias, multiplier, shift, *, stride, dilation, padding, depth_multiplier, zp_in, zp_out, act_min, act_max,
+    acc_dtype="int32",
 ):
-    """NHWC int8 depthwise convolution, weights 1HWC (C = in channels * depth multiplier)."""
+    """NHWC int8 (or int16x8) depthwise convolution, weights 1HWC (C = in channels * depth multiplier)."""
     from tvm import te
 
     _, kh, kw, oc = (int(v) for v in weight.shape)
@@ -136,23 +173,22 @@ def depthwise_conv2d_s8(
     acc = te.compute(
         (n, oh, ow, oc),
         lambda b, y, x, o: te.sum(
-            value(b, y * sh + ry * dh - pt, x * sw + rx * dw - pl, o // depth_multiplier)
-            * weight[0, ry, rx, o].astype("int32"),
+            _product(value(b, y * sh + ry * dh - pt, x * sw + rx * dw - pl, o // depth_multiplier),
+                     weight[0, ry, rx, o].astype("int32"), acc_dtype),
             axis=[ry, rx],
         ),
         name="acc",
     )
-    return te.compute(
-        (n, oh, ow, oc),
-        lambda b, y, x, o: _requantize(acc[b, y, x, o] + bias[o], multiplier[o], shift[o], zp_out, act_min, act_max),
-        name="requantize",
-    )
+    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype)
 
 
-def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weight, zp_out, act_min, act_max):
-    """[batch, in] x [out, in]^T int8, per-tensor or per-channel requantization (multiplier/shift of length out).
+def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weight, zp_out, act_min, act_max,
+                       acc_dtype="int32"):
+    """[batch, in] x [out, in]^T int8 (or int16x8), per-tensor or per-channel requantization (multiplier/shift of
+    length out).
 
-    The interpreter rescales FULLY_CONNECTED with a single rounding (unlike its convolutions), so we do too.
+    The interpreter rescales FULLY_CONNECTED with a single rounding of the full multiplier, int8 and int16x8 alike
+    (unlike its convolutions; measured), so we do too.
     """
     from tvm import te
 
@@ -163,20 +199,23 @@ def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weigh
     acc = te.compute(
         (batch, out_features),
         lambda b, o: te.sum(
-            (data[b, k].astype("int32") - _i32(zp_in)) * (weight[o, k].astype("int32") - _i32(zp_weight)), axis=k
+            _product(data[b, k].astype("int32") - _i32(zp_in), weight[o, k].astype("int32") - _i32(zp_weight),
+                     acc_dtype),
+            axis=k,
         ),
         name="acc",
     )
     return te.compute(
         (batch, out_features),
         lambda b, o: _requantize(
-            acc[b, o] + bias[o],
+            acc[b, o].astype(bias.dtype) + bias[o],
             multiplier[o if per_channel else 0],
             shift[o if per_channel else 0],
             zp_out,
             act_min,
             act_max,
-            single_rounding=True,
+            rounding="single",
+            out_dtype=str(data.dtype),
         ),
         name="requantize",
     )
@@ -228,7 +267,7 @@ def avg_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
         acc = total[b, y, x, ch]
         half = tirx.truncdiv(count, _i32(2))
         q = tirx.Select(acc > _i32(0), tirx.truncdiv(acc + half, count), tirx.truncdiv(acc - half, count))
-        return tirx.Min(tirx.Max(q, _i32(act_min)), _i32(act_max)).astype("int8")
+        return tirx.Min(tirx.Max(q, _i32(act_min)), _i32(act_max)).astype(data.dtype)
 
     return te.compute((n, oh, ow, c), finish, name="average")
 
@@ -240,7 +279,7 @@ def max_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
 
     def value(b, y, x, ch):
         inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
-        return tirx.if_then_else(inside, data[b, y, x, ch], tirx.const(-128, "int8"))
+        return tirx.if_then_else(inside, data[b, y, x, ch], tirx.min_value(data.dtype))
 
     m = te.compute(
         (n, oh, ow, c),
@@ -249,7 +288,7 @@ def max_pool2d_s8(data, *, pool, stride, padding, act_min, act_max):
     )
     return te.compute(
         (n, oh, ow, c),
-        lambda *i: tirx.Min(tirx.Max(m(*i), tirx.const(act_min, "int8")), tirx.const(act_max, "int8")),
+        lambda *i: tirx.Min(tirx.Max(m(*i), tirx.const(act_min, data.dtype)), tirx.const(act_max, data.dtype)),
         name="clamp",
     )
 
@@ -282,19 +321,19 @@ def add_s8(a, b, *, out_shape, subtract, left_shift, zp_a, zp_b, zp_out, mult_a,
 
     def f(*i):
         out = rounding_divide_by_pot(srdhm(raw(*i), _i32(mult_out)), -shift_out) + _i32(zp_out)
-        return _let(out, lambda v: tirx.Min(tirx.Max(v, _i32(act_min)), _i32(act_max)).astype("int8"), "v")
+        return _clamp(out, act_min, act_max, str(a.dtype))
 
     return te.compute(out_shape, f, name="add")
 
 
-def mul_s8(a, b, *, out_shape, zp_a, zp_b, zp_out, mult, shift, act_min, act_max):
-    """TFLite int8 MUL (with broadcasting)."""
+def mul_s8(a, b, *, out_shape, zp_a, zp_b, zp_out, mult, shift, act_min, act_max, out_dtype="int8"):
+    """TFLite int8 or int16 MUL (with broadcasting)."""
     from tvm import te, tirx
 
     def f(*i):
         prod = (broadcast(a, out_shape, i).astype("int32") - _i32(zp_a)) * (broadcast(b, out_shape, i).astype("int32") - _i32(zp_b))
         out = multiply_by_quantized_multiplier(prod, _i32(mult), _i32(shift)) + _i32(zp_out)
-        return tirx.Min(tirx.Max(out, _i32(act_min)), _i32(act_max)).astype("int8")
+        return tirx.Min(tirx.Max(out, _i32(act_min)), _i32(act_max)).astype(out_dtype)
 
     return te.compute(out_shape, f, name="mul")
 
