@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -45,13 +46,68 @@ def make_inputs(model: TFLiteModel, count: int, seed: int) -> list[list[np.ndarr
     return batches
 
 
+def reference_model(data: bytes) -> bytes:
+    """The model as the reference kernels can run it: operators the reference resolver lacks are rewritten into
+    ones it has, with the same result bit for bit (TILE -> CONCATENATION of copies, one per tiled axis). Existing
+    tensors keep their indices (new ones are appended), so every intermediate tensor can still be compared."""
+    from ai_edge_litert import schema_py_generated as s
+
+    model = s.Model.GetRootAs(data, 0)
+    codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
+             for i in range(model.OperatorCodesLength())]
+    if s.BuiltinOperator.TILE not in codes:
+        return data
+    m = s.ModelT.InitFromObj(model)
+    tile = codes.index(s.BuiltinOperator.TILE)  # becomes CONCATENATION: the interpreter registers every listed code
+    for sg in m.subgraphs:
+        ops = []
+        for op in sg.operators:
+            multiples = sg.tensors[op.inputs[1]] if codes[op.opcodeIndex] == s.BuiltinOperator.TILE else None
+            buffer = m.buffers[multiples.buffer].data if multiples is not None else None
+            if multiples is None:
+                ops.append(op)
+                continue
+            if buffer is None or len(buffer) == 0:  # computed multiples: cannot be rewritten
+                return data
+            reps = np.frombuffer(bytes(buffer), dtype=np.int64 if multiples.type == s.TensorType.INT64 else np.int32)
+            current, shape = op.inputs[0], list(sg.tensors[op.inputs[0]].shape)
+            axes = [a for a, r in enumerate(reps) if r > 1] or [0]
+            for n, axis in enumerate(axes):
+                shape[axis] *= int(reps[axis])
+                if n == len(axes) - 1:
+                    out = op.outputs[0]
+                else:
+                    t = copy.deepcopy(sg.tensors[op.outputs[0]])
+                    t.shape, t.name = np.array(shape, dtype=np.int32), (t.name or b"") + f"/tile{axis}".encode()
+                    t.shapeSignature = None
+                    sg.tensors.append(t)
+                    out = len(sg.tensors) - 1
+                cat = s.OperatorT()
+                cat.opcodeIndex, cat.outputs = tile, np.array([out], dtype=np.int32)
+                cat.inputs = np.array([current] * int(max(reps[axis], 1)), dtype=np.int32)
+                cat.builtinOptionsType = s.BuiltinOptions.ConcatenationOptions
+                cat.builtinOptions = s.ConcatenationOptionsT()
+                cat.builtinOptions.axis = axis
+                ops.append(cat)
+                current = out
+        sg.operators = ops
+    code = m.operatorCodes[tile]
+    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.CONCATENATION
+    code.version = 3
+    import flatbuffers
+
+    b = flatbuffers.Builder(len(data) + 4096)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
 def reference_interpreter(data: bytes, preserve_all_tensors: bool = False):
     """The interpreter the build must reproduce, with the kernels `reference_resolver` found safe for this model
     (the reference kernels, or the builtin ones where the reference resolver cannot run it)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     resolver = getattr(OpResolverType, reference_resolver(data))
-    it = Interpreter(model_content=data, experimental_op_resolver_type=resolver,
+    it = Interpreter(model_content=reference_model(data), experimental_op_resolver_type=resolver,
                      experimental_preserve_all_tensors=preserve_all_tensors)
     it.allocate_tensors()
     return it
@@ -95,7 +151,7 @@ def reference_resolver(data: bytes) -> str:
         return _RESOLVERS[key]
     problems = []
     for resolver in ("BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
-        proc = subprocess.run([sys.executable, "-c", _PROBE, resolver], input=data, capture_output=True, timeout=600, check=False,
+        proc = subprocess.run([sys.executable, "-c", _PROBE, resolver], input=reference_model(data), capture_output=True, timeout=600, check=False,
                               env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         if proc.returncode == 0:
             _RESOLVERS[key] = resolver

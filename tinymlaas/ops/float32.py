@@ -438,7 +438,7 @@ def zeros_like(ctx, op, impl):
     ctx.set_output(op, 0, relax.op.zeros_like(ctx.input(op, 0)))
 
 
-@register("FILL", F32)
+@register("FILL", ("float32", "int8", "int16"))  # quantized: the value is copied as stored
 def fill(ctx, op, impl):
     from tvm import relax
 

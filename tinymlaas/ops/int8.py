@@ -422,19 +422,21 @@ LUT_OPS = ("LOGISTIC", "TANH", "HARD_SWISH", "ELU", "EXP", "LOG", "SQRT", "RSQRT
            "CEIL", "ROUND", "SIGN")
 
 
-def lookup_table(graph, op) -> np.ndarray:
-    """The interpreter's outputs of `op` for the inputs -128..127 (one-operator model, BUILTIN_REF kernels)."""
+def lookup_table(graph, op, inputs: np.ndarray | None = None) -> np.ndarray:
+    """The interpreter's outputs of `op` for every input value (-128..127 by default) in a one-operator model with the
+    model's quantization and options, run with the kernels the model's reference uses."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as s
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from tinymlaas.verify import reference_resolver
 
+    inputs = np.arange(-128, 128, dtype=np.int8) if inputs is None else inputs
     src, dst = graph.tensor(op.inputs[0]), graph.tensor(op.outputs[0])
     tensors = []
     for t in (src, dst):
         tt = s.TensorT()
-        tt.name, tt.shape, tt.buffer = t.name.encode(), np.array([256], dtype=np.int32), 0
+        tt.name, tt.shape, tt.buffer = t.name.encode(), np.array([len(inputs)], dtype=np.int32), 0
         tt.type = {v: k for k, v in _TYPES.items()}[t.dtype]
         if t.quant is not None:
             q = s.QuantizationParametersT()
@@ -464,7 +466,7 @@ def lookup_table(graph, op) -> np.ndarray:
     resolver = getattr(OpResolverType, reference_resolver(graph.source))
     it = Interpreter(model_content=bytes(b.Output()), experimental_op_resolver_type=resolver)
     it.allocate_tensors()
-    it.set_tensor(it.get_input_details()[0]["index"], np.arange(-128, 128, dtype=np.int8))
+    it.set_tensor(it.get_input_details()[0]["index"], inputs)
     it.invoke()
     return it.get_tensor(it.get_output_details()[0]["index"]).copy()
 
@@ -489,17 +491,13 @@ def table_lookup(ctx, op, impl):
     ctx.set_output(op, 0, y)
 
 
-@register(("QUANTIZE", "DEQUANTIZE"), "int16", implementations=("relax",))
-def quantize_int16(ctx, op, impl):
-    """float32 <-> int16 at a model's edges. DEQUANTIZE: (x - zp) * scale in float32 (the product of a float32 and
-    an int16 is exact in double, so rounding it once to float32 is what TFLite's double arithmetic gives)."""
+@register("DEQUANTIZE", "int16", implementations=("relax",))
+def dequantize_int16(ctx, op, impl):
+    """int16 -> float32 at a model's edge: (x - zp) * scale in float32 (the product of a float32 and an int16 is
+    exact in double, so rounding it once to float32 is what TFLite's double arithmetic gives)."""
     from tvm import relax
 
     src = ctx.tensor(op.inputs[0])
-    if op.opcode == "QUANTIZE":
-        if src.dtype != "float32":
-            raise UnsupportedOperator([f"QUANTIZE #{op.index} from {src.dtype} to int16"], ctx.graph.name)
-        return quantize(ctx, op, impl)
     v = relax.op.astype(relax.op.subtract(relax.op.astype(ctx.input(op, 0), "int32"), ctx.const(src.zero_point, "int32")),
                         "float32")
     ctx.set_output(op, 0, relax.op.multiply(v, ctx.const(np.float32(src.scale), "float32")))

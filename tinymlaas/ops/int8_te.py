@@ -402,3 +402,54 @@ def mean_s8(x, *, axes, keepdims, n, zp_in, zp_out, mult, shift, lo, hi, out_dty
         return tirx.Min(tirx.Max(scaled + _i32(zp_out), _i32(lo)), _i32(hi)).astype(out_dtype)
 
     return te.compute(out_shape, f, name="mean")
+
+
+def sigmoid_s16(x, table, *, opcode, mult, shift):
+    """TFLite's int16 LOGISTIC / TANH: the input scaled to units of 1/(3 * 4096), a 256-step table interpolated
+    over 9 (LOGISTIC) or 8 (TANH) fraction bits, odd symmetry around 0 (see ops/int16.py)."""
+    from tvm import te, tirx
+
+    bits = 9 if opcode == "LOGISTIC" else 8
+
+    def f(*i):
+        rounding = (1 << (shift - 1)) if shift > 0 else 0
+        d = (x(*i).astype("int32") * _i32(mult) + _i32(rounding)) >> _i32(shift)
+
+        def body(d):
+            a = tirx.Select(d >= _i32(0), d, -d)
+            step = a >> _i32(bits)
+            k = tirx.Min(step, _i32(254))
+            lo, hi = table[k], table[k + 1]
+            frac = a & _i32((1 << bits) - 1)
+            if opcode == "LOGISTIC":
+                r = tirx.Select(step >= _i32(255), _i32(0x7FFF << 10), (lo << _i32(9)) + frac * (hi - lo))
+                r = tirx.Select(d >= _i32(0), r + _i32(1 << 9), _i32((1 << 25) + (1 << 9) - 1) - r) >> _i32(10)
+            else:
+                r = tirx.Select(step >= _i32(255), _i32(0xFFFF << 8), (lo << _i32(8)) + frac * (hi - lo))
+                r = tirx.Select(d >= _i32(0), r - _i32((1 << 23) - (1 << 7)), _i32((1 << 23) + (1 << 7) - 1) - r) >> _i32(8)
+            return tirx.Min(tirx.Max(r, _i32(-32768)), _i32(32767)).astype("int16")
+
+        return _let(d, body, "d")
+
+    return te.compute(x.shape, f, name="sigmoid")
+
+
+def rescale_q(x, *, zp_in, zp_out, mult_pos, shift_pos, mult_neg, shift_neg, lo, hi, absolute, out_dtype):
+    """zp_out + (x - zp_in) rescaled by one multiplier for x >= zp_in and another below (|x - zp_in| if absolute),
+    clamped: TFLite's quantized ReLU family, LEAKY_RELU, ABS and integer requantization."""
+    from tvm import te, tirx
+
+    def f(*i):
+        def body(v):
+            if absolute:
+                v = tirx.Select(v >= _i32(0), v, -v)
+            pos = multiply_by_quantized_multiplier(v, _i32(mult_pos), _i32(shift_pos))
+            if (mult_neg, shift_neg) == (mult_pos, shift_pos) or absolute:
+                out = pos
+            else:
+                out = tirx.Select(v >= _i32(0), pos, multiply_by_quantized_multiplier(v, _i32(mult_neg), _i32(shift_neg)))
+            return _clamp(out + _i32(zp_out), lo, hi, out_dtype)
+
+        return _let(x(*i).astype("int32") - _i32(zp_in), body, "v")
+
+    return te.compute(x.shape, f, name="rescale")

@@ -1,0 +1,237 @@
+"""int16x8 operators beyond the ones int8.py shares with int8 (convolutions, pools, ADD/SUB/MUL, MEAN).
+
+int16 activations have zero point 0 and a 65,536-value range, so the int8 trick of tabulating an elementwise
+operator over every input does not fit a microcontroller. TFLite's int16 kernels instead interpolate small tables
+(513 or 257 entries); we compute the same tables at compile time and interpolate the same way on the device:
+- SOFTMAX: exp and 1/(1 + x) tables made as TFLite's Prepare makes them (`interpolation_table`), C kernel
+  firmware/kernels/softmax_s16.c.
+- LOGISTIC, TANH: the interpreter's kernel interpolates a fixed 256-entry sigmoid table. Its values are not a
+  closed formula, so they are read back from the interpreter at the model's quantization (`sigmoid_table`) and the
+  whole kernel is checked against the interpreter over all 65,536 inputs before it is used.
+- RELU, RELU6, RELU_N1_TO_1, LEAKY_RELU, ABS, QUANTIZE (int -> int): one or two fixed-point rescales.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tinymlaas.errors import UnsupportedOperator
+from tinymlaas.ops.int8 import _emit_kernel, _extern, activation_range, lookup_table, quantize_multiplier
+from tinymlaas.ops.registry import register
+from tinymlaas.verify import reference_resolver
+
+
+def _round_away(v: float) -> float:
+    return math.floor(abs(v) + 0.5) * (1 if v >= 0 else -1)
+
+
+def interpolation_table(func, in_scale: float, in_zero: int, out_scale: float, out_zero: int) -> np.ndarray:
+    """TFLite's 513-entry int16 table of `func` (double arithmetic): 512 samples, each biased by half the error of
+    linear interpolation at the midpoint of its step, plus the end point."""
+    in_min, in_max = in_scale * (-32768 - in_zero), in_scale * (32767 - in_zero)
+    out_min, out_max = out_scale * (-32768 - out_zero), out_scale * (32767 - out_zero)
+    step = (in_max - in_min) / 512
+    scaling = 65536 / (out_max - out_min)
+    table = []
+    for i in range(512):
+        x = in_min + i * step
+        sample = _round_away(func(x) * scaling)
+        interpolated = _round_away((func(in_min + (i + 1) * step) * scaling + sample) / 2)
+        bias = _round_away((interpolated - _round_away(func(x + step / 2) * scaling)) / 2)
+        table.append(min(max(sample - bias, -32768), 32767))
+    table.append(min(max(_round_away(func(in_max) * scaling), -32768), 32767))
+    return np.array(table, dtype=np.int16)
+
+
+_RANGE = 65535.0
+EXP_TABLE = interpolation_table(math.exp, 10.0 / _RANGE, 32767, 2.0 / _RANGE, 0)  # [-10, 0]
+RECIPROCAL_TABLE = interpolation_table(lambda v: 1.0 / (1.0 + v), 1.0 / _RANGE, -32768, 2.0 / _RANGE, 0)  # [0, 1]
+
+
+@register("SOFTMAX", "int16", implementations=("c",))
+def softmax(ctx, op, impl):
+    from tvm import relax
+
+    x_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.outputs[0])
+    if x_t.zero_point != 0 or out_t.zero_point != 0:
+        raise UnsupportedOperator([f"SOFTMAX #{op.index} int16 with a nonzero zero point"], ctx.graph.name)
+    m, shift = quantize_multiplier(x_t.scale * float(op.opt("beta", 1.0)) / (10.0 / _RANGE))
+    params = np.array([m, shift, out_t.shape[-1], out_t.size], dtype=np.int32)
+    y = _extern(ctx, "tinymlaas_softmax_s16", [ctx.input(op, 0), relax.const(EXP_TABLE), relax.const(RECIPROCAL_TABLE),
+                                               relax.const(params)], out_t.shape, "int16")
+    ctx.set_output(op, 0, y)
+
+
+# --- LOGISTIC and TANH -------------------------------------------------------------------------------------------
+
+# The interpreter's int16 sigmoid table has 256 steps of 1/24 over [0, 10.7) in Q0.16; the closed form below is
+# its starting guess, within a few units of every entry.
+_SIGMOID_GUESS = np.minimum(np.round(65536 / (1 + np.exp(-np.arange(256) / 24.0))), 65535).astype(np.int64)
+_FRACTION_BITS = {"LOGISTIC": 9, "TANH": 8}
+
+
+def input_rescale(scale: float) -> tuple[int, int]:
+    """TFLite's (multiplier, right shift) taking an int16 input to units of 1/(3 * 4096) (power-of-two scales of
+    2^-12 and, for TANH, 2^-11 take 3 << shift)."""
+    log2 = math.log2(scale)
+    if log2 == round(log2) and 12 + round(log2) in (0, 1):
+        return 3 << (12 + round(log2)), 0
+    m, shift = scale * 4096.0 * 3.0, 0
+    while m <= 32767.0 / 2.0 and shift <= 30:
+        shift, m = shift + 1, m * 2.0
+    return int(m), shift
+
+
+def _scaled(x: np.ndarray, mult: int, shift: int) -> np.ndarray:
+    rounding = (1 << (shift - 1)) if shift > 0 else 0
+    return (x.astype(np.int64) * mult + rounding) >> shift
+
+
+def _interpolate(opcode: str, d: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """The interpreter's LOGISTIC / TANH of scaled inputs d, in numpy (what the device kernel computes)."""
+    step = np.minimum(np.abs(d) >> _FRACTION_BITS[opcode], 254)
+    return _between(opcode, d, table[step], table[step + 1])
+
+
+def _between(opcode: str, d: np.ndarray, lo, hi) -> np.ndarray:
+    """The kernel's output for scaled inputs d given the table entries around them (broadcasting)."""
+    bits = _FRACTION_BITS[opcode]
+    a = np.abs(d)
+    frac = a & ((1 << bits) - 1)
+    if opcode == "LOGISTIC":
+        r = np.where(a >> bits >= 255, 0x7FFF << 10, (lo << 9) + frac * (hi - lo))
+        r = np.where(d >= 0, r + (1 << 9), (1 << 25) - r + (1 << 9) - 1) >> 10
+    else:
+        r = np.where(a >> bits >= 255, 0xFFFF << 8, (lo << 8) + frac * (hi - lo))
+        r = np.where(d >= 0, r - (1 << 23) + (1 << 7), -r + (1 << 23) + (1 << 7) - 1) >> 8
+    return np.clip(r, -32768, 32767)
+
+
+def sigmoid_table(opcode: str, scaled: np.ndarray, expected: np.ndarray) -> np.ndarray | None:
+    """The 256-entry table (plus the end point) that reproduces `expected` (the interpreter's outputs for every
+    int16 input, scaled to `scaled`), or None. Each table step is constrained by the outputs it interpolates;
+    a dynamic programme picks, among the entries consistent with both neighbouring steps, the ones nearest the
+    closed form."""
+    bits = _FRACTION_BITS[opcode]
+    a = np.abs(scaled)
+    step, frac = a >> bits, a & ((1 << bits) - 1)
+    offsets = np.arange(-3, 4)  # the closed form is within 1 of every entry measured; 3 leaves room
+    guess = _SIGMOID_GUESS
+    allowed: list[set[tuple[int, int]] | None] = []
+    for k in range(255):
+        sel = step == k
+        if not sel.any():
+            allowed.append(None)  # unconstrained
+            continue
+        lo = (guess[k] + offsets)[:, None, None]
+        hi = (guess[min(k + 1, 255)] + offsets)[None, :, None]
+        fits = (_between(opcode, scaled[sel][None, None, :], lo, hi) == expected[sel]).all(axis=2)
+        pairs = {(int(guess[k] + offsets[i]), int(guess[min(k + 1, 255)] + offsets[j])) for i, j in zip(*np.nonzero(fits))}
+        if not pairs:
+            return None
+        allowed.append(pairs)
+    # best[v] = (cost, previous choices) over values v of entry k
+    best = {int(v): (abs(int(v) - int(guess[0])), [int(v)]) for v in guess[0] + offsets}
+    for k in range(255):
+        nxt = {}
+        for v, (cost, path) in best.items():
+            for w in guess[k + 1] + offsets:
+                w = int(w)
+                if allowed[k] is not None and (v, w) not in allowed[k]:
+                    continue
+                c = cost + abs(w - int(guess[k + 1]))
+                if w not in nxt or c < nxt[w][0]:
+                    nxt[w] = (c, path + [w])
+        if not nxt:
+            return None
+        best = nxt
+    return np.array(min(best.values())[1], dtype=np.int64)
+
+
+_TABLES: dict[tuple, np.ndarray | None] = {}  # by operator and quantization: an unrolled LSTM repeats them
+
+
+@register(("LOGISTIC", "TANH"), "int16", implementations=("interpolated",))
+def sigmoid(ctx, op, impl):
+    from tvm import relax
+
+    import tinymlaas.ops.int8_te as k
+
+    x_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.outputs[0])
+    if x_t.zero_point != 0 or out_t.zero_point != 0 or x_t.quant is None:
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} int16 with a nonzero zero point"], ctx.graph.name)
+    mult, shift = input_rescale(x_t.scale)
+    key = (op.opcode, x_t.scale, out_t.scale, op.version, reference_resolver(ctx.graph.source))
+    if key not in _TABLES:
+        x = np.arange(-32768, 32768, dtype=np.int16)
+        try:
+            expected = lookup_table(ctx.graph, op, x).astype(np.int64)
+        except Exception as e:  # the interpreter refuses this quantization for this operator
+            raise UnsupportedOperator([f"{op.opcode} #{op.index} ({str(e).splitlines()[0][:120]})"],
+                                      ctx.graph.name) from e
+        scaled = _scaled(x, mult, shift)
+        table = sigmoid_table(op.opcode, scaled, expected)
+        _TABLES[key] = table if table is not None and np.array_equal(_interpolate(op.opcode, scaled, table), expected) \
+            else None
+    table = _TABLES[key]
+    if table is None:
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} int16: the interpreter's kernel could not be reproduced "
+                                   f"at input scale {x_t.scale:g}"], ctx.graph.name)
+    y = _emit_kernel(ctx, k.sigmoid_s16, [ctx.input(op, 0), relax.const(table.astype(np.int32))], opcode=op.opcode,
+                     mult=mult, shift=shift)
+    ctx.set_output(op, 0, y)
+
+
+# --- rescaling elementwise operators -----------------------------------------------------------------------------
+
+def _rescale_kernel(ctx, op, positive: float, negative: float | None, act: int = 0, absolute: bool = False):
+    """out = zp_out + rescale(x - zp_in) by `positive` (x >= zp_in) or `negative`, clamped to the activation range."""
+    import tinymlaas.ops.int8_te as k
+
+    x_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.outputs[0])
+    mp, sp = quantize_multiplier(positive)
+    mn, sn = quantize_multiplier(negative if negative is not None else positive)
+    lo, hi = activation_range(act, out_t.scale, out_t.zero_point, out_t.dtype)
+    y = _emit_kernel(ctx, k.rescale_q, [ctx.input(op, 0)], zp_in=x_t.zero_point, zp_out=out_t.zero_point,
+                     mult_pos=mp, shift_pos=sp, mult_neg=mn, shift_neg=sn, lo=lo, hi=hi, absolute=absolute,
+                     out_dtype=out_t.dtype)
+    ctx.set_output(op, 0, y)
+
+
+_RELU_ACT = {"RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3}
+
+
+@register(("RELU", "RELU6", "RELU_N1_TO_1"), "int16", implementations=("tir",))
+def relu(ctx, op, impl):
+    """TFLite's quantized ReLU: rescaled by in/out scale, clamped to the quantized activation bounds."""
+    ratio = ctx.tensor(op.inputs[0]).scale / ctx.tensor(op.outputs[0]).scale
+    _rescale_kernel(ctx, op, ratio, None, act=_RELU_ACT[op.opcode])
+
+
+@register("LEAKY_RELU", "int16", implementations=("tir",))
+def leaky_relu(ctx, op, impl):
+    ratio = ctx.tensor(op.inputs[0]).scale / ctx.tensor(op.outputs[0]).scale
+    alpha = float(np.float32(op.opt("alpha", 0.2)))
+    _rescale_kernel(ctx, op, ratio, ratio * alpha)
+
+
+@register("ABS", "int16", implementations=("tir",))
+def absolute(ctx, op, impl):
+    ratio = ctx.tensor(op.inputs[0]).scale / ctx.tensor(op.outputs[0]).scale
+    _rescale_kernel(ctx, op, ratio, None, absolute=True)
+
+
+@register("QUANTIZE", "int16", implementations=("tir",))
+def quantize(ctx, op, impl):
+    """float32 -> int16 at a model's edge, or a requantization between integer types (the interpreter's Requantize:
+    rescaled by in/out scale, offset, clamped to the output type)."""
+    from tinymlaas.ops.int8 import quantize as quantize_float
+
+    src = ctx.tensor(op.inputs[0])
+    if src.dtype == "float32":
+        return quantize_float(ctx, op, impl)
+    if src.dtype not in ("int8", "int16"):
+        raise UnsupportedOperator([f"QUANTIZE #{op.index} from {src.dtype}"], ctx.graph.name)
+    _rescale_kernel(ctx, op, src.scale / ctx.tensor(op.outputs[0]).scale, None)
