@@ -9,7 +9,6 @@ statically planned scratch area, and no allocator exists on the device.
 
 from __future__ import annotations
 
-import re
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,8 +21,6 @@ from tinymlaas.ir.lower import ARENA_ALIGN, KernelCall, Program, Region
 SYMBOL_PREFIX = "tinymlaas_k_"
 STACK_ALLOC_LIMIT = 1024  # TVM puts smaller allocations on the stack, larger ones need a workspace call
 
-_ALLOC_RE = re.compile(r'^(\s*)(\w+) = T\.sblock_alloc_buffer\(\((.*?)\)(?:, "(\w+)")?\)\s*$')
-_FLAT_ALLOC_RE = re.compile(r'(\w+) = T\.alloc_buffer\(\((.*?)\)(?:, "(\w+)")?')
 
 
 @dataclass(frozen=True)
@@ -40,9 +37,19 @@ class KernelObject:
     code_bytes: int = 0
 
 
-def _dims(text: str) -> list[int]:
-    text = re.sub(r"T\.int(32|64)\((\d+)\)", r"\2", text)
-    return [int(x) for x in re.findall(r"-?\d+", text)]
+def _nbytes(buffer) -> int:
+    return int(np.prod([int(d) for d in buffer.ty.shape], dtype=np.int64)) * np.dtype(str(buffer.ty.dtype)).itemsize
+
+
+def _statements(stmt):
+    """Every statement under `stmt` (TVM 0.27 has no Python visitor)."""
+    yield stmt
+    for attr in ("block", "body", "init", "then_case", "else_case"):
+        child = getattr(stmt, attr, None)
+        if child is not None and not isinstance(child, (int, float, str)):
+            yield from _statements(child)
+    for child in getattr(stmt, "seq", None) or ():
+        yield from _statements(child)
 
 
 def _compacted_alloc_bytes(func) -> dict[str, int]:
@@ -61,53 +68,45 @@ def _compacted_alloc_bytes(func) -> dict[str, int]:
     ]
     lowered = tvm.transform.Sequential(passes)(tvm.IRModule({"main": func}))["main"]
     sizes: dict[str, int] = {}
-    for name, dims, dtype in _FLAT_ALLOC_RE.findall(lowered.script()):
-        n = int(np.prod(_dims(dims), dtype=np.int64)) * np.dtype(dtype or "float32").itemsize
-        sizes[name] = max(sizes.get(name, 0), n)
+    for stmt in _statements(lowered.body):
+        if isinstance(stmt, tirx.AllocBuffer):
+            sizes[stmt.buffer.name] = max(sizes.get(stmt.buffer.name, 0), _nbytes(stmt.buffer))
     return sizes
 
 
 def to_c_abi(func, symbol: str):
-    """PrimFunc with Buffer params -> PrimFunc with pointer params (+ hoisted scratch). Returns (func, scratch)."""
-    import tvm
+    """PrimFunc with Buffer params -> PrimFunc with pointer params (+ hoisted scratch). Returns (func, scratch).
 
-    src = func.script()
-    declared = {}
-    for line in src.splitlines():
-        m = _ALLOC_RE.match(line)
-        if m:
-            declared[m.group(2)] = int(np.prod(_dims(m.group(3)), dtype=np.int64)) * np.dtype(m.group(4) or "float32").itemsize
+    Each buffer parameter becomes a pointer parameter and a DeclBuffer of that pointer at the top of the root
+    block; the root block's allocations too big for the stack become pointer parameters the same way."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    def pointer(name, buffer):
+        return tvm.ir.Var(name, tvm.ir.PointerType(tvm.ir.PrimType(str(buffer.ty.dtype)), "global"))
+
+    root = func.body
+    if not isinstance(root, s_tir.SBlockRealize):
+        raise BuildFailure(f"kernel {symbol}: no root block")
+    block = root.block
+    params = [pointer(f"p{k}_ptr", p) for k, p in enumerate(func.params)]
+    decls = [tirx.DeclBuffer(p, data=ptr) for p, ptr in zip(func.params, params)]
     big = set()
-    if any(b >= STACK_ALLOC_LIMIT for b in declared.values()):  # compaction may shrink them: ask TVM
+    if any(_nbytes(b) >= STACK_ALLOC_LIMIT for b in block.alloc_buffers):  # compaction may shrink them: ask TVM
         big = {n for n, b in _compacted_alloc_bytes(func).items() if b >= STACK_ALLOC_LIMIT}
-    if "metadata[" in src:
-        raise BuildFailure(f"kernel {symbol}: embedded constant tensors are not supported in kernels")
-    lines = src.splitlines()
-    head = next(i for i, line in enumerate(lines) if line.startswith("def "))
-    params, decls, scratch = [], [], []
-    printed = re.findall(r"(\w+): T\.Buffer", lines[head])  # the printer makes repeated names unique
-    if len(printed) != len(func.params):
-        raise BuildFailure(f"kernel {symbol}: unexpected parameter list {lines[head][:200]}")
-    for k, (p, name) in enumerate(zip(func.params, printed)):
-        shape = ", ".join(str(int(s)) for s in p.ty.shape)
-        dtype = str(p.ty.dtype.dtype)
-        params.append(f'p{k}_ptr: T.handle("{dtype}", "global")')
-        decls.append(f'    {name} = T.decl_buffer(({shape},), "{dtype}", data=p{k}_ptr)')
-    body = []
-    for line in lines[head + 1 :]:
-        m = _ALLOC_RE.match(line)
-        if m and m.group(2) in big:
-            name, dims, dtype = m.group(2), _dims(m.group(3)), m.group(4) or "float32"
-            params.append(f'{name}_ptr: T.handle("{dtype}", "global")')
-            decls.append(f'    {name} = T.decl_buffer(({", ".join(map(str, dims))},), "{dtype}", data={name}_ptr)')
-            scratch.append(ScratchBuffer(name, int(np.prod(dims, dtype=np.int64)) * np.dtype(dtype).itemsize))
+    kept, scratch = [], []
+    for buffer in block.alloc_buffers:
+        if buffer.name not in big:
+            kept.append(buffer)
             continue
-        body.append(line)
-    attrs_end = 0
-    while attrs_end < len(body) and body[attrs_end].strip().startswith("T.func_attr"):
-        attrs_end += 1
-    text = "\n".join(lines[:head] + [f"def {symbol}({', '.join(params)}):"] + body[:attrs_end] + decls + body[attrs_end:])
-    new = tvm.script.from_source(text)
+        params.append(pointer(f"{buffer.name}_ptr", buffer))
+        decls.append(tirx.DeclBuffer(buffer, data=params[-1]))
+        scratch.append(ScratchBuffer(buffer.name, _nbytes(buffer)))
+    body = tirx.SeqStmt(decls + [block.body])
+    new_block = s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body, block.init, kept,
+                             block.match_buffers, block.annotations)
+    new = tirx.PrimFunc(params, s_tir.SBlockRealize(root.iter_values, root.predicate, new_block), func.ret_type,
+                        func.attrs)
     return new.with_attr({"global_symbol": symbol, "calling_conv": 1}), scratch
 
 
