@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from tinymlaas import PROJECT_ROOT
+from tinymlaas import data_dir
 from tinymlaas.errors import UnknownTarget
 
-TARGETS_DIR = PROJECT_ROOT / "targets"
+TARGETS_DIR = data_dir("targets")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,36 @@ static inline int32_t tinymlaas_requantize_single(int32_t acc, int32_t multiplie
     return (int32_t)(((int64_t)acc * multiplier + (1ll << (total - 1))) >> total);
 }
 
+static inline int32_t tinymlaas_saturating_shift_left(int32_t x, int exponent)
+{
+    int32_t threshold = (int32_t)((1u << (31 - exponent)) - 1);
+    if (x > threshold)
+        return INT32_MAX;
+    if (x < -threshold)
+        return INT32_MIN;
+    return (int32_t)((uint32_t)x << exponent);
+}
+
+static inline int tinymlaas_count_leading_zeros(uint32_t x)
+{
+    return x ? __builtin_clz(x) : 32;
+}
+
+/* gemmlowp's 1 / (1 + x) for x in [0, 1), Q0.31 in and out (Newton-Raphson, 3 steps, in Q2.29) */
+static inline int32_t tinymlaas_one_over_one_plus_x(int32_t a)
+{
+    int64_t sum = (int64_t)a + INT32_MAX; /* rounding half sum of a and 1 */
+    int32_t half_denominator = (int32_t)((sum + (sum >= 0 ? 1 : -1)) / 2);
+    const int32_t c48_over_17 = 1515870810;
+    const int32_t cneg32_over_17 = -1010580540;
+    int32_t x = c48_over_17 + tinymlaas_srdhm(half_denominator, cneg32_over_17);
+    for (int i = 0; i < 3; i++) {
+        int32_t one_minus = (1 << 29) - tinymlaas_srdhm(half_denominator, x);
+        x = x + tinymlaas_saturating_shift_left(tinymlaas_srdhm(x, one_minus), 2);
+    }
+    return tinymlaas_saturating_shift_left(x, 1);
+}
+
 static inline int8_t tinymlaas_clamp_s8(int32_t v, int32_t lo, int32_t hi)
 {
     return (int8_t)(v < lo ? lo : v > hi ? hi : v);

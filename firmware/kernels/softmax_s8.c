@@ -8,6 +8,8 @@
  */
 #include <stdint.h>
 
+#include "fixedpoint_s8.h"
+
 static int32_t srdhm(int32_t a, int32_t b)
 {
     if (a == b && a == INT32_MIN)
@@ -23,16 +25,6 @@ static int32_t rounding_divide_by_pot(int32_t x, int exponent)
     int32_t remainder = x & mask;
     int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
     return (x >> exponent) + (remainder > threshold ? 1 : 0);
-}
-
-static int32_t saturating_shift_left(int32_t x, int exponent)
-{
-    int32_t threshold = (int32_t)((1u << (31 - exponent)) - 1);
-    if (x > threshold)
-        return INT32_MAX;
-    if (x < -threshold)
-        return INT32_MIN;
-    return (int32_t)((uint32_t)x << exponent);
 }
 
 /* exp(a) for a in [-1/4, 0), Q0.31 in and out */
@@ -56,7 +48,7 @@ static int32_t exp_on_negative_values(int32_t a)
     const int32_t one_quarter = 1 << 24;
     int32_t mask = one_quarter - 1;
     int32_t a_mod_quarter_minus_one_quarter = (a & mask) - one_quarter;
-    int32_t result = exp_quarter(saturating_shift_left(a_mod_quarter_minus_one_quarter, 5));
+    int32_t result = exp_quarter(tinymlaas_saturating_shift_left(a_mod_quarter_minus_one_quarter, 5));
     int32_t remainder = a_mod_quarter_minus_one_quarter - a;
     static const int32_t multipliers[7] = {1672461947, 1302514674, 790015084, 290630308, 39332535, 720401, 242};
     for (int i = 0; i < 7; i++) {
@@ -67,33 +59,6 @@ static int32_t exp_on_negative_values(int32_t a)
     if (a == 0)
         result = INT32_MAX;
     return result;
-}
-
-static int32_t rounding_half_sum(int32_t a, int32_t b)
-{
-    int64_t sum = (int64_t)a + (int64_t)b;
-    int64_t sign = sum >= 0 ? 1 : -1;
-    return (int32_t)((sum + sign) / 2);
-}
-
-/* 1 / (1 + x) for x in [0, 1), Q0.31 in and out (Newton-Raphson, 3 steps, in Q2.29) */
-static int32_t one_over_one_plus_x(int32_t a)
-{
-    int32_t half_denominator = rounding_half_sum(a, INT32_MAX);
-    const int32_t c48_over_17 = 1515870810;
-    const int32_t cneg32_over_17 = -1010580540;
-    int32_t x = c48_over_17 + srdhm(half_denominator, cneg32_over_17);
-    for (int i = 0; i < 3; i++) {
-        int32_t half_denominator_times_x = srdhm(half_denominator, x);
-        int32_t one_minus = (1 << 29) - half_denominator_times_x;
-        x = x + saturating_shift_left(srdhm(x, one_minus), 2);
-    }
-    return saturating_shift_left(x, 1);
-}
-
-static int count_leading_zeros(uint32_t x)
-{
-    return x ? __builtin_clz(x) : 32;
 }
 
 void tinymlaas_softmax_s8(const int8_t *input, const int32_t *params, int8_t *output)
@@ -117,10 +82,10 @@ void tinymlaas_softmax_s8(const int8_t *input, const int32_t *params, int8_t *ou
                 sum_of_exps += rounding_divide_by_pot(exp_on_negative_values(scaled), 12);
             }
         }
-        int headroom_plus_one = count_leading_zeros((uint32_t)sum_of_exps);
+        int headroom_plus_one = tinymlaas_count_leading_zeros((uint32_t)sum_of_exps);
         int num_bits_over_unit = 12 - headroom_plus_one;
         int32_t shifted_sum_minus_one = (int32_t)(((uint32_t)sum_of_exps << headroom_plus_one) - (1u << 31));
-        int32_t shifted_scale = one_over_one_plus_x(shifted_sum_minus_one);
+        int32_t shifted_scale = tinymlaas_one_over_one_plus_x(shifted_sum_minus_one);
         for (int c = 0; c < depth; c++) {
             int32_t diff = (int32_t)in[c] - max_in_row;
             if (diff >= diff_min) {

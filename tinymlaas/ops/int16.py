@@ -5,6 +5,8 @@ operator over every input does not fit a microcontroller. TFLite's int16 kernels
 (513 or 257 entries); we compute the same tables at compile time and interpolate the same way on the device:
 - SOFTMAX: exp and 1/(1 + x) tables made as TFLite's Prepare makes them (`interpolation_table`), C kernel
   firmware/kernels/softmax_s16.c.
+- EXP, LOG, RSQRT, GELU: the interpreter interpolates a 513-entry table made from a float function; its entries
+  are read back from the interpreter (`read_lut`) and checked on every input.
 - LOGISTIC, TANH: the interpreter's kernel interpolates a fixed 256-entry sigmoid table. Its values are not a
   closed formula, so they are read back from the interpreter at the model's quantization (`sigmoid_table`) and the
   whole kernel is checked against the interpreter over all 65,536 inputs before it is used.
@@ -181,6 +183,81 @@ def sigmoid(ctx, op, impl):
                                    f"at input scale {x_t.scale:g}"], ctx.graph.name)
     y = _emit_kernel(ctx, k.sigmoid_s16, [ctx.input(op, 0), relax.const(table.astype(np.int32))], opcode=op.opcode,
                      mult=mult, shift=shift)
+    ctx.set_output(op, 0, y)
+
+
+# --- operators the interpreter interpolates in a 513-entry table ---------------------------------------------------
+
+def _wrap16(v):
+    return ((np.asarray(v, dtype=np.int64) + 32768) & 0xFFFF) - 32768
+
+
+def lut_interpolate(x: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """TFLite's int16 table lookup: table[256 + (x >> 7)] plus the int16 slope to the next entry times the low 7 bits,
+    rounded; int16 arithmetic wraps as in the interpreter (what int8_te.lut_s16 computes on the device)."""
+    x = x.astype(np.int64)
+    index = 256 + (x >> 7)
+    base, slope = table[index], _wrap16(table[index + 1] - table[index])
+    return _wrap16(base + ((slope * (x & 0x7F) + 64) >> 7))
+
+
+def read_lut(x: np.ndarray, expected: np.ndarray) -> np.ndarray | None:
+    """The 513-entry table that makes `lut_interpolate` give `expected` on the inputs `x`, or None.
+
+    Entry i is the output for the input 128 * (i - 256) (no interpolation there); entries whose input the
+    interpreter does not accept, and the end point, are solved from the outputs that interpolate towards them."""
+    table = np.zeros(513, dtype=np.int64)
+    known = np.zeros(513, dtype=bool)
+    at = {int(v): int(o) for v, o in zip(x, expected)}
+    for i in range(512):
+        if 128 * (i - 256) in at:
+            table[i], known[i] = at[128 * (i - 256)], True
+    cells = (x.astype(np.int64) >> 7) + 256
+    candidates = np.arange(-32768, 32768, dtype=np.int64)
+    for i in np.nonzero(~known)[0]:
+        fits = np.ones(candidates.size, dtype=bool)
+        for cell in (i - 1, i):  # cell i - 1 interpolates towards entry i; cell i starts at it
+            sel = cells == cell
+            if cell < 0 or cell > 511 or not sel.any():
+                continue
+            if (cell == i and not known[min(i + 1, 512)]) or (cell == i - 1 and not known[cell]):
+                return None  # two unknown neighbours: not determined
+            xs, want = x[sel].astype(np.int64), expected[sel]
+            base = candidates[:, None] if cell == i else table[cell]
+            nxt = table[cell + 1] if cell == i else candidates[:, None]
+            got = _wrap16(base + ((_wrap16(nxt - base) * (xs & 0x7F) + 64) >> 7))
+            fits &= (got == want).all(axis=1)
+        if not fits.any():
+            return None
+        table[i] = candidates[fits][np.argmin(np.abs(candidates[fits] - table[i - 1]))] if i else candidates[fits][0]
+        known[i] = True
+    return table if np.array_equal(lut_interpolate(x, table), expected) else None
+
+
+@register(("EXP", "LOG", "RSQRT", "GELU"), "int16", implementations=("interpolated",))
+def interpolated(ctx, op, impl):
+    """The table read back from the interpreter at the model's quantization and checked on every input it accepts
+    (its tables come from float functions whose out-of-domain values are not specified: NaN, infinities)."""
+    from tvm import relax
+
+    import tinymlaas.ops.int8_te as k
+
+    x = np.arange(-32768, 32768, dtype=np.int16)
+    try:
+        expected = lookup_table(ctx.graph, op, x)
+    except Exception:  # RSQRT, LOG: the interpreter refuses inputs outside the domain; take the ones it accepts
+        zp = ctx.tensor(op.inputs[0]).zero_point
+        x = x[x.astype(np.int32) > zp]
+        try:
+            expected = lookup_table(ctx.graph, op, x)
+        except Exception as e:
+            raise UnsupportedOperator([f"{op.opcode} #{op.index} ({str(e).splitlines()[0][:120]})"],
+                                      ctx.graph.name) from e
+    table = read_lut(x, expected.astype(np.int64))
+    if table is None:
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} int16: the interpreter's table could not be read back"],
+                                  ctx.graph.name)
+    y = _emit_kernel(ctx, k.lut_s16, [ctx.input(op, 0), relax.const(table.astype(np.int32))])
     ctx.set_output(op, 0, y)
 
 

@@ -594,3 +594,62 @@ def mean(ctx, op, impl):
                      zp_out=out_t.zero_point, mult=mult, shift=shift, lo=int(info.min), hi=int(info.max),
                      out_dtype=out_t.dtype)
     ctx.set_output(op, 0, y)
+
+
+@register("BATCH_MATMUL", ("int8", "int16"), implementations=("tir",))
+def batch_matmul(ctx, op, impl):
+    a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    mult, shift = quantize_multiplier(a_t.scale * b_t.scale / out_t.scale)
+    rounding, acc = "double", "int32"
+    if out_t.dtype == "int16":  # int64 sums where int32 could overflow, the 64-bit rescale
+        reduced, total = reduce_multiplier(np.array([mult]), np.array([shift]))
+        mult, shift, rounding = int(reduced[0]), int(total[0]), "reduced"
+        depth = a_t.shape[-2] if op.opt("adjX", False) else a_t.shape[-1]
+        acc = "int64" if depth * 65536 * 65536 >= 2**31 else "int32"
+    info = np.iinfo(out_t.dtype)
+    y = _emit_kernel(ctx, k.batch_matmul_q, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=out_t.shape,
+                     adj_x=bool(op.opt("adjX", False)), adj_y=bool(op.opt("adjY", False)), zp_a=a_t.zero_point,
+                     zp_b=b_t.zero_point, zp_out=out_t.zero_point, mult=mult, shift=shift, lo=int(info.min),
+                     hi=int(info.max), rounding=rounding, acc_dtype=acc)
+    ctx.set_output(op, 0, y)
+
+
+@register("SQUARED_DIFFERENCE", "int8", implementations=("tir",))
+def squared_difference(ctx, op, impl):
+    """TFLite int8 SQUARED_DIFFERENCE: inputs rescaled to twice the larger scale with 7 bits of headroom."""
+    a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    left_shift = 7
+    twice_max = 2.0 * max(a_t.scale, b_t.scale)
+    ma, sa = quantize_multiplier(a_t.scale / twice_max)
+    mb, sb = quantize_multiplier(b_t.scale / twice_max)
+    mo, so = quantize_multiplier(twice_max * twice_max / ((1 << (2 * left_shift)) * out_t.scale))
+    y = _emit_kernel(ctx, k.squared_difference_s8, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=out_t.shape,
+                     left_shift=left_shift, zp_a=a_t.zero_point, zp_b=b_t.zero_point, zp_out=out_t.zero_point,
+                     mult_a=ma, shift_a=sa, mult_b=mb, shift_b=sb, mult_out=mo, shift_out=so, lo=-128, hi=127)
+    ctx.set_output(op, 0, y)
+
+
+@register("RESIZE_BILINEAR", ("int8", "int16"), implementations=("tir",))
+def resize_bilinear(ctx, op, impl):
+    from tinymlaas.ops.movement import same_quantization
+
+    same_quantization(ctx, op)
+    _, oh, ow, _ = ctx.tensor(op.outputs[0]).shape
+    y = _emit_kernel(ctx, k.resize_bilinear_q, [ctx.input(op, 0)], out_hw=(oh, ow),
+                     align_corners=bool(op.opt("alignCorners", False)), half_pixel=bool(op.opt("halfPixelCenters", False)))
+    ctx.set_output(op, 0, y)
+
+
+@register("DIV", ("int8", "int16"), implementations=("c",))
+def div(ctx, op, impl):
+    """TFLite's quantized DIV (C kernel firmware/kernels/div_s8.c); the inputs broadcast in the graph first."""
+    from tvm import relax
+
+    a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    mult, shift = quantize_multiplier(a_t.scale / (b_t.scale * out_t.scale))
+    lo, hi = _act(ctx, op)
+    params = np.array([mult, shift, a_t.zero_point, b_t.zero_point, out_t.zero_point, lo, hi, out_t.size], np.int32)
+    args = [ctx.input(op, i) if ctx.tensor(op.inputs[i]).shape == out_t.shape
+            else ctx.emit(relax.op.broadcast_to(ctx.input(op, i), out_t.shape)) for i in (0, 1)]
+    symbol = "tinymlaas_div_s16" if out_t.dtype == "int16" else "tinymlaas_div_s8"
+    ctx.set_output(op, 0, _extern(ctx, symbol, [*args, relax.const(params)], out_t.shape, out_t.dtype))

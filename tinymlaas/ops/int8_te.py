@@ -453,3 +453,100 @@ def rescale_q(x, *, zp_in, zp_out, mult_pos, shift_pos, mult_neg, shift_neg, lo,
         return _let(x(*i).astype("int32") - _i32(zp_in), body, "v")
 
     return te.compute(x.shape, f, name="rescale")
+
+
+def batch_matmul_q(a, b, *, out_shape, adj_x, adj_y, zp_a, zp_b, zp_out, mult, shift, lo, hi, rounding, acc_dtype):
+    """TFLite's quantized BATCH_MATMUL: sum over k of (a - zp_a)(b - zp_b), batch dimensions broadcast, one rescale
+    (int8: int32 sums, double rounding; int16: int64 sums, the 64-bit rescale)."""
+    from tvm import te
+
+    depth = int(a.shape[-2] if adj_x else a.shape[-1])
+    k = te.reduce_axis((0, depth), "k")
+    batch = len(out_shape) - 2
+
+    def operand(x, index, rows, adjoint):
+        lead = [0 if int(x.shape[d]) == 1 else index[batch - (len(x.shape) - 2) + d] for d in range(len(x.shape) - 2)]
+        return x[tuple(lead + ([k, rows] if adjoint else [rows, k]))]
+
+    def total(*i):
+        va = operand(a, i, i[-2], adj_x).astype("int32") - _i32(zp_a)
+        vb = operand(b, i, i[-1], not adj_y).astype("int32") - _i32(zp_b)
+        return te.sum(_product(va, vb, acc_dtype), axis=k)
+
+    acc = te.compute(out_shape, total, name="acc")
+    return te.compute(out_shape, lambda *i: _requantize(acc(*i), _i32(mult), _i32(shift), zp_out, lo, hi, rounding,
+                                                        str(a.dtype)), name="requantize")
+
+
+def squared_difference_s8(a, b, *, out_shape, left_shift, zp_a, zp_b, zp_out, mult_a, shift_a, mult_b, shift_b,
+                          mult_out, shift_out, lo, hi):
+    """TFLite int8 SQUARED_DIFFERENCE: both inputs rescaled to a common scale with `left_shift` bits of headroom,
+    the difference squared in int32, one rescale to the output."""
+    from tvm import te
+
+    def scaled(x, zp, mult, shift):
+        v = (x.astype("int32") - _i32(zp)) * _i32(1 << left_shift)
+        return multiply_by_quantized_multiplier(v, _i32(mult), _i32(shift))
+
+    diff = te.compute(out_shape, lambda *i: scaled(broadcast(a, out_shape, i), zp_a, mult_a, shift_a)
+                      - scaled(broadcast(b, out_shape, i), zp_b, mult_b, shift_b), name="keep_diff")  # not inlined
+
+    def f(*i):
+        return _clamp(multiply_by_quantized_multiplier(diff(*i) * diff(*i), _i32(mult_out), _i32(shift_out))
+                      + _i32(zp_out), lo, hi, str(a.dtype))
+
+    return te.compute(out_shape, f, name="squared_difference")
+
+
+def resize_bilinear_q(x, *, out_hw, align_corners, half_pixel):
+    """TFLite's integer RESIZE_BILINEAR: source coordinates in 1/1024 steps, the four neighbours weighted in 2^-20,
+    rounded half away from zero (int8 sums fit int32, int16 ones need int64)."""
+    from tvm import te, tirx
+
+    n, h, w, c = (int(v) for v in x.shape)
+    oh, ow = out_hw
+    acc = "int32" if str(x.dtype) == "int8" else "int64"
+
+    def scale_10(size, out):
+        if align_corners and out > 1:
+            return ((1 << 10) * (size - 1) + (out - 1) // 2) // (out - 1)
+        return ((1 << 10) * size + out // 2) // out
+
+    sy, sx = scale_10(h, oh), scale_10(w, ow)
+
+    def coordinate(v, scale, size):
+        scaled = v * _i32(scale) + _i32(scale // 2 - (1 << 9)) if half_pixel else v * _i32(scale)
+        low = tirx.Max(tirx.truncdiv(scaled, _i32(1 << 10)), _i32(0))
+        high = tirx.Min(tirx.truncdiv(scaled + _i32((1 << 10) - 1), _i32(1 << 10)), _i32(size - 1))
+        return scaled, low, high
+
+    def f(b, y, xx, ch):
+        iy, y0, y1 = coordinate(y.astype("int32"), sy, h)
+        ix, x0, x1 = coordinate(xx.astype("int32"), sx, w)
+        dy, dx = (iy - y0 * _i32(1 << 10)).astype(acc), (ix - x0 * _i32(1 << 10)).astype(acc)
+        one = tirx.const(1 << 10, acc)
+
+        def v(yy, xxx):
+            return x[b, yy, xxx, ch].astype(acc)
+
+        total = (v(y0, x0) * (one - dy) * (one - dx) + v(y1, x0) * dy * (one - dx) + v(y0, x1) * (one - dy) * dx
+                 + v(y1, x1) * dy * dx)
+        return _let(total, lambda t: tirx.truncdiv(t + tirx.Select(t > tirx.const(0, acc), tirx.const(1 << 19, acc),
+                                                                   tirx.const(-(1 << 19), acc)),
+                                                   tirx.const(1 << 20, acc)).astype(str(x.dtype)), "t")
+
+    return te.compute((n, oh, ow, c), f, name="resize")
+
+
+def lut_s16(x, table):
+    """TFLite's int16 table lookup with interpolation over the low 7 bits (int16 wrap-around as the interpreter)."""
+    from tvm import te
+
+    def f(*i):
+        v = x(*i).astype("int32")
+        index = (v >> _i32(7)) + _i32(256)
+        base = table[index]
+        slope = (table[index + 1] - base).astype("int16").astype("int32")
+        return (base + ((slope * (v & _i32(0x7F)) + _i32(64)) >> _i32(7))).astype("int16")
+
+    return te.compute(x.shape, f, name="lut")

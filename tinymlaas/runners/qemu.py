@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinymlaas import PROJECT_ROOT
+from tinymlaas import build_dir, data_dir
 from tinymlaas.backends.mcu.firmware import Firmware
 from tinymlaas.errors import EmulatorFailure, EmulatorTimeout, ToolMissing
 
-PLUGIN_SOURCE = PROJECT_ROOT / "firmware" / "qemu_plugin" / "icount.c"
+PLUGIN_SOURCE = data_dir("firmware") / "qemu_plugin" / "icount.c"
 
 
 @dataclass
@@ -38,7 +38,7 @@ class EmulatorRun:
 
 def plugin_path() -> Path:
     """The counting plugin, compiled from source when missing or older than its source."""
-    cache = Path(os.environ.get("TINYMLAAS_BUILD_DIR", PROJECT_ROOT / "build")) / "qemu-plugin"
+    cache = build_dir() / "qemu-plugin"
     lib = cache / "libtinymlaas_icount.so"
     if not lib.exists() or lib.stat().st_mtime < PLUGIN_SOURCE.stat().st_mtime:
         cache.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,12 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinymlaas import PROJECT_ROOT
+from tinymlaas import build_dir, data_dir
 from tinymlaas.backends.mcu.codegen import KernelObject
 from tinymlaas.backends.mcu.driver import DriverSources
 from tinymlaas.errors import BuildFailure, ToolMissing
 
-FIRMWARE_DIR = PROJECT_ROOT / "firmware"
+FIRMWARE_DIR = data_dir("firmware")
 STACK_RESERVE = 0x10000  # the harness paints and measures up to 64 KiB of stack
 
 
@@ -82,7 +82,7 @@ def kernel_library(gcc: str, cflags: list[str], workdir: Path) -> list[Path]:
     digest = hashlib.sha256(" ".join([gcc, *cflags]).encode())
     for f in sorted((FIRMWARE_DIR / "kernels").glob("*.[ch]")):
         digest.update(f.name.encode() + f.read_bytes())
-    cache = Path(os.environ.get("TINYMLAAS_BUILD_DIR", PROJECT_ROOT / "build")) / "kernel-lib" / digest.hexdigest()[:16]
+    cache = build_dir() / "kernel-lib" / digest.hexdigest()[:16]
     objects = [cache / f"lib_{s.stem}.o" for s in sources]
     if all(o.exists() for o in objects):
         return objects
