@@ -18,16 +18,16 @@ MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
 BUILT = {k: v for k, v in MANIFEST.items() if "file" in v}
 
 NOT_YET = {  # operators without a kernel in this precision yet (named in the error)
-    "int8": "l2_normalization log_softmax reduce_prod sum",
-    "int16x8": "reduce_prod sum",
+    "int8": "l2_normalization log_softmax reduce_prod",
+    "int16x8": "reduce_prod",
 }
 # the interpreter itself refuses the converter's output (an int16 PADV2 with a float pad value; an int16 depthwise
 # convolution whose quantization could overflow; an int16 SQUARED_DIFFERENCE it has no kernel for)
 INVALID = {"padv2_int16x8", "mobilenet_v2_int16x8", "squared_difference_int16x8"}
 TOO_LARGE = {("mobilenet_v2_float32", "cortex-m4"): "RAM", ("mobilenet_v3_small_float32", "cortex-m4"): "flash"}
-# models the reference kernels cannot run even after verify.reference_model's rewrites (checked against the
-# interpreter's optimized kernels, which round differently): none today
-REFERENCE_GAP: set[str] = set()
+# The reference kernel of a quantized SUM returns wrong values (mostly -1), so these are checked against the
+# interpreter's optimized kernels, whose float -> int QUANTIZE rounds ties differently (1 LSB, on < 5% of outputs).
+REFERENCE_GAP = {"sum_int8", "sum_int16x8"}
 
 
 def _expected_unsupported(key: str, entry: dict) -> bool:
@@ -59,7 +59,7 @@ def _check(key, target, tmp_path):
         return
     if key in REFERENCE_GAP:
         r = _compile(key, target, tmp_path)
-        assert not r.verified and any("builtin" in n for n in r.notes)
+        assert any("builtin" in n for n in r.notes) and r.fidelity["exact_fraction"] >= 0.95, r.fidelity
         return
     r = _compile(key, target, tmp_path)
     assert r.verified, r.fidelity
@@ -116,15 +116,15 @@ def test_integer_architecture_on_cortex_m4(key, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["cortex-m3", "rv32imac"])
-@pytest.mark.parametrize("key", _cases("int8", architecture=True))
-def test_int8_architecture_without_fpu_or_dsp(key, target, tmp_path):
+@pytest.mark.parametrize("key", _cases("int8", architecture=True) + _cases("int16x8", architecture=True))
+def test_integer_architecture_without_fpu_or_dsp(key, target, tmp_path):
     _check(key, target, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", [k for k in _cases("int8", architecture=True)
-                                 if k not in REFERENCE_GAP and not _expected_unsupported(k, BUILT[k])])
-def test_int8_architecture_every_intermediate_tensor(key, tmp_path):
+@pytest.mark.parametrize("key", [k for k in _cases("int8", architecture=True) + _cases("int16x8", architecture=True)
+                                 if k not in REFERENCE_GAP | INVALID and not _expected_unsupported(k, BUILT[k])])
+def test_integer_architecture_every_intermediate_tensor(key, tmp_path):
     """Every tensor the interpreter computes, byte for byte, against the build's trace of each step."""
     from tinymlaas.pipeline import verify_layers
 

@@ -111,8 +111,8 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
     precisions = {graph.precision(op) for op in graph.operators}
     lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
     if reference_resolver(model.data) != "BUILTIN_REF":
-        notes.append("the interpreter's reference kernels cannot run this model (an operator missing or aborting): "
-                     "verified against its builtin (optimized) kernels")
+        notes.append("the interpreter's reference kernels cannot run this model (an operator missing, aborting or, "
+                     "for a quantized SUM, wrong): verified against its builtin (optimized) kernels")
     return to_relax(graph, target, kernels), lowering, notes
 
 
@@ -258,6 +258,7 @@ def _build_and_run(model_path, target_name: str, workdir: Path, batches_of, kern
     """Build with extra harness options (profile / trace) and run it on the inputs `batches_of(model)` gives."""
     target = get_target(target_name)
     model = load_tflite(model_path)
+    workdir.mkdir(parents=True, exist_ok=True)
     relax_mod, _, _ = import_model(model, target, kernels=kernels)
     program = lower(relax_mod, schedule=default_schedule)
     program, built = build_kernels(program, target, workdir)
@@ -281,23 +282,33 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
 
 def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, seed: int = 0,
                   kernels: str = "auto") -> list[list]:
-    """Every intermediate tensor of an int8 build against the interpreter's, for each of `inputs` inputs."""
+    """Every intermediate tensor of an integer build against the interpreter's, for each of `inputs` inputs."""
     from tinymlaas.ir.lower import Copy, KernelCall
     from tinymlaas.verify import compare_layers
 
     model, program, batches, _ = _build_and_run(
         model_path, target_name, workdir, lambda m: make_inputs(m, inputs, seed), kernels, trace=True
     )
+    traced = [s for s in program.steps if isinstance(s, (KernelCall, Copy))]
     sizes = [[a for a in s.args if a.kind != "scratch"][-1].nbytes if isinstance(s, KernelCall) else s.nbytes
-             for s in program.steps if isinstance(s, (KernelCall, Copy))]
+             for s in traced]
     trace, off, results = (workdir / "trace.bin").read_bytes(), 0, []
     for batch in batches:
         steps = []
         for n in sizes:
             steps.append(trace[off:off + n])
             off += n
-        results.append(compare_layers(model, batch, steps))
+        results.append(compare_layers(model, batch, steps, [s.op_index for s in traced],
+                                      [_written_output(s) for s in traced]))
     return results
+
+
+def _written_output(step) -> int | None:
+    """The model output a step writes (its last argument, or a copy's destination), if any."""
+    from tinymlaas.ir.lower import Copy
+
+    region = step.dst if isinstance(step, Copy) else [a for a in step.args if a.kind != "scratch"][-1]
+    return region.index if region.kind == "output" else None
 
 
 class _Stopwatch:

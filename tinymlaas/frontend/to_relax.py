@@ -55,7 +55,7 @@ class LoweringContext:
         return relax.const(value, str(value.dtype))
 
     def emit(self, expr):
-        return self.bb.emit(expr, name_hint=f"op{self.op.index}")
+        return self.bb.emit(expr, name_hint=f"op{self.op.index}_")  # "_": TVM appends digits to repeated names
 
     def set_output(self, op: Operator, k: int, expr) -> None:
         """Bind `expr` as output k of `op`, reshaped to the tensor's static shape if needed."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 ARENA_ALIGN = 16
-_OP_VAR = re.compile(r"^op(\d+)")  # values bound by the importer are named after their TFLite operator
+_OP_VAR = re.compile(r"^op(\d+)_")  # values bound by the importer are named op<TFLite operator index>_
 
 
 @dataclass(frozen=True)

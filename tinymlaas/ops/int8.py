@@ -382,9 +382,10 @@ def add(ctx, op, impl):
 
 @register("MUL", ("int8", "int16"), implementations=("tir",))
 def mul(ctx, op, impl):
-    """TFLite int8 MUL: (a - zp_a) * (b - zp_b) rescaled by scale_a * scale_b / scale_out (double rounding)."""
+    """TFLite int8/int16 MUL: (a - zp_a) * (b - zp_b) rescaled by scale_a * scale_b / scale_out (double rounding)."""
     a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
-    m, s = quantize_multiplier(a_t.scale * b_t.scale / out_t.scale)  # in double, as TFLite
+    # in float32, as the interpreter computes it (its scales are floats; only the quotient is widened to double)
+    m, s = quantize_multiplier(float(np.float32(a_t.scale) * np.float32(b_t.scale) / np.float32(out_t.scale)))
     lo, hi = _act(ctx, op)
     y = _emit_kernel(ctx, k.mul_s8, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=out_t.shape, zp_a=a_t.zero_point,
                      zp_b=b_t.zero_point, zp_out=out_t.zero_point, mult=m, shift=s, act_min=lo, act_max=hi,
@@ -646,10 +647,29 @@ def div(ctx, op, impl):
     from tvm import relax
 
     a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
-    mult, shift = quantize_multiplier(a_t.scale / (b_t.scale * out_t.scale))
+    # in float32, as the interpreter's expression of float scales evaluates it
+    mult, shift = quantize_multiplier(float(np.float32(a_t.scale) / (np.float32(b_t.scale) * np.float32(out_t.scale))))
     lo, hi = _act(ctx, op)
     params = np.array([mult, shift, a_t.zero_point, b_t.zero_point, out_t.zero_point, lo, hi, out_t.size], np.int32)
     args = [ctx.input(op, i) if ctx.tensor(op.inputs[i]).shape == out_t.shape
             else ctx.emit(relax.op.broadcast_to(ctx.input(op, i), out_t.shape)) for i in (0, 1)]
     symbol = "tinymlaas_div_s16" if out_t.dtype == "int16" else "tinymlaas_div_s8"
     ctx.set_output(op, 0, _extern(ctx, symbol, [*args, relax.const(params)], out_t.shape, out_t.dtype))
+
+
+@register("SUM", ("int8", "int16"), implementations=("tir",))
+def reduce_sum(ctx, op, impl):
+    """TFLite's quantized SUM computes in float32 (scale and bias as its Prepare makes them); we do the same, so it
+    needs float arithmetic on the device (soft-float without an FPU)."""
+    from tinymlaas.ops.float32 import reduce_axes
+
+    x_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.outputs[0])
+    axes = reduce_axes(ctx, op)
+    n = int(np.prod([x_t.shape[a] for a in axes]))
+    scale = np.float32(x_t.scale) / np.float32(out_t.scale)
+    bias = np.float32(-x_t.zero_point) * scale * np.float32(n)
+    info = np.iinfo(out_t.dtype)
+    y = _emit_kernel(ctx, k.sum_q, [ctx.input(op, 0)], axes=axes, keepdims=bool(op.opt("keepDims", False)),
+                     scale=float(scale), bias=float(bias), zp_out=out_t.zero_point, lo=int(info.min), hi=int(info.max),
+                     out_dtype=out_t.dtype)
+    ctx.set_output(op, 0, y)

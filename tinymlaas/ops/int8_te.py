@@ -550,3 +550,37 @@ def lut_s16(x, table):
         return (base + ((slope * (v & _i32(0x7F)) + _i32(64)) >> _i32(7))).astype("int16")
 
     return te.compute(x.shape, f, name="lut")
+
+
+def sum_q(x, *, axes, keepdims, scale, bias, zp_out, lo, hi, out_dtype):
+    """TFLite's quantized SUM, which computes in float: round(sum(x) * scale + bias) + zp_out, clamped, with
+    scale = in/out scale and bias = -zp_in * scale * n in float32 (TVM's LLVM code generation does not contract a
+    multiply and an add into one fused operation, which would round differently)."""
+    from tvm import te, tirx
+
+    shape = [int(v) for v in x.shape]
+    rax = {a: te.reduce_axis((0, shape[a]), f"r{a}") for a in axes}
+    out_shape = [1 if a in rax else d for a, d in enumerate(shape)] if keepdims else \
+        [d for a, d in enumerate(shape) if a not in rax]
+
+    def total(*o):
+        it = iter(o)
+        idx = []
+        for a in range(len(shape)):
+            if a in rax:
+                idx.append(rax[a])
+                if keepdims:
+                    next(it)
+            else:
+                idx.append(next(it))
+        return te.sum(x[tuple(idx)].astype("int32"), axis=list(rax.values()))
+
+    sums = te.compute(out_shape, total, name="sum")
+
+    def f(*o):
+        value = sums(*o).astype("float32") * tirx.const(float(scale), "float32") + tirx.const(float(bias), "float32")
+        rounded = tirx.Select(value >= tirx.const(0, "float32"), tirx.floor(value + tirx.const(0.5, "float32")),
+                              tirx.ceil(value - tirx.const(0.5, "float32")))
+        return _clamp(rounded.astype("int32") + _i32(zp_out), lo, hi, out_dtype)
+
+    return te.compute(out_shape, f, name="requantize")
