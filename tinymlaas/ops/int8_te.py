@@ -374,9 +374,9 @@ def prelu_s8(x, alpha, *, out_shape, zp_in, zp_alpha, zp_out, mult_pos, shift_po
     return te.compute(out_shape, f, name="prelu")
 
 
-def mean_s8(x, *, axes, keepdims, n, zp_in, zp_out, mult, shift, lo, hi, out_dtype):
-    """TFLite integer MEAN over `axes`: the int32 sum of (x - zp_in), rescaled once (1/n folded into mult, shift)."""
-    from tvm import te, tirx
+def _integer_sum(x, axes, keepdims: bool):
+    """The int32 sum of x over `axes` (a stage of its own)."""
+    from tvm import te
 
     shape = [int(v) for v in x.shape]
     rax = {a: te.reduce_axis((0, shape[a]), f"r{a}") for a in axes}
@@ -395,7 +395,15 @@ def mean_s8(x, *, axes, keepdims, n, zp_in, zp_out, mult, shift, lo, hi, out_dty
                 idx.append(next(it))
         return te.sum(x[tuple(idx)].astype("int32"), axis=list(rax.values()))
 
-    sums = te.compute(out_shape, total, name="sum")
+    return te.compute(out_shape, total, name="sum")
+
+
+def mean_s8(x, *, axes, keepdims, n, zp_in, zp_out, mult, shift, lo, hi, out_dtype):
+    """TFLite integer MEAN over `axes`: the int32 sum of (x - zp_in), rescaled once (1/n folded into mult, shift)."""
+    from tvm import te, tirx
+
+    sums = _integer_sum(x, axes, keepdims)
+    out_shape = sums.shape
 
     def f(*o):
         scaled = multiply_by_quantized_multiplier(sums(*o) - _i32(zp_in * n), _i32(mult), _i32(shift))
@@ -558,24 +566,8 @@ def sum_q(x, *, axes, keepdims, scale, bias, zp_out, lo, hi, out_dtype):
     multiply and an add into one fused operation, which would round differently)."""
     from tvm import te, tirx
 
-    shape = [int(v) for v in x.shape]
-    rax = {a: te.reduce_axis((0, shape[a]), f"r{a}") for a in axes}
-    out_shape = [1 if a in rax else d for a, d in enumerate(shape)] if keepdims else \
-        [d for a, d in enumerate(shape) if a not in rax]
-
-    def total(*o):
-        it = iter(o)
-        idx = []
-        for a in range(len(shape)):
-            if a in rax:
-                idx.append(rax[a])
-                if keepdims:
-                    next(it)
-            else:
-                idx.append(next(it))
-        return te.sum(x[tuple(idx)].astype("int32"), axis=list(rax.values()))
-
-    sums = te.compute(out_shape, total, name="sum")
+    sums = _integer_sum(x, axes, keepdims)
+    out_shape = sums.shape
 
     def f(*o):
         value = sums(*o).astype("float32") * tirx.const(float(scale), "float32") + tirx.const(float(bias), "float32")
