@@ -673,3 +673,16 @@ def reduce_sum(ctx, op, impl):
                      scale=float(scale), bias=float(bias), zp_out=out_t.zero_point, lo=int(info.min), hi=int(info.max),
                      out_dtype=out_t.dtype)
     ctx.set_output(op, 0, y)
+
+
+@register("L2_NORMALIZATION", "int8", implementations=("c",))
+def l2_normalization(ctx, op, impl):
+    """TFLite's int8 L2_NORMALIZATION (C kernel firmware/kernels/l2norm_s8.c): output scale 1/128, zero point 0."""
+    from tvm import relax
+
+    x_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.outputs[0])
+    if out_t.zero_point != 0 or abs(out_t.scale - 1 / 128) > 1e-9:
+        raise UnsupportedOperator([f"L2_NORMALIZATION #{op.index} int8 with output quantization other than 1/128, 0"],
+                                  ctx.graph.name)
+    params = np.array([x_t.zero_point, x_t.shape[-1], x_t.size], dtype=np.int32)
+    ctx.set_output(op, 0, _extern(ctx, "tinymlaas_l2norm_s8", [ctx.input(op, 0), relax.const(params)], out_t.shape))
