@@ -2,7 +2,7 @@
 exact instructions per inference, model flash and RAM, fidelity. One JSON, all rows from one run.
 
 Usage: python benchmarks/corpus.py [--out benchmarks/results/corpus_architectures.json]
-float32 rows run on cortex-m4 and rv32imafc (FPU), int8 rows on cortex-m4 (DSP kernels) and rv32imac (no FPU).
+float32 rows run on cortex-m4 and rv32imafc (FPU), int8 and int16x8 rows on cortex-m4 (DSP) and rv32imac (no FPU).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tinymlaas import __version__
 from tinymlaas.errors import TinyMLaaSError
 from tinymlaas.pipeline import CompileOptions, compile_model
 
-TARGETS = {"float32": ("cortex-m4", "rv32imafc"), "int8": ("cortex-m4", "rv32imac")}
+TARGETS = {"float32": ("cortex-m4", "rv32imafc"), "int8": ("cortex-m4", "rv32imac"), "int16x8": ("cortex-m4", "rv32imac")}
 
 
 def main() -> None:
