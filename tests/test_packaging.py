@@ -32,6 +32,6 @@ def test_wheel_install_compiles(tmp_path):
     assert probe.stdout.startswith(str(site)), probe.stdout
     run = subprocess.run([sys.executable, "-m", "tinymlaas", "compile", str(CORPUS / "ops" / "conv_2d_int8.tflite"),
                           "--target", "cortex-m4", "-o", str(tmp_path / "out")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "bit-exact" in run.stdout

@@ -46,6 +46,12 @@ def make_inputs(model: TFLiteModel, count: int, seed: int) -> list[list[np.ndarr
     return batches
 
 
+def _builtin_codes(model) -> list[int]:
+    """The builtin operator of each operator code (schema 3a keeps codes above 127 in a second field)."""
+    return [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
+            for i in range(model.OperatorCodesLength())]
+
+
 def reference_model(data: bytes) -> bytes:
     """The model as the reference kernels can run it: operators the reference resolver lacks are rewritten into
     ones it has, with the same result bit for bit (TILE -> CONCATENATION of copies, one per tiled axis). Existing
@@ -53,8 +59,7 @@ def reference_model(data: bytes) -> bytes:
     from ai_edge_litert import schema_py_generated as s
 
     model = s.Model.GetRootAs(data, 0)
-    codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
-             for i in range(model.OperatorCodesLength())]
+    codes = _builtin_codes(model)
     if s.BuiltinOperator.TILE not in codes:
         return data
     m = s.ModelT.InitFromObj(model)
@@ -174,8 +179,7 @@ def _wrong_reference_kernels(data: bytes) -> bool:
     from ai_edge_litert import schema_py_generated as s
 
     model = s.Model.GetRootAs(data, 0)
-    codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
-             for i in range(model.OperatorCodesLength())]
+    codes = _builtin_codes(model)
     for g in range(model.SubgraphsLength()):
         sg = model.Subgraphs(g)
         for i in range(sg.OperatorsLength()):

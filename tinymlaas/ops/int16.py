@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from tinymlaas.errors import UnsupportedOperator
-from tinymlaas.ops.int8 import _emit_kernel, _extern, activation_range, lookup_table, quantize_multiplier
+from tinymlaas.ops.int8 import _emit_kernel, _extern, activation_range, interpreter_table, quantize_multiplier
 from tinymlaas.ops.registry import register
 from tinymlaas.verify import reference_resolver
 
@@ -118,7 +118,7 @@ def sigmoid_table(opcode: str, scaled: np.ndarray, expected: np.ndarray) -> np.n
     closed form."""
     bits = _FRACTION_BITS[opcode]
     a = np.abs(scaled)
-    step, frac = a >> bits, a & ((1 << bits) - 1)
+    step = a >> bits
     offsets = np.arange(-3, 4)  # the closed form is within 1 of every entry measured; 3 leaves room
     guess = _SIGMOID_GUESS
     allowed: list[set[tuple[int, int]] | None] = []
@@ -168,19 +168,15 @@ def sigmoid(ctx, op, impl):
     key = (op.opcode, x_t.scale, out_t.scale, op.version, reference_resolver(ctx.graph.source))
     if key not in _TABLES:
         x = np.arange(-32768, 32768, dtype=np.int16)
-        try:
-            expected = lookup_table(ctx.graph, op, x).astype(np.int64)
-        except Exception as e:  # the interpreter refuses this quantization for this operator
-            raise UnsupportedOperator([f"{op.opcode} #{op.index} ({str(e).splitlines()[0][:120]})"],
-                                      ctx.graph.name) from e
+        expected = interpreter_table(ctx, op, x).astype(np.int64)
         scaled = _scaled(x, mult, shift)
         table = sigmoid_table(op.opcode, scaled, expected)
-        _TABLES[key] = table if table is not None and np.array_equal(_interpolate(op.opcode, scaled, table), expected) \
-            else None
+        exact = table is not None and np.array_equal(_interpolate(op.opcode, scaled, table), expected)
+        _TABLES[key] = table if exact else None
     table = _TABLES[key]
     if table is None:
-        raise UnsupportedOperator([f"{op.opcode} #{op.index} int16: the interpreter's kernel could not be reproduced "
-                                   f"at input scale {x_t.scale:g}"], ctx.graph.name)
+        raise UnsupportedOperator([(f"{op.opcode} #{op.index} int16: the interpreter's kernel could not be "
+                                    f"reproduced at input scale {x_t.scale:g}")], ctx.graph.name)
     y = _emit_kernel(ctx, k.sigmoid_s16, [ctx.input(op, 0), relax.const(table.astype(np.int32))], opcode=op.opcode,
                      mult=mult, shift=shift)
     ctx.set_output(op, 0, y)
@@ -244,15 +240,10 @@ def interpolated(ctx, op, impl):
 
     x = np.arange(-32768, 32768, dtype=np.int16)
     try:
-        expected = lookup_table(ctx.graph, op, x)
-    except Exception:  # RSQRT, LOG: the interpreter refuses inputs outside the domain; take the ones it accepts
-        zp = ctx.tensor(op.inputs[0]).zero_point
-        x = x[x.astype(np.int32) > zp]
-        try:
-            expected = lookup_table(ctx.graph, op, x)
-        except Exception as e:
-            raise UnsupportedOperator([f"{op.opcode} #{op.index} ({str(e).splitlines()[0][:120]})"],
-                                      ctx.graph.name) from e
+        expected = interpreter_table(ctx, op, x)
+    except UnsupportedOperator:  # RSQRT, LOG: the interpreter refuses inputs outside the domain; take the rest
+        x = x[x.astype(np.int32) > ctx.tensor(op.inputs[0]).zero_point]
+        expected = interpreter_table(ctx, op, x)
     table = read_lut(x, expected.astype(np.int64))
     if table is None:
         raise UnsupportedOperator([f"{op.opcode} #{op.index} int16: the interpreter's table could not be read back"],

@@ -1,4 +1,6 @@
-"""int8 operators: integer kernels with TFLite's exact arithmetic, bit-exact with the interpreter.
+"""Quantized operators: integer kernels with TFLite's exact arithmetic, bit-exact with the interpreter (int8, and
+the int16x8 paths that share the int8 formulas: convolutions, fully connected, pools, ADD/SUB/MUL, MEAN, ...;
+what only int16 needs is in int16.py).
 
 TVM's frontend expands every quantized operator into dequantize -> float op -> quantize, which needs
 an FPU and is not bit-exact. This stage recognises the quantized operators at the TFLite level and
@@ -475,6 +477,15 @@ def lookup_table(graph, op, inputs: np.ndarray | None = None) -> np.ndarray:
 _TYPES = {0: "float32", 2: "int32", 7: "int16", 9: "int8", 6: "bool"}
 
 
+def interpreter_table(ctx, op, inputs: np.ndarray | None = None) -> np.ndarray:
+    """`lookup_table`, with the interpreter's refusal (these quantization parameters, inputs outside the domain)
+    reported as an unsupported operator naming it."""
+    try:
+        return lookup_table(ctx.graph, op, inputs)
+    except (RuntimeError, ValueError) as e:
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} ({str(e).splitlines()[0][:120]})"], ctx.graph.name) from e
+
+
 @register(LUT_OPS, "int8", implementations=("lut",))
 def table_lookup(ctx, op, impl):
     from tvm import relax
@@ -484,10 +495,7 @@ def table_lookup(ctx, op, impl):
         return quantize(ctx, op, impl)
     if src.dtype != "int8":
         raise UnsupportedOperator([f"{op.opcode} #{op.index} on {src.dtype} input"], ctx.graph.name)
-    try:
-        table = lookup_table(ctx.graph, op)
-    except Exception as e:  # the interpreter refuses these quantization parameters for this operator
-        raise UnsupportedOperator([f"{op.opcode} #{op.index} ({str(e).splitlines()[0][:120]})"], ctx.graph.name) from e
+    table = interpreter_table(ctx, op)
     y = _emit_kernel(ctx, k.lookup_s8, [ctx.input(op, 0), relax.const(table)])
     ctx.set_output(op, 0, y)
 

@@ -304,7 +304,7 @@ def broadcast(x, out_shape, index):
 def add_s8(a, b, *, out_shape, subtract, left_shift, zp_a, zp_b, zp_out, mult_a, shift_a, mult_b, shift_b, mult_out,
            shift_out, act_min, act_max):
     """TFLite int8 ADD/SUB (with broadcasting): both inputs rescaled to a common scale with 20 bits of headroom."""
-    from tvm import te, tirx
+    from tvm import te
 
     def scaled(x, zp, mult, shift):
         v = (x.astype("int32") - _i32(zp)) * _i32(1 << left_shift)
