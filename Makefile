@@ -6,16 +6,19 @@ MODELS ?= ../shared/models/mlperf-tiny
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Cross compilers with picolibc, QEMU for Arm and RISC-V, LLVM 15 (llvm-mca for cycle estimates);
-# Mosquitto (the production MQTT broker) and PostgreSQL (the tests also run the API on it).
+# Mosquitto (the production MQTT broker) and PostgreSQL (the tests also run the API on it);
+# Verilator, g++ and libelf for the cycle-accurate Ibex model.
 APT_PACKAGES := gcc make gcc-arm-none-eabi picolibc-arm-none-eabi \
 	gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf qemu-system-arm qemu-system-misc llvm-15 \
-	mosquitto postgresql
+	mosquitto postgresql verilator g++ libelf-dev
+# lowRISC Ibex (RTL), from which `make ibex` builds the Verilator models of targets ibex-small and ibex-maxperf.
+IBEX_SRC ?= ../shared/third_party/ibex
 
 PLUGIN := build/qemu-plugin/libtinymlaas_icount.so
 
-.PHONY: setup apt venv plugin demo test test-all bench corpus clean
+.PHONY: setup apt venv plugin ibex demo test test-all bench corpus clean
 
-setup: apt venv plugin
+setup: apt venv plugin ibex
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -40,6 +43,10 @@ plugin: $(PLUGIN)
 $(PLUGIN): firmware/qemu_plugin/icount.c
 	mkdir -p $(dir $@)
 	gcc -shared -fPIC -O2 -Wall -o $@ $<
+
+# Each configuration builds once (about 1-3 minutes) into build/ibex/CONFIG; skipped when present.
+ibex: venv
+	TINYMLAAS_IBEX_SRC=$(abspath $(IBEX_SRC)) $(PY) -m tinymlaas.runners.ibex small maxperf
 
 # The whole flow: boards, one compile report, then server + embedded broker + 3 emulated devices,
 # KWS uploaded, built per target, rolled out over MQTT, final fleet state.

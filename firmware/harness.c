@@ -3,6 +3,11 @@
  * (read over semihosting), writes the outputs to outputs.bin, and brackets each inference
  * with marker calls that the QEMU counting plugin turns into exact per-inference counts.
  * The stack below main is painted first so that the inference's high-water mark can be read.
+ *
+ * -DTINYMLAAS_BOARD_IO (a simulated board without semihosting, e.g. the Ibex simple system): the
+ * inputs are linked in (tinymlaas_inputs_blob, board_io.S), each output is printed as one hex line
+ * "output <hex>", and the marks read the core's own counters (board_io.c) and print one line
+ * "region <instructions> <cycles> <loads+stores>" each.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -18,9 +23,39 @@ extern char __heap_start[]; /* end of .bss, from picolibc's linker script */
 static uint8_t input_buf[TINYMLAAS_INPUT_BYTES_TOTAL] __attribute__((aligned(16)));
 static uint8_t output_buf[TINYMLAAS_OUTPUT_BYTES_TOTAL] __attribute__((aligned(16)));
 
+#ifdef TINYMLAAS_BOARD_IO
+/* Defined by the board's support file (firmware/boards/). */
+void tinymlaas_mark_begin(void);
+void tinymlaas_mark_end(void);
+int io_open(void);
+int io_read_input(void *buf, uint32_t nbytes);
+int io_write_output(const void *buf, uint32_t nbytes);
+void io_close(void);
+#else
 /* The plugin counts between entries of these two functions; keep them out of line and empty. */
 void __attribute__((noinline)) tinymlaas_mark_begin(void) { __asm__ volatile("" ::: "memory"); }
 void __attribute__((noinline)) tinymlaas_mark_end(void) { __asm__ volatile("" ::: "memory"); }
+
+/* Inputs and outputs as files on the host, over semihosting. */
+static FILE *in, *out;
+
+static int io_open(void)
+{
+    in = fopen("inputs.bin", "rb");
+    out = fopen("outputs.bin", "wb");
+    return in && out;
+}
+
+static int io_read_input(void *buf, uint32_t nbytes) { return fread(buf, 1, nbytes, in) == nbytes; }
+
+static int io_write_output(const void *buf, uint32_t nbytes) { return fwrite(buf, 1, nbytes, out) == nbytes; }
+
+static void io_close(void)
+{
+    fclose(out);
+    fclose(in);
+}
+#endif
 
 static uint32_t *paint_low;
 
@@ -55,9 +90,7 @@ static uintptr_t lowest_touched(void)
 
 int main(void)
 {
-    FILE *in = fopen("inputs.bin", "rb");
-    FILE *out = fopen("outputs.bin", "wb");
-    if (!in || !out) {
+    if (!io_open()) {
         printf("tinymlaas: cannot open inputs.bin or outputs.bin\n");
         return 3;
     }
@@ -90,7 +123,7 @@ int main(void)
     paint_stack(top);
 
     unsigned count = 0;
-    while (fread(input_buf, 1, sizeof input_buf, in) == sizeof input_buf) {
+    while (io_read_input(input_buf, sizeof input_buf)) {
         tinymlaas_mark_begin();
         int rc = tinymlaas_model_run(inputs, outputs);
         tinymlaas_mark_end();
@@ -98,14 +131,13 @@ int main(void)
             printf("tinymlaas: inference %u failed with %d\n", count, rc);
             return 4;
         }
-        if (fwrite(output_buf, 1, sizeof output_buf, out) != sizeof output_buf) {
+        if (!io_write_output(output_buf, sizeof output_buf)) {
             printf("tinymlaas: cannot write outputs.bin\n");
             return 5;
         }
         count++;
     }
-    fclose(out);
-    fclose(in);
+    io_close();
 #ifdef TINYMLAAS_TRACE
     fclose(trace_file);
 #endif

@@ -26,7 +26,7 @@ from .db import Build, Model, make_engine, make_sessionmaker
 from .service import BUILD_FINAL
 
 log = logging.getLogger("tinymlaas.jobs")
-EMULATING_FROM = STAGES.index("reference")
+EMULATING_FROM = STAGES.index("emulate")
 _HUEY: dict[str, object] = {}
 
 

@@ -65,7 +65,7 @@ def cmd_compile(args) -> int:
     from tinymlaas.pipeline import STAGES, CompileOptions, compile_model, format_report
 
     options = CompileOptions(
-        inputs=args.inputs, seed=args.seed, timeout=args.timeout, max_flash=args.max_flash, max_ram=args.max_ram,
+        inputs=args.inputs, seed=args.seed, timeout=args.timeout, emulator=args.emulator, max_flash=args.max_flash, max_ram=args.max_ram,
         int8_lowering=args.int8_lowering, kernels=args.kernels, quantize=args.quantize, calibration=args.calibration,
     )
     bar = None
@@ -109,9 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="Keras/SavedModel input: .npz of calibration samples, one array per input")
     p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
     p.add_argument("--out", "-o", help="output folder (default out/MODEL-TARGET); replaced only on success")
-    p.add_argument("--inputs", "-n", type=_positive_int, default=10, help="random inputs to verify with (default 10)")
+    p.add_argument("--inputs", "-n", type=_positive_int,
+                   help="random inputs to verify with (default 10 in QEMU, 1 on Ibex)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--timeout", type=float, default=120.0, help="emulator time limit in seconds (default 120)")
+    p.add_argument("--timeout", type=float, help="emulator time limit in seconds (default 120 in QEMU, 1800 on Ibex)")
+    p.add_argument("--emulator", choices=("qemu", "ibex"),
+                   help="where to run it: qemu (exact instruction counts) or ibex (the Ibex core simulated from its "
+                   "RTL: true cycles, RV32 without FPU); default: the target's (ibex for ibex-* targets)")
     p.add_argument("--max-flash", type=_size, help="flash budget for the model, e.g. 512K (default: the board's)")
     p.add_argument("--max-ram", type=_size, help="RAM budget for the model, e.g. 128K (default: the board's)")
     p.add_argument("--int8-lowering", choices=("integer", "float"), default="integer",

@@ -30,15 +30,15 @@ from tinymlaas.runners.qemu import emulator_for
 from tinymlaas.targets import Target, get_target
 from tinymlaas.verify import compare, make_inputs, reference_outputs, reference_resolver, split_outputs
 
-STAGES = ("import", "lower", "codegen", "driver", "link", "reference", "emulate", "verify", "measure")
+STAGES = ("import", "lower", "codegen", "driver", "reference", "link", "emulate", "verify", "measure")
 
 
 @dataclass
 class CompileOptions:
-    inputs: int = 10
+    inputs: int | None = None  # random inputs to verify with; default the runner's (QEMU 10, Ibex 1)
     seed: int = 0
-    timeout: float = 120.0
-    emulator: str = "qemu"
+    timeout: float | None = None  # seconds for the run; default the runner's (QEMU 120, Ibex 1800)
+    emulator: str | None = None  # runner: qemu, ibex, renode; default the target's (ibex for ibex-* targets)
     max_flash: int | None = None  # user constraints, tighter than the board's
     max_ram: int | None = None
     int8_lowering: str = "integer"  # "integer": our integer kernels; "float": TVM's dequantize/float/quantize
@@ -67,6 +67,11 @@ class CompileReport:
     compile_seconds: float
     notes: list[str] = field(default_factory=list)
     artifacts: dict = field(default_factory=dict)
+    runner: str = "qemu"
+    clock_hz: int = 0  # the board's
+    cycles: int | None = None  # one inference, first input: true cycles from a cycle-accurate runner
+    cycles_source: str | None = None
+    cycles_repeat_exact: bool | None = None
 
     @property
     def verified(self) -> bool:
@@ -184,18 +189,19 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
         stage("driver")
         driver = generate_driver(model, program, kernels, work)
 
-        stage("link")
-        firmware = link_firmware(target, kernels, driver, work)
-
         stage("reference")
-        batches = make_inputs(model, options.inputs, options.seed)
+        runner = emulator_for(options.emulator or target.default_runner, options.timeout, target)
+        batches = make_inputs(model, options.inputs or runner.default_inputs, options.seed)
         batches.append(batches[0])  # input 0 again: its count must repeat exactly
         (work / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
         want = reference_outputs(model, batches)
         (work / "expected_outputs.bin").write_bytes(b"".join(y.tobytes() for batch in want for y in batch))
 
+        stage("link")
+        firmware = link_firmware(target, kernels, driver, work, layout=runner.layout, inputs=work / "inputs.bin")
+
         stage("emulate")
-        run = emulator_for(options.emulator, options.timeout).run(target, firmware, work)
+        run = runner.run(target, firmware, work)
 
         stage("verify")
         got = split_outputs(model, (work / "outputs.bin").read_bytes(), len(batches))
@@ -244,6 +250,13 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
         )
         shutil.copy(model.path, work / "model.tflite")  # what was compiled (a Keras input's conversion)
         report.artifacts["model"] = "model.tflite"
+        if run.regions[0].cycles is not None:
+            report.runner, report.cycles = runner.name, run.regions[0].cycles
+            report.clock_hz = target.board.clock_hz
+            report.cycles_repeat_exact = run.regions[0].cycles == run.regions[-1].cycles
+            report.cycles_source = f"true cycles: Ibex '{runner.config}' from its RTL (Verilator)"
+        else:
+            report.runner = runner.name
         (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         _replace_dir(work, out)
     except BaseException:
@@ -350,6 +363,10 @@ def format_report(r: CompileReport) -> str:
                                     f"{_fmt(r.instructions_max)}, repeat "
                                     f"{'exact' if r.instructions_repeat_exact else 'DIFFERS'})")),
         ("memory accesses", _fmt(r.memory_accesses)),
+        *([("cycles/inference", (f"{_fmt(r.cycles)} (CPI {r.cycles / max(r.instructions, 1):.2f}, "
+                                 f"{r.cycles / r.clock_hz * 1e3:.2f} ms at {r.clock_hz / 1e6:g} MHz, repeat "
+                                 f"{'exact' if r.cycles_repeat_exact else 'DIFFERS'}; {r.cycles_source})"))]
+          if r.cycles is not None else []),
         ("flash (model)", (f"{_fmt(s['flash_model'])} B = code {_fmt(s['model_code'])} + weights {_fmt(s['weights'])}"
                            f"  [board {_fmt(r.fits['flash_limit'])} B]")),
         ("RAM (model)", (f"{_fmt(s['ram_model'])} B = arena {_fmt(s['arena'])} + scratch {_fmt(s['kernel_scratch'])}"

@@ -38,6 +38,13 @@ class Emulator:
 
 
 @dataclass(frozen=True)
+class Rtl:
+    """A core simulated cycle-accurately from its RTL (the target's ground truth for cycles)."""
+    simulator: str  # "ibex"
+    config: str  # the simulator's configuration name (Ibex: util/ibex_config.py)
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str
@@ -53,7 +60,12 @@ class Target:
     emulator: Emulator
     platformio_board: str | None = None
     renode_platform: str | None = None
+    rtl: Rtl | None = None
     source: Path | None = field(default=None, compare=False)
+
+    @property
+    def default_runner(self) -> str:
+        return self.rtl.simulator if self.rtl else "qemu"
 
     @property
     def gcc(self) -> str:
@@ -92,6 +104,7 @@ def load_target_file(path: Path) -> Target:
         ),
         platformio_board=(d.get("platformio") or {}).get("board"),
         renode_platform=(d.get("renode") or {}).get("platform"),
+        rtl=Rtl(**d["rtl"]) if d.get("rtl") else None,
         source=path,
     )
 

@@ -25,6 +25,7 @@ PLUGIN_SOURCE = data_dir("firmware") / "qemu_plugin" / "icount.c"
 class RegionCount:
     instructions: int
     memory_accesses: int
+    cycles: int | None = None  # a cycle-accurate runner's true cycles; QEMU has none
 
 
 @dataclass
@@ -55,9 +56,11 @@ class QemuEmulator:
     """QEMU system emulation with -icount shift=0: one instruction per virtual nanosecond, repeatable."""
 
     name = "qemu"
+    layout = None  # the target's own QEMU machine
+    default_inputs = 10
 
-    def __init__(self, timeout: float = 120.0):
-        self.timeout = timeout
+    def __init__(self, timeout: float | None = None):
+        self.timeout = timeout or 120.0
 
     def command(self, target, firmware: Firmware, counts_file: Path) -> list[str]:
         marks = {k: firmware.symbols.get(f"tinymlaas_mark_{k}") for k in ("begin", "end")}
@@ -140,6 +143,8 @@ class RenodeEmulator:
     """Renode backend (platform files in renode/). Available where `renode` is on PATH."""
 
     name = "renode"
+    layout = None
+    default_inputs = 10
 
     @staticmethod
     def available() -> bool:
@@ -153,9 +158,20 @@ class RenodeEmulator:
         )
 
 
-def emulator_for(name: str = "qemu", timeout: float = 120.0):
+RUNNERS = ("qemu", "ibex", "renode")
+
+
+def emulator_for(name: str = "qemu", timeout: float | None = None, target=None):
+    """The runner called `name`; "ibex" runs the target's Ibex configuration (the small one for plain RV32)."""
     if name == "qemu":
         return QemuEmulator(timeout)
+    if name == "ibex":
+        from tinymlaas.runners.ibex import IbexSimulator
+
+        config = target.rtl.config if target is not None and target.rtl else "small"
+        if target is not None:
+            IbexSimulator.check_target(target)
+        return IbexSimulator(config, timeout)
     if name == "renode":
         return RenodeEmulator()
-    raise ValueError(f"unknown emulator '{name}'")
+    raise ValueError(f"unknown emulator '{name}' (known: {', '.join(RUNNERS)})")

@@ -12,9 +12,22 @@ from tinymlaas import build_dir, data_dir
 from tinymlaas.backends.mcu.codegen import KernelObject
 from tinymlaas.backends.mcu.driver import DriverSources
 from tinymlaas.errors import BuildFailure, ToolMissing
+from tinymlaas.targets import MemoryRegion
 
 FIRMWARE_DIR = data_dir("firmware")
 STACK_RESERVE = 0x10000  # the harness paints and measures up to 64 KiB of stack
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    """Where a runner's machine has its memories, and how the harness talks to the host there.
+
+    board_io: None for semihosting (QEMU: files on the host, counts from the plugin); else the board support
+    file under firmware/boards/ (inputs linked in, outputs and the core's own counters printed)."""
+    flash: MemoryRegion
+    ram: MemoryRegion
+    board_io: str | None = None
+    link_flags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -23,6 +36,7 @@ class Firmware:
     map_file: Path
     symbols: dict[str, int]
     kernel_library: list[Path] = field(default_factory=list)  # objects of firmware/kernels/*.c: model code
+    layout: MemoryLayout | None = None
 
 
 _MAP_SECTION = re.compile(r"^ (\.\S+)(?:\s+0x[0-9a-f]+\s+0x([0-9a-f]+)\s+(\S+))?$")
@@ -95,14 +109,36 @@ def kernel_library(gcc: str, cflags: list[str], workdir: Path) -> list[Path]:
     return objects
 
 
+def qemu_layout(target) -> MemoryLayout:
+    return MemoryLayout(target.emulator.flash, target.emulator.ram)
+
+
+def _inputs_blob_asm(inputs: Path, workdir: Path) -> Path:
+    asm = workdir / "inputs_blob.S"
+    asm.write_text(
+        '    .section .rodata.tinymlaas_inputs_blob, "a"\n    .balign 16\n    .global tinymlaas_inputs_blob\n'
+        f'tinymlaas_inputs_blob:\n    .incbin "{inputs.resolve()}"\n'
+        "    .balign 4\n    .global tinymlaas_inputs_blob_bytes\n"
+        f"tinymlaas_inputs_blob_bytes:\n    .word {inputs.stat().st_size}\n"
+    )
+    return asm
+
+
 def link_firmware(
     target, kernels: KernelObject, driver: DriverSources, workdir: Path, profile: bool = False, trace: bool = False,
-    name: str = "firmware",
+    name: str = "firmware", layout: MemoryLayout | None = None, inputs: Path | None = None,
 ) -> Firmware:
-    """profile: count each step separately (TINYMLAAS_STEP); trace: write each step's output to trace.bin."""
+    """profile: count each step separately (TINYMLAAS_STEP); trace: write each step's output to trace.bin.
+    layout: the runner's memory map (default: the target's QEMU machine); a board without semihosting needs
+    the `inputs` file, which is linked into the image."""
     gcc = require_tool(target.gcc)
     workdir = workdir.resolve()  # gcc runs inside it
-    flash, ram = target.emulator.flash, target.emulator.ram
+    layout = layout or qemu_layout(target)
+    flash, ram = layout.flash, layout.ram
+    if layout.board_io and (trace or inputs is None):
+        raise BuildFailure(f"the {layout.board_io} board has no host files: it needs linked-in inputs and no trace")
+    io = ["--oslib=semihost"] if layout.board_io is None else [
+        "-DTINYMLAAS_BOARD_IO", str(FIRMWARE_DIR / "boards" / f"{layout.board_io}.c"), str(_inputs_blob_asm(inputs, workdir))]
     elf = workdir / f"{name}.elf"
     map_file = workdir / f"{name}.map"
     cflags = [*target.cc_flags, "-O2", "-g", "-ffunction-sections", "-fdata-sections", "--specs=picolibc.specs"]
@@ -110,7 +146,7 @@ def link_firmware(
     cmd = [
         gcc,
         *cflags,
-        "--oslib=semihost",
+        *io,
         "--crt0=hosted",
         f"-I{workdir}",
         *(["-DTINYMLAAS_PROFILE"] if profile else []),
@@ -122,6 +158,7 @@ def link_firmware(
         str(kernels.path),
         "-lm",
         "-Wl,--gc-sections",
+        *layout.link_flags,
         f"-Wl,--defsym=__flash={flash.base:#x}",
         f"-Wl,--defsym=__flash_size={flash.size:#x}",
         f"-Wl,--defsym=__ram={ram.base:#x}",
@@ -132,4 +169,4 @@ def link_firmware(
         str(elf),
     ]
     _run(cmd, workdir, f"linking firmware for {target.name}")
-    return Firmware(elf, map_file, read_symbols(elf, target), library)
+    return Firmware(elf, map_file, read_symbols(elf, target), library, layout)
