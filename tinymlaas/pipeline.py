@@ -267,30 +267,99 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
     return report
 
 
-def _build_and_run(model_path, target_name: str, workdir: Path, batches_of, kernels: str, **link_flags):
-    """Build with extra harness options (profile / trace) and run it on the inputs `batches_of(model)` gives."""
+def _build(model_path, target_name: str, workdir: Path, kernels: str):
     target = get_target(target_name)
     model = load_tflite(model_path)
     workdir.mkdir(parents=True, exist_ok=True)
     relax_mod, _, _ = import_model(model, target, kernels=kernels)
     program = lower(relax_mod, schedule=default_schedule)
     program, built = build_kernels(program, target, workdir)
-    firmware = link_firmware(target, built, generate_driver(model, program, built, workdir), workdir, **link_flags)
+    return target, model, program, built, generate_driver(model, program, built, workdir)
+
+
+def _build_and_run(model_path, target_name: str, workdir: Path, batches_of, kernels: str, **link_flags):
+    """Build with extra harness options (profile / trace) and run it on the inputs `batches_of(model)` gives."""
+    target, model, program, built, driver = _build(model_path, target_name, workdir, kernels)
+    firmware = link_firmware(target, built, driver, workdir, **link_flags)
     batches = batches_of(model)
     (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
     run = emulator_for("qemu").run(target, firmware, workdir)
     return model, program, batches, run
 
 
-def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "auto") -> list[tuple[str, int]]:
-    """Exact instructions of each step (kernel call or copy) of one inference, in order."""
-    from tinymlaas.ir.lower import KernelCall
+@dataclass(frozen=True)
+class StepProfile:
+    """One step of one inference (a kernel call or a copy), keyed by the TFLite operator and kernel variant."""
+    step: int
+    kernel: str  # the kernel's symbol, or "copy"
+    op_index: int | None  # the TFLite operator (the last one, when several were fused)
+    opcode: str | None
+    implementation: str | None  # the registry's kernel variant for that operator
+    instructions: int  # exact (QEMU)
+    memory_accesses: int  # exact (QEMU)
+    cycles_estimate: float | None  # llvm-mca's model of the core x QEMU's per-block counts
+    cycles: int | None = None  # true cycles, where the target's core is simulated from its RTL
 
-    _, program, _, run = _build_and_run(
-        model_path, target_name, workdir, lambda m: make_inputs(m, 1, 0), kernels, profile=True
-    )
-    names = [s.kernel if isinstance(s, KernelCall) else "copy" for s in program.steps]
-    return list(zip(names, (r.instructions for r in run.regions)))
+
+@dataclass(frozen=True)
+class Profile:
+    model: str
+    target: str
+    steps: tuple[StepProfile, ...]
+    estimate_method: str  # e.g. "llvm-mca cortex-m4 x QEMU block counts"
+    cycles_source: str | None  # e.g. "Ibex 'small' RTL (Verilator)", None without RTL
+    fallback_blocks: int  # blocks llvm-mca could not read (counted one cycle per instruction)
+
+    def totals(self) -> dict:
+        tot = {"instructions": sum(s.instructions for s in self.steps),
+               "memory_accesses": sum(s.memory_accesses for s in self.steps),
+               "cycles_estimate": round(sum(s.cycles_estimate or 0 for s in self.steps), 1)}
+        if self.cycles_source:
+            tot["cycles"] = sum(s.cycles or 0 for s in self.steps)
+        return tot
+
+
+def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "auto",
+                  emulator: str | None = None) -> Profile:
+    """Instructions, memory accesses and cycles of each step of one inference, from one profiled build: exact
+    counts and per-block counts from QEMU, the llvm-mca estimate from those, and true cycles on Ibex (targets
+    simulated from RTL, or emulator="ibex")."""
+    from tinymlaas.frontend.to_relax import implementations
+    from tinymlaas.ir.lower import KernelCall
+    from tinymlaas.runners import mca
+    from tinymlaas.runners.qemu import QemuEmulator
+
+    target, model, program, built, driver = _build(model_path, target_name, workdir, kernels)
+    (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for x in make_inputs(model, 1, 0)[0]))
+    firmware = link_firmware(target, built, driver, workdir, profile=True)
+    run = QemuEmulator(blocks=True).run(target, firmware, workdir)
+    cost_model = mca.model_for(target)
+    costs = mca.block_cycles(firmware.elf, target, {k for r in [run.calibration, *run.regions] for k in r.blocks},
+                             cost_model)
+    marks = mca.estimate(run.calibration.blocks, costs)
+    true_cycles, source = [None] * len(run.regions), None
+    runner_name = emulator or target.default_runner
+    if runner_name == "ibex":
+        rtl = emulator_for("ibex", None, target)
+        rtl_fw = link_firmware(target, built, driver, workdir, profile=True, layout=rtl.layout,
+                               inputs=workdir / "inputs.bin", name=f"firmware-{rtl.name}")
+        rtl_run = rtl.run(target, rtl_fw, workdir)
+        if [r.instructions for r in rtl_run.regions] != [r.instructions for r in run.regions]:
+            raise InternalError("profile", None, RuntimeError("Ibex and QEMU disagree on per-step instructions"))
+        true_cycles, source = [r.cycles for r in rtl_run.regions], f"Ibex '{rtl.config}' RTL (Verilator)"
+    graph = clean(model.graph, shapes_from_interpreter=True)
+    chosen = implementations(graph, target, kernels)
+    opcodes = {op.index: op.opcode for op in graph.operators}
+    steps = []
+    for k, (step, region, cycles) in enumerate(zip(program.steps, run.regions, true_cycles)):
+        op = step.op_index
+        steps.append(StepProfile(
+            step=k, kernel=step.kernel if isinstance(step, KernelCall) else "copy", op_index=op,
+            opcode=opcodes.get(op), implementation=chosen.get(op), instructions=region.instructions,
+            memory_accesses=region.memory_accesses,
+            cycles_estimate=round(mca.estimate(region.blocks, costs) - marks, 1), cycles=cycles))
+    return Profile(model.name, target.name, tuple(steps), f"{cost_model.name} x QEMU block counts", source,
+                   len(costs["fallback"]))
 
 
 def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, seed: int = 0,

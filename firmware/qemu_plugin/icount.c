@@ -45,17 +45,44 @@ static uint64_t begin_insns, begin_accesses;
 static uint64_t begin_addr = UINT64_MAX, end_addr = UINT64_MAX;
 static FILE *out;
 
+/* blocks=1: per translated block, how often it ran inside each region ("block VADDR NINSNS COUNT" lines after
+ * the region's line): the per-block profile a cycle estimate multiplies with each block's cost. */
+struct block {
+    uint64_t vaddr, count, at_begin;
+    size_t ninsns;
+    struct block *next;
+};
+static int profile_blocks;
+static struct block *blocks;
+
+static void snapshot_blocks(void)
+{
+    for (struct block *b = blocks; b; b = b->next)
+        b->at_begin = b->count;
+}
+
+static void print_blocks(void)
+{
+    for (struct block *b = blocks; b; b = b->next)
+        if (b->count != b->at_begin)
+            fprintf(out, "block %#" PRIx64 " %zu %" PRIu64 "\n", b->vaddr, b->ninsns, b->count - b->at_begin);
+}
+
 static void on_begin(unsigned int vcpu, void *udata)
 {
     (void)vcpu, (void)udata;
     begin_insns = insns;
     begin_accesses = accesses;
+    if (profile_blocks)
+        snapshot_blocks();
 }
 
 static void on_end(unsigned int vcpu, void *udata)
 {
     (void)vcpu, (void)udata;
     fprintf(out, "region %" PRIu64 " %" PRIu64 "\n", insns - begin_insns, accesses - begin_accesses);
+    if (profile_blocks)
+        print_blocks();
     fflush(out);
 }
 
@@ -70,6 +97,17 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     if (pc == end_addr)
         qemu_plugin_register_vcpu_tb_exec_cb(tb, on_end, QEMU_PLUGIN_CB_NO_REGS, NULL);
     qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &insns, n);
+    if (profile_blocks) { /* a block translated again (same address and length) keeps one counter */
+        struct block *b = blocks;
+        while (b && !(b->vaddr == pc && b->ninsns == n))
+            b = b->next;
+        if (!b) {
+            b = calloc(1, sizeof *b);
+            b->vaddr = pc, b->ninsns = n, b->next = blocks;
+            blocks = b;
+        }
+        qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &b->count, 1);
+    }
     for (size_t i = 0; i < n; i++) {
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
         qemu_plugin_register_vcpu_mem_inline(insn, QEMU_PLUGIN_MEM_RW, QEMU_PLUGIN_INLINE_ADD_U64, &accesses, 1);
@@ -95,6 +133,8 @@ __attribute__((visibility("default"))) int qemu_plugin_install(qemu_plugin_id_t 
             end_addr = strtoull(argv[i] + 4, NULL, 0);
         else if (strncmp(argv[i], "out=", 4) == 0)
             path = argv[i] + 4;
+        else if (strcmp(argv[i], "blocks=1") == 0)
+            profile_blocks = 1;
     }
     if (!path || begin_addr == UINT64_MAX || end_addr == UINT64_MAX) {
         fprintf(stderr, "tinymlaas icount plugin: needs begin=, end= and out=\n");

@@ -74,15 +74,29 @@ class LoweringContext:
         self.values[op.outputs[k]] = expr
 
     def implementation(self, op: Operator, conv: registry.Converter) -> str:
-        """The caller's choice for this layer (or for every layer) where it applies, else DSP kernels where the core
-        has DSP instructions, else the converter's first implementation."""
-        choice = self.choices.get(op.index) if isinstance(self.choices, dict) else self.choices
-        options = registry.candidates(self.graph, op, self.target)
-        if choice in options:
-            return choice
-        if getattr(self.target, "dsp", False) and "dsp" in options and choice in (None, "auto"):
-            return "dsp"
-        return options[0] if options else conv.implementations[0]
+        return choose_implementation(self.graph, self.target, self.choices, op, conv)
+
+
+def choose_implementation(graph: Graph, target, choices, op: Operator, conv: registry.Converter) -> str:
+    """The caller's choice for this layer (or for every layer) where it applies, else DSP kernels where the core
+    has DSP instructions, else the converter's first implementation."""
+    choice = choices.get(op.index) if isinstance(choices, dict) else choices
+    options = registry.candidates(graph, op, target)
+    if choice in options:
+        return choice
+    if getattr(target, "dsp", False) and "dsp" in options and choice in (None, "auto"):
+        return "dsp"
+    return options[0] if options else conv.implementations[0]
+
+
+def implementations(graph: Graph, target, choices=None) -> dict[int, str]:
+    """Operator index -> the kernel variant the lowering picks for it (what to_relax does, without building)."""
+    out = {}
+    for op in graph.operators:
+        conv = registry.lookup(graph, op)
+        if conv is not None:
+            out[op.index] = choose_implementation(graph, target, choices or {}, op, conv)
+    return out
 
 
 def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None):

@@ -91,7 +91,9 @@ def build_simulator(config: str, source: Path | None = None, log=print) -> Path:
            f"--MHPMCounterNum={HPM_COUNTERS}"]
     log(f"building the Ibex '{config}' simulator (Verilator; a few minutes)")
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True, check=False)
+    # FuseSoC's pre-build hooks run `python3` (they import edalize): this interpreter's environment first
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True, check=False, env=env)
     binary = simulator_path(config)
     if proc.returncode != 0 or not binary.exists():
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
@@ -159,7 +161,7 @@ class IbexSimulator:
                                 r.memory_accesses - calibration.memory_accesses,
                                 cycles=r.cycles - calibration.cycles) for r in regions[1:]]
         harness = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text)}
-        return EmulatorRun(0, text, measured, seconds, harness)
+        return EmulatorRun(0, text, measured, seconds, harness, calibration)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ class RegionCount:
     instructions: int
     memory_accesses: int
     cycles: int | None = None  # a cycle-accurate runner's true cycles; QEMU has none
+    blocks: dict | None = None  # QEMU with blocks=True: (block address, instructions) -> executions, marks included
 
 
 @dataclass
@@ -35,6 +36,7 @@ class EmulatorRun:
     regions: list[RegionCount]  # one per inference, the marks' own cost already subtracted
     seconds: float
     harness: dict = field(default_factory=dict)  # key=value pairs the harness printed
+    calibration: RegionCount | None = None  # the two marks back to back: what was subtracted from each region
 
 
 def plugin_path() -> Path:
@@ -59,8 +61,9 @@ class QemuEmulator:
     layout = None  # the target's own QEMU machine
     default_inputs = 10
 
-    def __init__(self, timeout: float | None = None):
+    def __init__(self, timeout: float | None = None, blocks: bool = False):
         self.timeout = timeout or 120.0
+        self.blocks = blocks  # also count each translated block's executions per region (for cycle estimates)
 
     def command(self, target, firmware: Firmware, counts_file: Path) -> list[str]:
         marks = {k: firmware.symbols.get(f"tinymlaas_mark_{k}") for k in ("begin", "end")}
@@ -74,6 +77,8 @@ class QemuEmulator:
             raise ToolMissing(f"'{target.emulator.qemu}' is not installed (run `make setup`)")
         # Thumb function symbols carry bit 0; the plugin sees the instruction address.
         plugin = f"{plugin_path()},begin={marks['begin'] & ~1:#x},end={marks['end'] & ~1:#x},out={counts_file}"
+        if self.blocks:
+            plugin += ",blocks=1"
         return [
             qemu,
             "-M",
@@ -124,19 +129,22 @@ class QemuEmulator:
             for line in counts_file.read_text().splitlines():
                 parts = line.split()
                 if parts and parts[0] == "region":
-                    regions.append(RegionCount(*(int(x) for x in parts[1:3])))
+                    regions.append(RegionCount(*(int(x) for x in parts[1:3]), blocks={} if self.blocks else None))
+                elif parts and parts[0] == "block" and regions:
+                    regions[-1].blocks[int(parts[1], 16), int(parts[2])] = int(parts[3])
         if not regions:
             raise EmulatorFailure("the counting plugin recorded no inference")
         calibration, measured = regions[0], regions[1:]
         measured = [
-            RegionCount(r.instructions - calibration.instructions, r.memory_accesses - calibration.memory_accesses)
+            RegionCount(r.instructions - calibration.instructions, r.memory_accesses - calibration.memory_accesses,
+                        blocks=r.blocks)
             for r in measured
         ]
         harness = {}
         # Semihosting console output arrives on QEMU's stdout or stderr depending on the machine.
         for key, value in re.findall(r"(\w+)=(\d+)", proc.stdout + proc.stderr):
             harness[key] = int(value)
-        return EmulatorRun(proc.returncode, proc.stdout + proc.stderr, measured, seconds, harness)
+        return EmulatorRun(proc.returncode, proc.stdout + proc.stderr, measured, seconds, harness, calibration)
 
 
 class RenodeEmulator:

@@ -1,0 +1,130 @@
+"""Cycle estimate where no RTL exists: QEMU's per-block execution counts x each block's cost from llvm-mca.
+
+Every block QEMU translated is cut from the ELF's disassembly and given to llvm-mca (LLVM's static performance
+model of the core, e.g. -mcpu=cortex-m4) as one code region; its steady-state cycles per execution, times how
+often the block ran, summed, is the estimate. llvm-mca knows issue width, latencies and resources; it does not
+model branch penalties or memory wait states, so it is an estimate, reported as one. The same method with an
+in-order RISC-V model (rocket-rv32) is checked against Ibex's true cycles (benchmarks/cycles.py).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinymlaas.errors import ToolMissing
+
+LLVM_MCA = "llvm-mca-15"
+ITERATIONS = 100
+# The scheduling model per core; RISC-V cores without one of their own use Rocket's (in-order, single issue).
+MODELS = {"riscv": ("riscv32-unknown-elf", "rocket-rv32", "+m,+c")}
+
+
+@dataclass(frozen=True)
+class CycleModel:
+    mtriple: str
+    mcpu: str
+    mattr: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"llvm-mca {self.mcpu}"
+
+
+def model_for(target) -> CycleModel:
+    if target.arch == "riscv":
+        return CycleModel(*MODELS["riscv"])
+    attrs = ",".join(a for a in target.llvm.get("mattr", ()) if a.startswith("+"))
+    return CycleModel(target.llvm["mtriple"], target.llvm["mcpu"], attrs)
+
+
+_INSN = re.compile(r"^\s*([0-9a-f]+):\s+(.*)$")
+_POST_INDEXED = re.compile(r"\[(\w+)\],\s*(#-?\w+)$")
+
+
+def disassembly(elf: Path, target) -> tuple[list[int], list[str]]:
+    """(addresses, instructions) of the ELF's code, in address order, as llvm-mca's assembler reads them."""
+    out = subprocess.run([target.tool("objdump"), "-d", "--no-show-raw-insn", str(elf)],
+                         capture_output=True, text=True, check=True).stdout
+    comment = "@" if target.arch == "arm" else "#"
+    addrs, insns = [], []
+    for line in out.splitlines():
+        m = _INSN.match(line)
+        if not m:
+            continue
+        text = m.group(2).split(comment)[0].split(";")[0].strip()
+        if not text or text.startswith((".word", ".short", ".byte", "<UNDEFINED>", "udf")):
+            text = "nop"  # data in code: never a block's instruction
+        # a branch to an address: to a local label (llvm-mca does not follow branches)
+        text = re.sub(r"\b[0-9a-f]+ <[^>]*>$", ".Ltarget", text).replace("\t", " ")
+        if target.arch == "arm":  # llvm-mca 15 crashes on post-indexed loads (`ldr.w r3, [r8], #4`): same cost
+            text = _POST_INDEXED.sub(r"[\1, \2]", text)  # as the offset form, whose base update it drops
+        addrs.append(int(m.group(1), 16))
+        insns.append(text)
+    return addrs, insns
+
+
+def _run_mca(model: CycleModel, source: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LLVM_MCA, f"-mtriple={model.mtriple}", f"-mcpu={model.mcpu}",
+                           *([f"-mattr={model.mattr}"] if model.mattr else []), f"-iterations={ITERATIONS}",
+                           "-all-views=false", "-summary-view"], input=source, capture_output=True, text=True,
+                          check=False)
+
+
+def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleModel | None = None) -> dict:
+    """(address, instructions) -> estimated cycles per execution. A block llvm-mca cannot read (rare: an IT block
+    cut by QEMU) counts one cycle per instruction, and is named in the result's "fallback" entry."""
+    if shutil.which(LLVM_MCA) is None:
+        raise ToolMissing(f"'{LLVM_MCA}' is not installed (run `make setup`)")
+    model = model or model_for(target)
+    addrs, insns = disassembly(elf, target)
+    index = {a: i for i, a in enumerate(addrs)}
+    thumb = target.arch == "arm"
+    comment = "@" if thumb else "#"
+    pending = {}
+    for vaddr, n in blocks:
+        i = index.get(vaddr & ~1 if thumb else vaddr)
+        pending[vaddr, n] = insns[i:i + n] if i is not None and i + n <= len(insns) else None
+    result, fallback = {}, []
+    for key, body in list(pending.items()):
+        if body is None:
+            result[key] = float(key[1])
+            fallback.append(key)
+            del pending[key]
+    while pending:
+        keys = list(pending)
+        lines, starts = [".syntax unified", ".thumb"] if thumb else [], []
+        for k, key in enumerate(keys):
+            starts.append(len(lines) + 1)  # 1-based line of the region's first instruction
+            lines += [f"{comment} LLVM-MCA-BEGIN b{k}", *(s.replace(".Ltarget", f".Lt{k}") for s in pending[key]),
+                      f".Lt{k}:", f"{comment} LLVM-MCA-END b{k}"]
+        proc = _run_mca(model, "\n".join(lines) + "\n")
+        if proc.returncode == 0:
+            totals = [int(x) for x in re.findall(r"^Total Cycles:\s+(\d+)", proc.stdout, re.MULTILINE)]
+            if len(totals) != len(keys):
+                raise ToolMissing(f"{LLVM_MCA} reported {len(totals)} regions for {len(keys)} blocks")
+            result.update({key: total / ITERATIONS for key, total in zip(keys, totals)})
+            break
+        bad = re.search(r"<stdin>:(\d+):", proc.stderr)
+        if bad:
+            line = int(bad.group(1))
+            k = max(i for i, s in enumerate(starts) if s <= line)
+        else:  # llvm-mca crashed without naming a line: find the block alone
+            k = next((i for i, key in enumerate(keys) if _run_mca(model, "\n".join(
+                (lines[:2] if thumb else []) + [f"{comment} LLVM-MCA-BEGIN b", *pending[key]]
+                + [f"{comment} LLVM-MCA-END b"]).replace(".Ltarget", ".Lt0") + "\n.Lt0:\n").returncode != 0), None)
+            if k is None:
+                raise ToolMissing(f"{LLVM_MCA} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        result[keys[k]] = float(keys[k][1])
+        fallback.append(keys[k])
+        del pending[keys[k]]
+    result["fallback"] = fallback
+    return result
+
+
+def estimate(blocks: dict, costs: dict) -> float:
+    """Estimated cycles of one region from its block execution counts."""
+    return sum(count * costs[key] for key, count in blocks.items())
