@@ -119,6 +119,12 @@ class Telemetry(Base):
     data: Mapped[dict] = mapped_column(JSON)
 
 
+# The measurement database's table lives in the service's database too (devices' cycles, the service's builds).
+from tinymlaas.measurements import Measurement
+
+Measurement.__table__.to_metadata(Base.metadata)
+
+
 def make_engine(url: str):
     kwargs = {}
     if url.startswith("sqlite"):

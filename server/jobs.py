@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from tinymlaas.errors import TinyMLaaSError
+from tinymlaas.measurements import MeasurementStore
 from tinymlaas.ota.package import generate_key, package_build
 from tinymlaas.ota.store import ArtifactStore
 from tinymlaas.pipeline import STAGES, CompileOptions, compile_model
@@ -74,7 +75,8 @@ def ensure_signing_key(settings: Settings) -> Path:
 
 
 def run_build(settings: Settings, build_id: int) -> None:
-    sessions = make_sessionmaker(make_engine(settings.database_url))
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
     store = ArtifactStore(settings.artifacts_dir)
     with sessions() as s:
         build = s.get(Build, build_id)
@@ -126,6 +128,8 @@ def run_build(settings: Settings, build_id: int) -> None:
                                  "sha256": package.info.sha256}
             b.artifacts = artifacts
             s.commit()
+        MeasurementStore(engine=engine).record_compile(report, Path(report.artifacts["model"]), source="service",
+                                                       build_id=build_id)
     except BuildCancelled:
         log.info("build %s cancelled", build_id)
     except TinyMLaaSError as e:

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tinymlaas.errors import TinyMLaaSError, UnknownTarget
+from tinymlaas.measurements import device_measurement
 from tinymlaas.ota.package import canonical_version, parse_version
 from tinymlaas.ota.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
 from tinymlaas.ota.store import ArtifactStore
@@ -294,12 +295,28 @@ def record_state(session: Session, device_id: str, state: dict) -> None:
     session.commit()
 
 
+def _sent_to(session: Session, device: Device, build: Build) -> bool:
+    """Whether `build` was deployed to `device`: a device reports figures of its own builds only."""
+    return device.build_id == build.id or session.scalar(
+        select(func.count()).select_from(DeviceJob).join(Deployment, DeviceJob.deployment_id == Deployment.id)
+        .where(DeviceJob.device_id == device.id, Deployment.build_id == build.id)) > 0
+
+
 def record_telemetry(session: Session, device_id: str, data: dict) -> None:
-    if session.get(Device, device_id) is None:
+    device = session.get(Device, device_id)
+    if device is None:
         return
     session.add(Telemetry(device_id=device_id, data=data))
     if isinstance(data.get("instructions"), int):
-        session.get(Device, device_id).instructions = data["instructions"]
+        device.instructions = data["instructions"]
+    # cycles a board measured itself: a measurement of the build it runs, for the runtime predictor
+    build = session.get(Build, data["build"]) if isinstance(data.get("build"), int) else None
+    if build is not None and _sent_to(session, device, build):
+        model = session.get(Model, build.model_id)
+        row = device_measurement(device_id, device.target, get_target(device.target).core, data, model.sha256,
+                                 model.name, build.id)
+        if row is not None:
+            session.add(row)
     session.commit()
 
 

@@ -104,3 +104,11 @@ def database_url(request, tmp_path):
         conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     return url
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _measurements_in_a_temporary_database(tmp_path_factory):
+    """Compiles the tests run record into a database of their own, not the user's."""
+    db = tmp_path_factory.mktemp("measurements") / "measurements.db"
+    os.environ["TINYMLAAS_MEASUREMENTS"] = f"sqlite:///{db}"
+    yield db

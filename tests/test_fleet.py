@@ -326,3 +326,26 @@ def test_whole_flow_on_postgresql(database_url, tmp_path, models_dir):
     finally:
         _stop(agents)
         server.stop()
+
+
+def test_cycles_a_device_reports_land_in_the_measurement_database(live):
+    """A board's own cycle counter, over telemetry: a row marked as device-measured, for the build it runs only."""
+    from tinymlaas.measurements import MeasurementStore
+
+    server, client, v1, v2 = live["server"], live["client"], live["v1"], live["v2"]
+    agent = start_agents(server, live["root"], ["cyc-0"], group="cyc")[0]
+    try:
+        assert client.wait_deployment(client.deploy(v1["id"], group="cyc")["id"])["state"] == "succeeded"
+        agent._publish("telemetry", {"build": v2["id"], "cycles": 99})  # a build never sent to it: ignored
+        agent._publish("telemetry", {"build": v1["id"], "instructions": 5, "cycles": 123456})
+        store = MeasurementStore(server.settings.database_url)
+        wait_for(lambda: store.rows(device_id="cyc-0"), 10, "the device's row")
+        time.sleep(0.5)
+        rows = store.rows(device_id="cyc-0")
+        assert [(r.cycles, r.cycles_kind, r.build_id, r.target) for r in rows] == [
+            (123456.0, "device", v1["id"], "cortex-m4")]
+        # the service's own build of v1 is a row too, with its exact instruction count
+        built = store.rows(source="service", build_id=v1["id"])
+        assert len(built) == 1 and built[0].instructions == v1["report"]["instructions"]
+    finally:
+        agent.stop()

@@ -113,12 +113,17 @@ def test_soft_float_targets(compiled, target):
 def test_per_layer_profile_adds_up(compiled, tmp_path):
     from tinymlaas.pipeline import profile_model
 
-    steps = profile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path)
+    prof = profile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path)
     whole = compiled("kws_ref_model", "cortex-m4")
-    assert len(steps) >= 10 and all(count > 0 for _, count in steps)
+    steps = prof.steps
+    assert len(steps) >= 10 and all(s.instructions > 0 and s.cycles_estimate > 0 for s in steps)
     # same input 0 (seed differs from the compiled fixture's, and requantization branches are data dependent)
-    assert abs(sum(c for _, c in steps) - whole.instructions) / whole.instructions < 0.01
-    assert max(steps, key=lambda s: s[1])[0].startswith("tinymlaas_")  # DSP kernels on Cortex-M4
+    assert abs(prof.totals()["instructions"] - whole.instructions) / whole.instructions < 0.01
+    # keyed by TFLite operator and kernel variant: DSP kernels on Cortex-M4
+    convs = [s for s in steps if s.opcode == "CONV_2D"]
+    assert len(convs) == 5 and {s.implementation for s in convs} == {"dsp"}
+    assert [s.op_index for s in convs] == [0, 2, 4, 6, 8]
+    assert prof.cycles_source is None and "cortex-m4" in prof.estimate_method
 
 
 def _assert_layers_exact(results):

@@ -89,7 +89,23 @@ def cmd_compile(args) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(format_report(report))
+    if not args.no_record:
+        _record(report)
     return 0 if report.verified else 1
+
+
+def _record(report) -> None:
+    """The build's figures into the measurement database; a database problem costs the row, not the build."""
+    from pathlib import Path
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from tinymlaas.measurements import MeasurementStore, default_url
+
+    try:
+        MeasurementStore().record_compile(report, Path(report.artifacts["model"]))
+    except (SQLAlchemyError, OSError) as e:
+        print(f"tinymlaas: warning: not recorded in {default_url()}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 layers: TIR kernels, DSP micro-kernels (SMLAD) with the int8 weights or int16 (dsp16, faster, 2x weight flash), or auto: dsp where the core has DSP")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not add the figures to the measurement database ($TINYMLAAS_MEASUREMENTS, default "
+                   "~/.local/share/tinymlaas/measurements.db)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("operators", help="the operators the compiler takes, per precision, with their kernel variants")

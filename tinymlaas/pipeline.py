@@ -299,6 +299,7 @@ class StepProfile:
     memory_accesses: int  # exact (QEMU)
     cycles_estimate: float | None  # llvm-mca's model of the core x QEMU's per-block counts
     cycles: int | None = None  # true cycles, where the target's core is simulated from its RTL
+    features: dict | None = None  # static features of the operator (tinymlaas.search.features)
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,7 @@ class Profile:
     estimate_method: str  # e.g. "llvm-mca cortex-m4 x QEMU block counts"
     cycles_source: str | None  # e.g. "Ibex 'small' RTL (Verilator)", None without RTL
     fallback_blocks: int  # blocks llvm-mca could not read (counted one cycle per instruction)
+    quantization: str = "float32"  # float32, int8, int16x8 or mixed: the operators' precisions
 
     def totals(self) -> dict:
         tot = {"instructions": sum(s.instructions for s in self.steps),
@@ -328,6 +330,7 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
     from tinymlaas.ir.lower import KernelCall
     from tinymlaas.runners import mca
     from tinymlaas.runners.qemu import QemuEmulator
+    from tinymlaas.search.features import layer_features
 
     target, model, program, built, driver = _build(model_path, target_name, workdir, kernels)
     (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for x in make_inputs(model, 1, 0)[0]))
@@ -349,17 +352,20 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
         true_cycles, source = [r.cycles for r in rtl_run.regions], f"Ibex '{rtl.config}' RTL (Verilator)"
     graph = clean(model.graph, shapes_from_interpreter=True)
     chosen = implementations(graph, target, kernels)
-    opcodes = {op.index: op.opcode for op in graph.operators}
+    ops = {op.index: op for op in graph.operators}
+    precisions = {graph.precision(op) for op in graph.operators}
+    quantization = "mixed" if len(precisions) > 1 else {"int16": "int16x8"}.get(*precisions, *precisions)
     steps = []
     for k, (step, region, cycles) in enumerate(zip(program.steps, run.regions, true_cycles)):
         op = step.op_index
         steps.append(StepProfile(
             step=k, kernel=step.kernel if isinstance(step, KernelCall) else "copy", op_index=op,
-            opcode=opcodes.get(op), implementation=chosen.get(op), instructions=region.instructions,
-            memory_accesses=region.memory_accesses,
-            cycles_estimate=round(mca.estimate(region.blocks, costs) - marks, 1), cycles=cycles))
+            opcode=ops[op].opcode if op in ops else None, implementation=chosen.get(op),
+            instructions=region.instructions, memory_accesses=region.memory_accesses,
+            cycles_estimate=round(mca.estimate(region.blocks, costs) - marks, 1), cycles=cycles,
+            features=layer_features(graph, ops[op]) if op in ops else None))
     return Profile(model.name, target.name, tuple(steps), f"{cost_model.name} x QEMU block counts", source,
-                   len(costs["fallback"]))
+                   len(costs["fallback"]), quantization)
 
 
 def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, seed: int = 0,

@@ -119,8 +119,8 @@ def flatten(mod) -> Program:
             return regions[expr]
         raise NotImplementedError(f"kernel argument of unexpected form: {expr}")
 
-    def op_index(var) -> int | None:
-        m = _OP_VAR.match(var.name)
+    def op_index(var, kernel: str = "") -> int | None:
+        m = _OP_VAR.match(var.name) or _OP_VAR.match(kernel)  # the value's name, else the kernel's (op<i>_conv_2d)
         return int(m.group(1)) if m else None
 
     body = main.body
@@ -146,7 +146,7 @@ def flatten(mod) -> Program:
                     raise NotImplementedError(f"operation '{name}' is not supported in a static program")
             elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar):
                 steps.append(KernelCall(value.op.name_hint, tuple(region_of(a) for a in value.args),
-                                        op_index=op_index(var)))
+                                        op_index=op_index(var, value.op.name_hint)))
             elif isinstance(value, relax.Call) and isinstance(value.op, relax.ExternFunc):
                 steps.append(KernelCall(str(value.op.global_symbol), tuple(region_of(a) for a in value.args),
                                         extern=True, op_index=op_index(var)))

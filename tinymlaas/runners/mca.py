@@ -62,9 +62,21 @@ def disassembly(elf: Path, target) -> tuple[list[int], list[str]]:
         text = re.sub(r"\b[0-9a-f]+ <[^>]*>$", ".Ltarget", text).replace("\t", " ")
         if target.arch == "arm":  # llvm-mca 15 crashes on post-indexed loads (`ldr.w r3, [r8], #4`): same cost
             text = _POST_INDEXED.sub(r"[\1, \2]", text)  # as the offset form, whose base update it drops
+        text = _as_branch(text, target.arch)
         addrs.append(int(m.group(1), 16))
         insns.append(text)
     return addrs, insns
+
+
+def _as_branch(text: str, arch: str) -> str:
+    """llvm-mca 15 charges every call instruction a fixed 100 cycles (RISC-V's jal/jalr all count as calls): a
+    call or jump becomes a branch of the core's own cost to the same place."""
+    mnemonic = text.split(" ", 1)[0]
+    if arch == "riscv" and mnemonic in ("jal", "j", "jalr", "jr", "ret", "call", "tail"):
+        return "beq zero, zero, .Ltarget"
+    if arch == "arm" and mnemonic in ("bl", "blx"):
+        return "b .Ltarget" if ".Ltarget" in text else "bx " + text.split(" ", 1)[1].strip()
+    return text
 
 
 def _run_mca(model: CycleModel, source: str) -> subprocess.CompletedProcess:
