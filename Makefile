@@ -66,6 +66,7 @@ bench: setup
 	$(PY) benchmarks/mlperf_tiny.py --models $(MODELS) --out benchmarks/results/mlperf_tiny.json
 	$(PY) benchmarks/corpus.py --out benchmarks/results/corpus_architectures.json
 	$(PY) benchmarks/fleet.py --models $(MODELS) --out benchmarks/results/fleet.json
+	$(PY) benchmarks/cycles.py --models $(MODELS) --out benchmarks/results/cycles.json
 
 # Regenerate the committed test corpus with TensorFlow (make setup installs it).
 corpus: setup

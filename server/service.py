@@ -63,7 +63,9 @@ def register_device(session: Session, owner: User, device_id: str, target: str, 
     if not DEVICE_ID.match(device_id or ""):
         raise ServiceError(422, "lower-case letters, digits, '-' and '_', at most 64, starting with a letter or digit",
                            "id")
-    _target(target)
+    if _target(target).rtl is not None:
+        raise ServiceError(422, f"'{target}' is a core simulated from its RTL for true cycles (builds only), not a "
+                           "board a device can be", "target")
     if session.get(Device, device_id):
         raise ServiceError(409, f"device '{device_id}' is already registered", "id")
     t = get_target(target)
@@ -157,6 +159,9 @@ def create_deployment(session: Session, owner: User, build_id: int, group: str, 
         raise ServiceError(422, f"no build {build_id}", "build_id")
     if build.state != "done":
         raise ServiceError(409, f"build {build_id} is {build.state}, not done", "build_id")
+    if "image" not in (build.artifacts or {}):
+        raise ServiceError(409, f"build {build_id} is for {build.target}, a core simulated from its RTL: it has no "
+                           "signed image to deploy", "build_id")
     problems = plan.problems()
     if problems:
         field, why = next(iter(problems.items()))

@@ -170,3 +170,29 @@ def test_migrations_match_the_models(database_url, tmp_path):
     engine.dispose()
     assert diff == []
     assert alembic_config(database_url).get_main_option("script_location").endswith("migrations")
+
+
+def test_a_build_for_a_core_simulated_from_rtl_gives_true_cycles_and_no_image(client, app):
+    """ibex-small through the service: built and verified on the Verilator model of Ibex, its true cycles in the
+    report and in the measurement table; no signed image, so no deployment, and no device can be one."""
+    from pathlib import Path
+
+    from server.jobs import run_build
+    from tinymlaas.measurements import MeasurementStore
+
+    corpus = Path(__file__).parent / "corpus" / "ops" / "fully_connected_int8.tflite"
+    r = client.post("/api/v1/models", data={"file": (io.BytesIO(corpus.read_bytes()), "fc.tflite")}, headers=client.auth)
+    b = client.post("/api/v1/builds", json={"model_id": r.get_json()["id"], "target": "ibex-small"},
+                    headers=client.auth).get_json()
+    settings = app.extensions["tinymlaas"].settings
+    run_build(settings, b["id"])
+    done = client.get(f"/api/v1/builds/{b['id']}", headers=client.auth).get_json()
+    assert done["state"] == "done", done
+    assert done["report"]["cycles"] > done["report"]["instructions"] > 0 and done["report"]["runner"] == "ibex"
+    assert "image" not in done["artifacts"] and "firmware" in done["artifacts"]
+    rows = MeasurementStore(settings.database_url).rows(build_id=b["id"])
+    assert [(r.source, r.cycles_kind, r.cycles) for r in rows] == [("service", "true", done["report"]["cycles"])]
+    assert_problem(client.post("/api/v1/devices", json={"id": "ibex-1", "target": "ibex-small"}, headers=client.auth),
+                   422, "target", "simulated from its rtl")
+    assert_problem(client.post("/api/v1/deployments", json={"build_id": b["id"], "group": "default"},
+                               headers=client.auth), 409, "build_id", "no signed image")

@@ -35,13 +35,15 @@ def cmd_targets(args) -> int:
 
     targets = all_targets()
     if args.json:
-        print(json.dumps({n: {"description": t.description, "board": t.board.__dict__, "emulator": t.emulator.machine}
-                          for n, t in targets.items()}, indent=2))
+        print(json.dumps({n: {"description": t.description, "board": t.board.__dict__, "emulator": t.emulator.machine,
+                              "runner": t.default_runner} for n, t in targets.items()}, indent=2))
         return 0
-    print(f"{'target':<12} {'core':<11} {'FPU':<4} {'DSP':<4} {'board class':<26} {'flash':>10} {'RAM':>10}  emulator")
+    print(f"{'target':<12} {'core':<12} {'FPU':<4} {'DSP':<4} {'board class':<26} {'flash':>10} {'RAM':>10}  runs in")
     for name, t in targets.items():
-        print(f"{name:<12} {t.core:<11} {'yes' if t.fpu else 'no':<4} {'yes' if t.dsp else 'no':<4} {t.board.name:<26} "
-              f"{t.board.flash_bytes // 1024:>8}K {t.board.ram_bytes // 1024:>8}K  {t.emulator.qemu} -M {t.emulator.machine}")
+        runs = (f"Ibex '{t.rtl.config}' RTL (true cycles)" if t.rtl
+                else f"{t.emulator.qemu} -M {t.emulator.machine}")
+        print(f"{name:<12} {t.core:<12} {'yes' if t.fpu else 'no':<4} {'yes' if t.dsp else 'no':<4} {t.board.name:<26} "
+              f"{t.board.flash_bytes // 1024:>8}K {t.board.ram_bytes // 1024:>8}K  {runs}")
     return 0
 
 

@@ -271,15 +271,15 @@ def _build(model_path, target_name: str, workdir: Path, kernels: str):
     target = get_target(target_name)
     model = load_tflite(model_path)
     workdir.mkdir(parents=True, exist_ok=True)
-    relax_mod, _, _ = import_model(model, target, kernels=kernels)
+    relax_mod, lowering, _ = import_model(model, target, kernels=kernels)
     program = lower(relax_mod, schedule=default_schedule)
     program, built = build_kernels(program, target, workdir)
-    return target, model, program, built, generate_driver(model, program, built, workdir)
+    return target, model, program, built, generate_driver(model, program, built, workdir), lowering
 
 
 def _build_and_run(model_path, target_name: str, workdir: Path, batches_of, kernels: str, **link_flags):
     """Build with extra harness options (profile / trace) and run it on the inputs `batches_of(model)` gives."""
-    target, model, program, built, driver = _build(model_path, target_name, workdir, kernels)
+    target, model, program, built, driver, _ = _build(model_path, target_name, workdir, kernels)
     firmware = link_firmware(target, built, driver, workdir, **link_flags)
     batches = batches_of(model)
     (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
@@ -311,6 +311,7 @@ class Profile:
     cycles_source: str | None  # e.g. "Ibex 'small' RTL (Verilator)", None without RTL
     fallback_blocks: int  # blocks llvm-mca could not read (counted one cycle per instruction)
     quantization: str = "float32"  # float32, int8, int16x8 or mixed: the operators' precisions
+    verified: bool = False  # the profiled runs' outputs (QEMU's, and Ibex's) match the interpreter's
 
     def totals(self) -> dict:
         tot = {"instructions": sum(s.instructions for s in self.steps),
@@ -332,10 +333,18 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
     from tinymlaas.runners.qemu import QemuEmulator
     from tinymlaas.search.features import layer_features
 
-    target, model, program, built, driver = _build(model_path, target_name, workdir, kernels)
-    (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for x in make_inputs(model, 1, 0)[0]))
+    target, model, program, built, driver, lowering = _build(model_path, target_name, workdir, kernels)
+    batches = make_inputs(model, 1, 0)
+    (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for x in batches[0]))
+    want = reference_outputs(model, batches)
     firmware = link_firmware(target, built, driver, workdir, profile=True)
     run = QemuEmulator(blocks=True).run(target, firmware, workdir)
+
+    def verified() -> bool:  # the run just made wrote outputs.bin: the interpreter's outputs?
+        got = split_outputs(model, (workdir / "outputs.bin").read_bytes(), 1)
+        return compare(model, got, want, integer_kernels=lowering == "integer").passed
+
+    ok = verified()
     cost_model = mca.model_for(target)
     costs = mca.block_cycles(firmware.elf, target, {k for r in [run.calibration, *run.regions] for k in r.blocks},
                              cost_model)
@@ -350,6 +359,7 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
         if [r.instructions for r in rtl_run.regions] != [r.instructions for r in run.regions]:
             raise InternalError("profile", None, RuntimeError("Ibex and QEMU disagree on per-step instructions"))
         true_cycles, source = [r.cycles for r in rtl_run.regions], f"Ibex '{rtl.config}' RTL (Verilator)"
+        ok = ok and verified()
     graph = clean(model.graph, shapes_from_interpreter=True)
     chosen = implementations(graph, target, kernels)
     ops = {op.index: op for op in graph.operators}
@@ -365,7 +375,7 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
             cycles_estimate=round(mca.estimate(region.blocks, costs) - marks, 1), cycles=cycles,
             features=layer_features(graph, ops[op]) if op in ops else None))
     return Profile(model.name, target.name, tuple(steps), f"{cost_model.name} x QEMU block counts", source,
-                   len(costs["fallback"]), quantization)
+                   len(costs["fallback"]), quantization, ok)
 
 
 def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, seed: int = 0,
