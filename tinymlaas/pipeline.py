@@ -348,7 +348,7 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
     cost_model = mca.model_for(target)
     costs = mca.block_cycles(firmware.elf, target, {k for r in [run.calibration, *run.regions] for k in r.blocks},
                              cost_model)
-    marks = mca.estimate(run.calibration.blocks, costs)
+    marks = mca.estimate(run.calibration.blocks, costs, cost_model)
     true_cycles, source = [None] * len(run.regions), None
     runner_name = emulator or target.default_runner
     if runner_name == "ibex":
@@ -372,7 +372,7 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
             step=k, kernel=step.kernel if isinstance(step, KernelCall) else "copy", op_index=op,
             opcode=ops[op].opcode if op in ops else None, implementation=chosen.get(op),
             instructions=region.instructions, memory_accesses=region.memory_accesses,
-            cycles_estimate=round(mca.estimate(region.blocks, costs) - marks, 1), cycles=cycles,
+            cycles_estimate=round(mca.estimate(region.blocks, costs, cost_model) - marks, 1), cycles=cycles,
             features=layer_features(graph, ops[op]) if op in ops else None))
     return Profile(model.name, target.name, tuple(steps), f"{cost_model.name} x QEMU block counts", source,
                    len(costs["fallback"]), quantization, ok)

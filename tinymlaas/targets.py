@@ -61,6 +61,7 @@ class Target:
     platformio_board: str | None = None
     renode_platform: str | None = None
     rtl: Rtl | None = None
+    estimate: dict | None = None  # cycle estimate: llvm-mca `mcpu` (default the LLVM CPU), `taken_branch_penalty`
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -105,6 +106,7 @@ def load_target_file(path: Path) -> Target:
         platformio_board=(d.get("platformio") or {}).get("board"),
         renode_platform=(d.get("renode") or {}).get("platform"),
         rtl=Rtl(**d["rtl"]) if d.get("rtl") else None,
+        estimate=dict(d["estimate"]) if d.get("estimate") else None,
         source=path,
     )
 

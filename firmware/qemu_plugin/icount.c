@@ -37,6 +37,8 @@ void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, qemu_plugin_udata_cb_t 
 size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
 uint64_t qemu_plugin_tb_vaddr(const struct qemu_plugin_tb *tb);
 struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
+uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *insn);
+size_t qemu_plugin_insn_size(const struct qemu_plugin_insn *insn);
 
 __attribute__((visibility("default"))) int qemu_plugin_version = 1;
 
@@ -48,24 +50,36 @@ static FILE *out;
 /* blocks=1: per translated block, how often it ran inside each region ("block VADDR NINSNS COUNT" lines after
  * the region's line): the per-block profile a cycle estimate multiplies with each block's cost. */
 struct block {
-    uint64_t vaddr, count, at_begin;
+    uint64_t vaddr, end, count, at_begin, taken, taken_at_begin;
     size_t ninsns;
     struct block *next;
 };
 static int profile_blocks;
-static struct block *blocks;
+static struct block *blocks, *previous;
+
+/* Each block's exit to anywhere but the next address is a taken branch, jump, call or return: the cores' pipelines
+ * pay for those, and a per-block static cost cannot see them. */
+static void on_block(unsigned int vcpu, void *udata)
+{
+    (void)vcpu;
+    struct block *b = udata;
+    if (previous && b->vaddr != previous->end)
+        previous->taken++;
+    previous = b;
+}
 
 static void snapshot_blocks(void)
 {
     for (struct block *b = blocks; b; b = b->next)
-        b->at_begin = b->count;
+        b->at_begin = b->count, b->taken_at_begin = b->taken;
 }
 
 static void print_blocks(void)
 {
     for (struct block *b = blocks; b; b = b->next)
         if (b->count != b->at_begin)
-            fprintf(out, "block %#" PRIx64 " %zu %" PRIu64 "\n", b->vaddr, b->ninsns, b->count - b->at_begin);
+            fprintf(out, "block %#" PRIx64 " %zu %" PRIu64 " %" PRIu64 "\n", b->vaddr, b->ninsns, b->count - b->at_begin,
+                    b->taken - b->taken_at_begin);
 }
 
 static void on_begin(unsigned int vcpu, void *udata)
@@ -102,11 +116,14 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         while (b && !(b->vaddr == pc && b->ninsns == n))
             b = b->next;
         if (!b) {
+            struct qemu_plugin_insn *last = qemu_plugin_tb_get_insn(tb, n - 1);
             b = calloc(1, sizeof *b);
             b->vaddr = pc, b->ninsns = n, b->next = blocks;
+            b->end = qemu_plugin_insn_vaddr(last) + qemu_plugin_insn_size(last);
             blocks = b;
         }
         qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &b->count, 1);
+        qemu_plugin_register_vcpu_tb_exec_cb(tb, on_block, QEMU_PLUGIN_CB_NO_REGS, b);
     }
     for (size_t i = 0; i < n; i++) {
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);

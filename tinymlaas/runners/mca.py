@@ -19,8 +19,8 @@ from tinymlaas.errors import ToolMissing
 
 LLVM_MCA = "llvm-mca-15"
 ITERATIONS = 100
-# The scheduling model per core; RISC-V cores without one of their own use Rocket's (in-order, single issue).
-MODELS = {"riscv": ("riscv32-unknown-elf", "rocket-rv32", "+m,+c")}
+# RISC-V cores without a scheduling model of their own use Rocket's (in-order, single issue).
+RISCV_MODEL = ("riscv32-unknown-elf", "rocket-rv32", "+m,+c")
 
 
 @dataclass(frozen=True)
@@ -28,17 +28,22 @@ class CycleModel:
     mtriple: str
     mcpu: str
     mattr: str = ""
+    taken_branch_penalty: float = 0.0  # cycles a taken branch or jump adds (pipeline refill): the core's manual
 
     @property
     def name(self) -> str:
-        return f"llvm-mca {self.mcpu}"
+        return f"llvm-mca {self.mcpu} + {self.taken_branch_penalty:g}/taken branch"
 
 
 def model_for(target) -> CycleModel:
+    """The target's `estimate:` entry (targets/*.yaml), else its LLVM CPU."""
+    est = target.estimate or {}
+    penalty = float(est.get("taken_branch_penalty", 0))
     if target.arch == "riscv":
-        return CycleModel(*MODELS["riscv"])
+        return CycleModel(*RISCV_MODEL, penalty) if "mcpu" not in est else CycleModel(
+            RISCV_MODEL[0], est["mcpu"], RISCV_MODEL[2], penalty)
     attrs = ",".join(a for a in target.llvm.get("mattr", ()) if a.startswith("+"))
-    return CycleModel(target.llvm["mtriple"], target.llvm["mcpu"], attrs)
+    return CycleModel(target.llvm["mtriple"], est.get("mcpu", target.llvm["mcpu"]), attrs, penalty)
 
 
 _INSN = re.compile(r"^\s*([0-9a-f]+):\s+(.*)$")
@@ -137,6 +142,6 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
     return result
 
 
-def estimate(blocks: dict, costs: dict) -> float:
-    """Estimated cycles of one region from its block execution counts."""
-    return sum(count * costs[key] for key, count in blocks.items())
+def estimate(blocks: dict, costs: dict, model: CycleModel) -> float:
+    """Estimated cycles of one region from its blocks' execution and taken-exit counts."""
+    return sum(count * costs[key] + taken * model.taken_branch_penalty for key, (count, taken) in blocks.items())

@@ -26,7 +26,8 @@ class RegionCount:
     instructions: int
     memory_accesses: int
     cycles: int | None = None  # a cycle-accurate runner's true cycles; QEMU has none
-    blocks: dict | None = None  # QEMU with blocks=True: (block address, instructions) -> executions, marks included
+    # QEMU with blocks=True: (block address, instructions) -> (executions, taken exits), the marks included
+    blocks: dict | None = None
 
 
 @dataclass
@@ -131,7 +132,7 @@ class QemuEmulator:
                 if parts and parts[0] == "region":
                     regions.append(RegionCount(*(int(x) for x in parts[1:3]), blocks={} if self.blocks else None))
                 elif parts and parts[0] == "block" and regions:
-                    regions[-1].blocks[int(parts[1], 16), int(parts[2])] = int(parts[3])
+                    regions[-1].blocks[int(parts[1], 16), int(parts[2])] = (int(parts[3]), int(parts[4]))
         if not regions:
             raise EmulatorFailure("the counting plugin recorded no inference")
         calibration, measured = regions[0], regions[1:]
