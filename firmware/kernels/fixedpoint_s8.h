@@ -62,6 +62,50 @@ static inline int32_t tinymlaas_one_over_one_plus_x(int32_t a)
     return tinymlaas_saturating_shift_left(x, 1);
 }
 
+/* gemmlowp's SaturatingRoundingDoublingHighMul for any operands (the one case that overflows saturates) */
+static inline int32_t tinymlaas_srdhm_sat(int32_t a, int32_t b)
+{
+    if (a == b && a == INT32_MIN)
+        return INT32_MAX;
+    int64_t ab = (int64_t)a * (int64_t)b;
+    int64_t nudge = ab >= 0 ? (1 << 30) : (1 - (1 << 30));
+    return (int32_t)((ab + nudge) / (1ll << 31));
+}
+
+/* gemmlowp's exp(a) for a in [-1/4, 0), Q0.31 in and out */
+static inline int32_t tinymlaas_exp_quarter(int32_t a)
+{
+    const int32_t constant_term = 1895147668;  /* exp(-1/8) */
+    const int32_t constant_1_over_3 = 715827883;
+    int32_t x = a + (1 << 28);                   /* a + 1/8 */
+    int32_t x2 = tinymlaas_srdhm_sat(x, x);
+    int32_t x3 = tinymlaas_srdhm_sat(x2, x);
+    int32_t x4 = tinymlaas_srdhm_sat(x2, x2);
+    int32_t x4_over_4 = tinymlaas_rounding_divide_by_pot(x4, 2);
+    int32_t poly = tinymlaas_rounding_divide_by_pot(tinymlaas_srdhm_sat(x4_over_4 + x3, constant_1_over_3) + x2, 1);
+    return constant_term + tinymlaas_srdhm_sat(constant_term, x + poly);
+}
+
+/* gemmlowp's exp(a) for a <= 0 given in Q5.26; result Q0.31 */
+static inline int32_t tinymlaas_exp_on_negative_values(int32_t a)
+{
+    const int fractional_bits = 26;
+    const int32_t one_quarter = 1 << 24;
+    int32_t mask = one_quarter - 1;
+    int32_t a_mod_quarter_minus_one_quarter = (a & mask) - one_quarter;
+    int32_t result = tinymlaas_exp_quarter(tinymlaas_saturating_shift_left(a_mod_quarter_minus_one_quarter, 5));
+    int32_t remainder = a_mod_quarter_minus_one_quarter - a;
+    static const int32_t multipliers[7] = {1672461947, 1302514674, 790015084, 290630308, 39332535, 720401, 242};
+    for (int i = 0; i < 7; i++) {
+        int exponent = i - 2;
+        if (remainder & (1 << (fractional_bits + exponent)))
+            result = tinymlaas_srdhm_sat(result, multipliers[i]);
+    }
+    if (a == 0)
+        result = INT32_MAX;
+    return result;
+}
+
 static inline int8_t tinymlaas_clamp_s8(int32_t v, int32_t lo, int32_t hi)
 {
     return (int8_t)(v < lo ? lo : v > hi ? hi : v);

@@ -100,6 +100,14 @@ def softmax_params(beta: float, input_scale: float) -> tuple[int, int, int]:
     return multiplier, left_shift, -radius
 
 
+def log_softmax_params(input_scale: float) -> tuple[int, int, int, int, int]:
+    """TFLite PreprocessLogSoftmaxScalingExp (beta 1) + CalculateInputRadius: the input's multiplier and left shift,
+    the reverse scaling's multiplier and exponent (<= 0), and the smallest difference to the row maximum."""
+    multiplier, left_shift, diff_min = softmax_params(1.0, input_scale)
+    reverse_multiplier, reverse_exponent = quantize_multiplier((1 << (31 - left_shift)) / float(multiplier))
+    return multiplier, left_shift, reverse_multiplier, reverse_exponent, diff_min
+
+
 def _emit_kernel(ctx, fn, args, **attrs):
     """Emit `fn` (a TE integer kernel) as one opaque call_tir.
 
@@ -415,6 +423,17 @@ def softmax(ctx, op, impl):
     m, shift, diff_min = softmax_params(float(op.opt("beta", 1.0)), ctx.tensor(op.inputs[0]).scale)
     consts = np.array([m, shift, diff_min, shape[-1], int(np.prod(shape))], dtype=np.int32)
     ctx.set_output(op, 0, _extern(ctx, "tinymlaas_softmax_s8", [ctx.input(op, 0), relax.const(consts)], shape))
+
+
+@register("LOG_SOFTMAX", "int8", implementations=("c",))
+def log_softmax(ctx, op, impl):
+    """C kernel (firmware/kernels/log_softmax_s8.c); the interpreter requires output scale 16/256, zero point 127."""
+    from tvm import relax
+
+    shape = ctx.tensor(op.outputs[0]).shape
+    consts = np.array([*log_softmax_params(ctx.tensor(op.inputs[0]).scale), shape[-1], int(np.prod(shape))],
+                      dtype=np.int32)
+    ctx.set_output(op, 0, _extern(ctx, "tinymlaas_log_softmax_s8", [ctx.input(op, 0), relax.const(consts)], shape))
 
 
 # Elementwise operators of one int8 input: the output depends on the input value only, so the interpreter's own
