@@ -436,6 +436,31 @@ def log_softmax(ctx, op, impl):
     ctx.set_output(op, 0, _extern(ctx, "tinymlaas_log_softmax_s8", [ctx.input(op, 0), relax.const(consts)], shape))
 
 
+@register("REDUCE_PROD", ("int8", "int16"), implementations=("c",))
+def reduce_prod(ctx, op, impl):
+    """C kernel (firmware/kernels/reduce_prod_q.c) over rows of the reduced elements: the reduced axes are moved
+    last. TFLite rescales the product at every step by input_scale / output_scale^(1/n), in double."""
+    from tvm import relax
+
+    from tinymlaas.ops.float32 import reduce_axes
+
+    x_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.outputs[0])
+    axes = reduce_axes(ctx, op)
+    kept = [a for a in range(len(x_t.shape)) if a not in axes]
+    n = int(np.prod([x_t.shape[a] for a in axes], dtype=np.int64))
+    rows = int(np.prod([x_t.shape[a] for a in kept], dtype=np.int64))
+    x = ctx.input(op, 0)
+    if kept + axes != list(range(len(x_t.shape))):
+        x = ctx.emit(relax.op.permute_dims(x, kept + axes))
+    x = ctx.emit(relax.op.reshape(x, (rows, n)))
+    m, shift = quantize_multiplier(float(x_t.scale) / math.pow(float(out_t.scale), 1.0 / n))
+    reduced, total = reduce_multiplier(np.array([m]), np.array([shift]))
+    consts = np.array([rows, n, x_t.zero_point, out_t.zero_point, int(reduced[0]), int(total[0])], dtype=np.int32)
+    symbol = "tinymlaas_reduce_prod_s16" if x_t.dtype == "int16" else "tinymlaas_reduce_prod_s8"
+    y = _extern(ctx, symbol, [x, relax.const(consts)], (rows,), x_t.dtype)
+    ctx.set_output(op, 0, relax.op.reshape(y, out_t.shape))
+
+
 # Elementwise operators of one int8 input: the output depends on the input value only, so the interpreter's own
 # reference kernel is tabulated at compile time over all 256 inputs (same quantization, same options) and the
 # device does a table lookup. Bit-exact by construction, integer-only on the device, and one load per element.
