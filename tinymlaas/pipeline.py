@@ -363,8 +363,8 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
     graph = clean(model.graph, shapes_from_interpreter=True)
     chosen = implementations(graph, target, kernels)
     ops = {op.index: op for op in graph.operators}
-    precisions = {graph.precision(op) for op in graph.operators}
-    quantization = "mixed" if len(precisions) > 1 else {"int16": "int16x8"}.get(*precisions, *precisions)
+    precisions = {graph.precision(op) for op in graph.operators} or {"float32"}
+    quantization = "mixed" if len(precisions) > 1 else precisions.pop().replace("int16", "int16x8")
     steps = []
     for k, (step, region, cycles) in enumerate(zip(program.steps, run.regions, true_cycles)):
         op = step.op_index
