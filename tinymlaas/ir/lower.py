@@ -119,8 +119,8 @@ def flatten(mod) -> Program:
             return regions[expr]
         raise NotImplementedError(f"kernel argument of unexpected form: {expr}")
 
-    def op_index(var, kernel: str = "") -> int | None:
-        m = _OP_VAR.match(var.name) or _OP_VAR.match(kernel)  # the value's name, else the kernel's (op<i>_conv_2d)
+    def op_index(var) -> int | None:
+        m = _OP_VAR.match(var.name)
         return int(m.group(1)) if m else None
 
     body = main.body
@@ -146,7 +146,7 @@ def flatten(mod) -> Program:
                     raise NotImplementedError(f"operation '{name}' is not supported in a static program")
             elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar):
                 steps.append(KernelCall(value.op.name_hint, tuple(region_of(a) for a in value.args),
-                                        op_index=op_index(var, value.op.name_hint)))
+                                        op_index=op_index(var)))
             elif isinstance(value, relax.Call) and isinstance(value.op, relax.ExternFunc):
                 steps.append(KernelCall(str(value.op.global_symbol), tuple(region_of(a) for a in value.args),
                                         extern=True, op_index=op_index(var)))
@@ -185,6 +185,12 @@ def flatten(mod) -> Program:
         return Region("output", index=renumber[r.index], nbytes=r.nbytes) if r.kind == "output" else r
 
     steps = [replace(s, args=tuple(fix(a) for a in s.args)) if isinstance(s, KernelCall) else s for s in steps]
+    calls = [s.kernel for s in steps if isinstance(s, KernelCall)]
+    shared = {k for k in calls if calls.count(k) > 1}
+    # Last resort, the kernel's own name (op<i>_dequantize writing a model output). Not before: one kernel
+    # serves every structurally equal operator, so its name is the first one's.
+    steps = [replace(s, op_index=int(m.group(1))) if isinstance(s, KernelCall) and s.op_index is None
+             and (m := _OP_VAR.match(s.kernel)) and s.kernel not in shared else s for s in steps]
     for i, reg in enumerate(out_regions):
         if reg.kind != "output":  # a result left in the arena (or an input returned as is) is copied out
             steps.append(Copy(reg, Region("output", index=i, nbytes=reg.nbytes), reg.nbytes))

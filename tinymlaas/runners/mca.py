@@ -119,25 +119,27 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
             lines += [f"{comment} LLVM-MCA-BEGIN b{k}", *(s.replace(".Ltarget", f".Lt{k}") for s in pending[key]),
                       f".Lt{k}:", f"{comment} LLVM-MCA-END b{k}"]
         proc = _run_mca(model, "\n".join(lines) + "\n")
-        if proc.returncode == 0:
+        # llvm-mca drops a region it cannot assemble (exit status 0 all the same): those blocks fall back
+        bad_lines = {int(n) for n in re.findall(r"<stdin>:(\d+):\d+: error", proc.stderr)}
+        if proc.returncode == 0 and not bad_lines:
             totals = [int(x) for x in re.findall(r"^Total Cycles:\s+(\d+)", proc.stdout, re.MULTILINE)]
             if len(totals) != len(keys):
                 raise ToolMissing(f"{LLVM_MCA} reported {len(totals)} regions for {len(keys)} blocks")
             result.update({key: total / ITERATIONS for key, total in zip(keys, totals)})
             break
-        bad = re.search(r"<stdin>:(\d+):", proc.stderr)
-        if bad:
-            line = int(bad.group(1))
-            k = max(i for i, s in enumerate(starts) if s <= line)
+        if bad_lines:
+            bad = {max(i for i, s in enumerate(starts) if s <= line) for line in bad_lines}
         else:  # llvm-mca crashed without naming a line: find the block alone
             k = next((i for i, key in enumerate(keys) if _run_mca(model, "\n".join(
                 (lines[:2] if thumb else []) + [f"{comment} LLVM-MCA-BEGIN b", *pending[key]]
                 + [f"{comment} LLVM-MCA-END b"]).replace(".Ltarget", ".Lt0") + "\n.Lt0:\n").returncode != 0), None)
             if k is None:
                 raise ToolMissing(f"{LLVM_MCA} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        result[keys[k]] = float(keys[k][1])
-        fallback.append(keys[k])
-        del pending[keys[k]]
+            bad = {k}
+        for k in bad:
+            result[keys[k]] = float(keys[k][1])
+            fallback.append(keys[k])
+            del pending[keys[k]]
     result["fallback"] = fallback
     return result
 
