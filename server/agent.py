@@ -178,7 +178,7 @@ class Agent:
                 return
             try:
                 self.handle_job(doc)
-            except BaseException as e:  # an injected reset or a crash: the device stops here, as a board would
+            except BaseException as e:  # noqa: BLE001 - an injected reset or a crash: the device stops here, as a board would
                 self.crashed = e
                 log.info("%s: stopped: %s", self.device_id, e)
                 return

@@ -163,7 +163,7 @@ class EmbeddedBroker:
                 self._broker = _confined_broker_class()(config, loop=self._loop)
                 self._broker._subscriptions = _SnapshotDict()
                 self._loop.run_until_complete(self._broker.start())
-            except BaseException as e:  # reported to start()'s caller
+            except BaseException as e:  # noqa: BLE001 - reported to start()'s caller
                 errors.append(e)
                 ready.set()
                 return

@@ -112,10 +112,11 @@ class Coordinator:
         device_id = parts[3]
         try:
             payload = json.loads(msg.payload)
-            if not isinstance(payload, dict):
-                raise ValueError("not an object")
         except ValueError as e:
             log.warning("%s: bad payload (%s)", msg.topic, e)
+            return
+        if not isinstance(payload, dict):
+            log.warning("%s: bad payload (not an object)", msg.topic)
             return
         try:
             if parts[4:] == ["state"]:

@@ -135,7 +135,7 @@ def run_build(settings: Settings, build_id: int) -> None:
         log.info("build %s cancelled", build_id)
     except TinyMLaaSError as e:
         _fail(sessions, build_id, str(e))
-    except Exception as e:  # a bug, not the user's input: keep the trace in the log, a line in the build
+    except Exception as e:  # noqa: BLE001 - a bug, not the user's input: keep the trace in the log, a line in the build
         log.error("build %s: %s", build_id, traceback.format_exc())
         _fail(sessions, build_id, f"internal error: {type(e).__name__}: {e}")
 
