@@ -110,6 +110,30 @@ TINYMLAAS_HELPER int32_t tinymlaas_exp_on_negative_values(int32_t a)
     return result;
 }
 
+/* The softmax family's first two steps over one row, as TFLite's reference kernels take them: the row maximum, and
+ * the sum in Q12.19 of gemmlowp's exp of each difference to it (scaled to Q5.26), differences below diff_min out. */
+TINYMLAAS_HELPER int8_t tinymlaas_row_max_s8(const int8_t *row, int depth)
+{
+    int8_t max_in_row = -128;
+    for (int c = 0; c < depth; c++)
+        max_in_row = row[c] > max_in_row ? row[c] : max_in_row;
+    return max_in_row;
+}
+
+TINYMLAAS_HELPER int32_t tinymlaas_sum_of_exps_q12(const int8_t *row, int depth, int8_t max_in_row,
+                                                    int32_t input_multiplier, int input_left_shift, int32_t diff_min)
+{
+    int32_t sum_of_exps = 0;
+    for (int c = 0; c < depth; c++) {
+        int32_t diff = (int32_t)row[c] - max_in_row;
+        if (diff >= diff_min) {
+            int32_t scaled = tinymlaas_srdhm_sat(diff * (1 << input_left_shift), input_multiplier);
+            sum_of_exps += tinymlaas_rounding_divide_by_pot(tinymlaas_exp_on_negative_values(scaled), 12);
+        }
+    }
+    return sum_of_exps;
+}
+
 static inline int8_t tinymlaas_clamp_s8(int32_t v, int32_t lo, int32_t hi)
 {
     return (int8_t)(v < lo ? lo : v > hi ? hi : v);

@@ -80,18 +80,9 @@ void tinymlaas_log_softmax_s8(const int8_t *input, const int32_t *params, int8_t
     for (int i = 0; i < outer; i++) {
         const int8_t *in = input + i * depth;
         int8_t *out = output + i * depth;
-        int8_t max_in_row = -128;
-        for (int c = 0; c < depth; c++)
-            max_in_row = in[c] > max_in_row ? in[c] : max_in_row;
-        int32_t sum_of_exps = 0; /* Q12.19 */
-        for (int c = 0; c < depth; c++) {
-            int32_t diff = (int32_t)in[c] - max_in_row;
-            if (diff >= diff_min) {
-                int32_t scaled = tinymlaas_requantize(diff, input_multiplier, input_left_shift);
-                sum_of_exps = wrapping_add(sum_of_exps,
-                                           multiply_by_pot(tinymlaas_exp_on_negative_values(scaled), -12));
-            }
-        }
+        const int8_t max_in_row = tinymlaas_row_max_s8(in, depth);
+        const int32_t sum_of_exps = /* Q12.19 */
+            tinymlaas_sum_of_exps_q12(in, depth, max_in_row, input_multiplier, input_left_shift, diff_min);
         const int32_t log_sum = log_q12_to_q5(sum_of_exps);
         const int32_t reversed = tinymlaas_requantize(wrapping_add(log_sum, INT32_MIN), reverse_multiplier,
                                                       reverse_shift);

@@ -20,17 +20,9 @@ void tinymlaas_softmax_s8(const int8_t *input, const int32_t *params, int8_t *ou
     for (int i = 0; i < outer; i++) {
         const int8_t *in = input + i * depth;
         int8_t *out = output + i * depth;
-        int8_t max_in_row = -128;
-        for (int c = 0; c < depth; c++)
-            max_in_row = in[c] > max_in_row ? in[c] : max_in_row;
-        int32_t sum_of_exps = 0; /* Q12.19 */
-        for (int c = 0; c < depth; c++) {
-            int32_t diff = (int32_t)in[c] - max_in_row;
-            if (diff >= diff_min) {
-                int32_t scaled = tinymlaas_srdhm_sat(diff * (1 << input_left_shift), input_multiplier);
-                sum_of_exps += tinymlaas_rounding_divide_by_pot(tinymlaas_exp_on_negative_values(scaled), 12);
-            }
-        }
+        const int8_t max_in_row = tinymlaas_row_max_s8(in, depth);
+        const int32_t sum_of_exps = /* Q12.19 */
+            tinymlaas_sum_of_exps_q12(in, depth, max_in_row, input_multiplier, input_left_shift, diff_min);
         int headroom_plus_one = tinymlaas_count_leading_zeros((uint32_t)sum_of_exps);
         int num_bits_over_unit = 12 - headroom_plus_one;
         int32_t shifted_sum_minus_one = (int32_t)(((uint32_t)sum_of_exps << headroom_plus_one) - (1u << 31));
