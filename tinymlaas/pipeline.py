@@ -26,7 +26,7 @@ from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
 from tinymlaas.frontend.to_relax import to_relax
 from tinymlaas.ir.lower import lower
 from tinymlaas.ir.schedule import default_schedule
-from tinymlaas.runners.qemu import emulator_for
+from tinymlaas.runners import emulator_for
 from tinymlaas.targets import Target, get_target
 from tinymlaas.verify import compare, make_inputs, reference_outputs, reference_resolver, split_outputs
 

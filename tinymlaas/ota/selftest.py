@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tinymlaas.backends.mcu.firmware import Firmware
 from tinymlaas.errors import TinyMLaaSError
-from tinymlaas.runners.qemu import emulator_for
+from tinymlaas.runners import emulator_for
 from tinymlaas.targets import get_target
 
 

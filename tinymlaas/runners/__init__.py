@@ -1,1 +1,26 @@
-"""Runners: build once, run anywhere a firmware ELF can run (QEMU with exact counts now; Ibex and Renode next)."""
+"""Runners: build once, run anywhere a firmware ELF can run — QEMU (exact counts), Ibex simulated from its RTL
+(true cycles); Renode next. Each runner is a small class with `name`, `layout` (its machine's memory map, None for
+the target's QEMU machine), `default_inputs` and `run(target, firmware, workdir)`; `emulator_for` picks one by name.
+"""
+
+RUNNERS = ("qemu", "ibex", "renode")
+
+
+def emulator_for(name: str = "qemu", timeout: float | None = None, target=None):
+    """The runner called `name`; "ibex" runs the target's Ibex configuration (the small one for plain RV32)."""
+    if name == "qemu":
+        from tinymlaas.runners.qemu import QemuEmulator
+
+        return QemuEmulator(timeout)
+    if name == "ibex":
+        from tinymlaas.runners.ibex import IbexSimulator
+
+        config = target.rtl.config if target is not None and target.rtl else "small"
+        if target is not None:
+            IbexSimulator.check_target(target)
+        return IbexSimulator(config, timeout)
+    if name == "renode":
+        from tinymlaas.runners.qemu import RenodeEmulator
+
+        return RenodeEmulator()
+    raise ValueError(f"unknown emulator '{name}' (known: {', '.join(RUNNERS)})")

@@ -165,22 +165,3 @@ class RenodeEmulator:
         raise EmulatorFailure(
             f"the Renode backend ({target.renode_platform}) cannot run the semihosting harness yet; use the QEMU emulator"
         )
-
-
-RUNNERS = ("qemu", "ibex", "renode")
-
-
-def emulator_for(name: str = "qemu", timeout: float | None = None, target=None):
-    """The runner called `name`; "ibex" runs the target's Ibex configuration (the small one for plain RV32)."""
-    if name == "qemu":
-        return QemuEmulator(timeout)
-    if name == "ibex":
-        from tinymlaas.runners.ibex import IbexSimulator
-
-        config = target.rtl.config if target is not None and target.rtl else "small"
-        if target is not None:
-            IbexSimulator.check_target(target)
-        return IbexSimulator(config, timeout)
-    if name == "renode":
-        return RenodeEmulator()
-    raise ValueError(f"unknown emulator '{name}' (known: {', '.join(RUNNERS)})")
