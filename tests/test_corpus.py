@@ -17,8 +17,9 @@ CORPUS = Path(__file__).parent / "corpus"
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
 BUILT = {k: v for k, v in MANIFEST.items() if "file" in v}
 
-# precision -> corpus operators without a kernel in it yet (they must fail naming the operator); none today
-NOT_YET: dict[str, str] = {}
+# precision -> corpus graphs with an operator without a kernel in that precision yet (they must fail naming the
+# operator): the integer (8x8->16) LSTM
+NOT_YET: dict[str, str] = {"int8": "lstm_stacked_keras2 lstm_time_major_keras2"}
 # the interpreter itself refuses the converter's output (an int16 PADV2 with a float pad value; an int16 depthwise
 # convolution whose quantization could overflow; an int16 SQUARED_DIFFERENCE it has no kernel for)
 INVALID = {"padv2_int16x8", "mobilenet_v2_int16x8", "squared_difference_int16x8"}
@@ -65,7 +66,8 @@ def _check(key, target, tmp_path):
     assert r.verified, r.fidelity
     if r.lowering == "integer":
         assert r.fidelity["max_lsb_diff"] == 0
-    assert r.instructions_repeat_exact
+    # a model with state (an LSTM's) runs input 0 again from another state: no repeat to compare
+    assert r.instructions_repeat_exact or (r.instructions_repeat_exact is None and r.sizes["state"] > 0)
 
 
 def test_corpus_covers_the_operators():

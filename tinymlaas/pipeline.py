@@ -58,7 +58,8 @@ class CompileReport:
     instructions: int  # one inference, first input
     instructions_min: int
     instructions_max: int
-    instructions_repeat_exact: bool  # the same input run twice gave the same count
+    instructions_repeat_exact: bool | None  # the same input run twice gave the same count (None: the model keeps
+    # state between inferences, so the second run starts from another state)
     memory_accesses: int
     fidelity: dict
     sizes: dict
@@ -180,10 +181,11 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
         check_fits(
             model.name, target,
             flash=kernels.code_bytes + program.weight_bytes,
-            ram=program.arena_bytes + program.scratch_bytes,
+            ram=program.arena_bytes + program.scratch_bytes + program.state_bytes,
             options=options,
             detail=f"code {_fmt(kernels.code_bytes)} B, weights {_fmt(program.weight_bytes)} B, "
-            f"arena {_fmt(program.arena_bytes)} B, kernel scratch {_fmt(program.scratch_bytes)} B",
+            f"arena {_fmt(program.arena_bytes)} B, kernel scratch {_fmt(program.scratch_bytes)} B"
+            + (f", recurrent state {_fmt(program.state_bytes)} B" if program.state_bytes else ""),
         )
 
         stage("driver")
@@ -229,7 +231,7 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
             instructions=counts[0],
             instructions_min=min(counts),
             instructions_max=max(counts),
-            instructions_repeat_exact=counts[0] == counts[-1],
+            instructions_repeat_exact=counts[0] == counts[-1] if not program.state_sizes else None,
             memory_accesses=run.regions[0].memory_accesses,
             fidelity=fidelity.to_dict(),
             sizes=sizes.to_dict(),
@@ -253,7 +255,8 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
         if run.regions[0].cycles is not None:
             report.runner, report.cycles = runner.name, run.regions[0].cycles
             report.clock_hz = target.board.clock_hz
-            report.cycles_repeat_exact = run.regions[0].cycles == run.regions[-1].cycles
+            report.cycles_repeat_exact = (run.regions[0].cycles == run.regions[-1].cycles
+                                          if not program.state_sizes else None)
             report.cycles_source = f"true cycles: Ibex '{runner.config}' from its RTL (Verilator)"
         else:
             report.runner = runner.name
@@ -382,7 +385,7 @@ def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, 
                   kernels: str = "auto") -> list[list]:
     """Every intermediate tensor of an integer build against the interpreter's, for each of `inputs` inputs."""
     from tinymlaas.ir.lower import Copy, KernelCall
-    from tinymlaas.verify import compare_layers
+    from tinymlaas.verify import compare_layers, reference_interpreter
 
     model, program, batches, _ = _build_and_run(
         model_path, target_name, workdir, lambda m: make_inputs(m, inputs, seed), kernels, trace=True
@@ -391,14 +394,19 @@ def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, 
     sizes = [[a for a in s.args if a.kind != "scratch"][-1].nbytes if isinstance(s, KernelCall) else s.nbytes
              for s in traced]
     trace, off, results = (workdir / "trace.bin").read_bytes(), 0, []
+    it = reference_interpreter(model.data, preserve_all_tensors=True)  # one: state carries over, as on the device
     for batch in batches:
         steps = []
         for n in sizes:
             steps.append(trace[off:off + n])
             off += n
         results.append(compare_layers(model, batch, steps, [s.op_index for s in traced],
-                                      [_written_output(s) for s in traced]))
+                                      [_written_output(s) for s in traced], it))
     return results
+
+
+def _repeat(exact: bool | None) -> str:
+    return "n/a: recurrent state carried over" if exact is None else "exact" if exact else "DIFFERS"
 
 
 def _written_output(step) -> int | None:
@@ -445,17 +453,16 @@ def format_report(r: CompileReport) -> str:
                       "float-emulated": "int8 through float ops"}[r.lowering]),
         ("verified", f"{'PASS' if r.verified else 'FAIL'}: {fid} over {f['inputs']} inputs [{f['tolerance']}]"),
         ("instructions/inference", (f"{_fmt(r.instructions)} (range {_fmt(r.instructions_min)}.."
-                                    f"{_fmt(r.instructions_max)}, repeat "
-                                    f"{'exact' if r.instructions_repeat_exact else 'DIFFERS'})")),
+                                    f"{_fmt(r.instructions_max)}, repeat {_repeat(r.instructions_repeat_exact)})")),
         ("memory accesses", _fmt(r.memory_accesses)),
         *([("cycles/inference", (f"{_fmt(r.cycles)} (CPI {r.cycles / max(r.instructions, 1):.2f}, "
                                  f"{r.cycles / r.clock_hz * 1e3:.2f} ms at {r.clock_hz / 1e6:g} MHz, repeat "
-                                 f"{'exact' if r.cycles_repeat_exact else 'DIFFERS'}; {r.cycles_source})"))]
+                                 f"{_repeat(r.cycles_repeat_exact)}; {r.cycles_source})"))]
           if r.cycles is not None else []),
         ("flash (model)", (f"{_fmt(s['flash_model'])} B = code {_fmt(s['model_code'])} + weights {_fmt(s['weights'])}"
                            f"  [board {_fmt(r.fits['flash_limit'])} B]")),
         ("RAM (model)", (f"{_fmt(s['ram_model'])} B = arena {_fmt(s['arena'])} + scratch {_fmt(s['kernel_scratch'])}"
-                         f" + stack {_fmt(s['stack_peak'] or 0)}  [board {_fmt(r.fits['ram_limit'])} B]")),
+                         + (f" + state {_fmt(s['state'])}" if s.get("state") else "") + f" + stack {_fmt(s['stack_peak'] or 0)}  [board {_fmt(r.fits['ram_limit'])} B]")),
         ("firmware image", f"flash {_fmt(s['firmware_flash'])} B, other data/bss {_fmt(s['data_bss_other'])} B"),
         ("compile time", f"{r.compile_seconds:.1f} s"),
         ("output", r.artifacts.get("dir", "")),

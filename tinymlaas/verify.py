@@ -263,15 +263,18 @@ class LayerCheck:
 
 
 def compare_layers(model: TFLiteModel, batch: list[np.ndarray], steps: list[bytes],
-                   op_indices: list[int | None], outputs_written: list[int | None]) -> list[LayerCheck]:
+                   op_indices: list[int | None], outputs_written: list[int | None], it=None) -> list[LayerCheck]:
     """Every operator's output against what the build wrote for it, for one input.
+
+    `it`: the interpreter (preserving all tensors) that ran the inputs before this one, for a model whose state
+    carries over between inferences.
 
     A step carries the TFLite operator it computes (the last one when several were fused); the last step of an
     operator wrote its output; a model output is what the last step writing its output buffer wrote (that binding
     may have lost its name). Operators fused into a later
     kernel, or folded at compile time, have no tensor of their own in the build (None). Tensors keep their indices in `reference_model`'s rewrite, so they are read by
     index from the reference run."""
-    it = reference_interpreter(model.data, preserve_all_tensors=True)
+    it = it or reference_interpreter(model.data, preserve_all_tensors=True)
     for detail, x in zip(it.get_input_details(), batch):
         it.set_tensor(detail["index"], x)
     it.invoke()

@@ -4,8 +4,10 @@
 
 ops/: one small graph per operator (odd shapes), as float32, full-int8 (float interface, QUANTIZE/DEQUANTIZE at
 the edges, as the converter emits by default) and int16x8. models/: whole architectures of the kinds TinyML users
-train, built with Keras 3 and converted with TFLiteConverter.from_keras_model. manifest.json lists every file with
-the TFLite operators it holds; what the converter refused is listed as such.
+train, built with Keras 3 and converted with TFLiteConverter.from_keras_model; recurrent networks also with Keras 2
+(tf-keras, `pip install --no-deps tf-keras==2.21.0`), whose LSTM the converter fuses into UNIDIRECTIONAL_SEQUENCE_LSTM
+(Keras 3's becomes a WHILE loop). manifest.json lists every file with the TFLite operators it holds; what the
+converter refused is listed as such.
 """
 
 from __future__ import annotations
@@ -283,11 +285,32 @@ def architectures():
                                     mobilenet_v3_small)}
 
 
+def keras2_architectures():
+    """Recurrent networks as Keras 2 (tf-keras) exports them: fused LSTM operators with state tensors. A fixed batch
+    of 1, as the fused conversion needs."""
+    import tf_keras as k
+
+    k.utils.set_random_seed(11)
+
+    def lstm_stacked_keras2():
+        x = inp = k.Input((9, 5), batch_size=1)
+        x = k.layers.LSTM(12, return_sequences=True)(x)
+        x = k.layers.LSTM(7)(x)
+        return k.Model(inp, k.layers.Dense(4, activation="softmax")(x))
+
+    def lstm_time_major_keras2():
+        inp = k.Input((6, 3), batch_size=1)
+        x = k.layers.LSTM(10, time_major=True, return_sequences=True)(k.layers.Permute((2, 1))(inp))
+        return k.Model(inp, k.layers.Dense(2)(k.layers.Flatten()(x)))
+
+    return {f.__name__: f for f in (lstm_stacked_keras2, lstm_time_major_keras2)}
+
+
 def arch_models(only=None):
     out = HERE / "models"
     out.mkdir(exist_ok=True)
     entries = {}
-    for name, build in architectures().items():
+    for name, build in {**architectures(), **keras2_architectures()}.items():
         if only and name not in only:
             continue
         model = build()

@@ -31,6 +31,7 @@ class Tensor:
     dtype: str
     quant: Quantization | None = None
     data: np.ndarray | None = field(default=None, repr=False)  # constant value (read-only), None for activations
+    variable: bool = False  # state kept across inferences (an LSTM's or SVDF's), zero before the first
 
     @property
     def is_const(self) -> bool:
@@ -85,6 +86,11 @@ class Graph:
                                  dtype=str(value.dtype))
         return replace(self, tensors=tuple(tensors))
 
+    @property
+    def state(self) -> tuple[int, ...]:
+        """Indices of the variable tensors: state the model reads and rewrites on every inference."""
+        return tuple(t.index for t in self.tensors if t.variable and not t.is_const)
+
     def consumers(self) -> dict[int, list[Operator]]:
         result: dict[int, list[Operator]] = {}
         for op in self.operators:
@@ -95,7 +101,9 @@ class Graph:
 
     def precision(self, op: Operator) -> str:
         """float32, int8 or int16 (int16 activations, int8 weights): which kernels this operator needs."""
-        acts = [self.tensors[i] for i in (*op.inputs, *op.outputs) if i >= 0 and not self.tensors[i].is_const]
+        # state tensors do not decide it: the int8 LSTM keeps its cell state in int16
+        acts = [self.tensors[i] for i in (*op.inputs, *op.outputs)
+                if i >= 0 and not self.tensors[i].is_const and not self.tensors[i].variable]
         if any(t.dtype == "int16" and t.quant is not None for t in acts):
             return "int16"
         quantized = any(t.quant is not None and t.dtype in ("int8", "uint8") for t in acts)

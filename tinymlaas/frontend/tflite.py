@@ -149,7 +149,8 @@ def _tensor(model, t, index: int, label: str) -> Tensor:
         data = np.frombuffer(raw, dtype=dtype).reshape(shape)
     elif getattr(buf, "offset", 0) and buf.offset > 1:
         raise InvalidModel(f"{label}: tensor '{name}' keeps its data outside the flatbuffer (models over 2 GB)")
-    return Tensor(index, name, shape, dtype, _quantization(t.quantization, label, name), data)
+    return Tensor(index, name, shape, dtype, _quantization(t.quantization, label, name), data,
+                  variable=bool(getattr(t, "isVariable", False)))
 
 
 def read_graph(data: bytes, label: str = "model") -> Graph:
@@ -201,7 +202,7 @@ def read_graph(data: bytes, label: str = "model") -> Graph:
     outputs = tuple(check_index(i, "the graph's output") for i in (sg.outputs if sg.outputs is not None else ()))
     if not inputs or not outputs:
         raise InvalidModel(f"{label}: the graph has no {'inputs' if not inputs else 'outputs'}")
-    produced = set(inputs) | {i for t in tensors if t.is_const for i in [t.index]}
+    produced = set(inputs) | {t.index for t in tensors if t.is_const or t.variable}
     for op in operators:
         for i in op.inputs:
             if i >= 0 and i not in produced:

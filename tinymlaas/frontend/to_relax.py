@@ -28,7 +28,12 @@ class LoweringContext:
         self.values: dict[int, object] = {}
         self.params = [relax.Var(f"input{k}", relax.TensorType(graph.tensor(i).shape, graph.tensor(i).dtype))
                        for k, i in enumerate(graph.inputs)]
-        self.values.update(zip(graph.inputs, self.params))
+        # variable tensors come in after the inputs and their new values go out after the outputs (the driver
+        # keeps them in static buffers between inferences)
+        self.params += [relax.Var(f"state{k}", relax.TensorType(graph.tensor(i).shape, graph.tensor(i).dtype))
+                        for k, i in enumerate(graph.state)]
+        self.values.update(zip((*graph.inputs, *graph.state), self.params))
+        self.new_state: dict[int, object] = {}
         self.op: Operator | None = None
 
     def tensor(self, index: int) -> Tensor:
@@ -72,6 +77,13 @@ class LoweringContext:
         if not isinstance(expr, relax.Var) or expr in self.values.values():
             expr = self.emit(expr)
         self.values[op.outputs[k]] = expr
+
+    def set_state(self, index: int, expr) -> None:
+        """The value variable tensor `index` holds after this inference."""
+        if index not in self.graph.state:
+            raise InvalidModel(f"operator #{self.op.index} ({self.op.opcode}) needs '{self.tensor(index).name}' "
+                               "to be a variable tensor")
+        self.new_state[index] = self.emit(expr)
 
     def implementation(self, op: Operator, conv: registry.Converter) -> str:
         return choose_implementation(self.graph, self.target, self.choices, op, conv)
@@ -124,7 +136,7 @@ def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None):
                 for i in op.outputs:
                     if i not in ctx.values and any(i in o.inputs for o in graph.operators) | (i in graph.outputs):
                         raise InvalidModel(f"operator #{op.index} ({op.opcode}) left output '{graph.tensor(i).name}' unset")
-            outs = [ctx.value(i) for i in graph.outputs]
+            outs = [ctx.value(i) for i in graph.outputs] + [ctx.new_state.get(i, ctx.value(i)) for i in graph.state]
             result = ctx.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         ctx.bb.emit_func_output(result)
     return relax.transform.Normalize()(ctx.bb.get())

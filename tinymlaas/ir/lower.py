@@ -17,7 +17,10 @@ _OP_VAR = re.compile(r"^op(\d+)_")  # values bound by the importer are named op<
 
 @dataclass(frozen=True)
 class Region:
-    """Where a kernel argument lives. kind: input | output | arena | const | scratch."""
+    """Where a kernel argument lives. kind: input | output | arena | const | scratch | state | state_next.
+
+    state: a variable tensor's static buffer, kept between inferences; state_next: where its new value is
+    written during the inference, copied into `state` at the end (an old value may still be read until then)."""
 
     kind: str
     index: int = 0  # input/output/const number
@@ -48,11 +51,17 @@ class Program:
     constants: tuple[np.ndarray, ...]
     arena_bytes: int
     scratch_bytes: int = 0  # kernel-internal buffers hoisted out of the kernels (set by codegen)
+    state_sizes: tuple[int, ...] = ()  # bytes of each variable tensor (index = Region.index of state regions)
     notes: tuple[str, ...] = ()
 
     @property
     def weight_bytes(self) -> int:
         return sum(c.nbytes for c in self.constants)
+
+    @property
+    def state_bytes(self) -> int:
+        """RAM of the variable tensors: their buffers and where their next values are written."""
+        return 2 * sum(_align(n) for n in self.state_sizes)
 
 
 def relax_passes(fold_constants: bool = True):
@@ -100,7 +109,9 @@ def flatten(mod) -> Program:
     from tvm import relax
 
     main = mod["main"]
-    inputs = {p: i for i, p in enumerate(main.params)}
+    state_params = [p for p in main.params if p.name.startswith("state")]  # after the inputs (to_relax)
+    inputs = {p: i for i, p in enumerate(main.params) if p not in state_params}
+    states = {p: i for i, p in enumerate(state_params)}
     storage: dict = {}  # storage var -> arena offset
     regions: dict = {}  # tensor var -> Region
     arena = 0
@@ -115,6 +126,9 @@ def flatten(mod) -> Program:
         if expr in inputs:
             shape = [int(s) for s in expr.ty.shape]
             return Region("input", index=inputs[expr], nbytes=_nbytes(shape, expr.ty.dtype))
+        if expr in states:
+            shape = [int(s) for s in expr.ty.shape]
+            return Region("state", index=states[expr], nbytes=_nbytes(shape, expr.ty.dtype))
         if expr in regions:
             return regions[expr]
         raise NotImplementedError(f"kernel argument of unexpected form: {expr}")
@@ -159,7 +173,7 @@ def flatten(mod) -> Program:
                         if steps[k].op_index is None and index is not None:
                             steps[k] = replace(steps[k], op_index=index)
                         break
-            elif isinstance(value, relax.Var) and value in inputs:
+            elif isinstance(value, relax.Var) and (value in inputs or value in states):
                 regions[var] = region_of(value)
             elif isinstance(value, relax.Tuple):
                 regions[var] = tuple(region_of(f) for f in value.fields)
@@ -178,11 +192,16 @@ def flatten(mod) -> Program:
             out_regions.extend(reg)
         else:
             out_regions.append(reg if reg is not None else region_of(r))
-    # Output buffers are numbered as `main` returns them, whatever order they were allocated in.
+    # Output buffers are numbered as `main` returns them, whatever order they were allocated in; the last ones
+    # are the variable tensors' new values.
+    n_out = len(out_regions) - len(states)
     renumber = {reg.index: i for i, reg in enumerate(out_regions) if reg.kind == "output"}
 
     def fix(r: Region) -> Region:
-        return Region("output", index=renumber[r.index], nbytes=r.nbytes) if r.kind == "output" else r
+        if r.kind != "output":
+            return r
+        i = renumber[r.index]
+        return Region("output", index=i, nbytes=r.nbytes) if i < n_out else Region("state_next", i - n_out, nbytes=r.nbytes)
 
     steps = [replace(s, args=tuple(fix(a) for a in s.args)) if isinstance(s, KernelCall) else s for s in steps]
     calls = [s.kernel for s in steps if isinstance(s, KernelCall)]
@@ -191,11 +210,15 @@ def flatten(mod) -> Program:
     # serves every structurally equal operator, so its name is the first one's.
     steps = [replace(s, op_index=int(m.group(1))) if isinstance(s, KernelCall) and s.op_index is None
              and (m := _OP_VAR.match(s.kernel)) and s.kernel not in shared else s for s in steps]
-    for i, reg in enumerate(out_regions):
+    for i, reg in enumerate(out_regions[:n_out]):
         if reg.kind != "output":  # a result left in the arena (or an input returned as is) is copied out
             steps.append(Copy(reg, Region("output", index=i, nbytes=reg.nbytes), reg.nbytes))
+    for k, reg in enumerate(fix(r) for r in out_regions[n_out:]):
+        if reg != Region("state", index=k, nbytes=reg.nbytes):  # the new value replaces the old one
+            steps.append(Copy(reg, Region("state", index=k, nbytes=reg.nbytes), reg.nbytes))
     kernels = tvm.IRModule({gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)})
-    return Program(kernels=kernels, steps=tuple(steps), constants=tuple(constants), arena_bytes=arena)
+    return Program(kernels=kernels, steps=tuple(steps), constants=tuple(constants), arena_bytes=arena,
+                   state_sizes=tuple(_nbytes([int(s) for s in p.ty.shape], p.ty.dtype) for p in state_params))
 
 
 def lower(relax_mod, schedule=None, fold_constants: bool = True) -> Program:

@@ -19,12 +19,13 @@ class Sizes:
     kernel_scratch: int
     stack_peak: int | None  # measured by stack painting during inference
     data_bss_other: int  # harness buffers and C library state
+    state: int = 0  # variable tensors kept between inferences (and their next values)
     flash_model: int = 0
     ram_model: int = 0
 
     def __post_init__(self):
         self.flash_model = self.model_code + self.weights
-        self.ram_model = self.arena + self.kernel_scratch + (self.stack_peak or 0)
+        self.ram_model = self.arena + self.kernel_scratch + self.state + (self.stack_peak or 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +60,8 @@ def measure_firmware(elf: Path, target, program, stack_peak: int | None, library
     model_code = library_bytes + sum(
         v for k, v in symbols.items() if k.startswith("tinymlaas_k_") or k == "tinymlaas_model_run")
     arena, scratch = program.arena_bytes, program.scratch_bytes
-    placeholders = symbols.get("tinymlaas_arena", 0) + symbols.get("tinymlaas_scratch", 0)
+    state = symbols.get("tinymlaas_state", 0) + symbols.get("tinymlaas_state_next", 0)
+    placeholders = symbols.get("tinymlaas_arena", 0) + symbols.get("tinymlaas_scratch", 0) + state
     return Sizes(
         model_code=model_code,
         weights=symbols.get("tinymlaas_weights", 0),
@@ -68,4 +70,5 @@ def measure_firmware(elf: Path, target, program, stack_peak: int | None, library
         kernel_scratch=scratch,
         stack_peak=stack_peak,
         data_bss_other=max(ram - placeholders, 0),
+        state=state,
     )
