@@ -96,6 +96,43 @@ def cmd_compile(args) -> int:
     return 0 if report.verified else 1
 
 
+def cmd_search(args) -> int:
+    from tinymlaas.errors import InvalidModel
+    from tinymlaas.frontend.keras import is_keras_input
+    from tinymlaas.search.search import Constraints, format_result, search, write_result
+    from tinymlaas.targets import get_target
+
+    if is_keras_input(Path(args.model)):
+        raise InvalidModel(f"{args.model}: search takes a .tflite model; convert Keras/SavedModel input with "
+                           "`tinymlaas compile --quantize ...` first (its output folder holds model.tflite)")
+    get_target(args.target)  # an unknown target fails here, before any build
+    out = Path(args.out or f"out/search-{Path(args.model).stem}-{args.target}")
+    bar = None
+    if sys.stderr.isatty() or args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.budget, desc="search", unit="build", file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int, point) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+            bar.set_postfix_str(f"{point.label}: {point.cost:,}" if point.cost is not None else point.label)
+
+    try:
+        result = search(args.model, args.target, out / "points", budget=args.budget, strategy=args.strategy,
+                        seed=args.seed, constraints=Constraints(args.max_ram, args.max_flash, args.max_fidelity_loss),
+                        inputs=args.inputs, workers=args.workers, progress=progress, record=not args.no_record)
+    finally:
+        if bar is not None:
+            bar.close()
+    artifacts = write_result(result, out)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "artifacts": artifacts}, indent=1))
+    else:
+        print(format_result(result, artifacts))
+    return 0 if result.chosen is not None else 1
+
+
 def _record(report) -> None:
     """The build's figures into the measurement database; a database problem costs the row, not the build."""
     from pathlib import Path
@@ -146,6 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not add the figures to the measurement database ($TINYMLAAS_MEASUREMENTS, default "
                    "~/.local/share/tinymlaas/measurements.db)")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("search", help="search kernel, schedule and fusion variants of a model for a target: every "
+                       "point built, run and verified; writes the Pareto front (JSON, PNG) and the best build")
+    p.add_argument("model", help="a .tflite file")
+    p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
+    p.add_argument("--budget", "-b", type=_positive_int, default=16, help="at most this many builds (default 16)")
+    p.add_argument("--strategy", choices=("nsga2", "random"), default="nsga2",
+                   help="NSGA-II (default) or random search, both seeded with the default build and uniform kernels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search and of the verification inputs")
+    p.add_argument("--max-ram", type=_size, help="RAM budget for the model, e.g. 64K")
+    p.add_argument("--max-flash", type=_size, help="flash budget for the model, e.g. 256K")
+    p.add_argument("--max-fidelity-loss", type=float, default=0.0,
+                   help="largest accepted fidelity loss (int8: LSB off the interpreter; float: relative error "
+                   "beyond the compiler's tolerance is never accepted); default 0")
+    p.add_argument("--inputs", "-n", type=_positive_int, default=3, help="random inputs each point is verified with")
+    p.add_argument("--workers", "-j", type=_positive_int, help="parallel builds (default: the CPU count, at most 8)")
+    p.add_argument("--out", "-o", help="output folder (default out/search-MODEL-TARGET)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")
+    p.add_argument("--no-record", action="store_true", help="do not add the points to the measurement database")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("operators", help="the operators the compiler takes, per precision, with their kernel variants")
     p.add_argument("--json", action="store_true", help="machine-readable output")

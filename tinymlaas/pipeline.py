@@ -25,7 +25,7 @@ from tinymlaas.frontend.keras import convert_keras, is_keras_input
 from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
 from tinymlaas.frontend.to_relax import to_relax
 from tinymlaas.ir.lower import lower
-from tinymlaas.ir.schedule import default_schedule
+from tinymlaas.ir.schedule import default_schedule, schedule_for
 from tinymlaas.runners import emulator_for
 from tinymlaas.targets import Target, get_target
 from tinymlaas.verify import compare, make_inputs, reference_outputs, reference_resolver, split_outputs
@@ -45,6 +45,7 @@ class CompileOptions:
     kernels: str = "auto"  # int8 layers: "tir", "dsp"/"dsp16" (DSP micro-kernels, int8/int16 weights), "auto" (dsp if DSP)
     quantize: str = "none"  # Keras/SavedModel input: none | int8 | int16x8
     calibration: str | None = None  # .npz of calibration samples for quantizing Keras/SavedModel input
+    variant: object = None  # a search.space.Variant: per-layer kernels, schedule and fusion (overrides `kernels`)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class CompileReport:
     cycles: int | None = None  # one inference, first input: true cycles from a cycle-accurate runner
     cycles_source: str | None = None
     cycles_repeat_exact: bool | None = None
+    variant: dict | None = None  # the search.space.Variant it was built as, if one was given
 
     @property
     def verified(self) -> bool:
@@ -168,10 +170,13 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
     model.notes.extend(converted_notes)
     # absolute: the tools run inside the work folder
     out = (Path(out_dir) if out_dir else Path("out") / f"{model.name}-{target.name}").resolve()
-    relax_mod, lowering, notes = import_model(model, target, options.int8_lowering, options.kernels)
+    variant = options.variant
+    kernels = dict(variant.kernels) if variant is not None else options.kernels
+    relax_mod, lowering, notes = import_model(model, target, options.int8_lowering, kernels)
 
     stage("lower")
-    program = lower(relax_mod, schedule=default_schedule)
+    program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
+                    fuse=variant is None or variant.fusion != "none")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -232,6 +237,7 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
             instructions_min=min(counts),
             instructions_max=max(counts),
             instructions_repeat_exact=counts[0] == counts[-1] if not program.state_sizes else None,
+            variant=variant.to_dict() if variant is not None else None,
             memory_accesses=run.regions[0].memory_accesses,
             fidelity=fidelity.to_dict(),
             sizes=sizes.to_dict(),

@@ -64,15 +64,18 @@ class Program:
         return 2 * sum(_align(n) for n in self.state_sizes)
 
 
-def relax_passes(fold_constants: bool = True):
-    """Relax -> fused TIR kernels (before memory planning). Schedules go on the result."""
+def relax_passes(fold_constants: bool = True, fuse: bool = True):
+    """Relax -> fused TIR kernels (before memory planning). Schedules go on the result. fuse=False: one kernel per
+    Relax operation (a fusion policy of the variant search)."""
     import tvm
     from tvm import relax
 
     passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()]
     if fold_constants:
         passes.append(relax.transform.FoldConstant())
-    passes += [relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
+    if fuse:
+        passes += [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    passes.append(relax.transform.DeadCodeElimination())
     return tvm.transform.Sequential(passes, name="tinymlaas.fuse")
 
 
@@ -221,11 +224,11 @@ def flatten(mod) -> Program:
                    state_sizes=tuple(_nbytes([int(s) for s in p.ty.shape], p.ty.dtype) for p in state_params))
 
 
-def lower(relax_mod, schedule=None, fold_constants: bool = True) -> Program:
+def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = True) -> Program:
     """Relax module -> Program. `schedule(func) -> func` is applied to every fused kernel."""
     import tvm
 
-    mod = relax_passes(fold_constants)(relax_mod)
+    mod = relax_passes(fold_constants, fuse)(relax_mod)
     if schedule is not None:
         for gv, func in list(mod.functions.items()):
             if isinstance(func, tvm.tirx.PrimFunc):

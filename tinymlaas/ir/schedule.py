@@ -62,7 +62,7 @@ def keep_stages_at_consumer(sch) -> None:
             sch.compute_at(block, sch.get_loops(consumers[0])[-1])
 
 
-def init_before_extremum(sch) -> None:
+def init_before_extremum(sch, every_reduction: bool = False) -> None:
     """Write a max/min reduction's initial value in a loop of its own, before the reduction loops. Left in the loop
     (`if k == 0`), LLVM may load the output's stale value and branch on it (a core without a max instruction), so
     the instruction count would depend on what the arena held before: the count of one input must repeat.
@@ -71,8 +71,9 @@ def init_before_extremum(sch) -> None:
 
     for block in _root_blocks(sch):
         stmt = sch.get(block)
-        if stmt.init is None or not isinstance(stmt.body, tirx.BufferStore) \
-                or not isinstance(stmt.body.value, (tirx.Max, tirx.Min)):
+        if stmt.init is None or not isinstance(stmt.body, tirx.BufferStore):
+            continue
+        if not every_reduction and not isinstance(stmt.body.value, (tirx.Max, tirx.Min)):
             continue
         spatial = sum(1 for iv in stmt.iter_vars if int(iv.iter_type) == 0)
         loops = sch.get_loops(block)
@@ -80,12 +81,38 @@ def init_before_extremum(sch) -> None:
             sch.decompose_reduction(block, loops[spatial])
 
 
-def default_schedule(func):
+def unroll_innermost_reduction(sch, max_extent: int) -> None:
+    """Unroll each reduction's innermost loop where its extent is a constant of at most `max_extent`."""
+    from tvm import tirx
+
+    for block in _root_blocks(sch):
+        stmt = sch.get(block)
+        if stmt.init is None and not any(int(iv.iter_type) == 2 for iv in stmt.iter_vars):
+            continue
+        loops = sch.get_loops(block)
+        if not loops:
+            continue
+        extent = sch.get(loops[-1]).extent
+        if isinstance(extent, tirx.IntImm) and 1 < int(extent) <= max_extent:
+            sch.unroll(loops[-1])
+
+
+def default_schedule(func, decompose_init: bool = False, unroll: int = 0):
+    """The schedule of every TIR kernel; the keyword arguments are the variant search's choices (ScheduleSpec)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     inline_injective(sch)
     epilogue_at_reduction(sch)
     keep_stages_at_consumer(sch)
-    init_before_extremum(sch)
+    init_before_extremum(sch, every_reduction=decompose_init)
+    if unroll:
+        unroll_innermost_reduction(sch, unroll)
     return sch.mod["main"]
+
+
+def schedule_for(spec=None):
+    """The schedule function for a search.space.ScheduleSpec (None: the default)."""
+    if spec is None or (not spec.decompose_init and not spec.unroll):
+        return default_schedule
+    return lambda func: default_schedule(func, spec.decompose_init, spec.unroll)

@@ -1,0 +1,125 @@
+"""The variant space of one model on one target: each candidate is a small serialisable spec (`Variant`) from which
+the build is reproducible.
+
+Dimensions: the kernel implementation of every layer that offers more than one (`ops.registry.candidates`), the
+schedule applied to every TIR kernel (`ScheduleSpec`), and the fusion policy. A Variant is plain data: JSON in
+search results, the service's build records and the measurement database.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+FUSION = ("default", "none")  # TVM's FuseOps (elementwise tails into their producer), or one kernel per operator
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """What the schedule does to each fused TIR kernel (ir/schedule.py).
+
+    decompose_init: every reduction's initial value in a loop of its own before the reduction loops (max/min
+    reductions always, for repeatable counts); unroll: the innermost reduction loop unrolled when its extent is at
+    most this (0: never)."""
+    decompose_init: bool = False
+    unroll: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+UNROLL = (0, 4, 16)
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernels: tuple[tuple[int, str], ...] = ()  # (TFLite operator index, implementation) for layers with a choice
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    fusion: str = "default"
+
+    def to_dict(self) -> dict:
+        return {"kernels": {str(i): impl for i, impl in self.kernels}, "schedule": self.schedule.to_dict(),
+                "fusion": self.fusion}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Variant:
+        return cls(kernels=tuple(sorted((int(i), str(impl)) for i, impl in (d.get("kernels") or {}).items())),
+                   schedule=ScheduleSpec(**(d.get("schedule") or {})), fusion=str(d.get("fusion", "default")))
+
+    def key(self) -> str:
+        """A stable identity (equal variants, equal key)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def short(self) -> str:
+        impls = sorted({impl for _, impl in self.kernels})
+        return (f"kernels {'/'.join(impls) or 'default'}"
+                + (" mixed" if len(impls) > 1 else "")
+                + (", init decomposed" if self.schedule.decompose_init else "")
+                + (f", unroll<={self.schedule.unroll}" if self.schedule.unroll else "")
+                + (", no fusion" if self.fusion == "none" else ""))
+
+
+@dataclass(frozen=True)
+class Layer:
+    op_index: int
+    opcode: str
+    choices: tuple[str, ...]  # the first is what the default build takes
+
+
+@dataclass(frozen=True)
+class Space:
+    """The searchable dimensions: one integer per layer with a choice, then decompose_init, unroll, fusion."""
+    layers: tuple[Layer, ...]
+
+    @classmethod
+    def of(cls, graph, target) -> Space:
+        from tinymlaas.frontend.to_relax import choose_implementation
+        from tinymlaas.ops import registry
+
+        layers = []
+        for op in graph.operators:
+            options = registry.candidates(graph, op, target)
+            if len(options) > 1:
+                default = choose_implementation(graph, target, "auto", op, registry.lookup(graph, op))
+                layers.append(Layer(op.index, op.opcode, (default, *[o for o in options if o != default])))
+        return cls(tuple(layers))
+
+    @property
+    def bounds(self) -> list[int]:
+        """The number of values of each dimension."""
+        return [len(layer.choices) for layer in self.layers] + [2, len(UNROLL), len(FUSION)]
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for b in self.bounds:
+            n *= b
+        return n
+
+    def decode(self, x) -> Variant:
+        x = [int(v) for v in x]
+        n = len(self.layers)
+        kernels = tuple((layer.op_index, layer.choices[min(max(x[k], 0), len(layer.choices) - 1)])
+                        for k, layer in enumerate(self.layers))
+        return Variant(kernels, ScheduleSpec(bool(x[n]), UNROLL[min(max(x[n + 1], 0), len(UNROLL) - 1)]),
+                       FUSION[min(max(x[n + 2], 0), len(FUSION) - 1)])
+
+    def encode(self, v: Variant) -> list[int]:
+        chosen = dict(v.kernels)
+        return ([layer.choices.index(chosen.get(layer.op_index, layer.choices[0])) for layer in self.layers]
+                + [int(v.schedule.decompose_init), UNROLL.index(v.schedule.unroll), FUSION.index(v.fusion)])
+
+    def default(self) -> Variant:
+        return self.decode([0] * len(self.bounds))
+
+    def uniform(self, implementation: str, base: Variant | None = None) -> Variant:
+        """Every layer that offers `implementation` takes it (the others keep their default)."""
+        base = base or self.default()
+        x = self.encode(base)
+        for k, layer in enumerate(self.layers):
+            if implementation in layer.choices:
+                x[k] = layer.choices.index(implementation)
+        return self.decode(x)
+
+    def sample(self, rng) -> Variant:
+        return self.decode([int(rng.integers(0, b)) for b in self.bounds])
