@@ -28,6 +28,7 @@ from .service import BUILD_FINAL
 
 log = logging.getLogger("tinymlaas.jobs")
 EMULATING_FROM = STAGES.index("emulate")
+SEARCH_SHARE = 0.8  # of a build's progress, when it searches variants first
 _HUEY: dict[str, object] = {}
 
 
@@ -89,6 +90,8 @@ def run_build(settings: Settings, build_id: int) -> None:
         target, constraints, version = build.target, dict(build.constraints or {}), build.version
         model_name, model_digest = model.name, model.sha256
 
+    searched_share = [0.0]  # the part of the progress a search took
+
     def progress(stage: str) -> None:
         with sessions() as s:
             b = s.get(Build, build_id)
@@ -96,7 +99,8 @@ def run_build(settings: Settings, build_id: int) -> None:
                 raise BuildCancelled()
             b.stage = stage
             b.state = "emulating" if STAGES.index(stage) >= EMULATING_FROM else "building"
-            b.progress = round(STAGES.index(stage) / (len(STAGES) + 1), 3)
+            done = searched_share[0]
+            b.progress = round(done + (1 - done) * STAGES.index(stage) / (len(STAGES) + 1), 3)
             s.commit()
 
     out = settings.builds_dir / str(build_id)
@@ -106,13 +110,23 @@ def run_build(settings: Settings, build_id: int) -> None:
             shutil.copyfile(store.path(model_digest), model_path)
             # a core simulated from its RTL runs ~0.5 M cycles/s: its own default (one input and its repeat)
             inputs = settings.build_inputs if get_target(target).rtl is None else None
+            variant, searched, summary = None, None, None
+            if constraints.get("search"):
+                variant, searched, summary = _search(model_path, target, constraints, inputs, Path(tmp), sessions,
+                                                     build_id)
+                searched_share[0] = SEARCH_SHARE
             options = CompileOptions(inputs=inputs, max_flash=constraints.get("max_flash"),
-                                     max_ram=constraints.get("max_ram"))
+                                     max_ram=constraints.get("max_ram"), variant=variant)
             report = compile_model(model_path, target, out, options, progress)
+            if searched is not None:
+                shutil.copyfile(searched / "front.json", out / "front.json")
+                shutil.copyfile(searched / "front.png", out / "front.png")
         if not report.verified:
             raise TinyMLaaSError(f"the firmware's outputs differ from the TFLite interpreter's: {report.fidelity}")
         progress("measure")
         artifacts = {"firmware": store.put_file(out / "firmware.elf"), "report": store.put_file(out / "report.json")}
+        if (out / "front.json").is_file():
+            artifacts.update(front=store.put_file(out / "front.json"), front_plot=store.put_file(out / "front.png"))
         package = None
         if get_target(target).rtl is None:  # a simulated RTL core has no devices: nothing to sign and ship
             package = package_build(out, get_target(target), ensure_signing_key(settings), version)
@@ -124,6 +138,8 @@ def run_build(settings: Settings, build_id: int) -> None:
                 return
             b.state, b.stage, b.progress = "done", "done", 1.0
             b.report = {k: v for k, v in report.to_dict().items() if k != "artifacts"}
+            if summary is not None:
+                b.report["search"] = summary
             if package is not None:
                 b.report["image"] = {"version": package.info.version, "size": package.info.total_size,
                                      "sha256": package.info.sha256}
@@ -138,6 +154,43 @@ def run_build(settings: Settings, build_id: int) -> None:
     except Exception as e:  # noqa: BLE001 - a bug, not the user's input: keep the trace in the log, a line in the build
         log.error("build %s: %s", build_id, traceback.format_exc())
         _fail(sessions, build_id, f"internal error: {type(e).__name__}: {e}")
+
+
+def _search(model_path: Path, target: str, constraints: dict, inputs, tmp: Path, sessions, build_id: int):
+    """The variant search a build asked for; its progress is the build's (stage "search", up to SEARCH_SHARE).
+    Returns the chosen Variant, the folder with front.json and front.png, and a summary for the build's report."""
+    from tinymlaas.search.search import Constraints, search, write_result
+    from tinymlaas.search.space import Variant
+
+    asked = constraints["search"]
+
+    def progress(done: int, total: int, point) -> None:
+        with sessions() as s:
+            b = s.get(Build, build_id)
+            if b.state == "cancelled":
+                raise BuildCancelled()
+            b.stage, b.progress = "search", round(SEARCH_SHARE * done / total, 3)
+            b.message = f"search: {done} of {total} variants built"
+            s.commit()
+
+    result = search(model_path, target, tmp / "search", budget=int(asked["budget"]),
+                    strategy=asked.get("strategy", "nsga2"), seed=int(asked.get("seed", 0)),
+                    constraints=Constraints(constraints.get("max_ram"), constraints.get("max_flash"),
+                                            float(asked.get("max_fidelity_loss", 0.0))),
+                    inputs=inputs or 3, workers=1, progress=progress)
+    write_result(result, tmp / "front")
+    if result.chosen is None:
+        raise TinyMLaaSError(f"no variant of {len(result.points)} built satisfies the constraints")
+    with sessions() as s:
+        b = s.get(Build, build_id)
+        b.message = None
+        s.commit()
+    chosen, default = result.points[result.chosen], result.points[result.default]
+    summary = {"strategy": result.strategy, "budget": result.budget, "seed": result.seed, "built": len(result.points),
+               "space_size": result.space_size, "front": len(result.front), "seconds": result.seconds,
+               "chosen": {"variant": chosen.variant, "label": chosen.label, chosen.cost_kind: chosen.cost},
+               "default": {"variant": default.variant, default.cost_kind: default.cost}}
+    return Variant.from_dict(chosen.variant), tmp / "front", summary
 
 
 def _fail(sessions, build_id: int, message: str) -> None:

@@ -1,6 +1,7 @@
 """The REST API through the real app and a real database (SQLite and PostgreSQL): outcomes and refusals."""
 
 import io
+import json
 
 import pytest
 from conftest import model_path
@@ -196,3 +197,40 @@ def test_a_build_for_a_core_simulated_from_rtl_gives_true_cycles_and_no_image(cl
                    422, "target", "simulated from its rtl")
     assert_problem(client.post("/api/v1/deployments", json={"build_id": b["id"], "group": "default"},
                                headers=client.auth), 409, "build_id", "no signed image")
+
+
+def test_a_build_with_a_search_packages_the_chosen_variant(client, app):
+    """A build request with a search budget: the job reports search progress, the front comes back as artifacts and
+    the signed image is the chosen variant's build (its report says which, and it beats or equals the default)."""
+    import json
+    from pathlib import Path
+
+    from server.jobs import run_build
+
+    corpus = Path(__file__).parent / "corpus" / "models" / "conv1d_sensor_int8.tflite"
+    r = client.post("/api/v1/models", data={"file": (io.BytesIO(corpus.read_bytes()), "s.tflite")}, headers=client.auth)
+    b = client.post("/api/v1/builds", json={"model_id": r.get_json()["id"], "target": "rv32imac",
+                                            "search": {"budget": 4, "seed": 2}}, headers=client.auth).get_json()
+    assert b["constraints"]["search"] == {"budget": 4, "seed": 2, "strategy": "nsga2", "max_fidelity_loss": 0.0}
+    run_build(app.extensions["tinymlaas"].settings, b["id"])
+    done = client.get(f"/api/v1/builds/{b['id']}", headers=client.auth).get_json()
+    assert done["state"] == "done" and done["progress"] == 1.0, done
+    searched = done["report"]["search"]
+    assert searched["built"] == 4 and searched["chosen"]["instructions"] <= searched["default"]["instructions"]
+    assert done["report"]["variant"] == searched["chosen"]["variant"] and done["report"]["verified"]
+    assert {"image", "front", "front_plot"} <= set(done["artifacts"])
+    front = json.loads(client.get(f"/api/v1/builds/{b['id']}/artifacts/front", headers=client.auth).data)
+    assert front["points"][front["chosen"]]["variant"] == searched["chosen"]["variant"]
+    assert client.get(f"/api/v1/builds/{b['id']}/artifacts/front_plot", headers=client.auth).data[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("search, words", [({"budget": 0}, "budget"), ({"budget": 4, "strategy": "grid"}, "strategy"),
+                                           ({"strategy": "random"}, "budget"), ("eight", "search")])
+def test_bad_search_requests_are_refused(client, search, words):
+    r = client.post("/api/v1/models", data={"file": (io.BytesIO(model_path("ad01_int8").read_bytes()), "a.tflite")},
+                    headers=client.auth)
+    assert_problem(client.post("/api/v1/builds", json={"model_id": r.get_json()["id"], "target": "cortex-m4",
+                                                       "search": search}, headers=client.auth), 422, None, "")
+    body = client.post("/api/v1/builds", json={"model_id": r.get_json()["id"], "target": "cortex-m4",
+                                               "search": search}, headers=client.auth).get_json()
+    assert words in json.dumps(body)

@@ -15,7 +15,10 @@ blp = Blueprint("builds", __name__, description="Build jobs: compile, verify in 
 def create(body):
     """Queue a build of a model for a target; poll its state and progress."""
     user = require_user()
-    build = request_build(session(), user, body["model_id"], body["target"], body["constraints"], body["version"])
+    constraints = dict(body["constraints"])
+    if body.get("search"):
+        constraints["search"] = body["search"]  # kept with the build's constraints: what it was asked to do
+    build = request_build(session(), user, body["model_id"], body["target"], constraints, body["version"])
     ctx().enqueue_build(build.id)
     return build
 
@@ -46,13 +49,14 @@ def cancel(build_id):
 
 
 ARTIFACT_FILES = {"image": "image.signed.bin", "firmware": "firmware.elf", "payload": "firmware.bin",
-                  "report": "report.json", "selftest": "selftest.json"}
+                  "report": "report.json", "selftest": "selftest.json", "front": "front.json", "front_plot": "front.png"}
 
 
 @blp.route("/builds/<int:build_id>/artifacts/<name>", methods=["GET"])
 @blp.response(200, content_type="application/octet-stream")
 def artifact(build_id, name):
-    """One artifact of a finished build: image (signed MCUboot), firmware (ELF), payload, report, selftest."""
+    """One artifact of a finished build: image (signed MCUboot), firmware (ELF), payload, report, selftest; after a
+    search also its Pareto front (front: JSON, front_plot: PNG)."""
     require_user()
     build = _build(build_id)
     if name not in ARTIFACT_FILES:

@@ -60,10 +60,21 @@ class Constraints(Schema):
     max_ram = fields.Integer(validate=validate.Range(min=1))
 
 
+class SearchRequest(Schema):
+    budget = fields.Integer(required=True, validate=validate.Range(min=1, max=256),
+                            metadata={"description": "at most this many variants built, run and verified"})
+    strategy = fields.String(load_default="nsga2", validate=validate.OneOf(["nsga2", "random"]))
+    seed = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**31 - 1))
+    max_fidelity_loss = fields.Float(load_default=0.0, validate=validate.Range(min=0.0, max=1e6))
+
+
 class BuildRequest(Schema):
     model_id = fields.Integer(required=True)
     target = fields.String(required=True)
     constraints = fields.Nested(Constraints, load_default=dict)
+    search = fields.Nested(SearchRequest, load_default=None, allow_none=True,
+                           metadata={"description": "search kernel, schedule and fusion variants first; the best "
+                                     "within the constraints is what gets built, signed and deployed"})
     version = fields.String(load_default=None, allow_none=True,
                             metadata={"description": "image version major.minor.revision[+build]; default 1.0.<id>"})
 
