@@ -67,6 +67,7 @@ bench: setup
 	$(PY) benchmarks/corpus.py --out benchmarks/results/corpus_architectures.json
 	$(PY) benchmarks/fleet.py --models $(MODELS) --out benchmarks/results/fleet.json
 	$(PY) benchmarks/cycles.py --models $(MODELS) --out benchmarks/results/cycles.json
+	$(PY) benchmarks/search.py --models $(MODELS) --budget 20 --out benchmarks/results/search.json
 
 # Regenerate the committed test corpus with TensorFlow (make setup installs it).
 corpus: setup
