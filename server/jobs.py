@@ -185,12 +185,7 @@ def _search(model_path: Path, target: str, constraints: dict, inputs, tmp: Path,
         b = s.get(Build, build_id)
         b.message = None
         s.commit()
-    chosen, default = result.points[result.chosen], result.points[result.default]
-    summary = {"strategy": result.strategy, "budget": result.budget, "seed": result.seed, "built": len(result.points),
-               "space_size": result.space_size, "front": len(result.front), "seconds": result.seconds,
-               "chosen": {"variant": chosen.variant, "label": chosen.label, chosen.cost_kind: chosen.cost},
-               "default": {"variant": default.variant, default.cost_kind: default.cost}}
-    return Variant.from_dict(chosen.variant), tmp / "front", summary
+    return Variant.from_dict(result.points[result.chosen].variant), tmp / "front", result.summary()
 
 
 def _fail(sessions, build_id: int, message: str) -> None:

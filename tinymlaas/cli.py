@@ -134,17 +134,11 @@ def cmd_search(args) -> int:
 
 
 def _record(report) -> None:
-    """The build's figures into the measurement database; a database problem costs the row, not the build."""
-    from pathlib import Path
+    from tinymlaas.measurements import record_report
 
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from tinymlaas.measurements import MeasurementStore, default_url
-
-    try:
-        MeasurementStore().record_compile(report, Path(report.artifacts["model"]))
-    except (SQLAlchemyError, OSError) as e:
-        print(f"tinymlaas: warning: not recorded in {default_url()}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+    warning = record_report(report)
+    if warning:
+        print(f"tinymlaas: warning: {warning}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,3 +129,15 @@ def device_measurement(device_id: str, target: str, core: str, data: dict, model
     return Measurement(source="device", model_hash=model_hash, model_name=model_name, target=target, core=core,
                        runner="device", instructions=instructions, cycles=float(cycles), cycles_kind="device",
                        cycles_source=f"reported by device {device_id}", device_id=device_id, build_id=build_id)
+
+
+def record_report(report) -> str | None:
+    """A CompileReport into the default measurement database. A database problem costs the row, not the build:
+    returns a one-line warning instead of raising."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        MeasurementStore().record_compile(report, Path(report.artifacts["model"]))
+    except (SQLAlchemyError, OSError) as e:
+        return f"not recorded in {default_url()}: {str(e).splitlines()[0][:200]}"
+    return None

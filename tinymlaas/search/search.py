@@ -90,6 +90,14 @@ class SearchResult:
         d["points"] = [asdict(p) for p in self.points]
         return d
 
+    def summary(self) -> dict:
+        """What a build's report says about the search that chose it."""
+        chosen, default = self.points[self.chosen], self.points[self.default]
+        return {"strategy": self.strategy, "budget": self.budget, "seed": self.seed, "built": len(self.points),
+                "space_size": self.space_size, "front": len(self.front), "seconds": self.seconds,
+                "chosen": {"variant": chosen.variant, "label": chosen.label, chosen.cost_kind: chosen.cost},
+                "default": {"variant": default.variant, default.cost_kind: default.cost}}
+
 
 def _evaluate(args) -> Point:
     """Build, run and verify one variant (in a worker process)."""
@@ -106,27 +114,16 @@ def _evaluate(args) -> Point:
                      seconds=round(time.monotonic() - started, 2))
     except TinyMLaaSError as e:
         return Point(variant_dict, variant.short(), False, error=str(e), seconds=round(time.monotonic() - started, 2))
-    if record:
-        _record(r)
+    if record:  # the predictor learns from every point; a database problem costs the row, not the point
+        from tinymlaas.measurements import record_report
+
+        record_report(r)
     f = r.fidelity
     loss = float(f.get("max_rel_error", 0.0)) if f.get("kind") == "float" else float(f.get("max_lsb_diff", 0))
     return Point(variant_dict, variant.short(), r.verified, cost=r.cycles if r.cycles is not None else r.instructions,
                  cost_kind="cycles" if r.cycles is not None else "instructions", instructions=r.instructions,
                  cycles=r.cycles, ram=r.sizes["ram_model"], flash=r.sizes["flash_model"], fidelity_loss=loss,
                  build_dir=str(out), seconds=round(time.monotonic() - started, 2))
-
-
-def _record(report) -> None:
-    """The point's figures into the measurement database (the predictor learns from them); a database problem
-    costs the row, not the point."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from tinymlaas.measurements import MeasurementStore
-
-    try:
-        MeasurementStore().record_compile(report, Path(report.artifacts["model"]))
-    except (SQLAlchemyError, OSError):
-        pass
 
 
 def dominates(a: Point, b: Point) -> bool:
@@ -159,10 +156,11 @@ class _Evaluator:
 
     def run(self, variants: list[Variant], limit: int) -> list[Point]:
         """Points of `variants` (new ones built, at most `limit` in all); None for those past the limit."""
-        new = []
+        new: dict[str, Variant] = {}
         for v in variants:
-            if v.key() not in self.by_key and v.key() not in [n.key() for n in new] and len(self.points) + len(new) < limit:
-                new.append(v)
+            if v.key() not in self.by_key and v.key() not in new and len(self.points) + len(new) < limit:
+                new[v.key()] = v
+        new = list(new.values())
         jobs = [(self.model_path, self.target, v.to_dict(), str(self.workdir / f"point{len(self.points) + k:04d}"),
                  self.inputs, self.seed, self.record) for k, v in enumerate(new)]
         results = self.pool.map(_evaluate, jobs) if self.pool else map(_evaluate, jobs)

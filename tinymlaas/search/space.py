@@ -9,6 +9,7 @@ search results, the service's build records and the measurement database.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 FUSION = ("default", "none")  # TVM's FuseOps (elementwise tails into their producer), or one kernel per operator
@@ -91,10 +92,7 @@ class Space:
 
     @property
     def size(self) -> int:
-        n = 1
-        for b in self.bounds:
-            n *= b
-        return n
+        return math.prod(self.bounds)
 
     def decode(self, x) -> Variant:
         x = [int(v) for v in x]
