@@ -19,7 +19,7 @@ BUILT = {k: v for k, v in MANIFEST.items() if "file" in v}
 
 # precision -> corpus graphs with an operator without a kernel in that precision yet (they must fail naming the
 # operator): the integer (8x8->16) LSTM
-NOT_YET: dict[str, str] = {"int8": "lstm_stacked_keras2 lstm_time_major_keras2"}
+NOT_YET: dict[str, str] = {}
 # the interpreter itself refuses the converter's output (an int16 PADV2 with a float pad value; an int16 depthwise
 # convolution whose quantization could overflow; an int16 SQUARED_DIFFERENCE it has no kernel for)
 INVALID = {"padv2_int16x8", "mobilenet_v2_int16x8", "squared_difference_int16x8"}

@@ -86,3 +86,76 @@ def test_state_starts_at_zero_and_carries_over(tmp_path):
     # verified against one interpreter run over the inputs in order: a firmware that reset its state would fail
     r = compile_model(STACKED, "rv32imafc", tmp_path / "out", CompileOptions(inputs=2))
     assert r.verified and r.fidelity["max_rel_error"] <= 1e-5, r.fidelity
+
+
+STACKED_INT8 = CORPUS / "lstm_stacked_keras2_int8.tflite"
+
+
+def _int8_variant(tmp_path: Path, name: str, peephole=False, cifg=False, projection=False, cell_clip=0.0,
+                  proj_clip=0.0) -> Path:
+    """The first LSTM of the stacked int8 model with the slots no converter fills here: int16 peephole weights, a
+    square int8 projection (with a bias; the hidden zero point is 2), CIFG, clips."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    rng = np.random.default_rng(7)
+    m = s.ModelT.InitFromObj(s.Model.GetRootAs(STACKED_INT8.read_bytes(), 0))
+    g = m.subgraphs[0]
+    op = next(o for o in g.operators if len(o.inputs) >= 20)
+    n_cell = int(g.tensors[op.inputs[2]].shape[0])
+    inputs = list(op.inputs)
+
+    def add_const(values: np.ndarray, ttype: int, scale: float):
+        buf = s.BufferT()
+        buf.data = values.tobytes()
+        m.buffers.append(buf)
+        q = s.QuantizationParametersT()
+        q.scale, q.zeroPoint = np.array([scale], np.float32), np.array([0], np.int64)
+        t = s.TensorT()
+        t.shape, t.type, t.buffer, t.name, t.quantization = (np.array(values.shape, np.int32), ttype,
+                                                            len(m.buffers) - 1, b"extra", q)
+        g.tensors.append(t)
+        return len(g.tensors) - 1
+
+    if peephole:
+        for k in PEEPHOLE:
+            inputs[k] = add_const(rng.integers(-20000, 20000, n_cell, dtype=np.int16), s.TensorType.INT16, 2e-5)
+    if projection:
+        inputs[PROJECTION_WEIGHTS] = add_const(rng.integers(-127, 128, (n_cell, n_cell), dtype=np.int8),
+                                               s.TensorType.INT8, 0.004)
+        inputs[PROJECTION_BIAS] = add_const(rng.integers(-3000, 3000, n_cell, dtype=np.int32), s.TensorType.INT32, 1e-5)
+    if cifg:
+        for k in INPUT_GATE + ((PEEPHOLE[0],) if peephole else ()):
+            inputs[k] = -1
+    op.inputs = np.array(inputs, dtype=np.int32)
+    op.builtinOptions.cellClip, op.builtinOptions.projClip = cell_clip, proj_clip
+    g.outputs = np.append(g.outputs, op.outputs[0]).astype(np.int32)  # its whole sequence checked, not only the head
+    b = flatbuffers.Builder(1 << 16)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    path = tmp_path / f"{name}.tflite"
+    path.write_bytes(bytes(b.Output()))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, variant, target", [
+    ("int8_peephole_projection_clips", {"peephole": True, "projection": True, "cell_clip": 0.05, "proj_clip": 0.2},
+     "cortex-m4"),
+    ("int8_cifg_peephole", {"cifg": True, "peephole": True}, "rv32imac"),
+])
+def test_int8_lstm_variants_are_bit_exact_over_a_sequence(tmp_path, name, variant, target):
+    model = _int8_variant(tmp_path, name, **variant)
+    r = compile_model(model, target, tmp_path / "out", CompileOptions(inputs=4))
+    assert r.verified and r.fidelity["exact_fraction"] == 1.0, r.fidelity
+    assert r.instructions_repeat_exact is None
+
+
+def test_int8_state_starts_at_its_zero_point(tmp_path):
+    """The interpreter resets a quantized variable tensor to its zero point, not to raw 0: the hidden state of the
+    time-major model has zero point 16, and a build starting from raw 0 differs from the first inference on."""
+    from tinymlaas.frontend.tflite import load_tflite
+
+    model = load_tflite(CORPUS / "lstm_time_major_keras2_int8.tflite")
+    assert [model.graph.tensor(i).zero_point for i in model.graph.state] == [16, 0]
+    r = compile_model(model.path, "cortex-m3", tmp_path / "out", CompileOptions(inputs=2))
+    assert r.verified and r.fidelity["exact_fraction"] == 1.0, r.fidelity

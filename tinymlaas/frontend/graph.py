@@ -31,7 +31,7 @@ class Tensor:
     dtype: str
     quant: Quantization | None = None
     data: np.ndarray | None = field(default=None, repr=False)  # constant value (read-only), None for activations
-    variable: bool = False  # state kept across inferences (an LSTM's or SVDF's), zero before the first
+    variable: bool = False  # state kept across inferences (an LSTM's or SVDF's), its zero point before the first
 
     @property
     def is_const(self) -> bool:
@@ -59,6 +59,7 @@ class Operator:
     options: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     options_type: int = 0  # the flatbuffer's BuiltinOptions type (to write the operator out again)
     version: int = 1
+    intermediates: tuple[int, ...] = ()  # tensors that only carry quantization (an integer LSTM's gate scales)
 
     def opt(self, name: str, default=None):
         return self.options.get(name, default)

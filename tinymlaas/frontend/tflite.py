@@ -196,8 +196,9 @@ def read_graph(data: bytes, label: str = "model") -> Graph:
             raise InvalidModel(f"{label}: operator #{n} ({opcode}) has no output")
         opts = dict(_options(op.builtinOptions))
         opts.update(_options(getattr(op, "builtinOptions2", None)))
+        mids = tuple(check_index(i, f"operator #{n} ({opcode})") for i in (op.intermediates if op.intermediates is not None else ()))
         operators.append(Operator(n, opcode, ins, outs, MappingProxyType(opts), int(op.builtinOptionsType or 0),
-                                  int(code.version or 1)))
+                                  int(code.version or 1), mids))
     inputs = tuple(check_index(i, "the graph's input") for i in (sg.inputs if sg.inputs is not None else ()))
     outputs = tuple(check_index(i, "the graph's output") for i in (sg.outputs if sg.outputs is not None else ()))
     if not inputs or not outputs:

@@ -67,6 +67,8 @@ class LoweringContext:
         from tvm import relax
 
         t = self.graph.tensor(op.outputs[k])
+        if not isinstance(expr, relax.Var):
+            expr = self.emit(expr)  # normalised: its shape is known
         shape = getattr(expr.ty, "shape", None)
         have = tuple(int(s) for s in shape.values) if isinstance(shape, relax.ShapeExpr) else None
         if have is not None and have != t.shape:

@@ -7,6 +7,8 @@ and TFLite Micro do. The time loop is unrolled: the steps are structurally equal
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from tinymlaas.errors import UnsupportedOperator
@@ -112,3 +114,106 @@ def lstm(ctx, op, impl):
     ctx.set_output(op, 0, seq)
     ctx.set_state(op.inputs[_OUTPUT_STATE], h)
     ctx.set_state(op.inputs[_CELL_STATE], c)
+
+
+def _f32(x) -> np.float32:
+    return np.float32(x)
+
+
+def _scale(ctx, op, k: int) -> np.float32:
+    return _f32(ctx.tensor(op.inputs[k]).scale) if _given(op, k) else _f32(1.0)
+
+
+@register("UNIDIRECTIONAL_SEQUENCE_LSTM", "int8", implementations=("c",),
+          note="8x8->16 integer LSTM as the interpreter's; C kernel; state kept across inferences")
+def lstm_int8(ctx, op, impl):
+    """TFLite's integer LSTM (C kernel firmware/kernels/lstm_s8.c): gates in Q3.12 from int8 matmuls, int16 cell
+    state. The effective scales are computed as the interpreter's Prepare does (float32 products, then
+    QuantizeMultiplier). Two quirks of the interpreter are reproduced, not fixed: the peephole products cover
+    n_output cells, and a cell state scale below 2^-15 skips tanh(c) (firmware/kernels/lstm_s8.c says how).
+    Quantized state starts at its zero point (the driver), as the interpreter resets variable tensors."""
+    from tvm import relax
+
+    from tinymlaas.ops.int8 import quantize_multiplier
+
+    name = ctx.graph.name
+    if _given(op, _LAYER_NORM["f"]):
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} int8 with layer normalisation"], name)
+    if len(op.intermediates) != 5:
+        raise UnsupportedOperator([(f"{op.opcode} #{op.index} int8 without the five intermediate tensors the "
+                                   "integer kernel needs (hybrid or 8x8->8 LSTMs are not supported)")], name)
+    for k in (*_INPUT_WEIGHTS.values(), *_RECURRENT_WEIGHTS.values(), *_PEEPHOLE.values(), *_BIAS.values(),
+              _PROJECTION_WEIGHTS, _PROJECTION_BIAS):
+        if _given(op, k) and not ctx.tensor(op.inputs[k]).is_const:
+            raise UnsupportedOperator([f"{op.opcode} #{op.index} with computed weights"], name)
+    x_t, out_t = ctx.tensor(op.inputs[_INPUT]), ctx.tensor(op.outputs[0])
+    h_t, c_t = ctx.tensor(op.inputs[_OUTPUT_STATE]), ctx.tensor(op.inputs[_CELL_STATE])
+    if x_t.dtype != "int8" or h_t.dtype != "int8" or c_t.dtype != "int16":
+        raise UnsupportedOperator([(f"{op.opcode} #{op.index} with {x_t.dtype} input, {h_t.dtype} hidden and "
+                                   f"{c_t.dtype} cell state (int8, int8, int16 supported)")], name)
+    act = int(op.opt("fusedActivationFunction", 4) or 0)
+    if act != 4:
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} int8 with activation {act} (tanh only)"], name)
+    cifg = not _given(op, _INPUT_WEIGHTS["i"])
+    peephole = _given(op, _PEEPHOLE["o"])
+    projection = _given(op, _PROJECTION_WEIGHTS)
+    time_major = bool(op.opt("timeMajor", False))
+    steps, batch = (x_t.shape[0], x_t.shape[1]) if time_major else (x_t.shape[1], x_t.shape[0])
+    n_input = x_t.shape[2]
+    n_cell = ctx.tensor(op.inputs[_INPUT_WEIGHTS["f"]]).shape[0]
+    n_output = ctx.tensor(op.inputs[_RECURRENT_WEIGHTS["f"]]).shape[1]
+    log2 = math.log2(c_t.scale) if c_t.scale > 0 else 0.5
+    cell_scale = round(log2)
+    if abs(log2 - cell_scale) > 1e-3 or cell_scale > -9:
+        raise UnsupportedOperator([(f"{op.opcode} #{op.index} int8 with a cell state scale {c_t.scale} that is not "
+                                   "a power of two <= 2^-9")], name)
+    if cifg and 15 + cell_scale < 0:
+        # the interpreter then reads a scratch buffer nothing wrote: no defined result to match
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} int8 CIFG with a cell state scale below 2^-15"], name)
+    hidden = ctx.tensor(op.intermediates[4])
+    gate_scale = _f32(2.0 ** -12)  # Q3.12 without layer normalisation
+    x_scale, h_scale = _f32(x_t.scale), _f32(h_t.scale)
+
+    def data(k, dtype, shape):
+        return np.asarray(ctx.tensor(op.inputs[k]).data, dtype=dtype) if _given(op, k) else np.zeros(shape, dtype)
+
+    w_in = np.stack([data(_INPUT_WEIGHTS[g], np.int8, (n_cell, n_input)) for g in "ifco"])
+    w_rec = np.stack([data(_RECURRENT_WEIGHTS[g], np.int8, (n_cell, n_output)) for g in "ifco"])
+    # effective biases (the interpreter's Prepare): bias - zero point * row sums
+    bias = np.stack([np.stack([data(_BIAS[g], np.int64, (n_cell,)) - x_t.zero_point * w_in[k].sum(1, dtype=np.int64),
+                               -h_t.zero_point * w_rec[k].sum(1, dtype=np.int64)]) for k, g in enumerate("ifco")])
+    peep = np.stack([data(_PEEPHOLE[g], np.int16, (n_cell,)) for g in "ifo"])
+    w_proj = data(_PROJECTION_WEIGHTS, np.int8, (n_output, n_cell)) if projection else np.zeros((1,), np.int8)
+    proj_bias = (data(_PROJECTION_BIAS, np.int64, (n_output,)) - hidden.zero_point * w_proj.sum(1, dtype=np.int64)
+                 if projection else np.zeros((1,), np.int64))
+
+    def qm(real) -> list[int]:
+        return list(quantize_multiplier(float(_f32(real))))
+
+    gates = []
+    for g in "ifco":
+        if g == "i" and cifg:
+            gates += [0] * 6
+            continue
+        gates += qm(_scale(ctx, op, _INPUT_WEIGHTS[g]) * x_scale / gate_scale)
+        gates += qm(_scale(ctx, op, _RECURRENT_WEIGHTS[g]) * h_scale / gate_scale)
+        cell_w = _scale(ctx, op, _PEEPHOLE[g]) if g in _PEEPHOLE and peephole else None
+        gates += qm(_f32(2.0 ** cell_scale) * cell_w / gate_scale) if cell_w is not None else [0, 0]
+    cell_clip, proj_clip = float(op.opt("cellClip", 0.0) or 0.0), float(op.opt("projClip", 0.0) or 0.0)
+    q_cell_clip = int(min(max(_f32(cell_clip) / _f32(c_t.scale), -32768.0), 32767.0)) if cell_clip > 0 else 0
+    q_proj_clip = int(min(max(_f32(proj_clip) / _f32(out_t.scale), -128.0), 127.0)) if proj_clip > 0 else 0
+    hidden_scale = _f32(2.0 ** -15) / _f32(hidden.scale) * _f32(2.0 ** -15)
+    proj_scale = _scale(ctx, op, _PROJECTION_WEIGHTS) * _f32(hidden.scale) / h_scale
+    params = [batch, steps, n_input, n_cell, n_output, int(time_major), int(cifg), int(peephole), int(projection),
+              cell_scale, q_cell_clip, q_proj_clip, hidden.zero_point, h_t.zero_point, *qm(hidden_scale),
+              *qm(proj_scale), *gates]
+    args = [ctx.input(op, _INPUT), ctx.const(w_in), ctx.const(w_rec), ctx.const(bias.astype(np.int32)),
+            ctx.const(peep), ctx.const(w_proj), ctx.const(proj_bias.astype(np.int32)),
+            ctx.input(op, _OUTPUT_STATE), ctx.input(op, _CELL_STATE), ctx.const(np.array(params, np.int32))]
+    # the operator's output last: the kernel call's last argument is what per-layer verification reads
+    out_sinfo = [relax.TensorType(list(h_t.shape), "int8"), relax.TensorType(list(c_t.shape), "int16"),
+                 relax.TensorType([5 * batch * n_cell], "int16"), relax.TensorType(list(out_t.shape), "int8")]
+    result = ctx.emit(relax.call_dps_packed("tinymlaas_lstm_s8", args, out_sinfo))
+    ctx.set_output(op, 0, relax.TupleGetItem(result, 3))
+    ctx.set_state(op.inputs[_OUTPUT_STATE], relax.TupleGetItem(result, 0))
+    ctx.set_state(op.inputs[_CELL_STATE], relax.TupleGetItem(result, 1))
