@@ -159,3 +159,51 @@ def test_int8_state_starts_at_its_zero_point(tmp_path):
     assert [model.graph.tensor(i).zero_point for i in model.graph.state] == [16, 0]
     r = compile_model(model.path, "cortex-m3", tmp_path / "out", CompileOptions(inputs=2))
     assert r.verified and r.fidelity["exact_fraction"] == 1.0, r.fidelity
+
+
+def _svdf_model(tmp_path: Path, precision: str, batch=2, n_input=5, n_filter=6, memory=4, rank=2, act=0) -> Path:
+    """One SVDF operator written with the TFLite schema (converters do not emit it; speech models carry it)."""
+    from ai_edge_litert import schema_py_generated as s
+    from quantized_layers import F32, I8, I32, Layer, _opts
+
+    layer, units = Layer(11), n_filter // rank
+    rng = layer.rng
+    if precision == "float32":
+        x = layer.tensor("x", [batch, n_input], F32)
+        wf = layer.tensor("w_feature", [n_filter, n_input], F32, data=rng.standard_normal((n_filter, n_input)).astype(np.float32))
+        wt = layer.tensor("w_time", [n_filter, memory], F32, data=rng.standard_normal((n_filter, memory)).astype(np.float32))
+        b = layer.tensor("bias", [units], F32, data=rng.standard_normal(units).astype(np.float32))
+        state = layer.tensor("state", [batch, n_filter * memory], F32)
+        y = layer.tensor("y", [batch, units], F32)
+    else:
+        I16 = s.TensorType.INT16
+        x = layer.tensor("x", [batch, n_input], I8, 0.05, 3)
+        wf = layer.tensor("w_feature", [n_filter, n_input], I8, 0.01, 0,
+                          rng.integers(-127, 128, (n_filter, n_input)).astype(np.int8))
+        wt = layer.tensor("w_time", [n_filter, memory], I16, 2e-4, 0,
+                          rng.integers(-30000, 30000, (n_filter, memory)).astype(np.int16))
+        b = layer.tensor("bias", [units], I32, 5e-4 * 2e-4, 0, rng.integers(-20000, 20000, units).astype(np.int32))
+        state = layer.tensor("state", [batch, n_filter * memory], I16, 5e-4, 0)
+        y = layer.tensor("y", [batch, units], I8, 1.5, -5)
+    layer.tensors[state].isVariable = True
+    path = tmp_path / f"svdf_{precision}.tflite"
+    path.write_bytes(layer.model("SVDF", [x, wf, wt, b, state], [y], [x],
+                                 _opts("SVDFOptions", rank=rank, fusedActivationFunction=act)))
+    return path
+
+
+@pytest.mark.parametrize("precision, shape, target", [
+    ("float32", {"rank": 2, "act": 1}, "rv32imafc"),
+    ("float32", {"rank": 1, "memory": 1, "batch": 1}, "cortex-m4"),
+    ("int8", {"rank": 2, "act": 1}, "cortex-m3"),  # the interpreter takes integer SVDF with RELU only
+    ("int8", {"rank": 3, "n_filter": 9, "batch": 1, "memory": 7, "act": 1}, "rv32imac"),
+])
+def test_svdf_matches_the_interpreter_over_a_sequence(tmp_path, precision, shape, target):
+    model = _svdf_model(tmp_path, precision, **shape)
+    r = compile_model(model, target, tmp_path / "out", CompileOptions(inputs=5))
+    assert r.verified, r.fidelity
+    if precision == "int8":
+        assert r.fidelity["exact_fraction"] == 1.0, r.fidelity
+    else:
+        assert r.fidelity["max_rel_error"] <= 1e-5, r.fidelity
+    assert r.instructions_repeat_exact is None and r.sizes["state"] > 0

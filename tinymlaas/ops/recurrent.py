@@ -1,4 +1,4 @@
-"""Recurrent operators with state kept across inferences (variable tensors): UNIDIRECTIONAL_SEQUENCE_LSTM.
+"""Recurrent operators with state kept across inferences (variable tensors): UNIDIRECTIONAL_SEQUENCE_LSTM, SVDF.
 
 The state comes in as an extra input of the Relax function and its new value goes out as an extra output
 (`LoweringContext.set_state`); the driver keeps it in static RAM between inferences, as TFLite's interpreter
@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from tinymlaas.errors import UnsupportedOperator
+from tinymlaas.errors import InvalidModel, UnsupportedOperator
 from tinymlaas.ops.registry import register
 
 # UNIDIRECTIONAL_SEQUENCE_LSTM inputs (TFLite's lstm_shared.h)
@@ -217,3 +217,76 @@ def lstm_int8(ctx, op, impl):
     ctx.set_output(op, 0, relax.TupleGetItem(result, 3))
     ctx.set_state(op.inputs[_OUTPUT_STATE], relax.TupleGetItem(result, 0))
     ctx.set_state(op.inputs[_CELL_STATE], relax.TupleGetItem(result, 1))
+
+
+# SVDF inputs (TFLite's svdf.cc)
+_SVDF_INPUT, _SVDF_FEATURE, _SVDF_TIME, _SVDF_BIAS, _SVDF_STATE = 0, 1, 2, 3, 4
+
+
+def _svdf_shapes(ctx, op):
+    x_t = ctx.tensor(op.inputs[_SVDF_INPUT])
+    n_filter, n_memory = ctx.tensor(op.inputs[_SVDF_TIME]).shape
+    rank = int(op.opt("rank", 1) or 1)
+    batch = x_t.shape[0]
+    if len(x_t.shape) != 2 or n_filter % rank or ctx.tensor(op.inputs[_SVDF_STATE]).size != batch * n_filter * n_memory:
+        raise InvalidModel(f"SVDF #{op.index}: input {list(x_t.shape)}, {n_filter} filters of memory {n_memory}, rank "
+                           f"{rank} and state {list(ctx.tensor(op.inputs[_SVDF_STATE]).shape)} do not fit together")
+    return batch, x_t.shape[1], n_filter, n_memory, rank
+
+
+@register("SVDF", "float32", note="memory kept across inferences")
+def svdf(ctx, op, impl):
+    """As TFLite's: the state (each filter's last `memory` activations) shifts left by one, the new feature
+    activation W_f x goes last, each filter's memory is dotted with its time weights, ranks summed, bias, activation."""
+    from tvm import relax
+
+    from tinymlaas.ops.float32 import activation
+
+    batch, _, n_filter, n_memory, rank = _svdf_shapes(ctx, op)
+    state = relax.op.reshape(ctx.input(op, _SVDF_STATE), (batch, n_filter, n_memory))
+    feature = relax.op.matmul(ctx.input(op, _SVDF_INPUT), relax.op.permute_dims(ctx.input(op, _SVDF_FEATURE)))
+    newest = relax.op.reshape(feature, (batch, n_filter, 1))
+    memory = newest if n_memory == 1 else relax.op.concat(
+        [relax.op.strided_slice(state, [2], [1], [n_memory]), newest], axis=2)
+    memory = ctx.emit(memory)
+    scratch = relax.op.sum(relax.op.multiply(memory, ctx.input(op, _SVDF_TIME)), axis=[2])
+    out = relax.op.sum(relax.op.reshape(scratch, (batch, n_filter // rank, rank)), axis=[2])
+    if _given(op, _SVDF_BIAS):
+        out = relax.op.add(out, ctx.input(op, _SVDF_BIAS))
+    ctx.set_output(op, 0, activation(ctx, op, out))
+    ctx.set_state(op.inputs[_SVDF_STATE], relax.op.reshape(memory, ctx.tensor(op.inputs[_SVDF_STATE]).shape))
+
+
+@register("SVDF", "int8", implementations=("c",), note="C kernel; memory kept across inferences")
+def svdf_int8(ctx, op, impl):
+    """TFLite's integer SVDF (C kernel firmware/kernels/svdf_s8.c): int16 state with zero point 0, int16 time
+    weights; its effective scales are float32 products as in the interpreter's Prepare. The interpreter takes an
+    integer SVDF only with RELU and then applies none (only the int8 clamp): so do we."""
+    from tvm import relax
+
+    from tinymlaas.ops.int8 import quantize_multiplier
+
+    batch, n_input, n_filter, n_memory, rank = _svdf_shapes(ctx, op)
+    x_t, out_t = ctx.tensor(op.inputs[_SVDF_INPUT]), ctx.tensor(op.outputs[0])
+    wf_t, wt_t, s_t = (ctx.tensor(op.inputs[k]) for k in (_SVDF_FEATURE, _SVDF_TIME, _SVDF_STATE))
+    if (wf_t.dtype, wt_t.dtype, s_t.dtype) != ("int8", "int16", "int16") or s_t.zero_point:
+        raise UnsupportedOperator([(f"SVDF #{op.index} int8 with {wf_t.dtype} feature weights, {wt_t.dtype} time "
+                                   f"weights and {s_t.dtype} state of zero point {s_t.zero_point} (int8, int16, int16 "
+                                   "with zero point 0 supported)")], ctx.graph.name)
+    for k in (_SVDF_FEATURE, _SVDF_TIME, _SVDF_BIAS):
+        if _given(op, k) and not ctx.tensor(op.inputs[k]).is_const:
+            raise UnsupportedOperator([f"SVDF #{op.index} with computed weights"], ctx.graph.name)
+    scale_1 = _f32(x_t.scale) * _f32(wf_t.scale) / _f32(s_t.scale)
+    scale_2 = _f32(s_t.scale) * _f32(wt_t.scale) / _f32(out_t.scale)
+    n_unit = n_filter // rank
+    bias = (np.asarray(ctx.tensor(op.inputs[_SVDF_BIAS]).data, np.int32) if _given(op, _SVDF_BIAS)
+            else np.zeros(n_unit, np.int32))
+    params = np.array([batch, n_input, n_filter, n_memory, rank, x_t.zero_point, out_t.zero_point,
+                       *quantize_multiplier(float(scale_1)), *quantize_multiplier(float(scale_2))], np.int32)
+    args = [ctx.input(op, _SVDF_INPUT), ctx.input(op, _SVDF_FEATURE), ctx.input(op, _SVDF_TIME), ctx.const(bias),
+            ctx.input(op, _SVDF_STATE), ctx.const(params)]
+    out_sinfo = [relax.TensorType(list(s_t.shape), "int16"), relax.TensorType([batch * n_filter], "int32"),
+                 relax.TensorType(list(out_t.shape), "int8")]  # the operator's output last
+    result = ctx.emit(relax.call_dps_packed("tinymlaas_svdf_s8", args, out_sinfo))
+    ctx.set_output(op, 0, relax.TupleGetItem(result, 2))
+    ctx.set_state(op.inputs[_SVDF_STATE], relax.TupleGetItem(result, 0))
