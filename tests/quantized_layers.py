@@ -164,6 +164,14 @@ def reshape(seed, in_shape, out_shape):
     return L.model("RESHAPE", [x], [y], [x], _opts("ReshapeOptions", newShape=list(out_shape)))
 
 
+def cast(seed, shape, in_type, out_type):
+    """CAST from a quantized tensor: raw values converted, the quantization ignored."""
+    L = Layer(seed)
+    x = L.tensor("x", shape, in_type, 0.1, 3)
+    y = L.tensor("y", shape, out_type)
+    return L.model("CAST", [x], [y], [x])
+
+
 def unsupported_operator_model() -> bytes:
     """A valid float model whose one operator (DYNAMIC_UPDATE_SLICE) TVM's TFLite frontend cannot import."""
     L = Layer(0)

@@ -54,6 +54,18 @@ def test_operator_is_bit_exact(case, target, kernels, tmp_path):
     assert len(np.unique(out)) > 3  # a layer whose outputs all saturate would prove nothing
 
 
+@pytest.mark.parametrize("out_type", [q.I32, q.F32])
+@pytest.mark.parametrize("in_type", [q.I8, q.s.TensorType.INT16])
+def test_cast_from_quantized_tensors(in_type, out_type, tmp_path):
+    path = tmp_path / "cast.tflite"
+    path.write_bytes(q.cast(23, [2, 3, 5], in_type, out_type))
+    r = compile_model(path, "cortex-m3", tmp_path / "out", CompileOptions(inputs=5))
+    assert r.verified and r.fidelity["exact_fraction"] == 1.0, r.fidelity
+    dtype = np.int32 if out_type == q.I32 else np.float32
+    out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=dtype)
+    assert out.min() < -20 and out.max() > 20  # raw values, not dequantized ones
+
+
 # Which DSP kernel each case must reach: the fast kernels where requantization was proved overflow-free
 # (dead channels folded to constants), the general ones (conv_s8.c) where it was not.
 DSP_KERNEL = {

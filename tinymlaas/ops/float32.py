@@ -424,7 +424,7 @@ def select(ctx, op, impl):
     ctx.set_output(op, 0, relax.op.where(ctx.input(op, 0), ctx.input(op, 1), ctx.input(op, 2)))
 
 
-@register("CAST", F32)
+@register("CAST", ("float32", "int8", "int16"))  # raw values converted, quantization ignored (as TFLite)
 def cast(ctx, op, impl):
     from tvm import relax
 
