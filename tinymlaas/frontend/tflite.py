@@ -75,6 +75,20 @@ def _options(obj) -> MappingProxyType:
     return MappingProxyType(values)
 
 
+def _custom_options(raw) -> dict:
+    """A custom operator's flexbuffer map (TFLite_Detection_PostProcess keeps its parameters there); {} if none or
+    unreadable (its converter then names what is missing)."""
+    from flatbuffers import flexbuffers
+
+    if raw is None or not len(raw):
+        return {}
+    try:
+        value = flexbuffers.Loads(np.asarray(raw, dtype=np.uint8).tobytes())
+    except Exception:  # noqa: BLE001 -- fuzzed bytes: the flexbuffer reader may raise anything
+        return {}
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
+
+
 def _unpack(data: bytes, label: str):
     schema = _schema()
     if len(data) < 8 or data[4:8] != b"TFL3":
@@ -196,6 +210,8 @@ def read_graph(data: bytes, label: str = "model") -> Graph:
             raise InvalidModel(f"{label}: operator #{n} ({opcode}) has no output")
         opts = dict(_options(op.builtinOptions))
         opts.update(_options(getattr(op, "builtinOptions2", None)))
+        if builtin == schema.BuiltinOperator.CUSTOM:
+            opts.update(_custom_options(op.customOptions))
         mids = tuple(check_index(i, f"operator #{n} ({opcode})") for i in (op.intermediates if op.intermediates is not None else ()))
         operators.append(Operator(n, opcode, ins, outs, MappingProxyType(opts), int(op.builtinOptionsType or 0),
                                   int(code.version or 1), mids))

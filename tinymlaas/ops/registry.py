@@ -42,7 +42,7 @@ def register(opcodes: str | tuple[str, ...], precisions: str | tuple[str, ...], 
 
 def _load() -> None:
     # the converter modules register themselves on import
-    from tinymlaas.ops import float32, int8, int16, movement, recurrent  # noqa: F401
+    from tinymlaas.ops import detection, float32, int8, int16, movement, recurrent  # noqa: F401
 
 
 def lookup(graph, op) -> Converter | None:
