@@ -94,3 +94,27 @@ def test_cli_search_writes_the_front_and_refuses_bad_input(tmp_path, capsys):
     assert main(["search", str(bad), "-t", "cortex-m4", "-b", "2", "--no-record"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "Traceback" not in err
+
+
+def test_guided_search_screens_more_than_it_builds_and_repeats_for_a_seed(tmp_path):
+    one = search(TWO_LAYERS, "rv32imac", tmp_path / "one", budget=8, strategy="guided", seed=5, workers=1, pool=300)
+    two = search(TWO_LAYERS, "rv32imac", tmp_path / "two", budget=8, strategy="guided", seed=5, workers=2, pool=300)
+    assert [p.variant for p in one.points] == [p.variant for p in two.points]
+    assert len(one.points) == 8 and one.screened > len(one.points)
+    assert all(p.verified for p in one.points) and one.chosen in one.front
+    assert not one.confirmed  # no RTL core on rv32imac
+
+
+@pytest.mark.slow
+def test_guided_search_on_ibex_confirms_the_best_in_true_cycles(tmp_path):
+    """Candidates run in QEMU (instructions); the best two run again on the Verilator model of Ibex, whose cycles
+    choose."""
+    r = search(SMALL, "ibex-small", tmp_path / "s", budget=6, strategy="guided", seed=1, workers=2, pool=100,
+               confirm=2)
+    assert all(p.cost_kind == "instructions" for p in r.points)
+    assert len(r.confirmed) == 2 and r.chosen in r.confirmed
+    cycles = {i: r.points[i].cycles for i in r.confirmed}
+    assert all(c > r.points[i].instructions for i, c in cycles.items())  # a 2-stage core: more cycles than instr.
+    assert r.points[r.chosen].cycles == min(cycles.values())
+    report = json.loads((Path(r.points[r.chosen].build_dir) / "report.json").read_text())
+    assert report["cycles"] == r.points[r.chosen].cycles and report["cycles_source"]

@@ -142,6 +142,8 @@ def _record(report) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tinymlaas.search.search import STRATEGIES
+
     parser = argparse.ArgumentParser(prog="tinymlaas", description="Trained models to verified bare-metal firmware.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a .tflite file")
     p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
     p.add_argument("--budget", "-b", type=_positive_int, default=16, help="at most this many builds (default 16)")
-    p.add_argument("--strategy", choices=("nsga2", "random"), default="nsga2",
-                   help="NSGA-II (default) or random search, both seeded with the default build and uniform kernels")
+    p.add_argument("--strategy", choices=STRATEGIES, default="nsga2",
+                   help="NSGA-II (default), random, or guided (a learned model screens sampled candidates, only its "
+                   "best are built; on Ibex targets the best are confirmed in true cycles); all seeded with the "
+                   "default build and uniform kernels")
     p.add_argument("--seed", type=int, default=0, help="seed of the search and of the verification inputs")
     p.add_argument("--max-ram", type=_size, help="RAM budget for the model, e.g. 64K")
     p.add_argument("--max-flash", type=_size, help="flash budget for the model, e.g. 256K")

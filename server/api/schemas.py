@@ -3,6 +3,8 @@
 from flask_smorest.fields import Upload
 from marshmallow import Schema, fields, validate
 
+from tinymlaas.search.search import STRATEGIES
+
 
 class DeviceRegister(Schema):
     id = fields.String(required=True, metadata={"description": "device id; also its MQTT user name"})
@@ -63,7 +65,7 @@ class Constraints(Schema):
 class SearchRequest(Schema):
     budget = fields.Integer(required=True, validate=validate.Range(min=1, max=256),
                             metadata={"description": "at most this many variants built, run and verified"})
-    strategy = fields.String(load_default="nsga2", validate=validate.OneOf(["nsga2", "random"]))
+    strategy = fields.String(load_default="nsga2", validate=validate.OneOf(STRATEGIES))
     seed = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**31 - 1))
     max_fidelity_loss = fields.Float(load_default=0.0, validate=validate.Range(min=0.0, max=1e6))
 

@@ -98,3 +98,87 @@ def layer_samples(rows, cycles_kinds=("true", "device")) -> list[Sample]:
     """Per-layer measurements (with features) of the given kinds, from measurement-database rows."""
     return [Sample.from_row(r) for r in rows
             if r.layer is not None and r.features and r.cycles_kind in cycles_kinds and r.cycles]
+
+
+# The variant-level model: what the search's guided strategy screens candidates with. Its features do not name the
+# model (sums over the layers by kernel implementation, totals, schedule and fusion), so it can learn across models.
+IMPLEMENTATIONS = ("tir", "dsp", "dsp16", "c", "relax", "lut", "interpolated")
+
+
+class VariantFeatures:
+    """Features of any Variant of one model's Space, from the layers' static features (computed once)."""
+
+    def __init__(self, graph, space):
+        from tinymlaas.search.features import layer_features
+
+        ops = {op.index: op for op in graph.operators}
+        self.space = space
+        self.layers = [layer_features(graph, ops[layer.op_index]) for layer in space.layers]
+        every = [layer_features(graph, op) for op in graph.operators]
+        self.totals = [float(sum(f["macs"] for f in every)),
+                       float(sum(f["bytes_in"] + f["bytes_out"] + f["const_bytes"] for f in every)), float(len(every))]
+
+    def names(self) -> list[str]:
+        per_impl = [f"{k}_{impl}" for impl in IMPLEMENTATIONS for k in ("macs", "bytes", "layers")]
+        return per_impl + ["total_macs", "total_bytes", "operators", "decompose_init", "unroll", "no_fusion"]
+
+    def __call__(self, variant) -> list[float]:
+        chosen = dict(variant.kernels)
+        sums = {impl: [0.0, 0.0, 0.0] for impl in IMPLEMENTATIONS}
+        for layer, f in zip(self.space.layers, self.layers):
+            impl = chosen.get(layer.op_index, layer.choices[0])
+            if impl in sums:
+                s = sums[impl]
+                s[0] += f["macs"]
+                s[1] += f["bytes_in"] + f["bytes_out"] + f["const_bytes"]
+                s[2] += 1
+        row = [math.log1p(v) for impl in IMPLEMENTATIONS for v in sums[impl]]
+        row += [math.log1p(v) for v in self.totals]
+        return row + [float(variant.schedule.decompose_init), float(variant.schedule.unroll),
+                      float(variant.fusion == "none")]
+
+
+@dataclass
+class VariantModel:
+    """Gradient-boosted trees (LightGBM): VariantFeatures -> log cost (instructions or cycles)."""
+    seed: int = 0
+    booster: object = None
+
+    def fit(self, features: list[list[float]], costs: list[float], rounds: int = 200) -> VariantModel:
+        import lightgbm as lgb
+
+        if len(features) < 3:
+            raise ValueError(f"{len(features)} measured variants: too few to learn from (at least 3)")
+        params = {"objective": "regression", "learning_rate": 0.1, "num_leaves": 7, "min_data_in_leaf": 1,
+                  "min_data_in_bin": 1, "min_sum_hessian_in_leaf": 0.0, "verbose": -1, "seed": self.seed,
+                  "deterministic": True, "num_threads": 1}
+        data = lgb.Dataset(np.array(features, dtype=np.float64), label=np.log(np.array(costs, dtype=np.float64)),
+                           params={"min_data_in_bin": 1, "verbose": -1})
+        self.booster = lgb.train(params, data, num_boost_round=rounds)
+        return self
+
+    def predict(self, features: list[list[float]]) -> np.ndarray:
+        if self.booster is None:
+            raise ValueError("the variant model is not trained")
+        return np.exp(self.booster.predict(np.array(features, dtype=np.float64)))
+
+
+def ranking_quality(predicted, truth, ks=(1, 5)) -> dict:
+    """How well an ordering by `predicted` finds the truly cheapest (both: cost per candidate, lower is better).
+
+    best_percentile: where the truly best candidate falls in the predicted order (0 = first); pairwise accuracy: the
+    fraction of pairs of different cost ordered right; peak@k: the true optimum over the best true cost among the
+    predicted top k (1 = found); spearman."""
+    from scipy.stats import spearmanr
+
+    p, t = np.asarray(predicted, dtype=float), np.asarray(truth, dtype=float)
+    order = np.argsort(p, kind="stable")
+    best = int(np.argmin(t))
+    position = int(np.where(order == best)[0][0])
+    i, j = np.triu_indices(len(t), 1)
+    differ = t[i] != t[j]
+    right = np.sign(p[i] - p[j])[differ] == np.sign(t[i] - t[j])[differ]
+    return {"candidates": len(t), "best_percentile": round(100.0 * position / max(len(t) - 1, 1), 2),
+            "pairwise_accuracy": round(float(right.mean()) if right.size else 1.0, 4),
+            **{f"peak@{k}": round(float(t.min() / t[order[:k]].min()), 4) for k in ks},
+            "spearman": round(float(spearmanr(p, t)[0]), 4) if len(t) > 2 else None}

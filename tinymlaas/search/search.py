@@ -6,7 +6,11 @@ minimised: cost (true cycles where the target's core is simulated from RTL, else
 fidelity loss (0 for a bit-exact integer build; the float build's max relative error). Strategies:
 - "random": the default build, the uniform kernel choices, then seeded random samples;
 - "nsga2": pymoo's NSGA-II (integer genes) seeded with the same points, asked and told in generations so that the
-  builds of one generation run in parallel.
+  builds of one generation run in parallel;
+- "guided": the same seeds, then rounds in which the learned variant model (predictor.VariantModel, refitted on
+  every point measured so far) screens a pool of sampled candidates without building them and only its top few are
+  built and run. On a target whose core is simulated from RTL (Ibex) the candidates run in QEMU (exact
+  instructions, fast) and the best few by instructions are confirmed on the RTL model: true cycles choose.
 The same seed gives the same points in the same order, whatever the number of workers.
 """
 
@@ -25,7 +29,7 @@ import numpy as np
 
 from tinymlaas.search.space import Space, Variant
 
-STRATEGIES = ("nsga2", "random")
+STRATEGIES = ("nsga2", "random", "guided")
 OBJECTIVES = ("cost", "ram", "flash", "fidelity_loss")
 
 
@@ -84,6 +88,8 @@ class SearchResult:
     default: int  # the default build's point (always evaluated first)
     seconds: float
     notes: list[str] = field(default_factory=list)
+    confirmed: list[int] = field(default_factory=list)  # points also run on the RTL model (their `cycles` set)
+    screened: int = 0  # candidates the predictor ranked without building them
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -93,22 +99,30 @@ class SearchResult:
     def summary(self) -> dict:
         """What a build's report says about the search that chose it."""
         chosen, default = self.points[self.chosen], self.points[self.default]
-        return {"strategy": self.strategy, "budget": self.budget, "seed": self.seed, "built": len(self.points),
-                "space_size": self.space_size, "front": len(self.front), "seconds": self.seconds,
-                "chosen": {"variant": chosen.variant, "label": chosen.label, chosen.cost_kind: chosen.cost},
-                "default": {"variant": default.variant, default.cost_kind: default.cost}}
+        out = {"strategy": self.strategy, "budget": self.budget, "seed": self.seed, "built": len(self.points),
+               "space_size": self.space_size, "front": len(self.front), "seconds": self.seconds,
+               "chosen": {"variant": chosen.variant, "label": chosen.label, chosen.cost_kind: chosen.cost},
+               "default": {"variant": default.variant, default.cost_kind: default.cost}}
+        if self.screened:
+            out["screened"] = self.screened
+        if self.confirmed:
+            out["confirmed"] = [{"label": self.points[i].label, "instructions": self.points[i].instructions,
+                                 "cycles": self.points[i].cycles} for i in self.confirmed]
+            out["chosen"]["cycles"] = chosen.cycles
+        return out
 
 
 def _evaluate(args) -> Point:
     """Build, run and verify one variant (in a worker process)."""
-    model_path, target, variant_dict, out, inputs, seed, record = args
+    model_path, target, variant_dict, out, inputs, seed, record, emulator = args
     from tinymlaas.errors import ModelTooLarge, TinyMLaaSError
     from tinymlaas.pipeline import CompileOptions, compile_model
 
     variant = Variant.from_dict(variant_dict)
     started = time.monotonic()
     try:
-        r = compile_model(model_path, target, out, CompileOptions(inputs=inputs, seed=seed, variant=variant))
+        r = compile_model(model_path, target, out, CompileOptions(inputs=inputs, seed=seed, variant=variant,
+                                                                  emulator=emulator))
     except ModelTooLarge as e:
         return Point(variant_dict, variant.short(), False, error=f"does not fit: {e}",
                      seconds=round(time.monotonic() - started, 2))
@@ -147,8 +161,9 @@ class _Evaluator:
     """Runs variants (cached by key), in order, on a pool of worker processes or in this one."""
 
     def __init__(self, model_path, target: str, workdir: Path, inputs: int, seed: int, workers: int,
-                 progress: Callable | None, record: bool = False):
+                 progress: Callable | None, record: bool = False, emulator: str | None = None):
         self.model_path, self.target, self.workdir, self.record = str(model_path), target, workdir, record
+        self.emulator = emulator
         self.inputs, self.seed, self.progress = inputs, seed, progress
         self.points: list[Point] = []
         self.by_key: dict[str, int] = {}
@@ -162,7 +177,7 @@ class _Evaluator:
                 new[v.key()] = v
         new = list(new.values())
         jobs = [(self.model_path, self.target, v.to_dict(), str(self.workdir / f"point{len(self.points) + k:04d}"),
-                 self.inputs, self.seed, self.record) for k, v in enumerate(new)]
+                 self.inputs, self.seed, self.record, self.emulator) for k, v in enumerate(new)]
         results = self.pool.map(_evaluate, jobs) if self.pool else map(_evaluate, jobs)
         for v, p in zip(new, results):
             self.by_key[v.key()] = len(self.points)
@@ -189,8 +204,10 @@ def _seeds(space: Space) -> list[Variant]:
 
 def search(model_path, target: str, workdir, budget: int = 16, strategy: str = "nsga2", seed: int = 0,
            constraints: Constraints | None = None, inputs: int = 3, workers: int | None = None,
-           progress: Callable | None = None, record: bool = False) -> SearchResult:
-    """Search the variant space of `model_path` on `target` with at most `budget` builds."""
+           progress: Callable | None = None, record: bool = False, pool: int = 2000, confirm: int = 2) -> SearchResult:
+    """Search the variant space of `model_path` on `target` with at most `budget` builds.
+
+    guided: `pool` candidates screened by the predictor per round; `confirm` best on the RTL model (Ibex targets)."""
     from tinymlaas.frontend.cleanup import clean
     from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.targets import get_target
@@ -206,11 +223,21 @@ def search(model_path, target: str, workdir, budget: int = 16, strategy: str = "
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     workers = workers or min(os.cpu_count() or 1, 8)
-    ev = _Evaluator(model_path, target, workdir, inputs, seed, workers, progress, record)
+    rtl = strategy == "guided" and get_target(target).rtl is not None
+    ev = _Evaluator(model_path, target, workdir, inputs, seed, workers, progress, record,
+                    emulator="qemu" if rtl else None)
     rng = np.random.default_rng(seed)
+    screened, confirmed, notes = 0, [], []
     try:
         initial = _seeds(space)
-        if strategy == "random":
+        if strategy == "guided":
+            from tinymlaas.search.predictor import VariantFeatures
+
+            screened = _guided(space, ev, initial, budget, rng, VariantFeatures(clean(model.graph), space), pool)
+            notes.append(f"the predictor screened {screened:,} candidates; {len(ev.points)} were built")
+            if rtl:
+                confirmed = _confirm(ev, constraints, confirm, workdir)
+        elif strategy == "random":
             variants, tries = list(initial), 0
             while len({v.key() for v in variants}) < min(budget, space.size) and tries < 100 * budget:
                 variants.append(space.sample(rng))
@@ -223,11 +250,62 @@ def search(model_path, target: str, workdir, budget: int = 16, strategy: str = "
     points = ev.points
     front = pareto_front(points, constraints)
     chosen = min(front, key=lambda i: points[i].objectives()) if front else None  # the cheapest, then smallest
-    notes = []
+    if confirmed:  # true cycles decide between the candidates QEMU ranked best
+        chosen = min(confirmed, key=lambda i: (points[i].cycles, points[i].objectives()))
+        notes.append(f"{len(confirmed)} best by instructions confirmed on the RTL model; the fewest cycles chosen")
     if chosen is None:
         notes.append("no variant satisfied the constraints")
     return SearchResult(model.name, target, strategy, budget, seed, space.size, asdict(constraints), points, front,
-                        chosen, 0, round(time.monotonic() - started, 1), notes)
+                        chosen, 0, round(time.monotonic() - started, 1), notes, confirmed, screened)
+
+
+def _guided(space: Space, ev: _Evaluator, initial: list[Variant], budget: int, rng, featurize,
+            pool: int) -> int:
+    """Seeds first; then per round the variant model, fitted on what was measured, ranks `pool` sampled candidates
+    and the best `batch` are built. Returns how many candidates were screened."""
+    from tinymlaas.search.predictor import VariantModel
+
+    ev.run(initial, budget)
+    batch, screened = max(2, budget // 4), 0
+    while len(ev.points) < budget:
+        known = [(Variant.from_dict(p.variant), p.cost) for p in ev.points if p.verified and p.cost]
+        seen = {Variant.from_dict(p.variant).key() for p in ev.points}
+        candidates: dict[str, Variant] = {}
+        for _ in range(pool):
+            v = space.sample(rng)
+            if v.key() not in seen:
+                candidates.setdefault(v.key(), v)
+        if not candidates:
+            break
+        cands = list(candidates.values())
+        screened += len(cands)
+        if len(known) >= 3:
+            model = VariantModel(seed=int(rng.integers(1 << 30))).fit([featurize(v) for v, _ in known],
+                                                                      [c for _, c in known])
+            predicted = model.predict([featurize(v) for v in cands])
+            cands = [cands[i] for i in np.argsort(predicted, kind="stable")]
+        before = len(ev.points)
+        ev.run(cands[:batch], budget)
+        if len(ev.points) == before:
+            break
+    return screened
+
+
+def _confirm(ev: _Evaluator, constraints: Constraints, count: int, workdir: Path) -> list[int]:
+    """The `count` feasible points with the fewest instructions, run again on the RTL model: their true cycles."""
+    from dataclasses import replace
+
+    feasible = sorted((i for i, p in enumerate(ev.points) if constraints.violation(p) == 0),
+                      key=lambda i: ev.points[i].objectives())[:count]
+    jobs = [(ev.model_path, ev.target, ev.points[i].variant, str(workdir / f"confirm{i:04d}"), 1, ev.seed, False,
+             None) for i in feasible]
+    results = ev.pool.map(_evaluate, jobs) if ev.pool else map(_evaluate, jobs)
+    done = []
+    for i, r in zip(feasible, results):
+        if r.verified and r.cycles is not None:
+            ev.points[i] = replace(ev.points[i], cycles=r.cycles, build_dir=r.build_dir)
+            done.append(i)
+    return done
 
 
 def _nsga2(space: Space, ev: _Evaluator, initial: list[Variant], budget: int, seed: int,
@@ -293,6 +371,9 @@ def format_result(result: SearchResult, artifacts: dict) -> str:
         lines.append(f"{mark} {p.label:<48.48} {p.cost:>14,} {p.ram:>9,} {p.flash:>9,} {p.fidelity_loss:>6.2g}")
     if d.cost is not None:
         lines.append(f"  {'default build: ' + d.label:<48.48} {d.cost:>14,} {d.ram:>9,} {d.flash:>9,}")
+    for i in result.confirmed:
+        lines.append(f"  confirmed on the RTL model: {pts[i].label}: {pts[i].cycles:,} cycles "
+                     f"({pts[i].instructions:,} instructions)")
     if result.chosen is not None and d.cost:
         lines.append(f"chosen (*): {pts[result.chosen].cost / d.cost:.3f}x the default build's {d.cost_kind}")
     lines += result.notes
