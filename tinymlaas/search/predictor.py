@@ -101,7 +101,9 @@ def layer_samples(rows, cycles_kinds=("true", "device")) -> list[Sample]:
 
 
 # The variant-level model: what the search's guided strategy screens candidates with. Its features do not name the
-# model (sums over the layers by kernel implementation, totals, schedule and fusion), so it can learn across models.
+# model: the shares of the model's MACs, bytes and layers each kernel implementation takes, the model's size, the
+# schedule and the fusion policy; its label is the cost relative to the model's default build. So it can learn
+# across models (benchmarks/predictor.py measures that).
 IMPLEMENTATIONS = ("tir", "dsp", "dsp16", "c", "relax", "lut", "interpolated")
 
 
@@ -115,12 +117,13 @@ class VariantFeatures:
         self.space = space
         self.layers = [layer_features(graph, ops[layer.op_index]) for layer in space.layers]
         every = [layer_features(graph, op) for op in graph.operators]
-        self.totals = [float(sum(f["macs"] for f in every)),
-                       float(sum(f["bytes_in"] + f["bytes_out"] + f["const_bytes"] for f in every)), float(len(every))]
+        self.totals = (max(1.0, float(sum(f["macs"] for f in every))),
+                       max(1.0, float(sum(f["bytes_in"] + f["bytes_out"] + f["const_bytes"] for f in every))),
+                       float(len(every)))
 
     def names(self) -> list[str]:
-        per_impl = [f"{k}_{impl}" for impl in IMPLEMENTATIONS for k in ("macs", "bytes", "layers")]
-        return per_impl + ["total_macs", "total_bytes", "operators", "decompose_init", "unroll", "no_fusion"]
+        per_impl = [f"{k}_share_{impl}" for impl in IMPLEMENTATIONS for k in ("macs", "bytes", "layers")]
+        return per_impl + ["log_macs", "log_bytes", "operators", "decompose_init", "unroll", "no_fusion"]
 
     def __call__(self, variant) -> list[float]:
         chosen = dict(variant.kernels)
@@ -132,15 +135,16 @@ class VariantFeatures:
                 s[0] += f["macs"]
                 s[1] += f["bytes_in"] + f["bytes_out"] + f["const_bytes"]
                 s[2] += 1
-        row = [math.log1p(v) for impl in IMPLEMENTATIONS for v in sums[impl]]
-        row += [math.log1p(v) for v in self.totals]
+        row = [v / total for impl in IMPLEMENTATIONS for v, total in zip(sums[impl], self.totals)]
+        row += [math.log1p(self.totals[0]), math.log1p(self.totals[1]), self.totals[2]]
         return row + [float(variant.schedule.decompose_init), float(variant.schedule.unroll),
                       float(variant.fusion == "none")]
 
 
 @dataclass
 class VariantModel:
-    """Gradient-boosted trees (LightGBM): VariantFeatures -> log cost (instructions or cycles)."""
+    """Gradient-boosted trees (LightGBM): VariantFeatures -> log cost (instructions or cycles), best given relative
+    to the model's default build so that models of any size teach each other."""
     seed: int = 0
     booster: object = None
 

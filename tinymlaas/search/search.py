@@ -268,7 +268,8 @@ def _guided(space: Space, ev: _Evaluator, initial: list[Variant], budget: int, r
     ev.run(initial, budget)
     batch, screened = max(2, budget // 4), 0
     while len(ev.points) < budget:
-        known = [(Variant.from_dict(p.variant), p.cost) for p in ev.points if p.verified and p.cost]
+        base = ev.points[0].cost or 1  # the default build: costs relative to it
+        known = [(Variant.from_dict(p.variant), p.cost / base) for p in ev.points if p.verified and p.cost]
         seen = {Variant.from_dict(p.variant).key() for p in ev.points}
         candidates: dict[str, Variant] = {}
         for _ in range(pool):
