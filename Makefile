@@ -68,6 +68,7 @@ bench: setup
 	$(PY) benchmarks/fleet.py --models $(MODELS) --out benchmarks/results/fleet.json
 	$(PY) benchmarks/cycles.py --models $(MODELS) --out benchmarks/results/cycles.json
 	$(PY) benchmarks/search.py --models $(MODELS) --budget 20 --out benchmarks/results/search.json
+	$(PY) benchmarks/predictor.py --models $(MODELS) --out benchmarks/results/predictor.json
 
 # Regenerate the committed test corpus with TensorFlow (make setup installs it).
 corpus: setup

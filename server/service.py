@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tinymlaas.errors import TinyMLaaSError, UnknownTarget
+from tinymlaas.frontend.keras import QUANTIZE
 from tinymlaas.measurements import device_measurement
 from tinymlaas.ota.package import canonical_version, parse_version
 from tinymlaas.ota.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
@@ -95,8 +96,8 @@ def add_model(session: Session, store: ArtifactStore, owner: User, filename: str
 
     if not data:
         raise ServiceError(422, "the file is empty", "file")
-    if quantize not in ("none", "int8", "int16x8"):
-        raise ServiceError(422, f"quantize must be none, int8 or int16x8, not '{quantize[:20]}'", "quantize")
+    if quantize not in QUANTIZE:
+        raise ServiceError(422, f"quantize must be one of {', '.join(QUANTIZE)}, not '{quantize[:20]}'", "quantize")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / (Path(filename or "model.tflite").name or "model.tflite")
         path.write_bytes(data)

@@ -71,3 +71,54 @@ def test_api_takes_keras_upload(keras_model, tmp_path, quantize):
     body = r.get_json()
     assert body["name"] == "net" and body["quantized"] == (quantize != "none")
     assert "CONV_2D" in body["operators"]
+
+
+@pytest.fixture(scope="module")
+def deeper_keras_model(tmp_path_factory):
+    """Conv, depthwise, pointwise, pooling, dense: enough layers for mixed precision to choose from; labels are the
+    float model's own classes."""
+    from tensorflow import keras
+
+    keras.utils.set_random_seed(3)
+    L = keras.layers
+    inp = keras.Input((16, 12, 3))
+    x = L.Conv2D(8, 3, activation="relu")(inp)
+    x = L.DepthwiseConv2D(3, activation="relu")(x)
+    x = L.Conv2D(12, 1)(x)
+    x = L.Dense(6)(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, x)
+    folder = tmp_path_factory.mktemp("deeper")
+    model.save(folder / "net.keras")
+    xs = np.random.default_rng(0).standard_normal((48, 16, 12, 3)).astype(np.float32)
+    np.savez(folder / "calib.npz", x=xs, labels=np.argmax(model.predict(xs, verbose=0), axis=1))
+    return folder
+
+
+def test_quantization_search_has_a_mixed_precision_point_on_the_front(deeper_keras_model, tmp_path):
+    from tinymlaas.search.quantization import search_quantization
+    from tinymlaas.search.search import Constraints, dominates
+
+    r = search_quantization(deeper_keras_model / "net.keras", "rv32imac", tmp_path,
+                            calibration=deeper_keras_model / "calib.npz", constraints=Constraints(max_fidelity_loss=0.01))
+    by = {p.label: p for p in r.points}
+    assert set(by) == {"float32", "int8", "int16x8", "mixed-1", "mixed-2"} and all(p.verified for p in r.points)
+    assert by["float32"].fidelity_loss == 0 and 0 < by["int16x8"].fidelity_loss < by["int8"].fidelity_loss
+    assert by["mixed-1"].fidelity_loss < by["int8"].fidelity_loss  # the layer it keeps float was the worst
+    assert by["float32"].variant["accuracy"] == 1.0 and all("accuracy" in p.variant for p in r.points)
+    mixed_on_front = [i for i in r.front if r.points[i].label.startswith("mixed")]
+    assert mixed_on_front
+    assert not any(dominates(q, r.points[i]) for i in mixed_on_front for q in r.points)
+    # soft float on rv32imac: every quantized point is far cheaper than float; the constraint picks among them
+    chosen = r.points[r.chosen]
+    assert chosen.fidelity_loss <= 0.01 and chosen.cost < by["float32"].cost
+
+
+def test_cli_search_of_keras_input_writes_the_quantization_front(deeper_keras_model, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["search", str(deeper_keras_model / "net.keras"), "-t", "cortex-m4", "--calibration",
+                 str(deeper_keras_model / "calib.npz"), "--max-fidelity-loss", "0.02", "-n", "2", "-o", str(out),
+                 "--no-record"]) == 0
+    text = capsys.readouterr().out
+    assert "int16x8" in text and "chosen (*)" in text
+    front = __import__("json").loads((out / "front.json").read_text())
+    assert front["strategy"] == "quantization" and len(front["points"]) == 5 and (out / "front.png").exists()

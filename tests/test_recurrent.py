@@ -137,7 +137,6 @@ def _int8_variant(tmp_path: Path, name: str, peephole=False, cifg=False, project
     return path
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name, variant, target", [
     ("int8_peephole_projection_clips", {"peephole": True, "projection": True, "cell_clip": 0.05, "proj_clip": 0.2},
      "cortex-m4"),

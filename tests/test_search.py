@@ -105,7 +105,6 @@ def test_guided_search_screens_more_than_it_builds_and_repeats_for_a_seed(tmp_pa
     assert not one.confirmed  # no RTL core on rv32imac
 
 
-@pytest.mark.slow
 def test_guided_search_on_ibex_confirms_the_best_in_true_cycles(tmp_path):
     """Candidates run in QEMU (instructions); the best two run again on the Verilator model of Ibex, whose cycles
     choose."""

@@ -102,26 +102,38 @@ def cmd_search(args) -> int:
     from tinymlaas.search.search import Constraints, format_result, search, write_result
     from tinymlaas.targets import get_target
 
-    if is_keras_input(Path(args.model)):
-        raise InvalidModel(f"{args.model}: search takes a .tflite model; convert Keras/SavedModel input with "
-                           "`tinymlaas compile --quantize ...` first (its output folder holds model.tflite)")
+    keras = is_keras_input(Path(args.model))
+    if args.calibration and not keras:
+        raise InvalidModel("--calibration is for Keras/SavedModel input (its quantization variants); "
+                           f"{args.model} is already a TFLite model")
     get_target(args.target)  # an unknown target fails here, before any build
     out = Path(args.out or f"out/search-{Path(args.model).stem}-{args.target}")
     bar = None
     if sys.stderr.isatty() or args.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.budget, desc="search", unit="build", file=sys.stderr, leave=False)
+        from tinymlaas.search.quantization import VARIANTS
+
+        bar = tqdm(total=len(VARIANTS) if keras else args.budget, desc="search", unit="build", file=sys.stderr,
+                   leave=False)
 
     def progress(done: int, total: int, point) -> None:
         if bar is not None:
             bar.update(done - bar.n)
             bar.set_postfix_str(f"{point.label}: {point.cost:,}" if point.cost is not None else point.label)
 
+    constraints = Constraints(args.max_ram, args.max_flash, args.max_fidelity_loss)
     try:
-        result = search(args.model, args.target, out / "points", budget=args.budget, strategy=args.strategy,
-                        seed=args.seed, constraints=Constraints(args.max_ram, args.max_flash, args.max_fidelity_loss),
-                        inputs=args.inputs, workers=args.workers, progress=progress, record=not args.no_record)
+        if keras:  # a float model: TensorFlow's quantization variants, fidelity against the float model
+            from tinymlaas.search.quantization import search_quantization
+
+            result = search_quantization(args.model, args.target, out / "points",
+                                         Path(args.calibration) if args.calibration else None, constraints,
+                                         inputs=args.inputs, seed=args.seed, progress=progress)
+        else:
+            result = search(args.model, args.target, out / "points", budget=args.budget, strategy=args.strategy,
+                            seed=args.seed, constraints=constraints, inputs=args.inputs, workers=args.workers,
+                            progress=progress, record=not args.no_record)
     finally:
         if bar is not None:
             bar.close()
@@ -142,6 +154,7 @@ def _record(report) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tinymlaas.frontend.keras import QUANTIZE
     from tinymlaas.search.search import STRATEGIES
 
     parser = argparse.ArgumentParser(prog="tinymlaas", description="Trained models to verified bare-metal firmware.")
@@ -155,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a TFLite model to firmware, run it in the emulator, verify and measure")
     p.add_argument("model", help="a .tflite file (float32, int8, int16x8, dynamic-range), a .keras/.h5 file or a "
                    "SavedModel folder (converted with TensorFlow)")
-    p.add_argument("--quantize", choices=("none", "int8", "int16x8"), default="none",
-                   help="Keras/SavedModel input: quantize when converting (default none: float32)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="Keras/SavedModel input: quantize when converting (default none: float32; mixed: int8 with "
+                   "the layer int8 hurts most left in float)")
     p.add_argument("--calibration", help="Keras/SavedModel input: .npz of calibration samples, one array per input")
     p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
     p.add_argument("--out", "-o", help="output folder (default out/MODEL-TARGET); replaced only on success")
@@ -180,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.local/share/tinymlaas/measurements.db)")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("search", help="search kernel, schedule and fusion variants of a model for a target: every "
-                       "point built, run and verified; writes the Pareto front (JSON, PNG) and the best build")
-    p.add_argument("model", help="a .tflite file")
+    p = sub.add_parser("search", help="search kernel, schedule and fusion variants of a model for a target (or the "
+                       "quantization variants of a Keras/SavedModel model): every point built, run and verified; "
+                       "writes the Pareto front (JSON, PNG) and the best build")
+    p.add_argument("model", help="a .tflite file, or a .keras/.h5/SavedModel folder (quantization variants)")
     p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
     p.add_argument("--budget", "-b", type=_positive_int, default=16, help="at most this many builds (default 16)")
     p.add_argument("--strategy", choices=STRATEGIES, default="nsga2",
@@ -194,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-flash", type=_size, help="flash budget for the model, e.g. 256K")
     p.add_argument("--max-fidelity-loss", type=float, default=0.0,
                    help="largest accepted fidelity loss (int8: LSB off the interpreter; float: relative error "
-                   "beyond the compiler's tolerance is never accepted); default 0")
+                   "beyond the compiler's tolerance is never accepted; Keras input: the quantized variant's output "
+                   "RMSE relative to the float model's); default 0")
+    p.add_argument("--calibration", help="Keras/SavedModel input: .npz of calibration samples (one array per input; "
+                   "an array `labels` adds accuracy); the search then compares float32, int8, int16x8 and mixed "
+                   "precision")
     p.add_argument("--inputs", "-n", type=_positive_int, default=3, help="random inputs each point is verified with")
     p.add_argument("--workers", "-j", type=_positive_int, help="parallel builds (default: the CPU count, at most 8)")
     p.add_argument("--out", "-o", help="output folder (default out/search-MODEL-TARGET)")

@@ -14,7 +14,7 @@ blp = Blueprint("models", __name__, description="Uploaded models")
 @blp.response(201, schemas.Model)
 def upload(files):
     """Upload a model (multipart field `file`: TFLite, or Keras converted here with the optional multipart field
-    `quantize`: none, int8 or int16x8); parsed and checked before it is kept."""
+    `quantize`: none, int8, int16x8 or mixed); parsed and checked before it is kept."""
     user = require_user()
     f = files["file"]
     return add_model(session(), ctx().store, user, f.filename, f.read(), request.form.get("quantize", "none"))

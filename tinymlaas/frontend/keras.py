@@ -1,13 +1,16 @@
 """Keras (.keras, .h5) and SavedModel input: converted to TFLite with TensorFlow's own converter, as users do.
 
 TensorFlow is an optional dependency (`pip install tinymlaas[tensorflow]`; `make setup` installs it). Quantization:
-none (float32), int8 (full integer, float interface) or int16x8 (int16 activations, int8 weights), calibrated on the
-user's data (`.npz`: one array per model input, first axis the samples) or, failing that, on generated inputs, with
-a warning that accuracy is then unknown.
+none (float32), int8 (full integer, float interface), int16x8 (int16 activations, int8 weights) or mixed (int8 with
+the layers most hurt by quantization left in float: TensorFlow's QuantizationDebugger measures each layer's error
+against its float twin, RMSE over scale, and denylists the worst), calibrated on the user's data (`.npz`: one array
+per model input, first axis the samples; an array named `labels` is not an input but the classes the samples belong
+to) or, failing that, on generated inputs, with a warning that accuracy is then unknown.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -16,7 +19,8 @@ import numpy as np
 
 from tinymlaas.errors import InvalidModel, ToolMissing
 
-QUANTIZE = ("none", "int8", "int16x8")
+QUANTIZE = ("none", "int8", "int16x8", "mixed")
+LABELS = "labels"  # the array of a calibration .npz that holds classes, not inputs
 
 
 def is_keras_input(path: Path) -> bool:
@@ -37,7 +41,7 @@ def _calibration(path: Path | None, shapes: list[tuple[int, ...]], notes: list[s
     if path is not None:
         try:
             with np.load(path) as data:
-                arrays = [np.asarray(data[k], dtype=np.float32) for k in data.files]
+                arrays = [np.asarray(data[k], dtype=np.float32) for k in data.files if k != LABELS]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             raise InvalidModel(f"{path}: not a readable .npz of calibration arrays ({type(e).__name__})") from None
         if len(arrays) != len(shapes):
@@ -60,8 +64,11 @@ def _calibration(path: Path | None, shapes: list[tuple[int, ...]], notes: list[s
     return generated
 
 
-def convert_keras(path: Path, out: Path, quantize: str = "none", calibration: Path | None = None) -> list[str]:
-    """Write a .tflite for the Keras/SavedModel at `path` to `out`. Returns notes for the report."""
+def convert_keras(path: Path, out: Path, quantize: str = "none", calibration: Path | None = None,
+                  keep_float: int = 1) -> list[str]:
+    """Write a .tflite for the Keras/SavedModel at `path` to `out`. Returns notes for the report.
+
+    keep_float: for "mixed", how many of the most quantization-sensitive layers stay float."""
     if quantize not in QUANTIZE:
         raise InvalidModel(f"--quantize must be one of {', '.join(QUANTIZE)}, not '{quantize}'")
     tf = _tensorflow()
@@ -82,13 +89,47 @@ def convert_keras(path: Path, out: Path, quantize: str = "none", calibration: Pa
     if quantize != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = _calibration(calibration, shapes, notes)
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.TFLITE_BUILTINS_INT8 if quantize == "int8"
-            else tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        if quantize != "mixed":  # mixed keeps float kernels allowed
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.TFLITE_BUILTINS_INT8 if quantize == "int8"
+                else tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
     try:
-        data = converter.convert()
+        data = _mixed(tf, converter, keep_float, notes) if quantize == "mixed" else converter.convert()
     except Exception as e:  # noqa: BLE001 - the converter's errors have no common type
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         raise InvalidModel(f"{path.name}: the TFLite converter refuses it: {lines[-1][:200] if lines else type(e).__name__}") from None
     out.write_bytes(data)
     return notes
+
+
+def _mixed(tf, converter, keep_float: int, notes: list[str]) -> bytes:
+    """int8 with the `keep_float` layers of the largest RMSE/scale against their float twins left in float."""
+    import csv
+    import io
+
+    samples = converter.representative_dataset
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=samples)
+    debugger.run()
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    rows = [r for r in csv.DictReader(io.StringIO(dump.getvalue())) if float(r["scale"] or 0) > 0]
+    worst = sorted(rows, key=lambda r: -math.sqrt(float(r["mean_squared_error"])) / float(r["scale"]))[:keep_float]
+    names = [r["tensor_name"] for r in worst]
+    notes.append("left in float (most hurt by int8, by RMSE/scale): "
+                 + ", ".join(f"{r['op_name']} '{r['tensor_name'][:40]}'" for r in worst))
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=names)
+    return tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=samples,
+                                                     debug_options=options).get_nondebug_quantized_model()
+
+
+def calibration_samples(path: Path | None, shapes: list[tuple[int, ...]], count: int = 32) -> tuple[list, object]:
+    """Up to `count` samples (each a list of input arrays) from a calibration .npz, or generated ones; and its
+    labels (None without)."""
+    notes: list[str] = []
+    samples = [x for _, x in zip(range(count), _calibration(path, shapes, notes)())]
+    labels = None
+    if path is not None:
+        with np.load(path) as data:
+            if LABELS in data.files:
+                labels = np.asarray(data[LABELS]).reshape(-1)[:len(samples)]
+    return samples, labels

@@ -1,0 +1,128 @@
+"""Quantization variants of a float Keras/SavedModel model: float32, int8, int16x8 and mixed precision (int8 with the
+layers int8 hurts most left in float), each converted by TensorFlow with the user's calibration data, built, run and
+verified like any point of the search.
+
+Fidelity is measured against the float model, on the calibration samples: the RMSE of a variant's outputs over the
+RMS of the float model's (its own build is bit-exact with its interpreter, so the interpreter's outputs are the
+device's). With labels in the calibration file, each point also gets its accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from tinymlaas.search.search import Constraints, Point, SearchResult, pareto_front
+
+# (name, convert_keras quantize, layers kept float)
+VARIANTS = (("float32", "none", 0), ("int8", "int8", 0), ("int16x8", "int16x8", 0), ("mixed-1", "mixed", 1),
+            ("mixed-2", "mixed", 2))
+
+
+def _outputs(tflite: bytes, samples: list) -> list[np.ndarray]:
+    """The interpreter's outputs (dequantized to float) for each sample, the state reset between them."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=tflite)
+    it.allocate_tensors()
+    ins, outs = it.get_input_details(), it.get_output_details()
+    result = []
+    for sample in samples:
+        it.reset_all_variables()
+        for d, x in zip(ins, sample):
+            scale, zero = d["quantization"]
+            value = x if d["dtype"] == np.float32 else np.clip(np.round(x / scale) + zero, *_range(d["dtype"]))
+            it.set_tensor(d["index"], value.astype(d["dtype"]).reshape(d["shape"]))
+        it.invoke()
+        ys = []
+        for d in outs:
+            y = it.get_tensor(d["index"]).astype(np.float64)
+            scale, zero = d["quantization"]
+            ys.append((y - zero) * scale if d["dtype"] != np.float32 and scale else y)
+        result.append(np.concatenate([y.ravel() for y in ys]))
+    return result
+
+
+def _range(dtype) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def fidelity(reference: list[np.ndarray], variant: list[np.ndarray]) -> float:
+    """RMSE of the variant's outputs over the RMS of the reference's (0: the same outputs)."""
+    ref, var = np.concatenate(reference), np.concatenate(variant)
+    rms = float(np.sqrt(np.mean(ref ** 2))) or 1.0
+    return round(float(np.sqrt(np.mean((var - ref) ** 2))) / rms, 6)
+
+
+def accuracy(outputs: list[np.ndarray], labels) -> float | None:
+    if labels is None or len(labels) == 0:
+        return None
+    predicted = np.array([int(np.argmax(y)) for y in outputs[:len(labels)]])
+    return round(float(np.mean(predicted == np.asarray(labels)[:len(predicted)])), 4)
+
+
+def search_quantization(source, target: str, workdir, calibration: Path | None = None,
+                        constraints: Constraints | None = None, inputs: int = 3, seed: int = 0,
+                        progress: Callable | None = None) -> SearchResult:
+    """Every quantization variant of the Keras/SavedModel `source`, built with the default kernels on `target`."""
+    from tinymlaas.errors import ModelTooLarge, TinyMLaaSError
+    from tinymlaas.frontend.keras import calibration_samples, convert_keras
+    from tinymlaas.frontend.tflite import load_tflite
+    from tinymlaas.pipeline import CompileOptions, compile_model
+
+    constraints = constraints or Constraints()
+    started = time.monotonic()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = Path(source)
+    points: list[Point] = []
+    notes: list[str] = []
+    reference = samples = labels = None
+    for k, (name, quantize, keep) in enumerate(VARIANTS):
+        t0 = time.monotonic()
+        tflite = workdir / f"{name}.tflite"
+        spec = {"quantization": name}
+        try:
+            converted = convert_keras(source, tflite, quantize, calibration, keep_float=keep)
+            if samples is None:  # the float model comes first: its inputs and outputs are the reference
+                model = load_tflite(tflite)
+                samples, labels = calibration_samples(calibration, [tuple(s.shape) for s in model.inputs])
+                reference = _outputs(tflite.read_bytes(), samples)
+            outputs = _outputs(tflite.read_bytes(), samples)
+            r = compile_model(tflite, target, workdir / f"point{k:02d}-{name}", CompileOptions(inputs=inputs, seed=seed))
+        except ModelTooLarge as e:
+            points.append(Point(spec, name, False, error=f"does not fit: {e}", seconds=round(time.monotonic() - t0, 2)))
+            continue
+        except TinyMLaaSError as e:
+            points.append(Point(spec, name, False, error=str(e), seconds=round(time.monotonic() - t0, 2)))
+            continue
+        notes += [f"{name}: {n}" for n in converted if "left in float" in n]
+        acc = accuracy(outputs, labels)
+        if acc is not None:
+            spec["accuracy"] = acc
+        points.append(Point(spec, name, r.verified, cost=r.cycles if r.cycles is not None else r.instructions,
+                            cost_kind="cycles" if r.cycles is not None else "instructions",
+                            instructions=r.instructions, cycles=r.cycles, ram=r.sizes["ram_model"],
+                            flash=r.sizes["flash_model"], fidelity_loss=fidelity(reference, outputs),
+                            build_dir=str(workdir / f"point{k:02d}-{name}"), seconds=round(time.monotonic() - t0, 2)))
+        if progress:
+            progress(len(points), len(VARIANTS), points[-1])
+    if calibration is None:
+        notes.append("fidelity measured on generated inputs (standard normal): pass --calibration data.npz with "
+                     "real samples (and `labels` for accuracy)")
+    # the front shows the trade-off whatever the loss; the fidelity constraint only decides which point is chosen
+    front = pareto_front(points, replace(constraints, max_fidelity_loss=float("inf")))
+    allowed = [i for i in front if constraints.violation(points[i]) == 0]
+    chosen = min(allowed, key=lambda i: points[i].objectives()) if allowed else None
+    if chosen is None:
+        notes.append("no variant satisfied the constraints")
+    elif points[chosen].label == "float32" and constraints.max_fidelity_loss == 0:
+        notes.append("float32 chosen: only it has no quantization loss; accept some with --max-fidelity-loss "
+                     "(relative output RMSE, e.g. 0.05)")
+    return SearchResult(source.name, target, "quantization", len(VARIANTS), seed, len(VARIANTS), asdict(constraints),
+                        points, front, chosen, 0, round(time.monotonic() - started, 1), notes)
