@@ -117,3 +117,13 @@ def test_guided_search_on_ibex_confirms_the_best_in_true_cycles(tmp_path):
     assert r.points[r.chosen].cycles == min(cycles.values())
     report = json.loads((Path(r.points[r.chosen].build_dir) / "report.json").read_text())
     assert report["cycles"] == r.points[r.chosen].cycles and report["cycles_source"]
+
+
+def test_ray_gives_the_points_of_the_local_pool(tmp_path):
+    """A Ray cluster started on this machine builds the same points, in the same order, as the process pool."""
+    pytest.importorskip("ray", reason="Ray is a dependency of the search (requirements.lock)")
+    local = search(SMALL, "rv32imac", tmp_path / "local", budget=5, strategy="nsga2", seed=4, workers=2)
+    ray = search(SMALL, "rv32imac", tmp_path / "ray", budget=5, strategy="nsga2", seed=4, ray_address="local")
+    assert [p.variant for p in ray.points] == [p.variant for p in local.points]
+    assert [p.objectives() for p in ray.points] == [p.objectives() for p in local.points]
+    assert ray.front == local.front and ray.chosen == local.chosen

@@ -133,7 +133,7 @@ def cmd_search(args) -> int:
         else:
             result = search(args.model, args.target, out / "points", budget=args.budget, strategy=args.strategy,
                             seed=args.seed, constraints=constraints, inputs=args.inputs, workers=args.workers,
-                            progress=progress, record=not args.no_record)
+                            progress=progress, record=not args.no_record, ray_address=args.ray)
     finally:
         if bar is not None:
             bar.close()
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "precision")
     p.add_argument("--inputs", "-n", type=_positive_int, default=3, help="random inputs each point is verified with")
     p.add_argument("--workers", "-j", type=_positive_int, help="parallel builds (default: the CPU count, at most 8)")
+    p.add_argument("--ray", metavar="ADDRESS", help="build on a Ray cluster (e.g. auto, ray://head:10001; local: one "
+                   "started on this machine); its workers need tinymlaas and the model's folder shared")
     p.add_argument("--out", "-o", help="output folder (default out/search-MODEL-TARGET)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")

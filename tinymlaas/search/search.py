@@ -161,13 +161,15 @@ class _Evaluator:
     """Runs variants (cached by key), in order, on a pool of worker processes or in this one."""
 
     def __init__(self, model_path, target: str, workdir: Path, inputs: int, seed: int, workers: int,
-                 progress: Callable | None, record: bool = False, emulator: str | None = None):
+                 progress: Callable | None, record: bool = False, emulator: str | None = None,
+                 ray_address: str | None = None):
         self.model_path, self.target, self.workdir, self.record = str(model_path), target, workdir, record
         self.emulator = emulator
         self.inputs, self.seed, self.progress = inputs, seed, progress
         self.points: list[Point] = []
         self.by_key: dict[str, int] = {}
-        self.pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        self.ray = _RayPool(ray_address) if ray_address else None
+        self.pool = self.ray or (ProcessPoolExecutor(workers) if workers > 1 else None)
 
     def run(self, variants: list[Variant], limit: int) -> list[Point]:
         """Points of `variants` (new ones built, at most `limit` in all); None for those past the limit."""
@@ -191,6 +193,29 @@ class _Evaluator:
             self.pool.shutdown()
 
 
+class _RayPool:
+    """The builds fanned out over a Ray cluster, results in submission order (so the same seed gives the same
+    points as the local pool). Workers need tinymlaas and its tools installed, and the model and work folder on a
+    file system they share with this process. address: a Ray address ("auto", "ray://head:10001"), or "local" for a
+    cluster of this machine started (and stopped) here."""
+
+    def __init__(self, address: str):
+        import ray
+
+        self.started_here = not ray.is_initialized()
+        if self.started_here:
+            ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        self.ray, self.task = ray, ray.remote(num_cpus=1)(_evaluate)
+
+    def map(self, fn, jobs):
+        return self.ray.get([self.task.remote(job) for job in jobs])
+
+    def shutdown(self):
+        if self.started_here:
+            self.ray.shutdown()
+
+
 def _seeds(space: Space) -> list[Variant]:
     """What every search evaluates first: the default build, then each implementation on every layer."""
     impls = sorted({c for layer in space.layers for c in layer.choices})
@@ -204,10 +229,12 @@ def _seeds(space: Space) -> list[Variant]:
 
 def search(model_path, target: str, workdir, budget: int = 16, strategy: str = "nsga2", seed: int = 0,
            constraints: Constraints | None = None, inputs: int = 3, workers: int | None = None,
-           progress: Callable | None = None, record: bool = False, pool: int = 2000, confirm: int = 2) -> SearchResult:
+           progress: Callable | None = None, record: bool = False, pool: int = 2000, confirm: int = 2,
+           ray_address: str | None = None) -> SearchResult:
     """Search the variant space of `model_path` on `target` with at most `budget` builds.
 
-    guided: `pool` candidates screened by the predictor per round; `confirm` best on the RTL model (Ibex targets)."""
+    guided: `pool` candidates screened by the predictor per round; `confirm` best on the RTL model (Ibex targets).
+    ray_address: build on a Ray cluster instead of the local process pool ("local" starts one here)."""
     from tinymlaas.frontend.cleanup import clean
     from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.targets import get_target
@@ -224,8 +251,8 @@ def search(model_path, target: str, workdir, budget: int = 16, strategy: str = "
     workdir.mkdir(parents=True, exist_ok=True)
     workers = workers or min(os.cpu_count() or 1, 8)
     rtl = strategy == "guided" and get_target(target).rtl is not None
-    ev = _Evaluator(model_path, target, workdir, inputs, seed, workers, progress, record,
-                    emulator="qemu" if rtl else None)
+    ev = _Evaluator(Path(model_path).resolve(), target, workdir.resolve(), inputs, seed, workers, progress, record,
+                    emulator="qemu" if rtl else None, ray_address=ray_address)
     rng = np.random.default_rng(seed)
     screened, confirmed, notes = 0, [], []
     try:
