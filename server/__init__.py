@@ -9,11 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flask import Flask
+from werkzeug.routing import IntegerConverter
 
 from tinymlaas.ota.store import ArtifactStore
 
 from .config import Settings
 from .db import make_engine, make_sessionmaker, upgrade
+
+MAX_ID = 2**63 - 1  # the largest BIGINT: an id past it cannot exist
+
+
+class BoundedInt(IntegerConverter):
+    """`<int:...>` in routes, at most MAX_ID: larger ids do not match (404) instead of overflowing the database."""
+
+    def __init__(self, url_map, *args, **kwargs):
+        kwargs.setdefault("max", MAX_ID)
+        super().__init__(url_map, *args, **kwargs)
 
 
 @dataclass
@@ -37,6 +48,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> Flask:
     if migrate:
         upgrade(settings.database_url)
     app = Flask("tinymlaas")
+    app.url_map.converters["int"] = BoundedInt  # before any route: ids past the database's integers are 404
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
         API_TITLE="tinymlaas",

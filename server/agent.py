@@ -28,6 +28,7 @@ from tinymlaas.errors import TinyMLaaSError
 from tinymlaas.ota.package import ImageRejected, inspect_image, slot_size
 from tinymlaas.ota.selftest import run_selftest
 from tinymlaas.ota.slots import BootedImage, Bootloader, Flash, NoBootableImage
+from tinymlaas.private import write_private
 from tinymlaas.targets import get_target
 
 from .broker import ROOT
@@ -66,9 +67,7 @@ class Agent:
         return json.loads(path.read_text()) if path.exists() else {"done_jobs": {}}
 
     def _save(self) -> None:
-        tmp = self.dir / "agent.json.tmp"
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.dir / "agent.json")
+        write_private(self.dir / "agent.json", json.dumps(self.state, indent=1))  # it holds the device secret
 
     @property
     def bootloader(self) -> Bootloader:

@@ -6,7 +6,10 @@ import datetime as dt
 from pathlib import Path
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from tinymlaas.private import create_private
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -125,8 +128,16 @@ from tinymlaas.measurements import Measurement
 Measurement.__table__.to_metadata(Base.metadata)
 
 
+def _private_sqlite(url: str) -> None:
+    """A SQLite database file exists owner-only before anything writes it (it holds token and secret hashes)."""
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if database and database != ":memory:":
+        create_private(Path(database))
+
+
 def make_engine(url: str):
     kwargs = {}
+    _private_sqlite(url)
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)
@@ -158,6 +169,5 @@ def upgrade(url: str) -> None:
     """Bring the database to the newest schema (creates it when empty)."""
     from alembic import command
 
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    _private_sqlite(url)
     command.upgrade(alembic_config(url), "head")

@@ -12,6 +12,8 @@ import threading
 from sqlalchemy import select
 from werkzeug.serving import make_server
 
+from tinymlaas.private import write_private
+
 from . import create_app
 from .broker import SERVER_USER, EmbeddedBroker, MosquittoBroker, check_secret, hash_secret
 from .config import Settings
@@ -46,9 +48,7 @@ class DeviceAuthority:
 
 def _secret_file(path, make) -> str:
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(make())
-        path.chmod(0o600)
+        write_private(path, make())
     return path.read_text().strip()
 
 
@@ -98,8 +98,7 @@ class Server:
         with ctx.sessions() as session:
             if session.scalar(select(User).limit(1)) is None:
                 _, token = create_user(session, "admin")
-                path.write_text(token + "\n")
-                path.chmod(0o600)
+                write_private(path, token + "\n")
         return path.read_text().strip() if path.exists() else None
 
     def stop(self) -> None:

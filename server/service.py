@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from tinymlaas.errors import TinyMLaaSError, UnknownTarget
 from tinymlaas.frontend.keras import QUANTIZE
 from tinymlaas.measurements import device_measurement
-from tinymlaas.ota.package import canonical_version, parse_version
+from tinymlaas.ota.package import canonical_version, version_key
 from tinymlaas.ota.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
 from tinymlaas.ota.store import ArtifactStore
 from tinymlaas.targets import get_target
@@ -98,8 +98,12 @@ def add_model(session: Session, store: ArtifactStore, owner: User, filename: str
         raise ServiceError(422, "the file is empty", "file")
     if quantize not in QUANTIZE:
         raise ServiceError(422, f"quantize must be one of {', '.join(QUANTIZE)}, not '{quantize[:20]}'", "quantize")
+    name = Path(filename or "model.tflite").name
+    if name in ("", ".", "..") or len(name) > 200 or any(ord(ch) < 32 for ch in name):
+        raise ServiceError(422, f"the file name '{name[:40]}' is not usable: a plain name of at most 200 "
+                           "characters (e.g. model.tflite)", "file")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / (Path(filename or "model.tflite").name or "model.tflite")
+        path = Path(tmp) / name
         path.write_bytes(data)
         try:
             if is_keras_input(path):  # kept as the TFLite model TensorFlow's converter makes of it
@@ -131,8 +135,8 @@ def request_build(session: Session, owner: User, model_id: int, target: str, con
     if version is not None:
         try:
             version = canonical_version(version)
-        except ValueError:
-            raise ServiceError(422, f"'{version}' is not major.minor.revision[+build]", "version") from None
+        except ValueError as e:
+            raise ServiceError(422, str(e), "version") from None
     build = Build(model_id=model.id, target=target, constraints=constraints or {}, version=version or "",
                   owner_id=owner.id)
     session.add(build)
@@ -173,8 +177,7 @@ def create_deployment(session: Session, owner: User, build_id: int, group: str, 
     if not devices:
         raise ServiceError(422, f"no {build.target} device in group '{group}'", "group")
     if not force:
-        newer = [d for d in devices if d.firmware_version and parse_version(d.firmware_version)
-                 > parse_version(build.version)]
+        newer = [d for d in devices if version_key(d.firmware_version) > version_key(build.version)]
         if newer:
             raise ServiceError(409, f"build {build.id} ({build.version}) is older than the firmware of "
                                f"{len(newer)} device(s) (e.g. {newer[0].id} runs {newer[0].firmware_version}); "

@@ -120,6 +120,25 @@ BAD_REQUESTS = {
     "artifact without auth": (lambda c, m: c.get("/api/v1/artifacts/" + "0" * 64), 401, "Authorization", ""),
     "not json": (lambda c, m: c.post("/api/v1/builds", data="{", headers={**c.auth, "Content-Type": "application/json"}),
                  400, None, ""),
+    # found by an attacker's and a schema fuzzer's inputs: each was a 500 before
+    "id past the database in the path": (lambda c, m: c.get(f"/api/v1/builds/{2**64}", headers=c.auth), 404, None, ""),
+    "id past the database in the body": (lambda c, m: c.post("/api/v1/builds", json={"model_id": 2**70,
+                                                                                      "target": "cortex-m4"},
+                                                              headers=c.auth), 422, "model_id", "less than"),
+    "upload named ..": (lambda c, m: c.post("/api/v1/models", data={"file": (io.BytesIO(b"x" * 64), "..")},
+                                            headers=c.auth), 422, "file", "file name"),
+    "upload with a 300-character name": (lambda c, m: c.post("/api/v1/models", data={
+        "file": (io.BytesIO(b"x" * 64), "a" * 300 + ".tflite")}, headers=c.auth), 422, "file", "200 characters"),
+    "5,000-deep JSON": (lambda c, m: c.post("/api/v1/builds", data="[" * 5000 + "]" * 5000,
+                                            headers={**c.auth, "Content-Type": "application/json"}),
+                        400, None, "nested too deeply"),
+    "version past the image header": (lambda c, m: c.post("/api/v1/builds", json={
+        "model_id": m, "target": "cortex-m4", "version": "256.0.0"}, headers=c.auth), 422, "version", "major 256"),
+    "version with five parts": (lambda c, m: c.post("/api/v1/builds", json={
+        "model_id": m, "target": "cortex-m4", "version": "1.2.3.4.5"}, headers=c.auth), 422, "version",
+        "major.minor.revision"),
+    "empty target": (lambda c, m: c.post("/api/v1/builds", json={"model_id": m, "target": ""}, headers=c.auth),
+                     422, "target", "length"),
 }
 
 
@@ -234,3 +253,47 @@ def test_bad_search_requests_are_refused(client, search, words):
     body = client.post("/api/v1/builds", json={"model_id": r.get_json()["id"], "target": "cortex-m4",
                                                "search": search}, headers=client.auth).get_json()
     assert words in json.dumps(body)
+
+
+def test_method_not_allowed_says_what_is(client):
+    r = client.put("/api/v1/health", headers=client.auth)
+    assert_problem(r, 405)
+    assert set(r.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "HEAD"}
+
+
+def test_concurrent_registrations_of_one_device_give_one_201_and_the_rest_409(app):
+    import threading
+
+    codes, token = [], app.token
+
+    def register():
+        codes.append(app.test_client().post("/api/v1/devices", json={"id": "race", "target": "cortex-m4"},
+                                            headers={"Authorization": f"Bearer {token}"}).status_code)
+
+    threads = [threading.Thread(target=register) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201] + [409] * 9
+    assert counts(app)["Device"] == 1
+
+
+def test_timestamps_carry_their_timezone(client):
+    import datetime as dt
+
+    client.post("/api/v1/devices", json={"id": "tz1", "target": "cortex-m4"}, headers=client.auth)
+    data = model_path("ad01_int8").read_bytes()
+    m = client.post("/api/v1/models", data={"file": (io.BytesIO(data), "ad.tflite")}, headers=client.auth).get_json()
+    b = client.post("/api/v1/builds", json={"model_id": m["id"], "target": "cortex-m4"}, headers=client.auth).get_json()
+    for stamp in (m["created_at"], b["created_at"], b["updated_at"]):
+        assert dt.datetime.fromisoformat(stamp).utcoffset() == dt.timedelta(0), stamp
+
+
+def test_the_database_file_is_private_from_the_start(tmp_path):
+    import os
+    import stat
+
+    settings = Settings(data_dir=tmp_path / "d", database_url=f"sqlite:///{tmp_path / 'd' / 'db.sqlite'}")
+    create_app(settings)
+    assert stat.S_IMODE(os.stat(tmp_path / "d" / "db.sqlite").st_mode) == 0o600

@@ -181,6 +181,7 @@ def test_device_reset_during_update_recovers(live, point):
     group = f"reset-{point}"
     agent = start_agents(server, live["root"], [f"{group}-0"], group=group)[0]
     assert client.wait_deployment(client.deploy(v1["id"], group=group)["id"])["state"] == "succeeded"
+    assert (agent.dir / "agent.json").stat().st_mode & 0o777 == 0o600  # it holds the device's secret
     chunks = -(-v2["report"]["image"]["size"] // 4096)
     # writes of one update: header invalidation, chunks, pending record, tried record, confirm record
     offset = {"first-chunk": 2, "last-chunk": 1 + chunks, "pending-record": 2 + chunks,

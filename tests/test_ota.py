@@ -174,3 +174,33 @@ def test_rollout_stages_and_decisions():
     assert d.state == "halted" and "2 of 10" in d.reason
     assert RolloutPlan((50, 40)).problems().keys() == {"stages"}
     assert RolloutPlan((100,), error_threshold=0).problems().keys() == {"error_threshold"}
+
+
+@pytest.mark.parametrize("text, expected", [("1.2.3", (1, 2, 3, 0)), ("7", (7, 0, 0, 0)), ("255.255.65535+4294967295",
+                                                                                       (255, 255, 65535, 2**32 - 1))])
+def test_versions_an_image_header_holds(text, expected):
+    from tinymlaas.ota.package import parse_version
+
+    assert parse_version(text) == expected
+
+
+@pytest.mark.parametrize("text, words", [("256.0.0", "major 256"), ("1.256.0", "minor 256"),
+                                         ("1.0.65536", "revision 65536"), ("1.0.0+4294967296", "build"),
+                                         ("1.2.3.4.5", "is not"), ("one", "is not"), ("1..2", "is not"),
+                                         ("1.2+", "is not"), ("１.２.３", "is not")])
+def test_versions_an_image_header_cannot_hold_are_refused(text, words):
+    from tinymlaas.ota.package import parse_version, version_key
+
+    with pytest.raises(ValueError, match=words):
+        parse_version(text)
+    assert version_key(text) < version_key("0.0.0")  # a device reporting one sorts below every real version
+
+
+def test_a_new_signing_key_is_private_from_the_start(tmp_path):
+    import os
+    import stat
+
+    from tinymlaas.ota.package import generate_key
+
+    key = generate_key(tmp_path / "keys" / "k.pem")
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600 and b"PRIVATE KEY" in key.read_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import current_app, g, jsonify, request
 from flask_smorest import Api
+from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from ..service import ServiceError, user_for_token
@@ -27,7 +28,11 @@ class ProblemApi(Api):
         if error.code == 413:
             limit = current_app.config["MAX_CONTENT_LENGTH"]
             detail, field = f"the upload is larger than the server's limit of {limit:,} bytes", "file"
-        return problem(error.code or 500, detail, field, errors)
+        resp = problem(error.code or 500, detail, field, errors)
+        for name, value in error.get_headers():  # Allow on a 405, Retry-After, ...
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp
 
 
 def problem(status: int, detail: str, field: str | None = None, errors=None):
@@ -88,6 +93,16 @@ def register_api(app) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         return api.handle_http_exception(e)
+
+    @app.errorhandler(RecursionError)
+    def _too_deep(_e):  # the JSON parser's answer to thousands of nested brackets
+        return problem(400, "the JSON body is nested too deeply")
+
+    @app.errorhandler(IntegrityError)
+    def _conflict(_e):  # two requests racing to create the same key: the first one won
+        if "db" in g:
+            g.db.rollback()
+        return problem(409, "a concurrent request created or changed the same resource first; fetch it or retry")
 
     @app.teardown_appcontext
     def _close_session(_exc):

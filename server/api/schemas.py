@@ -1,9 +1,25 @@
 """Request and response schemas (marshmallow), which also make the OpenAPI document."""
 
+from datetime import UTC
+
 from flask_smorest.fields import Upload
 from marshmallow import Schema, fields, validate
 
 from tinymlaas.search.search import STRATEGIES
+
+
+def Id(**kwargs):
+    """An id in a request: a positive integer the database can hold (larger ones would overflow it)."""
+    return fields.Integer(strict=True, validate=validate.Range(min=1, max=2**63 - 1), **kwargs)
+
+
+class UtcDateTime(fields.DateTime):
+    """RFC 3339 with a timezone: the database keeps UTC without one."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return super()._serialize(value, attr, obj, **kwargs)
 
 
 class DeviceRegister(Schema):
@@ -22,7 +38,7 @@ class Device(Schema):
     firmware_version = fields.String(allow_none=True)
     build_id = fields.Integer(allow_none=True)
     state = fields.String()
-    last_seen = fields.DateTime(allow_none=True)
+    last_seen = UtcDateTime(allow_none=True)
     instructions = fields.Integer(allow_none=True, metadata={"description": "last measured instructions/inference"})
 
 
@@ -54,7 +70,7 @@ class Model(Schema):
     size = fields.Integer()
     quantized = fields.Boolean()
     operators = fields.List(fields.String())
-    created_at = fields.DateTime()
+    created_at = UtcDateTime()
 
 
 class Constraints(Schema):
@@ -71,8 +87,8 @@ class SearchRequest(Schema):
 
 
 class BuildRequest(Schema):
-    model_id = fields.Integer(required=True)
-    target = fields.String(required=True)
+    model_id = Id(required=True)
+    target = fields.String(required=True, validate=validate.Length(min=1, max=64))
     constraints = fields.Nested(Constraints, load_default=dict)
     search = fields.Nested(SearchRequest, load_default=None, allow_none=True,
                            metadata={"description": "search kernel, schedule and fusion variants first; the best "
@@ -93,13 +109,13 @@ class Build(Schema):
     message = fields.String(allow_none=True)
     report = fields.Dict(allow_none=True)
     artifacts = fields.Dict(keys=fields.String(), values=fields.String())
-    created_at = fields.DateTime()
-    updated_at = fields.DateTime()
+    created_at = UtcDateTime()
+    updated_at = UtcDateTime()
 
 
 class DeploymentRequest(Schema):
-    build_id = fields.Integer(required=True)
-    group = fields.String(load_default="default")
+    build_id = Id(required=True)
+    group = fields.String(load_default="default", validate=validate.Length(min=1, max=64))
     stages = fields.List(fields.Integer(), load_default=lambda: [100],
                          metadata={"description": "cumulative percentages of the group, e.g. [10, 50, 100]"})
     success_threshold = fields.Float(load_default=1.0)
@@ -119,7 +135,7 @@ class Deployment(Schema):
     state = fields.String(metadata={"description": "in_progress, succeeded, halted"})
     current_stage = fields.Integer()
     reason = fields.String(allow_none=True)
-    created_at = fields.DateTime()
+    created_at = UtcDateTime()
 
 
 class DeviceJob(Schema):

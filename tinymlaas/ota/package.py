@@ -9,6 +9,7 @@ running one (downgrades refused unless the job explicitly allows them).
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from tinymlaas.backends.mcu.firmware import require_tool
 from tinymlaas.errors import TinyMLaaSError
+from tinymlaas.private import create_private
 from tinymlaas.targets import Target
 
 HEADER_SIZE = 0x200
@@ -63,9 +65,8 @@ def _imgtool(*args: str) -> subprocess.CompletedProcess:
 
 def generate_key(path: Path) -> Path:
     """A new Ed25519 signing key (PEM), readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    create_private(path)  # imgtool writes into a file that was never readable by others
     _imgtool("keygen", "-k", str(path), "-t", "ed25519")
-    path.chmod(0o600)
     return path
 
 
@@ -85,10 +86,29 @@ def sign_image(payload: Path, key: Path, version: str, max_size: int, out: Path)
     return read_header(out.read_bytes())
 
 
+# MCUboot's image header holds the version as u8 major, u8 minor, u16 revision, u32 build number
+VERSION_LIMITS = (("major", 255), ("minor", 255), ("revision", 65535), ("build", 2**32 - 1))
+_VERSION = re.compile(r"(\d{1,10})(?:\.(\d{1,10}))?(?:\.(\d{1,10}))?(?:\+(\d{1,10}))?", re.ASCII)
+
+
 def parse_version(text: str) -> tuple[int, int, int, int]:
-    main, _, build = text.partition("+")
-    parts = [int(x) for x in main.split(".")] + [0, 0, 0]
-    return parts[0], parts[1], parts[2], int(build or 0)
+    """major[.minor[.revision]][+build] as an MCUboot header holds it; ValueError saying why if it is not one."""
+    m = _VERSION.fullmatch(str(text))
+    if m is None:
+        raise ValueError(f"'{str(text)[:40]}' is not major.minor.revision[+build]")
+    values = tuple(int(g or 0) for g in m.groups())
+    for v, (name, limit) in zip(values, VERSION_LIMITS):
+        if v > limit:
+            raise ValueError(f"'{text}': {name} {v} is more than an MCUboot image header holds ({limit})")
+    return values
+
+
+def version_key(text: str | None) -> tuple[int, ...]:
+    """For ordering versions a device reported (any text): one that does not parse sorts first."""
+    try:
+        return parse_version(text or "")
+    except ValueError:
+        return (-1,)
 
 
 def canonical_version(text: str) -> str:
@@ -147,7 +167,7 @@ def inspect_image(data: bytes, trusted_key_pem: bytes, max_size: int, running_ve
         reason = {"INVALID_HASH": "bad-hash", "INVALID_SIGNATURE": "bad-signature",
                   "KEY_MISMATCH": "bad-signature"}.get(result.name, "corrupt")
         raise ImageRejected(reason, f"imgtool verification: {result.name.lower()}")
-    if running_version and not allow_downgrade and info.version_key < parse_version(running_version):
+    if running_version and not allow_downgrade and info.version_key < version_key(running_version):
         raise ImageRejected("downgrade", f"version {info.version} is older than the running {running_version}")
     return info
 
