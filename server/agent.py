@@ -39,10 +39,15 @@ DOWNLOAD_CHUNK = 16 * 1024
 SELFTEST_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 
 
+_PORTS = {"http": 80, "https": 443}
+
+
 class Agent:
     def __init__(self, server: str, device_id: str, target: str, state_dir: Path, token: str | None = None,
-                 group: str = "default", faults: tuple[str, ...] = (), mqtt_port: int | None = None):
+                 group: str = "default", faults: tuple[str, ...] = (), mqtt_port: int | None = None,
+                 download_patience: float = 300.0):
         self.server = server.rstrip("/")
+        self.download_patience = download_patience  # seconds a download keeps retrying through an outage
         self.device_id, self.target, self.group, self.token = device_id, target, group, token
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +94,8 @@ class Agent:
         if r.status_code != 201:
             raise TinyMLaaSError(f"registration refused ({r.status_code}): {r.json().get('detail', r.text)}")
         body = r.json()
-        self.state.update(mqtt=body["mqtt"], signing_key=body["signing_key"])
+        self.state.update(mqtt=body["mqtt"], signing_key=body["signing_key"],
+                          downloads=body.get("downloads") or f"{self.server}/api/v1/artifacts/")
         self._save()
 
     def boot(self) -> BootedImage | None:
@@ -216,6 +222,11 @@ class Agent:
         if job["phase"] != "download":
             return  # staged already: the boot path finishes it
         self._update(job, "IN_PROGRESS", step="downloading", progress=0.0)
+        foreign = [u for u in (job["image"]["url"], job["selftest"]["url"]) if not self._enrolled_origin(u)]
+        if foreign:  # the agent's credentials go only to the server it enrolled with
+            self._finish(job, "REJECTED", step="download", reason="foreign-url",
+                         message=f"download URL {foreign[0][:120]} is not on {self.server}")
+            return
         try:
             image = self._download(job["image"]["url"], job["image"]["sha256"], self.dir / "download.part", job)
             spec = json.loads(self._download(job["selftest"]["url"], job["selftest"]["sha256"],
@@ -264,17 +275,32 @@ class Agent:
             self._publish("telemetry", {"errors": [f"self-test failed: {result.detail}"], "build": job.get("build")})
             self._finish(job, "FAILED", step="reverted", message=f"self-test failed: {result.detail}")
 
-    def _download(self, url: str, sha256: str, part: Path, job: dict | None, attempts: int = 5) -> bytes:
-        """GET with resume: a dropped connection continues from the bytes already on disk (HTTP Range)."""
+    def _enrolled_origin(self, url: str) -> bool:
+        """Is `url` under the download location the server named at registration (its artifacts)?"""
+        from urllib.parse import urlsplit
+
+        base = self.state.get("downloads") or f"{self.server}/api/v1/artifacts/"
+        a, b = urlsplit(url), urlsplit(base)
+        origin = lambda u: (u.scheme, u.hostname, u.port or _PORTS.get(u.scheme))
+        return origin(a) == origin(b) and a.path.startswith(b.path) and ".." not in a.path.split("/")
+
+    def _download(self, url: str, sha256: str, part: Path, job: dict | None) -> bytes:
+        """GET with resume: a dropped connection continues from the bytes already on disk (HTTP Range). Connection
+        failures and 502/503/504 are retried with exponential backoff (0.2 s doubling, at most 10 s apart) for
+        `download_patience` seconds: a server restarting or a proxy down for a while costs time, not the update."""
         m = self.state["mqtt"]
         auth = (m["username"], m["password"])
-        for attempt in range(attempts):
+        deadline, attempt = time.monotonic() + self.download_patience, 0
+        while True:
+            attempt += 1
             have = part.stat().st_size if part.exists() else 0
             headers = {"Range": f"bytes={have}-"} if have else {}
             try:
                 with requests.get(url, headers=headers, auth=auth, stream=True, timeout=30) as r:
                     if r.status_code == 416:  # already complete
                         pass
+                    elif r.status_code in (502, 503, 504):
+                        raise requests.ConnectionError(f"server unavailable ({r.status_code})")
                     elif r.status_code not in (200, 206):
                         raise TinyMLaaSError(f"download refused ({r.status_code}): {r.text[:200]}")
                     else:
@@ -283,14 +309,19 @@ class Agent:
                             for block in r.iter_content(DOWNLOAD_CHUNK):
                                 f.write(block)
                                 f.flush()
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-                log.info("%s: download interrupted at %d B (%s); resuming", self.device_id,
-                         part.stat().st_size if part.exists() else 0, type(e).__name__)
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                wait = min(0.2 * 2 ** (attempt - 1), 10.0)
+                if time.monotonic() + wait > deadline:
+                    raise TinyMLaaSError(f"download of {url} failed for {self.download_patience:.0f} s "
+                                         f"({attempt} attempts): {type(e).__name__}") from None
+                log.info("%s: download interrupted at %d B (%s); retrying in %.1f s", self.device_id,
+                         part.stat().st_size if part.exists() else 0, type(e).__name__, wait)
                 self.resumed_downloads += 1
-                time.sleep(0.1 * (attempt + 1))
+                time.sleep(wait)
                 continue
             data = part.read_bytes()
             if hashlib.sha256(data).hexdigest() == sha256:
                 return data
             part.unlink()  # corrupted in transit: start over
-        raise TinyMLaaSError(f"download of {url} failed after {attempts} attempts")
+            if time.monotonic() > deadline:
+                raise TinyMLaaSError(f"download of {url} kept arriving corrupted for {self.download_patience:.0f} s")

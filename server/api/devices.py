@@ -27,6 +27,7 @@ def register(body):
     out["mqtt"] = {"host": c.settings.mqtt_host, "port": c.settings.mqtt_port, "username": device.id,
                    "password": secret, "topic_root": f"{ROOT}/devices/{device.id}"}
     out["signing_key"] = public_key_pem(ensure_signing_key(c.settings)).decode()
+    out["downloads"] = c.settings.public_url.rstrip("/") + "/api/v1/artifacts/"  # the only place jobs point to
     return out
 
 

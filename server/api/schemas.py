@@ -53,6 +53,8 @@ class MqttCredentials(Schema):
 class DeviceRegistered(Device):
     mqtt = fields.Nested(MqttCredentials)
     signing_key = fields.String(metadata={"description": "PEM public key the device trusts for images"})
+    downloads = fields.String(metadata={"description": "where job documents may point the device for images; a "
+                                        "device follows no other download URL"})
 
 
 class DeviceQuery(Schema):
