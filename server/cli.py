@@ -205,6 +205,12 @@ def cmd_rollouts_status(args) -> int:
     return _show_rollout(client, args.id, args.json)
 
 
+def cmd_rollouts_cancel(args) -> int:
+    client = _client(args)
+    client.cancel_deployment(args.id)
+    return _show_rollout(client, args.id, args.json)
+
+
 def cmd_rollouts_rollback(args) -> int:
     client = _client(args)
     d = client.rollback(args.id)
@@ -310,6 +316,9 @@ def register(sub) -> None:
     p.add_argument("id", type=int, help="the deployment to roll back")
     p.add_argument("--wait", action="store_true")
     p.set_defaults(func=cmd_rollouts_rollback)
+    p = api(rollouts.add_parser("cancel", help="stop a rollout in progress: no further device is notified"))
+    p.add_argument("id", type=int, help="the deployment to cancel")
+    p.set_defaults(func=cmd_rollouts_cancel)
 
 
 

@@ -84,6 +84,9 @@ class Client:
     def rollback(self, dep_id: int) -> dict:
         return self._call("POST", f"/deployments/{dep_id}/rollback").json()
 
+    def cancel_deployment(self, dep_id: int) -> dict:
+        return self._call("POST", f"/deployments/{dep_id}/cancel").json()
+
     def wait_deployment(self, dep_id: int, timeout: float = 600.0, on_progress=None) -> dict:
         """Until the rollout has ended and no notified device is still working on it."""
         return _poll(lambda: self.deployment(dep_id),

@@ -88,7 +88,9 @@ class Deployment(Base):
     error_threshold: Mapped[float] = mapped_column(Float)
     force: Mapped[bool] = mapped_column(Boolean, default=False)
     rollback_of: Mapped[int | None] = mapped_column(ForeignKey("deployments.id"))
-    state: Mapped[str] = mapped_column(String(16), default="in_progress")  # in_progress, succeeded, halted
+    state: Mapped[str] = mapped_column(String(16), default="in_progress")  # in_progress, succeeded, halted, cancelled
+    # "<group>/<target>" while in progress, NULL after: the database itself allows one active rollout per devices
+    active_key: Mapped[str | None] = mapped_column(String(128), unique=True)
     current_stage: Mapped[int] = mapped_column(Integer, default=-1)
     reason: Mapped[str | None] = mapped_column(Text)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tinymlaas.errors import TinyMLaaSError, UnknownTarget
@@ -188,9 +189,15 @@ def create_deployment(session: Session, owner: User, build_id: int, group: str, 
         raise ServiceError(409, f"deployment {active.id} is still in progress for the {build.target} devices of "
                            f"group '{group}'", "group")
     dep = Deployment(build_id=build.id, group=group, stages=list(plan.stages), success_threshold=plan.success_threshold,
-                     error_threshold=plan.error_threshold, force=force, rollback_of=rollback_of, owner_id=owner.id)
+                     error_threshold=plan.error_threshold, force=force, rollback_of=rollback_of, owner_id=owner.id,
+                     active_key=f"{group}/{build.target}")
     session.add(dep)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # another request started a rollout to these devices between the check and now
+        session.rollback()
+        raise ServiceError(409, f"another deployment to the {build.target} devices of group '{group}' started at "
+                           "the same time", "group") from None
     bounds = stage_bounds(plan, len(devices))
     for stage, (start, end) in enumerate(bounds):
         for pos in range(start, end):
@@ -218,6 +225,21 @@ def rollback(session: Session, owner: User, deployment_id: int) -> Deployment:
     return create_deployment(session, owner, previous.build_id, dep.group, plan, force=True, rollback_of=dep.id)
 
 
+def cancel_deployment(session: Session, user: User, deployment_id: int) -> Deployment:
+    """Stop a rollout: devices not yet notified never are; those already updating finish and report as usual."""
+    dep = session.get(Deployment, deployment_id)
+    if dep is None:
+        raise ServiceError(404, f"no deployment {deployment_id}")
+    if dep.state != "in_progress":
+        raise ServiceError(409, f"deployment {dep.id} is {dep.state}; only one in progress can be cancelled")
+    dep.state, dep.reason, dep.active_key = "cancelled", f"cancelled by {user.name}", None
+    for j in jobs_of(session, dep):
+        if j.status == "pending":
+            j.status, j.message = "cancelled", dep.reason
+    session.commit()
+    return dep
+
+
 def plan_of(dep: Deployment) -> RolloutPlan:
     return RolloutPlan(tuple(dep.stages), dep.success_threshold, dep.error_threshold)
 
@@ -236,7 +258,7 @@ def advance(session: Session, dep: Deployment) -> list[DeviceJob]:
     while True:
         d = decide(plan_of(dep), [j.status for j in jobs], dep.current_stage)
         if d.state != "in_progress":
-            dep.state, dep.reason = d.state, d.reason
+            dep.state, dep.reason, dep.active_key = d.state, d.reason, None
             for j in jobs:
                 if j.status == "pending":
                     j.status, j.message = "cancelled", f"rollout {d.state}: {d.reason}"

@@ -297,3 +297,63 @@ def test_the_database_file_is_private_from_the_start(tmp_path):
     settings = Settings(data_dir=tmp_path / "d", database_url=f"sqlite:///{tmp_path / 'd' / 'db.sqlite'}")
     create_app(settings)
     assert stat.S_IMODE(os.stat(tmp_path / "d" / "db.sqlite").st_mode) == 0o600
+
+
+def _done_build(app, client) -> int:
+    """A finished build with an image, written straight to the database (the rollout logic is under test here)."""
+    client.post("/api/v1/devices", json={"id": "g1-dev", "target": "cortex-m4", "group": "g1"}, headers=client.auth)
+    data = model_path("ad01_int8").read_bytes()
+    m = client.post("/api/v1/models", data={"file": (io.BytesIO(data), "ad.tflite")}, headers=client.auth).get_json()
+    with app.extensions["tinymlaas"].sessions() as s:
+        b = Build(model_id=m["id"], target="cortex-m4", constraints={}, version="1.0.7+0", state="done",
+                  artifacts={"image": "0" * 64, "selftest": "1" * 64}, owner_id=1)
+        s.add(b)
+        s.commit()
+        return b.id
+
+
+def test_ten_concurrent_deployments_to_one_group_start_exactly_one(app, client):
+    import threading
+
+    build_id, codes = _done_build(app, client), []
+
+    def deploy():
+        codes.append(app.test_client().post("/api/v1/deployments", json={"build_id": build_id, "group": "g1"},
+                                            headers=client.auth).status_code)
+
+    threads = [threading.Thread(target=deploy) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201] + [409] * 9
+    with app.extensions["tinymlaas"].sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Deployment).where(Deployment.state == "in_progress")) == 1
+
+
+def test_a_cancelled_deployment_frees_its_group(app, client):
+    build_id = _done_build(app, client)
+    dep = client.post("/api/v1/deployments", json={"build_id": build_id, "group": "g1"}, headers=client.auth).get_json()
+    assert_problem(client.post("/api/v1/deployments", json={"build_id": build_id, "group": "g1"}, headers=client.auth),
+                   409, "group", "in progress")
+    r = client.post(f"/api/v1/deployments/{dep['id']}/cancel", headers=client.auth)
+    assert r.status_code == 200 and r.get_json()["state"] == "cancelled"
+    status = client.get(f"/api/v1/deployments/{dep['id']}", headers=client.auth).get_json()
+    assert {j["status"] for j in status["jobs"]} == {"cancelled"}  # never notified (no coordinator here)
+    assert_problem(client.post(f"/api/v1/deployments/{dep['id']}/cancel", headers=client.auth), 409, None,
+                   "cancelled")
+    again = client.post("/api/v1/deployments", json={"build_id": build_id, "group": "g1"}, headers=client.auth)
+    assert again.status_code == 201
+
+
+def test_the_database_itself_refuses_a_second_active_deployment(app, client):
+    """What makes the rule hold under any interleaving of requests: the unique key, not the service's check."""
+    from sqlalchemy.exc import IntegrityError
+
+    build_id = _done_build(app, client)
+    with app.extensions["tinymlaas"].sessions() as s:
+        for _ in range(2):
+            s.add(Deployment(build_id=build_id, group="g1", stages=[100], success_threshold=1.0, error_threshold=0.1,
+                             owner_id=1, active_key="g1/cortex-m4"))
+        with pytest.raises(IntegrityError):
+            s.commit()

@@ -4,7 +4,7 @@ from sqlalchemy import select
 from tinymlaas.ota.rollout import RolloutPlan
 
 from .. import db
-from ..service import create_deployment, deployment_summary, jobs_of, rollback
+from ..service import cancel_deployment, create_deployment, deployment_summary, jobs_of, rollback
 from . import ctx, get_or_404, require_user, schemas, session
 
 blp = Blueprint("deployments", __name__, description="Staged OTA rollouts of a build to a device group")
@@ -56,3 +56,12 @@ def roll_back(dep_id):
     """A new deployment of the build the group ran before this one (forced: it is a downgrade)."""
     user = require_user()
     return _started(rollback(session(), user, _deployment(dep_id).id))
+
+
+@blp.route("/deployments/<int:dep_id>/cancel", methods=["POST"])
+@blp.response(200, schemas.Deployment)
+def cancel(dep_id):
+    """Stop a rollout in progress: no further device is notified (those already updating finish); the group is free
+    for a new deployment."""
+    user = require_user()
+    return cancel_deployment(session(), user, _deployment(dep_id).id)

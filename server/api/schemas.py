@@ -134,7 +134,7 @@ class Deployment(Schema):
     error_threshold = fields.Float()
     force = fields.Boolean()
     rollback_of = fields.Integer(allow_none=True)
-    state = fields.String(metadata={"description": "in_progress, succeeded, halted"})
+    state = fields.String(metadata={"description": "in_progress, succeeded, halted, cancelled"})
     current_stage = fields.Integer()
     reason = fields.String(allow_none=True)
     created_at = UtcDateTime()
