@@ -61,7 +61,9 @@ def cmd_serve(args) -> int:
 def cmd_worker(args) -> int:
     from server.config import Settings
     from server.jobs import run_worker
+    from server.runtime import die_with_server
 
+    die_with_server()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env() if args.data is None else Settings(data_dir=args.data)
     run_worker(settings, args.workers)

@@ -18,6 +18,7 @@ class Settings:
     public_url: str = "http://127.0.0.1:8080"  # where devices download images from
     max_upload_bytes: int = 64 * 1024 * 1024
     build_inputs: int = 10  # random inputs each build is verified with (and replayed by the self-test)
+    max_open_builds: int = 16  # per user: builds queued or running at once; more is 429 until some finish
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir).resolve()
@@ -55,4 +56,5 @@ class Settings:
     def from_env(cls) -> Settings:
         env = os.environ.get
         return cls(public_url=env("TINYMLAAS_PUBLIC_URL", cls.public_url),
-                   build_inputs=int(env("TINYMLAAS_BUILD_INPUTS", cls.build_inputs)))
+                   build_inputs=int(env("TINYMLAAS_BUILD_INPUTS", cls.build_inputs)),
+                   max_open_builds=int(env("TINYMLAAS_MAX_OPEN_BUILDS", cls.max_open_builds)))

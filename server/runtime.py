@@ -122,5 +122,24 @@ def start_worker(settings: Settings) -> subprocess.Popen:
     """A build worker process (`tinymlaas worker`) on the same database, queue and files; it logs to DATA/worker.log."""
     env = {**os.environ, **settings.to_env()}
     with open(settings.data_dir / "worker.log", "ab") as log:  # the child keeps its own copy of the descriptor
+        env["TINYMLAAS_SERVER_PID"] = str(os.getpid())  # the worker dies with it (die_with_server)
         return subprocess.Popen([sys.executable, "-m", "tinymlaas", "worker"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
+
+
+def die_with_server() -> None:
+    """In a worker started by `serve`: the kernel sends it SIGTERM when the server process dies, however it dies (a
+    SIGKILLed `serve` would otherwise leave an orphan working the queue next to its successor's workers)."""
+    import ctypes
+    import signal
+
+    parent = os.environ.get("TINYMLAAS_SERVER_PID")
+    if not parent:
+        return  # a worker started by hand lives on its own
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: no such guarantee
+        return
+    if os.getppid() != int(parent):  # the server died before the line above: too late for the signal
+        os._exit(0)

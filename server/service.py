@@ -127,8 +127,18 @@ def add_model(session: Session, store: ArtifactStore, owner: User, filename: str
 
 # builds
 
+OPEN_BUILD_STATES = ("queued", "building", "emulating")
+
+
 def request_build(session: Session, owner: User, model_id: int, target: str, constraints: dict | None = None,
-                  version: str | None = None) -> Build:
+                  version: str | None = None, max_open: int | None = None) -> Build:
+    """Queue a build. max_open: how many of `owner`'s builds may be queued or running at once (429 beyond)."""
+    if max_open is not None:
+        open_builds = session.scalar(select(func.count()).select_from(Build).where(
+            Build.owner_id == owner.id, Build.state.in_(OPEN_BUILD_STATES)))
+        if open_builds >= max_open:
+            raise ServiceError(429, f"{open_builds} of your builds are queued or running, the most at once is "
+                               f"{max_open}; wait for some to finish (or cancel them)")
     model = session.get(Model, model_id)
     if model is None:
         raise ServiceError(422, f"no model {model_id}", "model_id")

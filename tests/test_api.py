@@ -357,3 +357,20 @@ def test_the_database_itself_refuses_a_second_active_deployment(app, client):
                              owner_id=1, active_key="g1/cortex-m4"))
         with pytest.raises(IntegrityError):
             s.commit()
+
+
+def test_a_user_with_too_many_open_builds_is_told_to_wait(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                        max_open_builds=3)
+    app = create_app(settings)
+    with app.extensions["tinymlaas"].sessions() as s:
+        _, token = create_user(s, "bob")
+    c, auth = app.test_client(), {"Authorization": f"Bearer {token}"}
+    m = c.post("/api/v1/models", data={"file": (io.BytesIO(model_path("ad01_int8").read_bytes()), "ad.tflite")},
+               headers=auth).get_json()
+    codes = [c.post("/api/v1/builds", json={"model_id": m["id"], "target": "cortex-m4"}, headers=auth).status_code
+             for _ in range(4)]
+    assert codes == [202, 202, 202, 429]  # no worker runs here: the first three stay queued
+    r = c.post("/api/v1/builds", json={"model_id": m["id"], "target": "cortex-m4"}, headers=auth)
+    assert_problem(r, 429, None, "most at once is 3")
+    assert r.headers["Retry-After"] == "30" and counts(app)["Build"] == 3

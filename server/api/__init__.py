@@ -48,6 +48,8 @@ def problem(status: int, detail: str, field: str | None = None, errors=None):
     resp.mimetype = "application/problem+json"
     if status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="tinymlaas"'
+    if status == 429:
+        resp.headers["Retry-After"] = "30"
     return resp
 
 

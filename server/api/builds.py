@@ -18,7 +18,8 @@ def create(body):
     constraints = dict(body["constraints"])
     if body.get("search"):
         constraints["search"] = body["search"]  # kept with the build's constraints: what it was asked to do
-    build = request_build(session(), user, body["model_id"], body["target"], constraints, body["version"])
+    build = request_build(session(), user, body["model_id"], body["target"], constraints, body["version"],
+                          max_open=ctx().settings.max_open_builds)
     ctx().enqueue_build(build.id)
     return build
 
