@@ -63,7 +63,7 @@ def test_rollout_to_200_devices(live):
         _stop(agents)
 
 
-def test_rollout_halts_at_the_error_threshold(live):
+def test_rollout_halts_at_the_error_threshold(live, capsys):
     client, b = live["client"], live["v1"]
     ids = [f"canary-{i:02d}" for i in range(30)]
     faults = {ids[0]: ("selftest",), ids[1]: ("selftest",)}  # 2 of the 3 devices of the first stage fail
@@ -80,6 +80,13 @@ def test_rollout_halts_at_the_error_threshold(live):
             assert a.events == [] and a.version is None
         for a in agents[:2]:  # the failing devices reverted (they had no image before)
             assert a.version is None and a.flash.record().pending == 0xFF
+        # drawn by the CLI; a halted rollout exits 1
+        from tinymlaas.cli import main
+
+        server = live["server"]
+        assert main(["rollouts", "status", str(d["id"]), "--server", server.url, "--token", server.admin_token]) == 1
+        out = capsys.readouterr().out
+        assert "HALTED" in out and "stage 1 (  3 dev) [X" in out and "stage 2" in out
     finally:
         _stop(agents)
 
@@ -304,11 +311,15 @@ def test_cli_against_the_live_server(live, capsys, tmp_path):
     assert "401" in capsys.readouterr().err
     assert main(["deploy", str(v1["id"]), "--group", "cli", "--stages", "50,20", *api]) == 2
     assert "[stages]" in capsys.readouterr().err
-    # a rollout drawn: the halted canary rollout exits 1
-    canary = [d for d in live["client"].deployments() if d["group"] == "canary"][-1]
-    assert main(["rollouts", "status", str(canary["id"]), *api]) == 1
+    # a rollout of its own (a device with no agent behind it: notified, never answering), cancelled and drawn
+    assert main(["devices", "register", "cli-dev-2", "--target", "cortex-m4", "--group", "cli", *api]) == 0
+    capsys.readouterr()
+    dep = live["client"].deploy(v1["id"], group="cli")
+    assert main(["rollouts", "cancel", str(dep["id"]), *api]) == 0
     out = capsys.readouterr().out
-    assert "HALTED" in out and "stage 1 (  3 dev) [X" in out and "stage 2" in out
+    assert "CANCELLED" in out and "cancelled by admin" in out and "stage 1 (  1 dev) [." in out
+    assert main(["rollouts", "cancel", str(dep["id"]), *api]) == 2  # not in progress any more
+    assert "cancelled" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
