@@ -168,8 +168,8 @@ class _Evaluator:
         self.inputs, self.seed, self.progress = inputs, seed, progress
         self.points: list[Point] = []
         self.by_key: dict[str, int] = {}
-        self.ray = _RayPool(ray_address) if ray_address else None
-        self.pool = self.ray or (ProcessPoolExecutor(workers) if workers > 1 else None)
+        self.pool = (_RayPool(ray_address) if ray_address
+                     else ProcessPoolExecutor(workers) if workers > 1 else None)
 
     def run(self, variants: list[Variant], limit: int) -> list[Point]:
         """Points of `variants` (new ones built, at most `limit` in all); None for those past the limit."""
