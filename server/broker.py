@@ -143,6 +143,9 @@ class EmbeddedBroker:
         self._broker = None
         self._thread: threading.Thread | None = None
 
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         key = f"broker-{id(self)}"
         _AUTHORITIES[key] = self.authority
@@ -225,6 +228,9 @@ class MosquittoBroker:
             "max_queued_messages 10000\n"
             "log_dest stderr\nlog_type error\nlog_type warning\n"
         ), 0o644)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
         exe = self.binary()

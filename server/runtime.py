@@ -87,10 +87,22 @@ class Server:
         self.coordinator = Coordinator(ctx, s.mqtt_host, s.mqtt_port, server_secret, self.broker)
         self.coordinator.start()
         ctx.coordinator = self.coordinator
+        ctx.health = self.health
         threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
         for _ in range(self.workers):
             self.worker_procs.append(start_worker(s))
         return self
+
+    def health(self) -> dict[str, str | None]:
+        """Each part of the service and what is wrong with it (None: fine), as /health reports it."""
+        dead = [p.pid for p in self.worker_procs if p.poll() is not None]
+        return {
+            "broker": None if self.broker is None or self.broker.running() else f"the {self.settings.mqtt} MQTT "
+                      "broker is not running",
+            "mqtt": None if self.coordinator is not None and self.coordinator.connected.is_set()
+            else "the coordinator is not connected to the broker",
+            "workers": f"{len(dead)} of {len(self.worker_procs)} build workers exited (pid {dead[0]})" if dead else None,
+        }
 
     def _admin_token(self, ctx) -> str | None:
         """On first start: an `admin` user, its token written to DATA/admin.token (owner-only)."""

@@ -361,3 +361,28 @@ def test_cycles_a_device_reports_land_in_the_measurement_database(live):
         assert len(built) == 1 and built[0].instructions == v1["report"]["instructions"]
     finally:
         agent.stop()
+
+
+def test_health_names_what_is_down(tmp_path):
+    """/health was 'ok' with Mosquitto killed -9: now every part is checked and a failing one makes it 503."""
+    import requests
+
+    from server.broker import MosquittoBroker
+
+    if MosquittoBroker.binary() is None:
+        pytest.skip("mosquitto is not installed (make setup installs it)")
+    server = start_server(tmp_path / "data", mqtt="mosquitto")
+    try:
+        r = requests.get(f"{server.url}/api/v1/health", timeout=10)
+        assert r.status_code == 200 and r.json() == {"status": "ok", "checks": {"broker": "ok", "mqtt": "ok",
+                                                                                 "workers": "ok"}}
+        server.broker.proc.kill()
+        server.worker_procs[0].kill()
+        server.broker.proc.wait()
+        server.worker_procs[0].wait()
+        r = requests.get(f"{server.url}/api/v1/health", timeout=10)
+        assert r.status_code == 503 and r.json()["status"] == "degraded"
+        checks = r.json()["checks"]
+        assert "not running" in checks["broker"] and "1 of 1 build workers exited" in checks["workers"]
+    finally:
+        server.stop()

@@ -114,4 +114,8 @@ def register_api(app) -> None:
 
     @app.get("/api/v1/health")
     def health():
-        return {"status": "ok"}
+        """ok, or 503 naming every part that is not (broker, the coordinator's MQTT session, build workers)."""
+        parts = ctx().health() if ctx().health is not None else {}
+        problems = {k: v for k, v in parts.items() if v}
+        body = {"status": "degraded" if problems else "ok", "checks": {k: v or "ok" for k, v in parts.items()}}
+        return body, (503 if problems else 200)
