@@ -14,9 +14,7 @@ from werkzeug.routing import IntegerConverter
 from tinymlaas.ota.store import ArtifactStore
 
 from .config import Settings
-from .db import make_engine, make_sessionmaker, upgrade
-
-MAX_ID = 2**63 - 1  # the largest BIGINT: an id past it cannot exist
+from .db import MAX_ID, make_engine, make_sessionmaker, upgrade
 
 
 class BoundedInt(IntegerConverter):

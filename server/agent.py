@@ -94,8 +94,7 @@ class Agent:
         if r.status_code != 201:
             raise TinyMLaaSError(f"registration refused ({r.status_code}): {r.json().get('detail', r.text)}")
         body = r.json()
-        self.state.update(mqtt=body["mqtt"], signing_key=body["signing_key"],
-                          downloads=body.get("downloads") or f"{self.server}/api/v1/artifacts/")
+        self.state.update(mqtt=body["mqtt"], signing_key=body["signing_key"], downloads=body.get("downloads"))
         self._save()
 
     def boot(self) -> BootedImage | None:
@@ -279,7 +278,7 @@ class Agent:
         """Is `url` under the download location the server named at registration (its artifacts)?"""
         from urllib.parse import urlsplit
 
-        base = self.state.get("downloads") or f"{self.server}/api/v1/artifacts/"
+        base = self.state.get("downloads") or f"{self.server}/api/v1/artifacts/"  # enrolled before servers said
         a, b = urlsplit(url), urlsplit(base)
         origin = lambda u: (u.scheme, u.hostname, u.port or _PORTS.get(u.scheme))
         return origin(a) == origin(b) and a.path.startswith(b.path) and ".." not in a.path.split("/")

@@ -12,6 +12,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from tinymlaas.private import create_private
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+MAX_ID = 2**63 - 1  # the largest BIGINT: an id past it cannot exist (and would overflow a query)
 
 
 def now() -> dt.datetime:

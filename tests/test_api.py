@@ -261,20 +261,26 @@ def test_method_not_allowed_says_what_is(client):
     assert set(r.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "HEAD"}
 
 
-def test_concurrent_registrations_of_one_device_give_one_201_and_the_rest_409(app):
+def _at_once(app, method: str, url: str, json: dict, n: int = 10) -> list[int]:
+    """The same request from `n` threads at once; their status codes."""
     import threading
 
-    codes, token = [], app.token
+    codes = []
 
-    def register():
-        codes.append(app.test_client().post("/api/v1/devices", json={"id": "race", "target": "cortex-m4"},
-                                            headers={"Authorization": f"Bearer {token}"}).status_code)
+    def send():
+        codes.append(app.test_client().open(url, method=method, json=json,
+                                             headers={"Authorization": f"Bearer {app.token}"}).status_code)
 
-    threads = [threading.Thread(target=register) for _ in range(10)]
+    threads = [threading.Thread(target=send) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return codes
+
+
+def test_concurrent_registrations_of_one_device_give_one_201_and_the_rest_409(app):
+    codes = _at_once(app, "POST", "/api/v1/devices", {"id": "race", "target": "cortex-m4"})
     assert sorted(codes) == [201] + [409] * 9
     assert counts(app)["Device"] == 1
 
@@ -313,19 +319,8 @@ def _done_build(app, client) -> int:
 
 
 def test_ten_concurrent_deployments_to_one_group_start_exactly_one(app, client):
-    import threading
-
-    build_id, codes = _done_build(app, client), []
-
-    def deploy():
-        codes.append(app.test_client().post("/api/v1/deployments", json={"build_id": build_id, "group": "g1"},
-                                            headers=client.auth).status_code)
-
-    threads = [threading.Thread(target=deploy) for _ in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    build_id = _done_build(app, client)
+    codes = _at_once(app, "POST", "/api/v1/deployments", {"build_id": build_id, "group": "g1"})
     assert sorted(codes) == [201] + [409] * 9
     with app.extensions["tinymlaas"].sessions() as s:
         assert s.scalar(select(func.count()).select_from(Deployment).where(Deployment.state == "in_progress")) == 1

@@ -18,10 +18,19 @@ PROJECTION_WEIGHTS, PROJECTION_BIAS = 16, 17
 LAYER_NORM = (20, 21, 22, 23)
 
 
+def _written(model, path: Path) -> Path:
+    """A model edited through the schema's object API, written back as a .tflite."""
+    import flatbuffers
+
+    b = flatbuffers.Builder(1 << 16)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    path.write_bytes(bytes(b.Output()))
+    return path
+
+
 def _variant(tmp_path: Path, name: str, peephole=False, cifg=False, projection=False, layer_norm=False,
              cell_clip=0.0, proj_clip=0.0) -> Path:
     """The first LSTM of the stacked Keras 2 model, rewritten: new constant tensors appended for the extra slots."""
-    import flatbuffers
     from ai_edge_litert import schema_py_generated as s
 
     rng = np.random.default_rng(5)
@@ -54,11 +63,7 @@ def _variant(tmp_path: Path, name: str, peephole=False, cifg=False, projection=F
             inputs[k] = -1
     op.inputs = np.array(inputs, dtype=np.int32)
     op.builtinOptions.cellClip, op.builtinOptions.projClip = cell_clip, proj_clip
-    b = flatbuffers.Builder(1 << 16)
-    b.Finish(m.Pack(b), file_identifier=b"TFL3")
-    path = tmp_path / f"{name}.tflite"
-    path.write_bytes(bytes(b.Output()))
-    return path
+    return _written(m, tmp_path / f"{name}.tflite")
 
 
 @pytest.mark.parametrize("name, variant", [
@@ -95,7 +100,6 @@ def _int8_variant(tmp_path: Path, name: str, peephole=False, cifg=False, project
                   proj_clip=0.0) -> Path:
     """The first LSTM of the stacked int8 model with the slots no converter fills here: int16 peephole weights, a
     square int8 projection (with a bias; the hidden zero point is 2), CIFG, clips."""
-    import flatbuffers
     from ai_edge_litert import schema_py_generated as s
 
     rng = np.random.default_rng(7)
@@ -130,11 +134,7 @@ def _int8_variant(tmp_path: Path, name: str, peephole=False, cifg=False, project
     op.inputs = np.array(inputs, dtype=np.int32)
     op.builtinOptions.cellClip, op.builtinOptions.projClip = cell_clip, proj_clip
     g.outputs = np.append(g.outputs, op.outputs[0]).astype(np.int32)  # its whole sequence checked, not only the head
-    b = flatbuffers.Builder(1 << 16)
-    b.Finish(m.Pack(b), file_identifier=b"TFL3")
-    path = tmp_path / f"{name}.tflite"
-    path.write_bytes(bytes(b.Output()))
-    return path
+    return _written(m, tmp_path / f"{name}.tflite")
 
 
 @pytest.mark.parametrize("name, variant, target", [

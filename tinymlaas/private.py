@@ -7,20 +7,24 @@ import os
 from pathlib import Path
 
 
-def create_private(path: Path) -> Path:
-    """`path` created empty with mode 0600 if it does not exist (its folder 0700 if that is new too)."""
+def _folder(path: Path) -> Path:
+    """`path`, its folder made (0700) if it is new."""
     path = Path(path)
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def create_private(path: Path) -> Path:
+    """`path` created empty with mode 0600 if it does not exist."""
+    path = _folder(path)
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     return path
 
 
 def write_private(path: Path, data: bytes | str) -> Path:
     """Write `data` to `path` atomically through a 0600 temporary file: no moment where others may read it."""
-    path = Path(path)
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = _folder(path)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

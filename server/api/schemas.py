@@ -7,10 +7,12 @@ from marshmallow import Schema, fields, validate
 
 from tinymlaas.search.search import STRATEGIES
 
+from ..db import MAX_ID
+
 
 def Id(**kwargs):
     """An id in a request: a positive integer the database can hold (larger ones would overflow it)."""
-    return fields.Integer(strict=True, validate=validate.Range(min=1, max=2**63 - 1), **kwargs)
+    return fields.Integer(strict=True, validate=validate.Range(min=1, max=MAX_ID), **kwargs)
 
 
 class UtcDateTime(fields.DateTime):

@@ -59,9 +59,17 @@ class Program:
         return sum(c.nbytes for c in self.constants)
 
     @property
+    def state_offsets(self) -> list[int]:
+        """Where each variable tensor starts in the state buffer (aligned), and the buffer's size last."""
+        offsets = [0]
+        for n in self.state_sizes:
+            offsets.append(offsets[-1] + _align(n))
+        return offsets
+
+    @property
     def state_bytes(self) -> int:
         """RAM of the variable tensors: their buffers and where their next values are written."""
-        return 2 * sum(_align(n) for n in self.state_sizes)
+        return 2 * self.state_offsets[-1]
 
 
 def relax_passes(fold_constants: bool = True, fuse: bool = True):

@@ -70,7 +70,7 @@ def search_quantization(source, target: str, workdir, calibration: Path | None =
                         constraints: Constraints | None = None, inputs: int = 3, seed: int = 0,
                         progress: Callable | None = None) -> SearchResult:
     """Every quantization variant of the Keras/SavedModel `source`, built with the default kernels on `target`."""
-    from tinymlaas.errors import ModelTooLarge, TinyMLaaSError
+    from tinymlaas.errors import TinyMLaaSError
     from tinymlaas.frontend.keras import calibration_samples, convert_keras
     from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.pipeline import CompileOptions, compile_model
@@ -95,21 +95,15 @@ def search_quantization(source, target: str, workdir, calibration: Path | None =
                 reference = _outputs(tflite.read_bytes(), samples)
             outputs = _outputs(tflite.read_bytes(), samples)
             r = compile_model(tflite, target, workdir / f"point{k:02d}-{name}", CompileOptions(inputs=inputs, seed=seed))
-        except ModelTooLarge as e:
-            points.append(Point(spec, name, False, error=f"does not fit: {e}", seconds=round(time.monotonic() - t0, 2)))
-            continue
         except TinyMLaaSError as e:
-            points.append(Point(spec, name, False, error=str(e), seconds=round(time.monotonic() - t0, 2)))
+            points.append(Point.refused(spec, name, e, time.monotonic() - t0))
             continue
         notes += [f"{name}: {n}" for n in converted if "left in float" in n]
         acc = accuracy(outputs, labels)
         if acc is not None:
             spec["accuracy"] = acc
-        points.append(Point(spec, name, r.verified, cost=r.cycles if r.cycles is not None else r.instructions,
-                            cost_kind="cycles" if r.cycles is not None else "instructions",
-                            instructions=r.instructions, cycles=r.cycles, ram=r.sizes["ram_model"],
-                            flash=r.sizes["flash_model"], fidelity_loss=fidelity(reference, outputs),
-                            build_dir=str(workdir / f"point{k:02d}-{name}"), seconds=round(time.monotonic() - t0, 2)))
+        points.append(Point.of_report(spec, name, r, workdir / f"point{k:02d}-{name}", time.monotonic() - t0,
+                                      fidelity_loss=fidelity(reference, outputs)))
         if progress:
             progress(len(points), len(VARIANTS), points[-1])
     if calibration is None:

@@ -72,6 +72,28 @@ class Point:
     def objectives(self) -> tuple:
         return (self.cost, self.ram, self.flash, self.fidelity_loss)
 
+    @classmethod
+    def of_report(cls, variant: dict, label: str, r, build_dir, seconds: float,
+                  fidelity_loss: float | None = None) -> Point:
+        """A built point. Fidelity loss, unless given: LSB off the interpreter (integer), relative error (float)."""
+        if fidelity_loss is None:
+            f = r.fidelity
+            fidelity_loss = float(f.get("max_rel_error", 0.0)) if f.get("kind") == "float" \
+                else float(f.get("max_lsb_diff", 0))
+        return cls(variant, label, r.verified, cost=r.cycles if r.cycles is not None else r.instructions,
+                   cost_kind="cycles" if r.cycles is not None else "instructions", instructions=r.instructions,
+                   cycles=r.cycles, ram=r.sizes["ram_model"], flash=r.sizes["flash_model"],
+                   fidelity_loss=fidelity_loss, build_dir=str(build_dir), seconds=round(seconds, 2))
+
+    @classmethod
+    def refused(cls, variant: dict, label: str, error: Exception, seconds: float) -> Point:
+        """A point that could not be built: too large for the board, or refused by the compiler (kept, off the
+        front)."""
+        from tinymlaas.errors import ModelTooLarge
+
+        why = f"does not fit: {error}" if isinstance(error, ModelTooLarge) else str(error)
+        return cls(variant, label, False, error=why, seconds=round(seconds, 2))
+
 
 @dataclass
 class SearchResult:
@@ -115,7 +137,7 @@ class SearchResult:
 def _evaluate(args) -> Point:
     """Build, run and verify one variant (in a worker process)."""
     model_path, target, variant_dict, out, inputs, seed, record, emulator = args
-    from tinymlaas.errors import ModelTooLarge, TinyMLaaSError
+    from tinymlaas.errors import TinyMLaaSError
     from tinymlaas.pipeline import CompileOptions, compile_model
 
     variant = Variant.from_dict(variant_dict)
@@ -123,21 +145,13 @@ def _evaluate(args) -> Point:
     try:
         r = compile_model(model_path, target, out, CompileOptions(inputs=inputs, seed=seed, variant=variant,
                                                                   emulator=emulator))
-    except ModelTooLarge as e:
-        return Point(variant_dict, variant.short(), False, error=f"does not fit: {e}",
-                     seconds=round(time.monotonic() - started, 2))
     except TinyMLaaSError as e:
-        return Point(variant_dict, variant.short(), False, error=str(e), seconds=round(time.monotonic() - started, 2))
+        return Point.refused(variant_dict, variant.short(), e, time.monotonic() - started)
     if record:  # the predictor learns from every point; a database problem costs the row, not the point
         from tinymlaas.measurements import record_report
 
         record_report(r)
-    f = r.fidelity
-    loss = float(f.get("max_rel_error", 0.0)) if f.get("kind") == "float" else float(f.get("max_lsb_diff", 0))
-    return Point(variant_dict, variant.short(), r.verified, cost=r.cycles if r.cycles is not None else r.instructions,
-                 cost_kind="cycles" if r.cycles is not None else "instructions", instructions=r.instructions,
-                 cycles=r.cycles, ram=r.sizes["ram_model"], flash=r.sizes["flash_model"], fidelity_loss=loss,
-                 build_dir=str(out), seconds=round(time.monotonic() - started, 2))
+    return Point.of_report(variant_dict, variant.short(), r, out, time.monotonic() - started)
 
 
 def dominates(a: Point, b: Point) -> bool:
