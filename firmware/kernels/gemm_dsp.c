@@ -119,20 +119,33 @@ static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox
         }
         return;
     }
-    int k = 0;
+    /* other depths: the patch's bytes in k order first (padding = the input zero point, which the offset
+       turns into 0), then whole quads widened as above */
+    const int K = KH * KW * C, quads = (K + 3) / 4;
+    int8_t raw[quads * 4] __attribute__((aligned(4)));
+    int8_t *r = raw;
     for (int ky = 0; ky < KH; ky++) {
         const int iy = y0 + ky * DH;
-        for (int kx = 0; kx < KW; kx++) {
+        const int row_inside = iy >= 0 && iy < H;
+        const int8_t *src_row = in + iy * W * C;
+        if (row_inside && DW == 1 && x0 >= 0 && x0 + KW <= W) { /* the tap row is contiguous in the input */
+            memcpy(r, src_row + x0 * C, (size_t)(KW * C));
+            r += KW * C;
+            continue;
+        }
+        for (int kx = 0; kx < KW; kx++, r += C) {
             const int ix = x0 + kx * DW;
-            const int inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
-            const int8_t *src = in + (iy * W + ix) * C;
-            for (int c = 0; c < C; c++, k++)
-                dst[(k >> 2) * 8 + lane_of[k & 3]] = inside ? (int16_t)(src[c] + offset) : 0;
+            if (row_inside && ix >= 0 && ix < W)
+                memcpy(r, src_row + ix * C, (size_t)C);
+            else
+                memset(r, params[P_ZP_IN], (size_t)C);
         }
     }
-    for (; k & 3; k++)
-        dst[(k >> 2) * 8 + lane_of[k & 3]] = 0;
+    memset(r, params[P_ZP_IN], (size_t)(quads * 4 - K));
+    for (int q = 0; q < quads; q++, dst += 8)
+        widen4(raw + q * 4, offset, dst);
 }
+
 
 /* The loop of the 2x2 products: `quad` twice per pass (n = quads / 2), once before it when quads is odd. */
 #define TINYMLAAS_TWO_QUADS_PER_PASS(quad)                                                                \
@@ -145,6 +158,13 @@ static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox
     "subs %[n], %[n], #1\n\t"                                                                             \
     "bne 2b\n\t"                                                                                          \
     "3:\n\t"
+
+/* pixel 0 and 1's inputs times channel 0 and 1's weights (the non-DSP gemm) */
+#define TINYMLAAS_MAC2X2(x0, x1, w0, w1)                                                                 \
+    do {                                                                                                  \
+        const int32_t x0_ = (x0), x1_ = (x1), w0_ = (w0), w1_ = (w1);                                     \
+        a00 += x0_ * w0_, a01 += x0_ * w1_, a10 += x1_ * w0_, a11 += x1_ * w1_;                           \
+    } while (0)
 
 /* acc[pixel * 2 + channel] = sum over quads of patch x weights (2 pixels x 2 channels), int8 weights */
 static inline __attribute__((always_inline)) void mac2x2_w8(const int16_t *patch, const int8_t *weights, int quads,
@@ -180,13 +200,13 @@ static inline __attribute__((always_inline)) void mac2x2_w8(const int16_t *patch
 #undef TINYMLAAS_QUAD8
     acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
 #else
+    /* no DSP (RV32): each input and weight loaded once for the four products */
     int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0;
     for (int q = 0; q < quads; q++, patch += 8, weights += 8) {
-        for (int j = 0; j < 4; j++) {
-            const int lane = lane_of[j];
-            a00 += patch[lane] * weights[j], a01 += patch[lane] * weights[4 + j];
-            a10 += patch[4 + lane] * weights[j], a11 += patch[4 + lane] * weights[4 + j];
-        }
+        TINYMLAAS_MAC2X2(patch[0], patch[4], weights[0], weights[4]);
+        TINYMLAAS_MAC2X2(patch[2], patch[6], weights[1], weights[5]);
+        TINYMLAAS_MAC2X2(patch[1], patch[5], weights[2], weights[6]);
+        TINYMLAAS_MAC2X2(patch[3], patch[7], weights[3], weights[7]);
     }
     acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
 #endif
@@ -225,10 +245,10 @@ static inline __attribute__((always_inline)) void mac2x2_w16(const int16_t *patc
 #else
     int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0;
     for (int q = 0; q < quads; q++, patch += 8, weights += 8) {
-        for (int j = 0; j < 4; j++) {
-            a00 += patch[j] * weights[j], a01 += patch[j] * weights[4 + j];
-            a10 += patch[4 + j] * weights[j], a11 += patch[4 + j] * weights[4 + j];
-        }
+        TINYMLAAS_MAC2X2(patch[0], patch[4], weights[0], weights[4]);
+        TINYMLAAS_MAC2X2(patch[1], patch[5], weights[1], weights[5]);
+        TINYMLAAS_MAC2X2(patch[2], patch[6], weights[2], weights[6]);
+        TINYMLAAS_MAC2X2(patch[3], patch[7], weights[3], weights[7]);
     }
     acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
 #endif
@@ -311,6 +331,13 @@ void tinymlaas_gemm_w16(const int8_t *restrict input, const int16_t *restrict we
     TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
 }
 
+/* one input times four channels' weights (the non-DSP gemv) */
+#define TINYMLAAS_MAC4(x, w0, w1, w2, w3)                                                                \
+    do {                                                                                                  \
+        const int32_t x_ = (x);                                                                           \
+        a0 += x_ * (w0), a1 += x_ * (w1), a2 += x_ * (w2), a3 += x_ * (w3);                               \
+    } while (0)
+
 /* acc[j] = patch . weights of channel j, one pixel, four channels, int8 weights */
 static inline __attribute__((always_inline)) void mac1x4_w8(const int16_t *patch, const int8_t *weights, int quads,
                                                             int32_t acc[4])
@@ -344,12 +371,15 @@ static inline __attribute__((always_inline)) void mac1x4_w8(const int16_t *patch
 #undef TINYMLAAS_PAIR8
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 #else
-    int32_t a[4] = {0, 0, 0, 0};
-    for (int q = 0; q < quads; q++, patch += 4, weights += 16)
-        for (int ch = 0; ch < 4; ch++)
-            for (int j = 0; j < 4; j++)
-                a[ch] += patch[lane_of[j]] * weights[ch * 4 + j];
-    acc[0] = a[0], acc[1] = a[1], acc[2] = a[2], acc[3] = a[3];
+    /* no DSP (RV32): scalar accumulators, each input loaded once for the four channels */
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (int q = 0; q < quads; q++, patch += 4, weights += 16) {
+        TINYMLAAS_MAC4(patch[0], weights[0], weights[4], weights[8], weights[12]);
+        TINYMLAAS_MAC4(patch[2], weights[1], weights[5], weights[9], weights[13]);
+        TINYMLAAS_MAC4(patch[1], weights[2], weights[6], weights[10], weights[14]);
+        TINYMLAAS_MAC4(patch[3], weights[3], weights[7], weights[11], weights[15]);
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 #endif
 }
 
@@ -383,12 +413,14 @@ static inline __attribute__((always_inline)) void mac1x4_w16(const int16_t *patc
         : "cc", "memory");
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 #else
-    int32_t a[4] = {0, 0, 0, 0};
-    for (int q = 0; q < quads; q++, patch += 4, weights += 16)
-        for (int ch = 0; ch < 4; ch++)
-            for (int j = 0; j < 4; j++)
-                a[ch] += patch[j] * weights[ch * 4 + j];
-    acc[0] = a[0], acc[1] = a[1], acc[2] = a[2], acc[3] = a[3];
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (int q = 0; q < quads; q++, patch += 4, weights += 16) {
+        TINYMLAAS_MAC4(patch[0], weights[0], weights[4], weights[8], weights[12]);
+        TINYMLAAS_MAC4(patch[1], weights[1], weights[5], weights[9], weights[13]);
+        TINYMLAAS_MAC4(patch[2], weights[2], weights[6], weights[10], weights[14]);
+        TINYMLAAS_MAC4(patch[3], weights[3], weights[7], weights[11], weights[15]);
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 #endif
 }
 
@@ -453,6 +485,10 @@ static inline __attribute__((always_inline)) void depthwise3x3_layer(const int8_
     const int32_t offset = -params[P_ZP_IN], lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
     const int row = W * C;
 #if defined(__ARM_FEATURE_DSP)
+    int8_t padding[C] __attribute__((aligned(4))); /* input zero point: (x + offset) == 0 */
+    memset(padding, (int)params[P_ZP_IN], (size_t)C);
+#endif
+#if defined(__ARM_FEATURE_DSP)
     const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
 #endif
     for (int n = 0; n < N; n++) {
@@ -466,6 +502,14 @@ static inline __attribute__((always_inline)) void depthwise3x3_layer(const int8_
                 const int interior = ky0 == 0 && ky1 == 3 && kx0 == 0 && kx1 == 3;
                 int8_t *out = output + ((n * OH + oy) * OW + ox) * C;
                 const int8_t *base = in + y0 * row + x0 * C;
+#if defined(__ARM_FEATURE_DSP)
+                const int8_t *tap[9]; /* border pixels: taps outside read the zero-point row (contributes 0) */
+                if (!interior)
+                    for (int t = 0; t < 9; t++) {
+                        const int ky = t / 3, kx = t % 3;
+                        tap[t] = ky >= ky0 && ky < ky1 && kx >= kx0 && kx < kx1 ? base + ky * row + kx * C : padding;
+                    }
+#endif
                 const int8_t *w8 = weights;
                 const int16_t *w16 = weights;
                 for (int c = 0; c < C; c += 4, w8 += 36, w16 += 36) {
@@ -490,10 +534,11 @@ static inline __attribute__((always_inline)) void depthwise3x3_layer(const int8_
 #else
 #define TAP(ptr, t)                                                                                        \
     do {                                                                                                   \
-        const int8_t *p_ = (ptr);                                                                          \
-        int32_t *acc_[4] = {&a0, &a1, &a2, &a3};                                                           \
-        for (int j_ = 0; j_ < 4; j_++)                                                                     \
-            *acc_[j_] += (p_[j_] + offset) * (wide ? w16[4 * (t) + lane_of[j_]] : w8[4 * (t) + j_]);       \
+        const int8_t *p_ = (ptr); /* int16 weights are in lane order (c0 c2 | c1 c3) */                      \
+        a0 += (p_[0] + offset) * (wide ? w16[4 * (t)] : w8[4 * (t)]);                                      \
+        a1 += (p_[1] + offset) * (wide ? w16[4 * (t) + 2] : w8[4 * (t) + 1]);                              \
+        a2 += (p_[2] + offset) * (wide ? w16[4 * (t) + 1] : w8[4 * (t) + 2]);                              \
+        a3 += (p_[3] + offset) * (wide ? w16[4 * (t) + 3] : w8[4 * (t) + 3]);                              \
     } while (0)
 #endif
                     if (interior) {
@@ -502,9 +547,15 @@ static inline __attribute__((always_inline)) void depthwise3x3_layer(const int8_
                         TAP(r1, 3); TAP(r1 + C, 4); TAP(r1 + 2 * C, 5);
                         TAP(r2, 6); TAP(r2 + C, 7); TAP(r2 + 2 * C, 8);
                     } else {
+#if defined(__ARM_FEATURE_DSP) /* all nine taps unrolled beat a loop over the inside ones */
+                        TAP(tap[0] + c, 0); TAP(tap[1] + c, 1); TAP(tap[2] + c, 2);
+                        TAP(tap[3] + c, 3); TAP(tap[4] + c, 4); TAP(tap[5] + c, 5);
+                        TAP(tap[6] + c, 6); TAP(tap[7] + c, 7); TAP(tap[8] + c, 8);
+#else /* without DSP a skipped tap saves more than the loop costs */
                         for (int ky = ky0; ky < ky1; ky++)
                             for (int kx = kx0; kx < kx1; kx++)
                                 TAP(base + ky * row + kx * C + c, ky * 3 + kx);
+#endif
                     }
 #undef TAP
                     out[c] = requantize(a0, rq + c, 0, clamp, lo, hi);
