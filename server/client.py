@@ -87,6 +87,28 @@ class Client:
     def cancel_deployment(self, dep_id: int) -> dict:
         return self._call("POST", f"/deployments/{dep_id}/cancel").json()
 
+    def me(self) -> dict:
+        return self._call("GET", "/me").json()
+
+    def create_user(self, name: str, role: str = "developer") -> dict:
+        return self._call("POST", "/users", json={"name": name, "role": role}).json()
+
+    def users(self) -> list[dict]:
+        return self._call("GET", "/users").json()
+
+    def create_token(self, name: str, scopes: list[str] | None = None, expires_in_days: int | None = 90) -> dict:
+        return self._call("POST", "/tokens", json={"name": name, "scopes": scopes,
+                                                   "expires_in_days": expires_in_days}).json()
+
+    def tokens(self) -> list[dict]:
+        return self._call("GET", "/tokens").json()
+
+    def revoke_token(self, token_id: int) -> dict:
+        return self._call("DELETE", f"/tokens/{token_id}").json()
+
+    def rotate_device_secret(self, device_id: str) -> dict:
+        return self._call("POST", f"/devices/{device_id}/credentials").json()
+
     def wait_deployment(self, dep_id: int, timeout: float = 600.0, on_progress=None) -> dict:
         """Until the rollout has ended and no notified device is still working on it."""
         return _poll(lambda: self.deployment(dep_id),

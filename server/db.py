@@ -23,11 +23,36 @@ class Base(DeclarativeBase):
     pass
 
 
+class Organization(Base):
+    """A tenant: every device, model, build and deployment belongs to one; no request sees another's."""
+
+    __tablename__ = "organizations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
 class User(Base):
     __tablename__ = "users"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16), default="developer")  # admin, developer, viewer
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+class ApiToken(Base):
+    """A bearer token of a user: its SHA-256 only, the scopes it may use (within the user's role), until when."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list] = mapped_column(JSON)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
 
@@ -45,6 +70,7 @@ class Device(Base):
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime)
     instructions: Mapped[int | None] = mapped_column(Integer)  # last measured instructions per inference
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
 
@@ -57,6 +83,7 @@ class Model(Base):
     quantized: Mapped[bool] = mapped_column(Boolean)
     operators: Mapped[list] = mapped_column(JSON)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
 
@@ -75,6 +102,7 @@ class Build(Base):
     artifacts: Mapped[dict] = mapped_column(JSON, default=dict)  # name -> sha256 in the artifact store
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now, onupdate=now)
 
@@ -90,11 +118,12 @@ class Deployment(Base):
     force: Mapped[bool] = mapped_column(Boolean, default=False)
     rollback_of: Mapped[int | None] = mapped_column(ForeignKey("deployments.id"))
     state: Mapped[str] = mapped_column(String(16), default="in_progress")  # in_progress, succeeded, halted, cancelled
-    # "<group>/<target>" while in progress, NULL after: the database itself allows one active rollout per devices
+    # "<org>/<group>/<target>" while in progress, NULL after: the database itself allows one active rollout per devices
     active_key: Mapped[str | None] = mapped_column(String(128), unique=True)
     current_stage: Mapped[int] = mapped_column(Integer, default=-1)
     reason: Mapped[str | None] = mapped_column(Text)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now, onupdate=now)
 

@@ -20,7 +20,7 @@ from .config import Settings
 from .coordinator import Coordinator
 from .db import Device, User
 from .jobs import ensure_signing_key
-from .service import create_user
+from .service import create_organization, create_user
 
 log = logging.getLogger("tinymlaas.server")
 
@@ -105,11 +105,12 @@ class Server:
         }
 
     def _admin_token(self, ctx) -> str | None:
-        """On first start: an `admin` user, its token written to DATA/admin.token (owner-only)."""
+        """On first start: organisation `default` and its `admin` user, whose token goes to DATA/admin.token
+        (owner-only, no expiry: the operator's way in)."""
         path = self.settings.data_dir / "admin.token"
         with ctx.sessions() as session:
             if session.scalar(select(User).limit(1)) is None:
-                _, token = create_user(session, "admin")
+                _, token = create_user(session, "admin", create_organization(session, "default"))
                 write_private(path, token + "\n")
         return path.read_text().strip() if path.exists() else None
 

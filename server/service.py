@@ -6,6 +6,7 @@ themselves (rollout stages, image checks, compilation) are the core's.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 import secrets
@@ -26,7 +27,7 @@ from tinymlaas.ota.store import ArtifactStore
 from tinymlaas.targets import get_target
 
 from .broker import hash_secret
-from .db import Build, Deployment, Device, DeviceJob, Model, Telemetry, User, now
+from .db import ApiToken, Build, Deployment, Device, DeviceJob, Model, Organization, Telemetry, User, now
 
 BUILD_FINAL = ("done", "failed", "cancelled")  # a build is queued, building or emulating before one of these
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -44,40 +45,159 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_user(session: Session, name: str) -> tuple[User, str]:
+# tenants, users and tokens
+
+SCOPES = ("read", "build", "deploy", "admin")  # read anything of the organisation; models and builds; devices and
+ROLES = {"admin": SCOPES, "developer": ("read", "build", "deploy"), "viewer": ("read",)}  # rollouts; users, tokens
+TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: the user, its organisation, and the scopes its token grants within the user's role."""
+
+    user: User
+    token: ApiToken
+    scopes: frozenset
+
+    @property
+    def org_id(self) -> int:
+        return self.user.org_id
+
+    def need(self, scope: str) -> None:
+        if scope not in self.scopes:
+            why = (f"your role ({self.user.role}) does not allow it" if scope not in ROLES[self.user.role]
+                   else f"this token ('{self.token.name}') is limited to {', '.join(sorted(self.token.scopes))}")
+            raise ServiceError(403, f"this needs the '{scope}' scope: {why}", "Authorization")
+
+
+def create_organization(session: Session, name: str) -> Organization:
+    if not USER_NAME.match(name or ""):
+        raise ServiceError(422, "an organisation name: lower-case letters, digits, '.', '_', '-', '@', at most 64",
+                           "name")
+    if session.scalar(select(Organization).where(Organization.name == name)):
+        raise ServiceError(409, f"organisation '{name}' exists", "name")
+    org = Organization(name=name)
+    session.add(org)
+    session.flush()
+    return org
+
+
+def create_user(session: Session, name: str, org: Organization | None = None, role: str = "admin",
+                token_days: int | None = None) -> tuple[User, str]:
+    """A user and its first token (all of its role's scopes). No `org`: a new organisation of the same name,
+    whose admin the user is (how the service's first user, and each new tenant, starts)."""
+    if not USER_NAME.match(name or ""):
+        raise ServiceError(422, "a user name: lower-case letters, digits, '.', '_', '-', '@', at most 64", "name")
+    if role not in ROLES:
+        raise ServiceError(422, f"role must be one of {', '.join(ROLES)}, not '{str(role)[:20]}'", "role")
     if session.scalar(select(User).where(User.name == name)):
         raise ServiceError(409, f"user '{name}' exists", "name")
-    token = "tmk_" + secrets.token_urlsafe(32)
-    user = User(name=name, token_hash=token_hash(token))
+    if org is None:
+        org = create_organization(session, name)
+    user = User(name=name, org_id=org.id, role=role)
     session.add(user)
-    session.commit()
+    session.flush()
+    _, token = issue_token(session, user, "initial", ROLES[role], token_days)
     return user, token
 
 
-def user_for_token(session: Session, token: str) -> User | None:
-    return session.scalar(select(User).where(User.token_hash == token_hash(token)))
+def issue_token(session: Session, user: User, name: str, scopes, days: int | None) -> tuple[ApiToken, str]:
+    """A new token of `user` (shown once; only its hash is kept), valid for `days` (None: until revoked)."""
+    if not TOKEN_NAME.match(name or ""):
+        raise ServiceError(422, "a token name: letters, digits, ' ', '.', '_', '-', at most 64", "name")
+    unknown = [x for x in scopes if x not in SCOPES]
+    if unknown or not scopes:
+        raise ServiceError(422, f"scopes: one or more of {', '.join(SCOPES)} (not {', '.join(map(str, unknown))})"
+                           if unknown else f"scopes: one or more of {', '.join(SCOPES)}", "scopes")
+    beyond = sorted(set(scopes) - set(ROLES[user.role]))
+    if beyond:
+        raise ServiceError(403, f"a {user.role} cannot hold the scope(s) {', '.join(beyond)}", "scopes")
+    if days is not None and not 1 <= days <= 3650:
+        raise ServiceError(422, "expires_in_days: 1 to 3650 (or none: until revoked)", "expires_in_days")
+    token = "tmk_" + secrets.token_urlsafe(32)
+    row = ApiToken(user_id=user.id, name=name, token_hash=token_hash(token),
+                   scopes=[x for x in SCOPES if x in scopes],
+                   expires_at=None if days is None else now() + dt.timedelta(days=days))
+    session.add(row)
+    session.commit()
+    return row, token
+
+
+def principal_for_token(session: Session, token: str) -> Principal:
+    """The principal a bearer token stands for; 401 naming why when none (unknown, expired, revoked)."""
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash(token))) if token else None
+    if row is None:
+        raise ServiceError(401, "a valid API token is needed: 'Authorization: Bearer <token>'", "Authorization")
+    if row.revoked_at is not None:
+        raise ServiceError(401, f"this token ('{row.name}') was revoked", "Authorization")
+    t = now()
+    if row.expires_at is not None and row.expires_at <= t:
+        raise ServiceError(401, f"this token ('{row.name}') expired on {row.expires_at:%Y-%m-%d %H:%M} UTC",
+                           "Authorization")
+    user = session.get(User, row.user_id)
+    if row.last_used_at is None or (t - row.last_used_at).total_seconds() > 60:  # not a write per request
+        row.last_used_at = t
+        session.commit()
+    return Principal(user, row, frozenset(row.scopes) & frozenset(ROLES[user.role]))
+
+
+def tokens_visible_to(session: Session, who: Principal) -> list[ApiToken]:
+    """One's own tokens; an admin sees every token of the organisation."""
+    q = select(ApiToken).join(User, User.id == ApiToken.user_id).where(User.org_id == who.org_id)
+    if "admin" not in who.scopes:
+        q = q.where(ApiToken.user_id == who.user.id)
+    return list(session.scalars(q.order_by(ApiToken.id)))
+
+
+def revoke_token(session: Session, who: Principal, token_id: int) -> ApiToken:
+    row = next((t for t in tokens_visible_to(session, who) if t.id == token_id), None)
+    if row is None:
+        raise ServiceError(404, f"no token {token_id}")
+    if row.revoked_at is None:
+        row.revoked_at = now()
+        session.commit()
+    return row
+
+
+def owned(session: Session, who: Principal, model, key):
+    """The row of `who`'s organisation with this key, or None: another tenant's rows do not exist for it."""
+    row = session.get(model, key)
+    return row if row is not None and row.org_id == who.org_id else None
 
 
 # devices
 
-def register_device(session: Session, owner: User, device_id: str, target: str, group: str = "default",
+def register_device(session: Session, who: Principal, device_id: str, target: str, group: str = "default",
                     firmware_version: str | None = None) -> tuple[Device, str]:
+    who.need("deploy")
     if not DEVICE_ID.match(device_id or ""):
         raise ServiceError(422, "lower-case letters, digits, '-' and '_', at most 64, starting with a letter or digit",
                            "id")
     if _target(target).rtl is not None:
         raise ServiceError(422, f"'{target}' is a core simulated from its RTL for true cycles (builds only), not a "
                            "board a device can be", "target")
-    if session.get(Device, device_id):
-        raise ServiceError(409, f"device '{device_id}' is already registered", "id")
+    if session.get(Device, device_id):  # ids are global (they are MQTT user names): taken, whoever has it
+        raise ServiceError(409, f"device '{device_id}' is already registered (device ids are unique across the "
+                           "service)", "id")
     t = get_target(target)
     secret = secrets.token_urlsafe(24)
     device = Device(id=device_id, target=target, group=group or "default", flash_bytes=t.board.flash_bytes,
                     ram_bytes=t.board.ram_bytes, firmware_version=firmware_version, secret_hash=hash_secret(secret),
-                    owner_id=owner.id)
+                    owner_id=who.user.id, org_id=who.org_id)
     session.add(device)
     session.commit()
     return device, secret
+
+
+def rotate_device_secret(session: Session, who: Principal, device: Device) -> str:
+    """A new secret for a device (MQTT and downloads); the old one stops working at once."""
+    who.need("deploy")
+    secret = secrets.token_urlsafe(24)
+    device.secret_hash = hash_secret(secret)
+    session.commit()
+    return secret
 
 
 def _target(name: str):
@@ -89,12 +209,13 @@ def _target(name: str):
 
 # models
 
-def add_model(session: Session, store: ArtifactStore, owner: User, filename: str, data: bytes,
+def add_model(session: Session, store: ArtifactStore, who: Principal, filename: str, data: bytes,
               quantize: str = "none") -> Model:
     from tinymlaas.frontend.keras import convert_keras, is_keras_input
     from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.frontend.to_relax import unsupported_operators
 
+    who.need("build")
     if not data:
         raise ServiceError(422, "the file is empty", "file")
     if quantize not in QUANTIZE:
@@ -119,7 +240,7 @@ def add_model(session: Session, store: ArtifactStore, owner: User, filename: str
         raise ServiceError(422, f"unsupported operator(s): {', '.join(sorted(set(unsupported)))}", "file")
     digest = store.put_bytes(data)
     row = Model(name=model.name, sha256=digest, size=len(data), quantized=bool(model.quantized),
-                operators=sorted(set(model.operators)), owner_id=owner.id)
+                operators=sorted(set(model.operators)), owner_id=who.user.id, org_id=who.org_id)
     session.add(row)
     session.commit()
     return row
@@ -130,16 +251,17 @@ def add_model(session: Session, store: ArtifactStore, owner: User, filename: str
 OPEN_BUILD_STATES = ("queued", "building", "emulating")
 
 
-def request_build(session: Session, owner: User, model_id: int, target: str, constraints: dict | None = None,
+def request_build(session: Session, who: Principal, model_id: int, target: str, constraints: dict | None = None,
                   version: str | None = None, max_open: int | None = None) -> Build:
-    """Queue a build. max_open: how many of `owner`'s builds may be queued or running at once (429 beyond)."""
+    """Queue a build. max_open: how many of the user's builds may be queued or running at once (429 beyond)."""
+    who.need("build")
     if max_open is not None:
         open_builds = session.scalar(select(func.count()).select_from(Build).where(
-            Build.owner_id == owner.id, Build.state.in_(OPEN_BUILD_STATES)))
+            Build.owner_id == who.user.id, Build.state.in_(OPEN_BUILD_STATES)))
         if open_builds >= max_open:
             raise ServiceError(429, f"{open_builds} of your builds are queued or running, the most at once is "
                                f"{max_open}; wait for some to finish (or cancel them)")
-    model = session.get(Model, model_id)
+    model = owned(session, who, Model, model_id)
     if model is None:
         raise ServiceError(422, f"no model {model_id}", "model_id")
     _target(target)
@@ -149,7 +271,7 @@ def request_build(session: Session, owner: User, model_id: int, target: str, con
         except ValueError as e:
             raise ServiceError(422, str(e), "version") from None
     build = Build(model_id=model.id, target=target, constraints=constraints or {}, version=version or "",
-                  owner_id=owner.id)
+                  owner_id=who.user.id, org_id=who.org_id)
     session.add(build)
     session.flush()
     if not version:
@@ -158,19 +280,21 @@ def request_build(session: Session, owner: User, model_id: int, target: str, con
     return build
 
 
-def cancel_build(session: Session, build: Build) -> Build:
+def cancel_build(session: Session, who: Principal, build: Build) -> Build:
+    who.need("build")
     if build.state in BUILD_FINAL:
         raise ServiceError(409, f"build {build.id} is already {build.state}")
-    build.state, build.message = "cancelled", "cancelled by user"
+    build.state, build.message = "cancelled", f"cancelled by {who.user.name}"
     session.commit()
     return build
 
 
 # deployments
 
-def create_deployment(session: Session, owner: User, build_id: int, group: str, plan: RolloutPlan,
+def create_deployment(session: Session, who: Principal, build_id: int, group: str, plan: RolloutPlan,
                       force: bool = False, rollback_of: int | None = None) -> Deployment:
-    build = session.get(Build, build_id)
+    who.need("deploy")
+    build = owned(session, who, Build, build_id)
     if build is None:
         raise ServiceError(422, f"no build {build_id}", "build_id")
     if build.state != "done":
@@ -183,7 +307,8 @@ def create_deployment(session: Session, owner: User, build_id: int, group: str, 
         field, why = next(iter(problems.items()))
         raise ServiceError(422, why, field)
     devices = session.scalars(
-        select(Device).where(Device.group == group, Device.target == build.target).order_by(Device.id)
+        select(Device).where(Device.org_id == who.org_id, Device.group == group, Device.target == build.target)
+        .order_by(Device.id)
     ).all()
     if not devices:
         raise ServiceError(422, f"no {build.target} device in group '{group}'", "group")
@@ -194,13 +319,14 @@ def create_deployment(session: Session, owner: User, build_id: int, group: str, 
                                f"{len(newer)} device(s) (e.g. {newer[0].id} runs {newer[0].firmware_version}); "
                                "a downgrade needs force", "force")
     active = session.scalar(select(Deployment).join(Build, Build.id == Deployment.build_id).where(
-        Deployment.group == group, Build.target == build.target, Deployment.state == "in_progress"))
+        Deployment.org_id == who.org_id, Deployment.group == group, Build.target == build.target,
+        Deployment.state == "in_progress"))
     if active is not None:
         raise ServiceError(409, f"deployment {active.id} is still in progress for the {build.target} devices of "
                            f"group '{group}'", "group")
     dep = Deployment(build_id=build.id, group=group, stages=list(plan.stages), success_threshold=plan.success_threshold,
-                     error_threshold=plan.error_threshold, force=force, rollback_of=rollback_of, owner_id=owner.id,
-                     active_key=f"{group}/{build.target}")
+                     error_threshold=plan.error_threshold, force=force, rollback_of=rollback_of,
+                     owner_id=who.user.id, org_id=who.org_id, active_key=f"{who.org_id}/{group}/{build.target}")
     session.add(dep)
     try:
         session.flush()
@@ -217,32 +343,34 @@ def create_deployment(session: Session, owner: User, build_id: int, group: str, 
     return dep
 
 
-def rollback(session: Session, owner: User, deployment_id: int) -> Deployment:
+def rollback(session: Session, who: Principal, deployment_id: int) -> Deployment:
     """A new deployment of the build the group ran before `deployment_id` (a downgrade, so forced)."""
-    dep = session.get(Deployment, deployment_id)
+    who.need("deploy")
+    dep = owned(session, who, Deployment, deployment_id)
     if dep is None:
         raise ServiceError(404, f"no deployment {deployment_id}")
     if dep.state == "in_progress":
         raise ServiceError(409, f"deployment {dep.id} is in progress; it must halt or finish first")
     previous = session.scalar(
-        select(Deployment).where(Deployment.group == dep.group, Deployment.id < dep.id,
+        select(Deployment).where(Deployment.org_id == who.org_id, Deployment.group == dep.group, Deployment.id < dep.id,
                                  Deployment.build_id != dep.build_id, Deployment.state == "succeeded")
         .order_by(Deployment.id.desc())
     )
     if previous is None:
         raise ServiceError(409, f"group '{dep.group}' has no earlier successful deployment to roll back to")
     plan = RolloutPlan(tuple(dep.stages), dep.success_threshold, dep.error_threshold)
-    return create_deployment(session, owner, previous.build_id, dep.group, plan, force=True, rollback_of=dep.id)
+    return create_deployment(session, who, previous.build_id, dep.group, plan, force=True, rollback_of=dep.id)
 
 
-def cancel_deployment(session: Session, user: User, deployment_id: int) -> Deployment:
+def cancel_deployment(session: Session, who: Principal, deployment_id: int) -> Deployment:
     """Stop a rollout: devices not yet notified never are; those already updating finish and report as usual."""
-    dep = session.get(Deployment, deployment_id)
+    who.need("deploy")
+    dep = owned(session, who, Deployment, deployment_id)
     if dep is None:
         raise ServiceError(404, f"no deployment {deployment_id}")
     if dep.state != "in_progress":
         raise ServiceError(409, f"deployment {dep.id} is {dep.state}; only one in progress can be cancelled")
-    dep.state, dep.reason, dep.active_key = "cancelled", f"cancelled by {user.name}", None
+    dep.state, dep.reason, dep.active_key = "cancelled", f"cancelled by {who.user.name}", None
     for j in jobs_of(session, dep):
         if j.status == "pending":
             j.status, j.message = "cancelled", dep.reason

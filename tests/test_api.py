@@ -312,7 +312,7 @@ def _done_build(app, client) -> int:
     m = client.post("/api/v1/models", data={"file": (io.BytesIO(data), "ad.tflite")}, headers=client.auth).get_json()
     with app.extensions["tinymlaas"].sessions() as s:
         b = Build(model_id=m["id"], target="cortex-m4", constraints={}, version="1.0.7+0", state="done",
-                  artifacts={"image": "0" * 64, "selftest": "1" * 64}, owner_id=1)
+                  artifacts={"image": "0" * 64, "selftest": "1" * 64}, owner_id=1, org_id=1)
         s.add(b)
         s.commit()
         return b.id
@@ -349,7 +349,7 @@ def test_the_database_itself_refuses_a_second_active_deployment(app, client):
     with app.extensions["tinymlaas"].sessions() as s:
         for _ in range(2):
             s.add(Deployment(build_id=build_id, group="g1", stages=[100], success_threshold=1.0, error_threshold=0.1,
-                             owner_id=1, active_key="g1/cortex-m4"))
+                             owner_id=1, org_id=1, active_key="1/g1/cortex-m4"))
         with pytest.raises(IntegrityError):
             s.commit()
 

@@ -136,7 +136,8 @@ def _bad_build(live, tmp_path, kind: str) -> int:
         row = s.get(Build, v2["id"])
         bad = Build(model_id=row.model_id, target=row.target, constraints={}, version="9.9.9+0", state="done",
                     report={**row.report, "image": {"size": len(data)}},
-                    artifacts={**row.artifacts, "image": store.put_bytes(data)}, owner_id=row.owner_id)
+                    artifacts={**row.artifacts, "image": store.put_bytes(data)}, owner_id=row.owner_id,
+                    org_id=row.org_id)
         s.add(bad)
         s.commit()
         return bad.id
@@ -320,6 +321,31 @@ def test_cli_against_the_live_server(live, capsys, tmp_path):
     assert "CANCELLED" in out and "cancelled by admin" in out and "stage 1 (  1 dev) [." in out
     assert main(["rollouts", "cancel", str(dep["id"]), *api]) == 2  # not in progress any more
     assert "cancelled" in capsys.readouterr().err
+    # tenants: a user, a narrower token, its revocation; a second organisation made by the operator sees nothing
+    assert main(["users", "create", "dana", "--role", "viewer", *api]) == 0
+    assert "user dana (viewer); token tmk_" in capsys.readouterr().out
+    assert main(["tokens", "create", "ci", "--scopes", "read", "--expires-in-days", "3", *api]) == 0
+    made = capsys.readouterr().out
+    token = made.split(": ")[-1].split()[0]
+    assert "'ci' (read; expires " in made and token.startswith("tmk_")
+    assert main(["whoami", "--server", server.url, "--token", token]) == 0
+    assert "admin (admin) in default; token 'ci' may read" in capsys.readouterr().out
+    assert main(["devices", "register", "cli-dev-3", "--target", "cortex-m4", "--server", server.url, "--token",
+                 token]) == 2
+    assert "403" in capsys.readouterr().err
+    assert main(["tokens", "list", *api]) == 0
+    listed = capsys.readouterr().out
+    assert " ci " in listed and "active" in listed and token not in listed
+    token_id = next(line.split()[0] for line in listed.splitlines() if " ci " in line)
+    assert main(["tokens", "revoke", token_id, *api]) == 0
+    assert main(["whoami", "--server", server.url, "--token", token]) == 2
+    assert "revoked" in capsys.readouterr().err
+    assert main(["orgs", "create", "initech", "--admin", "peter", "--data", str(server.settings.data_dir)]) == 0
+    peter = capsys.readouterr().out.split("token ")[-1].split()[0]
+    assert main(["devices", "list", "--server", server.url, "--token", peter]) == 0
+    assert "cli-dev" not in capsys.readouterr().out
+    assert main(["orgs", "create", "initech", "--admin", "paul", "--data", str(server.settings.data_dir)]) == 2
+    assert "exists" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)

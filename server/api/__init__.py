@@ -7,7 +7,7 @@ from flask_smorest import Api
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
-from ..service import ServiceError, user_for_token
+from ..service import Principal, ServiceError, owned, principal_for_token
 
 
 class ProblemApi(Api):
@@ -63,29 +63,30 @@ def session():
     return g.db
 
 
-def get_or_404(model, key, what: str):
-    row = session().get(model, key)
+def get_or_404(model, key, what: str, who: Principal):
+    """A row of the caller's organisation; another tenant's is as absent as one that never was."""
+    row = owned(session(), who, model, key)
     if row is None:
         raise ServiceError(404, f"no {what} {key!r}" if isinstance(key, str) else f"no {what} {key}")
     return row
 
 
-def require_user():
+def require(scope: str = "read") -> Principal:
+    """The caller, from its bearer token, allowed `scope` (401 without a usable token, 403 without the scope)."""
     header = request.headers.get("Authorization", "")
     token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-    user = user_for_token(session(), token) if token else None
-    if user is None:
-        raise ServiceError(401, "a valid API token is needed: 'Authorization: Bearer <token>'", "Authorization")
-    return user
+    who = principal_for_token(session(), token)
+    who.need(scope)
+    return who
 
 
 def register_api(app) -> None:
-    from . import artifacts, builds, deployments, devices, models
+    from . import artifacts, builds, deployments, devices, models, tenants
 
     api = ProblemApi(app, spec_kwargs={"components": {"securitySchemes": {
         "token": {"type": "http", "scheme": "bearer"}, "device": {"type": "http", "scheme": "basic"}}},
         "security": [{"token": []}]})
-    for module in (devices, models, builds, deployments, artifacts):
+    for module in (devices, models, builds, deployments, artifacts, tenants):
         api.register_blueprint(module.blp, url_prefix="/api/v1")
 
     @app.errorhandler(ServiceError)

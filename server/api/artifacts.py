@@ -4,7 +4,7 @@ from sqlalchemy import select
 
 from .. import db
 from ..broker import check_secret
-from ..service import ServiceError, user_for_token
+from ..service import ServiceError, principal_for_token
 from . import ctx, session
 
 blp = Blueprint("artifacts", __name__, description="Content-addressed downloads (range requests resume)")
@@ -20,6 +20,14 @@ def _device_may_fetch(device_id: str, digest: str) -> bool:
     return any(digest in (a or {}).values() for (a,) in rows)
 
 
+def _org_holds(org_id: int, digest: str) -> bool:
+    """A user sees the artifacts of its organisation's models and builds, no others."""
+    if session().scalar(select(db.Model.id).where(db.Model.org_id == org_id, db.Model.sha256 == digest).limit(1)):
+        return True
+    rows = session().execute(select(db.Build.artifacts).where(db.Build.org_id == org_id)).all()
+    return any(digest in (a or {}).values() for (a,) in rows)
+
+
 @blp.route("/artifacts/<digest>", methods=["GET"])
 @blp.response(200, content_type="application/octet-stream")
 @blp.doc(security=[{"token": []}, {"device": []}])
@@ -32,7 +40,11 @@ def download(digest):
         allowed = bool(device and check_secret(auth.password or "", device.secret_hash)
                        and _device_may_fetch(device.id, digest))
     elif auth is not None and auth.type == "bearer":
-        allowed = user_for_token(session(), auth.token or "") is not None
+        who = principal_for_token(session(), auth.token or "")
+        who.need("read")
+        if not _org_holds(who.org_id, digest):  # another tenant's artifact is as absent as a missing one
+            raise ServiceError(404, f"no artifact {digest}")
+        allowed = True
     if not allowed:
         raise ServiceError(401, "a user token, or the credentials of a device this artifact was deployed to",
                            "Authorization")

@@ -4,7 +4,7 @@ from sqlalchemy import select
 
 from .. import db
 from ..service import ServiceError, cancel_build, request_build
-from . import ctx, get_or_404, require_user, schemas, session
+from . import ctx, get_or_404, require, schemas, session
 
 blp = Blueprint("builds", __name__, description="Build jobs: compile, verify in the emulator, sign")
 
@@ -14,11 +14,11 @@ blp = Blueprint("builds", __name__, description="Build jobs: compile, verify in 
 @blp.response(202, schemas.Build)
 def create(body):
     """Queue a build of a model for a target; poll its state and progress."""
-    user = require_user()
+    who = require("build")
     constraints = dict(body["constraints"])
     if body.get("search"):
         constraints["search"] = body["search"]  # kept with the build's constraints: what it was asked to do
-    build = request_build(session(), user, body["model_id"], body["target"], constraints, body["version"],
+    build = request_build(session(), who, body["model_id"], body["target"], constraints, body["version"],
                           max_open=ctx().settings.max_open_builds)
     ctx().enqueue_build(build.id)
     return build
@@ -27,26 +27,25 @@ def create(body):
 @blp.route("/builds", methods=["GET"])
 @blp.response(200, schemas.Build(many=True))
 def list_builds():
-    require_user()
-    return session().scalars(select(db.Build).order_by(db.Build.id)).all()
+    who = require()
+    return session().scalars(select(db.Build).where(db.Build.org_id == who.org_id).order_by(db.Build.id)).all()
 
 
-def _build(build_id: int) -> db.Build:
-    return get_or_404(db.Build, build_id, "build")
+def _build(build_id: int, who) -> db.Build:
+    return get_or_404(db.Build, build_id, "build", who)
 
 
 @blp.route("/builds/<int:build_id>", methods=["GET"])
 @blp.response(200, schemas.Build)
 def get_build(build_id):
-    require_user()
-    return _build(build_id)
+    return _build(build_id, require())
 
 
 @blp.route("/builds/<int:build_id>/cancel", methods=["POST"])
 @blp.response(200, schemas.Build)
 def cancel(build_id):
-    require_user()
-    return cancel_build(session(), _build(build_id))
+    who = require("build")
+    return cancel_build(session(), who, _build(build_id, who))
 
 
 ARTIFACT_FILES = {"image": "image.signed.bin", "firmware": "firmware.elf", "payload": "firmware.bin",
@@ -58,8 +57,7 @@ ARTIFACT_FILES = {"image": "image.signed.bin", "firmware": "firmware.elf", "payl
 def artifact(build_id, name):
     """One artifact of a finished build: image (signed MCUboot), firmware (ELF), payload, report, selftest; after a
     search also its Pareto front (front: JSON, front_plot: PNG)."""
-    require_user()
-    build = _build(build_id)
+    build = _build(build_id, require())
     if name not in ARTIFACT_FILES:
         raise ServiceError(404, f"no artifact '{name}'; one of: {', '.join(ARTIFACT_FILES)}", "name")
     if name not in (build.artifacts or {}):

@@ -5,7 +5,7 @@ from tinymlaas.ota.rollout import RolloutPlan
 
 from .. import db
 from ..service import cancel_deployment, create_deployment, deployment_summary, jobs_of, rollback
-from . import ctx, get_or_404, require_user, schemas, session
+from . import ctx, get_or_404, require, schemas, session
 
 blp = Blueprint("deployments", __name__, description="Staged OTA rollouts of a build to a device group")
 
@@ -23,29 +23,29 @@ def _started(dep: db.Deployment) -> db.Deployment:
 @blp.response(201, schemas.Deployment)
 def create(body):
     """Deploy a finished build to a group, stage by stage; immutable once created."""
-    user = require_user()
+    who = require("deploy")
     plan = RolloutPlan(tuple(body["stages"]), body["success_threshold"], body["error_threshold"])
-    dep = create_deployment(session(), user, body["build_id"], body["group"], plan, body["force"])
+    dep = create_deployment(session(), who, body["build_id"], body["group"], plan, body["force"])
     return _started(dep)
 
 
 @blp.route("/deployments", methods=["GET"])
 @blp.response(200, schemas.Deployment(many=True))
 def list_deployments():
-    require_user()
-    return session().scalars(select(db.Deployment).order_by(db.Deployment.id)).all()
+    who = require()
+    return session().scalars(select(db.Deployment).where(db.Deployment.org_id == who.org_id)
+                             .order_by(db.Deployment.id)).all()
 
 
-def _deployment(dep_id: int) -> db.Deployment:
-    return get_or_404(db.Deployment, dep_id, "deployment")
+def _deployment(dep_id: int, who) -> db.Deployment:
+    return get_or_404(db.Deployment, dep_id, "deployment", who)
 
 
 @blp.route("/deployments/<int:dep_id>", methods=["GET"])
 @blp.response(200, schemas.DeploymentStatus)
 def status(dep_id):
     """The rollout: state, per-stage device statuses, and every device's job."""
-    require_user()
-    dep = _deployment(dep_id)
+    dep = _deployment(dep_id, require())
     out = {c.name: getattr(dep, c.name) for c in db.Deployment.__table__.columns}
     return {**out, "summary": deployment_summary(session(), dep), "jobs": jobs_of(session(), dep)}
 
@@ -54,8 +54,8 @@ def status(dep_id):
 @blp.response(201, schemas.Deployment)
 def roll_back(dep_id):
     """A new deployment of the build the group ran before this one (forced: it is a downgrade)."""
-    user = require_user()
-    return _started(rollback(session(), user, _deployment(dep_id).id))
+    who = require("deploy")
+    return _started(rollback(session(), who, _deployment(dep_id, who).id))
 
 
 @blp.route("/deployments/<int:dep_id>/cancel", methods=["POST"])
@@ -63,5 +63,5 @@ def roll_back(dep_id):
 def cancel(dep_id):
     """Stop a rollout in progress: no further device is notified (those already updating finish); the group is free
     for a new deployment."""
-    user = require_user()
-    return cancel_deployment(session(), user, _deployment(dep_id).id)
+    who = require("deploy")
+    return cancel_deployment(session(), who, _deployment(dep_id, who).id)

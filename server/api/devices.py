@@ -6,8 +6,8 @@ from tinymlaas.ota.package import public_key_pem
 from .. import db
 from ..broker import ROOT
 from ..jobs import ensure_signing_key
-from ..service import register_device
-from . import ctx, get_or_404, require_user, schemas, session
+from ..service import register_device, rotate_device_secret
+from . import ctx, get_or_404, require, schemas, session
 
 blp = Blueprint("devices", __name__, description="Device registry")
 
@@ -17,8 +17,7 @@ blp = Blueprint("devices", __name__, description="Device registry")
 @blp.response(201, schemas.DeviceRegistered)
 def register(body):
     """Register a device; the answer holds its MQTT credentials (shown once) and the image signing key."""
-    user = require_user()
-    device, secret = register_device(session(), user, body["id"], body["target"], body["group"],
+    device, secret = register_device(session(), require("deploy"), body["id"], body["target"], body["group"],
                                      body["firmware_version"])
     c = ctx()
     if c.coordinator is not None:
@@ -35,8 +34,8 @@ def register(body):
 @blp.arguments(schemas.DeviceQuery, location="query")
 @blp.response(200, schemas.Device(many=True))
 def list_devices(query):
-    require_user()
-    q = select(db.Device).order_by(db.Device.id)
+    who = require()
+    q = select(db.Device).where(db.Device.org_id == who.org_id).order_by(db.Device.id)
     if query.get("group"):
         q = q.where(db.Device.group == query["group"])
     return session().scalars(q).all()
@@ -45,5 +44,17 @@ def list_devices(query):
 @blp.route("/devices/<device_id>", methods=["GET"])
 @blp.response(200, schemas.Device)
 def get_device(device_id):
-    require_user()
-    return get_or_404(db.Device, device_id, "device")
+    return get_or_404(db.Device, device_id, "device", require())
+
+
+@blp.route("/devices/<device_id>/credentials", methods=["POST"])
+@blp.response(200, schemas.DeviceCredentials)
+def rotate(device_id):
+    """Rotate a device's secret: the answer holds the new one (shown once); downloads and new MQTT connections
+    with the old one are refused from now on."""
+    who = require("deploy")
+    device = get_or_404(db.Device, device_id, "device", who)
+    secret = rotate_device_secret(session(), who, device)
+    if ctx().coordinator is not None:
+        ctx().coordinator.credentials_changed()
+    return {"username": device.id, "password": secret}

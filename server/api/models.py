@@ -4,7 +4,7 @@ from sqlalchemy import select
 
 from .. import db
 from ..service import add_model
-from . import ctx, get_or_404, require_user, schemas, session
+from . import ctx, get_or_404, require, schemas, session
 
 blp = Blueprint("models", __name__, description="Uploaded models")
 
@@ -15,20 +15,19 @@ blp = Blueprint("models", __name__, description="Uploaded models")
 def upload(files):
     """Upload a model (multipart field `file`: TFLite, or Keras converted here with the optional multipart field
     `quantize`: none, int8, int16x8 or mixed); parsed and checked before it is kept."""
-    user = require_user()
+    who = require("build")
     f = files["file"]
-    return add_model(session(), ctx().store, user, f.filename, f.read(), request.form.get("quantize", "none"))
+    return add_model(session(), ctx().store, who, f.filename, f.read(), request.form.get("quantize", "none"))
 
 
 @blp.route("/models", methods=["GET"])
 @blp.response(200, schemas.Model(many=True))
 def list_models():
-    require_user()
-    return session().scalars(select(db.Model).order_by(db.Model.id)).all()
+    who = require()
+    return session().scalars(select(db.Model).where(db.Model.org_id == who.org_id).order_by(db.Model.id)).all()
 
 
 @blp.route("/models/<int:model_id>", methods=["GET"])
 @blp.response(200, schemas.Model)
 def get_model(model_id):
-    require_user()
-    return get_or_404(db.Model, model_id, "model")
+    return get_or_404(db.Model, model_id, "model", require())

@@ -156,3 +156,64 @@ class DeviceJob(Schema):
 class DeploymentStatus(Deployment):
     summary = fields.Dict()
     jobs = fields.List(fields.Nested(DeviceJob))
+
+
+# tenants: users and tokens
+
+SCOPE = fields.String(validate=validate.OneOf(("read", "build", "deploy", "admin")))
+
+
+class UserCreate(Schema):
+    name = fields.String(required=True, validate=validate.Length(1, 64),
+                         metadata={"description": "lower-case letters, digits, '.', '_', '-', '@'"})
+    role = fields.String(load_default="developer", validate=validate.OneOf(("admin", "developer", "viewer")))
+
+
+class User(Schema):
+    id = fields.Integer()
+    name = fields.String()
+    role = fields.String(metadata={"description": "admin (everything, users and tokens), developer (models, builds, "
+                                   "devices, deployments), viewer (read only)"})
+    created_at = UtcDateTime()
+
+
+class UserCreated(User):
+    token = fields.String(metadata={"description": "the user's first API token (shown once)"})
+
+
+class Me(Schema):
+    user = fields.String()
+    organization = fields.String()
+    role = fields.String()
+    scopes = fields.List(fields.String(), metadata={"description": "what this token may do"})
+    token = fields.String(metadata={"description": "this token's name"})
+
+
+class TokenCreate(Schema):
+    name = fields.String(required=True, validate=validate.Length(1, 64))
+    scopes = fields.List(SCOPE, load_default=None, allow_none=True, validate=validate.Length(min=1),
+                         metadata={"description": "default: every scope of your role"})
+    expires_in_days = fields.Integer(load_default=90, allow_none=True, strict=True,
+                                     validate=validate.Range(min=1, max=3650),
+                                     metadata={"description": "null: until revoked"})
+
+
+class Token(Schema):
+    id = fields.Integer()
+    name = fields.String()
+    user_id = fields.Integer()
+    scopes = fields.List(fields.String())
+    expires_at = UtcDateTime(allow_none=True)
+    revoked_at = UtcDateTime(allow_none=True)
+    last_used_at = UtcDateTime(allow_none=True)
+    created_at = UtcDateTime()
+
+
+class TokenCreated(Token):
+    token = fields.String(metadata={"description": "the bearer token (shown once; the server keeps its hash)"})
+
+
+class DeviceCredentials(Schema):
+    username = fields.String()
+    password = fields.String(metadata={"description": "the new MQTT and download secret (shown once); the old one "
+                                       "stops working now"})
