@@ -1,17 +1,20 @@
 """MQTT brokers: Mosquitto (production; we write its password file and ACLs) or amqtt in-process (default).
 
-Both enforce the same rule: a device logs in with its own id and secret and may touch only
-`tinymlaas/v1/devices/<its id>/...`; the server's own user may touch everything under `tinymlaas/v1/`.
+Both enforce the same rules: a device logs in with its own id and secret and may touch only
+`tinymlaas/v1/devices/<its id>/...` (its last will included); the server's own user may touch everything under
+`tinymlaas/v1/`; a client's id is its user name, so no one can take over another's session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import getpass
 import hashlib
 import hmac
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -109,16 +112,77 @@ except ImportError:  # pragma: no cover - amqtt is a dependency; keeps Mosquitto
     pass
 
 
-def _confined_broker_class():
-    """amqtt's Broker, with retained messages delivered only where the ACL allows.
+# Set in each connection's own task until its CONNECT has authenticated (amqtt runs one task per connection).
+_UNAUTHENTICATED = contextvars.ContextVar("tinymlaas_unauthenticated", default=False)
 
-    amqtt 0.12 sends retained messages on SUBSCRIBE (and, on every new connection, for every filter
-    any client subscribed to) without asking the topic plugins: a device would receive other
-    devices' retained state and jobs. Mosquitto applies its ACL to retained messages too.
+
+class _GuardedSessions(dict):
+    """amqtt's session table, in which an unauthenticated CONNECT cannot see a connected client's session (amqtt
+    0.12 resolves a CONNECT's client id against it, reusing or deleting the session, before it authenticates)."""
+
+    def __contains__(self, client_id) -> bool:
+        if not super().__contains__(client_id):
+            return False
+        return not (_UNAUTHENTICATED.get() and self[client_id][0].transitions.is_connected())
+
+
+def client_allowed(username: str | None, client_id: str | None, will_topic: str | None) -> str | None:
+    """Why a logged-in MQTT client may not have this connection (None: it may): its client id is its user name (so no
+    one can take over another's session), and a last will only where it may publish."""
+    if client_id != username:
+        return f"client id '{client_id}' is not the user name '{username}'"
+    if will_topic is not None and not topic_allowed(username, will_topic):
+        return f"last will on '{will_topic}', outside the user's topics"
+    return None
+
+
+def _confined_broker_class():
+    """amqtt's Broker held to the rules Mosquitto enforces for us (its ACL, use_username_as_clientid):
+
+    - retained messages are delivered only where the ACL allows (amqtt 0.12 sends them on SUBSCRIBE, and on every
+      new connection for every filter any client subscribed to, without asking the topic plugins);
+    - a client's id must be its user name and its last will must be on its own topics (amqtt publishes wills
+      without any ACL check), else the connection is refused;
+    - a CONNECT changes no existing session before it has authenticated (amqtt deletes or reuses the session of
+      the client id it names first: anyone could deafen the coordinator by connecting with its id); once it has,
+      the old connection of that client id is closed, as MQTT's session take-over requires.
     """
     from amqtt.broker import Broker
 
     class ConfinedBroker(Broker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._sessions = _GuardedSessions(self._sessions)
+
+        async def _client_connected(self, listener_name, reader, writer) -> None:
+            _UNAUTHENTICATED.set(True)  # this connection's task only
+            await super()._client_connected(listener_name, reader, writer)
+
+        async def _delete_session(self, client_id: str) -> None:
+            if _UNAUTHENTICATED.get():
+                return  # a clean-session CONNECT: done after it has authenticated (below)
+            await super()._delete_session(client_id)
+
+        async def _authenticate(self, session, listener) -> bool:
+            ok = await super()._authenticate(session, listener)
+            why = client_allowed(session.username, session.client_id, session.will_topic if session.will_flag
+                                 else None) if ok else "bad user name or password"
+            if why is not None:
+                self.logger.warning("refused MQTT client %r: %s", session.client_id, why)
+                # amqtt files even a refused connection under its client id: give it one that is no one's
+                session.client_id = f"refused-{secrets.token_hex(8)}"
+                asyncio.get_running_loop().call_later(30, self._sessions.pop, session.client_id, None)
+                return False
+            _UNAUTHENTICATED.set(False)
+            old = self._sessions.get(session.client_id)
+            if old is not None and old[0] is not session:
+                if old[0].transitions.is_connected():  # take-over: the same client, connected anew
+                    await old[1].handle_connection_closed()
+                    await old[1].stop()
+                if session.clean_session:
+                    await super()._delete_session(session.client_id)
+            return True
+
         async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
             topic_filter, qos = subscription
             handler = self._get_handler(session)
@@ -221,6 +285,7 @@ class MosquittoBroker:
             "per_listener_settings false\n"
             f"user {getpass.getuser()}\n"  # no privilege drop: the files stay readable on reload
             f"listener {self.port} {self.host}\n"
+            "use_username_as_clientid true\n"  # a listener's setting: no one takes over another's session
             "allow_anonymous false\n"
             f"password_file {self.dir / 'passwd'}\n"
             f"acl_file {self.dir / 'acl'}\n"

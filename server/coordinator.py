@@ -31,7 +31,7 @@ class Coordinator:
         self.broker = broker
         self.lock = threading.RLock()  # one rollout decision at a time
         self.connected = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tinymlaas-coordinator",
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=SERVER_USER,
                                   clean_session=True)
         self.client.username_pw_set(SERVER_USER, password)
         self.client.max_queued_messages_set(0)

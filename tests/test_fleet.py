@@ -220,12 +220,14 @@ def test_devices_are_confined_to_their_own_topics_and_the_will_marks_them_lost(l
     agents = start_agents(server, live["root"], ["acl-a", "acl-b"], group="acl")
     a, b = agents
     got = []
-    spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="acl-spy")
+    a.stop()  # its login is the spy's: a client's id must be its user name (so the spy would take a's session over)
+    spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="acl-a")
     spy.username_pw_set("acl-a", a.state["mqtt"]["password"])
     spy.on_message = lambda c, u, m: got.append(m.topic)
     try:
         spy.connect("127.0.0.1", server.settings.mqtt_port)
         spy.loop_start()
+        wait_for(spy.is_connected, 5, "the spy's login")
         spy.subscribe(f"{ROOT}/devices/acl-b/#", qos=1)
         spy.publish(f"{ROOT}/devices/acl-b/jobs/dep1-acl-b/update", b'{"status": "SUCCEEDED"}', qos=1)
         b._publish("telemetry", {"instructions": 1})
