@@ -159,12 +159,52 @@ static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox
     "bne 2b\n\t"                                                                                          \
     "3:\n\t"
 
-/* pixel 0 and 1's inputs times channel 0 and 1's weights (the non-DSP gemm) */
-#define TINYMLAAS_MAC2X2(x0, x1, w0, w1)                                                                 \
-    do {                                                                                                  \
-        const int32_t x0_ = (x0), x1_ = (x1), w0_ = (w0), w1_ = (w1);                                     \
-        a00 += x0_ * w0_, a01 += x0_ * w1_, a10 += x1_ * w0_, a11 += x1_ * w1_;                           \
-    } while (0)
+/*
+ * Without DSP (RV32, Cortex-M0/M3) the same products in C, with scalar accumulators so that each input and weight
+ * is loaded once for all the products it takes part in. k's patch slot: lane_of[k] (int8 weights are in k order,
+ * int16 ones already in the patch's lane order).
+ */
+static inline __attribute__((always_inline)) int slot(int wide, int k)
+{
+    return wide ? k : lane_of[k];
+}
+
+static inline __attribute__((always_inline)) int32_t weight(const void *weights, int wide, int i)
+{
+    return wide ? ((const int16_t *)weights)[i] : ((const int8_t *)weights)[i];
+}
+
+/* 2 pixels x 2 channels (the gemm), weights [quad][channel 0..1][4] */
+static inline __attribute__((always_inline)) void mac2x2_scalar(const int16_t *patch, const void *weights, int wide,
+                                                                int quads, int32_t acc[4])
+{
+    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+    for (int q = 0; q < quads; q++, patch += 8) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            const int32_t x0 = patch[slot(wide, k)], x1 = patch[4 + slot(wide, k)];
+            const int32_t w0 = weight(weights, wide, q * 8 + k), w1 = weight(weights, wide, q * 8 + 4 + k);
+            a00 += x0 * w0, a01 += x0 * w1, a10 += x1 * w0, a11 += x1 * w1;
+        }
+    }
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+}
+
+/* 1 pixel x 4 channels (the gemv), weights [quad][channel 0..3][4] */
+static inline __attribute__((always_inline)) void mac1x4_scalar(const int16_t *patch, const void *weights, int wide,
+                                                                int quads, int32_t acc[4])
+{
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (int q = 0; q < quads; q++, patch += 4) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            const int32_t x = patch[slot(wide, k)];
+            a0 += x * weight(weights, wide, q * 16 + k), a1 += x * weight(weights, wide, q * 16 + 4 + k);
+            a2 += x * weight(weights, wide, q * 16 + 8 + k), a3 += x * weight(weights, wide, q * 16 + 12 + k);
+        }
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
 
 /* acc[pixel * 2 + channel] = sum over quads of patch x weights (2 pixels x 2 channels), int8 weights */
 static inline __attribute__((always_inline)) void mac2x2_w8(const int16_t *patch, const int8_t *weights, int quads,
@@ -200,15 +240,7 @@ static inline __attribute__((always_inline)) void mac2x2_w8(const int16_t *patch
 #undef TINYMLAAS_QUAD8
     acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
 #else
-    /* no DSP (RV32): each input and weight loaded once for the four products */
-    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0;
-    for (int q = 0; q < quads; q++, patch += 8, weights += 8) {
-        TINYMLAAS_MAC2X2(patch[0], patch[4], weights[0], weights[4]);
-        TINYMLAAS_MAC2X2(patch[2], patch[6], weights[1], weights[5]);
-        TINYMLAAS_MAC2X2(patch[1], patch[5], weights[2], weights[6]);
-        TINYMLAAS_MAC2X2(patch[3], patch[7], weights[3], weights[7]);
-    }
-    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+    mac2x2_scalar(patch, weights, 0, quads, acc);
 #endif
 }
 
@@ -243,14 +275,7 @@ static inline __attribute__((always_inline)) void mac2x2_w16(const int16_t *patc
 #undef TINYMLAAS_QUAD
     acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
 #else
-    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0;
-    for (int q = 0; q < quads; q++, patch += 8, weights += 8) {
-        TINYMLAAS_MAC2X2(patch[0], patch[4], weights[0], weights[4]);
-        TINYMLAAS_MAC2X2(patch[1], patch[5], weights[1], weights[5]);
-        TINYMLAAS_MAC2X2(patch[2], patch[6], weights[2], weights[6]);
-        TINYMLAAS_MAC2X2(patch[3], patch[7], weights[3], weights[7]);
-    }
-    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+    mac2x2_scalar(patch, weights, 1, quads, acc);
 #endif
 }
 
@@ -331,13 +356,6 @@ void tinymlaas_gemm_w16(const int8_t *restrict input, const int16_t *restrict we
     TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
 }
 
-/* one input times four channels' weights (the non-DSP gemv) */
-#define TINYMLAAS_MAC4(x, w0, w1, w2, w3)                                                                \
-    do {                                                                                                  \
-        const int32_t x_ = (x);                                                                           \
-        a0 += x_ * (w0), a1 += x_ * (w1), a2 += x_ * (w2), a3 += x_ * (w3);                               \
-    } while (0)
-
 /* acc[j] = patch . weights of channel j, one pixel, four channels, int8 weights */
 static inline __attribute__((always_inline)) void mac1x4_w8(const int16_t *patch, const int8_t *weights, int quads,
                                                             int32_t acc[4])
@@ -371,15 +389,7 @@ static inline __attribute__((always_inline)) void mac1x4_w8(const int16_t *patch
 #undef TINYMLAAS_PAIR8
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 #else
-    /* no DSP (RV32): scalar accumulators, each input loaded once for the four channels */
-    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    for (int q = 0; q < quads; q++, patch += 4, weights += 16) {
-        TINYMLAAS_MAC4(patch[0], weights[0], weights[4], weights[8], weights[12]);
-        TINYMLAAS_MAC4(patch[2], weights[1], weights[5], weights[9], weights[13]);
-        TINYMLAAS_MAC4(patch[1], weights[2], weights[6], weights[10], weights[14]);
-        TINYMLAAS_MAC4(patch[3], weights[3], weights[7], weights[11], weights[15]);
-    }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+    mac1x4_scalar(patch, weights, 0, quads, acc);
 #endif
 }
 
@@ -413,14 +423,7 @@ static inline __attribute__((always_inline)) void mac1x4_w16(const int16_t *patc
         : "cc", "memory");
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 #else
-    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    for (int q = 0; q < quads; q++, patch += 4, weights += 16) {
-        TINYMLAAS_MAC4(patch[0], weights[0], weights[4], weights[8], weights[12]);
-        TINYMLAAS_MAC4(patch[1], weights[1], weights[5], weights[9], weights[13]);
-        TINYMLAAS_MAC4(patch[2], weights[2], weights[6], weights[10], weights[14]);
-        TINYMLAAS_MAC4(patch[3], weights[3], weights[7], weights[11], weights[15]);
-    }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+    mac1x4_scalar(patch, weights, 1, quads, acc);
 #endif
 }
 
