@@ -32,6 +32,11 @@ class Organization(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
 
+# what a token may do: read anything of its organisation; models and builds; devices and rollouts; users and tokens
+SCOPES = ("read", "build", "deploy", "admin")
+ROLES = {"admin": SCOPES, "developer": ("read", "build", "deploy"), "viewer": ("read",)}  # role -> its scopes
+
+
 class User(Base):
     __tablename__ = "users"
     id: Mapped[int] = mapped_column(primary_key=True)

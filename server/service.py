@@ -27,7 +27,7 @@ from tinymlaas.ota.store import ArtifactStore
 from tinymlaas.targets import get_target
 
 from .broker import hash_secret
-from .db import ApiToken, Build, Deployment, Device, DeviceJob, Model, Organization, Telemetry, User, now
+from .db import ROLES, SCOPES, ApiToken, Build, Deployment, Device, DeviceJob, Model, Organization, Telemetry, User, now
 
 BUILD_FINAL = ("done", "failed", "cancelled")  # a build is queued, building or emulating before one of these
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -47,8 +47,6 @@ def token_hash(token: str) -> str:
 
 # tenants, users and tokens
 
-SCOPES = ("read", "build", "deploy", "admin")  # read anything of the organisation; models and builds; devices and
-ROLES = {"admin": SCOPES, "developer": ("read", "build", "deploy"), "viewer": ("read",)}  # rollouts; users, tokens
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
 

@@ -4,7 +4,7 @@ import io
 import json
 
 import pytest
-from conftest import model_path
+from conftest import done_build, model_path
 from sqlalchemy import func, select
 
 from server import create_app
@@ -306,16 +306,7 @@ def test_the_database_file_is_private_from_the_start(tmp_path):
 
 
 def _done_build(app, client) -> int:
-    """A finished build with an image, written straight to the database (the rollout logic is under test here)."""
-    client.post("/api/v1/devices", json={"id": "g1-dev", "target": "cortex-m4", "group": "g1"}, headers=client.auth)
-    data = model_path("ad01_int8").read_bytes()
-    m = client.post("/api/v1/models", data={"file": (io.BytesIO(data), "ad.tflite")}, headers=client.auth).get_json()
-    with app.extensions["tinymlaas"].sessions() as s:
-        b = Build(model_id=m["id"], target="cortex-m4", constraints={}, version="1.0.7+0", state="done",
-                  artifacts={"image": "0" * 64, "selftest": "1" * 64}, owner_id=1, org_id=1)
-        s.add(b)
-        s.commit()
-        return b.id
+    return done_build(app, client, client.auth, "g1")[0]
 
 
 def test_ten_concurrent_deployments_to_one_group_start_exactly_one(app, client):

@@ -5,12 +5,12 @@ import datetime as dt
 import io
 
 import pytest
-from conftest import model_path
+from conftest import done_build
 
 from server import create_app
 from server.broker import check_secret
 from server.config import Settings
-from server.db import ApiToken, Build, Device, Model, alembic_config
+from server.db import ApiToken, Device, alembic_config
 from server.service import create_organization, create_user
 
 
@@ -36,25 +36,9 @@ def problem(r, status: int, words: str, field: str | None = None):
         assert body["field"] == field, body
 
 
-def _done_build(app, org_token: str, c, group: str) -> tuple[int, dict]:
-    """A device, a model and a finished build of the token's organisation (the build written straight to the
-    database: the rollout and access logic are under test, not the compiler)."""
-    assert c.post("/api/v1/devices", json={"id": f"{group}-dev", "target": "cortex-m4", "group": group},
-                  headers=auth(org_token)).status_code == 201
-    m = c.post("/api/v1/models", data={"file": (io.BytesIO(model_path("ad01_int8").read_bytes()), "ad.tflite")},
-               headers=auth(org_token)).get_json()
-    with app.extensions["tinymlaas"].sessions() as s:
-        row = s.get(Model, m["id"])
-        b = Build(model_id=row.id, target="cortex-m4", constraints={}, version="1.0.7+0", state="done",
-                  artifacts={"image": "0" * 64, "selftest": "1" * 64}, owner_id=row.owner_id, org_id=row.org_id)
-        s.add(b)
-        s.commit()
-        return b.id, m
-
-
 def test_an_organisation_sees_and_touches_nothing_of_another(app):
     c = app.test_client()
-    build_id, model = _done_build(app, app.alice, c, "lab")
+    build_id, model = done_build(app, c, auth(app.alice), "lab")
     dep = c.post("/api/v1/deployments", json={"build_id": build_id, "group": "lab"}, headers=auth(app.alice))
     assert dep.status_code == 201
     dep_id = dep.get_json()["id"]
@@ -76,7 +60,7 @@ def test_an_organisation_sees_and_touches_nothing_of_another(app):
                  "devices/lab-dev/credentials"):
         problem(c.post(f"/api/v1/{path}", headers=bob), 404, "no ")
     # the same group name in two organisations is two groups: bob's rollout starts beside alice's, to his device only
-    bob_build, _ = _done_build(app, app.bob, c, "other")
+    bob_build, _ = done_build(app, c, auth(app.bob), "other")
     assert c.post("/api/v1/devices", json={"id": "bob-lab-1", "target": "cortex-m4", "group": "lab"},
                   headers=bob).status_code == 201
     r = c.post("/api/v1/deployments", json={"build_id": bob_build, "group": "lab"}, headers=bob)

@@ -7,7 +7,7 @@ from marshmallow import Schema, fields, validate
 
 from tinymlaas.search.search import STRATEGIES
 
-from ..db import MAX_ID
+from ..db import MAX_ID, ROLES, SCOPES
 
 
 def Id(**kwargs):
@@ -160,13 +160,13 @@ class DeploymentStatus(Deployment):
 
 # tenants: users and tokens
 
-SCOPE = fields.String(validate=validate.OneOf(("read", "build", "deploy", "admin")))
+SCOPE = fields.String(validate=validate.OneOf(SCOPES))
 
 
 class UserCreate(Schema):
     name = fields.String(required=True, validate=validate.Length(1, 64),
                          metadata={"description": "lower-case letters, digits, '.', '_', '-', '@'"})
-    role = fields.String(load_default="developer", validate=validate.OneOf(("admin", "developer", "viewer")))
+    role = fields.String(load_default="developer", validate=validate.OneOf(tuple(ROLES)))
 
 
 class User(Schema):
