@@ -42,7 +42,7 @@ class CompileOptions:
     max_flash: int | None = None  # user constraints, tighter than the board's
     max_ram: int | None = None
     int8_lowering: str = "integer"  # "integer": our integer kernels; "float": TVM's dequantize/float/quantize
-    kernels: str = "auto"  # int8 layers: "tir", "dsp"/"dsp16" (DSP micro-kernels, int8/int16 weights), "auto" (dsp if DSP)
+    kernels: str = "auto"  # int8 layers: "tir", "dsp"/"dsp16" (DSP micro-kernels, int8/int16 weights), "auto" (dsp where offered)
     quantize: str = "none"  # Keras/SavedModel input: none | int8 | int16x8
     calibration: str | None = None  # .npz of calibration samples for quantizing Keras/SavedModel input
     variant: object = None  # a search.space.Variant: per-layer kernels, schedule and fusion (overrides `kernels`)
