@@ -31,7 +31,7 @@ class ServerContext:
     sessions: object
     store: ArtifactStore
     coordinator: object | None = None  # set when MQTT runs; deployments wait for it otherwise
-    health: object | None = None  # set by `serve`: () -> {part: problem or None} for the broker, MQTT, workers
+    health: object | None = None  # set by `serve`: () -> ({part: problem or None}, {part: restarts})
 
     def enqueue_build(self, build_id: int) -> None:
         from .jobs import enqueue_build

@@ -180,7 +180,8 @@ def _watch_rollout(client, dep_id: int) -> dict:
 def cmd_deploy(args) -> int:
     client = _client(args)
     stages = [int(x) for x in args.stages.split(",")]
-    d = client.deploy(args.build, args.group, stages, args.success_threshold, args.error_threshold, args.force)
+    d = client.deploy(args.build, args.group, stages, args.success_threshold, args.error_threshold, args.force,
+                      args.job_timeout)
     if args.wait:
         d = _watch_rollout(client, d["id"])
     return _show_rollout(client, d["id"], args.json)
@@ -413,6 +414,8 @@ def register(sub) -> None:
     p.add_argument("--stages", default="100", help="cumulative percentages, e.g. 10,50,100 (default 100)")
     p.add_argument("--success-threshold", type=float, default=1.0, help="fraction of a stage to advance (1.0)")
     p.add_argument("--error-threshold", type=float, default=0.1, help="fraction failed that halts (0.1)")
+    p.add_argument("--job-timeout", type=int, default=1800,
+                   help="seconds a notified device may stay silent before its job counts as failed (1800)")
     p.add_argument("--force", action="store_true", help="allow a downgrade")
     p.add_argument("--wait", action="store_true", help="follow the rollout until it ends")
     p.set_defaults(func=cmd_deploy)

@@ -70,10 +70,10 @@ class Client:
         return Path(out)
 
     def deploy(self, build_id: int, group: str = "default", stages=(100,), success_threshold: float = 1.0,
-               error_threshold: float = 0.1, force: bool = False) -> dict:
+               error_threshold: float = 0.1, force: bool = False, job_timeout: int = 1800) -> dict:
         return self._call("POST", "/deployments", json={
             "build_id": build_id, "group": group, "stages": list(stages), "success_threshold": success_threshold,
-            "error_threshold": error_threshold, "force": force}).json()
+            "error_threshold": error_threshold, "force": force, "job_timeout": job_timeout}).json()
 
     def deployment(self, dep_id: int) -> dict:
         return self._call("GET", f"/deployments/{dep_id}").json()
@@ -132,7 +132,7 @@ def _poll(fetch, finished, timeout: float, on_progress, still, interval: float) 
 
 def draw_rollout(d: dict, width: int = 60) -> str:
     """The rollout as text: one row per stage, one mark per device."""
-    marks = {"succeeded": "#", "failed": "X", "rejected": "R", "in_progress": "~", "notified": ".",
+    marks = {"succeeded": "#", "failed": "X", "rejected": "R", "timed_out": "T", "in_progress": "~", "notified": ".",
              "pending": " ", "cancelled": "-"}
     lines = [f"deployment {d['id']} (build {d['build_id']} -> group '{d['group']}'): {d['state'].upper()}"
              + (f" — {d['reason']}" if d.get("reason") else "")]
@@ -143,5 +143,5 @@ def draw_rollout(d: dict, width: int = 60) -> str:
         lines.append(f"  {label} [{rows[0]:<{width}}]")
         lines += [f"  {'':<{len(label)}} [{r:<{width}}]" for r in rows[1:]]
     counts = ", ".join(f"{k} {v}" for k, v in sorted(d["summary"]["counts"].items()))
-    lines.append(f"  {counts}    (# succeeded, X failed, R rejected, ~ updating, . notified, - cancelled)")
+    lines.append(f"  {counts}    (# succeeded, X failed, R rejected, T timed out, ~ updating, . notified, - cancelled)")
     return "\n".join(lines)

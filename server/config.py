@@ -19,6 +19,7 @@ class Settings:
     max_upload_bytes: int = 64 * 1024 * 1024
     build_inputs: int = 10  # random inputs each build is verified with (and replayed by the self-test)
     max_open_builds: int = 16  # per user: builds queued or running at once; more is 429 until some finish
+    build_lease_seconds: float = 60.0  # a worker renews its claim on a build this often x3; a lapsed claim is requeued
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir).resolve()
@@ -50,6 +51,7 @@ class Settings:
             "TINYMLAAS_QUEUE_URL": self.queue_url,
             "TINYMLAAS_PUBLIC_URL": self.public_url,
             "TINYMLAAS_BUILD_INPUTS": str(self.build_inputs),
+            "TINYMLAAS_BUILD_LEASE": str(self.build_lease_seconds),
         }
 
     @classmethod
@@ -57,4 +59,5 @@ class Settings:
         env = os.environ.get
         return cls(public_url=env("TINYMLAAS_PUBLIC_URL", cls.public_url),
                    build_inputs=int(env("TINYMLAAS_BUILD_INPUTS", cls.build_inputs)),
-                   max_open_builds=int(env("TINYMLAAS_MAX_OPEN_BUILDS", cls.max_open_builds)))
+                   max_open_builds=int(env("TINYMLAAS_MAX_OPEN_BUILDS", cls.max_open_builds)),
+                   build_lease_seconds=float(env("TINYMLAAS_BUILD_LEASE", cls.build_lease_seconds)))

@@ -20,15 +20,17 @@ from sqlalchemy import select
 
 from .broker import ROOT, SERVER_USER
 from .db import Build, Deployment, DeviceJob
-from .service import advance, apply_job_update, record_state, record_telemetry
+from .service import advance, apply_job_update, expire_silent_jobs, record_state, record_telemetry
 
 log = logging.getLogger("tinymlaas.coordinator")
 
 
 class Coordinator:
-    def __init__(self, context, host: str, port: int, password: str, broker=None):
+    def __init__(self, context, host: str, port: int, password: str, broker=None, watch_every: float = 2.0):
         self.ctx = context
         self.broker = broker
+        self.watch_every = watch_every  # seconds between checks for devices silent past their job's timeout
+        self._stopping = threading.Event()
         self.lock = threading.RLock()  # one rollout decision at a time
         self.connected = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=SERVER_USER,
@@ -46,8 +48,10 @@ class Coordinator:
         self.client.loop_start()
         if not self.connected.wait(15):
             raise TimeoutError(f"the coordinator could not connect to MQTT at {self.host}:{self.port}")
+        threading.Thread(target=self._watch, name="coordinator-timeouts", daemon=True).start()
 
     def stop(self) -> None:
+        self._stopping.set()
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -82,6 +86,25 @@ class Coordinator:
             dep = s.get(Deployment, deployment_id)
             for job in advance(s, dep):
                 self._notify(s, job)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.watch_every):
+            try:
+                self.expire_silent_jobs()
+            except Exception:  # e.g. the database briefly locked: next round
+                log.exception("checking job timeouts")
+
+    def expire_silent_jobs(self) -> None:
+        """Time out the jobs of devices that stayed silent, take back their notifications, and let each rollout
+        decide again (it may halt, or go on to its next stage)."""
+        with self.lock, self.ctx.sessions() as s:
+            expired = expire_silent_jobs(s)
+            for jobs in expired.values():
+                for job in jobs:
+                    log.warning("job %s timed out", job.id)
+                    self.client.publish(f"{ROOT}/devices/{job.device_id}/jobs/notify-next", b"", qos=1, retain=True)
+        for deployment_id in expired:
+            self.kick(deployment_id)
 
     def _job_document(self, s, job: DeviceJob) -> dict:
         dep = s.get(Deployment, job.deployment_id)

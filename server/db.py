@@ -106,6 +106,9 @@ class Build(Base):
     report: Mapped[dict | None] = mapped_column(JSON)
     artifacts: Mapped[dict] = mapped_column(JSON, default=dict)  # name -> sha256 in the artifact store
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # the worker running it and until when its claim holds (renewed while it runs; a lapsed claim is requeued)
+    lease_owner: Mapped[str | None] = mapped_column(String(96))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
@@ -126,6 +129,7 @@ class Deployment(Base):
     # "<org>/<group>/<target>" while in progress, NULL after: the database itself allows one active rollout per devices
     active_key: Mapped[str | None] = mapped_column(String(128), unique=True)
     current_stage: Mapped[int] = mapped_column(Integer, default=-1)
+    job_timeout: Mapped[int] = mapped_column(Integer, default=1800)  # s a notified device may stay silent
     reason: Mapped[str | None] = mapped_column(Text)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)

@@ -1,19 +1,27 @@
 """Build jobs: Huey tasks (SQLite queue by default, Redis by URL) run by worker processes.
 
 A build is a database row (its state and progress are what users see) and a Huey task carrying its
-id. The task is idempotent: it does nothing for a build that is already final. A worker that starts
-requeues builds left `building`/`emulating` by a worker that died, so no build is ever lost.
+id. The task is idempotent: it does nothing for a build that is already final, and runs a build only
+after claiming it in the database (a lease: owner and expiry, renewed while it runs), so two workers
+never run one build at once. Every worker requeues, now and then, the builds whose lease lapsed (their
+worker died with its server, or was killed), so no build is ever lost or run twice.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
 import traceback
+import uuid
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 
 from tinymlaas.errors import TinyMLaaSError
 from tinymlaas.measurements import MeasurementStore
@@ -23,8 +31,8 @@ from tinymlaas.pipeline import STAGES, CompileOptions, compile_model
 from tinymlaas.targets import get_target
 
 from .config import Settings
-from .db import Build, Model, make_engine, make_sessionmaker
-from .service import BUILD_FINAL
+from .db import Build, Model, make_engine, make_sessionmaker, now
+from .service import OPEN_BUILD_STATES
 
 log = logging.getLogger("tinymlaas.jobs")
 EMULATING_FROM = STAGES.index("emulate")
@@ -34,6 +42,61 @@ _HUEY: dict[str, object] = {}
 
 class BuildCancelled(Exception):
     pass
+
+
+class LeaseLost(BuildCancelled):
+    """Another worker took the build over (this one stalled past its lease): stop without writing a result."""
+
+
+class Lease:
+    """This worker's claim on one build, renewed by a thread every third of its length while the build runs."""
+
+    def __init__(self, sessions, build_id: int, seconds: float):
+        self.sessions, self.build_id, self.seconds = sessions, build_id, seconds
+        self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+
+    def _expiry(self) -> dt.datetime:
+        return now() + dt.timedelta(seconds=self.seconds)
+
+    def claim(self) -> bool:
+        """Take the build if it is open and nobody holds a live claim on it (one UPDATE: atomic on every database)."""
+        with self.sessions() as s:
+            claimed = s.execute(
+                update(Build).where(Build.id == self.build_id, Build.state.in_(OPEN_BUILD_STATES),
+                                    or_(Build.lease_owner.is_(None), Build.lease_expires_at < now()))
+                .values(state="building", stage="import", progress=0.0, message=None, attempts=Build.attempts + 1,
+                        lease_owner=self.owner, lease_expires_at=self._expiry())
+            ).rowcount == 1
+            s.commit()
+        if claimed:
+            threading.Thread(target=self._renew, name=f"lease-{self.build_id}", daemon=True).start()
+        return claimed
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            with self.sessions() as s:
+                held = s.execute(update(Build).where(Build.id == self.build_id, Build.lease_owner == self.owner)
+                                 .values(lease_expires_at=self._expiry())).rowcount == 1
+                s.commit()
+            if not held:
+                self.lost.set()
+                return
+
+    def check(self, build: Build) -> None:
+        """Within a session that has the build loaded: stop if the claim is gone or the build was cancelled."""
+        if self.lost.is_set() or build.lease_owner != self.owner:
+            raise LeaseLost()
+        if build.state == "cancelled":
+            raise BuildCancelled()
+
+    def release(self) -> None:
+        self._stop.set()
+        with self.sessions() as s:
+            s.execute(update(Build).where(Build.id == self.build_id, Build.lease_owner == self.owner)
+                      .values(lease_owner=None, lease_expires_at=None))
+            s.commit()
 
 
 def make_huey(queue_url: str):
@@ -79,13 +142,20 @@ def run_build(settings: Settings, build_id: int) -> None:
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine)
     store = ArtifactStore(settings.artifacts_dir)
+    lease = Lease(sessions, build_id, settings.build_lease_seconds)
+    if not lease.claim():
+        log.info("build %s is final, gone or held by another worker: not run here", build_id)
+        return
+    try:
+        _run_claimed_build(settings, build_id, sessions, engine, store, lease)
+    finally:
+        lease.release()
+
+
+def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, store: ArtifactStore,
+                       lease: Lease) -> None:
     with sessions() as s:
         build = s.get(Build, build_id)
-        if build is None or build.state in BUILD_FINAL:
-            return
-        build.state, build.stage, build.progress, build.message = "building", "import", 0.0, None
-        build.attempts += 1
-        s.commit()
         model = s.get(Model, build.model_id)
         target, constraints, version = build.target, dict(build.constraints or {}), build.version
         model_name, model_digest = model.name, model.sha256
@@ -95,8 +165,7 @@ def run_build(settings: Settings, build_id: int) -> None:
     def progress(stage: str) -> None:
         with sessions() as s:
             b = s.get(Build, build_id)
-            if b.state == "cancelled":
-                raise BuildCancelled()
+            lease.check(b)
             b.stage = stage
             b.state = "emulating" if STAGES.index(stage) >= EMULATING_FROM else "building"
             done = searched_share[0]
@@ -113,7 +182,7 @@ def run_build(settings: Settings, build_id: int) -> None:
             variant, searched, summary = None, None, None
             if constraints.get("search"):
                 variant, searched, summary = _search(model_path, target, constraints, inputs, Path(tmp), sessions,
-                                                     build_id)
+                                                     build_id, lease)
                 searched_share[0] = SEARCH_SHARE
             options = CompileOptions(inputs=inputs, max_flash=constraints.get("max_flash"),
                                      max_ram=constraints.get("max_ram"), variant=variant)
@@ -134,8 +203,7 @@ def run_build(settings: Settings, build_id: int) -> None:
                              selftest=store.put_file(package.selftest))
         with sessions() as s:
             b = s.get(Build, build_id)
-            if b.state == "cancelled":
-                return
+            lease.check(b)
             b.state, b.stage, b.progress = "done", "done", 1.0
             b.report = {k: v for k, v in report.to_dict().items() if k != "artifacts"}
             if summary is not None:
@@ -147,16 +215,19 @@ def run_build(settings: Settings, build_id: int) -> None:
             s.commit()
         MeasurementStore(engine=engine).record_compile(report, Path(report.artifacts["model"]), source="service",
                                                        build_id=build_id)
+    except LeaseLost:
+        log.warning("build %s: another worker took it over; this run stops", build_id)
     except BuildCancelled:
         log.info("build %s cancelled", build_id)
     except TinyMLaaSError as e:
-        _fail(sessions, build_id, str(e))
+        _fail(sessions, build_id, lease, str(e))
     except Exception as e:  # noqa: BLE001 - a bug, not the user's input: keep the trace in the log, a line in the build
         log.error("build %s: %s", build_id, traceback.format_exc())
-        _fail(sessions, build_id, f"internal error: {type(e).__name__}: {e}")
+        _fail(sessions, build_id, lease, f"internal error: {type(e).__name__}: {e}")
 
 
-def _search(model_path: Path, target: str, constraints: dict, inputs, tmp: Path, sessions, build_id: int):
+def _search(model_path: Path, target: str, constraints: dict, inputs, tmp: Path, sessions, build_id: int,
+            lease: Lease):
     """The variant search a build asked for; its progress is the build's (stage "search", up to SEARCH_SHARE).
     Returns the chosen Variant, the folder with front.json and front.png, and a summary for the build's report."""
     from tinymlaas.search.search import Constraints, search, write_result
@@ -167,8 +238,7 @@ def _search(model_path: Path, target: str, constraints: dict, inputs, tmp: Path,
     def progress(done: int, total: int, point) -> None:
         with sessions() as s:
             b = s.get(Build, build_id)
-            if b.state == "cancelled":
-                raise BuildCancelled()
+            lease.check(b)
             b.stage, b.progress = "search", round(SEARCH_SHARE * done / total, 3)
             b.message = f"search: {done} of {total} variants built"
             s.commit()
@@ -188,42 +258,62 @@ def _search(model_path: Path, target: str, constraints: dict, inputs, tmp: Path,
     return Variant.from_dict(result.points[result.chosen].variant), tmp / "front", result.summary()
 
 
-def _fail(sessions, build_id: int, message: str) -> None:
+def _fail(sessions, build_id: int, lease: Lease, message: str) -> None:
     with sessions() as s:
         b = s.get(Build, build_id)
-        if b.state != "cancelled":
+        if b.state != "cancelled" and b.lease_owner == lease.owner:
             b.state, b.message = "failed", message[:2000]
             s.commit()
 
 
 def recover_builds(settings: Settings) -> list[int]:
-    """At worker start: builds a dead worker left running go back to the queue (they restart from scratch)."""
+    """Open builds that nobody runs go back to the queue (they restart from scratch): those whose worker's lease
+    lapsed, and queued ones whose task is not in the queue. Each is taken back with one conditional UPDATE, so
+    workers recovering at the same time requeue a build once."""
     sessions = make_sessionmaker(make_engine(settings.database_url))
     huey = make_huey(settings.queue_url)
     queued_ids = {t.args[0] for t in huey.pending() if t.name.endswith("run_build") and t.args}
+    unclaimed = or_(Build.lease_owner.is_(None), Build.lease_expires_at < now())
     requeued = []
     with sessions() as s:
-        for b in s.scalars(select(Build).where(Build.state.in_(("queued", "building", "emulating")))):
-            if b.state == "queued" and b.id in queued_ids:
+        ids = s.scalars(select(Build.id).where(Build.state.in_(OPEN_BUILD_STATES), unclaimed)).all()
+        for build_id in ids:
+            if build_id in queued_ids:
                 continue
-            if b.attempts >= 3:
-                b.state, b.message = "failed", f"gave up after {b.attempts} interrupted attempts"
+            open_unclaimed = (Build.id == build_id, Build.state.in_(OPEN_BUILD_STATES), unclaimed)
+            if s.execute(update(Build).where(*open_unclaimed, Build.attempts >= 3).values(
+                    state="failed", lease_owner=None, message="gave up after 3 interrupted attempts")).rowcount:
                 continue
-            b.state, b.stage, b.progress = "queued", None, 0.0
-            b.message = "resumed after a worker restart"
-            requeued.append(b.id)
+            if s.execute(update(Build).where(*open_unclaimed).values(
+                    state="queued", stage=None, progress=0.0, lease_owner=None, lease_expires_at=None,
+                    message="resumed after its worker stopped")).rowcount:
+                requeued.append(build_id)
         s.commit()
     for build_id in requeued:
         enqueue_build(settings.queue_url, build_id)
     return requeued
 
 
+def _keep_recovering(settings: Settings) -> None:
+    while True:
+        time.sleep(settings.build_lease_seconds)
+        try:
+            requeued = recover_builds(settings)
+        except Exception:  # noqa: BLE001 - the database may be briefly unavailable; try again next round
+            log.warning("recovering builds failed: %s", traceback.format_exc())
+            continue
+        if requeued:
+            log.warning("requeued builds whose worker stopped: %s", requeued)
+
+
 def run_worker(settings: Settings, workers: int = 1) -> None:
-    """A Huey consumer in this process (signals handled by Huey): `tinymlaas worker`."""
+    """A Huey consumer in this process (signals handled by Huey): `tinymlaas worker`. It also requeues, once a
+    lease length, builds whose worker stopped (a killed server's workers die with it, their leases lapse)."""
     ensure_signing_key(settings)
     huey = make_huey(settings.queue_url)
     requeued = recover_builds(settings)
     if requeued:
         log.warning("requeued interrupted builds: %s", requeued)
+    threading.Thread(target=_keep_recovering, args=(settings,), name="recover", daemon=True).start()
     huey.create_consumer(workers=workers, worker_type="process" if workers > 1 else "thread",
                          periodic=False).run()

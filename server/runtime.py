@@ -53,8 +53,15 @@ def _secret_file(path, make) -> str:
 
 
 class Server:
-    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 8080, workers: int = 1):
+    """supervise_every: seconds between checks that restart a broker or build worker that died (None: no
+    supervision, /health alone reports what is down)."""
+
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
+                 supervise_every: float | None = 1.0):
         self.settings, self.host, self.port, self.workers = settings, host, port, workers
+        self.supervise_every = supervise_every
+        self.restarts = {"broker": 0, "workers": 0}
+        self._stopping = threading.Event()
         self.app = None
         self.broker = None
         self.coordinator = None
@@ -91,10 +98,30 @@ class Server:
         threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
         for _ in range(self.workers):
             self.worker_procs.append(start_worker(s))
+        if self.supervise_every:
+            threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
         return self
 
-    def health(self) -> dict[str, str | None]:
-        """Each part of the service and what is wrong with it (None: fine), as /health reports it."""
+    def _supervise(self) -> None:
+        """Restart what died: the broker we manage (a Mosquitto killed -9 takes every device offline) and build
+        workers (their builds' leases lapse and the workers requeue them)."""
+        while not self._stopping.wait(self.supervise_every):
+            if self.broker is not None and not self.broker.running():
+                log.warning("the %s MQTT broker is not running: restarting it", self.settings.mqtt)
+                try:
+                    self.broker.restart()
+                    self.restarts["broker"] += 1
+                except Exception as e:  # noqa: BLE001 - e.g. the port is taken: /health says so; try again
+                    log.error("restarting the MQTT broker failed: %s", e)
+            for i, proc in enumerate(self.worker_procs):
+                if proc.poll() is not None and not self._stopping.is_set():
+                    log.warning("build worker %s exited (%s): starting another", proc.pid, proc.returncode)
+                    self.worker_procs[i] = start_worker(self.settings)
+                    self.restarts["workers"] += 1
+
+    def health(self) -> tuple[dict[str, str | None], dict[str, int]]:
+        """Each part of the service and what is wrong with it (None: fine), and how often the supervisor restarted
+        the broker and the workers: what /health reports."""
         dead = [p.pid for p in self.worker_procs if p.poll() is not None]
         return {
             "broker": None if self.broker is None or self.broker.running() else f"the {self.settings.mqtt} MQTT "
@@ -102,7 +129,7 @@ class Server:
             "mqtt": None if self.coordinator is not None and self.coordinator.connected.is_set()
             else "the coordinator is not connected to the broker",
             "workers": f"{len(dead)} of {len(self.worker_procs)} build workers exited (pid {dead[0]})" if dead else None,
-        }
+        }, dict(self.restarts)
 
     def _admin_token(self, ctx) -> str | None:
         """On first start: organisation `default` and its `admin` user, whose token goes to DATA/admin.token
@@ -115,6 +142,7 @@ class Server:
         return path.read_text().strip() if path.exists() else None
 
     def stop(self) -> None:
+        self._stopping.set()
         for p in self.worker_procs:
             p.terminate()
         for p in self.worker_procs:

@@ -323,7 +323,7 @@ def create_deployment(session: Session, who: Principal, build_id: int, group: st
         raise ServiceError(409, f"deployment {active.id} is still in progress for the {build.target} devices of "
                            f"group '{group}'", "group")
     dep = Deployment(build_id=build.id, group=group, stages=list(plan.stages), success_threshold=plan.success_threshold,
-                     error_threshold=plan.error_threshold, force=force, rollback_of=rollback_of,
+                     error_threshold=plan.error_threshold, job_timeout=plan.job_timeout, force=force, rollback_of=rollback_of,
                      owner_id=who.user.id, org_id=who.org_id, active_key=f"{who.org_id}/{group}/{build.target}")
     session.add(dep)
     try:
@@ -356,8 +356,7 @@ def rollback(session: Session, who: Principal, deployment_id: int) -> Deployment
     )
     if previous is None:
         raise ServiceError(409, f"group '{dep.group}' has no earlier successful deployment to roll back to")
-    plan = RolloutPlan(tuple(dep.stages), dep.success_threshold, dep.error_threshold)
-    return create_deployment(session, who, previous.build_id, dep.group, plan, force=True, rollback_of=dep.id)
+    return create_deployment(session, who, previous.build_id, dep.group, plan_of(dep), force=True, rollback_of=dep.id)
 
 
 def cancel_deployment(session: Session, who: Principal, deployment_id: int) -> Deployment:
@@ -377,7 +376,7 @@ def cancel_deployment(session: Session, who: Principal, deployment_id: int) -> D
 
 
 def plan_of(dep: Deployment) -> RolloutPlan:
-    return RolloutPlan(tuple(dep.stages), dep.success_threshold, dep.error_threshold)
+    return RolloutPlan(tuple(dep.stages), dep.success_threshold, dep.error_threshold, dep.job_timeout)
 
 
 def jobs_of(session: Session, dep: Deployment) -> list[DeviceJob]:
@@ -408,6 +407,24 @@ def advance(session: Session, dep: Deployment) -> list[DeviceJob]:
                 to_notify.append(j)
     session.commit()
     return to_notify
+
+
+def expire_silent_jobs(session: Session) -> dict[int, list[DeviceJob]]:
+    """Jobs of rollouts in progress whose device was notified (or last reported) longer ago than the rollout's
+    job_timeout become timed_out, a failure for the thresholds: a device that never answers cannot hold a stage
+    open forever. Returns deployment id -> the jobs that timed out now."""
+    expired: dict[int, list[DeviceJob]] = {}
+    open_jobs = session.execute(
+        select(DeviceJob, Deployment.job_timeout).join(Deployment, Deployment.id == DeviceJob.deployment_id)
+        .where(Deployment.state == "in_progress", DeviceJob.status.in_(("notified", "in_progress")))).all()
+    t = now()
+    for job, timeout in open_jobs:
+        if job.updated_at < t - dt.timedelta(seconds=timeout):
+            job.status = "timed_out"
+            job.message = f"no word from the device for {timeout} s (the rollout's job_timeout)"
+            expired.setdefault(job.deployment_id, []).append(job)
+    session.commit()
+    return expired
 
 
 @dataclass

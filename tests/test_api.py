@@ -332,6 +332,34 @@ def test_a_cancelled_deployment_frees_its_group(app, client):
     assert again.status_code == 201
 
 
+def test_a_device_that_never_answers_times_out_and_the_rollout_moves_on(app, client):
+    """Before job timeouts, one silent device held its stage open forever. Its job now becomes timed_out after the
+    rollout's job_timeout (a failure for the thresholds), and the rollout decides again."""
+    import datetime as dt
+
+    from server.service import advance, expire_silent_jobs
+
+    build_id = _done_build(app, client)
+    for bad in (5, 10**20, "soon"):
+        assert_problem(client.post("/api/v1/deployments", json={"build_id": build_id, "group": "g1",
+                                                                "job_timeout": bad}, headers=client.auth),
+                       422, "job_timeout")
+    dep = client.post("/api/v1/deployments", json={"build_id": build_id, "group": "g1", "job_timeout": 60,
+                                                   "error_threshold": 1.0}, headers=client.auth).get_json()
+    assert dep["job_timeout"] == 60
+    with app.extensions["tinymlaas"].sessions() as s:
+        d = s.get(Deployment, dep["id"])
+        [job] = advance(s, d)  # no coordinator here: notify the one device by hand
+        assert expire_silent_jobs(s) == {}  # just notified: not yet
+        job.updated_at = job.updated_at - dt.timedelta(seconds=61)
+        s.commit()
+        assert [j.id for j in expire_silent_jobs(s)[dep["id"]]] == [job.id]
+        advance(s, d)
+    status = client.get(f"/api/v1/deployments/{dep['id']}", headers=client.auth).get_json()
+    assert status["state"] == "halted" and status["summary"]["counts"] == {"timed_out": 1}
+    assert "60 s" in status["jobs"][0]["message"]
+
+
 def test_the_database_itself_refuses_a_second_active_deployment(app, client):
     """What makes the rule hold under any interleaving of requests: the unique key, not the service's check."""
     from sqlalchemy.exc import IntegrityError

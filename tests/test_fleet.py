@@ -91,6 +91,21 @@ def test_rollout_halts_at_the_error_threshold(live, capsys):
         _stop(agents)
 
 
+def test_a_silent_device_times_out_and_the_rollout_finishes(live):
+    """A registered device that never comes online: its job times out (job_timeout, the shortest allowed) instead of
+    holding the last stage open forever, and the rollout ends with the others updated."""
+    client, b = live["client"], live["v1"]
+    client.register_device("silent-00", "cortex-m4", group="silent")  # no agent: it never answers
+    agents = start_agents(live["server"], live["root"], ["silent-01", "silent-02"], group="silent")
+    try:
+        d = client.deploy(b["id"], group="silent", error_threshold=0.5, job_timeout=10)
+        d = client.wait_deployment(d["id"], timeout=120)
+        assert d["state"] == "succeeded" and d["summary"]["counts"] == {"succeeded": 2, "timed_out": 1}
+        assert {j["device_id"]: j["status"] for j in d["jobs"]}["silent-00"] == "timed_out"
+    finally:
+        _stop(agents)
+
+
 def test_downgrade_refused_unless_forced_and_rollback(live):
     client, v1, v2 = live["client"], live["v1"], live["v2"]
     agents = start_agents(live["server"], live["root"], ["ab-0", "ab-1", "ab-2"], group="ab")
@@ -269,8 +284,30 @@ def test_killed_worker_build_is_resumed(live):
         assert s.scalar(select(Build.attempts).where(Build.id == b["id"])) == 2
 
 
-def test_broker_restart_mid_rollout(tmp_path, models_dir):
-    """With Mosquitto (the production broker, our password file and ACLs): restart it mid-rollout."""
+def test_a_worker_started_mid_build_does_not_run_it_again(live):
+    """Before leases, a worker that started (a restarted server's) requeued every build left running, so a build still
+    running in another worker ran twice at once. Now the running build keeps its lease and runs exactly once."""
+    server, client = live["server"], live["client"]
+    m = client.upload_model(model_path("kws_ref_model"))
+    b = client.request_build(m["id"], "rv32imac")
+    wait_for(lambda: client.build(b["id"])["state"] in ("building", "emulating"), 120, "the build to start")
+    extra = start_worker(server.settings)  # recovers at start and then every lease length (4 s here)
+    try:
+        done = client.wait_build(b["id"], timeout=300)
+        assert done["state"] == "done" and done["report"]["verified"]
+        ctx = server.app.extensions["tinymlaas"]
+        with ctx.sessions() as s:
+            assert s.scalar(select(Build.attempts).where(Build.id == b["id"])) == 1
+    finally:
+        extra.terminate()
+        extra.wait(20)
+
+
+def test_mosquitto_killed_mid_rollout_is_restarted_and_the_rollout_completes(tmp_path, models_dir):
+    """With Mosquitto (the production broker, our password file and ACLs): kill -9 it mid-rollout. Before, nothing
+    restarted it and /health still said ok."""
+    import requests
+
     from server.broker import MosquittoBroker
 
     if MosquittoBroker.binary() is None:
@@ -284,10 +321,14 @@ def test_broker_restart_mid_rollout(tmp_path, models_dir):
         dep = client.deploy(b["id"], group="mq", stages=[25, 100])
         wait_for(lambda: any(j["status"] == "succeeded" for j in client.deployment(dep["id"])["jobs"]), 120,
                  "the first device updated")
-        server.broker.restart()  # retained messages and sessions are gone; everyone reconnects
+        server.broker.proc.kill()  # -9: retained messages and sessions are gone; `serve` restarts it
+        server.worker_procs[0].kill()  # and a build worker, for good measure
         d = client.wait_deployment(dep["id"], timeout=300)
         assert d["state"] == "succeeded" and d["summary"]["counts"] == {"succeeded": 12}
         assert all(a.version == b["version"] for a in agents)
+        wait_for(lambda: requests.get(f"{server.url}/api/v1/health", timeout=10).status_code == 200, 30, "health ok")
+        assert requests.get(f"{server.url}/api/v1/health", timeout=10).json()["restarts"] == {"broker": 1,
+                                                                                             "workers": 1}
     finally:
         _stop(agents)
         server.stop()
@@ -392,18 +433,20 @@ def test_cycles_a_device_reports_land_in_the_measurement_database(live):
 
 
 def test_health_names_what_is_down(tmp_path):
-    """/health was 'ok' with Mosquitto killed -9: now every part is checked and a failing one makes it 503."""
+    """/health was 'ok' with Mosquitto killed -9: now every part is checked and a failing one makes it 503 (here with
+    the supervisor off, which would restart them within a second)."""
     import requests
 
     from server.broker import MosquittoBroker
 
     if MosquittoBroker.binary() is None:
         pytest.skip("mosquitto is not installed (make setup installs it)")
-    server = start_server(tmp_path / "data", mqtt="mosquitto")
+    server = start_server(tmp_path / "data", mqtt="mosquitto", supervise_every=None)
     try:
         r = requests.get(f"{server.url}/api/v1/health", timeout=10)
         assert r.status_code == 200 and r.json() == {"status": "ok", "checks": {"broker": "ok", "mqtt": "ok",
-                                                                                 "workers": "ok"}}
+                                                                                 "workers": "ok"},
+                                                     "restarts": {"broker": 0, "workers": 0}}
         server.broker.proc.kill()
         server.worker_procs[0].kill()
         server.broker.proc.wait()

@@ -174,6 +174,9 @@ def test_rollout_stages_and_decisions():
     assert d.state == "halted" and "2 of 10" in d.reason
     assert RolloutPlan((50, 40)).problems().keys() == {"stages"}
     assert RolloutPlan((100,), error_threshold=0).problems().keys() == {"error_threshold"}
+    assert RolloutPlan((100,), job_timeout=5).problems().keys() == {"job_timeout"}
+    # a device that stayed silent past its timeout counts as failed, and a stage of such devices halts the rollout
+    assert decide(plan, ["timed_out", "timed_out"] + ["pending"] * 18, 0).state == "halted"
 
 
 @pytest.mark.parametrize("text, expected", [("1.2.3", (1, 2, 3, 0)), ("7", (7, 0, 0, 0)), ("255.255.65535+4294967295",

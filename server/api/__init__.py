@@ -115,8 +115,10 @@ def register_api(app) -> None:
 
     @app.get("/api/v1/health")
     def health():
-        """ok, or 503 naming every part that is not (broker, the coordinator's MQTT session, build workers)."""
-        parts = ctx().health() if ctx().health is not None else {}
+        """ok, or 503 naming every part that is not (broker, the coordinator's MQTT session, build workers), and
+        how often `serve` restarted the broker and workers."""
+        parts, restarts = ctx().health() if ctx().health is not None else ({}, {})
         problems = {k: v for k, v in parts.items() if v}
-        body = {"status": "degraded" if problems else "ok", "checks": {k: v or "ok" for k, v in parts.items()}}
+        body = {"status": "degraded" if problems else "ok", "checks": {k: v or "ok" for k, v in parts.items()},
+                "restarts": restarts}
         return body, (503 if problems else 200)

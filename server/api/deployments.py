@@ -24,7 +24,7 @@ def _started(dep: db.Deployment) -> db.Deployment:
 def create(body):
     """Deploy a finished build to a group, stage by stage; immutable once created."""
     who = require("deploy")
-    plan = RolloutPlan(tuple(body["stages"]), body["success_threshold"], body["error_threshold"])
+    plan = RolloutPlan(tuple(body["stages"]), body["success_threshold"], body["error_threshold"], body["job_timeout"])
     dep = create_deployment(session(), who, body["build_id"], body["group"], plan, body["force"])
     return _started(dep)
 

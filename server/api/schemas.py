@@ -5,6 +5,7 @@ from datetime import UTC
 from flask_smorest.fields import Upload
 from marshmallow import Schema, fields, validate
 
+from tinymlaas.ota.rollout import JOB_TIMEOUT_RANGE
 from tinymlaas.search.search import STRATEGIES
 
 from ..db import MAX_ID, ROLES, SCOPES
@@ -124,6 +125,8 @@ class DeploymentRequest(Schema):
                          metadata={"description": "cumulative percentages of the group, e.g. [10, 50, 100]"})
     success_threshold = fields.Float(load_default=1.0)
     error_threshold = fields.Float(load_default=0.1)
+    job_timeout = fields.Integer(load_default=1800, validate=validate.Range(*JOB_TIMEOUT_RANGE), metadata={
+        "description": "seconds a notified device may stay silent before its job counts as failed (timed_out)"})
     force = fields.Boolean(load_default=False, metadata={"description": "allow a downgrade"})
 
 
@@ -134,6 +137,7 @@ class Deployment(Schema):
     stages = fields.List(fields.Integer())
     success_threshold = fields.Float()
     error_threshold = fields.Float()
+    job_timeout = fields.Integer()
     force = fields.Boolean()
     rollback_of = fields.Integer(allow_none=True)
     state = fields.String(metadata={"description": "in_progress, succeeded, halted, cancelled"})

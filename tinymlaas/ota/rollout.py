@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-TERMINAL = ("succeeded", "failed", "rejected", "cancelled")
-FAILED = ("failed", "rejected")
+TERMINAL = ("succeeded", "failed", "rejected", "timed_out", "cancelled")
+FAILED = ("failed", "rejected", "timed_out")  # timed_out: a notified device said nothing for the plan's job_timeout
+JOB_TIMEOUT_RANGE = (10, 7 * 24 * 3600)  # seconds
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class RolloutPlan:
     stages: tuple[int, ...] = (100,)  # cumulative percentages, increasing, ending at 100
     success_threshold: float = 1.0  # fraction of a stage that must succeed before the next one starts
     error_threshold: float = 0.1  # fraction of notified devices failed that halts the rollout
+    job_timeout: int = 1800  # seconds a notified device may stay silent before its job counts as failed
 
     def problems(self) -> dict[str, str]:
         """Field name -> what is wrong with it (empty when the plan is valid)."""
@@ -31,6 +33,9 @@ class RolloutPlan:
             out["success_threshold"] = "a fraction in (0, 1]"
         if not 0 < self.error_threshold <= 1:
             out["error_threshold"] = "a fraction in (0, 1]"
+        low, high = JOB_TIMEOUT_RANGE
+        if not low <= self.job_timeout <= high:
+            out["job_timeout"] = f"seconds in {low}..{high}"
         return out
 
 
