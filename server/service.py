@@ -30,7 +30,8 @@ from .broker import hash_secret
 from .db import ROLES, SCOPES, ApiToken, Build, Deployment, Device, DeviceJob, Model, Organization, Telemetry, User, now
 
 BUILD_FINAL = ("done", "failed", "cancelled")  # a build is queued, building or emulating before one of these
-DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # whole strings (fullmatch: "$" lets a newline in)
+DEVICE_ID_RULE = "lower-case letters, digits, '-' and '_', at most 64, starting with a letter or digit"
 
 
 class ServiceError(Exception):
@@ -47,8 +48,10 @@ def token_hash(token: str) -> str:
 
 # tenants, users and tokens
 
-TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
-USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+TOKEN_NAME_RULE = "a token name: letters, digits, ' ', '.', '_', '-', at most 64"
+USER_NAME = re.compile(r"[a-z0-9][a-z0-9._@-]{0,63}")
+USER_NAME_RULE = "a user name: lower-case letters, digits, '.', '_', '-', '@', at most 64"
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class Principal:
 
 
 def create_organization(session: Session, name: str) -> Organization:
-    if not USER_NAME.match(name or ""):
+    if not USER_NAME.fullmatch(name or ""):
         raise ServiceError(422, "an organisation name: lower-case letters, digits, '.', '_', '-', '@', at most 64",
                            "name")
     if session.scalar(select(Organization).where(Organization.name == name)):
@@ -86,8 +89,8 @@ def create_user(session: Session, name: str, org: Organization | None = None, ro
                 token_days: int | None = None) -> tuple[User, str]:
     """A user and its first token (all of its role's scopes). No `org`: a new organisation of the same name,
     whose admin the user is (how the service's first user, and each new tenant, starts)."""
-    if not USER_NAME.match(name or ""):
-        raise ServiceError(422, "a user name: lower-case letters, digits, '.', '_', '-', '@', at most 64", "name")
+    if not USER_NAME.fullmatch(name or ""):
+        raise ServiceError(422, USER_NAME_RULE, "name")
     if role not in ROLES:
         raise ServiceError(422, f"role must be one of {', '.join(ROLES)}, not '{str(role)[:20]}'", "role")
     if session.scalar(select(User).where(User.name == name)):
@@ -103,8 +106,8 @@ def create_user(session: Session, name: str, org: Organization | None = None, ro
 
 def issue_token(session: Session, user: User, name: str, scopes, days: int | None) -> tuple[ApiToken, str]:
     """A new token of `user` (shown once; only its hash is kept), valid for `days` (None: until revoked)."""
-    if not TOKEN_NAME.match(name or ""):
-        raise ServiceError(422, "a token name: letters, digits, ' ', '.', '_', '-', at most 64", "name")
+    if not TOKEN_NAME.fullmatch(name or ""):
+        raise ServiceError(422, TOKEN_NAME_RULE, "name")
     unknown = [x for x in scopes if x not in SCOPES]
     if unknown or not scopes:
         raise ServiceError(422, f"scopes: one or more of {', '.join(SCOPES)} (not {', '.join(map(str, unknown))})"
@@ -170,8 +173,8 @@ def owned(session: Session, who: Principal, model, key):
 def register_device(session: Session, who: Principal, device_id: str, target: str, group: str = "default",
                     firmware_version: str | None = None) -> tuple[Device, str]:
     who.need("deploy")
-    if not DEVICE_ID.match(device_id or ""):
-        raise ServiceError(422, "lower-case letters, digits, '-' and '_', at most 64, starting with a letter or digit",
+    if not DEVICE_ID.fullmatch(device_id or ""):
+        raise ServiceError(422, DEVICE_ID_RULE,
                            "id")
     if _target(target).rtl is not None:
         raise ServiceError(422, f"'{target}' is a core simulated from its RTL for true cycles (builds only), not a "

@@ -138,7 +138,7 @@ BAD_REQUESTS = {
         "model_id": m, "target": "cortex-m4", "version": "1.2.3.4.5"}, headers=c.auth), 422, "version",
         "major.minor.revision"),
     "empty target": (lambda c, m: c.post("/api/v1/builds", json={"model_id": m, "target": ""}, headers=c.auth),
-                     422, "target", "length"),
+                     422, "target", "unknown target ''"),
 }
 
 

@@ -8,10 +8,20 @@ from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from ..service import Principal, ServiceError, owned, principal_for_token
+from .schemas import Problem
 
 
 class ProblemApi(Api):
-    """flask-smorest with every error as application/problem+json naming the field at fault."""
+    """flask-smorest with every error as application/problem+json naming the field at fault, and documented so."""
+
+    ERROR_SCHEMA = Problem
+
+    def _register_responses(self):
+        self.DEFAULT_RESPONSE_CONTENT_TYPE = "application/problem+json"  # only the error responses registered here
+        try:
+            super()._register_responses()
+        finally:
+            del self.DEFAULT_RESPONSE_CONTENT_TYPE
 
     def handle_http_exception(self, error: HTTPException):
         data = getattr(error, "data", None) or {}

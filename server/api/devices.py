@@ -1,4 +1,5 @@
 from flask_smorest import Blueprint
+from marshmallow import RAISE
 from sqlalchemy import select
 
 from tinymlaas.ota.package import public_key_pem
@@ -31,7 +32,7 @@ def register(body):
 
 
 @blp.route("/devices", methods=["GET"])
-@blp.arguments(schemas.DeviceQuery, location="query")
+@blp.arguments(schemas.DeviceQuery, location="query", unknown=RAISE)  # a misspelt filter: 422, not every device
 @blp.response(200, schemas.Device(many=True))
 def list_devices(query):
     who = require()

@@ -7,8 +7,34 @@ from marshmallow import Schema, fields, validate
 
 from tinymlaas.ota.rollout import JOB_TIMEOUT_RANGE
 from tinymlaas.search.search import STRATEGIES
+from tinymlaas.targets import all_targets
 
 from ..db import MAX_ID, ROLES, SCOPES
+from ..service import DEVICE_ID, DEVICE_ID_RULE, TOKEN_NAME, TOKEN_NAME_RULE, USER_NAME, USER_NAME_RULE
+
+
+def Pattern(regex, rule: str) -> validate.Regexp:
+    """The service's check of a name, in the document (the service itself matches whole strings)."""
+    return validate.Regexp(f"^{regex.pattern}$", error=rule)
+
+
+TARGETS = sorted(all_targets())
+DEVICE_TARGETS = sorted(name for name, t in all_targets().items() if t.rtl is None)  # an RTL simulation is no device
+
+
+def Target(names, error: str = "unknown target '{input}'; known targets: {choices}") -> validate.OneOf:
+    return validate.OneOf(names, error=error)
+
+
+class Problem(Schema):
+    """Every error's body (RFC 9457), served as application/problem+json."""
+
+    type = fields.String(metadata={"description": "always about:blank"})
+    title = fields.String(metadata={"description": "the status code's phrase"})
+    status = fields.Integer()
+    detail = fields.String(metadata={"description": "what is wrong, in one line"})
+    field = fields.String(metadata={"description": "the request field, header or parameter at fault, when one is"})
+    errors = fields.Dict(metadata={"description": "validation messages by location and field"})
 
 
 def Id(**kwargs):
@@ -26,8 +52,12 @@ class UtcDateTime(fields.DateTime):
 
 
 class DeviceRegister(Schema):
-    id = fields.String(required=True, metadata={"description": "device id; also its MQTT user name"})
-    target = fields.String(required=True, metadata={"description": "a target name, see `tinymlaas targets`"})
+    id = fields.String(required=True, validate=Pattern(DEVICE_ID, DEVICE_ID_RULE),
+                       metadata={"description": "device id; also its MQTT user name"})
+    target = fields.String(required=True, validate=Target(
+        DEVICE_TARGETS, "'{input}' is an unknown target or a core simulated from its RTL for true cycles (no "
+        "devices); device targets: {choices}"),
+                           metadata={"description": "a target name, see `tinymlaas targets`"})
     group = fields.String(load_default="default", validate=validate.Length(1, 64))
     firmware_version = fields.String(load_default=None, allow_none=True)
 
@@ -93,12 +123,13 @@ class SearchRequest(Schema):
 
 class BuildRequest(Schema):
     model_id = Id(required=True)
-    target = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    target = fields.String(required=True, validate=Target(TARGETS))
     constraints = fields.Nested(Constraints, load_default=dict)
     search = fields.Nested(SearchRequest, load_default=None, allow_none=True,
                            metadata={"description": "search kernel, schedule and fusion variants first; the best "
                                      "within the constraints is what gets built, signed and deployed"})
-    version = fields.String(load_default=None, allow_none=True,
+    version = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
+                                r"^\d+(\.\d+){0,2}(\+\d+)?$", error="'{input}' is not major.minor.revision[+build]"),
                             metadata={"description": "image version major.minor.revision[+build]; default 1.0.<id>"})
 
 
@@ -121,10 +152,12 @@ class Build(Schema):
 class DeploymentRequest(Schema):
     build_id = Id(required=True)
     group = fields.String(load_default="default", validate=validate.Length(min=1, max=64))
-    stages = fields.List(fields.Integer(), load_default=lambda: [100],
-                         metadata={"description": "cumulative percentages of the group, e.g. [10, 50, 100]"})
-    success_threshold = fields.Float(load_default=1.0)
-    error_threshold = fields.Float(load_default=0.1)
+    stages = fields.List(fields.Integer(validate=validate.Range(1, 100)), load_default=lambda: [100],
+                         validate=validate.Length(1, 100),
+                         metadata={"description": "cumulative percentages of the group, strictly increasing, the last "
+                                   "100, e.g. [10, 50, 100]"})
+    success_threshold = fields.Float(load_default=1.0, validate=validate.Range(0, 1, min_inclusive=False))
+    error_threshold = fields.Float(load_default=0.1, validate=validate.Range(0, 1, min_inclusive=False))
     job_timeout = fields.Integer(load_default=1800, validate=validate.Range(*JOB_TIMEOUT_RANGE), metadata={
         "description": "seconds a notified device may stay silent before its job counts as failed (timed_out)"})
     force = fields.Boolean(load_default=False, metadata={"description": "allow a downgrade"})
@@ -168,7 +201,7 @@ SCOPE = fields.String(validate=validate.OneOf(SCOPES))
 
 
 class UserCreate(Schema):
-    name = fields.String(required=True, validate=validate.Length(1, 64),
+    name = fields.String(required=True, validate=Pattern(USER_NAME, USER_NAME_RULE),
                          metadata={"description": "lower-case letters, digits, '.', '_', '-', '@'"})
     role = fields.String(load_default="developer", validate=validate.OneOf(tuple(ROLES)))
 
@@ -194,7 +227,7 @@ class Me(Schema):
 
 
 class TokenCreate(Schema):
-    name = fields.String(required=True, validate=validate.Length(1, 64))
+    name = fields.String(required=True, validate=Pattern(TOKEN_NAME, TOKEN_NAME_RULE))
     scopes = fields.List(SCOPE, load_default=None, allow_none=True, validate=validate.Length(min=1),
                          metadata={"description": "default: every scope of your role"})
     expires_in_days = fields.Integer(load_default=90, allow_none=True, strict=True,
