@@ -125,6 +125,8 @@ class Agent:
         m = self.state["mqtt"]
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, clean_session=True)
         self.client.username_pw_set(m["username"], m["password"])
+        if m.get("tls"):
+            self.client.tls_set(**self._tls_files(m))
         self.client.will_set(self._topic("state"), json.dumps({"state": "lost"}), qos=1, retain=True)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(0.2, 2)
@@ -136,6 +138,14 @@ class Agent:
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}", daemon=True)
         self._worker.start()
         return self
+
+    def _tls_files(self, m: dict) -> dict:
+        """paho wants files: the CA, and this device's certificate and key when it has them (the key owner-only)."""
+        files = {"ca_certs": str(write_private(self.dir / "mqtt-ca.pem", m["ca"]))}
+        if m.get("certificate"):
+            files.update(certfile=str(write_private(self.dir / "mqtt-cert.pem", m["certificate"])),
+                         keyfile=str(write_private(self.dir / "mqtt-key.pem", m["private_key"])))
+        return files
 
     def stop(self, clean: bool = True) -> None:
         """clean=False drops the connection without a goodbye, as a power cut does (the will fires)."""

@@ -262,10 +262,12 @@ class EmbeddedBroker:
 class MosquittoBroker:
     """A Mosquitto process we configure: loopback listener, our password file, per-device ACL pattern."""
 
-    def __init__(self, workdir: Path, credentials, host: str = "127.0.0.1", port: int = 1883):
+    def __init__(self, workdir: Path, credentials, host: str = "127.0.0.1", port: int = 1883, tls=None,
+                 client_certs: bool = False):
         self.dir = Path(workdir)
         self.credentials = credentials  # () -> {user: hash_secret() string}
         self.host, self.port = host, port
+        self.tls, self.client_certs = tls, client_certs  # tls: server.tls.TlsFiles, or None for plain MQTT
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -286,6 +288,7 @@ class MosquittoBroker:
             f"user {getpass.getuser()}\n"  # no privilege drop: the files stay readable on reload
             f"listener {self.port} {self.host}\n"
             "use_username_as_clientid true\n"  # a listener's setting: no one takes over another's session
+            + self._tls_config() +
             "allow_anonymous false\n"
             f"password_file {self.dir / 'passwd'}\n"
             f"acl_file {self.dir / 'acl'}\n"
@@ -293,6 +296,14 @@ class MosquittoBroker:
             "max_queued_messages 10000\n"
             "log_dest stderr\nlog_type error\nlog_type warning\n"
         ), 0o644)
+
+    def _tls_config(self) -> str:
+        """TLS on the listener; with client certificates a client needs one signed by our CA *and* its secret
+        (Mosquitto cannot tie a certificate's name to the user name without giving up the password check)."""
+        if self.tls is None:
+            return ""
+        return (f"cafile {self.tls.ca}\ncertfile {self.tls.cert}\nkeyfile {self.tls.key}\ntls_version tlsv1.2\n"
+                f"require_certificate {'true' if self.client_certs else 'false'}\n")
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

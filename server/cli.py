@@ -43,7 +43,8 @@ def cmd_serve(args) -> int:
     logging.getLogger("amqtt").setLevel(logging.ERROR)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     settings = Settings(data_dir=args.data, mqtt=args.mqtt, mqtt_port=args.mqtt_port,
-                        public_url=args.public_url or Settings.public_url)
+                        public_url=args.public_url or Settings.public_url, mqtt_tls=args.mqtt_tls,
+                        mqtt_client_certs=args.mqtt_client_certs)
     server = Server(settings, args.host, args.port, args.workers).start()
     print(f"tinymlaas server on {server.url} (data {settings.data_dir}, MQTT {args.mqtt} on "
           f"{settings.mqtt_host}:{settings.mqtt_port}, {args.workers} build worker(s))")
@@ -314,6 +315,10 @@ def register(sub) -> None:
     p.add_argument("--mqtt", choices=("embedded", "mosquitto", "external"), default="embedded",
                    help="embedded amqtt broker (default), a managed Mosquitto, or an external broker")
     p.add_argument("--mqtt-port", type=int, default=1883)
+    p.add_argument("--mqtt-tls", action="store_true",
+                   help="MQTT over TLS (with --mqtt mosquitto), certificates from a development CA in DATA/tls")
+    p.add_argument("--mqtt-client-certs", action="store_true",
+                   help="with --mqtt-tls: every client also needs a certificate from that CA (issued at registration)")
     p.add_argument("--workers", type=int, default=1, help="build worker processes (default 1)")
     p.add_argument("--public-url", help="the URL devices download from (default: this server's)")
     p.set_defaults(func=cmd_serve)

@@ -15,6 +15,8 @@ class Settings:
     mqtt: str = "embedded"  # "embedded" (amqtt in the server process), "mosquitto" (managed), or "external"
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    mqtt_tls: bool = False  # MQTT over TLS (managed Mosquitto), certificates from a development CA in DATA/tls
+    mqtt_client_certs: bool = False  # with TLS: every client also needs a certificate from that CA
     public_url: str = "http://127.0.0.1:8080"  # where devices download images from
     max_upload_bytes: int = 64 * 1024 * 1024
     build_inputs: int = 10  # random inputs each build is verified with (and replayed by the self-test)
@@ -38,6 +40,10 @@ class Settings:
     @property
     def signing_key(self) -> Path:
         return self.data_dir / "keys" / "signing.pem"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
 
     @property
     def mosquitto_dir(self) -> Path:

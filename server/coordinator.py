@@ -26,7 +26,8 @@ log = logging.getLogger("tinymlaas.coordinator")
 
 
 class Coordinator:
-    def __init__(self, context, host: str, port: int, password: str, broker=None, watch_every: float = 2.0):
+    def __init__(self, context, host: str, port: int, password: str, broker=None, watch_every: float = 2.0,
+                 tls: dict | None = None):
         self.ctx = context
         self.broker = broker
         self.watch_every = watch_every  # seconds between checks for devices silent past their job's timeout
@@ -36,6 +37,8 @@ class Coordinator:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=SERVER_USER,
                                   clean_session=True)
         self.client.username_pw_set(SERVER_USER, password)
+        if tls is not None:  # {ca_certs, certfile, keyfile}: the broker verified against our CA
+            self.client.tls_set(**tls)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(0.2, 2)
         self.client.on_connect = self._on_connect

@@ -12,6 +12,7 @@ import threading
 from sqlalchemy import select
 from werkzeug.serving import make_server
 
+from tinymlaas.errors import TinyMLaaSError
 from tinymlaas.private import write_private
 
 from . import create_app
@@ -21,6 +22,7 @@ from .coordinator import Coordinator
 from .db import Device, User
 from .jobs import ensure_signing_key
 from .service import create_organization, create_user
+from .tls import DevCA
 
 log = logging.getLogger("tinymlaas.server")
 
@@ -85,13 +87,15 @@ class Server:
         self.admin_token = self._admin_token(ctx)
         server_secret = _secret_file(s.data_dir / "keys" / "mqtt-server.secret", lambda: secrets.token_urlsafe(24))
         authority = DeviceAuthority(ctx.sessions, server_secret)
+        tls, coordinator_tls = self._tls()
         if s.mqtt == "embedded":
             self.broker = EmbeddedBroker(authority, s.mqtt_host, s.mqtt_port)
         elif s.mqtt == "mosquitto":
-            self.broker = MosquittoBroker(s.mosquitto_dir, authority.credentials, s.mqtt_host, s.mqtt_port)
+            self.broker = MosquittoBroker(s.mosquitto_dir, authority.credentials, s.mqtt_host, s.mqtt_port, tls,
+                                          s.mqtt_client_certs)
         if self.broker is not None:
             self.broker.start()
-        self.coordinator = Coordinator(ctx, s.mqtt_host, s.mqtt_port, server_secret, self.broker)
+        self.coordinator = Coordinator(ctx, s.mqtt_host, s.mqtt_port, server_secret, self.broker, tls=coordinator_tls)
         self.coordinator.start()
         ctx.coordinator = self.coordinator
         ctx.health = self.health
@@ -101,6 +105,28 @@ class Server:
         if self.supervise_every:
             threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
         return self
+
+    def _tls(self):
+        """With --mqtt-tls: the broker's files from the development CA, and the coordinator's TLS settings (its own
+        client certificate when clients need one)."""
+        s = self.settings
+        if not s.mqtt_tls:
+            if s.mqtt_client_certs:
+                raise TinyMLaaSError("client certificates need MQTT over TLS (--mqtt-tls)")
+            return None, None
+        if s.mqtt != "mosquitto":
+            raise TinyMLaaSError(f"MQTT over TLS needs the managed Mosquitto (--mqtt mosquitto), not '{s.mqtt}'")
+        ca = DevCA(s.tls_dir)
+        files = ca.ensure({s.mqtt_host, "localhost", "127.0.0.1"})
+        coordinator = {"ca_certs": str(files.ca)}
+        if s.mqtt_client_certs:
+            cert, key = s.tls_dir / "coordinator.pem", s.tls_dir / "coordinator.key"
+            if not cert.exists():
+                cert_pem, key_pem = ca.issue(SERVER_USER)
+                write_private(key, key_pem)
+                cert.write_bytes(cert_pem)
+            coordinator.update(certfile=str(cert), keyfile=str(key))
+        return files, coordinator
 
     def _supervise(self) -> None:
         """Restart what died: the broker we manage (a Mosquitto killed -9 takes every device offline) and build

@@ -19,9 +19,9 @@ logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 def start_server(data: Path, mqtt: str = "embedded", workers: int = 1, public_url: str | None = None,
-                 database_url: str = "", supervise_every: float | None = 1.0) -> Server:
+                 database_url: str = "", supervise_every: float | None = 1.0, **settings) -> Server:
     settings = Settings(data_dir=data, mqtt=mqtt, mqtt_port=free_port(), build_inputs=3, database_url=database_url,
-                        build_lease_seconds=4.0)  # a killed worker's builds are requeued within seconds
+                        build_lease_seconds=4.0, **settings)  # a killed worker's builds are requeued within seconds
     if public_url:
         settings.public_url = public_url
     return Server(settings, port=0, workers=workers, supervise_every=supervise_every).start()

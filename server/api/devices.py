@@ -8,6 +8,7 @@ from .. import db
 from ..broker import ROOT
 from ..jobs import ensure_signing_key
 from ..service import register_device, rotate_device_secret
+from ..tls import DevCA
 from . import ctx, get_or_404, require, schemas, session
 
 blp = Blueprint("devices", __name__, description="Device registry")
@@ -25,9 +26,23 @@ def register(body):
         c.coordinator.credentials_changed()
     out = schemas.Device().dump(device)
     out["mqtt"] = {"host": c.settings.mqtt_host, "port": c.settings.mqtt_port, "username": device.id,
-                   "password": secret, "topic_root": f"{ROOT}/devices/{device.id}"}
+                   "password": secret, "topic_root": f"{ROOT}/devices/{device.id}", **_tls_credentials(device.id)}
     out["signing_key"] = public_key_pem(ensure_signing_key(c.settings)).decode()
     out["downloads"] = c.settings.public_url.rstrip("/") + "/api/v1/artifacts/"  # the only place jobs point to
+    return out
+
+
+def _tls_credentials(device_id: str) -> dict:
+    """With MQTT over TLS: the CA to verify the broker with, and (when the broker asks for one) the device's own
+    certificate and key, issued now (shown once, like the secret)."""
+    s = ctx().settings
+    if not s.mqtt_tls:
+        return {"tls": False}
+    ca = DevCA(s.tls_dir)
+    out = {"tls": True, "ca": ca.ca_cert.read_text()}
+    if s.mqtt_client_certs:
+        cert, key = ca.issue(device_id)
+        out.update(certificate=cert.decode(), private_key=key.decode())
     return out
 
 

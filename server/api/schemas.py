@@ -81,6 +81,11 @@ class MqttCredentials(Schema):
     username = fields.String()
     password = fields.String()
     topic_root = fields.String()
+    tls = fields.Boolean(metadata={"description": "connect with TLS, verifying the broker with `ca`"})
+    ca = fields.String(metadata={"description": "PEM: the CA the broker's certificate is signed by"})
+    certificate = fields.String(metadata={"description": "PEM: this device's client certificate, when the broker "
+                                          "asks for one"})
+    private_key = fields.String(metadata={"description": "PEM: its key (shown once)"})
 
 
 class DeviceRegistered(Device):
