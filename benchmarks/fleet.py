@@ -1,10 +1,11 @@
-"""Fleet load: rollout time for N emulated devices, and API requests per second; one JSON.
+"""Fleet load: rollout time for N emulated devices, and API throughput and latency (p50/p99) under concurrent
+clients; one JSON.
 
-Usage: python benchmarks/fleet.py [--models DIR] [--agents 50,200] [--out FILE]
+Usage: python benchmarks/fleet.py [--models DIR] [--agents 50,200,1000] [--clients 16] [--out FILE]
 
 Every device is a real agent (own MQTT login, HTTP download with its own credentials, image checks,
-A/B slot write, QEMU self-test of the new image) in this one process; the server is the real app
-(werkzeug threaded server, SQLite WAL), one Huey worker, and each MQTT broker in turn.
+A/B slot write, QEMU self-test of the new image: every device runs it, none is sampled) in this one process;
+the server is the real app (werkzeug threaded server, SQLite WAL), one Huey worker, and each MQTT broker in turn.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import threading
@@ -56,7 +58,8 @@ def rollout(root: Path, model: Path, broker: str, n: int) -> dict:
         server.stop()
 
 
-def api_throughput(root: Path, threads: int = 8, seconds: float = 5.0, devices: int = 200) -> dict:
+def api_load(root: Path, threads: int = 16, seconds: float = 5.0, devices: int = 200) -> dict:
+    """Each endpoint in turn, `threads` clients calling it back to back: requests/s, errors, latency p50/p99."""
     server = start_server(root / "api", workers=0)
     try:
         client = Client(server.url, server.admin_token)
@@ -70,13 +73,16 @@ def api_throughput(root: Path, threads: int = 8, seconds: float = 5.0, devices: 
         out = {}
         for name, call in endpoints.items():
             done, errors, stop = [0] * threads, [0] * threads, threading.Event()
+            latencies: list[list[float]] = [[] for _ in range(threads)]
 
-            def worker(k, call=call, done=done, errors=errors, stop=stop):
+            def worker(k, call=call, done=done, errors=errors, stop=stop, latencies=latencies):
                 s = requests.Session()
                 s.headers["Authorization"] = f"Bearer {server.admin_token}"
                 i = k
                 while not stop.is_set():
+                    t = time.perf_counter()
                     r = call(s, i)
+                    latencies[k].append(time.perf_counter() - t)
                     if r.status_code == 200:
                         done[k] += 1
                     else:
@@ -92,7 +98,10 @@ def api_throughput(root: Path, threads: int = 8, seconds: float = 5.0, devices: 
             for t in ts:
                 t.join()
             elapsed = time.monotonic() - t0
-            out[name] = {"requests_per_s": round(sum(done) / elapsed, 1), "errors": sum(errors)}
+            ms = sorted(1000 * x for per in latencies for x in per)
+            cuts = statistics.quantiles(ms, n=100)
+            out[name] = {"requests_per_s": round(sum(done) / elapsed, 1), "errors": sum(errors),
+                         "p50_ms": round(cuts[49], 2), "p99_ms": round(cuts[98], 2)}
         return {"threads": threads, "seconds": seconds, "endpoints": out}
     finally:
         server.stop()
@@ -101,7 +110,8 @@ def api_throughput(root: Path, threads: int = 8, seconds: float = 5.0, devices: 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=str(ROOT.parent / "shared" / "models" / "mlperf-tiny"))
-    ap.add_argument("--agents", default="50,200")
+    ap.add_argument("--agents", default="50,200,1000")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent API clients (default 16)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fleet.json"))
     args = ap.parse_args()
     model = Path(args.models) / "ad01_int8.tflite"
@@ -115,7 +125,7 @@ def main() -> int:
                 r = rollout(Path(tmp), model, broker, n)
                 print(json.dumps(r), flush=True)
                 results["rollouts"].append(r)
-        results["api"] = api_throughput(Path(tmp))
+        results["api"] = api_load(Path(tmp), threads=args.clients)
         print(json.dumps(results["api"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

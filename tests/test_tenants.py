@@ -108,6 +108,8 @@ def test_token_scopes_expiry_and_revocation(app):
     read_only = auth(made["token"])
     me = c.get("/api/v1/me", headers=read_only).get_json()
     assert me == {"user": "alice", "organization": "acme", "role": "admin", "scopes": ["read"], "token": "ci read"}
+    for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive
+        assert c.get("/api/v1/me", headers={"Authorization": f"{scheme} {made['token']}"}).get_json() == me
     problem(c.post("/api/v1/devices", json={"id": "r-1", "target": "cortex-m4"}, headers=read_only), 403,
             "limited to read")
     problem(c.post("/api/v1/tokens", json={"name": "escalate", "scopes": ["deploy"]}, headers=read_only), 403,

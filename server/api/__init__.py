@@ -83,8 +83,8 @@ def get_or_404(model, key, what: str, who: Principal):
 
 def require(scope: str = "read") -> Principal:
     """The caller, from its bearer token, allowed `scope` (401 without a usable token, 403 without the scope)."""
-    header = request.headers.get("Authorization", "")
-    token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    auth = request.authorization  # the scheme is case-insensitive (RFC 9110): "bearer" and "BEARER" are Bearer
+    token = (auth.token or "").strip() if auth is not None and auth.type == "bearer" else ""
     who = principal_for_token(session(), token)
     who.need(scope)
     return who
