@@ -36,12 +36,12 @@ def build(client: Client, model: Path, target: str = "cortex-m4", version: str |
 
 
 def start_agents(server: Server, root: Path, ids, target: str = "cortex-m4", group: str = "default",
-                 faults: dict | None = None) -> list[Agent]:
+                 faults: dict | None = None, connect_timeout: float = 120) -> list[Agent]:
     agents = [Agent(server.url, i, target, root / i, server.admin_token, group, (faults or {}).get(i, ()))
               for i in ids]
     for a in agents:
         a.start()
-    wait_for(lambda: all(a.connected.is_set() for a in agents), 120,
+    wait_for(lambda: all(a.connected.is_set() for a in agents), connect_timeout,
              lambda: f"agents to connect: {[a.device_id for a in agents if not a.connected.is_set()]}")
     return agents
 
