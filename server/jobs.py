@@ -145,11 +145,13 @@ def run_build(settings: Settings, build_id: int) -> None:
     lease = Lease(sessions, build_id, settings.build_lease_seconds)
     if not lease.claim():
         log.info("build %s is final, gone or held by another worker: not run here", build_id)
+        engine.dispose()
         return
     try:
         _run_claimed_build(settings, build_id, sessions, engine, store, lease)
     finally:
         lease.release()
+        engine.dispose()  # its pooled connections are file descriptors: a long-lived process must not pile them up
 
 
 def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, store: ArtifactStore,
@@ -270,7 +272,14 @@ def recover_builds(settings: Settings) -> list[int]:
     """Open builds that nobody runs go back to the queue (they restart from scratch): those whose worker's lease
     lapsed, and queued ones whose task is not in the queue. Each is taken back with one conditional UPDATE, so
     workers recovering at the same time requeue a build once."""
-    sessions = make_sessionmaker(make_engine(settings.database_url))
+    engine = make_engine(settings.database_url)
+    try:
+        return _recover_builds(settings, make_sessionmaker(engine))
+    finally:
+        engine.dispose()  # called once a lease length: without this each call leaves connections open
+
+
+def _recover_builds(settings: Settings, sessions) -> list[int]:
     huey = make_huey(settings.queue_url)
     queued_ids = {t.args[0] for t in huey.pending() if t.name.endswith("run_build") and t.args}
     unclaimed = or_(Build.lease_owner.is_(None), Build.lease_expires_at < now())

@@ -20,7 +20,10 @@ def app(tmp_path, database_url):
     with app.extensions["tinymlaas"].sessions() as s:
         _, token = create_user(s, "alice")
     app.token = token
-    return app
+    yield app
+    # pooled connections are file descriptors; the live fleet tests later in this process run 200 MQTT clients
+    # on select(), which cannot watch a descriptor past 1023
+    app.extensions["tinymlaas"].sessions.kw["bind"].dispose()
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ def app(tmp_path, database_url):
                               build_lease_seconds=3.0))
     with app.extensions["tinymlaas"].sessions() as s:
         _, app.token = create_user(s, "alice")
-    return app
+    yield app
+    app.extensions["tinymlaas"].sessions.kw["bind"].dispose()  # no file descriptors left for the later live tests
 
 
 def _queued_build(app) -> int:
