@@ -32,6 +32,7 @@ from tinymlaas.private import write_private
 from tinymlaas.targets import get_target
 
 from .broker import ROOT
+from .mqtt_loop import shared_loop
 
 log = logging.getLogger("tinymlaas.agent")
 DOWNLOAD_CHUNK = 16 * 1024
@@ -129,12 +130,10 @@ class Agent:
             self.client.tls_set(**self._tls_files(m))
         self.client.will_set(self._topic("state"), json.dumps({"state": "lost"}), qos=1, retain=True)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.2, 2)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
-        self.client.connect_async(m["host"], self.mqtt_port or m["port"], keepalive=15)
-        self.client.loop_start()
+        shared_loop().connect(self.client, m["host"], self.mqtt_port or m["port"], keepalive=15)
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}", daemon=True)
         self._worker.start()
         return self
@@ -154,10 +153,7 @@ class Agent:
         if self.client is not None:
             if clean:
                 self._publish("state", {"state": "offline", "firmware_version": self.version}, retain=True)
-                self.client.disconnect()
-            else:
-                self.client._sock_close()
-            self.client.loop_stop()
+            shared_loop().disconnect(self.client, clean)
 
     def _topic(self, suffix: str) -> str:
         return f"{ROOT}/devices/{self.device_id}/{suffix}"

@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from .broker import ROOT, SERVER_USER
 from .db import Build, Deployment, DeviceJob
+from .mqtt_loop import MqttLoop
 from .service import advance, apply_job_update, expire_silent_jobs, record_state, record_telemetry
 
 log = logging.getLogger("tinymlaas.coordinator")
@@ -40,23 +41,24 @@ class Coordinator:
         if tls is not None:  # {ca_certs, certfile, keyfile}: the broker verified against our CA
             self.client.tls_set(**tls)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.2, 2)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
         self.host, self.port = host, port
+        self.loop: MqttLoop | None = None
 
     def start(self) -> None:
-        self.client.connect_async(self.host, self.port, keepalive=30)
-        self.client.loop_start()
+        self.loop = MqttLoop("coordinator-mqtt")  # its own thread: never behind a fleet of emulated devices
+        self.loop.connect(self.client, self.host, self.port, keepalive=30)
         if not self.connected.wait(15):
             raise TimeoutError(f"the coordinator could not connect to MQTT at {self.host}:{self.port}")
         threading.Thread(target=self._watch, name="coordinator-timeouts", daemon=True).start()
 
     def stop(self) -> None:
         self._stopping.set()
-        self.client.disconnect()
-        self.client.loop_stop()
+        if self.loop is not None:
+            self.loop.disconnect(self.client)
+            self.loop.close()
 
     def credentials_changed(self) -> None:
         if self.broker is not None:
