@@ -38,6 +38,13 @@ class ServerContext:
 
         enqueue_build(self.settings.queue_url, build_id)
 
+    def close(self) -> None:
+        """Give back the database connections and the queue's (a process may make another app after this one)."""
+        from .jobs import release_queue
+
+        self.sessions.kw["bind"].dispose()
+        release_queue(self.settings.queue_url)
+
 
 def create_app(settings: Settings | None = None, migrate: bool = True) -> Flask:
     from .api import register_api

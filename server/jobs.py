@@ -123,6 +123,14 @@ def make_huey(queue_url: str):
 _TASKS: dict[str, object] = {}
 
 
+def release_queue(queue_url: str) -> None:
+    """Close this process's connection to a queue (made again on next use)."""
+    huey = _HUEY.pop(queue_url, None)
+    _TASKS.pop(queue_url, None)
+    if huey is not None:
+        huey.storage.close()
+
+
 def enqueue_build(queue_url: str, build_id: int) -> None:
     make_huey(queue_url)
     _TASKS[queue_url](build_id)

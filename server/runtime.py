@@ -183,6 +183,7 @@ class Server:
             self.coordinator.stop()
         if self.broker:
             self.broker.stop()
+        self.app.extensions["tinymlaas"].close()
 
 
 def start_worker(settings: Settings) -> subprocess.Popen:

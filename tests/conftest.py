@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,12 @@ def models_dir() -> Path:
     if not (MODELS_DIR / "kws_ref_model.tflite").exists():
         pytest.fail(f"MLPerf Tiny models not found in {MODELS_DIR} (set TINYMLAAS_MODELS)")
     return MODELS_DIR
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`tinymlaas ARGS` as a user runs it: a new process, its exit status and its output."""
+    return subprocess.run([sys.executable, "-m", "tinymlaas", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, check=False)
 
 
 def model_path(name: str) -> Path:
@@ -125,6 +133,22 @@ def database_url(request, tmp_path):
         conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     return url
+
+
+@pytest.fixture
+def make_app():
+    """create_app(settings), closed after the test (its database and queue connections are given back)."""
+    from server import create_app
+
+    apps = []
+
+    def make(settings, **kwargs):
+        apps.append(create_app(settings, **kwargs))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        app.extensions["tinymlaas"].close()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,23 +7,19 @@ import pytest
 from conftest import done_build, model_path
 from sqlalchemy import func, select
 
-from server import create_app
 from server.config import Settings
 from server.db import Build, Deployment, Device, DeviceJob, Model, alembic_config
 from server.service import create_user
 
 
 @pytest.fixture
-def app(tmp_path, database_url):
+def app(tmp_path, database_url, make_app):
     settings = Settings(data_dir=tmp_path / "data", database_url=database_url, max_upload_bytes=2 * 1024 * 1024)
-    app = create_app(settings)
+    app = make_app(settings)
     with app.extensions["tinymlaas"].sessions() as s:
         _, token = create_user(s, "alice")
     app.token = token
-    yield app
-    # pooled connections are file descriptors; the live fleet tests later in this process run 200 MQTT clients
-    # on select(), which cannot watch a descriptor past 1023
-    app.extensions["tinymlaas"].sessions.kw["bind"].dispose()
+    return app
 
 
 @pytest.fixture
@@ -299,12 +295,12 @@ def test_timestamps_carry_their_timezone(client):
         assert dt.datetime.fromisoformat(stamp).utcoffset() == dt.timedelta(0), stamp
 
 
-def test_the_database_file_is_private_from_the_start(tmp_path):
+def test_the_database_file_is_private_from_the_start(tmp_path, make_app):
     import os
     import stat
 
     settings = Settings(data_dir=tmp_path / "d", database_url=f"sqlite:///{tmp_path / 'd' / 'db.sqlite'}")
-    create_app(settings)
+    make_app(settings)
     assert stat.S_IMODE(os.stat(tmp_path / "d" / "db.sqlite").st_mode) == 0o600
 
 
@@ -376,10 +372,10 @@ def test_the_database_itself_refuses_a_second_active_deployment(app, client):
             s.commit()
 
 
-def test_a_user_with_too_many_open_builds_is_told_to_wait(tmp_path):
+def test_a_user_with_too_many_open_builds_is_told_to_wait(tmp_path, make_app):
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
                         max_open_builds=3)
-    app = create_app(settings)
+    app = make_app(settings)
     with app.extensions["tinymlaas"].sessions() as s:
         _, token = create_user(s, "bob")
     c, auth = app.test_client(), {"Authorization": f"Bearer {token}"}

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from server import create_app
 from server.config import Settings
 from server.db import Build, now
 from server.jobs import Lease, LeaseLost, make_huey, recover_builds, run_build
@@ -20,13 +19,12 @@ FC = Path(__file__).parent / "corpus" / "ops" / "fully_connected_int8.tflite"
 
 
 @pytest.fixture
-def app(tmp_path, database_url):
-    app = create_app(Settings(data_dir=tmp_path / "data", database_url=database_url, build_inputs=2,
+def app(tmp_path, database_url, make_app):
+    app = make_app(Settings(data_dir=tmp_path / "data", database_url=database_url, build_inputs=2,
                               build_lease_seconds=3.0))
     with app.extensions["tinymlaas"].sessions() as s:
         _, app.token = create_user(s, "alice")
-    yield app
-    app.extensions["tinymlaas"].sessions.kw["bind"].dispose()  # no file descriptors left for the later live tests
+    return app
 
 
 def _queued_build(app) -> int:

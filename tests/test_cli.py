@@ -1,17 +1,9 @@
 """The CLI as a user meets it: exit status 2 and one clear line for bad input, nothing half-written."""
 
 import json
-import subprocess
-import sys
 
-from conftest import model_path
+from conftest import cli, model_path
 from quantized_layers import unsupported_operator_model
-
-
-def cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "tinymlaas", *map(str, args)], capture_output=True, text=True, cwd=cwd, check=False
-    )
 
 
 def assert_clean_failure(proc, out_dir, *fragments):

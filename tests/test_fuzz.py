@@ -69,12 +69,11 @@ def test_mutated_models_are_refused_clearly(seed_model, count):
     assert outcomes["internal"] <= max(count // 50, 2), outcomes
 
 
-def test_mutated_uploads_get_4xx_never_5xx(tmp_path, database_url):
-    from server import create_app
+def test_mutated_uploads_get_4xx_never_5xx(tmp_path, database_url, make_app):
     from server.config import Settings
     from server.service import create_user
 
-    app = create_app(Settings(data_dir=tmp_path / "data", database_url=database_url))
+    app = make_app(Settings(data_dir=tmp_path / "data", database_url=database_url))
     with app.extensions["tinymlaas"].sessions() as s:
         _, token = create_user(s, "fuzz")
     client = app.test_client()
@@ -90,3 +89,27 @@ def test_mutated_uploads_get_4xx_never_5xx(tmp_path, database_url):
             if r.status_code >= 400:
                 assert r.mimetype == "application/problem+json" and r.get_json()["field"] == "file"
     assert statuses.get(422, 0) > 0, statuses
+
+
+@pytest.mark.parametrize("seed_model, count", [
+    ("ops/conv_2d_int8.tflite", 8),
+    pytest.param("ops/conv_2d_int8.tflite", 30, marks=pytest.mark.slow),
+    pytest.param("models/lstm_unrolled_int8.tflite", 30, marks=pytest.mark.slow)])
+def test_compile_command_on_mutated_models_succeeds_or_says_why_in_one_line(tmp_path, seed_model, count):
+    """The whole `tinymlaas compile` (import, code generation, cross-compilation, QEMU, comparison with the
+    interpreter): a firmware (exit 0) or one line of refusal (exit 2), never a traceback or an internal error."""
+    from conftest import cli
+
+    original = (CORPUS / seed_model).read_bytes()
+    rng = np.random.default_rng(11)
+    codes = []
+    for i in range(count):
+        path = tmp_path / f"m{i}.tflite"
+        path.write_bytes(mutate(original, rng))
+        proc = cli("compile", path, "--target", "cortex-m4", "--out", tmp_path / f"out{i}")
+        codes.append(proc.returncode)
+        assert proc.returncode in (0, 2), (i, proc.stderr)
+        assert "Traceback" not in proc.stderr, (i, proc.stderr)
+        if proc.returncode == 2:
+            assert len(proc.stderr.strip().splitlines()) == 1, (i, proc.stderr)
+    assert 2 in codes, codes  # the mutations do reach the checks

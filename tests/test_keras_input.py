@@ -54,14 +54,13 @@ def test_cli_compiles_keras(keras_model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_api_takes_keras_upload(keras_model, tmp_path, quantize):
+def test_api_takes_keras_upload(keras_model, tmp_path, quantize, make_app):
     import io
 
-    from server import create_app
     from server.config import Settings
     from server.service import create_user
 
-    app = create_app(Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    app = make_app(Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
     with app.extensions["tinymlaas"].sessions() as s:
         _, token = create_user(s, "keras")
     data = (keras_model / "net.keras").read_bytes()

@@ -7,7 +7,6 @@ import io
 import pytest
 from conftest import done_build
 
-from server import create_app
 from server.broker import check_secret
 from server.config import Settings
 from server.db import ApiToken, Device, alembic_config
@@ -15,8 +14,8 @@ from server.service import create_organization, create_user
 
 
 @pytest.fixture
-def app(tmp_path, database_url):
-    app = create_app(Settings(data_dir=tmp_path / "data", database_url=database_url))
+def app(tmp_path, database_url, make_app):
+    app = make_app(Settings(data_dir=tmp_path / "data", database_url=database_url))
     with app.extensions["tinymlaas"].sessions() as s:
         _, app.alice = create_user(s, "alice", create_organization(s, "acme"))
         _, app.bob = create_user(s, "bob", create_organization(s, "globex"))
@@ -149,7 +148,7 @@ def test_a_rotated_device_secret_replaces_the_old_one(app):
     assert check_secret(new, stored) and not check_secret(first["mqtt"]["password"], stored)
 
 
-def test_a_database_from_before_tenancy_migrates_with_its_tokens(tmp_path):
+def test_a_database_from_before_tenancy_migrates_with_its_tokens(tmp_path, make_app):
     """Users, devices and an active rollout of a schema-0003 database: one organisation after the upgrade, the old
     token still works, with every scope, and sees its rows."""
     from alembic import command
@@ -166,7 +165,7 @@ def test_a_database_from_before_tenancy_migrates_with_its_tokens(tmp_path):
         con.execute(text("INSERT INTO devices (id, target, \"group\", flash_bytes, ram_bytes, secret_hash, state, "
                          "owner_id, created_at) VALUES ('old-1', 'cortex-m4', 'default', 1, 1, 'x', 'registered', 1, "
                          "CURRENT_TIMESTAMP)"))
-    app = create_app(Settings(data_dir=tmp_path / "data", database_url=url))
+    app = make_app(Settings(data_dir=tmp_path / "data", database_url=url))
     c = app.test_client()
     me = c.get("/api/v1/me", headers=auth("tmk_old")).get_json()
     assert me == {"user": "admin", "organization": "default", "role": "admin",

@@ -16,9 +16,13 @@ def _folder(path: Path) -> Path:
 
 
 def create_private(path: Path) -> Path:
-    """`path` created empty with mode 0600 if it does not exist."""
+    """`path` created empty with mode 0600 if it does not exist. An existing file is never opened: closing any
+    descriptor of a SQLite database drops every lock this process holds on it (POSIX), under SQLite's feet."""
     path = _folder(path)
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
     return path
 
 
