@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,13 @@ def _region(d: dict) -> MemoryRegion:
 
 
 def load_target_file(path: Path) -> Target:
+    stat = path.stat()
+    return _parse_target_file(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_target_file(path: Path, _mtime_ns: int, _size: int) -> Target:
+    """Parsed once per version of the file: the API validates a target on every device registration."""
     d = yaml.safe_load(path.read_text())
     emu = d["emulator"]
     return Target(
