@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from tinymlaas.private import write_private
+
 ROOT = "tinymlaas/v1"
 SERVER_USER = "tinymlaas-server"
 _ITERATIONS = 101  # Mosquitto's own default for its $7$ (PBKDF2-SHA512) hashes
@@ -265,6 +267,7 @@ class MosquittoBroker:
     def __init__(self, workdir: Path, credentials, host: str = "127.0.0.1", port: int = 1883, tls=None,
                  client_certs: bool = False):
         self.dir = Path(workdir)
+        self._config_lock = threading.Lock()
         self.credentials = credentials  # () -> {user: hash_secret() string}
         self.host, self.port = host, port
         self.tls, self.client_certs = tls, client_certs  # tls: server.tls.TlsFiles, or None for plain MQTT
@@ -275,15 +278,16 @@ class MosquittoBroker:
         return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.path.exists(p)), None)
 
     def write_config(self) -> None:
-        """Password file, ACL and config, rewritten atomically; SIGHUP makes a running Mosquitto reload them."""
+        """Password file, ACL and config, rewritten atomically and owner-only; SIGHUP makes a running Mosquitto
+        reload them."""
         credentials = self.credentials()
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.dir / "passwd", "".join(f"{u}:{h}\n" for u, h in sorted(credentials.items())), 0o600)
-        _write_atomic(self.dir / "acl", (
+        write_private(self.dir / "passwd", "".join(f"{u}:{h}\n" for u, h in sorted(credentials.items())))
+        write_private(self.dir / "acl", (
             f"user {SERVER_USER}\ntopic readwrite {ROOT}/#\n\n"
             f"# every other user: its own subtree only\npattern readwrite {ROOT}/devices/%u/#\n"
-        ), 0o600)
-        _write_atomic(self.dir / "mosquitto.conf", (
+        ))
+        write_private(self.dir / "mosquitto.conf", (
             "per_listener_settings false\n"
             f"user {getpass.getuser()}\n"  # no privilege drop: the files stay readable on reload
             f"listener {self.port} {self.host}\n"
@@ -295,7 +299,7 @@ class MosquittoBroker:
             "persistence false\n"
             "max_queued_messages 10000\n"
             "log_dest stderr\nlog_type error\nlog_type warning\n"
-        ), 0o644)
+        ))
 
     def _tls_config(self) -> str:
         """TLS on the listener; with client certificates a client needs one signed by our CA *and* its secret
@@ -319,9 +323,12 @@ class MosquittoBroker:
         wait_for_port(self.host, self.port)
 
     def credentials_changed(self) -> None:
-        self.write_config()
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGHUP)
+        # One at a time: two registrations racing could otherwise write the older credentials last, and the newer
+        # device would be refused until the next change.
+        with self._config_lock:
+            self.write_config()
+            if self.proc and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -332,10 +339,3 @@ class MosquittoBroker:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    os.replace(tmp, path)

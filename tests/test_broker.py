@@ -113,3 +113,39 @@ def test_the_same_client_connecting_again_takes_its_session_over(broker):
     wait_for(lambda: second.got, 5, "delivery to the new connection")
     for x in (first, second, server):
         x.loop_stop()
+
+
+def test_concurrent_registrations_all_reach_mosquittos_password_file(tmp_path):
+    """Registrations racing each other each rewrite the password file: the last write must hold every device."""
+    import threading
+
+    if MosquittoBroker.binary() is None:
+        pytest.skip("mosquitto is not installed (make setup installs it)")
+    users: dict[str, str] = {SERVER_USER: hash_secret("s", b"0123456789ab")}
+    lock = threading.Lock()
+
+    def credentials():
+        with lock:
+            snapshot = dict(users)
+        time.sleep(0.002 * (30 - len(snapshot)))  # a slow database read: the older the answer, the later it arrives
+        return snapshot
+
+    b = MosquittoBroker(tmp_path / "mosquitto", credentials, port=free_port())
+    b.start()
+    try:
+        def register(i):
+            time.sleep(0.003 * i)
+            with lock:
+                users[f"dev-{i}"] = hash_secret(f"secret-{i}", b"0123456789ab")
+            b.credentials_changed()
+
+        threads = [threading.Thread(target=register, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        written = {line.split(":")[0] for line in (tmp_path / "mosquitto" / "passwd").read_text().splitlines()}
+        assert written == set(users)
+        assert (tmp_path / "mosquitto" / "passwd").stat().st_mode & 0o077 == 0
+    finally:
+        b.stop()
