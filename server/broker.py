@@ -27,6 +27,7 @@ from tinymlaas.private import write_private
 
 ROOT = "tinymlaas/v1"
 SERVER_USER = "tinymlaas-server"
+RELOAD_GAP = 0.3  # seconds between Mosquitto reloads (a reload of thousands of logins takes milliseconds)
 _ITERATIONS = 101  # Mosquitto's own default for its $7$ (PBKDF2-SHA512) hashes
 
 
@@ -268,6 +269,8 @@ class MosquittoBroker:
                  client_certs: bool = False):
         self.dir = Path(workdir)
         self._config_lock = threading.Lock()
+        self._reload_wanted, self._stopping = threading.Event(), threading.Event()
+        self._reloader: threading.Thread | None = None
         self.credentials = credentials  # () -> {user: hash_secret() string}
         self.host, self.port = host, port
         self.tls, self.client_certs = tls, client_certs  # tls: server.tls.TlsFiles, or None for plain MQTT
@@ -321,20 +324,36 @@ class MosquittoBroker:
             self.proc = subprocess.Popen([exe, "-c", str(self.dir / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                                          stderr=log)
         wait_for_port(self.host, self.port)
+        if self._reloader is None or not self._reloader.is_alive():
+            self._stopping.clear()
+            self._reloader = threading.Thread(target=self._reload, name="mosquitto-reload", daemon=True)
+            self._reloader.start()
 
     def credentials_changed(self) -> None:
-        # One at a time: two registrations racing could otherwise write the older credentials last, and the newer
-        # device would be refused until the next change.
+        # Written one at a time: two registrations racing could otherwise write the older credentials last.
         with self._config_lock:
             self.write_config()
-            if self.proc and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGHUP)
+        self._reload_wanted.set()
+
+    def _reload(self) -> None:
+        """SIGHUP after each burst of changes, RELOAD_GAP apart: Mosquitto drops a SIGHUP that arrives while it is
+        reloading, which left the last of 1,000 devices registered in a burst refused for good."""
+        while not self._stopping.is_set():
+            if self._reload_wanted.wait(1.0):
+                self._reload_wanted.clear()
+                if self.running():
+                    self.proc.send_signal(signal.SIGHUP)
+                self._stopping.wait(RELOAD_GAP)
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
+        if self._reloader is not None:
+            self._reloader.join(5)
+            self._reloader = None
 
     def restart(self) -> None:
         self.stop()

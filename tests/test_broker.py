@@ -8,7 +8,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from fleet_helpers import wait_for
 
-from server.broker import ROOT, SERVER_USER, EmbeddedBroker, MosquittoBroker, check_secret, free_port, hash_secret
+from server.broker import RELOAD_GAP, ROOT, SERVER_USER, EmbeddedBroker, MosquittoBroker, check_secret, free_port, hash_secret
 
 SECRETS = {SERVER_USER: "server-secret", "dev-a": "secret-a", "dev-b": "secret-b"}
 
@@ -116,7 +116,8 @@ def test_the_same_client_connecting_again_takes_its_session_over(broker):
 
 
 def test_concurrent_registrations_all_reach_mosquittos_password_file(tmp_path):
-    """Registrations racing each other each rewrite the password file: the last write must hold every device."""
+    """Registrations racing each other each rewrite the password file: the last write must hold every device, and
+    Mosquitto must have reloaded it (it drops a SIGHUP that arrives during a reload)."""
     import threading
 
     if MosquittoBroker.binary() is None:
@@ -147,5 +148,10 @@ def test_concurrent_registrations_all_reach_mosquittos_password_file(tmp_path):
         written = {line.split(":")[0] for line in (tmp_path / "mosquitto" / "passwd").read_text().splitlines()}
         assert written == set(users)
         assert (tmp_path / "mosquitto" / "passwd").stat().st_mode & 0o077 == 0
+        time.sleep(2 * RELOAD_GAP)  # and Mosquitto has reloaded after the last change: every device gets in
+        for i in (23, 22, 0):
+            c = client(b, f"dev-{i}", password=f"secret-{i}")
+            assert c is not None, f"dev-{i} refused"
+            c.loop_stop()
     finally:
         b.stop()
