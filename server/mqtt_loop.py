@@ -45,6 +45,8 @@ class MqttLoop:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._entries: dict[int, _Entry] = {}
+        self._dirty: set[int] = set()  # clients to look at on the next round (all of them every MISC_EVERY)
+        self._gone: list[_Entry] = []  # disconnected by their owners, still to unregister
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -55,12 +57,11 @@ class MqttLoop:
     def connect(self, client: mqtt.Client, host: str, port: int, keepalive: int) -> None:
         """Connect `client` from this loop and keep it connected until `disconnect`."""
         client.connect_async(host, port, keepalive)
-        client.on_socket_register_write = lambda *_: self.wake()
-        client.on_socket_unregister_write = lambda *_: self.wake()
-        client.on_socket_close = lambda *_: self.wake()
+        client.on_socket_register_write = client.on_socket_unregister_write = client.on_socket_close = \
+            lambda c, *_: self._touch(c)
         with self._lock:
             self._entries[id(client)] = _Entry(client)
-        self.wake()
+        self._touch(client)
 
     def disconnect(self, client: mqtt.Client, clean: bool = True, timeout: float = 5.0) -> None:
         """clean: send DISCONNECT and wait (up to `timeout`) until it is written; otherwise drop the socket,
@@ -78,7 +79,14 @@ class MqttLoop:
                 time.sleep(0.01)
         client._sock_close()  # paho has no public way to drop a connection without a DISCONNECT packet
         with self._lock:
-            self._entries.pop(id(client), None)
+            if self._entries.pop(id(client), None) is not None:
+                self._gone.append(entry)
+        self.wake()
+
+    def _touch(self, client: mqtt.Client) -> None:
+        """`client`'s socket or wish to write changed (paho's callbacks, from any thread): look at it again."""
+        with self._lock:
+            self._dirty.add(id(client))
         self.wake()
 
     def wake(self) -> None:
@@ -98,14 +106,15 @@ class MqttLoop:
         next_misc = 0.0
         while not self._closed:
             try:
-                self._reconcile()
-                self._serve(self._selector.select(timeout=MISC_EVERY))
-                if time.monotonic() >= next_misc:
+                full = time.monotonic() >= next_misc
+                if full:
                     next_misc = time.monotonic() + MISC_EVERY
                     with self._lock:
                         entries = list(self._entries.values())
                     for entry in entries:
                         entry.client.loop_misc()  # keep-alive pings; a dead connection is closed here
+                self._reconcile(full)
+                self._serve(self._selector.select(timeout=MISC_EVERY))
             except Exception:
                 log.exception("MQTT loop")
                 time.sleep(MIN_RETRY)
@@ -127,14 +136,19 @@ class MqttLoop:
             if mask & selectors.EVENT_WRITE and client.socket() is not None:
                 client.loop_write()
 
-    def _reconcile(self) -> None:
-        """Make the selector match each client's socket and wish to write; reconnect the clients that are due."""
+    def _reconcile(self, full: bool) -> None:
+        """Make the selector match each client's socket and wish to write, and reconnect the clients that are due:
+        every client on a full round, else only those whose state changed (one publish must not cost a pass over
+        a thousand clients)."""
         with self._lock:
-            entries = list(self._entries.values())
-        live = {id(e) for e in entries}
-        for key in list(self._selector.get_map().values()):  # first forget closed sockets: their numbers get reused
-            entry = key.data
-            if entry is not None and (id(entry) not in live or entry.client.socket() is not entry.sock):
+            entries = list(self._entries.values()) if full else \
+                [self._entries[i] for i in self._dirty if i in self._entries]
+            self._dirty.clear()
+            gone, self._gone = self._gone, []
+        for entry in gone:
+            self._unregister(entry)
+        for entry in entries:  # first forget closed sockets: their numbers get reused
+            if entry.sock is not None and entry.client.socket() is not entry.sock:
                 self._unregister(entry)
         now = time.monotonic()
         for entry in entries:
@@ -154,7 +168,7 @@ class MqttLoop:
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.want_write() else 0)
             if entry.sock is None:
                 stale = self._selector.get_map().get(sock.fileno())
-                if stale is not None:  # closed by another thread since the first pass
+                if stale is not None:  # a closed socket of a client not looked at this round
                     self._unregister(stale.data)
                 self._selector.register(sock, events, entry)
                 entry.sock, entry.events = sock, events
