@@ -2,6 +2,7 @@
 clients; one JSON.
 
 Usage: python benchmarks/fleet.py [--models DIR] [--agents 50,200] [--large 1000] [--clients 16] [--out FILE]
+(`make bench` runs it with --large 1000.)
 
 Every device is a real agent (own MQTT login, HTTP download with its own credentials, image checks,
 A/B slot write, QEMU self-test of the new image: every device runs it, none is sampled) in this one process;
@@ -113,8 +114,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=str(ROOT.parent / "shared" / "models" / "mlperf-tiny"))
     ap.add_argument("--agents", default="50,200")
-    ap.add_argument("--large", type=int, default=0, help="one more rollout this size, on Mosquitto (default none: 1,000"
-                    "agents in this one process did not all connect within 10 minutes on 2 cores)")
+    ap.add_argument("--large", type=int, default=0, help="one more rollout this size, on Mosquitto (default none; "
+                    "`make bench` asks for 1,000)")
     ap.add_argument("--clients", type=int, default=16, help="concurrent API clients (default 16)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fleet.json"))
     args = ap.parse_args()

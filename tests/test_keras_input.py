@@ -113,11 +113,26 @@ def test_quantization_search_has_a_mixed_precision_point_on_the_front(deeper_ker
 
 
 def test_cli_search_of_keras_input_writes_the_quantization_front(deeper_keras_model, tmp_path, capsys):
+    """The budget is spent: the five quantization variants, then the kernel search on the chosen one."""
     out = tmp_path / "s"
     assert main(["search", str(deeper_keras_model / "net.keras"), "-t", "cortex-m4", "--calibration",
                  str(deeper_keras_model / "calib.npz"), "--max-fidelity-loss", "0.02", "-n", "2", "-o", str(out),
-                 "--no-record"]) == 0
+                 "--no-record", "--budget", "8", "--strategy", "random"]) == 0
     text = capsys.readouterr().out
     assert "int16x8" in text and "chosen (*)" in text
     front = __import__("json").loads((out / "front.json").read_text())
-    assert front["strategy"] == "quantization" and len(front["points"]) == 5 and (out / "front.png").exists()
+    assert front["strategy"] == "quantization+random" and front["budget"] == 8 and (out / "front.png").exists()
+    points = front["points"]
+    assert 5 < len(points) <= 8 and all(p["verified"] for p in points)
+    first = min(points[:5], key=lambda p: (p["fidelity_loss"] > 0.02, p["cost"]))  # the variant the kernels refine
+    kernels = points[5:]
+    assert all(p["variant"]["quantization"] == first["variant"]["quantization"] for p in kernels)
+    assert all(p["fidelity_loss"] == pytest.approx(first["fidelity_loss"], abs=1e-3) for p in kernels)
+    chosen = points[front["chosen"]]
+    assert chosen["cost"] == min(p["cost"] for p in points if p["fidelity_loss"] <= 0.02)
+
+
+def test_a_keras_search_budget_below_its_quantization_variants_is_refused(deeper_keras_model, tmp_path, capsys):
+    assert main(["search", str(deeper_keras_model / "net.keras"), "-t", "cortex-m4", "--budget", "3", "-o",
+                 str(tmp_path / "s")]) == 2
+    assert "--budget 3 is below the 5 quantization variants" in capsys.readouterr().err

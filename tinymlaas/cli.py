@@ -114,7 +114,7 @@ def cmd_search(args) -> int:
 
         from tinymlaas.search.quantization import VARIANTS
 
-        bar = tqdm(total=len(VARIANTS) if keras else args.budget, desc="search", unit="build", file=sys.stderr,
+        bar = tqdm(total=max(len(VARIANTS), args.budget) if keras else args.budget, desc="search", unit="build", file=sys.stderr,
                    leave=False)
 
     def progress(done: int, total: int, point) -> None:
@@ -129,7 +129,9 @@ def cmd_search(args) -> int:
 
             result = search_quantization(args.model, args.target, out / "points",
                                          Path(args.calibration) if args.calibration else None, constraints,
-                                         inputs=args.inputs, seed=args.seed, progress=progress)
+                                         inputs=args.inputs, seed=args.seed, progress=progress, budget=args.budget,
+                                         strategy=args.strategy, workers=args.workers, record=not args.no_record,
+                                         ray_address=args.ray)
         else:
             result = search(args.model, args.target, out / "points", budget=args.budget, strategy=args.strategy,
                             seed=args.seed, constraints=constraints, inputs=args.inputs, workers=args.workers,
@@ -199,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "writes the Pareto front (JSON, PNG) and the best build")
     p.add_argument("model", help="a .tflite file, or a .keras/.h5/SavedModel folder (quantization variants)")
     p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
-    p.add_argument("--budget", "-b", type=_positive_int, default=16, help="at most this many builds (default 16)")
+    p.add_argument("--budget", "-b", type=_positive_int, default=16, help="at most this many builds (default 16; Keras "
+                   "input: the 5 quantization variants first, then the kernel search on the chosen one)")
     p.add_argument("--strategy", choices=STRATEGIES, default="nsga2",
                    help="NSGA-II (default), random, or guided (a learned model screens sampled candidates, only its "
                    "best are built; on Ibex targets the best are confirmed in true cycles); all seeded with the "

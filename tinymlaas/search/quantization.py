@@ -68,14 +68,22 @@ def accuracy(outputs: list[np.ndarray], labels) -> float | None:
 
 def search_quantization(source, target: str, workdir, calibration: Path | None = None,
                         constraints: Constraints | None = None, inputs: int = 3, seed: int = 0,
-                        progress: Callable | None = None) -> SearchResult:
-    """Every quantization variant of the Keras/SavedModel `source`, built with the default kernels on `target`."""
+                        progress: Callable | None = None, budget: int | None = None, strategy: str = "nsga2",
+                        workers: int | None = None, record: bool = False,
+                        ray_address: str | None = None) -> SearchResult:
+    """Every quantization variant of the Keras/SavedModel `source`, built with the default kernels on `target`;
+    then, with a `budget` above the number of variants, the kernel search (`strategy`) on the chosen variant with
+    the builds left."""
     from tinymlaas.errors import TinyMLaaSError
     from tinymlaas.frontend.keras import calibration_samples, convert_keras
     from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.pipeline import CompileOptions, compile_model
 
     constraints = constraints or Constraints()
+    if budget is not None and budget < len(VARIANTS):
+        raise TinyMLaaSError(f"--budget {budget} is below the {len(VARIANTS)} quantization variants every Keras/"
+                            f"SavedModel search builds ({', '.join(v[0] for v in VARIANTS)})")
+    total = budget or len(VARIANTS)
     started = time.monotonic()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -105,18 +113,42 @@ def search_quantization(source, target: str, workdir, calibration: Path | None =
         points.append(Point.of_report(spec, name, r, workdir / f"point{k:02d}-{name}", time.monotonic() - t0,
                                       fidelity_loss=fidelity(reference, outputs)))
         if progress:
-            progress(len(points), len(VARIANTS), points[-1])
+            progress(len(points), total, points[-1])
     if calibration is None:
         notes.append("fidelity measured on generated inputs (standard normal): pass --calibration data.npz with "
                      "real samples (and `labels` for accuracy)")
-    # the front shows the trade-off whatever the loss; the fidelity constraint only decides which point is chosen
-    front = pareto_front(points, replace(constraints, max_fidelity_loss=float("inf")))
-    allowed = [i for i in front if constraints.violation(points[i]) == 0]
-    chosen = min(allowed, key=lambda i: points[i].objectives()) if allowed else None
+    front, chosen = _front_and_choice(points, constraints)
+    if chosen is not None and total > len(VARIANTS):
+        points += _kernel_points(points[chosen], workdir, target, total - len(VARIANTS), strategy, seed, constraints,
+                                 inputs, workers, record, ray_address,
+                                 (lambda done, _t, p: progress(len(VARIANTS) + done, total, p)) if progress else None)
+        front, chosen = _front_and_choice(points, constraints)
     if chosen is None:
         notes.append("no variant satisfied the constraints")
     elif points[chosen].label == "float32" and constraints.max_fidelity_loss == 0:
         notes.append("float32 chosen: only it has no quantization loss; accept some with --max-fidelity-loss "
                      "(relative output RMSE, e.g. 0.05)")
-    return SearchResult(source.name, target, "quantization", len(VARIANTS), seed, len(VARIANTS), asdict(constraints),
-                        points, front, chosen, 0, round(time.monotonic() - started, 1), notes)
+    return SearchResult(source.name, target, "quantization" if total == len(VARIANTS) else f"quantization+{strategy}",
+                        total, seed, len(VARIANTS), asdict(constraints), points, front, chosen, 0,
+                        round(time.monotonic() - started, 1), notes)
+
+
+def _front_and_choice(points: list[Point], constraints: Constraints) -> tuple[list[int], int | None]:
+    # the front shows the trade-off whatever the loss; the fidelity constraint only decides which point is chosen
+    front = pareto_front(points, replace(constraints, max_fidelity_loss=float("inf")))
+    allowed = [i for i in front if constraints.violation(points[i]) == 0]
+    return front, (min(allowed, key=lambda i: points[i].objectives()) if allowed else None)
+
+
+def _kernel_points(base: Point, workdir: Path, target: str, budget: int, strategy: str, seed: int,
+                   constraints: Constraints, inputs: int, workers, record: bool, ray_address, progress) -> list[Point]:
+    """The kernel search on one quantization variant's model; its points carry that variant's quantization and its
+    fidelity loss against the float model (the kernels themselves are checked against that variant's interpreter)."""
+    from tinymlaas.search.search import search
+
+    name = base.variant["quantization"]
+    result = search(workdir / f"{name}.tflite", target, workdir / f"kernels-{name}", budget=budget, strategy=strategy,
+                    seed=seed, constraints=replace(constraints, max_fidelity_loss=0.0), inputs=inputs,
+                    workers=workers, progress=progress, record=record, ray_address=ray_address)
+    return [replace(p, variant={**base.variant, **p.variant}, label=f"{name} {p.label}",
+                    fidelity_loss=base.fidelity_loss + p.fidelity_loss) for p in result.points]
