@@ -391,23 +391,25 @@ def advance(session: Session, dep: Deployment) -> list[DeviceJob]:
     """Apply the rollout decision; returns the jobs to notify now (already marked notified)."""
     if dep.state != "in_progress":
         return []
-    jobs = jobs_of(session, dep)
+    # the statuses alone (it runs on every finished job: loading a 1,000-device rollout's rows each time was
+    # quadratic); pending -> notified changes no decision, so the list stays valid through the loop
+    statuses = list(session.scalars(select(DeviceJob.status).where(DeviceJob.deployment_id == dep.id)
+                                    .order_by(DeviceJob.position)))
+    pending = select(DeviceJob).where(DeviceJob.deployment_id == dep.id, DeviceJob.status == "pending")
     to_notify: list[DeviceJob] = []
     while True:
-        d = decide(plan_of(dep), [j.status for j in jobs], dep.current_stage)
+        d = decide(plan_of(dep), statuses, dep.current_stage)
         if d.state != "in_progress":
             dep.state, dep.reason, dep.active_key = d.state, d.reason, None
-            for j in jobs:
-                if j.status == "pending":
-                    j.status, j.message = "cancelled", f"rollout {d.state}: {d.reason}"
+            for j in session.scalars(pending):
+                j.status, j.message = "cancelled", f"rollout {d.state}: {d.reason}"
             break
         if d.notify_stage is None:
             break
         dep.current_stage = d.notify_stage
-        for j in jobs:
-            if j.stage == d.notify_stage and j.status == "pending":
-                j.status = "notified"
-                to_notify.append(j)
+        for j in session.scalars(pending.where(DeviceJob.stage == d.notify_stage).order_by(DeviceJob.position)):
+            j.status = "notified"
+            to_notify.append(j)
     session.commit()
     return to_notify
 
@@ -468,7 +470,8 @@ def apply_job_update(session: Session, device_id: str, job_id: str, update: dict
         if job.instructions:
             device.instructions = job.instructions
     session.commit()
-    return JobUpdate(True, deployment=dep)
+    # only a finished job can change the rollout's decision (it counts successes, failures and what is finished)
+    return JobUpdate(True, deployment=dep if status in TERMINAL else None)
 
 
 def record_state(session: Session, device_id: str, state: dict) -> None:
