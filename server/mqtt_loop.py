@@ -115,9 +115,12 @@ class MqttLoop:
                         entry.client.loop_misc()  # keep-alive pings; a dead connection is closed here
                 self._reconcile(full)
                 self._serve(self._selector.select(timeout=MISC_EVERY))
-            except Exception:
+            except Exception:  # one client's failure must not stop the network of every other client
                 log.exception("MQTT loop")
                 time.sleep(MIN_RETRY)
+        self._selector.close()  # the loop's own descriptors: a server started and stopped often keeps none
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _serve(self, ready) -> None:
         for key, mask in ready:
