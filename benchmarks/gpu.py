@@ -1,0 +1,128 @@
+"""GPU host backend, first measurements: TVM Relax for CUDA vs PyTorch eager vs torch.compile, in one run.
+
+Usage (on a machine with an NVIDIA GPU, PyTorch and torchvision; TVM 0.27 on PYTHONPATH):
+    python benchmarks/gpu.py [--out FILE] [--runs 100]
+
+Models (torchvision definitions, random weights, seed 0): resnet18 at batch 1 and 32, mobilenet_v2 at batch 1.
+TVM: `torch.export` -> `from_exported_program` -> the zero pipeline -> dlight's default GPU schedules (untuned:
+the starting point issue 13 tunes from) -> `relax.build` for CUDA. Latency: the median of `runs` timed calls after
+warm-up, timed on the device (CUDA events for PyTorch, TVM's time_evaluator for TVM). Error: ||tvm - torch|| /
+||torch|| on the same random input, both in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+MODELS = [("resnet18", 1), ("resnet18", 32), ("mobilenet_v2", 1)]
+
+
+def torch_latency_ms(fn, x, runs: int) -> float:
+    import torch
+
+    for _ in range(10):
+        fn(x)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def tvm_build(model, x):
+    """The exported program built for CUDA with dlight's default schedules: (callable, build seconds)."""
+    import torch
+    import tvm
+    import tvm.s_tir.dlight as dl
+    from tvm import relax
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.torch import from_exported_program
+
+    t0 = time.monotonic()
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,))
+    mod = from_exported_program(exported, keep_params_as_input=True)
+    mod, params = detach_params(mod)
+    target = tvm.target.Target("cuda")
+    with target:
+        mod = relax.get_pipeline("zero")(mod)
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                      dl.gpu.Fallback())(mod)
+    executable = relax.build(mod, target=target)
+    dev = tvm.cuda(0)
+    vm = relax.VirtualMachine(executable, dev)
+    weights = [tvm.runtime.tensor(p.numpy(), dev) for p in params["main"]]
+    return vm, dev, weights, time.monotonic() - t0
+
+
+def measure(name: str, batch: int, runs: int) -> dict:
+    import numpy as np
+    import torch
+    import torchvision
+    import tvm
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval().cuda()
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    out = {"model": name, "batch": batch}
+    with torch.no_grad():
+        reference = model(x).float().cpu().numpy()
+        out["torch_eager_ms"] = round(torch_latency_ms(model, x, runs), 4)
+        t0 = time.monotonic()
+        compiled = torch.compile(model)
+        compiled(x)
+        out["torch_compile_s"] = round(time.monotonic() - t0, 1)
+        out["torch_compile_ms"] = round(torch_latency_ms(compiled, x, runs), 4)
+    try:
+        vm, dev, weights, seconds = tvm_build(model.cpu(), x.cpu())
+        xt = tvm.runtime.tensor(x.cpu().numpy(), dev)
+        got = vm["main"](xt, *weights)
+        got = (got if hasattr(got, "numpy") else got[0]).numpy()  # the exported program returns a tuple
+        timer = vm.time_evaluator("main", dev, number=1, repeat=runs, min_repeat_ms=0)
+        out["tvm_build_s"] = round(seconds, 1)
+        out["tvm_dlight_ms"] = round(1000 * statistics.median(timer(xt, *weights).results), 4)
+        out["tvm_rel_error"] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
+        out["tvm_vs_torch_compile"] = round(out["tvm_dlight_ms"] / out["torch_compile_ms"], 3)
+    except Exception as e:  # noqa: BLE001 - one model's failure is a result too
+        out["tvm_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
+    ap.add_argument("--runs", type=int, default=100)
+    args = ap.parse_args()
+    import torch
+    import tvm
+
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tvm": tvm.__version__,
+               "python": platform.python_version(), "runs": args.runs, "tuning": "none (dlight defaults)",
+               "models": []}
+    for name, batch in MODELS:
+        r = measure(name, batch, args.runs)
+        print(json.dumps(r), flush=True)
+        results["models"].append(r)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{'model':<14}{'batch':>6}{'eager ms':>10}{'compile ms':>12}{'tvm ms':>10}{'tvm/compile':>12}{'rel err':>10}")
+    for r in results["models"]:
+        print(f"{r['model']:<14}{r['batch']:>6}{r['torch_eager_ms']:>10.3f}{r['torch_compile_ms']:>12.3f}"
+              f"{r.get('tvm_dlight_ms', float('nan')):>10.3f}{r.get('tvm_vs_torch_compile', float('nan')):>12.2f}"
+              f"{r.get('tvm_rel_error', float('nan')):>10.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
