@@ -1,11 +1,13 @@
 """GPU host backend, first measurements: TVM Relax for CUDA vs PyTorch eager vs torch.compile, in one run.
 
 Usage (on a machine with an NVIDIA GPU, PyTorch and torchvision; TVM 0.27 on PYTHONPATH):
-    python benchmarks/gpu.py [--out FILE] [--runs 100]
+    python -P benchmarks/gpu.py [--out FILE] [--runs 100] [--models resnet18:1,...] [--trials N --per-task M]
+(-P: this folder's profile.py would hide the standard library's from torch.)
 
 Models (torchvision definitions, random weights, seed 0): resnet18 at batch 1 and 32, mobilenet_v2 at batch 1.
 TVM: `torch.export` -> `from_exported_program` -> the zero pipeline -> dlight's default GPU schedules (untuned:
-the starting point issue 13 tunes from) -> `relax.build` for CUDA. Latency: the median of `runs` timed calls after
+the starting point issue 13 tunes from) -> `relax.build` for CUDA. With --trials, also a tuned build: TVM's
+`static_shape_tuning` pipeline (meta_schedule, at most N trials, M per task; dlight for what it leaves). Latency: the median of `runs` timed calls after
 warm-up, timed on the device (CUDA events for PyTorch, TVM's time_evaluator for TVM). Error: ||tvm - torch|| /
 ||torch|| on the same random input, both in float32.
 """
@@ -40,8 +42,9 @@ def torch_latency_ms(fn, x, runs: int) -> float:
     return statistics.median(times)
 
 
-def tvm_build(model, x):
-    """The exported program built for CUDA with dlight's default schedules: (callable, build seconds)."""
+def tvm_build(model, x, trials: int = 0, per_task: int = 0, work_dir: str = "tuning"):
+    """The exported program built for CUDA (tuned first when `trials`), dlight's default schedules for the rest:
+    (vm, device, weights, build seconds)."""
     import torch
     import tvm
     import tvm.s_tir.dlight as dl
@@ -54,19 +57,23 @@ def tvm_build(model, x):
         exported = torch.export.export(model, (x,))
     mod = from_exported_program(exported, keep_params_as_input=True)
     mod, params = detach_params(mod)
-    target = tvm.target.Target("cuda")
+    dev = tvm.cuda(0)
+    target = tvm.target.Target.from_device(dev)  # the GPU's own architecture and limits, for tuning too
     with target:
-        mod = relax.get_pipeline("zero")(mod)
+        if trials:  # the zero pipeline, then meta_schedule on each fused function, the best schedules applied
+            mod = relax.get_pipeline("static_shape_tuning", target=target, total_trials=trials,
+                                     max_trials_per_task=per_task or None, work_dir=work_dir)(mod)
+        else:
+            mod = relax.get_pipeline("zero")(mod)
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                                       dl.gpu.Fallback())(mod)
     executable = relax.build(mod, target=target)
-    dev = tvm.cuda(0)
     vm = relax.VirtualMachine(executable, dev)
     weights = [tvm.runtime.tensor(p.numpy(), dev) for p in params["main"]]
     return vm, dev, weights, time.monotonic() - t0
 
 
-def measure(name: str, batch: int, runs: int) -> dict:
+def measure(name: str, batch: int, runs: int, trials: int = 0, per_task: int = 0) -> dict:
     import numpy as np
     import torch
     import torchvision
@@ -84,18 +91,20 @@ def measure(name: str, batch: int, runs: int) -> dict:
         compiled(x)
         out["torch_compile_s"] = round(time.monotonic() - t0, 1)
         out["torch_compile_ms"] = round(torch_latency_ms(compiled, x, runs), 4)
-    try:
-        vm, dev, weights, seconds = tvm_build(model.cpu(), x.cpu())
-        xt = tvm.runtime.tensor(x.cpu().numpy(), dev)
-        got = vm["main"](xt, *weights)
-        got = (got if hasattr(got, "numpy") else got[0]).numpy()  # the exported program returns a tuple
-        timer = vm.time_evaluator("main", dev, number=1, repeat=runs, min_repeat_ms=0)
-        out["tvm_build_s"] = round(seconds, 1)
-        out["tvm_dlight_ms"] = round(1000 * statistics.median(timer(xt, *weights).results), 4)
-        out["tvm_rel_error"] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
-        out["tvm_vs_torch_compile"] = round(out["tvm_dlight_ms"] / out["torch_compile_ms"], 3)
-    except Exception as e:  # noqa: BLE001 - one model's failure is a result too
-        out["tvm_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    model, x = model.cpu(), x.cpu()
+    for kind, tune in [("dlight", 0)] + ([("tuned", trials)] if trials else []):
+        try:
+            vm, dev, weights, seconds = tvm_build(model, x, tune, per_task, f"tuning-{name}-{batch}")
+            xt = tvm.runtime.tensor(x.numpy(), dev)
+            got = vm["main"](xt, *weights)
+            got = (got if hasattr(got, "numpy") else got[0]).numpy()  # the exported program returns a tuple
+            timer = vm.time_evaluator("main", dev, number=1, repeat=runs, min_repeat_ms=0)
+            out[f"tvm_{kind}_build_s"] = round(seconds, 1)
+            out[f"tvm_{kind}_ms"] = round(1000 * statistics.median(timer(xt, *weights).results), 4)
+            out[f"tvm_{kind}_rel_error"] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
+            out[f"tvm_{kind}_vs_torch_compile"] = round(out[f"tvm_{kind}_ms"] / out["torch_compile_ms"], 3)
+        except Exception as e:  # noqa: BLE001 - one model's failure is a result too
+            out[f"tvm_{kind}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
     return out
 
 
@@ -103,24 +112,31 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
     ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--models", default=",".join(f"{m}:{b}" for m, b in MODELS), help="name:batch,...")
+    ap.add_argument("--trials", type=int, default=0, help="meta_schedule trials per model (default 0: no tuning)")
+    ap.add_argument("--per-task", type=int, default=0, help="at most this many trials per task")
     args = ap.parse_args()
     import torch
     import tvm
 
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tvm": tvm.__version__,
-               "python": platform.python_version(), "runs": args.runs, "tuning": "none (dlight defaults)",
+               "python": platform.python_version(), "runs": args.runs,
+               "tuning": {"trials": args.trials, "per_task": args.per_task} if args.trials else "none (dlight)",
                "models": []}
-    for name, batch in MODELS:
-        r = measure(name, batch, args.runs)
+    for spec in args.models.split(","):
+        name, batch = spec.split(":")
+        r = measure(name, int(batch), args.runs, args.trials, args.per_task)
         print(json.dumps(r), flush=True)
         results["models"].append(r)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{'model':<14}{'batch':>6}{'eager ms':>10}{'compile ms':>12}{'tvm ms':>10}{'tvm/compile':>12}{'rel err':>10}")
+    nan = float("nan")
+    print(f"{'model':<14}{'batch':>6}{'eager ms':>10}{'compile ms':>12}{'dlight ms':>10}{'tuned ms':>10}"
+          f"{'tuned/compile':>14}{'tune s':>8}")
     for r in results["models"]:
         print(f"{r['model']:<14}{r['batch']:>6}{r['torch_eager_ms']:>10.3f}{r['torch_compile_ms']:>12.3f}"
-              f"{r.get('tvm_dlight_ms', float('nan')):>10.3f}{r.get('tvm_vs_torch_compile', float('nan')):>12.2f}"
-              f"{r.get('tvm_rel_error', float('nan')):>10.1e}")
+              f"{r.get('tvm_dlight_ms', nan):>10.3f}{r.get('tvm_tuned_ms', nan):>10.3f}"
+              f"{r.get('tvm_tuned_vs_torch_compile', nan):>14.2f}{r.get('tvm_tuned_build_s', nan):>8.0f}")
     return 0
 
 
