@@ -9,13 +9,37 @@ import time
 from pathlib import Path
 
 from server.agent import Agent
-from server.broker import free_port
+from server.broker import SERVER_USER, EmbeddedBroker, MosquittoBroker, check_secret, free_port, hash_secret
 from server.client import Client
 from server.config import Settings
 from server.runtime import Server
 
 logging.getLogger("amqtt").setLevel(logging.CRITICAL)
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+SECRETS = {SERVER_USER: "server-secret", "dev-a": "secret-a", "dev-b": "secret-b"}  # the broker tests' logins
+
+
+class Authority:
+    """What the broker asks the service: who may log in (the broker tests' fixed logins)."""
+
+    def authenticate(self, username: str, password: str) -> bool:
+        return username in SECRETS and check_secret(password, self.credentials()[username])
+
+    def credentials(self) -> dict[str, str]:
+        return {u: hash_secret(p, b"0123456789ab") for u, p in SECRETS.items()}
+
+
+def make_broker(kind: str, workdir: Path, port: int):
+    """An embedded or Mosquitto broker (not started) for the broker tests' logins; skips without Mosquitto."""
+    import pytest
+
+    if kind == "mosquitto":
+        if MosquittoBroker.binary() is None:
+            pytest.skip("mosquitto is not installed (make setup installs it)")
+        return MosquittoBroker(workdir / "mosquitto", Authority().credentials, port=port)
+    return EmbeddedBroker(Authority(), port=port)
 
 
 def start_server(data: Path, mqtt: str = "embedded", workers: int = 1, public_url: str | None = None,

@@ -6,30 +6,14 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
-from fleet_helpers import wait_for
+from fleet_helpers import SECRETS, make_broker, wait_for
 
-from server.broker import RELOAD_GAP, ROOT, SERVER_USER, EmbeddedBroker, MosquittoBroker, check_secret, free_port, hash_secret
-
-SECRETS = {SERVER_USER: "server-secret", "dev-a": "secret-a", "dev-b": "secret-b"}
-
-
-class Authority:
-    def authenticate(self, username: str, password: str) -> bool:
-        return username in SECRETS and check_secret(password, self.credentials()[username])
-
-    def credentials(self) -> dict[str, str]:
-        return {u: hash_secret(p, b"0123456789ab") for u, p in SECRETS.items()}
+from server.broker import RELOAD_GAP, ROOT, SERVER_USER, MosquittoBroker, free_port, hash_secret
 
 
 @pytest.fixture(params=["embedded", "mosquitto"])
 def broker(request, tmp_path):
-    port = free_port()
-    if request.param == "mosquitto":
-        if MosquittoBroker.binary() is None:
-            pytest.skip("mosquitto is not installed (make setup installs it)")
-        b = MosquittoBroker(tmp_path / "mosquitto", Authority().credentials, port=port)
-    else:
-        b = EmbeddedBroker(Authority(), port=port)
+    b = make_broker(request.param, tmp_path, free_port())
     b.start()
     yield b
     b.stop()

@@ -7,28 +7,10 @@ import os
 
 import paho.mqtt.client as mqtt
 import pytest
-from fleet_helpers import wait_for
+from fleet_helpers import SECRETS, make_broker, wait_for
 
-from server.broker import ROOT, SERVER_USER, EmbeddedBroker, MosquittoBroker, check_secret, free_port, hash_secret
+from server.broker import ROOT, SERVER_USER, free_port
 from server.mqtt_loop import MqttLoop
-
-SECRETS = {SERVER_USER: "server-secret", "dev-a": "secret-a", "dev-b": "secret-b"}
-
-
-class Authority:
-    def authenticate(self, username: str, password: str) -> bool:
-        return username in SECRETS and check_secret(password, self.credentials()[username])
-
-    def credentials(self) -> dict[str, str]:
-        return {u: hash_secret(p, b"0123456789ab") for u, p in SECRETS.items()}
-
-
-def make_broker(kind, tmp_path, port):
-    if kind == "mosquitto":
-        if MosquittoBroker.binary() is None:
-            pytest.skip("mosquitto is not installed (make setup installs it)")
-        return MosquittoBroker(tmp_path / "mosquitto", Authority().credentials, port=port)
-    return EmbeddedBroker(Authority(), port=port)
 
 
 @pytest.fixture
