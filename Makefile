@@ -57,7 +57,7 @@ demo: setup
 
 # The fast suite: everything but the `slow` marker (whole-model sweeps on soft-float cores).
 test: setup
-	TINYMLAAS_MODELS=$(MODELS) $(PY) -m pytest -q -m "not slow"
+	TINYMLAAS_MODELS=$(MODELS) $(PY) -m pytest -q -m "not slow" --durations=15
 
 test-all: setup
 	TINYMLAAS_MODELS=$(MODELS) $(PY) -m pytest -q

@@ -79,9 +79,33 @@ DSP_KERNEL = {
     ("fc_relu", "dsp"): "tinymlaas_gemv_w8",
     ("fc_flatten_batch", "dsp"): "tinymlaas_gemm_w8",
     ("conv_same_s2_relu6_per_channel", "dsp16"): "tinymlaas_gemm_w16",
-    ("depthwise_3x3_c8_same_relu6", "dsp16"): "tinymlaas_depthwise3x3_w16",
+    ("depthwise_3x3_c8_same_relu6", "dsp16"): "tinymlaas_depthwise3x3_rows",
     ("fc_relu", "dsp16"): "tinymlaas_gemv_w16",
 }
+
+
+# The 3x3 depthwise kernel over a window of widened rows (dsp16): walked along rows or, when the output is taller
+# than wide, transposed; channel groups of four with a tail; strides 1 and 2; VALID with unused input columns;
+# batches. Also on the Cortex-M33 (ARMv8-M), whose assembler takes the same Thumb-2 code.
+ROWS_CASES = {
+    "depthwise_3x3_tall_c6_same_relu": lambda: q.depthwise(24, [1, 11, 4, 6], 1, 3, 1, SAME, RELU),
+    "depthwise_3x3_valid_s2_even_width": lambda: q.depthwise(25, [1, 9, 8, 4], 1, 3, 2, VALID, NONE),
+    "depthwise_3x3_batch2_c5_relu6": lambda: q.depthwise(26, [2, 5, 7, 5], 1, 3, 1, SAME, RELU6),
+    "depthwise_3x3_tall_s2_c9": lambda: q.depthwise(27, [1, 13, 6, 9], 1, 3, 2, SAME, NONE),
+}
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", pytest.param("cortex-m33", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", sorted(ROWS_CASES))
+def test_depthwise_rows_kernel_is_bit_exact(case, target, tmp_path):
+    path = tmp_path / f"{case}.tflite"
+    path.write_bytes(ROWS_CASES[case]())
+    r = compile_model(path, target, tmp_path / "out", CompileOptions(inputs=20, seed=3, kernels="dsp16"))
+    driver = "".join(f.read_text() for f in (tmp_path / "out").rglob("tinymlaas_model.c"))
+    assert "tinymlaas_depthwise3x3_rows" in driver
+    assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
+    out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
+    assert len(np.unique(out)) > 3
 
 
 @pytest.mark.parametrize("case, kernels", sorted(DSP_KERNEL))

@@ -52,16 +52,9 @@ static inline int32_t smmul(int32_t a, int32_t b)
     return (int32_t)(((int64_t)a * b) >> 32); /* gcc: one SMMUL */
 }
 
-static inline __attribute__((always_inline)) int8_t requantize(int32_t acc, const struct tinymlaas_rq *q,
-                                                               int single, int clamp, int32_t lo, int32_t hi)
+/* the end of requantization: v = the rounded, shifted value with the zero point; saturate, clamp */
+static inline __attribute__((always_inline)) int8_t saturate(int32_t v, int clamp, int32_t lo, int32_t hi)
 {
-    int32_t v;
-    if (single) {
-        v = (smmul(acc + q->bias, q->mult) + q->round) >> q->shift;
-    } else {
-        int32_t x = smmulr(2 * acc + q->bias, q->mult);
-        v = (x + q->round - (int32_t)((uint32_t)x >> 31)) >> q->shift;
-    }
 #if defined(__ARM_FEATURE_DSP)
     v = __ssat(v, 8);
 #else
@@ -70,6 +63,22 @@ static inline __attribute__((always_inline)) int8_t requantize(int32_t acc, cons
     if (clamp)
         v = v < lo ? lo : v > hi ? hi : v;
     return (int8_t)v;
+}
+
+/* double rounding of an accumulator already doubled, bias included (2 * acc + 2 * TFLite bias) */
+static inline __attribute__((always_inline)) int8_t requantize_doubled(int32_t acc2, const struct tinymlaas_rq *q,
+                                                                       int clamp, int32_t lo, int32_t hi)
+{
+    const int32_t x = smmulr(acc2, q->mult);
+    return saturate((x + q->round - (int32_t)((uint32_t)x >> 31)) >> q->shift, clamp, lo, hi);
+}
+
+static inline __attribute__((always_inline)) int8_t requantize(int32_t acc, const struct tinymlaas_rq *q,
+                                                               int single, int clamp, int32_t lo, int32_t hi)
+{
+    if (single)
+        return saturate((smmul(acc + q->bias, q->mult) + q->round) >> q->shift, clamp, lo, hi);
+    return requantize_doubled(2 * acc + q->bias, q, clamp, lo, hi);
 }
 
 /* four int8 inputs + offset -> two words (k0 k2 | k1 k3) */
@@ -86,6 +95,21 @@ static inline void widen4(const int8_t *x, int32_t offset, int16_t *dst)
     dst[0] = (int16_t)(x[0] + offset), dst[1] = (int16_t)(x[2] + offset);
     dst[2] = (int16_t)(x[1] + offset), dst[3] = (int16_t)(x[3] + offset);
 #endif
+}
+
+/* a few bytes, a word at a time where the core allows unaligned words (the library's memcpy copies bytes one by
+   one: it is built for size) */
+static inline __attribute__((always_inline)) void copy_small(int8_t *dst, const int8_t *src, int n)
+{
+#if defined(__ARM_FEATURE_UNALIGNED)
+    for (; n >= 4; n -= 4, dst += 4, src += 4) {
+        int32_t v;
+        memcpy(&v, src, 4);
+        memcpy(dst, &v, 4);
+    }
+#endif
+    for (; n > 0; n--)
+        *dst++ = *src++;
 }
 
 /* slot of k within its quad: (k0 k2 | k1 k3) */
@@ -129,14 +153,14 @@ static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox
         const int row_inside = iy >= 0 && iy < H;
         const int8_t *src_row = in + iy * W * C;
         if (row_inside && DW == 1 && x0 >= 0 && x0 + KW <= W) { /* the tap row is contiguous in the input */
-            memcpy(r, src_row + x0 * C, (size_t)(KW * C));
+            copy_small(r, src_row + x0 * C, KW * C);
             r += KW * C;
             continue;
         }
         for (int kx = 0; kx < KW; kx++, r += C) {
             const int ix = x0 + kx * DW;
             if (row_inside && ix >= 0 && ix < W)
-                memcpy(r, src_row + ix * C, (size_t)C);
+                copy_small(r, src_row + ix * C, C);
             else
                 memset(r, params[P_ZP_IN], (size_t)C);
         }
@@ -294,10 +318,11 @@ static inline __attribute__((always_inline)) void gemm_pixels(const int16_t *pat
             mac2x2_w16(patch, (const int16_t *)w, quads, acc);
         else
             mac2x2_w8(patch, (const int8_t *)w, quads, acc);
-        out0[oc] = requantize(acc[0], rq + oc, single, clamp, lo, hi);
-        out0[oc + 1] = requantize(acc[1], rq + oc + 1, single, clamp, lo, hi);
-        out1[oc] = requantize(acc[2], rq + oc, single, clamp, lo, hi);
-        out1[oc + 1] = requantize(acc[3], rq + oc + 1, single, clamp, lo, hi);
+        const struct tinymlaas_rq r0 = rq[oc], r1 = rq[oc + 1]; /* loaded once: the stores could alias them */
+        out0[oc] = requantize(acc[0], &r0, single, clamp, lo, hi);
+        out0[oc + 1] = requantize(acc[1], &r1, single, clamp, lo, hi);
+        out1[oc] = requantize(acc[2], &r0, single, clamp, lo, hi);
+        out1[oc + 1] = requantize(acc[3], &r1, single, clamp, lo, hi);
     }
     if (oc < OC) { /* odd OC: the pair's second channel is zero padding */
         if (wide)
@@ -309,11 +334,34 @@ static inline __attribute__((always_inline)) void gemm_pixels(const int16_t *pat
     }
 }
 
+#define TINYMLAAS_PIXELS(name, wide, single, clamp)                                                             \
+    static __attribute__((noinline)) void name(const int16_t *patch, const void *weights,                      \
+                                               const struct tinymlaas_rq *rq, int quads, int OC, int8_t *out0, \
+                                               int8_t *out1, int32_t lo, int32_t hi)                           \
+    {                                                                                                           \
+        gemm_pixels(patch, weights, rq, quads, OC, out0, out1, wide, single, clamp, lo, hi);                    \
+    }
+TINYMLAAS_PIXELS(pixels_w8_d, 0, 0, 0)
+TINYMLAAS_PIXELS(pixels_w8_dc, 0, 0, 1)
+TINYMLAAS_PIXELS(pixels_w8_s, 0, 1, 0)
+TINYMLAAS_PIXELS(pixels_w8_sc, 0, 1, 1)
+TINYMLAAS_PIXELS(pixels_w16_d, 1, 0, 0)
+TINYMLAAS_PIXELS(pixels_w16_dc, 1, 0, 1)
+TINYMLAAS_PIXELS(pixels_w16_s, 1, 1, 0)
+TINYMLAAS_PIXELS(pixels_w16_sc, 1, 1, 1)
+#undef TINYMLAAS_PIXELS
+
+typedef void (*pixels_fn)(const int16_t *, const void *, const struct tinymlaas_rq *, int, int, int8_t *, int8_t *,
+                          int32_t, int32_t);
+
 static inline __attribute__((always_inline)) void gemm_layer(const int8_t *input, const void *weights,
                                                              const struct tinymlaas_rq *rq, const int32_t *params,
                                                              int8_t *output, int16_t *patch, int quads, int wide,
                                                              int single, int clamp)
 {
+    static const pixels_fn table[8] = {pixels_w8_d,  pixels_w8_dc,  pixels_w8_s,  pixels_w8_sc,
+                                       pixels_w16_d, pixels_w16_dc, pixels_w16_s, pixels_w16_sc};
+    const pixels_fn pixels = table[wide * 4 + single * 2 + clamp];
     const int OH = params[P_OH], OW = params[P_OW], OC = params[P_OC];
     const int P = params[P_N] * OH * OW, image = params[P_H] * params[P_W] * params[P_C];
     const int32_t lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
@@ -324,8 +372,7 @@ static inline __attribute__((always_inline)) void gemm_layer(const int8_t *input
             const int n = q / (OH * OW), oy = q / OW % OH, ox = q % OW;
             gather_patch(input + n * image, params, oy, ox, j, patch);
         }
-        gemm_pixels(patch, weights, rq, quads, OC, output + p * OC, output + (two ? p + 1 : p) * OC, wide, single,
-                    clamp, lo, hi);
+        pixels(patch, weights, rq, quads, OC, output + p * OC, output + (two ? p + 1 : p) * OC, lo, hi);
     }
 }
 
@@ -590,3 +637,201 @@ void tinymlaas_depthwise3x3_w16(const int8_t *restrict input, const int16_t *res
     else
         depthwise3x3_layer(input, weights, rq, params, output, 1, 0);
 }
+
+#if defined(__ARM_FEATURE_DSP) /* the compiler offers this kernel on DSP cores only */
+/*
+ * 3x3 depthwise, dilation 1, depth multiplier 1, strides 1 or 2, any depth: one channel at a time over a window
+ * of three input rows. Each input row of four channels is widened once (input offset added) into one int16 row
+ * per channel, padding columns 0, so that a row's first two taps are one word and one SMLAD and the third one
+ * SMLABB: per output three SMLAD, three SMLABB, six loads, against nine multiply-accumulates, nine widenings and
+ * border tests in depthwise3x3_layer.
+ * The window: padded row r is kept in slot r % 3 and, when r % 3 < 2, again in slot r % 3 + 3, so that the three
+ * rows of any output row are three adjacent slots.
+ * The layer may be walked transposed (params[P_TRANSPOSED]; the compiler picks the longer output side as rows,
+ * since each row costs a fixed overhead): rows are then the input's columns, with the weights transposed to match.
+ * weights: [C][3 rows][w0 w1 w2 0] int16, doubled, so that the accumulator starts at the table's bias (2 * the
+ * TFLite bias) and requantization skips its doubling. The table proves 2 * |acc| + 2 * |bias| < 2^31.
+ */
+#define TINYMLAAS_ROWS_GROUP 4
+#define P_TRANSPOSED (P_SINGLE + 1)
+
+/* the layer as the kernel walks it: rows of `cols` elements, element strides in the input and output */
+struct rows_view {
+    int rows, cols, out_rows, out_cols, row_step, col_step, pad_top, pad_left;
+    int in_row, in_col, out_row, out_col; /* strides in elements */
+    int width;                             /* PW: int16 per window row */
+};
+
+/* n words of 0: the library's memset (which gcc would call for such a loop) stores bytes one at a time */
+static __attribute__((optimize("no-tree-loop-distribute-patterns"))) void zero_words(void *p, int n)
+{
+    uint32_t *w = p;
+#pragma GCC unroll 4
+    for (int i = 0; i < n; i++)
+        w[i] = 0;
+}
+
+/* padded row r = input row r - pad_top of channels c0 .. c0 + g into slot r % 3 (and r % 3 + 3) */
+static void widen_row(const int8_t *in, const struct rows_view *v, int32_t offset, int r, int c0, int g,
+                      int16_t *window)
+{
+    const int iy = r - v->pad_top, slot = r % 3, PW = v->width, cols = v->cols, step = v->in_col;
+    for (int k = 0; k < (slot < 2 ? 2 : 1); k++) {
+        int16_t *d0 = window + (slot + 3 * k) * PW + v->pad_left; /* channel j: d0 + j * 5 * PW */
+        if (iy < 0 || iy >= v->rows) {
+            for (int j = 0; j < g; j++)
+                zero_words(d0 - v->pad_left + j * 5 * PW, PW / 2);
+            continue;
+        }
+        const int8_t *src = in + iy * v->in_row + c0;
+        if (g == TINYMLAAS_ROWS_GROUP) {
+            const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
+            for (int x = 0; x < cols; x++, src += step) {
+                int32_t w;
+                memcpy(&w, src, 4);
+                const int32_t lo = __sxtab16(off2, w), hi = tinymlaas_sxtab16_ror8(off2, w); /* c0 c2 | c1 c3 */
+                d0[x] = (int16_t)lo, d0[10 * PW + x] = (int16_t)(lo >> 16);
+                d0[5 * PW + x] = (int16_t)hi, d0[15 * PW + x] = (int16_t)(hi >> 16);
+            }
+            continue;
+        }
+        for (int j = 0; j < g; j++)
+            for (int x = 0; x < cols; x++)
+                d0[j * 5 * PW + x] = (int16_t)(src[x * step + j] + offset);
+    }
+}
+
+static inline __attribute__((always_inline)) int32_t load_pair(const int16_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4); /* may be unaligned (odd columns): one LDR on ARMv7E-M and later */
+    return v;
+}
+
+/*
+ * Accumulators of one output row of one channel, stored to acc[]: rows = the three window rows (PW apart),
+ * w = [3][4]. Requantization is a pass of its own: the loop then fits the registers (14 on Thumb-2, the
+ * function not inlined so that no frame pointer takes one).
+ */
+#define TINYMLAAS_ROW_TAPS(row, step, wpair, wlast, op, from)                                                  \
+    "ldrsh %[t], [%[" row "], #4]\n\t"                                                                      \
+    "ldr %[x], [%[" row "]], #" step "\n\t"                                                                 \
+    "smlad %[a], %[x], %[" wpair "], %[" from "]\n\t"                                                       \
+    op " %[a], %[t], %[" wlast "], %[a]\n\t"
+#define TINYMLAAS_ROW_OUTPUT(step)                                                                             \
+    TINYMLAAS_ROW_TAPS("r0", step, "w0", "w02_12", "smlabb", "bias")                                          \
+    TINYMLAAS_ROW_TAPS("r1", step, "w1", "w02_12", "smlabt", "a")                                             \
+    TINYMLAAS_ROW_TAPS("r2", step, "w2", "w22", "smlabb", "a")                                                \
+    "str %[a], [%[acc]], #4\n\t"
+/* two outputs per pass, one before them when n is odd */
+#define TINYMLAAS_ROW_LOOP(step)                                                                               \
+    __asm__ volatile("lsrs %[n], %[n], #1\n\t"                                                                \
+                     "bcc 1f\n\t" TINYMLAAS_ROW_OUTPUT(step)                                                  \
+                     "1:\n\t"                                                                                 \
+                     "cmp %[n], #0\n\t"                                                                       \
+                     "beq 3f\n\t"                                                                             \
+                     "2:\n\t" TINYMLAAS_ROW_OUTPUT(step) TINYMLAAS_ROW_OUTPUT(step)                            \
+                     "subs %[n], %[n], #1\n\t"                                                                \
+                     "bne 2b\n\t"                                                                             \
+                     "3:\n\t"                                                                                 \
+                     : [a] "=&r"(a), [x] "=&r"(x), [t] "=&r"(t), [r0] "+r"(r0), [r1] "+r"(r1), [r2] "+r"(r2),   \
+                       [acc] "+r"(acc), [n] "+r"(n)                                                           \
+                     : [w0] "r"(w0), [w1] "r"(w1), [w2] "r"(w2), [w02_12] "r"(w02_12), [w22] "r"(w22),        \
+                       [bias] "r"(bias)                                                                       \
+                     : "cc", "memory")
+
+static __attribute__((noinline)) void depthwise_row(const int16_t *rows, int PW, const int16_t *w, int32_t bias,
+                                                    int n, int SW, int32_t *acc)
+{
+    const int16_t *r0 = rows, *r1 = rows + PW, *r2 = rows + 2 * PW;
+    const int32_t w0 = load_pair(w), w1 = load_pair(w + 4), w2 = load_pair(w + 8);
+    const int32_t w02_12 = (int32_t)(((uint32_t)(uint16_t)w[6] << 16) | (uint16_t)w[2]), w22 = w[10];
+    int32_t a, x, t;
+    if (SW == 1)
+        TINYMLAAS_ROW_LOOP("2");
+    else
+        TINYMLAAS_ROW_LOOP("4");
+}
+
+static inline __attribute__((always_inline)) void requantize_row(const int32_t *acc, const struct tinymlaas_rq *q,
+                                                                 int n, int stride, int8_t *out, int clamp,
+                                                                 int32_t lo, int32_t hi)
+{
+    const struct tinymlaas_rq r = *q; /* in registers: the stores could alias the table */
+#pragma GCC unroll 2
+    for (; n > 0; n--, out += stride)
+        *out = requantize_doubled(*acc++, &r, clamp, lo, hi);
+}
+
+static __attribute__((noinline)) void requantize_row_clamped(const int32_t *acc, const struct tinymlaas_rq *q,
+                                                             int n, int stride, int8_t *out, int32_t lo, int32_t hi)
+{
+    requantize_row(acc, q, n, stride, out, 1, lo, hi);
+}
+
+static __attribute__((noinline)) void requantize_row_saturated(const int32_t *acc, const struct tinymlaas_rq *q,
+                                                               int n, int stride, int8_t *out)
+{
+    requantize_row(acc, q, n, stride, out, 0, -128, 127);
+}
+
+static struct rows_view rows_view_of(const int32_t *params)
+{
+    const int H = params[P_H], W = params[P_W], C = params[P_C], OH = params[P_OH], OW = params[P_OW];
+    struct rows_view v;
+    if (params[P_TRANSPOSED])
+        v = (struct rows_view){W, H, OW, OH, params[P_SW], params[P_SH], params[P_PL], params[P_PT],
+                               C, W * C, C, OW * C, 0};
+    else
+        v = (struct rows_view){H, W, OH, OW, params[P_SH], params[P_SW], params[P_PT], params[P_PL],
+                               W * C, C, OW * C, C, 0};
+    /* a window row: (out_cols - 1) * col_step + 3 columns and one more for the last pair's word load, at least
+       the input row with its left padding (VALID), even so that rows stay word-aligned */
+    const int need = (v.out_cols - 1) * v.col_step + 4, have = v.pad_left + v.cols;
+    v.width = ((need > have ? need : have) + 1) & ~1;
+    return v;
+}
+
+static void depthwise3x3_rows_layer(const int8_t *input, const int16_t *weights, const struct tinymlaas_rq *rq,
+                                    const int32_t *params, int8_t *output, const struct rows_view *v,
+                                    int16_t *window, int32_t *acc)
+{
+    const int N = params[P_N], C = params[P_C], PW = v->width;
+    const int32_t offset = -params[P_ZP_IN], lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
+    const int clamp = lo > -128 || hi < 127;
+    zero_words(window, TINYMLAAS_ROWS_GROUP * 5 * PW / 2); /* the padding columns stay 0 */
+    for (int n = 0; n < N; n++) {
+        const int8_t *in = input + n * params[P_H] * params[P_W] * C;
+        int8_t *out_image = output + n * params[P_OH] * params[P_OW] * C;
+        for (int c0 = 0; c0 < C; c0 += TINYMLAAS_ROWS_GROUP) {
+            const int g = C - c0 < TINYMLAAS_ROWS_GROUP ? C - c0 : TINYMLAAS_ROWS_GROUP;
+            int next = 0; /* the next padded row to widen */
+            for (int oy = 0; oy < v->out_rows; oy++) {
+                const int r = oy * v->row_step;
+                for (; next <= r + 2; next++)
+                    widen_row(in, v, offset, next, c0, g, window);
+                for (int j = 0; j < g; j++) {
+                    const int c = c0 + j;
+                    int8_t *out = out_image + oy * v->out_row + c;
+                    depthwise_row(window + (j * 5 + r % 3) * PW, PW, weights + c * 12, rq[c].bias, v->out_cols,
+                                  v->col_step, acc);
+                    if (clamp)
+                        requantize_row_clamped(acc, rq + c, v->out_cols, v->out_col, out, lo, hi);
+                    else
+                        requantize_row_saturated(acc, rq + c, v->out_cols, v->out_col, out);
+                }
+            }
+        }
+    }
+}
+
+void tinymlaas_depthwise3x3_rows(const int8_t *restrict input, const int16_t *restrict weights,
+                                 const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                                 int8_t *restrict output)
+{
+    const struct rows_view v = rows_view_of(params);
+    int16_t window[TINYMLAAS_ROWS_GROUP * 5 * v.width] __attribute__((aligned(4)));
+    int32_t acc[v.out_cols];
+    depthwise3x3_rows_layer(input, weights, rq, params, output, &v, window, acc);
+}
+#endif

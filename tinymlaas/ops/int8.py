@@ -22,7 +22,8 @@ from tinymlaas.ops.registry import register
 
 # Convolutions and fully connected layers offer, per layer: integer TIR ("tir"); DSP micro-kernels
 # (firmware/kernels/gemm_dsp.c) with the int8 weights ("dsp"); or with the weights pre-widened to int16 in flash
-# ("dsp16": faster, twice the weight flash).
+# ("dsp16": faster, twice the weight flash; for 3x3 depthwise layers on DSP cores, the kernel over a window of
+# widened input rows, whose weights are int16 too).
 
 # TFLite enums (schema.fbs)
 _SAME, _VALID = 0, 1
@@ -162,6 +163,14 @@ def _requantize_exact(acc: int, mult: int, shift: int, single: bool) -> int | No
     return (x >> e) + int((x & mask) > (mask >> 1) + int(x < 0))
 
 
+def depthwise_rows_weights(w: np.ndarray, transposed: bool = False) -> np.ndarray:
+    """TFLite depthwise 3x3 weights (1, 3, 3, C) -> [C][3 rows][w0 w1 w2 0] int16, doubled: the layout of
+    gemm_dsp.c's depthwise3x3_rows (its accumulator is 2 * the sum); transposed: rows are the kernel's columns."""
+    rows = np.zeros((w.shape[3], 3, 4), dtype=np.int16)
+    rows[:, :, :3] = 2 * w[0].astype(np.int16).transpose((2, 1, 0) if transposed else (2, 0, 1))
+    return rows
+
+
 def requant_table(w2d: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.ndarray, zp_in: int, zp_out: int,
                   act: tuple[int, int], single: bool) -> np.ndarray | None:
     """Per output channel {bias, multiplier, round, shift} for gemm_dsp.c's requantization, or None.
@@ -290,17 +299,26 @@ def conv2d(ctx, op, impl):
     shape = out_t.shape
     if impl in ("dsp", "dsp16"):
         _, oh, ow, _ = shape
-        cp = relax.const(_conv_params(n, h, wd, c, oh, ow, channels, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, zp_out, lo, hi))
+        conv_params = _conv_params(n, h, wd, c, oh, ow, channels, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, zp_out, lo, hi)
+        cp = relax.const(conv_params)
+        wide = impl == "dsp16"
+        # the window-of-rows kernel (its pairs of taps are SMLAD operands: DSP cores only)
+        rows3x3 = (name == "DEPTHWISE_CONV_2D" and kh == kw == 3 and dh == dw == 1 and sh in (1, 2)
+                   and sw in (1, 2) and wide and ctx.target.dsp)
         dw3x3 = name == "DEPTHWISE_CONV_2D" and kh == kw == 3 and c % 4 == 0 and dh == dw == 1
         w2d = w.reshape(channels, -1) if name == "CONV_2D" else w.reshape(kh * kw, channels).T
         table = None
-        if name == "CONV_2D" or dw3x3:
+        if name == "CONV_2D" or dw3x3 or rows3x3:
             table = requant_table(w2d, bias, mult, shift, zp_in, zp_out, (lo, hi), single=False)
-        wide = impl == "dsp16"
         suffix = "_w16" if wide else "_w8"
         if table is not None and name == "CONV_2D":
             y = _extern(ctx, "tinymlaas_gemm" + suffix, [x, relax.const(blocked_weights(w2d, 2, wide)),
                                                          relax.const(table), cp], shape)
+        elif table is not None and rows3x3:
+            transposed = ow < oh  # rows along the longer output side: each row costs a fixed overhead
+            params = np.append(conv_params, np.int32(transposed))
+            y = _extern(ctx, "tinymlaas_depthwise3x3_rows", [x, relax.const(depthwise_rows_weights(w, transposed)),
+                                                             relax.const(table), relax.const(params)], shape)
         elif table is not None:  # [C/4][9 taps][4 lanes]
             taps = w.reshape(9, channels // 4, 4).transpose(1, 0, 2)
             taps = taps[..., _LANES].astype(np.int16) if wide else taps
