@@ -6,7 +6,7 @@ Usage: python benchmarks/fleet.py [--models DIR] [--agents 50,200] [--large 1000
 
 Every device is a real agent (own MQTT login, HTTP download with its own credentials, image checks,
 A/B slot write, QEMU self-test of the new image: every device runs it, none is sampled) in this one process;
-the server is the real app (werkzeug threaded server, SQLite WAL), one Huey worker, and each MQTT broker in turn;
+the server is the real app (cheroot thread pool, SQLite WAL), one Huey worker, and each MQTT broker in turn;
 the large fleet on Mosquitto only (the production broker).
 """
 

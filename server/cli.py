@@ -41,7 +41,6 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("amqtt").setLevel(logging.ERROR)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     settings = Settings(data_dir=args.data, mqtt=args.mqtt, mqtt_port=args.mqtt_port,
                         public_url=args.public_url or Settings.public_url, mqtt_tls=args.mqtt_tls,
                         mqtt_client_certs=args.mqtt_client_certs)

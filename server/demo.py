@@ -25,7 +25,6 @@ def run_demo(model: Path, data: Path) -> int:
     from tqdm import tqdm
 
     logging.getLogger("amqtt").setLevel(logging.CRITICAL)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     shutil.rmtree(data, ignore_errors=True)
     settings = Settings(data_dir=data / "server", mqtt_port=free_port())
     server = Server(settings, port=0, workers=1).start()

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import threading
 
+from cheroot import wsgi
 from sqlalchemy import select
-from werkzeug.serving import make_server
 
 from tinymlaas.errors import TinyMLaaSError
 from tinymlaas.private import write_private
@@ -72,16 +72,26 @@ class Server:
         self.admin_token: str | None = None
 
     @property
+    def bound_port(self) -> int:
+        return self.http.bind_addr[1] if self.http else self.port
+
+    @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.http.server_port if self.http else self.port}"
+        return f"http://{self.host}:{self.bound_port}"
+
+    def _wsgi(self, environ, start_response):
+        return self.app(environ, start_response)
 
     def start(self) -> Server:
         s = self.settings
-        self.http = make_server(self.host, self.port, None, threaded=True)  # bound first: the port may be 0
+        # cheroot: a pool of threads (16, growing to 64 under load), HTTP/1.1 keep-alive, and request bodies
+        # streamed to the app, so that Flask refuses an upload over the limit (413, problem+json) before it is read
+        self.http = wsgi.Server((self.host, self.port), self._wsgi, numthreads=16, max=64, request_queue_size=64,
+                                server_name="tinymlaas", shutdown_timeout=1)
+        self.http.prepare()  # bound first: the port may be 0
         if s.public_url == Settings.public_url or self.port == 0:
             s.public_url = self.url
         self.app = create_app(s)
-        self.http.app = self.app
         ctx = self.app.extensions["tinymlaas"]
         ensure_signing_key(s)
         self.admin_token = self._admin_token(ctx)
@@ -99,7 +109,7 @@ class Server:
         self.coordinator.start()
         ctx.coordinator = self.coordinator
         ctx.health = self.health
-        threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
+        threading.Thread(target=self.http.serve, name="http", daemon=True).start()
         for _ in range(self.workers):
             self.worker_procs.append(start_worker(s))
         if self.supervise_every:
@@ -178,7 +188,7 @@ class Server:
                 p.kill()
         self.worker_procs = []
         if self.http:
-            self.http.shutdown()
+            self.http.stop()
         if self.coordinator:
             self.coordinator.stop()
         if self.broker:

@@ -15,7 +15,6 @@ from server.config import Settings
 from server.runtime import Server
 
 logging.getLogger("amqtt").setLevel(logging.CRITICAL)
-logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 SECRETS = {SERVER_USER: "server-secret", "dev-a": "secret-a", "dev-b": "secret-b"}  # the broker tests' logins

@@ -179,7 +179,7 @@ def test_device_rejects_bad_images_and_keeps_running(live, tmp_path, kind, reaso
 
 def test_dropped_connection_mid_download_resumes(live, tmp_path):
     server, client, v1 = live["server"], live["client"], live["v1"]
-    proxy = CuttingProxy(server.http.server_port, after=100_000, cuts=1)
+    proxy = CuttingProxy(server.bound_port, after=100_000, cuts=1)
     old = server.settings.public_url
     server.settings.public_url = f"http://127.0.0.1:{proxy.port}"
     agents = start_agents(server, live["root"], ["resume-0"], group="resume")
