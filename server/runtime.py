@@ -83,12 +83,20 @@ class Server:
         return self.app(environ, start_response)
 
     def start(self) -> Server:
-        s = self.settings
         # cheroot: a pool of threads (16, growing to 64 under load), HTTP/1.1 keep-alive, and request bodies
         # streamed to the app, so that Flask refuses an upload over the limit (413, problem+json) before it is read
         self.http = wsgi.Server((self.host, self.port), self._wsgi, numthreads=16, max=64, request_queue_size=64,
                                 server_name="tinymlaas", shutdown_timeout=1)
         self.http.prepare()  # bound first: the port may be 0
+        try:
+            return self._start_parts()
+        except BaseException:
+            self.http.stop()  # its pool's threads are not daemons: left running, they would keep the process alive
+            self.http = None
+            raise
+
+    def _start_parts(self) -> Server:
+        s = self.settings
         if s.public_url == Settings.public_url or self.port == 0:
             s.public_url = self.url
         self.app = create_app(s)
