@@ -108,6 +108,30 @@ def test_depthwise_rows_kernel_is_bit_exact(case, target, tmp_path):
     assert len(np.unique(out)) > 3
 
 
+# The matrix-product kernel's patch gathering: a depth of 4n - 1 padded per tap to whole words (the extra byte
+# meets a zero weight), including the patch that ends on the tensor's last byte (no read past it) and a batch
+# whose taps read into the next image; pointwise layers gathered as runs (batch 2, odd pixel count).
+GATHER_CASES = {
+    "conv_rgb_valid_batch2": lambda: q.conv2d(28, [2, 6, 5, 3], 4, 3, 1, VALID, RELU),
+    "conv_c7_same_s2": lambda: q.conv2d(29, [1, 7, 6, 7], 6, 3, 2, SAME, NONE),
+    "conv_rgb_5x5_same_relu6": lambda: q.conv2d(30, [1, 8, 7, 3], 5, 5, 1, SAME, RELU6),
+    "conv_1x1_batch2_odd_pixels": lambda: q.conv2d(31, [2, 3, 3, 8], 6, 1, 1, VALID, RELU),
+}
+
+
+@pytest.mark.parametrize("target, kernels", [("cortex-m4", "dsp"), ("cortex-m4", "dsp16"), ("rv32imac", "dsp16")])
+@pytest.mark.parametrize("case", sorted(GATHER_CASES))
+def test_gemm_patch_gathering_is_bit_exact(case, target, kernels, tmp_path):
+    path = tmp_path / f"{case}.tflite"
+    path.write_bytes(GATHER_CASES[case]())
+    r = compile_model(path, target, tmp_path / "out", CompileOptions(inputs=20, seed=3, kernels=kernels))
+    driver = "".join(f.read_text() for f in (tmp_path / "out").rglob("tinymlaas_model.c"))
+    assert "tinymlaas_gemm_w" in driver
+    assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
+    out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
+    assert len(np.unique(out)) > 3
+
+
 @pytest.mark.parametrize("case, kernels", sorted(DSP_KERNEL))
 def test_dsp_kernel_choice(case, kernels, tmp_path):
     from tinymlaas.frontend.cleanup import clean

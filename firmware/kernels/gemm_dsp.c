@@ -8,7 +8,9 @@
  *   w8:  int8 in flash (as in the model); two SXTB16 widen each weight word in the loop
  *   w16: pre-widened to int16 (twice the flash); one LDM loads two channels' four weights, no widening
  *
- * Layouts, k = (ky, kx, c) flattened and padded with zeros to quads of four:
+ * Layouts, k = (ky, kx, c) flattened and padded with zeros to quads of four; on DSP cores a depth of 4n - 1
+ * (an RGB image) is padded per tap to 4n first (tap_depth): each tap is then whole words of the input, the
+ * extra lane reading the next pixel's first byte, which meets a zero weight:
  *   patch   [quad][pixel 0..1][k0 k2 | k1 k3]         int16, the order SXTAB16/SXTB16 produce
  *   weights [OC/2][quad][channel 0..1][k0 k1 k2 k3]   int8  (gemm: output channels in pairs)
  *           [OC/2][quad][channel 0..1][k0 k2 | k1 k3] int16
@@ -112,6 +114,16 @@ static inline __attribute__((always_inline)) void copy_small(int8_t *dst, const 
         *dst++ = *src++;
 }
 
+/* channels of one tap in the patch */
+static inline __attribute__((always_inline)) int tap_depth(int C)
+{
+#if defined(__ARM_FEATURE_DSP)
+    return C % 4 == 3 ? C + 1 : C;
+#else /* the scalar products would pay more for the extra lane than the gathering saves */
+    return C;
+#endif
+}
+
 /* slot of k within its quad: (k0 k2 | k1 k3) */
 static const uint8_t lane_of[4] = {0, 2, 1, 3};
 
@@ -125,20 +137,49 @@ static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox
     const int KH = params[P_KH], KW = params[P_KW], DH = params[P_DH], DW = params[P_DW];
     const int y0 = oy * params[P_SH] - params[P_PT], x0 = ox * params[P_SW] - params[P_PL];
     const int32_t offset = -params[P_ZP_IN];
+    const int D = tap_depth(C);
     int16_t *dst = patch + pixel * 4;
-    if (C % 4 == 0) { /* whole quads per tap */
+    const int y1 = y0 + (KH - 1) * DH, x1 = x0 + (KW - 1) * DW;
+    if (D % 4 == 0 && y0 >= 0 && x0 >= 0 && y1 < H && x1 < W && (D == C || y1 < H - 1 || x1 < W - 1)) {
+        /* inside the image (and not on its last pixel when a tap reads one byte further): whole quads */
+        const int8_t *row = in + (y0 * W + x0) * C;
+        if (D == 4) { /* one quad a tap (an RGB image's first layer) */
+            for (int ky = 0; ky < KH; ky++, row += DH * W * C) {
+                const int8_t *src = row;
+                for (int kx = 0; kx < KW; kx++, src += DW * C, dst += 8)
+                    widen4(src, offset, dst);
+            }
+            return;
+        }
+        for (int ky = 0; ky < KH; ky++, row += DH * W * C) {
+            const int8_t *src = row;
+            for (int kx = 0; kx < KW; kx++, src += DW * C)
+                for (int c = 0; c < D; c += 4, dst += 8)
+                    widen4(src + c, offset, dst);
+        }
+        return;
+    }
+    if (D % 4 == 0) { /* whole quads per tap */
+        const int8_t *last = in + (H * W - 1) * C; /* its padded tap would read past the tensor */
+        int8_t tail[4] __attribute__((aligned(4))) = {0};
         for (int ky = 0; ky < KH; ky++) {
             const int iy = y0 + ky * DH;
             for (int kx = 0; kx < KW; kx++) {
                 const int ix = x0 + kx * DW;
                 if (iy < 0 || iy >= H || ix < 0 || ix >= W) {
-                    for (int c = 0; c < C; c += 4, dst += 8)
+                    for (int c = 0; c < D; c += 4, dst += 8)
                         memset(dst, 0, 8);
-                } else {
-                    const int8_t *src = in + (iy * W + ix) * C;
-                    for (int c = 0; c < C; c += 4, dst += 8)
-                        widen4(src + c, offset, dst);
+                    continue;
                 }
+                const int8_t *src = in + (iy * W + ix) * C, *end = src + D - 4;
+                for (; src < end; src += 4, dst += 8)
+                    widen4(src, offset, dst);
+                if (D != C && src == last + D - 4) {
+                    memcpy(tail, src, 3);
+                    src = tail;
+                }
+                widen4(src, offset, dst);
+                dst += 8;
             }
         }
         return;
@@ -230,55 +271,27 @@ static inline __attribute__((always_inline)) void mac1x4_scalar(const int16_t *p
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 }
 
-/* acc[pixel * 2 + channel] = sum over quads of patch x weights (2 pixels x 2 channels), int8 weights */
-static inline __attribute__((always_inline)) void mac2x2_w8(const int16_t *patch, const int8_t *weights, int quads,
-                                                            int32_t acc[4])
-{
 #if defined(__ARM_FEATURE_DSP)
-    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, xa, xb, wa, wb, w0, w1;
-    const int16_t *x = patch;
-    const int8_t *w = weights;
-    int pairs = quads;
+/* One quad of the 2x2 product (pixels 0 and 1 of the patch x channels 0 and 1 of the weights) into
+   a<pixel><channel>. int8 weights: two SXTB16 widen each channel's word (k0 k2 | k1 k3, the patch's order). */
 #define TINYMLAAS_QUAD8                                                                                  \
-    "ldrd %[wa], %[wb], [%[w]], #8\n\t" /* channel 0 and 1, four weights each */                         \
+    "ldrd %[w0], %[w1], [%[w]], #8\n\t" /* channel 0 and 1, four weights each */                         \
     "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixel 0 */                                                    \
-    "sxtb16 %[w0], %[wa]\n\t"                                                                           \
-    "sxtb16 %[w1], %[wa], ror #8\n\t"                                                                   \
-    "smlad %[a00], %[xa], %[w0], %[a00]\n\t"                                                            \
-    "smlad %[a00], %[xb], %[w1], %[a00]\n\t"                                                            \
-    "sxtb16 %[wa], %[wb]\n\t"                                                                           \
-    "sxtb16 %[wb], %[wb], ror #8\n\t"                                                                   \
-    "smlad %[a01], %[xa], %[wa], %[a01]\n\t"                                                            \
-    "smlad %[a01], %[xb], %[wb], %[a01]\n\t"                                                            \
+    "sxtb16 %[w2], %[w0]\n\t"                                                                           \
+    "sxtb16 %[w3], %[w0], ror #8\n\t"                                                                   \
+    "smlad %[a00], %[xa], %[w2], %[a00]\n\t"                                                            \
+    "smlad %[a00], %[xb], %[w3], %[a00]\n\t"                                                            \
+    "sxtb16 %[w0], %[w1]\n\t"                                                                           \
+    "sxtb16 %[w1], %[w1], ror #8\n\t"                                                                   \
+    "smlad %[a01], %[xa], %[w0], %[a01]\n\t"                                                            \
+    "smlad %[a01], %[xb], %[w1], %[a01]\n\t"                                                            \
     "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixel 1 */                                                    \
-    "smlad %[a10], %[xa], %[w0], %[a10]\n\t"                                                            \
-    "smlad %[a10], %[xb], %[w1], %[a10]\n\t"                                                            \
-    "smlad %[a11], %[xa], %[wa], %[a11]\n\t"                                                            \
-    "smlad %[a11], %[xb], %[wb], %[a11]\n\t"
-    __asm__ volatile(
-        TINYMLAAS_TWO_QUADS_PER_PASS(TINYMLAAS_QUAD8)
-        : [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11), [xa] "=&r"(xa), [xb] "=&r"(xb),
-          [wa] "=&r"(wa), [wb] "=&r"(wb), [w0] "=&r"(w0), [w1] "=&r"(w1), [x] "+r"(x), [w] "+r"(w), [n] "+r"(pairs)
-        :
-        : "cc", "memory");
-#undef TINYMLAAS_QUAD8
-    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
-#else
-    mac2x2_scalar(patch, weights, 0, quads, acc);
-#endif
-}
-
-/* the same with int16 weights */
-static inline __attribute__((always_inline)) void mac2x2_w16(const int16_t *patch, const int16_t *weights, int quads,
-                                                             int32_t acc[4])
-{
-#if defined(__ARM_FEATURE_DSP)
-    register int32_t w0 __asm__("r8"), w1 __asm__("r9"), w2 __asm__("r10"), w3 __asm__("r11");
-    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, xa, xb;
-    const int16_t *x = patch, *w = weights;
-    int pairs = quads;
-    /* LDM needs its registers in ascending order: w0..w3 are pinned to r8..r11 */
-#define TINYMLAAS_QUAD                                                                                   \
+    "smlad %[a10], %[xa], %[w2], %[a10]\n\t"                                                            \
+    "smlad %[a10], %[xb], %[w3], %[a10]\n\t"                                                            \
+    "smlad %[a11], %[xa], %[w0], %[a11]\n\t"                                                            \
+    "smlad %[a11], %[xb], %[w1], %[a11]\n\t"
+/* int16 weights: one LDM (w0..w3 in ascending registers) loads both channels' four weights */
+#define TINYMLAAS_QUAD16                                                                                 \
     "ldmia %[w]!, {%[w0], %[w1], %[w2], %[w3]}\n\t"                                                      \
     "ldrd %[xa], %[xb], [%[x]], #8\n\t"                                                                  \
     "smlad %[a00], %[xa], %[w0], %[a00]\n\t"                                                             \
@@ -290,18 +303,109 @@ static inline __attribute__((always_inline)) void mac2x2_w16(const int16_t *patc
     "smlad %[a10], %[xb], %[w1], %[a10]\n\t"                                                             \
     "smlad %[a11], %[xa], %[w2], %[a11]\n\t"                                                             \
     "smlad %[a11], %[xb], %[w3], %[a11]\n\t"
+#define TINYMLAAS_QUAD_OPERANDS                                                                          \
+    [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11), [xa] "=&r"(xa), [xb] "=&r"(xb),    \
+        [w0] "=&r"(w0), [w1] "=&r"(w1), [w2] "=&r"(w2), [w3] "=&r"(w3), [x] "+r"(x), [w] "+r"(w),         \
+        [n] "+r"(n)
+
+/* acc[pixel * 2 + channel] = sum over quads of patch x weights (2 pixels x 2 channels) */
+#define TINYMLAAS_MAC2X2(name, wtype, quad)                                                                \
+    static inline __attribute__((always_inline)) void name(const int16_t *patch, const wtype *weights,      \
+                                                           int quads, int32_t acc[4])                       \
+    {                                                                                                       \
+        register int32_t w0 __asm__("r8"), w1 __asm__("r9"), w2 __asm__("r10"), w3 __asm__("r11");          \
+        int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, xa, xb;                                                 \
+        const int16_t *x = patch;                                                                           \
+        const wtype *w = weights;                                                                           \
+        int n = quads;                                                                                      \
+        __asm__ volatile(TINYMLAAS_TWO_QUADS_PER_PASS(quad) : TINYMLAAS_QUAD_OPERANDS : : "cc", "memory");  \
+        acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;                                             \
+    }
+TINYMLAAS_MAC2X2(mac2x2_w8, int8_t, TINYMLAAS_QUAD8)
+TINYMLAAS_MAC2X2(mac2x2_w16, int16_t, TINYMLAAS_QUAD16)
+
+/*
+ * The same for `pairs` channel pairs in one loop, every register pinned (the compiler, given the loop in C,
+ * reloaded the pointers from the stack for each pair): run[4 * k ...] = channel 2k x pixels 0, 1, then
+ * channel 2k + 1 x pixels 0, 1 (STM stores a00 a10 a01 a11 in that order: ascending registers).
+ */
+#define TINYMLAAS_PRODUCTS(name, wtype, quad)                                                              \
+    static __attribute__((noinline)) void name(const int16_t *patch, const wtype *weights, int quads,      \
+                                               int pairs, int32_t *run)                                    \
+    {                                                                                                       \
+        register const int16_t *x __asm__("r0");                                                            \
+        register const wtype *w __asm__("r1") = weights;                                                    \
+        register int32_t a00 __asm__("r2"), a10 __asm__("r3"), a01 __asm__("r4"), a11 __asm__("r5");        \
+        register int32_t xa __asm__("r6"), xb __asm__("r7");                                                \
+        register int32_t w0 __asm__("r8"), w1 __asm__("r9"), w2 __asm__("r10"), w3 __asm__("r11");          \
+        register int n __asm__("r12");                                                                      \
+        register int32_t *out __asm__("lr") = run;                                                          \
+        const int32_t *const end = run + 4 * pairs;                                                         \
+        __asm__ volatile("4:\n\t"                                                                           \
+                         "movs %[a00], #0\n\t"                                                              \
+                         "movs %[a10], #0\n\t"                                                              \
+                         "movs %[a01], #0\n\t"                                                              \
+                         "movs %[a11], #0\n\t"                                                              \
+                         "ldr %[x], %[patch]\n\t"                                                           \
+                         "ldr %[n], %[quads]\n\t" TINYMLAAS_TWO_QUADS_PER_PASS(quad)                        \
+                         "stmia %[out]!, {%[a00], %[a10], %[a01], %[a11]}\n\t"                              \
+                         "ldr %[xa], %[end]\n\t"                                                            \
+                         "cmp %[out], %[xa]\n\t"                                                            \
+                         "bne 4b\n\t"                                                                       \
+                         : TINYMLAAS_QUAD_OPERANDS, [out] "+r"(out)                                         \
+                         : [patch] "m"(patch), [quads] "m"(quads), [end] "m"(end)                           \
+                         : "cc", "memory");                                                                 \
+    }
+TINYMLAAS_PRODUCTS(products_w8, int8_t, TINYMLAAS_QUAD8)
+TINYMLAAS_PRODUCTS(products_w16, int16_t, TINYMLAAS_QUAD16)
+#else
+static inline __attribute__((always_inline)) void mac2x2_w8(const int16_t *patch, const int8_t *weights, int quads,
+                                                            int32_t acc[4])
+{
+    mac2x2_scalar(patch, weights, 0, quads, acc);
+}
+
+static inline __attribute__((always_inline)) void mac2x2_w16(const int16_t *patch, const int16_t *weights, int quads,
+                                                             int32_t acc[4])
+{
+    mac2x2_scalar(patch, weights, 1, quads, acc);
+}
+#endif
+
+#if defined(__ARM_FEATURE_DSP)
+/* Double rounding without a clamp, for n channels of two pixels: acc[2 * ch + pixel], doubled and biased here.
+   In asm because all of a channel's values then stay in registers (the compiler spilled the output pointers:
+   51 instructions per two channels in C, 38 here). */
+static void requantize_run(const int32_t *acc, const struct tinymlaas_rq *rq, int n, int8_t *out0, int8_t *out1)
+{
+    int32_t a0, a1, bias, mult, round, shift;
     __asm__ volatile(
-        TINYMLAAS_TWO_QUADS_PER_PASS(TINYMLAAS_QUAD)
-        : [a00] "+r"(a00), [a01] "+r"(a01), [a10] "+r"(a10), [a11] "+r"(a11), [xa] "=&r"(xa), [xb] "=&r"(xb),
-          [w0] "=&r"(w0), [w1] "=&r"(w1), [w2] "=&r"(w2), [w3] "=&r"(w3), [x] "+r"(x), [w] "+r"(w), [n] "+r"(pairs)
+        "1:\n\t"
+        "ldrd %[a0], %[a1], [%[acc]], #8\n\t"
+        "ldrd %[bias], %[mult], [%[rq]], #8\n\t"
+        "ldrd %[round], %[shift], [%[rq]], #8\n\t"
+        "add %[a0], %[bias], %[a0], lsl #1\n\t"
+        "add %[a1], %[bias], %[a1], lsl #1\n\t"
+        "smmulr %[a0], %[a0], %[mult]\n\t"
+        "smmulr %[a1], %[a1], %[mult]\n\t"
+        "add %[bias], %[round], %[a0]\n\t" /* x + round - (x < 0) */
+        "sub %[bias], %[bias], %[a0], lsr #31\n\t"
+        "asr %[bias], %[bias], %[shift]\n\t"
+        "ssat %[bias], #8, %[bias]\n\t"
+        "strb %[bias], [%[out0]], #1\n\t"
+        "add %[round], %[round], %[a1]\n\t"
+        "sub %[round], %[round], %[a1], lsr #31\n\t"
+        "asr %[round], %[round], %[shift]\n\t"
+        "ssat %[round], #8, %[round]\n\t"
+        "strb %[round], [%[out1]], #1\n\t"
+        "subs %[n], %[n], #1\n\t"
+        "bne 1b\n\t"
+        : [a0] "=&r"(a0), [a1] "=&r"(a1), [bias] "=&r"(bias), [mult] "=&r"(mult), [round] "=&r"(round),
+          [shift] "=&r"(shift), [acc] "+r"(acc), [rq] "+r"(rq), [n] "+r"(n), [out0] "+r"(out0), [out1] "+r"(out1)
         :
         : "cc", "memory");
-#undef TINYMLAAS_QUAD
-    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
-#else
-    mac2x2_scalar(patch, weights, 1, quads, acc);
-#endif
 }
+#endif
 
 /* two pixels' outputs for all OC channels (out1 == out0: one pixel in both lanes); wide: int16 weights */
 static inline __attribute__((always_inline)) void gemm_pixels(const int16_t *patch, const void *weights,
@@ -313,6 +417,23 @@ static inline __attribute__((always_inline)) void gemm_pixels(const int16_t *pat
     const int step = quads * (wide ? 16 : 8); /* bytes of one channel pair */
     int32_t acc[4];
     int oc = 0;
+#if defined(__ARM_FEATURE_DSP)
+    if (!single && !clamp) { /* the products of up to 32 channels, then their requantization in one run */
+        enum { CHUNK = 32 };
+        int32_t run[2 * CHUNK] __attribute__((aligned(8)));
+        for (int oc0 = 0; oc0 < OC; oc0 += CHUNK) {
+            const int n = OC - oc0 < CHUNK ? OC - oc0 : CHUNK;
+            const int pairs = (n + 1) / 2; /* an odd last channel's partner: zero weights, not stored */
+            if (wide)
+                products_w16(patch, (const int16_t *)w, quads, pairs, run);
+            else
+                products_w8(patch, (const int8_t *)w, quads, pairs, run);
+            w += pairs * step;
+            requantize_run(run, rq + oc0, n, out0 + oc0, out1 + oc0);
+        }
+        return;
+    }
+#endif
     for (; oc + 2 <= OC; oc += 2, w += step) {
         if (wide)
             mac2x2_w16(patch, (const int16_t *)w, quads, acc);
@@ -365,6 +486,21 @@ static inline __attribute__((always_inline)) void gemm_layer(const int8_t *input
     const int OH = params[P_OH], OW = params[P_OW], OC = params[P_OC];
     const int P = params[P_N] * OH * OW, image = params[P_H] * params[P_W] * params[P_C];
     const int32_t lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
+    const int C = params[P_C];
+    if (params[P_KH] == 1 && params[P_KW] == 1 && params[P_SH] == 1 && params[P_SW] == 1 && params[P_PT] == 0 &&
+        params[P_PL] == 0 && C % 4 == 0) { /* pointwise: pixel q's patch is the input's q-th run of C */
+        const int32_t offset = -params[P_ZP_IN];
+        for (int p = 0; p < P; p += 2) {
+            const int8_t *src0 = input + p * C, *src1 = p + 1 < P ? src0 + C : src0;
+            int16_t *dst = patch;
+            for (int c = 0; c < C; c += 4, dst += 8) {
+                widen4(src0 + c, offset, dst);
+                widen4(src1 + c, offset, dst + 4);
+            }
+            pixels(patch, weights, rq, quads, OC, output + p * OC, output + (p + 1 < P ? p + 1 : p) * OC, lo, hi);
+        }
+        return;
+    }
     for (int p = 0; p < P; p += 2) {
         const int two = p + 1 < P;
         for (int j = 0; j < 2; j++) {
@@ -389,7 +525,7 @@ static inline __attribute__((always_inline)) void gemm_layer(const int8_t *input
 void tinymlaas_gemm_w8(const int8_t *restrict input, const int8_t *restrict weights,
                        const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *restrict output)
 {
-    const int quads = (params[P_KH] * params[P_KW] * params[P_C] + 3) / 4;
+    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
     int16_t patch[quads * 8] __attribute__((aligned(8))); /* on the stack, measured with the rest */
     TINYMLAAS_DISPATCH(gemm_layer, 0, input, weights, rq, params, output, patch, quads);
 }
@@ -398,7 +534,7 @@ void tinymlaas_gemm_w16(const int8_t *restrict input, const int16_t *restrict we
                         const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
                         int8_t *restrict output)
 {
-    const int quads = (params[P_KH] * params[P_KW] * params[P_C] + 3) / 4;
+    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
     int16_t patch[quads * 8] __attribute__((aligned(8)));
     TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
 }

@@ -312,6 +312,8 @@ def conv2d(ctx, op, impl):
             table = requant_table(w2d, bias, mult, shift, zp_in, zp_out, (lo, hi), single=False)
         suffix = "_w16" if wide else "_w8"
         if table is not None and name == "CONV_2D":
+            if c % 4 == 3 and ctx.target.dsp:  # gemm_dsp.c's tap_depth: each tap padded to whole words
+                w2d = np.pad(w.reshape(channels, kh * kw, c), ((0, 0), (0, 0), (0, 1))).reshape(channels, -1)
             y = _extern(ctx, "tinymlaas_gemm" + suffix, [x, relax.const(blocked_weights(w2d, 2, wide)),
                                                          relax.const(table), cp], shape)
         elif table is not None and rows3x3:
