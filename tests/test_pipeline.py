@@ -9,7 +9,7 @@ from conftest import model_path
 
 from tinymlaas.frontend.tflite import load_tflite
 from tinymlaas.pipeline import CompileOptions, compile_model
-from tinymlaas.targets import all_targets
+from tinymlaas.targets import mcu_targets
 from tinymlaas.verify import split_outputs
 
 _cache = {}
@@ -54,7 +54,7 @@ def test_int8_models_are_bit_exact(compiled, model, target):
 
 # Ibex targets run ~0.5 M cycles/s (KWS: a minute per inference): a small model in tests/test_ibex.py, KWS and
 # the other MLPerf Tiny models on Ibex in benchmarks/cycles.py
-@pytest.mark.parametrize("target", sorted(n for n, t in all_targets().items() if t.rtl is None))
+@pytest.mark.parametrize("target", sorted(n for n, t in mcu_targets().items() if t.rtl is None))
 def test_kws_int8_on_every_target(compiled, target):
     # integer kernels need no FPU: Cortex-M3 and RV32IMAC too
     r = compiled("kws_ref_model", target, inputs=3)

@@ -1,13 +1,13 @@
 import pytest
 
 from tinymlaas.errors import UnknownTarget
-from tinymlaas.targets import all_targets, get_target
+from tinymlaas.targets import all_targets, get_target, mcu_targets
 
 REQUIRED = {"cortex-m3", "cortex-m4", "cortex-m7", "cortex-m33", "cortex-m55", "rv32imac", "rv32imafc"}
 
 
 def test_required_targets_are_described():
-    targets = all_targets()
+    targets = mcu_targets()
     assert REQUIRED <= set(targets)
     for t in targets.values():
         assert t.board.flash_bytes > 0 and t.board.ram_bytes > 0
@@ -35,7 +35,7 @@ def test_renode_platform_matches_the_memory_map():
 
     from tinymlaas import PROJECT_ROOT
 
-    for t in all_targets().values():
+    for t in mcu_targets().values():
         if t.renode_platform is None:  # a core simulated from its RTL (Ibex): no Renode machine
             assert t.rtl is not None, t.name
             continue
@@ -45,3 +45,11 @@ def test_renode_platform_matches_the_memory_map():
         assert int(regions["ram"], 16) == t.emulator.ram.base, t.name
         sizes = [int(v, 16) for v in re.findall(r"size: (0x[0-9a-f]+)", text)]
         assert sizes == [t.emulator.flash.size, t.emulator.ram.size], t.name
+
+
+def test_host_targets_are_not_microcontrollers():
+    hosts = {n: t for n, t in all_targets().items() if t.kind == "host"}
+    assert set(hosts) == {"cpu-host", "cuda-host"}
+    assert hosts["cuda-host"].device == "cuda" and "float16" in hosts["cuda-host"].precisions
+    assert hosts["cpu-host"].tvm_target == "llvm"
+    assert not set(hosts) & set(mcu_targets())

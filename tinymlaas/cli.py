@@ -34,16 +34,24 @@ def cmd_targets(args) -> int:
     from tinymlaas.targets import all_targets
 
     targets = all_targets()
+    mcus = {n: t for n, t in targets.items() if t.kind == "mcu"}
+    hosts = {n: t for n, t in targets.items() if t.kind == "host"}
     if args.json:
-        print(json.dumps({n: {"description": t.description, "board": t.board.__dict__, "emulator": t.emulator.machine,
-                              "runner": t.default_runner} for n, t in targets.items()}, indent=2))
+        out = {n: {"kind": "mcu", "description": t.description, "board": t.board.__dict__,
+                   "emulator": t.emulator.machine, "runner": t.default_runner} for n, t in mcus.items()}
+        out.update({n: {"kind": "host", "description": t.description, "device": t.device, "tvm_target": t.tvm_target,
+                        "precisions": list(t.precisions)} for n, t in hosts.items()})
+        print(json.dumps(out, indent=2))
         return 0
     print(f"{'target':<12} {'core':<12} {'FPU':<4} {'DSP':<4} {'board class':<26} {'flash':>10} {'RAM':>10}  runs in")
-    for name, t in targets.items():
+    for name, t in mcus.items():
         runs = (f"Ibex '{t.rtl.config}' RTL (true cycles)" if t.rtl
                 else f"{t.emulator.qemu} -M {t.emulator.machine}")
         print(f"{name:<12} {t.core:<12} {'yes' if t.fpu else 'no':<4} {'yes' if t.dsp else 'no':<4} {t.board.name:<26} "
               f"{t.board.flash_bytes // 1024:>8}K {t.board.ram_bytes // 1024:>8}K  {runs}")
+    for name, t in hosts.items():
+        print(f"{name:<12} {t.core:<12} host: TVM runtime library, {'/'.join(t.precisions)} "
+              f"(TVM target {t.tvm_target}); runs on this machine's {t.device.upper()}")
     return 0
 
 
@@ -69,6 +77,8 @@ def cmd_compile(args) -> int:
     options = CompileOptions(
         inputs=args.inputs, seed=args.seed, timeout=args.timeout, emulator=args.emulator, max_flash=args.max_flash, max_ram=args.max_ram,
         int8_lowering=args.int8_lowering, kernels=args.kernels, quantize=args.quantize, calibration=args.calibration,
+        precision=args.precision, tune_trials=args.tune_trials, tune_trials_per_task=args.tune_trials_per_task,
+        tuning_dir=args.tuning_dir,
     )
     bar = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -89,9 +99,13 @@ def cmd_compile(args) -> int:
             bar.close()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
+    elif report.kind == "host":
+        from tinymlaas.backends.host.build import format_host_report
+
+        print(format_host_report(report))
     else:
         print(format_report(report))
-    if not args.no_record:
+    if not args.no_record and report.kind == "mcu":  # the database holds firmware measurements
         _record(report)
     return 0 if report.verified else 1
 
@@ -189,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 models: integer kernels (bit-exact, default) or TVM's float emulation of int8 ops")
     p.add_argument("--kernels", choices=("auto", "tir", "dsp", "dsp16"), default="auto",
                    help="int8 layers: TIR kernels, DSP micro-kernels (SMLAD) with the int8 weights or int16 (dsp16, faster, 2x weight flash), or auto: dsp where the core has DSP")
+    p.add_argument("--precision", choices=("float32", "float16"), default="float32",
+                   help="host targets: float16 halves weights and activations (cuda-host; float models)")
+    p.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="host targets: tune with meta_schedule, at most N trials (default 0: TVM's default schedules)")
+    p.add_argument("--tune-trials-per-task", type=_positive_int, metavar="M", help="host targets: at most M per task")
+    p.add_argument("--tuning-dir", help="host targets: tuning databases, reused by later builds of the same model "
+                   "(default OUT/../tuning)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")
     p.add_argument("--no-record", action="store_true",

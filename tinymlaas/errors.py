@@ -47,3 +47,17 @@ class InternalError(Exception):
         at = f" at operator {operator}" if operator else ""
         detail = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
         super().__init__(f"internal error in stage {stage}{at}: {type(cause).__name__}" + (f": {detail}" if detail else ""))
+
+    def __reduce__(self):  # rebuilt from its arguments: a search worker's failure crosses a process boundary
+        cause = self.cause if _picklable(self.cause) else RuntimeError(f"{type(self.cause).__name__}: {self.cause}")
+        return (type(self), (self.stage, self.operator, cause))
+
+
+def _picklable(value) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(value)
+        return True
+    except Exception:  # noqa: BLE001 - anything pickle refuses
+        return False

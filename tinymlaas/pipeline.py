@@ -46,6 +46,11 @@ class CompileOptions:
     quantize: str = "none"  # Keras/SavedModel input: none | int8 | int16x8
     calibration: str | None = None  # .npz of calibration samples for quantizing Keras/SavedModel input
     variant: object = None  # a search.space.Variant: per-layer kernels, schedule and fusion (overrides `kernels`)
+    # host targets (cpu-host, cuda-host)
+    precision: str = "float32"  # float16: half-precision weights and activations (CUDA)
+    tune_trials: int = 0  # meta_schedule trials (0: TVM's default schedules)
+    tune_trials_per_task: int | None = None
+    tuning_dir: str | None = None  # tuning databases (one folder per target and model); default beside the output
 
 
 @dataclass
@@ -75,6 +80,7 @@ class CompileReport:
     cycles_source: str | None = None
     cycles_repeat_exact: bool | None = None
     variant: dict | None = None  # the search.space.Variant it was built as, if one was given
+    kind: str = "mcu"  # firmware (a host target's build is a backends.host.build.HostReport)
 
     @property
     def verified(self) -> bool:
@@ -170,6 +176,8 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
     model.notes.extend(converted_notes)
     # absolute: the tools run inside the work folder
     out = (Path(out_dir) if out_dir else Path("out") / f"{model.name}-{target.name}").resolve()
+    if target.kind == "host":
+        return _compile_host(model, target, out, options, stage)
     variant = options.variant
     kernels = dict(variant.kernels) if variant is not None else options.kernels
     relax_mod, lowering, notes = import_model(model, target, options.int8_lowering, kernels)
@@ -266,6 +274,31 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
             report.cycles_source = f"true cycles: Ibex '{runner.config}' from its RTL (Verilator)"
         else:
             report.runner = runner.name
+        (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        _replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    report.artifacts = {k: str(out / v) for k, v in report.artifacts.items()}
+    report.artifacts["dir"] = str(out)
+    return report
+
+
+def _compile_host(model, target, out: Path, options: CompileOptions, stage):
+    """A host target: TVM's runtime library instead of firmware (tinymlaas.backends.host), written as atomically."""
+    from tinymlaas.backends.host.build import HostOptions, build_host
+
+    host_options = HostOptions(precision=options.precision, tune_trials=options.tune_trials,
+                               tune_trials_per_task=options.tune_trials_per_task,
+                               tuning_dir=Path(options.tuning_dir).resolve() if options.tuning_dir else None,
+                               inputs=options.inputs or 3, seed=options.seed)
+    graph = clean(model.graph, shapes_from_interpreter=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        report = build_host(model, graph, target, work, host_options, stage)
+        shutil.copy(model.path, work / "model.tflite")
+        report.artifacts["model"] = "model.tflite"
         (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         _replace_dir(work, out)
     except BaseException:

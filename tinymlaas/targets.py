@@ -65,6 +65,8 @@ class Target:
     estimate: dict | None = None  # cycle estimate: llvm-mca `mcpu` (default the LLVM CPU), `taken_branch_penalty`
     source: Path | None = field(default=None, compare=False)
 
+    kind = "mcu"
+
     @property
     def default_runner(self) -> str:
         return self.rtl.simulator if self.rtl else "qemu"
@@ -77,19 +79,44 @@ class Target:
         return self.cc_prefix + name
 
 
+@dataclass(frozen=True)
+class HostTarget:
+    """A host that runs the model under TVM's runtime (CPU or GPU): for models too large for a microcontroller,
+    or a gateway-class variant next to the MCU builds. Built by tinymlaas.backends.host, not as firmware."""
+    name: str
+    description: str
+    device: str  # "cpu" or "cuda"
+    tvm_target: str  # TVM's target kind; a CUDA target is refined from the GPU at build time
+    precisions: tuple[str, ...] = ("float32",)
+    source: Path | None = field(default=None, compare=False)
+    kind = "host"
+    # what the operator registry asks of a target: no DSP micro-kernels, integer layers as TIR
+    dsp = False
+    fpu = True
+    mve = False
+    rtl = None
+
+    @property
+    def core(self) -> str:
+        return "NVIDIA GPU" if self.device == "cuda" else "host CPU"
+
+
 def _region(d: dict) -> MemoryRegion:
     return MemoryRegion(base=int(d["base"]), size=int(d["size"]))
 
 
-def load_target_file(path: Path) -> Target:
+def load_target_file(path: Path) -> Target | HostTarget:
     stat = path.stat()
     return _parse_target_file(path, stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=256)
-def _parse_target_file(path: Path, _mtime_ns: int, _size: int) -> Target:
+def _parse_target_file(path: Path, _mtime_ns: int, _size: int) -> Target | HostTarget:
     """Parsed once per version of the file: the API validates a target on every device registration."""
     d = yaml.safe_load(path.read_text())
+    if d.get("kind", "mcu") == "host":
+        return HostTarget(name=d["name"], description=d["description"], device=d["device"],
+                          tvm_target=d["tvm_target"], precisions=tuple(d.get("precisions", ("float32",))), source=path)
     emu = d["emulator"]
     return Target(
         name=d["name"],
@@ -119,7 +146,7 @@ def _parse_target_file(path: Path, _mtime_ns: int, _size: int) -> Target:
     )
 
 
-def all_targets(directory: Path = TARGETS_DIR) -> dict[str, Target]:
+def all_targets(directory: Path = TARGETS_DIR) -> dict[str, Target | HostTarget]:
     targets = {}
     for path in sorted(directory.glob("*.yaml")):
         t = load_target_file(path)
@@ -127,7 +154,12 @@ def all_targets(directory: Path = TARGETS_DIR) -> dict[str, Target]:
     return targets
 
 
-def get_target(name: str, directory: Path = TARGETS_DIR) -> Target:
+def mcu_targets(directory: Path = TARGETS_DIR) -> dict[str, Target]:
+    """The microcontroller targets (firmware, emulators, devices in the fleet)."""
+    return {n: t for n, t in all_targets(directory).items() if t.kind == "mcu"}
+
+
+def get_target(name: str, directory: Path = TARGETS_DIR) -> Target | HostTarget:
     targets = all_targets(directory)
     if name not in targets:
         raise UnknownTarget(f"unknown target '{name}'; known targets: {', '.join(targets)}")

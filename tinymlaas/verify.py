@@ -217,7 +217,8 @@ def split_outputs(model: TFLiteModel, raw: bytes, count: int) -> list[list[np.nd
 
 
 def compare(
-    model: TFLiteModel, got: list[list[np.ndarray]], want: list[list[np.ndarray]], integer_kernels: bool = False
+    model: TFLiteModel, got: list[list[np.ndarray]], want: list[list[np.ndarray]], integer_kernels: bool = False,
+    float_tolerance: float = FLOAT_REL_TOLERANCE,
 ) -> Fidelity:
     """Float outputs must be within FLOAT_REL_TOLERANCE. Quantized outputs must be bit-exact when the
     build uses integer kernels; through TVM's float lowering of quantized ops they are only reported."""
@@ -230,8 +231,8 @@ def compare(
                 max_abs = max(max_abs, err)
                 max_rel = max(max_rel, err / scale if scale > 0 else err)
         return Fidelity(
-            "float", len(got), passed=max_rel <= FLOAT_REL_TOLERANCE, max_abs_error=max_abs, max_rel_error=max_rel,
-            tolerance=f"relative error <= {FLOAT_REL_TOLERANCE:g}",
+            "float", len(got), passed=max_rel <= float_tolerance, max_abs_error=max_abs, max_rel_error=max_rel,
+            tolerance=f"relative error <= {float_tolerance:g}",
         )
     same = total = 0
     max_lsb = 0

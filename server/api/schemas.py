@@ -7,7 +7,7 @@ from marshmallow import Schema, fields, validate
 
 from tinymlaas.ota.rollout import JOB_TIMEOUT_RANGE
 from tinymlaas.search.search import STRATEGIES
-from tinymlaas.targets import all_targets
+from tinymlaas.targets import mcu_targets
 
 from ..db import MAX_ID, ROLES, SCOPES
 from ..service import DEVICE_ID, DEVICE_ID_RULE, TOKEN_NAME, TOKEN_NAME_RULE, USER_NAME, USER_NAME_RULE
@@ -18,8 +18,8 @@ def Pattern(regex, rule: str) -> validate.Regexp:
     return validate.Regexp(f"^{regex.pattern}$", error=rule)
 
 
-TARGETS = sorted(all_targets())
-DEVICE_TARGETS = sorted(name for name, t in all_targets().items() if t.rtl is None)  # an RTL simulation is no device
+TARGETS = sorted(mcu_targets())  # host targets (cpu-host, cuda-host) are built by the CLI and library so far
+DEVICE_TARGETS = sorted(name for name, t in mcu_targets().items() if t.rtl is None)  # an RTL simulation is no device
 
 
 def Target(names, error: str = "unknown target '{input}'; known targets: {choices}") -> validate.OneOf:

@@ -1,0 +1,278 @@
+"""Host backend: a model built by TVM Relax for a CPU (LLVM) or an NVIDIA GPU (CUDA) and run by TVM's runtime.
+
+The same front end as the microcontroller builds (every operator through our registry; integer layers as their
+bit-exact TIR kernels), then TVM's own route for a host: the zero pipeline, dlight's default GPU schedules (CUDA),
+optionally meta_schedule tuning (`static_shape_tuning`, its database kept per target and model so a rebuild costs
+no tuning), `relax.build`, and the library exported (`model.so`) with the metadata a host needs to load and call it.
+The build is then loaded back, run on the same inputs as the TFLite interpreter (fidelity) and timed on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tinymlaas.errors import BuildFailure, ToolMissing, UnsupportedOperator
+from tinymlaas.targets import HostTarget
+from tinymlaas.verify import compare, make_inputs, reference_outputs
+
+# relative error vs the interpreter: a GPU sums in another order and fuses multiply-adds; float16 keeps 11 bits
+FLOAT_TOLERANCE = {("float32", "cpu"): 1e-5, ("float32", "cuda"): 1e-4, ("float16", "cuda"): 2e-2,
+                   ("float16", "cpu"): 2e-2}
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    precision: str = "float32"  # float16: weights and activations in half precision, accumulation in float32
+    tune_trials: int = 0  # meta_schedule trials in all (0: dlight's defaults only)
+    tune_trials_per_task: int | None = None
+    tuning_dir: Path | None = None  # databases, one folder per target and model; default beside the output
+    inputs: int = 3  # random inputs checked against the interpreter
+    seed: int = 0
+    runs: int = 50  # timed calls (median) after warm-up
+
+
+@dataclass
+class HostReport:
+    model: str
+    model_path: str
+    target: str
+    device: str  # the device it ran on, by name
+    tvm_target: str
+    precision: str
+    lowering: str
+    latency_ms: float  # median of `latency_runs` timed calls
+    latency_runs: int
+    fidelity: dict
+    sizes: dict
+    tuning: dict
+    compile_seconds: float
+    stages_seconds: dict
+    notes: list[str] = field(default_factory=list)
+    artifacts: dict = field(default_factory=dict)
+    kind: str = "host"
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.fidelity.get("passed"))
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["verified"] = self.verified
+        return d
+
+
+def device_of(target: HostTarget):
+    """TVM's device for the target, or ToolMissing when this machine has none."""
+    import tvm
+
+    dev = tvm.cuda(0) if target.device == "cuda" else tvm.cpu(0)
+    if not dev.exist:
+        raise ToolMissing(f"target {target.name} needs a {target.device.upper()} device; this machine has none")
+    return dev
+
+
+def describe(tvm_target) -> str:
+    """'cuda sm_90' / 'llvm x86_64-...': TVM's JSON form of a target is long."""
+    attrs = dict(tvm_target.attrs)
+    return " ".join(str(x) for x in (tvm_target.kind.name, attrs.get("arch"), attrs.get("mtriple")) if x)
+
+
+def tvm_target_of(target: HostTarget, dev):
+    import tvm
+
+    if target.device == "cuda":  # the GPU's own architecture and limits (also what tuning measures on)
+        return tvm.target.Target.from_device(dev)
+    return tvm.target.Target(target.tvm_target)
+
+
+def extern_layers(mod, graph) -> list[str]:
+    """Layers lowered to C micro-kernels (call_dps_packed), which only the firmware links: 'OPCODE #i (kernel)'."""
+    from tvm import relax
+
+    from tinymlaas.frontend.to_relax import OP_VAR
+
+    ops, found = {op.index: op for op in graph.operators}, []
+    for binding in (b for block in mod["main"].body.blocks for b in block.bindings):
+        value = binding.value
+        if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.call_dps_packed":
+            m = OP_VAR.match(binding.var.name)
+            op = ops.get(int(m.group(1))) if m else None
+            where = f"{op.opcode} #{op.index} ({graph.precision(op)})" if op else "a layer"
+            found.append(f"{where}: C micro-kernel {value.args[0].global_symbol}, not linked on host targets yet")
+    return found
+
+
+def _public_names(mod):
+    """Our TE kernels are PrimFuncs all named "main" (te.create_prim_func); the host library exports each one, so
+    each gets its own global symbol."""
+    import tvm
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc):
+            mod[gv] = func.with_attr("global_symbol", gv.name_hint)
+    return mod
+
+
+def tuning_folder(target: HostTarget, model_sha256: str, precision: str, base: Path) -> Path:
+    return base / target.name / f"{model_sha256[:16]}-{precision}"
+
+
+def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir: Path | None):
+    """Relax module -> the module relax.build takes: precision, tuning (when asked), default GPU schedules."""
+    from tvm import relax
+
+    if options.precision == "float16":
+        mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    with tvm_target:
+        if options.tune_trials:
+            mod = relax.get_pipeline("static_shape_tuning", target=tvm_target, total_trials=options.tune_trials,
+                                     max_trials_per_task=options.tune_trials_per_task, work_dir=str(work_dir))(mod)
+        else:
+            mod = relax.get_pipeline("zero")(mod)
+        if target.device == "cuda":  # whatever tuning left unscheduled gets dlight's rules
+            import tvm.s_tir.dlight as dl
+
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    return mod
+
+
+def initial_state(graph) -> list[np.ndarray]:
+    """The variable tensors before the first inference: their zero point (0 for float), as TFLite starts them."""
+    return [np.full(t.shape, t.zero_point or 0, dtype=t.dtype) for t in (graph.tensor(i) for i in graph.state)]
+
+
+def _outputs(result) -> list[np.ndarray]:
+    items = [result] if hasattr(result, "numpy") else list(result)
+    return [x.numpy() for x in items]
+
+
+def build_host(model, graph, target: HostTarget, work: Path, options: HostOptions, stage) -> HostReport:
+    """Build `model` (a loaded TFLiteModel and its cleaned graph) for `target` into `work`; verified and timed."""
+    import tvm
+    from tvm import relax
+
+    from tinymlaas.frontend.to_relax import to_relax
+
+    if options.precision not in target.precisions:
+        raise BuildFailure(f"target {target.name} builds {', '.join(target.precisions)}, not {options.precision}")
+    started, seconds = time.monotonic(), {}
+    dev = device_of(target)
+    tvm_target = tvm_target_of(target, dev)
+    precisions = {graph.precision(op) for op in graph.operators}
+    lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
+    if options.precision == "float16" and lowering != "float":
+        raise BuildFailure("float16 applies to float models; this one is quantized (build it as float32)")
+
+    stage("import")
+    t0 = time.monotonic()
+    mod = to_relax(graph, target, "tir")
+    externs = extern_layers(mod, graph)
+    if externs:
+        raise UnsupportedOperator(externs, model.name)
+    seconds["import"] = round(time.monotonic() - t0, 3)
+
+    stage("lower")
+    t0 = time.monotonic()
+    sha = hashlib.sha256(model.data).hexdigest()
+    db = tuning_folder(target, sha, options.precision, options.tuning_dir or work.parent / "tuning")
+    reused = options.tune_trials > 0 and (db / "database_tuning_record.json").exists()
+    if options.tune_trials:
+        db.mkdir(parents=True, exist_ok=True)
+    mod = optimize(_public_names(mod), target, tvm_target, options, db)
+    seconds["lower"] = round(time.monotonic() - t0, 3)
+
+    stage("codegen")
+    t0 = time.monotonic()
+    executable = relax.build(mod, target=tvm_target)
+    library = work / "model.so"
+    executable.export_library(str(library))
+    seconds["codegen"] = round(time.monotonic() - t0, 3)
+
+    stage("reference")
+    batches = make_inputs(model, options.inputs, options.seed)
+    want = reference_outputs(model, batches)
+
+    stage("emulate")  # here: run on the host device itself
+    t0 = time.monotonic()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), dev)
+    state, got = initial_state(graph), []
+    for batch in batches:  # a stateful model's variables carry over from one input to the next, as in the interpreter
+        results = _outputs(vm["main"](*[tvm.runtime.tensor(x, dev) for x in [*batch, *state]]))
+        got.append(results[:len(graph.outputs)])
+        state = results[len(graph.outputs):]
+    timer = vm.time_evaluator("main", dev, number=1, repeat=options.runs, min_repeat_ms=0)
+    latency = 1000 * statistics.median(
+        timer(*[tvm.runtime.tensor(x, dev) for x in [*batches[0], *initial_state(graph)]]).results)
+    seconds["emulate"] = round(time.monotonic() - t0, 3)
+
+    stage("verify")
+    fidelity = compare(model, got, want, integer_kernels=lowering == "integer",
+                       float_tolerance=FLOAT_TOLERANCE[options.precision, target.device])
+    (work / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
+    (work / "outputs.bin").write_bytes(b"".join(y.tobytes() for batch in got for y in batch))
+    (work / "expected_outputs.bin").write_bytes(b"".join(y.tobytes() for batch in want for y in batch))
+
+    stage("measure")
+    weights = sum(t.data.nbytes for t in graph.tensors if t.is_const and t.data is not None)
+    io = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
+          for t in (graph.tensor(i) for i in graph.inputs)]
+    outs = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
+            for t in (graph.tensor(i) for i in graph.outputs)]
+    state = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "initial": t.zero_point or 0}
+             for t in (graph.tensor(i) for i in graph.state)]
+    metadata = {"format": "tinymlaas-host/1", "library": library.name, "entry": "main", "tvm": tvm.__version__,
+                "target": target.name, "tvm_target": describe(tvm_target), "device": target.device,
+                "precision": options.precision, "inputs": io, "outputs": outs, "state": state,
+                "load": "relax.VirtualMachine(tvm.runtime.load_module('model.so'), device)['main'](*inputs, *state) "
+                        "-> (*outputs, *next state); state starts at each variable's 'initial'"}
+    (work / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    seconds["measure"] = 0.0
+    tuning = {"trials": options.tune_trials, "per_task": options.tune_trials_per_task,
+              "seconds": seconds["lower"] if options.tune_trials else 0.0,
+              "database": str(db) if options.tune_trials else None, "reused": reused}
+    notes = list(model.notes)
+    if target.device == "cuda" and not options.tune_trials:
+        notes.append("untuned: dlight's default GPU schedules (tune with --tune-trials)")
+    return HostReport(
+        model=model.name, model_path=str(model.path), target=target.name,
+        device=_device_name(dev, target), tvm_target=describe(tvm_target), precision=options.precision,
+        lowering=lowering, latency_ms=round(latency, 4), latency_runs=options.runs, fidelity=fidelity.to_dict(),
+        sizes={"library": library.stat().st_size, "weights": int(weights)}, tuning=tuning,
+        compile_seconds=round(time.monotonic() - started, 3), stages_seconds=seconds, notes=notes,
+        artifacts={"library": "model.so", "metadata": "metadata.json", "inputs": "inputs.bin",
+                   "outputs": "outputs.bin", "expected_outputs": "expected_outputs.bin"},
+    )
+
+
+def _device_name(dev, target: HostTarget) -> str:
+    if target.device == "cuda":
+        return f"{dev.device_name} (compute {dev.compute_version})"
+    import platform
+
+    return f"{platform.machine()} CPU ({platform.processor() or platform.system()})"
+
+
+def format_host_report(r: HostReport) -> str:
+    f = r.fidelity
+    lines = [
+        f"{r.model} on {r.target} ({r.device}); TVM target {r.tvm_target}",
+        f"  precision {r.precision}, lowering {r.lowering}",
+        f"  latency   {r.latency_ms:.4f} ms (median of {r.latency_runs} runs)",
+        f"  fidelity  {'PASS' if r.verified else 'FAIL'}: " + ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()
+            if k in ("max_abs_error", "max_rel_error", "max_lsb_diff", "inputs")),
+        f"  library   {r.sizes['library']:,} B (weights {r.sizes['weights']:,} B)",
+    ]
+    if r.tuning["trials"]:
+        lines.append(f"  tuning    {r.tuning['trials']} trials, {r.tuning['seconds']:.0f} s"
+                     + (" (database reused)" if r.tuning["reused"] else "") + f": {r.tuning['database']}")
+    lines += [f"  note: {n}" for n in r.notes]
+    return "\n".join(lines)
