@@ -203,11 +203,16 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
         if not report.verified:
             raise TinyMLaaSError(f"the firmware's outputs differ from the TFLite interpreter's: {report.fidelity}")
         progress("measure")
-        artifacts = {"firmware": store.put_file(out / "firmware.elf"), "report": store.put_file(out / "report.json")}
+        if report.kind == "host":  # a TVM runtime library for a GPU or CPU host: nothing to sign for a device
+            artifacts = {"library": store.put_file(out / "model.so"), "metadata": store.put_file(out / "metadata.json"),
+                         "report": store.put_file(out / "report.json")}
+        else:
+            artifacts = {"firmware": store.put_file(out / "firmware.elf"),
+                         "report": store.put_file(out / "report.json")}
         if (out / "front.json").is_file():
             artifacts.update(front=store.put_file(out / "front.json"), front_plot=store.put_file(out / "front.png"))
         package = None
-        if get_target(target).rtl is None:  # a simulated RTL core has no devices: nothing to sign and ship
+        if get_target(target).kind == "mcu" and get_target(target).rtl is None:  # an RTL core has no devices
             package = package_build(out, get_target(target), ensure_signing_key(settings), version)
             artifacts.update(image=store.put_file(package.image), payload=store.put_file(package.payload),
                              selftest=store.put_file(package.selftest))
@@ -223,8 +228,9 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
                                      "sha256": package.info.sha256}
             b.artifacts = artifacts
             s.commit()
-        MeasurementStore(engine=engine).record_compile(report, Path(report.artifacts["model"]), source="service",
-                                                       build_id=build_id)
+        if report.kind == "mcu":  # the database holds firmware measurements
+            MeasurementStore(engine=engine).record_compile(report, Path(report.artifacts["model"]),
+                                                           source="service", build_id=build_id)
     except LeaseLost:
         log.warning("build %s: another worker took it over; this run stops", build_id)
     except BuildCancelled:

@@ -179,6 +179,9 @@ def register_device(session: Session, who: Principal, device_id: str, target: st
     if _target(target).rtl is not None:
         raise ServiceError(422, f"'{target}' is a core simulated from its RTL for true cycles (builds only), not a "
                            "board a device can be", "target")
+    if _target(target).kind == "host":
+        raise ServiceError(422, f"'{target}' is a host target (a TVM runtime library for builds), not a board a "
+                           "device can be", "target")
     if session.get(Device, device_id):  # ids are global (they are MQTT user names): taken, whoever has it
         raise ServiceError(409, f"device '{device_id}' is already registered (device ids are unique across the "
                            "service)", "id")

@@ -217,6 +217,37 @@ def test_a_build_for_a_core_simulated_from_rtl_gives_true_cycles_and_no_image(cl
                                headers=client.auth), 409, "build_id", "no signed image")
 
 
+def test_a_build_for_a_host_target_gives_latency_and_a_library(client, app):
+    """cpu-host through the service (cuda-host is the same path on a GPU server): a TVM runtime library checked
+    against the interpreter and timed; no image, so no deployment; no device can be a host target; no search."""
+    from pathlib import Path
+
+    from server.jobs import run_build
+
+    corpus = Path(__file__).parent / "corpus" / "models" / "conv_autoencoder_float32.tflite"
+    r = client.post("/api/v1/models", data={"file": (io.BytesIO(corpus.read_bytes()), "ae.tflite")},
+                    headers=client.auth)
+    model_id = r.get_json()["id"]
+    assert_problem(client.post("/api/v1/builds", json={"model_id": model_id, "target": "cpu-host",
+                                                       "search": {"budget": 4}}, headers=client.auth),
+                   422, "search", "microcontroller targets")
+    b = client.post("/api/v1/builds", json={"model_id": model_id, "target": "cpu-host"},
+                    headers=client.auth).get_json()
+    run_build(app.extensions["tinymlaas"].settings, b["id"])
+    done = client.get(f"/api/v1/builds/{b['id']}", headers=client.auth).get_json()
+    assert done["state"] == "done", done
+    report = done["report"]
+    assert report["kind"] == "host" and report["latency_ms"] > 0 and report["verified"]
+    assert report["fidelity"]["max_rel_error"] <= 1e-5 and report["sizes"]["weights"] > 0
+    assert set(done["artifacts"]) == {"library", "metadata", "report"}
+    lib = client.get(f"/api/v1/builds/{b['id']}/artifacts/library", headers=client.auth)
+    assert lib.status_code == 200 and lib.data[:4] == b"\x7fELF"
+    assert_problem(client.post("/api/v1/devices", json={"id": "gw-1", "target": "cuda-host"}, headers=client.auth),
+                   422, "target", "cuda-host")
+    assert_problem(client.post("/api/v1/deployments", json={"build_id": b["id"], "group": "default"},
+                               headers=client.auth), 409, "build_id", "no signed image")
+
+
 def test_a_build_with_a_search_packages_the_chosen_variant(client, app):
     """A build request with a search budget: the job reports search progress, the front comes back as artifacts and
     the signed image is the chosen variant's build (its report says which, and it beats or equals the default)."""

@@ -49,13 +49,15 @@ def test_model_too_large_for_board(tmp_path, models_dir):
     out = tmp_path / "out"
     proc = cli("compile", model_path("vww_96_float"), "--target", "cortex-m3", "--out", out)
     # the 128 KiB of RAM of the Cortex-M3 board cannot hold VWW's float activations
-    assert_clean_failure(proc, out, "does not fit cortex-m3", "RAM", "> 131,072 B", "arena")
+    assert_clean_failure(proc, out, "does not fit cortex-m3", "RAM", "> 131,072 B", "arena",
+                         "--target cuda-host (NVIDIA GPU) or cpu-host")
 
 
 def test_model_over_user_budget(tmp_path, models_dir):
     out = tmp_path / "out"
     proc = cli("compile", model_path("kws_ref_model"), "--target", "cortex-m4", "--max-flash", "16K", "--out", out)
     assert_clean_failure(proc, out, "flash", "> 16,384 B")
+    assert "cuda-host" not in proc.stderr  # the board could hold it: the user's budget refused it, no host hint
 
 
 def test_emulator_timeout_keeps_previous_output(tmp_path, models_dir):

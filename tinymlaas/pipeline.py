@@ -105,8 +105,11 @@ def check_fits(model_name: str, target: Target, flash: int, ram: int, options: C
     if ram > ram_limit:
         problems.append(f"RAM {_fmt(ram)} B > {_fmt(ram_limit)} B")
     if problems:
+        board_too_small = flash > target.board.flash_bytes or ram > target.board.ram_bytes
+        hint = ("; a host target runs models of any size: --target cuda-host (NVIDIA GPU) or cpu-host"
+                if board_too_small else "")
         raise ModelTooLarge(
-            f"{model_name} does not fit {target.name} ({target.board.name}): {'; '.join(problems)} ({detail})"
+            f"{model_name} does not fit {target.name} ({target.board.name}): {'; '.join(problems)} ({detail}){hint}"
         )
     return {"flash_limit": flash_limit, "ram_limit": ram_limit, "flash": flash, "ram": ram}
 

@@ -49,7 +49,8 @@ def cancel(build_id):
 
 
 ARTIFACT_FILES = {"image": "image.signed.bin", "firmware": "firmware.elf", "payload": "firmware.bin",
-                  "report": "report.json", "selftest": "selftest.json", "front": "front.json", "front_plot": "front.png"}
+                  "report": "report.json", "selftest": "selftest.json", "front": "front.json", "front_plot": "front.png",
+                  "library": "model.so", "metadata": "metadata.json"}  # the last two: host targets
 
 
 @blp.route("/builds/<int:build_id>/artifacts/<name>", methods=["GET"])

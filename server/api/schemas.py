@@ -3,11 +3,11 @@
 from datetime import UTC
 
 from flask_smorest.fields import Upload
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from tinymlaas.ota.rollout import JOB_TIMEOUT_RANGE
 from tinymlaas.search.search import STRATEGIES
-from tinymlaas.targets import mcu_targets
+from tinymlaas.targets import all_targets, mcu_targets
 
 from ..db import MAX_ID, ROLES, SCOPES
 from ..service import DEVICE_ID, DEVICE_ID_RULE, TOKEN_NAME, TOKEN_NAME_RULE, USER_NAME, USER_NAME_RULE
@@ -18,7 +18,8 @@ def Pattern(regex, rule: str) -> validate.Regexp:
     return validate.Regexp(f"^{regex.pattern}$", error=rule)
 
 
-TARGETS = sorted(mcu_targets())  # host targets (cpu-host, cuda-host) are built by the CLI and library so far
+TARGETS = sorted(all_targets())
+HOST_TARGETS = sorted(name for name, t in all_targets().items() if t.kind == "host")  # a TVM runtime library
 DEVICE_TARGETS = sorted(name for name, t in mcu_targets().items() if t.rtl is None)  # an RTL simulation is no device
 
 
@@ -136,6 +137,12 @@ class BuildRequest(Schema):
     version = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
                                 r"^\d+(\.\d+){0,2}(\+\d+)?$", error="'{input}' is not major.minor.revision[+build]"),
                             metadata={"description": "image version major.minor.revision[+build]; default 1.0.<id>"})
+
+    @validates_schema
+    def _host_builds_are_not_searched(self, data, **kwargs):
+        if data.get("target") in HOST_TARGETS and data.get("search"):
+            raise ValidationError(f"the variant search is for microcontroller targets, not {data['target']}",
+                                  "search")
 
 
 class Build(Schema):
