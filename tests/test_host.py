@@ -12,7 +12,9 @@ from tinymlaas.errors import BuildFailure, UnsupportedOperator
 from tinymlaas.pipeline import CompileOptions, compile_model
 
 CORPUS = Path(__file__).parent / "corpus" / "models"
-FLOAT_MODELS = sorted(p.name for p in CORPUS.glob("*_float32.tflite"))
+# the two MobileNets take 12-17 s each to build here: `slow`
+FLOAT_MODELS = [pytest.param(name, marks=pytest.mark.slow) if name.startswith("mobilenet") else name
+                for name in sorted(p.name for p in CORPUS.glob("*_float32.tflite"))]
 INT8_MODELS = sorted(p.name for p in CORPUS.glob("*_int8.tflite"))
 
 
