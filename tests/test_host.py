@@ -85,6 +85,13 @@ def test_unsupported_precision_and_missing_kernels_are_clear(tmp_path):
         "tinymlaas_softmax_s8, not linked on host targets yet")]
 
 
+def test_the_variant_search_refuses_host_targets(tmp_path):
+    r = cli("search", model_path("ad01_fp32"), "-t", "cpu-host", "--budget", "2", "-o", tmp_path / "s")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "tinymlaas: error: the variant search is for microcontroller targets; build for cpu-host with "
+        "`tinymlaas compile` (--precision, --tune-trials)")
+
+
 def test_host_compile_from_the_command_line(tmp_path):
     r = cli("compile", model_path("ad01_fp32"), "-t", "cpu-host", "-o", tmp_path / "out", "--json")
     assert r.returncode == 0, r.stderr

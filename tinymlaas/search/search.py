@@ -257,6 +257,11 @@ def search(model_path, target: str, workdir, budget: int = 16, strategy: str = "
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
     if budget < 1:
         raise ValueError("budget must be at least 1")
+    if get_target(target).kind == "host":
+        from tinymlaas.errors import BuildFailure
+
+        raise BuildFailure(f"the variant search is for microcontroller targets; build for {target} with "
+                           "`tinymlaas compile` (--precision, --tune-trials)")
     constraints = constraints or Constraints()
     started = time.monotonic()
     model = load_tflite(model_path)
