@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tinymlaas.ir.lower import lower
 from tinymlaas.ir.schedule import default_schedule, schedule_for
 from tinymlaas.runners import emulator_for
 from tinymlaas.targets import Target, get_target
-from tinymlaas.verify import compare, make_inputs, reference_outputs, reference_resolver, split_outputs
+from tinymlaas.verify import VerifiedReport, compare, make_inputs, reference_outputs, reference_resolver, split_outputs
 
 STAGES = ("import", "lower", "codegen", "driver", "reference", "link", "emulate", "verify", "measure")
 
@@ -54,7 +55,7 @@ class CompileOptions:
 
 
 @dataclass
-class CompileReport:
+class CompileReport(VerifiedReport):
     model: str
     model_path: str
     target: str
@@ -81,15 +82,6 @@ class CompileReport:
     cycles_repeat_exact: bool | None = None
     variant: dict | None = None  # the search.space.Variant it was built as, if one was given
     kind: str = "mcu"  # firmware (a host target's build is a backends.host.build.HostReport)
-
-    @property
-    def verified(self) -> bool:
-        return bool(self.fidelity.get("passed"))
-
-    def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["verified"] = self.verified
-        return d
 
 
 def _fmt(n: int) -> str:
@@ -189,9 +181,7 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
                     fuse=variant is None or variant.fusion != "none")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with _staged(out) as work:
         stage("codegen")
         program, kernels = build_kernels(program, target, work)
         check_fits(
@@ -267,8 +257,6 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
                 "expected_outputs": "expected_outputs.bin",
             },
         )
-        shutil.copy(model.path, work / "model.tflite")  # what was compiled (a Keras input's conversion)
-        report.artifacts["model"] = "model.tflite"
         if run.regions[0].cycles is not None:
             report.runner, report.cycles = runner.name, run.regions[0].cycles
             report.clock_hz = target.board.clock_hz
@@ -277,13 +265,7 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
             report.cycles_source = f"true cycles: Ibex '{runner.config}' from its RTL (Verilator)"
         else:
             report.runner = runner.name
-        (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        _replace_dir(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    report.artifacts = {k: str(out / v) for k, v in report.artifacts.items()}
-    report.artifacts["dir"] = str(out)
+        _publish(report, model, work, out)
     return report
 
 
@@ -296,20 +278,33 @@ def _compile_host(model, target, out: Path, options: CompileOptions, stage):
                                tuning_dir=Path(options.tuning_dir).resolve() if options.tuning_dir else None,
                                inputs=options.inputs or 3, seed=options.seed)
     graph = clean(model.graph, shapes_from_interpreter=True)
+    with _staged(out) as work:
+        report = build_host(model, graph, target, work, host_options, stage)
+        _publish(report, model, work, out)
+    return report
+
+
+@contextmanager
+def _staged(out: Path):
+    """A work folder beside `out`: removed if the build fails, so a failure leaves nothing half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        report = build_host(model, graph, target, work, host_options, stage)
-        shutil.copy(model.path, work / "model.tflite")
-        report.artifacts["model"] = "model.tflite"
-        (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        _replace_dir(work, out)
+        yield work
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _publish(report, model, work: Path, out: Path) -> None:
+    """What was compiled (a Keras input's conversion) and the report into `work`, `work` into `out`'s place; the
+    report's artifacts then name files in `out`."""
+    shutil.copy(model.path, work / "model.tflite")
+    report.artifacts["model"] = "model.tflite"
+    (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    _replace_dir(work, out)
     report.artifacts = {k: str(out / v) for k, v in report.artifacts.items()}
     report.artifacts["dir"] = str(out)
-    return report
 
 
 def _build(model_path, target_name: str, workdir: Path, kernels: str):

@@ -30,6 +30,21 @@ class Fidelity:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+class VerifiedReport:
+    """What every build report (firmware or host library) answers: verified against the interpreter, as JSON."""
+
+    fidelity: dict
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.fidelity.get("passed"))
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["verified"] = self.verified
+        return d
+
+
 def make_inputs(model: TFLiteModel, count: int, seed: int) -> list[list[np.ndarray]]:
     """Seeded random inputs covering each input type's range."""
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ import numpy as np
 
 from tinymlaas.errors import BuildFailure, ToolMissing, UnsupportedOperator
 from tinymlaas.targets import HostTarget
-from tinymlaas.verify import compare, make_inputs, reference_outputs
+from tinymlaas.verify import VerifiedReport, compare, make_inputs, reference_outputs
 
 # relative error vs the interpreter: a GPU sums in another order and fuses multiply-adds; float16 keeps 11 bits
 FLOAT_TOLERANCE = {("float32", "cpu"): 1e-5, ("float32", "cuda"): 1e-4, ("float16", "cuda"): 2e-2,
@@ -39,7 +39,7 @@ class HostOptions:
 
 
 @dataclass
-class HostReport:
+class HostReport(VerifiedReport):
     model: str
     model_path: str
     target: str
@@ -57,15 +57,6 @@ class HostReport:
     notes: list[str] = field(default_factory=list)
     artifacts: dict = field(default_factory=dict)
     kind: str = "host"
-
-    @property
-    def verified(self) -> bool:
-        return bool(self.fidelity.get("passed"))
-
-    def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["verified"] = self.verified
-        return d
 
 
 def device_of(target: HostTarget):
