@@ -1,15 +1,17 @@
 """GPU host backend, first measurements: TVM Relax for CUDA vs PyTorch eager vs torch.compile, in one run.
 
-Usage (on a machine with an NVIDIA GPU, PyTorch and torchvision; TVM 0.27 on PYTHONPATH):
-    python -P benchmarks/gpu.py [--out FILE] [--runs 100] [--models resnet18:1,...] [--trials N --per-task M]
+Usage (on a machine with an NVIDIA GPU, PyTorch and torchvision; TVM 0.27 and this repository on PYTHONPATH):
+    python -P benchmarks/gpu.py [--out FILE] [--runs 100] [--models resnet18:1,...]
+                                [--trials N --per-task M --minutes T --logs DIR] [--variants dlight,graph,tuned]
 (-P: this folder's profile.py would hide the standard library's from torch.)
 
 Models (torchvision definitions, random weights, seed 0): resnet18 at batch 1 and 32, mobilenet_v2 at batch 1.
 TVM: `torch.export` -> `from_exported_program` -> the zero pipeline -> dlight's default GPU schedules (untuned:
-the starting point issue 13 tunes from) -> `relax.build` for CUDA. With --trials, also a tuned build: TVM's
-`static_shape_tuning` pipeline (meta_schedule, at most N trials, M per task; dlight for what it leaves). Latency: the median of `runs` timed calls after
-warm-up, timed on the device (CUDA events for PyTorch, TVM's time_evaluator for TVM). Error: ||tvm - torch|| /
-||torch|| on the same random input, both in float32.
+the starting point issue 13 tunes from) -> `relax.build` for CUDA; the same with kernel launches as CUDA graphs
+(`graph`). With --trials, also a tuned build (`tuned`): meta_schedule through the host backend's tuner (at most N
+trials, M per task, --minutes per model, in rounds), dlight for what it leaves, CUDA graphs. Latency: the median
+of `runs` timed calls after warm-up, timed on the device (CUDA events for PyTorch, TVM's time_evaluator for TVM).
+Error: ||tvm - torch|| / ||torch|| on the same random input, both in float32.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ def torch_latency_ms(fn, x, runs: int) -> float:
     return statistics.median(times)
 
 
-def tvm_build(model, x, trials: int = 0, per_task: int = 0, work_dir: str = "tuning"):
-    """The exported program built for CUDA (tuned first when `trials`), dlight's default schedules for the rest:
-    (vm, device, weights, build seconds)."""
+def tvm_build(model, x, trials: int = 0, per_task: int = 0, work_dir: str = "tuning", cuda_graph: bool = False,
+              minutes: float | None = None):
+    """The exported program built for CUDA (tuned first when `trials`: our host backend's tuner, meta_schedule in
+    rounds within the trials and minutes given), dlight's default schedules for the rest, optionally with the kernel
+    launches captured as CUDA graphs: (vm, device, weights, build seconds, tuning statistics)."""
     import torch
     import tvm
     import tvm.s_tir.dlight as dl
@@ -59,21 +63,36 @@ def tvm_build(model, x, trials: int = 0, per_task: int = 0, work_dir: str = "tun
     mod, params = detach_params(mod)
     dev = tvm.cuda(0)
     target = tvm.target.Target.from_device(dev)  # the GPU's own architecture and limits, for tuning too
+    stats = {}
     with target:
-        if trials:  # the zero pipeline, then meta_schedule on each fused function, the best schedules applied
-            mod = relax.get_pipeline("static_shape_tuning", target=target, total_trials=trials,
-                                     max_trials_per_task=per_task or None, work_dir=work_dir)(mod)
-        else:
-            mod = relax.get_pipeline("zero")(mod)
+        mod = relax.get_pipeline("zero")(relax.transform.DecomposeOpsForInference()(mod))
+        if trials:  # meta_schedule on each fused function, the best schedules applied
+            from tinymlaas.backends.host.build import tune
+
+            stats = tune(mod, target, Path(work_dir), trials, per_task or None, minutes)
+            mod = relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                                       dl.gpu.Fallback())(mod)
-    executable = relax.build(mod, target=target)
+    with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": cuda_graph}):
+        executable = relax.build(mod, target=target)
     vm = relax.VirtualMachine(executable, dev)
     weights = [tvm.runtime.tensor(p.numpy(), dev) for p in params["main"]]
-    return vm, dev, weights, time.monotonic() - t0
+    return vm, dev, weights, time.monotonic() - t0, stats
 
 
-def measure(name: str, batch: int, runs: int, trials: int = 0, per_task: int = 0) -> dict:
+def tuning_summary(work_dir: str) -> dict:
+    """How many candidates meta_schedule kept in its database, how many of those failed (it records a failed build
+    or run as 1e10 s), and how many error lines its logs hold."""
+    db = Path(work_dir) / "database_tuning_record.json"
+    records = [json.loads(line) for line in db.read_text().splitlines()] if db.exists() else []
+    failed = sum(1 for _, rec in records if not rec[1] or min(float(t) for t in rec[1]) >= 1e9)
+    logs = sorted((Path(work_dir) / "logs").glob("*.log")) if (Path(work_dir) / "logs").exists() else []
+    errors = sum(log.read_text(errors="replace").count("Error") for log in logs)
+    return {"records": len(records), "records_failed": failed, "log_files": len(logs), "log_error_lines": errors}
+
+
+def measure(name: str, batch: int, runs: int, trials: int = 0, per_task: int = 0, variants=("dlight", "graph"),
+            logs: str | None = None, minutes: float | None = None) -> dict:
     import numpy as np
     import torch
     import torchvision
@@ -92,9 +111,15 @@ def measure(name: str, batch: int, runs: int, trials: int = 0, per_task: int = 0
         out["torch_compile_s"] = round(time.monotonic() - t0, 1)
         out["torch_compile_ms"] = round(torch_latency_ms(compiled, x, runs), 4)
     model, x = model.cpu(), x.cpu()
-    for kind, tune in [("dlight", 0)] + ([("tuned", trials)] if trials else []):
+    # dlight: untuned; graph: untuned, launches as CUDA graphs; tuned: meta_schedule + CUDA graphs
+    plans = {"dlight": (0, False), "graph": (0, True), "tuned": (trials, True)}
+    for kind in [v for v in variants if v != "tuned" or trials]:
+        tune, graph = plans[kind]
+        work_dir = f"tuning-{name}-{batch}"
         try:
-            vm, dev, weights, seconds = tvm_build(model, x, tune, per_task, f"tuning-{name}-{batch}")
+            vm, dev, weights, seconds, stats = tvm_build(model, x, tune, per_task, work_dir, graph, minutes)
+            if stats:
+                out["tuning_run"] = stats
             xt = tvm.runtime.tensor(x.numpy(), dev)
             got = vm["main"](xt, *weights)
             got = (got if hasattr(got, "numpy") else got[0]).numpy()  # the exported program returns a tuple
@@ -105,6 +130,13 @@ def measure(name: str, batch: int, runs: int, trials: int = 0, per_task: int = 0
             out[f"tvm_{kind}_vs_torch_compile"] = round(out[f"tvm_{kind}_ms"] / out["torch_compile_ms"], 3)
         except Exception as e:  # noqa: BLE001 - one model's failure is a result too
             out[f"tvm_{kind}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        print(json.dumps(out), flush=True)  # so far: a run cut short still tells what it measured
+        if tune:
+            out["tuning"] = tuning_summary(work_dir)
+            if logs:  # meta_schedule's own logs, to read why candidates failed
+                import shutil
+
+                shutil.make_archive(str(Path(logs) / work_dir), "gztar", work_dir)
     return out
 
 
@@ -115,27 +147,33 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(f"{m}:{b}" for m, b in MODELS), help="name:batch,...")
     ap.add_argument("--trials", type=int, default=0, help="meta_schedule trials per model (default 0: no tuning)")
     ap.add_argument("--per-task", type=int, default=0, help="at most this many trials per task")
+    ap.add_argument("--minutes", type=float, help="tuning time budget per model (checked between rounds)")
+    ap.add_argument("--variants", default="dlight,graph,tuned", help="which TVM builds (dlight, graph, tuned)")
+    ap.add_argument("--logs", help="folder for meta_schedule's logs (a .tar.gz per model)")
     args = ap.parse_args()
     import torch
     import tvm
 
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tvm": tvm.__version__,
                "python": platform.python_version(), "runs": args.runs,
-               "tuning": {"trials": args.trials, "per_task": args.per_task} if args.trials else "none (dlight)",
+               "torch_tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+               "tuning": {"trials": args.trials, "per_task": args.per_task, "minutes": args.minutes}
+               if args.trials else "none (dlight)",
                "models": []}
     for spec in args.models.split(","):
         name, batch = spec.split(":")
-        r = measure(name, int(batch), args.runs, args.trials, args.per_task)
+        r = measure(name, int(batch), args.runs, args.trials, args.per_task, args.variants.split(","), args.logs,
+                    args.minutes)
         print(json.dumps(r), flush=True)
         results["models"].append(r)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     nan = float("nan")
-    print(f"{'model':<14}{'batch':>6}{'eager ms':>10}{'compile ms':>12}{'dlight ms':>10}{'tuned ms':>10}"
-          f"{'tuned/compile':>14}{'tune s':>8}")
+    print(f"{'model':<14}{'batch':>6}{'eager ms':>10}{'compile ms':>12}{'dlight ms':>10}{'graph ms':>10}"
+          f"{'tuned ms':>10}{'tuned/compile':>14}{'tune s':>8}")
     for r in results["models"]:
         print(f"{r['model']:<14}{r['batch']:>6}{r['torch_eager_ms']:>10.3f}{r['torch_compile_ms']:>12.3f}"
-              f"{r.get('tvm_dlight_ms', nan):>10.3f}{r.get('tvm_tuned_ms', nan):>10.3f}"
+              f"{r.get('tvm_dlight_ms', nan):>10.3f}{r.get('tvm_graph_ms', nan):>10.3f}{r.get('tvm_tuned_ms', nan):>10.3f}"
               f"{r.get('tvm_tuned_vs_torch_compile', nan):>14.2f}{r.get('tvm_tuned_build_s', nan):>8.0f}")
     return 0
 

@@ -132,3 +132,15 @@ def test_cuda_tuning_database_is_reused(tmp_path):
     second = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cuda-host", tmp_path / "b", opts)
     assert first.verified and second.verified
     assert not first.tuning["reused"] and second.tuning["reused"]
+
+
+@pytest.mark.slow
+def test_cpu_tuning_stops_at_its_time_budget_and_a_rebuild_reuses_the_database(tmp_path):
+    opts = CompileOptions(inputs=2, tune_trials=400, tune_trials_per_task=64, tune_minutes=0.01,
+                          tuning_dir=str(tmp_path / "db"))
+    first = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "a", opts)
+    ran = first.tuning["ran"]
+    assert first.verified and ran["rounds"] == 1 and ran["stopped_by"] == "minutes"
+    assert 0 < ran["trials"] <= 4 * ran["tasks"]  # the first round's share: 4 trials per function
+    second = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "b", opts)
+    assert second.tuning["reused"] and second.tuning["ran"] == {} and second.verified

@@ -78,6 +78,7 @@ def cmd_compile(args) -> int:
         inputs=args.inputs, seed=args.seed, timeout=args.timeout, emulator=args.emulator, max_flash=args.max_flash, max_ram=args.max_ram,
         int8_lowering=args.int8_lowering, kernels=args.kernels, quantize=args.quantize, calibration=args.calibration,
         precision=args.precision, tune_trials=args.tune_trials, tune_trials_per_task=args.tune_trials_per_task,
+        tune_minutes=args.tune_minutes,
         tuning_dir=args.tuning_dir,
     )
     bar = None
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="host targets: tune with meta_schedule, at most N trials (default 0: TVM's default schedules)")
     p.add_argument("--tune-trials-per-task", type=_positive_int, metavar="M", help="host targets: at most M per task")
+    p.add_argument("--tune-minutes", type=float, metavar="MIN",
+                   help="host targets: stop tuning once MIN minutes have passed (checked between rounds)")
     p.add_argument("--tuning-dir", help="host targets: tuning databases, reused by later builds of the same model "
                    "(default OUT/../tuning)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

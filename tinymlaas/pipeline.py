@@ -51,6 +51,7 @@ class CompileOptions:
     precision: str = "float32"  # float16: half-precision weights and activations (CUDA)
     tune_trials: int = 0  # meta_schedule trials (0: TVM's default schedules)
     tune_trials_per_task: int | None = None
+    tune_minutes: float | None = None  # a time budget for tuning, checked between rounds
     tuning_dir: str | None = None  # tuning databases (one folder per target and model); default beside the output
 
 
@@ -275,6 +276,7 @@ def _compile_host(model, target, out: Path, options: CompileOptions, stage):
 
     host_options = HostOptions(precision=options.precision, tune_trials=options.tune_trials,
                                tune_trials_per_task=options.tune_trials_per_task,
+                               tune_minutes=options.tune_minutes,
                                tuning_dir=Path(options.tuning_dir).resolve() if options.tuning_dir else None,
                                inputs=options.inputs or 3, seed=options.seed)
     graph = clean(model.graph, shapes_from_interpreter=True)

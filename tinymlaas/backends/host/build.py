@@ -32,10 +32,12 @@ class HostOptions:
     precision: str = "float32"  # float16: weights and activations in half precision, accumulation in float32
     tune_trials: int = 0  # meta_schedule trials in all (0: dlight's defaults only)
     tune_trials_per_task: int | None = None
+    tune_minutes: float | None = None  # stop tuning after the round that passes this many minutes
     tuning_dir: Path | None = None  # databases, one folder per target and model; default beside the output
     inputs: int = 3  # random inputs checked against the interpreter
     seed: int = 0
     runs: int = 50  # timed calls (median) after warm-up
+    cuda_graph: bool = True  # CUDA: kernel launches captured once and replayed as CUDA graphs
 
 
 @dataclass
@@ -80,7 +82,10 @@ def tvm_target_of(target: HostTarget, dev):
 
     if target.device == "cuda":  # the GPU's own architecture and limits (also what tuning measures on)
         return tvm.target.Target.from_device(dev)
-    return tvm.target.Target(target.tvm_target)
+    import os
+
+    # meta_schedule sizes its CPU parallelism from the target's own core count
+    return tvm.target.Target({"kind": target.tvm_target, "num-cores": os.cpu_count() or 1})
 
 
 def extern_layers(mod, graph) -> list[str]:
@@ -115,24 +120,64 @@ def tuning_folder(target: HostTarget, model_sha256: str, precision: str, base: P
     return base / target.name / f"{model_sha256[:16]}-{precision}"
 
 
-def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir: Path | None):
-    """Relax module -> the module relax.build takes: precision, tuning (when asked), default GPU schedules."""
+# trials per function in each tuning round: small first rounds, so a time budget (checked between rounds) can stop
+# early; on an H100 one round of 32 over resnet18's functions took more than 15 minutes
+ROUNDS = (4, 8, 16, 32, 64)
+
+
+def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = None,
+         minutes: float | None = None, seed: int = 0) -> dict:
+    """meta_schedule over the module's fused functions (the module after the zero pipeline), its database in
+    `work_dir`. In rounds of a few trials per function (ROUNDS, growing), so a time budget can stop it between rounds;
+    each round's search starts from the best schedules measured so far (they are in the database). Returns what
+    ran."""
+    import logging
+
+    from tvm.s_tir import meta_schedule as ms
+
+    # its per-round tables go to work_dir/logs; on the console (stdout, where --json writes) only warnings
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
+    per_task = per_task or trials
+    records = work_dir / "database_tuning_record.json"
+    started, asked, given, rounds, stopped_by = time.monotonic(), 0, 0, 0, "trials"
+    while asked < trials and given < per_task:
+        if minutes is not None and time.monotonic() - started >= 60 * minutes:
+            stopped_by = "minutes"
+            break
+        share = min(ROUNDS[min(rounds, len(ROUNDS) - 1)], per_task - given)
+        n = min(trials - asked, share * max(1, len(tasks)))
+        ms.relax_integration.tune_relax(mod, {}, tvm_target, str(work_dir), max_trials_global=n,
+                                        max_trials_per_task=share, seed=seed + rounds)
+        asked, given, rounds = asked + n, given + share, rounds + 1
+    # what was measured (a function with few possible schedules runs out of candidates before its share)
+    measured = len(records.read_text().splitlines()) if records.exists() else 0
+    return {"tasks": len(tasks), "rounds": rounds, "trials": measured, "seconds": round(time.monotonic() - started, 1),
+            "stopped_by": stopped_by}
+
+
+def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir: Path | None) -> tuple:
+    """Relax module -> (the module relax.build takes, tuning statistics): precision, the zero pipeline, tuning when
+    asked and no database for this model exists yet, the database's schedules, dlight's rules for the rest (GPU)."""
     from tvm import relax
 
     if options.precision == "float16":
         mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    stats = {}
     with tvm_target:
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        mod = relax.get_pipeline("zero")(mod)
         if options.tune_trials:
-            mod = relax.get_pipeline("static_shape_tuning", target=tvm_target, total_trials=options.tune_trials,
-                                     max_trials_per_task=options.tune_trials_per_task, work_dir=str(work_dir))(mod)
-        else:
-            mod = relax.get_pipeline("zero")(mod)
+            if not (work_dir / "database_tuning_record.json").exists():
+                stats = tune(mod, tvm_target, work_dir, options.tune_trials, options.tune_trials_per_task,
+                             options.tune_minutes, options.seed)
+            mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
         if target.device == "cuda":  # whatever tuning left unscheduled gets dlight's rules
             import tvm.s_tir.dlight as dl
 
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-    return mod
+    return mod, stats
 
 
 def initial_state(graph) -> list[np.ndarray]:
@@ -177,12 +222,14 @@ def build_host(model, graph, target: HostTarget, work: Path, options: HostOption
     reused = options.tune_trials > 0 and (db / "database_tuning_record.json").exists()
     if options.tune_trials:
         db.mkdir(parents=True, exist_ok=True)
-    mod = optimize(_public_names(mod), target, tvm_target, options, db)
+    mod, tuned = optimize(_public_names(mod), target, tvm_target, options, db)
     seconds["lower"] = round(time.monotonic() - t0, 3)
 
     stage("codegen")
     t0 = time.monotonic()
-    executable = relax.build(mod, target=tvm_target)
+    graphs = target.device == "cuda" and options.cuda_graph
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": graphs}):
+        executable = relax.build(mod, target=tvm_target)
     library = work / "model.so"
     executable.export_library(str(library))
     seconds["codegen"] = round(time.monotonic() - t0, 3)
@@ -221,13 +268,13 @@ def build_host(model, graph, target: HostTarget, work: Path, options: HostOption
              for t in (graph.tensor(i) for i in graph.state)]
     metadata = {"format": "tinymlaas-host/1", "library": library.name, "entry": "main", "tvm": tvm.__version__,
                 "target": target.name, "tvm_target": describe(tvm_target), "device": target.device,
-                "precision": options.precision, "inputs": io, "outputs": outs, "state": state,
+                "precision": options.precision, "cuda_graph": graphs, "inputs": io, "outputs": outs, "state": state,
                 "load": "relax.VirtualMachine(tvm.runtime.load_module('model.so'), device)['main'](*inputs, *state) "
                         "-> (*outputs, *next state); state starts at each variable's 'initial'"}
     (work / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     seconds["measure"] = 0.0
     tuning = {"trials": options.tune_trials, "per_task": options.tune_trials_per_task,
-              "seconds": seconds["lower"] if options.tune_trials else 0.0,
+              "minutes": options.tune_minutes, "seconds": tuned.get("seconds", 0.0), "ran": tuned,
               "database": str(db) if options.tune_trials else None, "reused": reused}
     notes = list(model.notes)
     if target.device == "cuda" and not options.tune_trials:
@@ -263,7 +310,9 @@ def format_host_report(r: HostReport) -> str:
         f"  library   {r.sizes['library']:,} B (weights {r.sizes['weights']:,} B)",
     ]
     if r.tuning["trials"]:
-        lines.append(f"  tuning    {r.tuning['trials']} trials, {r.tuning['seconds']:.0f} s"
-                     + (" (database reused)" if r.tuning["reused"] else "") + f": {r.tuning['database']}")
+        ran = r.tuning["ran"]
+        did = (f"{ran['trials']} of {r.tuning['trials']} trials over {ran['tasks']} functions in {ran['seconds']:.0f} s"
+               f" (stopped by {ran['stopped_by']})" if ran else "database reused, no trials")
+        lines.append(f"  tuning    {did}: {r.tuning['database']}")
     lines += [f"  note: {n}" for n in r.notes]
     return "\n".join(lines)
