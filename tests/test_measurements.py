@@ -13,9 +13,10 @@ from tinymlaas.targets import get_target
 CORPUS = Path(__file__).parent / "corpus"
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
 
-# The estimate (llvm-mca's in-order Rocket model x QEMU's block counts + the manual's taken-branch penalty):
-# measured -10% to +2% on these kernels against Ibex; the bound stated in README.
-ESTIMATE_ERROR_BOUND = 0.15
+# The estimate on Ibex (the manual's pipeline table x QEMU's block counts): measured -3.1% to +0.7% on these
+# kernels against the RTL (the earlier llvm-mca Rocket model: -10% to +2% here, 32% mean on MLPerf Tiny); the bound
+# stated in README.
+ESTIMATE_ERROR_BOUND = 0.05
 
 
 def _file(key):
@@ -27,7 +28,7 @@ def _file(key):
 def test_cycle_estimate_within_its_stated_error_of_true_cycles(key, target, tmp_path):
     prof = profile_model(_file(key), target, tmp_path)
     tot = prof.totals()
-    assert prof.cycles_source and "rocket" in prof.estimate_method and prof.fallback_blocks == 0
+    assert prof.cycles_source and "pipeline table" in prof.estimate_method and prof.fallback_blocks == 0
     assert tot["instructions"] > 0 and tot["cycles"] > tot["instructions"]
     assert abs(tot["cycles_estimate"] - tot["cycles"]) / tot["cycles"] <= ESTIMATE_ERROR_BOUND, tot
     # the layers add up to the inference (each step is its own counted region)

@@ -1,10 +1,14 @@
-"""Cycle estimate where no RTL exists: QEMU's per-block execution counts x each block's cost from llvm-mca.
+"""Cycle estimate without simulating the RTL: QEMU's per-block execution counts x each block's cost.
 
-Every block QEMU translated is cut from the ELF's disassembly and given to llvm-mca (LLVM's static performance
-model of the core, e.g. -mcpu=cortex-m4) as one code region; its steady-state cycles per execution, times how
-often the block ran, summed, is the estimate. llvm-mca knows issue width, latencies and resources; it does not
-model branch penalties or memory wait states, so it is an estimate, reported as one. The same method with an
-in-order RISC-V model (rocket-rv32) is checked against Ibex's true cycles (benchmarks/cycles.py).
+A block's cost comes from one of two models, named by the target's `estimate:` entry:
+- llvm-mca (LLVM's static performance model of the core, e.g. -mcpu=cortex-m4): every block QEMU translated is cut
+  from the ELF's disassembly and given to llvm-mca as one code region; its steady-state cycles per execution. It
+  knows issue width, latencies and resources, not branch penalties or memory wait states.
+- a pipeline table (`estimate: {pipeline: {...}}`): one cycle per instruction plus the stall cycles the core's
+  manual gives for each class (load, store, mul, mulh, div, a load whose result the next instruction reads); for
+  simple in-order cores such as Ibex, whose manual tabulates them.
+Either way, plus a penalty per taken branch or jump (QEMU counts those exits), times how often each block ran,
+summed. Checked against Ibex's true cycles in benchmarks/cycles.py.
 """
 
 from __future__ import annotations
@@ -29,16 +33,49 @@ class CycleModel:
     mcpu: str
     mattr: str = ""
     taken_branch_penalty: float = 0.0  # cycles a taken branch or jump adds (pipeline refill): the core's manual
+    stalls: tuple[tuple[str, float], ...] = ()  # a pipeline table instead of llvm-mca: (class, stall cycles)
 
     @property
     def name(self) -> str:
+        if self.stalls:
+            table = ", ".join(f"{k} +{v:g}" for k, v in self.stalls)
+            return f"pipeline table ({table}) + {self.taken_branch_penalty:g}/taken branch"
         return f"llvm-mca {self.mcpu} + {self.taken_branch_penalty:g}/taken branch"
+
+
+# instruction classes of a pipeline table, by mnemonic as objdump prints them (compressed forms expanded)
+CLASSES = {
+    "load": {"lb", "lh", "lw", "lbu", "lhu"}, "store": {"sb", "sh", "sw"}, "mul": {"mul"},
+    "mulh": {"mulh", "mulhsu", "mulhu"}, "div": {"div", "divu", "rem", "remu"},
+}
+_REG = re.compile(r"\b(?:zero|ra|sp|gp|tp|t[0-6]|s1[01]|s[0-9]|a[0-7]|x[0-9]+)\b")
+
+
+def table_cost(body: list[str], stalls: dict) -> float:
+    """Cycles of one execution of a block of RISC-V instructions: one each, plus their classes' stalls."""
+    cycles = float(len(body))
+    for k, text in enumerate(body):
+        mnemonic, _, operands = text.partition(" ")
+        for cls, names in CLASSES.items():
+            if mnemonic in names:
+                cycles += stalls.get(cls, 0)
+        if mnemonic in CLASSES["load"] and stalls.get("load_use") and k + 1 < len(body):
+            nxt, _, nxt_operands = body[k + 1].partition(" ")
+            sources = _REG.findall(nxt_operands)
+            if not (nxt in CLASSES["store"] or nxt.startswith("b")):
+                sources = sources[1:]  # the first register is written, not read
+            if _REG.findall(operands)[:1] and _REG.findall(operands)[0] in sources:
+                cycles += stalls["load_use"]
+    return cycles
 
 
 def model_for(target) -> CycleModel:
     """The target's `estimate:` entry (targets/*.yaml), else its LLVM CPU."""
     est = target.estimate or {}
     penalty = float(est.get("taken_branch_penalty", 0))
+    if "pipeline" in est:
+        return CycleModel(RISCV_MODEL[0], "table", "", penalty,
+                          tuple((k, float(v)) for k, v in est["pipeline"].items()))
     if target.arch == "riscv":
         return CycleModel(*RISCV_MODEL, penalty) if "mcpu" not in est else CycleModel(
             RISCV_MODEL[0], est["mcpu"], RISCV_MODEL[2], penalty)
@@ -94,11 +131,19 @@ def _run_mca(model: CycleModel, source: str) -> subprocess.CompletedProcess:
 def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleModel | None = None) -> dict:
     """(address, instructions) -> estimated cycles per execution. A block llvm-mca cannot read (rare: an IT block
     cut by QEMU) counts one cycle per instruction, and is named in the result's "fallback" entry."""
-    if shutil.which(LLVM_MCA) is None:
-        raise ToolMissing(f"'{LLVM_MCA}' is not installed (run `make setup`)")
     model = model or model_for(target)
     addrs, insns = disassembly(elf, target)
     index = {a: i for i, a in enumerate(addrs)}
+    if model.stalls:
+        stalls, result = dict(model.stalls), {"fallback": []}
+        for vaddr, n in blocks:
+            i = index.get(vaddr)
+            result[vaddr, n] = table_cost(insns[i:i + n], stalls) if i is not None else float(n)
+            if i is None:
+                result["fallback"].append((vaddr, n))
+        return result
+    if shutil.which(LLVM_MCA) is None:
+        raise ToolMissing(f"'{LLVM_MCA}' is not installed (run `make setup`)")
     thumb = target.arch == "arm"
     comment = "@" if thumb else "#"
     pending = {}
