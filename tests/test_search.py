@@ -107,15 +107,16 @@ def test_guided_search_screens_more_than_it_builds_and_repeats_for_a_seed(tmp_pa
 
 
 def test_guided_search_on_ibex_confirms_the_best_in_true_cycles(tmp_path):
-    """Candidates run in QEMU (instructions); the best two and the default build run again on the Verilator model of
-    Ibex, whose cycles choose."""
+    """Candidates run in QEMU (instructions and Ibex's pipeline-table estimate of cycles); the best two by that
+    estimate and the default build run again on the Verilator model of Ibex, whose cycles choose."""
     r = search(SMALL, "ibex-small", tmp_path / "s", budget=6, strategy="guided", seed=1, workers=2, pool=100,
                confirm=2)
-    assert all(p.cost_kind == "instructions" for p in r.points)
+    assert all(p.cost_kind == "cycles (estimate)" for p in r.points)
     assert 2 <= len(r.confirmed) <= 3 and r.default in r.confirmed and r.chosen in r.confirmed
     cycles = {i: r.points[i].cycles for i in r.confirmed}
     assert all(c > r.points[i].instructions for i, c in cycles.items())  # a 2-stage core: more cycles than instr.
     assert r.points[r.chosen].cycles == min(cycles.values())
+    assert all(abs(r.points[i].cost - c) <= 0.05 * c for i, c in cycles.items())  # the estimate's stated bound
     report = json.loads((Path(r.points[r.chosen].build_dir) / "report.json").read_text())
     assert report["cycles"] == r.points[r.chosen].cycles and report["cycles_source"]
 

@@ -81,6 +81,7 @@ class CompileReport(VerifiedReport):
     cycles: int | None = None  # one inference, first input: true cycles from a cycle-accurate runner
     cycles_source: str | None = None
     cycles_repeat_exact: bool | None = None
+    cycles_estimate: float | None = None  # QEMU runs of a core with a pipeline table (Ibex): its estimate, first input
     variant: dict | None = None  # the search.space.Variant it was built as, if one was given
     kind: str = "mcu"  # firmware (a host target's build is a backends.host.build.HostReport)
 
@@ -200,6 +201,10 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
 
         stage("reference")
         runner = emulator_for(options.emulator or target.default_runner, options.timeout, target)
+        # a core whose manual tabulates its pipeline (Ibex) gets a cycle estimate from QEMU's block counts: cheap
+        table = runner.name == "qemu" and "pipeline" in (target.estimate or {})
+        if table:
+            runner.blocks = True
         batches = make_inputs(model, options.inputs or runner.default_inputs, options.seed)
         batches.append(batches[0])  # input 0 again: its count must repeat exactly
         (work / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
@@ -266,8 +271,20 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
             report.cycles_source = f"true cycles: Ibex '{runner.config}' from its RTL (Verilator)"
         else:
             report.runner = runner.name
+        if table:
+            report.cycles_estimate = estimate_cycles(firmware.elf, target, run)
         _publish(report, model, work, out)
     return report
+
+
+def estimate_cycles(elf: Path, target, run) -> float:
+    """The first inference's cycles estimated from QEMU's block counts (runners.mca), the marks' own cost taken off."""
+    from tinymlaas.runners import mca
+
+    model = mca.model_for(target)
+    blocks = [run.calibration, run.regions[0]]
+    costs = mca.block_cycles(elf, target, {k for r in blocks for k in r.blocks}, model)
+    return round(mca.estimate(run.regions[0].blocks, costs, model) - mca.estimate(run.calibration.blocks, costs, model), 1)
 
 
 def _compile_host(model, target, out: Path, options: CompileOptions, stage):
@@ -498,6 +515,9 @@ def format_report(r: CompileReport) -> str:
                                  f"{r.cycles / r.clock_hz * 1e3:.2f} ms at {r.clock_hz / 1e6:g} MHz, repeat "
                                  f"{_repeat(r.cycles_repeat_exact)}; {r.cycles_source})"))]
           if r.cycles is not None else []),
+        *([("cycles/inference", (f"~{_fmt(round(r.cycles_estimate))} estimated (the core's pipeline table x QEMU's "
+                                 "block counts; run on its RTL model for true cycles)"))]
+          if r.cycles is None and r.cycles_estimate is not None else []),
         ("flash (model)", (f"{_fmt(s['flash_model'])} B = code {_fmt(s['model_code'])} + weights {_fmt(s['weights'])}"
                            f"  [board {_fmt(r.fits['flash_limit'])} B]")),
         ("RAM (model)", (f"{_fmt(s['ram_model'])} B = arena {_fmt(s['arena'])} + scratch {_fmt(s['kernel_scratch'])}"

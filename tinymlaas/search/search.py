@@ -10,7 +10,8 @@ fidelity loss (0 for a bit-exact integer build; the float build's max relative e
 - "guided": the same seeds, then rounds in which the learned variant model (predictor.VariantModel, refitted on
   every point measured so far) screens a pool of sampled candidates without building them and only its top few are
   built and run. On a target whose core is simulated from RTL (Ibex) the candidates run in QEMU (exact
-  instructions, fast) and the best few by instructions are confirmed on the RTL model: true cycles choose.
+  instructions and the core's pipeline-table cycle estimate, fast) and the best few by estimated cycles are
+  confirmed on the RTL model: true cycles choose.
 The same seed gives the same points in the same order, whatever the number of workers.
 """
 
@@ -80,8 +81,10 @@ class Point:
             f = r.fidelity
             fidelity_loss = float(f.get("max_rel_error", 0.0)) if f.get("kind") == "float" \
                 else float(f.get("max_lsb_diff", 0))
-        return cls(variant, label, r.verified, cost=r.cycles if r.cycles is not None else r.instructions,
-                   cost_kind="cycles" if r.cycles is not None else "instructions", instructions=r.instructions,
+        estimate = getattr(r, "cycles_estimate", None)
+        cost, kind = ((r.cycles, "cycles") if r.cycles is not None else
+                      (round(estimate), "cycles (estimate)") if estimate is not None else (r.instructions, "instructions"))
+        return cls(variant, label, r.verified, cost=cost, cost_kind=kind, instructions=r.instructions,
                    cycles=r.cycles, ram=r.sizes["ram_model"], flash=r.sizes["flash_model"],
                    fidelity_loss=fidelity_loss, build_dir=str(build_dir), seconds=round(seconds, 2))
 
@@ -299,8 +302,9 @@ def search(model_path, target: str, workdir, budget: int = 16, strategy: str = "
     chosen = min(front, key=lambda i: points[i].objectives()) if front else None  # the cheapest, then smallest
     if confirmed:  # true cycles decide between the candidates QEMU ranked best
         chosen = min(confirmed, key=lambda i: (points[i].cycles, points[i].objectives()))
-        notes.append(f"the best by instructions and the default build ({len(confirmed)}) run on the RTL model; the "
-                     "fewest cycles chosen")
+        ranked_by = points[confirmed[0]].cost_kind
+        notes.append(f"the best by {ranked_by} and the default build ({len(confirmed)}) run on the RTL model; the "
+                     "fewest true cycles chosen")
     if chosen is None:
         notes.append("no variant satisfied the constraints")
     return SearchResult(model.name, target, strategy, budget, seed, space.size, asdict(constraints), points, front,
@@ -341,8 +345,8 @@ def _guided(space: Space, ev: _Evaluator, initial: list[Variant], budget: int, r
 
 
 def _confirm(ev: _Evaluator, constraints: Constraints, count: int, workdir: Path) -> list[int]:
-    """The `count` feasible points with the fewest instructions, and the default build (the baseline), run again on
-    the RTL model: their true cycles."""
+    """The `count` best feasible points (by estimated cycles where the core has a pipeline table, else
+    instructions), and the default build (the baseline), run again on the RTL model: their true cycles."""
     from dataclasses import replace
 
     feasible = sorted((i for i, p in enumerate(ev.points) if constraints.violation(p) == 0),
