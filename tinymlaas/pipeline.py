@@ -20,9 +20,10 @@ from tinymlaas.backends.mcu.codegen import build_kernels
 from tinymlaas.backends.mcu.driver import generate_driver
 from tinymlaas.backends.mcu.firmware import link_firmware, linked_bytes
 from tinymlaas.backends.mcu.measure import measure_firmware
-from tinymlaas.errors import InternalError, ModelTooLarge, TinyMLaaSError
+from tinymlaas.errors import InternalError, InvalidModel, ModelTooLarge, TinyMLaaSError
 from tinymlaas.frontend.cleanup import clean
 from tinymlaas.frontend.keras import convert_keras, is_keras_input
+from tinymlaas.frontend.onnx import is_onnx_input
 from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
 from tinymlaas.frontend.to_relax import to_relax
 from tinymlaas.ir.lower import lower
@@ -164,6 +165,8 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
     started = time.monotonic()
     stage("import")
     converted_notes, source = [], Path(model_path)
+    if is_onnx_input(source):
+        return _compile_onnx(source, target, out_dir, options, stage)
     if is_keras_input(source):  # Keras / SavedModel: TensorFlow's converter first, as users do
         converted = Path(tempfile.mkdtemp(prefix="tinymlaas-convert-")) / f"{source.stem or 'model'}.tflite"
         converted_notes = convert_keras(source, converted, options.quantize,
@@ -287,18 +290,39 @@ def estimate_cycles(elf: Path, target, run) -> float:
     return round(mca.estimate(run.regions[0].blocks, costs, model) - mca.estimate(run.calibration.blocks, costs, model), 1)
 
 
+def _host_options(options: CompileOptions):
+    from tinymlaas.backends.host.build import HostOptions
+
+    return HostOptions(precision=options.precision, tune_trials=options.tune_trials,
+                       tune_trials_per_task=options.tune_trials_per_task, tune_minutes=options.tune_minutes,
+                       tuning_dir=Path(options.tuning_dir).resolve() if options.tuning_dir else None,
+                       inputs=options.inputs or 3, seed=options.seed)
+
+
 def _compile_host(model, target, out: Path, options: CompileOptions, stage):
     """A host target: TVM's runtime library instead of firmware (tinymlaas.backends.host), written as atomically."""
-    from tinymlaas.backends.host.build import HostOptions, build_host
+    from tinymlaas.backends.host.build import build_host
 
-    host_options = HostOptions(precision=options.precision, tune_trials=options.tune_trials,
-                               tune_trials_per_task=options.tune_trials_per_task,
-                               tune_minutes=options.tune_minutes,
-                               tuning_dir=Path(options.tuning_dir).resolve() if options.tuning_dir else None,
-                               inputs=options.inputs or 3, seed=options.seed)
     graph = clean(model.graph, shapes_from_interpreter=True)
     with _staged(out) as work:
-        report = build_host(model, graph, target, work, host_options, stage)
+        report = build_host(model, graph, target, work, _host_options(options), stage)
+        _publish(report, model, work, out)
+    return report
+
+
+def _compile_onnx(source: Path, target, out_dir, options: CompileOptions, stage):
+    """An ONNX model: host targets only (the firmware reproduces TFLite's integer semantics, not ONNX's)."""
+    from tinymlaas.backends.host.build import build_host_onnx
+    from tinymlaas.frontend.onnx import load_onnx
+
+    if target.kind != "host":
+        raise InvalidModel(f"{source.name}: ONNX models build for the host targets (cpu-host, cuda-host); for "
+                           f"{target.name}, convert it to TFLite (e.g. onnx2tf, or export from the training "
+                           "framework through TensorFlow) and compile that")
+    model = load_onnx(source)
+    out = (Path(out_dir) if out_dir else Path("out") / f"{model.name}-{target.name}").resolve()
+    with _staged(out) as work:
+        report = build_host_onnx(model, target, work, _host_options(options), stage)
         _publish(report, model, work, out)
     return report
 
@@ -318,8 +342,9 @@ def _staged(out: Path):
 def _publish(report, model, work: Path, out: Path) -> None:
     """What was compiled (a Keras input's conversion) and the report into `work`, `work` into `out`'s place; the
     report's artifacts then name files in `out`."""
-    shutil.copy(model.path, work / "model.tflite")
-    report.artifacts["model"] = "model.tflite"
+    saved = "model" + (model.path.suffix.lower() if model.path.suffix.lower() == ".onnx" else ".tflite")
+    shutil.copy(model.path, work / saved)
+    report.artifacts["model"] = saved
     (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     _replace_dir(work, out)
     report.artifacts = {k: str(out / v) for k, v in report.artifacts.items()}

@@ -13,6 +13,7 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,40 +181,79 @@ def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir
     return mod, stats
 
 
-def initial_state(graph) -> list[np.ndarray]:
-    """The variable tensors before the first inference: their zero point (0 for float), as TFLite starts them."""
-    return [np.full(t.shape, t.zero_point or 0, dtype=t.dtype) for t in (graph.tensor(i) for i in graph.state)]
-
-
 def _outputs(result) -> list[np.ndarray]:
     items = [result] if hasattr(result, "numpy") else list(result)
     return [x.numpy() for x in items]
 
 
+@dataclass(frozen=True)
+class HostModule:
+    """What a front end hands the host backend: the Relax module, how to call it and what checks it."""
+    mod: object  # tvm.IRModule
+    lowering: str  # float | integer | mixed
+    inputs: list  # [{"name", "shape", "dtype"}]
+    outputs: list
+    state: list  # variable tensors carried between calls: [{"name", "shape", "dtype", "initial"}]
+    weights_bytes: int
+    reference: Callable  # batches -> the reference's outputs for each
+    reference_name: str  # what that reference is, for the report
+
+
+def _io(specs) -> list[dict]:
+    return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in specs]
+
+
 def build_host(model, graph, target: HostTarget, work: Path, options: HostOptions, stage) -> HostReport:
     """Build `model` (a loaded TFLiteModel and its cleaned graph) for `target` into `work`; verified and timed."""
-    import tvm
-    from tvm import relax
-
     from tinymlaas.frontend.to_relax import to_relax
 
-    if options.precision not in target.precisions:
-        raise BuildFailure(f"target {target.name} builds {', '.join(target.precisions)}, not {options.precision}")
-    started, seconds = time.monotonic(), {}
-    dev = device_of(target)
-    tvm_target = tvm_target_of(target, dev)
+    check_precision(target, options)
     precisions = {graph.precision(op) for op in graph.operators}
     lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
     if options.precision == "float16" and lowering != "float":
         raise BuildFailure("float16 applies to float models; this one is quantized (build it as float32)")
-
     stage("import")
     t0 = time.monotonic()
     mod = to_relax(graph, target, "tir")
     externs = extern_layers(mod, graph)
     if externs:
         raise UnsupportedOperator(externs, model.name)
-    seconds["import"] = round(time.monotonic() - t0, 3)
+    tensors = [graph.tensor(i) for i in graph.state]
+    module = HostModule(
+        _public_names(mod), lowering, _io(graph.tensor(i) for i in graph.inputs),
+        _io(graph.tensor(i) for i in graph.outputs),
+        [{**d, "initial": t.zero_point or 0} for d, t in zip(_io(tensors), tensors)],
+        int(sum(t.data.nbytes for t in graph.tensors if t.is_const and t.data is not None)),
+        lambda batches: reference_outputs(model, batches), "the TFLite interpreter")
+    return build_module(model, module, target, work, options, stage, time.monotonic() - t0)
+
+
+def build_host_onnx(model, target: HostTarget, work: Path, options: HostOptions, stage) -> HostReport:
+    """Build an ONNX model (frontend.onnx.OnnxModel) for `target` into `work`; verified against ONNX Runtime."""
+    from tinymlaas.frontend.onnx import onnx_reference_outputs, onnx_to_relax
+
+    check_precision(target, options)
+    stage("import")
+    t0 = time.monotonic()
+    module = HostModule(onnx_to_relax(model), "float", _io(model.inputs), _io(model.outputs), [],
+                        model.weights_bytes, lambda batches: onnx_reference_outputs(model, batches), "ONNX Runtime")
+    return build_module(model, module, target, work, options, stage, time.monotonic() - t0)
+
+
+def check_precision(target: HostTarget, options: HostOptions) -> None:
+    if options.precision not in target.precisions:
+        raise BuildFailure(f"target {target.name} builds {', '.join(target.precisions)}, not {options.precision}")
+
+
+def build_module(model, module: HostModule, target: HostTarget, work: Path, options: HostOptions,
+                 stage, import_seconds: float = 0.0) -> HostReport:
+    """The front end's module tuned (when asked), built, exported, run on the reference's inputs and timed."""
+    import tvm
+    from tvm import relax
+
+    started, seconds = time.monotonic() - import_seconds, {"import": round(import_seconds, 3)}
+    dev = device_of(target)
+    tvm_target = tvm_target_of(target, dev)
 
     stage("lower")
     t0 = time.monotonic()
@@ -222,7 +262,7 @@ def build_host(model, graph, target: HostTarget, work: Path, options: HostOption
     reused = options.tune_trials > 0 and (db / "database_tuning_record.json").exists()
     if options.tune_trials:
         db.mkdir(parents=True, exist_ok=True)
-    mod, tuned = optimize(_public_names(mod), target, tvm_target, options, db)
+    mod, tuned = optimize(module.mod, target, tvm_target, options, db)
     seconds["lower"] = round(time.monotonic() - t0, 3)
 
     stage("codegen")
@@ -236,39 +276,33 @@ def build_host(model, graph, target: HostTarget, work: Path, options: HostOption
 
     stage("reference")
     batches = make_inputs(model, options.inputs, options.seed)
-    want = reference_outputs(model, batches)
+    want = module.reference(batches)
 
     stage("emulate")  # here: run on the host device itself
     t0 = time.monotonic()
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), dev)
-    state, got = initial_state(graph), []
+    initial = [np.full(v["shape"], v["initial"], dtype=v["dtype"]) for v in module.state]
+    state, got, n_out = initial, [], len(module.outputs)
     for batch in batches:  # a stateful model's variables carry over from one input to the next, as in the interpreter
         results = _outputs(vm["main"](*[tvm.runtime.tensor(x, dev) for x in [*batch, *state]]))
-        got.append(results[:len(graph.outputs)])
-        state = results[len(graph.outputs):]
+        got.append(results[:n_out])
+        state = results[n_out:]
     timer = vm.time_evaluator("main", dev, number=1, repeat=options.runs, min_repeat_ms=0)
-    latency = 1000 * statistics.median(
-        timer(*[tvm.runtime.tensor(x, dev) for x in [*batches[0], *initial_state(graph)]]).results)
+    latency = 1000 * statistics.median(timer(*[tvm.runtime.tensor(x, dev) for x in [*batches[0], *initial]]).results)
     seconds["emulate"] = round(time.monotonic() - t0, 3)
 
     stage("verify")
-    fidelity = compare(model, got, want, integer_kernels=lowering == "integer",
+    fidelity = compare(model, got, want, integer_kernels=module.lowering == "integer",
                        float_tolerance=FLOAT_TOLERANCE[options.precision, target.device])
     (work / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
     (work / "outputs.bin").write_bytes(b"".join(y.tobytes() for batch in got for y in batch))
     (work / "expected_outputs.bin").write_bytes(b"".join(y.tobytes() for batch in want for y in batch))
 
     stage("measure")
-    weights = sum(t.data.nbytes for t in graph.tensors if t.is_const and t.data is not None)
-    io = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
-          for t in (graph.tensor(i) for i in graph.inputs)]
-    outs = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
-            for t in (graph.tensor(i) for i in graph.outputs)]
-    state = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "initial": t.zero_point or 0}
-             for t in (graph.tensor(i) for i in graph.state)]
     metadata = {"format": "tinymlaas-host/1", "library": library.name, "entry": "main", "tvm": tvm.__version__,
                 "target": target.name, "tvm_target": describe(tvm_target), "device": target.device,
-                "precision": options.precision, "cuda_graph": graphs, "inputs": io, "outputs": outs, "state": state,
+                "precision": options.precision, "cuda_graph": graphs, "inputs": module.inputs,
+                "outputs": module.outputs, "state": module.state,
                 "load": "relax.VirtualMachine(tvm.runtime.load_module('model.so'), device)['main'](*inputs, *state) "
                         "-> (*outputs, *next state); state starts at each variable's 'initial'"}
     (work / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
@@ -282,8 +316,9 @@ def build_host(model, graph, target: HostTarget, work: Path, options: HostOption
     return HostReport(
         model=model.name, model_path=str(model.path), target=target.name,
         device=_device_name(dev, target), tvm_target=describe(tvm_target), precision=options.precision,
-        lowering=lowering, latency_ms=round(latency, 4), latency_runs=options.runs, fidelity=fidelity.to_dict(),
-        sizes={"library": library.stat().st_size, "weights": int(weights)}, tuning=tuning,
+        lowering=module.lowering, latency_ms=round(latency, 4), latency_runs=options.runs,
+        fidelity={**fidelity.to_dict(), "reference": module.reference_name},
+        sizes={"library": library.stat().st_size, "weights": module.weights_bytes}, tuning=tuning,
         compile_seconds=round(time.monotonic() - started, 3), stages_seconds=seconds, notes=notes,
         artifacts={"library": "model.so", "metadata": "metadata.json", "inputs": "inputs.bin",
                    "outputs": "outputs.bin", "expected_outputs": "expected_outputs.bin"},

@@ -1,0 +1,74 @@
+"""ONNX models on the host targets: imported by TVM's ONNX frontend, checked against ONNX Runtime."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import cli
+
+onnx = pytest.importorskip("onnx", reason="onnx is a dependency (requirements.lock)")
+from onnx import TensorProto, helper, numpy_helper
+
+from tinymlaas.errors import InvalidModel
+from tinymlaas.pipeline import CompileOptions, compile_model
+
+
+def small_cnn(path, batch="1", seed=0):
+    """Conv 3x3 (8 channels) -> Relu -> MaxPool 2x2 -> Flatten -> Gemm (10) -> Softmax, random weights."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "w")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
+    fc = numpy_helper.from_array(rng.standard_normal((10, 8 * 7 * 7)).astype(np.float32) * 0.05, "fc")
+    fcb = numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fcb")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["g"], transB=1),
+        helper.make_node("Softmax", ["g"], ["y"], axis=1),
+    ]
+    dim = int(batch) if batch.isdigit() else batch
+    graph = helper.make_graph(nodes, "small_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [dim, 3, 14, 14])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dim, 10])], [w, b, fc, fcb])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def test_an_onnx_model_builds_for_the_host_cpu_and_matches_onnx_runtime(tmp_path):
+    r = compile_model(small_cnn(tmp_path / "cnn.onnx"), "cpu-host", tmp_path / "out", CompileOptions(inputs=3))
+    assert r.verified and r.fidelity["reference"] == "ONNX Runtime" and r.fidelity["max_rel_error"] <= 1e-5
+    assert r.sizes["weights"] == (8 * 27 + 8 + 10 * 392 + 10) * 4 and r.lowering == "float"
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["inputs"] == [{"name": "x", "shape": [1, 3, 14, 14], "dtype": "float32"}]
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == (tmp_path / "cnn.onnx").read_bytes()
+
+
+def test_a_wrong_onnx_build_would_be_caught(tmp_path, monkeypatch):
+    """The check is real: the same build compared against another model's reference fails."""
+    import tinymlaas.frontend.onnx as frontend
+    from tinymlaas.backends.host.build import HostOptions, build_host_onnx
+    from tinymlaas.targets import get_target
+
+    model = frontend.load_onnx(small_cnn(tmp_path / "a.onnx"))
+    other = frontend.load_onnx(small_cnn(tmp_path / "b.onnx", seed=1))
+    real = frontend.onnx_reference_outputs
+    monkeypatch.setattr(frontend, "onnx_reference_outputs", lambda m, batches: real(other, batches))
+    (tmp_path / "w").mkdir()
+    r = build_host_onnx(model, get_target("cpu-host"), tmp_path / "w", HostOptions(inputs=2), lambda s: None)
+    assert not r.verified and r.fidelity["max_rel_error"] > 1e-3
+
+
+def test_onnx_input_errors_are_one_line(tmp_path):
+    with pytest.raises(InvalidModel, match="input 'x' has a dynamic dimension 0 \\('N'\\)"):
+        compile_model(small_cnn(tmp_path / "dyn.onnx", batch="N"), "cpu-host", tmp_path / "a")
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    r = cli("compile", tmp_path / "junk.onnx", "-t", "cpu-host", "-o", tmp_path / "b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "junk.onnx is not a valid ONNX model" in r.stderr
+    r = cli("compile", small_cnn(tmp_path / "cnn.onnx"), "-t", "cortex-m4", "-o", tmp_path / "c")
+    assert r.returncode == 2 and r.stderr.strip().startswith(
+        "tinymlaas: error: cnn.onnx: ONNX models build for the host targets (cpu-host, cuda-host); for cortex-m4")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
