@@ -20,6 +20,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def _size(text: str) -> int:
     """Bytes, with an optional K/M suffix (powers of 1024)."""
     t = text.strip().upper().removesuffix("B")
@@ -209,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="host targets: tune with meta_schedule, at most N trials (default 0: TVM's default schedules)")
     p.add_argument("--tune-trials-per-task", type=_positive_int, metavar="M", help="host targets: at most M per task")
-    p.add_argument("--tune-minutes", type=float, metavar="MIN",
+    p.add_argument("--tune-minutes", type=_positive_float, metavar="MIN",
                    help="host targets: stop tuning once MIN minutes have passed (checked between rounds)")
     p.add_argument("--tuning-dir", help="host targets: tuning databases, reused by later builds of the same model "
                    "(default OUT/../tuning)")

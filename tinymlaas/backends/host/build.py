@@ -35,7 +35,7 @@ class HostOptions:
     tune_trials_per_task: int | None = None
     tune_minutes: float | None = None  # stop tuning after the round that passes this many minutes
     tuning_dir: Path | None = None  # databases, one folder per target and model; default beside the output
-    inputs: int = 3  # random inputs checked against the interpreter
+    inputs: int = 3  # random inputs checked against the reference (TFLite interpreter, ONNX Runtime)
     seed: int = 0
     runs: int = 50  # timed calls (median) after warm-up
     cuda_graph: bool = True  # CUDA: kernel launches captured once and replayed as CUDA graphs
