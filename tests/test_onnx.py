@@ -72,3 +72,12 @@ def test_onnx_input_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().startswith(
         "tinymlaas: error: cnn.onnx: ONNX models build for the host targets (cpu-host, cuda-host); for cortex-m4")
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    op = helper.make_node("DeformConv", ["x", "w", "o"], ["y"])  # in ONNX, not in TVM's ONNX frontend
+    graph = helper.make_graph([op], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+                                          [("x", [1, 1, 4, 4]), ("w", [1, 1, 2, 2]), ("o", [1, 8, 3, 3])]],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 3, 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), tmp_path / "deform.onnx")
+    r = cli("compile", tmp_path / "deform.onnx", "-t", "cpu-host", "-o", tmp_path / "d")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "tinymlaas: error: deform: TVM's ONNX frontend cannot import it: The following operators are not supported "
+        "for frontend ONNX: DeformConv")

@@ -275,19 +275,11 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
         else:
             report.runner = runner.name
         if table:
-            report.cycles_estimate = estimate_cycles(firmware.elf, target, run)
+            from tinymlaas.runners import mca
+
+            report.cycles_estimate = mca.estimate_run(firmware.elf, target, run)[0][0]
         _publish(report, model, work, out)
     return report
-
-
-def estimate_cycles(elf: Path, target, run) -> float:
-    """The first inference's cycles estimated from QEMU's block counts (runners.mca), the marks' own cost taken off."""
-    from tinymlaas.runners import mca
-
-    model = mca.model_for(target)
-    blocks = [run.calibration, run.regions[0]]
-    costs = mca.block_cycles(elf, target, {k for r in blocks for k in r.blocks}, model)
-    return round(mca.estimate(run.regions[0].blocks, costs, model) - mca.estimate(run.calibration.blocks, costs, model), 1)
 
 
 def _host_options(options: CompileOptions):
@@ -342,7 +334,7 @@ def _staged(out: Path):
 def _publish(report, model, work: Path, out: Path) -> None:
     """What was compiled (a Keras input's conversion) and the report into `work`, `work` into `out`'s place; the
     report's artifacts then name files in `out`."""
-    saved = "model" + (model.path.suffix.lower() if model.path.suffix.lower() == ".onnx" else ".tflite")
+    saved = "model.onnx" if is_onnx_input(model.path) else "model.tflite"
     shutil.copy(model.path, work / saved)
     report.artifacts["model"] = saved
     (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -429,10 +421,7 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
         return compare(model, got, want, integer_kernels=lowering == "integer").passed
 
     ok = verified()
-    cost_model = mca.model_for(target)
-    costs = mca.block_cycles(firmware.elf, target, {k for r in [run.calibration, *run.regions] for k in r.blocks},
-                             cost_model)
-    marks = mca.estimate(run.calibration.blocks, costs, cost_model)
+    estimates, cost_model, fallback_blocks = mca.estimate_run(firmware.elf, target, run)
     true_cycles, source = [None] * len(run.regions), None
     runner_name = emulator or target.default_runner
     if runner_name == "ibex":
@@ -450,16 +439,16 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
     precisions = {graph.precision(op) for op in graph.operators} or {"float32"}
     quantization = "mixed" if len(precisions) > 1 else precisions.pop().replace("int16", "int16x8")
     steps = []
-    for k, (step, region, cycles) in enumerate(zip(program.steps, run.regions, true_cycles)):
+    for k, (step, region, cycles, estimate) in enumerate(zip(program.steps, run.regions, true_cycles, estimates)):
         op = step.op_index
         steps.append(StepProfile(
             step=k, kernel=step.kernel if isinstance(step, KernelCall) else "copy", op_index=op,
             opcode=ops[op].opcode if op in ops else None, implementation=chosen.get(op),
             instructions=region.instructions, memory_accesses=region.memory_accesses,
-            cycles_estimate=round(mca.estimate(region.blocks, costs, cost_model) - marks, 1), cycles=cycles,
+            cycles_estimate=estimate, cycles=cycles,
             features=layer_features(graph, ops[op]) if op in ops else None))
     return Profile(model.name, target.name, tuple(steps), f"{cost_model.name} x QEMU block counts", source,
-                   len(costs["fallback"]), quantization, ok)
+                   fallback_blocks, quantization, ok)
 
 
 def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, seed: int = 0,

@@ -60,11 +60,12 @@ def table_cost(body: list[str], stalls: dict) -> float:
             if mnemonic in names:
                 cycles += stalls.get(cls, 0)
         if mnemonic in CLASSES["load"] and stalls.get("load_use") and k + 1 < len(body):
+            loaded = _REG.findall(operands)[:1]
             nxt, _, nxt_operands = body[k + 1].partition(" ")
             sources = _REG.findall(nxt_operands)
             if not (nxt in CLASSES["store"] or nxt.startswith("b")):
                 sources = sources[1:]  # the first register is written, not read
-            if _REG.findall(operands)[:1] and _REG.findall(operands)[0] in sources:
+            if loaded and loaded[0] in sources:
                 cycles += stalls["load_use"]
     return cycles
 
@@ -192,3 +193,13 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
 def estimate(blocks: dict, costs: dict, model: CycleModel) -> float:
     """Estimated cycles of one region from its blocks' execution and taken-exit counts."""
     return sum(count * costs[key] + taken * model.taken_branch_penalty for key, (count, taken) in blocks.items())
+
+
+def estimate_run(elf: Path, target, run, model: CycleModel | None = None) -> tuple[list[float], CycleModel, int]:
+    """Each counted region of a QEMU run (blocks=True) estimated, the marks' own cost (its calibration region)
+    taken off: (cycles per region, the model used, blocks that fell back to one cycle per instruction)."""
+    model = model or model_for(target)
+    regions = [run.calibration, *run.regions]
+    costs = block_cycles(elf, target, {k for r in regions for k in r.blocks}, model)
+    marks = estimate(run.calibration.blocks, costs, model)
+    return [round(estimate(r.blocks, costs, model) - marks, 1) for r in run.regions], model, len(costs["fallback"])

@@ -81,9 +81,9 @@ class Point:
             f = r.fidelity
             fidelity_loss = float(f.get("max_rel_error", 0.0)) if f.get("kind") == "float" \
                 else float(f.get("max_lsb_diff", 0))
-        estimate = getattr(r, "cycles_estimate", None)
         cost, kind = ((r.cycles, "cycles") if r.cycles is not None else
-                      (round(estimate), "cycles (estimate)") if estimate is not None else (r.instructions, "instructions"))
+                      (round(r.cycles_estimate), "cycles (estimate)") if r.cycles_estimate is not None else
+                      (r.instructions, "instructions"))
         return cls(variant, label, r.verified, cost=cost, cost_kind=kind, instructions=r.instructions,
                    cycles=r.cycles, ram=r.sizes["ram_model"], flash=r.sizes["flash_model"],
                    fidelity_loss=fidelity_loss, build_dir=str(build_dir), seconds=round(seconds, 2))
