@@ -7,18 +7,20 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Cross compilers with picolibc, QEMU for Arm and RISC-V, LLVM 15 (llvm-mca for cycle estimates);
 # Mosquitto (the production MQTT broker) and PostgreSQL (the tests also run the API on it);
-# Verilator, g++ and libelf for the cycle-accurate Ibex model.
+# Verilator, g++ and libelf for the cycle-accurate Ibex model; Mono for Renode.
 APT_PACKAGES := gcc make gcc-arm-none-eabi picolibc-arm-none-eabi \
 	gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf qemu-system-arm qemu-system-misc llvm-15 \
-	mosquitto postgresql verilator g++ libelf-dev
+	mosquitto postgresql verilator g++ libelf-dev mono-complete
 # lowRISC Ibex (RTL), from which `make ibex` builds the Verilator models of targets ibex-small and ibex-maxperf.
 IBEX_SRC ?= ../shared/third_party/ibex
+# Renode 1.15 (no package registry carries it): a `renode` on PATH, else this build.
+RENODE ?= ../shared/third_party/renode/renode
 
 PLUGIN := build/qemu-plugin/libtinymlaas_icount.so
 
-.PHONY: setup apt venv plugin ibex demo test test-all bench corpus clean
+.PHONY: setup apt venv plugin ibex renode demo test test-all bench corpus clean
 
-setup: apt venv plugin ibex
+setup: apt venv plugin ibex renode
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -47,6 +49,11 @@ $(PLUGIN): firmware/qemu_plugin/icount.c
 # Each configuration builds once (about 1-3 minutes) into build/ibex/CONFIG; skipped when present.
 ibex: venv
 	TINYMLAAS_IBEX_SRC=$(abspath $(IBEX_SRC)) $(PY) -m tinymlaas.runners.ibex small maxperf
+
+# Renode runs from where it is; check that it starts (the runner finds it the same way: TINYMLAAS_RENODE, PATH, RENODE).
+renode: apt
+	@r=$$(command -v renode || echo $(RENODE)); test -x "$$r" || { echo "Renode not found at $(RENODE)"; exit 1; }; \
+	echo "Renode: $$r"
 
 # The whole flow: boards, one compile report, then server + embedded broker + 3 emulated devices,
 # KWS uploaded, built per target, rolled out over MQTT, final fleet state.

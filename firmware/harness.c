@@ -4,10 +4,10 @@
  * with marker calls that the QEMU counting plugin turns into exact per-inference counts.
  * The stack below main is painted first so that the inference's high-water mark can be read.
  *
- * -DTINYMLAAS_BOARD_IO (a simulated board without semihosting, e.g. the Ibex simple system): the
- * inputs are linked in (tinymlaas_inputs_blob, board_io.S), each output is printed as one hex line
- * "output <hex>", and the marks read the core's own counters (board_io.c) and print one line
- * "region <instructions> <cycles> <loads+stores>" each.
+ * -DTINYMLAAS_BOARD_IO (a simulated board without semihosting: the Ibex simple system, Renode's MCU models):
+ * the inputs are linked in and each output is printed as one hex line "output <hex>" (boards/linked_io.c);
+ * the marks are the board's (boards/<board>.c): Ibex's read the core's own counters and print one line
+ * "region <instructions> <cycles> <loads+stores>" each, Renode's are hooked by the runner.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -32,9 +32,10 @@ int io_read_input(void *buf, uint32_t nbytes);
 int io_write_output(const void *buf, uint32_t nbytes);
 void io_close(void);
 #else
-/* The plugin counts between entries of these two functions; keep them out of line and empty. */
-void __attribute__((noinline)) tinymlaas_mark_begin(void) { __asm__ volatile("" ::: "memory"); }
-void __attribute__((noinline)) tinymlaas_mark_end(void) { __asm__ volatile("" ::: "memory"); }
+/* The plugin counts between entries of these two functions; keep them out of line and empty. noipa: the
+ * calls cost what calls to a board's marks (another file) cost, so a count is the same on every runner. */
+void __attribute__((noipa)) tinymlaas_mark_begin(void) { __asm__ volatile("" ::: "memory"); }
+void __attribute__((noipa)) tinymlaas_mark_end(void) { __asm__ volatile("" ::: "memory"); }
 
 /* Inputs and outputs as files on the host, over semihosting. Out of line: main's frame, from which the stack
  * peak is measured, stays what it was with the calls written in it. */

@@ -30,23 +30,6 @@ def test_unknown_target_lists_known_ones():
         get_target("cortex-m99")
 
 
-def test_renode_platform_matches_the_memory_map():
-    import re
-
-    from tinymlaas import PROJECT_ROOT
-
-    for t in mcu_targets().values():
-        if t.renode_platform is None:  # a core simulated from its RTL (Ibex): no Renode machine
-            assert t.rtl is not None, t.name
-            continue
-        text = (PROJECT_ROOT / t.renode_platform).read_text()
-        regions = dict(re.findall(r"^(flash|ram): Memory.MappedMemory @ sysbus (0x[0-9a-f]+)", text, re.MULTILINE))
-        assert int(regions["flash"], 16) == t.emulator.flash.base, t.name
-        assert int(regions["ram"], 16) == t.emulator.ram.base, t.name
-        sizes = [int(v, 16) for v in re.findall(r"size: (0x[0-9a-f]+)", text)]
-        assert sizes == [t.emulator.flash.size, t.emulator.ram.size], t.name
-
-
 def test_host_targets_are_not_microcontrollers():
     hosts = {n: t for n, t in all_targets().items() if t.kind == "host"}
     assert set(hosts) == {"cpu-host", "cuda-host"}

@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from tinymlaas.errors import InternalError, TinyMLaaSError
+from tinymlaas.runners import RUNNERS
 
 
 def _positive_int(text: str) -> int:
@@ -201,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", "-n", type=_positive_int,
                    help="random inputs to verify with (default 10 in QEMU, 1 on Ibex)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--timeout", type=float, help="emulator time limit in seconds (default 120 in QEMU, 1800 on Ibex)")
-    p.add_argument("--emulator", choices=("qemu", "ibex"),
-                   help="where to run it: qemu (exact instruction counts) or ibex (the Ibex core simulated from its "
-                   "RTL: true cycles, RV32 without FPU); default: the target's (ibex for ibex-* targets)")
+    p.add_argument("--timeout", type=float,
+                   help="emulator time limit in seconds (default 120 in QEMU, 300 in Renode, 1800 on Ibex)")
+    p.add_argument("--emulator", choices=RUNNERS,
+                   help="where to run it: qemu (exact instruction counts), renode (Renode's model of a real MCU of the "
+                   "target's class, exact instruction counts) or ibex (the Ibex core simulated from its RTL: true "
+                   "cycles, RV32 without FPU); default: the target's (ibex for ibex-* targets)")
     p.add_argument("--max-flash", type=_size, help="flash budget for the model, e.g. 512K (default: the board's)")
     p.add_argument("--max-ram", type=_size, help="RAM budget for the model, e.g. 128K (default: the board's)")
     p.add_argument("--int8-lowering", choices=("integer", "float"), default="integer",

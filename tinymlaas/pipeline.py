@@ -69,7 +69,7 @@ class CompileReport(VerifiedReport):
     instructions_max: int
     instructions_repeat_exact: bool | None  # the same input run twice gave the same count (None: the model keeps
     # state between inferences, so the second run starts from another state)
-    memory_accesses: int
+    memory_accesses: int | None  # None where the runner does not count them (Renode)
     fidelity: dict
     sizes: dict
     fits: dict
@@ -524,7 +524,7 @@ def format_report(r: CompileReport) -> str:
         ("verified", f"{'PASS' if r.verified else 'FAIL'}: {fid} over {f['inputs']} inputs [{f['tolerance']}]"),
         ("instructions/inference", (f"{_fmt(r.instructions)} (range {_fmt(r.instructions_min)}.."
                                     f"{_fmt(r.instructions_max)}, repeat {_repeat(r.instructions_repeat_exact)})")),
-        ("memory accesses", _fmt(r.memory_accesses)),
+        ("memory accesses", _fmt(r.memory_accesses) if r.memory_accesses is not None else "not counted by " + r.runner),
         *([("cycles/inference", (f"{_fmt(r.cycles)} (CPI {r.cycles / max(r.instructions, 1):.2f}, "
                                  f"{r.cycles / r.clock_hz * 1e3:.2f} ms at {r.clock_hz / 1e6:g} MHz, repeat "
                                  f"{_repeat(r.cycles_repeat_exact)}; {r.cycles_source})"))]

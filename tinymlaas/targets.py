@@ -46,6 +46,22 @@ class Rtl:
 
 
 @dataclass(frozen=True)
+class RenodeMachine:
+    """The Renode machine a target's builds run on: Renode's own model of a real MCU where it has one
+    (`platform: stm32f4` is its platforms/cpus/stm32f4.repl), else a project platform (`renode/<name>.repl`).
+    overlay: a project .repl applied on top, for what the run needs beyond the real part (said in the file)."""
+    platform: str
+    model: str
+    flash: MemoryRegion
+    ram: MemoryRegion
+    overlay: str | None = None
+
+    @property
+    def is_project_file(self) -> bool:
+        return self.platform.endswith(".repl")
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str
@@ -60,7 +76,7 @@ class Target:
     cc_flags: tuple[str, ...]
     emulator: Emulator
     platformio_board: str | None = None
-    renode_platform: str | None = None
+    renode: RenodeMachine | None = None
     rtl: Rtl | None = None
     estimate: dict | None = None  # cycle estimate: llvm-mca `mcpu` (default the LLVM CPU), `taken_branch_penalty`
     source: Path | None = field(default=None, compare=False)
@@ -105,6 +121,11 @@ def _region(d: dict) -> MemoryRegion:
     return MemoryRegion(base=int(d["base"]), size=int(d["size"]))
 
 
+def _renode(d: dict) -> RenodeMachine:
+    return RenodeMachine(platform=d["platform"], model=d["model"], flash=_region(d["flash"]), ram=_region(d["ram"]),
+                         overlay=d.get("overlay"))
+
+
 def load_target_file(path: Path) -> Target | HostTarget:
     stat = path.stat()
     return _parse_target_file(path, stat.st_mtime_ns, stat.st_size)
@@ -139,7 +160,7 @@ def _parse_target_file(path: Path, _mtime_ns: int, _size: int) -> Target | HostT
             extra_args=tuple(emu.get("extra_args", ())),
         ),
         platformio_board=(d.get("platformio") or {}).get("board"),
-        renode_platform=(d.get("renode") or {}).get("platform"),
+        renode=_renode(d["renode"]) if d.get("renode") else None,
         rtl=Rtl(**d["rtl"]) if d.get("rtl") else None,
         estimate=dict(d["estimate"]) if d.get("estimate") else None,
         source=path,

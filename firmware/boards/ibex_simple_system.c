@@ -1,8 +1,8 @@
 /*
  * Board support for lowRISC Ibex's simple system (examples/simple_system), simulated from its RTL:
  * one 1 MB RAM at 0x100000, a character output register at 0x20000 and a halt register at 0x20008.
- * No semihosting: the harness's inputs are linked in (tinymlaas_inputs_blob), outputs and counters are
- * printed as text lines that the runner parses from the simulator's log.
+ * No semihosting: the inputs are linked into the image (tinymlaas_inputs_blob), outputs printed (text_io.c);
+ * the marks print the core's own counters.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -12,20 +12,12 @@
 #define SIM_CHAR_OUT (*(volatile uint32_t *)0x20000u)
 #define SIM_HALT (*(volatile uint32_t *)0x20008u)
 
-extern const uint8_t tinymlaas_inputs_blob[];
-extern const uint32_t tinymlaas_inputs_blob_bytes;
-
-static int sim_putc(char c, FILE *file)
+int board_putc(char c, FILE *file)
 {
     (void)file;
     SIM_CHAR_OUT = (unsigned char)c;
     return (unsigned char)c;
 }
-
-static FILE sim_stdio = FDEV_SETUP_STREAM(sim_putc, NULL, NULL, _FDEV_SETUP_WRITE);
-FILE *const stdin = &sim_stdio;
-FILE *const stdout = &sim_stdio;
-FILE *const stderr = &sim_stdio;
 
 void _exit(int status)
 {
@@ -88,6 +80,8 @@ void __attribute__((noinline)) tinymlaas_mark_end(void)
            (unsigned long)((end.loads - begin.loads) + (end.stores - begin.stores)));
 }
 
+extern const uint8_t tinymlaas_inputs_blob[];
+extern const uint32_t tinymlaas_inputs_blob_bytes;
 static uint32_t input_offset;
 
 int io_open(void)
@@ -104,18 +98,3 @@ int io_read_input(void *buf, uint32_t nbytes)
     input_offset += nbytes;
     return 1;
 }
-
-int io_write_output(const void *buf, uint32_t nbytes)
-{
-    static const char hex[] = "0123456789abcdef";
-    const uint8_t *p = buf;
-    fputs("output ", stdout);
-    for (uint32_t i = 0; i < nbytes; i++) {
-        putchar(hex[p[i] >> 4]);
-        putchar(hex[p[i] & 15]);
-    }
-    putchar('\n');
-    return 1;
-}
-
-void io_close(void) {}

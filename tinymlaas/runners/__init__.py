@@ -1,6 +1,7 @@
 """Runners: build once, run anywhere a firmware ELF can run — QEMU (exact counts), Ibex simulated from its RTL
-(true cycles); Renode next. Each runner is a small class with `name`, `layout` (its machine's memory map, None for
-the target's QEMU machine), `default_inputs` and `run(target, firmware, workdir)`; `emulator_for` picks one by name.
+(true cycles), Renode's models of real microcontrollers (exact instruction counts). Each runner is a small class
+with `name`, `layout` (its machine's memory map, None for the target's QEMU machine), `default_inputs` and
+`run(target, firmware, workdir)`; `emulator_for` picks one by name.
 """
 
 RUNNERS = ("qemu", "ibex", "renode")
@@ -20,7 +21,7 @@ def emulator_for(name: str = "qemu", timeout: float | None = None, target=None):
             IbexSimulator.check_target(target)
         return IbexSimulator(config, timeout)
     if name == "renode":
-        from tinymlaas.runners.qemu import RenodeEmulator
+        from tinymlaas.runners.renode import RenodeEmulator
 
-        return RenodeEmulator()
+        return RenodeEmulator(target, timeout)
     raise ValueError(f"unknown emulator '{name}' (known: {', '.join(RUNNERS)})")

@@ -27,7 +27,8 @@ from tinymlaas.targets import MemoryRegion
 LAYOUT = MemoryLayout(flash=MemoryRegion(0x100080, 0xBFF80), ram=MemoryRegion(0x1C0000, 0x40000),
                       board_io="ibex_simple_system",
                       # the trap vector table below the boot address (firmware/boards/ibex_simple_system.c)
-                      link_flags=("-Wl,--section-start=.ibex_vectors=0x100000", "-Wl,-u,tinymlaas_ibex_vectors"))
+                      link_flags=("-Wl,--section-start=.ibex_vectors=0x100000", "-Wl,-u,tinymlaas_ibex_vectors"),
+                      linked_inputs=True)
 CONFIGS = ("small", "maxperf")  # util/ibex_config.py names the targets use
 SIMULATOR = "Vibex_simple_system"
 HPM_COUNTERS = 10  # mhpmcounter3..12: the load and store counters (5, 6) are among them

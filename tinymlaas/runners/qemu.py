@@ -24,7 +24,7 @@ PLUGIN_SOURCE = data_dir("firmware") / "qemu_plugin" / "icount.c"
 @dataclass
 class RegionCount:
     instructions: int
-    memory_accesses: int
+    memory_accesses: int | None  # None: the runner does not count them (Renode)
     cycles: int | None = None  # a cycle-accurate runner's true cycles; QEMU has none
     # QEMU with blocks=True: (block address, instructions) -> (executions, taken exits), the marks included
     blocks: dict | None = None
@@ -146,22 +146,3 @@ class QemuEmulator:
         for key, value in re.findall(r"(\w+)=(\d+)", proc.stdout + proc.stderr):
             harness[key] = int(value)
         return EmulatorRun(proc.returncode, proc.stdout + proc.stderr, measured, seconds, harness, calibration)
-
-
-class RenodeEmulator:
-    """Renode backend (platform files in renode/). Available where `renode` is on PATH."""
-
-    name = "renode"
-    layout = None
-    default_inputs = 10
-
-    @staticmethod
-    def available() -> bool:
-        return shutil.which("renode") is not None
-
-    def run(self, target, firmware: Firmware, workdir: Path) -> EmulatorRun:  # pragma: no cover - needs Renode
-        if not self.available():
-            raise ToolMissing("'renode' is not on PATH; use the QEMU emulator")
-        raise EmulatorFailure(
-            f"the Renode backend ({target.renode_platform}) cannot run the semihosting harness yet; use the QEMU emulator"
-        )

@@ -23,11 +23,13 @@ class MemoryLayout:
     """Where a runner's machine has its memories, and how the harness talks to the host there.
 
     board_io: None for semihosting (QEMU: files on the host, counts from the plugin); else the board support
-    file under firmware/boards/ (inputs linked in, outputs and the core's own counters printed)."""
+    file under firmware/boards/ (outputs printed as text; the marks the board's). linked_inputs: the board has
+    no way to the host's files (Ibex): the inputs are linked into the image."""
     flash: MemoryRegion
     ram: MemoryRegion
     board_io: str | None = None
     link_flags: tuple[str, ...] = ()
+    linked_inputs: bool = False
 
 
 @dataclass
@@ -129,16 +131,18 @@ def link_firmware(
     name: str = "firmware", layout: MemoryLayout | None = None, inputs: Path | None = None,
 ) -> Firmware:
     """profile: count each step separately (TINYMLAAS_STEP); trace: write each step's output to trace.bin.
-    layout: the runner's memory map (default: the target's QEMU machine); a board without semihosting needs
-    the `inputs` file, which is linked into the image."""
+    layout: the runner's memory map (default: the target's QEMU machine); a board with no way to the host's files
+    needs the `inputs` file, which is linked into the image."""
     gcc = require_tool(target.gcc)
     workdir = workdir.resolve()  # gcc runs inside it
     layout = layout or qemu_layout(target)
     flash, ram = layout.flash, layout.ram
-    if layout.board_io and (trace or inputs is None):
+    if layout.board_io and (trace or (layout.linked_inputs and inputs is None)):
         raise BuildFailure(f"the {layout.board_io} board has no host files: it needs linked-in inputs and no trace")
     io = ["--oslib=semihost"] if layout.board_io is None else [
-        "-DTINYMLAAS_BOARD_IO", str(FIRMWARE_DIR / "boards" / f"{layout.board_io}.c"), str(_inputs_blob_asm(inputs, workdir))]
+        "-DTINYMLAAS_BOARD_IO", str(FIRMWARE_DIR / "boards" / "text_io.c"),
+        str(FIRMWARE_DIR / "boards" / f"{layout.board_io}.c"),
+        *([str(_inputs_blob_asm(inputs, workdir))] if layout.linked_inputs else [])]
     elf = workdir / f"{name}.elf"
     map_file = workdir / f"{name}.map"
     cflags = [*target.cc_flags, "-O2", "-g", "-ffunction-sections", "-fdata-sections", "--specs=picolibc.specs"]
