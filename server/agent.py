@@ -2,11 +2,11 @@
 
 It registers (once; credentials persist in its state folder), connects to MQTT with its own
 credentials and a last will, and for each job: downloads the image with resume, checks hash,
-signature, size and version, writes the inactive slot, boots it as a test image in QEMU, runs the
-self-test, then confirms or reverts — reporting every step. Its flash (A/B slots) and its state
+signature, size and version, writes the inactive slot, boots it as a test image on its emulated board
+(QEMU, or Renode's model of a real part), runs the self-test, then confirms or reverts — reporting every step. Its flash (A/B slots) and its state
 file are on disk, so a kill at any moment restarts into a valid image and finishes or fails the job.
 
-The physical board is the one stand-in: its flash is a file and its CPU is QEMU.
+The physical board is the one stand-in: its flash is a file and its CPU is QEMU or Renode.
 """
 
 from __future__ import annotations
@@ -46,13 +46,14 @@ _PORTS = {"http": 80, "https": 443}
 class Agent:
     def __init__(self, server: str, device_id: str, target: str, state_dir: Path, token: str | None = None,
                  group: str = "default", faults: tuple[str, ...] = (), mqtt_port: int | None = None,
-                 download_patience: float = 300.0):
+                 download_patience: float = 300.0, board: str = "qemu"):
         self.server = server.rstrip("/")
         self.download_patience = download_patience  # seconds a download keeps retrying through an outage
         self.device_id, self.target, self.group, self.token = device_id, target, group, token
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.faults = set(faults)  # "selftest": this device's self-test fails (fault injection for tests)
+        self.board = board  # the emulated board: "qemu" (the target's QEMU machine) or "renode" (a real part's model)
         self.mqtt_port = mqtt_port
         self.state = self._load()
         self.flash = Flash(self.dir / "flash.img", slot_size(get_target(target)))
@@ -266,7 +267,7 @@ class Agent:
             raw[0] ^= 0xFF
             spec = {**spec, "expected_outputs": base64.b64encode(bytes(raw)).decode()}
         with SELFTEST_SLOTS:
-            result = run_selftest(self.booted.payload, spec)
+            result = run_selftest(self.booted.payload, spec, board=self.board)
         if result.passed:
             self.bootloader.confirm()
             self._boot()

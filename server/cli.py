@@ -77,7 +77,8 @@ def cmd_agent(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     token = args.token or os.environ.get("TINYMLAAS_TOKEN")
-    agent = Agent(args.server, args.id, args.target, args.state_dir or f"devices/{args.id}", token, args.group)
+    agent = Agent(args.server, args.id, args.target, args.state_dir or f"devices/{args.id}", token, args.group,
+                  board=args.board)
     agent.start()
     print(f"device {args.id} ({args.target}) running {agent.version or 'no image'}; Ctrl-C stops it")
     try:
@@ -143,7 +144,7 @@ def _wait_build(client, build_id: int) -> dict:
 def cmd_builds_request(args) -> int:
     client = _client(args)
     constraints = {k: v for k, v in (("max_flash", args.max_flash), ("max_ram", args.max_ram)) if v}
-    b = client.request_build(args.model, args.target, args.version, **constraints)
+    b = client.request_build(args.model, args.target, args.version, args.emulator, **constraints)
     if args.wait:
         b = _wait_build(client, b["id"])
     _print(b, args.json, _format_build)
@@ -332,13 +333,16 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("agent", help="run one emulated device (A/B slots, QEMU self-test)")
+    p = sub.add_parser("agent", help="run one emulated device (A/B slots, self-test in QEMU or Renode)")
     p.add_argument("--server", default=os.environ.get("TINYMLAAS_SERVER", "http://127.0.0.1:8080"))
     p.add_argument("--token", help="API token to register with (first start only)")
     p.add_argument("--id", required=True, help="device id")
     p.add_argument("--target", "-t", required=True)
     p.add_argument("--group", default="default")
     p.add_argument("--state-dir", help="flash and state folder (default devices/ID)")
+    p.add_argument("--board", choices=("qemu", "renode"), default="qemu",
+                   help="the emulated board: the target's QEMU machine, or Renode's model of a real part of its class "
+                   "(it then takes builds requested with --emulator renode)")
     p.set_defaults(func=cmd_agent)
 
     devices = sub.add_parser("devices", help="device registry").add_subparsers(dest="what", required=True)
@@ -400,6 +404,8 @@ def register(sub) -> None:
     p.add_argument("--max-flash", type=_size)
     p.add_argument("--max-ram", type=_size)
     p.add_argument("--version", help="image version major.minor.revision[+build] (default 1.0.<build id>)")
+    p.add_argument("--emulator", choices=("qemu", "renode"),
+                   help="verify on and link for: qemu (default) or renode (Renode's model of a real part)")
     p.add_argument("--wait", action="store_true", help="wait for it, with a progress bar")
     p.set_defaults(func=cmd_builds_request)
     p = api(builds.add_parser("status", help="a build's state, progress and report"))

@@ -48,10 +48,13 @@ class Client:
         with open(path, "rb") as f:
             return self._call("POST", "/models", files={"file": (path.name, f)}).json()
 
-    def request_build(self, model_id: int, target: str, version: str | None = None, **constraints) -> dict:
+    def request_build(self, model_id: int, target: str, version: str | None = None, emulator: str | None = None,
+                      **constraints) -> dict:
         body = {"model_id": model_id, "target": target, "constraints": constraints}
         if version:
             body["version"] = version
+        if emulator:
+            body["emulator"] = emulator
         return self._call("POST", "/builds", json=body).json()
 
     def build(self, build_id: int) -> dict:

@@ -195,7 +195,8 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
                                                      build_id, lease)
                 searched_share[0] = SEARCH_SHARE
             options = CompileOptions(inputs=inputs, max_flash=constraints.get("max_flash"),
-                                     max_ram=constraints.get("max_ram"), variant=variant)
+                                     max_ram=constraints.get("max_ram"), variant=variant,
+                                     emulator=constraints.get("emulator"))
             report = compile_model(model_path, target, out, options, progress)
             if searched is not None:
                 shutil.copyfile(searched / "front.json", out / "front.json")

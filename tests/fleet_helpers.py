@@ -59,8 +59,8 @@ def build(client: Client, model: Path, target: str = "cortex-m4", version: str |
 
 
 def start_agents(server: Server, root: Path, ids, target: str = "cortex-m4", group: str = "default",
-                 faults: dict | None = None, connect_timeout: float = 120) -> list[Agent]:
-    agents = [Agent(server.url, i, target, root / i, server.admin_token, group, (faults or {}).get(i, ()))
+                 faults: dict | None = None, connect_timeout: float = 120, board: str = "qemu") -> list[Agent]:
+    agents = [Agent(server.url, i, target, root / i, server.admin_token, group, (faults or {}).get(i, ()), board=board)
               for i in ids]
     for a in agents:
         a.start()

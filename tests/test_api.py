@@ -94,6 +94,12 @@ BAD_REQUESTS = {
     "bad version": (lambda c, m: c.post("/api/v1/builds", json={"model_id": m, "target": "cortex-m4",
                                                                 "version": "one"}, headers=c.auth),
                     422, "version", "major.minor"),
+    "renode without a machine": (lambda c, m: c.post("/api/v1/builds", json={"model_id": m, "target": "cortex-m55",
+                                                                          "emulator": "renode"}, headers=c.auth),
+                                 422, "emulator", "cortex-m55 has no Renode machine"),
+    "unknown emulator": (lambda c, m: c.post("/api/v1/builds", json={"model_id": m, "target": "cortex-m4",
+                                                                     "emulator": "gem5"}, headers=c.auth),
+                         422, "emulator", "one of"),
     "corrupt model": (lambda c, m: c.post("/api/v1/models", data={"file": (io.BytesIO(b"\x00" * 4096), "x.tflite")},
                                           headers=c.auth), 422, "file", "not a tflite flatbuffer"),
     "truncated model": (lambda c, m: c.post("/api/v1/models", data={

@@ -91,6 +91,32 @@ def test_rollout_halts_at_the_error_threshold(live, capsys):
         _stop(agents)
 
 
+def test_renode_board_devices_take_renode_builds_and_refuse_others(live):
+    """Devices whose board is Renode's STM32F407 model: a build requested for Renode is linked for that part and
+    verified on it; they self-test it on the model and confirm it. An image linked for the QEMU machine fails their
+    self-test (it names why) and they revert to the image they ran."""
+    client, server = live["client"], live["server"]
+    m = client.upload_model(model_path("ad01_int8"))
+    b = client.wait_build(client.request_build(m["id"], "cortex-m4", emulator="renode")["id"], timeout=300)
+    assert b["state"] == "done" and b["report"]["runner"] == "renode" and b["report"]["verified"], b
+    assert b["constraints"]["emulator"] == "renode"
+    agents = start_agents(server, live["root"], ["renode-0", "renode-1"], group="renode", board="renode")
+    try:
+        d = client.wait_deployment(client.deploy(b["id"], group="renode")["id"], timeout=300)
+        assert d["state"] == "succeeded", d["reason"]
+        # the instructions every device measured on the part's model are the build's
+        assert [j["instructions"] for j in d["jobs"]] == [b["report"]["instructions"]] * 2
+        assert all(a.version == b["version"] for a in agents)
+        qemu_build = build(client, model_path("ad01_int8"))  # newer, linked for the QEMU machine
+        d = client.wait_deployment(client.deploy(qemu_build["id"], group="renode", error_threshold=0.9)["id"],
+                                   timeout=300)
+        assert {j["status"] for j in d["jobs"]} == {"failed"}
+        assert all("linked for the qemu machine" in j["message"] for j in d["jobs"])
+        assert all(a.version == b["version"] and not a.booted.test for a in agents)  # reverted to the Renode build
+    finally:
+        _stop(agents)
+
+
 def test_a_silent_device_times_out_and_the_rollout_finishes(live):
     """A registered device that never comes online: its job times out (job_timeout, the shortest allowed) instead of
     holding the last stage open forever, and the rollout ends with the others updated."""

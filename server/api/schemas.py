@@ -134,9 +134,21 @@ class BuildRequest(Schema):
     search = fields.Nested(SearchRequest, load_default=None, allow_none=True,
                            metadata={"description": "search kernel, schedule and fusion variants first; the best "
                                      "within the constraints is what gets built, signed and deployed"})
+    emulator = fields.String(load_default=None, allow_none=True, validate=validate.OneOf(("qemu", "renode")),
+                             metadata={"description": "where the build is verified and what its image is linked for: "
+                                       "qemu (default) or renode (Renode's model of a real part of the target's "
+                                       "class; devices whose board is that model self-test it)"})
     version = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
                                 r"^\d+(\.\d+){0,2}(\+\d+)?$", error="'{input}' is not major.minor.revision[+build]"),
                             metadata={"description": "image version major.minor.revision[+build]; default 1.0.<id>"})
+
+    @validates_schema
+    def _renode_needs_a_machine(self, data, **kwargs):
+        from tinymlaas.targets import mcu_targets
+
+        target = mcu_targets().get(data.get("target"))
+        if data.get("emulator") == "renode" and (target is None or target.renode is None):
+            raise ValidationError(f"target {data.get('target')} has no Renode machine", "emulator")
 
     @validates_schema
     def _host_builds_are_not_searched(self, data, **kwargs):

@@ -198,8 +198,9 @@ def package_build(build_dir: Path, target: Target, key: Path, version: str) -> B
     payload = firmware_payload(elf, target, build_dir / "firmware.bin")
     image = build_dir / "image.signed.bin"
     info = sign_image(payload, key, version, slot_size(target), image)
+    runner = json.loads((build_dir / "report.json").read_text()).get("runner", "qemu")
     spec = selftest_spec(target.name, firmware, (build_dir / "inputs.bin").read_bytes(),
-                         (build_dir / "outputs.bin").read_bytes())
+                         (build_dir / "outputs.bin").read_bytes(), runner)
     selftest = build_dir / "selftest.json"
     selftest.write_text(json.dumps(spec))
     return BuildPackage(image, payload, selftest, info)

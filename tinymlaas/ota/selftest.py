@@ -26,25 +26,39 @@ class SelfTestResult:
     detail: str
 
 
-def selftest_spec(target: str, firmware: Firmware, inputs: bytes, outputs: bytes) -> dict:
-    return {
+def selftest_spec(target: str, firmware: Firmware, inputs: bytes, outputs: bytes, runner: str = "qemu") -> dict:
+    """runner: the machine the image is linked for and was verified on (qemu, or renode: a model of a real part,
+    whose run also hooks the board support's functions)."""
+    spec = {
         "target": target,
+        "runner": runner,
         "marks": {k: firmware.symbols[f"tinymlaas_mark_{k}"] for k in ("begin", "end")},
         "inputs": base64.b64encode(inputs).decode(),
         "expected_outputs": base64.b64encode(outputs).decode(),
     }
+    if runner == "renode":
+        from tinymlaas.runners.renode import HOOKED
+
+        spec["symbols"] = {s: firmware.symbols[s] for s in HOOKED if s in firmware.symbols}
+    return spec
 
 
-def run_selftest(payload: bytes, spec: dict, timeout: float = 60.0) -> SelfTestResult:
-    """Boot `payload` in the target's emulator, feed it the spec's inputs, compare every output byte."""
+def run_selftest(payload: bytes, spec: dict, timeout: float = 60.0, board: str = "qemu") -> SelfTestResult:
+    """Boot `payload` on the device's emulated board (`board`: qemu, or renode: Renode's model of the target's
+    part), feed it the spec's inputs, compare every output byte."""
     target = get_target(spec["target"])
+    built_for = spec.get("runner", "qemu")
+    if built_for != board:
+        return SelfTestResult(False, None, f"the image is linked for the {built_for} machine; this device's board is "
+                              f"the {board} one (build it with emulator '{board}')")
     expected = base64.b64decode(spec["expected_outputs"])
     with tempfile.TemporaryDirectory(prefix="tinymlaas-selftest-") as tmp:
         work = Path(tmp)
         (work / "payload.bin").write_bytes(payload)
         (work / "inputs.bin").write_bytes(base64.b64decode(spec["inputs"]))
         try:
-            run = emulator_for("qemu", timeout).run_payload(target, work / "payload.bin", spec["marks"], work)
+            runner = emulator_for(board, timeout, target)
+            run = runner.run_payload(target, work / "payload.bin", spec.get("symbols") or spec["marks"], work)
         except TinyMLaaSError as e:
             return SelfTestResult(False, None, f"the image did not run: {e}")
         got = (work / "outputs.bin").read_bytes() if (work / "outputs.bin").exists() else b""
