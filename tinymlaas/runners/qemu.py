@@ -26,6 +26,7 @@ class RegionCount:
     instructions: int
     memory_accesses: int | None  # None: the runner does not count them (Renode)
     cycles: int | None = None  # a cycle-accurate runner's true cycles; QEMU has none
+    wall_seconds: float | None = None  # host time of the region, where the runner clocks it (Renode's hooks)
     # QEMU with blocks=True: (block address, instructions) -> (executions, taken exits), the marks included
     blocks: dict | None = None
 

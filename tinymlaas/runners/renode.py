@@ -97,9 +97,13 @@ class RenodeEmulator:
         def append(expr: str) -> str:
             return f"System.IO.File.AppendAllText('{out}', {expr})"
 
+        # host seconds at the mark: the inference's own wall time, without Renode's start-up
+        clock = ("str(System.Diagnostics.Stopwatch.GetTimestamp() / float(System.Diagnostics.Stopwatch.Frequency))"
+                 " + chr(10)")
+
         lines = ['mach create "tinymlaas"', *self.platform_lines(), *image,
-                 hook("tinymlaas_mark_begin", append("'begin ' + str(self.ExecutedInstructions) + chr(10)")),
-                 hook("tinymlaas_mark_end", append("'end ' + str(self.ExecutedInstructions) + chr(10)")),
+                 hook("tinymlaas_mark_begin", append(f"'begin ' + str(self.ExecutedInstructions) + ' ' + {clock}")),
+                 hook("tinymlaas_mark_end", append(f"'end ' + str(self.ExecutedInstructions) + ' ' + {clock}")),
                  hook("tinymlaas_renode_read",
                       f"data = System.IO.File.ReadAllBytes('{inputs}'); n = int({reg(a1)}); at = int({reg(a2)}); "
                       f"ok = at + n <= data.Length; "
@@ -189,13 +193,14 @@ class RenodeEmulator:
             lines = [line for line in text.splitlines() if line.startswith("tinymlaas:")]
             raise EmulatorFailure(f"firmware exited with status {status.group(1)} on {self.machine.model}: "
                                   f"{lines[0][:200] if lines else ''}")
-        marks = re.findall(r"^(begin|end) (\d+)$", text, re.MULTILINE)
-        regions = [RegionCount(int(e) - int(b), None) for (kb, b), (ke, e) in zip(marks[::2], marks[1::2])
-                   if (kb, ke) == ("begin", "end")]
+        marks = re.findall(r"^(begin|end) (\d+) ([\d.]+)$", text, re.MULTILINE)
+        regions = [RegionCount(int(e) - int(b), None, wall_seconds=float(te) - float(tb))
+                   for (kb, b, tb), (ke, e, te) in zip(marks[::2], marks[1::2]) if (kb, ke) == ("begin", "end")]
         if len(regions) < 2:
             raise EmulatorFailure("the Renode hooks recorded no inference")
         calibration = regions[0]
-        measured = [RegionCount(r.instructions - calibration.instructions, None) for r in regions[1:]]
+        measured = [RegionCount(r.instructions - calibration.instructions, None, wall_seconds=r.wall_seconds)
+                    for r in regions[1:]]
         outputs = b"".join(bytes.fromhex(h) for h in re.findall(r"^output ([0-9a-f]*)$", text, re.MULTILINE))
         (workdir / "outputs.bin").write_bytes(outputs)
         harness = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text)}
