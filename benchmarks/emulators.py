@@ -44,7 +44,7 @@ def _run(model_file: Path, target_name: str, runner_name: str, inputs: int, work
     from tinymlaas.verify import compare, make_inputs, reference_outputs, split_outputs
 
     build_target = "ibex-small" if runner_name == "ibex" else target_name
-    target, model, program, built, driver, lowering = _build(model_file, build_target, work, "auto")
+    target, model, _, built, driver, lowering = _build(model_file, build_target, work, "auto")
     runner = emulator_for(runner_name, 1800, get_target(build_target))
     runs = {}
     n = 1
