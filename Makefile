@@ -18,9 +18,9 @@ RENODE ?= ../shared/third_party/renode/renode
 
 PLUGIN := build/qemu-plugin/libtinymlaas_icount.so
 
-.PHONY: setup apt venv plugin ibex renode demo test test-all bench corpus clean
+.PHONY: setup apt venv plugin ibex renode platformio demo test test-all bench corpus clean
 
-setup: apt venv plugin ibex renode
+setup: apt venv plugin ibex renode platformio
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -54,6 +54,10 @@ ibex: venv
 renode: apt
 	@r=$$(command -v renode || echo $(RENODE)); test -x "$$r" || { echo "Renode not found at $(RENODE)"; exit 1; }; \
 	echo "Renode: $$r"
+
+# PlatformIO builds offline: its SCons package, made from the SCons on PyPI, in build/platformio/core.
+platformio: venv
+	$(PY) -m tinymlaas.backends.platformio
 
 # The whole flow: boards, one compile report, then server + embedded broker + 3 emulated devices,
 # KWS uploaded, built per target, rolled out over MQTT, final fleet state.

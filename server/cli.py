@@ -414,7 +414,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_builds_status)
     p = api(builds.add_parser("download", help="download a build artifact"))
     p.add_argument("id", type=int)
-    p.add_argument("--artifact", default="image", choices=("image", "firmware", "payload", "report", "selftest"))
+    p.add_argument("--artifact", default="image",
+                   choices=("image", "firmware", "payload", "report", "selftest", "platformio"))
     p.add_argument("--out", "-o", required=True)
     p.set_defaults(func=cmd_builds_download)
 

@@ -162,6 +162,15 @@ def run_build(settings: Settings, build_id: int) -> None:
         engine.dispose()  # its pooled connections are file descriptors: a long-lived process must not pile them up
 
 
+def _platformio_zip(build: Path, target) -> Path:
+    """The build as a PlatformIO project (offline qemu/renode environments and the target's real board), zipped."""
+    from tinymlaas.backends.platformio import write_project
+
+    with tempfile.TemporaryDirectory(prefix="tinymlaas-pio-") as tmp:
+        project = write_project(build, target, Path(tmp) / "project")
+        return Path(shutil.make_archive(str(build / "platformio"), "zip", project))
+
+
 def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, store: ArtifactStore,
                        lease: Lease) -> None:
     with sessions() as s:
@@ -209,7 +218,8 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
                          "report": store.put_file(out / "report.json")}
         else:
             artifacts = {"firmware": store.put_file(out / "firmware.elf"),
-                         "report": store.put_file(out / "report.json")}
+                         "report": store.put_file(out / "report.json"),
+                         "platformio": store.put_file(_platformio_zip(out, get_target(target)))}
         if (out / "front.json").is_file():
             artifacts.update(front=store.put_file(out / "front.json"), front_plot=store.put_file(out / "front.png"))
         package = None

@@ -38,7 +38,7 @@ def _stop(agents):
 def test_build_job_produces_a_verified_signed_image(live, tmp_path):
     client, b = live["client"], live["v1"]
     assert b["progress"] == 1.0 and b["report"]["verified"] and b["report"]["lowering"] == "integer"
-    assert set(b["artifacts"]) == {"image", "firmware", "payload", "report", "selftest"}
+    assert set(b["artifacts"]) == {"image", "firmware", "payload", "report", "selftest", "platformio"}
     image = client.download_artifact(b["id"], "image", tmp_path / "image.bin").read_bytes()
     key = public_key_pem(live["server"].settings.signing_key)
     info = inspect_image(image, key, slot_size(get_target("cortex-m4")))

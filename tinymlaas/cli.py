@@ -116,7 +116,32 @@ def cmd_compile(args) -> int:
         print(format_report(report))
     if not args.no_record and report.kind == "mcu":  # the database holds firmware measurements
         _record(report)
+    if args.platformio and report.kind == "mcu":
+        from tinymlaas.backends.platformio import write_project
+        from tinymlaas.targets import get_target
+
+        project = write_project(Path(report.artifacts["dir"]), get_target(report.target), Path(args.platformio))
+        print(f"PlatformIO project: {project} (offline: pio run -d {project} -e qemu -t qemu)", file=sys.stderr)
     return 0 if report.verified else 1
+
+
+def cmd_run(args) -> int:
+    """Run a firmware ELF (a PlatformIO project's, a build's) in QEMU or Renode on an inputs file."""
+    from tinymlaas.runners import run_elf
+    from tinymlaas.targets import get_target
+
+    run, outputs = run_elf(Path(args.firmware), get_target(args.target), args.emulator, Path(args.inputs))
+    counts = [r.instructions for r in run.regions]
+    print(f"{args.firmware}: {len(counts)} inferences on {args.emulator}, instructions/inference "
+          f"{counts[0]:,} (range {min(counts):,}..{max(counts):,}), {run.seconds:.1f} s")
+    if args.expected:
+        expected = Path(args.expected).read_bytes()
+        if outputs != expected:
+            diff = sum(a != b for a, b in zip(outputs, expected)) + abs(len(outputs) - len(expected))
+            print(f"outputs: {diff} of {len(expected)} bytes differ from {args.expected}")
+            return 1
+        print(f"outputs: all {len(expected)} bytes equal {args.expected}")
+    return 0
 
 
 def cmd_search(args) -> int:
@@ -228,7 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-record", action="store_true",
                    help="do not add the figures to the measurement database ($TINYMLAAS_MEASUREMENTS, default "
                    "~/.local/share/tinymlaas/measurements.db)")
+    p.add_argument("--platformio", metavar="DIR", help="also write a PlatformIO project of the build to DIR "
+                   "(offline environments qemu and renode, and the target's real board)")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run a firmware ELF in QEMU or Renode on an inputs file (e.g. a PlatformIO build)")
+    p.add_argument("firmware", help="the ELF (built with the measurement harness)")
+    p.add_argument("--target", "-t", required=True)
+    p.add_argument("--emulator", choices=("qemu", "renode"), default="qemu")
+    p.add_argument("--inputs", required=True, help="the inputs, one inference's bytes after another")
+    p.add_argument("--expected", help="outputs the run must reproduce byte for byte (exit 1 if not)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("search", help="search kernel, schedule and fusion variants of a model for a target (or the "
                        "quantization variants of a Keras/SavedModel model): every point built, run and verified; "

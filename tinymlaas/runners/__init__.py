@@ -25,3 +25,22 @@ def emulator_for(name: str = "qemu", timeout: float | None = None, target=None):
 
         return RenodeEmulator(target, timeout)
     raise ValueError(f"unknown emulator '{name}' (known: {', '.join(RUNNERS)})")
+
+
+def run_elf(elf, target, emulator: str, inputs):
+    """Run a firmware ELF built elsewhere (a PlatformIO project) for `target` on `inputs`: (run, output bytes).
+    The ELF is taken as linked for the runner's machine (the project's environment of the same name)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tinymlaas.backends.mcu.firmware import Firmware, read_symbols
+
+    runner = emulator_for(emulator, None, target)
+    elf = Path(elf).resolve()
+    with tempfile.TemporaryDirectory(prefix="tinymlaas-run-") as tmp:
+        work = Path(tmp)
+        shutil.copyfile(inputs, work / "inputs.bin")
+        firmware = Firmware(elf, elf.with_suffix(".map"), read_symbols(elf, target), layout=runner.layout)
+        run = runner.run(target, firmware, work)
+        return run, (work / "outputs.bin").read_bytes()

@@ -126,6 +126,33 @@ def _inputs_blob_asm(inputs: Path, workdir: Path) -> Path:
     return asm
 
 
+@dataclass(frozen=True)
+class LinkRecipe:
+    """How a firmware for one machine is compiled and linked, apart from the model's own files: what the direct link
+    and a PlatformIO project (backends/platformio.py) both use, so that both give the same code."""
+    cflags: tuple[str, ...]  # compile and link (the core, -O2, picolibc)
+    defines: tuple[str, ...]  # -D flags of the harness
+    board_sources: tuple[Path, ...]  # the board support files (none with semihosting)
+    ldflags: tuple[str, ...]  # crt0, C library, sections, the machine's memory map
+
+
+def link_recipe(target, layout: MemoryLayout | None = None) -> LinkRecipe:
+    layout = layout or qemu_layout(target)
+    flash, ram = layout.flash, layout.ram
+    board = () if layout.board_io is None else (FIRMWARE_DIR / "boards" / "text_io.c",
+                                                FIRMWARE_DIR / "boards" / f"{layout.board_io}.c")
+    return LinkRecipe(
+        cflags=(*target.cc_flags, "-O2", "-g", "-ffunction-sections", "-fdata-sections", "--specs=picolibc.specs"),
+        defines=("-DTINYMLAAS_BOARD_IO",) if layout.board_io else (),
+        board_sources=board,
+        ldflags=(*(("--oslib=semihost",) if layout.board_io is None else ()), "--crt0=hosted", "-lm",
+                 "-Wl,--gc-sections", *layout.link_flags,
+                 f"-Wl,--defsym=__flash={flash.base:#x}", f"-Wl,--defsym=__flash_size={flash.size:#x}",
+                 f"-Wl,--defsym=__ram={ram.base:#x}", f"-Wl,--defsym=__ram_size={ram.size:#x}",
+                 f"-Wl,--defsym=__stack_size={STACK_RESERVE:#x}"),
+    )
+
+
 def link_firmware(
     target, kernels: KernelObject, driver: DriverSources, workdir: Path, profile: bool = False, trace: bool = False,
     name: str = "firmware", layout: MemoryLayout | None = None, inputs: Path | None = None,
@@ -136,22 +163,18 @@ def link_firmware(
     gcc = require_tool(target.gcc)
     workdir = workdir.resolve()  # gcc runs inside it
     layout = layout or qemu_layout(target)
-    flash, ram = layout.flash, layout.ram
     if layout.board_io and (trace or (layout.linked_inputs and inputs is None)):
         raise BuildFailure(f"the {layout.board_io} board has no host files: it needs linked-in inputs and no trace")
-    io = ["--oslib=semihost"] if layout.board_io is None else [
-        "-DTINYMLAAS_BOARD_IO", str(FIRMWARE_DIR / "boards" / "text_io.c"),
-        str(FIRMWARE_DIR / "boards" / f"{layout.board_io}.c"),
-        *([str(_inputs_blob_asm(inputs, workdir))] if layout.linked_inputs else [])]
+    recipe = link_recipe(target, layout)
     elf = workdir / f"{name}.elf"
     map_file = workdir / f"{name}.map"
-    cflags = [*target.cc_flags, "-O2", "-g", "-ffunction-sections", "-fdata-sections", "--specs=picolibc.specs"]
-    library = kernel_library(gcc, cflags, workdir)
+    library = kernel_library(gcc, list(recipe.cflags), workdir)
     cmd = [
         gcc,
-        *cflags,
-        *io,
-        "--crt0=hosted",
+        *recipe.cflags,
+        *recipe.defines,
+        *map(str, recipe.board_sources),
+        *([str(_inputs_blob_asm(inputs, workdir))] if layout.linked_inputs else []),
         f"-I{workdir}",
         *(["-DTINYMLAAS_PROFILE"] if profile else []),
         *(["-DTINYMLAAS_TRACE"] if trace else []),
@@ -160,14 +183,7 @@ def link_firmware(
         str(driver.source),
         str(driver.weights_asm),
         str(kernels.path),
-        "-lm",
-        "-Wl,--gc-sections",
-        *layout.link_flags,
-        f"-Wl,--defsym=__flash={flash.base:#x}",
-        f"-Wl,--defsym=__flash_size={flash.size:#x}",
-        f"-Wl,--defsym=__ram={ram.base:#x}",
-        f"-Wl,--defsym=__ram_size={ram.size:#x}",
-        f"-Wl,--defsym=__stack_size={STACK_RESERVE:#x}",
+        *recipe.ldflags,
         f"-Wl,-Map={map_file}",
         "-o",
         str(elf),
