@@ -112,3 +112,13 @@ def test_mlperf_tiny_on_renode_real_parts(model, target, tmp_path):
     assert renode.verified and renode.fidelity["exact_fraction"] == 1.0
     assert (renode.instructions, renode.instructions_min, renode.instructions_max) == \
         (qemu.instructions, qemu.instructions_min, qemu.instructions_max)
+
+
+def test_a_target_can_make_renode_its_default_runner(tmp_path):
+    from tinymlaas.targets import load_target_file
+
+    text = (get_target("cortex-m4").source).read_text() + "runner: renode\n"
+    (tmp_path / "m4-renode.yaml").write_text(text)
+    t = load_target_file(tmp_path / "m4-renode.yaml")
+    assert t.default_runner == "renode" and get_target("cortex-m4").default_runner == "qemu"
+    assert emulator_for(t.default_runner, target=t).layout.flash.base == 0x08000000

@@ -79,13 +79,14 @@ class Target:
     renode: RenodeMachine | None = None
     rtl: Rtl | None = None
     estimate: dict | None = None  # cycle estimate: llvm-mca `mcpu` (default the LLVM CPU), `taken_branch_penalty`
+    runner: str | None = None  # where its builds run unless asked otherwise (`runner:`; default qemu, or the RTL)
     source: Path | None = field(default=None, compare=False)
 
     kind = "mcu"
 
     @property
     def default_runner(self) -> str:
-        return self.rtl.simulator if self.rtl else "qemu"
+        return self.runner or (self.rtl.simulator if self.rtl else "qemu")
 
     @property
     def gcc(self) -> str:
@@ -163,6 +164,7 @@ def _parse_target_file(path: Path, _mtime_ns: int, _size: int) -> Target | HostT
         renode=_renode(d["renode"]) if d.get("renode") else None,
         rtl=Rtl(**d["rtl"]) if d.get("rtl") else None,
         estimate=dict(d["estimate"]) if d.get("estimate") else None,
+        runner=d.get("runner"),
         source=path,
     )
 
