@@ -122,3 +122,27 @@ def test_a_target_can_make_renode_its_default_runner(tmp_path):
     t = load_target_file(tmp_path / "m4-renode.yaml")
     assert t.default_runner == "renode" and get_target("cortex-m4").default_runner == "qemu"
     assert emulator_for(t.default_runner, target=t).layout.flash.base == 0x08000000
+
+
+@pytest.mark.parametrize("target,illegal", [("rv32imac", ".word 0"), ("cortex-m4", "udf #0")])
+def test_a_core_exception_ends_the_run_with_its_cause(target, illegal, tmp_path):
+    """A firmware that executes an undefined instruction: a one-line failure naming the trap, not a timeout."""
+    import subprocess
+
+    from tinymlaas.backends.mcu.firmware import FIRMWARE_DIR, Firmware, link_recipe, read_symbols
+
+    t = get_target(target)
+    runner = emulator_for("renode", 60, t)
+    recipe = link_recipe(t, runner.layout)
+    (tmp_path / "main.c").write_text(
+        "#include <stdio.h>\n#include <stdint.h>\nint io_open(void);\nint io_read_input(void *, uint32_t);\n"
+        "void tinymlaas_mark_begin(void);\nvoid tinymlaas_mark_end(void);\n"
+        "int main(void) { char b[4]; io_open(); io_read_input(b, 0); tinymlaas_mark_begin(); tinymlaas_mark_end();\n"
+        f'  printf("about to trap\\n"); __asm__ volatile("{illegal}"); return 0; }}\n')
+    (tmp_path / "inputs.bin").write_bytes(b"")
+    elf = tmp_path / "trap.elf"
+    subprocess.run([t.gcc, *recipe.cflags, *recipe.defines, *map(str, recipe.board_sources), str(tmp_path / "main.c"),
+                    *recipe.ldflags, "-o", str(elf)], check=True, cwd=FIRMWARE_DIR)
+    firmware = Firmware(elf, elf.with_suffix(".map"), read_symbols(elf, t), layout=runner.layout)
+    with pytest.raises(EmulatorFailure, match="trap mcause=2|core faulted"):
+        runner.run(t, firmware, tmp_path)

@@ -1,11 +1,13 @@
 """Renode runner: the firmware on Renode's model of a real microcontroller (stm32f4, stm32f746, stm32l552,
 sifive-fe310, ...), headless, with exact instruction counts.
 
-The image is linked for the machine's own flash and RAM with the board support of firmware/boards/renode.c:
-inputs linked in, no peripheral touched. A generated .resc per run loads the platform (targets/*.yaml `renode`),
-the ELF, and hooks four functions by address: the two marks (the hook reads the core's executed-instruction
-counter: the same two addresses QEMU's plugin counts between, so the counts agree), the console write (the hook
-reads the text from the argument registers) and the exit. The hooks write one log file that the runner parses.
+The image is linked for the machine's own flash and RAM with the board support of firmware/boards/renode.c: no
+peripheral touched, no inputs in the image. A generated .resc per run loads the platform (targets/*.yaml
+`renode`), the ELF (or a raw flash payload, for a device's self-test), and hooks the board support's functions by
+address: the input read (the hook copies the next input from the host's inputs.bin), the two marks (the hook reads
+the core's executed-instruction counter and the host's clock: the same two addresses QEMU's plugin counts between,
+so the counts agree), the console write (the hook reads the text from the argument registers), the exit and, on
+Arm, the C library's fault handler. The hooks append to one log file that the runner parses.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from tinymlaas.runners.qemu import EmulatorRun, RegionCount
 ARG_REGISTERS = {"arm": (0, 1, 2), "riscv": (10, 11, 12)}
 HOOKED = ("tinymlaas_mark_begin", "tinymlaas_mark_end", "tinymlaas_renode_read", "tinymlaas_renode_read_ok",
           "tinymlaas_renode_write", "tinymlaas_renode_exit")
-# The handler the C library's vector table points every fault at (a fault ends the run with its cause).
-FAULT_SYMBOLS = ("arm_halt_isr", "_trap", "riscv_halt_vector")
+# The handler picolibc's Arm vector table points every fault at (a fault ends the run with its cause; on RISC-V
+# the board support installs a trap handler of its own that prints the cause and exits).
+FAULT_SYMBOLS = ("arm_halt_isr",)
 
 
 def renode_path() -> Path:
