@@ -4,8 +4,9 @@ Environments:
 - `qemu` and `renode` build offline with tinymlaas's local platform (firmware/platformio/platform) and the
   cross compilers on PATH, with the same flags as the direct build (`link_recipe`), and run in QEMU or on
   Renode's model of the part (`pio run -e qemu -t qemu`), checking the outputs against the interpreter's.
-- the target's real board (`platformio.board` in targets/*.yaml, e.g. nucleo_l4r5zi) with PlatformIO's own
-  platform: for a user with internet and the board (`pio run -e nucleo_l4r5zi -t upload`).
+- the target's real board where it is an STM32 one (`platformio.board` in targets/*.yaml, e.g. nucleo_l4r5zi)
+  with PlatformIO's own platform: for a user with internet, the board and its probe (`pio debug -e nucleo_l4r5zi`:
+  semihosting). Not built here: PlatformIO's registry is out of reach.
 
 Offline, PlatformIO needs its SCons package, which is not on PyPI as such: `setup_core` makes a local package of
 the SCons from PyPI and installs it into a PlatformIO home (recipe in ../shared/DESIGN.md).
@@ -26,9 +27,11 @@ from tinymlaas.errors import BuildFailure, ToolMissing
 
 PLATFORM_DIR = data_dir("firmware") / "platformio" / "platform"
 SCONS_PACKAGE_VERSION = "4.41101.0"  # what PlatformIO 6.2 asks for as tool-scons
-# PlatformIO's own platform of each real board's part family
-BOARD_PLATFORMS = {"nucleo_l4r5zi": "ststm32", "disco_f746ng": "ststm32", "nucleo_h743zi": "ststm32",
-                   "nucleo_l552ze_q": "ststm32", "hifive1_revb": "sifive", "esp32-c6-devkitc-1": "espressif32"}
+# The real boards a project gets an environment for: PlatformIO's STM32 platform with its STM32Cube framework
+# (start-up code and linker script of the part); the harness reads the inputs and writes the outputs over
+# semihosting (newlib's rdimon), which a debug probe serves (`pio debug`, OpenOCD's `arm semihosting enable`).
+# Boards whose SDK wants its own entry point (ESP-IDF's app_main) get none.
+STM32_BOARDS = ("nucleo_l4r5zi", "disco_f746ng", "nucleo_h743zi", "nucleo_l552ze_q")
 MODEL_FILES = ("tinymlaas_model.c", "tinymlaas_model.h", "weights.S", "weights.bin", "kernels.o")
 
 
@@ -122,18 +125,22 @@ def write_project(build: Path, target, out: Path) -> Path:
     for f in ("inputs.bin", "expected_outputs.bin"):
         shutil.copyfile(build / f, out / f)
     (out / "link_model_kernels.py").write_text(
-        '"""The model\'s TVM kernels are one object (kernels.o): linked into every environment\'s program."""\n'
+        '"""The model\'s TVM kernels are one object (kernels.o): linked into every environment\'s program; and an\n'
+        'environment\'s custom_link_flags (a real board\'s semihosting library)."""\n'
         'Import("env")  # noqa: F821 - SCons provides it\n'
-        'env.Append(LINKFLAGS=[env.subst("$PROJECT_DIR/lib/tinymlaas_model/kernels.o")])  # noqa: F821\n')
+        'env.Append(LINKFLAGS=[env.subst("$PROJECT_DIR/lib/tinymlaas_model/kernels.o")])  # noqa: F821\n'
+        'env.Append(LINKFLAGS=env.GetProjectOption("custom_link_flags", "").split())  # noqa: F821\n')
     envs = [_env("qemu", target, "qemu", qemu_layout(target))]
     if target.renode is not None:
         envs.append(_env("renode", target, "renode", RenodeEmulator(target).layout))
     board = target.platformio_board
-    if board:
-        recipe = link_recipe(target)
-        envs.append(f"; the real board (needs PlatformIO's {BOARD_PLATFORMS.get(board, 'board')} platform: internet)\n"
-                    f"[env:{board}]\nplatform = {BOARD_PLATFORMS.get(board, 'native')}\nboard = {board}\n"
-                    f"build_flags = {' '.join(f for f in recipe.cflags if f.startswith(('-mfpu', '-mfloat-abi', '-march', '-mabi')))}\n"
+    if board in STM32_BOARDS:
+        fpu = " ".join(f for f in link_recipe(target).cflags if f.startswith(("-mfpu", "-mfloat-abi")))
+        envs.append(f"; the real board: PlatformIO's ststm32 platform (internet); inputs and outputs over semihosting\n"
+                    f"[env:{board}]\nplatform = ststm32\nframework = stm32cube\nboard = {board}\n"
+                    f"build_flags = {fpu} -O2\nbuild_unflags = -Os\n"
+                    "custom_link_flags = --specs=rdimon.specs -lrdimon\n"
+                    "debug_extra_cmds = monitor arm semihosting enable\n"
                     "lib_deps = tinymlaas_model, tinymlaas_kernels\nlib_archive = no\n"
                     "build_src_filter = +<main.c>\nextra_scripts = pre:link_model_kernels.py\n")
     (out / "platformio.ini").write_text(
