@@ -42,14 +42,6 @@ def renode_path() -> Path:
     raise ToolMissing("Renode is not installed: set TINYMLAAS_RENODE or put `renode` on PATH (run `make setup`)")
 
 
-def available() -> bool:
-    try:
-        renode_path()
-    except ToolMissing:
-        return False
-    return shutil.which("mono") is not None
-
-
 def _path(p: Path) -> str:
     text = str(p.resolve())
     if any(c in text for c in "'\"\n "):
