@@ -93,3 +93,20 @@ def test_compile_json(tmp_path, models_dir):
     assert report["verified"] and report["target"] == "rv32imafc"
     assert report["instructions"] > 0 and report["sizes"]["weights"] > 1_000_000
     assert (out / "firmware.elf").exists()
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error():
+    """`tinymlaas targets | head -1`: the reader closes the pipe; no internal error, no traceback, status 0."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "tinymlaas", "targets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.close()  # before the process has written anything (its imports take a second): every write fails
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
+
+
+def test_targets_name_their_renode_machine():
+    r = cli("targets")
+    assert r.returncode == 0 and "Renode: STM32F407 (Renode stm32f4)" in r.stdout

@@ -46,7 +46,8 @@ def cmd_targets(args) -> int:
     hosts = {n: t for n, t in targets.items() if t.kind == "host"}
     if args.json:
         out = {n: {"kind": "mcu", "description": t.description, "board": t.board.__dict__,
-                   "emulator": t.emulator.machine, "runner": t.default_runner} for n, t in mcus.items()}
+                   "emulator": t.emulator.machine, "runner": t.default_runner,
+                   "renode": t.renode.model if t.renode else None} for n, t in mcus.items()}
         out.update({n: {"kind": "host", "description": t.description, "device": t.device, "tvm_target": t.tvm_target,
                         "precisions": list(t.precisions)} for n, t in hosts.items()})
         print(json.dumps(out, indent=2))
@@ -54,7 +55,8 @@ def cmd_targets(args) -> int:
     print(f"{'target':<12} {'core':<12} {'FPU':<4} {'DSP':<4} {'board class':<26} {'flash':>10} {'RAM':>10}  runs in")
     for name, t in mcus.items():
         runs = (f"Ibex '{t.rtl.config}' RTL (true cycles)" if t.rtl
-                else f"{t.emulator.qemu} -M {t.emulator.machine}")
+                else f"{t.emulator.qemu} -M {t.emulator.machine}"
+                + (f"; Renode: {t.renode.model}" if t.renode else ""))
         print(f"{name:<12} {t.core:<12} {'yes' if t.fpu else 'no':<4} {'yes' if t.dsp else 'no':<4} {t.board.name:<26} "
               f"{t.board.flash_bytes // 1024:>8}K {t.board.ram_bytes // 1024:>8}K  {runs}")
     for name, t in hosts.items():
@@ -322,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tinymlaas: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`tinymlaas targets | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
     except Exception as e:  # a bug of ours: one line, and a reproducer to send us
         if args.debug:
             raise
