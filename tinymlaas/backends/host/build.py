@@ -124,6 +124,9 @@ def tuning_folder(target: HostTarget, model_sha256: str, precision: str, base: P
 # trials per function in each tuning round: small first rounds, so a time budget (checked between rounds) can stop
 # early; on an H100 one round of 32 over resnet18's functions took more than 15 minutes
 ROUNDS = (4, 8, 16, 32, 64)
+# meta_schedule's default of 30 s per candidate build timed out 61 of 94 CUDA candidates on the lent H100 (even
+# elementwise ones: its builder workers start slowly), leaving the database with the few that built
+BUILD_TIMEOUT_S = 180.0
 
 
 def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = None,
@@ -149,7 +152,8 @@ def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = No
         share = min(ROUNDS[min(rounds, len(ROUNDS) - 1)], per_task - given)
         n = min(trials - asked, share * max(1, len(tasks)))
         ms.relax_integration.tune_relax(mod, {}, tvm_target, str(work_dir), max_trials_global=n,
-                                        max_trials_per_task=share, seed=seed + rounds)
+                                        max_trials_per_task=share, seed=seed + rounds,
+                                        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S))
         asked, given, rounds = asked + n, given + share, rounds + 1
     # what was measured (a function with few possible schedules runs out of candidates before its share)
     measured = len(records.read_text().splitlines()) if records.exists() else 0
