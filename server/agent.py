@@ -2,9 +2,10 @@
 
 It registers (once; credentials persist in its state folder), connects to MQTT with its own
 credentials and a last will, and for each job: downloads the image with resume, checks hash,
-signature, size and version, writes the inactive slot, boots it as a test image on its emulated board
-(QEMU, or Renode's model of a real part), runs the self-test, then confirms or reverts — reporting every step. Its flash (A/B slots) and its state
-file are on disk, so a kill at any moment restarts into a valid image and finishes or fails the job.
+signature, size and version, writes the inactive slot, boots it as a test image on its emulated
+board (QEMU, or Renode's model of a real part), runs the self-test, then confirms or reverts —
+reporting every step. Its flash (A/B slots) and its state file are on disk, so a kill at any
+moment restarts into a valid image and finishes or fails the job.
 
 The physical board is the one stand-in: its flash is a file and its CPU is QEMU or Renode.
 """
