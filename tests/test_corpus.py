@@ -111,7 +111,9 @@ def test_float32_architecture(key, target, tmp_path):
     _check(key, target, tmp_path)
 
 
-@pytest.mark.parametrize("key", _cases("int8", architecture=True) + _cases("int16x8", architecture=True))
+@pytest.mark.parametrize("key", _cases("int8", architecture=True) + [
+    pytest.param(k, marks=pytest.mark.slow) if "unrolled" in k else k  # 20 s each; their int8 twins stay fast
+    for k in _cases("int16x8", architecture=True)])
 def test_integer_architecture_on_cortex_m4(key, tmp_path):
     _check(key, "cortex-m4", tmp_path)
 

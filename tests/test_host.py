@@ -59,7 +59,8 @@ def test_float_models_on_the_host_cpu_match_the_interpreter(name, tmp_path):
     assert np.array_equal(got[0].ravel(), first)
 
 
-@pytest.mark.parametrize("name", INT8_MODELS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "lstm" in n or "gru" in n else n
+                                  for n in INT8_MODELS])  # the unrolled recurrent ones: 20-30 s each, `slow`
 def test_int8_models_on_the_host_cpu_are_bit_exact_or_name_the_missing_kernel(name, tmp_path):
     try:
         r = compile_model(CORPUS / name, "cpu-host", tmp_path / "out", CompileOptions(inputs=3))
