@@ -68,6 +68,18 @@ def test_run_command_says_when_outputs_differ(tmp_path):
     assert r.returncode == 0 and "bytes equal" in r.stdout
 
 
+@pytest.mark.parametrize("args, said", [
+    (["/nonexistent.elf", "--target", "cortex-m4", "--inputs", "README.md"], "no such file"),
+    (["README.md", "--target", "cortex-m4", "--inputs", "README.md"], "not an ELF file for cortex-m4"),
+    (["README.md", "--target", "cpu-host", "--inputs", "README.md"], "host target"),
+])
+def test_run_command_refuses_bad_input_in_one_line(args, said):
+    from tinymlaas import PROJECT_ROOT
+
+    r = cli("run", *args, cwd=PROJECT_ROOT)
+    assert r.returncode == 2 and said in r.stderr and "internal error" not in r.stderr and "Traceback" not in r.stderr
+
+
 def test_the_service_offers_the_project_as_an_artifact(tmp_path):
     """What the build job zips (server/jobs.py) is the project: the model library, harness and environments."""
     from server.jobs import _platformio_zip

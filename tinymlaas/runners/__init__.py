@@ -31,16 +31,27 @@ def run_elf(elf, target, emulator: str, inputs):
     """Run a firmware ELF built elsewhere (a PlatformIO project) for `target` on `inputs`: (run, output bytes).
     The ELF is taken as linked for the runner's machine (the project's environment of the same name)."""
     import shutil
+    import subprocess
     import tempfile
     from pathlib import Path
 
     from tinymlaas.backends.mcu.firmware import Firmware, read_symbols
+    from tinymlaas.errors import EmulatorFailure
 
+    if getattr(target, "kind", "mcu") != "mcu":
+        raise EmulatorFailure(f"{target.name} is a host target: it runs libraries, not firmware")
+    for path, what in ((elf, "firmware"), (inputs, "inputs")):
+        if not Path(path).is_file():
+            raise EmulatorFailure(f"{what} {path}: no such file")
     runner = emulator_for(emulator, None, target)
     elf = Path(elf).resolve()
+    try:
+        symbols = read_symbols(elf, target)
+    except subprocess.CalledProcessError:
+        raise EmulatorFailure(f"{elf}: not an ELF file for {target.name}") from None
     with tempfile.TemporaryDirectory(prefix="tinymlaas-run-") as tmp:
         work = Path(tmp)
         shutil.copyfile(inputs, work / "inputs.bin")
-        firmware = Firmware(elf, elf.with_suffix(".map"), read_symbols(elf, target), layout=runner.layout)
+        firmware = Firmware(elf, elf.with_suffix(".map"), symbols, layout=runner.layout)
         run = runner.run(target, firmware, work)
         return run, (work / "outputs.bin").read_bytes()
