@@ -86,8 +86,8 @@ def cmd_compile(args) -> int:
 
     options = CompileOptions(
         inputs=args.inputs, seed=args.seed, timeout=args.timeout, emulator=args.emulator, max_flash=args.max_flash, max_ram=args.max_ram,
-        int8_lowering=args.int8_lowering, kernels=args.kernels, quantize=args.quantize, calibration=args.calibration,
-        precision=args.precision, tune_trials=args.tune_trials, tune_trials_per_task=args.tune_trials_per_task,
+        int8_lowering=args.int8_lowering, kernels=args.kernels, memory=args.memory, quantize=args.quantize,
+        calibration=args.calibration, precision=args.precision, tune_trials=args.tune_trials, tune_trials_per_task=args.tune_trials_per_task,
         tune_minutes=args.tune_minutes,
         tuning_dir=args.tuning_dir,
     )
@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 models: integer kernels (bit-exact, default) or TVM's float emulation of int8 ops")
     p.add_argument("--kernels", choices=("auto", "tir", "dsp", "dsp16"), default="auto",
                    help="int8 layers: TIR kernels, DSP micro-kernels (SMLAD) with the int8 weights or int16 (dsp16, faster, 2x weight flash), or auto: dsp where the core has DSP")
+    p.add_argument("--memory", choices=("auto", "tvm", "optimal", "inplace"), default="auto",
+                   help="arena plan: TVM's, optimal offsets over tensor lifetimes, inplace: optimal with streaming "
+                   "kernels writing over their dying input (smallest RAM), or auto (default): TVM's, in place when "
+                   "that does not fit the RAM budget")
     p.add_argument("--precision", choices=("float32", "float16"), default="float32",
                    help="host targets: float16 halves weights and activations (cuda-host; float models)")
     p.add_argument("--tune-trials", type=int, default=0, metavar="N",

@@ -27,6 +27,7 @@ from tinymlaas.frontend.onnx import is_onnx_input
 from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
 from tinymlaas.frontend.to_relax import to_relax
 from tinymlaas.ir.lower import lower
+from tinymlaas.ir.memory import plan as plan_memory
 from tinymlaas.ir.schedule import default_schedule, schedule_for
 from tinymlaas.runners import emulator_for
 from tinymlaas.targets import Target, get_target
@@ -45,6 +46,9 @@ class CompileOptions:
     max_ram: int | None = None
     int8_lowering: str = "integer"  # "integer": our integer kernels; "float": TVM's dequantize/float/quantize
     kernels: str = "auto"  # int8 layers: "tir", "dsp"/"dsp16" (DSP micro-kernels, int8/int16 weights), "auto" (dsp where offered)
+    # arena plan (ir/memory.py): tvm | optimal | inplace, or auto: TVM's, and in place when that does not fit the RAM
+    # budget; a variant's own plan overrides it
+    memory: str = "auto"
     quantize: str = "none"  # Keras/SavedModel input: none | int8 | int16x8
     calibration: str | None = None  # .npz of calibration samples for quantizing Keras/SavedModel input
     variant: object = None  # a search.space.Variant: per-layer kernels, schedule and fusion (overrides `kernels`)
@@ -91,9 +95,13 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
+def _limits(target: Target, options: CompileOptions) -> tuple[int, int]:
+    return (min(target.board.flash_bytes, options.max_flash or target.board.flash_bytes),
+            min(target.board.ram_bytes, options.max_ram or target.board.ram_bytes))
+
+
 def check_fits(model_name: str, target: Target, flash: int, ram: int, options: CompileOptions, detail: str) -> dict:
-    flash_limit = min(target.board.flash_bytes, options.max_flash or target.board.flash_bytes)
-    ram_limit = min(target.board.ram_bytes, options.max_ram or target.board.ram_bytes)
+    flash_limit, ram_limit = _limits(target, options)
     problems = []
     if flash > flash_limit:
         problems.append(f"flash {_fmt(flash)} B > {_fmt(flash_limit)} B")
@@ -185,10 +193,18 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
     stage("lower")
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
                     fuse=variant is None or variant.fusion != "none")
+    policy = variant.memory if variant is not None else options.memory
+    program = plan_memory(program, "tvm" if policy == "auto" else policy)
 
     with _staged(out) as work:
         stage("codegen")
         program, kernels = build_kernels(program, target, work)
+        ram = program.arena_bytes + program.scratch_bytes + program.state_bytes
+        if policy == "auto" and ram > _limits(target, options)[1]:  # the smallest arena we can plan, before giving up
+            program = plan_memory(program, "inplace")
+            notes.append(f"TVM's arena plan needs {_fmt(ram)} B of RAM, over the budget of "
+                         f"{_fmt(_limits(target, options)[1])} B: planned in place")
+        notes.extend(program.notes)
         check_fits(
             model.name, target,
             flash=kernels.code_bytes + program.weight_bytes,

@@ -539,6 +539,28 @@ void tinymlaas_gemm_w16(const int8_t *restrict input, const int16_t *restrict we
     TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
 }
 
+/*
+ * In-place twins (here and below): the same loops without `restrict` on input and output, which the memory
+ * planner (tinymlaas/ir/memory.py) may overlap, the output behind the input's read front by a distance it derives
+ * from this loop order: a pair of pixels is gathered whole before its outputs are written, pixels in raster order.
+ */
+void tinymlaas_gemm_w8_inplace(const int8_t *input, const int8_t *restrict weights,
+                               const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *output)
+{
+    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
+    int16_t patch[quads * 8] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemm_layer, 0, input, weights, rq, params, output, patch, quads);
+}
+
+void tinymlaas_gemm_w16_inplace(const int8_t *input, const int16_t *restrict weights,
+                                const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                                int8_t *output)
+{
+    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
+    int16_t patch[quads * 8] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
+}
+
 /* acc[j] = patch . weights of channel j, one pixel, four channels, int8 weights */
 static inline __attribute__((always_inline)) void mac1x4_w8(const int16_t *patch, const int8_t *weights, int quads,
                                                             int32_t acc[4])
@@ -649,6 +671,24 @@ void tinymlaas_gemv_w8(const int8_t *restrict input, const int8_t *restrict weig
 void tinymlaas_gemv_w16(const int8_t *restrict input, const int16_t *restrict weights,
                         const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
                         int8_t *restrict output)
+{
+    const int quads = (params[P_C] + 3) / 4;
+    int16_t patch[quads * 4] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads);
+}
+
+/* in place: a row is widened whole before its outputs are written */
+void tinymlaas_gemv_w8_inplace(const int8_t *input, const int8_t *restrict weights,
+                               const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *output)
+{
+    const int quads = (params[P_C] + 3) / 4;
+    int16_t patch[quads * 4] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads);
+}
+
+void tinymlaas_gemv_w16_inplace(const int8_t *input, const int16_t *restrict weights,
+                                const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                                int8_t *output)
 {
     const int quads = (params[P_C] + 3) / 4;
     int16_t patch[quads * 4] __attribute__((aligned(8)));
@@ -767,6 +807,27 @@ void tinymlaas_depthwise3x3_w8(const int8_t *restrict input, const int8_t *restr
 void tinymlaas_depthwise3x3_w16(const int8_t *restrict input, const int16_t *restrict weights,
                                 const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
                                 int8_t *restrict output)
+{
+    if (params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127)
+        depthwise3x3_layer(input, weights, rq, params, output, 1, 1);
+    else
+        depthwise3x3_layer(input, weights, rq, params, output, 1, 0);
+}
+
+/* in place: pixels in raster order, each pixel's four channels written after their nine taps are read */
+void tinymlaas_depthwise3x3_w8_inplace(const int8_t *input, const int8_t *restrict weights,
+                                       const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                                       int8_t *output)
+{
+    if (params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127)
+        depthwise3x3_layer(input, weights, rq, params, output, 0, 1);
+    else
+        depthwise3x3_layer(input, weights, rq, params, output, 0, 0);
+}
+
+void tinymlaas_depthwise3x3_w16_inplace(const int8_t *input, const int16_t *restrict weights,
+                                        const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                                        int8_t *output)
 {
     if (params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127)
         depthwise3x3_layer(input, weights, rq, params, output, 1, 1);

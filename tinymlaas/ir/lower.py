@@ -26,6 +26,7 @@ class Region:
     index: int = 0  # input/output/const number
     offset: int = 0  # byte offset in the arena or the kernel scratch area
     nbytes: int = 0
+    tensor: int = -1  # arena: which intermediate tensor (tensors with disjoint lifetimes may share bytes)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ def flatten(mod) -> Program:
                     base = storage[value.args[0]]
                     off = int(value.args[1].value)
                     shape = _ints(value.args[2])
-                    regions[var] = Region("arena", offset=base + off, nbytes=_nbytes(shape, value.args[3].value))
+                    regions[var] = Region("arena", offset=base + off, nbytes=_nbytes(shape, value.args[3].value),
+                                          tensor=len(regions))
                 elif name == "relax.builtin.alloc_tensor":
                     shape = _ints(value.args[0])
                     regions[var] = Region("output", index=len(outputs), nbytes=_nbytes(shape, value.args[1].value))

@@ -123,7 +123,7 @@ class VariantFeatures:
 
     def names(self) -> list[str]:
         per_impl = [f"{k}_share_{impl}" for impl in IMPLEMENTATIONS for k in ("macs", "bytes", "layers")]
-        return per_impl + ["log_macs", "log_bytes", "operators", "decompose_init", "unroll", "no_fusion"]
+        return per_impl + ["log_macs", "log_bytes", "operators", "decompose_init", "unroll", "no_fusion", "in_place"]
 
     def __call__(self, variant) -> list[float]:
         chosen = dict(variant.kernels)
@@ -138,7 +138,7 @@ class VariantFeatures:
         row = [v / total for impl in IMPLEMENTATIONS for v, total in zip(sums[impl], self.totals)]
         row += [math.log1p(self.totals[0]), math.log1p(self.totals[1]), self.totals[2]]
         return row + [float(variant.schedule.decompose_init), float(variant.schedule.unroll),
-                      float(variant.fusion == "none")]
+                      float(variant.fusion == "none"), float(variant.memory == "inplace")]
 
 
 @dataclass

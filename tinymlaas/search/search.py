@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -234,13 +234,15 @@ class _RayPool:
 
 
 def _seeds(space: Space) -> list[Variant]:
-    """What every search evaluates first: the default build, then each implementation on every layer."""
+    """What every search evaluates first: the default build, then each implementation on every layer, then the
+    default in the smallest arena."""
     impls = sorted({c for layer in space.layers for c in layer.choices})
     out = [space.default()]
     for impl in impls:
         v = space.uniform(impl)
         if v not in out:
             out.append(v)
+    out.append(replace(space.default(), memory="inplace"))
     return out
 
 

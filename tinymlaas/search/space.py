@@ -2,8 +2,8 @@
 the build is reproducible.
 
 Dimensions: the kernel implementation of every layer that offers more than one (`ops.registry.candidates`), the
-schedule applied to every TIR kernel (`ScheduleSpec`), and the fusion policy. A Variant is plain data: JSON in
-search results, the service's build records and the measurement database.
+schedule applied to every TIR kernel (`ScheduleSpec`), the fusion policy and the memory plan (`ir.memory`). A
+Variant is plain data: JSON in search results, the service's build records and the measurement database.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 FUSION = ("default", "none")  # TVM's FuseOps (elementwise tails into their producer), or one kernel per operator
+MEMORY = ("tvm", "optimal", "inplace")  # ir.memory.POLICIES
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,20 @@ class Variant:
     kernels: tuple[tuple[int, str], ...] = ()  # (TFLite operator index, implementation) for layers with a choice
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     fusion: str = "default"
+    memory: str = "tvm"
 
     def to_dict(self) -> dict:
-        return {"kernels": {str(i): impl for i, impl in self.kernels}, "schedule": self.schedule.to_dict(),
-                "fusion": self.fusion}
+        d = {"kernels": {str(i): impl for i, impl in self.kernels}, "schedule": self.schedule.to_dict(),
+             "fusion": self.fusion}
+        if self.memory != "tvm":  # absent in records made before memory plans were searched: same key
+            d["memory"] = self.memory
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Variant:
         return cls(kernels=tuple(sorted((int(i), str(impl)) for i, impl in (d.get("kernels") or {}).items())),
-                   schedule=ScheduleSpec(**(d.get("schedule") or {})), fusion=str(d.get("fusion", "default")))
+                   schedule=ScheduleSpec(**(d.get("schedule") or {})), fusion=str(d.get("fusion", "default")),
+                   memory=str(d.get("memory", "tvm")))
 
     def key(self) -> str:
         """A stable identity (equal variants, equal key)."""
@@ -57,7 +63,8 @@ class Variant:
                 + (" mixed" if len(impls) > 1 else "")
                 + (", init decomposed" if self.schedule.decompose_init else "")
                 + (f", unroll<={self.schedule.unroll}" if self.schedule.unroll else "")
-                + (", no fusion" if self.fusion == "none" else ""))
+                + (", no fusion" if self.fusion == "none" else "")
+                + (f", memory {self.memory}" if self.memory != "tvm" else ""))
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class Layer:
 
 @dataclass(frozen=True)
 class Space:
-    """The searchable dimensions: one integer per layer with a choice, then decompose_init, unroll, fusion."""
+    """The searchable dimensions: one integer per layer with a choice, then decompose_init, unroll, fusion, memory."""
     layers: tuple[Layer, ...]
 
     @classmethod
@@ -88,7 +95,7 @@ class Space:
     @property
     def bounds(self) -> list[int]:
         """The number of values of each dimension."""
-        return [len(layer.choices) for layer in self.layers] + [2, len(UNROLL), len(FUSION)]
+        return [len(layer.choices) for layer in self.layers] + [2, len(UNROLL), len(FUSION), len(MEMORY)]
 
     @property
     def size(self) -> int:
@@ -99,13 +106,15 @@ class Space:
         n = len(self.layers)
         kernels = tuple((layer.op_index, layer.choices[min(max(x[k], 0), len(layer.choices) - 1)])
                         for k, layer in enumerate(self.layers))
-        return Variant(kernels, ScheduleSpec(bool(x[n]), UNROLL[min(max(x[n + 1], 0), len(UNROLL) - 1)]),
-                       FUSION[min(max(x[n + 2], 0), len(FUSION) - 1)])
+        pick = lambda values, v: values[min(max(v, 0), len(values) - 1)]
+        return Variant(kernels, ScheduleSpec(bool(x[n]), pick(UNROLL, x[n + 1])), pick(FUSION, x[n + 2]),
+                       pick(MEMORY, x[n + 3]))
 
     def encode(self, v: Variant) -> list[int]:
         chosen = dict(v.kernels)
         return ([layer.choices.index(chosen.get(layer.op_index, layer.choices[0])) for layer in self.layers]
-                + [int(v.schedule.decompose_init), UNROLL.index(v.schedule.unroll), FUSION.index(v.fusion)])
+                + [int(v.schedule.decompose_init), UNROLL.index(v.schedule.unroll), FUSION.index(v.fusion),
+                   MEMORY.index(v.memory)])
 
     def default(self) -> Variant:
         return self.decode([0] * len(self.bounds))
