@@ -133,7 +133,9 @@ def _program(path: Path, target: str, kernels: str = "auto"):
 
 
 def _check_plan(original, planned):
-    """Every pair of arena tensors live at one step is disjoint, or the step's streaming kernel allows the overlap."""
+    """Every pair of arena tensors live at one step is disjoint, or the step between them allows the overlap: a
+    streaming C kernel called through its in-place twin (output at least its distance below the input), or an
+    elementwise TIR kernel without noalias (output at or below the input)."""
     spans: dict[int, list] = {}
     for k, step in enumerate(planned.steps):
         for r in memory._arena_regions(step):
@@ -141,12 +143,17 @@ def _check_plan(original, planned):
             assert r.offset + r.nbytes <= planned.arena_bytes and r.offset % ARENA_ALIGN == 0
     allowed = {}
     for k, (before, after) in enumerate(zip(original.steps, planned.steps)):
-        if isinstance(after, KernelCall) and after.kernel != before.kernel:
+        if not isinstance(after, KernelCall):
+            continue
+        if after.kernel != before.kernel:
             assert after.kernel == memory.STREAMING[before.kernel][1]
             distance = memory.STREAMING[before.kernel][0](planned.constants[after.args[-2].index])
             allowed[(after.args[-1].tensor, after.args[0].tensor)] = distance
-            x, y = spans[after.args[0].tensor], spans[after.args[-1].tensor]
-            assert x[1] == k == y[0]  # the input dies where the output is born
+        elif not after.extern and not planned.kernels[after.kernel].attrs["tirx.noalias"]:
+            assert original.kernels[after.kernel].attrs["tinymlaas.elementwise"]
+            for x in after.args[:-1]:
+                if x.kind == "arena":
+                    allowed[(after.args[-1].tensor, x.tensor)] = 0
     keys = sorted(spans)
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
@@ -154,6 +161,7 @@ def _check_plan(original, planned):
             if fa <= lb and fb <= la and oa < ob + nb and ob < oa + na:
                 (y, oy), (x, ox) = ((a, oa), (b, ob)) if (a, b) in allowed else ((b, ob), (a, oa))
                 assert (y, x) in allowed, f"tensors {a} and {b} overlap while both live"
+                assert spans[x][1] == spans[y][0]  # the input dies where the output is born
                 assert allowed[(y, x)] is None or oy + allowed[(y, x)] <= ox
 
 
@@ -165,9 +173,10 @@ def test_plans_of_the_mlperf_tiny_models_keep_live_tensors_apart(models_dir, nam
         _check_plan(program, plan)
     assert plans["tvm"] is program
     assert plans["inplace"].arena_bytes <= plans["optimal"].arena_bytes <= program.arena_bytes
-    assert memory.plan(program, "inplace") == plans["inplace"]  # the same plan every time
-    if name in ("kws_ref_model", "vww_96_int8"):  # depthwise-separable: in place saves a third or more
-        assert plans["inplace"].arena_bytes <= 0.67 * program.arena_bytes
+    again = memory.plan(program, "inplace")  # the same plan every time
+    assert again.steps == plans["inplace"].steps and again.arena_bytes == plans["inplace"].arena_bytes
+    if name != "ad01_int8":  # depthwise-separable or residual: in place saves about a third
+        assert plans["inplace"].arena_bytes <= 0.7 * program.arena_bytes
 
 
 def test_the_rows_kernel_is_never_overlapped(models_dir):

@@ -6,7 +6,8 @@ Policies (a dimension of the variant search, `--memory` on the command line):
            tensors alive at the same step overlap
   inplace  as optimal, and a kernel that streams (reads its input in raster order and writes its output behind
            the read front) may write over its input where the input dies: the output starts at least the kernel's
-           safe distance below the input. Such calls go to the kernel's in-place twin (no `restrict`).
+           safe distance below the input. Such C kernels are called through their in-place twins (no `restrict`);
+           elementwise TIR kernels (distance 0) lose LLVM's noalias.
 
 Offsets and sizes are in units of ARENA_ALIGN. The integer program (scipy's HiGHS) starts from a greedy first-fit
 plan, which is also the answer when the program is too large or runs out of nodes (a node limit, not a clock:
@@ -141,18 +142,31 @@ def _distance_units(nbytes: int | None) -> int | None:
     return _units(nbytes) if nbytes > 0 else -((-nbytes) // ARENA_ALIGN)
 
 
+def _elementwise(program: Program, step: KernelCall) -> bool:
+    """A TIR kernel declared elementwise by its converter (ops/int8.py _emit_kernel)."""
+    if step.extern:
+        return False
+    attrs = program.kernels[step.kernel].attrs
+    return bool(attrs and attrs.get("tinymlaas.elementwise"))
+
+
 def _in_place_pairs(program: Program, tensors: dict[int, Tensor]) -> list[InPlace]:
     pairs = []
     for k, step in enumerate(program.steps):
-        if not (isinstance(step, KernelCall) and step.extern and step.kernel in STREAMING):
+        if not isinstance(step, KernelCall):
             continue
-        x, y = step.args[0], step.args[-1]
-        if x.kind != "arena" or y.kind != "arena" or tensors[x.tensor].last != k or tensors[y.tensor].first != k:
+        args = [a for a in step.args if a.kind != "scratch"]  # a TIR kernel's scratch comes after its output
+        y = args[-1]
+        if step.extern and step.kernel in STREAMING:
+            candidates = [(args[0], _distance_units(STREAMING[step.kernel][0](program.constants[args[-2].index])))]
+        elif _elementwise(program, step):  # element i written after its inputs' element i is read, ascending
+            candidates = [(x, 0) for x in args[:-1] if x.nbytes == y.nbytes]
+        else:
             continue
-        if any(a.kind == "arena" and a.tensor == x.tensor for a in step.args[1:]):
-            continue
-        params = program.constants[step.args[-2].index]
-        pairs.append(InPlace(k, x.tensor, y.tensor, _distance_units(STREAMING[step.kernel][0](params))))
+        for x, distance in candidates:
+            if (x.kind == "arena" and y.kind == "arena" and tensors[x.tensor].last == k and tensors[y.tensor].first == k
+                    and sum(a.kind == "arena" and a.tensor == x.tensor for a in args) == 1):
+                pairs.append(InPlace(k, x.tensor, y.tensor, distance))
     return pairs
 
 
@@ -260,18 +274,29 @@ def plan(program: Program, policy: str = "tvm") -> Program:
     def place(r: Region) -> Region:
         return replace(r, offset=result.offsets[r.tensor]) if r.kind == "arena" else r
 
-    steps = []
+    steps, unaliased = [], set()
     for k, step in enumerate(program.steps):
         if isinstance(step, KernelCall):
-            step = replace(step, args=tuple(place(a) for a in step.args),
-                           kernel=STREAMING[step.kernel][1] if k in overlapped else step.kernel)
+            kernel = step.kernel
+            if k in overlapped and step.extern:
+                kernel = STREAMING[kernel][1]
+            elif k in overlapped:
+                unaliased.add(kernel)
+            step = replace(step, args=tuple(place(a) for a in step.args), kernel=kernel)
         else:
             step = replace(step, src=place(step.src), dst=place(step.dst))
         steps.append(step)
+    kernels = program.kernels
+    if unaliased:  # TVM declares buffer pointers noalias to LLVM: overlapped, the loop's order has to stay
+        import tvm
+
+        kernels = tvm.IRModule({gv: f.with_attr("tirx.noalias", False) if gv.name_hint in unaliased else f
+                                for gv, f in program.kernels.functions.items()})
     note = (f"memory: {policy} plan, arena {result.arena_bytes:,} B (TVM's plan {program.arena_bytes:,} B)"
             + (f", {len(overlapped)} layer(s) in place" if overlapped else "")
             + ("" if result.optimal else ", not proven optimal"))
-    return replace(program, steps=tuple(steps), arena_bytes=result.arena_bytes, notes=program.notes + (note,))
+    return replace(program, kernels=kernels, steps=tuple(steps), arena_bytes=result.arena_bytes,
+                   notes=program.notes + (note,))
 
 
 def plan_offsets(program: Program, policy: str) -> MemoryPlan:

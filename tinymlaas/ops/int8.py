@@ -109,11 +109,13 @@ def log_softmax_params(input_scale: float) -> tuple[int, int, int, int, int]:
     return multiplier, left_shift, reverse_multiplier, reverse_exponent, diff_min
 
 
-def _emit_kernel(ctx, fn, args, **attrs):
+def _emit_kernel(ctx, fn, args, *, elementwise: bool = False, **attrs):
     """Emit `fn` (a TE integer kernel) as one opaque call_tir.
 
     Not `bb.emit_te`: that builds PrimFuncs with int64 index types, which turns every integer
     expression into 64-bit arithmetic, slow on 32-bit cores.
+    elementwise: each output element depends only on the input elements of its own index (after broadcasting):
+    the memory planner may write the output over an input of its size (ir/memory.py).
     """
     from tvm import relax, te
 
@@ -125,6 +127,7 @@ def _emit_kernel(ctx, fn, args, **attrs):
     func = te.create_prim_func(holders + [out]).with_attrs({
         "op_pattern": 8,  # kOpaque: one kernel per operator
         "tinymlaas.int32_indices": True,  # int32 indices already; its int64 arithmetic is meant (64-bit products)
+        **({"tinymlaas.elementwise": True} if elementwise else {}),
     })
     gv = ctx.bb.add_func(func, f"op{ctx.op.index}_{ctx.op.opcode.lower()}")
     return ctx.emit(relax.call_tir(gv, list(args), relax.TensorType([int(v) for v in out.shape], out.dtype)))
@@ -403,7 +406,7 @@ def add(ctx, op, impl):
     mb, shb = quantize_multiplier(b_t.scale / twice_max)
     mo, sho = quantize_multiplier(twice_max / ((1 << left_shift) * out_t.scale))
     lo, hi = _act(ctx, op)
-    y = _emit_kernel(ctx, k.add_s8, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=out_t.shape,
+    y = _emit_kernel(ctx, k.add_s8, [ctx.input(op, 0), ctx.input(op, 1)], elementwise=True, out_shape=out_t.shape,
                      subtract=op.opcode == "SUB", left_shift=left_shift,
                      zp_a=a_t.zero_point, zp_b=b_t.zero_point, zp_out=out_t.zero_point, mult_a=ma, shift_a=sha,
                      mult_b=mb, shift_b=shb, mult_out=mo, shift_out=sho, act_min=lo, act_max=hi)
@@ -417,7 +420,8 @@ def mul(ctx, op, impl):
     # in float32, as the interpreter computes it (its scales are floats; only the quotient is widened to double)
     m, s = quantize_multiplier(float(np.float32(a_t.scale) * np.float32(b_t.scale) / np.float32(out_t.scale)))
     lo, hi = _act(ctx, op)
-    y = _emit_kernel(ctx, k.mul_s8, [ctx.input(op, 0), ctx.input(op, 1)], out_shape=out_t.shape, zp_a=a_t.zero_point,
+    y = _emit_kernel(ctx, k.mul_s8, [ctx.input(op, 0), ctx.input(op, 1)], elementwise=True, out_shape=out_t.shape,
+                     zp_a=a_t.zero_point,
                      zp_b=b_t.zero_point, zp_out=out_t.zero_point, mult=m, shift=s, act_min=lo, act_max=hi,
                      out_dtype=out_t.dtype)
     ctx.set_output(op, 0, y)
@@ -560,7 +564,7 @@ def table_lookup(ctx, op, impl):
     if src.dtype != "int8":
         raise UnsupportedOperator([f"{op.opcode} #{op.index} on {src.dtype} input"], ctx.graph.name)
     table = interpreter_table(ctx, op)
-    y = _emit_kernel(ctx, k.lookup_s8, [ctx.input(op, 0), relax.const(table)])
+    y = _emit_kernel(ctx, k.lookup_s8, [ctx.input(op, 0), relax.const(table)], elementwise=True)
     ctx.set_output(op, 0, y)
 
 
