@@ -5,7 +5,8 @@ Usage: python benchmarks/search.py [--models DIR] [--targets cortex-m4,rv32imac,
                                    [--out FILE]
 
 Every point is built, run in QEMU (exact instructions) and verified bit-exact against the interpreter. The JSON
-holds, per model and target: the default build and the chosen variant (instructions, RAM, flash, fidelity), the
+holds, per model and target: the default build, the chosen variant (instructions, RAM, flash, fidelity) and the
+front point of least RAM (the memory plan is one of the dimensions), the
 budget, the search's wall time, the Pareto front's size, and the ratio to TFLite Micro measured in the same QEMU
 (the project's baselines: the reference kernels on rv32imafc, CMSIS-NN on cortex-m4). On an Ibex target the guided
 strategy runs: candidates in QEMU, the best two and the default build confirmed on the Verilator model of the RTL,
@@ -81,6 +82,10 @@ def main() -> None:
                 "default_vs_tflm": round(d.instructions / TFLM[target][name], 3),
                 "strategy": strategy,
             }
+            small = min((r.points[i] for i in r.front), key=lambda p: (p.ram, p.instructions))
+            row["smallest_ram"] = {"variant": small.label, "spec": small.variant, "instructions": small.instructions,
+                                   "ram": small.ram, "flash": small.flash, "ram_vs_default": round(small.ram / d.ram, 3),
+                                   "instructions_vs_default": round(small.instructions / d.instructions, 3)}
             if r.confirmed:  # true cycles from the RTL model: the default build and the chosen one
                 row["default"]["cycles"], row["best"]["cycles"] = d.cycles, c.cycles
                 row["best_vs_default_cycles"] = round(c.cycles / d.cycles, 3)
@@ -92,7 +97,8 @@ def main() -> None:
                   f"({row['best_vs_default']:.3f}x; "
                   f"{row['best_vs_tflm']:.3f}x TFLM{cycles}) {c.label} [{wall:.0f} s]", flush=True)
     out.write_text(json.dumps({
-        "what": "variant search (kernels per layer, schedule, fusion) on the int8 MLPerf Tiny models, every point "
+        "what": "variant search (kernels per layer, schedule, fusion, memory plan) on the int8 MLPerf Tiny models, "
+                "every point "
                 "built, run in QEMU and verified bit-exact",
         "tinymlaas": __version__, "host": platform.node(), "python": platform.python_version(),
         "strategy": args.strategy, "ibex_strategy": "guided", "seed": args.seed, "workers": args.workers,
