@@ -219,6 +219,7 @@ def _greedy(tensors: list[Tensor], conflicts, rules: _Rules) -> dict[int, int]:
 def _ilp(tensors: list[Tensor], conflicts, rules: _Rules, bound: int) -> tuple[dict[int, int], bool] | None:
     """min arena s.t. conflicting tensors are disjoint (or in place within distance). None: no better answer."""
     from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_array
 
     index = {t.key: i for i, t in enumerate(tensors)}
     pairs = [(a, b) for a, b in conflicts
@@ -227,14 +228,10 @@ def _ilp(tensors: list[Tensor], conflicts, rules: _Rules, bound: int) -> tuple[d
     m = nt  # the arena's size, after the offsets
     reaches = [abs(p.distance) for p in rules.pair.values() if p.distance is not None]
     big = 2 * bound + max(reaches, default=0) + 1  # relaxes a disjunct that z switches off
-    rows, lo, hi = [], [], []
+    entries, hi = [], []  # (row, column, coefficient) of a sparse matrix: two rows per pair
 
     def row(coeffs: dict, upper: float):
-        r = np.zeros(nt + 1 + nz)
-        for j, v in coeffs.items():
-            r[j] += v
-        rows.append(r)
-        lo.append(-np.inf)
+        entries.extend((len(hi), j, v) for j, v in coeffs.items())
         hi.append(upper)
 
     for t in tensors:  # offset + size <= arena
@@ -250,7 +247,9 @@ def _ilp(tensors: list[Tensor], conflicts, rules: _Rules, bound: int) -> tuple[d
     c[m] = 1
     integrality = np.ones(nt + 1 + nz)
     upper = np.concatenate([np.full(nt + 1, bound), np.ones(nz)])
-    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=integrality,
+    r, col, v = zip(*entries)
+    a = coo_array((v, (r, col)), shape=(len(hi), nt + 1 + nz)).tocsr()
+    res = milp(c, constraints=LinearConstraint(a, -np.inf, np.array(hi)), integrality=integrality,
                bounds=Bounds(np.zeros(nt + 1 + nz), upper),
                options={"node_limit": NODE_LIMIT, "presolve": True, "time_limit": 600.0})
     if res.x is None:
