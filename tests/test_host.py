@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import cli, model_path
 
+from tinymlaas.backends.host.build import ROUNDS
 from tinymlaas.errors import BuildFailure, UnsupportedOperator
 from tinymlaas.pipeline import CompileOptions, compile_model
 
@@ -142,6 +143,6 @@ def test_cpu_tuning_stops_at_its_time_budget_and_a_rebuild_reuses_the_database(t
     first = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "a", opts)
     ran = first.tuning["ran"]
     assert first.verified and ran["rounds"] == 1 and ran["stopped_by"] == "minutes"
-    assert 0 < ran["trials"] <= 4 * ran["tasks"]  # the first round's share: 4 trials per function
+    assert 0 < ran["trials"] <= ROUNDS[0] * ran["tasks"]  # the first round's share per function
     second = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "b", opts)
     assert second.tuning["reused"] and second.tuning["ran"] == {} and second.verified

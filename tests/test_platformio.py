@@ -23,7 +23,7 @@ def _instructions(output: str) -> tuple[int, int, int]:
     return tuple(int(g.replace(",", "")) for g in m.groups())
 
 
-@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+@pytest.mark.parametrize("target", ["cortex-m4", pytest.param("rv32imac", marks=pytest.mark.slow)])
 def test_kws_platformio_project_builds_offline_and_runs_in_qemu_and_renode(target, pio_home, tmp_path):
     build = tmp_path / "build"
     r = cli("compile", model_path("kws_ref_model"), "--target", target, "--inputs", "2", "-o", build, "--json",

@@ -32,6 +32,7 @@ def measured(tmp_path_factory):
     return layer_samples(store.rows())
 
 
+@pytest.mark.slow  # the fixture profiles 16 graphs on both Ibex cores (80 s on 2-core CI)
 @pytest.mark.parametrize("use_qemu, min_rank_correlation, max_median_error", [(True, 0.93, 0.25),
                                                                                 (False, 0.83, 0.35)])
 def test_predicts_layers_of_unseen_models(measured, use_qemu, min_rank_correlation, max_median_error):
@@ -49,6 +50,7 @@ def test_predicts_layers_of_unseen_models(measured, use_qemu, min_rank_correlati
     assert np.median(np.abs(predicted - truth) / truth) <= max_median_error
 
 
+@pytest.mark.slow
 def test_device_measurements_outrank_simulated_ones(measured):
     """The same layers measured twice, a board's counter saying twice what the simulation says: the prediction
     leans to the board's figure."""
@@ -62,6 +64,7 @@ def test_device_measurements_outrank_simulated_ones(measured):
     assert np.all(ratio > 1.5), ratio
 
 
+@pytest.mark.slow
 def test_ranks_candidates_fastest_first(measured):
     p = Predictor().fit(measured)
     layers = sorted(measured, key=lambda s: s.cycles)

@@ -123,10 +123,36 @@ def tuning_folder(target: HostTarget, model_sha256: str, precision: str, base: P
 
 # trials per function in each tuning round: small first rounds, so a time budget (checked between rounds) can stop
 # early; on an H100 one round of 32 over resnet18's functions took more than 15 minutes
-ROUNDS = (4, 8, 16, 32, 64)
-# meta_schedule's default of 30 s per candidate build timed out 61 of 94 CUDA candidates on the lent H100 (even
-# elementwise ones: its builder workers start slowly), leaving the database with the few that built
-BUILD_TIMEOUT_S = 180.0
+ROUNDS = (32, 64, 128)
+BUILD_THREADS = 16
+
+
+def in_process_builder(threads: int = BUILD_THREADS):
+    """A meta_schedule builder that builds candidates in threads of this process (nvcc runs as subprocesses).
+
+    meta_schedule's LocalBuilder starts a fresh pool of processes for every batch of candidates, and each imports TVM
+    (8-10 s on the lent H100's host, more when 16 start at once): on the H100 a batch of 16 took 47 s to build, and
+    with its 30 s timeout 61 of 94 candidates of one resnet18 round failed, even elementwise ones. Built here, a
+    candidate costs its compilation only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    def one(build_input):
+        try:
+            return BuilderResult(default_export(default_build(build_input.mod, build_input.target, None)), None)
+        except Exception as e:  # noqa: BLE001 - a candidate that does not build is a failed trial, not a failed tuning
+            return BuilderResult(None, f"in-process builder: {type(e).__name__}: {str(e)[-300:]}")
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                return list(pool.map(one, build_inputs))
+
+    return InProcessBuilder()
 
 
 def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = None,
@@ -153,7 +179,7 @@ def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = No
         n = min(trials - asked, share * max(1, len(tasks)))
         ms.relax_integration.tune_relax(mod, {}, tvm_target, str(work_dir), max_trials_global=n,
                                         max_trials_per_task=share, seed=seed + rounds,
-                                        builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S))
+                                        builder=in_process_builder())
         asked, given, rounds = asked + n, given + share, rounds + 1
     # what was measured (a function with few possible schedules runs out of candidates before its share)
     measured = len(records.read_text().splitlines()) if records.exists() else 0
