@@ -44,9 +44,13 @@ def paho(user: str, will: str | None = None) -> mqtt.Client:
 def test_clients_with_descriptors_past_1023_connect_and_exchange_messages(loop, tmp_path):
     broker = make_broker("embedded", tmp_path, free_port())
     broker.start()
-    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the next sockets are numbered > 1023
+    filler = []
     try:
         a, b = paho("dev-a"), paho(SERVER_USER)
+        # every free descriptor below 1024 taken, just before connecting (threads of earlier tests may still be
+        # closing theirs): the clients' sockets are numbered > 1023
+        while not filler or filler[-1] <= 1023:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
         for c in (a, b):
             loop.connect(c, "127.0.0.1", broker.port, keepalive=5)
         wait_for(lambda: a.connects and b.connects, 10, "both clients to connect")
