@@ -194,14 +194,15 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
                     fuse=variant is None or variant.fusion != "none")
     policy = variant.memory if variant is not None else options.memory
-    program = plan_memory(program, "tvm" if policy == "auto" else policy)
+    unplanned = program
 
     with _staged(out) as work:
         stage("codegen")
-        program, kernels = build_kernels(program, target, work)
+        program, kernels = build_kernels(plan_memory(unplanned, "tvm" if policy == "auto" else policy), target, work)
         ram = program.arena_bytes + program.scratch_bytes + program.state_bytes
         if policy == "auto" and ram > _limits(target, options)[1]:  # the smallest arena we can plan, before giving up
-            program = plan_memory(program, "inplace")
+            # built again: an overlapped elementwise kernel is compiled without noalias
+            program, kernels = build_kernels(plan_memory(unplanned, "inplace"), target, work)
             notes.append(f"TVM's arena plan needs {_fmt(ram)} B of RAM, over the budget of "
                          f"{_fmt(_limits(target, options)[1])} B: planned in place")
         notes.extend(program.notes)
