@@ -2,6 +2,7 @@
 and talk, a restarted broker is reconnected to, and a power cut (unlike a clean stop) fires the last will.
 Real brokers and paho clients on loopback."""
 
+import gc
 import json
 import os
 
@@ -45,15 +46,24 @@ def test_clients_with_descriptors_past_1023_connect_and_exchange_messages(loop, 
     broker = make_broker("embedded", tmp_path, free_port())
     broker.start()
     filler = []
+    a, b = paho("dev-a"), paho(SERVER_USER)
     try:
-        a, b = paho("dev-a"), paho(SERVER_USER)
-        # every free descriptor below 1024 taken, just before connecting (threads of earlier tests may still be
-        # closing theirs): the clients' sockets are numbered > 1023
-        while not filler or filler[-1] <= 1023:
+        # every free descriptor below 1024 taken just before connecting, so that the clients' sockets are numbered
+        # > 1023; a descriptor freed meanwhile (the garbage collector closing an earlier test's file) is taken too,
+        # and the clients connect again
+        for _ in range(3):
+            gc.collect()
+            while not filler or filler[-1] <= 1023:
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+            for c in (a, b):
+                loop.connect(c, "127.0.0.1", broker.port, keepalive=5)
+            wait_for(lambda a=a, b=b: a.connects and b.connects, 10, "both clients to connect")
+            if min(a.socket().fileno(), b.socket().fileno()) > 1023:
+                break
+            for c in (a, b):
+                loop.disconnect(c)
+            a, b = paho("dev-a"), paho(SERVER_USER)
             filler.append(os.open(os.devnull, os.O_RDONLY))
-        for c in (a, b):
-            loop.connect(c, "127.0.0.1", broker.port, keepalive=5)
-        wait_for(lambda: a.connects and b.connects, 10, "both clients to connect")
         assert min(a.socket().fileno(), b.socket().fileno()) > 1023
         wait_for(lambda: len(broker_subscribers_ready(a, b)) == 2, 5, "subscriptions")
         a.publish(f"{home('dev-a')}/x", b"hello", qos=1)
