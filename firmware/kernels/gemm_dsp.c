@@ -794,24 +794,27 @@ static inline __attribute__((always_inline)) void depthwise3x3_layer(const int8_
     }
 }
 
+/* convolutions: double rounding only; the clamp decided once, each case its own copy of the loops */
+#define TINYMLAAS_DEPTHWISE3X3(wide)                                                                     \
+    do {                                                                                                 \
+        if (params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127)                                         \
+            depthwise3x3_layer(input, weights, rq, params, output, wide, 1);                              \
+        else                                                                                             \
+            depthwise3x3_layer(input, weights, rq, params, output, wide, 0);                              \
+    } while (0)
+
 void tinymlaas_depthwise3x3_w8(const int8_t *restrict input, const int8_t *restrict weights,
                                const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
                                int8_t *restrict output)
 {
-    if (params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127) /* convolutions: double rounding only */
-        depthwise3x3_layer(input, weights, rq, params, output, 0, 1);
-    else
-        depthwise3x3_layer(input, weights, rq, params, output, 0, 0);
+    TINYMLAAS_DEPTHWISE3X3(0);
 }
 
 void tinymlaas_depthwise3x3_w16(const int8_t *restrict input, const int16_t *restrict weights,
                                 const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
                                 int8_t *restrict output)
 {
-    if (params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127)
-        depthwise3x3_layer(input, weights, rq, params, output, 1, 1);
-    else
-        depthwise3x3_layer(input, weights, rq, params, output, 1, 0);
+    TINYMLAAS_DEPTHWISE3X3(1);
 }
 
 /* in place: pixels in raster order, each pixel's four channels written after their nine taps are read */
@@ -819,21 +822,16 @@ void tinymlaas_depthwise3x3_w8_inplace(const int8_t *input, const int8_t *restri
                                        const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
                                        int8_t *output)
 {
-    if (params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127)
-        depthwise3x3_layer(input, weights, rq, params, output, 0, 1);
-    else
-        depthwise3x3_layer(input, weights, rq, params, output, 0, 0);
+    TINYMLAAS_DEPTHWISE3X3(0);
 }
 
 void tinymlaas_depthwise3x3_w16_inplace(const int8_t *input, const int16_t *restrict weights,
                                         const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
                                         int8_t *output)
 {
-    if (params[P_ACT_MIN] > -128 || params[P_ACT_MAX] < 127)
-        depthwise3x3_layer(input, weights, rq, params, output, 1, 1);
-    else
-        depthwise3x3_layer(input, weights, rq, params, output, 1, 0);
+    TINYMLAAS_DEPTHWISE3X3(1);
 }
+#undef TINYMLAAS_DEPTHWISE3X3
 
 #if defined(__ARM_FEATURE_DSP) /* the compiler offers this kernel on DSP cores only */
 /*
