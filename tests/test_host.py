@@ -146,3 +146,33 @@ def test_cpu_tuning_stops_at_its_time_budget_and_a_rebuild_reuses_the_database(t
     assert 0 < ran["trials"] <= ROUNDS[0] * ran["tasks"]  # the first round's share per function
     second = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "b", opts)
     assert second.tuning["reused"] and second.tuning["ran"] == {} and second.verified
+
+
+def test_tuning_takes_the_heaviest_functions_only():
+    """resnet8's fused functions on the CPU: the tuner takes the fewest, heaviest first, that hold 95% of the FLOPs,
+    and leaves out no function heavier than one it takes."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir.analysis import estimate_tir_flops
+    from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
+
+    from tinymlaas.backends.host.build import FLOP_SHARE, _public_names, heaviest_tasks
+    from tinymlaas.frontend.cleanup import clean
+    from tinymlaas.frontend.tflite import load_tflite
+    from tinymlaas.frontend.to_relax import to_relax
+    from tinymlaas.targets import get_target
+
+    graph = clean(load_tflite(CORPUS / "resnet8_float32.tflite").graph, shapes_from_interpreter=True)
+    target = tvm.target.Target("llvm")
+    with target:
+        mod = relax.get_pipeline("zero")(relax.transform.DecomposeOpsForInference()(
+            _public_names(to_relax(graph, get_target("cpu-host"), "tir"))))
+    tasks = extract_tasks(mod, target)
+    flops = {t.task_name: float(estimate_tir_flops(t.dispatched[0])) * int(t.weight) for t in tasks}
+    chosen = [t.task_name for t in heaviest_tasks(tasks)]
+    total = sum(flops.values())
+    assert 0 < len(chosen) < len(tasks)
+    assert sum(flops[n] for n in chosen) >= FLOP_SHARE * total
+    assert sum(flops[n] for n in chosen[:-1]) < FLOP_SHARE * total  # the fewest
+    assert min(flops[n] for n in chosen) >= max(f for n, f in flops.items() if n not in chosen)
+    assert any("conv" in n for n in chosen) and not any(n.startswith("add") for n in chosen)

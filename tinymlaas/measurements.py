@@ -106,11 +106,13 @@ class MeasurementStore:
     def record_profile(self, profile, model_file: Path, target, source: str = "profile") -> list[int]:
         """One row per step of a Profile: the estimate, and a second row with the true cycles where there are."""
         digest, rows = file_hash(model_file), []
+        variant = profile.variant or {}
+        schedule = {**variant.get("schedule", {}), "fusion": variant.get("fusion", "default")} if variant else None
         for s in profile.steps:
             common = {"source": source, "model_hash": digest, "model_name": profile.model, "target": profile.target,
-                          "core": target.core, "layer": s.step, "op_index": s.op_index, "opcode": s.opcode,
-                          "implementation": s.implementation, "quantization": profile.quantization, "features": s.features,
-                          "instructions": s.instructions, "memory_accesses": s.memory_accesses}
+                      "core": target.core, "layer": s.step, "op_index": s.op_index, "opcode": s.opcode,
+                      "implementation": s.implementation, "schedule": schedule, "quantization": profile.quantization,
+                      "features": s.features, "instructions": s.instructions, "memory_accesses": s.memory_accesses}
             rows.append(Measurement(**common, runner="qemu", cycles=s.cycles_estimate, cycles_kind="estimate",
                                     cycles_source=profile.estimate_method))
             if s.cycles is not None:

@@ -28,7 +28,7 @@ from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
 from tinymlaas.frontend.to_relax import to_relax
 from tinymlaas.ir.lower import lower
 from tinymlaas.ir.memory import plan as plan_memory
-from tinymlaas.ir.schedule import default_schedule, schedule_for
+from tinymlaas.ir.schedule import schedule_for
 from tinymlaas.runners import emulator_for
 from tinymlaas.targets import Target, get_target
 from tinymlaas.verify import VerifiedReport, compare, make_inputs, reference_outputs, reference_resolver, split_outputs
@@ -360,12 +360,15 @@ def _publish(report, model, work: Path, out: Path) -> None:
     report.artifacts["dir"] = str(out)
 
 
-def _build(model_path, target_name: str, workdir: Path, kernels: str):
+def _build(model_path, target_name: str, workdir: Path, kernels: str, variant=None):
+    """variant (search.space.Variant): its kernels, schedule and fusion instead of `kernels` (its memory plan is
+    TVM's: the per-step counts of the in-place twins are the same loops')."""
     target = get_target(target_name)
     model = load_tflite(model_path)
     workdir.mkdir(parents=True, exist_ok=True)
-    relax_mod, lowering, _ = import_model(model, target, kernels=kernels)
-    program = lower(relax_mod, schedule=default_schedule)
+    relax_mod, lowering, _ = import_model(model, target, kernels=dict(variant.kernels) if variant else kernels)
+    program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant else None),
+                    fuse=variant is None or variant.fusion != "none")
     program, built = build_kernels(program, target, workdir)
     return target, model, program, built, generate_driver(model, program, built, workdir), lowering
 
@@ -405,6 +408,7 @@ class Profile:
     fallback_blocks: int  # blocks llvm-mca could not read (counted one cycle per instruction)
     quantization: str = "float32"  # float32, int8, int16x8 or mixed: the operators' precisions
     verified: bool = False  # the profiled runs' outputs (QEMU's, and Ibex's) match the interpreter's
+    variant: dict | None = None  # the search.space.Variant profiled, if one was given
 
     def totals(self) -> dict:
         tot = {"instructions": sum(s.instructions for s in self.steps),
@@ -416,17 +420,17 @@ class Profile:
 
 
 def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "auto",
-                  emulator: str | None = None) -> Profile:
+                  emulator: str | None = None, variant=None) -> Profile:
     """Instructions, memory accesses and cycles of each step of one inference, from one profiled build: exact
     counts and per-block counts from QEMU, the llvm-mca estimate from those, and true cycles on Ibex (targets
-    simulated from RTL, or emulator="ibex")."""
+    simulated from RTL, or emulator="ibex"). variant: a search.space.Variant to build instead of `kernels`."""
     from tinymlaas.frontend.to_relax import implementations
     from tinymlaas.ir.lower import KernelCall
     from tinymlaas.runners import mca
     from tinymlaas.runners.qemu import QemuEmulator
     from tinymlaas.search.features import layer_features
 
-    target, model, program, built, driver, lowering = _build(model_path, target_name, workdir, kernels)
+    target, model, program, built, driver, lowering = _build(model_path, target_name, workdir, kernels, variant)
     batches = make_inputs(model, 1, 0)
     (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for x in batches[0]))
     want = reference_outputs(model, batches)
@@ -451,7 +455,7 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
         true_cycles, source = [r.cycles for r in rtl_run.regions], f"Ibex '{rtl.config}' RTL (Verilator)"
         ok = ok and verified()
     graph = clean(model.graph, shapes_from_interpreter=True)
-    chosen = implementations(graph, target, kernels)
+    chosen = implementations(graph, target, dict(variant.kernels) if variant else kernels)
     ops = {op.index: op for op in graph.operators}
     precisions = {graph.precision(op) for op in graph.operators} or {"float32"}
     quantization = "mixed" if len(precisions) > 1 else precisions.pop().replace("int16", "int16x8")
@@ -465,7 +469,7 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
             cycles_estimate=estimate, cycles=cycles,
             features=layer_features(graph, ops[op]) if op in ops else None))
     return Profile(model.name, target.name, tuple(steps), f"{cost_model.name} x QEMU block counts", source,
-                   fallback_blocks, quantization, ok)
+                   fallback_blocks, quantization, ok, variant.to_dict() if variant else None)
 
 
 def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, seed: int = 0,

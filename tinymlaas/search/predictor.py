@@ -1,10 +1,12 @@
 """The learned runtime predictor: a layer's features -> cycles on a core, gradient-boosted trees (LightGBM).
 
 Trained from the measurement database (tinymlaas.measurements): per-layer rows with their static features
-(operator, precision, kernel variant, shapes, bytes, MACs), the core, and optionally QEMU's exact statistics
-(instructions, memory accesses) when a candidate has been built. The label is cycles; rows measured on a device
-weigh more than true cycles from RTL simulation, and those more than estimates ("device outranks estimate").
-The search uses it to rank candidates so that only the promising ones are built and run.
+(operator, precision, kernel variant, shapes, bytes, MACs, loop geometry), the schedule and fusion they were built
+with, the core, and optionally QEMU's exact statistics (instructions, memory accesses) when a candidate has been
+built. The label is cycles (or QEMU's instructions, where those are the cost); rows measured on a device weigh more
+than true cycles from RTL simulation, and those more than estimates ("device outranks estimate").
+A variant's predicted cost is the sum of its layers' (LayerwiseCost): layers of one shape cost the same in any
+model, so what is learned on some models ranks the variants of another.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tinymlaas.search.features import GEOMETRY
+
 WEIGHTS = {"device": 4.0, "true": 2.0, "estimate": 1.0}
 CATEGORICAL = ("core", "opcode", "precision", "implementation")
-NUMERIC = ("macs", "bytes_in", "bytes_out", "const_bytes", "output_elements")
+NUMERIC = ("macs", "bytes_in", "bytes_out", "const_bytes", "output_elements", *GEOMETRY)
+SCHEDULE = ("decompose_init", "unroll", "no_fusion")
 QEMU = ("instructions", "memory_accesses")
+LABELS = ("cycles", "instructions")
 
 
 @dataclass(frozen=True)
@@ -31,18 +37,24 @@ class Sample:
     cycles: float | None = None
     cycles_kind: str | None = None
     model_hash: str | None = None
+    schedule: dict | None = None  # the variant's schedule parameters and fusion policy (None: the defaults)
 
     @classmethod
     def from_row(cls, row) -> Sample:
         return cls(core=row.core, features=row.features or {}, implementation=row.implementation,
                    instructions=row.instructions, memory_accesses=row.memory_accesses, cycles=row.cycles,
-                   cycles_kind=row.cycles_kind, model_hash=row.model_hash)
+                   cycles_kind=row.cycles_kind, model_hash=row.model_hash, schedule=row.schedule)
+
+    def label(self, kind: str) -> float | None:
+        return self.cycles if kind == "cycles" else self.instructions
 
 
 @dataclass
 class Predictor:
-    """use_qemu: also learn from the exact instruction and memory-access counts (a built candidate)."""
+    """use_qemu: also learn from the exact instruction and memory-access counts (a built candidate); label: what is
+    predicted, cycles or QEMU's instructions (the cost on targets without a cycle model)."""
     use_qemu: bool = True
+    label: str = "cycles"
     categories: dict = field(default_factory=dict)  # categorical column -> its values, in code order
     booster: object = None
 
@@ -53,6 +65,9 @@ class Predictor:
         row = [float(self.categories[c].index(values[c])) if values[c] in self.categories[c] else math.nan
                for c in CATEGORICAL]
         row += [math.log1p(float(f.get(k) or 0)) for k in NUMERIC]
+        sched = s.schedule or {}
+        row += [float(bool(sched.get("decompose_init"))), float(sched.get("unroll") or 0),
+                float(sched.get("fusion") == "none")]
         if self.use_qemu:
             row += [math.log1p(float(getattr(s, k))) if getattr(s, k) is not None else math.nan for k in QEMU]
         return row
@@ -63,12 +78,14 @@ class Predictor:
     def fit(self, samples: list[Sample], rounds: int = 300, seed: int = 0) -> Predictor:
         import lightgbm as lgb
 
-        samples = [s for s in samples if s.cycles and s.cycles > 0 and s.features]
+        if self.label not in LABELS:
+            raise ValueError(f"label {self.label!r}: one of {', '.join(LABELS)}")
+        samples = [s for s in samples if (s.label(self.label) or 0) > 0 and s.features]
         if len(samples) < 8:
             raise ValueError(f"{len(samples)} measured layers: too few to learn from (at least 8)")
         self.categories = {c: sorted({v for v in (_category(s, c) for s in samples) if v is not None})
                            for c in CATEGORICAL}
-        data = lgb.Dataset(self._matrix(samples), label=np.log([s.cycles for s in samples]),
+        data = lgb.Dataset(self._matrix(samples), label=np.log([s.label(self.label) for s in samples]),
                            weight=[WEIGHTS.get(s.cycles_kind, 1.0) for s in samples],
                            categorical_feature=list(range(len(CATEGORICAL))), free_raw_data=False)
         params = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 2,
@@ -78,7 +95,7 @@ class Predictor:
         return self
 
     def predict(self, samples: list[Sample]) -> np.ndarray:
-        """Predicted cycles per sample."""
+        """Predicted cycles (or instructions) per sample."""
         if self.booster is None:
             raise ValueError("the predictor is not trained")
         return np.exp(self.booster.predict(self._matrix(samples)))
@@ -98,6 +115,40 @@ def layer_samples(rows, cycles_kinds=("true", "device")) -> list[Sample]:
     """Per-layer measurements (with features) of the given kinds, from measurement-database rows."""
     return [Sample.from_row(r) for r in rows
             if r.layer is not None and r.features and r.cycles_kind in cycles_kinds and r.cycles]
+
+
+def profile_samples(profile, core: str, model_hash: str | None = None) -> list[Sample]:
+    """The layers of a pipeline.Profile as samples (instructions always; true cycles where the core was simulated
+    from its RTL), with the schedule and fusion of the variant profiled."""
+    variant = profile.variant or {}
+    schedule = {**variant.get("schedule", {}), "fusion": variant.get("fusion", "default")}
+    return [Sample(core, s.features, s.implementation, s.instructions, s.memory_accesses, s.cycles,
+                   "true" if s.cycles is not None else None, model_hash or profile.model, schedule)
+            for s in profile.steps if s.features]
+
+
+class LayerwiseCost:
+    """A variant's predicted cost from static features alone: the sum over the model's operators of the layer
+    predictor's cost for the implementation the variant gives each, under its schedule and fusion."""
+
+    def __init__(self, predictor: Predictor, graph, target):
+        from tinymlaas.search.features import layer_features
+
+        self.predictor, self.graph, self.target = predictor, graph, target
+        self.features = {op.index: layer_features(graph, op) for op in graph.operators}
+
+    def samples(self, variant) -> list[Sample]:
+        from tinymlaas.frontend.to_relax import implementations
+
+        chosen = implementations(self.graph, self.target, dict(variant.kernels))
+        schedule = {**variant.schedule.to_dict(), "fusion": variant.fusion}
+        return [Sample(self.target.core, f, chosen.get(i), schedule=schedule) for i, f in self.features.items()]
+
+    def __call__(self, variants) -> np.ndarray:
+        """Predicted cost of each variant."""
+        rows = [self.samples(v) for v in variants]
+        flat = self.predictor.predict([s for r in rows for s in r])
+        return np.add.reduceat(flat, np.cumsum([0] + [len(r) for r in rows[:-1]]))
 
 
 # The variant-level model: what the search's guided strategy screens candidates with. Its features do not name the
