@@ -38,7 +38,7 @@ from tinymlaas.frontend.tflite import load_tflite
 from tinymlaas.pipeline import profile_model
 from tinymlaas.search.predictor import LayerwiseCost, Predictor, VariantFeatures, VariantModel, profile_samples, ranking_quality
 from tinymlaas.search.search import _evaluate, search
-from tinymlaas.search.space import ScheduleSpec, Space, Variant
+from tinymlaas.search.space import Space, Variant
 from tinymlaas.targets import get_target
 
 MODELS = ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant", "ad01_int8"]
@@ -63,18 +63,6 @@ def measured(path: Path, target: str, points: int, seed: int, workers: int) -> t
     return variants, [featurize(v) for v in variants], [p.cost / base for p in ok]
 
 
-def profiled_variants(space: Space, schedules: bool = True) -> list[Variant]:
-    """What is profiled per model to teach the layer predictor: each implementation on every layer; with
-    `schedules`, TIR kernels under the other schedules and both without fusion."""
-    impls = sorted({c for layer in space.layers for c in layer.choices})
-    out = [space.default()] + [space.uniform(impl) for impl in impls]
-    if schedules:
-        tir = space.uniform("tir")
-        out += [Variant(tir.kernels, ScheduleSpec(d, u)) for d, u in ((True, 0), (False, 4), (False, 16))]
-        out += [Variant(v.kernels, fusion="none") for v in (space.default(), tir)]
-    return list(dict.fromkeys(out))
-
-
 def _profile(job):
     path, target, variant = job
     with tempfile.TemporaryDirectory(prefix="tinymlaas-predictor-") as tmp:
@@ -89,7 +77,7 @@ def layers_profiled(path: Path, target: str, schedules: bool, workers: int) -> l
     from concurrent.futures import ProcessPoolExecutor
 
     _, space = graph_and_space(path, target)
-    jobs = [(path, target, v) for v in profiled_variants(space, schedules)]
+    jobs = [(path, target, v) for v in space.profiled(schedules)]
     with ProcessPoolExecutor(workers) as pool:
         return [s for samples in pool.map(_profile, jobs) for s in samples]
 
@@ -109,7 +97,7 @@ def ibex_truth(path: Path, points: int, seed: int, workers: int) -> tuple[list, 
 
     _, space = graph_and_space(path, "ibex-small")
     rng = np.random.default_rng(seed)
-    variants = profiled_variants(space, schedules=False)
+    variants = space.profiled(schedules=False)
     for _ in range(100 * points):
         if len(variants) >= points:
             break

@@ -24,6 +24,7 @@ NUMERIC = ("macs", "bytes_in", "bytes_out", "const_bytes", "output_elements", *G
 SCHEDULE = ("decompose_init", "unroll", "no_fusion")
 QEMU = ("instructions", "memory_accesses")
 LABELS = ("cycles", "instructions")
+C_KERNELS = ("dsp", "dsp16", "c")  # our C micro-kernels: what a TIR schedule does not touch
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,9 @@ class Predictor:
         row = [float(self.categories[c].index(values[c])) if values[c] in self.categories[c] else math.nan
                for c in CATEGORICAL]
         row += [math.log1p(float(f.get(k) or 0)) for k in NUMERIC]
-        sched = s.schedule or {}
+        sched = {} if s.implementation in C_KERNELS else s.schedule or {}  # the schedule shapes TIR loops only
         row += [float(bool(sched.get("decompose_init"))), float(sched.get("unroll") or 0),
-                float(sched.get("fusion") == "none")]
+                float((s.schedule or {}).get("fusion") == "none")]
         if self.use_qemu:
             row += [math.log1p(float(getattr(s, k))) if getattr(s, k) is not None else math.nan for k in QEMU]
         return row

@@ -7,9 +7,11 @@ fidelity loss (0 for a bit-exact integer build; the float build's max relative e
 - "random": the default build, the uniform kernel choices, then seeded random samples;
 - "nsga2": pymoo's NSGA-II (integer genes) seeded with the same points, asked and told in generations so that the
   builds of one generation run in parallel;
-- "guided": the same seeds, then rounds in which the learned variant model (predictor.VariantModel, refitted on
-  every point measured so far) screens a pool of sampled candidates without building them and only its top few are
-  built and run. On a target whose core is simulated from RTL (Ibex) the candidates run in QEMU (exact
+- "guided": the same seeds, then rounds in which the learned predictors screen a pool of sampled candidates
+  without building them and only their top few are built and run: the seeds that put one implementation on every
+  layer are also profiled layer by layer, and the layer predictor (predictor.Predictor over those layers) gives each
+  candidate a prior cost, the sum of its layers' (predictor.LayerwiseCost); the variant model
+  (predictor.VariantModel, refitted on every point measured so far) learns what the prior misses. On a target whose core is simulated from RTL (Ibex) the candidates run in QEMU (exact
   instructions and the core's pipeline-table cycle estimate, fast) and the best few by estimated cycles are
   confirmed on the RTL model: true cycles choose.
 The same seed gives the same points in the same order, whatever the number of workers.
@@ -284,8 +286,12 @@ def search(model_path, target: str, workdir, budget: int = 16, strategy: str = "
         if strategy == "guided":
             from tinymlaas.search.predictor import VariantFeatures
 
-            screened = _guided(space, ev, initial, budget, rng, VariantFeatures(clean(model.graph), space), pool)
-            notes.append(f"the predictor screened {screened:,} candidates; {len(ev.points)} were built")
+            graph = clean(model.graph, shapes_from_interpreter=True)
+            ev.run(initial, budget)  # the seeds first: their cost kind is what the prior predicts
+            prior, profiled = _layer_prior(ev, graph, get_target(target), space.profiled())
+            screened = _guided(space, ev, initial, budget, rng, VariantFeatures(graph, space), pool, prior)
+            notes.append(f"the predictor screened {screened:,} candidates; {len(ev.points)} were built"
+                         + (f"; {profiled} layers profiled for its prior" if prior else ""))
             if rtl:
                 confirmed = _confirm(ev, constraints, confirm, workdir)
             confirmed = [i for i in confirmed if constraints.violation(ev.points[i]) == 0]
@@ -313,10 +319,53 @@ def search(model_path, target: str, workdir, budget: int = 16, strategy: str = "
                         chosen, 0, round(time.monotonic() - started, 1), notes, confirmed, screened)
 
 
+def _profile_layers(args) -> list:
+    """Per-layer samples of one variant (a profiled build in QEMU; in a worker process); [] if it cannot be built.
+    The label is the cost the search ranks by: instructions, or estimated cycles where the core has a table."""
+    model_path, target, variant_dict, workdir, by_estimate = args
+    from tinymlaas.errors import TinyMLaaSError
+    from tinymlaas.pipeline import profile_model
+    from tinymlaas.search.predictor import profile_samples
+    from tinymlaas.targets import get_target
+
+    try:
+        prof = profile_model(model_path, target, Path(workdir), emulator="qemu",
+                             variant=Variant.from_dict(variant_dict))
+    except TinyMLaaSError:
+        return []
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    samples = profile_samples(prof, get_target(target).core)
+    if by_estimate:
+        samples = [replace(x, cycles=step.cycles_estimate, cycles_kind="estimate")
+                   for x, step in zip(samples, [st for st in prof.steps if st.features])]
+    return samples
+
+
+def _layer_prior(ev: _Evaluator, graph, target, seeds: list[Variant]):
+    """The layer predictor fitted on the seeds profiled layer by layer: a function of candidates -> their predicted
+    cost relative to the default build's; None when too few layers could be measured."""
+    from tinymlaas.search.predictor import LayerwiseCost, Predictor
+
+    by_estimate = bool(ev.points) and ev.points[0].cost_kind != "instructions"
+    jobs = [(ev.model_path, ev.target, v.to_dict(), str(ev.workdir / f"profile{k:02d}"), by_estimate)
+            for k, v in enumerate(seeds)]
+    samples = [x for xs in (ev.pool.map(_profile_layers, jobs) if ev.pool else map(_profile_layers, jobs))
+               for x in xs]
+    try:
+        predictor = Predictor(use_qemu=False, label="cycles" if by_estimate else "instructions").fit(samples)
+    except ValueError:
+        return None, 0
+    cost = LayerwiseCost(predictor, graph, target)
+    base = float(cost([seeds[0]])[0])
+    return (lambda variants: cost(variants) / base), len(samples)
+
+
 def _guided(space: Space, ev: _Evaluator, initial: list[Variant], budget: int, rng, featurize,
-            pool: int) -> int:
-    """Seeds first; then per round the variant model, fitted on what was measured, ranks `pool` sampled candidates
-    and the best `batch` are built. Returns how many candidates were screened."""
+            pool: int, prior: Callable | None = None) -> int:
+    """Seeds first; then per round `pool` sampled candidates are ranked and the best `batch` built. The rank: the
+    layer predictor's prior (relative to the default build), times the variant model's correction fitted on what
+    was measured (cost over prior); either alone where the other is missing. Returns how many were screened."""
     from tinymlaas.search.predictor import VariantModel
 
     ev.run(initial, budget)
@@ -334,10 +383,13 @@ def _guided(space: Space, ev: _Evaluator, initial: list[Variant], budget: int, r
             break
         cands = list(candidates.values())
         screened += len(cands)
+        predicted = prior(cands) if prior else np.ones(len(cands))
         if len(known) >= 3:
-            model = VariantModel(seed=int(rng.integers(1 << 30))).fit([featurize(v) for v, _ in known],
-                                                                      [c for _, c in known])
-            predicted = model.predict([featurize(v) for v in cands])
+            expected = prior([v for v, _ in known]) if prior else np.ones(len(known))
+            model = VariantModel(seed=int(rng.integers(1 << 30))).fit(
+                [featurize(v) for v, _ in known], [c / e for (_, c), e in zip(known, expected)])
+            predicted = predicted * model.predict([featurize(v) for v in cands])
+        if prior or len(known) >= 3:
             cands = [cands[i] for i in np.argsort(predicted, kind="stable")]
         before = len(ev.points)
         ev.run(cands[:batch], budget)

@@ -128,5 +128,17 @@ class Space:
                 x[k] = layer.choices.index(implementation)
         return self.decode(x)
 
+    def profiled(self, schedules: bool = True) -> list[Variant]:
+        """What is profiled layer by layer to teach the layer predictor: the default and each implementation on every
+        layer; with `schedules`, every TIR kernel under the other schedules, and the default and TIR without
+        fusion."""
+        impls = sorted({c for layer in self.layers for c in layer.choices})
+        out = [self.default()] + [self.uniform(impl) for impl in impls]
+        if schedules:
+            tir = self.uniform("tir")
+            out += [Variant(tir.kernels, ScheduleSpec(d, u)) for d in (False, True) for u in UNROLL if d or u]
+            out += [Variant(v.kernels, fusion="none") for v in (self.default(), tir)]
+        return list(dict.fromkeys(out))
+
     def sample(self, rng) -> Variant:
         return self.decode([int(rng.integers(0, b)) for b in self.bounds])
