@@ -128,6 +128,21 @@ def test_per_layer_profile_adds_up(compiled, tmp_path):
     assert prof.cycles_source is None and "cortex-m4" in prof.estimate_method
 
 
+@pytest.mark.parametrize("name, first", [("ds_cnn_kws_float32", "CONV_2D"), ("ds_cnn_kws_int8", "QUANTIZE")])
+def test_profile_names_the_operator_of_every_fused_kernel(name, first, tmp_path):
+    """FuseOps binds each fused group to a fresh variable; the steps still name their TFLite operator: a float
+    model's convolutions (with bias and activation fused), an int8 model's quantization of its float input."""
+    from tinymlaas.pipeline import profile_model
+
+    model = Path(__file__).parent / "corpus" / "models" / f"{name}.tflite"
+    prof = profile_model(model, "cortex-m4", tmp_path)
+    graph = load_tflite(model).graph
+    layers = [op.index for op in graph.operators if op.opcode in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert sorted(s.op_index for s in prof.steps if s.opcode in ("CONV_2D", "DEPTHWISE_CONV_2D")) == layers
+    assert prof.steps[0].opcode == first and prof.steps[0].features is not None
+    assert all(s.op_index is not None for s in prof.steps if s.kernel != "copy" and s.instructions > 1000)
+
+
 def _assert_layers_exact(results):
     for checks in results:
         for c in checks:

@@ -115,8 +115,69 @@ def _nbytes(shape: list[int], dtype: str) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(str(dtype)).itemsize
 
 
-def flatten(mod) -> Program:
-    """Walk the memory-planned `main` into a Program."""
+def _leaves(expr):
+    from tvm import relax
+
+    if isinstance(expr, relax.Tuple):
+        for field_ in expr.fields:
+            yield from _leaves(field_)
+    else:
+        yield expr
+
+
+def _operators_taking(relax_mod) -> dict:
+    """What the importer's bindings take -> the TFLite operators taking it: constants by identity (the passes keep
+    the objects), variables by name. The importer emits one operator after another and names each one's result
+    op<i>_: the unnamed bindings before it are its own."""
+    import tvm
+    from tvm import relax
+
+    out: dict = {}
+    pending: list = []
+    for block in relax_mod["main"].body.blocks:
+        for b in block.bindings:
+            pending.append(b)
+            m = _OP_VAR.match(b.var.name)
+            if not m:
+                continue
+            for x in (leaf for p in pending if isinstance(p.value, relax.Call) for arg in p.value.args
+                      for leaf in _leaves(arg)):
+                key = x if isinstance(x, tvm.ir.expr.Constant) else x.name if isinstance(x, relax.Var) else None
+                if key is not None:
+                    out.setdefault(key, set()).add(int(m.group(1)))
+            pending = []
+    return out
+
+
+def _kernel_operators(mod, taking: dict) -> list[int | None]:
+    """For each TIR kernel call of the fused `main`, in order, the TFLite operator it computes: FuseOps binds a
+    group's call to a fresh variable, so the importer's op<i>_ name is lost. From what the call takes: the last
+    operator whose own constants (weights, bias) it reads, else the first operator that reads its named inputs."""
+    import tvm
+    from tvm import relax
+
+    main = mod["main"]
+    stable = {p.name for p in main.params}  # and op<i>_: the passes' fresh variables reuse the importer's lv<n>
+    call_tir, found = tvm.ir.Op.get("relax.call_tir"), []
+    for block in main.body.blocks:
+        for b in block.bindings:
+            if isinstance(b.value, relax.Call) and b.value.op.same_as(call_tir):
+                args = list(_leaves(b.value.args[1]))
+                # a constant several operators share (a cached scalar) says nothing
+                weights = set().union(*(ops for x in args if isinstance(x, tvm.ir.expr.Constant)
+                                        and len(ops := taking.get(x, ())) == 1))
+                named = set().union(*(taking.get(x.name, set()) for x in args if isinstance(x, relax.Var)
+                                      and (x.name in stable or _OP_VAR.match(x.name))))
+                if weights:  # or a later operator that takes one of its named inputs too (fused onto it)
+                    found.append(max(weights | {i for i in named if i > min(weights)}))
+                else:
+                    found.append(min(named) if named else None)
+    return found
+
+
+def flatten(mod, kernel_operators: list[int | None] = ()) -> Program:
+    """Walk the memory-planned `main` into a Program. kernel_operators: the TFLite operator of each TIR kernel
+    call in order (`_kernel_operators`), for calls whose variable does not name one."""
     import tvm
     from tvm import relax
 
@@ -223,6 +284,11 @@ def flatten(mod) -> Program:
     # serves every structurally equal operator, so its name is the first one's.
     steps = [replace(s, op_index=int(m.group(1))) if isinstance(s, KernelCall) and s.op_index is None
              and (m := _OP_VAR.match(s.kernel)) and s.kernel not in shared else s for s in steps]
+    # Then what the fused kernel takes says (the k-th TIR kernel call is the k-th call_tir of the fused `main`)
+    tir_calls = [i for i, s in enumerate(steps) if isinstance(s, KernelCall) and not s.extern]
+    for i, found in zip(tir_calls, kernel_operators if len(kernel_operators) == len(tir_calls) else ()):
+        if steps[i].op_index is None and found is not None:
+            steps[i] = replace(steps[i], op_index=found)
     for i, reg in enumerate(out_regions[:n_out]):
         if reg.kind != "output":  # a result left in the arena (or an input returned as is) is copied out
             steps.append(Copy(reg, Region("output", index=i, nbytes=reg.nbytes), reg.nbytes))
@@ -239,9 +305,10 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
     import tvm
 
     mod = relax_passes(fold_constants, fuse)(relax_mod)
+    kernel_operators = _kernel_operators(mod, _operators_taking(relax_mod))
     if schedule is not None:
         for gv, func in list(mod.functions.items()):
             if isinstance(func, tvm.tirx.PrimFunc):
                 mod[gv] = schedule(func)
     mod = planning_passes()(mod)
-    return flatten(mod)
+    return flatten(mod, kernel_operators)
