@@ -144,7 +144,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
     ap.add_argument("--runs", type=int, default=100)
-    ap.add_argument("--models", default=",".join(f"{m}:{b}" for m, b in MODELS), help="name:batch,...")
+    ap.add_argument("--models", default=",".join(f"{m}:{b}" for m, b in MODELS), help="name:batch[:untuned],...")
     ap.add_argument("--trials", type=int, default=0, help="meta_schedule trials per model (default 0: no tuning)")
     ap.add_argument("--per-task", type=int, default=0, help="at most this many trials per task")
     ap.add_argument("--minutes", type=float, help="tuning time budget per model (checked between rounds)")
@@ -161,9 +161,9 @@ def main() -> int:
                if args.trials else "none (dlight)",
                "models": []}
     for spec in args.models.split(","):
-        name, batch = spec.split(":")
-        r = measure(name, int(batch), args.runs, args.trials, args.per_task, args.variants.split(","), args.logs,
-                    args.minutes)
+        name, batch, *flags = spec.split(":")  # name:batch[:untuned]: no tuned build for this one
+        r = measure(name, int(batch), args.runs, 0 if "untuned" in flags else args.trials, args.per_task,
+                    args.variants.split(","), args.logs, args.minutes)
         print(json.dumps(r), flush=True)
         results["models"].append(r)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
