@@ -81,3 +81,26 @@ def test_onnx_input_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == (
         "tinymlaas: error: deform: TVM's ONNX frontend cannot import it: The following operators are not supported "
         "for frontend ONNX: DeformConv")
+
+
+@pytest.mark.parametrize("tuned", [False, pytest.param(True, marks=pytest.mark.slow)])  # tuning: ~50 s
+def test_batch_norm_after_a_depthwise_convolution_matches_onnx_runtime(tuned, tmp_path):
+    """Conv (depthwise) -> BatchNormalization -> Clip, as a PyTorch export of a MobileNet block gives it: built with
+    the batch norm kept whole (untuned) and decomposed into scale and shift (tuned), both within 1e-5."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w", rng.standard_normal((6, 1, 3, 3)) * 0.4), ("gamma", rng.uniform(0.5, 1.5, 6)),
+        ("beta", rng.standard_normal(6)), ("mean", rng.standard_normal(6) * 0.2), ("var", rng.uniform(0.5, 2, 6)),
+        ("lo", np.array(0.0)), ("hi", np.array(6.0)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], group=6, pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"], epsilon=1e-5),
+             helper.make_node("Clip", ["n", "lo", "hi"], ["y"])]
+    graph = helper.make_graph(nodes, "dw_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 9, 9])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "dw_bn.onnx")
+    opts = CompileOptions(inputs=3, tune_trials=4 if tuned else 0, tune_trials_per_task=2,
+                          tuning_dir=str(tmp_path / "db"))
+    r = compile_model(tmp_path / "dw_bn.onnx", "cpu-host", tmp_path / "out", opts)
+    assert r.verified and r.fidelity["max_rel_error"] <= 1e-5, r.fidelity
+    assert bool(r.tuning["trials"]) == tuned
