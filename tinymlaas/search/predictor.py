@@ -21,7 +21,6 @@ from tinymlaas.search.features import GEOMETRY
 WEIGHTS = {"device": 4.0, "true": 2.0, "estimate": 1.0}
 CATEGORICAL = ("core", "opcode", "precision", "implementation")
 NUMERIC = ("macs", "bytes_in", "bytes_out", "const_bytes", "output_elements", *GEOMETRY)
-SCHEDULE = ("decompose_init", "unroll", "no_fusion")
 QEMU = ("instructions", "memory_accesses")
 LABELS = ("cycles", "instructions")
 C_KERNELS = ("dsp", "dsp16", "c")  # our C micro-kernels: what a TIR schedule does not touch

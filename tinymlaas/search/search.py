@@ -8,11 +8,12 @@ fidelity loss (0 for a bit-exact integer build; the float build's max relative e
 - "nsga2": pymoo's NSGA-II (integer genes) seeded with the same points, asked and told in generations so that the
   builds of one generation run in parallel;
 - "guided": the same seeds, then rounds in which the learned predictors screen a pool of sampled candidates
-  without building them and only their top few are built and run: the seeds that put one implementation on every
-  layer are also profiled layer by layer, and the layer predictor (predictor.Predictor over those layers) gives each
-  candidate a prior cost, the sum of its layers' (predictor.LayerwiseCost); the variant model
-  (predictor.VariantModel, refitted on every point measured so far) learns what the prior misses. On a target whose core is simulated from RTL (Ibex) the candidates run in QEMU (exact
-  instructions and the core's pipeline-table cycle estimate, fast) and the best few by estimated cycles are
+  without building them and only their top few are built and run. A few variants (Space.profiled: each
+  implementation on every layer, TIR under each schedule, no fusion) are profiled layer by layer, and the layer
+  predictor (predictor.Predictor over those layers) gives each candidate a prior cost, the sum of its layers'
+  (predictor.LayerwiseCost); the variant model (predictor.VariantModel, refitted on every point measured so far)
+  learns what the prior misses. On a target whose core is simulated from RTL (Ibex) the candidates run in QEMU
+  (exact instructions and the core's pipeline-table cycle estimate, fast) and the best few by estimated cycles are
   confirmed on the RTL model: true cycles choose.
 The same seed gives the same points in the same order, whatever the number of workers.
 """
@@ -343,8 +344,8 @@ def _profile_layers(args) -> list:
 
 
 def _layer_prior(ev: _Evaluator, graph, target, seeds: list[Variant]):
-    """The layer predictor fitted on the seeds profiled layer by layer: a function of candidates -> their predicted
-    cost relative to the default build's; None when too few layers could be measured."""
+    """The layer predictor fitted on `seeds` profiled layer by layer (the first: the default build): a function of
+    candidates -> their predicted cost relative to the default build's; None when too few layers were measured."""
     from tinymlaas.search.predictor import LayerwiseCost, Predictor
 
     by_estimate = bool(ev.points) and ev.points[0].cost_kind != "instructions"

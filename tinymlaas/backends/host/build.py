@@ -132,26 +132,28 @@ FLOP_SHARE = 0.95
 
 
 def heaviest_tasks(tasks, share: float = FLOP_SHARE) -> list:
-    """The tasks (meta_schedule ExtractedTask) carrying `share` of the FLOPs (per call x calls), heaviest first; all
-    of them when none has measurable FLOPs."""
+    """The tasks (meta_schedule ExtractedTask) carrying `share` of the FLOPs (per call x calls), heaviest first; a
+    function the estimator cannot read is tuned too (first); all of them when none has measurable FLOPs."""
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    def flops(task) -> float:
+    def flops(task) -> float | None:
         try:
             return float(estimate_tir_flops(task.dispatched[0])) * int(task.weight)
-        except Exception:  # noqa: BLE001 - a function the estimator cannot read is tuned, not dropped
-            return float("inf")
+        except Exception:  # noqa: BLE001 - unreadable: tuned, not dropped
+            return None
 
-    ranked = sorted(tasks, key=flops, reverse=True)
-    total = sum(f for f in map(flops, ranked) if f != float("inf"))
+    measured = {id(t): flops(t) for t in tasks}
+    unread = [t for t in tasks if measured[id(t)] is None]
+    ranked = sorted((t for t in tasks if measured[id(t)] is not None), key=lambda t: measured[id(t)], reverse=True)
+    total = sum(measured[id(t)] for t in ranked)
     if total <= 0:
-        return ranked
-    chosen, covered = [], 0.0
+        return unread + ranked
+    chosen, covered = list(unread), 0.0
     for task in ranked:
         if covered >= share * total:
             break
         chosen.append(task)
-        covered += min(flops(task), total)
+        covered += measured[id(task)]
     return chosen
 
 
