@@ -117,14 +117,19 @@ def layer_samples(rows, cycles_kinds=("true", "device")) -> list[Sample]:
             if r.layer is not None and r.features and r.cycles_kind in cycles_kinds and r.cycles]
 
 
-def profile_samples(profile, core: str, model_hash: str | None = None) -> list[Sample]:
-    """The layers of a pipeline.Profile as samples (instructions always; true cycles where the core was simulated
-    from its RTL), with the schedule and fusion of the variant profiled."""
+def profile_samples(profile, core: str, model_hash: str | None = None, cycles: str = "true") -> list[Sample]:
+    """The layers of a pipeline.Profile as samples, with the schedule and fusion of the variant profiled:
+    instructions always, and as cycles the true ones (where the core was simulated from its RTL) or, with
+    cycles="estimate", the pipeline-table estimate."""
     variant = profile.variant or {}
     schedule = {**variant.get("schedule", {}), "fusion": variant.get("fusion", "default")}
-    return [Sample(core, s.features, s.implementation, s.instructions, s.memory_accesses, s.cycles,
-                   "true" if s.cycles is not None else None, model_hash or profile.model, schedule)
-            for s in profile.steps if s.features]
+    out = []
+    for s in profile.steps:
+        if s.features:
+            c = s.cycles_estimate if cycles == "estimate" else s.cycles
+            out.append(Sample(core, s.features, s.implementation, s.instructions, s.memory_accesses, c,
+                              cycles if c is not None else None, model_hash or profile.model, schedule))
+    return out
 
 
 class LayerwiseCost:

@@ -336,11 +336,7 @@ def _profile_layers(args) -> list:
         return []
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    samples = profile_samples(prof, get_target(target).core)
-    if by_estimate:
-        samples = [replace(x, cycles=step.cycles_estimate, cycles_kind="estimate")
-                   for x, step in zip(samples, [st for st in prof.steps if st.features])]
-    return samples
+    return profile_samples(prof, get_target(target).core, cycles="estimate" if by_estimate else "true")
 
 
 def _layer_prior(ev: _Evaluator, graph, target, seeds: list[Variant]):
