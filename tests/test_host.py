@@ -136,6 +136,35 @@ def test_cuda_tuning_database_is_reused(tmp_path):
     assert not first.tuning["reused"] and second.tuning["reused"]
 
 
+@needs_cuda
+def test_cuda_float16_tuning_measures_tensor_core_schedules(tmp_path):
+    """float16 on the GPU tunes with tensor-core tiling: wmma schedules are built and measured (none fails for TVM's
+    storage rewrite, turned off for these builds), and the tuned build still matches the interpreter."""
+    opts = CompileOptions(inputs=2, precision="float16", tune_trials=48, tune_trials_per_task=16,
+                          tuning_dir=str(tmp_path / "db"))
+    r = compile_model(CORPUS / "resnet8_float32.tflite", "cuda-host", tmp_path / "a", opts)
+    assert r.verified, r.fidelity
+    records = [json.loads(line) for line in
+               (Path(r.tuning["database"]) / "database_tuning_record.json").read_text().splitlines()]
+    wmma = [rec for _, rec in records if "wmma_sync_16x16x16_f16f16" in json.dumps(rec[0])]
+    assert wmma and any(rec[1] and max(float(t) for t in rec[1]) < 1e9 for rec in wmma)
+
+
+def test_a_tuning_cut_short_is_resumed_not_reused(tmp_path):
+    """A database without its end-of-tuning mark (the process was stopped mid-round) is not taken as tuned: the next
+    build tunes on, from the records already measured."""
+    from tinymlaas.backends.host.build import TUNED
+
+    opts = CompileOptions(inputs=1, tune_trials=2, tune_trials_per_task=1, tuning_dir=str(tmp_path / "db"))
+    first = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "a", opts)
+    db = Path(first.tuning["database"])
+    assert first.verified and (db / TUNED).is_file() and first.tuning["ran"]["trials"] > 0
+    (db / TUNED).unlink()
+    second = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "b", opts)
+    assert not second.tuning["reused"] and second.verified
+    assert second.tuning["ran"]["trials"] > first.tuning["ran"]["trials"]  # the old records kept, new ones added
+
+
 @pytest.mark.slow
 def test_cpu_tuning_stops_at_its_time_budget_and_a_rebuild_reuses_the_database(tmp_path):
     opts = CompileOptions(inputs=2, tune_trials=400, tune_trials_per_task=64, tune_minutes=0.01,

@@ -157,7 +157,45 @@ def heaviest_tasks(tasks, share: float = FLOP_SHARE) -> list:
     return chosen
 
 
-def in_process_builder(threads: int = BUILD_THREADS):
+def uses_tensor_cores(target: HostTarget, precision: str) -> bool:
+    return target.device == "cuda" and precision == "float16"
+
+
+def lowering_config(target: HostTarget, precision: str) -> dict:
+    """PassContext settings for lowering this build's TIR (tuning candidates and the final build alike).
+
+    Tensor-core schedules: TVM 0.27's StorageRewrite shares a float16 shared-memory buffer with the float32 staging
+    buffer of a tensor-core accumulator and then fails its own check ("tvm_access_ptr element type must match the
+    source buffer") - 7 of 8 sampled resnet-style convolution schedules; without it all of them build."""
+    return {"tirx.disable_storage_rewrite": True} if uses_tensor_cores(target, precision) else {}
+
+
+def tensor_core_space():
+    """meta_schedule's design space with tensor-core tiling (wmma 16x16x16, float16 inputs, float32 or float16
+    accumulation) first, the plain CUDA rules for what does not tensorize. TVM's own "cuda-tensorcore" set also holds
+    an mma rule whose software pipeline fails on a convolution with a fused epilogue ("not a stage pipeline"), which
+    would end the tuning of that function: left out."""
+    import tvm.s_tir.tensor_intrin.cuda  # noqa: F401 - registers the wmma intrinsics the rule names
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.schedule_rule import MultiLevelTilingTensorCore, ReuseType, ScheduleRule
+
+    def group(accumulate: str, trans: str) -> dict:
+        return {"init": f"wmma_fill_16x16x16_{accumulate}", "load_a": "wmma_load_16x16x16_f16_a_shared_dyn",
+                "load_b": f"wmma_load_16x16x16_f16_b{trans}_shared_dyn",
+                "compute": f"wmma_sync_16x16x16_f16f16{accumulate}{trans}",
+                "store": f"wmma_store_16x16x16_{accumulate}_shared_dyn"}
+
+    wmma = MultiLevelTilingTensorCore(
+        intrin_groups=[group(acc, trans) for acc in ("f32", "f16") for trans in ("", "_trans")],
+        structure="SSSRRSRS", tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"], max_innermost_factor=4,
+        vector_load_lens=[1, 2, 3, 4, 8, 16], reuse_read=ReuseType("must", [4], "shared.dyn"),
+        reuse_write=ReuseType("must", [2], "shared.dyn"))
+    cuda = list(ScheduleRule.create("cuda"))  # [apply-custom-rule, ...the rest]
+    return ms.space_generator.PostOrderApply(sch_rules=[cuda[0], wmma, *cuda[1:]], postprocs="cuda-tensorcore",
+                                             mutator_probs="cuda-tensorcore")
+
+
+def in_process_builder(threads: int = BUILD_THREADS, config: dict | None = None):
     """A meta_schedule builder that builds candidates in threads of this process (nvcc runs as subprocesses).
 
     meta_schedule's LocalBuilder starts a fresh pool of processes for every batch of candidates, and each imports TVM
@@ -166,13 +204,16 @@ def in_process_builder(threads: int = BUILD_THREADS):
     candidate costs its compilation only."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import tvm
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
 
     def one(build_input):
         try:
-            return BuilderResult(default_export(default_build(build_input.mod, build_input.target, None)), None)
+            with tvm.transform.PassContext(config=config or {}):  # a pass context holds per thread
+                built = default_build(build_input.mod, build_input.target, None)
+            return BuilderResult(default_export(built), None)
         except Exception as e:  # noqa: BLE001 - a candidate that does not build is a failed trial, not a failed tuning
             return BuilderResult(None, f"in-process builder: {type(e).__name__}: {str(e)[-300:]}")
 
@@ -186,17 +227,23 @@ def in_process_builder(threads: int = BUILD_THREADS):
 
 
 def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = None,
-         minutes: float | None = None, seed: int = 0) -> dict:
+         minutes: float | None = None, seed: int = 0, tensor_cores: bool = False, config: dict | None = None) -> dict:
     """meta_schedule over the module's fused functions (the module after the zero pipeline), its database in
     `work_dir`. In rounds of a few trials per function (ROUNDS, growing), so a time budget can stop it between rounds;
-    each round's search starts from the best schedules measured so far (they are in the database). Returns what
-    ran."""
+    each round's search starts from the best schedules measured so far (they are in the database). tensor_cores: the
+    design space tries wmma tiling first (float16 modules); config: PassContext settings the candidates are lowered
+    with. Returns what ran."""
     import logging
 
     from tvm.s_tir import meta_schedule as ms
 
     # its per-round tables go to work_dir/logs; on the console (stdout, where --json writes) only warnings
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    logger.setLevel(logging.WARNING)
+    # meta_schedule reconfigures this logger naming every handler it holds, and fails on one without a name (such as
+    # pytest's capture handlers, attached during an earlier tuning in the same process)
+    for handler in [h for h in logger.handlers if not h.get_name()]:
+        logger.removeHandler(handler)
     every = ms.relax_integration.extract_tasks(mod, tvm_target)
     tasks = heaviest_tasks(every)
     per_task = per_task or trials
@@ -209,17 +256,29 @@ def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = No
         share = min(ROUNDS[min(rounds, len(ROUNDS) - 1)], per_task - given)
         n = min(trials - asked, share * max(1, len(tasks)))
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, str(work_dir), seed=seed + rounds)
+            tasks, str(work_dir), space=tensor_core_space() if tensor_cores else "post-order-apply",
+            seed=seed + rounds)
         ms.relax_integration.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                                         max_trials_global=n, max_trials_per_task=share,
-                                        builder=in_process_builder(), runner="local", database="json",
+                                        builder=in_process_builder(config=config), runner="local", database="json",
                                         cost_model="xgb", measure_callbacks="default",
                                         task_scheduler="gradient")
         asked, given, rounds = asked + n, given + share, rounds + 1
     # what was measured (a function with few possible schedules runs out of candidates before its share)
     measured = len(records.read_text().splitlines()) if records.exists() else 0
-    return {"tasks": len(tasks), "functions": len(every), "rounds": rounds, "trials": measured,
-            "seconds": round(time.monotonic() - started, 1), "stopped_by": stopped_by}
+    ran = {"tasks": len(tasks), "functions": len(every), "rounds": rounds, "trials": measured,
+           "seconds": round(time.monotonic() - started, 1), "stopped_by": stopped_by}
+    (work_dir / TUNED).write_text(json.dumps(ran) + "\n")
+    return ran
+
+
+# written when a tuning ends: a database without it is from a tuning cut short (its records are kept, and the next
+# build goes on tuning from them instead of taking a half-measured database as done)
+TUNED = "tuning.json"
+
+
+def is_tuned(work_dir: Path) -> bool:
+    return (work_dir / TUNED).is_file()
 
 
 def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir: Path | None) -> tuple:
@@ -237,9 +296,10 @@ def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir
             mod = relax.transform.DecomposeOpsForInference()(mod)
         mod = relax.get_pipeline("zero")(mod)
         if options.tune_trials:
-            if not (work_dir / "database_tuning_record.json").exists():
+            if not is_tuned(work_dir):
                 stats = tune(mod, tvm_target, work_dir, options.tune_trials, options.tune_trials_per_task,
-                             options.tune_minutes, options.seed)
+                             options.tune_minutes, options.seed, uses_tensor_cores(target, options.precision),
+                             lowering_config(target, options.precision))
             mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
         if target.device == "cuda":  # whatever tuning left unscheduled gets dlight's rules
             import tvm.s_tir.dlight as dl
@@ -327,7 +387,7 @@ def build_module(model, module: HostModule, target: HostTarget, work: Path, opti
     t0 = time.monotonic()
     sha = hashlib.sha256(model.data).hexdigest()
     db = tuning_folder(target, sha, options.precision, options.tuning_dir or work.parent / "tuning")
-    reused = options.tune_trials > 0 and (db / "database_tuning_record.json").exists()
+    reused = options.tune_trials > 0 and is_tuned(db)
     if options.tune_trials:
         db.mkdir(parents=True, exist_ok=True)
     mod, tuned = optimize(module.mod, target, tvm_target, options, db)
@@ -336,7 +396,8 @@ def build_module(model, module: HostModule, target: HostTarget, work: Path, opti
     stage("codegen")
     t0 = time.monotonic()
     graphs = target.device == "cuda" and options.cuda_graph
-    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": graphs}):
+    config = {"relax.backend.use_cuda_graph": graphs, **lowering_config(target, options.precision)}
+    with tvm.transform.PassContext(config=config):
         executable = relax.build(mod, target=tvm_target)
     library = work / "model.so"
     executable.export_library(str(library))
