@@ -393,7 +393,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_tokens_revoke)
 
     models = sub.add_parser("models", help="uploaded models").add_subparsers(dest="what", required=True)
-    p = api(models.add_parser("upload", help="upload a .tflite model"))
+    p = api(models.add_parser("upload", help="upload a model (.tflite, .keras/.h5, or .onnx for the host targets)"))
     p.add_argument("file")
     p.set_defaults(func=cmd_models_upload)
 

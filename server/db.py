@@ -87,6 +87,7 @@ class Model(Base):
     size: Mapped[int] = mapped_column(Integer)
     quantized: Mapped[bool] = mapped_column(Boolean)
     operators: Mapped[list] = mapped_column(JSON)
+    format: Mapped[str] = mapped_column(String(16), default="tflite", server_default="tflite")  # tflite | onnx
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)

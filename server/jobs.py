@@ -177,7 +177,7 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
         build = s.get(Build, build_id)
         model = s.get(Model, build.model_id)
         target, constraints, version = build.target, dict(build.constraints or {}), build.version
-        model_name, model_digest = model.name, model.sha256
+        model_name, model_digest, model_format = model.name, model.sha256, model.format
 
     searched_share = [0.0]  # the part of the progress a search took
 
@@ -194,7 +194,7 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
     out = settings.builds_dir / str(build_id)
     try:
         with tempfile.TemporaryDirectory(prefix="tinymlaas-build-") as tmp:
-            model_path = Path(tmp) / f"{model_name}.tflite"
+            model_path = Path(tmp) / f"{model_name}.{model_format}"  # the suffix tells the compiler the format
             shutil.copyfile(store.path(model_digest), model_path)
             # a core simulated from its RTL runs ~0.5 M cycles/s: its own default (one input and its repeat)
             inputs = settings.build_inputs if get_target(target).rtl is None else None

@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 
 from tinymlaas.errors import TinyMLaaSError, UnknownTarget
 from tinymlaas.frontend.keras import QUANTIZE
+from tinymlaas.frontend.onnx import ONNX_SUFFIX
+from tinymlaas.frontend.torch_export import PT2_SUFFIX
 from tinymlaas.measurements import device_measurement
 from tinymlaas.ota.package import canonical_version, version_key
 from tinymlaas.ota.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
@@ -228,6 +230,16 @@ def add_model(session: Session, store: ArtifactStore, who: Principal, filename: 
     if name in ("", ".", "..") or len(name) > 200 or any(ord(ch) < 32 for ch in name):
         raise ServiceError(422, f"the file name '{name[:40]}' is not usable: a plain name of at most 200 "
                            "characters (e.g. model.tflite)", "file")
+    suffix = Path(name).suffix.lower()
+    if suffix == PT2_SUFFIX:
+        raise ServiceError(422, "PyTorch exported programs (.pt2) hold pickled objects that run code when loaded, so "
+                           "the service does not load them: export the model to ONNX (torch.onnx.export) and upload "
+                           "that, or build the .pt2 on your own machine with `tinymlaas compile`", "file")
+    if suffix == ONNX_SUFFIX:
+        if quantize != "none":
+            raise ServiceError(422, "quantize applies to Keras models (TensorFlow's converter); an ONNX model builds "
+                               "as it is", "quantize")
+        return _add_onnx_model(session, store, who, name, data)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_bytes(data)
@@ -245,6 +257,25 @@ def add_model(session: Session, store: ArtifactStore, who: Principal, filename: 
     digest = store.put_bytes(data)
     row = Model(name=model.name, sha256=digest, size=len(data), quantized=bool(model.quantized),
                 operators=sorted(set(model.operators)), owner_id=who.user.id, org_id=who.org_id)
+    session.add(row)
+    session.commit()
+    return row
+
+
+def _add_onnx_model(session: Session, store: ArtifactStore, who: Principal, name: str, data: bytes) -> Model:
+    """An ONNX model: checked, and imported by TVM's ONNX frontend now, so an operator it lacks is named at upload."""
+    from tinymlaas.frontend.onnx import load_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        try:
+            model = load_onnx(path)
+            model.to_relax()
+        except TinyMLaaSError as e:
+            raise ServiceError(422, str(e), "file") from None
+    row = Model(name=model.name, sha256=store.put_bytes(data), size=len(data), quantized=False,
+                operators=model.operators(), format="onnx", owner_id=who.user.id, org_id=who.org_id)
     session.add(row)
     session.commit()
     return row
@@ -268,6 +299,9 @@ def request_build(session: Session, who: Principal, model_id: int, target: str, 
     model = owned(session, who, Model, model_id)
     if model is None:
         raise ServiceError(422, f"no model {model_id}", "model_id")
+    if model.format != "tflite" and _target(target).kind != "host":
+        raise ServiceError(422, f"model {model.id} is an {model.format.upper()} model: it builds for the host targets "
+                           f"(cpu-host, cuda-host); for {target}, upload a TFLite conversion of it", "target")
     _target(target)
     if version is not None:
         try:

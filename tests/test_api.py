@@ -254,6 +254,49 @@ def test_a_build_for_a_host_target_gives_latency_and_a_library(client, app):
                                headers=client.auth), 409, "build_id", "no signed image")
 
 
+def test_an_onnx_model_through_the_service_builds_for_a_host_target_only(client, app, tmp_path):
+    """An ONNX upload is checked and imported at once, stored, refused for a microcontroller build and built for
+    cpu-host against ONNX Runtime; a .pt2 (pickled code) and broken ONNX are refused and leave nothing stored."""
+    from onnx import TensorProto, helper, save
+    from test_onnx import small_cnn
+
+    from server.jobs import run_build
+
+    def upload(name: str, data: bytes, **form):
+        return client.post("/api/v1/models", data={"file": (io.BytesIO(data), name), **form}, headers=client.auth)
+
+    before = artifacts(app)
+    assert_problem(upload("junk.onnx", b"not a protobuf"), 422, "file", "junk.onnx is not a valid onnx model")
+    assert_problem(upload("net.pt2", b"PK\x03\x04"), 422, "file", "pickled objects that run code")
+    op = helper.make_node("DeformConv", ["x", "w", "o"], ["y"])
+    graph = helper.make_graph([op], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in
+                                          [("x", [1, 1, 4, 4]), ("w", [1, 1, 2, 2]), ("o", [1, 8, 3, 3])]],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 3, 3])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), tmp_path / "deform.onnx")
+    assert_problem(upload("deform.onnx", (tmp_path / "deform.onnx").read_bytes()), 422, "file",
+                   "not supported for frontend ONNX: DeformConv")
+    data = small_cnn(tmp_path / "cnn.onnx").read_bytes()
+    assert_problem(upload("cnn.onnx", data, quantize="int8"), 422, "quantize", "onnx model builds as it is")
+    assert artifacts(app) == before
+    with app.extensions["tinymlaas"].sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Model)) == 0
+
+    r = upload("cnn.onnx", data)
+    assert r.status_code == 201, r.get_json()
+    m = r.get_json()
+    assert m["format"] == "onnx" and not m["quantized"] and m["size"] == len(data)
+    assert m["operators"] == ["Conv", "Flatten", "Gemm", "MaxPool", "Relu", "Softmax"]
+    assert_problem(client.post("/api/v1/builds", json={"model_id": m["id"], "target": "cortex-m4"},
+                               headers=client.auth), 422, "target", "builds for the host targets")
+    b = client.post("/api/v1/builds", json={"model_id": m["id"], "target": "cpu-host"}, headers=client.auth).get_json()
+    run_build(app.extensions["tinymlaas"].settings, b["id"])
+    done = client.get(f"/api/v1/builds/{b['id']}", headers=client.auth).get_json()
+    assert done["state"] == "done", done
+    assert done["report"]["verified"] and done["report"]["fidelity"]["reference"] == "ONNX Runtime"
+    assert done["report"]["fidelity"]["max_rel_error"] <= 1e-5
+    assert set(done["artifacts"]) == {"library", "metadata", "report"}
+
+
 def test_a_build_with_a_search_packages_the_chosen_variant(client, app):
     """A build request with a search budget: the job reports search progress, the front comes back as artifacts and
     the signed image is the chosen variant's build (its report says which, and it beats or equals the default)."""

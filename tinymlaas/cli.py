@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a TFLite model to firmware, run it in the emulator, verify and measure")
     p.add_argument("model", help="a .tflite file (float32, int8, int16x8, dynamic-range), a .keras/.h5 file or a "
-                   "SavedModel folder (converted with TensorFlow), or an .onnx file (host targets)")
+                   "SavedModel folder (converted with TensorFlow), an .onnx file or a PyTorch exported program "
+                   "(.pt2, torch.export.save) for the host targets")
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="Keras/SavedModel input: quantize when converting (default none: float32; mixed: int8 with "
                    "the layer int8 hurts most left in float)")

@@ -23,9 +23,10 @@ from tinymlaas.backends.mcu.measure import measure_firmware
 from tinymlaas.errors import InternalError, InvalidModel, ModelTooLarge, TinyMLaaSError
 from tinymlaas.frontend.cleanup import clean
 from tinymlaas.frontend.keras import convert_keras, is_keras_input
-from tinymlaas.frontend.onnx import is_onnx_input
+from tinymlaas.frontend.onnx import load_onnx
 from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
 from tinymlaas.frontend.to_relax import to_relax
+from tinymlaas.frontend.torch_export import load_exported_program
 from tinymlaas.ir.lower import lower
 from tinymlaas.ir.memory import plan as plan_memory
 from tinymlaas.ir.schedule import schedule_for
@@ -173,8 +174,9 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
     started = time.monotonic()
     stage("import")
     converted_notes, source = [], Path(model_path)
-    if is_onnx_input(source):
-        return _compile_onnx(source, target, out_dir, options, stage)
+    host_only = host_only_format(source)
+    if host_only is not None:
+        return _compile_host_only(source, host_only, target, out_dir, options, stage)
     if is_keras_input(source):  # Keras / SavedModel: TensorFlow's converter first, as users do
         converted = Path(tempfile.mkdtemp(prefix="tinymlaas-convert-")) / f"{source.stem or 'model'}.tflite"
         converted_notes = convert_keras(source, converted, options.quantize,
@@ -319,19 +321,37 @@ def _compile_host(model, target, out: Path, options: CompileOptions, stage):
     return report
 
 
-def _compile_onnx(source: Path, target, out_dir, options: CompileOptions, stage):
-    """An ONNX model: host targets only (the firmware reproduces TFLite's integer semantics, not ONNX's)."""
-    from tinymlaas.backends.host.build import build_host_onnx
-    from tinymlaas.frontend.onnx import load_onnx
+@dataclass(frozen=True)
+class HostOnlyFormat:
+    """A model format only the host targets build (the firmware reproduces TFLite's integer semantics, not its)."""
+    what: str
+    convert: str  # how to get a TFLite model of it for a microcontroller
+    load: Callable  # path -> a model with to_relax, reference_outputs, reference_name
+
+
+HOST_ONLY_FORMATS = {
+    ".onnx": HostOnlyFormat("ONNX models", "convert it to TFLite (e.g. onnx2tf, or export from the training "
+                            "framework through TensorFlow) and compile that", load_onnx),
+    ".pt2": HostOnlyFormat("PyTorch exported programs", "convert it to TFLite (e.g. ai-edge-torch) and compile "
+                           "that", load_exported_program),
+}
+
+
+def host_only_format(path: Path) -> HostOnlyFormat | None:
+    return HOST_ONLY_FORMATS.get(Path(path).suffix.lower())
+
+
+def _compile_host_only(source: Path, fmt: HostOnlyFormat, target, out_dir, options: CompileOptions, stage):
+    """An ONNX model or a PyTorch exported program: host targets only."""
+    from tinymlaas.backends.host.build import build_host_external
 
     if target.kind != "host":
-        raise InvalidModel(f"{source.name}: ONNX models build for the host targets (cpu-host, cuda-host); for "
-                           f"{target.name}, convert it to TFLite (e.g. onnx2tf, or export from the training "
-                           "framework through TensorFlow) and compile that")
-    model = load_onnx(source)
+        raise InvalidModel(f"{source.name}: {fmt.what} build for the host targets (cpu-host, cuda-host); for "
+                           f"{target.name}, {fmt.convert}")
+    model = fmt.load(source)
     out = (Path(out_dir) if out_dir else Path("out") / f"{model.name}-{target.name}").resolve()
     with _staged(out) as work:
-        report = build_host_onnx(model, target, work, _host_options(options), stage)
+        report = build_host_external(model, target, work, _host_options(options), stage)
         _publish(report, model, work, out)
     return report
 
@@ -351,7 +371,7 @@ def _staged(out: Path):
 def _publish(report, model, work: Path, out: Path) -> None:
     """What was compiled (a Keras input's conversion) and the report into `work`, `work` into `out`'s place; the
     report's artifacts then name files in `out`."""
-    saved = "model.onnx" if is_onnx_input(model.path) else "model.tflite"
+    saved = f"model{model.path.suffix.lower() if host_only_format(model.path) else '.tflite'}"
     shutil.copy(model.path, work / saved)
     report.artifacts["model"] = saved
     (work / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -101,7 +101,8 @@ class DeviceQuery(Schema):
 
 
 class ModelUpload(Schema):
-    file = Upload(required=True, metadata={"description": "a .tflite file, or a .keras/.h5 file (converted with TensorFlow)"})
+    file = Upload(required=True, metadata={"description": "a .tflite file, a .keras/.h5 file (converted with TensorFlow), "
+                                                          "or an .onnx file (host targets only)"})
 
 
 class Model(Schema):
@@ -111,6 +112,7 @@ class Model(Schema):
     size = fields.Integer()
     quantized = fields.Boolean()
     operators = fields.List(fields.String())
+    format = fields.String(metadata={"description": "tflite (every target) or onnx (host targets only)"})
     created_at = UtcDateTime()
 
 

@@ -27,11 +27,32 @@ class OnnxModel:
     outputs: list[TensorSpec]
     weights_bytes: int  # the initializers
     notes: list[str] = field(default_factory=list)
+    reference_name: str = "ONNX Runtime"
 
     def proto(self):
         import onnx
 
         return onnx.load_from_string(self.data)
+
+    def reference_outputs(self, batches: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        return onnx_reference_outputs(self, batches)
+
+    def to_relax(self):
+        return onnx_to_relax(self)
+
+    def operators(self) -> list[str]:
+        """The graph's operator types (nested graphs' too), sorted."""
+        found = set()
+
+        def visit(graph):
+            for node in graph.node:
+                found.add(node.op_type)
+                for attr in node.attribute:
+                    for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                        visit(g)
+
+        visit(self.proto().graph)
+        return sorted(found)
 
 
 def is_onnx_input(path: Path) -> bool:

@@ -356,15 +356,15 @@ def build_host(model, graph, target: HostTarget, work: Path, options: HostOption
     return build_module(model, module, target, work, options, stage, time.monotonic() - t0)
 
 
-def build_host_onnx(model, target: HostTarget, work: Path, options: HostOptions, stage) -> HostReport:
-    """Build an ONNX model (frontend.onnx.OnnxModel) for `target` into `work`; verified against ONNX Runtime."""
-    from tinymlaas.frontend.onnx import onnx_reference_outputs, onnx_to_relax
-
+def build_host_external(model, target: HostTarget, work: Path, options: HostOptions, stage) -> HostReport:
+    """Build a model of a host-only format (frontend.onnx.OnnxModel, frontend.torch_export.ExportedProgramModel:
+    its `to_relax`, `reference_outputs` and `reference_name`) for `target` into `work`; verified against that
+    format's own runtime."""
     check_precision(target, options)
     stage("import")
     t0 = time.monotonic()
-    module = HostModule(onnx_to_relax(model), "float", _io(model.inputs), _io(model.outputs), [],
-                        model.weights_bytes, lambda batches: onnx_reference_outputs(model, batches), "ONNX Runtime")
+    module = HostModule(model.to_relax(), "float", _io(model.inputs), _io(model.outputs), [], model.weights_bytes,
+                        model.reference_outputs, model.reference_name)
     return build_module(model, module, target, work, options, stage, time.monotonic() - t0)
 
 

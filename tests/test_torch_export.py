@@ -1,0 +1,111 @@
+"""PyTorch exported programs (.pt2) on the host targets: imported by TVM's exported-program frontend, checked
+against the program itself run by PyTorch."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import cli
+
+torch = pytest.importorskip("torch", reason="torch is a dependency (requirements.lock)")
+
+from tinymlaas.errors import InvalidModel
+from tinymlaas.pipeline import CompileOptions, compile_model
+
+
+class SmallCnn(torch.nn.Module):
+    """Conv 3x3 + batch norm + ReLU, a residual 3x3 conv, global average pool, linear: resnet's pieces."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU())
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = torch.relu(self.block(y) + y)
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+class TinyEncoder(torch.nn.Module):
+    """A transformer encoder layer over a sequence of feature vectors, then a classifier on the mean: a model of
+    another family than the convolutional ones the corpus holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 16)
+        self.encoder = torch.nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0,
+                                                        batch_first=True, activation="gelu")
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return torch.softmax(self.head(self.encoder(self.embed(x)).mean(dim=1)), dim=-1)
+
+
+def save_program(module, example, path, seed=0, **export_args):
+    torch.manual_seed(seed)
+    module = module().eval()
+    for m in module.modules():  # batch norm statistics that are not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        program = torch.export.export(module, (example,), **export_args)
+    torch.export.save(program, str(path))
+    return path
+
+
+def test_an_exported_program_builds_for_the_host_cpu_and_matches_pytorch(tmp_path):
+    path = save_program(SmallCnn, torch.randn(2, 3, 12, 12), tmp_path / "cnn.pt2")
+    r = compile_model(path, "cpu-host", tmp_path / "out", CompileOptions(inputs=3))
+    assert r.verified and r.fidelity["reference"] == "PyTorch (CPU, float32)" and r.fidelity["max_rel_error"] <= 1e-5
+    assert r.fidelity["inputs"] == 3 and r.lowering == "float"
+    params = 8 * 27 + 8 * 4 + 8 * 8 * 9 + 8 + 8 * 4 + 8 * 5 + 5  # conv, bn (4 vectors), conv + bias, bn, linear
+    assert r.sizes["weights"] == params * 4 + 2 * 8  # + the two batch norms' int64 batch counters
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert [(i["shape"], i["dtype"]) for i in meta["inputs"]] == [([2, 3, 12, 12], "float32")]
+    assert [(o["shape"], o["dtype"]) for o in meta["outputs"]] == [([2, 5], "float32")]
+    assert (tmp_path / "out" / "model.pt2").read_bytes() == path.read_bytes()
+
+
+def test_a_transformer_layer_builds_and_matches_pytorch(tmp_path):
+    path = save_program(TinyEncoder, torch.randn(1, 10, 6), tmp_path / "enc.pt2")
+    r = compile_model(path, "cpu-host", tmp_path / "out", CompileOptions(inputs=3))
+    assert r.verified, r.fidelity
+    outputs = np.frombuffer((tmp_path / "out" / "outputs.bin").read_bytes(), dtype=np.float32).reshape(3, 3)
+    assert np.allclose(outputs.sum(axis=1), 1.0, atol=1e-5)  # softmax rows, as the model ends
+
+
+def test_a_wrong_build_would_be_caught(tmp_path):
+    """The check is real: the build of one program compared against another's outputs fails."""
+    from tinymlaas.backends.host.build import HostOptions, build_host_external
+    from tinymlaas.frontend.torch_export import load_exported_program
+    from tinymlaas.targets import get_target
+
+    example = torch.randn(1, 3, 12, 12)
+    model = load_exported_program(save_program(SmallCnn, example, tmp_path / "a.pt2"))
+    other = load_exported_program(save_program(SmallCnn, example, tmp_path / "b.pt2", seed=1))
+    model.reference_outputs = other.reference_outputs
+    (tmp_path / "w").mkdir()
+    r = build_host_external(model, get_target("cpu-host"), tmp_path / "w", HostOptions(inputs=2), lambda s: None)
+    assert not r.verified and r.fidelity["max_rel_error"] > 1e-3
+
+
+def test_exported_program_errors_are_one_line(tmp_path):
+    batch = torch.export.Dim("batch", min=2, max=64)
+    dynamic = save_program(SmallCnn, torch.randn(4, 3, 12, 12), tmp_path / "dyn.pt2",
+                           dynamic_shapes={"x": {0: batch}})
+    with pytest.raises(InvalidModel, match="input 'x' has a dynamic dimension 0 \\('s"):
+        compile_model(dynamic, "cpu-host", tmp_path / "a")
+    (tmp_path / "junk.pt2").write_bytes(b"PK\x03\x04 not really a zip")
+    r = cli("compile", tmp_path / "junk.pt2", "-t", "cpu-host", "-o", tmp_path / "b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "junk.pt2 is not a PyTorch exported program" in r.stderr
+    good = save_program(SmallCnn, torch.randn(1, 3, 12, 12), tmp_path / "cnn.pt2")
+    r = cli("compile", good, "-t", "cortex-m4", "-o", tmp_path / "c")
+    assert r.returncode == 2 and r.stderr.strip().startswith(
+        "tinymlaas: error: cnn.pt2: PyTorch exported programs build for the host targets (cpu-host, cuda-host); "
+        "for cortex-m4")
+    assert not any((tmp_path / d).exists() for d in "abc")
