@@ -109,3 +109,46 @@ def test_exported_program_errors_are_one_line(tmp_path):
         "tinymlaas: error: cnn.pt2: PyTorch exported programs build for the host targets (cpu-host, cuda-host); "
         "for cortex-m4")
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+class BagOfTokens(torch.nn.Module):
+    """Token ids -> embedding -> mean -> linear: an input random values do not suit (ids index a 100-row table)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 8)
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.fc(self.embed(ids).mean(dim=1))
+
+
+def test_token_ids_are_checked_with_the_inputs_the_user_gives(tmp_path):
+    path = save_program(BagOfTokens, torch.randint(0, 100, (1, 12)), tmp_path / "bag.pt2")
+    with pytest.raises(InvalidModel, match="cannot run bag on random inputs \\(IndexError.*--sample-inputs"):
+        compile_model(path, "cpu-host", tmp_path / "a")
+    ids = np.random.default_rng(0).integers(0, 100, size=(4, 1, 12))
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    r = compile_model(path, "cpu-host", tmp_path / "b", CompileOptions(sample_inputs=str(tmp_path / "ids.npz")))
+    assert r.verified and r.fidelity["inputs"] == 4 and r.fidelity["max_rel_error"] <= 1e-5
+    assert (tmp_path / "b" / "inputs.bin").read_bytes() == ids.astype(np.int64).tobytes()
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "b" / "model.so")), tvm.cpu())
+
+    def run(x):
+        out = vm["main"](tvm.runtime.tensor(x))
+        return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+    last, past = np.full((1, 12), 99), np.full((1, 12), 99)
+    past[0, 3] = 10**6  # past the table: clamped to its last row, never read outside it
+    assert np.array_equal(run(last), run(past))
+    np.savez(tmp_path / "wrong.npz", tokens=ids)
+    r = cli("compile", path, "-t", "cpu-host", "-o", tmp_path / "c", "--sample-inputs", tmp_path / "wrong.npz")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == (
+        "tinymlaas: error: sample inputs wrong.npz: no array 'ids' (it holds tokens)")
+    np.savez(tmp_path / "shape.npz", ids=ids[:, :, :5])
+    with pytest.raises(InvalidModel, match="'ids' has shape \\(4, 1, 5\\); the model takes \\(1, 12\\)"):
+        compile_model(path, "cpu-host", tmp_path / "d", CompileOptions(sample_inputs=str(tmp_path / "shape.npz")))
+    assert not any((tmp_path / d).exists() for d in "acd")

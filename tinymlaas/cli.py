@@ -89,7 +89,7 @@ def cmd_compile(args) -> int:
         int8_lowering=args.int8_lowering, kernels=args.kernels, memory=args.memory, quantize=args.quantize,
         calibration=args.calibration, precision=args.precision, tune_trials=args.tune_trials, tune_trials_per_task=args.tune_trials_per_task,
         tune_minutes=args.tune_minutes,
-        tuning_dir=args.tuning_dir,
+        tuning_dir=args.tuning_dir, sample_inputs=args.sample_inputs,
     )
     bar = None
     if not args.json and sys.stderr.isatty() or args.progress:
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-trials-per-task", type=_positive_int, metavar="M", help="host targets: at most M per task")
     p.add_argument("--tune-minutes", type=_positive_float, metavar="MIN",
                    help="host targets: stop tuning once MIN minutes have passed (checked between rounds)")
+    p.add_argument("--sample-inputs", metavar="NPZ",
+                   help="host targets: verify with these inputs instead of random ones (one array per input name, "
+                   "samples on a leading axis): for inputs random values do not suit, such as token ids")
     p.add_argument("--tuning-dir", help="host targets: tuning databases, reused by later builds of the same model "
                    "(default OUT/../tuning)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -59,6 +59,7 @@ class CompileOptions:
     tune_trials_per_task: int | None = None
     tune_minutes: float | None = None  # a time budget for tuning, checked between rounds
     tuning_dir: str | None = None  # tuning databases (one folder per target and model); default beside the output
+    sample_inputs: str | None = None  # .npz: the inputs to verify with instead of random ones (token ids, say)
 
 
 @dataclass
@@ -307,7 +308,8 @@ def _host_options(options: CompileOptions):
     return HostOptions(precision=options.precision, tune_trials=options.tune_trials,
                        tune_trials_per_task=options.tune_trials_per_task, tune_minutes=options.tune_minutes,
                        tuning_dir=Path(options.tuning_dir).resolve() if options.tuning_dir else None,
-                       inputs=options.inputs or 3, seed=options.seed)
+                       inputs=options.inputs or 3, seed=options.seed,
+                       sample_inputs=Path(options.sample_inputs) if options.sample_inputs else None)
 
 
 def _compile_host(model, target, out: Path, options: CompileOptions, stage):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,9 @@ class ExportedProgramModel:
         from tvm.relax.frontend.torch import from_exported_program
 
         try:
-            return from_exported_program(self.program, keep_params_as_input=False)
+            with warnings.catch_warnings():  # PyTorch's deprecation notices about its own pytree classes
+                warnings.simplefilter("ignore", FutureWarning)
+                return from_exported_program(self.program, keep_params_as_input=False)
         except Exception as e:  # TVM's errors name the operator in their last line: that line for the user
             text = str(e).strip().splitlines()
             raise InvalidModel(f"{self.name}: TVM's PyTorch frontend cannot import it: "
@@ -101,7 +104,9 @@ def load_exported_program(path: str | Path) -> ExportedProgramModel:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        program = torch.export.load(io.BytesIO(data))
+        with warnings.catch_warnings():  # as in to_relax
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.export.load(io.BytesIO(data))
     except Exception as e:  # a damaged or foreign archive fails in many ways: one line for the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidModel(f"{path.name} is not a PyTorch exported program (torch.export.save): {first[:200]}") from e

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinymlaas.errors import BuildFailure, ToolMissing, UnsupportedOperator
+from tinymlaas.errors import BuildFailure, InvalidModel, ToolMissing, UnsupportedOperator
 from tinymlaas.targets import HostTarget
 from tinymlaas.verify import VerifiedReport, compare, make_inputs, reference_outputs
 
@@ -39,6 +39,7 @@ class HostOptions:
     seed: int = 0
     runs: int = 50  # timed calls (median) after warm-up
     cuda_graph: bool = True  # CUDA: kernel launches captured once and replayed as CUDA graphs
+    sample_inputs: Path | None = None  # .npz of inputs to check with instead of `inputs` random ones
 
 
 @dataclass
@@ -281,11 +282,34 @@ def is_tuned(work_dir: Path) -> bool:
     return (work_dir / TUNED).is_file()
 
 
+def clip_gather_indices(mod):
+    """Every `take` (gather, embedding lookup) clamps its indices into range: TVM's frontends emit mode "fast", which
+    reads outside the table for an index out of range (a token id past the vocabulary) - a library a service loads
+    must not. In range, the result is the same."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class ClipTake(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take" and call.attrs.mode == "fast":
+                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="clip")
+            return call
+
+    mutator = ClipTake(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir: Path | None) -> tuple:
     """Relax module -> (the module relax.build takes, tuning statistics): precision, the zero pipeline, tuning when
     asked and no database for this model exists yet, the database's schedules, dlight's rules for the rest (GPU)."""
     from tvm import relax
 
+    mod = clip_gather_indices(mod)
     if options.precision == "float16":
         mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
     stats = {}
@@ -368,6 +392,34 @@ def build_host_external(model, target: HostTarget, work: Path, options: HostOpti
     return build_module(model, module, target, work, options, stage, time.monotonic() - t0)
 
 
+def load_sample_inputs(path: Path, inputs: list[dict]) -> list[list[np.ndarray]]:
+    """An .npz with one array per model input, by name, samples on a leading axis (or one sample as the input's own
+    shape): the batches to check with. InvalidModel names a missing, misshapen or mistyped input."""
+    try:
+        arrays = dict(np.load(path, allow_pickle=False))
+    except (OSError, ValueError) as e:
+        raise InvalidModel(f"sample inputs {Path(path).name}: not a readable .npz ({e})") from e
+    columns = []
+    for spec in inputs:
+        name, shape = spec["name"], tuple(spec["shape"])
+        if name not in arrays:
+            raise InvalidModel(f"sample inputs {Path(path).name}: no array '{name}' (it holds "
+                               f"{', '.join(sorted(arrays)) or 'none'})")
+        a = arrays[name]
+        a = a[None] if a.shape == shape else a
+        if a.shape[1:] != shape or len(a) == 0:
+            raise InvalidModel(f"sample inputs {Path(path).name}: '{name}' has shape {a.shape}; the model takes "
+                               f"{shape} (or N samples of it: (N, {', '.join(map(str, shape))}))")
+        if not np.can_cast(a.dtype, spec["dtype"], casting="same_kind"):
+            raise InvalidModel(f"sample inputs {Path(path).name}: '{name}' is {a.dtype}; the model takes "
+                               f"{spec['dtype']}")
+        columns.append(a.astype(spec["dtype"]))
+    if len({len(c) for c in columns}) > 1:
+        raise InvalidModel(f"sample inputs {Path(path).name}: the inputs hold different numbers of samples "
+                           f"({', '.join(str(len(c)) for c in columns)})")
+    return [[c[i] for c in columns] for i in range(len(columns[0]))] if columns else []
+
+
 def check_precision(target: HostTarget, options: HostOptions) -> None:
     if options.precision not in target.precisions:
         raise BuildFailure(f"target {target.name} builds {', '.join(target.precisions)}, not {options.precision}")
@@ -404,8 +456,15 @@ def build_module(model, module: HostModule, target: HostTarget, work: Path, opti
     seconds["codegen"] = round(time.monotonic() - t0, 3)
 
     stage("reference")
-    batches = make_inputs(model, options.inputs, options.seed)
-    want = module.reference(batches)
+    batches = (load_sample_inputs(options.sample_inputs, module.inputs) if options.sample_inputs
+               else make_inputs(model, options.inputs, options.seed))
+    try:
+        want = module.reference(batches)
+    except Exception as e:  # a model's own check on its inputs (an index out of range): the inputs are the problem
+        given = "the given" if options.sample_inputs else "random"
+        hint = "" if options.sample_inputs else "; give inputs it accepts with --sample-inputs FILE.npz"
+        raise InvalidModel(f"{module.reference_name} cannot run {model.name} on {given} inputs "
+                           f"({type(e).__name__}: {str(e).strip()[:160]}){hint}") from e
 
     stage("emulate")  # here: run on the host device itself
     t0 = time.monotonic()
