@@ -2,6 +2,7 @@
 against the program itself run by PyTorch."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ torch = pytest.importorskip("torch", reason="torch is a dependency (requirements
 
 from tinymlaas.errors import InvalidModel
 from tinymlaas.pipeline import CompileOptions, compile_model
+
+CORPUS = Path(__file__).parent / "corpus" / "models"
 
 
 class SmallCnn(torch.nn.Module):
@@ -152,3 +155,6 @@ def test_token_ids_are_checked_with_the_inputs_the_user_gives(tmp_path):
     with pytest.raises(InvalidModel, match="'ids' has shape \\(4, 1, 5\\); the model takes \\(1, 12\\)"):
         compile_model(path, "cpu-host", tmp_path / "d", CompileOptions(sample_inputs=str(tmp_path / "shape.npz")))
     assert not any((tmp_path / d).exists() for d in "acd")
+    with pytest.raises(InvalidModel, match="sample inputs apply to the host targets' builds; a cortex-m4 build"):
+        compile_model(CORPUS / "flatten_mlp_float32.tflite", "cortex-m4", tmp_path / "e",
+                      CompileOptions(sample_inputs=str(tmp_path / "ids.npz")))

@@ -23,10 +23,10 @@ from tinymlaas.backends.mcu.measure import measure_firmware
 from tinymlaas.errors import InternalError, InvalidModel, ModelTooLarge, TinyMLaaSError
 from tinymlaas.frontend.cleanup import clean
 from tinymlaas.frontend.keras import convert_keras, is_keras_input
-from tinymlaas.frontend.onnx import load_onnx
+from tinymlaas.frontend.onnx import ONNX_SUFFIX, load_onnx
 from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
 from tinymlaas.frontend.to_relax import to_relax
-from tinymlaas.frontend.torch_export import load_exported_program
+from tinymlaas.frontend.torch_export import PT2_SUFFIX, load_exported_program
 from tinymlaas.ir.lower import lower
 from tinymlaas.ir.memory import plan as plan_memory
 from tinymlaas.ir.schedule import schedule_for
@@ -175,6 +175,9 @@ def _compile_model(model_path, target_name, out_dir, options, progress) -> Compi
     started = time.monotonic()
     stage("import")
     converted_notes, source = [], Path(model_path)
+    if options.sample_inputs and target.kind != "host":
+        raise InvalidModel(f"sample inputs apply to the host targets' builds; a {target.name} build is checked on "
+                           "random inputs against the reference (--inputs N sets how many)")
     host_only = host_only_format(source)
     if host_only is not None:
         return _compile_host_only(source, host_only, target, out_dir, options, stage)
@@ -332,9 +335,9 @@ class HostOnlyFormat:
 
 
 HOST_ONLY_FORMATS = {
-    ".onnx": HostOnlyFormat("ONNX models", "convert it to TFLite (e.g. onnx2tf, or export from the training "
+    ONNX_SUFFIX: HostOnlyFormat("ONNX models", "convert it to TFLite (e.g. onnx2tf, or export from the training "
                             "framework through TensorFlow) and compile that", load_onnx),
-    ".pt2": HostOnlyFormat("PyTorch exported programs", "convert it to TFLite (e.g. ai-edge-torch) and compile "
+    PT2_SUFFIX: HostOnlyFormat("PyTorch exported programs", "convert it to TFLite (e.g. ai-edge-torch) and compile "
                            "that", load_exported_program),
 }
 

@@ -55,10 +55,6 @@ class OnnxModel:
         return sorted(found)
 
 
-def is_onnx_input(path: Path) -> bool:
-    return path.suffix.lower() == ONNX_SUFFIX
-
-
 def _dtype(elem_type: int, what: str) -> str:
     import onnx
 

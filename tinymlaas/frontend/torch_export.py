@@ -60,10 +60,6 @@ class ExportedProgramModel:
                                f"{(text or [type(e).__name__])[-1][:200]}") from e
 
 
-def is_exported_program_input(path: Path) -> bool:
-    return Path(path).suffix.lower() == PT2_SUFFIX
-
-
 def _flat(out) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
