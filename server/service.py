@@ -218,6 +218,7 @@ def _target(name: str):
 def add_model(session: Session, store: ArtifactStore, who: Principal, filename: str, data: bytes,
               quantize: str = "none") -> Model:
     from tinymlaas.frontend.keras import convert_keras, is_keras_input
+    from tinymlaas.frontend.onnx import load_onnx
     from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.frontend.to_relax import unsupported_operators
 
@@ -235,47 +236,32 @@ def add_model(session: Session, store: ArtifactStore, who: Principal, filename: 
         raise ServiceError(422, "PyTorch exported programs (.pt2) hold pickled objects that run code when loaded, so "
                            "the service does not load them: export the model to ONNX (torch.onnx.export) and upload "
                            "that, or build the .pt2 on your own machine with `tinymlaas compile`", "file")
-    if suffix == ONNX_SUFFIX:
-        if quantize != "none":
-            raise ServiceError(422, "quantize applies to Keras models (TensorFlow's converter); an ONNX model builds "
-                               "as it is", "quantize")
-        return _add_onnx_model(session, store, who, name, data)
+    if suffix == ONNX_SUFFIX and quantize != "none":
+        raise ServiceError(422, "quantize applies to Keras models (TensorFlow's converter); an ONNX model builds as "
+                           "it is", "quantize")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_bytes(data)
         try:
-            if is_keras_input(path):  # kept as the TFLite model TensorFlow's converter makes of it
-                converted = path.with_suffix(".tflite")
-                convert_keras(path, converted, quantize)
-                path, data = converted, converted.read_bytes()
-            model = load_tflite(path)
-            unsupported = unsupported_operators(model)
+            if suffix == ONNX_SUFFIX:  # imported now, so an operator TVM's ONNX frontend lacks is named at upload
+                model = load_onnx(path)
+                model.to_relax()
+                quantized, operators, unsupported = False, model.operators(), []
+            else:
+                if is_keras_input(path):  # kept as the TFLite model TensorFlow's converter makes of it
+                    converted = path.with_suffix(".tflite")
+                    convert_keras(path, converted, quantize)
+                    path, data = converted, converted.read_bytes()
+                model = load_tflite(path)
+                quantized, operators = bool(model.quantized), sorted(set(model.operators))
+                unsupported = unsupported_operators(model)
         except TinyMLaaSError as e:
             raise ServiceError(422, str(e), "file") from None
     if unsupported:
         raise ServiceError(422, f"unsupported operator(s): {', '.join(sorted(set(unsupported)))}", "file")
-    digest = store.put_bytes(data)
-    row = Model(name=model.name, sha256=digest, size=len(data), quantized=bool(model.quantized),
-                operators=sorted(set(model.operators)), owner_id=who.user.id, org_id=who.org_id)
-    session.add(row)
-    session.commit()
-    return row
-
-
-def _add_onnx_model(session: Session, store: ArtifactStore, who: Principal, name: str, data: bytes) -> Model:
-    """An ONNX model: checked, and imported by TVM's ONNX frontend now, so an operator it lacks is named at upload."""
-    from tinymlaas.frontend.onnx import load_onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_bytes(data)
-        try:
-            model = load_onnx(path)
-            model.to_relax()
-        except TinyMLaaSError as e:
-            raise ServiceError(422, str(e), "file") from None
-    row = Model(name=model.name, sha256=store.put_bytes(data), size=len(data), quantized=False,
-                operators=model.operators(), format="onnx", owner_id=who.user.id, org_id=who.org_id)
+    row = Model(name=model.name, sha256=store.put_bytes(data), size=len(data), quantized=quantized,
+                operators=operators, format="onnx" if suffix == ONNX_SUFFIX else "tflite", owner_id=who.user.id,
+                org_id=who.org_id)
     session.add(row)
     session.commit()
     return row
@@ -299,10 +285,9 @@ def request_build(session: Session, who: Principal, model_id: int, target: str, 
     model = owned(session, who, Model, model_id)
     if model is None:
         raise ServiceError(422, f"no model {model_id}", "model_id")
-    if model.format != "tflite" and _target(target).kind != "host":
+    if _target(target).kind != "host" and model.format != "tflite":  # the target checked for every model
         raise ServiceError(422, f"model {model.id} is an {model.format.upper()} model: it builds for the host targets "
                            f"(cpu-host, cuda-host); for {target}, upload a TFLite conversion of it", "target")
-    _target(target)
     if version is not None:
         try:
             version = canonical_version(version)

@@ -155,6 +155,12 @@ def test_token_ids_are_checked_with_the_inputs_the_user_gives(tmp_path):
     with pytest.raises(InvalidModel, match="'ids' has shape \\(4, 1, 5\\); the model takes \\(1, 12\\)"):
         compile_model(path, "cpu-host", tmp_path / "d", CompileOptions(sample_inputs=str(tmp_path / "shape.npz")))
     assert not any((tmp_path / d).exists() for d in "acd")
+    (tmp_path / "zip.npz").write_bytes(b"PK\x03\x04 a broken archive")
+    np.save(tmp_path / "one.npy", ids)
+    for broken in ("zip.npz", "one.npy"):
+        with pytest.raises(InvalidModel, match=f"sample inputs {broken}: not a readable .npz of named arrays"):
+            compile_model(path, "cpu-host", tmp_path / "f", CompileOptions(sample_inputs=str(tmp_path / broken)))
+    assert not (tmp_path / "f").exists()
     with pytest.raises(InvalidModel, match="sample inputs apply to the host targets' builds; a cortex-m4 build"):
         compile_model(CORPUS / "flatten_mlp_float32.tflite", "cortex-m4", tmp_path / "e",
                       CompileOptions(sample_inputs=str(tmp_path / "ids.npz")))

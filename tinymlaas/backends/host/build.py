@@ -13,6 +13,7 @@ import hashlib
 import json
 import statistics
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,15 @@ def in_process_builder(threads: int = BUILD_THREADS, config: dict | None = None)
     return InProcessBuilder()
 
 
+# written when a tuning ends: a database without it is from a tuning cut short (its records are kept, and the next
+# build goes on tuning from them instead of taking a half-measured database as done)
+TUNED = "tuning.json"
+
+
+def is_tuned(work_dir: Path) -> bool:
+    return (work_dir / TUNED).is_file()
+
+
 def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = None,
          minutes: float | None = None, seed: int = 0, tensor_cores: bool = False, config: dict | None = None) -> dict:
     """meta_schedule over the module's fused functions (the module after the zero pipeline), its database in
@@ -271,15 +281,6 @@ def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = No
            "seconds": round(time.monotonic() - started, 1), "stopped_by": stopped_by}
     (work_dir / TUNED).write_text(json.dumps(ran) + "\n")
     return ran
-
-
-# written when a tuning ends: a database without it is from a tuning cut short (its records are kept, and the next
-# build goes on tuning from them instead of taking a half-measured database as done)
-TUNED = "tuning.json"
-
-
-def is_tuned(work_dir: Path) -> bool:
-    return (work_dir / TUNED).is_file()
 
 
 def clip_gather_indices(mod):
@@ -396,9 +397,14 @@ def load_sample_inputs(path: Path, inputs: list[dict]) -> list[list[np.ndarray]]
     """An .npz with one array per model input, by name, samples on a leading axis (or one sample as the input's own
     shape): the batches to check with. InvalidModel names a missing, misshapen or mistyped input."""
     try:
-        arrays = dict(np.load(path, allow_pickle=False))
-    except (OSError, ValueError) as e:
-        raise InvalidModel(f"sample inputs {Path(path).name}: not a readable .npz ({e})") from e
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a single .npy array: no names to match the inputs by
+            raise ValueError("one array, not named ones")
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise InvalidModel(f"sample inputs {Path(path).name}: not a readable .npz of named arrays "
+                           f"({type(e).__name__})") from None
     columns = []
     for spec in inputs:
         name, shape = spec["name"], tuple(spec["shape"])
