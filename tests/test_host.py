@@ -148,6 +148,12 @@ def test_cuda_float16_tuning_measures_tensor_core_schedules(tmp_path):
                (Path(r.tuning["database"]) / "database_tuning_record.json").read_text().splitlines()]
     wmma = [rec for _, rec in records if "wmma_sync_16x16x16_f16f16" in json.dumps(rec[0])]
     assert wmma and any(rec[1] and max(float(t) for t in rec[1]) < 1e9 for rec in wmma)
+    # a rebuild in a new process loads the database of wmma schedules (their intrinsics registered first)
+    again = cli("compile", CORPUS / "resnet8_float32.tflite", "-t", "cuda-host", "--precision", "float16",
+                "--tune-trials", "48", "--tuning-dir", tmp_path / "db", "-o", tmp_path / "b", "--json")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["tuning"]["reused"] and report["verified"]
 
 
 def test_a_tuning_cut_short_is_resumed_not_reused(tmp_path):

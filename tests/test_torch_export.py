@@ -47,6 +47,23 @@ class TinyEncoder(torch.nn.Module):
         return torch.softmax(self.head(self.encoder(self.embed(x)).mean(dim=1)), dim=-1)
 
 
+class MobileBlock(torch.nn.Module):
+    """mobilenet's pieces: conv + batch norm + ReLU6, depthwise conv + batch norm + ReLU6, pointwise conv, pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
+                                        torch.nn.BatchNorm2d(8), torch.nn.ReLU6())
+        self.depthwise = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+                                             torch.nn.BatchNorm2d(8), torch.nn.ReLU6())
+        self.pointwise = torch.nn.Conv2d(8, 16, 1)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.pointwise(self.depthwise(self.conv(x)))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
 def save_program(module, example, path, seed=0, **export_args):
     torch.manual_seed(seed)
     module = module().eval()
@@ -164,3 +181,40 @@ def test_token_ids_are_checked_with_the_inputs_the_user_gives(tmp_path):
     with pytest.raises(InvalidModel, match="sample inputs apply to the host targets' builds; a cortex-m4 build"):
         compile_model(CORPUS / "flatten_mlp_float32.tflite", "cortex-m4", tmp_path / "e",
                       CompileOptions(sample_inputs=str(tmp_path / "ids.npz")))
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_before_tuning_batch_norm_folds_and_tensor_core_layout_stays_whole(tensor_cores, tmp_path):
+    """The rewrites ahead of tuning: batch norm folded into the convolutions; for tensor cores the convolutions in
+    NHWC and ReLU6 (a clip, which TVM's layout conversion wraps in a transpose each way) kept in that layout, so the
+    only transposes are the model's input and the pooled output. The module still computes what PyTorch does."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from tinymlaas.backends.host.build import tuning_preparation
+
+    x = torch.randn(2, 3, 16, 16)
+    program = torch.export.load(str(save_program(MobileBlock, x, tmp_path / "m.pt2")))
+    expected = program.module()(x).detach().numpy()
+    mod = tuning_preparation(tensor_cores)(from_exported_program(program, keep_params_as_input=False))
+    calls = [b.value for block in mod["main"].body.blocks for b in block.bindings
+             if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]
+    ops = [c.op.name for c in calls]
+    assert "relax.nn.batch_norm" not in ops and ops.count("relax.nn.conv2d") == 3 and ops.count("relax.clip") == 2
+    assert ops.count("relax.permute_dims") == (2 if tensor_cores else 0)
+    layouts = {c.attrs.data_layout for c in calls if c.op.name == "relax.nn.conv2d"}
+    assert layouts == ({"NHWC"} if tensor_cores else {"NCHW"})
+    with tvm.target.Target("llvm"):
+        built = relax.build(relax.get_pipeline("zero")(mod), target="llvm")
+    got = relax.VirtualMachine(built, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got if hasattr(got, "numpy") else got[0]).numpy()
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_tuned_host_build_of_a_batch_norm_model_matches_pytorch(tmp_path):
+    path = save_program(MobileBlock, torch.randn(1, 3, 16, 16), tmp_path / "m.pt2")
+    opts = CompileOptions(inputs=2, tune_trials=2, tune_trials_per_task=1, tuning_dir=str(tmp_path / "db"))
+    r = compile_model(path, "cpu-host", tmp_path / "out", opts)
+    assert r.verified and r.fidelity["max_rel_error"] <= 1e-5 and r.tuning["ran"]["trials"] > 0

@@ -126,6 +126,11 @@ def tuning_folder(target: HostTarget, model_sha256: str, precision: str, base: P
 # trials per function in each tuning round (a time budget is checked between rounds). Each round pays the evolutionary
 # search once per function (~18 s on the lent H100's host, whatever the trials): rounds of 4 were mostly that
 ROUNDS = (32, 64, 128)
+# meta_schedule's evolutionary search, smaller than its defaults (a population of 512 evolved 4 times): picking 32
+# tensor-core candidates for one resnet18 convolution took 95 s on 2 cores and 54 s on the H100's host, 36 s here
+# with 256 and 2 - time a time-boxed tuning spends measuring instead (the first round's cost model is untrained, so
+# its evolution ranks by nothing)
+SEARCH = {"population_size": 256, "genetic_num_iters": 2}
 BUILD_THREADS = 16
 # the functions tuned: the fewest, heaviest first, that hold this share of the model's floating-point work (the
 # rest keep dlight's schedules). On resnet18 the convolutions; elementwise and pooling functions are memory-bound and
@@ -268,7 +273,7 @@ def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = No
         n = min(trials - asked, share * max(1, len(tasks)))
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, str(work_dir), space=tensor_core_space() if tensor_cores else "post-order-apply",
-            seed=seed + rounds)
+            strategy=ms.search_strategy.EvolutionarySearch(**SEARCH), seed=seed + rounds)
         ms.relax_integration.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                                         max_trials_global=n, max_trials_per_task=share,
                                         builder=in_process_builder(config=config), runner="local", database="json",
@@ -305,26 +310,87 @@ def clip_gather_indices(mod):
     return mutator.builder_.get()
 
 
+def tuning_preparation(tensor_cores: bool):
+    """The graph rewrites ahead of tuning (before mixed precision): batch norm folded into the convolution before it
+    (its weights and bias are constants: the epilogue keeps a bias add, not a subtract, divide, multiply and add per
+    element), and for tensor cores convolutions in NHWC with OHWI weights (channels innermost, as wmma tiles load
+    them: one resnet18 convolution at batch 32 on the H100, 32 trials, 56 us in NHWC vs 122 us after 64 in NCHW).
+    Layout-following operators (pooling, adds) follow; a transpose stays only where the model's own layout meets it.
+    Not without tuning: dlight's fallback schedules a depthwise convolution with a fused epilogue badly."""
+    import tvm
+    from tvm import relax
+
+    passes = [relax.transform.FoldBatchnormToConv2D(), relax.transform.FoldConstant()]
+    if tensor_cores:
+        passes += [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}), elementwise_keeps_layout(),
+                   relax.transform.DeadCodeElimination(), relax.transform.FoldConstant()]
+    return tvm.transform.Sequential(passes)
+
+
+# elementwise operators TVM 0.27's ConvertLayout has no layout rule for: it wraps each in a transpose back and forth
+# (mobilenet_v2's ReLU6 is a clip: two transposes per activation)
+LAYOUT_FREE = ("relax.clip", "relax.nn.leakyrelu")
+
+
+def elementwise_keeps_layout():
+    """A pass: permute_dims(f(permute_dims(x, p)), q) with q undoing p, f elementwise, becomes f(x)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x = wildcard()
+    inner = is_op("relax.permute_dims")(x)
+    elementwise = None
+    for name in LAYOUT_FREE:
+        one = is_op(name)(inner) | is_op(name)(inner, wildcard(), wildcard())
+        elementwise = one if elementwise is None else elementwise | one
+    outer = is_op("relax.permute_dims")(elementwise)
+
+    def undoes(p, q) -> bool:
+        return p is not None and q is not None and [int(p[int(i)]) for i in q] == list(range(len(p)))
+
+    def rewrite(expr, matched):
+        call = matched[elementwise]
+        if not undoes(matched[inner].attrs.axes, matched[outer].attrs.axes):
+            return expr
+        return relax.Call(call.op, [matched[x], *call.args[1:]], call.attrs)
+
+    @tvm.transform.module_pass(opt_level=0, name="ElementwiseKeepsLayout")
+    def apply(mod, _ctx):
+        return tvm.IRModule({gv: rewrite_call(outer, rewrite, f) if isinstance(f, relax.Function) else f
+                             for gv, f in mod.functions.items()}, attrs=mod.attrs)
+
+    return apply
+
+
 def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir: Path | None) -> tuple:
     """Relax module -> (the module relax.build takes, tuning statistics): precision, the zero pipeline, tuning when
     asked and no database for this model exists yet, the database's schedules, dlight's rules for the rest (GPU)."""
+    import tvm
     from tvm import relax
 
+    tensor_cores = uses_tensor_cores(target, options.precision)
     mod = clip_gather_indices(mod)
+    if options.tune_trials:
+        mod = tuning_preparation(tensor_cores)(mod)
     if options.precision == "float16":
         mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
     stats = {}
     with tvm_target:
-        # batch norm decomposed fuses into the convolution before it (what tuning wants); dlight's fallback schedules
-        # such a depthwise convolution badly: torchvision's mobilenet_v2 b1 on the H100 2.67 ms decomposed, 0.84 not
         if options.tune_trials:
-            mod = relax.transform.DecomposeOpsForInference()(mod)
+            # what batch norm is left, decomposed, fuses with its neighbours; CanonicalizeBindings removes the tuple
+            # the decomposition leaves, which otherwise keeps the activation after it out of the fused function
+            mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                            relax.transform.CanonicalizeBindings()])(mod)
         mod = relax.get_pipeline("zero")(mod)
         if options.tune_trials:
+            if tensor_cores:
+                # a database of tensor-core schedules names wmma intrinsics: a rebuild in a new process, which tunes
+                # nothing, must register them before the database loads
+                import tvm.s_tir.tensor_intrin.cuda
             if not is_tuned(work_dir):
                 stats = tune(mod, tvm_target, work_dir, options.tune_trials, options.tune_trials_per_task,
-                             options.tune_minutes, options.seed, uses_tensor_cores(target, options.precision),
-                             lowering_config(target, options.precision))
+                             options.tune_minutes, options.seed, tensor_cores, lowering_config(target, options.precision))
             mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
         if target.device == "cuda":  # whatever tuning left unscheduled gets dlight's rules
             import tvm.s_tir.dlight as dl
@@ -399,10 +465,10 @@ def load_sample_inputs(path: Path, inputs: list[dict]) -> list[list[np.ndarray]]
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):  # a single .npy array: no names to match the inputs by
-            raise ValueError("one array, not named ones")
+            raise TypeError("one array, not named ones")
         with data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:
         raise InvalidModel(f"sample inputs {Path(path).name}: not a readable .npz of named arrays "
                            f"({type(e).__name__})") from None
     columns = []
