@@ -113,6 +113,16 @@ def measure(name: str, batch: int, runs: int, trials: int = 0, per_task: int = 0
         compiled(x)
         out["torch_compile_s"] = round(time.monotonic() - t0, 1)
         out["torch_compile_ms"] = round(torch_latency_ms(compiled, x, runs), 4)
+        # like for like with our float16 builds: torch.compile of the model in half precision (cuDNN's float16
+        # tensor-core convolutions); its error against the float32 reference is reported the same way
+        import copy
+
+        half, x16 = copy.deepcopy(model).half(), x.half()
+        compiled16 = torch.compile(half)
+        got16 = compiled16(x16).float().cpu().numpy()
+        out["torch_compile16_ms"] = round(torch_latency_ms(compiled16, x16, runs), 4)
+        out["torch_compile16_rel_error"] = float(np.linalg.norm(got16 - reference) / np.linalg.norm(reference))
+        del half, x16, compiled16
     model, x = model.cpu(), x.cpu()
     for kind in [v for v in variants if not PLANS[v][1] or trials]:
         precision, tuned, graph = PLANS[kind]
@@ -130,6 +140,8 @@ def measure(name: str, batch: int, runs: int, trials: int = 0, per_task: int = 0
             out[f"tvm_{kind}_ms"] = round(1000 * statistics.median(timer(xt).results), 4)
             out[f"tvm_{kind}_rel_error"] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
             out[f"tvm_{kind}_vs_torch_compile"] = round(out[f"tvm_{kind}_ms"] / out["torch_compile_ms"], 3)
+            if precision == "float16":
+                out[f"tvm_{kind}_vs_torch_compile16"] = round(out[f"tvm_{kind}_ms"] / out["torch_compile16_ms"], 3)
         except Exception as e:  # noqa: BLE001 - one model's failure is a result too
             out[f"tvm_{kind}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
         print(json.dumps(out), flush=True)  # so far: a run cut short still tells what it measured
@@ -174,13 +186,14 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     nan = float("nan")
-    print(f"{'model':<14}{'batch':>6}{'eager ms':>10}{'compile ms':>12}{'dlight ms':>10}{'tuned ms':>10}"
-          f"{'tuned16 ms':>11}{'best/compile':>13}")
+    print(f"{'model':<14}{'batch':>6}{'eager ms':>10}{'compile ms':>12}{'compile16':>10}{'dlight ms':>10}"
+          f"{'tuned ms':>10}{'tuned16 ms':>11}{'best/compile':>13}{'t16/c16':>8}")
     for r in results["models"]:
         best = min((r[f"tvm_{k}_ms"] for k in PLANS if f"tvm_{k}_ms" in r), default=nan)
         print(f"{r['model']:<14}{r['batch']:>6}{r['torch_eager_ms']:>10.3f}{r['torch_compile_ms']:>12.3f}"
-              f"{r.get('tvm_dlight_ms', nan):>10.3f}{r.get('tvm_tuned_ms', nan):>10.3f}{r.get('tvm_tuned16_ms', nan):>11.3f}"
-              f"{best / r['torch_compile_ms']:>13.2f}")
+              f"{r['torch_compile16_ms']:>10.3f}{r.get('tvm_dlight_ms', nan):>10.3f}{r.get('tvm_tuned_ms', nan):>10.3f}"
+              f"{r.get('tvm_tuned16_ms', nan):>11.3f}{best / r['torch_compile_ms']:>13.2f}"
+              f"{r.get('tvm_tuned16_ms', nan) / r['torch_compile16_ms']:>8.2f}")
     return 0
 
 

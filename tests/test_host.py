@@ -158,17 +158,24 @@ def test_cuda_float16_tuning_measures_tensor_core_schedules(tmp_path):
 
 def test_a_tuning_cut_short_is_resumed_not_reused(tmp_path):
     """A database without its end-of-tuning mark (the process was stopped mid-round) is not taken as tuned: the next
-    build tunes on, from the records already measured."""
+    build tunes on from the records already measured, and reaches first the functions the first tuning never did
+    (here one trial each time: the dense autoencoder's second function, not its first again)."""
     from tinymlaas.backends.host.build import TUNED
 
-    opts = CompileOptions(inputs=1, tune_trials=2, tune_trials_per_task=1, tuning_dir=str(tmp_path / "db"))
-    first = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "a", opts)
+    def measured_functions(db: Path) -> list[int]:  # the workload index of each record, in the order measured
+        return [json.loads(line)[0] for line in (db / "database_tuning_record.json").read_text().splitlines()]
+
+    opts = CompileOptions(inputs=1, tune_trials=1, tune_trials_per_task=1, tuning_dir=str(tmp_path / "db"))
+    model = CORPUS / "dense_autoencoder_float32.tflite"
+    first = compile_model(model, "cpu-host", tmp_path / "a", opts)
     db = Path(first.tuning["database"])
-    assert first.verified and (db / TUNED).is_file() and first.tuning["ran"]["trials"] > 0
+    assert first.verified and (db / TUNED).is_file() and first.tuning["ran"]["tasks"] > 1
+    assert len(measured_functions(db)) == 1
     (db / TUNED).unlink()
-    second = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "b", opts)
+    second = compile_model(model, "cpu-host", tmp_path / "b", opts)
     assert not second.tuning["reused"] and second.verified
-    assert second.tuning["ran"]["trials"] > first.tuning["ran"]["trials"]  # the old records kept, new ones added
+    functions = measured_functions(db)
+    assert len(functions) == 2 and functions[0] != functions[1]  # the old record kept, a new function measured
 
 
 @pytest.mark.slow
