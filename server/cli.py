@@ -144,7 +144,9 @@ def _wait_build(client, build_id: int) -> dict:
 def cmd_builds_request(args) -> int:
     client = _client(args)
     constraints = {k: v for k, v in (("max_flash", args.max_flash), ("max_ram", args.max_ram)) if v}
-    b = client.request_build(args.model, args.target, args.version, args.emulator, **constraints)
+    host = {k: v for k, v in (("precision", args.precision), ("tune_trials", args.tune_trials),
+                              ("tune_minutes", args.tune_minutes)) if v is not None}
+    b = client.request_build(args.model, args.target, args.version, args.emulator, host or None, **constraints)
     if args.wait:
         b = _wait_build(client, b["id"])
     _print(b, args.json, _format_build)
@@ -406,6 +408,9 @@ def register(sub) -> None:
     p.add_argument("--version", help="image version major.minor.revision[+build] (default 1.0.<build id>)")
     p.add_argument("--emulator", choices=("qemu", "renode"),
                    help="verify on and link for: qemu (default) or renode (Renode's model of a real part)")
+    p.add_argument("--precision", choices=("float32", "float16"), help="host targets: the precision built")
+    p.add_argument("--tune-trials", type=int, help="host targets: meta_schedule trials (a rebuild reuses them)")
+    p.add_argument("--tune-minutes", type=float, help="host targets: a time budget for tuning")
     p.add_argument("--wait", action="store_true", help="wait for it, with a progress bar")
     p.set_defaults(func=cmd_builds_request)
     p = api(builds.add_parser("status", help="a build's state, progress and report"))

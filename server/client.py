@@ -49,12 +49,15 @@ class Client:
             return self._call("POST", "/models", files={"file": (path.name, f)}).json()
 
     def request_build(self, model_id: int, target: str, version: str | None = None, emulator: str | None = None,
-                      **constraints) -> dict:
+                      host: dict | None = None, **constraints) -> dict:
+        """host: for the host targets, {"precision", "tune_trials", "tune_minutes"}."""
         body = {"model_id": model_id, "target": target, "constraints": constraints}
         if version:
             body["version"] = version
         if emulator:
             body["emulator"] = emulator
+        if host:
+            body["host"] = host
         return self._call("POST", "/builds", json=body).json()
 
     def build(self, build_id: int) -> dict:

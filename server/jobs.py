@@ -177,6 +177,7 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
         build = s.get(Build, build_id)
         model = s.get(Model, build.model_id)
         target, constraints, version = build.target, dict(build.constraints or {}), build.version
+        org_id = build.org_id
         model_name, model_digest, model_format = model.name, model.sha256, model.format
 
     searched_share = [0.0]  # the part of the progress a search took
@@ -203,9 +204,14 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
                 variant, searched, summary = _search(model_path, target, constraints, inputs, Path(tmp), sessions,
                                                      build_id, lease)
                 searched_share[0] = SEARCH_SHARE
+            host = constraints.get("host") or {}
+            # tuning databases per tenant (then per target, model and precision): a rebuild reuses its own
             options = CompileOptions(inputs=inputs, max_flash=constraints.get("max_flash"),
                                      max_ram=constraints.get("max_ram"), variant=variant,
-                                     emulator=constraints.get("emulator"))
+                                     emulator=constraints.get("emulator"),
+                                     precision=host.get("precision", "float32"), tune_trials=host.get("tune_trials", 0),
+                                     tune_minutes=host.get("tune_minutes"),
+                                     tuning_dir=str(settings.data_dir / "tuning" / str(org_id)))
             report = compile_model(model_path, target, out, options, progress)
             if searched is not None:
                 shutil.copyfile(searched / "front.json", out / "front.json")

@@ -237,6 +237,12 @@ def test_a_build_for_a_host_target_gives_latency_and_a_library(client, app):
     assert_problem(client.post("/api/v1/builds", json={"model_id": model_id, "target": "cpu-host",
                                                        "search": {"budget": 4}}, headers=client.auth),
                    422, "search", "microcontroller targets")
+    assert_problem(client.post("/api/v1/builds", json={"model_id": model_id, "target": "cortex-m4",
+                                                       "host": {"tune_trials": 8}}, headers=client.auth),
+                   422, "host", "not cortex-m4")
+    assert_problem(client.post("/api/v1/builds", json={"model_id": model_id, "target": "cpu-host",
+                                                       "host": {"precision": "float16"}}, headers=client.auth),
+                   422, "host", "cpu-host builds float32, not float16")
     b = client.post("/api/v1/builds", json={"model_id": model_id, "target": "cpu-host"},
                     headers=client.auth).get_json()
     run_build(app.extensions["tinymlaas"].settings, b["id"])
@@ -246,12 +252,42 @@ def test_a_build_for_a_host_target_gives_latency_and_a_library(client, app):
     assert report["kind"] == "host" and report["latency_ms"] > 0 and report["verified"]
     assert report["fidelity"]["max_rel_error"] <= 1e-5 and report["sizes"]["weights"] > 0
     assert set(done["artifacts"]) == {"library", "metadata", "report"}
-    lib = client.get(f"/api/v1/builds/{b['id']}/artifacts/library", headers=client.auth)
+    lib = client.get(f"/api/v1/builds/{done['id']}/artifacts/library", headers=client.auth)
     assert lib.status_code == 200 and lib.data[:4] == b"\x7fELF"
     assert_problem(client.post("/api/v1/devices", json={"id": "gw-1", "target": "cuda-host"}, headers=client.auth),
                    422, "target", "cuda-host")
-    assert_problem(client.post("/api/v1/deployments", json={"build_id": b["id"], "group": "default"},
+    assert_problem(client.post("/api/v1/deployments", json={"build_id": done["id"], "group": "default"},
                                headers=client.auth), 409, "build_id", "no signed image")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # tuning does not touch the service database
+def test_a_host_build_request_tunes_within_its_budget_and_a_rebuild_reuses_it(client, app):
+    """The request's host options reach the compiler: a tuning budget is spent once, its database kept for the
+    tenant (per target, model and precision), and the same request again runs no trials."""
+    from pathlib import Path
+
+    from server.jobs import run_build
+
+    corpus = Path(__file__).parent / "corpus" / "models" / "flatten_mlp_float32.tflite"
+    model_id = client.post("/api/v1/models", data={"file": (io.BytesIO(corpus.read_bytes()), "mlp.tflite")},
+                           headers=client.auth).get_json()["id"]
+    settings = app.extensions["tinymlaas"].settings
+
+    def build() -> dict:
+        b = client.post("/api/v1/builds", json={"model_id": model_id, "target": "cpu-host",
+                                                "host": {"tune_trials": 1}}, headers=client.auth).get_json()
+        run_build(settings, b["id"])
+        done = client.get(f"/api/v1/builds/{b['id']}", headers=client.auth).get_json()
+        assert done["state"] == "done" and done["report"]["verified"], done
+        return done
+
+    first = build()
+    tuning = first["report"]["tuning"]
+    assert first["constraints"]["host"] == {"precision": "float32", "tune_trials": 1, "tune_minutes": None}
+    assert tuning["ran"]["trials"] == 1 and not tuning["reused"]
+    assert Path(tuning["database"]).is_relative_to(settings.data_dir / "tuning")
+    again = build()["report"]["tuning"]
+    assert again["reused"] and again["database"] == tuning["database"]
 
 
 def test_an_onnx_model_through_the_service_builds_for_a_host_target_only(client, app, tmp_path):

@@ -218,3 +218,30 @@ def test_tuning_takes_the_heaviest_functions_only():
     assert sum(flops[n] for n in chosen[:-1]) < FLOP_SHARE * total  # the fewest
     assert min(flops[n] for n in chosen) >= max(f for n, f in flops.items() if n not in chosen)
     assert any("conv" in n for n in chosen) and not any(n.startswith("add") for n in chosen)
+
+
+def test_fast_tvmscript_parsing_answers_as_inspect_does_and_is_undone():
+    """The shortcut around inspect's module scan (TVM's parser calls it for every frame of every function it parses)
+    gives the scan's own answers: no module for a frame of generated code, the module for a frame of a file; and
+    inspect is as it was afterwards, also after nesting."""
+    import inspect
+
+    from tinymlaas.backends.host.build import fast_tvmscript_parsing
+
+    scope = {}
+    exec(compile("import sys\nframe = sys._getframe()", "<generated>", "exec"), scope)  # noqa: S102 - a frame of generated code
+    here = inspect.currentframe()
+
+    def answers():
+        return [inspect.getmodule(scope["frame"], "<generated>"), inspect.getmodule(here, __file__),
+                inspect.getsourcefile(scope["frame"]), inspect.getframeinfo(here).filename]
+
+    original, expected = inspect.getmodule, answers()
+    assert expected[0] is None and expected[1].__name__ == __name__
+    with fast_tvmscript_parsing():
+        shortcut = inspect.getmodule
+        assert shortcut is not original and answers() == expected
+        with fast_tvmscript_parsing():
+            assert inspect.getmodule is shortcut
+        assert inspect.getmodule is shortcut
+    assert inspect.getmodule is original

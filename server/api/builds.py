@@ -20,6 +20,8 @@ def create(body):
         constraints["search"] = body["search"]  # kept with the build's constraints: what it was asked to do
     if body.get("emulator"):
         constraints["emulator"] = body["emulator"]
+    if body.get("host"):
+        constraints["host"] = body["host"]
     build = request_build(session(), who, body["model_id"], body["target"], constraints, body["version"],
                           max_open=ctx().settings.max_open_builds)
     ctx().enqueue_build(build.id)

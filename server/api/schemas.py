@@ -129,6 +129,17 @@ class SearchRequest(Schema):
     max_fidelity_loss = fields.Float(load_default=0.0, validate=validate.Range(min=0.0, max=1e6))
 
 
+class HostBuildOptions(Schema):
+    precision = fields.String(load_default="float32", validate=validate.OneOf(("float32", "float16")),
+                              metadata={"description": "float16 (float32 accumulation; tensor cores on CUDA) or "
+                                        "float32; the target lists what it builds"})
+    tune_trials = fields.Integer(load_default=0, validate=validate.Range(min=0, max=20000),
+                                 metadata={"description": "meta_schedule trials (0: TVM's default schedules); the "
+                                           "tuning is kept per model, target and precision, so a rebuild runs none"})
+    tune_minutes = fields.Float(load_default=None, allow_none=True, validate=validate.Range(min=0.1, max=720),
+                                metadata={"description": "a time budget for tuning, checked between rounds"})
+
+
 class BuildRequest(Schema):
     model_id = Id(required=True)
     target = fields.String(required=True, validate=Target(TARGETS))
@@ -140,6 +151,8 @@ class BuildRequest(Schema):
                              metadata={"description": "where the build is verified and what its image is linked for: "
                                        "qemu (default) or renode (Renode's model of a real part of the target's "
                                        "class; devices whose board is that model self-test it)"})
+    host = fields.Nested(HostBuildOptions, load_default=None, allow_none=True,
+                         metadata={"description": "host targets (cpu-host, cuda-host): precision and tuning budget"})
     version = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
                                 r"^\d+(\.\d+){0,2}(\+\d+)?$", error="'{input}' is not major.minor.revision[+build]"),
                             metadata={"description": "image version major.minor.revision[+build]; default 1.0.<id>"})
@@ -157,6 +170,18 @@ class BuildRequest(Schema):
         if data.get("target") in HOST_TARGETS and data.get("search"):
             raise ValidationError(f"the variant search is for microcontroller targets, not {data['target']}",
                                   "search")
+
+    @validates_schema
+    def _host_options_fit_the_target(self, data, **kwargs):
+        target, host = all_targets().get(data.get("target")), data.get("host")
+        if not host or target is None:
+            return
+        if target.kind != "host":
+            raise ValidationError(f"host options apply to the host targets ({', '.join(HOST_TARGETS)}), not "
+                                  f"{target.name}", "host")
+        if host["precision"] not in target.precisions:
+            raise ValidationError(f"{target.name} builds {'/'.join(target.precisions)}, not {host['precision']}",
+                                  "host")
 
 
 class Build(Schema):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -269,6 +270,31 @@ def parallel_cuda_compiler():
             os.environ.pop("TVM_CUDA_COMPILE_MODE", None)
 
 
+@contextlib.contextmanager
+def fast_tvmscript_parsing():
+    """TVM's TVMScript parser takes `inspect.stack()` for every function it parses (496 when meta_schedule first
+    imports TVM's tensor intrinsics, in every tuning process), and `inspect` looks up the module of each frame whose
+    file is a pseudo-file (`<frozen importlib._bootstrap>`, parsed code) by scanning all of sys.modules, every time:
+    that import took 39 s in a bare process and 132 s in one with the service and TensorFlow loaded (5,100 modules),
+    3.7 s with this. A pseudo-file belongs to no module - the answer the scan comes to - so it is given at once."""
+    scan = inspect.getmodule
+    if getattr(scan, "pseudo_files_have_no_module", False):  # already in place (another build, nested)
+        yield
+        return
+
+    def getmodule(obj, _filename=None):
+        if _filename is not None and _filename.startswith("<") and _filename.endswith(">"):
+            return None
+        return scan(obj, _filename)
+
+    getmodule.pseudo_files_have_no_module = True
+    inspect.getmodule = getmodule
+    try:
+        yield
+    finally:
+        inspect.getmodule = scan
+
+
 # written when a tuning ends: a database without it is from a tuning cut short (its records are kept, and the next
 # build goes on tuning from them instead of taking a half-measured database as done)
 TUNED = "tuning.json"
@@ -421,14 +447,16 @@ def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir
                                             relax.transform.CanonicalizeBindings()])(mod)
         mod = relax.get_pipeline("zero")(mod)
         if options.tune_trials:
-            if tensor_cores:
-                # a database of tensor-core schedules names wmma intrinsics: a rebuild in a new process, which tunes
-                # nothing, must register them before the database loads
-                import tvm.s_tir.tensor_intrin.cuda
-            if not is_tuned(work_dir):
-                stats = tune(mod, tvm_target, work_dir, options.tune_trials, options.tune_trials_per_task,
-                             options.tune_minutes, options.seed, tensor_cores, lowering_config(target, options.precision))
-            mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+            with fast_tvmscript_parsing():  # meta_schedule parses TVM's tensor intrinsics on first use
+                if tensor_cores:
+                    # a database of tensor-core schedules names wmma intrinsics: a rebuild in a new process, which
+                    # tunes nothing, must register them before the database loads
+                    import tvm.s_tir.tensor_intrin.cuda
+                if not is_tuned(work_dir):
+                    stats = tune(mod, tvm_target, work_dir, options.tune_trials, options.tune_trials_per_task,
+                                 options.tune_minutes, options.seed, tensor_cores,
+                                 lowering_config(target, options.precision))
+                mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
         if target.device == "cuda":  # whatever tuning left unscheduled gets dlight's rules
             import tvm.s_tir.dlight as dl
 
