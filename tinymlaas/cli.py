@@ -21,6 +21,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -248,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "that does not fit the RAM budget")
     p.add_argument("--precision", choices=("float32", "float16"), default="float32",
                    help="host targets: float16 halves weights and activations (cuda-host; float models)")
-    p.add_argument("--tune-trials", type=int, default=0, metavar="N",
+    p.add_argument("--tune-trials", type=_count, default=0, metavar="N",
                    help="host targets: tune with meta_schedule, at most N trials (default 0: TVM's default schedules)")
     p.add_argument("--tune-trials-per-task", type=_positive_int, metavar="M", help="host targets: at most M per task")
     p.add_argument("--tune-minutes", type=_positive_float, metavar="MIN",
