@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from tinymlaas import __version__
 from tinymlaas.errors import TinyMLaaSError
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 TARGETS = {"float32": ("cortex-m4", "rv32imafc"), "int8": ("cortex-m4", "rv32imac"), "int16x8": ("cortex-m4", "rv32imac")}
 
@@ -40,7 +41,7 @@ def main() -> None:
         for key, entry, target in tqdm(jobs, desc="corpus", unit="build"):
             row = {"model": key, "precision": entry["precision"], "target": target}
             try:
-                r = compile_model(corpus / entry["file"], target, Path(tmp) / f"{key}-{target}", CompileOptions(inputs=3))
+                r = compile_model(corpus / entry["file"], target, Path(tmp) / f"{key}-{target}", BuildRequest(inputs=3))
                 row.update(verified=r.verified, lowering=r.lowering, instructions=r.instructions,
                            flash_model=r.sizes["flash_model"], ram_model=r.sizes["ram_model"],
                            weights=r.sizes["weights"], fidelity=r.fidelity, compile_seconds=r.compile_seconds)

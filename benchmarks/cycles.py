@@ -33,7 +33,7 @@ TARGETS = ["ibex-small", "ibex-maxperf", "cortex-m4", "cortex-m7"]
 
 def _one(args):
     model_file, target = args
-    from tinymlaas.pipeline import profile_model
+    from tinymlaas.backends.mcu.profile import profile_model
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +61,7 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated model names (default: the four int8 models)")
     args = ap.parse_args()
 
-    from tinymlaas.measurements import MeasurementStore
+    from tinymlaas.measure.database import MeasurementStore
     from tinymlaas.targets import get_target
 
     store = MeasurementStore(args.measurements)

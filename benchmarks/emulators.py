@@ -38,13 +38,14 @@ QEMU_EXTRA = 500_000_000
 def _run(model_file: Path, target_name: str, runner_name: str, inputs: int, work: Path) -> dict:
     """Build once for the runner's machine, run on 1 and on `inputs` inputs; the figures of the two runs."""
     from tinymlaas.backends.mcu.firmware import link_firmware
-    from tinymlaas.pipeline import _build
+    from tinymlaas.backends.mcu.build import build_program
     from tinymlaas.runners import emulator_for
     from tinymlaas.targets import get_target
-    from tinymlaas.verify import compare, make_inputs, reference_outputs, split_outputs
+    from tinymlaas.oracle import make_inputs, reference_outputs
+    from tinymlaas.verify import compare, split_outputs
 
     build_target = "ibex-small" if runner_name == "ibex" else target_name
-    target, model, _, built, driver, lowering = _build(model_file, build_target, work, "auto")
+    target, model, _, built, driver, lowering = build_program(model_file, build_target, work, "auto")
     runner = emulator_for(runner_name, 1800, get_target(build_target))
     runs = {}
     n = 1

@@ -38,13 +38,14 @@ def _models(models_dir: Path) -> list[tuple[str, Path]]:
 
 def _row(name: str, path: Path, target: str, inputs: int, work: Path) -> dict:
     from tinymlaas.errors import TinyMLaaSError
-    from tinymlaas.pipeline import CompileOptions, compile_model
+    from tinymlaas.build.pipeline import compile_model
+    from tinymlaas.build.request import BuildRequest
 
     row = {"model": name, "target": target}
     for policy in POLICIES:
         started = time.monotonic()
         try:
-            r = compile_model(path, target, work / policy, CompileOptions(inputs=inputs, memory=policy))
+            r = compile_model(path, target, work / policy, BuildRequest(inputs=inputs, memory=policy))
         except TinyMLaaSError as e:
             row[policy] = {"error": str(e).splitlines()[0][:200]}
             continue

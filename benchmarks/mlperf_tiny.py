@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tinymlaas import __version__
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 from tinymlaas.targets import get_target
 
 MODELS = [
@@ -61,7 +62,7 @@ def main() -> int:
         for model, target, kernels in tqdm(jobs, desc="mlperf-tiny", unit="build"):
             started = time.monotonic()
             r = compile_model(Path(args.models) / f"{model}.tflite", target,
-                              Path(tmp) / f"{model}-{target}-{kernels}", CompileOptions(inputs=args.inputs, kernels=kernels))
+                              Path(tmp) / f"{model}-{target}-{kernels}", BuildRequest(inputs=args.inputs, kernels=kernels))
             s = r.sizes
             row = {
                 "model": model,

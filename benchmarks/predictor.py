@@ -33,11 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tinymlaas import __version__
+from tinymlaas.backends.mcu.profile import profile_model
+from tinymlaas.build.request import BuildRequest
 from tinymlaas.frontend.cleanup import clean
 from tinymlaas.frontend.tflite import load_tflite
-from tinymlaas.pipeline import profile_model
+from tinymlaas.search.evaluate import Job, evaluate
 from tinymlaas.search.predictor import LayerwiseCost, Predictor, VariantFeatures, VariantModel, profile_samples, ranking_quality
-from tinymlaas.search.search import _evaluate, search
+from tinymlaas.search.search import search
 from tinymlaas.search.space import Space, Variant
 from tinymlaas.targets import get_target
 
@@ -56,7 +58,7 @@ def measured(path: Path, target: str, points: int, seed: int, workers: int) -> t
     graph, space = graph_and_space(path, target)
     featurize = VariantFeatures(graph, space)
     with tempfile.TemporaryDirectory(prefix="tinymlaas-predictor-") as tmp:
-        r = search(path, target, Path(tmp), budget=points, strategy="random", seed=seed, workers=workers)
+        r = search(path, target, Path(tmp), BuildRequest(budget=points, strategy="random", seed=seed, workers=workers))
     ok = [p for p in r.points if p.verified and p.cost]
     base = r.points[r.default].cost  # relative to the default build, as the guided search fits it
     variants = [Variant.from_dict(p.variant) for p in ok]
@@ -105,8 +107,8 @@ def ibex_truth(path: Path, points: int, seed: int, workers: int) -> tuple[list, 
         if v not in variants:
             variants.append(v)
     with tempfile.TemporaryDirectory(prefix="tinymlaas-predictor-") as tmp, ProcessPoolExecutor(workers) as pool:
-        points_ = list(pool.map(_evaluate, [(path, "ibex-small", v.to_dict(), str(Path(tmp) / f"v{k}"), 1, seed,
-                                             False, None) for k, v in enumerate(variants)]))
+        points_ = list(pool.map(evaluate, [Job(str(path), "ibex-small", v.to_dict(), str(Path(tmp) / f"v{k}"), 1, seed)
+                                           for k, v in enumerate(variants)]))
     ok = [(v, p.cycles) for v, p in zip(variants, points_) if p.verified and p.cycles]
     return [v for v, _ in ok], [c for _, c in ok]
 
@@ -114,7 +116,7 @@ def ibex_truth(path: Path, points: int, seed: int, workers: int) -> tuple[list, 
 def best_of(path: Path, target: str, strategy: str, budget: int, seed: int, workers: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="tinymlaas-predictor-") as tmp:
         started = time.monotonic()
-        r = search(path, target, Path(tmp), budget=budget, strategy=strategy, seed=seed, workers=workers)
+        r = search(path, target, Path(tmp), BuildRequest(budget=budget, strategy=strategy, seed=seed, workers=workers))
     return {"best_instructions": r.points[r.chosen].cost, "default_instructions": r.points[r.default].cost,
             "built": len(r.points), "screened": r.screened, "seconds": round(time.monotonic() - started, 1)}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tinymlaas.pipeline import profile_model
+from tinymlaas.backends.mcu.profile import profile_model
 
 
 def main() -> int:

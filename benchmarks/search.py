@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tinymlaas import __version__
-from tinymlaas.search.search import plot_front, search
+from tinymlaas.build.request import BuildRequest
+from tinymlaas.search.result import plot_front
+from tinymlaas.search.search import search
 from tinymlaas.targets import get_target
 
 MODELS = ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant", "ad01_int8"]
@@ -63,8 +65,8 @@ def main() -> None:
             strategy = "guided" if rtl else args.strategy
             with tempfile.TemporaryDirectory(prefix="tinymlaas-search-") as tmp:
                 started = time.monotonic()
-                r = search(path, target, Path(tmp), budget=args.budget, strategy=strategy, seed=args.seed,
-                           workers=args.workers)
+                r = search(path, target, Path(tmp), BuildRequest(budget=args.budget, strategy=strategy, seed=args.seed,
+                                                                 workers=args.workers))
                 wall = time.monotonic() - started
                 plot_front(r, out.parent / f"search_{name}_{target}.png")
             d, c = r.points[r.default], r.points[r.chosen]

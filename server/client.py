@@ -7,6 +7,7 @@ from pathlib import Path
 
 import requests
 
+from tinymlaas.build.request import BuildRequest
 from tinymlaas.errors import TinyMLaaSError
 
 
@@ -48,16 +49,12 @@ class Client:
         with open(path, "rb") as f:
             return self._call("POST", "/models", files={"file": (path.name, f)}).json()
 
-    def request_build(self, model_id: int, target: str, version: str | None = None, emulator: str | None = None,
-                      host: dict | None = None, **constraints) -> dict:
-        """host: for the host targets, {"precision", "tune_trials", "tune_minutes"}."""
-        body = {"model_id": model_id, "target": target, "constraints": constraints}
+    def request_build(self, model_id: int, target: str, version: str | None = None, **options) -> dict:
+        """options: build options by name (tinymlaas.build.request.BuildRequest: max_ram=..., budget=...,
+        precision=...), sent nested as the service's request schema has them."""
+        body = {"model_id": model_id, "target": target, **BuildRequest(**options).grouped()}
         if version:
             body["version"] = version
-        if emulator:
-            body["emulator"] = emulator
-        if host:
-            body["host"] = host
         return self._call("POST", "/builds", json=body).json()
 
     def build(self, build_id: int) -> dict:

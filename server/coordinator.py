@@ -21,7 +21,8 @@ from sqlalchemy import select
 from .broker import ROOT, SERVER_USER
 from .db import Build, Deployment, DeviceJob
 from .mqtt_loop import MqttLoop
-from .service import advance, apply_job_update, expire_silent_jobs, record_state, record_telemetry
+from .services.deployments import advance, apply_job_update, expire_silent_jobs
+from .services.devices import record_state, record_telemetry
 
 log = logging.getLogger("tinymlaas.coordinator")
 

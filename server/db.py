@@ -8,7 +8,9 @@ from pathlib import Path
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
 
+from tinymlaas.build.request import BuildRequest
 from tinymlaas.private import create_private
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -21,6 +23,19 @@ def now() -> dt.datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+class RequestColumn(TypeDecorator):
+    """A BuildRequest, stored as the JSON of its options by name: what the API accepted is what the worker reads."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return (value or BuildRequest()).to_dict()
+
+    def process_result_value(self, value, dialect):
+        return BuildRequest.from_dict(value or {})
 
 
 class Organization(Base):
@@ -98,7 +113,7 @@ class Build(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
     target: Mapped[str] = mapped_column(String(32))
-    constraints: Mapped[dict] = mapped_column(JSON, default=dict)
+    request: Mapped[BuildRequest] = mapped_column(RequestColumn, default=lambda: BuildRequest())
     version: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     stage: Mapped[str | None] = mapped_column(String(32))
@@ -165,7 +180,7 @@ class Telemetry(Base):
 
 
 # The measurement database's table lives in the service's database too (devices' cycles, the service's builds).
-from tinymlaas.measurements import Measurement
+from tinymlaas.measure.database import Measurement
 
 Measurement.__table__.to_metadata(Base.metadata)
 

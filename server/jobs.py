@@ -19,20 +19,23 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy import or_, select, update
 
+from tinymlaas.backends import backend_for
+from tinymlaas.build.pipeline import STAGES, compile_model
+from tinymlaas.build.request import BuildRequest
 from tinymlaas.errors import TinyMLaaSError
-from tinymlaas.measurements import MeasurementStore
+from tinymlaas.measure.database import MeasurementStore
 from tinymlaas.ota.package import generate_key, package_build
 from tinymlaas.ota.store import ArtifactStore
-from tinymlaas.pipeline import STAGES, CompileOptions, compile_model
 from tinymlaas.targets import get_target
 
 from .config import Settings
 from .db import Build, Model, make_engine, make_sessionmaker, now
-from .service import OPEN_BUILD_STATES
+from .services.builds import OPEN_BUILD_STATES
 
 log = logging.getLogger("tinymlaas.jobs")
 EMULATING_FROM = STAGES.index("emulate")
@@ -176,9 +179,10 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
     with sessions() as s:
         build = s.get(Build, build_id)
         model = s.get(Model, build.model_id)
-        target, constraints, version = build.target, dict(build.constraints or {}), build.version
+        target, request, version = get_target(build.target), build.request, build.version
         org_id = build.org_id
         model_name, model_digest, model_format = model.name, model.sha256, model.format
+    backend = backend_for(target)
 
     searched_share = [0.0]  # the part of the progress a search took
 
@@ -194,43 +198,37 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
 
     out = settings.builds_dir / str(build_id)
     try:
+        # checked as the API checked it: the targets or the rules may have changed while it was queued
+        request.check(target)
+        # a core simulated from its RTL runs ~0.5 M cycles/s: its own default (one input and its repeat);
+        # tuning databases per tenant (then per target, model and precision): a rebuild reuses its own
+        request = request.applying(target, inputs=settings.build_inputs if target.rtl is None else None,
+                                   tuning_dir=str(settings.data_dir / "tuning" / str(org_id)))
         with tempfile.TemporaryDirectory(prefix="tinymlaas-build-") as tmp:
             model_path = Path(tmp) / f"{model_name}.{model_format}"  # the suffix tells the compiler the format
             shutil.copyfile(store.path(model_digest), model_path)
-            # a core simulated from its RTL runs ~0.5 M cycles/s: its own default (one input and its repeat)
-            inputs = settings.build_inputs if get_target(target).rtl is None else None
-            variant, searched, summary = None, None, None
-            if constraints.get("search"):
-                variant, searched, summary = _search(model_path, target, constraints, inputs, Path(tmp), sessions,
+            searched, summary = None, None
+            if request.budget is not None:  # a search first; its chosen variant is what gets built
+                variant, searched, summary = _search(model_path, target.name, request, Path(tmp), sessions,
                                                      build_id, lease)
+                request = replace(request, variant=variant)
                 searched_share[0] = SEARCH_SHARE
-            host = constraints.get("host") or {}
-            # tuning databases per tenant (then per target, model and precision): a rebuild reuses its own
-            options = CompileOptions(inputs=inputs, max_flash=constraints.get("max_flash"),
-                                     max_ram=constraints.get("max_ram"), variant=variant,
-                                     emulator=constraints.get("emulator"),
-                                     precision=host.get("precision", "float32"), tune_trials=host.get("tune_trials", 0),
-                                     tune_minutes=host.get("tune_minutes"),
-                                     tuning_dir=str(settings.data_dir / "tuning" / str(org_id)))
-            report = compile_model(model_path, target, out, options, progress)
+            report = compile_model(model_path, target.name, out, request, progress)
             if searched is not None:
                 shutil.copyfile(searched / "front.json", out / "front.json")
                 shutil.copyfile(searched / "front.png", out / "front.png")
         if not report.verified:
-            raise TinyMLaaSError(f"the firmware's outputs differ from the TFLite interpreter's: {report.fidelity}")
+            raise TinyMLaaSError(f"the build's outputs differ from the reference's: {report.fidelity}")
         progress("measure")
-        if report.kind == "host":  # a TVM runtime library for a GPU or CPU host: nothing to sign for a device
-            artifacts = {"library": store.put_file(out / "model.so"), "metadata": store.put_file(out / "metadata.json"),
-                         "report": store.put_file(out / "report.json")}
-        else:
-            artifacts = {"firmware": store.put_file(out / "firmware.elf"),
-                         "report": store.put_file(out / "report.json"),
-                         "platformio": store.put_file(_platformio_zip(out, get_target(target)))}
+        artifacts = {name: store.put_file(Path(report.artifacts[name])) for name in backend.stored_artifacts}
+        artifacts["report"] = store.put_file(out / "report.json")
+        if backend.firmware:
+            artifacts["platformio"] = store.put_file(_platformio_zip(out, target))
         if (out / "front.json").is_file():
             artifacts.update(front=store.put_file(out / "front.json"), front_plot=store.put_file(out / "front.png"))
         package = None
-        if get_target(target).kind == "mcu" and get_target(target).rtl is None:  # an RTL core has no devices
-            package = package_build(out, get_target(target), ensure_signing_key(settings), version)
+        if backend.deployable(target):
+            package = package_build(out, target, ensure_signing_key(settings), version)
             artifacts.update(image=store.put_file(package.image), payload=store.put_file(package.payload),
                              selftest=store.put_file(package.selftest))
         with sessions() as s:
@@ -245,7 +243,7 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
                                      "sha256": package.info.sha256}
             b.artifacts = artifacts
             s.commit()
-        if report.kind == "mcu":  # the database holds firmware measurements
+        if backend.firmware:  # the database holds firmware measurements
             MeasurementStore(engine=engine).record_compile(report, Path(report.artifacts["model"]),
                                                            source="service", build_id=build_id)
     except LeaseLost:
@@ -259,14 +257,13 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
         _fail(sessions, build_id, lease, f"internal error: {type(e).__name__}: {e}")
 
 
-def _search(model_path: Path, target: str, constraints: dict, inputs, tmp: Path, sessions, build_id: int,
+def _search(model_path: Path, target: str, request: BuildRequest, tmp: Path, sessions, build_id: int,
             lease: Lease):
     """The variant search a build asked for; its progress is the build's (stage "search", up to SEARCH_SHARE).
     Returns the chosen Variant, the folder with front.json and front.png, and a summary for the build's report."""
-    from tinymlaas.search.search import Constraints, search, write_result
+    from tinymlaas.search.result import write_result
+    from tinymlaas.search.search import search
     from tinymlaas.search.space import Variant
-
-    asked = constraints["search"]
 
     def progress(done: int, total: int, point) -> None:
         with sessions() as s:
@@ -276,11 +273,8 @@ def _search(model_path: Path, target: str, constraints: dict, inputs, tmp: Path,
             b.message = f"search: {done} of {total} variants built"
             s.commit()
 
-    result = search(model_path, target, tmp / "search", budget=int(asked["budget"]),
-                    strategy=asked.get("strategy", "nsga2"), seed=int(asked.get("seed", 0)),
-                    constraints=Constraints(constraints.get("max_ram"), constraints.get("max_flash"),
-                                            float(asked.get("max_fidelity_loss", 0.0))),
-                    inputs=inputs or 3, workers=1, progress=progress)
+    result = search(model_path, target, tmp / "search", replace(request, inputs=request.inputs or 3, workers=1),
+                    progress=progress)
     write_result(result, tmp / "front")
     if result.chosen is None:
         raise TinyMLaaSError(f"no variant of {len(result.points)} built satisfies the constraints")

@@ -21,7 +21,7 @@ from .config import Settings
 from .coordinator import Coordinator
 from .db import Device, User
 from .jobs import ensure_signing_key
-from .service import create_organization, create_user
+from .services.tenants import create_organization, create_user
 from .tls import DevCA
 
 log = logging.getLogger("tinymlaas.server")

@@ -52,7 +52,7 @@ def done_build(app, client, headers: dict, group: str) -> tuple[int, dict]:
                     headers=headers).get_json()
     with app.extensions["tinymlaas"].sessions() as s:
         row = s.get(Model, m["id"])
-        b = Build(model_id=row.id, target="cortex-m4", constraints={}, version="1.0.7+0", state="done",
+        b = Build(model_id=row.id, target="cortex-m4", version="1.0.7+0", state="done",
                   artifacts={"image": "0" * 64, "selftest": "1" * 64}, owner_id=row.owner_id, org_id=row.org_id)
         s.add(b)
         s.commit()
@@ -65,13 +65,14 @@ def small_firmware(tmp_path_factory):
     import quantized_layers as q
 
     from tinymlaas.ota.package import firmware_payload, generate_key, package_build
-    from tinymlaas.pipeline import CompileOptions, compile_model
+    from tinymlaas.build.pipeline import compile_model
+    from tinymlaas.build.request import BuildRequest
     from tinymlaas.targets import get_target
 
     work = tmp_path_factory.mktemp("ota")
     model = work / "fc.tflite"
     model.write_bytes(q.fully_connected(7, [1, 37], 11, 1))
-    compile_model(model, "cortex-m4", work / "build", CompileOptions(inputs=3))
+    compile_model(model, "cortex-m4", work / "build", BuildRequest(inputs=3))
     key = generate_key(work / "keys" / "signing.pem")
     package = package_build(work / "build", get_target("cortex-m4"), key, "1.0.1")
     firmware_payload(work / "build" / "firmware.elf", get_target("cortex-m4"), work / "payload.bin")

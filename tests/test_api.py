@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from server.config import Settings
 from server.db import Build, Deployment, Device, DeviceJob, Model, alembic_config
-from server.service import create_user
+from server.services.tenants import create_user
 
 
 @pytest.fixture
@@ -203,7 +203,7 @@ def test_a_build_for_a_core_simulated_from_rtl_gives_true_cycles_and_no_image(cl
     from pathlib import Path
 
     from server.jobs import run_build
-    from tinymlaas.measurements import MeasurementStore
+    from tinymlaas.measure.database import MeasurementStore
 
     corpus = Path(__file__).parent / "corpus" / "ops" / "fully_connected_int8.tflite"
     r = client.post("/api/v1/models", data={"file": (io.BytesIO(corpus.read_bytes()), "fc.tflite")}, headers=client.auth)
@@ -236,13 +236,13 @@ def test_a_build_for_a_host_target_gives_latency_and_a_library(client, app):
     model_id = r.get_json()["id"]
     assert_problem(client.post("/api/v1/builds", json={"model_id": model_id, "target": "cpu-host",
                                                        "search": {"budget": 4}}, headers=client.auth),
-                   422, "search", "microcontroller targets")
+                   422, "search.budget", "applies to the microcontroller targets")
     assert_problem(client.post("/api/v1/builds", json={"model_id": model_id, "target": "cortex-m4",
                                                        "host": {"tune_trials": 8}}, headers=client.auth),
-                   422, "host", "not cortex-m4")
+                   422, "host.tune_trials", "not cortex-m4")
     assert_problem(client.post("/api/v1/builds", json={"model_id": model_id, "target": "cpu-host",
                                                        "host": {"precision": "float16"}}, headers=client.auth),
-                   422, "host", "cpu-host builds float32, not float16")
+                   422, "host.precision", "cpu-host builds float32, not float16")
     b = client.post("/api/v1/builds", json={"model_id": model_id, "target": "cpu-host"},
                     headers=client.auth).get_json()
     run_build(app.extensions["tinymlaas"].settings, b["id"])
@@ -283,7 +283,7 @@ def test_a_host_build_request_tunes_within_its_budget_and_a_rebuild_reuses_it(cl
 
     first = build()
     tuning = first["report"]["tuning"]
-    assert first["constraints"]["host"] == {"precision": "float32", "tune_trials": 1, "tune_minutes": None}
+    assert first["request"] == {"host": {"tune_trials": 1}}  # what was asked beyond the defaults
     assert tuning["ran"]["trials"] == 1 and not tuning["reused"]
     assert Path(tuning["database"]).is_relative_to(settings.data_dir / "tuning")
     again = build()["report"]["tuning"]
@@ -323,7 +323,7 @@ def test_an_onnx_model_through_the_service_builds_for_a_host_target_only(client,
     assert m["format"] == "onnx" and not m["quantized"] and m["size"] == len(data)
     assert m["operators"] == ["Conv", "Flatten", "Gemm", "MaxPool", "Relu", "Softmax"]
     assert_problem(client.post("/api/v1/builds", json={"model_id": m["id"], "target": "cortex-m4"},
-                               headers=client.auth), 422, "target", "builds for the host targets")
+                               headers=client.auth), 422, "target", "build for the host targets (cpu-host, cuda-host)")
     b = client.post("/api/v1/builds", json={"model_id": m["id"], "target": "cpu-host"}, headers=client.auth).get_json()
     run_build(app.extensions["tinymlaas"].settings, b["id"])
     done = client.get(f"/api/v1/builds/{b['id']}", headers=client.auth).get_json()
@@ -345,7 +345,7 @@ def test_a_build_with_a_search_packages_the_chosen_variant(client, app):
     r = client.post("/api/v1/models", data={"file": (io.BytesIO(corpus.read_bytes()), "s.tflite")}, headers=client.auth)
     b = client.post("/api/v1/builds", json={"model_id": r.get_json()["id"], "target": "rv32imac",
                                             "search": {"budget": 4, "seed": 2}}, headers=client.auth).get_json()
-    assert b["constraints"]["search"] == {"budget": 4, "seed": 2, "strategy": "nsga2", "max_fidelity_loss": 0.0}
+    assert b["request"] == {"search": {"budget": 4, "seed": 2}}
     run_build(app.extensions["tinymlaas"].settings, b["id"])
     done = client.get(f"/api/v1/builds/{b['id']}", headers=client.auth).get_json()
     assert done["state"] == "done" and done["progress"] == 1.0, done
@@ -452,7 +452,7 @@ def test_a_device_that_never_answers_times_out_and_the_rollout_moves_on(app, cli
     rollout's job_timeout (a failure for the thresholds), and the rollout decides again."""
     import datetime as dt
 
-    from server.service import advance, expire_silent_jobs
+    from server.services.deployments import advance, expire_silent_jobs
 
     build_id = _done_build(app, client)
     for bad in (5, 10**20, "soon"):

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from server.config import Settings
 from server.db import Build, now
 from server.jobs import Lease, LeaseLost, make_huey, recover_builds, run_build
-from server.service import create_user
+from server.services.tenants import create_user
 
 FC = Path(__file__).parent / "corpus" / "ops" / "fully_connected_int8.tflite"
 

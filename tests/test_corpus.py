@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tinymlaas.errors import InvalidModel, ModelTooLarge, UnsupportedOperator
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 CORPUS = Path(__file__).parent / "corpus"
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
@@ -41,7 +42,7 @@ def _cases(precision: str, architecture: bool = False):
 
 
 def _compile(key, target, tmp_path):
-    return compile_model(CORPUS / BUILT[key]["file"], target, tmp_path / key, CompileOptions(inputs=3))
+    return compile_model(CORPUS / BUILT[key]["file"], target, tmp_path / key, BuildRequest(inputs=3))
 
 
 def _check(key, target, tmp_path):
@@ -130,8 +131,8 @@ def test_integer_architecture_without_fpu_or_dsp(key, target, tmp_path):
                                  if k not in REFERENCE_GAP | INVALID and not _expected_unsupported(k, BUILT[k])])
 def test_integer_architecture_every_intermediate_tensor(key, tmp_path):
     """Every tensor the interpreter computes, byte for byte, against the build's trace of each step."""
-    from tinymlaas.pipeline import verify_layers
-    from tinymlaas.verify import reference_resolver
+    from tinymlaas.backends.mcu.profile import verify_layers
+    from tinymlaas.oracle import reference_resolver
 
     if reference_resolver((CORPUS / BUILT[key]["file"]).read_bytes()) != "BUILTIN_REF":
         pytest.skip("the interpreter's reference kernels abort on this model; its optimized int8 convolutions round "

@@ -9,7 +9,8 @@ import pytest
 from ai_edge_litert import schema_py_generated as s
 from flatbuffers import flexbuffers
 
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 
 def detection_model(n=40, classes=3, max_det=6, per_det=1, regular=False, seed=0) -> bytes:
@@ -63,7 +64,7 @@ def detection_model(n=40, classes=3, max_det=6, per_det=1, regular=False, seed=0
 def test_detection_postprocess_matches_the_interpreter(tmp_path, case, options, target):
     path = tmp_path / f"{case}.tflite"
     path.write_bytes(detection_model(**options))
-    r = compile_model(path, target, tmp_path / "out", CompileOptions(inputs=4))
+    r = compile_model(path, target, tmp_path / "out", BuildRequest(inputs=4))
     assert r.verified, r.fidelity
     found = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), np.float32)[-1]
     assert found >= 2  # suppression had something to choose from

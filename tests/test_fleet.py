@@ -100,7 +100,7 @@ def test_renode_board_devices_take_renode_builds_and_refuse_others(live):
     m = client.upload_model(model_path("ad01_int8"))
     b = client.wait_build(client.request_build(m["id"], "cortex-m4", emulator="renode")["id"], timeout=300)
     assert b["state"] == "done" and b["report"]["runner"] == "renode" and b["report"]["verified"], b
-    assert b["constraints"]["emulator"] == "renode"
+    assert b["request"]["emulator"] == "renode"
     agents = start_agents(server, live["root"], ["renode-0", "renode-1"], group="renode", board="renode")
     try:
         d = client.wait_deployment(client.deploy(b["id"], group="renode")["id"], timeout=300)
@@ -176,7 +176,7 @@ def _bad_build(live, tmp_path, kind: str) -> int:
         data = (tmp_path / "rogue.bin").read_bytes()
     with ctx.sessions() as s:
         row = s.get(Build, v2["id"])
-        bad = Build(model_id=row.model_id, target=row.target, constraints={}, version="9.9.9+0", state="done",
+        bad = Build(model_id=row.model_id, target=row.target, version="9.9.9+0", state="done",
                     report={**row.report, "image": {"size": len(data)}},
                     artifacts={**row.artifacts, "image": store.put_bytes(data)}, owner_id=row.owner_id,
                     org_id=row.org_id)
@@ -442,7 +442,7 @@ def test_whole_flow_on_postgresql(database_url, tmp_path, models_dir):
 
 def test_cycles_a_device_reports_land_in_the_measurement_database(live):
     """A board's own cycle counter, over telemetry: a row marked as device-measured, for the build it runs only."""
-    from tinymlaas.measurements import MeasurementStore
+    from tinymlaas.measure.database import MeasurementStore
 
     server, client, v1, v2 = live["server"], live["client"], live["v1"], live["v2"]
     agent = start_agents(server, live["root"], ["cyc-0"], group="cyc")[0]

@@ -75,7 +75,7 @@ def test_mutated_models_are_refused_clearly(seed_model, count):
 
 def test_mutated_uploads_get_4xx_never_5xx(tmp_path, database_url, make_app):
     from server.config import Settings
-    from server.service import create_user
+    from server.services.tenants import create_user
 
     app = make_app(Settings(data_dir=tmp_path / "data", database_url=database_url))
     with app.extensions["tinymlaas"].sessions() as s:

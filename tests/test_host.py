@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import cli, model_path
 
-from tinymlaas.backends.host.build import ROUNDS
+from tinymlaas.backends.host.tuning import ROUNDS
 from tinymlaas.errors import BuildFailure, UnsupportedOperator
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 CORPUS = Path(__file__).parent / "corpus" / "models"
 # the two MobileNets take 12-17 s each to build here: `slow`
@@ -50,7 +51,7 @@ def _run_library(report) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("name", FLOAT_MODELS)
 def test_float_models_on_the_host_cpu_match_the_interpreter(name, tmp_path):
-    r = compile_model(CORPUS / name, "cpu-host", tmp_path / "out", CompileOptions(inputs=3))
+    r = compile_model(CORPUS / name, "cpu-host", tmp_path / "out", BuildRequest(inputs=3))
     assert r.kind == "host" and r.lowering == "float"
     assert r.verified and r.fidelity["max_rel_error"] <= 1e-5, r.fidelity
     assert r.latency_ms > 0 and r.sizes["library"] > r.sizes["weights"] > 0
@@ -64,7 +65,7 @@ def test_float_models_on_the_host_cpu_match_the_interpreter(name, tmp_path):
                                   for n in INT8_MODELS])  # the unrolled recurrent ones: 20-30 s each, `slow`
 def test_int8_models_on_the_host_cpu_are_bit_exact_or_name_the_missing_kernel(name, tmp_path):
     try:
-        r = compile_model(CORPUS / name, "cpu-host", tmp_path / "out", CompileOptions(inputs=3))
+        r = compile_model(CORPUS / name, "cpu-host", tmp_path / "out", BuildRequest(inputs=3))
     except UnsupportedOperator as e:  # a layer that only has a C micro-kernel (softmax, LSTM, ...)
         assert "C micro-kernel tinymlaas_" in str(e) and "not linked on host targets" in str(e)
         assert not (tmp_path / "out").exists()  # nothing half-written
@@ -73,13 +74,13 @@ def test_int8_models_on_the_host_cpu_are_bit_exact_or_name_the_missing_kernel(na
 
 
 def test_mlperf_ad01_int8_on_the_host_is_bit_exact(tmp_path):
-    r = compile_model(model_path("ad01_int8"), "cpu-host", tmp_path / "out", CompileOptions(inputs=5, seed=1))
+    r = compile_model(model_path("ad01_int8"), "cpu-host", tmp_path / "out", BuildRequest(inputs=5, seed=1))
     assert r.fidelity["max_lsb_diff"] == 0 and r.fidelity["inputs"] == 5
 
 
 def test_unsupported_precision_and_missing_kernels_are_clear(tmp_path):
     with pytest.raises(BuildFailure, match="cpu-host builds float32, not float16"):
-        compile_model(model_path("ad01_fp32"), "cpu-host", tmp_path / "a", CompileOptions(precision="float16"))
+        compile_model(model_path("ad01_fp32"), "cpu-host", tmp_path / "a", BuildRequest(precision="float16"))
     r = cli("compile", model_path("kws_ref_model"), "-t", "cpu-host", "-o", tmp_path / "b")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [(
@@ -117,7 +118,7 @@ def test_cuda_host_without_a_gpu_says_so(tmp_path):
 @pytest.mark.parametrize("precision", ["float32", "float16"])
 @pytest.mark.parametrize("name", ["ds_cnn_kws_float32.tflite", "conv_autoencoder_float32.tflite"])
 def test_cuda_host_float_models(name, precision, tmp_path):
-    r = compile_model(CORPUS / name, "cuda-host", tmp_path / "out", CompileOptions(inputs=3, precision=precision))
+    r = compile_model(CORPUS / name, "cuda-host", tmp_path / "out", BuildRequest(inputs=3, precision=precision))
     assert r.verified, r.fidelity
     assert r.tvm_target.startswith("cuda sm_")
     assert np.array_equal(_run_library(r)[0].ravel(), np.frombuffer(
@@ -126,13 +127,13 @@ def test_cuda_host_float_models(name, precision, tmp_path):
 
 @needs_cuda
 def test_cuda_host_int8_layers_are_bit_exact(tmp_path):
-    r = compile_model(model_path("ad01_int8"), "cuda-host", tmp_path / "out", CompileOptions(inputs=3))
+    r = compile_model(model_path("ad01_int8"), "cuda-host", tmp_path / "out", BuildRequest(inputs=3))
     assert r.fidelity["max_lsb_diff"] == 0
 
 
 @needs_cuda
 def test_cuda_tuning_database_is_reused(tmp_path):
-    opts = CompileOptions(inputs=2, tune_trials=8, tune_trials_per_task=2, tuning_dir=str(tmp_path / "db"))
+    opts = BuildRequest(inputs=2, tune_trials=8, tune_trials_per_task=2, tuning_dir=str(tmp_path / "db"))
     first = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cuda-host", tmp_path / "a", opts)
     second = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cuda-host", tmp_path / "b", opts)
     assert first.verified and second.verified
@@ -143,7 +144,7 @@ def test_cuda_tuning_database_is_reused(tmp_path):
 def test_cuda_float16_tuning_measures_tensor_core_schedules(tmp_path):
     """float16 on the GPU tunes with tensor-core tiling: wmma schedules are built and measured (none fails for TVM's
     storage rewrite, turned off for these builds), and the tuned build still matches the interpreter."""
-    opts = CompileOptions(inputs=2, precision="float16", tune_trials=48, tune_trials_per_task=16,
+    opts = BuildRequest(inputs=2, precision="float16", tune_trials=48, tune_trials_per_task=16,
                           tuning_dir=str(tmp_path / "db"))
     r = compile_model(CORPUS / "resnet8_float32.tflite", "cuda-host", tmp_path / "a", opts)
     assert r.verified, r.fidelity
@@ -163,12 +164,12 @@ def test_a_tuning_cut_short_is_resumed_not_reused(tmp_path):
     """A database without its end-of-tuning mark (the process was stopped mid-round) is not taken as tuned: the next
     build tunes on from the records already measured, and reaches first the functions the first tuning never did
     (here one trial each time: the dense autoencoder's second function, not its first again)."""
-    from tinymlaas.backends.host.build import TUNED
+    from tinymlaas.backends.host.tuning import TUNED
 
     def measured_functions(db: Path) -> list[int]:  # the workload index of each record, in the order measured
         return [json.loads(line)[0] for line in (db / "database_tuning_record.json").read_text().splitlines()]
 
-    opts = CompileOptions(inputs=1, tune_trials=1, tune_trials_per_task=1, tuning_dir=str(tmp_path / "db"))
+    opts = BuildRequest(inputs=1, tune_trials=1, tune_trials_per_task=1, tuning_dir=str(tmp_path / "db"))
     model = CORPUS / "dense_autoencoder_float32.tflite"
     first = compile_model(model, "cpu-host", tmp_path / "a", opts)
     db = Path(first.tuning["database"])
@@ -183,7 +184,7 @@ def test_a_tuning_cut_short_is_resumed_not_reused(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_tuning_stops_at_its_time_budget_and_a_rebuild_reuses_the_database(tmp_path):
-    opts = CompileOptions(inputs=2, tune_trials=400, tune_trials_per_task=64, tune_minutes=0.01,
+    opts = BuildRequest(inputs=2, tune_trials=400, tune_trials_per_task=64, tune_minutes=0.01,
                           tuning_dir=str(tmp_path / "db"))
     first = compile_model(CORPUS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "a", opts)
     ran = first.tuning["ran"]
@@ -201,7 +202,8 @@ def test_tuning_takes_the_heaviest_functions_only():
     from tvm.s_tir.analysis import estimate_tir_flops
     from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
 
-    from tinymlaas.backends.host.build import FLOP_SHARE, _public_names, heaviest_tasks
+    from tinymlaas.backends.host.passes import public_functions
+    from tinymlaas.backends.host.tuning import FLOP_SHARE, heaviest_tasks
     from tinymlaas.frontend.cleanup import clean
     from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.frontend.to_relax import to_relax
@@ -211,7 +213,7 @@ def test_tuning_takes_the_heaviest_functions_only():
     target = tvm.target.Target("llvm")
     with target:
         mod = relax.get_pipeline("zero")(relax.transform.DecomposeOpsForInference()(
-            _public_names(to_relax(graph, get_target("cpu-host"), "tir"))))
+            public_functions(to_relax(graph, get_target("cpu-host"), "tir"))))
     tasks = extract_tasks(mod, target)
     flops = {t.task_name: float(estimate_tir_flops(t.dispatched[0])) * int(t.weight) for t in tasks}
     chosen = [t.task_name for t in heaviest_tasks(tasks)]
@@ -229,7 +231,7 @@ def test_fast_tvmscript_parsing_answers_as_inspect_does_and_is_undone():
     inspect is as it was afterwards, also after nesting."""
     import inspect
 
-    from tinymlaas.backends.host.build import fast_tvmscript_parsing
+    from tinymlaas.backends.host.tuning import fast_tvmscript_parsing
 
     scope = {}
     exec(compile("import sys\nframe = sys._getframe()", "<generated>", "exec"), scope)  # noqa: S102 - a frame of generated code

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tinymlaas.errors import EmulatorFailure
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 CORPUS = Path(__file__).parent / "corpus"
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
@@ -21,7 +22,7 @@ MODELS = ["conv_2d_int8", "softmax_int16x8", "depthwise_conv_2d_int8", "fully_co
 
 def _compile(key, target, tmp_path, **options):
     return compile_model(CORPUS / MANIFEST[key]["file"], target, tmp_path / f"{key}-{target}",
-                         CompileOptions(inputs=2, **options))
+                         BuildRequest(inputs=2, **options))
 
 
 @pytest.mark.parametrize("key", MODELS)

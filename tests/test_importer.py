@@ -8,7 +8,7 @@ from tinymlaas.frontend.cleanup import clean
 from tinymlaas.frontend.tflite import load_tflite
 from tinymlaas.frontend.to_relax import to_relax
 from tinymlaas.targets import get_target
-from tinymlaas.verify import make_inputs, reference_outputs
+from tinymlaas.oracle import make_inputs, reference_outputs
 
 
 def test_reads_inputs_outputs_and_operators(models_dir):

@@ -7,8 +7,8 @@ import pytest
 from ai_edge_litert import schema_py_generated as s
 
 from tinymlaas.frontend.tflite import read_graph
-from tinymlaas.ops.int8 import lookup_table
 from tinymlaas.ops.int16 import _interpolate, _scaled, input_rescale, lut_interpolate, read_lut, sigmoid_table
+from tinymlaas.ops.interpreter_tables import lookup_table
 
 
 def one_operator(opcode: str, in_scale: float, out_scale: float, in_zero: int = 0):

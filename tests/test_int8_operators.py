@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import quantized_layers as q
 
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 SAME, VALID = 0, 1
 NONE, RELU, RELU_N1_TO_1, RELU6 = 0, 1, 2, 3
@@ -47,7 +48,7 @@ CASES = {
 def test_operator_is_bit_exact(case, target, kernels, tmp_path):
     path = tmp_path / f"{case}.tflite"
     path.write_bytes(CASES[case]())
-    r = compile_model(path, target, tmp_path / "out", CompileOptions(inputs=20, seed=3, kernels=kernels))
+    r = compile_model(path, target, tmp_path / "out", BuildRequest(inputs=20, seed=3, kernels=kernels))
     assert r.lowering == "integer"
     assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
     out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
@@ -59,7 +60,7 @@ def test_operator_is_bit_exact(case, target, kernels, tmp_path):
 def test_cast_from_quantized_tensors(in_type, out_type, tmp_path):
     path = tmp_path / "cast.tflite"
     path.write_bytes(q.cast(23, [2, 3, 5], in_type, out_type))
-    r = compile_model(path, "cortex-m3", tmp_path / "out", CompileOptions(inputs=5))
+    r = compile_model(path, "cortex-m3", tmp_path / "out", BuildRequest(inputs=5))
     assert r.verified and r.fidelity["exact_fraction"] == 1.0, r.fidelity
     dtype = np.int32 if out_type == q.I32 else np.float32
     out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=dtype)
@@ -100,7 +101,7 @@ ROWS_CASES = {
 def test_depthwise_rows_kernel_is_bit_exact(case, target, tmp_path):
     path = tmp_path / f"{case}.tflite"
     path.write_bytes(ROWS_CASES[case]())
-    r = compile_model(path, target, tmp_path / "out", CompileOptions(inputs=20, seed=3, kernels="dsp16"))
+    r = compile_model(path, target, tmp_path / "out", BuildRequest(inputs=20, seed=3, kernels="dsp16"))
     driver = "".join(f.read_text() for f in (tmp_path / "out").rglob("tinymlaas_model.c"))
     assert "tinymlaas_depthwise3x3_rows" in driver
     assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
@@ -124,7 +125,7 @@ GATHER_CASES = {
 def test_gemm_patch_gathering_is_bit_exact(case, target, kernels, tmp_path):
     path = tmp_path / f"{case}.tflite"
     path.write_bytes(GATHER_CASES[case]())
-    r = compile_model(path, target, tmp_path / "out", CompileOptions(inputs=20, seed=3, kernels=kernels))
+    r = compile_model(path, target, tmp_path / "out", BuildRequest(inputs=20, seed=3, kernels=kernels))
     driver = "".join(f.read_text() for f in (tmp_path / "out").rglob("tinymlaas_model.c"))
     assert "tinymlaas_gemm_w" in driver
     assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
@@ -149,7 +150,8 @@ def test_dsp_kernel_choice(case, kernels, tmp_path):
 def test_requant_table_equals_tflite_requantization(single):
     """gemm_dsp.c's arithmetic (emulated with int32 overflow checks) against TFLite's formula, at the proved
     accumulator bounds and at random accumulators, for the channels requant_table accepts."""
-    from tinymlaas.ops.int8 import _requantize_exact, quantize_multiplier, requant_table
+    from tinymlaas.ops.dsp_layouts import requant_table, requantize_exact
+    from tinymlaas.ops.quantization import quantize_multiplier
 
     rng = np.random.default_rng(5)
     accepted = 0
@@ -180,7 +182,7 @@ def test_requant_table_equals_tflite_requantization(single):
                     x = i32(i32(2 * acc + tb) * tm + (1 << 31) >> 32)
                     v = i32(x + tr - int(x < 0)) >> te
                 got = min(max(v, -128, act[0]), 127, act[1])
-                want = min(max(_requantize_exact(acc + int(bias[ch]), int(mult[ch]), int(shift[ch]), single) + zp_out,
+                want = min(max(requantize_exact(acc + int(bias[ch]), int(mult[ch]), int(shift[ch]), single) + zp_out,
                                act[0]), act[1])
                 assert got == want, (trial, ch, acc)
         accepted += 1

@@ -5,7 +5,8 @@ import pytest
 
 from tinymlaas.cli import main
 from tinymlaas.errors import InvalidModel
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 tf = pytest.importorskip("tensorflow", reason="TensorFlow is the optional `tensorflow` extra (make setup installs it)")
 
@@ -31,7 +32,7 @@ def keras_model(tmp_path_factory):
 def test_keras_and_savedmodel_compile(keras_model, tmp_path, source, quantize):
     calib = str(keras_model / "calib.npz") if source == "net.keras" and quantize != "none" else None
     r = compile_model(keras_model / source, "cortex-m4", tmp_path / "out",
-                      CompileOptions(inputs=3, quantize=quantize, calibration=calib))
+                      BuildRequest(inputs=3, quantize=quantize, calibration=calib))
     assert r.verified
     assert r.lowering == ("float" if quantize == "none" else "integer")
     if r.lowering == "integer":
@@ -44,7 +45,7 @@ def test_bad_calibration_is_refused(keras_model, tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros((4, 3, 3), np.float32))
     with pytest.raises(InvalidModel, match="calibration samples of shape"):
         compile_model(keras_model / "net.keras", "cortex-m4", tmp_path / "out",
-                      CompileOptions(quantize="int8", calibration=str(tmp_path / "bad.npz")))
+                      BuildRequest(quantize="int8", calibration=str(tmp_path / "bad.npz")))
 
 
 def test_cli_compiles_keras(keras_model, tmp_path, capsys):
@@ -58,7 +59,7 @@ def test_api_takes_keras_upload(keras_model, tmp_path, quantize, make_app):
     import io
 
     from server.config import Settings
-    from server.service import create_user
+    from server.services.tenants import create_user
 
     app = make_app(Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
     with app.extensions["tinymlaas"].sessions() as s:
@@ -95,10 +96,10 @@ def deeper_keras_model(tmp_path_factory):
 
 def test_quantization_search_has_a_mixed_precision_point_on_the_front(deeper_keras_model, tmp_path):
     from tinymlaas.search.quantization import search_quantization
-    from tinymlaas.search.search import Constraints, dominates
+    from tinymlaas.search.result import dominates
 
     r = search_quantization(deeper_keras_model / "net.keras", "rv32imac", tmp_path,
-                            calibration=deeper_keras_model / "calib.npz", constraints=Constraints(max_fidelity_loss=0.01))
+                            BuildRequest(calibration=str(deeper_keras_model / "calib.npz"), max_fidelity_loss=0.01))
     by = {p.label: p for p in r.points}
     assert set(by) == {"float32", "int8", "int16x8", "mixed-1", "mixed-2"} and all(p.verified for p in r.points)
     assert by["float32"].fidelity_loss == 0 and 0 < by["int16x8"].fidelity_loss < by["int8"].fidelity_loss

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from tinymlaas.cli import main
-from tinymlaas.measurements import MeasurementStore
-from tinymlaas.pipeline import profile_model
+from tinymlaas.measure.database import MeasurementStore
+from tinymlaas.backends.mcu.profile import profile_model
 from tinymlaas.targets import get_target
 
 CORPUS = Path(__file__).parent / "corpus"

@@ -14,7 +14,8 @@ from tinymlaas.cli import main
 from tinymlaas.errors import ModelTooLarge
 from tinymlaas.ir import memory
 from tinymlaas.ir.lower import ARENA_ALIGN, KernelCall
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 CORPUS = Path(__file__).parent / "corpus"
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
@@ -125,7 +126,7 @@ def _program(path: Path, target: str, kernels: str = "auto"):
     from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.ir.lower import lower
     from tinymlaas.ir.schedule import schedule_for
-    from tinymlaas.pipeline import import_model
+    from tinymlaas.backends.mcu.build import import_model
     from tinymlaas.targets import get_target
 
     relax_mod, _, _ = import_model(load_tflite(path), get_target(target), "integer", kernels)
@@ -198,23 +199,23 @@ def test_an_unknown_policy_is_refused(models_dir):
 def test_a_model_over_the_ram_budget_is_planned_in_place(models_dir, tmp_path):
     """The default plan is TVM's; a RAM budget it exceeds gets the in-place plan, bit-exact, before any refusal."""
     path = models_dir / "kws_ref_model.tflite"
-    base = compile_model(path, "cortex-m4", tmp_path / "tvm", CompileOptions(inputs=3))
+    base = compile_model(path, "cortex-m4", tmp_path / "tvm", BuildRequest(inputs=3))
     assert not any(n.startswith("memory:") for n in base.notes)
     budget = base.sizes["arena"] * 3 // 4
-    small = compile_model(path, "cortex-m4", tmp_path / "inplace", CompileOptions(inputs=3, max_ram=budget))
+    small = compile_model(path, "cortex-m4", tmp_path / "inplace", BuildRequest(inputs=3, max_ram=budget))
     assert small.verified and small.fidelity["max_lsb_diff"] == 0 and small.instructions_repeat_exact
     assert small.sizes["ram_model"] <= budget and small.sizes["arena"] <= 0.67 * base.sizes["arena"]
     assert "_inplace(" in (tmp_path / "inplace" / "tinymlaas_model.c").read_text()
     assert any("over the budget" in n for n in small.notes) and any("inplace plan" in n for n in small.notes)
     with pytest.raises(ModelTooLarge, match=r"RAM [\d,]+ B > 4,096 B"):  # in place is not enough: the sizes named
-        compile_model(path, "cortex-m4", tmp_path / "no", CompileOptions(inputs=3, max_ram=4096))
+        compile_model(path, "cortex-m4", tmp_path / "no", BuildRequest(inputs=3, max_ram=4096))
 
 
 @pytest.mark.slow
 def test_a_residual_model_over_the_ram_budget_overlaps_its_additions(models_dir, tmp_path):
     """ResNet-8's peak is at its residual additions: in place there, the kernels rebuilt without noalias."""
     path = models_dir / "pretrainedResnet_quant.tflite"
-    r = compile_model(path, "rv32imac", tmp_path / "b", CompileOptions(inputs=3, max_ram=40 * 1024))
+    r = compile_model(path, "rv32imac", tmp_path / "b", BuildRequest(inputs=3, max_ram=40 * 1024))
     assert r.verified and r.fidelity["max_lsb_diff"] == 0 and r.sizes["ram_model"] <= 40 * 1024
     assert any("over the budget" in n for n in r.notes)
 
@@ -224,7 +225,7 @@ def test_a_residual_model_over_the_ram_budget_overlaps_its_additions(models_dir,
     for k in INT8_ARCHITECTURES])
 @pytest.mark.parametrize("target", ["cortex-m4", pytest.param("rv32imac", marks=pytest.mark.slow)])
 def test_in_place_plans_of_models_not_tuned_for_are_bit_exact(key, target, tmp_path):
-    r = compile_model(CORPUS / MANIFEST[key]["file"], target, tmp_path / "b", CompileOptions(inputs=3, memory="inplace"))
+    r = compile_model(CORPUS / MANIFEST[key]["file"], target, tmp_path / "b", BuildRequest(inputs=3, memory="inplace"))
     assert r.verified, r.fidelity
     if r.fidelity["kind"] != "float":  # a graph with float parts (a transformer's softmax) is checked within tolerance
         assert r.fidelity["max_lsb_diff"] == 0, r.fidelity

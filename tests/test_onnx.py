@@ -10,7 +10,8 @@ onnx = pytest.importorskip("onnx", reason="onnx is a dependency (requirements.lo
 from onnx import TensorProto, helper, numpy_helper
 
 from tinymlaas.errors import InvalidModel
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 
 def small_cnn(path, batch="1", seed=0):
@@ -38,7 +39,7 @@ def small_cnn(path, batch="1", seed=0):
 
 
 def test_an_onnx_model_builds_for_the_host_cpu_and_matches_onnx_runtime(tmp_path):
-    r = compile_model(small_cnn(tmp_path / "cnn.onnx"), "cpu-host", tmp_path / "out", CompileOptions(inputs=3))
+    r = compile_model(small_cnn(tmp_path / "cnn.onnx"), "cpu-host", tmp_path / "out", BuildRequest(inputs=3))
     assert r.verified and r.fidelity["reference"] == "ONNX Runtime" and r.fidelity["max_rel_error"] <= 1e-5
     assert r.sizes["weights"] == (8 * 27 + 8 + 10 * 392 + 10) * 4 and r.lowering == "float"
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
@@ -98,7 +99,7 @@ def test_batch_norm_after_a_depthwise_convolution_matches_onnx_runtime(tuned, tm
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 9, 9])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, tmp_path / "dw_bn.onnx")
-    opts = CompileOptions(inputs=3, tune_trials=4 if tuned else 0, tune_trials_per_task=2,
+    opts = BuildRequest(inputs=3, tune_trials=4 if tuned else 0, tune_trials_per_task=2,
                           tuning_dir=str(tmp_path / "db"))
     r = compile_model(tmp_path / "dw_bn.onnx", "cpu-host", tmp_path / "out", opts)
     assert r.verified and r.fidelity["max_rel_error"] <= 1e-5, r.fidelity

@@ -8,7 +8,8 @@ import pytest
 from conftest import model_path
 
 from tinymlaas.frontend.tflite import load_tflite
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 from tinymlaas.targets import mcu_targets
 from tinymlaas.verify import split_outputs
 
@@ -21,7 +22,7 @@ def compiled(tmp_path_factory, models_dir):
         key = (model, target, inputs)
         if key not in _cache:
             out = tmp_path_factory.mktemp("build") / f"{model}-{target}"
-            _cache[key] = compile_model(model_path(model), target, out, CompileOptions(inputs=inputs, seed=7))
+            _cache[key] = compile_model(model_path(model), target, out, BuildRequest(inputs=inputs, seed=7))
         return _cache[key]
 
     return get
@@ -66,7 +67,7 @@ def test_kws_int8_on_every_target(compiled, target):
 
 
 def test_int8_through_float_lowering_is_reported_honestly(tmp_path, models_dir):
-    r = compile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path / "k", CompileOptions(inputs=4, seed=7,
+    r = compile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path / "k", BuildRequest(inputs=4, seed=7,
                                                                                            int8_lowering="float"))
     assert r.lowering == "float-emulated" and any("not bit-exact" in n for n in r.notes)
     f = r.fidelity
@@ -79,8 +80,8 @@ def test_int8_through_float_lowering_is_reported_honestly(tmp_path, models_dir):
 
 
 def test_instruction_counts_repeat_across_builds(tmp_path, models_dir):
-    a = compile_model(model_path("ad01_int8"), "cortex-m4", tmp_path / "a", CompileOptions(inputs=2))
-    b = compile_model(model_path("ad01_int8"), "cortex-m4", tmp_path / "b", CompileOptions(inputs=2))
+    a = compile_model(model_path("ad01_int8"), "cortex-m4", tmp_path / "a", BuildRequest(inputs=2))
+    b = compile_model(model_path("ad01_int8"), "cortex-m4", tmp_path / "b", BuildRequest(inputs=2))
     assert (a.instructions, a.memory_accesses) == (b.instructions, b.memory_accesses)
 
 
@@ -113,7 +114,7 @@ def test_soft_float_targets(compiled, target):
 
 
 def test_per_layer_profile_adds_up(compiled, tmp_path):
-    from tinymlaas.pipeline import profile_model
+    from tinymlaas.backends.mcu.profile import profile_model
 
     prof = profile_model(model_path("kws_ref_model"), "cortex-m4", tmp_path)
     whole = compiled("kws_ref_model", "cortex-m4")
@@ -132,7 +133,7 @@ def test_per_layer_profile_adds_up(compiled, tmp_path):
 def test_profile_names_the_operator_of_every_fused_kernel(name, first, tmp_path):
     """FuseOps binds each fused group to a fresh variable; the steps still name their TFLite operator: a float
     model's convolutions (with bias and activation fused), an int8 model's quantization of its float input."""
-    from tinymlaas.pipeline import profile_model
+    from tinymlaas.backends.mcu.profile import profile_model
 
     model = Path(__file__).parent / "corpus" / "models" / f"{name}.tflite"
     prof = profile_model(model, "cortex-m4", tmp_path)
@@ -153,7 +154,7 @@ def _assert_layers_exact(results):
 @pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
 @pytest.mark.parametrize("model", ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant", "ad01_int8"])
 def test_every_intermediate_tensor_is_bit_exact(model, target, tmp_path, models_dir):
-    from tinymlaas.pipeline import verify_layers
+    from tinymlaas.backends.mcu.profile import verify_layers
 
     results = verify_layers(model_path(model), target, tmp_path, inputs=3, seed=11)
     assert len(results) == 3 and len(results[0]) >= 3
@@ -163,6 +164,6 @@ def test_every_intermediate_tensor_is_bit_exact(model, target, tmp_path, models_
 @pytest.mark.parametrize("target", ["cortex-m3", "cortex-m4", "cortex-m7", "rv32imac"])
 @pytest.mark.parametrize("model", ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant"])
 def test_intermediate_tensors_bit_exact_on_100_inputs(model, target, tmp_path, models_dir):
-    from tinymlaas.pipeline import verify_layers
+    from tinymlaas.backends.mcu.profile import verify_layers
 
     _assert_layers_exact(verify_layers(model_path(model), target, tmp_path, inputs=100, seed=100))

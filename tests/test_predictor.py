@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from tinymlaas.measurements import MeasurementStore
-from tinymlaas.pipeline import profile_model
+from tinymlaas.backends.mcu.profile import profile_model
+from tinymlaas.build.request import BuildRequest
+from tinymlaas.measure.database import MeasurementStore
 from tinymlaas.search.predictor import Predictor, Sample, layer_samples, ranking_quality
 from tinymlaas.targets import get_target
 
@@ -86,7 +87,7 @@ def test_variant_model_ranks_held_out_variants_better_than_chance(tmp_path):
     from tinymlaas.search.space import Space, Variant
 
     model = CORPUS / "models" / "conv1d_sensor_int8.tflite"
-    r = search(model, "rv32imac", tmp_path, budget=20, strategy="random", seed=2, workers=2)
+    r = search(model, "rv32imac", tmp_path, BuildRequest(budget=20, strategy="random", seed=2, workers=2))
     graph = clean(load_tflite(model).graph, shapes_from_interpreter=True)
     featurize = VariantFeatures(graph, Space.of(graph, get_target("rv32imac")))
     rows = [(featurize(Variant.from_dict(p.variant)), p.cost) for p in r.points if p.verified]
@@ -109,9 +110,9 @@ def test_layer_sum_predicts_a_mixed_variant_it_never_saw(tmp_path):
     """The layer predictor fitted on the profiled variants of ds_cnn (each implementation on every layer, TIR under
     each schedule): a variant mixing implementations layer by layer under a schedule it was not profiled with,
     really built, costs what the sum of its layers says within 2%, and the default within 1%."""
+    from tinymlaas.build.pipeline import compile_model
     from tinymlaas.frontend.cleanup import clean
     from tinymlaas.frontend.tflite import load_tflite
-    from tinymlaas.pipeline import CompileOptions, compile_model
     from tinymlaas.search.predictor import LayerwiseCost, profile_samples
     from tinymlaas.search.space import ScheduleSpec, Space, Variant
 
@@ -133,7 +134,7 @@ def test_layer_sum_predicts_a_mixed_variant_it_never_saw(tmp_path):
     predicted = cost([space.default(), mixed])
     for variant, p in zip((space.default(), mixed), predicted):
         r = compile_model(model, "rv32imac", tmp_path / f"b{len(variant.kernels)}{variant.schedule.unroll}",
-                          CompileOptions(inputs=1, variant=variant))
+                          BuildRequest(inputs=1, variant=variant))
         assert r.verified
         assert abs(p - r.instructions) <= (0.01 if variant == space.default() else 0.02) * r.instructions, \
             (variant.short(), p, r.instructions)
@@ -145,8 +146,9 @@ def test_guided_search_with_the_layer_prior_beats_random_at_the_same_budget(tmp_
     from tinymlaas.search.search import search
 
     model = CORPUS / "models" / "ds_cnn_kws_int8.tflite"
-    guided = search(model, "rv32imac", tmp_path / "g", budget=10, strategy="guided", seed=3, workers=2, pool=500)
-    rand = search(model, "rv32imac", tmp_path / "r", budget=10, strategy="random", seed=3, workers=2)
+    guided = search(model, "rv32imac", tmp_path / "g", BuildRequest(budget=10, strategy="guided", seed=3, workers=2),
+                    pool=500)
+    rand = search(model, "rv32imac", tmp_path / "r", BuildRequest(budget=10, strategy="random", seed=3, workers=2))
     assert any("layers profiled for its prior" in n for n in guided.notes)
     best = lambda r: r.points[r.chosen].cost
     assert best(guided) < best(rand) and best(guided) < guided.points[guided.default].cost

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 CORPUS = Path(__file__).parent / "corpus" / "models"
 STACKED = CORPUS / "lstm_stacked_keras2_float32.tflite"
@@ -73,7 +74,7 @@ def _variant(tmp_path: Path, name: str, peephole=False, cifg=False, projection=F
 ])
 def test_lstm_variants_match_the_interpreter_over_a_sequence(tmp_path, name, variant):
     model = _variant(tmp_path, name, **variant)
-    r = compile_model(model, "cortex-m4", tmp_path / "out", CompileOptions(inputs=4))
+    r = compile_model(model, "cortex-m4", tmp_path / "out", BuildRequest(inputs=4))
     assert r.verified, r.fidelity
     assert r.fidelity["inputs"] == 5 and r.instructions_repeat_exact is None  # state carried: no repeat claim
     assert r.sizes["state"] == 2 * (48 + 48 + 32 + 32)  # h and c of both LSTMs (12 and 7 floats, 16-aligned), twice
@@ -82,14 +83,14 @@ def test_lstm_variants_match_the_interpreter_over_a_sequence(tmp_path, name, var
 def test_state_starts_at_zero_and_carries_over(tmp_path):
     """The same input twice gives different outputs (as in the interpreter): the firmware keeps the state."""
     from tinymlaas.frontend.tflite import load_tflite
-    from tinymlaas.verify import make_inputs, reference_outputs
+    from tinymlaas.oracle import make_inputs, reference_outputs
 
     model = load_tflite(STACKED)
     x = make_inputs(model, 1, 3)[0]
     first, second = reference_outputs(model, [x, x])
     assert not np.array_equal(first[0], second[0])
     # verified against one interpreter run over the inputs in order: a firmware that reset its state would fail
-    r = compile_model(STACKED, "rv32imafc", tmp_path / "out", CompileOptions(inputs=2))
+    r = compile_model(STACKED, "rv32imafc", tmp_path / "out", BuildRequest(inputs=2))
     assert r.verified and r.fidelity["max_rel_error"] <= 1e-5, r.fidelity
 
 
@@ -144,7 +145,7 @@ def _int8_variant(tmp_path: Path, name: str, peephole=False, cifg=False, project
 ])
 def test_int8_lstm_variants_are_bit_exact_over_a_sequence(tmp_path, name, variant, target):
     model = _int8_variant(tmp_path, name, **variant)
-    r = compile_model(model, target, tmp_path / "out", CompileOptions(inputs=4))
+    r = compile_model(model, target, tmp_path / "out", BuildRequest(inputs=4))
     assert r.verified and r.fidelity["exact_fraction"] == 1.0, r.fidelity
     assert r.instructions_repeat_exact is None
 
@@ -156,7 +157,7 @@ def test_int8_state_starts_at_its_zero_point(tmp_path):
 
     model = load_tflite(CORPUS / "lstm_time_major_keras2_int8.tflite")
     assert [model.graph.tensor(i).zero_point for i in model.graph.state] == [16, 0]
-    r = compile_model(model.path, "cortex-m3", tmp_path / "out", CompileOptions(inputs=2))
+    r = compile_model(model.path, "cortex-m3", tmp_path / "out", BuildRequest(inputs=2))
     assert r.verified and r.fidelity["exact_fraction"] == 1.0, r.fidelity
 
 
@@ -199,7 +200,7 @@ def _svdf_model(tmp_path: Path, precision: str, batch=2, n_input=5, n_filter=6, 
 ])
 def test_svdf_matches_the_interpreter_over_a_sequence(tmp_path, precision, shape, target):
     model = _svdf_model(tmp_path, precision, **shape)
-    r = compile_model(model, target, tmp_path / "out", CompileOptions(inputs=5))
+    r = compile_model(model, target, tmp_path / "out", BuildRequest(inputs=5))
     assert r.verified, r.fidelity
     if precision == "int8":
         assert r.fidelity["exact_fraction"] == 1.0, r.fidelity

@@ -7,7 +7,8 @@ import pytest
 from conftest import cli, model_path
 
 from tinymlaas.errors import EmulatorFailure
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 from tinymlaas.runners import emulator_for
 from tinymlaas.runners.renode import renode_path
 from tinymlaas.targets import get_target, mcu_targets
@@ -17,8 +18,8 @@ REAL_PARTS = {"cortex-m4": "stm32f4", "cortex-m7": "stm32f746", "cortex-m33": "s
 
 
 def _both(model: str, target: str, tmp_path, inputs: int = 2):
-    renode = compile_model(model_path(model), target, tmp_path / "renode", CompileOptions(inputs=inputs, emulator="renode"))
-    qemu = compile_model(model_path(model), target, tmp_path / "qemu", CompileOptions(inputs=inputs))
+    renode = compile_model(model_path(model), target, tmp_path / "renode", BuildRequest(inputs=inputs, emulator="renode"))
+    qemu = compile_model(model_path(model), target, tmp_path / "qemu", BuildRequest(inputs=inputs))
     return renode, qemu
 
 
@@ -42,7 +43,7 @@ def test_renode_float_build_uses_the_parts_fpu(tmp_path):
 
 
 def test_the_run_script_loads_the_real_part_and_hooks_the_marks(tmp_path):
-    compile_model(model_path("ad01_int8"), "rv32imac", tmp_path / "b", CompileOptions(inputs=1, emulator="renode"))
+    compile_model(model_path("ad01_int8"), "rv32imac", tmp_path / "b", BuildRequest(inputs=1, emulator="renode"))
     assert not (tmp_path / "b" / ".renode").exists()  # the run's script and logs stay out of the published build
     target = get_target("rv32imac")
     runner = emulator_for("renode", target=target)

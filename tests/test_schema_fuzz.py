@@ -15,7 +15,7 @@ from schemathesis.checks import positive_data_acceptance
 
 from server import create_app
 from server.config import Settings
-from server.service import create_user
+from server.services.tenants import create_user
 
 
 def _fuzzed_app():

@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 from tinymlaas.cli import main
 from tinymlaas.frontend.cleanup import clean
 from tinymlaas.frontend.tflite import load_tflite
-from tinymlaas.pipeline import CompileOptions, compile_model
-from tinymlaas.search.search import Constraints, dominates, search, write_result
+from tinymlaas.search.result import dominates, write_result
+from tinymlaas.search.search import search
 from tinymlaas.search.space import ScheduleSpec, Space, Variant
 from tinymlaas.targets import get_target
 
@@ -41,9 +43,9 @@ def test_variants_round_trip_and_the_default_is_what_compile_builds():
 def test_a_variant_rebuilds_to_the_same_counts(tmp_path):
     space = _space(TWO_LAYERS, "rv32imac")
     v = Variant(tuple((layer.op_index, "dsp16") for layer in space.layers), ScheduleSpec(True, 4), "none")
-    a = compile_model(TWO_LAYERS, "rv32imac", tmp_path / "a", CompileOptions(inputs=2, variant=v))
-    b = compile_model(TWO_LAYERS, "rv32imac", tmp_path / "b", CompileOptions(inputs=2, variant=v))
-    default = compile_model(TWO_LAYERS, "rv32imac", tmp_path / "c", CompileOptions(inputs=2))
+    a = compile_model(TWO_LAYERS, "rv32imac", tmp_path / "a", BuildRequest(inputs=2, variant=v))
+    b = compile_model(TWO_LAYERS, "rv32imac", tmp_path / "b", BuildRequest(inputs=2, variant=v))
+    default = compile_model(TWO_LAYERS, "rv32imac", tmp_path / "c", BuildRequest(inputs=2))
     assert a.verified and a.fidelity["max_lsb_diff"] == 0
     assert a.instructions == b.instructions and a.variant == v.to_dict()
     assert a.instructions != default.instructions  # the variant is really another build
@@ -51,8 +53,8 @@ def test_a_variant_rebuilds_to_the_same_counts(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["nsga2", "random"])
 def test_search_repeats_for_a_seed_and_its_front_is_built_and_verified(tmp_path, strategy):
-    one = search(SMALL, "rv32imac", tmp_path / "one", budget=6, strategy=strategy, seed=3, workers=1)
-    two = search(SMALL, "rv32imac", tmp_path / "two", budget=6, strategy=strategy, seed=3, workers=2)
+    one = search(SMALL, "rv32imac", tmp_path / "one", BuildRequest(budget=6, strategy=strategy, seed=3, workers=1))
+    two = search(SMALL, "rv32imac", tmp_path / "two", BuildRequest(budget=6, strategy=strategy, seed=3, workers=2))
     assert [p.variant for p in one.points] == [p.variant for p in two.points]
     assert [p.objectives() for p in one.points] == [p.objectives() for p in two.points]
     assert len(one.points) == 6 and one.points[one.default].variant == _space(SMALL, "rv32imac").default().to_dict()
@@ -68,12 +70,12 @@ def test_search_repeats_for_a_seed_and_its_front_is_built_and_verified(tmp_path,
 
 
 def test_constraints_are_respected(tmp_path):
-    free = search(TWO_LAYERS, "cortex-m4", tmp_path / "free", budget=5, strategy="random", seed=1, workers=2)
+    free = search(TWO_LAYERS, "cortex-m4", tmp_path / "free", BuildRequest(budget=5, strategy="random", seed=1, workers=2))
     flashes = sorted(p.flash for p in free.points if p.verified)
     assert flashes[0] < flashes[-1]
     limit = (flashes[0] + flashes[-1]) // 2
-    bound = search(TWO_LAYERS, "cortex-m4", tmp_path / "bound", budget=5, strategy="random", seed=1, workers=2,
-                   constraints=Constraints(max_flash=limit))
+    bound = search(TWO_LAYERS, "cortex-m4", tmp_path / "bound",
+                   BuildRequest(budget=5, strategy="random", seed=1, workers=2, max_flash=limit))
     assert bound.front and all(bound.points[i].flash <= limit for i in bound.front)
     assert bound.points[bound.chosen].flash <= limit
     over = [i for i, p in enumerate(bound.points) if p.flash > limit]
@@ -98,8 +100,10 @@ def test_cli_search_writes_the_front_and_refuses_bad_input(tmp_path, capsys):
 
 
 def test_guided_search_screens_more_than_it_builds_and_repeats_for_a_seed(tmp_path):
-    one = search(TWO_LAYERS, "rv32imac", tmp_path / "one", budget=8, strategy="guided", seed=5, workers=1, pool=300)
-    two = search(TWO_LAYERS, "rv32imac", tmp_path / "two", budget=8, strategy="guided", seed=5, workers=2, pool=300)
+    one = search(TWO_LAYERS, "rv32imac", tmp_path / "one", BuildRequest(budget=8, strategy="guided", seed=5, workers=1),
+                 pool=300)
+    two = search(TWO_LAYERS, "rv32imac", tmp_path / "two", BuildRequest(budget=8, strategy="guided", seed=5, workers=2),
+                 pool=300)
     assert [p.variant for p in one.points] == [p.variant for p in two.points]
     assert len(one.points) == 8 and one.screened > len(one.points)
     assert all(p.verified for p in one.points) and one.chosen in one.front
@@ -109,8 +113,8 @@ def test_guided_search_screens_more_than_it_builds_and_repeats_for_a_seed(tmp_pa
 def test_guided_search_on_ibex_confirms_the_best_in_true_cycles(tmp_path):
     """Candidates run in QEMU (instructions and Ibex's pipeline-table estimate of cycles); the best two by that
     estimate and the default build run again on the Verilator model of Ibex, whose cycles choose."""
-    r = search(SMALL, "ibex-small", tmp_path / "s", budget=6, strategy="guided", seed=1, workers=2, pool=100,
-               confirm=2)
+    r = search(SMALL, "ibex-small", tmp_path / "s", BuildRequest(budget=6, strategy="guided", seed=1, workers=2),
+               pool=100, confirm=2)
     assert all(p.cost_kind == "cycles (estimate)" for p in r.points)
     assert 2 <= len(r.confirmed) <= 3 and r.default in r.confirmed and r.chosen in r.confirmed
     cycles = {i: r.points[i].cycles for i in r.confirmed}
@@ -124,8 +128,8 @@ def test_guided_search_on_ibex_confirms_the_best_in_true_cycles(tmp_path):
 def test_ray_gives_the_points_of_the_local_pool(tmp_path):
     """A Ray cluster started on this machine builds the same points, in the same order, as the process pool."""
     pytest.importorskip("ray", reason="Ray is a dependency of the search (requirements.lock)")
-    local = search(SMALL, "rv32imac", tmp_path / "local", budget=5, strategy="nsga2", seed=4, workers=2)
-    ray = search(SMALL, "rv32imac", tmp_path / "ray", budget=5, strategy="nsga2", seed=4, ray_address="local")
+    local = search(SMALL, "rv32imac", tmp_path / "local", BuildRequest(budget=5, strategy="nsga2", seed=4, workers=2))
+    ray = search(SMALL, "rv32imac", tmp_path / "ray", BuildRequest(budget=5, strategy="nsga2", seed=4, ray="local"))
     assert [p.variant for p in ray.points] == [p.variant for p in local.points]
     assert [p.objectives() for p in ray.points] == [p.objectives() for p in local.points]
     assert ray.front == local.front and ray.chosen == local.chosen

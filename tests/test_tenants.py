@@ -10,7 +10,7 @@ from conftest import done_build
 from server.broker import check_secret
 from server.config import Settings
 from server.db import ApiToken, Device, alembic_config
-from server.service import create_organization, create_user
+from server.services.tenants import create_organization, create_user
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_a_database_from_before_tenancy_migrates_with_its_tokens(tmp_path, make_
     token still works, with every scope, and sees its rows."""
     from alembic import command
 
-    from server.service import token_hash
+    from server.services.tenants import token_hash
 
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     command.upgrade(alembic_config(url), "0003")

@@ -11,7 +11,8 @@ from conftest import cli
 torch = pytest.importorskip("torch", reason="torch is a dependency (requirements.lock)")
 
 from tinymlaas.errors import InvalidModel
-from tinymlaas.pipeline import CompileOptions, compile_model
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 
 CORPUS = Path(__file__).parent / "corpus" / "models"
 
@@ -79,7 +80,7 @@ def save_program(module, example, path, seed=0, **export_args):
 
 def test_an_exported_program_builds_for_the_host_cpu_and_matches_pytorch(tmp_path):
     path = save_program(SmallCnn, torch.randn(2, 3, 12, 12), tmp_path / "cnn.pt2")
-    r = compile_model(path, "cpu-host", tmp_path / "out", CompileOptions(inputs=3))
+    r = compile_model(path, "cpu-host", tmp_path / "out", BuildRequest(inputs=3))
     assert r.verified and r.fidelity["reference"] == "PyTorch (CPU, float32)" and r.fidelity["max_rel_error"] <= 1e-5
     assert r.fidelity["inputs"] == 3 and r.lowering == "float"
     params = 8 * 27 + 8 * 4 + 8 * 8 * 9 + 8 + 8 * 4 + 8 * 5 + 5  # conv, bn (4 vectors), conv + bias, bn, linear
@@ -92,7 +93,7 @@ def test_an_exported_program_builds_for_the_host_cpu_and_matches_pytorch(tmp_pat
 
 def test_a_transformer_layer_builds_and_matches_pytorch(tmp_path):
     path = save_program(TinyEncoder, torch.randn(1, 10, 6), tmp_path / "enc.pt2")
-    r = compile_model(path, "cpu-host", tmp_path / "out", CompileOptions(inputs=3))
+    r = compile_model(path, "cpu-host", tmp_path / "out", BuildRequest(inputs=3))
     assert r.verified, r.fidelity
     outputs = np.frombuffer((tmp_path / "out" / "outputs.bin").read_bytes(), dtype=np.float32).reshape(3, 3)
     assert np.allclose(outputs.sum(axis=1), 1.0, atol=1e-5)  # softmax rows, as the model ends
@@ -149,7 +150,7 @@ def test_token_ids_are_checked_with_the_inputs_the_user_gives(tmp_path):
         compile_model(path, "cpu-host", tmp_path / "a")
     ids = np.random.default_rng(0).integers(0, 100, size=(4, 1, 12))
     np.savez(tmp_path / "ids.npz", ids=ids)
-    r = compile_model(path, "cpu-host", tmp_path / "b", CompileOptions(sample_inputs=str(tmp_path / "ids.npz")))
+    r = compile_model(path, "cpu-host", tmp_path / "b", BuildRequest(sample_inputs=str(tmp_path / "ids.npz")))
     assert r.verified and r.fidelity["inputs"] == 4 and r.fidelity["max_rel_error"] <= 1e-5
     assert (tmp_path / "b" / "inputs.bin").read_bytes() == ids.astype(np.int64).tobytes()
     import tvm
@@ -170,17 +171,17 @@ def test_token_ids_are_checked_with_the_inputs_the_user_gives(tmp_path):
         "tinymlaas: error: sample inputs wrong.npz: no array 'ids' (it holds tokens)")
     np.savez(tmp_path / "shape.npz", ids=ids[:, :, :5])
     with pytest.raises(InvalidModel, match="'ids' has shape \\(4, 1, 5\\); the model takes \\(1, 12\\)"):
-        compile_model(path, "cpu-host", tmp_path / "d", CompileOptions(sample_inputs=str(tmp_path / "shape.npz")))
+        compile_model(path, "cpu-host", tmp_path / "d", BuildRequest(sample_inputs=str(tmp_path / "shape.npz")))
     assert not any((tmp_path / d).exists() for d in "acd")
     (tmp_path / "zip.npz").write_bytes(b"PK\x03\x04 a broken archive")
     np.save(tmp_path / "one.npy", ids)
     for broken in ("zip.npz", "one.npy"):
         with pytest.raises(InvalidModel, match=f"sample inputs {broken}: not a readable .npz of named arrays"):
-            compile_model(path, "cpu-host", tmp_path / "f", CompileOptions(sample_inputs=str(tmp_path / broken)))
+            compile_model(path, "cpu-host", tmp_path / "f", BuildRequest(sample_inputs=str(tmp_path / broken)))
     assert not (tmp_path / "f").exists()
     with pytest.raises(InvalidModel, match="sample inputs apply to the host targets' builds; a cortex-m4 build"):
         compile_model(CORPUS / "flatten_mlp_float32.tflite", "cortex-m4", tmp_path / "e",
-                      CompileOptions(sample_inputs=str(tmp_path / "ids.npz")))
+                      BuildRequest(sample_inputs=str(tmp_path / "ids.npz")))
 
 
 @pytest.mark.parametrize("tensor_cores", [False, True])
@@ -192,7 +193,7 @@ def test_before_tuning_batch_norm_folds_and_tensor_core_layout_stays_whole(tenso
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from tinymlaas.backends.host.build import tuning_preparation
+    from tinymlaas.backends.host.passes import tuning_preparation
 
     x = torch.randn(2, 3, 16, 16)
     program = torch.export.load(str(save_program(MobileBlock, x, tmp_path / "m.pt2")))
@@ -215,6 +216,6 @@ def test_before_tuning_batch_norm_folds_and_tensor_core_layout_stays_whole(tenso
 @pytest.mark.slow
 def test_a_tuned_host_build_of_a_batch_norm_model_matches_pytorch(tmp_path):
     path = save_program(MobileBlock, torch.randn(1, 3, 16, 16), tmp_path / "m.pt2")
-    opts = CompileOptions(inputs=2, tune_trials=2, tune_trials_per_task=1, tuning_dir=str(tmp_path / "db"))
+    opts = BuildRequest(inputs=2, tune_trials=2, tune_trials_per_task=1, tuning_dir=str(tmp_path / "db"))
     r = compile_model(path, "cpu-host", tmp_path / "out", opts)
     assert r.verified and r.fidelity["max_rel_error"] <= 1e-5 and r.tuning["ran"]["trials"] > 0

@@ -10,65 +10,29 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from tinymlaas.build.request import InvalidRequest, add_arguments
 from tinymlaas.errors import InternalError, TinyMLaaSError
-from tinymlaas.runners import RUNNERS
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return value
-
-
-def _size(text: str) -> int:
-    """Bytes, with an optional K/M suffix (powers of 1024)."""
-    t = text.strip().upper().removesuffix("B")
-    mult = {"K": 1024, "M": 1024 * 1024}.get(t[-1:], 1)
-    try:
-        return int(float(t.rstrip("KM")) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 256K, 1M, 65536)") from None
 
 
 def cmd_targets(args) -> int:
+    from tinymlaas.backends import backend_for
     from tinymlaas.targets import all_targets
 
     targets = all_targets()
-    mcus = {n: t for n, t in targets.items() if t.kind == "mcu"}
-    hosts = {n: t for n, t in targets.items() if t.kind == "host"}
     if args.json:
-        out = {n: {"kind": "mcu", "description": t.description, "board": t.board.__dict__,
-                   "emulator": t.emulator.machine, "runner": t.default_runner,
-                   "renode": t.renode.model if t.renode else None} for n, t in mcus.items()}
-        out.update({n: {"kind": "host", "description": t.description, "device": t.device, "tvm_target": t.tvm_target,
-                        "precisions": list(t.precisions)} for n, t in hosts.items()})
-        print(json.dumps(out, indent=2))
+        print(json.dumps({n: t.describe() for n, t in targets.items()}, indent=2))
         return 0
     print(f"{'target':<12} {'core':<12} {'FPU':<4} {'DSP':<4} {'board class':<26} {'flash':>10} {'RAM':>10}  runs in")
-    for name, t in mcus.items():
-        runs = (f"Ibex '{t.rtl.config}' RTL (true cycles)" if t.rtl
-                else f"{t.emulator.qemu} -M {t.emulator.machine}"
-                + (f"; Renode: {t.renode.model}" if t.renode else ""))
-        print(f"{name:<12} {t.core:<12} {'yes' if t.fpu else 'no':<4} {'yes' if t.dsp else 'no':<4} {t.board.name:<26} "
-              f"{t.board.flash_bytes // 1024:>8}K {t.board.ram_bytes // 1024:>8}K  {runs}")
-    for name, t in hosts.items():
-        print(f"{name:<12} {t.core:<12} host: TVM runtime library, {'/'.join(t.precisions)} "
-              f"(TVM target {t.tvm_target}); runs on this machine's {t.device.upper()}")
+    for name, t in targets.items():
+        if backend_for(t).firmware:
+            runs = (f"Ibex '{t.rtl.config}' RTL (true cycles)" if t.rtl
+                    else f"{t.emulator.qemu} -M {t.emulator.machine}"
+                    + (f"; Renode: {t.renode.model}" if t.renode else ""))
+            print(f"{name:<12} {t.core:<12} {'yes' if t.fpu else 'no':<4} {'yes' if t.dsp else 'no':<4} "
+                  f"{t.board.name:<26} {t.board.flash_bytes // 1024:>8}K {t.board.ram_bytes // 1024:>8}K  {runs}")
+        else:
+            print(f"{name:<12} {t.core:<12} host: TVM runtime library, {'/'.join(t.precisions)} "
+                  f"(TVM target {t.tvm_target}); runs on this machine's {t.device.upper()}")
     return 0
 
 
@@ -89,15 +53,16 @@ def cmd_operators(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from tinymlaas.pipeline import STAGES, CompileOptions, compile_model, format_report
+    from tinymlaas.backends import backend_for
+    from tinymlaas.build.pipeline import STAGES, compile_model
+    from tinymlaas.build.request import from_args
+    from tinymlaas.targets import get_target
 
-    options = CompileOptions(
-        inputs=args.inputs, seed=args.seed, timeout=args.timeout, emulator=args.emulator, max_flash=args.max_flash, max_ram=args.max_ram,
-        int8_lowering=args.int8_lowering, kernels=args.kernels, memory=args.memory, quantize=args.quantize,
-        calibration=args.calibration, precision=args.precision, tune_trials=args.tune_trials, tune_trials_per_task=args.tune_trials_per_task,
-        tune_minutes=args.tune_minutes,
-        tuning_dir=args.tuning_dir, sample_inputs=args.sample_inputs,
-    )
+    target = get_target(args.target)  # an unknown target fails here, before any work
+    backend = backend_for(target)
+    if args.platformio and not backend.firmware:
+        raise InvalidRequest("platformio", f"applies to firmware builds, not {target.name}'s ({backend.what})")
+    request = from_args(args, "compile")
     bar = None
     if not args.json and sys.stderr.isatty() or args.progress:
         from tqdm import tqdm
@@ -111,25 +76,17 @@ def cmd_compile(args) -> int:
             bar.set_postfix_str(stage)
 
     try:
-        report = compile_model(args.model, args.target, args.out, options, progress)
+        report = compile_model(args.model, args.target, args.out, request, progress)
     finally:
         if bar is not None:
             bar.close()
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    elif report.kind == "host":
-        from tinymlaas.backends.host.build import format_host_report
-
-        print(format_host_report(report))
-    else:
-        print(format_report(report))
-    if not args.no_record and report.kind == "mcu":  # the database holds firmware measurements
+    print(json.dumps(report.to_dict(), indent=2) if args.json else backend.format_report(report))
+    if not args.no_record and backend.firmware:  # the database holds firmware measurements
         _record(report)
-    if args.platformio and report.kind == "mcu":
+    if args.platformio:
         from tinymlaas.backends.platformio import write_project
-        from tinymlaas.targets import get_target
 
-        project = write_project(Path(report.artifacts["dir"]), get_target(report.target), Path(args.platformio))
+        project = write_project(Path(report.artifacts["dir"]), target, Path(args.platformio))
         print(f"PlatformIO project: {project} (offline: pio run -d {project} -e qemu -t qemu)", file=sys.stderr)
     return 0 if report.verified else 1
 
@@ -154,45 +111,44 @@ def cmd_run(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from tinymlaas.errors import InvalidModel
-    from tinymlaas.frontend.keras import is_keras_input
-    from tinymlaas.search.search import Constraints, format_result, search, write_result
+    from tinymlaas.backends import backend_for
+    from tinymlaas.build.formats import format_of
+    from tinymlaas.build.request import from_args
+    from tinymlaas.search.result import format_result, write_result
+    from tinymlaas.search.search import search
     from tinymlaas.targets import get_target
 
-    keras = is_keras_input(Path(args.model))
-    if args.calibration and not keras:
-        raise InvalidModel("--calibration is for Keras/SavedModel input (its quantization variants); "
-                           f"{args.model} is already a TFLite model")
-    get_target(args.target)  # an unknown target fails here, before any build
+    target = get_target(args.target)  # an unknown target fails here, before any build
+    if not backend_for(target).searchable:
+        raise InvalidRequest("target", f"{target.name}: the variant search is for microcontroller targets")
+    fmt = format_of(Path(args.model)).name
+    request = from_args(args, "search").check(target, fmt)
+    keras = fmt == "keras"
     out = Path(args.out or f"out/search-{Path(args.model).stem}-{args.target}")
+    budget = request.budget or 16
     bar = None
     if sys.stderr.isatty() or args.progress:
         from tqdm import tqdm
 
         from tinymlaas.search.quantization import VARIANTS
 
-        bar = tqdm(total=max(len(VARIANTS), args.budget) if keras else args.budget, desc="search", unit="build", file=sys.stderr,
-                   leave=False)
+        bar = tqdm(total=max(len(VARIANTS), budget) if keras else budget, desc="search", unit="build",
+                   file=sys.stderr, leave=False)
 
     def progress(done: int, total: int, point) -> None:
         if bar is not None:
             bar.update(done - bar.n)
             bar.set_postfix_str(f"{point.label}: {point.cost:,}" if point.cost is not None else point.label)
 
-    constraints = Constraints(args.max_ram, args.max_flash, args.max_fidelity_loss)
     try:
         if keras:  # a float model: TensorFlow's quantization variants, fidelity against the float model
             from tinymlaas.search.quantization import search_quantization
 
-            result = search_quantization(args.model, args.target, out / "points",
-                                         Path(args.calibration) if args.calibration else None, constraints,
-                                         inputs=args.inputs, seed=args.seed, progress=progress, budget=args.budget,
-                                         strategy=args.strategy, workers=args.workers, record=not args.no_record,
-                                         ray_address=args.ray)
+            result = search_quantization(args.model, args.target, out / "points", request, progress=progress,
+                                         record=not args.no_record)
         else:
-            result = search(args.model, args.target, out / "points", budget=args.budget, strategy=args.strategy,
-                            seed=args.seed, constraints=constraints, inputs=args.inputs, workers=args.workers,
-                            progress=progress, record=not args.no_record, ray_address=args.ray)
+            result = search(args.model, args.target, out / "points", request, progress=progress,
+                            record=not args.no_record)
     finally:
         if bar is not None:
             bar.close()
@@ -205,7 +161,7 @@ def cmd_search(args) -> int:
 
 
 def _record(report) -> None:
-    from tinymlaas.measurements import record_report
+    from tinymlaas.measure.database import record_report
 
     warning = record_report(report)
     if warning:
@@ -213,9 +169,6 @@ def _record(report) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tinymlaas.frontend.keras import QUANTIZE
-    from tinymlaas.search.search import STRATEGIES
-
     parser = argparse.ArgumentParser(prog="tinymlaas", description="Trained models to verified bare-metal firmware.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,47 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_targets)
 
-    p = sub.add_parser("compile", help="compile a TFLite model to firmware, run it in the emulator, verify and measure")
+    p = sub.add_parser("compile", help="compile a model to firmware, run it in the emulator, verify and measure")
     p.add_argument("model", help="a .tflite file (float32, int8, int16x8, dynamic-range), a .keras/.h5 file or a "
                    "SavedModel folder (converted with TensorFlow), an .onnx file or a PyTorch exported program "
                    "(.pt2, torch.export.save) for the host targets")
-    p.add_argument("--quantize", choices=QUANTIZE, default="none",
-                   help="Keras/SavedModel input: quantize when converting (default none: float32; mixed: int8 with "
-                   "the layer int8 hurts most left in float)")
-    p.add_argument("--calibration", help="Keras/SavedModel input: .npz of calibration samples, one array per input")
     p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
     p.add_argument("--out", "-o", help="output folder (default out/MODEL-TARGET); replaced only on success")
-    p.add_argument("--inputs", "-n", type=_positive_int,
-                   help="random inputs to verify with (default 10 in QEMU, 1 on Ibex)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--timeout", type=float,
-                   help="emulator time limit in seconds (default 120 in QEMU, 300 in Renode, 1800 on Ibex)")
-    p.add_argument("--emulator", choices=RUNNERS,
-                   help="where to run it: qemu (exact instruction counts), renode (Renode's model of a real MCU of the "
-                   "target's class, exact instruction counts) or ibex (the Ibex core simulated from its RTL: true "
-                   "cycles, RV32 without FPU); default: the target's (ibex for ibex-* targets)")
-    p.add_argument("--max-flash", type=_size, help="flash budget for the model, e.g. 512K (default: the board's)")
-    p.add_argument("--max-ram", type=_size, help="RAM budget for the model, e.g. 128K (default: the board's)")
-    p.add_argument("--int8-lowering", choices=("integer", "float"), default="integer",
-                   help="int8 models: integer kernels (bit-exact, default) or TVM's float emulation of int8 ops")
-    p.add_argument("--kernels", choices=("auto", "tir", "dsp", "dsp16"), default="auto",
-                   help="int8 layers: TIR kernels, DSP micro-kernels (SMLAD) with the int8 weights or int16 (dsp16, faster, 2x weight flash), or auto: dsp where the core has DSP")
-    p.add_argument("--memory", choices=("auto", "tvm", "optimal", "inplace"), default="auto",
-                   help="arena plan: TVM's, optimal offsets over tensor lifetimes, inplace: optimal with streaming "
-                   "kernels writing over their dying input (smallest RAM), or auto (default): TVM's, in place when "
-                   "that does not fit the RAM budget")
-    p.add_argument("--precision", choices=("float32", "float16"), default="float32",
-                   help="host targets: float16 halves weights and activations (cuda-host; float models)")
-    p.add_argument("--tune-trials", type=_count, default=0, metavar="N",
-                   help="host targets: tune with meta_schedule, at most N trials (default 0: TVM's default schedules)")
-    p.add_argument("--tune-trials-per-task", type=_positive_int, metavar="M", help="host targets: at most M per task")
-    p.add_argument("--tune-minutes", type=_positive_float, metavar="MIN",
-                   help="host targets: stop tuning once MIN minutes have passed (checked between rounds)")
-    p.add_argument("--sample-inputs", metavar="NPZ",
-                   help="host targets: verify with these inputs instead of random ones (one array per input name, "
-                   "samples on a leading axis): for inputs random values do not suit, such as token ids")
-    p.add_argument("--tuning-dir", help="host targets: tuning databases, reused by later builds of the same model "
-                   "(default OUT/../tuning)")
+    add_arguments(p, "compile")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")
     p.add_argument("--no-record", action="store_true",
@@ -287,26 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "writes the Pareto front (JSON, PNG) and the best build")
     p.add_argument("model", help="a .tflite file, or a .keras/.h5/SavedModel folder (quantization variants)")
     p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
-    p.add_argument("--budget", "-b", type=_positive_int, default=16, help="at most this many builds (default 16; Keras "
-                   "input: the 5 quantization variants first, then the kernel search on the chosen one)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="nsga2",
-                   help="NSGA-II (default), random, or guided (a learned model screens sampled candidates, only its "
-                   "best are built; on Ibex targets the best are confirmed in true cycles); all seeded with the "
-                   "default build and uniform kernels")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search and of the verification inputs")
-    p.add_argument("--max-ram", type=_size, help="RAM budget for the model, e.g. 64K")
-    p.add_argument("--max-flash", type=_size, help="flash budget for the model, e.g. 256K")
-    p.add_argument("--max-fidelity-loss", type=float, default=0.0,
-                   help="largest accepted fidelity loss (int8: LSB off the interpreter; float: relative error "
-                   "beyond the compiler's tolerance is never accepted; Keras input: the quantized variant's output "
-                   "RMSE relative to the float model's); default 0")
-    p.add_argument("--calibration", help="Keras/SavedModel input: .npz of calibration samples (one array per input; "
-                   "an array `labels` adds accuracy); the search then compares float32, int8, int16x8 and mixed "
-                   "precision")
-    p.add_argument("--inputs", "-n", type=_positive_int, default=3, help="random inputs each point is verified with")
-    p.add_argument("--workers", "-j", type=_positive_int, help="parallel builds (default: the CPU count, at most 8)")
-    p.add_argument("--ray", metavar="ADDRESS", help="build on a Ray cluster (e.g. auto, ray://head:10001; local: one "
-                   "started on this machine); its workers need tinymlaas and the model's folder shared")
+    add_arguments(p, "search")
     p.add_argument("--out", "-o", help="output folder (default out/search-MODEL-TARGET)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")

@@ -82,7 +82,13 @@ class Target:
     runner: str | None = None  # where its builds run unless asked otherwise (`runner:`; default qemu, or the RTL)
     source: Path | None = field(default=None, compare=False)
 
-    kind = "mcu"
+    kind = "mcu"  # its backend (tinymlaas.backends.BACKENDS)
+
+    def describe(self) -> dict:
+        """What `tinymlaas targets --json` shows."""
+        return {"kind": self.kind, "description": self.description, "board": self.board.__dict__,
+                "emulator": self.emulator.machine, "runner": self.default_runner,
+                "renode": self.renode.model if self.renode else None}
 
     @property
     def default_runner(self) -> str:
@@ -106,7 +112,7 @@ class HostTarget:
     tvm_target: str  # TVM's target kind; a CUDA target is refined from the GPU at build time
     precisions: tuple[str, ...] = ("float32",)
     source: Path | None = field(default=None, compare=False)
-    kind = "host"
+    kind = "host"  # its backend (tinymlaas.backends.BACKENDS)
     # what the operator registry asks of a target: no DSP micro-kernels, integer layers as TIR
     dsp = False
     fpu = True
@@ -116,6 +122,10 @@ class HostTarget:
     @property
     def core(self) -> str:
         return "NVIDIA GPU" if self.device == "cuda" else "host CPU"
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "description": self.description, "device": self.device,
+                "tvm_target": self.tvm_target, "precisions": list(self.precisions)}
 
 
 def _region(d: dict) -> MemoryRegion:
@@ -136,9 +146,15 @@ def load_target_file(path: Path) -> Target | HostTarget:
 def _parse_target_file(path: Path, _mtime_ns: int, _size: int) -> Target | HostTarget:
     """Parsed once per version of the file: the API validates a target on every device registration."""
     d = yaml.safe_load(path.read_text())
-    if d.get("kind", "mcu") == "host":
-        return HostTarget(name=d["name"], description=d["description"], device=d["device"],
-                          tvm_target=d["tvm_target"], precisions=tuple(d.get("precisions", ("float32",))), source=path)
+    return PARSERS[d.get("kind", "mcu")](d, path)
+
+
+def _host_target(d: dict, path: Path) -> HostTarget:
+    return HostTarget(name=d["name"], description=d["description"], device=d["device"],
+                      tvm_target=d["tvm_target"], precisions=tuple(d.get("precisions", ("float32",))), source=path)
+
+
+def _mcu_target(d: dict, path: Path) -> Target:
     emu = d["emulator"]
     return Target(
         name=d["name"],
@@ -169,6 +185,9 @@ def _parse_target_file(path: Path, _mtime_ns: int, _size: int) -> Target | HostT
     )
 
 
+PARSERS = {"mcu": _mcu_target, "host": _host_target}  # a target file's `kind` -> how to read the rest
+
+
 def all_targets(directory: Path = TARGETS_DIR) -> dict[str, Target | HostTarget]:
     targets = {}
     for path in sorted(directory.glob("*.yaml")):
@@ -179,7 +198,7 @@ def all_targets(directory: Path = TARGETS_DIR) -> dict[str, Target | HostTarget]
 
 def mcu_targets(directory: Path = TARGETS_DIR) -> dict[str, Target]:
     """The microcontroller targets (firmware, emulators, devices in the fleet)."""
-    return {n: t for n, t in all_targets(directory).items() if t.kind == "mcu"}
+    return {n: t for n, t in all_targets(directory).items() if isinstance(t, Target)}
 
 
 def get_target(name: str, directory: Path = TARGETS_DIR) -> Target | HostTarget:

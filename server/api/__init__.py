@@ -7,7 +7,8 @@ from flask_smorest import Api
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
-from ..service import Principal, ServiceError, owned, principal_for_token
+from ..services.common import Principal, ServiceError, owned
+from ..services.tenants import principal_for_token
 from .schemas import Problem
 
 

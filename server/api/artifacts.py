@@ -4,7 +4,8 @@ from sqlalchemy import select
 
 from .. import db
 from ..broker import check_secret
-from ..service import ServiceError, principal_for_token
+from ..services.common import ServiceError
+from ..services.tenants import principal_for_token
 from . import ctx, session
 
 blp = Blueprint("artifacts", __name__, description="Content-addressed downloads (range requests resume)")

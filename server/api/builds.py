@@ -2,8 +2,11 @@ from flask import send_file
 from flask_smorest import Blueprint
 from sqlalchemy import select
 
+from tinymlaas.build.request import BuildRequest
+
 from .. import db
-from ..service import ServiceError, cancel_build, request_build
+from ..services.builds import cancel_build, request_build
+from ..services.common import ServiceError
 from . import ctx, get_or_404, require, schemas, session
 
 blp = Blueprint("builds", __name__, description="Build jobs: compile, verify in the emulator, sign")
@@ -15,15 +18,8 @@ blp = Blueprint("builds", __name__, description="Build jobs: compile, verify in 
 def create(body):
     """Queue a build of a model for a target; poll its state and progress."""
     who = require("build")
-    constraints = dict(body["constraints"])
-    if body.get("search"):
-        constraints["search"] = body["search"]  # kept with the build's constraints: what it was asked to do
-    if body.get("emulator"):
-        constraints["emulator"] = body["emulator"]
-    if body.get("host"):
-        constraints["host"] = body["host"]
-    build = request_build(session(), who, body["model_id"], body["target"], constraints, body["version"],
-                          max_open=ctx().settings.max_open_builds)
+    build = request_build(session(), who, body["model_id"], body["target"], BuildRequest.from_grouped(body),
+                          body["version"], max_open=ctx().settings.max_open_builds)
     ctx().enqueue_build(build.id)
     return build
 

@@ -4,7 +4,7 @@ from sqlalchemy import select
 from tinymlaas.ota.rollout import RolloutPlan
 
 from .. import db
-from ..service import cancel_deployment, create_deployment, deployment_summary, jobs_of, rollback
+from ..services.deployments import cancel_deployment, create_deployment, deployment_summary, jobs_of, rollback
 from . import ctx, get_or_404, require, schemas, session
 
 blp = Blueprint("deployments", __name__, description="Staged OTA rollouts of a build to a device group")

@@ -7,7 +7,7 @@ from tinymlaas.ota.package import public_key_pem
 from .. import db
 from ..broker import ROOT
 from ..jobs import ensure_signing_key
-from ..service import register_device, rotate_device_secret
+from ..services.devices import register_device, rotate_device_secret
 from ..tls import DevCA
 from . import ctx, get_or_404, require, schemas, session
 

@@ -3,7 +3,7 @@ from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from .. import db
-from ..service import add_model
+from ..services.models import add_model
 from . import ctx, get_or_404, require, schemas, session
 
 blp = Blueprint("models", __name__, description="Uploaded models")

@@ -3,14 +3,15 @@
 from datetime import UTC
 
 from flask_smorest.fields import Upload
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import Schema, fields, validate
 
+from tinymlaas.backends import backend_for
 from tinymlaas.ota.rollout import JOB_TIMEOUT_RANGE
-from tinymlaas.search.search import STRATEGIES
-from tinymlaas.targets import all_targets, mcu_targets
+from tinymlaas.targets import all_targets
 
 from ..db import MAX_ID, ROLES, SCOPES
-from ..service import DEVICE_ID, DEVICE_ID_RULE, TOKEN_NAME, TOKEN_NAME_RULE, USER_NAME, USER_NAME_RULE
+from ..services.common import DEVICE_ID, DEVICE_ID_RULE, TOKEN_NAME, TOKEN_NAME_RULE, USER_NAME, USER_NAME_RULE
+from .request_schema import request_fields
 
 
 def Pattern(regex, rule: str) -> validate.Regexp:
@@ -19,8 +20,7 @@ def Pattern(regex, rule: str) -> validate.Regexp:
 
 
 TARGETS = sorted(all_targets())
-HOST_TARGETS = sorted(name for name, t in all_targets().items() if t.kind == "host")  # a TVM runtime library
-DEVICE_TARGETS = sorted(name for name, t in mcu_targets().items() if t.rtl is None)  # an RTL simulation is no device
+DEVICE_TARGETS = sorted(name for name, t in all_targets().items() if backend_for(t).deployable(t))
 
 
 def Target(names, error: str = "unknown target '{input}'; known targets: {choices}") -> validate.OneOf:
@@ -116,79 +116,26 @@ class Model(Schema):
     created_at = UtcDateTime()
 
 
-class Constraints(Schema):
-    max_flash = fields.Integer(validate=validate.Range(min=1))
-    max_ram = fields.Integer(validate=validate.Range(min=1))
-
-
-class SearchRequest(Schema):
-    budget = fields.Integer(required=True, validate=validate.Range(min=1, max=256),
-                            metadata={"description": "at most this many variants built, run and verified"})
-    strategy = fields.String(load_default="nsga2", validate=validate.OneOf(STRATEGIES))
-    seed = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**31 - 1))
-    max_fidelity_loss = fields.Float(load_default=0.0, validate=validate.Range(min=0.0, max=1e6))
-
-
-class HostBuildOptions(Schema):
-    precision = fields.String(load_default="float32", validate=validate.OneOf(("float32", "float16")),
-                              metadata={"description": "float16 (float32 accumulation; tensor cores on CUDA) or "
-                                        "float32; the target lists what it builds"})
-    tune_trials = fields.Integer(load_default=0, validate=validate.Range(min=0, max=20000),
-                                 metadata={"description": "meta_schedule trials (0: TVM's default schedules); the "
-                                           "tuning is kept per model, target and precision, so a rebuild runs none"})
-    tune_minutes = fields.Float(load_default=None, allow_none=True, validate=validate.Range(min=0.1, max=720),
-                                metadata={"description": "a time budget for tuning, checked between rounds"})
-
-
-class BuildRequest(Schema):
+class BuildRequestBase(Schema):
     model_id = Id(required=True)
     target = fields.String(required=True, validate=Target(TARGETS))
-    constraints = fields.Nested(Constraints, load_default=dict)
-    search = fields.Nested(SearchRequest, load_default=None, allow_none=True,
-                           metadata={"description": "search kernel, schedule and fusion variants first; the best "
-                                     "within the constraints is what gets built, signed and deployed"})
-    emulator = fields.String(load_default=None, allow_none=True, validate=validate.OneOf(("qemu", "renode")),
-                             metadata={"description": "where the build is verified and what its image is linked for: "
-                                       "qemu (default) or renode (Renode's model of a real part of the target's "
-                                       "class; devices whose board is that model self-test it)"})
-    host = fields.Nested(HostBuildOptions, load_default=None, allow_none=True,
-                         metadata={"description": "host targets (cpu-host, cuda-host): precision and tuning budget"})
     version = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
                                 r"^\d+(\.\d+){0,2}(\+\d+)?$", error="'{input}' is not major.minor.revision[+build]"),
                             metadata={"description": "image version major.minor.revision[+build]; default 1.0.<id>"})
 
-    @validates_schema
-    def _renode_needs_a_machine(self, data, **kwargs):
-        from tinymlaas.targets import mcu_targets
 
-        target = mcu_targets().get(data.get("target"))
-        if data.get("emulator") == "renode" and (target is None or target.renode is None):
-            raise ValidationError(f"target {data.get('target')} has no Renode machine", "emulator")
-
-    @validates_schema
-    def _host_builds_are_not_searched(self, data, **kwargs):
-        if data.get("target") in HOST_TARGETS and data.get("search"):
-            raise ValidationError(f"the variant search is for microcontroller targets, not {data['target']}",
-                                  "search")
-
-    @validates_schema
-    def _host_options_fit_the_target(self, data, **kwargs):
-        target, host = all_targets().get(data.get("target")), data.get("host")
-        if not host or target is None:
-            return
-        if target.kind != "host":
-            raise ValidationError(f"host options apply to the host targets ({', '.join(HOST_TARGETS)}), not "
-                                  f"{target.name}", "host")
-        if host["precision"] not in target.precisions:
-            raise ValidationError(f"{target.name} builds {'/'.join(target.precisions)}, not {host['precision']}",
-                                  "host")
+# the build options come from their one declaration (tinymlaas.build.request), as the CLI's flags do
+BuildRequest = type("BuildRequest", (BuildRequestBase,), request_fields())
 
 
 class Build(Schema):
     id = fields.Integer()
     model_id = fields.Integer()
     target = fields.String()
-    constraints = fields.Dict()
+    request = fields.Function(lambda b: b.request.grouped(), metadata={
+        "description": "the build options asked for (those not at their defaults), nested as in the request"})
+    constraints = fields.Function(lambda b: b.request.grouped().get("constraints", {}),
+                                  metadata={"description": "the budgets asked for (also in `request`)"})
     version = fields.String()
     state = fields.String(metadata={"description": "queued, building, emulating, done, failed, cancelled"})
     stage = fields.String(allow_none=True)

@@ -4,7 +4,8 @@ from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from .. import db
-from ..service import ServiceError, create_user, issue_token, revoke_token, tokens_visible_to
+from ..services.common import ServiceError
+from ..services.tenants import create_user, issue_token, revoke_token, tokens_visible_to
 from . import require, schemas, session
 
 blp = Blueprint("tenants", __name__, description="Users, roles and API tokens of your organisation")

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from tinymlaas import build_dir, data_dir
-from tinymlaas.backends.mcu.firmware import FIRMWARE_DIR, link_recipe, qemu_layout
+from tinymlaas.backends.mcu.firmware import FIRMWARE_DIR, KERNELS_DIR, link_recipe, qemu_layout
 from tinymlaas.errors import BuildFailure, ToolMissing
 
 PLATFORM_DIR = data_dir("firmware") / "platformio" / "platform"
@@ -117,8 +117,11 @@ def write_project(build: Path, target, out: Path) -> Path:
     # the assembler runs in the project folder
     weights = (lib / "weights.S").read_text().replace('.incbin "weights.bin"', '.incbin "lib/tinymlaas_model/weights.bin"')
     (lib / "weights.S").write_text(weights)
+    # the C kernels flat (reference/, optimized/ and include/ side by side): a library PlatformIO builds as is
     kernels = out / "lib" / "tinymlaas_kernels"
-    shutil.copytree(FIRMWARE_DIR / "kernels", kernels)
+    kernels.mkdir()
+    for f in sorted(KERNELS_DIR.glob("*/*.[ch]")):
+        shutil.copyfile(f, kernels / f.name)
     (out / "src").mkdir()
     shutil.copyfile(FIRMWARE_DIR / "harness.c", out / "src" / "main.c")
     shutil.copytree(FIRMWARE_DIR / "boards", out / "src" / "boards")

@@ -228,7 +228,7 @@ def resolve_shapes(graph: Graph) -> Graph:
     Converters write placeholder shapes for tensors behind a shape computation they could not resolve (Keras
     UpSampling and attention layers), and the interpreter recomputes them; so do we, with the reference itself.
     """
-    from tinymlaas.verify import reference_interpreter
+    from tinymlaas.oracle import reference_interpreter
 
     if not graph.source:
         return graph

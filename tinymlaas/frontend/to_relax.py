@@ -151,7 +151,7 @@ def _judge(graph: Graph, op: Operator, error: Exception):
     """A converter failed. If the interpreter refuses the model too, the model is at fault (InvalidModel, raised by
     the probe); if the interpreter runs it, the bug is ours (InternalError naming the operator)."""
     if graph.source:
-        from tinymlaas.verify import reference_resolver
+        from tinymlaas.oracle import reference_resolver
 
         reference_resolver(graph.source)
     raise InternalError("import", f"{op.opcode} #{op.index}", error) from error

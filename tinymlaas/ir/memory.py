@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from tinymlaas.ir.lower import ARENA_ALIGN, KernelCall, Program, Region
+from tinymlaas.ops.conv_params import ConvParams
 
 POLICIES = ("tvm", "optimal", "inplace")
 MAX_PAIRS = 4000  # larger programs keep the greedy plan
@@ -32,8 +33,8 @@ NODE_LIMIT = 5000
 
 def _read_fronts(params: np.ndarray) -> np.ndarray:
     """For each output pixel in raster order, the lowest input byte its window reads (int8 NHWC)."""
-    n, h, w, c, oh, ow = (int(v) for v in params[:6])
-    sh, sw, pt, pl = int(params[9]), int(params[10]), int(params[13]), int(params[14])
+    p = ConvParams.from_array(params)
+    n, h, w, c, oh, ow, sh, sw, pt, pl = p.n, p.h, p.w, p.c, p.oh, p.ow, p.sh, p.sw, p.pt, p.pl
     q = np.arange(n * oh * ow)
     b, oy, ox = q // (oh * ow), q // ow % oh, q % ow
     y0 = np.maximum(oy * sh - pt, 0)
@@ -49,7 +50,7 @@ def _future_min(fronts: np.ndarray) -> np.ndarray:
 
 def _gemm_distance(params: np.ndarray) -> int | None:
     """gemm_dsp.c gemm_layer: pixels in pairs, a pair's patches gathered before its outputs are written."""
-    oc = int(params[6])
+    oc = ConvParams.from_array(params).oc
     fronts = _future_min(_read_fronts(params))
     pairs = np.arange(0, len(fronts), 2)
     after = pairs + 2  # the first pixel still to be read once pair p is written
@@ -61,7 +62,8 @@ def _gemm_distance(params: np.ndarray) -> int | None:
 
 def _gemv_distance(params: np.ndarray) -> int | None:
     """gemm_dsp.c gemv_layer: row b widened whole before row b's outputs are written."""
-    batch, c, oc = int(params[0]), int(params[3]), int(params[6])
+    p = ConvParams.from_array(params)
+    batch, c, oc = p.n, p.c, p.oc
     if batch == 1:
         return None
     b = np.arange(1, batch)
@@ -71,7 +73,7 @@ def _gemv_distance(params: np.ndarray) -> int | None:
 def _depthwise_distance(params: np.ndarray) -> int:
     """gemm_dsp.c depthwise3x3_layer: pixels in raster order, each written channel group by group between the reads
     of its taps: all of pixel q's bytes must lie below everything pixel q and later pixels read."""
-    c = int(params[3])
+    c = ConvParams.from_array(params).c
     fronts = _future_min(_read_fronts(params))
     q = np.arange(len(fronts))
     return int(((q + 1) * c - fronts).max())
@@ -143,7 +145,7 @@ def _distance_units(nbytes: int | None) -> int | None:
 
 
 def _elementwise(program: Program, step: KernelCall) -> bool:
-    """A TIR kernel declared elementwise by its converter (ops/int8.py _emit_kernel)."""
+    """A TIR kernel declared elementwise by its converter (ops/emit.py emit_kernel)."""
     if step.extern:
         return False
     attrs = program.kernels[step.kernel].attrs

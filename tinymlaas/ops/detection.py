@@ -1,6 +1,6 @@
 """SSD detection post-processing: TFLite's custom operator TFLite_Detection_PostProcess (box decoding and non-max
-suppression), as the C kernel firmware/kernels/detection_postprocess.c, on float inputs (as TFLite Micro's kernel;
-the interpreter refuses int8 inputs and returns zero boxes for uint8 ones, so neither can be verified)."""
+suppression), as the C kernel firmware/kernels/reference/detection_postprocess.c, on float inputs (as TFLite Micro's
+kernel; the interpreter refuses int8 inputs and returns zero boxes for uint8 ones, so neither can be verified)."""
 
 from __future__ import annotations
 

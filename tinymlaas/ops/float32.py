@@ -4,47 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinymlaas.errors import UnsupportedOperator
-from tinymlaas.ops.movement import const_ints
+from tinymlaas.ops.emit import activation
+from tinymlaas.ops.geometry import (
+    SAME,
+    const_ints,
+    conv_padding,
+    dilate_and_pad,
+    reduce_axes,
+    same_padding,
+    transpose_conv_geometry,
+)
+from tinymlaas.ops.quantization import same_quantization
 from tinymlaas.ops.registry import register
 from tinymlaas.ops.semantics import norm_axis
 
 F32 = "float32"
-_SAME = 0
-
-
-def activation(ctx, op, y):
-    """The operator's fused activation function (TFLite ActivationFunctionType)."""
-    from tvm import relax
-
-    act = int(op.opt("fusedActivationFunction", 0) or 0)
-    if act == 0:
-        return y
-    if act == 1:
-        return relax.op.nn.relu(y)
-    if act == 2:
-        return relax.op.clip(y, -1.0, 1.0)
-    if act == 3:
-        return relax.op.clip(y, 0.0, 6.0)
-    if act == 4:
-        return relax.op.tanh(y)
-    raise UnsupportedOperator([f"{op.opcode} #{op.index} with fused activation {act}"], ctx.graph.name)
-
-
-def same_padding(in_size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
-    """TFLite SAME padding of one dimension: (before, after)."""
-    eff = (k - 1) * dilation + 1
-    out = (in_size + stride - 1) // stride
-    total = max((out - 1) * stride + eff - in_size, 0)
-    return total // 2, total - total // 2
-
-
-def conv_padding(op, h, w, kh, kw):
-    if int(op.opt("padding", 0)) != _SAME:
-        return [0, 0, 0, 0]
-    pt, pb = same_padding(h, kh, op.opt("strideH", 1), op.opt("dilationHFactor", 1) or 1)
-    pl, pr = same_padding(w, kw, op.opt("strideW", 1), op.opt("dilationWFactor", 1) or 1)
-    return [pt, pl, pb, pr]
 
 
 def _bias(ctx, op, y, k=2):
@@ -81,39 +55,6 @@ def depthwise_conv2d(ctx, op, impl):
                            dilation=(op.opt("dilationHFactor", 1) or 1, op.opt("dilationWFactor", 1) or 1),
                            groups=c, data_layout="NHWC", kernel_layout="HWOI")
     ctx.set_output(op, 0, activation(ctx, op, _bias(ctx, op, y)))
-
-
-def dilate_and_pad(x, shape, stride, pads, zero: float = 0.0):
-    """NHWC x with stride-1 zeros between pixels, then padded (negative widths crop): the input a transposed
-    convolution correlates with its flipped kernel."""
-    from tvm import relax
-
-    n, h, w, c = shape
-    sh, sw = stride
-    if sh > 1 or sw > 1:
-        x = relax.op.reshape(x, (n, h, 1, w, 1, c))
-        x = relax.op.nn.pad(x, [0, 0, 0, 0, 0, sh - 1, 0, 0, 0, sw - 1, 0, 0], "constant", zero)
-        x = relax.op.reshape(x, (n, h * sh, w * sw, c))
-        x = relax.op.strided_slice(x, [1, 2], [0, 0], [(h - 1) * sh + 1, (w - 1) * sw + 1])
-    size = [(h - 1) * sh + 1, (w - 1) * sw + 1]
-    crop_begin, crop_end = [max(-p[0], 0) for p in pads], [size[i] - max(-pads[i][1], 0) for i in range(2)]
-    if any(crop_begin) or crop_end != size:
-        x = relax.op.strided_slice(x, [1, 2], crop_begin, crop_end)
-    widths = [0, 0, max(pads[0][0], 0), max(pads[0][1], 0), max(pads[1][0], 0), max(pads[1][1], 0), 0, 0]
-    return relax.op.nn.pad(x, widths, "constant", zero) if any(widths) else x
-
-
-def transpose_conv_geometry(op, in_shape, w_shape, out_shape):
-    """(stride, [(before, after)] per spatial axis) of the dilated input that a plain convolution then reads."""
-    _, h, w, _ = in_shape
-    _, kh, kw, _ = w_shape
-    stride = (op.opt("strideH", 1), op.opt("strideW", 1))
-    pads = []
-    for size, k, s, out in ((h, kh, stride[0], out_shape[1]), (w, kw, stride[1], out_shape[2])):
-        top = same_padding(out, k, s, 1)[0] if int(op.opt("padding", 0)) == _SAME else 0
-        before = k - 1 - top
-        pads.append((before, out + k - 1 - ((size - 1) * s + 1) - before))
-    return stride, pads
 
 
 @register("TRANSPOSE_CONV", F32)
@@ -162,7 +103,7 @@ def _pool_args(ctx, op):
     _, h, w, _ = ctx.tensor(op.inputs[0]).shape
     kh, kw = op.opt("filterHeight", 1), op.opt("filterWidth", 1)
     padding = [0, 0, 0, 0]
-    if int(op.opt("padding", 0)) == _SAME:
+    if int(op.opt("padding", 0)) == SAME:
         pt, pb = same_padding(h, kh, op.opt("strideH", 1), 1)
         pl, pr = same_padding(w, kw, op.opt("strideW", 1), 1)
         padding = [pt, pl, pb, pr]
@@ -352,17 +293,10 @@ def l2_normalization(ctx, op, impl):
 _REDUCE = {"MEAN": "mean", "SUM": "sum", "REDUCE_MAX": "max", "REDUCE_MIN": "min", "REDUCE_PROD": "prod"}
 
 
-def reduce_axes(ctx, op) -> list[int]:
-    rank = len(ctx.tensor(op.inputs[0]).shape)
-    return sorted({norm_axis(a, rank) for a in const_ints(ctx, op, 1)})
-
-
 @register(tuple(_REDUCE), F32)
 @register(("REDUCE_MAX", "REDUCE_MIN"), ("int8", "int16"))
 def reduce(ctx, op, impl):
     from tvm import relax
-
-    from tinymlaas.ops.movement import same_quantization
 
     same_quantization(ctx, op)
 
@@ -457,8 +391,6 @@ def dequantize_half(ctx, op, impl):
 @register("RESIZE_NEAREST_NEIGHBOR", ("int8", "int16"))
 def resize(ctx, op, impl):
     from tvm import relax
-
-    from tinymlaas.ops.movement import same_quantization
 
     same_quantization(ctx, op)
 

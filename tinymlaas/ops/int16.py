@@ -1,10 +1,10 @@
-"""int16x8 operators beyond the ones int8.py shares with int8 (convolutions, pools, ADD/SUB/MUL, MEAN).
+"""int16x8 operators beyond the ones int8.py registers for int8 and int16 (convolutions, pools, ADD/SUB/MUL, MEAN).
 
 int16 activations have zero point 0 and a 65,536-value range, so the int8 trick of tabulating an elementwise
 operator over every input does not fit a microcontroller. TFLite's int16 kernels instead interpolate small tables
 (513 or 257 entries); we compute the same tables at compile time and interpolate the same way on the device:
 - SOFTMAX: exp and 1/(1 + x) tables made as TFLite's Prepare makes them (`interpolation_table`), C kernel
-  firmware/kernels/softmax_s16.c.
+  firmware/kernels/reference/softmax_s16.c.
 - EXP, LOG, RSQRT, GELU: the interpreter interpolates a 513-entry table made from a float function; its entries
   are read back from the interpreter (`read_lut`) and checked on every input.
 - LOGISTIC, TANH: the interpreter's kernel interpolates a fixed 256-entry sigmoid table. Its values are not a
@@ -20,13 +20,10 @@ import math
 import numpy as np
 
 from tinymlaas.errors import UnsupportedOperator
-from tinymlaas.ops.int8 import _emit_kernel, _extern, activation_range, interpreter_table, quantize_multiplier
+from tinymlaas.ops.emit import emit_kernel, extern
+from tinymlaas.ops.interpreter_tables import interpreter_table
+from tinymlaas.ops.quantization import activation_range, quantize_from_float, quantize_multiplier, round_away
 from tinymlaas.ops.registry import register
-from tinymlaas.verify import reference_resolver
-
-
-def _round_away(v: float) -> float:
-    return math.floor(abs(v) + 0.5) * (1 if v >= 0 else -1)
 
 
 def interpolation_table(func, in_scale: float, in_zero: int, out_scale: float, out_zero: int) -> np.ndarray:
@@ -39,11 +36,11 @@ def interpolation_table(func, in_scale: float, in_zero: int, out_scale: float, o
     table = []
     for i in range(512):
         x = in_min + i * step
-        sample = _round_away(func(x) * scaling)
-        interpolated = _round_away((func(in_min + (i + 1) * step) * scaling + sample) / 2)
-        bias = _round_away((interpolated - _round_away(func(x + step / 2) * scaling)) / 2)
+        sample = round_away(func(x) * scaling)
+        interpolated = round_away((func(in_min + (i + 1) * step) * scaling + sample) / 2)
+        bias = round_away((interpolated - round_away(func(x + step / 2) * scaling)) / 2)
         table.append(min(max(sample - bias, -32768), 32767))
-    table.append(min(max(_round_away(func(in_max) * scaling), -32768), 32767))
+    table.append(min(max(round_away(func(in_max) * scaling), -32768), 32767))
     return np.array(table, dtype=np.int16)
 
 
@@ -61,8 +58,8 @@ def softmax(ctx, op, impl):
         raise UnsupportedOperator([f"SOFTMAX #{op.index} int16 with a nonzero zero point"], ctx.graph.name)
     m, shift = quantize_multiplier(x_t.scale * float(op.opt("beta", 1.0)) / (10.0 / _RANGE))
     params = np.array([m, shift, out_t.shape[-1], out_t.size], dtype=np.int32)
-    y = _extern(ctx, "tinymlaas_softmax_s16", [ctx.input(op, 0), relax.const(EXP_TABLE), relax.const(RECIPROCAL_TABLE),
-                                               relax.const(params)], out_t.shape, "int16")
+    y = extern(ctx, "tinymlaas_softmax_s16", [ctx.input(op, 0), relax.const(EXP_TABLE), relax.const(RECIPROCAL_TABLE),
+                                              relax.const(params)], out_t.shape, "int16")
     ctx.set_output(op, 0, y)
 
 
@@ -160,6 +157,7 @@ def sigmoid(ctx, op, impl):
     from tvm import relax
 
     import tinymlaas.ops.int8_te as k
+    from tinymlaas.oracle import reference_resolver
 
     x_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.outputs[0])
     if x_t.zero_point != 0 or out_t.zero_point != 0 or x_t.quant is None:
@@ -177,8 +175,8 @@ def sigmoid(ctx, op, impl):
     if table is None:
         raise UnsupportedOperator([(f"{op.opcode} #{op.index} int16: the interpreter's kernel could not be "
                                     f"reproduced at input scale {x_t.scale:g}")], ctx.graph.name)
-    y = _emit_kernel(ctx, k.sigmoid_s16, [ctx.input(op, 0), relax.const(table.astype(np.int32))], opcode=op.opcode,
-                     mult=mult, shift=shift)
+    y = emit_kernel(ctx, k.sigmoid_s16, [ctx.input(op, 0), relax.const(table.astype(np.int32))], opcode=op.opcode,
+                    mult=mult, shift=shift)
     ctx.set_output(op, 0, y)
 
 
@@ -248,7 +246,7 @@ def interpolated(ctx, op, impl):
     if table is None:
         raise UnsupportedOperator([f"{op.opcode} #{op.index} int16: the interpreter's table could not be read back"],
                                   ctx.graph.name)
-    y = _emit_kernel(ctx, k.lut_s16, [ctx.input(op, 0), relax.const(table.astype(np.int32))])
+    y = emit_kernel(ctx, k.lut_s16, [ctx.input(op, 0), relax.const(table.astype(np.int32))])
     ctx.set_output(op, 0, y)
 
 
@@ -262,9 +260,9 @@ def _rescale_kernel(ctx, op, positive: float, negative: float | None, act: int =
     mp, sp = quantize_multiplier(positive)
     mn, sn = quantize_multiplier(negative if negative is not None else positive)
     lo, hi = activation_range(act, out_t.scale, out_t.zero_point, out_t.dtype)
-    y = _emit_kernel(ctx, k.rescale_q, [ctx.input(op, 0)], zp_in=x_t.zero_point, zp_out=out_t.zero_point,
-                     mult_pos=mp, shift_pos=sp, mult_neg=mn, shift_neg=sn, lo=lo, hi=hi, absolute=absolute,
-                     out_dtype=out_t.dtype)
+    y = emit_kernel(ctx, k.rescale_q, [ctx.input(op, 0)], zp_in=x_t.zero_point, zp_out=out_t.zero_point,
+                    mult_pos=mp, shift_pos=sp, mult_neg=mn, shift_neg=sn, lo=lo, hi=hi, absolute=absolute,
+                    out_dtype=out_t.dtype)
     ctx.set_output(op, 0, y)
 
 
@@ -295,11 +293,9 @@ def absolute(ctx, op, impl):
 def quantize(ctx, op, impl):
     """float32 -> int16 at a model's edge, or a requantization between integer types (the interpreter's Requantize:
     rescaled by in/out scale, offset, clamped to the output type)."""
-    from tinymlaas.ops.int8 import quantize as quantize_float
-
     src = ctx.tensor(op.inputs[0])
     if src.dtype == "float32":
-        return quantize_float(ctx, op, impl)
+        return quantize_from_float(ctx, op)
     if src.dtype not in ("int8", "int16"):
         raise UnsupportedOperator([f"QUANTIZE #{op.index} from {src.dtype}"], ctx.graph.name)
     _rescale_kernel(ctx, op, src.scale / ctx.tensor(op.outputs[0]).scale, None)

@@ -9,26 +9,13 @@ from __future__ import annotations
 import numpy as np
 
 from tinymlaas.errors import UnsupportedOperator
+from tinymlaas.ops.emit import activation
+from tinymlaas.ops.geometry import const_ints
+from tinymlaas.ops.quantization import same_quantization
 from tinymlaas.ops.registry import register
 from tinymlaas.ops.semantics import norm_axis, pad_widths, slice_index, strided_slice_index
 
 ALL = ("float32", "int8", "int16")
-
-
-def same_quantization(ctx, op, inputs=(0,)) -> None:
-    out = ctx.tensor(op.outputs[0])
-    for k in inputs:
-        t = ctx.tensor(op.inputs[k])
-        if (t.quant is None) != (out.quant is None) or (t.quant and (t.scale, t.zero_point) != (out.scale, out.zero_point)):
-            what = f"{op.opcode} #{op.index} rescaling '{t.name}' to '{out.name}' (input and output quantization differ)"
-            raise UnsupportedOperator([what], ctx.graph.name)
-
-
-def const_ints(ctx, op, k) -> list[int]:
-    t = ctx.tensor(op.inputs[k])
-    if not t.is_const:
-        raise UnsupportedOperator([f"{op.opcode} #{op.index} with a computed '{t.name}' (only constants)"], ctx.graph.name)
-    return np.asarray(t.data).astype(np.int64).ravel().tolist()
 
 
 @register(("RESHAPE", "SQUEEZE", "EXPAND_DIMS"), ALL)
@@ -98,8 +85,6 @@ def slice_(ctx, op, impl):
 @register("CONCATENATION", ALL)
 def concatenation(ctx, op, impl):
     from tvm import relax
-
-    from tinymlaas.ops.float32 import activation
 
     same_quantization(ctx, op, range(len(op.inputs)))
     rank = len(ctx.tensor(op.outputs[0]).shape)

@@ -12,6 +12,8 @@ import math
 import numpy as np
 
 from tinymlaas.errors import InvalidModel, UnsupportedOperator
+from tinymlaas.ops.emit import activation
+from tinymlaas.ops.quantization import quantize_multiplier
 from tinymlaas.ops.registry import register
 
 # UNIDIRECTIONAL_SEQUENCE_LSTM inputs (TFLite's lstm_shared.h)
@@ -127,14 +129,12 @@ def _scale(ctx, op, k: int) -> np.float32:
 @register("UNIDIRECTIONAL_SEQUENCE_LSTM", "int8", implementations=("c",),
           note="8x8->16 integer LSTM as the interpreter's; C kernel; state kept across inferences")
 def lstm_int8(ctx, op, impl):
-    """TFLite's integer LSTM (C kernel firmware/kernels/lstm_s8.c): gates in Q3.12 from int8 matmuls, int16 cell
-    state. The effective scales are computed as the interpreter's Prepare does (float32 products, then
+    """TFLite's integer LSTM (C kernel firmware/kernels/reference/lstm_s8.c): gates in Q3.12 from int8 matmuls,
+    int16 cell state. The effective scales are computed as the interpreter's Prepare does (float32 products, then
     QuantizeMultiplier). Two quirks of the interpreter are reproduced, not fixed: the peephole products cover
-    n_output cells, and a cell state scale below 2^-15 skips tanh(c) (firmware/kernels/lstm_s8.c says how).
+    n_output cells, and a cell state scale below 2^-15 skips tanh(c) (lstm_s8.c says how).
     Quantized state starts at its zero point (the driver), as the interpreter resets variable tensors."""
     from tvm import relax
-
-    from tinymlaas.ops.int8 import quantize_multiplier
 
     name = ctx.graph.name
     if _given(op, _LAYER_NORM["f"]):
@@ -240,8 +240,6 @@ def svdf(ctx, op, impl):
     activation W_f x goes last, each filter's memory is dotted with its time weights, ranks summed, bias, activation."""
     from tvm import relax
 
-    from tinymlaas.ops.float32 import activation
-
     batch, _, n_filter, n_memory, rank = _svdf_shapes(ctx, op)
     state = relax.op.reshape(ctx.input(op, _SVDF_STATE), (batch, n_filter, n_memory))
     feature = relax.op.matmul(ctx.input(op, _SVDF_INPUT), relax.op.permute_dims(ctx.input(op, _SVDF_FEATURE)))
@@ -259,12 +257,10 @@ def svdf(ctx, op, impl):
 
 @register("SVDF", "int8", implementations=("c",), note="C kernel; memory kept across inferences")
 def svdf_int8(ctx, op, impl):
-    """TFLite's integer SVDF (C kernel firmware/kernels/svdf_s8.c): int16 state with zero point 0, int16 time
-    weights; its effective scales are float32 products as in the interpreter's Prepare. The interpreter takes an
-    integer SVDF only with RELU and then applies none (only the int8 clamp): so do we."""
+    """TFLite's integer SVDF (C kernel firmware/kernels/reference/svdf_s8.c): int16 state with zero point 0, int16
+    time weights; its effective scales are float32 products as in the interpreter's Prepare. The interpreter takes
+    an integer SVDF only with RELU and then applies none (only the int8 clamp): so do we."""
     from tvm import relax
-
-    from tinymlaas.ops.int8 import quantize_multiplier
 
     batch, n_input, n_filter, n_memory, rank = _svdf_shapes(ctx, op)
     x_t, out_t = ctx.tensor(op.inputs[_SVDF_INPUT]), ctx.tensor(op.outputs[0])

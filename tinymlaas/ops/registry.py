@@ -3,6 +3,10 @@
 A converter turns one operator of the Graph into Relax (ops that TVM legalizes to TIR, our integer TIR kernels,
 or calls of C micro-kernels) and declares the implementations it offers. `candidates(graph, op, target)` is the
 per-layer space of the variant search; `table()` is what `tinymlaas operators` prints.
+
+The converter modules register themselves with `register` when the package `tinymlaas.ops` is imported (its
+__init__ imports them), so the registry is complete wherever this module is reachable, and this module imports
+none of them.
 """
 
 from __future__ import annotations
@@ -40,13 +44,7 @@ def register(opcodes: str | tuple[str, ...], precisions: str | tuple[str, ...], 
     return wrap
 
 
-def _load() -> None:
-    # the converter modules register themselves on import
-    from tinymlaas.ops import detection, float32, int8, int16, movement, recurrent  # noqa: F401
-
-
 def lookup(graph, op) -> Converter | None:
-    _load()
     return REGISTRY.get((op.opcode, graph.precision(op)))
 
 
@@ -71,7 +69,6 @@ def unsupported(graph) -> list[str]:
 
 def table() -> dict[str, dict[str, tuple[str, ...]]]:
     """opcode -> precision -> implementations."""
-    _load()
     result: dict[str, dict[str, tuple[str, ...]]] = {}
     for (opcode, precision), conv in sorted(REGISTRY.items()):
         result.setdefault(opcode, {})[precision] = conv.implementations

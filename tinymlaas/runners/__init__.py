@@ -1,30 +1,33 @@
 """Runners: build once, run anywhere a firmware ELF can run — QEMU (exact counts), Ibex simulated from its RTL
-(true cycles), Renode's models of real microcontrollers (exact instruction counts). Each runner is a small class
-with `name`, `layout` (its machine's memory map, None for the target's QEMU machine), `default_inputs` and
-`run(target, firmware, workdir)`; `emulator_for` picks one by name.
+(true cycles), Renode's models of real microcontrollers (exact instruction counts). Each runner is one file with a
+class that has `name`, `layout` (its machine's memory map, None for the target's QEMU machine), `default_inputs`,
+`device_images` (whether what it runs is linked as a device's image), `problem(target)` (why it cannot run a
+target's code, or None), `for_target(target, timeout)` and `run(target, firmware, workdir)`. A new runner is its
+file and one line in RUNNERS; the CLI's and the service's choices come from this table.
 """
 
-RUNNERS = ("qemu", "ibex", "renode")
+import importlib
+
+# name -> "module:class"; imported when used (Renode's and Ibex's modules are only needed where they run)
+RUNNERS = {
+    "qemu": "tinymlaas.runners.qemu:QemuEmulator",
+    "ibex": "tinymlaas.runners.ibex:IbexSimulator",
+    "renode": "tinymlaas.runners.renode:RenodeEmulator",
+}
+
+
+def runner_class(name: str):
+    if name not in RUNNERS:
+        raise ValueError(f"unknown emulator '{name}' (known: {', '.join(RUNNERS)})")
+    module, cls = RUNNERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def emulator_for(name: str = "qemu", timeout: float | None = None, target=None):
-    """The runner called `name`; "ibex" runs the target's Ibex configuration (the small one for plain RV32)."""
-    if name == "qemu":
-        from tinymlaas.runners.qemu import QemuEmulator
-
-        return QemuEmulator(timeout)
-    if name == "ibex":
-        from tinymlaas.runners.ibex import IbexSimulator
-
-        config = target.rtl.config if target is not None and target.rtl else "small"
-        if target is not None:
-            IbexSimulator.check_target(target)
-        return IbexSimulator(config, timeout)
-    if name == "renode":
-        from tinymlaas.runners.renode import RenodeEmulator
-
-        return RenodeEmulator(target, timeout)
-    raise ValueError(f"unknown emulator '{name}' (known: {', '.join(RUNNERS)})")
+    """The runner called `name`, set up for `target` (Ibex: the target's configuration, the small one for plain
+    RV32; Renode: the target's machine)."""
+    cls = runner_class(name)
+    return cls.for_target(target, timeout) if target is not None else cls(timeout)
 
 
 def run_elf(elf, target, emulator: str, inputs):
@@ -38,7 +41,9 @@ def run_elf(elf, target, emulator: str, inputs):
     from tinymlaas.backends.mcu.firmware import Firmware, read_symbols
     from tinymlaas.errors import EmulatorFailure
 
-    if getattr(target, "kind", "mcu") != "mcu":
+    from tinymlaas.backends import backend_for
+
+    if not backend_for(target).firmware:
         raise EmulatorFailure(f"{target.name} is a host target: it runs libraries, not firmware")
     for path, what in ((elf, "firmware"), (inputs, "inputs")):
         if not Path(path).is_file():

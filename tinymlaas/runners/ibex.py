@@ -122,10 +122,25 @@ class IbexSimulator:
             raise ToolMissing(f"the Ibex '{self.config}' simulator is not built (run `make setup`)")
         return path
 
+    device_images = False  # linked for the simple system's memory map, which no device has
+
     @staticmethod
-    def check_target(target) -> None:
+    def problem(target) -> str | None:
         if target.arch != "riscv" or target.fpu:
-            raise EmulatorFailure(f"Ibex runs RV32IMC code; target {target.name} ({target.core}) is not for it")
+            return f"Ibex runs RV32IMC code; target {target.name} ({target.core}) is not for it"
+        return None
+
+    @classmethod
+    def for_target(cls, target, timeout: float | None = None) -> IbexSimulator:
+        """The target's Ibex configuration (the small one for plain RV32)."""
+        cls.check_target(target)
+        return cls(target.rtl.config if target.rtl else "small", timeout)
+
+    @classmethod
+    def check_target(cls, target) -> None:
+        why = cls.problem(target)
+        if why is not None:
+            raise EmulatorFailure(why)
 
     def run(self, target, firmware: Firmware, workdir: Path) -> EmulatorRun:
         self.check_target(target)

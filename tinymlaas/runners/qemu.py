@@ -62,6 +62,15 @@ class QemuEmulator:
     name = "qemu"
     layout = None  # the target's own QEMU machine
     default_inputs = 10
+    device_images = True  # linked for the target's own memory map: the image a device takes
+
+    @staticmethod
+    def problem(target) -> str | None:
+        return None  # every microcontroller target names its QEMU machine
+
+    @classmethod
+    def for_target(cls, target, timeout: float | None = None) -> QemuEmulator:
+        return cls(timeout)
 
     def __init__(self, timeout: float | None = None, blocks: bool = False):
         self.timeout = timeout or 120.0

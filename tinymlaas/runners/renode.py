@@ -54,10 +54,22 @@ class RenodeEmulator:
 
     name = "renode"
     default_inputs = 10
+    device_images = True  # linked for the Renode model's memory map: the image a device of that board takes
+
+    @staticmethod
+    def problem(target) -> str | None:
+        if getattr(target, "renode", None) is None:
+            return f"target {getattr(target, 'name', '?')} has no Renode machine (targets/*.yaml `renode`)"
+        return None
+
+    @classmethod
+    def for_target(cls, target, timeout: float | None = None) -> RenodeEmulator:
+        return cls(target, timeout)
 
     def __init__(self, target, timeout: float | None = None):
-        if target is None or getattr(target, "renode", None) is None:
-            raise EmulatorFailure(f"target {getattr(target, 'name', '?')} has no Renode machine (targets/*.yaml `renode`)")
+        why = self.problem(target)
+        if why is not None:
+            raise EmulatorFailure(why)
         self.machine = target.renode
         self.layout = MemoryLayout(self.machine.flash, self.machine.ram, board_io="renode")
         self.timeout = timeout or 300.0

@@ -1,6 +1,6 @@
 """The learned runtime predictor: a layer's features -> cycles on a core, gradient-boosted trees (LightGBM).
 
-Trained from the measurement database (tinymlaas.measurements): per-layer rows with their static features
+Trained from the measurement database (tinymlaas.measure.database): per-layer rows with their static features
 (operator, precision, kernel variant, shapes, bytes, MACs, loop geometry), the schedule and fusion they were built
 with, the core, and optionally QEMU's exact statistics (instructions, memory accesses) when a candidate has been
 built. The label is cycles (or QEMU's instructions, where those are the cost); rows measured on a device weigh more

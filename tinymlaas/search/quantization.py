@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tinymlaas.search.search import Constraints, Point, SearchResult, pareto_front
+from tinymlaas.build.request import BuildRequest
+from tinymlaas.search.result import Constraints, Point, SearchResult, pareto_front
+from tinymlaas.search.search import search
 
 # (name, convert_keras quantize, layers kept float)
 VARIANTS = (("float32", "none", 0), ("int8", "int8", 0), ("int16x8", "int16x8", 0), ("mixed-1", "mixed", 1),
@@ -66,20 +68,21 @@ def accuracy(outputs: list[np.ndarray], labels) -> float | None:
     return round(float(np.mean(predicted == np.asarray(labels)[:len(predicted)])), 4)
 
 
-def search_quantization(source, target: str, workdir, calibration: Path | None = None,
-                        constraints: Constraints | None = None, inputs: int = 3, seed: int = 0,
-                        progress: Callable | None = None, budget: int | None = None, strategy: str = "nsga2",
-                        workers: int | None = None, record: bool = False,
-                        ray_address: str | None = None) -> SearchResult:
+def search_quantization(source, target: str, workdir, request: BuildRequest | None = None, *,
+                        progress: Callable | None = None, record: bool = False) -> SearchResult:
     """Every quantization variant of the Keras/SavedModel `source`, built with the default kernels on `target`;
-    then, with a `budget` above the number of variants, the kernel search (`strategy`) on the chosen variant with
-    the builds left."""
+    then, with a `request.budget` above the number of variants, the kernel search (`request.strategy`) on the
+    chosen variant with the builds left. From the request also: the calibration samples, the constraints, the
+    inputs per point (default 3), the seed, and for the kernel search the workers and the Ray address."""
+    from tinymlaas.build.pipeline import compile_model
     from tinymlaas.errors import TinyMLaaSError
     from tinymlaas.frontend.keras import calibration_samples, convert_keras
     from tinymlaas.frontend.tflite import load_tflite
-    from tinymlaas.pipeline import CompileOptions, compile_model
 
-    constraints = constraints or Constraints()
+    request = request or BuildRequest()
+    constraints = Constraints.of(request)
+    calibration = Path(request.calibration) if request.calibration else None
+    inputs, seed, budget = request.inputs or 3, request.seed, request.budget
     if budget is not None and budget < len(VARIANTS):
         raise TinyMLaaSError(f"--budget {budget} is below the {len(VARIANTS)} quantization variants every Keras/"
                             f"SavedModel search builds ({', '.join(v[0] for v in VARIANTS)})")
@@ -102,7 +105,8 @@ def search_quantization(source, target: str, workdir, calibration: Path | None =
                 samples, labels = calibration_samples(calibration, [tuple(s.shape) for s in model.inputs])
                 reference = _outputs(tflite.read_bytes(), samples)
             outputs = _outputs(tflite.read_bytes(), samples)
-            r = compile_model(tflite, target, workdir / f"point{k:02d}-{name}", CompileOptions(inputs=inputs, seed=seed))
+            r = compile_model(tflite, target, workdir / f"point{k:02d}-{name}",
+                              BuildRequest(inputs=inputs, seed=seed))
         except TinyMLaaSError as e:
             points.append(Point.refused(spec, name, e, time.monotonic() - t0))
             continue
@@ -119,8 +123,8 @@ def search_quantization(source, target: str, workdir, calibration: Path | None =
                      "real samples (and `labels` for accuracy)")
     front, chosen = _front_and_choice(points, constraints)
     if chosen is not None and total > len(VARIANTS):
-        points += _kernel_points(points[chosen], workdir, target, total - len(VARIANTS), strategy, seed, constraints,
-                                 inputs, workers, record, ray_address,
+        kernels = replace(request, budget=total - len(VARIANTS), max_fidelity_loss=0.0, calibration=None)
+        points += _kernel_points(points[chosen], workdir, target, kernels, record,
                                  (lambda done, _t, p: progress(len(VARIANTS) + done, total, p)) if progress else None)
         front, chosen = _front_and_choice(points, constraints)
     if chosen is None:
@@ -128,7 +132,8 @@ def search_quantization(source, target: str, workdir, calibration: Path | None =
     elif points[chosen].label == "float32" and constraints.max_fidelity_loss == 0:
         notes.append("float32 chosen: only it has no quantization loss; accept some with --max-fidelity-loss "
                      "(relative output RMSE, e.g. 0.05)")
-    return SearchResult(source.name, target, "quantization" if total == len(VARIANTS) else f"quantization+{strategy}",
+    return SearchResult(source.name, target,
+                        "quantization" if total == len(VARIANTS) else f"quantization+{request.strategy}",
                         total, seed, len(VARIANTS), asdict(constraints), points, front, chosen, 0,
                         round(time.monotonic() - started, 1), notes)
 
@@ -140,15 +145,12 @@ def _front_and_choice(points: list[Point], constraints: Constraints) -> tuple[li
     return front, (min(allowed, key=lambda i: points[i].objectives()) if allowed else None)
 
 
-def _kernel_points(base: Point, workdir: Path, target: str, budget: int, strategy: str, seed: int,
-                   constraints: Constraints, inputs: int, workers, record: bool, ray_address, progress) -> list[Point]:
+def _kernel_points(base: Point, workdir: Path, target: str, request: BuildRequest, record: bool,
+                   progress: Callable | None) -> list[Point]:
     """The kernel search on one quantization variant's model; its points carry that variant's quantization and its
     fidelity loss against the float model (the kernels themselves are checked against that variant's interpreter)."""
-    from tinymlaas.search.search import search
-
     name = base.variant["quantization"]
-    result = search(workdir / f"{name}.tflite", target, workdir / f"kernels-{name}", budget=budget, strategy=strategy,
-                    seed=seed, constraints=replace(constraints, max_fidelity_loss=0.0), inputs=inputs,
-                    workers=workers, progress=progress, record=record, ray_address=ray_address)
+    result = search(workdir / f"{name}.tflite", target, workdir / f"kernels-{name}", request, progress=progress,
+                    record=record)
     return [replace(p, variant={**base.variant, **p.variant}, label=f"{name} {p.label}",
                     fidelity_loss=base.fidelity_loss + p.fidelity_loss) for p in result.points]

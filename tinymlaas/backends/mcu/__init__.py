@@ -1,1 +1,41 @@
+"""Microcontroller backend: bare-metal firmware (one static arena, weights in flash, no runtime), run in QEMU,
+Renode or on the Ibex RTL, verified against the interpreter and measured."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class McuBackend:
+    name = "mcu"
+    what = "firmware"
+    label = "the microcontroller targets"
+    formats = frozenset({"tflite", "keras"})
+    firmware = True
+    stored_artifacts = ("firmware",)  # what the service keeps of a build, beside its report
+    searchable = True
+
+    def build(self, model, target, work: Path, request, stage):
+        from tinymlaas.backends.mcu.build import build_firmware
+
+        return build_firmware(model, target, work, request, stage)
+
+    def format_report(self, report) -> str:
+        from tinymlaas.backends.mcu.report import format_report
+
+        return format_report(report)
+
+    def deployable(self, target) -> bool:
+        return target.rtl is None  # a core simulated from its RTL measures true cycles; no device is one
+
+    def request_problem(self, request, target) -> tuple[str, str] | None:
+        if request.emulator is not None:
+            from tinymlaas.runners import runner_class
+
+            why = runner_class(request.emulator).problem(target)
+            if why is not None:
+                return "emulator", f"cannot be {request.emulator} for {target.name}: {why}"
+        return None
+
+
+BACKEND = McuBackend()

@@ -15,6 +15,7 @@ from tinymlaas.errors import BuildFailure, ToolMissing
 from tinymlaas.targets import MemoryRegion
 
 FIRMWARE_DIR = data_dir("firmware")
+KERNELS_DIR = FIRMWARE_DIR / "kernels"  # reference/ and optimized/ C kernels, include/ their headers
 STACK_RESERVE = 0x10000  # the harness paints and measures up to 64 KiB of stack
 
 
@@ -37,7 +38,7 @@ class Firmware:
     elf: Path
     map_file: Path
     symbols: dict[str, int]
-    kernel_library: list[Path] = field(default_factory=list)  # objects of firmware/kernels/*.c: model code
+    kernel_library: list[Path] = field(default_factory=list)  # objects of firmware/kernels/*/*.c: model code
     layout: MemoryLayout | None = None
 
 
@@ -89,15 +90,17 @@ def read_symbols(elf: Path, target) -> dict[str, int]:
 
 
 def kernel_library(gcc: str, cflags: list[str], workdir: Path) -> list[Path]:
-    """firmware/kernels/*.c compiled for these flags, once: cached by the hash of the sources, headers and flags."""
+    """firmware/kernels/{reference,optimized}/*.c compiled for these flags, once: cached by the hash of the sources,
+    headers (firmware/kernels/include) and flags."""
     import hashlib
     import os
     import tempfile
 
-    sources = sorted((FIRMWARE_DIR / "kernels").glob("*.c"))
+    # by file name, whatever the folder: the link order (and so the code's addresses) does not depend on the layout
+    sources = sorted(KERNELS_DIR.glob("*/*.c"), key=lambda f: f.name)
     digest = hashlib.sha256(" ".join([gcc, *cflags]).encode())
-    for f in sorted((FIRMWARE_DIR / "kernels").glob("*.[ch]")):
-        digest.update(f.name.encode() + f.read_bytes())
+    for f in sorted(KERNELS_DIR.glob("*/*.[ch]")):
+        digest.update(str(f.relative_to(KERNELS_DIR)).encode() + f.read_bytes())
     cache = build_dir() / "kernel-lib" / digest.hexdigest()[:16]
     objects = [cache / f"lib_{s.stem}.o" for s in sources]
     if all(o.exists() for o in objects):
@@ -106,7 +109,8 @@ def kernel_library(gcc: str, cflags: list[str], workdir: Path) -> list[Path]:
     for source, obj in zip(sources, objects):
         fd, tmp = tempfile.mkstemp(suffix=".o", dir=cache)
         os.close(fd)
-        _run([gcc, *cflags, "-c", str(source), "-o", tmp], workdir, f"compiling {source.name}")
+        _run([gcc, *cflags, f"-I{KERNELS_DIR / 'include'}", "-c", str(source), "-o", tmp], workdir,
+             f"compiling {source.name}")
         os.replace(tmp, obj)  # atomic: concurrent builds see a whole object or none
     return objects
 

@@ -3,14 +3,15 @@
  * extension's dual 16-bit multiply-accumulate: SXTAB16 widens two int8 lanes and adds the input offset
  * in one instruction, SMLAD multiplies two pairs and accumulates. Four output channels share each
  * input load. Requantization is TFLite's, bit-exact. Without __ARM_FEATURE_DSP the same loops run in
- * plain C. tinymlaas.quantized uses these for DSP layers whose requantization gemm_dsp.c cannot take, and
- * for depthwise layers other than 3x3.
+ * plain C. The compiler (tinymlaas/ops/int8.py) uses these for DSP layers whose requantization gemm_dsp.c
+ * cannot take, and for depthwise layers other than 3x3.
  *
- * params: N H W C  OH OW OC  KH KW  SH SW  DH DW  PT PL  zp_in zp_out act_min act_max single_rounding
+ * params: struct tinymlaas_conv_params (conv_params.h), read as int32 with its P_* indices
  */
 #include <stdint.h>
 #include <string.h>
 
+#include "conv_params.h"
 #include "fixedpoint_s8.h"
 
 static inline int32_t load32(const int8_t *p)

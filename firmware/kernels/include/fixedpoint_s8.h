@@ -1,4 +1,4 @@
-/* TFLite int8 requantization, bit-exact with tinymlaas.int8_kernels (and TFLite's reference kernels), and what
+/* TFLite int8 requantization, bit-exact with tinymlaas/ops/int8_te.py (and TFLite's reference kernels), and what
  * the int8 kernels share. */
 #ifndef TINYMLAAS_FIXEDPOINT_S8_H
 #define TINYMLAAS_FIXEDPOINT_S8_H
@@ -138,10 +138,6 @@ static inline int8_t tinymlaas_clamp_s8(int32_t v, int32_t lo, int32_t hi)
 {
     return (int8_t)(v < lo ? lo : v > hi ? hi : v);
 }
-
-/* the int32 params of a convolution kernel call, written by tinymlaas.quantized._conv_params */
-enum { P_N, P_H, P_W, P_C, P_OH, P_OW, P_OC, P_KH, P_KW, P_SH, P_SW, P_DH, P_DW, P_PT, P_PL,
-       P_ZP_IN, P_ZP_OUT, P_ACT_MIN, P_ACT_MAX, P_SINGLE };
 
 #if defined(__ARM_FEATURE_DSP)
 #include <arm_acle.h>

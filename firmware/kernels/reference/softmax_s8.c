@@ -4,7 +4,7 @@
  * maximum, a fixed-point reciprocal of the sum, rounding shifts.
  *
  * params: {input_multiplier, input_left_shift, diff_min, depth, total_elements}, computed at compile time
- * by tinymlaas.quantized.softmax_params exactly as TFLite's Prepare computes them.
+ * by tinymlaas/ops/quantization.py softmax_params exactly as TFLite's Prepare computes them.
  */
 #include <stdint.h>
 

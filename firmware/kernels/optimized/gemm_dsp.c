@@ -18,14 +18,15 @@
  *   requant [OC][bias, multiplier, round, shift]       see struct tinymlaas_rq
  *
  * Requantization is TFLite's, bit-exact, in its cheapest exact form: the compiler proved for the layer
- * that no intermediate overflows (tinymlaas.quantized.requant_table) and folded the output zero point
+ * that no intermediate overflows (tinymlaas/ops/dsp_layouts.py requant_table) and folded the output zero point
  * into the rounding constant. Layers it cannot prove use conv_s8.c.
  *
- * params: N H W C  OH OW OC  KH KW  SH SW  DH DW  PT PL  zp_in zp_out act_min act_max single_rounding
+ * params: struct tinymlaas_conv_params (conv_params.h), read as int32 with its P_* indices
  */
 #include <stdint.h>
 #include <string.h>
 
+#include "conv_params.h"
 #include "fixedpoint_s8.h"
 
 /*
@@ -848,7 +849,6 @@ void tinymlaas_depthwise3x3_w16_inplace(const int8_t *input, const int16_t *rest
  * TFLite bias) and requantization skips its doubling. The table proves 2 * |acc| + 2 * |bias| < 2^31.
  */
 #define TINYMLAAS_ROWS_GROUP 4
-#define P_TRANSPOSED (P_SINGLE + 1)
 
 /* the layer as the kernel walks it: rows of `cols` elements, element strides in the input and output */
 struct rows_view {

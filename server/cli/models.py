@@ -1,0 +1,19 @@
+"""`tinymlaas models`: uploaded models."""
+
+from __future__ import annotations
+
+from .common import api_client, api_options, output
+
+
+def cmd_models_upload(args) -> int:
+    m = api_client(args).upload_model(args.file)
+    output(m, args.json, lambda m: f"model {m['id']}: {m['name']} ({m['size']:,} B, "
+           f"{'int8' if m['quantized'] else 'float'}, sha256 {m['sha256'][:12]})")
+    return 0
+
+
+def register(sub) -> None:
+    models = sub.add_parser("models", help="uploaded models").add_subparsers(dest="what", required=True)
+    p = api_options(models.add_parser("upload", help="upload a model (.tflite, .keras/.h5, or .onnx for the host targets)"))
+    p.add_argument("file")
+    p.set_defaults(func=cmd_models_upload)

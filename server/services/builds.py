@@ -1,0 +1,87 @@
+"""Builds: a request checked and queued (the workers in server/jobs.py run it), and a cancellation."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tinymlaas.backends import backend_for, builds_format, targets_of
+from tinymlaas.build.formats import FORMATS
+from tinymlaas.build.request import BuildRequest, InvalidRequest
+from tinymlaas.ota.package import canonical_version
+from tinymlaas.runners import runner_class
+from tinymlaas.targets import get_target
+
+from ..db import Build, Model
+from .common import Principal, ServiceError, owned, target_or_422
+
+BUILD_FINAL = ("done", "failed", "cancelled")  # a build is queued, building or emulating before one of these
+OPEN_BUILD_STATES = ("queued", "building", "emulating")
+
+
+def request_build(session: Session, who: Principal, model_id: int, target: str, request: BuildRequest | None = None,
+                  version: str | None = None, max_open: int | None = None) -> Build:
+    """Queue a build, its request checked as the CLI and the worker check it. max_open: how many of the user's
+    builds may be queued or running at once (429 beyond)."""
+    who.need("build")
+    request = request or BuildRequest()
+    checked_request(request, target_or_422(target))
+    if max_open is not None:
+        open_builds = session.scalar(select(func.count()).select_from(Build).where(
+            Build.owner_id == who.user.id, Build.state.in_(OPEN_BUILD_STATES)))
+        if open_builds >= max_open:
+            raise ServiceError(429, f"{open_builds} of your builds are queued or running, the most at once is "
+                               f"{max_open}; wait for some to finish (or cancel them)")
+    model = owned(session, who, Model, model_id)
+    if model is None:
+        raise ServiceError(422, f"no model {model_id}", "model_id")
+    fmt = FORMATS[model.format]
+    if fmt.name not in backend_for(get_target(target)).formats:
+        raise ServiceError(422, f"model {model.id} is one of the {fmt.what}: they build for "
+                           f"{targets_of(builds_format(fmt.name))}; for {target}, {fmt.convert} and upload that",
+                           "target")
+    if version is not None:
+        try:
+            version = canonical_version(version)
+        except ValueError as e:
+            raise ServiceError(422, str(e), "version") from None
+    build = Build(model_id=model.id, target=target, request=request, version=version or "",
+                  owner_id=who.user.id, org_id=who.org_id)
+    session.add(build)
+    session.flush()
+    if not version:
+        build.version = f"1.0.{build.id}+0"  # later builds are newer
+    session.commit()
+    return build
+
+
+def checked_request(request: BuildRequest, target) -> BuildRequest:
+    """The request as the CLI checks it, plus what only a service needs: a build for devices is verified on a
+    runner whose firmware is linked as a device's image. Errors name the field as the request nests it."""
+    try:
+        request.check(target)
+    except InvalidRequest as e:
+        field = request_field(e.name)
+        raise ServiceError(422, f"{field}: {e.why}", field) from None
+    runner = request.emulator
+    if runner is not None and backend_for(target).deployable(target) and not runner_class(runner).device_images:
+        raise ServiceError(422, f"emulator: {runner}'s firmware is not linked as a device's image; builds for "
+                           f"{target.name} devices run on a runner whose is", "emulator")
+    return request
+
+
+def request_field(name: str) -> str:
+    """Where an option sits in the service's request: `search.budget`, `max_ram` in `constraints`, ..."""
+    from tinymlaas.build.request import OPTIONS
+
+    group = OPTIONS[name].group if name in OPTIONS else None
+    return f"{group}.{name}" if group else name
+
+
+def cancel_build(session: Session, who: Principal, build: Build) -> Build:
+    who.need("build")
+    if build.state in BUILD_FINAL:
+        raise ServiceError(409, f"build {build.id} is already {build.state}")
+    build.state, build.message = "cancelled", f"cancelled by {who.user.name}"
+    session.commit()
+    return build

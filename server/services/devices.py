@@ -1,0 +1,85 @@
+"""Devices: registration and secrets, and what a device reports of itself (state, telemetry)."""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tinymlaas.backends import backend_for
+from tinymlaas.measure.database import device_measurement
+from tinymlaas.targets import get_target
+
+from ..broker import hash_secret
+from ..db import Build, Deployment, Device, DeviceJob, Model, Telemetry, now
+from .common import DEVICE_ID, DEVICE_ID_RULE, Principal, ServiceError, target_or_422
+
+
+def register_device(session: Session, who: Principal, device_id: str, target: str, group: str = "default",
+                    firmware_version: str | None = None) -> tuple[Device, str]:
+    who.need("deploy")
+    if not DEVICE_ID.fullmatch(device_id or ""):
+        raise ServiceError(422, DEVICE_ID_RULE,
+                           "id")
+    t = target_or_422(target)
+    backend = backend_for(t)
+    if not backend.deployable(t):
+        what = ("a core simulated from its RTL for true cycles (builds only)" if backend.firmware
+                else f"a host target ({backend.what} for builds)")
+        raise ServiceError(422, f"'{target}' is {what}, not a board a device can be", "target")
+    if session.get(Device, device_id):  # ids are global (they are MQTT user names): taken, whoever has it
+        raise ServiceError(409, f"device '{device_id}' is already registered (device ids are unique across the "
+                           "service)", "id")
+    secret = secrets.token_urlsafe(24)
+    device = Device(id=device_id, target=target, group=group or "default", flash_bytes=t.board.flash_bytes,
+                    ram_bytes=t.board.ram_bytes, firmware_version=firmware_version, secret_hash=hash_secret(secret),
+                    owner_id=who.user.id, org_id=who.org_id)
+    session.add(device)
+    session.commit()
+    return device, secret
+
+
+def rotate_device_secret(session: Session, who: Principal, device: Device) -> str:
+    """A new secret for a device (MQTT and downloads); the old one stops working at once."""
+    who.need("deploy")
+    secret = secrets.token_urlsafe(24)
+    device.secret_hash = hash_secret(secret)
+    session.commit()
+    return secret
+
+
+def record_state(session: Session, device_id: str, state: dict) -> None:
+    device = session.get(Device, device_id)
+    if device is None:
+        return
+    device.state = str(state.get("state", device.state))[:16]
+    if state.get("firmware_version"):
+        device.firmware_version = str(state["firmware_version"])[:32]
+    device.last_seen = now()
+    session.commit()
+
+
+def _sent_to(session: Session, device: Device, build: Build) -> bool:
+    """Whether `build` was deployed to `device`: a device reports figures of its own builds only."""
+    return device.build_id == build.id or session.scalar(
+        select(func.count()).select_from(DeviceJob).join(Deployment, DeviceJob.deployment_id == Deployment.id)
+        .where(DeviceJob.device_id == device.id, Deployment.build_id == build.id)) > 0
+
+
+def record_telemetry(session: Session, device_id: str, data: dict) -> None:
+    device = session.get(Device, device_id)
+    if device is None:
+        return
+    session.add(Telemetry(device_id=device_id, data=data))
+    if isinstance(data.get("instructions"), int):
+        device.instructions = data["instructions"]
+    # cycles a board measured itself: a measurement of the build it runs, for the runtime predictor
+    build = session.get(Build, data["build"]) if isinstance(data.get("build"), int) else None
+    if build is not None and _sent_to(session, device, build):
+        model = session.get(Model, build.model_id)
+        row = device_measurement(device_id, device.target, get_target(device.target).core, data, model.sha256,
+                                 model.name, build.id)
+        if row is not None:
+            session.add(row)
+    session.commit()

@@ -1,0 +1,69 @@
+"""Models: an upload checked (format, operators the compiler supports) and stored."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from tinymlaas.errors import TinyMLaaSError
+from tinymlaas.frontend.keras import QUANTIZE
+from tinymlaas.frontend.onnx import ONNX_SUFFIX
+from tinymlaas.frontend.torch_export import PT2_SUFFIX
+from tinymlaas.ota.store import ArtifactStore
+
+from ..db import Model
+from .common import Principal, ServiceError
+
+
+def add_model(session: Session, store: ArtifactStore, who: Principal, filename: str, data: bytes,
+              quantize: str = "none") -> Model:
+    from tinymlaas.frontend.keras import convert_keras, is_keras_input
+    from tinymlaas.frontend.onnx import load_onnx
+    from tinymlaas.frontend.tflite import load_tflite
+    from tinymlaas.frontend.to_relax import unsupported_operators
+
+    who.need("build")
+    if not data:
+        raise ServiceError(422, "the file is empty", "file")
+    if quantize not in QUANTIZE:
+        raise ServiceError(422, f"quantize must be one of {', '.join(QUANTIZE)}, not '{quantize[:20]}'", "quantize")
+    name = Path(filename or "model.tflite").name
+    if name in ("", ".", "..") or len(name) > 200 or any(ord(ch) < 32 for ch in name):
+        raise ServiceError(422, f"the file name '{name[:40]}' is not usable: a plain name of at most 200 "
+                           "characters (e.g. model.tflite)", "file")
+    suffix = Path(name).suffix.lower()
+    if suffix == PT2_SUFFIX:
+        raise ServiceError(422, "PyTorch exported programs (.pt2) hold pickled objects that run code when loaded, so "
+                           "the service does not load them: export the model to ONNX (torch.onnx.export) and upload "
+                           "that, or build the .pt2 on your own machine with `tinymlaas compile`", "file")
+    if suffix == ONNX_SUFFIX and quantize != "none":
+        raise ServiceError(422, "quantize applies to Keras models (TensorFlow's converter); an ONNX model builds as "
+                           "it is", "quantize")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        try:
+            if suffix == ONNX_SUFFIX:  # imported now, so an operator TVM's ONNX frontend lacks is named at upload
+                model = load_onnx(path)
+                model.to_relax()
+                quantized, operators, unsupported = False, model.operators(), []
+            else:
+                if is_keras_input(path):  # kept as the TFLite model TensorFlow's converter makes of it
+                    converted = path.with_suffix(".tflite")
+                    convert_keras(path, converted, quantize)
+                    path, data = converted, converted.read_bytes()
+                model = load_tflite(path)
+                quantized, operators = bool(model.quantized), sorted(set(model.operators))
+                unsupported = unsupported_operators(model)
+        except TinyMLaaSError as e:
+            raise ServiceError(422, str(e), "file") from None
+    if unsupported:
+        raise ServiceError(422, f"unsupported operator(s): {', '.join(sorted(set(unsupported)))}", "file")
+    row = Model(name=model.name, sha256=store.put_bytes(data), size=len(data), quantized=quantized,
+                operators=operators, format="onnx" if suffix == ONNX_SUFFIX else "tflite", owner_id=who.user.id,
+                org_id=who.org_id)
+    session.add(row)
+    session.commit()
+    return row

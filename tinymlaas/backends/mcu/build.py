@@ -1,0 +1,241 @@
+"""The microcontroller backend's build: a TFLite model -> verified, measured firmware for one target.
+
+import -> lower (with a schedule) -> codegen -> driver -> reference -> link -> emulate -> verify -> measure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tinymlaas.backends.mcu.codegen import build_kernels
+from tinymlaas.backends.mcu.driver import generate_driver
+from tinymlaas.backends.mcu.firmware import link_firmware, linked_bytes
+from tinymlaas.build.request import BuildRequest
+from tinymlaas.errors import ModelTooLarge
+from tinymlaas.frontend.cleanup import clean
+from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
+from tinymlaas.frontend.to_relax import to_relax
+from tinymlaas.ir.lower import lower
+from tinymlaas.ir.memory import plan as plan_memory
+from tinymlaas.ir.schedule import schedule_for
+from tinymlaas.measure.sizes import measure_firmware
+from tinymlaas.oracle import make_inputs, reference_outputs, reference_resolver
+from tinymlaas.runners import emulator_for
+from tinymlaas.targets import Target, get_target
+from tinymlaas.verify import VerifiedReport, compare, split_outputs
+
+
+@dataclass
+class CompileReport(VerifiedReport):
+    model: str
+    model_path: str
+    target: str
+    board: str
+    core: str
+    lowering: str  # "float" model, "integer" int8 kernels, or "float-emulated" int8 through float ops
+    instructions: int  # one inference, first input
+    instructions_min: int
+    instructions_max: int
+    instructions_repeat_exact: bool | None  # the same input run twice gave the same count (None: the model keeps
+    # state between inferences, so the second run starts from another state)
+    memory_accesses: int | None  # None where the runner does not count them (Renode)
+    fidelity: dict
+    sizes: dict
+    fits: dict
+    stages_seconds: dict
+    compile_seconds: float
+    notes: list[str] = field(default_factory=list)
+    artifacts: dict = field(default_factory=dict)
+    runner: str = "qemu"
+    clock_hz: int = 0  # the board's
+    cycles: int | None = None  # one inference, first input: true cycles from a cycle-accurate runner
+    cycles_source: str | None = None
+    cycles_repeat_exact: bool | None = None
+    cycles_estimate: float | None = None  # QEMU runs of a core with a pipeline table (Ibex): its estimate, first input
+    variant: dict | None = None  # the search.space.Variant it was built as, if one was given
+    kind: str = "mcu"  # the backend that built it
+
+
+def fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def limits(target: Target, request: BuildRequest) -> tuple[int, int]:
+    return (min(target.board.flash_bytes, request.max_flash or target.board.flash_bytes),
+            min(target.board.ram_bytes, request.max_ram or target.board.ram_bytes))
+
+
+def check_fits(model_name: str, target: Target, flash: int, ram: int, request: BuildRequest, detail: str) -> dict:
+    flash_limit, ram_limit = limits(target, request)
+    problems = []
+    if flash > flash_limit:
+        problems.append(f"flash {fmt(flash)} B > {fmt(flash_limit)} B")
+    if ram > ram_limit:
+        problems.append(f"RAM {fmt(ram)} B > {fmt(ram_limit)} B")
+    if problems:
+        board_too_small = flash > target.board.flash_bytes or ram > target.board.ram_bytes
+        hint = ("; a host target runs models of any size: --target cuda-host (NVIDIA GPU) or cpu-host"
+                if board_too_small else "")
+        raise ModelTooLarge(
+            f"{model_name} does not fit {target.name} ({target.board.name}): {'; '.join(problems)} ({detail}){hint}"
+        )
+    return {"flash_limit": flash_limit, "ram_limit": ram_limit, "flash": flash, "ram": ram}
+
+
+def import_model(model, target: Target, int8_lowering: str = "integer", kernels: str | dict = "auto"):
+    """The Relax module for `model` on `target`, every operator through our registry.
+
+    Returns (relax module, lowering, notes): lowering is "float", "integer" (integer kernels, bit-exact) or
+    "float-emulated" (int8 through TVM's dequantize/float/quantize, only when asked for).
+    """
+    notes = list(model.notes)
+    if model.quantized and int8_lowering == "float":
+        notes.append("int8 operators lowered through float dequantize/op/quantize (as requested): not bit-exact")
+        return import_relax_tvm(model), "float-emulated", notes
+    graph = clean(model.graph, shapes_from_interpreter=True)
+    precisions = {graph.precision(op) for op in graph.operators}
+    lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
+    if reference_resolver(model.data) != "BUILTIN_REF":
+        notes.append("the interpreter's reference kernels cannot run this model (an operator missing, aborting or, "
+                     "for a quantized SUM, wrong): verified against its builtin (optimized) kernels")
+    return to_relax(graph, target, kernels), lowering, notes
+
+
+
+def build_firmware(model, target: Target, work: Path, request: BuildRequest, stage) -> CompileReport:
+    """A TFLite model as firmware for `target` in `work`: lowered, generated, linked, run in the target's emulator,
+    verified against the interpreter and measured. `stage` (tinymlaas.build.pipeline.Stages) is told each stage."""
+    stage("import")
+    variant = request.variant
+    kernels = dict(variant.kernels) if variant is not None else request.kernels
+    relax_mod, lowering, notes = import_model(model, target, request.int8_lowering, kernels)
+
+    stage("lower")
+    program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
+                    fuse=variant is None or variant.fusion != "none")
+    policy = variant.memory if variant is not None else request.memory
+    unplanned = program
+
+    stage("codegen")
+    program, kernels = build_kernels(plan_memory(unplanned, "tvm" if policy == "auto" else policy), target, work)
+    ram = program.arena_bytes + program.scratch_bytes + program.state_bytes
+    if policy == "auto" and ram > limits(target, request)[1]:  # the smallest arena we can plan, before giving up
+        # built again: an overlapped elementwise kernel is compiled without noalias
+        program, kernels = build_kernels(plan_memory(unplanned, "inplace"), target, work)
+        notes.append(f"TVM's arena plan needs {fmt(ram)} B of RAM, over the budget of "
+                     f"{fmt(limits(target, request)[1])} B: planned in place")
+    notes.extend(program.notes)
+    check_fits(
+        model.name, target,
+        flash=kernels.code_bytes + program.weight_bytes,
+        ram=program.arena_bytes + program.scratch_bytes + program.state_bytes,
+        request=request,
+        detail=f"code {fmt(kernels.code_bytes)} B, weights {fmt(program.weight_bytes)} B, "
+        f"arena {fmt(program.arena_bytes)} B, kernel scratch {fmt(program.scratch_bytes)} B"
+        + (f", recurrent state {fmt(program.state_bytes)} B" if program.state_bytes else ""),
+    )
+
+    stage("driver")
+    driver = generate_driver(model, program, kernels, work)
+
+    stage("reference")
+    runner = emulator_for(request.emulator or target.default_runner, request.timeout, target)
+    # a core whose manual tabulates its pipeline (Ibex) gets a cycle estimate from QEMU's block counts: cheap
+    table = runner.name == "qemu" and "pipeline" in (target.estimate or {})
+    if table:
+        runner.blocks = True
+    batches = make_inputs(model, request.inputs or runner.default_inputs, request.seed)
+    batches.append(batches[0])  # input 0 again: its count must repeat exactly
+    (work / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
+    want = reference_outputs(model, batches)
+    (work / "expected_outputs.bin").write_bytes(b"".join(y.tobytes() for batch in want for y in batch))
+
+    stage("link")
+    firmware = link_firmware(target, kernels, driver, work, layout=runner.layout, inputs=work / "inputs.bin")
+
+    stage("emulate")
+    run = runner.run(target, firmware, work)
+
+    stage("verify")
+    got = split_outputs(model, (work / "outputs.bin").read_bytes(), len(batches))
+    fidelity = compare(model, got, want, integer_kernels=lowering == "integer")
+    counts = [r.instructions for r in run.regions]
+
+    stage("measure")
+    sizes = measure_firmware(firmware.elf, target, program, run.harness.get("stack_bytes"),
+                             linked_bytes(firmware.map_file, firmware.kernel_library))
+    fits = check_fits(
+        model.name, target, flash=sizes.flash_model, ram=sizes.ram_model, request=request,
+        detail=f"measured: code {fmt(sizes.model_code)} B, weights {fmt(sizes.weights)} B, "
+        f"arena {fmt(sizes.arena)} B, scratch {fmt(sizes.kernel_scratch)} B, stack {fmt(sizes.stack_peak or 0)} B",
+    )
+    if run.harness.get("overflowed_window"):
+        notes.append("stack use exceeded the painted window; stack_peak is a lower bound")
+    report = CompileReport(
+        model=model.name,
+        model_path=str(model.path),
+        target=target.name,
+        board=target.board.name,
+        core=target.core,
+        lowering=lowering,
+        instructions=counts[0],
+        instructions_min=min(counts),
+        instructions_max=max(counts),
+        instructions_repeat_exact=counts[0] == counts[-1] if not program.state_sizes else None,
+        variant=variant.to_dict() if variant is not None else None,
+        memory_accesses=run.regions[0].memory_accesses,
+        fidelity=fidelity.to_dict(),
+        sizes=sizes.to_dict(),
+        fits=fits,
+        stages_seconds=stage.finish(),
+        compile_seconds=stage.elapsed(),
+        notes=notes,
+        artifacts={
+            "firmware": "firmware.elf",
+            "driver": "tinymlaas_model.c",
+            "header": "tinymlaas_model.h",
+            "kernels": "kernels.o",
+            "weights": "weights.bin",
+            "inputs": "inputs.bin",
+            "outputs": "outputs.bin",
+            "expected_outputs": "expected_outputs.bin",
+        },
+    )
+    if run.regions[0].cycles is not None:
+        report.runner, report.cycles = runner.name, run.regions[0].cycles
+        report.clock_hz = target.board.clock_hz
+        report.cycles_repeat_exact = (run.regions[0].cycles == run.regions[-1].cycles
+                                      if not program.state_sizes else None)
+        report.cycles_source = f"true cycles: Ibex '{runner.config}' from its RTL (Verilator)"
+    else:
+        report.runner = runner.name
+    if table:
+        from tinymlaas.measure import cycles
+
+        report.cycles_estimate = cycles.estimate_run(firmware.elf, target, run)[0][0]
+    return report
+
+
+def build_program(model_path, target_name: str, workdir: Path, kernels: str, variant=None):
+    """A TFLite model's program, kernels and driver in `workdir`, not linked: (target, model, program, kernels,
+    driver, lowering). variant (search.space.Variant): its kernels, schedule and fusion instead of `kernels` (its memory plan is
+    TVM's: the per-step counts of the in-place twins are the same loops')."""
+    target = get_target(target_name)
+    model = load_tflite(model_path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    relax_mod, lowering, _ = import_model(model, target, kernels=dict(variant.kernels) if variant else kernels)
+    program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant else None),
+                    fuse=variant is None or variant.fusion != "none")
+    program, built = build_kernels(program, target, workdir)
+    return target, model, program, built, generate_driver(model, program, built, workdir), lowering
+
+
+def build_and_run(model_path, target_name: str, workdir: Path, batches_of, kernels: str, **link_flags):
+    """Build with extra harness options (profile / trace) and run it on the inputs `batches_of(model)` gives."""
+    target, model, program, built, driver, _ = build_program(model_path, target_name, workdir, kernels)
+    firmware = link_firmware(target, built, driver, workdir, **link_flags)
+    batches = batches_of(model)
+    (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
+    run = emulator_for("qemu").run(target, firmware, workdir)
+    return model, program, batches, run

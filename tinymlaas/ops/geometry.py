@@ -1,0 +1,83 @@
+"""Shapes and index arithmetic shared by the converters of every precision: TFLite's SAME/VALID padding,
+transposed convolutions as dilated-and-padded plain ones, reduction axes, constant integer operands."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinymlaas.errors import UnsupportedOperator
+from tinymlaas.ops.semantics import norm_axis
+
+# TFLite Padding (schema.fbs)
+SAME, VALID = 0, 1
+
+
+def same_padding(in_size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TFLite SAME padding of one dimension: (before, after)."""
+    eff = (k - 1) * dilation + 1
+    out = (in_size + stride - 1) // stride
+    total = max((out - 1) * stride + eff - in_size, 0)
+    return total // 2, total - total // 2
+
+
+def padding(kind: int, in_size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TFLite ComputePaddingHeightWidth for one dimension: (before, after)."""
+    if kind == VALID:
+        return 0, 0
+    return same_padding(in_size, k, stride, dilation)
+
+
+def conv_padding(op, h, w, kh, kw) -> list[int]:
+    """[top, left, bottom, right] of a convolution operator."""
+    if int(op.opt("padding", 0)) != SAME:
+        return [0, 0, 0, 0]
+    pt, pb = same_padding(h, kh, op.opt("strideH", 1), op.opt("dilationHFactor", 1) or 1)
+    pl, pr = same_padding(w, kw, op.opt("strideW", 1), op.opt("dilationWFactor", 1) or 1)
+    return [pt, pl, pb, pr]
+
+
+def transpose_conv_geometry(op, in_shape, w_shape, out_shape):
+    """(stride, [(before, after)] per spatial axis) of the dilated input that a plain convolution then reads."""
+    _, h, w, _ = in_shape
+    _, kh, kw, _ = w_shape
+    stride = (op.opt("strideH", 1), op.opt("strideW", 1))
+    pads = []
+    for size, k, s, out in ((h, kh, stride[0], out_shape[1]), (w, kw, stride[1], out_shape[2])):
+        top = same_padding(out, k, s, 1)[0] if int(op.opt("padding", 0)) == SAME else 0
+        before = k - 1 - top
+        pads.append((before, out + k - 1 - ((size - 1) * s + 1) - before))
+    return stride, pads
+
+
+def dilate_and_pad(x, shape, stride, pads, zero: float = 0.0):
+    """NHWC x with stride-1 zeros between pixels, then padded (negative widths crop): the input a transposed
+    convolution correlates with its flipped kernel."""
+    from tvm import relax
+
+    n, h, w, c = shape
+    sh, sw = stride
+    if sh > 1 or sw > 1:
+        x = relax.op.reshape(x, (n, h, 1, w, 1, c))
+        x = relax.op.nn.pad(x, [0, 0, 0, 0, 0, sh - 1, 0, 0, 0, sw - 1, 0, 0], "constant", zero)
+        x = relax.op.reshape(x, (n, h * sh, w * sw, c))
+        x = relax.op.strided_slice(x, [1, 2], [0, 0], [(h - 1) * sh + 1, (w - 1) * sw + 1])
+    size = [(h - 1) * sh + 1, (w - 1) * sw + 1]
+    crop_begin, crop_end = [max(-p[0], 0) for p in pads], [size[i] - max(-pads[i][1], 0) for i in range(2)]
+    if any(crop_begin) or crop_end != size:
+        x = relax.op.strided_slice(x, [1, 2], crop_begin, crop_end)
+    widths = [0, 0, max(pads[0][0], 0), max(pads[0][1], 0), max(pads[1][0], 0), max(pads[1][1], 0), 0, 0]
+    return relax.op.nn.pad(x, widths, "constant", zero) if any(widths) else x
+
+
+def const_ints(ctx, op, k) -> list[int]:
+    """Operand k as a list of Python ints; it must be a constant (shapes, axes, paddings are compile-time here)."""
+    t = ctx.tensor(op.inputs[k])
+    if not t.is_const:
+        raise UnsupportedOperator([f"{op.opcode} #{op.index} with a computed '{t.name}' (only constants)"], ctx.graph.name)
+    return np.asarray(t.data).astype(np.int64).ravel().tolist()
+
+
+def reduce_axes(ctx, op) -> list[int]:
+    """The sorted, non-negative axes of a reduction (operand 1)."""
+    rank = len(ctx.tensor(op.inputs[0]).shape)
+    return sorted({norm_axis(a, rank) for a in const_ints(ctx, op, 1)})
