@@ -18,7 +18,7 @@ RENODE ?= ../shared/third_party/renode/renode
 
 PLUGIN := build/qemu-plugin/libtinymlaas_icount.so
 
-.PHONY: setup apt venv plugin ibex renode platformio demo test test-all bench corpus clean
+.PHONY: setup apt venv plugin ibex renode platformio demo lint test test-all bench corpus clean
 
 setup: apt venv plugin ibex renode platformio
 
@@ -66,8 +66,11 @@ demo: setup
 	$(VENV)/bin/tinymlaas compile $(MODELS)/kws_ref_model.tflite --target cortex-m4 --progress
 	$(VENV)/bin/tinymlaas demo $(MODELS)/kws_ref_model.tflite --data build/demo
 
-# The fast suite: everything but the `slow` marker (whole-model sweeps on soft-float cores).
-test: setup
+lint: venv
+	$(VENV)/bin/ruff check .
+
+# The fast suite: everything but the `slow` marker (whole-model sweeps on soft-float cores), after the linter.
+test: setup lint
 	TINYMLAAS_MODELS=$(MODELS) $(PY) -m pytest -q -m "not slow" --durations=15
 
 test-all: setup

@@ -165,7 +165,7 @@ def run_build(settings: Settings, build_id: int) -> None:
         engine.dispose()  # its pooled connections are file descriptors: a long-lived process must not pile them up
 
 
-def _platformio_zip(build: Path, target) -> Path:
+def platformio_zip(build: Path, target) -> Path:
     """The build as a PlatformIO project (offline qemu/renode environments and the target's real board), zipped."""
     from tinymlaas.backends.platformio import write_project
 
@@ -223,7 +223,7 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
         artifacts = {name: store.put_file(Path(report.artifacts[name])) for name in backend.stored_artifacts}
         artifacts["report"] = store.put_file(out / "report.json")
         if backend.firmware:
-            artifacts["platformio"] = store.put_file(_platformio_zip(out, target))
+            artifacts["platformio"] = store.put_file(platformio_zip(out, target))
         if (out / "front.json").is_file():
             artifacts.update(front=store.put_file(out / "front.json"), front_plot=store.put_file(out / "front.png"))
         package = None

@@ -168,6 +168,12 @@ def _record(report) -> None:
         print(f"tinymlaas: warning: {warning}", file=sys.stderr)
 
 
+def image_runners() -> tuple[str, ...]:
+    from tinymlaas.runners import RUNNERS, runner_class
+
+    return tuple(n for n in RUNNERS if runner_class(n).device_images)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinymlaas", description="Trained models to verified bare-metal firmware.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -196,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a firmware ELF in QEMU or Renode on an inputs file (e.g. a PlatformIO build)")
     p.add_argument("firmware", help="the ELF (built with the measurement harness)")
     p.add_argument("--target", "-t", required=True)
-    p.add_argument("--emulator", choices=("qemu", "renode"), default="qemu")
+    p.add_argument("--emulator", choices=image_runners(), default="qemu",
+                   help="a runner whose firmware is linked as a device's image, as PlatformIO's environments are")
     p.add_argument("--inputs", required=True, help="the inputs, one inference's bytes after another")
     p.add_argument("--expected", help="outputs the run must reproduce byte for byte (exit 1 if not)")
     p.set_defaults(func=cmd_run)

@@ -10,8 +10,8 @@ FIELD_TYPES = {bool: fields.Boolean, int: fields.Integer, float: fields.Float, s
 # how each nested object is described, and whether it may be left out (None) or defaults to empty
 GROUPS = {
     "constraints": ("budgets tighter than the board's", dict),
-    "search": ("search kernel, schedule and fusion variants first; the best within the constraints is what gets "
-               "built, signed and deployed", None),
+    "search": (("search kernel, schedule and fusion variants first; the best within the constraints is what gets "
+                "built, signed and deployed"), None),
     "host": ("host targets (cpu-host, cuda-host): precision and tuning budget", None),
 }
 REQUIRED_IN_GROUP = {"budget"}  # a search is asked for by its budget

@@ -3,7 +3,7 @@ imported by TVM's exported-program frontend, and verified against the program it
 float32 (the reference a PyTorch user trusts, as the TFLite interpreter is for TFLite).
 
 A `.pt2` archive holds pickled objects that PyTorch unpickles with code execution allowed: the command line loads a
-user's own file, the multi-tenant service refuses them (server.service.add_model) and takes ONNX instead.
+user's own file, the multi-tenant service refuses them (server.services.models.add_model) and takes ONNX instead.
 """
 
 from __future__ import annotations

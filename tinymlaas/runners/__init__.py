@@ -38,10 +38,9 @@ def run_elf(elf, target, emulator: str, inputs):
     import tempfile
     from pathlib import Path
 
+    from tinymlaas.backends import backend_for
     from tinymlaas.backends.mcu.firmware import Firmware, read_symbols
     from tinymlaas.errors import EmulatorFailure
-
-    from tinymlaas.backends import backend_for
 
     if not backend_for(target).firmware:
         raise EmulatorFailure(f"{target.name} is a host target: it runs libraries, not firmware")

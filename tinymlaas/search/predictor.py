@@ -118,7 +118,7 @@ def layer_samples(rows, cycles_kinds=("true", "device")) -> list[Sample]:
 
 
 def profile_samples(profile, core: str, model_hash: str | None = None, cycles: str = "true") -> list[Sample]:
-    """The layers of a pipeline.Profile as samples, with the schedule and fusion of the variant profiled:
+    """The layers of a backends.mcu.profile.Profile as samples, with the schedule and fusion of the variant profiled:
     instructions always, and as cycles the true ones (where the core was simulated from its RTL) or, with
     cycles="estimate", the pipeline-table estimate."""
     variant = profile.variant or {}
