@@ -143,6 +143,9 @@ class BuildRequest:
     tune_minutes: float | None = option(help="host targets: stop tuning once MIN minutes have passed (checked "
                                         "between rounds)", min=0.1, max=720, backends=HOST, group="host",
                                         metavar="MIN")
+    cuda_graph: bool = option(True, help="host targets: a CUDA build captures its kernel launches once and replays "
+                              "them as a CUDA graph (--no-cuda-graph: launched one by one, as TVM does by default)",
+                              backends=HOST, group="host")
     tuning_dir: str | None = option(help="host targets: tuning databases, reused by later builds of the same "
                                     "model (default OUT/../tuning)", unit="path", backends=HOST,
                                     surfaces=(COMPILE,))
