@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tinymlaas import __version__
-from tinymlaas.errors import TinyMLaaSError
 from tinymlaas.build.pipeline import compile_model
 from tinymlaas.build.request import BuildRequest
+from tinymlaas.errors import TinyMLaaSError
 
 TARGETS = {"float32": ("cortex-m4", "rv32imafc"), "int8": ("cortex-m4", "rv32imac"), "int16x8": ("cortex-m4", "rv32imac")}
 

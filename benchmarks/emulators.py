@@ -37,11 +37,11 @@ QEMU_EXTRA = 500_000_000
 
 def _run(model_file: Path, target_name: str, runner_name: str, inputs: int, work: Path) -> dict:
     """Build once for the runner's machine, run on 1 and on `inputs` inputs; the figures of the two runs."""
-    from tinymlaas.backends.mcu.firmware import link_firmware
     from tinymlaas.backends.mcu.build import build_program
+    from tinymlaas.backends.mcu.firmware import link_firmware
+    from tinymlaas.oracle import make_inputs, reference_outputs
     from tinymlaas.runners import emulator_for
     from tinymlaas.targets import get_target
-    from tinymlaas.oracle import make_inputs, reference_outputs
     from tinymlaas.verify import compare, split_outputs
 
     build_target = "ibex-small" if runner_name == "ibex" else target_name

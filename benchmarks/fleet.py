@@ -28,12 +28,10 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from fleet_helpers import build, start_agents, start_server
 
 from server.broker import MosquittoBroker
 from server.client import Client
+from tests.helpers.fleet import build, start_agents, start_server
 from tinymlaas import __version__
 
 logging.getLogger("amqtt").setLevel(logging.CRITICAL)

@@ -37,9 +37,9 @@ def _models(models_dir: Path) -> list[tuple[str, Path]]:
 
 
 def _row(name: str, path: Path, target: str, inputs: int, work: Path) -> dict:
-    from tinymlaas.errors import TinyMLaaSError
     from tinymlaas.build.pipeline import compile_model
     from tinymlaas.build.request import BuildRequest
+    from tinymlaas.errors import TinyMLaaSError
 
     row = {"model": name, "target": target}
     for policy in POLICIES:

@@ -1,24 +1,11 @@
+"""Fixtures for every test folder (unit/, integration/, service/); helpers are in tests/helpers/."""
+
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tinymlaas import PROJECT_ROOT
-
-MODELS_DIR = Path(os.environ.get("TINYMLAAS_MODELS", PROJECT_ROOT.parent / "shared" / "models" / "mlperf-tiny")).resolve()
-
-ALL_MODELS = [
-    "kws_ref_model",
-    "kws_ref_model_float32",
-    "vww_96_int8",
-    "vww_96_float",
-    "pretrainedResnet_quant",
-    "pretrainedResnet",
-    "ad01_int8",
-    "ad01_fp32",
-]
+from tests.helpers.paths import MODELS_DIR
 
 
 @pytest.fixture(scope="session")
@@ -26,57 +13,6 @@ def models_dir() -> Path:
     if not (MODELS_DIR / "kws_ref_model.tflite").exists():
         pytest.fail(f"MLPerf Tiny models not found in {MODELS_DIR} (set TINYMLAAS_MODELS)")
     return MODELS_DIR
-
-
-def cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    """`tinymlaas ARGS` as a user runs it: a new process, its exit status and its output."""
-    return subprocess.run([sys.executable, "-m", "tinymlaas", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, check=False)
-
-
-def model_path(name: str) -> Path:
-    return MODELS_DIR / f"{name}.tflite"
-
-
-def done_build(app, client, headers: dict, group: str) -> tuple[int, dict]:
-    """A device `<group>-dev` in `group`, an uploaded model, and a finished build of it with an image, the build
-    written straight to the database (for tests of rollouts and access, not of the compiler): (build id, model)."""
-    import io
-
-    from server.db import Build, Model
-
-    r = client.post("/api/v1/devices", json={"id": f"{group}-dev", "target": "cortex-m4", "group": group},
-                    headers=headers)
-    assert r.status_code == 201, r.get_json()
-    m = client.post("/api/v1/models", data={"file": (io.BytesIO(model_path("ad01_int8").read_bytes()), "ad.tflite")},
-                    headers=headers).get_json()
-    with app.extensions["tinymlaas"].sessions() as s:
-        row = s.get(Model, m["id"])
-        b = Build(model_id=row.id, target="cortex-m4", version="1.0.7+0", state="done",
-                  artifacts={"image": "0" * 64, "selftest": "1" * 64}, owner_id=row.owner_id, org_id=row.org_id)
-        s.add(b)
-        s.commit()
-        return b.id, m
-
-
-@pytest.fixture(scope="session")
-def small_firmware(tmp_path_factory):
-    """A one-layer int8 model compiled for cortex-m4, with a signing key: the OTA tests' firmware."""
-    import quantized_layers as q
-
-    from tinymlaas.ota.package import firmware_payload, generate_key, package_build
-    from tinymlaas.build.pipeline import compile_model
-    from tinymlaas.build.request import BuildRequest
-    from tinymlaas.targets import get_target
-
-    work = tmp_path_factory.mktemp("ota")
-    model = work / "fc.tflite"
-    model.write_bytes(q.fully_connected(7, [1, 37], 11, 1))
-    compile_model(model, "cortex-m4", work / "build", BuildRequest(inputs=3))
-    key = generate_key(work / "keys" / "signing.pem")
-    package = package_build(work / "build", get_target("cortex-m4"), key, "1.0.1")
-    firmware_payload(work / "build" / "firmware.elf", get_target("cortex-m4"), work / "payload.bin")
-    return {"dir": work, "key": key, "package": package, "payload": work / "payload.bin"}
 
 
 def _postgres_bin() -> Path | None:

@@ -48,7 +48,7 @@ def _future_min(fronts: np.ndarray) -> np.ndarray:
     return np.minimum.accumulate(fronts[::-1])[::-1]
 
 
-def _gemm_distance(params: np.ndarray) -> int | None:
+def gemm_distance(params: np.ndarray) -> int | None:
     """gemm_dsp.c gemm_layer: pixels in pairs, a pair's patches gathered before its outputs are written."""
     oc = ConvParams.from_array(params).oc
     fronts = _future_min(_read_fronts(params))
@@ -60,7 +60,7 @@ def _gemm_distance(params: np.ndarray) -> int | None:
     return int((after[keep] * oc - fronts[after[keep]]).max())
 
 
-def _gemv_distance(params: np.ndarray) -> int | None:
+def gemv_distance(params: np.ndarray) -> int | None:
     """gemm_dsp.c gemv_layer: row b widened whole before row b's outputs are written."""
     p = ConvParams.from_array(params)
     batch, c, oc = p.n, p.c, p.oc
@@ -70,7 +70,7 @@ def _gemv_distance(params: np.ndarray) -> int | None:
     return int((b * oc - b * c).max())
 
 
-def _depthwise_distance(params: np.ndarray) -> int:
+def depthwise_distance(params: np.ndarray) -> int:
     """gemm_dsp.c depthwise3x3_layer: pixels in raster order, each written channel group by group between the reads
     of its taps: all of pixel q's bytes must lie below everything pixel q and later pixels read."""
     c = ConvParams.from_array(params).c
@@ -82,12 +82,12 @@ def _depthwise_distance(params: np.ndarray) -> int:
 # C symbol -> (safe distance from the kernel's params, its in-place twin). The output must start at least `distance`
 # bytes below the input's start (negative: it may start that far above it; None: any overlap is safe).
 STREAMING: dict[str, tuple[Callable, str]] = {
-    "tinymlaas_gemm_w8": (_gemm_distance, "tinymlaas_gemm_w8_inplace"),
-    "tinymlaas_gemm_w16": (_gemm_distance, "tinymlaas_gemm_w16_inplace"),
-    "tinymlaas_gemv_w8": (_gemv_distance, "tinymlaas_gemv_w8_inplace"),
-    "tinymlaas_gemv_w16": (_gemv_distance, "tinymlaas_gemv_w16_inplace"),
-    "tinymlaas_depthwise3x3_w8": (_depthwise_distance, "tinymlaas_depthwise3x3_w8_inplace"),
-    "tinymlaas_depthwise3x3_w16": (_depthwise_distance, "tinymlaas_depthwise3x3_w16_inplace"),
+    "tinymlaas_gemm_w8": (gemm_distance, "tinymlaas_gemm_w8_inplace"),
+    "tinymlaas_gemm_w16": (gemm_distance, "tinymlaas_gemm_w16_inplace"),
+    "tinymlaas_gemv_w8": (gemv_distance, "tinymlaas_gemv_w8_inplace"),
+    "tinymlaas_gemv_w16": (gemv_distance, "tinymlaas_gemv_w16_inplace"),
+    "tinymlaas_depthwise3x3_w8": (depthwise_distance, "tinymlaas_depthwise3x3_w8_inplace"),
+    "tinymlaas_depthwise3x3_w16": (depthwise_distance, "tinymlaas_depthwise3x3_w16_inplace"),
 }
 
 
@@ -123,14 +123,14 @@ def _units(nbytes: int) -> int:
     return -(-nbytes // ARENA_ALIGN)
 
 
-def _arena_regions(step):
+def arena_regions(step):
     return [r for r in (step.args if isinstance(step, KernelCall) else (step.src, step.dst)) if r.kind == "arena"]
 
 
 def _tensors(program: Program) -> list[Tensor]:
     first, last, size = {}, {}, {}
     for k, step in enumerate(program.steps):
-        for r in _arena_regions(step):
+        for r in arena_regions(step):
             first.setdefault(r.tensor, k)
             last[r.tensor] = k
             size[r.tensor] = max(size.get(r.tensor, 0), r.nbytes)

@@ -1,5 +1,5 @@
 """The parameter block of the convolution C kernels, in Python: the same layout as
-firmware/kernels/include/conv_params.h (tests/test_conv_params.py compiles the header and compares).
+firmware/kernels/include/conv_params.h (tests/unit/test_conv_params.py compiles the header and compares).
 
 The kernels take it as `const int32_t *params` (a constant of the model, in flash) and index it with the header's
 P_* names, which the header derives from the struct: one definition on each side.

@@ -83,12 +83,12 @@ def input_rescale(scale: float) -> tuple[int, int]:
     return int(m), shift
 
 
-def _scaled(x: np.ndarray, mult: int, shift: int) -> np.ndarray:
+def scale_inputs(x: np.ndarray, mult: int, shift: int) -> np.ndarray:
     rounding = (1 << (shift - 1)) if shift > 0 else 0
     return (x.astype(np.int64) * mult + rounding) >> shift
 
 
-def _interpolate(opcode: str, d: np.ndarray, table: np.ndarray) -> np.ndarray:
+def interpolate(opcode: str, d: np.ndarray, table: np.ndarray) -> np.ndarray:
     """The interpreter's LOGISTIC / TANH of scaled inputs d, in numpy (what the device kernel computes)."""
     step = np.minimum(np.abs(d) >> _FRACTION_BITS[opcode], 254)
     return _between(opcode, d, table[step], table[step + 1])
@@ -167,9 +167,9 @@ def sigmoid(ctx, op, impl):
     if key not in _TABLES:
         x = np.arange(-32768, 32768, dtype=np.int16)
         expected = interpreter_table(ctx, op, x).astype(np.int64)
-        scaled = _scaled(x, mult, shift)
+        scaled = scale_inputs(x, mult, shift)
         table = sigmoid_table(op.opcode, scaled, expected)
-        exact = table is not None and np.array_equal(_interpolate(op.opcode, scaled, table), expected)
+        exact = table is not None and np.array_equal(interpolate(op.opcode, scaled, table), expected)
         _TABLES[key] = table if exact else None
     table = _TABLES[key]
     if table is None:

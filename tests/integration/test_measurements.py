@@ -1,0 +1,63 @@
+"""Per-layer figures and the measurement database: the cycle estimate against Ibex's true cycles, rows that land."""
+
+import json
+
+import pytest
+
+from tests.helpers.paths import CORPUS
+from tinymlaas.backends.mcu.profile import profile_model
+from tinymlaas.cli import main
+from tinymlaas.measure.database import MeasurementStore
+from tinymlaas.targets import get_target
+
+MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
+
+# The estimate on Ibex (the manual's pipeline table x QEMU's block counts): measured -3.1% to +0.7% on these
+# kernels against the RTL (the earlier llvm-mca Rocket model: -10% to +2% here, 32% mean on MLPerf Tiny); the bound
+# stated in README.
+ESTIMATE_ERROR_BOUND = 0.05
+
+
+def _file(key):
+    return CORPUS / MANIFEST[key]["file"]
+
+
+@pytest.mark.parametrize("target", ["ibex-small", "ibex-maxperf"])
+@pytest.mark.parametrize("key", ["conv_2d_int8", "add_int8", "conv_2d_float32", "tanh_int16x8"])
+def test_cycle_estimate_within_its_stated_error_of_true_cycles(key, target, tmp_path):
+    prof = profile_model(_file(key), target, tmp_path)
+    tot = prof.totals()
+    assert prof.cycles_source and "pipeline table" in prof.estimate_method and prof.fallback_blocks == 0
+    assert tot["instructions"] > 0 and tot["cycles"] > tot["instructions"]
+    assert abs(tot["cycles_estimate"] - tot["cycles"]) / tot["cycles"] <= ESTIMATE_ERROR_BOUND, tot
+    # the layers add up to the inference (each step is its own counted region)
+    assert all(s.cycles > 0 and s.instructions > 0 for s in prof.steps)
+
+
+def test_profile_rows_land_in_the_database(tmp_path):
+    prof = profile_model(_file("depthwise_conv_2d_int8"), "ibex-small", tmp_path / "p")
+    store = MeasurementStore(f"sqlite:///{tmp_path / 'm.db'}")
+    ids = store.record_profile(prof, _file("depthwise_conv_2d_int8"), get_target("ibex-small"))
+    rows = store.rows()
+    assert [r.id for r in rows] == ids and len(rows) == 2 * len(prof.steps)  # an estimate and a truth per step
+    dw = [r for r in rows if r.opcode == "DEPTHWISE_CONV_2D"]
+    assert {r.cycles_kind for r in dw} == {"estimate", "true"}
+    assert dw[0].features["macs"] > 0 and dw[0].implementation == "tir" and dw[0].quantization == "int8"
+    assert {r.instructions for r in dw} == {s.instructions for s in prof.steps if s.opcode == "DEPTHWISE_CONV_2D"}
+    assert (tmp_path / "m.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_cli_compile_records_a_row(tmp_path, capsys, monkeypatch):
+    db = tmp_path / "cli.db"
+    monkeypatch.setenv("TINYMLAAS_MEASUREMENTS", str(db))
+    assert main(["compile", str(_file("fully_connected_int8")), "-t", "ibex-small", "-o", str(tmp_path / "o"),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = MeasurementStore(f"sqlite:///{db}").rows()
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r.source, r.target, r.runner, r.cycles_kind) == ("compile", "ibex-small", "ibex", "true")
+    assert (r.instructions, r.cycles) == (report["instructions"], report["cycles"])
+    assert main(["compile", str(_file("fully_connected_int8")), "-t", "ibex-small", "-o", str(tmp_path / "o"),
+                 "--no-record"]) == 0
+    assert len(MeasurementStore(f"sqlite:///{db}").rows()) == 1

@@ -1,0 +1,22 @@
+"""Fixtures of the service tests only."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def small_firmware(tmp_path_factory):
+    """A one-layer int8 model compiled for cortex-m4, with a signing key: the OTA tests' firmware."""
+    from tests.helpers import quantized_layers as q
+    from tinymlaas.build.pipeline import compile_model
+    from tinymlaas.build.request import BuildRequest
+    from tinymlaas.ota.package import firmware_payload, generate_key, package_build
+    from tinymlaas.targets import get_target
+
+    work = tmp_path_factory.mktemp("ota")
+    model = work / "fc.tflite"
+    model.write_bytes(q.fully_connected(7, [1, 37], 11, 1))
+    compile_model(model, "cortex-m4", work / "build", BuildRequest(inputs=3))
+    key = generate_key(work / "keys" / "signing.pem")
+    package = package_build(work / "build", get_target("cortex-m4"), key, "1.0.1")
+    firmware_payload(work / "build" / "firmware.elf", get_target("cortex-m4"), work / "payload.bin")
+    return {"dir": work, "key": key, "package": package, "payload": work / "payload.bin"}
