@@ -62,7 +62,7 @@ def tvm_build(model, x, precision: str = "float32", trials: int = 0, per_task: i
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from tinymlaas.backends.host.build import HostOptions
+    from tinymlaas.backends.host.options import HostOptions
     from tinymlaas.backends.host.passes import lowering_config, optimize
     from tinymlaas.targets import get_target
 

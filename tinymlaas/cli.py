@@ -111,16 +111,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from tinymlaas.backends import backend_for
     from tinymlaas.build.formats import format_of
     from tinymlaas.build.request import from_args
     from tinymlaas.search.result import format_result, write_result
-    from tinymlaas.search.search import search
+    from tinymlaas.search.search import check_searchable, search
     from tinymlaas.targets import get_target
 
     target = get_target(args.target)  # an unknown target fails here, before any build
-    if not backend_for(target).searchable:
-        raise InvalidRequest("target", f"{target.name}: the variant search is for microcontroller targets")
+    check_searchable(target)
     fmt = format_of(Path(args.model)).name
     request = from_args(args, "search").check(target, fmt)
     keras = fmt == "keras"

@@ -11,8 +11,8 @@ from tests.helpers.cli import cli
 from tests.helpers.paths import CORPUS_MODELS, model_path
 from tinymlaas.backends.host.tuning import ROUNDS
 from tinymlaas.build.pipeline import compile_model
-from tinymlaas.build.request import BuildRequest
-from tinymlaas.errors import BuildFailure, UnsupportedOperator
+from tinymlaas.build.request import BuildRequest, InvalidRequest
+from tinymlaas.errors import UnsupportedOperator
 
 # the two MobileNets take 12-17 s each to build here: `slow`
 FLOAT_MODELS = [pytest.param(name, marks=pytest.mark.slow) if name.startswith("mobilenet") else name
@@ -79,7 +79,7 @@ def test_mlperf_ad01_int8_on_the_host_is_bit_exact(tmp_path):
 
 
 def test_unsupported_precision_and_missing_kernels_are_clear(tmp_path):
-    with pytest.raises(BuildFailure, match="cpu-host builds float32, not float16"):
+    with pytest.raises(InvalidRequest, match="--precision cpu-host builds float32, not float16"):
         compile_model(model_path("ad01_fp32"), "cpu-host", tmp_path / "a", BuildRequest(precision="float16"))
     r = cli("compile", model_path("kws_ref_model"), "-t", "cpu-host", "-o", tmp_path / "b")
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -27,7 +27,8 @@ def test_an_onnx_model_builds_for_the_host_cpu_and_matches_onnx_runtime(tmp_path
 def test_a_wrong_onnx_build_would_be_caught(tmp_path):
     """The check is real: the same build compared against another model's reference fails."""
     import tinymlaas.frontend.onnx as frontend
-    from tinymlaas.backends.host.build import HostOptions, build_host_external
+    from tinymlaas.backends.host.build import build_host_external
+    from tinymlaas.backends.host.options import HostOptions
     from tinymlaas.targets import get_target
 
     model = frontend.load_onnx(small_cnn(tmp_path / "a.onnx"))

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch", reason="torch is a dependency (requirements
 from tests.helpers.cli import cli
 from tests.helpers.paths import CORPUS_MODELS
 from tinymlaas.build.pipeline import compile_model
-from tinymlaas.build.request import BuildRequest
+from tinymlaas.build.request import BuildRequest, InvalidRequest
 from tinymlaas.errors import InvalidModel
 
 
@@ -99,7 +99,8 @@ def test_a_transformer_layer_builds_and_matches_pytorch(tmp_path):
 
 def test_a_wrong_build_would_be_caught(tmp_path):
     """The check is real: the build of one program compared against another's outputs fails."""
-    from tinymlaas.backends.host.build import HostOptions, build_host_external
+    from tinymlaas.backends.host.build import build_host_external
+    from tinymlaas.backends.host.options import HostOptions
     from tinymlaas.frontend.torch_export import load_exported_program
     from tinymlaas.targets import get_target
 
@@ -177,7 +178,8 @@ def test_token_ids_are_checked_with_the_inputs_the_user_gives(tmp_path):
         with pytest.raises(InvalidModel, match=f"sample inputs {broken}: not a readable .npz of named arrays"):
             compile_model(path, "cpu-host", tmp_path / "f", BuildRequest(sample_inputs=str(tmp_path / broken)))
     assert not (tmp_path / "f").exists()
-    with pytest.raises(InvalidModel, match="sample inputs apply to the host targets' builds; a cortex-m4 build"):
+    with pytest.raises(InvalidRequest, match=r"--sample-inputs applies to the host targets \(cpu-host, cuda-host\), "
+                       "not cortex-m4"):
         compile_model(CORPUS_MODELS / "flatten_mlp_float32.tflite", "cortex-m4", tmp_path / "e",
                       BuildRequest(sample_inputs=str(tmp_path / "ids.npz")))
 

@@ -66,6 +66,9 @@ def test_the_service_schema_is_made_from_the_same_declaration():
     (BuildRequest(emulator="renode"), "cortex-m55", "emulator"),  # no Renode machine
     (BuildRequest(emulator="ibex"), "cortex-m4", "emulator"),  # Ibex runs RV32IMC only
     (BuildRequest(emulator="gem5"), "cortex-m4", "emulator"),  # not a runner
+    (BuildRequest(max_ram="64K"), "cortex-m4", "max_ram"),  # made in code: the field's type
+    (BuildRequest(cuda_graph=1), "cuda-host", "cuda_graph"),
+    (BuildRequest(inputs=True), "cortex-m4", "inputs"),
 ])
 def test_check_refuses_naming_the_option(request_, target, option):
     with pytest.raises(InvalidRequest) as e:

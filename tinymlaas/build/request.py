@@ -183,7 +183,7 @@ class BuildRequest:
         backend = backend_for(target)
         for f, opt in declared():
             value = getattr(self, f.name)
-            why = opt.problem(value)
+            why = _type_problem(f, value) or opt.problem(value)
             if why is not None:
                 raise InvalidRequest(f.name, why)
             if value == f.default:
@@ -261,6 +261,15 @@ def value_type(f: dataclasses.Field) -> type:
     """bool, int, float or str: the field's type without None."""
     text = str(f.type)
     return next((t for t in (bool, int, float) if text.startswith(t.__name__)), str)
+
+
+def _type_problem(f: dataclasses.Field, value) -> str | None:
+    """Requests made in code (or read back from storage) carry Python values: the field's type, or None."""
+    want = value_type(f)
+    ok = value is None or (isinstance(value, want) and not (want is int and isinstance(value, bool))) or \
+        (want is float and isinstance(value, int) and not isinstance(value, bool))
+    what = {bool: "true or false", int: "an integer", float: "a number", str: "text"}[want]
+    return None if ok else f"must be {what}, not {type(value).__name__}"
 
 
 # the command line

@@ -22,6 +22,16 @@ from tinymlaas.search.space import Space
 from tinymlaas.search.strategies import STRATEGIES, Context
 
 
+def check_searchable(target) -> None:
+    """The search builds firmware variants: a target whose backend is not searched is refused, saying what to do."""
+    from tinymlaas.backends import backend_for
+    from tinymlaas.errors import BuildFailure
+
+    if not backend_for(target).searchable:
+        raise BuildFailure(f"the variant search is for microcontroller targets; build for {target.name} with "
+                           "`tinymlaas compile` (--precision, --tune-trials)")
+
+
 def search(model_path, target: str, workdir, request: BuildRequest | None = None, *,
            progress: Callable | None = None, record: bool = False, pool: int = 2000,
            confirm: int = 2) -> SearchResult:
@@ -31,7 +41,6 @@ def search(model_path, target: str, workdir, request: BuildRequest | None = None
     at most 8), `ray` (build on a Ray cluster instead of the local process pool; "local" starts one here) and the
     constraints (max_ram, max_flash, max_fidelity_loss). The points run on the target's own runner.
     guided: `pool` candidates screened by the predictor per round; `confirm` best on the RTL model (Ibex targets)."""
-    from tinymlaas.backends import backend_for
     from tinymlaas.frontend.cleanup import clean
     from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.targets import get_target
@@ -42,11 +51,7 @@ def search(model_path, target: str, workdir, request: BuildRequest | None = None
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
     if budget < 1:
         raise ValueError("budget must be at least 1")
-    if not backend_for(get_target(target)).searchable:
-        from tinymlaas.errors import BuildFailure
-
-        raise BuildFailure(f"the variant search is for microcontroller targets; build for {target} with "
-                           "`tinymlaas compile` (--precision, --tune-trials)")
+    check_searchable(get_target(target))
     constraints = Constraints.of(request)
     started = time.monotonic()
     model = load_tflite(model_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 def host_options(request):
     """The build options the host build takes, by name: a request option of the same name as a HostOptions field
     reaches it (paths resolved; unset ones keep HostOptions' defaults)."""
-    from tinymlaas.backends.host.build import HostOptions
+    from tinymlaas.backends.host.options import HostOptions
     from tinymlaas.build.request import OPTIONS
 
     given = {}

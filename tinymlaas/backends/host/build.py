@@ -6,8 +6,9 @@ optionally meta_schedule tuning (`static_shape_tuning`, its database kept per ta
 no tuning), `relax.build`, and the library exported (`model.so`) with the metadata a host needs to load and call it.
 The build is then loaded back, run on the same inputs as the TFLite interpreter (fidelity) and timed on the device.
 
-This module holds the options, the device and target helpers and that build, check and timing; the Relax passes and
-`optimize` are in passes.py, meta_schedule tuning in tuning.py, HostReport and its text form in report.py.
+This module holds the device and target helpers and that build, check and timing; the Relax passes and
+`optimize` are in passes.py, meta_schedule tuning in tuning.py, HostReport and its text form in report.py,
+HostOptions in options.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinymlaas.backends.host.options import HostOptions
 from tinymlaas.backends.host.passes import extern_layers, lowering_config, optimize, public_functions
 from tinymlaas.backends.host.report import HostReport
 from tinymlaas.backends.host.tuning import is_tuned, tuning_folder
@@ -35,20 +37,6 @@ from tinymlaas.verify import compare
 # relative error vs the interpreter: a GPU sums in another order and fuses multiply-adds; float16 keeps 11 bits
 FLOAT_TOLERANCE = {("float32", "cpu"): 1e-5, ("float32", "cuda"): 1e-4, ("float16", "cuda"): 2e-2,
                    ("float16", "cpu"): 2e-2}
-
-
-@dataclass(frozen=True)
-class HostOptions:
-    precision: str = "float32"  # float16: weights and activations in half precision, accumulation in float32
-    tune_trials: int = 0  # meta_schedule trials in all (0: dlight's defaults only)
-    tune_trials_per_task: int | None = None
-    tune_minutes: float | None = None  # stop tuning after the round that passes this many minutes
-    tuning_dir: Path | None = None  # databases, one folder per target and model; default beside the output
-    inputs: int = 3  # random inputs checked against the reference (TFLite interpreter, ONNX Runtime)
-    seed: int = 0
-    runs: int = 50  # timed calls (median) after warm-up
-    cuda_graph: bool = True  # CUDA: kernel launches captured once and replayed as CUDA graphs
-    sample_inputs: Path | None = None  # .npz of inputs to check with instead of `inputs` random ones
 
 
 def device_of(target: HostTarget):

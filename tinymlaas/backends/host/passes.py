@@ -7,13 +7,10 @@ link, one global symbol per kernel, gather indices kept in range).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from tinymlaas.backends.host.options import HostOptions
 from tinymlaas.backends.host.tuning import fast_tvmscript_parsing, is_tuned, tune
 from tinymlaas.targets import HostTarget
-
-if TYPE_CHECKING:
-    from tinymlaas.backends.host.build import HostOptions
 
 
 def extern_layers(mod, graph) -> list[str]:

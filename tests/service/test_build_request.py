@@ -1,0 +1,140 @@
+"""The build request through the service: stored as a BuildRequest, carried over from older databases, checked as
+the CLI checks it, documented from the same declaration."""
+
+import datetime as dt
+import io
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from server.config import Settings
+from server.services.tenants import create_user
+from tests.helpers.paths import model_path
+from tinymlaas.build.request import BuildRequest
+
+OLD_CONSTRAINTS = [  # what builds rows held before the request replaced their constraints
+    ({}, BuildRequest()),
+    ({"max_ram": 65536, "max_flash": 262144}, BuildRequest(max_ram=65536, max_flash=262144)),
+    ({"search": {"budget": 4, "strategy": "random", "seed": 2, "max_fidelity_loss": 0.0}, "emulator": "renode"},
+     BuildRequest(budget=4, strategy="random", seed=2, emulator="renode")),
+    ({"host": {"precision": "float16", "tune_trials": 8, "tune_minutes": None}},
+     BuildRequest(precision="float16", tune_trials=8)),
+]
+
+
+def test_a_database_of_constraints_is_carried_over_to_requests(database_url):
+    from alembic import command
+
+    from server.db import Build, alembic_config, make_engine, make_sessionmaker, upgrade
+
+    command.upgrade(alembic_config(database_url), "0006")
+    engine = sa.create_engine(database_url)
+    now = dt.datetime(2026, 12, 1)
+    meta = sa.MetaData()
+    meta.reflect(engine, only=("organizations", "users", "models", "builds"))
+    t = meta.tables
+    with engine.begin() as conn:
+        conn.execute(t["organizations"].insert().values(id=1, name="acme", created_at=now))
+        conn.execute(t["users"].insert().values(id=1, name="ann", created_at=now, org_id=1, role="admin"))
+        conn.execute(t["models"].insert().values(id=1, name="m", sha256="0" * 64, size=1, quantized=True,
+                                                 operators=[], owner_id=1, created_at=now, org_id=1, format="tflite"))
+        for k, (constraints, _) in enumerate(OLD_CONSTRAINTS, 1):
+            conn.execute(t["builds"].insert().values(
+                id=k, model_id=1, target="cortex-m4", constraints=constraints, version=f"1.0.{k}+0", state="done",
+                progress=1.0, artifacts={}, attempts=1, owner_id=1, created_at=now, updated_at=now, org_id=1))
+    engine.dispose()
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    with make_sessionmaker(engine)() as s:
+        got = [s.get(Build, k).request for k in range(1, len(OLD_CONSTRAINTS) + 1)]
+    engine.dispose()
+    assert got == [want for _, want in OLD_CONSTRAINTS]
+    assert all(isinstance(r, BuildRequest) for r in got)
+
+    command.downgrade(alembic_config(database_url), "0006")  # and back: the nested constraints again
+    engine = sa.create_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT constraints FROM builds ORDER BY id")).scalars().all()
+    engine.dispose()
+    back = [json.loads(r) if isinstance(r, str) else r for r in rows]
+    assert back[1] == {"max_ram": 65536, "max_flash": 262144}
+    assert back[2] == OLD_CONSTRAINTS[2][0]
+    assert back[3] == {"host": {"precision": "float16", "tune_trials": 8}}
+
+
+@pytest.fixture
+def app(tmp_path, database_url, make_app):
+    app = make_app(Settings(data_dir=tmp_path / "data", database_url=database_url))
+    with app.extensions["tinymlaas"].sessions() as s:
+        _, app.token = create_user(s, "alice")
+    return app
+
+
+@pytest.fixture
+def client(app):
+    c = app.test_client()
+    c.auth = {"Authorization": f"Bearer {app.token}"}
+    return c
+
+
+def _model(client) -> int:
+    r = client.post("/api/v1/models", data={"file": (io.BytesIO(model_path("ad01_int8").read_bytes()), "a.tflite")},
+                    headers=client.auth)
+    return r.get_json()["id"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("body, field, words", [
+    ({"target": "cortex-m4", "emulator": "ibex"}, "emulator", "not for it"),
+    ({"target": "rv32imac", "emulator": "ibex"}, "emulator", "not linked as a device's image"),
+    ({"target": "cortex-m55", "emulator": "renode"}, "emulator", "no renode machine"),
+    ({"target": "cortex-m4", "host": {"cuda_graph": False}}, "host.cuda_graph", "applies to the host targets"),
+    ({"target": "cuda-host", "constraints": {"max_ram": 4096}}, "constraints.max_ram", "microcontroller targets"),
+    ({"target": "cortex-m4", "host": {"tune_trials": -1}}, None, "tune_trials"),
+])
+def test_a_request_the_target_cannot_take_is_refused_naming_the_field(client, body, field, words):
+    r = client.post("/api/v1/builds", json={"model_id": _model(client), **body}, headers=client.auth)
+    assert r.status_code == 422 and r.mimetype == "application/problem+json", r.get_data(as_text=True)
+    problem = r.get_json()
+    if field:
+        assert problem["field"] == field, problem
+    assert words in json.dumps(problem).lower(), problem
+    assert client.get("/api/v1/builds", headers=client.auth).get_json() == []  # nothing queued
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_stored_request_is_what_was_asked(client, app):
+    from server.db import Build
+
+    body = {"model_id": _model(client), "target": "ibex-small", "emulator": "ibex",
+            "constraints": {"max_flash": 300000}, "search": {"budget": 3, "strategy": "random"}}
+    b = client.post("/api/v1/builds", json=body, headers=client.auth).get_json()
+    assert b["request"] == {"constraints": {"max_flash": 300000}, "emulator": "ibex",
+                            "search": {"budget": 3, "strategy": "random"}}
+    assert b["constraints"] == {"max_flash": 300000}
+    ctx = app.extensions["tinymlaas"]
+    with ctx.sessions() as s:
+        assert s.get(Build, b["id"]).request == BuildRequest(max_flash=300000, emulator="ibex", budget=3,
+                                                             strategy="random")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_api_document_describes_every_service_option(client):
+    from tinymlaas.build.request import declared
+
+    spec = client.get("/api/v1/openapi.json").get_json()
+    schemas = spec["components"]["schemas"]
+    request = schemas["BuildRequest"]["properties"]
+    for f, opt in declared("service"):
+        if opt.group:
+            nested = request[opt.group]
+            ref = next(x["$ref"] for x in nested.get("allOf", []) + nested.get("anyOf", []) if "$ref" in x)
+            prop = schemas[ref.rsplit("/", 1)[1]]["properties"][f.name]
+        else:
+            prop = request[f.name]
+        assert prop["description"] == opt.help, f.name
+        if opt.min is not None:
+            assert prop.get("minimum", prop.get("exclusiveMinimum")) == opt.min, f.name
+        if opt.allowed() is not None:
+            assert prop["enum"][:len(opt.allowed())] == list(opt.allowed()), f.name
