@@ -62,10 +62,10 @@ def checked_request(request: BuildRequest, target) -> BuildRequest:
         request.check(target)
     except InvalidRequest as e:
         field = request_field(e.name)
-        raise ServiceError(422, f"{field}: {e.why}", field) from None
+        raise ServiceError(422, f"{field} {e.why}", field) from None
     runner = request.emulator
     if runner is not None and backend_for(target).deployable(target) and not runner_class(runner).device_images:
-        raise ServiceError(422, f"emulator: {runner}'s firmware is not linked as a device's image; builds for "
+        raise ServiceError(422, f"emulator {runner}: its firmware is not linked as a device's image; builds for "
                            f"{target.name} devices run on a runner whose is", "emulator")
     return request
 

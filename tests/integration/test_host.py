@@ -102,7 +102,7 @@ def test_host_compile_from_the_command_line(tmp_path):
     assert report["target"] == "cpu-host" and report["verified"] and report["tvm_target"].startswith("llvm")
     assert (tmp_path / "out" / "model.so").is_file() and (tmp_path / "out" / "report.json").is_file()
     bad = cli("compile", model_path("ad01_fp32"), "-t", "cpu-host", "--tune-trials", "-1", "-o", tmp_path / "bad")
-    assert bad.returncode == 2 and "--tune-trials" in bad.stderr and "0 or more" in bad.stderr
+    assert bad.returncode == 2 and "--tune-trials: must be at least 0" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
 
 

@@ -10,8 +10,10 @@ import pytest
 
 from tests.helpers.paths import CORPUS
 from tinymlaas.build.pipeline import compile_model
-from tinymlaas.build.request import BuildRequest
+from tinymlaas.build.request import BuildRequest, InvalidRequest
 from tinymlaas.errors import EmulatorFailure
+from tinymlaas.runners import emulator_for
+from tinymlaas.targets import get_target
 
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
 
@@ -51,5 +53,7 @@ def test_ibex_runs_any_rv32_build_without_fpu(tmp_path):
 
 
 def test_ibex_refuses_code_for_an_fpu(tmp_path):
-    with pytest.raises(EmulatorFailure, match="not for it"):
+    with pytest.raises(InvalidRequest, match="--emulator cannot be ibex for rv32imafc: Ibex runs RV32IMC code"):
         _compile("fully_connected_float32", "rv32imafc", tmp_path, emulator="ibex")
+    with pytest.raises(EmulatorFailure, match="not for it"):  # the runner itself refuses it too
+        emulator_for("ibex", None, get_target("rv32imafc"))

@@ -381,7 +381,7 @@ def test_cli_against_the_live_server(live, capsys, tmp_path):
     assert main(["builds", "request", "--model", str(v1["model_id"]), "--target", "cortex-m7", "--tune-trials", "8",
                  *api]) == 2  # host options are for host targets: said, nothing queued
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "[host]" in err[0] and "not cortex-m7" in err[0]
+    assert len(err) == 1 and "[host.tune_trials]" in err[0] and "not cortex-m7" in err[0]
     assert main(["devices", "list", "--server", server.url, "--token", "tmk_wrong"]) == 2
     assert "401" in capsys.readouterr().err
     assert main(["deploy", str(v1["id"]), "--group", "cli", "--stages", "50,20", *api]) == 2
