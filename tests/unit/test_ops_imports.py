@@ -1,5 +1,6 @@
 """The modules of tinymlaas/ops import each other in one direction only: helpers <- converter families <- the package
-(tinymlaas/ops/__init__.py); and no module of tinymlaas/ or server/ takes a private name from another one."""
+(tinymlaas/ops/__init__.py); and no module of the project (its benchmarks and tests included) takes a private
+name from another one."""
 
 import ast
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_ops_modules_import_in_one_direction():
 
 def test_no_private_name_is_imported_from_another_module():
     offenders = []
-    for top in ("tinymlaas", "server"):
+    for top in ("tinymlaas", "server", "benchmarks", "tests"):
         for path in sorted((PROJECT_ROOT / top).rglob("*.py")):
             for module, names, line in _imports(path):
                 private = [n for n in names if n.startswith("_") and not (n.startswith("__") and n.endswith("__"))]
