@@ -2,6 +2,27 @@
 
 import pytest
 
+from server.config import Settings
+from server.services.tenants import create_user
+
+
+@pytest.fixture
+def app(tmp_path, database_url, make_app):
+    """The app on a fresh database (SQLite or PostgreSQL, by `database_url`), with a user alice and her token."""
+    app = make_app(Settings(data_dir=tmp_path / "data", database_url=database_url,
+                            max_upload_bytes=2 * 1024 * 1024))
+    with app.extensions["tinymlaas"].sessions() as s:
+        _, app.token = create_user(s, "alice")
+    return app
+
+
+@pytest.fixture
+def client(app):
+    """A test client of `app` with alice's token in `client.auth`."""
+    c = app.test_client()
+    c.auth = {"Authorization": f"Bearer {app.token}"}
+    return c
+
 
 @pytest.fixture(scope="session")
 def small_firmware(tmp_path_factory):

@@ -13,23 +13,6 @@ from tests.helpers.api import done_build
 from tests.helpers.paths import CORPUS_MODELS, CORPUS_OPS, model_path
 
 
-@pytest.fixture
-def app(tmp_path, database_url, make_app):
-    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, max_upload_bytes=2 * 1024 * 1024)
-    app = make_app(settings)
-    with app.extensions["tinymlaas"].sessions() as s:
-        _, token = create_user(s, "alice")
-    app.token = token
-    return app
-
-
-@pytest.fixture
-def client(app):
-    c = app.test_client()
-    c.auth = {"Authorization": f"Bearer {app.token}"}
-    return c
-
-
 def counts(app) -> dict:
     with app.extensions["tinymlaas"].sessions() as s:
         return {m.__name__: s.scalar(select(func.count()).select_from(m))

@@ -8,8 +8,6 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from server.config import Settings
-from server.services.tenants import create_user
 from tests.helpers.paths import model_path
 from tinymlaas.build.request import BuildRequest
 
@@ -61,21 +59,6 @@ def test_a_database_of_constraints_is_carried_over_to_requests(database_url):
     assert back[1] == {"max_ram": 65536, "max_flash": 262144}
     assert back[2] == OLD_CONSTRAINTS[2][0]
     assert back[3] == {"host": {"precision": "float16", "tune_trials": 8}}
-
-
-@pytest.fixture
-def app(tmp_path, database_url, make_app):
-    app = make_app(Settings(data_dir=tmp_path / "data", database_url=database_url))
-    with app.extensions["tinymlaas"].sessions() as s:
-        _, app.token = create_user(s, "alice")
-    return app
-
-
-@pytest.fixture
-def client(app):
-    c = app.test_client()
-    c.auth = {"Authorization": f"Bearer {app.token}"}
-    return c
 
 
 def _model(client) -> int:
