@@ -99,6 +99,36 @@ def test_cli_search_writes_the_front_and_refuses_bad_input(tmp_path, capsys):
     assert err.count("\n") == 2 and "Traceback" not in err
 
 
+def test_compile_variant_rebuilds_the_searched_point_exactly(tmp_path, capsys):
+    """`tinymlaas compile --variant front.json` builds the search's chosen point: the same variant, the same count
+    (for the same seed: it also seeds the verification inputs)."""
+    out = tmp_path / "s"
+    assert main(["search", str(TWO_LAYERS), "-t", "rv32imac", "-b", "4", "--seed", "2", "--strategy", "random",
+                 "-j", "1", "-o", str(out), "--no-record"]) == 0
+    front = json.loads((out / "front.json").read_text())
+    chosen = front["points"][front["chosen"]]
+    capsys.readouterr()
+    for source in (out / "front.json", out / "best" / "report.json"):  # a search, or a build made from one
+        assert main(["compile", str(TWO_LAYERS), "-t", "rv32imac", "--variant", str(source), "--seed", "2", "--json",
+                     "-o", str(tmp_path / "v"), "--no-record"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["variant"] == chosen["variant"] and report["instructions"] == chosen["instructions"]
+
+
+def test_a_variant_of_another_model_or_a_broken_file_is_refused(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"kernels": {"999": "dsp"}}))
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"kernels": [1, 2]}))
+    for path, words in ((other, "has no operator #999"), (broken, "`kernels` must map operator indices"),
+                        (tmp_path / "missing.json", "not a readable JSON file")):
+        assert main(["compile", str(TWO_LAYERS), "-t", "rv32imac", "--variant", str(path), "-o",
+                     str(tmp_path / "b"), "--no-record"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tinymlaas: error: --variant ") and words in err[0], err
+    assert not (tmp_path / "b").exists()
+
+
 def test_guided_search_screens_more_than_it_builds_and_repeats_for_a_seed(tmp_path):
     one = search(TWO_LAYERS, "rv32imac", tmp_path / "one", BuildRequest(budget=8, strategy="guided", seed=5, workers=1),
                  pool=300)

@@ -26,7 +26,7 @@ class InvalidRequest(TinyMLaaSError):
 
     def __init__(self, name: str, why: str):
         self.name, self.why = name, why
-        super().__init__(f"--{name.replace('_', '-')} {why}")
+        super().__init__(f"{flag_of(name)} {why}")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Option:
     surfaces: tuple = SURFACES  # where users set it
     group: str | None = None  # the service's request nests it in this object ("constraints", "search", "host")
     short: str | None = None  # a one-letter CLI flag
+    flag: str | None = None  # the CLI flag, where it is not the name with dashes
     metavar: str | None = None
 
     def allowed(self) -> tuple | None:
@@ -172,7 +173,11 @@ class BuildRequest:
     ray: str | None = option(help="search: build on a Ray cluster (e.g. auto, ray://head:10001; local: one started "
                              "on this machine); its workers need tinymlaas and the model's folder shared",
                              backends=MCU, surfaces=(SEARCH,), metavar="ADDRESS")
-    # not an option: the search's chosen point (a tinymlaas.search.space.Variant), built instead of `kernels`
+    variant_file: str | None = option(help="build exactly this variant (per-layer kernels, schedule, fusion, memory "
+                                      "plan): a JSON file of one, such as a search's front.json (its chosen point) "
+                                      "or a build's report.json (the variant it was built as)", unit="path",
+                                      backends=MCU, surfaces=(COMPILE,), flag="--variant", metavar="JSON")
+    # not an option: a search's point (a tinymlaas.search.space.Variant), built instead of `kernels`
     variant: Any = field(default=None, compare=False)
 
     def check(self, target, model_format: str | None = None) -> BuildRequest:
@@ -263,6 +268,11 @@ def value_type(f: dataclasses.Field) -> type:
     return next((t for t in (bool, int, float) if text.startswith(t.__name__)), str)
 
 
+def flag_of(name: str) -> str:
+    opt = OPTIONS.get(name) if "OPTIONS" in globals() else None
+    return (opt.flag if opt and opt.flag else None) or f"--{name.replace('_', '-')}"
+
+
 def _type_problem(f: dataclasses.Field, value) -> str | None:
     """Requests made in code (or read back from storage) carry Python values: the field's type, or None."""
     want = value_type(f)
@@ -305,7 +315,7 @@ def _cli_type(f: dataclasses.Field, opt: Option) -> Callable[[str], Any]:
 def add_arguments(parser: argparse.ArgumentParser, surface: str) -> None:
     """The flags of every option `surface` offers: --max-ram, --tune-trials, ..."""
     for f, opt in declared(surface):
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f"-{opt.short}"] if opt.short else [])
+        flags = [flag_of(f.name)] + ([f"-{opt.short}"] if opt.short else [])
         kwargs: dict = {"help": opt.help, "dest": f.name, "default": f.default}
         if value_type(f) is bool:  # --flag / --no-flag
             kwargs["action"] = argparse.BooleanOptionalAction

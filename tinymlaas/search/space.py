@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 FUSION = ("default", "none")  # TVM's FuseOps (elementwise tails into their producer), or one kernel per operator
 MEMORY = ("tvm", "optimal", "inplace")  # ir.memory.POLICIES
@@ -142,3 +143,33 @@ class Space:
 
     def sample(self, rng) -> Variant:
         return self.decode([int(rng.integers(0, b)) for b in self.bounds])
+
+
+def load_variant(path) -> Variant:
+    """The variant a JSON file holds: a variant itself, a search point ({"variant": ...}), a build's report.json
+    (the variant it was built as) or a search's front.json (its chosen point)."""
+    from tinymlaas.build.request import InvalidRequest
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidRequest("variant_file", f"{path}: not a readable JSON file ({type(e).__name__})") from None
+    if isinstance(data, dict) and isinstance(data.get("points"), list):  # a search result
+        if data.get("chosen") is None:
+            raise InvalidRequest("variant_file", f"{path}: the search chose no variant (none fit its constraints)")
+        data = data["points"][data["chosen"]]
+    if isinstance(data, dict) and "variant" in data:
+        data = data["variant"]
+    if not isinstance(data, dict) or not set(data) <= {"kernels", "schedule", "fusion", "memory"} or not data:
+        raise InvalidRequest("variant_file", f"{path}: holds no variant (a JSON object with kernels, schedule, "
+                             "fusion, memory; or a search's front.json, or a build's report.json)")
+    kernels, schedule = data.get("kernels", {}), data.get("schedule", {})
+    if not isinstance(kernels, dict) or not all(str(k).isdigit() and isinstance(v, str) for k, v in kernels.items()):
+        raise InvalidRequest("variant_file", f"{path}: `kernels` must map operator indices to implementations")
+    if not isinstance(schedule, dict) or not set(schedule) <= set(ScheduleSpec.__dataclass_fields__):
+        raise InvalidRequest("variant_file", f"{path}: `schedule` takes {', '.join(ScheduleSpec.__dataclass_fields__)}")
+    if data.get("fusion", "default") not in FUSION or data.get("memory", "tvm") not in MEMORY:
+        raise InvalidRequest("variant_file", f"{path}: `fusion` is one of {', '.join(FUSION)}, `memory` one of "
+                             f"{', '.join(MEMORY)}")
+    return Variant.from_dict(data)
+

@@ -22,6 +22,7 @@ from tinymlaas.ir.schedule import schedule_for
 from tinymlaas.measure.sizes import measure_firmware
 from tinymlaas.oracle import make_inputs, reference_outputs, reference_resolver
 from tinymlaas.runners import emulator_for
+from tinymlaas.search.space import load_variant
 from tinymlaas.targets import Target, get_target
 from tinymlaas.verify import VerifiedReport, compare, split_outputs
 
@@ -94,6 +95,8 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
         notes.append("int8 operators lowered through float dequantize/op/quantize (as requested): not bit-exact")
         return import_relax_tvm(model), "float-emulated", notes
     graph = clean(model.graph, shapes_from_interpreter=True)
+    if isinstance(kernels, dict):
+        check_choices(graph, target, kernels)
     precisions = {graph.precision(op) for op in graph.operators}
     lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
     if reference_resolver(model.data) != "BUILTIN_REF":
@@ -103,11 +106,27 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
 
 
 
+def check_choices(graph, target: Target, kernels: dict) -> None:
+    """Every per-layer kernel choice names a layer of this model that offers it on this target (a variant searched
+    for another model or target is refused, not silently built as something else)."""
+    from tinymlaas.build.request import InvalidRequest
+    from tinymlaas.ops.registry import candidates
+
+    ops = {op.index: op for op in graph.operators}
+    for index, impl in sorted(kernels.items()):
+        offered = candidates(graph, ops[index], target) if index in ops else []
+        if impl not in offered:
+            what = (f"operator #{index} ({ops[index].opcode}) offers {', '.join(offered) or 'no choice'}"
+                    if index in ops else f"{graph.name} has no operator #{index}")
+            raise InvalidRequest("variant_file", f"asks for {impl} at operator #{index}, but {what} on "
+                                 f"{target.name}: the variant was made for another model or target")
+
+
 def build_firmware(model, target: Target, work: Path, request: BuildRequest, stage) -> CompileReport:
     """A TFLite model as firmware for `target` in `work`: lowered, generated, linked, run in the target's emulator,
     verified against the interpreter and measured. `stage` (tinymlaas.build.pipeline.Stages) is told each stage."""
     stage("import")
-    variant = request.variant
+    variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
     kernels = dict(variant.kernels) if variant is not None else request.kernels
     relax_mod, lowering, notes = import_model(model, target, request.int8_lowering, kernels)
 
