@@ -61,3 +61,23 @@ def test_cli_compile_records_a_row(tmp_path, capsys, monkeypatch):
     assert main(["compile", str(_file("fully_connected_int8")), "-t", "ibex-small", "-o", str(tmp_path / "o"),
                  "--no-record"]) == 0
     assert len(MeasurementStore(f"sqlite:///{db}").rows()) == 1
+
+
+def test_a_compile_report_can_carry_the_cycle_estimate_and_its_latency(tmp_path, capsys):
+    """--estimate-cycles: the whole inference estimated from the same model profile_model applies layer by layer
+    (the layers add up to it, give or take the few instructions between steps), with its latency at the board's
+    clock and what the estimate assumes."""
+    from tinymlaas.build.pipeline import compile_model
+    from tinymlaas.build.request import BuildRequest
+
+    r = compile_model(_file("conv_2d_int8"), "cortex-m4", tmp_path / "b", BuildRequest(inputs=1, estimate_cycles=True))
+    layers = profile_model(_file("conv_2d_int8"), "cortex-m4", tmp_path / "p").totals()["cycles_estimate"]
+    assert r.cycles is None and r.instructions * 0.5 < r.cycles_estimate < r.instructions * 3
+    assert abs(r.cycles_estimate - layers) <= 0.02 * layers, (r.cycles_estimate, layers)
+    assert "llvm-mca cortex-m4" in r.cycles_estimate_method and "zero flash wait states" in r.cycles_estimate_method
+    plain = compile_model(_file("conv_2d_int8"), "cortex-m4", tmp_path / "c", BuildRequest(inputs=1))
+    assert plain.cycles_estimate is None and plain.instructions == r.instructions  # the estimate changes no code
+    assert main(["compile", str(_file("conv_2d_int8")), "-t", "cortex-m4", "-n", "1", "--estimate-cycles",
+                 "-o", str(tmp_path / "d"), "--no-record"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cycles/inference"))
+    assert "ms at 120 MHz" in line and "estimated" in line

@@ -113,6 +113,12 @@ class BuildRequest:
                                   "counts) or ibex (the Ibex core simulated from its RTL: true cycles, RV32 "
                                   "without FPU); default: the target's", choices=_runners, backends=MCU,
                                   surfaces=(COMPILE, SERVICE))
+    estimate_cycles: bool = option(False, help="also estimate the cycles of an inference and its latency at the "
+                                   "board's clock, from QEMU's per-block counts and the core's cost model "
+                                   "(llvm-mca's scheduling model, or the core manual's pipeline table): core "
+                                   "cycles with zero flash wait states, a few seconds more per build (always on "
+                                   "for a core with a pipeline table; true cycles need its RTL: the ibex runner)",
+                                   backends=MCU, surfaces=(COMPILE, SERVICE))
     # microcontroller code generation
     int8_lowering: str = option("integer", help="int8 models: integer kernels (bit-exact, default) or TVM's float "
                                 "emulation of int8 ops", choices=("integer", "float"), backends=MCU,

@@ -53,7 +53,8 @@ class CompileReport(VerifiedReport):
     cycles: int | None = None  # one inference, first input: true cycles from a cycle-accurate runner
     cycles_source: str | None = None
     cycles_repeat_exact: bool | None = None
-    cycles_estimate: float | None = None  # QEMU runs of a core with a pipeline table (Ibex): its estimate, first input
+    cycles_estimate: float | None = None  # from QEMU's block counts (asked for, or a core with a pipeline table)
+    cycles_estimate_method: str | None = None  # the core's cost model and what it assumes
     variant: dict | None = None  # the search.space.Variant it was built as, if one was given
     kind: str = "mcu"  # the backend that built it
 
@@ -160,9 +161,9 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
 
     stage("reference")
     runner = emulator_for(request.emulator or target.default_runner, request.timeout, target)
-    # a core whose manual tabulates its pipeline (Ibex) gets a cycle estimate from QEMU's block counts: cheap
-    table = runner.name == "qemu" and "pipeline" in (target.estimate or {})
-    if table:
+    # a cycle estimate from QEMU's block counts: asked for, or cheap (a core whose manual tabulates its pipeline)
+    estimate = runner.name == "qemu" and (request.estimate_cycles or "pipeline" in (target.estimate or {}))
+    if estimate:
         runner.blocks = True
     batches = make_inputs(model, request.inputs or runner.default_inputs, request.seed)
     batches.append(batches[0])  # input 0 again: its count must repeat exactly
@@ -221,18 +222,20 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
             "expected_outputs": "expected_outputs.bin",
         },
     )
+    report.clock_hz = target.board.clock_hz
     if run.regions[0].cycles is not None:
         report.runner, report.cycles = runner.name, run.regions[0].cycles
-        report.clock_hz = target.board.clock_hz
         report.cycles_repeat_exact = (run.regions[0].cycles == run.regions[-1].cycles
                                       if not program.state_sizes else None)
         report.cycles_source = f"true cycles: Ibex '{runner.config}' from its RTL (Verilator)"
     else:
         report.runner = runner.name
-    if table:
+    if estimate:
         from tinymlaas.measure import cycles
 
-        report.cycles_estimate = cycles.estimate_run(firmware.elf, target, run)[0][0]
+        estimates, cost_model, _ = cycles.estimate_run(firmware.elf, target, run)
+        report.cycles_estimate = estimates[0]
+        report.cycles_estimate_method = f"{cost_model.name} x QEMU's block counts, zero flash wait states"
     return report
 
 

@@ -28,8 +28,9 @@ def format_report(r: CompileReport) -> str:
                                  f"{r.cycles / r.clock_hz * 1e3:.2f} ms at {r.clock_hz / 1e6:g} MHz, repeat "
                                  f"{repeat_text(r.cycles_repeat_exact)}; {r.cycles_source})"))]
           if r.cycles is not None else []),
-        *([("cycles/inference", (f"~{fmt(round(r.cycles_estimate))} estimated (the core's pipeline table x QEMU's "
-                                 "block counts; run on its RTL model for true cycles)"))]
+        *([("cycles/inference", (f"~{fmt(round(r.cycles_estimate))} estimated, ~{r.cycles_estimate / r.clock_hz * 1e3:.2f}"
+                                 f" ms at {r.clock_hz / 1e6:g} MHz ({r.cycles_estimate_method}; true cycles need "
+                                 "the core's RTL)"))]
           if r.cycles is None and r.cycles_estimate is not None else []),
         ("flash (model)", (f"{fmt(s['flash_model'])} B = code {fmt(s['model_code'])} + weights {fmt(s['weights'])}"
                            f"  [board {fmt(r.fits['flash_limit'])} B]")),
