@@ -81,3 +81,17 @@ def test_a_compile_report_can_carry_the_cycle_estimate_and_its_latency(tmp_path,
                  "-o", str(tmp_path / "d"), "--no-record"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cycles/inference"))
     assert "ms at 120 MHz" in line and "estimated" in line
+
+
+def test_compile_profile_adds_the_layers_to_the_report(tmp_path, capsys):
+    assert main(["compile", str(_file("conv_2d_int8")), "-t", "rv32imac", "-n", "1", "--profile", "--json",
+                 "-o", str(tmp_path / "b"), "--no-record"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    prof = report["profile"]
+    assert prof["verified"] and prof["target"] == "rv32imac" and prof["steps"]
+    assert prof["totals"]["instructions"] == sum(s["instructions"] for s in prof["steps"])
+    assert abs(prof["totals"]["instructions"] - report["instructions"]) <= 0.01 * report["instructions"]
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["profile"] == prof
+    assert main(["compile", str(_file("conv_2d_int8")), "-t", "cpu-host", "--profile", "--no-record",
+                 "-o", str(tmp_path / "h")]) == 2  # a host build has no firmware steps: refused, said
+    assert "--profile applies to the microcontroller targets" in capsys.readouterr().err

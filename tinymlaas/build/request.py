@@ -119,6 +119,10 @@ class BuildRequest:
                                    "cycles with zero flash wait states, a few seconds more per build (always on "
                                    "for a core with a pipeline table; true cycles need its RTL: the ibex runner)",
                                    backends=MCU, surfaces=(COMPILE, SERVICE))
+    profile: bool = option(False, help="also profile the build layer by layer (one more build, with a mark around "
+                           "each step): instructions, memory accesses and estimated cycles per TFLite operator and "
+                           "kernel variant (true cycles on Ibex), printed and kept in report.json",
+                           backends=MCU, surfaces=(COMPILE,))
     # microcontroller code generation
     int8_lowering: str = option("integer", help="int8 models: integer kernels (bit-exact, default) or TVM's float "
                                 "emulation of int8 ops", choices=("integer", "float"), backends=MCU,

@@ -18,7 +18,12 @@ class McuBackend:
     def build(self, model, target, work: Path, request, stage):
         from tinymlaas.backends.mcu.build import build_firmware
 
-        return build_firmware(model, target, work, request, stage)
+        report = build_firmware(model, target, work, request, stage)
+        if request.profile:
+            from tinymlaas.backends.mcu.profile import profile_build
+
+            report.profile = profile_build(model, target, request)
+        return report
 
     def format_report(self, report) -> str:
         from tinymlaas.backends.mcu.report import format_report

@@ -55,6 +55,7 @@ class CompileReport(VerifiedReport):
     cycles_repeat_exact: bool | None = None
     cycles_estimate: float | None = None  # from QEMU's block counts (asked for, or a core with a pipeline table)
     cycles_estimate_method: str | None = None  # the core's cost model and what it assumes
+    profile: dict | None = None  # per layer, when asked for (backends.mcu.profile.Profile.to_dict())
     variant: dict | None = None  # the search.space.Variant it was built as, if one was given
     kind: str = "mcu"  # the backend that built it
 

@@ -3,7 +3,7 @@ debugging a model look at."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tinymlaas.backends.mcu.build import build_and_run, build_program
@@ -41,6 +41,12 @@ class Profile:
     quantization: str = "float32"  # float32, int8, int16x8 or mixed: the operators' precisions
     verified: bool = False  # the profiled runs' outputs (QEMU's, and Ibex's) match the interpreter's
     variant: dict | None = None  # the search.space.Variant profiled, if one was given
+
+    def to_dict(self) -> dict:
+        """As JSON: the profile, its totals and its steps (what `tinymlaas compile --profile` adds to a report)."""
+        d = asdict(self)
+        d["totals"] = self.totals()
+        return d
 
     def totals(self) -> dict:
         tot = {"instructions": sum(s.instructions for s in self.steps),
@@ -133,3 +139,15 @@ def _written_output(step) -> int | None:
 
     region = step.dst if isinstance(step, Copy) else [a for a in step.args if a.kind != "scratch"][-1]
     return region.index if region.kind == "output" else None
+
+
+def profile_build(model, target, request) -> dict:
+    """The per-layer profile of the build `request` asks for (its kernels, or its variant), as a report carries it."""
+    import tempfile
+
+    from tinymlaas.search.space import load_variant
+
+    variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
+    with tempfile.TemporaryDirectory(prefix="tinymlaas-profile-") as tmp:
+        return profile_model(model.path, target.name, Path(tmp), request.kernels, request.emulator, variant).to_dict()
+

@@ -42,4 +42,30 @@ def format_report(r: CompileReport) -> str:
     ]
     rows += [("note", n) for n in r.notes]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return text + ("\n\n" + format_profile(r.profile) if r.profile else "")
+
+
+def format_profile(p: dict) -> str:
+    """A per-layer profile (backends.mcu.profile.Profile.to_dict()): one line per step, keyed by the TFLite
+    operator and kernel variant, with true cycles and the estimate's error where the core runs from its RTL."""
+    true = p["cycles_source"] is not None
+    lines = [f"per layer: {p['model']} on {p['target']}; estimate: {p['estimate_method']}"
+             + (f"; true cycles: {p['cycles_source']}" if true else ""),
+             f"{'op':>4} {'operator':<22} {'variant':<8} {'instructions':>13} {'mem access':>11} {'est. cycles':>13}"
+             + (f" {'true cycles':>13} {'CPI':>5} {'est. err':>8}" if true else "")]
+    for s in p["steps"]:
+        line = (f"{'' if s['op_index'] is None else s['op_index']:>4} {s['opcode'] or s['kernel'][:22]:<22} "
+                f"{s['implementation'] or '':<8} {s['instructions']:>13,} {s['memory_accesses']:>11,} "
+                f"{s['cycles_estimate']:>13,.0f}")
+        if true:
+            err = (s["cycles_estimate"] - s["cycles"]) / s["cycles"] if s["cycles"] else 0.0
+            line += f" {s['cycles']:>13,} {s['cycles'] / max(s['instructions'], 1):>5.2f} {err:>+8.1%}"
+        lines.append(line)
+    tot = p["totals"]
+    line = (f"{'':>4} {'total':<22} {'':<8} {tot['instructions']:>13,} {tot['memory_accesses']:>11,} "
+            f"{tot['cycles_estimate']:>13,.0f}")
+    if true:
+        line += (f" {tot['cycles']:>13,} {tot['cycles'] / tot['instructions']:>5.2f}"
+                 f" {(tot['cycles_estimate'] - tot['cycles']) / tot['cycles']:>+8.1%}")
+    return "\n".join([*lines, line])
