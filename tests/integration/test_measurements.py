@@ -7,6 +7,7 @@ import pytest
 from tests.helpers.paths import CORPUS
 from tinymlaas.backends.mcu.profile import profile_model
 from tinymlaas.cli import main
+from tinymlaas.errors import ToolMissing
 from tinymlaas.measure.database import MeasurementStore
 from tinymlaas.targets import get_target
 
@@ -64,7 +65,7 @@ def test_cli_compile_records_a_row(tmp_path, capsys, monkeypatch):
 
 
 def test_a_compile_report_can_carry_the_cycle_estimate_and_its_latency(tmp_path, capsys):
-    """--estimate-cycles: the whole inference estimated from the same model profile_model applies layer by layer
+    """Every firmware report: the whole inference estimated from the same model profile_model applies layer by layer
     (the layers add up to it, give or take the few instructions between steps), with its latency at the board's
     clock and what the estimate assumes."""
     from tinymlaas.build.pipeline import compile_model
@@ -75,9 +76,10 @@ def test_a_compile_report_can_carry_the_cycle_estimate_and_its_latency(tmp_path,
     assert r.cycles is None and r.instructions * 0.5 < r.cycles_estimate < r.instructions * 3
     assert abs(r.cycles_estimate - layers) <= 0.02 * layers, (r.cycles_estimate, layers)
     assert "llvm-mca cortex-m4" in r.cycles_estimate_method and "zero flash wait states" in r.cycles_estimate_method
-    plain = compile_model(_file("conv_2d_int8"), "cortex-m4", tmp_path / "c", BuildRequest(inputs=1))
+    plain = compile_model(_file("conv_2d_int8"), "cortex-m4", tmp_path / "c", BuildRequest(inputs=1,
+                                                                                          estimate_cycles=False))
     assert plain.cycles_estimate is None and plain.instructions == r.instructions  # the estimate changes no code
-    assert main(["compile", str(_file("conv_2d_int8")), "-t", "cortex-m4", "-n", "1", "--estimate-cycles",
+    assert main(["compile", str(_file("conv_2d_int8")), "-t", "cortex-m4", "-n", "1",
                  "-o", str(tmp_path / "d"), "--no-record"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cycles/inference"))
     assert "ms at 120 MHz" in line and "estimated" in line
@@ -95,3 +97,32 @@ def test_compile_profile_adds_the_layers_to_the_report(tmp_path, capsys):
     assert main(["compile", str(_file("conv_2d_int8")), "-t", "cpu-host", "--profile", "--no-record",
                  "-o", str(tmp_path / "h")]) == 2  # a host build has no firmware steps: refused, said
     assert "--profile applies to the microcontroller targets" in capsys.readouterr().err
+
+
+def test_block_costs_are_kept_and_give_the_same_estimate(tmp_path, monkeypatch):
+    """llvm-mca's cost of a block depends on its instructions and the core only: a second estimate of the same
+    firmware takes every block from the cache (here: with no llvm-mca at all) and gives the same figures."""
+    from tinymlaas.backends.mcu.firmware import Firmware, read_symbols
+    from tinymlaas.build.pipeline import compile_model
+    from tinymlaas.build.request import BuildRequest
+    from tinymlaas.measure import cycles
+    from tinymlaas.runners.qemu import QemuEmulator
+
+    target = get_target("cortex-m4")
+    compile_model(_file("depthwise_conv_2d_int8"), "cortex-m4", tmp_path / "b", BuildRequest(inputs=1,
+                                                                                             estimate_cycles=False))
+    elf = tmp_path / "b" / "firmware.elf"
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "inputs.bin").write_bytes((tmp_path / "b" / "inputs.bin").read_bytes())
+    run = QemuEmulator(blocks=True).run(target, Firmware(elf, elf.with_suffix(".map"), read_symbols(elf, target)),
+                                        work)
+    monkeypatch.setattr(cycles, "CACHE_PATH", tmp_path / "blocks.sqlite")
+    cold = cycles.estimate_run(elf, target, run)
+    assert cold[0][0] > 0 and (tmp_path / "blocks.sqlite").is_file()
+    monkeypatch.setattr(cycles.shutil, "which", lambda name: None)  # as if llvm-mca were not installed
+    warm = cycles.estimate_run(elf, target, run)
+    assert warm[0] == cold[0] and warm[2] == cold[2]
+    monkeypatch.setattr(cycles, "CACHE_PATH", tmp_path / "empty.sqlite")  # nothing kept: the tool is needed
+    with pytest.raises(ToolMissing, match="llvm-mca-15' is not installed"):
+        cycles.estimate_run(elf, target, run)

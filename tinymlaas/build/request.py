@@ -113,11 +113,11 @@ class BuildRequest:
                                   "counts) or ibex (the Ibex core simulated from its RTL: true cycles, RV32 "
                                   "without FPU); default: the target's", choices=_runners, backends=MCU,
                                   surfaces=(COMPILE, SERVICE))
-    estimate_cycles: bool = option(False, help="also estimate the cycles of an inference and its latency at the "
-                                   "board's clock, from QEMU's per-block counts and the core's cost model "
-                                   "(llvm-mca's scheduling model, or the core manual's pipeline table): core "
-                                   "cycles with zero flash wait states, a few seconds more per build (always on "
-                                   "for a core with a pipeline table; true cycles need its RTL: the ibex runner)",
+    estimate_cycles: bool = option(True, help="estimate the cycles of an inference and its latency at the board's "
+                                   "clock from QEMU's per-block counts and the core's cost model (llvm-mca's "
+                                   "scheduling model, or the core manual's pipeline table): core cycles with zero "
+                                   "flash wait states; block costs are cached, so only a model's new code costs "
+                                   "llvm-mca time (true cycles need the core's RTL: the ibex runner)",
                                    backends=MCU, surfaces=(COMPILE, SERVICE))
     profile: bool = option(False, help="also profile the build layer by layer (one more build, with a mark around "
                            "each step): instructions, memory accesses and estimated cycles per TFLite operator and "

@@ -13,8 +13,10 @@ summed. Checked against Ibex's true cycles in benchmarks/cycles.py.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
+import sqlite3
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +131,53 @@ def _run_mca(model: CycleModel, source: str) -> subprocess.CompletedProcess:
                           check=False)
 
 
+CACHE_PATH: Path | None = None  # where BlockCosts keeps its file (None: the build folder)
+
+
+class BlockCosts:
+    """llvm-mca's cycles per block, kept across builds (an SQLite file in the build folder): a block's cost depends
+    only on its instructions and the core's model, and the builds of one model's variants, or of models sharing the
+    C kernels, repeat most blocks. Safe for the search's parallel workers (WAL, one transaction per write)."""
+
+    def __init__(self, model: CycleModel, path: Path | None = None):
+        from tinymlaas import build_dir
+
+        self.path = path or CACHE_PATH or build_dir() / "mca-blocks.sqlite"
+        self.salt = f"{LLVM_MCA}|{model.mtriple}|{model.mcpu}|{model.mattr}|{ITERATIONS}"
+
+    def key(self, body: list[str]) -> str:
+        return hashlib.sha256("\n".join([self.salt, *body]).encode()).hexdigest()
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=60)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS blocks (key TEXT PRIMARY KEY, cycles REAL NOT NULL, "
+                     "fallback INTEGER NOT NULL)")
+        return conn
+
+    def get(self, keys: list[str]) -> dict[str, tuple[float, bool]]:
+        conn, found = self._connect(), {}
+        try:
+            for k in range(0, len(keys), 500):
+                chunk = keys[k:k + 500]
+                rows = conn.execute(f"SELECT key, cycles, fallback FROM blocks WHERE key IN ({','.join('?' * len(chunk))})",
+                                    chunk).fetchall()
+                found.update({key: (cycles, bool(fb)) for key, cycles, fb in rows})
+        finally:
+            conn.close()
+        return found
+
+    def put(self, costs: dict[str, tuple[float, bool]]) -> None:
+        conn = self._connect()
+        try:
+            with conn:
+                conn.executemany("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?)",
+                                 [(k, c, int(fb)) for k, (c, fb) in costs.items()])
+        finally:
+            conn.close()
+
+
 def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleModel | None = None) -> dict:
     """(address, instructions) -> estimated cycles per execution. A block llvm-mca cannot read (rare: an IT block
     cut by QEMU) counts one cycle per instruction, and is named in the result's "fallback" entry."""
@@ -143,8 +192,6 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
             if i is None:
                 result["fallback"].append((vaddr, n))
         return result
-    if shutil.which(LLVM_MCA) is None:
-        raise ToolMissing(f"'{LLVM_MCA}' is not installed (run `make setup`)")
     thumb = target.arch == "arm"
     comment = "@" if thumb else "#"
     pending = {}
@@ -157,6 +204,18 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
             result[key] = float(key[1])
             fallback.append(key)
             del pending[key]
+    cache = BlockCosts(model)
+    cache_keys = {key: cache.key(body) for key, body in pending.items()}
+    known = cache.get(sorted(set(cache_keys.values())))
+    for key in list(pending):
+        if cache_keys[key] in known:
+            result[key], was_fallback = known[cache_keys[key]]
+            if was_fallback:
+                fallback.append(key)
+            del pending[key]
+    measured = set(pending)
+    if pending and shutil.which(LLVM_MCA) is None:
+        raise ToolMissing(f"'{LLVM_MCA}' is not installed (run `make setup`)")
     while pending:
         keys = list(pending)
         lines, starts = [".syntax unified", ".thumb"] if thumb else [], []
@@ -186,6 +245,7 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
             result[keys[k]] = float(keys[k][1])
             fallback.append(keys[k])
             del pending[keys[k]]
+    cache.put({cache_keys[key]: (result[key], key in fallback) for key in measured})
     result["fallback"] = fallback
     return result
 

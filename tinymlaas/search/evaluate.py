@@ -44,8 +44,10 @@ def evaluate(job: Job) -> Point:
     variant = Variant.from_dict(variant_dict)
     started = time.monotonic()
     try:
+        # ranked by exact instructions (or true cycles, or a pipeline table's estimate, which the build always
+        # makes): not llvm-mca's estimate, which the search does not use as its cost yet
         r = compile_model(model_path, target, out, BuildRequest(inputs=inputs, seed=seed, variant=variant,
-                                                                  emulator=emulator))
+                                                                  emulator=emulator, estimate_cycles=False))
     except TinyMLaaSError as e:
         return Point.refused(variant_dict, variant.short(), e, time.monotonic() - started)
     if record:  # the predictor learns from every point; a database problem costs the row, not the point

@@ -106,7 +106,7 @@ def search_quantization(source, target: str, workdir, request: BuildRequest | No
                 reference = _outputs(tflite.read_bytes(), samples)
             outputs = _outputs(tflite.read_bytes(), samples)
             r = compile_model(tflite, target, workdir / f"point{k:02d}-{name}",
-                              BuildRequest(inputs=inputs, seed=seed))
+                              BuildRequest(inputs=inputs, seed=seed, estimate_cycles=False))
         except TinyMLaaSError as e:
             points.append(Point.refused(spec, name, e, time.monotonic() - t0))
             continue
