@@ -10,7 +10,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from tinymlaas.build.request import BuildRequest
+from tinymlaas.build.request import OPTIONS, BuildRequest
 from tinymlaas.private import create_private
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -35,7 +35,8 @@ class RequestColumn(TypeDecorator):
         return (value or BuildRequest()).to_dict()
 
     def process_result_value(self, value, dialect):
-        return BuildRequest.from_dict(value or {})
+        # an option a later version no longer has is dropped, so old builds still read (and show what remains)
+        return BuildRequest.from_dict({k: v for k, v in (value or {}).items() if k in OPTIONS})
 
 
 class Organization(Base):

@@ -103,6 +103,21 @@ def test_the_stored_request_is_what_was_asked(client, app):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_stored_option_this_version_lacks_does_not_break_reading_the_build(client, app):
+    from server.db import Build
+
+    b = client.post("/api/v1/builds", json={"model_id": _model(client), "target": "cortex-m4",
+                                            "constraints": {"max_ram": 65536}}, headers=client.auth).get_json()
+    ctx = app.extensions["tinymlaas"]
+    with ctx.sessions() as s:  # as a newer version, since rolled back, might have written it
+        s.execute(sa.update(Build).where(Build.id == b["id"]).values(
+            request=sa.literal_column("'{\"max_ram\": 65536, \"retired_option\": 3}'")))
+        s.commit()
+    r = client.get(f"/api/v1/builds/{b['id']}", headers=client.auth)
+    assert r.status_code == 200 and r.get_json()["request"] == {"constraints": {"max_ram": 65536}}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_api_document_describes_every_service_option(client):
     from tinymlaas.build.request import declared
 

@@ -279,8 +279,9 @@ def value_type(f: dataclasses.Field) -> type:
 
 
 def flag_of(name: str) -> str:
-    opt = OPTIONS.get(name) if "OPTIONS" in globals() else None
-    return (opt.flag if opt and opt.flag else None) or f"--{name.replace('_', '-')}"
+    """The CLI flag of an option (errors name options by it): its own, else the name with dashes."""
+    opt = OPTIONS.get(name)
+    return opt.flag if opt and opt.flag else f"--{name.replace('_', '-')}"
 
 
 def _type_problem(f: dataclasses.Field, value) -> str | None:
