@@ -136,7 +136,10 @@ def cmd_search(args) -> int:
     def progress(done: int, total: int, point) -> None:
         if bar is not None:
             bar.update(done - bar.n)
-            bar.set_postfix_str(f"{point.label}: {point.cost:,}" if point.cost is not None else point.label)
+            if point is None:  # a build profiled layer by layer (the tune strategy)
+                bar.set_postfix_str("layers profiled")
+            else:
+                bar.set_postfix_str(f"{point.label}: {point.cost:,}" if point.cost is not None else point.label)
 
     try:
         if keras:  # a float model: TensorFlow's quantization variants, fidelity against the float model

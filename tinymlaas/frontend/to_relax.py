@@ -20,10 +20,11 @@ OP_VAR = re.compile(r"^op(\d+)(?:_|$)")
 class LoweringContext:
     """What a converter sees: the graph, the target, the Relax builder and the values computed so far."""
 
-    def __init__(self, graph: Graph, target, choices: dict[int, str]):
+    def __init__(self, graph: Graph, target, choices: dict[int, str], schedules: dict | None = None):
         from tvm import relax
 
         self.graph, self.target, self.choices = graph, target, choices
+        self.schedules = schedules or {}  # operator index -> ir.layer_schedule.LayerSchedule of its TIR kernel
         self.bb = relax.BlockBuilder()
         self.values: dict[int, object] = {}
         self.params = [relax.Var(f"input{k}", relax.TensorType(graph.tensor(i).shape, graph.tensor(i).dtype))
@@ -90,6 +91,10 @@ class LoweringContext:
     def implementation(self, op: Operator, conv: registry.Converter) -> str:
         return choose_implementation(self.graph, self.target, self.choices, op, conv)
 
+    def layer_schedule(self, op: Operator):
+        """The tuned schedule of this layer's TIR kernel (None: the default schedule)."""
+        return self.schedules.get(op.index)
+
 
 def choose_implementation(graph: Graph, target, choices, op: Operator, conv: registry.Converter) -> str:
     """The caller's choice for this layer (or for every layer) where it applies, else the C micro-kernels ("dsp")
@@ -116,7 +121,7 @@ def implementations(graph: Graph, target, choices=None) -> dict[int, str]:
     return out
 
 
-def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None):
+def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None, schedules: dict | None = None):
     """Relax IRModule computing `graph`'s outputs from its inputs.
 
     choices: operator index -> implementation, or one implementation for every layer that offers it ("auto": the C
@@ -126,7 +131,7 @@ def to_relax(graph: Graph, target, choices: dict[int, str] | str | None = None):
     missing = registry.unsupported(graph)
     if missing:
         raise UnsupportedOperator(missing, graph.name)
-    ctx = LoweringContext(graph, target, choices or {})
+    ctx = LoweringContext(graph, target, choices or {}, schedules)
     with ctx.bb.function("main", ctx.params):
         with ctx.bb.dataflow():
             for op in graph.operators:

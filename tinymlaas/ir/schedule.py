@@ -101,8 +101,16 @@ def default_schedule(func, decompose_init: bool = False, unroll: int = 0):
     """The schedule of every TIR kernel; the keyword arguments are the variant search's choices (ScheduleSpec)."""
     from tvm import s_tir
 
+    from tinymlaas.ir import layer_schedule
+
+    tuned = layer_schedule.of_func(func)
+    if tuned is not None:  # the layer's own schedule (the attribute goes: equal kernels stay shared)
+        func = func.without_attr(layer_schedule.ATTR)
     sch = s_tir.Schedule(func)
     inline_injective(sch)
+    if tuned is not None and layer_schedule.apply(sch, tuned):
+        keep_stages_at_consumer(sch)
+        return sch.mod["main"]
     epilogue_at_reduction(sch)
     keep_stages_at_consumer(sch)
     init_before_extremum(sch, every_reduction=decompose_init)
@@ -114,5 +122,5 @@ def default_schedule(func, decompose_init: bool = False, unroll: int = 0):
 def schedule_for(spec=None):
     """The schedule function for a search.space.ScheduleSpec (None: the default)."""
     if spec is None or (not spec.decompose_init and not spec.unroll):
-        return default_schedule
+        return default_schedule  # still applies each layer's own schedule (layer_schedule.ATTR)
     return lambda func: default_schedule(func, spec.decompose_init, spec.unroll)

@@ -64,19 +64,23 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def engine_for(url: str | None = None):
+    """The database at `url` (default: default_url()); a SQLite file is made private (0600) when created."""
+    url = url or default_url()
+    if url.startswith("sqlite:///"):
+        db = Path(url[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        if not db.exists():  # private from the start
+            db.touch(mode=0o600)
+    return create_engine(url)
+
+
 class MeasurementStore:
     """Rows in and out. `engine`: an existing engine (the service's); else one for `url`."""
 
     def __init__(self, url: str | None = None, engine=None):
-        if engine is None:
-            url = url or default_url()
-            if url.startswith("sqlite:///"):
-                db = Path(url[len("sqlite:///"):])
-                db.parent.mkdir(parents=True, exist_ok=True)
-                if not db.exists():  # private from the start
-                    db.touch(mode=0o600)
-            engine = create_engine(url)
-        self.engine = engine
+        self.engine = engine if engine is not None else engine_for(url)
+        engine = self.engine
         Base.metadata.create_all(engine, checkfirst=True)
 
     def add(self, rows: list[Measurement]) -> list[int]:

@@ -7,15 +7,18 @@ from __future__ import annotations
 from tinymlaas.errors import UnsupportedOperator
 
 
-def emit_kernel(ctx, fn, args, *, elementwise: bool = False, **attrs):
+def emit_kernel(ctx, fn, args, *, elementwise: bool = False, schedule=None, **attrs):
     """Emit `fn` (a TE integer kernel) as one opaque call_tir.
 
     Not `bb.emit_te`: that builds PrimFuncs with int64 index types, which turns every integer
     expression into 64-bit arithmetic, slow on 32-bit cores.
     elementwise: each output element depends only on the input elements of its own index (after broadcasting):
     the memory planner may write the output over an input of its size (ir/memory.py).
+    schedule: the layer's ir.layer_schedule.LayerSchedule, carried to the schedule stage as an attribute.
     """
     from tvm import relax, te
+
+    from tinymlaas.ir.layer_schedule import ATTR
 
     holders = []
     for i, a in enumerate(args):
@@ -26,6 +29,7 @@ def emit_kernel(ctx, fn, args, *, elementwise: bool = False, **attrs):
         "op_pattern": 8,  # kOpaque: one kernel per operator
         "tinymlaas.int32_indices": True,  # int32 indices already; its int64 arithmetic is meant (64-bit products)
         **({"tinymlaas.elementwise": True} if elementwise else {}),
+        **({ATTR: schedule.key()} if schedule is not None else {}),
     })
     gv = ctx.bb.add_func(func, f"op{ctx.op.index}_{ctx.op.opcode.lower()}")
     return ctx.emit(relax.call_tir(gv, list(args), relax.TensorType([int(v) for v in out.shape], out.dtype)))

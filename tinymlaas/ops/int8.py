@@ -240,13 +240,18 @@ def conv2d(ctx, op, impl):
         symbol = kernel.symbol + (("_w16" if layer.wide else "_w8") if kernel.widths else "")
         y = extern(ctx, symbol, [x, *map(relax.const, kernel.operands(layer, constants))], shape)
     else:
+        schedule = ctx.layer_schedule(op)
+        fold = schedule is not None and schedule.fold_zero_point
+        by_channel = w.reshape(channels, -1) if name == "CONV_2D" else w.reshape(-1, channels).T
+        if fold:  # the zero point's share of every product, summed at build time (ir/layer_schedule.py)
+            bias = (bias - zp_in * by_channel.astype(np.int64).sum(axis=1)).astype(bias.dtype)
         args = [x, relax.const(w), relax.const(bias), *map(relax.const, _rescale(ctx, op, mult, shift))]
+        tuned = {"schedule": schedule, "fold_zero_point": fold, "acc_dtype": accumulator(x_t, by_channel)}
         if name == "CONV_2D":
-            y = emit_kernel(ctx, k.conv2d_s8, args, **common, acc_dtype=accumulator(x_t, w.reshape(channels, -1)))
+            y = emit_kernel(ctx, k.conv2d_s8, args, **common, **tuned)
         else:
             y = emit_kernel(ctx, k.depthwise_conv2d_s8, args, **common,
-                            depth_multiplier=int(op.opt("depthMultiplier", 1) or 1),
-                            acc_dtype=accumulator(x_t, w.reshape(-1, channels).T))
+                            depth_multiplier=int(op.opt("depthMultiplier", 1) or 1), **tuned)
     ctx.set_output(op, 0, y)
 
 
@@ -282,9 +287,15 @@ def fully_connected(ctx, op, impl):
             y = extern(ctx, "tinymlaas_conv1x1_s8", [x, relax.const(w), bias, relax.const(mult), relax.const(shift), cp],
                        (batch, out_features))
     else:
+        schedule = ctx.layer_schedule(op)
+        fold = schedule is not None and schedule.fold_zero_point
+        if fold:  # the input zero point's share of every product, summed at build time (ir/layer_schedule.py)
+            sums = (w.astype(np.int64) - w_t.zero_point).sum(axis=1)
+            bias = relax.const((bias_values - zp_in * sums).astype(bias_values.dtype))
         args = [x, relax.const(w), bias, relax.const(mult), relax.const(shift)]
         y = emit_kernel(ctx, k.fully_connected_s8, args, zp_in=zp_in, zp_weight=w_t.zero_point, zp_out=zp_out,
-                        act_min=lo, act_max=hi, acc_dtype=accumulator(x_t, w, w_t.zero_point))
+                        act_min=lo, act_max=hi, acc_dtype=accumulator(x_t, w, w_t.zero_point), schedule=schedule,
+                        fold_zero_point=fold)
     ctx.set_output(op, 0, y)
 
 

@@ -108,8 +108,10 @@ def _product(a, b, acc_dtype: str):
     return a * b if acc_dtype == "int32" else a.astype(acc_dtype) * b.astype(acc_dtype)
 
 
-def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in):
-    """Output size, and the input minus its zero point with padding reading as 0 (TFLite skips it)."""
+def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in, fold_zero_point=False):
+    """Output size, and the input minus its zero point with padding reading as 0 (TFLite skips it). With
+    fold_zero_point the input as it is, padding reading as the zero point: the caller's bias carries
+    -zero_point x the sum of the weights, so each tap's product differs by the same zero_point x weight."""
     from tvm import tirx
 
     n, h, w, c = (int(v) for v in data.shape)
@@ -119,19 +121,21 @@ def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in):
 
     def value(b, y, x, ch):
         inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
+        if fold_zero_point:
+            return tirx.if_then_else(inside, data[b, y, x, ch], tirx.const(zp_in, data.dtype)).astype("int32")
         return tirx.if_then_else(inside, data[b, y, x, ch].astype("int32") - _i32(zp_in), _i32(0))
 
     return n, c, oh, ow, value
 
 
 def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, padding, zp_in, zp_out, act_min, act_max,
-              acc_dtype="int32"):
+              acc_dtype="int32", fold_zero_point=False):
     """NHWC int8 (or int16x8) convolution, weights OHWI, per-channel requantization."""
     from tvm import te
 
     oc, kh, kw, _ = (int(v) for v in weight.shape)
     (sh, sw), (dh, dw), (pt, pl, _, _) = stride, dilation, padding
-    n, c, oh, ow, value = _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in)
+    n, c, oh, ow, value = _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in, fold_zero_point)
     ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, c), "rc")
 
     acc = te.compute(
@@ -160,14 +164,14 @@ def _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max,
 
 def depthwise_conv2d_s8(
     data, weight, bias, multiplier, shift, *, stride, dilation, padding, depth_multiplier, zp_in, zp_out, act_min, act_max,
-    acc_dtype="int32",
+    acc_dtype="int32", fold_zero_point=False,
 ):
     """NHWC int8 (or int16x8) depthwise convolution, weights 1HWC (C = in channels * depth multiplier)."""
     from tvm import te
 
     _, kh, kw, oc = (int(v) for v in weight.shape)
     (sh, sw), (dh, dw), (pt, pl, _, _) = stride, dilation, padding
-    n, _, oh, ow, value = _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in)
+    n, _, oh, ow, value = _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in, fold_zero_point)
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
 
     acc = te.compute(
@@ -183,7 +187,7 @@ def depthwise_conv2d_s8(
 
 
 def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weight, zp_out, act_min, act_max,
-                       acc_dtype="int32"):
+                       acc_dtype="int32", fold_zero_point=False):
     """[batch, in] x [out, in]^T int8 (or int16x8), per-tensor or per-channel requantization (multiplier/shift of
     length out).
 
@@ -199,7 +203,8 @@ def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weigh
     acc = te.compute(
         (batch, out_features),
         lambda b, o: te.sum(
-            _product(data[b, k].astype("int32") - _i32(zp_in), weight[o, k].astype("int32") - _i32(zp_weight),
+            _product(data[b, k].astype("int32") - _i32(0 if fold_zero_point else zp_in),
+                     weight[o, k].astype("int32") - _i32(zp_weight),
                      acc_dtype),
             axis=k,
         ),

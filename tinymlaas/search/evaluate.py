@@ -32,11 +32,12 @@ class Job(NamedTuple):
     seed: int
     record: bool = False  # into the measurement database
     emulator: str | None = None  # None: the target's
+    estimate: bool = False  # the cycle estimate made (and the point's cost, where no true cycles are measured)
 
 
 def evaluate(job: Job) -> Point:
     """Build, run and verify one variant (in a worker process)."""
-    model_path, target, variant_dict, out, inputs, seed, record, emulator = job
+    model_path, target, variant_dict, out, inputs, seed, record, emulator, estimate = job
     from tinymlaas.build.pipeline import compile_model
     from tinymlaas.build.request import BuildRequest
     from tinymlaas.errors import TinyMLaaSError
@@ -45,9 +46,9 @@ def evaluate(job: Job) -> Point:
     started = time.monotonic()
     try:
         # ranked by exact instructions (or true cycles, or a pipeline table's estimate, which the build always
-        # makes): not llvm-mca's estimate, which the search does not use as its cost yet
+        # makes), or by llvm-mca's estimate where the strategy asks for it (`estimate`)
         r = compile_model(model_path, target, out, BuildRequest(inputs=inputs, seed=seed, variant=variant,
-                                                                  emulator=emulator, estimate_cycles=False))
+                                                                  emulator=emulator, estimate_cycles=estimate))
     except TinyMLaaSError as e:
         return Point.refused(variant_dict, variant.short(), e, time.monotonic() - started)
     if record:  # the predictor learns from every point; a database problem costs the row, not the point
@@ -81,6 +82,8 @@ class Evaluator:
                  ray_address: str | None = None):
         self.model_path, self.target, self.workdir, self.record = str(model_path), target, workdir, record
         self.emulator = emulator
+        self.estimate = False  # points ranked by llvm-mca's cycle estimate (a strategy may ask)
+        self.workers = workers
         self.inputs, self.seed, self.progress = inputs, seed, progress
         self.points: list[Point] = []
         self.by_key: dict[str, int] = {}
@@ -99,7 +102,7 @@ class Evaluator:
                 new[v.key()] = v
         new = list(new.values())
         jobs = [Job(self.model_path, self.target, v.to_dict(), str(self.workdir / f"point{len(self.points) + k:04d}"),
-                    self.inputs, self.seed, self.record, self.emulator) for k, v in enumerate(new)]
+                    self.inputs, self.seed, self.record, self.emulator, self.estimate) for k, v in enumerate(new)]
         for v, p in zip(new, self.map(evaluate, jobs)):
             self.by_key[v.key()] = len(self.points)
             self.points.append(p)
@@ -118,7 +121,7 @@ class Evaluator:
         """The points `indices` built again for the target's own emulator (the RTL model of its core), one input:
         their true cycles set. Returns those confirmed (verified, with cycles)."""
         jobs = [Job(self.model_path, self.target, self.points[i].variant, str(self.workdir / f"confirm{i:04d}"), 1,
-                    self.seed) for i in indices]
+                    self.seed, estimate=self.estimate) for i in indices]
         done = []
         for i, r in zip(indices, self.map(evaluate, jobs)):
             if r.verified and r.cycles is not None:

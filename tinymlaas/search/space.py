@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tinymlaas.ir.layer_schedule import LayerSchedule
+
 FUSION = ("default", "none")  # TVM's FuseOps (elementwise tails into their producer), or one kernel per operator
 MEMORY = ("tvm", "optimal", "inplace")  # ir.memory.POLICIES
 
@@ -40,19 +42,24 @@ class Variant:
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     fusion: str = "default"
     memory: str = "tvm"
+    layers: tuple[tuple[int, LayerSchedule], ...] = ()  # (operator index, its TIR kernel's tuned schedule)
 
     def to_dict(self) -> dict:
         d = {"kernels": {str(i): impl for i, impl in self.kernels}, "schedule": self.schedule.to_dict(),
              "fusion": self.fusion}
         if self.memory != "tvm":  # absent in records made before memory plans were searched: same key
             d["memory"] = self.memory
+        if self.layers:  # likewise for layer schedules
+            d["layers"] = {str(i): s.to_dict() for i, s in self.layers}
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Variant:
         return cls(kernels=tuple(sorted((int(i), str(impl)) for i, impl in (d.get("kernels") or {}).items())),
                    schedule=ScheduleSpec(**(d.get("schedule") or {})), fusion=str(d.get("fusion", "default")),
-                   memory=str(d.get("memory", "tvm")))
+                   memory=str(d.get("memory", "tvm")),
+                   layers=tuple(sorted((int(i), LayerSchedule.from_dict(s))
+                                       for i, s in (d.get("layers") or {}).items())))
 
     def key(self) -> str:
         """A stable identity (equal variants, equal key)."""
@@ -65,7 +72,8 @@ class Variant:
                 + (", init decomposed" if self.schedule.decompose_init else "")
                 + (f", unroll<={self.schedule.unroll}" if self.schedule.unroll else "")
                 + (", no fusion" if self.fusion == "none" else "")
-                + (f", memory {self.memory}" if self.memory != "tvm" else ""))
+                + (f", memory {self.memory}" if self.memory != "tvm" else "")
+                + (f", {len(self.layers)} layer schedules tuned" if self.layers else ""))
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,7 @@ def load_variant(path) -> Variant:
         data = data["points"][data["chosen"]]
     if isinstance(data, dict) and "variant" in data:
         data = data["variant"]
-    if not isinstance(data, dict) or not set(data) <= {"kernels", "schedule", "fusion", "memory"} or not data:
+    if not isinstance(data, dict) or not set(data) <= {"kernels", "schedule", "fusion", "memory", "layers"} or not data:
         raise InvalidRequest("variant_file", f"{path}: holds no variant (a JSON object with kernels, schedule, "
                              "fusion, memory; or a search's front.json, or a build's report.json)")
     kernels, schedule = data.get("kernels", {}), data.get("schedule", {})
@@ -168,6 +176,14 @@ def load_variant(path) -> Variant:
         raise InvalidRequest("variant_file", f"{path}: `kernels` must map operator indices to implementations")
     if not isinstance(schedule, dict) or not set(schedule) <= set(ScheduleSpec.__dataclass_fields__):
         raise InvalidRequest("variant_file", f"{path}: `schedule` takes {', '.join(ScheduleSpec.__dataclass_fields__)}")
+    layers = data.get("layers", {})
+    if not isinstance(layers, dict) or not all(str(k).isdigit() and isinstance(v, dict) for k, v in layers.items()):
+        raise InvalidRequest("variant_file", f"{path}: `layers` must map operator indices to layer schedules")
+    try:
+        for v in layers.values():
+            LayerSchedule.from_dict(v)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest("variant_file", f"{path}: `layers`: {e}") from None
     if data.get("fusion", "default") not in FUSION or data.get("memory", "tvm") not in MEMORY:
         raise InvalidRequest("variant_file", f"{path}: `fusion` is one of {', '.join(FUSION)}, `memory` one of "
                              f"{', '.join(MEMORY)}")

@@ -14,6 +14,9 @@ out); `STRATEGIES` names them. A new strategy is one function and one line there
   learns what the prior misses. On a target whose core is simulated from RTL (Ibex) the candidates run in QEMU
   (exact instructions and the core's pipeline-table cycle estimate, fast) and the best few by estimated cycles are
   confirmed on the RTL model: true cycles choose.
+- "tune": every convolution and fully connected layer tuned on its own, over its space of TIR schedules and our C
+  kernels, with the tuning log and the schedule predictor (tuning.py); the cheapest candidate of each layer
+  assembled into one variant.
 """
 
 from __future__ import annotations
@@ -184,4 +187,10 @@ def _best_and_default(ctx: Context) -> list[int]:
 
 
 Strategy = Callable[[Context], Outcome]
-STRATEGIES: dict[str, Strategy] = {"nsga2": nsga2, "random": random_sampling, "guided": guided}
+def tune(ctx: Context) -> Outcome:
+    from tinymlaas.search.tuning import tune_strategy
+
+    return tune_strategy(ctx)
+
+
+STRATEGIES: dict[str, Strategy] = {"nsga2": nsga2, "random": random_sampling, "guided": guided, "tune": tune}

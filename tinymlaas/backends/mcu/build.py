@@ -86,7 +86,8 @@ def check_fits(model_name: str, target: Target, flash: int, ram: int, request: B
     return {"flash_limit": flash_limit, "ram_limit": ram_limit, "flash": flash, "ram": ram}
 
 
-def import_model(model, target: Target, int8_lowering: str = "integer", kernels: str | dict = "auto"):
+def import_model(model, target: Target, int8_lowering: str = "integer", kernels: str | dict = "auto",
+                 schedules: dict | None = None):
     """The Relax module for `model` on `target`, every operator through our registry.
 
     Returns (relax module, lowering, notes): lowering is "float", "integer" (integer kernels, bit-exact) or
@@ -99,12 +100,14 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
     graph = clean(model.graph, shapes_from_interpreter=True)
     if isinstance(kernels, dict):
         check_choices(graph, target, kernels)
+    if schedules:
+        check_schedules(graph, target, kernels, schedules)
     precisions = {graph.precision(op) for op in graph.operators}
     lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
     if reference_resolver(model.data) != "BUILTIN_REF":
         notes.append("the interpreter's reference kernels cannot run this model (an operator missing, aborting or, "
                      "for a quantized SUM, wrong): verified against its builtin (optimized) kernels")
-    return to_relax(graph, target, kernels), lowering, notes
+    return to_relax(graph, target, kernels, schedules), lowering, notes
 
 
 
@@ -124,13 +127,36 @@ def check_choices(graph, target: Target, kernels: dict) -> None:
                                  f"{target.name}: the variant was made for another model or target")
 
 
+def check_schedules(graph, target: Target, kernels, schedules: dict) -> None:
+    """Every per-layer schedule names a layer whose TIR kernel takes it, built with that kernel, and lies in that
+    layer's space (ir/layer_schedule.py)."""
+    from tinymlaas.build.request import InvalidRequest
+    from tinymlaas.frontend.to_relax import implementations
+    from tinymlaas.ir.layer_schedule import check, kernel_shape
+
+    ops = {op.index: op for op in graph.operators}
+    chosen = implementations(graph, target, kernels)
+    for index, schedule in sorted(schedules.items()):
+        shape = kernel_shape(graph, ops[index]) if index in ops else None
+        if shape is None:
+            raise InvalidRequest("variant_file", f"has a layer schedule for operator #{index}, which is not a "
+                                 f"convolution or fully connected layer of {graph.name} with constant weights")
+        if chosen.get(index) != "tir":
+            raise InvalidRequest("variant_file", f"has a layer schedule for operator #{index}, built with the "
+                                 f"{chosen.get(index)} kernels: a schedule is for the tir implementation")
+        problem = check(shape, schedule)
+        if problem:
+            raise InvalidRequest("variant_file", f"operator #{index}: {problem} (made for another model?)")
+
+
 def build_firmware(model, target: Target, work: Path, request: BuildRequest, stage) -> CompileReport:
     """A TFLite model as firmware for `target` in `work`: lowered, generated, linked, run in the target's emulator,
     verified against the interpreter and measured. `stage` (tinymlaas.build.pipeline.Stages) is told each stage."""
     stage("import")
     variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
     kernels = dict(variant.kernels) if variant is not None else request.kernels
-    relax_mod, lowering, notes = import_model(model, target, request.int8_lowering, kernels)
+    relax_mod, lowering, notes = import_model(model, target, request.int8_lowering, kernels,
+                                              dict(variant.layers) if variant is not None else None)
 
     stage("lower")
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
@@ -251,7 +277,8 @@ def build_program(model_path, target_name: str, workdir: Path, kernels: str, var
     target = get_target(target_name)
     model = load_tflite(model_path)
     workdir.mkdir(parents=True, exist_ok=True)
-    relax_mod, lowering, _ = import_model(model, target, kernels=dict(variant.kernels) if variant else kernels)
+    relax_mod, lowering, _ = import_model(model, target, kernels=dict(variant.kernels) if variant else kernels,
+                                          schedules=dict(variant.layers) if variant else None)
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant else None),
                     fuse=variant is None or variant.fusion != "none")
     program, built = build_kernels(program, target, workdir)

@@ -1,0 +1,200 @@
+"""Per-layer schedules of the integer compute kernels (convolution, depthwise convolution, fully connected): the
+space the tuner searches layer by layer, and the TIR schedule each point stands for.
+
+A kernel from ops/int8_te.py is two blocks: `acc`, the reduction (spatial loops then reduction loops), and
+`requantize`, its epilogue. A `LayerSchedule` tiles the output into a register block of `px_block` output pixels x
+`oc_block` output channels, orders the tile loops and the reduction loops, unrolls the innermost reduction by
+`reduction_unroll`, and places the requantization after each tile or after each row of tiles. `fold_zero_point`
+changes the computation itself (the converter reads it): the input's zero point is folded into the bias at build
+time and padding reads as the zero point, one subtraction less per multiply-accumulate.
+
+Every point is valid for the layer it was enumerated for (`space_of`); a point of another layer is refused by
+`check`. Points are plain data (JSON in variants and in the tuning log).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, fields
+
+ATTR = "tinymlaas.layer_schedule"  # the PrimFunc attribute carrying a layer's schedule (LayerSchedule.key())
+
+OC_BLOCKS = (1, 2, 4, 8, 16)
+PX_BLOCKS = (1, 2, 3, 4, 5, 8)
+REDUCTION_UNROLLS = (1, 2, 4, 8)
+REDUCTION_ORDERS = ("hwc", "chw")  # kernel rows, columns, channels innermost; or channels outermost
+REQUANT = ("tile", "row")  # after each register tile; after each row of tiles (a row of accumulators on the stack)
+
+
+@dataclass(frozen=True)
+class LayerSchedule:
+    oc_block: int = 1
+    px_block: int = 1
+    reduction_unroll: int = 1
+    reduction_order: str = "hwc"
+    pixels_outer: bool = True  # tile loops: pixels outside channels (weights re-read per pixel tile) or inside
+    unroll_tile: bool = True  # the register tile's loops unrolled: accumulators in registers
+    fold_zero_point: bool = False
+    requant: str = "tile"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerSchedule:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown layer schedule parameter(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def key(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def short(self) -> str:
+        return (f"{self.px_block}x{self.oc_block} tile, unroll {self.reduction_unroll} {self.reduction_order}"
+                + (", channels outer" if not self.pixels_outer else "") + (", rolled" if not self.unroll_tile else "")
+                + (", zp folded" if self.fold_zero_point else "") + (f", requant per {self.requant}"))
+
+
+@dataclass(frozen=True)
+class KernelShape:
+    """What a layer's schedule space depends on: the kernel family and its loop extents."""
+    family: str  # "conv", "depthwise", "dense"
+    pixels: int  # extent of the pixel axis tiled (output width; the batch for dense)
+    channels: int  # output channels (output features)
+    reduction: tuple[int, ...]  # reduction extents in "hwc" order: (kh, kw, cin), (kh, kw) or (depth,)
+    zero_point: bool  # the input has a nonzero zero point (folding it is a real choice)
+
+
+def kernel_shape(graph, op) -> KernelShape | None:
+    """The kernel shape of an operator whose TIR kernel takes a LayerSchedule, else None."""
+    if graph.precision(op) not in ("int8", "int16") or op.opcode not in FAMILIES:
+        return None
+    x, w, out = graph.tensor(op.inputs[0]), graph.tensor(op.inputs[1]), graph.tensor(op.outputs[0])
+    if not w.is_const:
+        return None
+    family = FAMILIES[op.opcode]
+    zp = bool(x.zero_point)
+    if family == "dense":
+        depth = int(w.shape[1])
+        return KernelShape("dense", int(x.size) // depth, int(w.shape[0]), (depth,), zp)
+    if len(out.shape) != 4:
+        return None
+    if family == "depthwise":
+        if int(op.opt("depthMultiplier", 1) or 1) != 1:
+            return None
+        return KernelShape("depthwise", int(out.shape[2]), int(out.shape[3]), (int(w.shape[1]), int(w.shape[2])), zp)
+    return KernelShape("conv", int(out.shape[2]), int(out.shape[3]), (int(w.shape[1]), int(w.shape[2]),
+                                                                      int(w.shape[3])), zp)
+
+
+FAMILIES = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise", "FULLY_CONNECTED": "dense"}
+
+
+def _innermost(shape: KernelShape, order: str) -> int:
+    red = shape.reduction
+    if shape.family == "dense":
+        return red[0]
+    if order == "hwc":
+        return red[-1]
+    return red[1] if shape.family == "conv" else red[0]  # chw: kw innermost for conv, kh for depthwise
+
+
+def space_of(shape: KernelShape) -> list[LayerSchedule]:
+    """Every distinct valid schedule of a layer of this shape (default first)."""
+    orders = REDUCTION_ORDERS if shape.family != "dense" and len([r for r in shape.reduction if r > 1]) > 1 \
+        else REDUCTION_ORDERS[:1]
+    out = [LayerSchedule()]
+    for oc, px, order, unroll, outer, tile, fold, req in itertools.product(
+            OC_BLOCKS, PX_BLOCKS, orders, REDUCTION_UNROLLS, (True, False), (True, False), (False, True), REQUANT):
+        if oc > shape.channels or px > shape.pixels or (oc == 1 and px == 1 and not tile):
+            continue
+        inner = _innermost(shape, order)
+        if unroll > inner or inner % unroll:
+            continue
+        if fold and not shape.zero_point:
+            continue
+        if req == "row" and (oc >= shape.channels or not outer):  # a row of tiles is a tile when one spans it
+            continue
+        s = LayerSchedule(oc, px, unroll, order, outer, tile, fold, req)
+        if s != out[0]:
+            out.append(s)
+    return out
+
+
+def check(shape: KernelShape, schedule: LayerSchedule) -> str | None:
+    """Why `schedule` cannot run a layer of this shape (None: it can)."""
+    if schedule == LayerSchedule() or schedule in space_of(shape):
+        return None
+    return f"schedule {schedule.short()} is not in the space of this {shape.family} layer"
+
+
+def features(shape: KernelShape, schedule: LayerSchedule) -> dict:
+    """Numbers the tuning predictor sees for one (layer, schedule): the schedule's knobs and what they imply."""
+    tile = schedule.oc_block * schedule.px_block
+    red = 1
+    for r in shape.reduction:
+        red *= r
+    return {
+        "oc_block": schedule.oc_block, "px_block": schedule.px_block, "tile": tile,
+        "loads_per_mac": (schedule.oc_block + schedule.px_block) / tile,
+        "reduction_unroll": schedule.reduction_unroll, "chw": int(schedule.reduction_order == "chw"),
+        "pixels_outer": int(schedule.pixels_outer), "unroll_tile": int(schedule.unroll_tile),
+        "fold_zero_point": int(schedule.fold_zero_point), "requant_row": int(schedule.requant == "row"),
+        "pixel_remainder": shape.pixels % schedule.px_block, "channel_remainder": shape.channels % schedule.oc_block,
+        "live_registers": tile * int(schedule.unroll_tile) + schedule.oc_block + schedule.px_block,
+        "family": ("conv", "depthwise", "dense").index(shape.family), "pixels": shape.pixels,
+        "channels": shape.channels, "reduction": red, "innermost": _innermost(shape, schedule.reduction_order),
+        "kernel_taps": red // (shape.reduction[-1] if shape.family == "conv" else 1),
+    }
+
+
+# --- the TIR schedule ------------------------------------------------------------------------------------------
+
+def apply(sch, schedule: LayerSchedule) -> bool:
+    """Schedule the `acc`/`requantize` kernel in `sch` as `schedule` says. False: not such a kernel (left as is)."""
+    from tinymlaas.ir.schedule import _root_blocks
+
+    blocks = {sch.get(b).name_hint: b for b in _root_blocks(sch)}
+    if set(blocks) != {"acc", "requantize"}:
+        return False
+    acc = blocks["acc"]
+    loops = sch.get_loops(acc)
+    spatial = sum(1 for iv in sch.get(acc).iter_vars if int(iv.iter_type) == 0)
+    outer, (px, oc), reduction = loops[:spatial - 2], loops[spatial - 2:spatial], list(loops[spatial:])
+    extent = lambda loop: int(sch.get(loop).extent)
+    pxo, pxi = sch.split(px, [None, schedule.px_block]) if schedule.px_block > 1 else (px, None)
+    oco, oci = sch.split(oc, [None, schedule.oc_block]) if schedule.oc_block > 1 else (oc, None)
+    if schedule.reduction_order == "chw" and len(reduction) > 1:
+        reduction = [reduction[-1], *reduction[:-1]] if len(reduction) == 3 else reduction[::-1]
+    red_inner = None
+    if schedule.reduction_unroll > 1:
+        if schedule.reduction_unroll >= extent(reduction[-1]):
+            red_inner = reduction.pop()
+        else:
+            reduction[-1], red_inner = sch.split(reduction[-1], [None, schedule.reduction_unroll])
+    tile_outer = [pxo, oco] if schedule.pixels_outer else [oco, pxo]
+    tile_inner = [loop for loop in (pxi, oci) if loop is not None]
+    sch.reorder(*outer, *tile_outer, *[r for r in (*reduction, red_inner) if r is not None and r not in tile_inner],
+                *tile_inner)
+    at = tile_outer[0] if schedule.requant == "row" else tile_outer[1]
+    sch.reverse_compute_at(blocks["requantize"], at)
+    init = sch.decompose_reduction(acc, reduction[0] if reduction else red_inner)
+    if red_inner is not None:
+        sch.unroll(red_inner)
+    if schedule.unroll_tile:
+        for loop in tile_inner:
+            sch.unroll(loop)
+        n_tile = len(tile_inner)
+        for block in (init, blocks["requantize"]) if schedule.requant == "tile" else (init,):
+            block_loops = sch.get_loops(block)
+            for loop in block_loops[len(block_loops) - n_tile:] if n_tile else ():
+                sch.unroll(loop)
+    return True
+
+
+def of_func(func) -> LayerSchedule | None:
+    """The LayerSchedule a PrimFunc was tagged with by its converter (None: untagged)."""
+    value = func.attrs.get(ATTR) if func.attrs is not None else None
+    return LayerSchedule.from_dict(json.loads(str(value))) if value is not None else None
