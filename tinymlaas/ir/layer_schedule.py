@@ -22,7 +22,7 @@ ATTR = "tinymlaas.layer_schedule"  # the PrimFunc attribute carrying a layer's s
 
 OC_BLOCKS = (1, 2, 4, 8, 16)
 PX_BLOCKS = (1, 2, 3, 4, 5, 8)
-REDUCTION_UNROLLS = (1, 2, 4, 8)
+REDUCTION_UNROLLS = (1, 2, 3, 4, 8)  # of the innermost reduction loop; 3: a 3-wide kernel's row
 REDUCTION_ORDERS = ("hwc", "chw")  # kernel rows, columns, channels innermost; or channels outermost
 REQUANT = ("tile", "row")  # after each register tile; after each row of tiles (a row of accumulators on the stack)
 
@@ -37,6 +37,9 @@ class LayerSchedule:
     unroll_tile: bool = True  # the register tile's loops unrolled: accumulators in registers
     fold_zero_point: bool = False
     requant: str = "tile"
+    unroll_taps: bool = False  # every kernel row and column unrolled: loads of one input shared by neighbouring taps
+    proven_requant: bool = False  # gemm_dsp.c's requantization without 64-bit rounding steps, where the layer's
+    # weights prove it exact (dsp_layouts.requant_table; TFLite's form where they do not): int8 only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,7 +57,8 @@ class LayerSchedule:
     def short(self) -> str:
         return (f"{self.px_block}x{self.oc_block} tile, unroll {self.reduction_unroll} {self.reduction_order}"
                 + (", channels outer" if not self.pixels_outer else "") + (", rolled" if not self.unroll_tile else "")
-                + (", zp folded" if self.fold_zero_point else "") + (f", requant per {self.requant}"))
+                + (", zp folded" if self.fold_zero_point else "") + (f", requant per {self.requant}")
+                + (", taps unrolled" if self.unroll_taps else "") + (", proven requant" if self.proven_requant else ""))
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class KernelShape:
     channels: int  # output channels (output features)
     reduction: tuple[int, ...]  # reduction extents in "hwc" order: (kh, kw, cin), (kh, kw) or (depth,)
     zero_point: bool  # the input has a nonzero zero point (folding it is a real choice)
+    int8: bool = True  # int8 activations (int16x8 has neither zero points nor the proven requantization)
 
 
 def kernel_shape(graph, op) -> KernelShape | None:
@@ -75,18 +80,19 @@ def kernel_shape(graph, op) -> KernelShape | None:
     if not w.is_const:
         return None
     family = FAMILIES[op.opcode]
-    zp = bool(x.zero_point)
+    zp, int8 = bool(x.zero_point), x.dtype == "int8"
     if family == "dense":
         depth = int(w.shape[1])
-        return KernelShape("dense", int(x.size) // depth, int(w.shape[0]), (depth,), zp)
+        return KernelShape("dense", int(x.size) // depth, int(w.shape[0]), (depth,), zp, int8)
     if len(out.shape) != 4:
         return None
     if family == "depthwise":
         if int(op.opt("depthMultiplier", 1) or 1) != 1:
             return None
-        return KernelShape("depthwise", int(out.shape[2]), int(out.shape[3]), (int(w.shape[1]), int(w.shape[2])), zp)
+        return KernelShape("depthwise", int(out.shape[2]), int(out.shape[3]), (int(w.shape[1]), int(w.shape[2])),
+                           zp, int8)
     return KernelShape("conv", int(out.shape[2]), int(out.shape[3]), (int(w.shape[1]), int(w.shape[2]),
-                                                                      int(w.shape[3])), zp)
+                                                                      int(w.shape[3])), zp, int8)
 
 
 FAMILIES = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise", "FULLY_CONNECTED": "dense"}
@@ -106,8 +112,10 @@ def space_of(shape: KernelShape) -> list[LayerSchedule]:
     orders = REDUCTION_ORDERS if shape.family != "dense" and len([r for r in shape.reduction if r > 1]) > 1 \
         else REDUCTION_ORDERS[:1]
     out = [LayerSchedule()]
-    for oc, px, order, unroll, outer, tile, fold, req in itertools.product(
-            OC_BLOCKS, PX_BLOCKS, orders, REDUCTION_UNROLLS, (True, False), (True, False), (False, True), REQUANT):
+    taps = 1 if shape.family == "dense" else shape.reduction[0] * shape.reduction[1]
+    for oc, px, order, unroll, outer, tile, fold, req, all_taps, proven in itertools.product(
+            OC_BLOCKS, PX_BLOCKS, orders, REDUCTION_UNROLLS, (True, False), (True, False), (False, True), REQUANT,
+            (False, True), (True, False) if shape.int8 else (False,)):
         if oc > shape.channels or px > shape.pixels or (oc == 1 and px == 1 and not tile):
             continue
         inner = _innermost(shape, order)
@@ -117,7 +125,9 @@ def space_of(shape: KernelShape) -> list[LayerSchedule]:
             continue
         if req == "row" and (oc >= shape.channels or not outer):  # a row of tiles is a tile when one spans it
             continue
-        s = LayerSchedule(oc, px, unroll, order, outer, tile, fold, req)
+        if all_taps and not (1 < taps <= 25 and unroll == 1):  # the taps' loops take the unrolling then
+            continue
+        s = LayerSchedule(oc, px, unroll, order, outer, tile, fold, req, all_taps, proven)
         if s != out[0]:
             out.append(s)
     return out
@@ -147,6 +157,7 @@ def features(shape: KernelShape, schedule: LayerSchedule) -> dict:
         "family": ("conv", "depthwise", "dense").index(shape.family), "pixels": shape.pixels,
         "channels": shape.channels, "reduction": red, "innermost": _innermost(shape, schedule.reduction_order),
         "kernel_taps": red // (shape.reduction[-1] if shape.family == "conv" else 1),
+        "unroll_taps": int(schedule.unroll_taps), "proven_requant": int(schedule.proven_requant),
     }
 
 
@@ -174,6 +185,10 @@ def apply(sch, schedule: LayerSchedule) -> bool:
             red_inner = reduction.pop()
         else:
             reduction[-1], red_inner = sch.split(reduction[-1], [None, schedule.reduction_unroll])
+    taps = []  # conv: the kernel's rows and columns, not its channels; depthwise: its whole reduction
+    if schedule.unroll_taps:
+        taps = reduction if len(reduction) == 2 else reduction[1:] if schedule.reduction_order == "chw" \
+            else reduction[:2]
     tile_outer = [pxo, oco] if schedule.pixels_outer else [oco, pxo]
     tile_inner = [loop for loop in (pxi, oci) if loop is not None]
     sch.reorder(*outer, *tile_outer, *[r for r in (*reduction, red_inner) if r is not None and r not in tile_inner],
@@ -183,6 +198,8 @@ def apply(sch, schedule: LayerSchedule) -> bool:
     init = sch.decompose_reduction(acc, reduction[0] if reduction else red_inner)
     if red_inner is not None:
         sch.unroll(red_inner)
+    for loop in taps:
+        sch.unroll(loop)
     if schedule.unroll_tile:
         for loop in tile_inner:
             sch.unroll(loop)

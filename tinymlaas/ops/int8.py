@@ -105,6 +105,19 @@ def _act(ctx, op):
     return activation_range(int(op.opt("fusedActivationFunction", 0) or 0), out.scale, out.zero_point, out.dtype)
 
 
+def _proven_rescale(by_channel, bias, folded_bias, mult, shift, zp_in, zp_out, act, single: bool) -> list | None:
+    """The operands of int8_te.requantize_proven (bias, multiplier, [round, shift]) where requant_table proves the
+    cheap requantization exact for these weights; None where it does not (the layer keeps TFLite's form)."""
+    table = requant_table(by_channel, bias, mult, shift, zp_in, zp_out, act, single=single)
+    if table is None:
+        return None
+    live = table[:, 1] != 0  # dead channels (a constant output) keep their zero bias
+    scaled = folded_bias.astype(np.int64) * (1 if single else 2)
+    wrapped = ((scaled + 2**31) % 2**32 - 2**31).astype(np.int32)  # the total is proved to fit; parts may wrap
+    return [np.where(live, wrapped, table[:, 0]).astype(np.int32), np.ascontiguousarray(table[:, 1]),
+            np.ascontiguousarray(table[:, 2:4])]
+
+
 # --- the C kernel of a convolution on the DSP path ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -243,10 +256,14 @@ def conv2d(ctx, op, impl):
         schedule = ctx.layer_schedule(op)
         fold = schedule is not None and schedule.fold_zero_point
         by_channel = w.reshape(channels, -1) if name == "CONV_2D" else w.reshape(-1, channels).T
-        if fold:  # the zero point's share of every product, summed at build time (ir/layer_schedule.py)
-            bias = (bias - zp_in * by_channel.astype(np.int64).sum(axis=1)).astype(bias.dtype)
-        args = [x, relax.const(w), relax.const(bias), *map(relax.const, _rescale(ctx, op, mult, shift))]
-        tuned = {"schedule": schedule, "fold_zero_point": fold, "acc_dtype": accumulator(x_t, by_channel)}
+        folded = (bias - zp_in * by_channel.astype(np.int64).sum(axis=1)).astype(bias.dtype) if fold else bias
+        proven = None  # the cheap requantization, where the schedule asks and the weights prove it exact
+        if schedule is not None and schedule.proven_requant and x_t.dtype == "int8":
+            proven = _proven_rescale(by_channel, bias, folded, mult, shift, zp_in, zp_out, (lo, hi), single=False)
+        rescale = proven or [folded, *_rescale(ctx, op, mult, shift)]
+        args = [x, relax.const(w), *map(relax.const, rescale)]
+        tuned = {"schedule": schedule, "fold_zero_point": fold, "acc_dtype": accumulator(x_t, by_channel),
+                 "proven": proven is not None}
         if name == "CONV_2D":
             y = emit_kernel(ctx, k.conv2d_s8, args, **common, **tuned)
         else:
@@ -289,13 +306,20 @@ def fully_connected(ctx, op, impl):
     else:
         schedule = ctx.layer_schedule(op)
         fold = schedule is not None and schedule.fold_zero_point
+        folded = bias_values
         if fold:  # the input zero point's share of every product, summed at build time (ir/layer_schedule.py)
             sums = (w.astype(np.int64) - w_t.zero_point).sum(axis=1)
-            bias = relax.const((bias_values - zp_in * sums).astype(bias_values.dtype))
-        args = [x, relax.const(w), bias, relax.const(mult), relax.const(shift)]
+            folded = (bias_values - zp_in * sums).astype(bias_values.dtype)
+        proven = None  # the cheap requantization, where the schedule asks and the weights prove it exact
+        if schedule is not None and schedule.proven_requant and x_t.dtype == "int8" and w_t.zero_point == 0:
+            reps = out_features if mult.size == 1 else 1
+            proven = _proven_rescale(w, bias_values, folded, np.repeat(mult, reps), np.repeat(shift, reps), zp_in,
+                                     zp_out, (lo, hi), single=True)
+        rescale = proven or [folded, mult, shift]
+        args = [x, relax.const(w), *map(relax.const, rescale)]
         y = emit_kernel(ctx, k.fully_connected_s8, args, zp_in=zp_in, zp_weight=w_t.zero_point, zp_out=zp_out,
                         act_min=lo, act_max=hi, acc_dtype=accumulator(x_t, w, w_t.zero_point), schedule=schedule,
-                        fold_zero_point=fold)
+                        fold_zero_point=fold, proven=proven is not None)
     ctx.set_output(op, 0, y)
 
 

@@ -129,8 +129,9 @@ def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in, fold_zero_poi
 
 
 def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, padding, zp_in, zp_out, act_min, act_max,
-              acc_dtype="int32", fold_zero_point=False):
-    """NHWC int8 (or int16x8) convolution, weights OHWI, per-channel requantization."""
+              acc_dtype="int32", fold_zero_point=False, proven=False):
+    """NHWC int8 (or int16x8) convolution, weights OHWI, per-channel requantization (proven: bias, multiplier and
+    shift are the columns of requantize_proven)."""
     from tvm import te
 
     oc, kh, kw, _ = (int(v) for v in weight.shape)
@@ -147,11 +148,41 @@ def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, paddin
         ),
         name="acc",
     )
-    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype)
+    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype, proven)
 
 
-def _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, out_dtype):
+def requantize_proven(acc, bias, multiplier, round_shift, *, act_min, act_max, single: bool):
+    """The requantization of gemm_dsp.c without 64-bit rounding steps or saturation tests, for a layer where
+    dsp_layouts.requant_table proved it exact (its columns: `bias` doubled unless `single`, `multiplier`, and
+    `round_shift` [C, 2] = the rounding constant with the output zero point, the shift):
+    double: x = (2 (acc + bias) m + 2^31) >> 32, then (x + round - (x < 0)) >> shift; single: ((acc + bias) m >> 32
+    + round) >> shift; then clamped. Sums wrap in int32 where a folded zero point makes a partial sum large: the
+    total is proved to fit."""
+    from tvm import te, tirx
+
+    lo, hi = max(act_min, -128), min(act_max, 127)
+
+    def f(*i):
+        o = i[-1]
+        m = multiplier[o].astype("int64")
+        if single:
+            x = (((acc(*i) + bias[o]).astype("int64") * m) >> tirx.const(32, "int64")).astype("int32")
+            v = (x + round_shift[o, 0]) >> round_shift[o, 1]
+        else:
+            total = (acc(*i) * _i32(2) + bias[o]).astype("int64")
+            x = ((total * m + tirx.const(1 << 31, "int64")) >> tirx.const(32, "int64")).astype("int32")
+            v = _let(x, lambda xv: (xv + round_shift[o, 0] - tirx.Select(xv < _i32(0), _i32(1), _i32(0)))
+                     >> round_shift[o, 1], "x")
+        return _clamp(v, lo, hi, "int8")
+
+    return te.compute(acc.shape, f, name="requantize")
+
+
+def _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, out_dtype, proven=False):
     from tvm import te
+
+    if proven:
+        return requantize_proven(acc, bias, multiplier, shift, act_min=act_min, act_max=act_max, single=False)
 
     def f(*i):
         o = i[-1]
@@ -164,7 +195,7 @@ def _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max,
 
 def depthwise_conv2d_s8(
     data, weight, bias, multiplier, shift, *, stride, dilation, padding, depth_multiplier, zp_in, zp_out, act_min, act_max,
-    acc_dtype="int32", fold_zero_point=False,
+    acc_dtype="int32", fold_zero_point=False, proven=False,
 ):
     """NHWC int8 (or int16x8) depthwise convolution, weights 1HWC (C = in channels * depth multiplier)."""
     from tvm import te
@@ -183,11 +214,11 @@ def depthwise_conv2d_s8(
         ),
         name="acc",
     )
-    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype)
+    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype, proven)
 
 
 def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weight, zp_out, act_min, act_max,
-                       acc_dtype="int32", fold_zero_point=False):
+                       acc_dtype="int32", fold_zero_point=False, proven=False):
     """[batch, in] x [out, in]^T int8 (or int16x8), per-tensor or per-channel requantization (multiplier/shift of
     length out).
 
@@ -210,6 +241,8 @@ def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weigh
         ),
         name="acc",
     )
+    if proven:
+        return requantize_proven(acc, bias, multiplier, shift, act_min=act_min, act_max=act_max, single=True)
     return te.compute(
         (batch, out_features),
         lambda b, o: _requantize(

@@ -1,0 +1,93 @@
+"""Layer schedules built for real: random points of each layer's space stay bit-exact in the emulator, the tune
+strategy repeats for a seed, reuses its log, and its variant rebuilds to the same count."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.helpers import quantized_layers as layers
+from tests.helpers.cli import cli
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
+from tinymlaas.frontend.cleanup import clean
+from tinymlaas.frontend.tflite import load_tflite
+from tinymlaas.ir.layer_schedule import LayerSchedule, kernel_shape, space_of
+from tinymlaas.search.result import write_result
+from tinymlaas.search.search import search
+from tinymlaas.search.space import Variant
+from tinymlaas.search.tuning import layer_groups
+from tinymlaas.targets import get_target
+
+# odd shapes: padding, stride 2, channels that no tile divides, a batch of rows for the dense layer
+LAYERS = {
+    "conv": lambda: layers.conv2d(3, [1, 9, 7, 5], 6, 3, 1, 0, 1),
+    "conv_stride2": lambda: layers.conv2d(4, [1, 10, 11, 3], 7, 3, 2, 0, 3),
+    "depthwise": lambda: layers.depthwise(5, [1, 8, 9, 12], 1, 3, 2, 0, 1),
+    "dense": lambda: layers.fully_connected(6, [3, 20], 10, 0),
+}
+
+
+def _model(tmp_path, name):
+    path = tmp_path / f"{name}.tflite"
+    path.write_bytes(LAYERS[name]())
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_random_schedules_of_a_layer_build_bit_exact(tmp_path, name):
+    path = _model(tmp_path, name)
+    graph = clean(load_tflite(path).graph, shapes_from_interpreter=True)
+    op = graph.operators[0]
+    space = space_of(kernel_shape(graph, op))
+    rng = np.random.default_rng(11)
+    picks = [space[k] for k in rng.choice(len(space), size=3, replace=False)]
+    picks.append(next(s for s in space if s.fold_zero_point and s.oc_block > 1))  # the folded bias, tiled
+    counts = set()
+    for k, schedule in enumerate(picks):
+        v = Variant(kernels=((op.index, "tir"),), layers=((op.index, schedule),))
+        r = compile_model(path, "rv32imac", tmp_path / f"b{k}", BuildRequest(inputs=3, variant=v))
+        assert r.verified and r.fidelity["max_lsb_diff"] == 0, schedule
+        assert r.variant["layers"] == {str(op.index): schedule.to_dict()}
+        counts.add(r.instructions)
+    assert len(counts) > 1  # the schedules are really different code
+
+
+def test_a_schedule_for_the_wrong_layer_or_kernel_is_refused(tmp_path):
+    path = _model(tmp_path, "dense")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(Variant(kernels=((0, "tir"),), layers=((0, LayerSchedule(oc_block=16)),)).to_dict()))
+    r = cli("compile", path, "--target", "rv32imac", "--variant", wrong, "--out", tmp_path / "o")
+    assert r.returncode == 2 and "--variant" in r.stderr and "not in the space" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    c_kernel = tmp_path / "c.json"
+    c_kernel.write_text(json.dumps(Variant(kernels=((0, "dsp"),), layers=((0, LayerSchedule(oc_block=2)),)).to_dict()))
+    r = cli("compile", path, "--target", "rv32imac", "--variant", c_kernel, "--out", tmp_path / "o")
+    assert r.returncode == 2 and "for the tir implementation" in r.stderr
+
+
+def test_tune_repeats_for_a_seed_reuses_its_log_and_rebuilds_its_variant(tmp_path, monkeypatch):
+    path = _model(tmp_path, "conv")
+    graph = clean(load_tflite(path).graph, shapes_from_interpreter=True)
+    assert len(layer_groups(graph, get_target("rv32imac"))) == 1
+
+    def tuned(log: str, out: str, budget: int = 7):
+        monkeypatch.setenv("TINYMLAAS_MEASUREMENTS", str(tmp_path / log))
+        return search(path, "rv32imac", tmp_path / out, BuildRequest(budget=budget, strategy="tune", seed=5,
+                                                                     workers=1))
+
+    one, two = tuned("a.db", "one"), tuned("b.db", "two")
+    assert [p.variant for p in one.points] == [p.variant for p in two.points]
+    assert [p.objectives() for p in one.points] == [p.objectives() for p in two.points]
+    best, default = one.points[one.chosen], one.points[0]
+    assert best.verified and best.fidelity_loss == 0 and best.cost <= default.cost
+    assert "1 layer signatures" in one.notes[0] and "0 of 1 signatures had records" in one.notes[1]
+
+    again = tuned("a.db", "again", budget=3)  # the log knows this layer: the best it holds, no search needed
+    assert "1 of 1 signatures had records" in again.notes[1]
+    assert again.points[again.chosen].cost == best.cost
+
+    write_result(one, tmp_path / "front")
+    front = tmp_path / "front" / "front.json"
+    r = compile_model(path, "rv32imac", tmp_path / "rebuilt", BuildRequest(inputs=3, seed=5, variant_file=str(front)))
+    assert r.verified and r.instructions == best.instructions

@@ -1,0 +1,94 @@
+"""Per-layer schedule spaces: their size, validity in TIR, the checks that refuse a point of another layer, and the
+variants that carry them."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tinymlaas.build.request import InvalidRequest
+from tinymlaas.ir import schedule as default_schedules
+from tinymlaas.ir.layer_schedule import KernelShape, LayerSchedule, apply, check, features, space_of
+from tinymlaas.search.space import Variant, load_variant
+
+POINTWISE = KernelShape("conv", pixels=5, channels=64, reduction=(1, 1, 64), zero_point=True)
+CONV_PADDED = KernelShape("conv", pixels=7, channels=6, reduction=(3, 3, 5), zero_point=True)
+DEPTHWISE = KernelShape("depthwise", pixels=5, channels=64, reduction=(3, 3), zero_point=True)
+DENSE = KernelShape("dense", pixels=1, channels=12, reduction=(64,), zero_point=False)
+
+
+def test_a_typical_convolution_has_over_a_thousand_distinct_schedules_and_the_default_first():
+    space = space_of(POINTWISE)
+    assert len(space) >= 1000 and len(set(space)) == len(space) and space[0] == LayerSchedule()
+    assert len(space_of(DEPTHWISE)) >= 500
+    # what a layer cannot take is not in its space: tiles wider than it, zero-point folding without a zero point
+    assert all(s.oc_block <= 12 and not s.fold_zero_point for s in space_of(DENSE))
+    assert all(s.px_block <= 5 and 64 % s.reduction_unroll == 0 for s in space)
+
+
+def test_check_refuses_a_schedule_of_another_layer():
+    assert check(POINTWISE, LayerSchedule(oc_block=16, px_block=5)) is None
+    assert "not in the space" in check(DENSE, LayerSchedule(oc_block=16))  # 16 channels of 12
+    assert "not in the space" in check(DENSE, LayerSchedule(fold_zero_point=True))  # no zero point to fold
+
+
+def test_features_are_numbers_for_every_point():
+    for s in space_of(CONV_PADDED)[:50]:
+        f = features(CONV_PADDED, s)
+        assert all(isinstance(v, (int, float)) for v in f.values()) and f["tile"] == s.oc_block * s.px_block
+
+
+def _kernel(shape: KernelShape, fold: bool):
+    """The TE kernel of a layer of this shape, as the converters emit it (ops/int8_te.py)."""
+    from tvm import te
+
+    from tinymlaas.ops import int8_te
+
+    oc = shape.channels
+    vectors = [te.placeholder((oc,), "int32", n) for n in ("bias", "mult", "shift")]
+    common = {"zp_out": 2, "act_min": -128, "act_max": 127, "fold_zero_point": fold}
+    if shape.family == "dense":
+        x = te.placeholder((shape.pixels, shape.reduction[0]), "int8", "x")
+        w = te.placeholder((oc, shape.reduction[0]), "int8", "w")
+        out = int8_te.fully_connected_s8(x, w, *vectors, zp_in=-3, zp_weight=0, **common)
+    elif shape.family == "conv":
+        kh, kw, c = shape.reduction
+        x = te.placeholder((1, 9, shape.pixels, c), "int8", "x")
+        w = te.placeholder((oc, kh, kw, c), "int8", "w")
+        out = int8_te.conv2d_s8(x, w, *vectors, stride=(1, 1), dilation=(1, 1),
+                                padding=(kh // 2, kw // 2, kh // 2, kw // 2), zp_in=-3, **common)
+    else:
+        kh, kw = shape.reduction
+        x = te.placeholder((1, 9, shape.pixels, oc), "int8", "x")
+        w = te.placeholder((1, kh, kw, oc), "int8", "w")
+        out = int8_te.depthwise_conv2d_s8(x, w, *vectors, stride=(1, 1), dilation=(1, 1), depth_multiplier=1,
+                                          padding=(kh // 2, kw // 2, kh // 2, kw // 2), zp_in=-3, **common)
+    return te.create_prim_func([x, w, *vectors, out])
+
+
+@pytest.mark.parametrize("shape", [POINTWISE, CONV_PADDED, DEPTHWISE, DENSE], ids=lambda s: s.family)
+def test_random_points_of_each_space_schedule_in_tir(shape):
+    from tvm import s_tir
+
+    space = space_of(shape)
+    rng = np.random.default_rng(7)
+    funcs = {fold: _kernel(shape, fold) for fold in (False, True)}
+    for k in rng.choice(len(space), size=min(25, len(space)), replace=False):
+        sch = s_tir.Schedule(funcs[space[k].fold_zero_point])
+        default_schedules.inline_injective(sch)
+        assert apply(sch, space[k]), space[k]
+
+
+def test_variants_carry_layer_schedules_and_old_records_read_the_same(tmp_path):
+    v = Variant(kernels=((2, "tir"),), layers=((2, LayerSchedule(oc_block=4, px_block=2, fold_zero_point=True)),))
+    assert Variant.from_dict(json.loads(json.dumps(v.to_dict()))) == v
+    assert "layers" not in Variant().to_dict()  # a variant without layer schedules keeps its old key
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps(v.to_dict()))
+    assert load_variant(path) == v
+    path.write_text(json.dumps({**v.to_dict(), "layers": {"2": {"oc_blocks": 4}}}))
+    with pytest.raises(InvalidRequest, match="oc_blocks"):
+        load_variant(path)
+    path.write_text(json.dumps({**v.to_dict(), "layers": {"two": {}}}))
+    with pytest.raises(InvalidRequest, match="operator indices"):
+        load_variant(path)
