@@ -25,6 +25,7 @@ LAYERS = {
     "conv_stride2": lambda: layers.conv2d(4, [1, 10, 11, 3], 7, 3, 2, 0, 3),
     "depthwise": lambda: layers.depthwise(5, [1, 8, 9, 12], 1, 3, 2, 0, 1),
     "dense": lambda: layers.fully_connected(6, [3, 20], 10, 0),
+    "pointwise": lambda: layers.conv2d(7, [1, 6, 5, 12], 8, 1, 1, 0, 1),
 }
 
 
@@ -39,7 +40,7 @@ def test_random_schedules_of_a_layer_build_bit_exact(tmp_path, name):
     path = _model(tmp_path, name)
     graph = clean(load_tflite(path).graph, shapes_from_interpreter=True)
     op = graph.operators[0]
-    space = space_of(kernel_shape(graph, op))
+    space = space_of(kernel_shape(graph, op, get_target("rv32imac")))
     rng = np.random.default_rng(11)
     picks = [space[k] for k in rng.choice(len(space), size=3, replace=False)]
     picks.append(next(s for s in space if s.fold_zero_point and s.oc_block > 1))  # the folded bias, tiled
@@ -51,6 +52,21 @@ def test_random_schedules_of_a_layer_build_bit_exact(tmp_path, name):
         assert r.variant["layers"] == {str(op.index): schedule.to_dict()}
         counts.add(r.instructions)
     assert len(counts) > 1  # the schedules are really different code
+
+
+@pytest.mark.parametrize("name", ["pointwise", "dense"])
+def test_tensorized_smlad_schedules_build_bit_exact_on_a_dsp_core(tmp_path, name):
+    path = _model(tmp_path, name)
+    graph = clean(load_tflite(path).graph, shapes_from_interpreter=True)
+    op = graph.operators[0]
+    dots = [s for s in space_of(kernel_shape(graph, op, get_target("cortex-m4"))) if s.dsp_dot]
+    assert not any(s.dsp_dot for s in space_of(kernel_shape(graph, op, get_target("cortex-m3"))))  # no SMLAD
+    picks = [next(s for s in dots if s.wide_weights == wide and s.proven_requant == proven and s.oc_block > 1)
+             for wide in (False, True) for proven in (False, True)]
+    for k, schedule in enumerate(picks):
+        v = Variant(kernels=((op.index, "tir"),), layers=((op.index, schedule),))
+        r = compile_model(path, "cortex-m4", tmp_path / f"b{k}", BuildRequest(inputs=3, variant=v))
+        assert r.verified and r.fidelity["max_lsb_diff"] == 0, schedule
 
 
 def test_a_schedule_for_the_wrong_layer_or_kernel_is_refused(tmp_path):

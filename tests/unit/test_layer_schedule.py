@@ -15,6 +15,10 @@ POINTWISE = KernelShape("conv", pixels=5, channels=64, reduction=(1, 1, 64), zer
 CONV_PADDED = KernelShape("conv", pixels=7, channels=6, reduction=(3, 3, 5), zero_point=True)
 DEPTHWISE = KernelShape("depthwise", pixels=5, channels=64, reduction=(3, 3), zero_point=True)
 DENSE = KernelShape("dense", pixels=1, channels=12, reduction=(64,), zero_point=False)
+# on a core with SMLAD, unpadded: the tensorized inner products (int8 and widened weights) join the space
+POINTWISE_DSP = KernelShape("conv", pixels=5, channels=64, reduction=(1, 1, 64), zero_point=True, dsp=True,
+                            padded=False)
+DENSE_DSP = KernelShape("dense", pixels=1, channels=12, reduction=(64,), zero_point=True, dsp=True, padded=False)
 
 
 def test_a_typical_convolution_has_over_a_thousand_distinct_schedules_and_the_default_first():
@@ -24,6 +28,10 @@ def test_a_typical_convolution_has_over_a_thousand_distinct_schedules_and_the_de
     # what a layer cannot take is not in its space: tiles wider than it, zero-point folding without a zero point
     assert all(s.oc_block <= 12 and not s.fold_zero_point for s in space_of(DENSE))
     assert all(s.px_block <= 5 and 64 % s.reduction_unroll == 0 for s in space)
+    assert not any(s.dsp_dot for s in space)  # no SMLAD on this core
+    dots = [s for s in space_of(POINTWISE_DSP) if s.dsp_dot]
+    assert dots and all(s.fold_zero_point and 5 % s.px_block == 0 and 64 % s.oc_block == 0 for s in dots)
+    assert any(s.wide_weights for s in dots) and not any(s.wide_weights and not s.dsp_dot for s in space)
 
 
 def test_check_refuses_a_schedule_of_another_layer():
@@ -38,7 +46,7 @@ def test_features_are_numbers_for_every_point():
         assert all(isinstance(v, (int, float)) for v in f.values()) and f["tile"] == s.oc_block * s.px_block
 
 
-def _kernel(shape: KernelShape, fold: bool):
+def _kernel(shape: KernelShape, fold: bool, lanes: bool = False):
     """The TE kernel of a layer of this shape, as the converters emit it (ops/int8_te.py)."""
     from tvm import te
 
@@ -46,35 +54,40 @@ def _kernel(shape: KernelShape, fold: bool):
 
     oc = shape.channels
     vectors = [te.placeholder((oc,), "int32", n) for n in ("bias", "mult", "shift")]
-    common = {"zp_out": 2, "act_min": -128, "act_max": 127, "fold_zero_point": fold}
+    common = {"zp_out": 2, "act_min": -128, "act_max": 127, "fold_zero_point": fold, "lanes": lanes}
+    wdtype = "int16" if lanes else "int8"
     if shape.family == "dense":
         x = te.placeholder((shape.pixels, shape.reduction[0]), "int8", "x")
-        w = te.placeholder((oc, shape.reduction[0]), "int8", "w")
+        w = te.placeholder((oc, shape.reduction[0]), wdtype, "w")
         out = int8_te.fully_connected_s8(x, w, *vectors, zp_in=-3, zp_weight=0, **common)
     elif shape.family == "conv":
         kh, kw, c = shape.reduction
         x = te.placeholder((1, 9, shape.pixels, c), "int8", "x")
-        w = te.placeholder((oc, kh, kw, c), "int8", "w")
-        out = int8_te.conv2d_s8(x, w, *vectors, stride=(1, 1), dilation=(1, 1),
-                                padding=(kh // 2, kw // 2, kh // 2, kw // 2), zp_in=-3, **common)
+        w = te.placeholder((oc, kh, kw, c), wdtype, "w")
+        pad = (kh // 2, kw // 2, kh // 2, kw // 2) if shape.padded else (0, 0, 0, 0)
+        out = int8_te.conv2d_s8(x, w, *vectors, stride=(1, 1), dilation=(1, 1), padding=pad, zp_in=-3, **common)
     else:
         kh, kw = shape.reduction
         x = te.placeholder((1, 9, shape.pixels, oc), "int8", "x")
         w = te.placeholder((1, kh, kw, oc), "int8", "w")
+        common.pop("lanes")
         out = int8_te.depthwise_conv2d_s8(x, w, *vectors, stride=(1, 1), dilation=(1, 1), depth_multiplier=1,
                                           padding=(kh // 2, kw // 2, kh // 2, kw // 2), zp_in=-3, **common)
     return te.create_prim_func([x, w, *vectors, out])
 
 
-@pytest.mark.parametrize("shape", [POINTWISE, CONV_PADDED, DEPTHWISE, DENSE], ids=lambda s: s.family)
+@pytest.mark.parametrize("shape", [POINTWISE, CONV_PADDED, DEPTHWISE, DENSE, POINTWISE_DSP, DENSE_DSP],
+                         ids=["conv", "conv_padded", "depthwise", "dense", "conv_dsp", "dense_dsp"])
 def test_random_points_of_each_space_schedule_in_tir(shape):
     from tvm import s_tir
 
     space = space_of(shape)
     rng = np.random.default_rng(7)
-    funcs = {fold: _kernel(shape, fold) for fold in (False, True)}
-    for k in rng.choice(len(space), size=min(25, len(space)), replace=False):
-        sch = s_tir.Schedule(funcs[space[k].fold_zero_point])
+    funcs = {(fold, lanes): _kernel(shape, fold, lanes) for fold in (False, True) for lanes in (False, True)}
+    picks = list(rng.choice(len(space), size=min(25, len(space)), replace=False))
+    picks += [k for k, s in enumerate(space) if s.dsp_dot][:3]  # the tensorized points, where there are
+    for k in picks:
+        sch = s_tir.Schedule(funcs[space[k].fold_zero_point, space[k].wide_weights])
         default_schedules.inline_injective(sch)
         assert apply(sch, space[k]), space[k]
 

@@ -40,6 +40,9 @@ class LayerSchedule:
     unroll_taps: bool = False  # every kernel row and column unrolled: loads of one input shared by neighbouring taps
     proven_requant: bool = False  # gemm_dsp.c's requantization without 64-bit rounding steps, where the layer's
     # weights prove it exact (dsp_layouts.requant_table; TFLite's form where they do not): int8 only
+    dsp_dot: bool = False  # the inner product of four int8 pairs tensorized as two SMLADs (ir/arm_intrinsics.py)
+    wide_weights: bool = False  # with dsp_dot: the weights widened to int16 in lane order at build time (twice the
+    # flash, no SXTB16 for them)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +61,8 @@ class LayerSchedule:
         return (f"{self.px_block}x{self.oc_block} tile, unroll {self.reduction_unroll} {self.reduction_order}"
                 + (", channels outer" if not self.pixels_outer else "") + (", rolled" if not self.unroll_tile else "")
                 + (", zp folded" if self.fold_zero_point else "") + (f", requant per {self.requant}")
-                + (", taps unrolled" if self.unroll_taps else "") + (", proven requant" if self.proven_requant else ""))
+                + (", taps unrolled" if self.unroll_taps else "") + (", proven requant" if self.proven_requant else "")
+                + (", SMLAD" if self.dsp_dot else "") + (" int16 weights" if self.wide_weights else ""))
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,12 @@ class KernelShape:
     reduction: tuple[int, ...]  # reduction extents in "hwc" order: (kh, kw, cin), (kh, kw) or (depth,)
     zero_point: bool  # the input has a nonzero zero point (folding it is a real choice)
     int8: bool = True  # int8 activations (int16x8 has neither zero points nor the proven requantization)
+    dsp: bool = False  # the core has Arm's DSP extension (SMLAD): the tensorized inner product is a choice
+    padded: bool = True  # reads that are not plain (padding; a weight zero point): no tensorized inner product
 
 
-def kernel_shape(graph, op) -> KernelShape | None:
-    """The kernel shape of an operator whose TIR kernel takes a LayerSchedule, else None."""
+def kernel_shape(graph, op, target=None) -> KernelShape | None:
+    """The kernel shape of an operator whose TIR kernel takes a LayerSchedule on `target`, else None."""
     if graph.precision(op) not in ("int8", "int16") or op.opcode not in FAMILIES:
         return None
     x, w, out = graph.tensor(op.inputs[0]), graph.tensor(op.inputs[1]), graph.tensor(op.outputs[0])
@@ -81,18 +87,25 @@ def kernel_shape(graph, op) -> KernelShape | None:
         return None
     family = FAMILIES[op.opcode]
     zp, int8 = bool(x.zero_point), x.dtype == "int8"
+    dsp = bool(target is not None and target.dsp)
     if family == "dense":
         depth = int(w.shape[1])
-        return KernelShape("dense", int(x.size) // depth, int(w.shape[0]), (depth,), zp, int8)
+        return KernelShape("dense", int(x.size) // depth, int(w.shape[0]), (depth,), zp, int8, dsp, bool(w.zero_point))
     if len(out.shape) != 4:
         return None
     if family == "depthwise":
         if int(op.opt("depthMultiplier", 1) or 1) != 1:
             return None
         return KernelShape("depthwise", int(out.shape[2]), int(out.shape[3]), (int(w.shape[1]), int(w.shape[2])),
-                           zp, int8)
-    return KernelShape("conv", int(out.shape[2]), int(out.shape[3]), (int(w.shape[1]), int(w.shape[2]),
-                                                                      int(w.shape[3])), zp, int8)
+                           zp, int8, dsp)
+    from tinymlaas.ops.geometry import padding
+
+    h, wd = int(x.shape[1]), int(x.shape[2])
+    kh, kw = int(w.shape[1]), int(w.shape[2])
+    pads = (*padding(op.opt("padding", 0), h, kh, op.opt("strideH", 1), op.opt("dilationHFactor", 1) or 1),
+            *padding(op.opt("padding", 0), wd, kw, op.opt("strideW", 1), op.opt("dilationWFactor", 1) or 1))
+    return KernelShape("conv", int(out.shape[2]), int(out.shape[3]), (kh, kw, int(w.shape[3])), zp, int8, dsp,
+                       any(pads))
 
 
 FAMILIES = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise", "FULLY_CONNECTED": "dense"}
@@ -113,9 +126,11 @@ def space_of(shape: KernelShape) -> list[LayerSchedule]:
         else REDUCTION_ORDERS[:1]
     out = [LayerSchedule()]
     taps = 1 if shape.family == "dense" else shape.reduction[0] * shape.reduction[1]
-    for oc, px, order, unroll, outer, tile, fold, req, all_taps, proven in itertools.product(
+    dot = shape.dsp and shape.int8 and not shape.padded and shape.reduction[-1] % 4 == 0 and shape.family != "depthwise"
+    dots = ((False, False), (True, False), (True, True)) if dot else ((False, False),)
+    for oc, px, order, unroll, outer, tile, fold, req, all_taps, proven, (dsp_dot, wide) in itertools.product(
             OC_BLOCKS, PX_BLOCKS, orders, REDUCTION_UNROLLS, (True, False), (True, False), (False, True), REQUANT,
-            (False, True), (True, False) if shape.int8 else (False,)):
+            (False, True), (True, False) if shape.int8 else (False,), dots):
         if oc > shape.channels or px > shape.pixels or (oc == 1 and px == 1 and not tile):
             continue
         inner = _innermost(shape, order)
@@ -127,7 +142,10 @@ def space_of(shape: KernelShape) -> list[LayerSchedule]:
             continue
         if all_taps and not (1 < taps <= 25 and unroll == 1):  # the taps' loops take the unrolling then
             continue
-        s = LayerSchedule(oc, px, unroll, order, outer, tile, fold, req, all_taps, proven)
+        if dsp_dot and (order != "hwc" or unroll != 1 or (shape.zero_point and not fold) or shape.pixels % px
+                        or shape.channels % oc or not tile):
+            continue  # four channels at a time, innermost, read as they are (the zero point folded), whole tiles
+        s = LayerSchedule(oc, px, unroll, order, outer, tile, fold, req, all_taps, proven, dsp_dot, wide)
         if s != out[0]:
             out.append(s)
     return out
@@ -158,6 +176,7 @@ def features(shape: KernelShape, schedule: LayerSchedule) -> dict:
         "channels": shape.channels, "reduction": red, "innermost": _innermost(shape, schedule.reduction_order),
         "kernel_taps": red // (shape.reduction[-1] if shape.family == "conv" else 1),
         "unroll_taps": int(schedule.unroll_taps), "proven_requant": int(schedule.proven_requant),
+        "dsp_dot": int(schedule.dsp_dot), "wide_weights": int(schedule.wide_weights),
     }
 
 
@@ -168,7 +187,7 @@ def apply(sch, schedule: LayerSchedule) -> bool:
     from tinymlaas.ir.schedule import _root_blocks
 
     blocks = {sch.get(b).name_hint: b for b in _root_blocks(sch)}
-    if set(blocks) != {"acc", "requantize"}:
+    if set(blocks) - {"keep_total"} != {"acc", "requantize"}:  # keep_total: the proven requantization's sum
         return False
     acc = blocks["acc"]
     loops = sch.get_loops(acc)
@@ -180,7 +199,9 @@ def apply(sch, schedule: LayerSchedule) -> bool:
     if schedule.reduction_order == "chw" and len(reduction) > 1:
         reduction = [reduction[-1], *reduction[:-1]] if len(reduction) == 3 else reduction[::-1]
     red_inner = None
-    if schedule.reduction_unroll > 1:
+    if schedule.dsp_dot:  # four channels innermost, below the tile: the tensorized inner product
+        reduction[-1], red_inner = sch.split(reduction[-1], [None, 4])
+    elif schedule.reduction_unroll > 1:
         if schedule.reduction_unroll >= extent(reduction[-1]):
             red_inner = reduction.pop()
         else:
@@ -191,12 +212,17 @@ def apply(sch, schedule: LayerSchedule) -> bool:
             else reduction[:2]
     tile_outer = [pxo, oco] if schedule.pixels_outer else [oco, pxo]
     tile_inner = [loop for loop in (pxi, oci) if loop is not None]
-    sch.reorder(*outer, *tile_outer, *[r for r in (*reduction, red_inner) if r is not None and r not in tile_inner],
-                *tile_inner)
+    reductions = [r for r in (*reduction, red_inner) if r is not None]
+    if schedule.dsp_dot:
+        sch.reorder(*outer, *tile_outer, *reduction, *tile_inner, red_inner)
+    else:
+        sch.reorder(*outer, *tile_outer, *reductions, *tile_inner)
     at = tile_outer[0] if schedule.requant == "row" else tile_outer[1]
+    if "keep_total" in blocks:
+        sch.reverse_compute_at(blocks["keep_total"], at)
     sch.reverse_compute_at(blocks["requantize"], at)
     init = sch.decompose_reduction(acc, reduction[0] if reduction else red_inner)
-    if red_inner is not None:
+    if red_inner is not None and not schedule.dsp_dot:
         sch.unroll(red_inner)
     for loop in taps:
         sch.unroll(loop)
@@ -208,6 +234,10 @@ def apply(sch, schedule: LayerSchedule) -> bool:
             block_loops = sch.get_loops(block)
             for loop in block_loops[len(block_loops) - n_tile:] if n_tile else ():
                 sch.unroll(loop)
+    if schedule.dsp_dot:
+        from tinymlaas.ir.arm_intrinsics import SMLAD_DOT4, SMLAD_DOT4_W16
+
+        sch.tensorize(red_inner, SMLAD_DOT4_W16 if schedule.wide_weights else SMLAD_DOT4)
     return True
 
 

@@ -105,6 +105,13 @@ def _act(ctx, op):
     return activation_range(int(op.opt("fusedActivationFunction", 0) or 0), out.scale, out.zero_point, out.dtype)
 
 
+def lane_order(w: np.ndarray) -> np.ndarray:
+    """Weights widened to int16, each group of four along the last axis in SMLAD's lane order (0 2 1 3): what the
+    tensorized inner product of a layer schedule with wide_weights reads (ir/arm_intrinsics.py)."""
+    groups = w.astype(np.int16).reshape(*w.shape[:-1], -1, 4)
+    return np.ascontiguousarray(groups[..., [0, 2, 1, 3]].reshape(w.shape))
+
+
 def _proven_rescale(by_channel, bias, folded_bias, mult, shift, zp_in, zp_out, act, single: bool) -> list | None:
     """The operands of int8_te.requantize_proven (bias, multiplier, [round, shift]) where requant_table proves the
     cheap requantization exact for these weights; None where it does not (the layer keeps TFLite's form)."""
@@ -261,9 +268,10 @@ def conv2d(ctx, op, impl):
         if schedule is not None and schedule.proven_requant and x_t.dtype == "int8":
             proven = _proven_rescale(by_channel, bias, folded, mult, shift, zp_in, zp_out, (lo, hi), single=False)
         rescale = proven or [folded, *_rescale(ctx, op, mult, shift)]
-        args = [x, relax.const(w), *map(relax.const, rescale)]
+        lanes = schedule is not None and schedule.wide_weights
+        args = [x, relax.const(lane_order(w) if lanes else w), *map(relax.const, rescale)]
         tuned = {"schedule": schedule, "fold_zero_point": fold, "acc_dtype": accumulator(x_t, by_channel),
-                 "proven": proven is not None}
+                 "proven": proven is not None, **({"lanes": True} if lanes else {})}
         if name == "CONV_2D":
             y = emit_kernel(ctx, k.conv2d_s8, args, **common, **tuned)
         else:
@@ -316,10 +324,11 @@ def fully_connected(ctx, op, impl):
             proven = _proven_rescale(w, bias_values, folded, np.repeat(mult, reps), np.repeat(shift, reps), zp_in,
                                      zp_out, (lo, hi), single=True)
         rescale = proven or [folded, mult, shift]
-        args = [x, relax.const(w), *map(relax.const, rescale)]
+        lanes = schedule is not None and schedule.wide_weights
+        args = [x, relax.const(lane_order(w) if lanes else w), *map(relax.const, rescale)]
         y = emit_kernel(ctx, k.fully_connected_s8, args, zp_in=zp_in, zp_weight=w_t.zero_point, zp_out=zp_out,
                         act_min=lo, act_max=hi, acc_dtype=accumulator(x_t, w, w_t.zero_point), schedule=schedule,
-                        fold_zero_point=fold, proven=proven is not None)
+                        fold_zero_point=fold, proven=proven is not None, **({"lanes": True} if lanes else {}))
     ctx.set_output(op, 0, y)
 
 

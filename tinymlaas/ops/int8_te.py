@@ -119,8 +119,12 @@ def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in, fold_zero_poi
     oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
     ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
 
+    unpadded = not any(padding)  # every read inside: no test (what a tensorized inner product can match)
+
     def value(b, y, x, ch):
         inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
+        if unpadded:
+            return data[b, y, x, ch].astype("int32") - (_i32(0) if fold_zero_point else _i32(zp_in))
         if fold_zero_point:
             return tirx.if_then_else(inside, data[b, y, x, ch], tirx.const(zp_in, data.dtype)).astype("int32")
         return tirx.if_then_else(inside, data[b, y, x, ch].astype("int32") - _i32(zp_in), _i32(0))
@@ -129,10 +133,12 @@ def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in, fold_zero_poi
 
 
 def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, padding, zp_in, zp_out, act_min, act_max,
-              acc_dtype="int32", fold_zero_point=False, proven=False):
+              acc_dtype="int32", fold_zero_point=False, proven=False, lanes=False):
     """NHWC int8 (or int16x8) convolution, weights OHWI, per-channel requantization (proven: bias, multiplier and
-    shift are the columns of requantize_proven)."""
+    shift are the columns of requantize_proven; lanes: int16 weights in lane order, ir/arm_intrinsics.py)."""
     from tvm import te
+
+    from tinymlaas.ir.arm_intrinsics import lane
 
     oc, kh, kw, _ = (int(v) for v in weight.shape)
     (sh, sw), (dh, dw), (pt, pl, _, _) = stride, dilation, padding
@@ -142,8 +148,8 @@ def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, paddin
     acc = te.compute(
         (n, oh, ow, oc),
         lambda b, y, x, o: te.sum(
-            _product(value(b, y * sh + ry * dh - pt, x * sw + rx * dw - pl, rc), weight[o, ry, rx, rc].astype("int32"),
-                     acc_dtype),
+            _product(value(b, y * sh + ry * dh - pt, x * sw + rx * dw - pl, rc),
+                     weight[o, ry, rx, lane(rc) if lanes else rc].astype("int32"), acc_dtype),
             axis=[ry, rx, rc],
         ),
         name="acc",
@@ -161,18 +167,21 @@ def requantize_proven(acc, bias, multiplier, round_shift, *, act_min, act_max, s
     from tvm import te, tirx
 
     lo, hi = max(act_min, -128), min(act_max, 127)
+    # the int32 total in a stage of its own (one register): inlined, TVM would widen the sum before the product
+    # and LLVM could no longer take the product of two 32-bit values
+    total = te.compute(acc.shape, lambda *i: (acc(*i) if single else acc(*i) * _i32(2)) + bias[i[-1]],
+                       name="keep_total")
 
     def f(*i):
         o = i[-1]
         m = multiplier[o].astype("int64")
         if single:
-            x = (((acc(*i) + bias[o]).astype("int64") * m) >> tirx.const(32, "int64")).astype("int32")
+            x = ((total(*i).astype("int64") * m) >> tirx.const(32, "int64")).astype("int32")
             v = (x + round_shift[o, 0]) >> round_shift[o, 1]
         else:
-            total = (acc(*i) * _i32(2) + bias[o]).astype("int64")
-            x = ((total * m + tirx.const(1 << 31, "int64")) >> tirx.const(32, "int64")).astype("int32")
-            v = _let(x, lambda xv: (xv + round_shift[o, 0] - tirx.Select(xv < _i32(0), _i32(1), _i32(0)))
-                     >> round_shift[o, 1], "x")
+            x = ((total(*i).astype("int64") * m + tirx.const(1 << 31, "int64"))
+                 >> tirx.const(32, "int64")).astype("int32")
+            v = _let(x, lambda xv: (xv + round_shift[o, 0] + (xv >> _i32(31))) >> round_shift[o, 1], "x")
         return _clamp(v, lo, hi, "int8")
 
     return te.compute(acc.shape, f, name="requantize")
@@ -218,7 +227,7 @@ def depthwise_conv2d_s8(
 
 
 def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weight, zp_out, act_min, act_max,
-                       acc_dtype="int32", fold_zero_point=False, proven=False):
+                       acc_dtype="int32", fold_zero_point=False, proven=False, lanes=False):
     """[batch, in] x [out, in]^T int8 (or int16x8), per-tensor or per-channel requantization (multiplier/shift of
     length out).
 
@@ -226,6 +235,8 @@ def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weigh
     (unlike its convolutions; measured), so we do too.
     """
     from tvm import te
+
+    from tinymlaas.ir.arm_intrinsics import lane
 
     batch, depth = (int(v) for v in data.shape)
     out_features = int(weight.shape[0])
@@ -235,7 +246,7 @@ def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weigh
         (batch, out_features),
         lambda b, o: te.sum(
             _product(data[b, k].astype("int32") - _i32(0 if fold_zero_point else zp_in),
-                     weight[o, k].astype("int32") - _i32(zp_weight),
+                     weight[o, lane(k) if lanes else k].astype("int32") - _i32(zp_weight),
                      acc_dtype),
             axis=k,
         ),

@@ -61,7 +61,7 @@ def layer_groups(graph, target) -> list[LayerGroup]:
 
     groups: dict[str, list] = {}
     for op in graph.operators:
-        shape = kernel_shape(graph, op)
+        shape = kernel_shape(graph, op, target)
         offered = candidates(graph, op, target)
         if shape is None or "tir" not in offered:
             continue

@@ -137,7 +137,7 @@ def check_schedules(graph, target: Target, kernels, schedules: dict) -> None:
     ops = {op.index: op for op in graph.operators}
     chosen = implementations(graph, target, kernels)
     for index, schedule in sorted(schedules.items()):
-        shape = kernel_shape(graph, ops[index]) if index in ops else None
+        shape = kernel_shape(graph, ops[index], target) if index in ops else None
         if shape is None:
             raise InvalidRequest("variant_file", f"has a layer schedule for operator #{index}, which is not a "
                                  f"convolution or fully connected layer of {graph.name} with constant weights")

@@ -63,6 +63,7 @@ def _compacted_alloc_bytes(func) -> dict[str, int]:
         s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
         s_tir.transform.ConvertBlocksToOpaque(),
         s_tir.transform.CompactBufferAllocation(),
+        s_tir.transform.LowerMatchBuffer(),  # a tensorized block's views of its operands
         s_tir.transform.LowerOpaqueBlock(),
         tirx.transform.FlattenBuffer(),
     ]
