@@ -46,15 +46,17 @@ def test_features_are_numbers_for_every_point():
         assert all(isinstance(v, (int, float)) for v in f.values()) and f["tile"] == s.oc_block * s.px_block
 
 
-def _kernel(shape: KernelShape, fold: bool, lanes: bool = False):
+def _kernel(shape: KernelShape, fold: bool, lanes: bool = False, proven: bool = False):
     """The TE kernel of a layer of this shape, as the converters emit it (ops/int8_te.py)."""
     from tvm import te
 
     from tinymlaas.ops import int8_te
 
     oc = shape.channels
-    vectors = [te.placeholder((oc,), "int32", n) for n in ("bias", "mult", "shift")]
-    common = {"zp_out": 2, "act_min": -128, "act_max": 127, "fold_zero_point": fold, "lanes": lanes}
+    vectors = [te.placeholder((oc,), "int32", "bias"), te.placeholder((oc,), "int32", "mult"),
+               te.placeholder((oc, 2) if proven else (oc,), "int32", "shift")]
+    common = {"zp_out": 2, "act_min": -128, "act_max": 127, "fold_zero_point": fold, "lanes": lanes,
+              "proven": proven}
     wdtype = "int16" if lanes else "int8"
     if shape.family == "dense":
         x = te.placeholder((shape.pixels, shape.reduction[0]), "int8", "x")
@@ -83,13 +85,16 @@ def test_random_points_of_each_space_schedule_in_tir(shape):
 
     space = space_of(shape)
     rng = np.random.default_rng(7)
-    funcs = {(fold, lanes): _kernel(shape, fold, lanes) for fold in (False, True) for lanes in (False, True)}
+    funcs = {(fold, lanes, proven): _kernel(shape, fold, lanes, proven)
+             for fold in (False, True) for lanes in (False, True) for proven in (False, True)}
     picks = list(rng.choice(len(space), size=min(25, len(space)), replace=False))
     picks += [k for k, s in enumerate(space) if s.dsp_dot][:3]  # the tensorized points, where there are
     for k in picks:
-        sch = s_tir.Schedule(funcs[space[k].fold_zero_point, space[k].wide_weights])
+        s = space[k]
+        sch = s_tir.Schedule(funcs[s.fold_zero_point, s.wide_weights, s.proven_requant])
         default_schedules.inline_injective(sch)
-        assert apply(sch, space[k]), space[k]
+        assert apply(sch, s), s
+        default_schedules.keep_stages_at_consumer(sch)
 
 
 def test_variants_carry_layer_schedules_and_old_records_read_the_same(tmp_path):

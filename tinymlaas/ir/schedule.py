@@ -53,13 +53,19 @@ def epilogue_at_reduction(sch) -> None:
 
 
 def keep_stages_at_consumer(sch) -> None:
-    """Compute each keep_ stage inside its consumer's innermost loop: one element, held in a register."""
+    """Compute each keep_ stage inside its consumer's innermost loop: one element, held in a register (where a layer
+    schedule left it beside its consumer in a tile, it stays there: a tile of registers)."""
+    from tvm.s_tir import ScheduleError
+
     for block in _root_blocks(sch):
         if not sch.get(block).name_hint.startswith(KEEP_PREFIX):
             continue
         consumers = sch.get_consumers(block)
         if len(consumers) == 1:
-            sch.compute_at(block, sch.get_loops(consumers[0])[-1])
+            try:
+                sch.compute_at(block, sch.get_loops(consumers[0])[-1])
+            except ScheduleError:
+                continue
 
 
 def init_before_extremum(sch, every_reduction: bool = False) -> None:

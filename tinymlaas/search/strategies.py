@@ -16,7 +16,7 @@ out); `STRATEGIES` names them. A new strategy is one function and one line there
   confirmed on the RTL model: true cycles choose.
 - "tune": every convolution and fully connected layer tuned on its own, over its space of TIR schedules and our C
   kernels, with the tuning log and the schedule predictor (tuning.py); the cheapest candidate of each layer
-  assembled into one variant.
+  assembled into one variant; "tune-random": the same without the predictor (its baseline).
 """
 
 from __future__ import annotations
@@ -193,4 +193,11 @@ def tune(ctx: Context) -> Outcome:
     return tune_strategy(ctx)
 
 
-STRATEGIES: dict[str, Strategy] = {"nsga2": nsga2, "random": random_sampling, "guided": guided, "tune": tune}
+def tune_random(ctx: Context) -> Outcome:
+    from tinymlaas.search.tuning import tune_strategy
+
+    return tune_strategy(ctx, screen=False)
+
+
+STRATEGIES: dict[str, Strategy] = {"nsga2": nsga2, "random": random_sampling, "guided": guided, "tune": tune,
+                                   "tune-random": tune_random}

@@ -163,6 +163,8 @@ def _profile_steps(args) -> dict:
                              variant=Variant.from_dict(variant_dict))
     except (TinyMLaaSError, InternalError) as e:  # one candidate refused or failed: the others go on (noted)
         return {"error": str(e).splitlines()[0][:300]}
+    except Exception as e:  # noqa: BLE001 - a compiler failure on one generated candidate: noted, never chosen
+        return {"error": f"internal error ({type(e).__name__}): {str(e).splitlines()[0][:300]}"}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     per_op: dict[int, list] = {}
@@ -174,8 +176,14 @@ def _profile_steps(args) -> dict:
     return {"verified": prof.verified, "per_op": {str(k): v for k, v in per_op.items()}}
 
 
-def tune_strategy(ctx):
-    """The search strategy "tune" (see the module's docstring); `ctx` is strategies.Context."""
+def tune_strategy(ctx, screen: bool = True):
+    """The search strategy "tune" (see the module's docstring); `ctx` is strategies.Context. screen=False: the
+    candidates in seeded random order, no predictor (the baseline it is measured against, "tune-random").
+
+    A signature whose log already holds as many schedules as this run would build is settled: it costs no build
+    (a second model with the same layers, or the same model again, goes straight to assembly).
+    The history of the tuned layers' cost (the sum of each layer's best so far, after each profiled build) is
+    written to tuning_history.json in the work folder."""
     from tinymlaas.search.strategies import Outcome
 
     ev, target, graph = ctx.evaluator, ctx.target, ctx.graph
@@ -195,6 +203,16 @@ def tune_strategy(ctx):
               for g in groups]
     known_before = sum(1 for st in states if st.measured)
     profiles = max(0, ctx.budget - len(ev.points) - 1)  # the last build: the assembled variant
+    for st in states:  # settled signatures: nothing left to explore within this budget
+        if sum(1 for key in st.measured if ":" in key) >= profiles:
+            st.order = []
+    history: list[dict] = []
+
+    def tuned_cost() -> float | None:
+        best = [st.best(by_estimate) for st in states]
+        if any(b is None for b in best):
+            return None
+        return sum(b[2] * len(st.group.op_indices) for st, b in zip(states, best))
     built, screened, failed = 0, 0, []
     model_name = Path(ev.model_path).stem
 
@@ -220,6 +238,7 @@ def tune_strategy(ctx):
                 if key not in st.measured:
                     log.record(target.name, _log_layer(st.group), key, **row)
                     st.measured[key] = row
+            history.append({"build": built, "tuned_layers_cost": tuned_cost()})
 
     def variant_of(picks: list) -> Variant:
         kernels, layers = dict(default.kernels), {}
@@ -241,7 +260,8 @@ def tune_strategy(ctx):
     run_round([variant_of(p) for p in baseline], baseline)
     batch = max(1, ev.workers)
     while built < profiles:
-        screened += _rank(states, log.rows(target.name), by_estimate, ctx.seed)
+        if screen:
+            screened += _rank(states, log.rows(target.name), by_estimate, ctx.seed)
         picks_list = []
         for _ in range(min(batch, profiles - built)):
             picks = []
@@ -268,7 +288,20 @@ def tune_strategy(ctx):
              f"assembled: {tuned} layers on a tuned TIR schedule, {untuned} on a C or plain kernel"]
     if failed:
         notes.append(f"{len(failed)} profiled builds failed or did not verify (none chosen): {failed[0]}")
+    (ev.workdir / "tuning_history.json").write_text(json.dumps(
+        {"cost": "cycles_estimate" if by_estimate else "instructions", "screened": screen, "history": history,
+         "layers": [{"signature": json.loads(st.group.signature), "ops": list(st.group.op_indices),
+                     "measured": len(st.measured), "space": len(st.group.space),
+                     "best": _best_dict(st.best(by_estimate))} for st in states]},
+        indent=1))
     return Outcome(screened=screened, confirmed=confirmed, notes=notes)
+
+
+def _best_dict(best) -> dict | None:
+    if best is None:
+        return None
+    impl, schedule, cost = best
+    return {"implementation": impl, "schedule": schedule.to_dict() if schedule else None, "cost": cost}
 
 
 def _rank(states: list[LayerState], rows: list[dict], by_estimate: bool, seed: int) -> int:
