@@ -203,8 +203,9 @@ def tune_strategy(ctx, screen: bool = True):
               for g in groups]
     known_before = sum(1 for st in states if st.measured)
     profiles = max(0, ctx.budget - len(ev.points) - 1)  # the last build: the assembled variant
-    for st in states:  # settled signatures: nothing left to explore within this budget
-        if sum(1 for key in st.measured if ":" in key) >= profiles:
+    impls = sorted({i for st in states for i in st.group.implementations} | {"tir"})
+    for st in states:  # settled: the log holds the schedules a fresh run of this budget would measure
+        if sum(1 for key in st.measured if ":" in key) >= profiles - len(impls):
             st.order = []
     history: list[dict] = []
 
@@ -250,7 +251,6 @@ def tune_strategy(ctx, screen: bool = True):
         return Variant(kernels=tuple(sorted(kernels.items())), layers=tuple(sorted(layers.items())))
 
     # the C kernels and the plain TIR kernel, where the log lacks them: one build each, every layer at once
-    impls = sorted({i for st in states for i in st.group.implementations} | {"tir"})
     baseline = []
     for impl in impls:
         picks = [(impl if impl in (*st.group.implementations, "tir") else "tir", None) for st in states]
