@@ -55,6 +55,11 @@ RECORDS = {"cortex-m4": {
     "pretrainedResnet_quant": {"cycles": 19_815_600, "ms": 165.13,
                                "by": "ST X-CUBE-AI 9.0, NUCLEO-L4R5ZI @120 MHz (v1.2)"},
     "ad01_int8": {"cycles": 486_000, "ms": 4.05, "by": "Plumerai, NUCLEO-L4R5ZI @120 MHz (v1.1)"},
+}, "cortex-m7": {  # the Cortex-M7 board class: NUCLEO-H7A3ZI-Q @280 MHz (cycles as issue #33 states them)
+    "kws_ref_model": {"cycles": 3_170_000, "ms": 11.32, "by": "ST X-CUBE-AI, NUCLEO-H7A3ZI-Q @280 MHz"},
+    "vww_96_int8": {"cycles": 6_670_000, "ms": 23.82, "by": "ST X-CUBE-AI, NUCLEO-H7A3ZI-Q @280 MHz"},
+    "pretrainedResnet_quant": {"cycles": 11_440_000, "ms": 40.86, "by": "ST X-CUBE-AI, NUCLEO-H7A3ZI-Q @280 MHz"},
+    "ad01_int8": {"cycles": 303_000, "ms": None, "by": "Bosch (Cortex-M7 board)"},
 }}
 
 

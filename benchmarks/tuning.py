@@ -146,7 +146,7 @@ def plot(doc: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         names = [r["model"].replace("_int8", "").replace("_ref_model", "").replace("pretrainedResnet_quant", "ic")
                  for r in rows]
-        key = "cycles" if rows[0]["best"]["cycles"] is not None else "instructions"
+        key = "cycles" if all(r["best"]["cycles"] is not None for r in rows) else "instructions"
         x = range(len(rows))
         ax.bar([i - 0.27 for i in x], [r["default"][key] / 1e6 for r in rows], 0.27, label="default build")
         ax.bar(list(x), [r["best"][key] / 1e6 for r in rows], 0.27, label="tuned")
@@ -154,7 +154,7 @@ def plot(doc: dict, out: Path) -> list[str]:
         if any(recs):
             ax.bar([i + 0.27 for i in x], [(v or 0) / 1e6 for v in recs], 0.27, label="best published")
         ax.set_xticks(list(x), names)
-        ax.set_ylabel(f"M {key}" + (" (estimate)" if key == "cycles" else ""))
+        ax.set_ylabel(f"M {key}" + (" (estimate)" if key == "cycles" and target.startswith("cortex") else ""))
         ax.set_title(f"Layer-by-layer tuning on {target}")
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -250,6 +250,7 @@ def main() -> int:
            "cost": {"arm": "estimated cycles: llvm-mca's model of the core x QEMU's per-block counts, zero flash "
                     "wait states (tinymlaas.measure.cycles)", "riscv": "exact instructions (QEMU)"},
            "rows": rows, "reuse": reuse, "predictor": predictor}
+    out.write_text(json.dumps(doc, indent=1) + "\n")  # the figures first: a plot cannot lose them
     doc["plots"] = plot(doc, out)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)

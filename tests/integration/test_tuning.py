@@ -69,6 +69,15 @@ def test_tensorized_smlad_schedules_build_bit_exact_on_a_dsp_core(tmp_path, name
         assert r.verified and r.fidelity["max_lsb_diff"] == 0, schedule
 
 
+def test_a_c_kernel_writing_the_model_output_is_attributed_to_its_operator(tmp_path):
+    from tinymlaas.backends.mcu.profile import profile_model
+
+    # (unattributed, the tuner never measured the C kernels of a model's last layer and could not choose them)
+    for kernels in ("dsp", "dsp16", "tir"):
+        prof = profile_model(_model(tmp_path, "dense"), "cortex-m4", tmp_path / kernels, kernels=kernels)
+        assert [s.op_index for s in prof.steps if s.kernel != "copy"] == [0], kernels
+
+
 def test_a_schedule_for_the_wrong_layer_or_kernel_is_refused(tmp_path):
     path = _model(tmp_path, "dense")
     wrong = tmp_path / "wrong.json"
@@ -87,20 +96,23 @@ def test_tune_repeats_for_a_seed_reuses_its_log_and_rebuilds_its_variant(tmp_pat
     graph = clean(load_tflite(path).graph, shapes_from_interpreter=True)
     assert len(layer_groups(graph, get_target("rv32imac"))) == 1
 
-    def tuned(log: str, out: str, budget: int = 7):
+    def tuned(log: str, out: str, budget: int = 7, workers: int = 1):
         monkeypatch.setenv("TINYMLAAS_MEASUREMENTS", str(tmp_path / log))
         return search(path, "rv32imac", tmp_path / out, BuildRequest(budget=budget, strategy="tune", seed=5,
-                                                                     workers=1))
+                                                                     workers=workers))
 
-    one, two = tuned("a.db", "one"), tuned("b.db", "two")
+    one, two = tuned("a.db", "one"), tuned("b.db", "two", workers=2)  # the same on a pool of two
     assert [p.variant for p in one.points] == [p.variant for p in two.points]
     assert [p.objectives() for p in one.points] == [p.objectives() for p in two.points]
+    history = [json.loads((tmp_path / run / "tuning_history.json").read_text()) for run in ("one", "two")]
+    assert history[0] == history[1] and len(history[0]["history"]) == 7 - 2  # every build but the two points
     best, default = one.points[one.chosen], one.points[0]
     assert best.verified and best.fidelity_loss == 0 and best.cost <= default.cost
     assert "1 layer signatures" in one.notes[0] and "0 of 1 signatures had records" in one.notes[1]
 
-    again = tuned("a.db", "again", budget=3)  # the log knows this layer: the best it holds, no search needed
+    again = tuned("a.db", "again")  # the log knows this layer: the best it holds, no profiled build
     assert "1 of 1 signatures had records" in again.notes[1]
+    assert json.loads((tmp_path / "again" / "tuning_history.json").read_text())["history"] == []
     assert again.points[again.chosen].cost == best.cost
 
     write_result(one, tmp_path / "front")

@@ -149,16 +149,17 @@ def _operators_taking(relax_mod) -> dict:
     return out
 
 
-def _kernel_operators(mod, taking: dict) -> list[int | None]:
-    """For each TIR kernel call of the fused `main`, in order, the TFLite operator it computes: FuseOps binds a
-    group's call to a fresh variable, so the importer's op<i>_ name is lost. From what the call takes: the last
-    operator whose own constants (weights, bias) it reads, else the first operator that reads its named inputs."""
+def _kernel_operators(mod, taking: dict, call: str = "relax.call_tir") -> list[int | None]:
+    """For each TIR kernel call (or `call`: relax.call_dps_packed, the C kernels) of the fused `main`, in order,
+    the TFLite operator it computes: FuseOps binds a group's call to a fresh variable, so the importer's op<i>_
+    name is lost. From what the call takes: the last operator whose own constants (weights, bias) it reads, else
+    the first operator that reads its named inputs."""
     import tvm
     from tvm import relax
 
     main = mod["main"]
     stable = {p.name for p in main.params}  # and op<i>_: the passes' fresh variables reuse the importer's lv<n>
-    call_tir, found = tvm.ir.Op.get("relax.call_tir"), []
+    call_tir, found = tvm.ir.Op.get(call), []
     for block in main.body.blocks:
         for b in block.bindings:
             if isinstance(b.value, relax.Call) and b.value.op.same_as(call_tir):
@@ -175,9 +176,10 @@ def _kernel_operators(mod, taking: dict) -> list[int | None]:
     return found
 
 
-def flatten(mod, kernel_operators: list[int | None] = ()) -> Program:
-    """Walk the memory-planned `main` into a Program. kernel_operators: the TFLite operator of each TIR kernel
-    call in order (`_kernel_operators`), for calls whose variable does not name one."""
+def flatten(mod, kernel_operators: list[int | None] = (), extern_operators: list[int | None] = ()) -> Program:
+    """Walk the memory-planned `main` into a Program. kernel_operators, extern_operators: the TFLite operator of
+    each TIR kernel call and each C kernel call in order (`_kernel_operators`), for calls whose variable does not
+    name one (a C kernel writing a model output, say)."""
     import tvm
     from tvm import relax
 
@@ -289,6 +291,10 @@ def flatten(mod, kernel_operators: list[int | None] = ()) -> Program:
     for i, found in zip(tir_calls, kernel_operators if len(kernel_operators) == len(tir_calls) else ()):
         if steps[i].op_index is None and found is not None:
             steps[i] = replace(steps[i], op_index=found)
+    extern_calls = [i for i, s in enumerate(steps) if isinstance(s, KernelCall) and s.extern]
+    for i, found in zip(extern_calls, extern_operators if len(extern_operators) == len(extern_calls) else ()):
+        if steps[i].op_index is None and found is not None:
+            steps[i] = replace(steps[i], op_index=found)
     for i, reg in enumerate(out_regions[:n_out]):
         if reg.kind != "output":  # a result left in the arena (or an input returned as is) is copied out
             steps.append(Copy(reg, Region("output", index=i, nbytes=reg.nbytes), reg.nbytes))
@@ -305,10 +311,12 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
     import tvm
 
     mod = relax_passes(fold_constants, fuse)(relax_mod)
-    kernel_operators = _kernel_operators(mod, _operators_taking(relax_mod))
+    taking = _operators_taking(relax_mod)
+    kernel_operators = _kernel_operators(mod, taking)
+    extern_operators = _kernel_operators(mod, taking, "relax.call_dps_packed")
     if schedule is not None:
         for gv, func in list(mod.functions.items()):
             if isinstance(func, tvm.tirx.PrimFunc):
                 mod[gv] = schedule(func)
     mod = planning_passes()(mod)
-    return flatten(mod, kernel_operators)
+    return flatten(mod, kernel_operators, extern_operators)

@@ -44,6 +44,9 @@ class LayerGroup:
     space: tuple[LayerSchedule, ...]
 
 
+ROUND = 2  # profiled builds per round: the predictor is refitted between rounds
+
+
 def layer_signature(graph, op) -> str:
     """What a layer's cost depends on, as JSON (the target is a column of its own)."""
     x, w, out = graph.tensor(op.inputs[0]), graph.tensor(op.inputs[1]), graph.tensor(op.outputs[0])
@@ -258,7 +261,7 @@ def tune_strategy(ctx, screen: bool = True):
             baseline.append(picks)
     baseline = baseline[:profiles]
     run_round([variant_of(p) for p in baseline], baseline)
-    batch = max(1, ev.workers)
+    batch = ROUND  # not the worker count: the same seed picks the same candidates on any pool
     while built < profiles:
         if screen:
             screened += _rank(states, log.rows(target.name), by_estimate, ctx.seed)
