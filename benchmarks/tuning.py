@@ -191,12 +191,31 @@ def main() -> int:
     parser.add_argument("--ibex", default="kws_ref_model,ad01_int8", help="models whose rv32imac variants run on "
                         "the Ibex RTL ('' for none)")
     parser.add_argument("--only", default=",".join(ORDER), help="the models, in tuning order (the held-out one last)")
+    parser.add_argument("--append", action="store_true", help="add these targets to the rows already in --out")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tuning.json"))
     args = parser.parse_args()
     models_dir, out = Path(args.models), Path(args.out)
     targets = [t for t in args.targets.split(",") if t]
     rows, predictor, reuse = [], {}, {}
     started = time.monotonic()
+    if args.append and out.exists():  # more targets into an existing run's file
+        before = json.loads(out.read_text())
+        rows = [r for r in before["rows"] if r["target"] not in targets]
+        predictor = {t: v for t, v in before.get("predictor", {}).items() if t not in targets}
+        reuse = {t: v for t, v in before.get("reuse", {}).items() if t not in targets}
+        targets = [t for t in before["targets"] if t not in targets] + targets
+
+    def write() -> dict:  # after every target: a run cut short keeps what it measured
+        doc = {"benchmark": "tuning", "tinymlaas_version": __version__,
+               "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+               "targets": [t for t in targets if any(r["target"] == t for r in rows)],
+               "budget_per_model": args.budget, "seconds": round(time.monotonic() - started, 1),
+               "cost": {"arm": "estimated cycles: llvm-mca's model of the core x QEMU's per-block counts, zero "
+                        "flash wait states (tinymlaas.measure.cycles)", "riscv": "exact instructions (QEMU)"},
+               "rows": rows, "reuse": reuse, "predictor": predictor}
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        return doc
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for target in targets:
@@ -244,13 +263,8 @@ def main() -> int:
                            "builds_share": round(len(guided_history) / len(ref_history["history"]), 3)},
                 "convergence": {"guided": guided_history, "random": ref_history["history"]}})
             predictor[target] = block
-    doc = {"benchmark": "tuning", "tinymlaas_version": __version__,
-           "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-           "targets": targets, "budget_per_model": args.budget, "seconds": round(time.monotonic() - started, 1),
-           "cost": {"arm": "estimated cycles: llvm-mca's model of the core x QEMU's per-block counts, zero flash "
-                    "wait states (tinymlaas.measure.cycles)", "riscv": "exact instructions (QEMU)"},
-           "rows": rows, "reuse": reuse, "predictor": predictor}
-    out.write_text(json.dumps(doc, indent=1) + "\n")  # the figures first: a plot cannot lose them
+            write()
+    doc = write()
     doc["plots"] = plot(doc, out)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)

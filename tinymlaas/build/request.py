@@ -171,7 +171,10 @@ class BuildRequest:
                                 group="search", short="b")
     strategy: str = option("nsga2", help="search: NSGA-II (default), random, or guided (a learned model screens "
                            "sampled candidates, only its best are built; on Ibex targets the best are confirmed in "
-                           "true cycles); all seeded with the default build and uniform kernels",
+                           "true cycles); all seeded with the default build and uniform kernels; tune: every "
+                           "convolution and fully connected layer tuned on its own over its TIR schedules and C "
+                           "kernels, a predictor choosing what to build, a tuning log shared across models "
+                           "(tune-random: without the predictor)",
                            choices=_strategies, backends=MCU, surfaces=(SEARCH, SERVICE), group="search")
     max_fidelity_loss: float = option(0.0, help="search: largest accepted fidelity loss (int8: LSB off the "
                                       "interpreter; float: relative error beyond the compiler's tolerance is never "
