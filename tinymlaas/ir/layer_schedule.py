@@ -184,9 +184,9 @@ def features(shape: KernelShape, schedule: LayerSchedule) -> dict:
 
 def apply(sch, schedule: LayerSchedule) -> bool:
     """Schedule the `acc`/`requantize` kernel in `sch` as `schedule` says. False: not such a kernel (left as is)."""
-    from tinymlaas.ir.schedule import _root_blocks
+    from tinymlaas.ir.schedule import root_blocks
 
-    blocks = {sch.get(b).name_hint: b for b in _root_blocks(sch)}
+    blocks = {sch.get(b).name_hint: b for b in root_blocks(sch)}
     if set(blocks) - {"keep_total"} != {"acc", "requantize"}:  # keep_total: the proven requantization's sum
         return False
     acc = blocks["acc"]

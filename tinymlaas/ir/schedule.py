@@ -8,7 +8,7 @@ output element, so the intermediates shrink to registers and no full-size tempor
 from __future__ import annotations
 
 
-def _root_blocks(sch):
+def root_blocks(sch):
     return sch.get_child_blocks(sch.get_sblock("root"))
 
 
@@ -21,7 +21,7 @@ def inline_injective(sch) -> None:
     changed = True
     while changed:
         changed = False
-        for block in _root_blocks(sch):
+        for block in root_blocks(sch):
             if sch.get(block).name_hint.startswith(KEEP_PREFIX):
                 continue
             after_keep = any(sch.get(p).name_hint.startswith(KEEP_PREFIX) for p in sch.get_producers(block))
@@ -39,7 +39,7 @@ def inline_injective(sch) -> None:
 def epilogue_at_reduction(sch) -> None:
     from tvm.s_tir import ScheduleError
 
-    for block in _root_blocks(sch):
+    for block in root_blocks(sch):
         iters = sch.get(block).iter_vars
         spatial = sum(1 for iv in iters if int(iv.iter_type) == 0)
         if spatial == len(iters) or spatial == 0:
@@ -57,7 +57,7 @@ def keep_stages_at_consumer(sch) -> None:
     schedule left it beside its consumer in a tile, it stays there: a tile of registers)."""
     from tvm.s_tir import ScheduleError
 
-    for block in _root_blocks(sch):
+    for block in root_blocks(sch):
         if not sch.get(block).name_hint.startswith(KEEP_PREFIX):
             continue
         consumers = sch.get_consumers(block)
@@ -75,7 +75,7 @@ def init_before_extremum(sch, every_reduction: bool = False) -> None:
     (Doing it for every reduction changes counts both ways, by up to 41%: a schedule choice for the search.)"""
     from tvm import tirx
 
-    for block in _root_blocks(sch):
+    for block in root_blocks(sch):
         stmt = sch.get(block)
         if stmt.init is None or not isinstance(stmt.body, tirx.BufferStore):
             continue
@@ -91,7 +91,7 @@ def unroll_innermost_reduction(sch, max_extent: int) -> None:
     """Unroll each reduction's innermost loop where its extent is a constant of at most `max_extent`."""
     from tvm import tirx
 
-    for block in _root_blocks(sch):
+    for block in root_blocks(sch):
         stmt = sch.get(block)
         if stmt.init is None and not any(int(iv.iter_type) == 2 for iv in stmt.iter_vars):
             continue
