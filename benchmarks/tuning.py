@@ -2,7 +2,8 @@
 its predictor is worth on a model it never saw, and what the tuning log saves. One JSON (and plots) per run.
 
 Usage: python benchmarks/tuning.py [--models DIR] [--targets cortex-m4,rv32imac] [--budget 24] [--reference 100]
-                                   [--ibex kws_ref_model,ad01_int8] [--out benchmarks/results/tuning.json]
+                                   [--ibex kws_ref_model,ad01_int8] [--only MODELS] [--append]
+                                   [--out benchmarks/results/tuning.json]
 
 Per target, the models are tuned one after another on one fresh tuning log (the anomaly detector, VWW and the
 ResNet first, KWS last: KWS is tuned with what the log learned from the others). Costs: estimated cycles on
@@ -196,6 +197,7 @@ def main() -> int:
     args = parser.parse_args()
     models_dir, out = Path(args.models), Path(args.out)
     targets = [t for t in args.targets.split(",") if t]
+    measured = list(targets)  # what this run tunes (with --append, `targets` also lists those kept)
     rows, predictor, reuse = [], {}, {}
     started = time.monotonic()
     if args.append and out.exists():  # more targets into an existing run's file
@@ -204,6 +206,7 @@ def main() -> int:
         predictor = {t: v for t, v in before.get("predictor", {}).items() if t not in targets}
         reuse = {t: v for t, v in before.get("reuse", {}).items() if t not in targets}
         targets = [t for t in before["targets"] if t not in targets] + targets
+        rows.sort(key=lambda r: targets.index(r["target"]))
 
     def write() -> dict:  # after every target: a run cut short keeps what it measured
         doc = {"benchmark": "tuning", "tinymlaas_version": __version__,
@@ -218,7 +221,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for target in targets:
+        for target in measured:
             by_estimate = get_target(target).arch == "arm"
             os.environ["TINYMLAAS_MEASUREMENTS"] = str(tmp / f"log-{target}.db")  # the tuning log of this target
             for model in args.only.split(","):
