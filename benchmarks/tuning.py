@@ -65,7 +65,7 @@ def tune(model_path: Path, target: str, work: Path, budget: int, strategy: str =
     return result, history, seconds
 
 
-def cost_fields(point, target) -> dict:
+def cost_fields(point) -> dict:
     kind = "estimate" if "estimate" in point.cost_kind else "true" if point.cycles is not None else "instructions"
     return {"instructions": point.instructions, "cycles": point.cost if kind != "instructions" else None,
             "cycles_kind": kind if kind != "instructions" else None}
@@ -76,7 +76,7 @@ def row_of(model: str, target: str, result, history: dict, seconds: float, n_mac
     default, best = pts[0], pts[result.chosen]
     t = get_target(target)
     out = {"model": model, "target": target, "macs": n_macs, "cost_kind": best.cost_kind,
-           "default": cost_fields(default, t), "best": {**cost_fields(best, t), "cost": best.cost,
+           "default": cost_fields(default), "best": {**cost_fields(best), "cost": best.cost,
                                                         "variant": best.variant,
                                                         "label": best.label, "verified": best.verified,
                                                         "max_lsb_diff": best.fidelity_loss,

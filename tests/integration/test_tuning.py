@@ -89,6 +89,10 @@ def test_a_schedule_for_the_wrong_layer_or_kernel_is_refused(tmp_path):
     c_kernel.write_text(json.dumps(Variant(kernels=((0, "dsp"),), layers=((0, LayerSchedule(oc_block=2)),)).to_dict()))
     r = cli("compile", path, "--target", "rv32imac", "--variant", c_kernel, "--out", tmp_path / "o")
     assert r.returncode == 2 and "for the tir implementation" in r.stderr
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"kernels": {"0": "tir"}, "layers": {"7": {}}}))
+    r = cli("compile", path, "--target", "rv32imac", "--variant", missing, "--out", tmp_path / "o")
+    assert r.returncode == 2 and "operator #7" in r.stderr and "does not exist" in r.stderr
 
 
 def test_tune_repeats_for_a_seed_reuses_its_log_and_rebuilds_its_variant(tmp_path, monkeypatch):

@@ -85,16 +85,12 @@ class SchedulePredictor:
     def __init__(self, seed: int = 0):
         self.seed, self.booster, self.names = seed, None, None
 
-    @staticmethod
-    def _features(shape: KernelShape, schedule: LayerSchedule) -> dict:
-        return features(shape, schedule)
-
     def fit(self, samples: list[tuple[KernelShape, LayerSchedule, float]], rounds: int = 200) -> SchedulePredictor:
         import lightgbm as lgb
 
         if len(samples) < 8:
             raise ValueError("too few measured schedules to learn from")
-        rows = [self._features(sh, s) for sh, s, _ in samples]
+        rows = [features(sh, s) for sh, s, _ in samples]
         self.names = sorted(rows[0])
         X = np.array([[r[n] for n in self.names] for r in rows], dtype=float)
         y = np.log(np.array([c for _, _, c in samples], dtype=float))
@@ -104,14 +100,12 @@ class SchedulePredictor:
         return self
 
     def predict(self, shape: KernelShape, schedules: list[LayerSchedule]) -> np.ndarray:
-        rows = [self._features(shape, s) for s in schedules]
+        rows = [features(shape, s) for s in schedules]
         return self.booster.predict(np.array([[r[n] for n in self.names] for r in rows], dtype=float))
 
 
 def training_samples(rows: list[dict], by_estimate: bool, exclude_model: str | None = None) -> list:
     """(shape, schedule, cost) of the TIR candidates in tuning-log rows (a model left out, for held-out figures)."""
-    from tinymlaas.ir.layer_schedule import KernelShape
-
     out = []
     for r in rows:
         cost = cost_of(r, by_estimate)

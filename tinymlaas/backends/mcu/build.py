@@ -139,8 +139,10 @@ def check_schedules(graph, target: Target, kernels, schedules: dict) -> None:
     for index, schedule in sorted(schedules.items()):
         shape = kernel_shape(graph, ops[index], target) if index in ops else None
         if shape is None:
-            raise InvalidRequest("variant_file", f"has a layer schedule for operator #{index}, which is not a "
-                                 f"convolution or fully connected layer of {graph.name} with constant weights")
+            what = "is not a convolution or fully connected layer with constant weights" if index in ops \
+                else "does not exist"
+            raise InvalidRequest("variant_file", f"has a layer schedule for operator #{index} of {graph.name}, "
+                                 f"which {what}")
         if chosen.get(index) != "tir":
             raise InvalidRequest("variant_file", f"has a layer schedule for operator #{index}, built with the "
                                  f"{chosen.get(index)} kernels: a schedule is for the tir implementation")
