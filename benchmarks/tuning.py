@@ -248,14 +248,17 @@ def main() -> int:
                              "again_profiled_builds": len(again_history["history"]),
                              "same_best": again.points[again.chosen].cost == first["best"]["cost"]}
             from tinymlaas.measure.tuning_log import TuningLog
+            from tinymlaas.search.tuning import log_target
+            from tinymlaas.targets import get_target
 
-            training_rows = TuningLog().rows(target)
+            logged_as = log_target(get_target(target))
+            training_rows = TuningLog().rows(logged_as)
             # the reference: a large random sample of every KWS layer, on a log of its own
             os.environ["TINYMLAAS_MEASUREMENTS"] = str(tmp / f"reference-{target}.db")
             print(f"{target} reference ({args.reference} random builds) ...", file=sys.stderr, flush=True)
             _, ref_history, ref_seconds = tune(models_dir / f"{HELD_OUT}.tflite", target, tmp / target / "ref",
                                                  args.reference, strategy="tune-random")
-            block = predictor_figures(target, TuningLog().rows(target), training_rows, by_estimate)
+            block = predictor_figures(target, TuningLog().rows(logged_as), training_rows, by_estimate)
             ref_best = ref_history["history"][-1]["tuned_layers_cost"]
             guided_best = guided_history[-1]["tuned_layers_cost"]
             block.update({

@@ -123,3 +123,15 @@ def test_tune_repeats_for_a_seed_reuses_its_log_and_rebuilds_its_variant(tmp_pat
     front = tmp_path / "front" / "front.json"
     r = compile_model(path, "rv32imac", tmp_path / "rebuilt", BuildRequest(inputs=3, seed=5, variant_file=str(front)))
     assert r.verified and r.instructions == best.instructions
+
+
+def test_the_tuning_log_keeps_records_of_another_code_generator_apart():
+    from dataclasses import replace
+
+    from tinymlaas.search.tuning import log_target
+
+    rv32 = get_target("rv32imac")
+    assert log_target(rv32) == log_target(get_target("rv32imac")) and log_target(rv32).startswith("rv32imac#")
+    # another LLVM CPU (its scheduling model changes the code) or other C flags: other records
+    assert log_target(replace(rv32, llvm={**rv32.llvm, "mcpu": "generic-rv32"})) != log_target(rv32)
+    assert log_target(replace(rv32, cc_flags=(*rv32.cc_flags, "-O2"))) != log_target(rv32)

@@ -110,3 +110,38 @@ def test_variants_carry_layer_schedules_and_old_records_read_the_same(tmp_path):
     path.write_text(json.dumps({**v.to_dict(), "layers": {"two": {}}}))
     with pytest.raises(InvalidRequest, match="operator indices"):
         load_variant(path)
+
+
+def _lowered_script(shape: KernelShape, schedule: LayerSchedule) -> str:
+    """The kernel scheduled as `schedule`, through TVM's lowering (LoopPartition included), as TVMScript."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(_kernel(shape, schedule.fold_zero_point, proven=schedule.proven_requant))
+    assert apply(sch, schedule)
+    t = s_tir.transform
+    passes = [t.CanonicalizeLoop(), t.LowerInitBlock(), t.PlanAndUpdateBufferAllocationLocation(),
+              t.ConvertBlocksToOpaque(), t.CompactBufferAllocation(), t.LowerMatchBuffer(), t.StmtSimplify(),
+              t.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(), tirx.transform.NarrowDataType(32),
+              t.LoopPartition(), tirx.transform.UnrollLoop(), tirx.transform.StmtSimplify()]  # as tvm.tirx.build
+    with tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(passes)(sch.mod)["main"].script()
+
+
+def test_a_tile_that_does_not_divide_its_axis_tests_bounds_only_in_the_last_tile():
+    # 5 pixels in tiles of 4: the full tile runs without a bounds test per element (its accumulators stay in
+    # registers); only the last, one-pixel tile is separate code
+    tiled = LayerSchedule(oc_block=4, px_block=4, fold_zero_point=True)
+    script = _lowered_script(POINTWISE, tiled)
+    assert " if " not in script and "if x" not in script
+    assert script.count("acc[15] = 0") == 1  # one full 4x4 tile's code, the tail a tile of its own
+
+
+def test_split_borders_leaves_no_padding_test_in_the_interior():
+    plain = LayerSchedule(oc_block=1, px_block=5, unroll_taps=True, fold_zero_point=True, proven_requant=True)
+    split = LayerSchedule(**{**plain.to_dict(), "split_borders": True})
+    assert split in space_of(DEPTHWISE) and plain in space_of(DEPTHWISE)
+    assert _lowered_script(DEPTHWISE, plain).count("if_then_else") > 0
+    assert _lowered_script(DEPTHWISE, split).count("if_then_else") == 0
+    # an unpadded layer has no borders: no such point in its space
+    assert not any(s.split_borders for s in space_of(POINTWISE_DSP))

@@ -43,6 +43,8 @@ class LayerSchedule:
     dsp_dot: bool = False  # the inner product of four int8 pairs tensorized as two SMLADs (ir/arm_intrinsics.py)
     wide_weights: bool = False  # with dsp_dot: the weights widened to int16 in lane order at build time (twice the
     # flash, no SXTB16 for them)
+    split_borders: bool = False  # padded layers: the row and pixel-tile loops split (TVM's LoopPartition) into the
+    # border, which tests each read against the padding, and the interior, which reads without tests (more code)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +64,8 @@ class LayerSchedule:
                 + (", channels outer" if not self.pixels_outer else "") + (", rolled" if not self.unroll_tile else "")
                 + (", zp folded" if self.fold_zero_point else "") + (f", requant per {self.requant}")
                 + (", taps unrolled" if self.unroll_taps else "") + (", proven requant" if self.proven_requant else "")
-                + (", SMLAD" if self.dsp_dot else "") + (" int16 weights" if self.wide_weights else ""))
+                + (", SMLAD" if self.dsp_dot else "") + (" int16 weights" if self.wide_weights else "")
+                + (", borders split" if self.split_borders else ""))
 
 
 @dataclass(frozen=True)
@@ -93,17 +96,16 @@ def kernel_shape(graph, op, target=None) -> KernelShape | None:
         return KernelShape("dense", int(x.size) // depth, int(w.shape[0]), (depth,), zp, int8, dsp, bool(w.zero_point))
     if len(out.shape) != 4:
         return None
-    if family == "depthwise":
-        if int(op.opt("depthMultiplier", 1) or 1) != 1:
-            return None
-        return KernelShape("depthwise", int(out.shape[2]), int(out.shape[3]), (int(w.shape[1]), int(w.shape[2])),
-                           zp, int8, dsp)
     from tinymlaas.ops.geometry import padding
 
     h, wd = int(x.shape[1]), int(x.shape[2])
     kh, kw = int(w.shape[1]), int(w.shape[2])
     pads = (*padding(op.opt("padding", 0), h, kh, op.opt("strideH", 1), op.opt("dilationHFactor", 1) or 1),
             *padding(op.opt("padding", 0), wd, kw, op.opt("strideW", 1), op.opt("dilationWFactor", 1) or 1))
+    if family == "depthwise":
+        if int(op.opt("depthMultiplier", 1) or 1) != 1:
+            return None
+        return KernelShape("depthwise", int(out.shape[2]), int(out.shape[3]), (kh, kw), zp, int8, dsp, any(pads))
     return KernelShape("conv", int(out.shape[2]), int(out.shape[3]), (kh, kw, int(w.shape[3])), zp, int8, dsp,
                        any(pads))
 
@@ -128,9 +130,10 @@ def space_of(shape: KernelShape) -> list[LayerSchedule]:
     taps = 1 if shape.family == "dense" else shape.reduction[0] * shape.reduction[1]
     dot = shape.dsp and shape.int8 and not shape.padded and shape.reduction[-1] % 4 == 0 and shape.family != "depthwise"
     dots = ((False, False), (True, False), (True, True)) if dot else ((False, False),)
-    for oc, px, order, unroll, outer, tile, fold, req, all_taps, proven, (dsp_dot, wide) in itertools.product(
+    borders = (False, True) if shape.padded and shape.family != "dense" else (False,)
+    for oc, px, order, unroll, outer, tile, fold, req, all_taps, proven, (dsp_dot, wide), split in itertools.product(
             OC_BLOCKS, PX_BLOCKS, orders, REDUCTION_UNROLLS, (True, False), (True, False), (False, True), REQUANT,
-            (False, True), (True, False) if shape.int8 else (False,), dots):
+            (False, True), (True, False) if shape.int8 else (False,), dots, borders):
         if oc > shape.channels or px > shape.pixels or (oc == 1 and px == 1 and not tile):
             continue
         inner = _innermost(shape, order)
@@ -145,7 +148,7 @@ def space_of(shape: KernelShape) -> list[LayerSchedule]:
         if dsp_dot and (order != "hwc" or unroll != 1 or (shape.zero_point and not fold) or shape.pixels % px
                         or shape.channels % oc or not tile):
             continue  # four channels at a time, innermost, read as they are (the zero point folded), whole tiles
-        s = LayerSchedule(oc, px, unroll, order, outer, tile, fold, req, all_taps, proven, dsp_dot, wide)
+        s = LayerSchedule(oc, px, unroll, order, outer, tile, fold, req, all_taps, proven, dsp_dot, wide, split)
         if s != out[0]:
             out.append(s)
     return out
@@ -177,6 +180,7 @@ def features(shape: KernelShape, schedule: LayerSchedule) -> dict:
         "kernel_taps": red // (shape.reduction[-1] if shape.family == "conv" else 1),
         "unroll_taps": int(schedule.unroll_taps), "proven_requant": int(schedule.proven_requant),
         "dsp_dot": int(schedule.dsp_dot), "wide_weights": int(schedule.wide_weights),
+        "padded": int(shape.padded), "split_borders": int(schedule.split_borders),
     }
 
 
@@ -194,6 +198,7 @@ def apply(sch, schedule: LayerSchedule) -> bool:
     spatial = sum(1 for iv in sch.get(acc).iter_vars if int(iv.iter_type) == 0)
     outer, (px, oc), reduction = loops[:spatial - 2], loops[spatial - 2:spatial], list(loops[spatial:])
     extent = lambda loop: int(sch.get(loop).extent)
+    axis_extent = (extent(px), extent(oc))
     pxo, pxi = sch.split(px, [None, schedule.px_block]) if schedule.px_block > 1 else (px, None)
     oco, oci = sch.split(oc, [None, schedule.oc_block]) if schedule.oc_block > 1 else (oc, None)
     if schedule.reduction_order == "chw" and len(reduction) > 1:
@@ -238,6 +243,14 @@ def apply(sch, schedule: LayerSchedule) -> bool:
         from tinymlaas.ir.arm_intrinsics import SMLAD_DOT4, SMLAD_DOT4_W16
 
         sch.tensorize(red_inner, SMLAD_DOT4_W16 if schedule.wide_weights else SMLAD_DOT4)
+    # A tile that does not divide its axis: TVM's LoopPartition splits the tile loop into the full tiles, without
+    # bounds tests (accumulators stay in registers), and the last, partial one.
+    hinted = [loop for loop, block, total in ((pxo, schedule.px_block, axis_extent[0]),
+                                              (oco, schedule.oc_block, axis_extent[1])) if total % block]
+    if schedule.split_borders:  # the padding's bounds tests hold on the rows and pixel tiles at the borders only
+        hinted += [loop for loop in (*outer[-1:], pxo) if loop not in hinted]
+    for loop in hinted:
+        sch.annotate(loop, "pragma_loop_partition_hint", 1)
     return True
 
 

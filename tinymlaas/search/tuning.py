@@ -45,6 +45,18 @@ class LayerGroup:
 
 
 ROUND = 2  # profiled builds per round: the predictor is refitted between rounds
+KERNELS_REVISION = 2  # raised when the code the kernels compile to changes: older log records no longer hold
+
+
+def log_target(target) -> str:
+    """The tuning log's target column: the target's name and a fingerprint of how its kernels are compiled (the
+    LLVM target, the C compiler and its flags, KERNELS_REVISION), so a record measured under another code
+    generator is not taken for this one's."""
+    import hashlib
+
+    codegen = json.dumps({"llvm": target.llvm, "cc": [target.cc_prefix, *target.cc_flags],
+                          "revision": KERNELS_REVISION}, sort_keys=True)
+    return f"{target.name}#{hashlib.sha256(codegen.encode()).hexdigest()[:8]}"
 
 
 def layer_signature(graph, op) -> str:
@@ -194,9 +206,9 @@ def tune_strategy(ctx, screen: bool = True):
     groups = layer_groups(graph, target)
     if not groups:
         return Outcome(notes=["no layer of this model has a tunable kernel: only the default build was made"])
-    log = TuningLog()
+    log, logged_as = TuningLog(), log_target(target)
     rng = np.random.default_rng(ctx.seed)
-    states = [LayerState(g, log.measured(target.name, _log_layer(g)), list(rng.permutation(len(g.space))))
+    states = [LayerState(g, log.measured(logged_as, _log_layer(g)), list(rng.permutation(len(g.space))))
               for g in groups]
     known_before = sum(1 for st in states if st.measured)
     profiles = max(0, ctx.budget - len(ev.points) - 1)  # the last build: the assembled variant
@@ -234,7 +246,7 @@ def tune_strategy(ctx, screen: bool = True):
                        "schedule": schedule.to_dict() if schedule else None, "model_name": model_name}
                 key = candidate_key(impl, schedule)
                 if key not in st.measured:
-                    log.record(target.name, _log_layer(st.group), key, **row)
+                    log.record(logged_as, _log_layer(st.group), key, **row)
                     st.measured[key] = row
             history.append({"build": built, "tuned_layers_cost": tuned_cost()})
 
@@ -258,7 +270,7 @@ def tune_strategy(ctx, screen: bool = True):
     batch = ROUND  # not the worker count: the same seed picks the same candidates on any pool
     while built < profiles:
         if screen:
-            screened += _rank(states, log.rows(target.name), by_estimate, ctx.seed)
+            screened += _rank(states, log.rows(logged_as), by_estimate, ctx.seed)
         picks_list = []
         for _ in range(min(batch, profiles - built)):
             picks = []
