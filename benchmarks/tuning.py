@@ -249,7 +249,6 @@ def main() -> int:
                              "same_best": again.points[again.chosen].cost == first["best"]["cost"]}
             from tinymlaas.measure.tuning_log import TuningLog
             from tinymlaas.search.tuning import log_target
-            from tinymlaas.targets import get_target
 
             logged_as = log_target(get_target(target))
             training_rows = TuningLog().rows(logged_as)
