@@ -157,7 +157,8 @@ def write_result(result: SearchResult, out: Path) -> dict:
 def format_result(result: SearchResult, artifacts: dict) -> str:
     pts = result.points
     d = pts[result.default]
-    lines = [(f"{result.model} on {result.target}: {len(pts)} variants built of {result.space_size:,} "
+    size = f"{result.space_size:,}" if result.space_size < 10**9 else f"{result.space_size:.2e}"
+    lines = [(f"{result.model} on {result.target}: {len(pts)} variants built of {size} "
               f"({result.strategy}, seed {result.seed}, {result.seconds:.0f} s)"),
              f"{'':2}{'variant':<48} {d.cost_kind:>14} {'RAM':>9} {'flash':>9} {'loss':>6}"]
     for i in sorted(result.front, key=lambda i: pts[i].objectives()):

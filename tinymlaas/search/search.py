@@ -77,6 +77,7 @@ def search(model_path, target: str, workdir, request: BuildRequest | None = None
                      "fewest true cycles chosen")
     if chosen is None:
         notes.append("no variant satisfied the constraints")
-    return SearchResult(model.name, target, request.strategy, budget, request.seed, space.size, asdict(constraints),
+    return SearchResult(model.name, target, request.strategy, budget, request.seed, outcome.space_size or space.size,
+                        asdict(constraints),
                         points, front, chosen, 0, round(time.monotonic() - started, 1), notes, confirmed,
                         outcome.screened)

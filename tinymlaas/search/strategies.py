@@ -52,6 +52,7 @@ class Outcome:
     screened: int = 0  # candidates ranked without being built
     confirmed: list[int] = field(default_factory=list)  # points also run on the RTL model (their `cycles` set)
     notes: list[str] = field(default_factory=list)
+    space_size: int | None = None  # the space the strategy searched, where it is not the variant space (layer tuning)
 
 
 def random_sampling(ctx: Context) -> Outcome:

@@ -303,7 +303,8 @@ def tune_strategy(ctx, screen: bool = True):
                      "measured": len(st.measured), "space": len(st.group.space),
                      "best": _best_dict(st.best(by_estimate))} for st in states]},
         indent=1))
-    return Outcome(screened=screened, confirmed=confirmed, notes=notes)
+    combinations = math.prod(len(st.group.space) + len(st.group.implementations) for st in states)
+    return Outcome(screened=screened, confirmed=confirmed, notes=notes, space_size=combinations)
 
 
 def _best_dict(best) -> dict | None:
