@@ -8,27 +8,106 @@ tinymlaas.verify's job.
 from __future__ import annotations
 
 import copy
+import zipfile
+from pathlib import Path
 
 import numpy as np
 
 from tinymlaas.errors import InvalidModel
-from tinymlaas.frontend.tflite import TFLiteModel
+from tinymlaas.frontend.tflite import TFLiteModel, short_input_name
 
 
 def make_inputs(model: TFLiteModel, count: int, seed: int) -> list[list[np.ndarray]]:
-    """Seeded random inputs covering each input type's range."""
+    """Seeded random inputs covering each input's valid range: its type's whole range, or, for an input the model
+    uses as indices (token ids into an embedding table), the table's rows (input_ranges)."""
     rng = np.random.default_rng(seed)
+    ranges = input_ranges(model.graph) if model.graph is not None else {}
     batches = []
     for _ in range(count):
         batch = []
-        for spec in model.inputs:
+        for k, spec in enumerate(model.inputs):
             if spec.dtype == "float32":
                 batch.append(rng.standard_normal(spec.shape).astype(np.float32))
             else:
                 info = np.iinfo(spec.dtype)
-                batch.append(rng.integers(info.min, info.max, size=spec.shape, endpoint=True).astype(spec.dtype))
+                lo, hi = ranges.get(k, (info.min, info.max))
+                batch.append(rng.integers(lo, hi, size=spec.shape, endpoint=True).astype(spec.dtype))
         batches.append(batch)
     return batches
+
+
+def load_sample_inputs(path: Path, inputs: list[dict]) -> list[list[np.ndarray]]:
+    """An .npz with one array per model input, by name, samples on a leading axis (or one sample as the input's own
+    shape): the batches to check with. InvalidModel names a missing, misshapen or mistyped input."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a single .npy array: no names to match the inputs by
+            raise TypeError("one array, not named ones")
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:
+        raise InvalidModel(f"sample inputs {Path(path).name}: not a readable .npz of named arrays "
+                           f"({type(e).__name__})") from None
+    columns = []
+    for spec in inputs:
+        name, shape = spec["name"], tuple(spec["shape"])
+        name = name if name in arrays else short_input_name(name)  # serving_default_ids:0 or ids
+        if name not in arrays:
+            raise InvalidModel(f"sample inputs {Path(path).name}: no array '{name}' (it holds "
+                               f"{', '.join(sorted(arrays)) or 'none'})")
+        a = arrays[name]
+        a = a[None] if a.shape == shape else a
+        if a.shape[1:] != shape or len(a) == 0:
+            raise InvalidModel(f"sample inputs {Path(path).name}: '{name}' has shape {a.shape}; the model takes "
+                               f"{shape} (or N samples of it: (N, {', '.join(map(str, shape))}))")
+        if not np.can_cast(a.dtype, spec["dtype"], casting="same_kind"):
+            raise InvalidModel(f"sample inputs {Path(path).name}: '{name}' is {a.dtype}; the model takes "
+                               f"{spec['dtype']}")
+        columns.append(a.astype(spec["dtype"]))
+    if len({len(c) for c in columns}) > 1:
+        raise InvalidModel(f"sample inputs {Path(path).name}: the inputs hold different numbers of samples "
+                           f"({', '.join(str(len(c)) for c in columns)})")
+    return [[c[i] for c in columns] for i in range(len(columns[0]))] if columns else []
+
+
+# operator -> (the input holding indices, the extent they index: a function of the operator and the graph)
+_INDEX_USES = {
+    "GATHER": (1, lambda op, g: _axis_extent(g.tensor(op.inputs[0]).shape, int(op.opt("axis", 0) or 0))),
+    "EMBEDDING_LOOKUP": (0, lambda op, g: g.tensor(op.inputs[1]).shape[0]),
+}
+# operators index values flow through on their way to the table (reshaped, cast; Keras's Embedding wraps negative
+# ids: SELECT_V2(ids < 0, ids + rows, ids)) -> the operand positions they flow through. Ids drawn within the table's
+# rows are valid along such routes; the interpreter's reference run confirms it.
+_PASS_THROUGH = {"RESHAPE": (0,), "CAST": (0,), "SQUEEZE": (0,), "EXPAND_DIMS": (0,), "TRANSPOSE": (0,),
+                 "SLICE": (0,), "STRIDED_SLICE": (0,), "SELECT": (1, 2), "SELECT_V2": (1, 2), "ADD": (0, 1),
+                 "SUB": (0,), "MINIMUM": (0, 1), "MAXIMUM": (0, 1)}
+
+
+def _axis_extent(shape, axis: int) -> int:
+    return int(shape[axis if axis >= 0 else len(shape) + axis])
+
+
+def input_ranges(graph) -> dict[int, tuple[int, int]]:
+    """Model input position -> the (lowest, highest) value it may take, for integer inputs used as indices (into
+    GATHER's params, an EMBEDDING_LOOKUP's table): random ids beyond the table are not valid input."""
+    consumers = graph.consumers()
+    ranges: dict[int, tuple[int, int]] = {}
+    for k, index in enumerate(graph.inputs):
+        if graph.tensor(index).dtype not in ("int32", "int64", "int16", "int8", "uint8"):
+            continue
+        extents, todo, seen = [], [index], set()
+        while todo:
+            t = todo.pop()
+            seen.add(t)
+            for op in consumers.get(t, []):
+                use = _INDEX_USES.get(op.opcode)
+                if use is not None and op.inputs[use[0]] == t:
+                    extents.append(use[1](op, graph))
+                elif any(op.inputs[k] == t for k in _PASS_THROUGH.get(op.opcode, ()) if k < len(op.inputs)):
+                    todo += [o for o in op.outputs if o not in seen]
+        if extents:
+            ranges[k] = (0, min(extents) - 1)
+    return ranges
 
 
 def _builtin_codes(model) -> list[int]:

@@ -10,6 +10,7 @@ from tinymlaas.frontend.tflite import TFLiteModel
 from tinymlaas.oracle import reference_interpreter
 
 FLOAT_REL_TOLERANCE = 1e-5
+MIXED_MAX_LSB = 2  # quantized outputs of a graph with float operators inside (or int8 lowered through float)
 
 
 @dataclass
@@ -63,7 +64,7 @@ def compare(
     float_tolerance: float = FLOAT_REL_TOLERANCE,
 ) -> Fidelity:
     """Float outputs must be within FLOAT_REL_TOLERANCE. Quantized outputs must be bit-exact when the
-    build uses integer kernels; through TVM's float lowering of quantized ops they are only reported."""
+    build uses integer kernels only; with float arithmetic inside, within MIXED_MAX_LSB of the output's scale."""
     if all(t.dtype == "float32" for t in model.outputs) and not integer_kernels:
         max_abs, max_rel = 0.0, 0.0
         for g_batch, w_batch in zip(got, want):
@@ -88,8 +89,10 @@ def compare(
             max_lsb = max(max_lsb, int(diff.max()) if diff.size else 0)
     if integer_kernels:
         passed, tolerance = max_lsb == 0, "bit-exact"
-    else:
-        passed, tolerance = True, "reported only: int8 ops lowered through float dequantize/quantize"
+    else:  # float arithmetic before a requantization: a result on a rounding boundary may round the other way
+        passed = max_lsb <= MIXED_MAX_LSB
+        tolerance = (f"within {MIXED_MAX_LSB} LSB of the output's quantization (float arithmetic inside the "
+                     "graph: a value on a rounding boundary may requantize one step away)")
     return Fidelity(
         "quantized", len(got), passed=passed, exact_fraction=same / total if total else 1.0,
         max_lsb_diff=max_lsb, tolerance=tolerance,

@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 RNG = np.random.default_rng(2026)
 IMG = (1, 7, 9, 5)  # odd everything
 SEQ = (1, 13, 6)
+VOCAB = 50  # the token-id model's vocabulary
 
 
 def const(shape, scale=0.5):
@@ -137,22 +138,23 @@ OPS = {
 }
 
 
-def representative(shapes, positive=False):
+def representative(shapes, positive=False, vocab=None):
     def gen():
         for _ in range(32):
-            yield [RNG.standard_normal(s).astype(np.float32) for s in shapes]
+            if vocab:  # token ids
+                yield [RNG.integers(0, vocab, s).astype(np.int32) for s in shapes]
+            else:
+                yield [RNG.standard_normal(s).astype(np.float32) for s in shapes]
     return gen
 
 
-def convert(converter, precision, shapes):
-    if precision == "int8":
+def convert(converter, precision, shapes, vocab=None, io_type=None):
+    if io_type is not None:  # the model's own interface in that type (the converter's default: float32)
+        converter.inference_input_type = converter.inference_output_type = io_type
+    if precision in ("int8", "int16x8"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative(shapes)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    elif precision == "int16x8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative(shapes)
-        converter.target_spec.supported_ops = [
+        converter.representative_dataset = representative(shapes, vocab=vocab)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] if precision == "int8" else [
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
     return converter.convert()
 
@@ -280,9 +282,31 @@ def architectures():
         return keras.applications.MobileNetV3Small((96, 96, 3), alpha=0.75, weights=None, classes=10,
                                                    include_preprocessing=False, dropout_rate=0.0)
 
+    def grouped_cnn():  # int8: a CONV_2D whose filter has a quarter of the input's channels (Conv2D groups=4)
+        x = inp = keras.Input((12, 11, 8))
+        x = L.Conv2D(16, 3, padding="same", groups=4, activation="relu")(x)
+        x = L.Conv2D(12, 3, strides=2, groups=2, activation="relu")(x)
+        return keras.Model(inp, L.Dense(5)(L.GlobalAveragePooling2D()(x)))
+
+    def uint8_io_cnn():  # exported with uint8 input and output (inference_input_type=tf.uint8), as for a camera
+        x = inp = keras.Input((16, 16, 3))
+        x = L.Conv2D(8, 3, 2, padding="same", activation="relu")(x)
+        x = L.DepthwiseConv2D(3, padding="same", activation="relu")(x)
+        x = L.Conv2D(16, 1, activation="relu")(x)
+        return keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(x)))
+    uint8_io_cnn.precisions = ("int8",)
+    uint8_io_cnn.io_type = tf.uint8
+
+    def token_text_classifier():  # token ids (int32) -> Embedding (GATHER) -> pooled -> classes
+        inp = keras.Input((20,), dtype="int32")
+        x = L.Embedding(VOCAB, 16)(inp)
+        x = L.Conv1D(16, 3, activation="relu")(x)
+        return keras.Model(inp, L.Dense(3, activation="softmax")(L.GlobalAveragePooling1D()(x)))
+    token_text_classifier.vocab = VOCAB
+
     return {f.__name__: f for f in (resnet8, ds_cnn_kws, conv1d_sensor, lstm_unrolled, gru_unrolled, conv_autoencoder,
                                     unet_tiny, flatten_mlp, dense_autoencoder, tiny_transformer, mobilenet_v2,
-                                    mobilenet_v3_small)}
+                                    mobilenet_v3_small, grouped_cnn, uint8_io_cnn, token_text_classifier)}
 
 
 def keras2_architectures():
@@ -310,15 +334,19 @@ def arch_models(only=None):
     out = HERE / "models"
     out.mkdir(exist_ok=True)
     entries = {}
-    for name, build in {**architectures(), **keras2_architectures()}.items():
+    builders = architectures()
+    if not only or only - set(builders):  # the Keras 2 networks need tf-keras (see the module's docstring)
+        builders.update(keras2_architectures())
+    for name, build in builders.items():
         if only and name not in only:
             continue
         model = build()
         shapes = [(1, *i.shape[1:]) for i in model.inputs]
-        for precision in ("float32", "int8", "int16x8"):
+        for precision in getattr(build, "precisions", ("float32", "int8", "int16x8")):
             key = f"{name}_{precision}"
             try:
-                data = convert(tf.lite.TFLiteConverter.from_keras_model(model), precision, shapes)
+                data = convert(tf.lite.TFLiteConverter.from_keras_model(model), precision, shapes,
+                               getattr(build, "vocab", None), getattr(build, "io_type", None))
             except Exception as e:  # noqa: BLE001 - the converter refuses this network in this precision
                 entries[key] = {"precision": precision, "refused": str(e).strip().splitlines()[-1][:200]}
                 continue

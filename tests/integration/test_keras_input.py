@@ -137,3 +137,48 @@ def test_a_keras_search_budget_below_its_quantization_variants_is_refused(deeper
     assert main(["search", str(deeper_keras_model / "net.keras"), "-t", "cortex-m4", "--budget", "3", "-o",
                  str(tmp_path / "s")]) == 2
     assert "--budget 3 is below the 5 quantization variants" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def two_input_model(tmp_path_factory):
+    """Two inputs of different shapes, named, as a sensor-fusion model has them."""
+    from tensorflow import keras
+
+    keras.utils.set_random_seed(5)
+    L = keras.layers
+    image = keras.Input((8, 8, 1), name="image")
+    series = keras.Input((12,), name="series")
+    x = L.Flatten()(L.Conv2D(4, 3, activation="relu")(image))
+    x = L.Concatenate()([x, L.Dense(6, activation="relu")(series)])
+    folder = tmp_path_factory.mktemp("two")
+    keras.Model([image, series], L.Dense(3)(x)).save(folder / "fusion.keras")
+    rng = np.random.default_rng(2)
+    # the arrays in the other order than the model's inputs: matched by name
+    np.savez(folder / "calib.npz", series=rng.standard_normal((16, 12)).astype(np.float32),
+             image=rng.standard_normal((16, 8, 8, 1)).astype(np.float32))
+    return folder
+
+
+def test_a_two_input_model_is_calibrated_input_by_input(two_input_model, tmp_path):
+    r = compile_model(two_input_model / "fusion.keras", "cortex-m4", tmp_path / "out",
+                      BuildRequest(inputs=2, quantize="int8", calibration=str(two_input_model / "calib.npz")))
+    assert r.verified and r.lowering == "integer" and r.fidelity["max_lsb_diff"] == 0
+    assert not any("accuracy is unknown" in n for n in r.notes)
+
+
+def test_calibration_arrays_that_do_not_name_the_inputs_are_refused(two_input_model, tmp_path):
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "unnamed.npz", rng.standard_normal((4, 8, 8, 1)).astype(np.float32),
+             rng.standard_normal((4, 12)).astype(np.float32))  # arr_0, arr_1: which feeds which?
+    with pytest.raises(InvalidModel, match="inputs are image, series.*name each array after the input"):
+        compile_model(two_input_model / "fusion.keras", "cortex-m4", tmp_path / "out",
+                      BuildRequest(quantize="int8", calibration=str(tmp_path / "unnamed.npz")))
+
+
+def test_json_output_of_keras_input_is_json_only(keras_model, tmp_path, capfd):
+    import json
+
+    assert main(["compile", str(keras_model / "net.keras"), "-t", "cortex-m4", "--quantize", "int8", "-n", "1",
+                 "--calibration", str(keras_model / "calib.npz"), "-o", str(tmp_path / "o"), "--json"]) == 0
+    out = capfd.readouterr().out  # the file descriptor: TensorFlow's own prints included
+    assert json.loads(out)["verified"] is True

@@ -160,10 +160,9 @@ class BuildRequest:
     tuning_dir: str | None = option(help="host targets: tuning databases, reused by later builds of the same "
                                     "model (default OUT/../tuning)", unit="path", backends=HOST,
                                     surfaces=(COMPILE,))
-    sample_inputs: str | None = option(help="host targets: verify with these inputs instead of random ones (one "
-                                       "array per input name, samples on a leading axis): for inputs random "
-                                       "values do not suit, such as token ids", unit="path", backends=HOST,
-                                       surfaces=(COMPILE,), metavar="NPZ")
+    sample_inputs: str | None = option(help="verify with these inputs instead of random ones (one array per input "
+                                       "name, samples on a leading axis): for inputs random values do not suit",
+                                       unit="path", surfaces=(COMPILE,), metavar="NPZ")
     # the variant search (microcontroller targets)
     budget: int | None = option(help="search: at most this many variants built, run and verified (default 16; "
                                 "Keras input: the 5 quantization variants first, then the kernel search on the "

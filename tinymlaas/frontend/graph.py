@@ -109,3 +109,14 @@ class Graph:
             return "int16"
         quantized = any(t.quant is not None and t.dtype in ("int8", "uint8") for t in acts)
         return "int8" if quantized else "float32"
+
+    def integer_only(self, op: Operator) -> bool:
+        """Neither float nor quantized tensors: index and shape arithmetic (int32, bool), exact in any lowering."""
+        return self.precision(op) == "float32" and all(self.tensors[i].dtype != "float32"
+                                                        for i in (*op.inputs, *op.outputs) if i >= 0)
+
+    def lowering(self) -> str:
+        """"float" (float operators only), "integer" (quantized ones) or "mixed" (float operators among quantized
+        ones); index and shape arithmetic counts as neither."""
+        precisions = {self.precision(op) for op in self.operators if not self.integer_only(op)}
+        return "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"

@@ -52,6 +52,12 @@ class TFLiteModel:
         return self.data != self.original_data
 
 
+def short_input_name(name: str) -> str:
+    """A model input's name as the user named it: a converted Keras model's TFLite input serving_default_<name>:0
+    is <name>."""
+    return name.split(":")[0].removeprefix("serving_default_")
+
+
 def _schema():
     from ai_edge_litert import schema_py_generated as schema
 

@@ -86,9 +86,9 @@ def kernel_shape(graph, op, target=None) -> KernelShape | None:
     if graph.precision(op) not in ("int8", "int16") or op.opcode not in FAMILIES:
         return None
     x, w, out = graph.tensor(op.inputs[0]), graph.tensor(op.inputs[1]), graph.tensor(op.outputs[0])
-    if not w.is_const:
-        return None
     family = FAMILIES[op.opcode]
+    if not w.is_const or (family == "conv" and int(w.shape[3]) != int(x.shape[3])):  # grouped: the plain kernel
+        return None
     zp, int8 = bool(x.zero_point), x.dtype == "int8"
     dsp = bool(target is not None and target.dsp)
     if family == "dense":

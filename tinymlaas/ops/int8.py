@@ -64,7 +64,12 @@ def _dsp_applies(graph, op, target, impl) -> bool:
         return int(op.opt("depthMultiplier", 1) or 1) == 1
     if op.opcode == "FULLY_CONNECTED":
         return graph.tensor(op.inputs[1]).zero_point == 0 and graph.tensor(op.inputs[1]).is_const
-    return graph.tensor(op.inputs[1]).is_const
+    return graph.tensor(op.inputs[1]).is_const and not grouped(graph, op)
+
+
+def grouped(graph, op) -> bool:
+    """A grouped convolution: its filter holds a fraction of the input's channels (the TIR kernel only)."""
+    return op.opcode == "CONV_2D" and graph.tensor(op.inputs[1]).shape[3] != graph.tensor(op.inputs[0]).shape[3]
 
 
 def _requant_consts(ctx, in_idx: int, w_idx: int, out_idx: int, channels: int):
@@ -235,8 +240,9 @@ def conv2d(ctx, op, impl):
     dh, dw = op.opt("dilationHFactor", 1) or 1, op.opt("dilationWFactor", 1) or 1
     pt, pb = padding(op.opt("padding", 0), h, kh, sh, dh)
     pl, pr = padding(op.opt("padding", 0), wd, kw, sw, dw)
-    if name == "CONV_2D" and w.shape[3] != c:
-        raise UnsupportedOperator([f"CONV_2D #{op.index} grouped (int8)"], ctx.graph.name)
+    if name == "CONV_2D" and (c % w.shape[3] or w.shape[0] % (c // w.shape[3])):
+        raise UnsupportedOperator([(f"CONV_2D #{op.index}: {c} input channels in groups of {w.shape[3]} for "
+                                   f"{w.shape[0]} filters")], ctx.graph.name)
     mult, shift = _requant_consts(ctx, op.inputs[0], op.inputs[1], op.outputs[0], channels)
     zp_in, zp_out = x_t.zero_point, out_t.zero_point
     lo, hi = _act(ctx, op)
@@ -447,9 +453,13 @@ def table_lookup(ctx, op, impl):
     src = ctx.tensor(op.inputs[0])
     if op.opcode == "QUANTIZE" and src.dtype == "float32":  # arithmetic, not a table
         return quantize_from_float(ctx, op)
+    if src.dtype == "uint8" and op.opcode == "QUANTIZE":  # a model taking uint8 (its first operator): 256 entries too
+        table = interpreter_table(ctx, op, np.arange(256, dtype=np.uint8))
+        ctx.set_output(op, 0, emit_kernel(ctx, k.lookup_u8, [ctx.input(op, 0), relax.const(table)], elementwise=True))
+        return
     if src.dtype != "int8":
         raise UnsupportedOperator([f"{op.opcode} #{op.index} on {src.dtype} input"], ctx.graph.name)
-    table = interpreter_table(ctx, op)
+    table = interpreter_table(ctx, op)  # int8 -> int8, or -> uint8 (a model giving uint8: its last operator)
     y = emit_kernel(ctx, k.lookup_s8, [ctx.input(op, 0), relax.const(table)], elementwise=True)
     ctx.set_output(op, 0, y)
 

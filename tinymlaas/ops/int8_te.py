@@ -135,20 +135,23 @@ def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in, fold_zero_poi
 def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, padding, zp_in, zp_out, act_min, act_max,
               acc_dtype="int32", fold_zero_point=False, proven=False, lanes=False):
     """NHWC int8 (or int16x8) convolution, weights OHWI, per-channel requantization (proven: bias, multiplier and
-    shift are the columns of requantize_proven; lanes: int16 weights in lane order, ir/arm_intrinsics.py)."""
+    shift are the columns of requantize_proven; lanes: int16 weights in lane order, ir/arm_intrinsics.py).
+    Grouped (the filter holds a fraction of the input's channels): output channel o reads its group's channels."""
     from tvm import te
 
     from tinymlaas.ir.arm_intrinsics import lane
 
-    oc, kh, kw, _ = (int(v) for v in weight.shape)
+    oc, kh, kw, ic = (int(v) for v in weight.shape)
     (sh, sw), (dh, dw), (pt, pl, _, _) = stride, dilation, padding
     n, c, oh, ow, value = _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in, fold_zero_point)
-    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, c), "rc")
+    ry, rx, rc = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx"), te.reduce_axis((0, ic), "rc")
+    per_group = oc // (c // ic)  # output channels per group (all of them when not grouped)
+    channel = (lambda o: rc) if ic == c else (lambda o: o // _i32(per_group) * _i32(ic) + rc)
 
     acc = te.compute(
         (n, oh, ow, oc),
         lambda b, y, x, o: te.sum(
-            _product(value(b, y * sh + ry * dh - pt, x * sw + rx * dw - pl, rc),
+            _product(value(b, y * sh + ry * dh - pt, x * sw + rx * dw - pl, channel(o)),
                      weight[o, ry, rx, lane(rc) if lanes else rc].astype("int32"), acc_dtype),
             axis=[ry, rx, rc],
         ),
@@ -392,6 +395,13 @@ def lookup_s8(x, table):
     from tvm import te
 
     return te.compute(x.shape, lambda *i: table[x(*i).astype("int32") + _i32(128)], name="lookup")
+
+
+def lookup_u8(x, table):
+    """table[x]: an elementwise operator tabulated over all uint8 inputs."""
+    from tvm import te
+
+    return te.compute(x.shape, lambda *i: table[x(*i).astype("int32")], name="lookup")
 
 
 def compare_s8(a, b, *, out_shape, relation, zp_a, zp_b, mult_a, shift_a, mult_b, shift_b):

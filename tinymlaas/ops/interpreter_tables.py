@@ -9,7 +9,7 @@ import numpy as np
 from tinymlaas.errors import UnsupportedOperator
 
 # TFLite TensorType (schema.fbs) -> dtype
-TFLITE_TYPES = {0: "float32", 2: "int32", 7: "int16", 9: "int8", 6: "bool"}
+TFLITE_TYPES = {0: "float32", 2: "int32", 7: "int16", 9: "int8", 3: "uint8", 6: "bool"}
 
 
 def lookup_table(graph, op, inputs: np.ndarray | None = None) -> np.ndarray:

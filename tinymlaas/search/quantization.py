@@ -102,7 +102,7 @@ def search_quantization(source, target: str, workdir, request: BuildRequest | No
             converted = convert_keras(source, tflite, quantize, calibration, keep_float=keep)
             if samples is None:  # the float model comes first: its inputs and outputs are the reference
                 model = load_tflite(tflite)
-                samples, labels = calibration_samples(calibration, [tuple(s.shape) for s in model.inputs])
+                samples, labels = calibration_samples(calibration, [(s.name, tuple(s.shape)) for s in model.inputs])
                 reference = _outputs(tflite.read_bytes(), samples)
             outputs = _outputs(tflite.read_bytes(), samples)
             r = compile_model(tflite, target, workdir / f"point{k:02d}-{name}",

@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from tinymlaas.backends.host.passes import extern_layers, lowering_config, optim
 from tinymlaas.backends.host.report import HostReport
 from tinymlaas.backends.host.tuning import is_tuned, tuning_folder
 from tinymlaas.errors import BuildFailure, InvalidModel, ToolMissing, UnsupportedOperator
-from tinymlaas.oracle import make_inputs, reference_outputs
+from tinymlaas.oracle import load_sample_inputs, make_inputs, reference_outputs
 from tinymlaas.targets import HostTarget
 from tinymlaas.verify import compare
 
@@ -91,8 +90,7 @@ def build_host(model, graph, target: HostTarget, work: Path, options: HostOption
     from tinymlaas.frontend.to_relax import to_relax
 
     check_precision(target, options)
-    precisions = {graph.precision(op) for op in graph.operators}
-    lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
+    lowering = graph.lowering()
     if options.precision == "float16" and lowering != "float":
         raise BuildFailure("float16 applies to float models; this one is quantized (build it as float32)")
     stage("import")
@@ -121,39 +119,6 @@ def build_host_external(model, target: HostTarget, work: Path, options: HostOpti
     module = HostModule(model.to_relax(), "float", _io(model.inputs), _io(model.outputs), [], model.weights_bytes,
                         model.reference_outputs, model.reference_name)
     return build_module(model, module, target, work, options, stage, time.monotonic() - t0)
-
-
-def load_sample_inputs(path: Path, inputs: list[dict]) -> list[list[np.ndarray]]:
-    """An .npz with one array per model input, by name, samples on a leading axis (or one sample as the input's own
-    shape): the batches to check with. InvalidModel names a missing, misshapen or mistyped input."""
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):  # a single .npy array: no names to match the inputs by
-            raise TypeError("one array, not named ones")
-        with data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:
-        raise InvalidModel(f"sample inputs {Path(path).name}: not a readable .npz of named arrays "
-                           f"({type(e).__name__})") from None
-    columns = []
-    for spec in inputs:
-        name, shape = spec["name"], tuple(spec["shape"])
-        if name not in arrays:
-            raise InvalidModel(f"sample inputs {Path(path).name}: no array '{name}' (it holds "
-                               f"{', '.join(sorted(arrays)) or 'none'})")
-        a = arrays[name]
-        a = a[None] if a.shape == shape else a
-        if a.shape[1:] != shape or len(a) == 0:
-            raise InvalidModel(f"sample inputs {Path(path).name}: '{name}' has shape {a.shape}; the model takes "
-                               f"{shape} (or N samples of it: (N, {', '.join(map(str, shape))}))")
-        if not np.can_cast(a.dtype, spec["dtype"], casting="same_kind"):
-            raise InvalidModel(f"sample inputs {Path(path).name}: '{name}' is {a.dtype}; the model takes "
-                               f"{spec['dtype']}")
-        columns.append(a.astype(spec["dtype"]))
-    if len({len(c) for c in columns}) > 1:
-        raise InvalidModel(f"sample inputs {Path(path).name}: the inputs hold different numbers of samples "
-                           f"({', '.join(str(len(c)) for c in columns)})")
-    return [[c[i] for c in columns] for i in range(len(columns[0]))] if columns else []
 
 
 def check_precision(target: HostTarget, options: HostOptions) -> None:

@@ -12,7 +12,7 @@ from tinymlaas.backends.mcu.codegen import build_kernels
 from tinymlaas.backends.mcu.driver import generate_driver
 from tinymlaas.backends.mcu.firmware import link_firmware, linked_bytes
 from tinymlaas.build.request import BuildRequest
-from tinymlaas.errors import ModelTooLarge, ToolMissing
+from tinymlaas.errors import InvalidModel, ModelTooLarge, ToolMissing
 from tinymlaas.frontend.cleanup import clean
 from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
 from tinymlaas.frontend.to_relax import to_relax
@@ -20,7 +20,7 @@ from tinymlaas.ir.lower import lower
 from tinymlaas.ir.memory import plan as plan_memory
 from tinymlaas.ir.schedule import schedule_for
 from tinymlaas.measure.sizes import measure_firmware
-from tinymlaas.oracle import make_inputs, reference_outputs, reference_resolver
+from tinymlaas.oracle import load_sample_inputs, make_inputs, reference_outputs, reference_resolver
 from tinymlaas.runners import emulator_for
 from tinymlaas.search.space import load_variant
 from tinymlaas.targets import Target, get_target
@@ -102,8 +102,7 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
         check_choices(graph, target, kernels)
     if schedules:
         check_schedules(graph, target, kernels, schedules)
-    precisions = {graph.precision(op) for op in graph.operators}
-    lowering = "float" if precisions <= {"float32"} else "integer" if "float32" not in precisions else "mixed"
+    lowering = graph.lowering()
     if reference_resolver(model.data) != "BUILTIN_REF":
         notes.append("the interpreter's reference kernels cannot run this model (an operator missing, aborting or, "
                      "for a quantized SUM, wrong): verified against its builtin (optimized) kernels")
@@ -194,10 +193,20 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     estimate = runner.name == "qemu" and (request.estimate_cycles or "pipeline" in (target.estimate or {}))
     if estimate:
         runner.blocks = True
-    batches = make_inputs(model, request.inputs or runner.default_inputs, request.seed)
+    if request.sample_inputs:  # the user's own: as many as the file holds (at most --inputs, if given)
+        specs = [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in model.inputs]
+        batches = load_sample_inputs(Path(request.sample_inputs), specs)[:request.inputs or None]
+    else:
+        batches = make_inputs(model, request.inputs or runner.default_inputs, request.seed)
     batches.append(batches[0])  # input 0 again: its count must repeat exactly
     (work / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))
-    want = reference_outputs(model, batches)
+    try:
+        want = reference_outputs(model, batches)
+    except RuntimeError as e:  # the interpreter's own check on its inputs (an index out of range)
+        given = "the given" if request.sample_inputs else "random"
+        hint = "" if request.sample_inputs else "; give inputs it accepts with --sample-inputs FILE.npz"
+        raise InvalidModel(f"the interpreter cannot run {model.name} on {given} inputs "
+                           f"({str(e).strip().splitlines()[0][:160]}){hint}") from e
     (work / "expected_outputs.bin").write_bytes(b"".join(y.tobytes() for batch in want for y in batch))
 
     stage("link")

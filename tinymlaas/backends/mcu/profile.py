@@ -95,7 +95,7 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
     graph = clean(model.graph, shapes_from_interpreter=True)
     chosen = implementations(graph, target, dict(variant.kernels) if variant else kernels)
     ops = {op.index: op for op in graph.operators}
-    precisions = {graph.precision(op) for op in graph.operators} or {"float32"}
+    precisions = {graph.precision(op) for op in graph.operators if not graph.integer_only(op)} or {"float32"}
     quantization = "mixed" if len(precisions) > 1 else precisions.pop().replace("int16", "int16x8")
     steps = []
     for k, (step, region, true, estimate) in enumerate(zip(program.steps, run.regions, true_cycles, estimates)):
