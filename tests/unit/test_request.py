@@ -62,7 +62,6 @@ def test_the_service_schema_is_made_from_the_same_declaration():
     (BuildRequest(precision="float16"), "cpu-host", "precision"),  # a precision the target lacks
     (BuildRequest(max_flash=4096), "cpu-host", "max_flash"),  # a firmware budget for a host
     (BuildRequest(budget=8), "cuda-host", "budget"),  # host builds are not searched
-    (BuildRequest(sample_inputs="ids.npz"), "rv32imac", "sample_inputs"),
     (BuildRequest(emulator="renode"), "cortex-m55", "emulator"),  # no Renode machine
     (BuildRequest(emulator="ibex"), "cortex-m4", "emulator"),  # Ibex runs RV32IMC only
     (BuildRequest(emulator="gem5"), "cortex-m4", "emulator"),  # not a runner
