@@ -304,9 +304,19 @@ def architectures():
         return keras.Model(inp, L.Dense(3, activation="softmax")(L.GlobalAveragePooling1D()(x)))
     token_text_classifier.vocab = VOCAB
 
+    def dilated_tcn():  # dilated causal 1-D convolutions and a dilated 2-D one, as a TCN stacks them
+        inp = keras.Input((40, 4))
+        x = inp
+        for rate in (1, 2, 4):
+            x = L.Conv1D(8, 3, padding="causal", dilation_rate=rate, activation="relu")(x)
+        x = L.Reshape((5, 8, 8))(x)
+        x = L.Conv2D(6, 3, padding="same", dilation_rate=2, activation="relu")(x)
+        return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
+
     return {f.__name__: f for f in (resnet8, ds_cnn_kws, conv1d_sensor, lstm_unrolled, gru_unrolled, conv_autoencoder,
                                     unet_tiny, flatten_mlp, dense_autoencoder, tiny_transformer, mobilenet_v2,
-                                    mobilenet_v3_small, grouped_cnn, uint8_io_cnn, token_text_classifier)}
+                                    mobilenet_v3_small, grouped_cnn, uint8_io_cnn, token_text_classifier,
+                                    dilated_tcn)}
 
 
 def keras2_architectures():

@@ -68,3 +68,19 @@ def test_quantized_outputs_of_a_mixed_build_have_a_tolerance_that_can_fail():
     far = [[want[0][0] + np.uint8(MIXED_MAX_LSB + 1)]]
     assert compare(model, near, want).passed and not compare(model, far, want).passed
     assert not compare(model, near, want, integer_kernels=True).passed  # integer kernels: bit-exact
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+def test_dilated_convolutions_exported_through_space_to_batch_become_one_operator(tmp_path, target):
+    path = CORPUS / "models" / "dilated_tcn_int8.tflite"
+    raw = load_tflite(path).graph
+    graph = clean(raw, shapes_from_interpreter=True)
+    opcodes = [op.opcode for op in graph.operators]
+    assert [op.opcode for op in raw.operators].count("SPACE_TO_BATCH_ND") == 3
+    assert "SPACE_TO_BATCH_ND" not in opcodes and "BATCH_TO_SPACE_ND" not in opcodes
+    dilations = sorted(max(op.opt("dilationHFactor"), op.opt("dilationWFactor")) for op in graph.operators
+                       if op.opcode == "CONV_2D")
+    assert dilations == [1, 2, 2, 4]  # the causal 1-D ones (1, 2, 4) and the 2-D one (2, SAME)
+    r = compile_model(path, target, tmp_path / "o", BuildRequest(inputs=3))
+    assert r.verified and r.fidelity["max_lsb_diff"] == 0  # the interpreter runs the model as exported
+    assert any("6 operators removed" in n for n in r.notes)

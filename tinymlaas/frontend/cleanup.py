@@ -6,6 +6,8 @@
   the device so that its rounding is the kernel's.
 - remove_identities: reshapes to the same shape.
 - remove_dead: operators nothing reads.
+- fold_dilated_convolutions: SPACE_TO_BATCH_ND -> convolution -> BATCH_TO_SPACE_ND as one dilated convolution
+  (frontend/dilation.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from tinymlaas.frontend.dilation import fold_dilated_convolutions
 from tinymlaas.frontend.graph import Graph, Operator
 from tinymlaas.ops.semantics import norm_axis, pad_widths, slice_index, strided_slice_index
 
@@ -246,7 +249,7 @@ def resolve_shapes(graph: Graph) -> Graph:
     return replace(graph, tensors=tuple(tensors))
 
 
-PASSES = (fold_constants, remove_identities, remove_dead)
+PASSES = (fold_constants, remove_identities, remove_dead, fold_dilated_convolutions)
 
 
 def clean(graph: Graph, shapes_from_interpreter: bool = False) -> Graph:

@@ -98,6 +98,7 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
         notes.append("int8 operators lowered through float dequantize/op/quantize (as requested): not bit-exact")
         return import_relax_tvm(model), "float-emulated", notes
     graph = clean(model.graph, shapes_from_interpreter=True)
+    notes += [n for n in graph.notes if n not in model.graph.notes]  # what the clean-up rewrote
     if isinstance(kernels, dict):
         check_choices(graph, target, kernels)
     if schedules:
