@@ -198,13 +198,14 @@ def main() -> int:
     models_dir, out = Path(args.models), Path(args.out)
     targets = [t for t in args.targets.split(",") if t]
     measured = list(targets)  # what this run tunes (with --append, `targets` also lists those kept)
-    rows, predictor, reuse = [], {}, {}
+    rows, predictor, reuse, runs = [], {}, {}, {}
     started = time.monotonic()
     if args.append and out.exists():  # more targets into an existing run's file
         before = json.loads(out.read_text())
         rows = [r for r in before["rows"] if r["target"] not in targets]
         predictor = {t: v for t, v in before.get("predictor", {}).items() if t not in targets}
         reuse = {t: v for t, v in before.get("reuse", {}).items() if t not in targets}
+        runs = {k: v for k, v in before.get("runs", {}).items() if not set(k.split(", ")) & set(targets)}
         targets = [t for t in before["targets"] if t not in targets] + targets
         rows.sort(key=lambda r: targets.index(r["target"]))
 
@@ -215,7 +216,9 @@ def main() -> int:
                "budget_per_model": args.budget, "seconds": round(time.monotonic() - started, 1),
                "cost": {"arm": "estimated cycles: llvm-mca's model of the core x QEMU's per-block counts, zero "
                         "flash wait states (tinymlaas.measure.cycles)", "riscv": "exact instructions (QEMU)"},
-               "rows": rows, "reuse": reuse, "predictor": predictor}
+               "rows": rows, "reuse": reuse, "predictor": predictor,
+               "runs": {**runs, ", ".join(measured): {"date": time.strftime("%Y-%m-%d"), "models": args.only,
+                                                      "seconds": round(time.monotonic() - started, 1)}}}
         out.write_text(json.dumps(doc, indent=1) + "\n")
         return doc
 
