@@ -12,7 +12,9 @@ from tinymlaas.build.request import BuildRequest
 from tinymlaas.frontend.cleanup import clean
 from tinymlaas.frontend.tflite import load_tflite, short_input_name
 from tinymlaas.frontend.to_relax import implementations
+from tinymlaas.ir.layer_schedule import kernel_shape, space_of
 from tinymlaas.oracle import input_ranges, make_inputs
+from tinymlaas.search.space import Variant
 from tinymlaas.targets import get_target
 from tinymlaas.verify import MIXED_MAX_LSB, compare
 
@@ -37,6 +39,13 @@ def test_grouped_int8_convolutions_are_bit_exact(tmp_path, target):
     assert len(grouped) == 2  # groups of 4 and of 2
     chosen = implementations(graph, get_target(target))
     assert all(chosen[op.index] == "tir" for op in grouped)  # the C kernels take no groups
+    for op in grouped:  # layer schedules do, without the tensorized inner product (reads depend on the channel)
+        space = space_of(kernel_shape(graph, op, get_target(target)))
+        assert len(space) > 1000 and not any(s.dsp_dot for s in space)
+    schedules = {op.index: space_of(kernel_shape(graph, op, get_target(target)))[-1] for op in grouped}
+    r = compile_model(GROUPED, target, tmp_path / "tuned", BuildRequest(inputs=3, variant=Variant(
+        kernels=tuple((i, "tir") for i in schedules), layers=tuple(sorted(schedules.items())))))
+    assert r.verified and r.fidelity["max_lsb_diff"] == 0
     r = compile_model(GROUPED, target, tmp_path / "o", BuildRequest(inputs=3))
     assert r.verified and r.lowering == "integer" and r.fidelity["max_lsb_diff"] == 0
 

@@ -87,10 +87,11 @@ def kernel_shape(graph, op, target=None) -> KernelShape | None:
         return None
     x, w, out = graph.tensor(op.inputs[0]), graph.tensor(op.inputs[1]), graph.tensor(op.outputs[0])
     family = FAMILIES[op.opcode]
-    if not w.is_const or (family == "conv" and int(w.shape[3]) != int(x.shape[3])):  # grouped: the plain kernel
+    if not w.is_const:
         return None
     zp, int8 = bool(x.zero_point), x.dtype == "int8"
-    dsp = bool(target is not None and target.dsp)
+    grouped = family == "conv" and int(w.shape[3]) != int(x.shape[3])  # its reads depend on the output channel:
+    dsp = bool(target is not None and target.dsp) and not grouped  # no tensorized inner product
     if family == "dense":
         depth = int(w.shape[1])
         return KernelShape("dense", int(x.size) // depth, int(w.shape[0]), (depth,), zp, int8, dsp, bool(w.zero_point))
