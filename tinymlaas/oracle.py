@@ -21,7 +21,8 @@ def make_inputs(model: TFLiteModel, count: int, seed: int) -> list[list[np.ndarr
     """Seeded random inputs covering each input's valid range: its type's whole range, or, for an input the model
     uses as indices (token ids into an embedding table), the table's rows (input_ranges)."""
     rng = np.random.default_rng(seed)
-    ranges = input_ranges(model.graph) if model.graph is not None else {}
+    graph = getattr(model, "graph", None)  # ONNX and PyTorch models have none: their index inputs come from the user
+    ranges = input_ranges(graph) if graph is not None else {}
     batches = []
     for _ in range(count):
         batch = []
