@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tinymlaas.errors import InvalidModel
-from tinymlaas.frontend.tflite import TFLiteModel, short_input_name
+from tinymlaas.frontend.tflite import TFLiteModel, array_for_input, short_input_name
 
 
 def make_inputs(model: TFLiteModel, count: int, seed: int) -> list[list[np.ndarray]]:
@@ -52,10 +52,11 @@ def load_sample_inputs(path: Path, inputs: list[dict]) -> list[list[np.ndarray]]
     columns = []
     for spec in inputs:
         name, shape = spec["name"], tuple(spec["shape"])
-        name = name if name in arrays else short_input_name(name)  # serving_default_ids:0 or ids
-        if name not in arrays:
-            raise InvalidModel(f"sample inputs {Path(path).name}: no array '{name}' (it holds "
+        key = array_for_input(arrays, name)
+        if key is None:
+            raise InvalidModel(f"sample inputs {Path(path).name}: no array '{short_input_name(name)}' (it holds "
                                f"{', '.join(sorted(arrays)) or 'none'})")
+        name = key
         a = arrays[name]
         a = a[None] if a.shape == shape else a
         if a.shape[1:] != shape or len(a) == 0:

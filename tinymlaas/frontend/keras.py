@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tinymlaas.errors import InvalidModel, ToolMissing
-from tinymlaas.frontend.tflite import short_input_name
+from tinymlaas.frontend.tflite import array_for_input, short_input_name
 
 QUANTIZE = ("none", "int8", "int16x8", "mixed")
 LABELS = "labels"  # the array of a calibration .npz that holds classes, not inputs
@@ -65,10 +65,11 @@ def _calibration_arrays(path: Path, inputs: list[tuple[str, tuple[int, ...]]]) -
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise InvalidModel(f"{path}: not a readable .npz of calibration arrays ({type(e).__name__})") from None
     names = [short_input_name(n) for n, _ in inputs]
+    keys = [array_for_input(arrays, n) for n, _ in inputs]
     if len(inputs) == 1 and len(arrays) == 1:
         ordered = list(arrays.values())
-    elif set(names) <= set(arrays):
-        ordered = [arrays[n] for n in names]
+    elif None not in keys:
+        ordered = [arrays[k] for k in keys]
     else:
         raise InvalidModel(f"{path}: the model's inputs are {', '.join(names)}; the file holds "
                            f"{', '.join(sorted(arrays)) or 'no arrays'}: name each array after the input it feeds")

@@ -58,6 +58,12 @@ def short_input_name(name: str) -> str:
     return name.split(":")[0].removeprefix("serving_default_")
 
 
+def array_for_input(keys, name: str) -> str | None:
+    """Which of a user's named arrays (sample inputs, calibration data) feeds the input `name`: the one named
+    exactly so, or after the input as the user named it (short_input_name); None if neither."""
+    return name if name in keys else short_input_name(name) if short_input_name(name) in keys else None
+
+
 def _schema():
     from ai_edge_litert import schema_py_generated as schema
 
