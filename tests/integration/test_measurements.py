@@ -126,3 +126,26 @@ def test_block_costs_are_kept_and_give_the_same_estimate(tmp_path, monkeypatch):
     monkeypatch.setattr(cycles, "CACHE_PATH", tmp_path / "empty.sqlite")  # nothing kept: the tool is needed
     with pytest.raises(ToolMissing, match="llvm-mca-15' is not installed"):
         cycles.estimate_run(elf, target, run)
+
+
+# The Cortex-M4 Technical Reference Manual's load/store timings (3.3), each block followed by an independent ADD
+# (one cycle): llvm-mca alone issues every load and store in one cycle.
+TRM_EXAMPLES = [
+    (["ldr r0, [r1]", "ldr r3, [r2]"], 3),  # two pipelined loads: "normally three cycles total"
+    (["ldr r0, [r1, r2]", "str r0, [r3, #20]"], 3),  # a load and the store of what it loaded: three
+    (["ldr r0, [r1, r5]", "ldr r4, [r2]", "ldr r6, [r3, #4]"], 4),  # three pipelined loads: four
+    (["ldr r0, [r1]"], 2),  # a load alone: two
+    (["str r0, [r1]"], 1),  # a store alone: one (the write buffer)
+    (["ldm r0, {r4, r5, r6, r7}"], 5),  # load multiple: 1 + N
+    (["push {r4, r5, r6, r7, lr}"], 6),
+    (["ldrd r4, r5, [r0, #8]"], 3),  # load double: 1 + N, never pipelined
+]
+
+
+@pytest.mark.parametrize("body, trm_cycles", TRM_EXAMPLES)
+def test_cortex_m4_loads_and_stores_cost_what_the_manual_says(body, trm_cycles):
+    from tinymlaas.measure.cycles import block_cost, model_for
+
+    model = model_for(get_target("cortex-m4"))
+    assert model.trm_transfers and "TRM" in model.name
+    assert block_cost([*body, "add r8, r8, r9"], model) == pytest.approx(trm_cycles + 1, abs=0.02)

@@ -9,6 +9,11 @@ A block's cost comes from one of two models, named by the target's `estimate:` e
   simple in-order cores such as Ibex, whose manual tabulates them.
 Either way, plus a penalty per taken branch or jump (QEMU counts those exits), times how often each block ran,
 summed. Checked against Ibex's true cycles in benchmarks/cycles.py.
+
+llvm-mca's Cortex-M models issue every load and store in one cycle, whatever it moves: an LDM of eight words costs
+what an ADD does. Where the core's Technical Reference Manual tabulates load/store timing (Cortex-M3, Cortex-M4), the
+target's `estimate: {trm_transfers: true}` adds the difference (`transfer_extra`): LDM/STM/PUSH/POP/VLDM/VSTM take
+1 + N cycles for N words, LDRD/STRD 3, and a run of pipelined single loads costs one cycle more than its length.
 """
 
 from __future__ import annotations
@@ -36,13 +41,15 @@ class CycleModel:
     mattr: str = ""
     taken_branch_penalty: float = 0.0  # cycles a taken branch or jump adds (pipeline refill): the core's manual
     stalls: tuple[tuple[str, float], ...] = ()  # a pipeline table instead of llvm-mca: (class, stall cycles)
+    trm_transfers: bool = False  # add the Technical Reference Manual's load/store timing to llvm-mca's (Arm)
 
     @property
     def name(self) -> str:
         if self.stalls:
             table = ", ".join(f"{k} +{v:g}" for k, v in self.stalls)
             return f"pipeline table ({table}) + {self.taken_branch_penalty:g}/taken branch"
-        return f"llvm-mca {self.mcpu} + {self.taken_branch_penalty:g}/taken branch"
+        transfers = " + the TRM's load/store timing" if self.trm_transfers else ""
+        return f"llvm-mca {self.mcpu}{transfers} + {self.taken_branch_penalty:g}/taken branch"
 
 
 # instruction classes of a pipeline table, by mnemonic as objdump prints them (compressed forms expanded)
@@ -72,6 +79,87 @@ def table_cost(body: list[str], stalls: dict) -> float:
     return cycles
 
 
+_ARM_REG = re.compile(r"\b(?:r1[0-5]|r[0-9]|sb|sl|fp|ip|sp|lr|pc|[sd][0-9]+)\b")
+_SINGLE_LOADS = {"ldr", "ldrb", "ldrh", "ldrsb", "ldrsh", "ldrex", "vldr"}
+_SINGLE_STORES = {"str", "strb", "strh", "strex", "vstr"}
+_MULTIPLE = ("ldm", "stm", "push", "pop", "vldm", "vstm", "vpush", "vpop")
+
+
+def _arm_mnemonic(text: str) -> str:
+    """`ldmia.w` -> `ldm`, `ldrb.w` -> `ldrb`, `vldr.32`/`vpush` as they are (condition and width suffixes off)."""
+    m = text.split(" ", 1)[0].split(".")[0]
+    for base in _MULTIPLE:
+        if m.startswith(base) and base != m and m[len(base):] in ("ia", "ib", "da", "db", "fd", "ea"):
+            return base
+    return m
+
+
+def _arm_registers(operands: str) -> list[str]:
+    """Registers an instruction names, register ranges ({s0-s7}, {d8-d11}) expanded; d registers count twice
+    (two words)."""
+    regs = []
+    for lo, hi in re.findall(r"\b([rsd]\d+)-([rsd]\d+)\b", operands):
+        regs += [f"{lo[0]}{i}" for i in range(int(lo[1:]), int(hi[1:]) + 1)]
+    operands = re.sub(r"\b[rsd]\d+-[rsd]\d+\b", "", operands)
+    return regs + _ARM_REG.findall(operands)
+
+
+def _words(regs: list[str]) -> int:
+    return sum(2 if r.startswith("d") else 1 for r in regs)
+
+
+def transfer_extra(body: list[str]) -> float:
+    """Cycles the Cortex-M3/M4 Technical Reference Manuals' load/store timing adds to llvm-mca's for a block of
+    Thumb instructions (Cortex-M4 TRM, 3.3 "Instruction set summary", "Load/store timings"; Cortex-M3 TRM, 18.3):
+    - LDM/STM/PUSH/POP/VLDM/VSTM/VPUSH/VPOP: 1 + N cycles for N words (llvm-mca: 1);
+    - LDRD/STRD (and VLDR/VSTR of a double): 3, never pipelined (llvm-mca: 1);
+    - LDR of one register: 2 cycles, but a load or store right after it pipelines with it (one cycle less), so a
+      run of k single loads and stores that holds a load costs k + 1 (llvm-mca: k).
+    llvm-mca charges a cycle of stall when the next instruction reads a loaded register as data; that cycle is part
+    of the manual's count, so it is not added twice."""
+    parsed = [(_arm_mnemonic(t), _arm_registers(t.split(" ", 1)[1]) if " " in t else []) for t in body]
+
+    def data_use(k: int, loaded: list[str]) -> bool:
+        """Instruction k + 1 reads one of `loaded` as data (not as an address: that stall is the manual's too)."""
+        if k + 1 >= len(parsed):
+            return False
+        mnemonic, regs = parsed[k + 1]
+        if mnemonic in _SINGLE_STORES or mnemonic in ("strd",):
+            reads = regs[:1] if mnemonic != "strd" else regs[:2]
+        elif mnemonic.startswith(("stm", "push", "vst", "vpush")):
+            reads = regs[1:] if mnemonic.startswith(("stm", "vstm")) else regs
+        elif mnemonic in _SINGLE_LOADS or mnemonic.startswith(("ld", "pop", "vld", "vpop")):
+            reads = []
+        elif mnemonic.startswith(("b", "cmp", "cmn", "tst", "teq")):
+            reads = regs
+        else:
+            reads = regs[1:]  # the first register is written
+        return any(r in reads for r in loaded)
+
+    def is_single(mnemonic: str, regs: list[str]) -> bool:
+        return (mnemonic in _SINGLE_LOADS or mnemonic in _SINGLE_STORES) and not (
+            mnemonic in ("vldr", "vstr") and regs[:1] and regs[0][0] == "d")
+
+    extra, last_load = 0.0, None  # last_load: index of the open run's last single load
+    for k, (mnemonic, regs) in enumerate(parsed):
+        if is_single(mnemonic, regs):
+            if mnemonic in _SINGLE_LOADS:
+                last_load = k
+            if k + 1 < len(parsed) and is_single(*parsed[k + 1]):
+                continue  # the run goes on
+            if last_load is not None:  # the run ends here: its first load's second cycle
+                extra += 0.0 if data_use(last_load, parsed[last_load][1][:1]) else 1.0
+            last_load = None
+        elif mnemonic in ("ldrd", "strd", "vldr", "vstr"):
+            loaded = regs[:2] if mnemonic in ("ldrd", "vldr") else []
+            extra += 2.0 - (1.0 if loaded and data_use(k, loaded) else 0.0)
+        elif mnemonic in _MULTIPLE:
+            listed = [r for r in regs if r not in regs[:1]] if mnemonic in ("ldm", "stm", "vldm", "vstm") else regs
+            loaded = listed if mnemonic in ("ldm", "pop", "vldm", "vpop") else []
+            extra += _words(listed) - (1.0 if loaded and data_use(k, loaded) else 0.0)
+    return extra
+
+
 def model_for(target) -> CycleModel:
     """The target's `estimate:` entry (targets/*.yaml), else its LLVM CPU."""
     est = target.estimate or {}
@@ -83,7 +171,8 @@ def model_for(target) -> CycleModel:
         return CycleModel(*RISCV_MODEL, penalty) if "mcpu" not in est else CycleModel(
             RISCV_MODEL[0], est["mcpu"], RISCV_MODEL[2], penalty)
     attrs = ",".join(a for a in target.llvm.get("mattr", ()) if a.startswith("+"))
-    return CycleModel(target.llvm["mtriple"], est.get("mcpu", target.llvm["mcpu"]), attrs, penalty)
+    return CycleModel(target.llvm["mtriple"], est.get("mcpu", target.llvm["mcpu"]), attrs, penalty,
+                      trm_transfers=bool(est.get("trm_transfers")))
 
 
 _INSN = re.compile(r"^\s*([0-9a-f]+):\s+(.*)$")
@@ -198,6 +287,7 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
     for vaddr, n in blocks:
         i = index.get(vaddr & ~1 if thumb else vaddr)
         pending[vaddr, n] = insns[i:i + n] if i is not None and i + n <= len(insns) else None
+    bodies = dict(pending)
     result, fallback = {}, []
     for key, body in list(pending.items()):
         if body is None:
@@ -246,8 +336,27 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
             fallback.append(keys[k])
             del pending[keys[k]]
     cache.put({cache_keys[key]: (result[key], key in fallback) for key in measured})
+    if model.trm_transfers:  # after the cache: it keeps llvm-mca's own figure
+        for key, body in bodies.items():
+            if body is not None:
+                result[key] += transfer_extra(body)
     result["fallback"] = fallback
     return result
+
+
+def block_cost(body: list[str], model: CycleModel) -> float:
+    """Estimated cycles of one execution of a straight-line block (assembly as objdump prints it), uncached."""
+    if model.stalls:
+        return table_cost(body, dict(model.stalls))
+    thumb = model.mtriple.startswith("thumb")
+    comment = "@" if thumb else "#"
+    source = [".syntax unified", ".thumb"] if thumb else []
+    proc = _run_mca(model, "\n".join([*source, f"{comment} LLVM-MCA-BEGIN b", *body, f"{comment} LLVM-MCA-END b"])
+                    + "\n")
+    totals = re.findall(r"^Total Cycles:\s+(\d+)", proc.stdout, re.MULTILINE)
+    if proc.returncode != 0 or len(totals) != 1:
+        raise ToolMissing(f"{LLVM_MCA} could not read the block: {proc.stderr.strip()[-200:]}")
+    return int(totals[0]) / ITERATIONS + (transfer_extra(body) if model.trm_transfers else 0.0)
 
 
 def estimate(blocks: dict, costs: dict, model: CycleModel) -> float:

@@ -49,13 +49,13 @@ KERNELS_REVISION = 2  # raised when the code the kernels compile to changes: old
 
 
 def log_target(target) -> str:
-    """The tuning log's target column: the target's name and a fingerprint of how its kernels are compiled (the
-    LLVM target, the C compiler and its flags, KERNELS_REVISION), so a record measured under another code
-    generator is not taken for this one's."""
+    """The tuning log's target column: the target's name and a fingerprint of how its kernels are compiled and
+    costed (the LLVM target, the C compiler and its flags, KERNELS_REVISION, the cycle estimate's settings), so a
+    record measured under another code generator or cost model is not taken for this one's."""
     import hashlib
 
     codegen = json.dumps({"llvm": target.llvm, "cc": [target.cc_prefix, *target.cc_flags],
-                          "revision": KERNELS_REVISION}, sort_keys=True)
+                          "revision": KERNELS_REVISION, "estimate": target.estimate}, sort_keys=True)
     return f"{target.name}#{hashlib.sha256(codegen.encode()).hexdigest()[:8]}"
 
 
