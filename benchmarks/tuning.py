@@ -214,8 +214,9 @@ def main() -> int:
                "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
                "targets": [t for t in targets if any(r["target"] == t for r in rows)],
                "budget_per_model": args.budget, "seconds": round(time.monotonic() - started, 1),
-               "cost": {"arm": "estimated cycles: llvm-mca's model of the core x QEMU's per-block counts, zero "
-                        "flash wait states (tinymlaas.measure.cycles)", "riscv": "exact instructions (QEMU)"},
+               "cost": {"arm": "estimated cycles: llvm-mca's model of the core (on Cortex-M3/M4 with the Technical "
+                        "Reference Manual's load/store timing) x QEMU's per-block counts, zero flash wait states "
+                        "(tinymlaas.measure.cycles)", "riscv": "exact instructions (QEMU)"},
                "rows": rows, "reuse": reuse, "predictor": predictor,
                "runs": {**runs, ", ".join(measured): {"date": time.strftime("%Y-%m-%d"), "models": args.only,
                                                       "seconds": round(time.monotonic() - started, 1)}}}
