@@ -79,7 +79,9 @@ DSP_KERNEL = {
     ("depthwise_valid_s1", "dsp"): "tinymlaas_depthwise_s8",
     ("fc_relu", "dsp"): "tinymlaas_gemv_w8",
     ("fc_flatten_batch", "dsp"): "tinymlaas_gemm_w8",
-    ("conv_same_s2_relu6_per_channel", "dsp16"): "tinymlaas_gemm_w16",
+    ("conv_same_s2_relu6_per_channel", "dsp16"): "tinymlaas_gemm4_w16",  # four pixels per pass
+    ("conv_1x1_odd_pixels_c12", "dsp16"): "tinymlaas_gemm4_w16",  # 15 pixels: a last group of three
+    ("fc_flatten_batch", "dsp16"): "tinymlaas_gemm_w16",  # fully connected: the 2x2 loop
     ("depthwise_3x3_c8_same_relu6", "dsp16"): "tinymlaas_depthwise3x3_rows",
     ("fc_relu", "dsp16"): "tinymlaas_gemv_w16",
 }
@@ -117,7 +119,16 @@ GATHER_CASES = {
     "conv_c7_same_s2": lambda: q.conv2d(29, [1, 7, 6, 7], 6, 3, 2, SAME, NONE),
     "conv_rgb_5x5_same_relu6": lambda: q.conv2d(30, [1, 8, 7, 3], 5, 5, 1, SAME, RELU6),
     "conv_1x1_batch2_odd_pixels": lambda: q.conv2d(31, [2, 3, 3, 8], 6, 1, 1, VALID, RELU),
+    # four pixels per pass (gemm4, int16 weights on DSP cores): a last group of 3 pixels (7 of them, across the
+    # batch), a last group of one (25 pixels), an RGB input, more channels than one run of 32 and an odd count
+    "conv_1x1_batch_7_pixels_c36_oc37": lambda: q.conv2d(32, [7, 1, 1, 36], 37, 1, 1, VALID, RELU6),
+    "conv_3x3_25_pixels_oc70_relu6": lambda: q.conv2d(33, [1, 5, 5, 12], 70, 3, 1, SAME, RELU6),
+    "conv_rgb_3x3_s2_16_pixels": lambda: q.conv2d(34, [1, 8, 8, 3], 8, 3, 2, SAME, NONE),
 }
+
+# gemm4 where four pixels per pass win (int16 weights on DSP cores: pixels 0 or 3 mod 4, or 24 and more)
+GEMM4 = {"conv_rgb_valid_batch2", "conv_c7_same_s2", "conv_rgb_5x5_same_relu6", "conv_1x1_batch_7_pixels_c36_oc37",
+         "conv_3x3_25_pixels_oc70_relu6", "conv_rgb_3x3_s2_16_pixels"}
 
 
 @pytest.mark.parametrize("target, kernels", [("cortex-m4", "dsp"), ("cortex-m4", "dsp16"), ("rv32imac", "dsp16")])
@@ -127,7 +138,8 @@ def test_gemm_patch_gathering_is_bit_exact(case, target, kernels, tmp_path):
     path.write_bytes(GATHER_CASES[case]())
     r = compile_model(path, target, tmp_path / "out", BuildRequest(inputs=20, seed=3, kernels=kernels))
     driver = "".join(f.read_text() for f in (tmp_path / "out").rglob("tinymlaas_model.c"))
-    assert "tinymlaas_gemm_w" in driver
+    four = target == "cortex-m4" and kernels == "dsp16" and case in GEMM4
+    assert ("tinymlaas_gemm4_w16" if four else "tinymlaas_gemm_w") in driver
     assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
     out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
     assert len(np.unique(out)) > 3

@@ -48,12 +48,13 @@ def _future_min(fronts: np.ndarray) -> np.ndarray:
     return np.minimum.accumulate(fronts[::-1])[::-1]
 
 
-def gemm_distance(params: np.ndarray) -> int | None:
-    """gemm_dsp.c gemm_layer: pixels in pairs, a pair's patches gathered before its outputs are written."""
+def gemm_distance(params: np.ndarray, group: int = 2) -> int | None:
+    """gemm_dsp.c gemm_layer (gemm4_layer: group=4): pixels in groups, a group's patches gathered before its
+    outputs are written."""
     oc = ConvParams.from_array(params).oc
     fronts = _future_min(_read_fronts(params))
-    pairs = np.arange(0, len(fronts), 2)
-    after = pairs + 2  # the first pixel still to be read once pair p is written
+    pairs = np.arange(0, len(fronts), group)
+    after = pairs + group  # the first pixel still to be read once group p is written
     keep = after < len(fronts)
     if not keep.any():
         return None  # everything is read before anything is written
@@ -84,6 +85,7 @@ def depthwise_distance(params: np.ndarray) -> int:
 STREAMING: dict[str, tuple[Callable, str]] = {
     "tinymlaas_gemm_w8": (gemm_distance, "tinymlaas_gemm_w8_inplace"),
     "tinymlaas_gemm_w16": (gemm_distance, "tinymlaas_gemm_w16_inplace"),
+    "tinymlaas_gemm4_w16": (lambda params: gemm_distance(params, group=4), "tinymlaas_gemm4_w16_inplace"),
     "tinymlaas_gemv_w8": (gemv_distance, "tinymlaas_gemv_w8_inplace"),
     "tinymlaas_gemv_w16": (gemv_distance, "tinymlaas_gemv_w16_inplace"),
     "tinymlaas_depthwise3x3_w8": (depthwise_distance, "tinymlaas_depthwise3x3_w8_inplace"),

@@ -84,20 +84,26 @@ static inline __attribute__((always_inline)) int8_t requantize(int32_t acc, cons
     return requantize_doubled(2 * acc + q->bias, q, clamp, lo, hi);
 }
 
-/* four int8 inputs + offset -> two words (k0 k2 | k1 k3) */
-static inline void widen4(const int8_t *x, int32_t offset, int16_t *dst)
+/* four int8 inputs + offset -> two words, (k0 k2) at dst and (k1 k3) at dst + hi (int16 elements) */
+static inline __attribute__((always_inline)) void widen4_at(const int8_t *x, int32_t offset, int16_t *dst, int hi)
 {
 #if defined(__ARM_FEATURE_DSP)
     const int32_t off2 = (int32_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
     int32_t v;
     memcpy(&v, x, 4);
-    int32_t lo = __sxtab16(off2, v), hi = tinymlaas_sxtab16_ror8(off2, v);
-    memcpy(dst, &lo, 4);
-    memcpy(dst + 2, &hi, 4);
+    int32_t even = __sxtab16(off2, v), odd = tinymlaas_sxtab16_ror8(off2, v);
+    memcpy(dst, &even, 4);
+    memcpy(dst + hi, &odd, 4);
 #else
     dst[0] = (int16_t)(x[0] + offset), dst[1] = (int16_t)(x[2] + offset);
-    dst[2] = (int16_t)(x[1] + offset), dst[3] = (int16_t)(x[3] + offset);
+    dst[hi] = (int16_t)(x[1] + offset), dst[hi + 1] = (int16_t)(x[3] + offset);
 #endif
+}
+
+/* four int8 inputs + offset -> two words (k0 k2 | k1 k3) */
+static inline void widen4(const int8_t *x, int32_t offset, int16_t *dst)
+{
+    widen4_at(x, offset, dst, 2);
 }
 
 /* a few bytes, a word at a time where the core allows unaligned words (the library's memcpy copies bytes one by
@@ -129,17 +135,18 @@ static inline __attribute__((always_inline)) int tap_depth(int C)
 static const uint8_t lane_of[4] = {0, 2, 1, 3};
 
 /*
- * One output pixel's input patch, offset added, into lane `pixel` of the interleaved patch:
- * dst[quad * 8 + pixel * 4 + lane]. Padding and the tail of the last quad are 0.
+ * One output pixel's input patch, offset added, from dst on: each quad's (k0 k2) word at dst, its (k1 k3) word at
+ * dst + hi, the next quad at dst + step (int16 elements; the layouts below fix step and hi). Padding and the tail
+ * of the last quad are 0.
  */
-static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox, int pixel, int16_t *patch)
+static inline __attribute__((always_inline)) void gather_into(const int8_t *in, const int32_t *params, int oy,
+                                                              int ox, int16_t *dst, const int step, const int hi)
 {
     const int H = params[P_H], W = params[P_W], C = params[P_C];
     const int KH = params[P_KH], KW = params[P_KW], DH = params[P_DH], DW = params[P_DW];
     const int y0 = oy * params[P_SH] - params[P_PT], x0 = ox * params[P_SW] - params[P_PL];
     const int32_t offset = -params[P_ZP_IN];
     const int D = tap_depth(C);
-    int16_t *dst = patch + pixel * 4;
     const int y1 = y0 + (KH - 1) * DH, x1 = x0 + (KW - 1) * DW;
     if (D % 4 == 0 && y0 >= 0 && x0 >= 0 && y1 < H && x1 < W && (D == C || y1 < H - 1 || x1 < W - 1)) {
         /* inside the image (and not on its last pixel when a tap reads one byte further): whole quads */
@@ -147,16 +154,16 @@ static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox
         if (D == 4) { /* one quad a tap (an RGB image's first layer) */
             for (int ky = 0; ky < KH; ky++, row += DH * W * C) {
                 const int8_t *src = row;
-                for (int kx = 0; kx < KW; kx++, src += DW * C, dst += 8)
-                    widen4(src, offset, dst);
+                for (int kx = 0; kx < KW; kx++, src += DW * C, dst += step)
+                    widen4_at(src, offset, dst, hi);
             }
             return;
         }
         for (int ky = 0; ky < KH; ky++, row += DH * W * C) {
             const int8_t *src = row;
             for (int kx = 0; kx < KW; kx++, src += DW * C)
-                for (int c = 0; c < D; c += 4, dst += 8)
-                    widen4(src + c, offset, dst);
+                for (int c = 0; c < D; c += 4, dst += step)
+                    widen4_at(src + c, offset, dst, hi);
         }
         return;
     }
@@ -168,19 +175,21 @@ static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox
             for (int kx = 0; kx < KW; kx++) {
                 const int ix = x0 + kx * DW;
                 if (iy < 0 || iy >= H || ix < 0 || ix >= W) {
-                    for (int c = 0; c < D; c += 4, dst += 8)
-                        memset(dst, 0, 8);
+                    for (int c = 0; c < D; c += 4, dst += step) {
+                        memset(dst, 0, 4);
+                        memset(dst + hi, 0, 4);
+                    }
                     continue;
                 }
                 const int8_t *src = in + (iy * W + ix) * C, *end = src + D - 4;
-                for (; src < end; src += 4, dst += 8)
-                    widen4(src, offset, dst);
+                for (; src < end; src += 4, dst += step)
+                    widen4_at(src, offset, dst, hi);
                 if (D != C && src == last + D - 4) {
                     memcpy(tail, src, 3);
                     src = tail;
                 }
-                widen4(src, offset, dst);
-                dst += 8;
+                widen4_at(src, offset, dst, hi);
+                dst += step;
             }
         }
         return;
@@ -208,9 +217,16 @@ static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox
         }
     }
     memset(r, params[P_ZP_IN], (size_t)(quads * 4 - K));
-    for (int q = 0; q < quads; q++, dst += 8)
-        widen4(raw + q * 4, offset, dst);
+    for (int q = 0; q < quads; q++, dst += step)
+        widen4_at(raw + q * 4, offset, dst, hi);
 }
+
+/* pixel `pixel` of a pair's patch: [quad][pixel 0..1][k0 k2 | k1 k3] */
+static void gather_patch(const int8_t *in, const int32_t *params, int oy, int ox, int pixel, int16_t *patch)
+{
+    gather_into(in, params, oy, ox, patch + pixel * 4, 8, 2);
+}
+
 
 
 /* The loop of the 2x2 products: `quad` twice per pass (n = quads / 2), once before it when quads is odd. */
@@ -561,6 +577,164 @@ void tinymlaas_gemm_w16_inplace(const int8_t *input, const int16_t *restrict wei
     int16_t patch[quads * 8] __attribute__((aligned(8)));
     TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
 }
+
+#if defined(__ARM_FEATURE_DSP) /* the compiler offers these kernels on DSP cores only */
+/*
+ * Four pixels at a time, int16 weights: two channels x four pixels in eight accumulators, so that each loaded word
+ * takes part in four products where the 2x2 loop's takes part in two. A quad costs six LDRD and sixteen SMLAD
+ * (34 cycles for 32 MACs by the Cortex-M4 TRM's load timing; the 2x2 loop: 19 for 16, its LDM of four weights
+ * included). With every register an operand, the loop ends on the patch pointer against its end in memory.
+ *   patch   [quad][k0 k2 | k1 k3][pixel 0..3]    int16 pairs (gather_patch4)
+ *   weights [OC/2][quad][k0 k2 | k1 k3][channel 0..1]   int16 pairs (tinymlaas/ops/dsp_layouts.py gemm4_weights)
+ */
+#define TINYMLAAS_HALF4(w0, w1)                                                                           \
+    "ldrd %[" w0 "], %[" w1 "], [%[w]], #8\n\t" /* channels 0 and 1 */                                    \
+    "ldrd %[xa], %[xb], [%[x]], #8\n\t"         /* pixels 0 and 1 */                                      \
+    "smlad %[a00], %[xa], %[" w0 "], %[a00]\n\t"                                                          \
+    "smlad %[a10], %[xa], %[" w1 "], %[a10]\n\t"                                                          \
+    "smlad %[a01], %[xb], %[" w0 "], %[a01]\n\t"                                                          \
+    "smlad %[a11], %[xb], %[" w1 "], %[a11]\n\t"                                                          \
+    "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixels 2 and 3 */                                              \
+    "smlad %[a02], %[xa], %[" w0 "], %[a02]\n\t"                                                          \
+    "smlad %[a12], %[xa], %[" w1 "], %[a12]\n\t"                                                          \
+    "smlad %[a03], %[xb], %[" w0 "], %[a03]\n\t"                                                          \
+    "smlad %[a13], %[xb], %[" w1 "], %[a13]\n\t"
+#define TINYMLAAS_QUAD4 TINYMLAAS_HALF4("w0", "w1") TINYMLAAS_HALF4("w0", "w1")
+
+/*
+ * `pairs` channel pairs x four pixels: run01[4 * k ...] = channel 2k x pixels 0, 1 then channel 2k + 1 x pixels 0, 1
+ * (requantize_run's order), run23 the same for pixels 2 and 3. STM stores ascending registers: a00 a01 a10 a11 are
+ * r2..r5, a02 a03 a12 a13 r6..r9.
+ */
+static __attribute__((noinline)) void products4(const int16_t *patch, const int16_t *weights, int quads, int pairs,
+                                                int32_t *run01, int32_t *run23)
+{
+    register const int16_t *x __asm__("r0");
+    register const int16_t *w __asm__("r1") = weights;
+    register int32_t a00 __asm__("r2"), a01 __asm__("r3"), a10 __asm__("r4"), a11 __asm__("r5");
+    register int32_t a02 __asm__("r6"), a03 __asm__("r7"), a12 __asm__("r8"), a13 __asm__("r9");
+    register int32_t xa __asm__("r10"), xb __asm__("r11"), w0 __asm__("r12"), w1 __asm__("lr");
+    const int16_t *const end = patch + quads * 16;
+    const int odd = quads & 1;
+    int32_t *out01 = run01, *out23 = run23;
+    int32_t *const stop = run23 + 4 * pairs;
+    __asm__ volatile("4:\n\t"
+                     "movs %[a00], #0\n\t"
+                     "movs %[a01], #0\n\t"
+                     "movs %[a10], #0\n\t"
+                     "movs %[a11], #0\n\t"
+                     "movs %[a02], #0\n\t"
+                     "movs %[a03], #0\n\t"
+                     "mov %[a12], #0\n\t"
+                     "mov %[a13], #0\n\t"
+                     "ldr %[x], %[patch]\n\t"
+                     "ldr %[xa], %[odd]\n\t"
+                     "cmp %[xa], #0\n\t"
+                     "beq 1f\n\t" TINYMLAAS_QUAD4
+                     "1:\n\t"
+                     "ldr %[xa], %[end]\n\t"
+                     "cmp %[x], %[xa]\n\t"
+                     "beq 3f\n\t"
+                     "2:\n\t" TINYMLAAS_QUAD4 TINYMLAAS_QUAD4
+                     "ldr %[xa], %[end]\n\t"
+                     "cmp %[x], %[xa]\n\t"
+                     "bne 2b\n\t"
+                     "3:\n\t"
+                     "ldr %[xa], %[out01]\n\t"
+                     "stmia %[xa]!, {%[a00], %[a01], %[a10], %[a11]}\n\t"
+                     "str %[xa], %[out01]\n\t"
+                     "ldr %[xa], %[out23]\n\t"
+                     "stmia %[xa]!, {%[a02], %[a03], %[a12], %[a13]}\n\t"
+                     "str %[xa], %[out23]\n\t"
+                     "ldr %[xb], %[stop]\n\t"
+                     "cmp %[xa], %[xb]\n\t"
+                     "bne 4b\n\t"
+                     : [a00] "=&r"(a00), [a01] "=&r"(a01), [a10] "=&r"(a10), [a11] "=&r"(a11), [a02] "=&r"(a02),
+                       [a03] "=&r"(a03), [a12] "=&r"(a12), [a13] "=&r"(a13), [xa] "=&r"(xa), [xb] "=&r"(xb),
+                       [w0] "=&r"(w0), [w1] "=&r"(w1), [x] "=&r"(x), [w] "+r"(w), [out01] "+m"(out01),
+                       [out23] "+m"(out23)
+                     : [patch] "m"(patch), [end] "m"(end), [odd] "m"(odd), [stop] "m"(stop)
+                     : "cc", "memory");
+}
+#undef TINYMLAAS_QUAD4
+#undef TINYMLAAS_HALF4
+
+/* pixel `pixel` of a group's patch: [quad][k0 k2 | k1 k3][pixel 0..3] */
+static void gather_patch4(const int8_t *in, const int32_t *params, int oy, int ox, int pixel, int16_t *patch)
+{
+    gather_into(in, params, oy, ox, patch + pixel * 2, 16, 8);
+}
+
+static inline __attribute__((always_inline)) void clamp_run(int8_t *out, int n, int32_t lo, int32_t hi)
+{
+    for (int i = 0; i < n; i++)
+        out[i] = (int8_t)(out[i] < lo ? lo : out[i] > hi ? hi : out[i]);
+}
+
+/* The layer four output pixels at a time (a last group of fewer repeats its last pixel: same outputs, written
+   again); the requantization proven (double rounding, no overflow), the activation's clamp after it. */
+static inline __attribute__((always_inline)) void gemm4_layer(const int8_t *input, const int16_t *weights,
+                                                              const struct tinymlaas_rq *rq, const int32_t *params,
+                                                              int8_t *output, int16_t *patch, int quads)
+{
+    enum { CHUNK = 32 };
+    int32_t run01[2 * CHUNK] __attribute__((aligned(8))), run23[2 * CHUNK] __attribute__((aligned(8)));
+    const int OH = params[P_OH], OW = params[P_OW], OC = params[P_OC], C = params[P_C];
+    const int P = params[P_N] * OH * OW, image = params[P_H] * params[P_W] * C;
+    const int32_t lo = params[P_ACT_MIN], hi = params[P_ACT_MAX], offset = -params[P_ZP_IN];
+    const int clamp = lo > -128 || hi < 127;
+    const int pointwise = params[P_KH] == 1 && params[P_KW] == 1 && params[P_SH] == 1 && params[P_SW] == 1 &&
+                          params[P_PT] == 0 && params[P_PL] == 0 && C % 4 == 0;
+    for (int p = 0; p < P; p += 4) {
+        int q[4];
+        for (int j = 0; j < 4; j++) {
+            q[j] = p + j < P ? p + j : P - 1;
+            if (pointwise) { /* pixel q's patch is the input's q-th run of C */
+                const int8_t *src = input + q[j] * C;
+                for (int c = 0; c < C; c += 4)
+                    widen4_at(src + c, offset, patch + c * 4 + j * 2, 8);
+            } else {
+                const int n = q[j] / (OH * OW), oy = q[j] / OW % OH, ox = q[j] % OW;
+                gather_patch4(input + n * image, params, oy, ox, j, patch);
+            }
+        }
+        const int16_t *w = weights;
+        for (int oc0 = 0; oc0 < OC; oc0 += CHUNK) {
+            const int n = OC - oc0 < CHUNK ? OC - oc0 : CHUNK;
+            const int pairs = (n + 1) / 2; /* an odd last channel's partner: zero weights, not stored */
+            products4(patch, w, quads, pairs, run01, run23);
+            w += pairs * quads * 8;
+            int8_t *out[4];
+            for (int j = 0; j < 4; j++)
+                out[j] = output + q[j] * OC + oc0;
+            requantize_run(run01, rq + oc0, n, out[0], out[1]);
+            requantize_run(run23, rq + oc0, n, out[2], out[3]);
+            if (clamp)
+                for (int j = 0; j < 4; j++)
+                    clamp_run(out[j], n, lo, hi);
+        }
+    }
+}
+
+void tinymlaas_gemm4_w16(const int8_t *restrict input, const int16_t *restrict weights,
+                         const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                         int8_t *restrict output)
+{
+    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
+    int16_t patch[quads * 16] __attribute__((aligned(8)));
+    gemm4_layer(input, weights, rq, params, output, patch, quads);
+}
+
+/* in place: a group's four patches are gathered whole before its outputs are written, groups in raster order */
+void tinymlaas_gemm4_w16_inplace(const int8_t *input, const int16_t *restrict weights,
+                                 const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                                 int8_t *output)
+{
+    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
+    int16_t patch[quads * 16] __attribute__((aligned(8)));
+    gemm4_layer(input, weights, rq, params, output, patch, quads);
+}
+#endif
 
 /* acc[j] = patch . weights of channel j, one pixel, four channels, int8 weights */
 static inline __attribute__((always_inline)) void mac1x4_w8(const int16_t *patch, const int8_t *weights, int quads,
