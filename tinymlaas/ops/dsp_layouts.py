@@ -25,11 +25,12 @@ def blocked_weights(w2d: np.ndarray, block: int, wide: bool) -> np.ndarray:
 
 
 def gemm4_weights(w2d: np.ndarray) -> np.ndarray:
-    """(OC, K) int8 -> gemm_dsp.c's four-pixel layout, int16: [OC/2][K/4][k0 k2 | k1 k3][channel 0..1][2], the two
-    channels' words of one half of a quad adjacent (one LDRD)."""
+    """(OC, K) int8 -> gemm_dsp.c's four-pixel layout, int16 and doubled (the sums come out as the doubled ones its
+    requantization takes): [OC/2][K/4][k0 k2 | k1 k3][channel 0..1][2], the two channels' words of one half of a
+    quad adjacent (one LDRD)."""
     blocked = blocked_weights(w2d, 2, wide=True)  # [OC/2][K/4][channel][k0 k2 k1 k3]
     halves = blocked.reshape(*blocked.shape[:3], 2, 2)  # [..][channel][half][2]
-    return np.ascontiguousarray(halves.transpose(0, 1, 3, 2, 4))
+    return np.ascontiguousarray(halves.transpose(0, 1, 3, 2, 4)) * np.int16(2)
 
 
 def requantize_exact(acc: int, mult: int, shift: int, single: bool) -> int | None:

@@ -204,7 +204,9 @@ def _gemm_operands(layer: ConvLayer, consts: ConvConstants) -> list:
 
 
 def _gemm4_operands(layer: ConvLayer, consts: ConvConstants) -> list:
-    return [gemm4_weights(_gemm_matrix(layer, consts)), consts.table, consts.params.to_array()]
+    table = consts.table  # an odd count's partner channel reads a row of its own (zeros), never past the table
+    table = np.concatenate([table, np.zeros((1, table.shape[1]), table.dtype)]) if len(table) % 2 else table
+    return [gemm4_weights(_gemm_matrix(layer, consts)), table, consts.params.to_array()]
 
 
 def _rows_operands(layer: ConvLayer, consts: ConvConstants) -> list:

@@ -584,30 +584,44 @@ void tinymlaas_gemm_w16_inplace(const int8_t *input, const int16_t *restrict wei
  * takes part in four products where the 2x2 loop's takes part in two. A quad costs six LDRD and sixteen SMLAD
  * (34 cycles for 32 MACs by the Cortex-M4 TRM's load timing; the 2x2 loop: 19 for 16, its LDM of four weights
  * included). With every register an operand, the loop ends on the patch pointer against its end in memory.
- *   patch   [quad][k0 k2 | k1 k3][pixel 0..3]    int16 pairs (gather_patch4)
- *   weights [OC/2][quad][k0 k2 | k1 k3][channel 0..1]   int16 pairs (tinymlaas/ops/dsp_layouts.py gemm4_weights)
+ * The weights are doubled, so the accumulators start at the table's bias (2 * TFLite's, proven not to overflow)
+ * and end as requantize_run's doubled sum: the eight are requantized in their registers right after the loop.
+ *   patch   [quad][k0 k2 | k1 k3][pixel 0..3]            int16 pairs (gather_patch4)
+ *   weights [OC/2][quad][k0 k2 | k1 k3][channel 0..1]    int16 pairs, doubled (tinymlaas/ops/dsp_layouts.py)
+ *   requant [OC rounded up to even][bias, multiplier, round, shift]
  */
-#define TINYMLAAS_HALF4(w0, w1)                                                                           \
-    "ldrd %[" w0 "], %[" w1 "], [%[w]], #8\n\t" /* channels 0 and 1 */                                    \
-    "ldrd %[xa], %[xb], [%[x]], #8\n\t"         /* pixels 0 and 1 */                                      \
-    "smlad %[a00], %[xa], %[" w0 "], %[a00]\n\t"                                                          \
-    "smlad %[a10], %[xa], %[" w1 "], %[a10]\n\t"                                                          \
-    "smlad %[a01], %[xb], %[" w0 "], %[a01]\n\t"                                                          \
-    "smlad %[a11], %[xb], %[" w1 "], %[a11]\n\t"                                                          \
+#define TINYMLAAS_G4_CHUNK 32 /* channels per call: the staging rows' length */
+#define TINYMLAAS_HALF4                                                                                   \
+    "ldrd %[w0], %[w1], [%[w]], #8\n\t" /* channels 0 and 1 */                                            \
+    "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixels 0 and 1 */                                              \
+    "smlad %[a00], %[xa], %[w0], %[a00]\n\t"                                                              \
+    "smlad %[a10], %[xa], %[w1], %[a10]\n\t"                                                              \
+    "smlad %[a01], %[xb], %[w0], %[a01]\n\t"                                                              \
+    "smlad %[a11], %[xb], %[w1], %[a11]\n\t"                                                              \
     "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixels 2 and 3 */                                              \
-    "smlad %[a02], %[xa], %[" w0 "], %[a02]\n\t"                                                          \
-    "smlad %[a12], %[xa], %[" w1 "], %[a12]\n\t"                                                          \
-    "smlad %[a03], %[xb], %[" w0 "], %[a03]\n\t"                                                          \
-    "smlad %[a13], %[xb], %[" w1 "], %[a13]\n\t"
-#define TINYMLAAS_QUAD4 TINYMLAAS_HALF4("w0", "w1") TINYMLAAS_HALF4("w0", "w1")
+    "smlad %[a02], %[xa], %[w0], %[a02]\n\t"                                                              \
+    "smlad %[a12], %[xa], %[w1], %[a12]\n\t"                                                              \
+    "smlad %[a03], %[xb], %[w0], %[a03]\n\t"                                                              \
+    "smlad %[a13], %[xb], %[w1], %[a13]\n\t"
+#define TINYMLAAS_QUAD4 TINYMLAAS_HALF4 TINYMLAAS_HALF4
+/* double rounding of a doubled, biased sum in its register: (smmulr(a, mult) + round - (x < 0)) >> shift,
+   saturated (xa = multiplier, xb = round, w0 = shift, w1 scratch) */
+#define TINYMLAAS_REQ(a)                                                                                  \
+    "smmlar %[w1], %[" a "], %[xa], %[xb]\n\t"                                                            \
+    "smmulr %[" a "], %[" a "], %[xa]\n\t"                                                                \
+    "add %[w1], %[w1], %[" a "], asr #31\n\t"                                                             \
+    "asr %[w1], %[w1], %[w0]\n\t"                                                                         \
+    "ssat %[" a "], #8, %[w1]\n\t"
+#define TINYMLAAS_STR(s) #s
+#define TINYMLAAS_XSTR(s) TINYMLAAS_STR(s)
+#define TINYMLAAS_ROW(j, c) TINYMLAAS_XSTR(j * TINYMLAAS_G4_CHUNK + c)
 
 /*
- * `pairs` channel pairs x four pixels: run01[4 * k ...] = channel 2k x pixels 0, 1 then channel 2k + 1 x pixels 0, 1
- * (requantize_run's order), run23 the same for pixels 2 and 3. STM stores ascending registers: a00 a01 a10 a11 are
- * r2..r5, a02 a03 a12 a13 r6..r9.
+ * `pairs` channel pairs x four pixels, requantized: stage[j * TINYMLAAS_G4_CHUNK + ch] = pixel j's output of
+ * channel ch (the caller copies the rows out, clamping them where the activation asks).
  */
-static __attribute__((noinline)) void products4(const int16_t *patch, const int16_t *weights, int quads, int pairs,
-                                                int32_t *run01, int32_t *run23)
+static __attribute__((noinline)) void products4(const int16_t *patch, const int16_t *weights,
+                                                const struct tinymlaas_rq *rq, int quads, int pairs, int8_t *stage)
 {
     register const int16_t *x __asm__("r0");
     register const int16_t *w __asm__("r1") = weights;
@@ -616,17 +630,19 @@ static __attribute__((noinline)) void products4(const int16_t *patch, const int1
     register int32_t xa __asm__("r10"), xb __asm__("r11"), w0 __asm__("r12"), w1 __asm__("lr");
     const int16_t *const end = patch + quads * 16;
     const int odd = quads & 1;
-    int32_t *out01 = run01, *out23 = run23;
-    int32_t *const stop = run23 + 4 * pairs;
+    int8_t *const stop = stage + 2 * pairs;
     __asm__ volatile("4:\n\t"
-                     "movs %[a00], #0\n\t"
-                     "movs %[a01], #0\n\t"
-                     "movs %[a10], #0\n\t"
-                     "movs %[a11], #0\n\t"
-                     "movs %[a02], #0\n\t"
-                     "movs %[a03], #0\n\t"
-                     "mov %[a12], #0\n\t"
-                     "mov %[a13], #0\n\t"
+                     "ldr %[xa], %[rq]\n\t"
+                     "ldr %[xb], [%[xa]]\n\t"      /* channel 0's bias */
+                     "ldr %[w0], [%[xa], #16]\n\t" /* channel 1's */
+                     "mov %[a00], %[xb]\n\t"
+                     "mov %[a01], %[xb]\n\t"
+                     "mov %[a02], %[xb]\n\t"
+                     "mov %[a03], %[xb]\n\t"
+                     "mov %[a10], %[w0]\n\t"
+                     "mov %[a11], %[w0]\n\t"
+                     "mov %[a12], %[w0]\n\t"
+                     "mov %[a13], %[w0]\n\t"
                      "ldr %[x], %[patch]\n\t"
                      "ldr %[xa], %[odd]\n\t"
                      "cmp %[xa], #0\n\t"
@@ -640,24 +656,65 @@ static __attribute__((noinline)) void products4(const int16_t *patch, const int1
                      "cmp %[x], %[xa]\n\t"
                      "bne 2b\n\t"
                      "3:\n\t"
-                     "ldr %[xa], %[out01]\n\t"
-                     "stmia %[xa]!, {%[a00], %[a01], %[a10], %[a11]}\n\t"
-                     "str %[xa], %[out01]\n\t"
-                     "ldr %[xa], %[out23]\n\t"
-                     "stmia %[xa]!, {%[a02], %[a03], %[a12], %[a13]}\n\t"
-                     "str %[xa], %[out23]\n\t"
-                     "ldr %[xb], %[stop]\n\t"
-                     "cmp %[xa], %[xb]\n\t"
+                     "ldr %[x], %[rq]\n\t"
+                     "ldrd %[xa], %[xb], [%[x], #4]\n\t" /* channel 0: multiplier, round */
+                     "ldr %[w0], [%[x], #12]\n\t"        /* shift */
+                     TINYMLAAS_REQ("a00") TINYMLAAS_REQ("a01") TINYMLAAS_REQ("a02") TINYMLAAS_REQ("a03")
+                     "ldrd %[xa], %[xb], [%[x], #20]\n\t" /* channel 1 */
+                     "ldr %[w0], [%[x], #28]\n\t"
+                     TINYMLAAS_REQ("a10") TINYMLAAS_REQ("a11") TINYMLAAS_REQ("a12") TINYMLAAS_REQ("a13")
+                     "add %[x], %[x], #32\n\t"
+                     "str %[x], %[rq]\n\t"
+                     "ldr %[x], %[stage]\n\t"
+                     "strb %[a00], [%[x], #" TINYMLAAS_ROW(0, 0) "]\n\t"
+                     "strb %[a01], [%[x], #" TINYMLAAS_ROW(1, 0) "]\n\t"
+                     "strb %[a02], [%[x], #" TINYMLAAS_ROW(2, 0) "]\n\t"
+                     "strb %[a03], [%[x], #" TINYMLAAS_ROW(3, 0) "]\n\t"
+                     "strb %[a10], [%[x], #" TINYMLAAS_ROW(0, 1) "]\n\t"
+                     "strb %[a11], [%[x], #" TINYMLAAS_ROW(1, 1) "]\n\t"
+                     "strb %[a12], [%[x], #" TINYMLAAS_ROW(2, 1) "]\n\t"
+                     "strb %[a13], [%[x], #" TINYMLAAS_ROW(3, 1) "]\n\t"
+                     "add %[x], %[x], #2\n\t"
+                     "str %[x], %[stage]\n\t"
+                     "ldr %[xa], %[stop]\n\t"
+                     "cmp %[x], %[xa]\n\t"
                      "bne 4b\n\t"
                      : [a00] "=&r"(a00), [a01] "=&r"(a01), [a10] "=&r"(a10), [a11] "=&r"(a11), [a02] "=&r"(a02),
                        [a03] "=&r"(a03), [a12] "=&r"(a12), [a13] "=&r"(a13), [xa] "=&r"(xa), [xb] "=&r"(xb),
-                       [w0] "=&r"(w0), [w1] "=&r"(w1), [x] "=&r"(x), [w] "+r"(w), [out01] "+m"(out01),
-                       [out23] "+m"(out23)
+                       [w0] "=&r"(w0), [w1] "=&r"(w1), [x] "=&r"(x), [w] "+r"(w), [rq] "+m"(rq), [stage] "+m"(stage)
                      : [patch] "m"(patch), [end] "m"(end), [odd] "m"(odd), [stop] "m"(stop)
                      : "cc", "memory");
 }
+#undef TINYMLAAS_ROW
+#undef TINYMLAAS_XSTR
+#undef TINYMLAAS_STR
+#undef TINYMLAAS_REQ
 #undef TINYMLAAS_QUAD4
 #undef TINYMLAAS_HALF4
+
+/* a staging row (word aligned) out to the output: sixteen bytes per LDM/STM where the output is word aligned
+   (10 cycles by the Cortex-M4 TRM), else a word at a time; the compiler, left to a loop, would call the library's
+   memcpy, which copies bytes one by one */
+static inline __attribute__((always_inline, optimize("no-tree-loop-distribute-patterns"))) void
+copy_row(int8_t *out, const int8_t *row, int n)
+{
+    int i = 0;
+    if (((uintptr_t)out & 3) == 0)
+        for (; i + 16 <= n; i += 16)
+            __asm__ volatile("ldmia %1, {r4, r5, r6, r8}\n\t" /* r7: the frame pointer */
+                             "stmia %0, {r4, r5, r6, r8}\n\t"
+                             :
+                             : "r"(out + i), "r"(row + i)
+                             : "r4", "r5", "r6", "r8", "memory");
+#if defined(__ARM_FEATURE_UNALIGNED)
+    for (; i + 4 <= n; i += 4) {
+        uint32_t v = *(const uint32_t *)(const void *)(row + i);
+        __asm__ volatile("str %1, [%0]" : : "r"(out + i), "r"(v) : "memory"); /* an unaligned word store */
+    }
+#endif
+    for (; i < n; i++)
+        out[i] = row[i];
+}
 
 /* pixel `pixel` of a group's patch: [quad][k0 k2 | k1 k3][pixel 0..3] */
 static void gather_patch4(const int8_t *in, const int32_t *params, int oy, int ox, int pixel, int16_t *patch)
@@ -665,20 +722,13 @@ static void gather_patch4(const int8_t *in, const int32_t *params, int oy, int o
     gather_into(in, params, oy, ox, patch + pixel * 2, 16, 8);
 }
 
-static inline __attribute__((always_inline)) void clamp_run(int8_t *out, int n, int32_t lo, int32_t hi)
-{
-    for (int i = 0; i < n; i++)
-        out[i] = (int8_t)(out[i] < lo ? lo : out[i] > hi ? hi : out[i]);
-}
-
 /* The layer four output pixels at a time (a last group of fewer repeats its last pixel: same outputs, written
-   again); the requantization proven (double rounding, no overflow), the activation's clamp after it. */
+   again); the requantization proven (double rounding, no overflow), the activation's clamp on the way out. */
 static inline __attribute__((always_inline)) void gemm4_layer(const int8_t *input, const int16_t *weights,
                                                               const struct tinymlaas_rq *rq, const int32_t *params,
                                                               int8_t *output, int16_t *patch, int quads)
 {
-    enum { CHUNK = 32 };
-    int32_t run01[2 * CHUNK] __attribute__((aligned(8))), run23[2 * CHUNK] __attribute__((aligned(8)));
+    int8_t stage[4 * TINYMLAAS_G4_CHUNK] __attribute__((aligned(4)));
     const int OH = params[P_OH], OW = params[P_OW], OC = params[P_OC], C = params[P_C];
     const int P = params[P_N] * OH * OW, image = params[P_H] * params[P_W] * C;
     const int32_t lo = params[P_ACT_MIN], hi = params[P_ACT_MAX], offset = -params[P_ZP_IN];
@@ -691,6 +741,7 @@ static inline __attribute__((always_inline)) void gemm4_layer(const int8_t *inpu
             q[j] = p + j < P ? p + j : P - 1;
             if (pointwise) { /* pixel q's patch is the input's q-th run of C */
                 const int8_t *src = input + q[j] * C;
+#pragma GCC unroll 4
                 for (int c = 0; c < C; c += 4)
                     widen4_at(src + c, offset, patch + c * 4 + j * 2, 8);
             } else {
@@ -699,19 +750,20 @@ static inline __attribute__((always_inline)) void gemm4_layer(const int8_t *inpu
             }
         }
         const int16_t *w = weights;
-        for (int oc0 = 0; oc0 < OC; oc0 += CHUNK) {
-            const int n = OC - oc0 < CHUNK ? OC - oc0 : CHUNK;
+        for (int oc0 = 0; oc0 < OC; oc0 += TINYMLAAS_G4_CHUNK) {
+            const int n = OC - oc0 < TINYMLAAS_G4_CHUNK ? OC - oc0 : TINYMLAAS_G4_CHUNK;
             const int pairs = (n + 1) / 2; /* an odd last channel's partner: zero weights, not stored */
-            products4(patch, w, quads, pairs, run01, run23);
+            products4(patch, w, rq + oc0, quads, pairs, stage);
             w += pairs * quads * 8;
-            int8_t *out[4];
-            for (int j = 0; j < 4; j++)
-                out[j] = output + q[j] * OC + oc0;
-            requantize_run(run01, rq + oc0, n, out[0], out[1]);
-            requantize_run(run23, rq + oc0, n, out[2], out[3]);
-            if (clamp)
-                for (int j = 0; j < 4; j++)
-                    clamp_run(out[j], n, lo, hi);
+            for (int j = 0; j < 4; j++) {
+                int8_t *out = output + q[j] * OC + oc0;
+                const int8_t *row = stage + j * TINYMLAAS_G4_CHUNK;
+                if (clamp)
+                    for (int i = 0; i < n; i++)
+                        out[i] = (int8_t)(row[i] < lo ? lo : row[i] > hi ? hi : row[i]);
+                else
+                    copy_row(out, row, n);
+            }
         }
     }
 }
