@@ -1,5 +1,4 @@
 from flask import request, send_file
-from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from .. import db
@@ -7,6 +6,7 @@ from ..broker import check_secret
 from ..services.common import ServiceError
 from ..services.tenants import principal_for_token
 from . import ctx, session
+from .blueprint import Blueprint
 
 blp = Blueprint("artifacts", __name__, description="Content-addressed downloads (range requests resume)")
 

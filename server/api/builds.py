@@ -1,5 +1,4 @@
 from flask import send_file
-from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from tinymlaas.build.request import BuildRequest
@@ -8,6 +7,7 @@ from .. import db
 from ..services.builds import cancel_build, request_build
 from ..services.common import ServiceError
 from . import ctx, get_or_404, require, schemas, session
+from .blueprint import Blueprint
 
 blp = Blueprint("builds", __name__, description="Build jobs: compile, verify in the emulator, sign")
 

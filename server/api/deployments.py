@@ -1,4 +1,3 @@
-from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from tinymlaas.ota.rollout import RolloutPlan
@@ -6,6 +5,7 @@ from tinymlaas.ota.rollout import RolloutPlan
 from .. import db
 from ..services.deployments import cancel_deployment, create_deployment, deployment_summary, jobs_of, rollback
 from . import ctx, get_or_404, require, schemas, session
+from .blueprint import Blueprint
 
 blp = Blueprint("deployments", __name__, description="Staged OTA rollouts of a build to a device group")
 

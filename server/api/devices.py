@@ -1,4 +1,3 @@
-from flask_smorest import Blueprint
 from marshmallow import RAISE
 from sqlalchemy import select
 
@@ -10,6 +9,7 @@ from ..jobs import ensure_signing_key
 from ..services.devices import register_device, rotate_device_secret
 from ..tls import DevCA
 from . import ctx, get_or_404, require, schemas, session
+from .blueprint import Blueprint
 
 blp = Blueprint("devices", __name__, description="Device registry")
 

@@ -1,10 +1,10 @@
 from flask import request
-from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from .. import db
 from ..services.models import add_model
 from . import ctx, get_or_404, require, schemas, session
+from .blueprint import Blueprint
 
 blp = Blueprint("models", __name__, description="Uploaded models")
 

@@ -1,12 +1,12 @@
 """Users and API tokens of the caller's organisation."""
 
-from flask_smorest import Blueprint
 from sqlalchemy import select
 
 from .. import db
 from ..services.common import ServiceError
 from ..services.tenants import create_user, issue_token, revoke_token, tokens_visible_to
 from . import require, schemas, session
+from .blueprint import Blueprint
 
 blp = Blueprint("tenants", __name__, description="Users, roles and API tokens of your organisation")
 

@@ -121,6 +121,15 @@ BAD_REQUESTS = {
     "5,000-deep JSON": (lambda c, m: c.post("/api/v1/builds", data="[" * 5000 + "]" * 5000,
                                             headers={**c.auth, "Content-Type": "application/json"}),
                         400, None, "nested too deeply"),
+    "5,000-digit integer": (lambda c, m: c.post("/api/v1/builds", data='{"model_id": ' + "9" * 5000 + "}",
+                                                headers={**c.auth, "Content-Type": "application/json"}),
+                            400, None, "4,300 digits"),
+    "5,000-digit integer, no token": (lambda c, m: c.post("/api/v1/devices", data='{"id": ' + "1" * 5000 + "}",
+                                                          headers={"Content-Type": "application/json"}),
+                                      400, None, "4,300 digits"),
+    "5,000-digit id in the path": (lambda c, m: c.get("/api/v1/builds/" + "7" * 5000, headers=c.auth), 404, None, ""),
+    "5,000-digit page number": (lambda c, m: c.get("/api/v1/devices?page=" + "7" * 5000, headers=c.auth), 422, None,
+                                ""),
     "version past the image header": (lambda c, m: c.post("/api/v1/builds", json={
         "model_id": m, "target": "cortex-m4", "version": "256.0.0"}, headers=c.auth), 422, "version", "major 256"),
     "version with five parts": (lambda c, m: c.post("/api/v1/builds", json={
