@@ -3,20 +3,42 @@
 from datetime import UTC
 
 from flask_smorest.fields import Upload
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate
 
 from tinymlaas.backends import backend_for
+from tinymlaas.ota.package import parse_version
 from tinymlaas.ota.rollout import JOB_TIMEOUT_RANGE
 from tinymlaas.targets import all_targets
 
 from ..db import MAX_ID, ROLES, SCOPES
-from ..services.common import DEVICE_ID, DEVICE_ID_RULE, TOKEN_NAME, TOKEN_NAME_RULE, USER_NAME, USER_NAME_RULE
+from ..services.common import (
+    DEVICE_ID,
+    DEVICE_ID_RULE,
+    GROUP_NAME,
+    GROUP_NAME_RULE,
+    TOKEN_NAME,
+    TOKEN_NAME_RULE,
+    USER_NAME,
+    USER_NAME_RULE,
+)
 from .request_schema import request_fields
 
 
 def Pattern(regex, rule: str) -> validate.Regexp:
     """The service's check of a name, in the document (the service itself matches whole strings)."""
     return validate.Regexp(f"^{regex.pattern}$", error=rule)
+
+
+class FirmwareVersion(validate.Validator):
+    """A version an MCUboot image header can hold (tinymlaas.ota.package.parse_version), or none."""
+
+    def __call__(self, value):
+        if value is not None:
+            try:
+                parse_version(value)
+            except ValueError as e:
+                raise ValidationError(str(e)) from None
+        return value
 
 
 TARGETS = sorted(all_targets())
@@ -59,8 +81,9 @@ class DeviceRegister(Schema):
         DEVICE_TARGETS, "'{input}' is an unknown target or a core simulated from its RTL for true cycles (no "
         "devices); device targets: {choices}"),
                            metadata={"description": "a target name, see `tinymlaas targets`"})
-    group = fields.String(load_default="default", validate=validate.Length(1, 64))
-    firmware_version = fields.String(load_default=None, allow_none=True)
+    group = fields.String(load_default="default", validate=Pattern(GROUP_NAME, GROUP_NAME_RULE))
+    firmware_version = fields.String(load_default=None, allow_none=True, validate=FirmwareVersion(), metadata={
+        "description": "what the device runs now, major.minor.revision[+build] (an MCUboot image header's)"})
 
 
 class Device(Schema):
@@ -97,7 +120,7 @@ class DeviceRegistered(Device):
 
 
 class DeviceQuery(Schema):
-    group = fields.String()
+    group = fields.String(validate=Pattern(GROUP_NAME, GROUP_NAME_RULE))
 
 
 class ModelUpload(Schema):
@@ -149,13 +172,16 @@ class Build(Schema):
 
 class DeploymentRequest(Schema):
     build_id = Id(required=True)
-    group = fields.String(load_default="default", validate=validate.Length(min=1, max=64))
+    group = fields.String(load_default="default", validate=Pattern(GROUP_NAME, GROUP_NAME_RULE))
     stages = fields.List(fields.Integer(validate=validate.Range(1, 100)), load_default=lambda: [100],
                          validate=validate.Length(1, 100),
                          metadata={"description": "cumulative percentages of the group, strictly increasing, the last "
                                    "100, e.g. [10, 50, 100]"})
-    success_threshold = fields.Float(load_default=1.0, validate=validate.Range(0, 1, min_inclusive=False))
-    error_threshold = fields.Float(load_default=0.1, validate=validate.Range(0, 1, min_inclusive=False))
+    # apispec writes Range(min_inclusive=False) as a plain minimum: the exclusive bound stated here (OpenAPI 3.0)
+    success_threshold = fields.Float(load_default=1.0, validate=validate.Range(0, 1, min_inclusive=False),
+                                     metadata={"exclusiveMinimum": True})
+    error_threshold = fields.Float(load_default=0.1, validate=validate.Range(0, 1, min_inclusive=False),
+                                   metadata={"exclusiveMinimum": True})
     job_timeout = fields.Integer(load_default=1800, validate=validate.Range(*JOB_TIMEOUT_RANGE), metadata={
         "description": "seconds a notified device may stay silent before its job counts as failed (timed_out)"})
     force = fields.Boolean(load_default=False, metadata={"description": "allow a downgrade"})

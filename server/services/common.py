@@ -19,6 +19,8 @@ TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
 TOKEN_NAME_RULE = "a token name: letters, digits, ' ', '.', '_', '-', at most 64"
 USER_NAME = re.compile(r"[a-z0-9][a-z0-9._@-]{0,63}")
 USER_NAME_RULE = "a user name: lower-case letters, digits, '.', '_', '-', '@', at most 64"
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # no NUL, '/', '+', '#': MQTT's separators and wildcards
+GROUP_NAME_RULE = "a group name: letters, digits, '.', '_', '-', at most 64, starting with a letter or digit"
 
 
 class ServiceError(Exception):

@@ -38,7 +38,12 @@ def create_deployment(session: Session, who: Principal, build_id: int, group: st
     if not devices:
         raise ServiceError(422, f"no {build.target} device in group '{group}'", "group")
     if not force:
-        newer = [d for d in devices if version_key(d.firmware_version) > version_key(build.version)]
+        # a downgrade is from a version this organisation built for the target: a version no build of ours
+        # carries (a device's own report, factory firmware) cannot hold every later rollout back
+        ours = {version_key(v) for v in session.scalars(select(Build.version).where(
+            Build.org_id == who.org_id, Build.target == build.target))}
+        newer = [d for d in devices if version_key(d.firmware_version) in ours
+                 and version_key(d.firmware_version) > version_key(build.version)]
         if newer:
             raise ServiceError(409, f"build {build.id} ({build.version}) is older than the firmware of "
                                f"{len(newer)} device(s) (e.g. {newer[0].id} runs {newer[0].firmware_version}); "

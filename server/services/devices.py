@@ -9,11 +9,12 @@ from sqlalchemy.orm import Session
 
 from tinymlaas.backends import backend_for
 from tinymlaas.measure.database import device_measurement
+from tinymlaas.ota.package import parse_version
 from tinymlaas.targets import get_target
 
 from ..broker import hash_secret
 from ..db import Build, Deployment, Device, DeviceJob, Model, Telemetry, now
-from .common import DEVICE_ID, DEVICE_ID_RULE, Principal, ServiceError, target_or_422
+from .common import DEVICE_ID, DEVICE_ID_RULE, GROUP_NAME, GROUP_NAME_RULE, Principal, ServiceError, target_or_422
 
 
 def register_device(session: Session, who: Principal, device_id: str, target: str, group: str = "default",
@@ -22,6 +23,11 @@ def register_device(session: Session, who: Principal, device_id: str, target: st
     if not DEVICE_ID.fullmatch(device_id or ""):
         raise ServiceError(422, DEVICE_ID_RULE,
                            "id")
+    if not GROUP_NAME.fullmatch(group or "default"):
+        raise ServiceError(422, GROUP_NAME_RULE, "group")
+    if firmware_version is not None and not valid_version(firmware_version):
+        raise ServiceError(422, f"'{str(firmware_version)[:40]}' is not a version an image header holds "
+                           "(major.minor.revision[+build])", "firmware_version")
     t = target_or_422(target)
     backend = backend_for(t)
     if not backend.deployable(t):
@@ -49,13 +55,22 @@ def rotate_device_secret(session: Session, who: Principal, device: Device) -> st
     return secret
 
 
+def valid_version(text: str) -> bool:
+    try:
+        parse_version(text)
+    except ValueError:
+        return False
+    return True
+
+
 def record_state(session: Session, device_id: str, state: dict) -> None:
     device = session.get(Device, device_id)
     if device is None:
         return
     device.state = str(state.get("state", device.state))[:16]
-    if state.get("firmware_version"):
-        device.firmware_version = str(state["firmware_version"])[:32]
+    reported = state.get("firmware_version")
+    if isinstance(reported, str) and valid_version(reported):  # anything else is not a version an image holds
+        device.firmware_version = reported
     device.last_seen = now()
     session.commit()
 

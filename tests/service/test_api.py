@@ -130,6 +130,17 @@ BAD_REQUESTS = {
     "5,000-digit id in the path": (lambda c, m: c.get("/api/v1/builds/" + "7" * 5000, headers=c.auth), 404, None, ""),
     "5,000-digit page number": (lambda c, m: c.get("/api/v1/devices?page=" + "7" * 5000, headers=c.auth), 422, None,
                                 ""),
+    **{f"group name with {what}": (lambda c, m, name=name: c.post("/api/v1/devices", json={
+        "id": "g-dev", "target": "cortex-m4", "group": name}, headers=c.auth), 422, "group", "group name")
+       for what, name in (("NUL", "a\x00b"), ("/", "a/b"), ("+", "a+"), ("#", "#"))},
+    "deployment to a group named #": (lambda c, m: c.post("/api/v1/deployments", json={"build_id": 1, "group": "#"},
+                                                          headers=c.auth), 422, "group", "group name"),
+    "10,000-character firmware version": (lambda c, m: c.post("/api/v1/devices", json={
+        "id": "fv", "target": "cortex-m4", "firmware_version": "1" * 10_000}, headers=c.auth), 422, "firmware_version",
+        "major.minor.revision"),
+    "firmware version past the image header": (lambda c, m: c.post("/api/v1/devices", json={
+        "id": "fv", "target": "cortex-m4", "firmware_version": "1.0.65536"}, headers=c.auth), 422, "firmware_version",
+        "revision 65536"),
     "version past the image header": (lambda c, m: c.post("/api/v1/builds", json={
         "model_id": m, "target": "cortex-m4", "version": "256.0.0"}, headers=c.auth), 422, "version", "major 256"),
     "version with five parts": (lambda c, m: c.post("/api/v1/builds", json={
@@ -461,6 +472,40 @@ def test_a_device_that_never_answers_times_out_and_the_rollout_moves_on(app, cli
     status = client.get(f"/api/v1/deployments/{dep['id']}", headers=client.auth).get_json()
     assert status["state"] == "halted" and status["summary"]["counts"] == {"timed_out": 1}
     assert "60 s" in status["jobs"][0]["message"]
+
+
+def test_a_version_no_build_of_ours_carries_does_not_hold_rollouts_back(app, client):
+    """A device that reports 255.255.65535 (over MQTT or at registration) blocked every non-forced rollout to its
+    group. Only a version this organisation built counts as newer: a rollout below one still needs force."""
+    from server.services.devices import record_state
+
+    build_id = _done_build(app, client)
+    version = client.get(f"/api/v1/builds/{build_id}", headers=client.auth).get_json()["version"]
+    r = client.post("/api/v1/devices", json={"id": "liar", "target": "cortex-m4", "group": "g1",
+                                             "firmware_version": "255.255.65535"}, headers=client.auth)
+    assert r.status_code == 201
+    dep = client.post("/api/v1/deployments", json={"build_id": build_id, "group": "g1"}, headers=client.auth)
+    assert dep.status_code == 201, dep.get_json()
+    client.post(f"/api/v1/deployments/{dep.get_json()['id']}/cancel", headers=client.auth)
+    with app.extensions["tinymlaas"].sessions() as s:
+        record_state(s, "liar", {"state": "idle", "firmware_version": "1" * 10_000})  # not a version: ignored
+        assert s.get(Device, "liar").firmware_version == "255.255.65535"
+    with app.extensions["tinymlaas"].sessions() as s:  # now it runs a build of ours newer than this one
+        newer = s.get(Build, build_id)
+        s.add(Build(model_id=newer.model_id, target=newer.target, request=newer.request, version="9.0.0+0",
+                    state="failed", owner_id=newer.owner_id, org_id=newer.org_id))
+        s.commit()
+        record_state(s, "liar", {"state": "idle", "firmware_version": "9.0.0+0"})
+    assert_problem(client.post("/api/v1/deployments", json={"build_id": build_id, "group": "g1"},
+                               headers=client.auth), 409, "force", "downgrade")
+    assert version != "9.0.0+0"
+
+
+def test_thresholds_are_documented_as_the_api_takes_them(client):
+    spec = client.get("/api/v1/openapi.json").get_json()
+    props = spec["components"]["schemas"]["DeploymentRequest"]["properties"]
+    for name in ("success_threshold", "error_threshold"):
+        assert props[name]["minimum"] == 0 and props[name]["exclusiveMinimum"] is True, props[name]
 
 
 def test_the_database_itself_refuses_a_second_active_deployment(app, client):
