@@ -5,7 +5,8 @@ Topics (under tinymlaas/v1/devices/<id>/), in the AWS IoT Jobs shape:
   jobs/notify-next         retained, server -> device: the job document, or empty when none
   jobs/<job>/update        device -> server: {"status": IN_PROGRESS|SUCCEEDED|FAILED|REJECTED, "step", ...}
   jobs/<job>/update/accepted|rejected   server -> device: the answer to an update
-  telemetry                device -> server: {"instructions": ..., "errors": ...}
+  telemetry                device -> server: {"instructions": ..., "errors": ...}; at most TELEMETRY_MAX_BYTES,
+                           TELEMETRY_PER_MINUTE per device (a burst of TELEMETRY_BURST): the rest is dropped
 All QoS 1. Job ids are stable, so a repeated notification or update is harmless.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 from sqlalchemy import select
@@ -25,6 +27,42 @@ from .services.deployments import advance, apply_job_update, expire_silent_jobs
 from .services.devices import record_state, record_telemetry
 
 log = logging.getLogger("tinymlaas.coordinator")
+
+TELEMETRY_MAX_BYTES = 4096  # a device's figures fit in far less; a 1 MB message was stored as it came
+TELEMETRY_PER_MINUTE = 60
+TELEMETRY_BURST = 10
+
+
+class TelemetryGate:
+    """Which telemetry messages are stored: none larger than max_bytes, and per device a token bucket of `burst`
+    refilled at per_minute. Counts what it drops, per device and reason."""
+
+    def __init__(self, max_bytes: int = TELEMETRY_MAX_BYTES, per_minute: float = TELEMETRY_PER_MINUTE,
+                 burst: int = TELEMETRY_BURST, clock=time.monotonic):
+        self.max_bytes, self.rate, self.burst, self.clock = max_bytes, per_minute / 60.0, burst, clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens, when)
+        self.dropped: dict[tuple[str, str], int] = {}
+
+    def admit(self, device_id: str, size: int) -> bool:
+        reason = None
+        if size > self.max_bytes:
+            reason = "too large"
+        else:
+            now = self.clock()
+            tokens, then = self.buckets.get(device_id, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+            if tokens >= 1.0:
+                self.buckets[device_id] = (tokens - 1.0, now)
+            else:
+                self.buckets[device_id] = (tokens, now)
+                reason = "over the rate"
+        if reason is None:
+            return True
+        key = (device_id, reason)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+        if self.dropped[key] in (1, 10, 100, 1000) or self.dropped[key] % 10000 == 0:  # a log line, not a flood
+            log.warning("telemetry of %s dropped (%s; %d so far)", device_id, reason, self.dropped[key])
+        return False
 
 
 class Coordinator:
@@ -47,6 +85,7 @@ class Coordinator:
         self.client.on_message = self._on_message
         self.host, self.port = host, port
         self.loop: MqttLoop | None = None
+        self.telemetry = TelemetryGate()
 
     def start(self) -> None:
         self.loop = MqttLoop("coordinator-mqtt")  # its own thread: never behind a fleet of emulated devices
@@ -139,6 +178,8 @@ class Coordinator:
         if len(parts) < 4 or not msg.payload:
             return
         device_id = parts[3]
+        if parts[4:] == ["telemetry"] and not self.telemetry.admit(device_id, len(msg.payload)):
+            return  # before parsing: a megabyte of JSON costs the coordinator's thread
         try:
             payload = json.loads(msg.payload)
         except ValueError as e:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from server.broker import ROOT
 from server.client import ApiError, Client
-from server.db import Build
+from server.db import Build, Telemetry
 from server.runtime import start_worker
 from tests.helpers.fleet import CuttingProxy, build, start_agents, start_server, wait_for
 from tests.helpers.paths import model_path
@@ -459,6 +459,35 @@ def test_cycles_a_device_reports_land_in_the_measurement_database(live):
         # the service's own build of v1 is a row too, with its exact instruction count
         built = store.rows(source="service", build_id=v1["id"])
         assert len(built) == 1 and built[0].instructions == v1["report"]["instructions"]
+    finally:
+        agent.stop()
+
+
+def test_telemetry_is_bounded_in_size_and_rate(live):
+    """A 1 MB telemetry message was stored as it came, and a device could send as many as it liked: now neither is
+    stored past 4 KB, and a device gets a burst of 10 messages, then one a second."""
+    from server.coordinator import TELEMETRY_BURST
+
+    server = live["server"]
+    agent = start_agents(server, live["root"], ["tel-0"], group="tel")[0]
+
+    def stored() -> list[dict]:
+        with server.app.extensions["tinymlaas"].sessions() as s:
+            return [t.data for t in s.scalars(select(Telemetry).where(Telemetry.device_id == "tel-0"))]
+
+    try:
+        agent._publish("telemetry", {"blob": "x" * 1_000_000})
+        agent._publish("telemetry", {"seq": -1})
+        wait_for(lambda: stored(), 10, "the small message")
+        assert stored() == [{"seq": -1}]
+        started = time.monotonic()
+        for k in range(40):
+            agent._publish("telemetry", {"seq": k})
+        time.sleep(2.0)
+        seconds = time.monotonic() - started
+        kept = [d["seq"] for d in stored() if d["seq"] >= 0]
+        assert kept == sorted(kept) and kept[: TELEMETRY_BURST - 1] == list(range(TELEMETRY_BURST - 1))
+        assert TELEMETRY_BURST - 1 <= len(kept) <= TELEMETRY_BURST + seconds + 1, (len(kept), seconds)
     finally:
         agent.stop()
 
