@@ -13,6 +13,7 @@ import contextvars
 import getpass
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import shutil
@@ -23,7 +24,10 @@ import threading
 import time
 from pathlib import Path
 
+from tinymlaas.errors import TinyMLaaSError
 from tinymlaas.private import write_private
+
+log = logging.getLogger("tinymlaas.broker")
 
 ROOT = "tinymlaas/v1"
 SERVER_USER = "tinymlaas-server"
@@ -61,6 +65,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PortTaken(TinyMLaaSError):
+    """The broker's port is held by a process that is not ours (an orphaned broker, another service)."""
+
+
+def port_holder(port: int) -> str:
+    """Who listens on `port` (pid and name), where this user may see it; '' otherwise."""
+    try:
+        import psutil
+
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                return f"pid {c.pid}, {psutil.Process(c.pid).name()}"
+    except Exception as e:  # noqa: BLE001 - psutil missing or not allowed to look: say less
+        log.debug("who holds port %s: %s", port, e)
+    return ""
+
+
+def ensure_port_free(what: str, host: str, port: int) -> None:
+    """PortTaken, naming the holder, when something already accepts connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            pass
+    except OSError:
+        return
+    holder = port_holder(port)
+    raise PortTaken(f"{what} cannot listen on {host}:{port}: another process already does"
+                    f"{f' ({holder})' if holder else ''}; stop it or choose another --mqtt-port")
+
+
+def dying_with_us(command: list[str]) -> list[str]:
+    """`command` run so that the kernel sends it SIGTERM when this process dies, however it dies (a `serve` killed -9
+    left its Mosquitto running with the old port and passwords): util-linux's setpriv sets the death signal and
+    execs it (a preexec_fn would run Python between fork and exec in a threaded server). Tied to the forking
+    thread: `serve`'s main thread or its supervisor's, both as long-lived as the server."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
@@ -214,6 +256,7 @@ class EmbeddedBroker:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
+        ensure_port_free("the embedded MQTT broker", self.host, self.port)
         key = f"broker-{id(self)}"
         _AUTHORITIES[key] = self.authority
         config = {
@@ -319,11 +362,25 @@ class MosquittoBroker:
         exe = self.binary()
         if exe is None:
             raise RuntimeError("mosquitto is not installed (run `make setup`)")
+        ensure_port_free("Mosquitto", self.host, self.port)
         self.write_config()
-        with open(self.dir / "mosquitto.log", "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([exe, "-c", str(self.dir / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                                         stderr=log)
-        wait_for_port(self.host, self.port)
+        log_path = self.dir / "mosquitto.log"
+        start = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(dying_with_us([exe, "-c", str(self.dir / "mosquitto.conf")]),
+                                         stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 10
+        while True:  # listening, and it is ours: a port taken since the check above makes Mosquitto exit
+            if self.proc.poll() is not None:
+                said = log_path.read_bytes()[start:].decode(errors="replace").strip().splitlines()
+                raise PortTaken(f"Mosquitto exited at start ({said[-1] if said else self.proc.returncode})")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nothing listens on {self.host}:{self.port} after 10 s") from None
+                time.sleep(0.05)
         if self._reloader is None or not self._reloader.is_alive():
             self._stopping.clear()
             self._reloader = threading.Thread(target=self._reload, name="mosquitto-reload", daemon=True)

@@ -63,6 +63,7 @@ class Server:
         self.settings, self.host, self.port, self.workers = settings, host, port, workers
         self.supervise_every = supervise_every
         self.restarts = {"broker": 0, "workers": 0}
+        self.broker_error: str | None = None  # why the last restart of the broker failed
         self._stopping = threading.Event()
         self.app = None
         self.broker = None
@@ -155,8 +156,11 @@ class Server:
                 try:
                     self.broker.restart()
                     self.restarts["broker"] += 1
+                    self.broker_error = None
                 except Exception as e:  # noqa: BLE001 - e.g. the port is taken: /health says so; try again
-                    log.error("restarting the MQTT broker failed: %s", e)
+                    if str(e) != self.broker_error:
+                        log.error("restarting the MQTT broker failed: %s", e)
+                    self.broker_error = str(e)
             for i, proc in enumerate(self.worker_procs):
                 if proc.poll() is not None and not self._stopping.is_set():
                     log.warning("build worker %s exited (%s): starting another", proc.pid, proc.returncode)
@@ -169,7 +173,7 @@ class Server:
         dead = [p.pid for p in self.worker_procs if p.poll() is not None]
         return {
             "broker": None if self.broker is None or self.broker.running() else f"the {self.settings.mqtt} MQTT "
-                      "broker is not running",
+                      "broker is not running" + (f" ({self.broker_error})" if self.broker_error else ""),
             "mqtt": None if self.coordinator is not None and self.coordinator.connected.is_set()
             else "the coordinator is not connected to the broker",
             "workers": f"{len(dead)} of {len(self.worker_procs)} build workers exited (pid {dead[0]})" if dead else None,

@@ -46,3 +46,49 @@ time.sleep(120)
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_a_managed_mosquitto_dies_with_its_killed_server(tmp_path):
+    """A SIGKILLed `serve` left its Mosquitto running under pid 1, with the old port and password file: the next
+    server could not bind, and the old secrets kept logging in."""
+    server = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from server.broker import MosquittoBroker, free_port
+b = MosquittoBroker(r"{tmp_path}", lambda: {{}}, port=free_port())
+b.start()
+print(b.proc.pid, flush=True)
+time.sleep(120)
+"""], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    broker = int(server.stdout.readline())
+    try:
+        assert _alive(broker)
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        deadline = time.monotonic() + 10
+        while _alive(broker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(broker)
+    finally:
+        if _alive(broker):
+            os.kill(broker, signal.SIGKILL)
+
+
+def test_a_broker_already_on_the_port_is_named_at_start(tmp_path):
+    """`serve` on a port another broker holds restarted its own every 2 s forever: now it stops with one line
+    naming the port and the process that holds it."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        r = subprocess.run([sys.executable, "-m", "tinymlaas", "serve", "--data", str(tmp_path / "d"), "--port", "0",
+                            "--mqtt", "mosquitto", "--mqtt-port", str(port), "--workers", "0"],
+                           check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    finally:
+        holder.close()
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("tinymlaas:")]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and f"pid {os.getpid()}" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
