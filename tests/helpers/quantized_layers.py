@@ -144,12 +144,14 @@ def pool(seed, op, in_shape, k, stride, padding, act=0):
     return L.model(op, [x], [y], [x], opt)
 
 
-def add(seed, shape, act):
+def add(seed, shape, act, b_shape=None, opcode="ADD"):
+    """ADD (or SUB) of two int8 tensors; b_shape: the second one broadcast."""
     L = Layer(seed)
     a = L.activation("a", shape, 0.07, 3)
-    b = L.activation("b", shape, 0.031, -9)
+    b = L.activation("b", b_shape or shape, 0.031, -9)
     y = L.activation("y", shape, 0.09, -2)
-    return L.model("ADD", [a, b], [y], [a, b], opts("AddOptions", fusedActivationFunction=act))
+    options = "AddOptions" if opcode == "ADD" else "SubOptions"
+    return L.model(opcode, [a, b], [y], [a, b], opts(options, fusedActivationFunction=act))
 
 
 def softmax(seed, shape, in_scale, beta=1.0):

@@ -33,6 +33,8 @@ CASES = {
     "maxpool_valid_relu": lambda: q.pool(12, "MAX_POOL_2D", [1, 6, 5, 3], 3, 1, VALID, RELU),
     "add_relu": lambda: q.add(13, [1, 5, 5, 3], RELU),
     "add_plain": lambda: q.add(14, [1, 4, 9], NONE),
+    "add_broadcast_channels_relu6": lambda: q.add(35, [1, 3, 5, 6], RELU6, b_shape=[1, 1, 1, 6]),
+    "sub_broadcast_rows": lambda: q.add(36, [2, 5, 4], NONE, b_shape=[1, 5, 1], opcode="SUB"),
     "softmax_row": lambda: q.softmax(15, [1, 10], 0.1),
     "softmax_rows_wide_scale": lambda: q.softmax(16, [3, 7], 0.4, beta=0.7),
     "reshape": lambda: q.reshape(17, [1, 4, 4, 2], [1, 32]),

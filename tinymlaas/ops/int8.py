@@ -29,6 +29,7 @@ from tinymlaas.ops.dsp_layouts import (
     depthwise_rows_weights,
     gemm4_weights,
     requant_table,
+    requantize_exact,
 )
 from tinymlaas.ops.emit import emit_kernel, extern
 from tinymlaas.ops.geometry import dilate_and_pad, padding, reduce_axes, transpose_conv_geometry
@@ -388,11 +389,47 @@ def add(ctx, op, impl):
     mb, shb = quantize_multiplier(b_t.scale / twice_max)
     mo, sho = quantize_multiplier(twice_max / ((1 << left_shift) * out_t.scale))
     lo, hi = _act(ctx, op)
+    tables = _add_tables(ctx, op, left_shift, (ma, sha), (mb, shb), (mo, sho))
+    if tables is not None:
+        from tvm import relax
+
+        table_a, table_b, exponent, round_zp = tables
+        y = emit_kernel(ctx, k.add_s8_tables, [ctx.input(op, 0), ctx.input(op, 1), relax.const(table_a),
+                                               relax.const(table_b), relax.const(np.array([mo], dtype=np.int32))],
+                        elementwise=True, out_shape=out_t.shape, exponent=exponent, round_zp=round_zp, act_min=lo,
+                        act_max=hi)
+        ctx.set_output(op, 0, y)
+        return
     y = emit_kernel(ctx, k.add_s8, [ctx.input(op, 0), ctx.input(op, 1)], elementwise=True, out_shape=out_t.shape,
                     subtract=op.opcode == "SUB", left_shift=left_shift,
                     zp_a=a_t.zero_point, zp_b=b_t.zero_point, zp_out=out_t.zero_point, mult_a=ma, shift_a=sha,
                     mult_b=mb, shift_b=shb, mult_out=mo, shift_out=sho, act_min=lo, act_max=hi)
     ctx.set_output(op, 0, y)
+
+
+def _add_tables(ctx, op, left_shift: int, rescale_a, rescale_b, rescale_out):
+    """int8 ADD/SUB: each input's rescaled value for all 256 inputs (TFLite's arithmetic, exact), doubled, the second
+    one negated for SUB, and the output's rounding exponent and constant; None where add_s8_tables's shortcut is not
+    proved exact (int16, an output multiplier above one, a sum that could overflow when doubled)."""
+    a_t, b_t, out_t = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    if out_t.dtype != "int8" or a_t.dtype != "int8" or b_t.dtype != "int8" or rescale_out[1] > -1:
+        return None
+    tables = []
+    for t, (mult, shift) in ((a_t, rescale_a), (b_t, rescale_b)):
+        values = [requantize_exact((x - t.zero_point) << left_shift, mult, shift, single=False)
+                  for x in range(-128, 128)]
+        if any(v is None for v in values):
+            return None
+        tables.append(np.array(values, dtype=np.int64))
+    if op.opcode == "SUB":
+        tables[1] = -tables[1]
+    if 2 * (np.abs(tables[0]).max() + np.abs(tables[1]).max()) >= 2**31:
+        return None
+    exponent = -rescale_out[1]
+    round_zp = (1 << (exponent - 1)) + (out_t.zero_point << exponent)
+    if abs(round_zp) + np.abs(tables[0]).max() + np.abs(tables[1]).max() >= 2**31:
+        return None
+    return (2 * tables[0]).astype(np.int32), (2 * tables[1]).astype(np.int32), exponent, round_zp
 
 
 @register("MUL", ("int8", "int16"), implementations=("tir",))

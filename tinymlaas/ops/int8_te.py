@@ -378,6 +378,38 @@ def add_s8(a, b, *, out_shape, subtract, left_shift, zp_a, zp_b, zp_out, mult_a,
     return te.compute(out_shape, f, name="add")
 
 
+def add_s8_tables(a, b, table_a, table_b, mult_out, *, out_shape, exponent, round_zp, act_min, act_max):
+    """TFLite int8 ADD/SUB as add_s8 computes it, each input's rescaling looked up: table[x + 128] is twice its value
+    for every int8 x, computed at build time (negated for SUB's second input). The doubled sum 2s is then
+    requantized without 64-bit rounding steps, for a layer where the caller proved |2 s| < 2^31 and exponent >= 1:
+    x = (2 s m + 2^31) >> 32 (SRDHM: one SMMULR; doubled in the tables, so that LLVM cannot fold the doubling into
+    the multiplier), (x + round_zp - (x < 0)) >> exponent (RoundingDivideByPOT, the output zero point folded into
+    the rounding constant), clamped. mult_out is a one-element buffer: with the multiplier a constant, LLVM
+    rewrites the rounding high product into a 64-bit one of twice the multiplier (no SMMULR)."""
+    from tvm import te
+
+    def total(*i):
+        va = table_a[broadcast(a, out_shape, i).astype("int32") + _i32(128)]
+        return va + table_b[broadcast(b, out_shape, i).astype("int32") + _i32(128)]
+
+    s = te.compute(out_shape, total, name="keep_sum")
+
+    def f(*i):
+        doubled = s(*i).astype("int64")
+        x = ((doubled * mult_out[0].astype("int64") + tirx_const(1 << 31, "int64")) >> tirx_const(32, "int64"))
+        x = x.astype("int32")
+        v = (x + _i32(round_zp) + (x >> _i32(31))) >> _i32(exponent)
+        return _clamp(v, act_min, act_max, "int8")
+
+    return te.compute(out_shape, f, name="add")
+
+
+def tirx_const(value: int, dtype: str):
+    from tvm import tirx
+
+    return tirx.const(value, dtype)
+
+
 def mul_s8(a, b, *, out_shape, zp_a, zp_b, zp_out, mult, shift, act_min, act_max, out_dtype="int8"):
     """TFLite int8 or int16 MUL (with broadcasting)."""
     from tvm import te, tirx
