@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from tinymlaas.backends import backend_for, builds_format, targets_of
@@ -12,7 +12,7 @@ from tinymlaas.ota.package import canonical_version
 from tinymlaas.runners import runner_class
 from tinymlaas.targets import get_target
 
-from ..db import Build, Model
+from ..db import Build, Model, User
 from .common import Principal, ServiceError, owned, target_or_422
 
 BUILD_FINAL = ("done", "failed", "cancelled")  # a build is queued, building or emulating before one of these
@@ -27,9 +27,13 @@ def request_build(session: Session, who: Principal, model_id: int, target: str, 
     request = request or BuildRequest()
     checked_request(request, target_or_422(target))
     if max_open is not None:
+        # the user's row locked until this transaction ends (a no-op write: a row lock in PostgreSQL, the write
+        # lock in SQLite), so that a concurrent request counts after this one's build is in
+        session.execute(update(User).where(User.id == who.user.id).values(role=User.role))
         open_builds = session.scalar(select(func.count()).select_from(Build).where(
             Build.owner_id == who.user.id, Build.state.in_(OPEN_BUILD_STATES)))
         if open_builds >= max_open:
+            session.rollback()
             raise ServiceError(429, f"{open_builds} of your builds are queued or running, the most at once is "
                                f"{max_open}; wait for some to finish (or cancel them)")
     model = owned(session, who, Model, model_id)

@@ -521,6 +521,20 @@ def test_the_database_itself_refuses_a_second_active_deployment(app, client):
             s.commit()
 
 
+def test_the_open_builds_limit_holds_under_concurrent_requests(tmp_path, database_url, make_app):
+    """24 build requests at once with a limit of 16 had 23 accepted (the count was read, then written): the user's
+    row is locked for the check, in SQLite and PostgreSQL alike."""
+    app = make_app(Settings(data_dir=tmp_path / "data", database_url=database_url, max_open_builds=16))
+    with app.extensions["tinymlaas"].sessions() as s:
+        _, app.token = create_user(s, "carol")
+    m = app.test_client().post("/api/v1/models", data={"file": (io.BytesIO(model_path("ad01_int8").read_bytes()),
+                                                                "ad.tflite")},
+                               headers={"Authorization": f"Bearer {app.token}"}).get_json()
+    codes = _at_once(app, "POST", "/api/v1/builds", {"model_id": m["id"], "target": "cortex-m4"}, n=24)
+    assert sorted(codes) == [202] * 16 + [429] * 8
+    assert counts(app)["Build"] == 16
+
+
 def test_a_user_with_too_many_open_builds_is_told_to_wait(tmp_path, make_app):
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
                         max_open_builds=3)
