@@ -74,6 +74,9 @@ class ApiToken(Base):
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # the token that created this one (it ends with it); None for a user's first token
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id", name="fk_api_tokens_parent_id"),
+                                                  index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
 

@@ -41,6 +41,7 @@ class FirmwareVersion(validate.Validator):
         return value
 
 
+DEFAULT_TOKEN_DAYS = 90
 TARGETS = sorted(all_targets())
 DEVICE_TARGETS = sorted(name for name, t in all_targets().items() if backend_for(t).deployable(t))
 
@@ -254,9 +255,9 @@ class TokenCreate(Schema):
     name = fields.String(required=True, validate=Pattern(TOKEN_NAME, TOKEN_NAME_RULE))
     scopes = fields.List(SCOPE, load_default=None, allow_none=True, validate=validate.Length(min=1),
                          metadata={"description": "default: every scope of your role"})
-    expires_in_days = fields.Integer(load_default=90, allow_none=True, strict=True,
-                                     validate=validate.Range(min=1, max=3650),
-                                     metadata={"description": "null: until revoked"})
+    expires_in_days = fields.Integer(allow_none=True, strict=True, validate=validate.Range(min=1, max=3650),
+                                     metadata={"description": f"null: until revoked; default {DEFAULT_TOKEN_DAYS}, "
+                                               "cut to the end of the token that creates it"})
 
 
 class Token(Schema):

@@ -7,6 +7,7 @@ from ..services.common import ServiceError
 from ..services.tenants import create_user, issue_token, revoke_token, tokens_visible_to
 from . import require, schemas, session
 from .blueprint import Blueprint
+from .schemas import DEFAULT_TOKEN_DAYS
 
 blp = Blueprint("tenants", __name__, description="Users, roles and API tokens of your organisation")
 
@@ -48,14 +49,18 @@ def list_users():
 @blp.arguments(schemas.TokenCreate)
 @blp.response(201, schemas.TokenCreated)
 def create_token(body):
-    """A new token for yourself, with some or all of your role's scopes and an expiry (default 90 days)."""
+    """A new token for yourself, with some or all of this token's scopes, ending at the latest with it (default 90
+    days, or this token's end if sooner); revoking this token revokes it."""
     who = require()
     scopes = body["scopes"] or sorted(who.scopes)
     beyond = sorted(set(scopes) - who.scopes)
     if beyond:  # a token never mints a stronger one
         raise ServiceError(403, f"this token does not hold {', '.join(beyond)}; a new token gets at most its scopes",
                            "scopes")
-    row, token = issue_token(session(), who.user, body["name"], scopes, body["expires_in_days"])
+    given = "expires_in_days" in body
+    row, token = issue_token(session(), who.user, body["name"], scopes,
+                             body["expires_in_days"] if given else DEFAULT_TOKEN_DAYS, parent=who.token,
+                             default_days=not given)
     return _with_secret(row, token)
 
 

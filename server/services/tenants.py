@@ -48,8 +48,11 @@ def create_user(session: Session, name: str, org: Organization | None = None, ro
     return user, token
 
 
-def issue_token(session: Session, user: User, name: str, scopes, days: int | None) -> tuple[ApiToken, str]:
-    """A new token of `user` (shown once; only its hash is kept), valid for `days` (None: until revoked)."""
+def issue_token(session: Session, user: User, name: str, scopes, days: int | None, parent: ApiToken | None = None,
+                default_days: bool = False) -> tuple[ApiToken, str]:
+    """A new token of `user` (shown once; only its hash is kept), valid for `days` (None: until revoked). Made by
+    the token `parent`: never beyond its end (403 where `days` asks for more; the default is cut to it), and
+    revoked with it."""
     if not TOKEN_NAME.fullmatch(name or ""):
         raise ServiceError(422, TOKEN_NAME_RULE, "name")
     unknown = [x for x in scopes if x not in SCOPES]
@@ -61,10 +64,16 @@ def issue_token(session: Session, user: User, name: str, scopes, days: int | Non
         raise ServiceError(403, f"a {user.role} cannot hold the scope(s) {', '.join(beyond)}", "scopes")
     if days is not None and not 1 <= days <= 3650:
         raise ServiceError(422, "expires_in_days: 1 to 3650 (or none: until revoked)", "expires_in_days")
+    expires = None if days is None else now() + dt.timedelta(days=days)
+    if parent is not None and parent.expires_at is not None and (expires is None or expires > parent.expires_at):
+        if not default_days:
+            raise ServiceError(403, f"a token cannot outlive the token that creates it, which expires on "
+                               f"{parent.expires_at:%Y-%m-%d %H:%M} UTC", "expires_in_days")
+        expires = parent.expires_at
     token = "tmk_" + secrets.token_urlsafe(32)
     row = ApiToken(user_id=user.id, name=name, token_hash=token_hash(token),
-                   scopes=[x for x in SCOPES if x in scopes],
-                   expires_at=None if days is None else now() + dt.timedelta(days=days))
+                   scopes=[x for x in SCOPES if x in scopes], expires_at=expires,
+                   parent_id=parent.id if parent is not None else None)
     session.add(row)
     session.commit()
     return row, token
@@ -97,10 +106,21 @@ def tokens_visible_to(session: Session, who: Principal) -> list[ApiToken]:
 
 
 def revoke_token(session: Session, who: Principal, token_id: int) -> ApiToken:
+    """Revoke a token and every token it created, theirs in turn. A token may revoke itself; another only with a
+    scope beyond read and every scope the other holds (a read-only token revoked full-access ones)."""
     row = next((t for t in tokens_visible_to(session, who) if t.id == token_id), None)
     if row is None:
         raise ServiceError(404, f"no token {token_id}")
-    if row.revoked_at is None:
-        row.revoked_at = now()
-        session.commit()
+    if row.id != who.token.id:
+        stronger = sorted(set(row.scopes) - who.scopes)
+        if who.scopes <= {"read"} or stronger:
+            what = f"the scope(s) {', '.join(stronger)} it holds" if stronger else "a scope beyond read"
+            raise ServiceError(403, f"revoking token {token_id} needs {what}", "Authorization")
+    t, ends = now(), [row]
+    while ends:
+        for end in ends:
+            if end.revoked_at is None:
+                end.revoked_at = t
+        ends = list(session.scalars(select(ApiToken).where(ApiToken.parent_id.in_([e.id for e in ends]))))
+    session.commit()
     return row

@@ -174,3 +174,43 @@ def test_a_database_from_before_tenancy_migrates_with_its_tokens(tmp_path, make_
     command.downgrade(alembic_config(url), "0003")  # and back, the token kept
     with create_engine(url).connect() as con:
         assert con.execute(text("SELECT token_hash FROM users")).scalar() == token_hash("tmk_old")
+
+
+def test_a_token_makes_only_weaker_shorter_lived_children_that_end_with_it(app):
+    """A read-only token that expired in a day could create one that never expired, and it outlived its parent's
+    revocation. Now a child holds at most its parent's scopes and lifetime, and revoking the parent ends it."""
+    c = app.test_client()
+    day = c.post("/api/v1/tokens", json={"name": "day", "scopes": ["read"], "expires_in_days": 1},
+                 headers=auth(app.alice)).get_json()
+    for days in (None, 30):
+        problem(c.post("/api/v1/tokens", json={"name": "longer", "scopes": ["read"], "expires_in_days": days},
+                       headers=auth(day["token"])), 403, "cannot outlive", "expires_in_days")
+    child = c.post("/api/v1/tokens", json={"name": "child", "scopes": ["read"]}, headers=auth(day["token"]))
+    assert child.status_code == 201, child.get_json()
+    child = child.get_json()
+    assert child["expires_at"] == day["expires_at"]  # the default 90 days, cut to the parent's end
+    grandchild = c.post("/api/v1/tokens", json={"name": "grandchild"}, headers=auth(child["token"])).get_json()
+    assert c.get("/api/v1/me", headers=auth(grandchild["token"])).status_code == 200
+    r = c.delete(f"/api/v1/tokens/{day['id']}", headers=auth(app.alice))
+    assert r.status_code == 200
+    for t in (child, grandchild):
+        problem(c.get("/api/v1/me", headers=auth(t["token"])), 401, "revoked", "Authorization")
+
+
+def test_revoking_needs_more_than_read_and_every_scope_reads(app):
+    """A read-only token could revoke its user's full-access tokens; a build-only token could not read its own
+    builds."""
+    c = app.test_client()
+    initial = next(t for t in c.get("/api/v1/tokens", headers=auth(app.alice)).get_json() if t["name"] == "initial")
+    read_only = c.post("/api/v1/tokens", json={"name": "ro", "scopes": ["read"]}, headers=auth(app.alice)).get_json()
+    problem(c.delete(f"/api/v1/tokens/{initial['id']}", headers=auth(read_only["token"])), 403, "scope")
+    assert c.get("/api/v1/me", headers=auth(app.alice)).status_code == 200
+    builder = c.post("/api/v1/tokens", json={"name": "ci", "scopes": ["build"]}, headers=auth(app.alice)).get_json()
+    problem(c.delete(f"/api/v1/tokens/{initial['id']}", headers=auth(builder["token"])), 403, "scope")
+    assert c.delete(f"/api/v1/tokens/{read_only['id']}", headers=auth(read_only["token"])).status_code == 200  # itself
+    model = c.post("/api/v1/models", data={"file": (io.BytesIO(b"\x00" * 64), "x.tflite")},
+                   headers=auth(builder["token"]))
+    assert model.status_code in (201, 422)  # what it uploads is not the point: that it may read what it builds
+    build_id = done_build(app, c, auth(app.alice), "g1")[0]
+    assert c.get(f"/api/v1/builds/{build_id}", headers=auth(builder["token"])).status_code == 200
+    assert c.get("/api/v1/builds", headers=auth(builder["token"])).status_code == 200
