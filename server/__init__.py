@@ -7,6 +7,7 @@ and build workers around it (`tinymlaas serve`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Flask
 from werkzeug.routing import IntegerConverter
@@ -46,11 +47,29 @@ class ServerContext:
         release_queue(self.settings.queue_url)
 
 
+def check_data_folder(folder: Path) -> None:
+    """The data folder exists and takes writes (the database, artifacts, keys live there); else one line naming it
+    (a read-only folder was "internal error ... unable to open database file")."""
+    import errno
+    import tempfile
+
+    from tinymlaas.errors import TinyMLaaSError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        why = {errno.EROFS: "it is on a read-only file system", errno.ENOSPC: "its file system is full",
+               errno.EACCES: "this user may not write there"}.get(e.errno, e.strerror or str(e))
+        raise TinyMLaaSError(f"the data folder {folder} cannot be written: {why}") from None
+
+
 def create_app(settings: Settings | None = None, migrate: bool = True) -> Flask:
     from .api import register_api
 
     settings = settings or Settings.from_env()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    check_data_folder(settings.data_dir)
     if migrate:
         upgrade(settings.database_url)
     app = Flask("tinymlaas")

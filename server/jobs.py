@@ -10,6 +10,7 @@ worker died with its server, or was killed), so no build is ever lost or run twi
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import shutil
@@ -252,6 +253,12 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
         log.info("build %s cancelled", build_id)
     except TinyMLaaSError as e:
         _fail(sessions, build_id, lease, str(e))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            log.error("build %s: %s", build_id, traceback.format_exc())
+            _fail(sessions, build_id, lease, f"internal error: {type(e).__name__}: {e}")
+        else:
+            _fail(sessions, build_id, lease, f"no space left on device ({e.filename or 'the build folder'})")
     except Exception as e:  # noqa: BLE001 - a bug, not the user's input: keep the trace in the log, a line in the build
         log.error("build %s: %s", build_id, traceback.format_exc())
         _fail(sessions, build_id, lease, f"internal error: {type(e).__name__}: {e}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -253,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours: one line, and a reproducer to send us
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # the machine's, not ours
+            print(f"tinymlaas: error: {e.strerror.lower()}" + (f" ({e.filename})" if e.filename else ""),
+                  file=sys.stderr)
+            return 2
         where = e if isinstance(e, InternalError) else InternalError(args.command, None, e)
         folder = _write_reproducer(args, argv if argv is not None else sys.argv[1:])
         print(f"tinymlaas: {where} (reproducer: {folder}; --debug shows the traceback)", file=sys.stderr)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
 from flask import current_app, g, jsonify, request
 from flask_smorest import Api
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from ..services.common import Principal, ServiceError, owned
@@ -64,6 +66,36 @@ def problem(status: int, detail: str, field: str | None = None, errors=None):
     return resp
 
 
+def storage_problem(code: int | None, detail: str):
+    """507 for a full file system, 503 for a read-only one, naming the server's data folder; None for other
+    errors. Nothing was stored: the artifact store writes through temporary files, the database rolls back."""
+    folder = current_app.extensions["tinymlaas"].settings.data_dir
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return problem(507, f"the server's storage ({folder}) is full: no space left on device; nothing was stored")
+    if code in (errno.EROFS,):
+        return problem(503, f"the server's storage ({folder}) is read-only; nothing was stored")
+    return None
+
+
+MIN_FREE_BYTES = 64 << 20  # below this a build's artifacts or a model upload may no longer fit
+
+
+def storage_health(folder) -> str | None:
+    """What is wrong with the data folder's storage, for /health: not writable, or almost full."""
+    import shutil
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"the data folder {folder} cannot be written ({e.strerror})"
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        return f"the data folder {folder} has {free / 2**20:.1f} MiB free"
+    return None
+
+
 def ctx():
     return current_app.extensions["tinymlaas"]
 
@@ -112,6 +144,24 @@ def register_api(app) -> None:
     def _too_deep(_e):  # the JSON parser's answer to thousands of nested brackets
         return problem(400, "the JSON body is nested too deeply")
 
+    @app.errorhandler(OSError)
+    def _storage(e: OSError):
+        answer = storage_problem(e.errno, str(e))
+        if answer is None:
+            raise e
+        return answer
+
+    @app.errorhandler(OperationalError)
+    def _database_storage(e: OperationalError):  # SQLite's file system full or read-only
+        if "db" in g:
+            g.db.rollback()
+        text = str(e.orig).lower()
+        unwritable = "readonly" in text or ("unable to open" in text and storage_health(ctx().settings.data_dir))
+        answer = storage_problem(errno.ENOSPC if "full" in text else errno.EROFS if unwritable else None, str(e.orig))
+        if answer is None:
+            raise e
+        return answer
+
     @app.errorhandler(IntegrityError)
     def _conflict(_e):  # two requests racing to create the same key: the first one won
         if "db" in g:
@@ -129,6 +179,7 @@ def register_api(app) -> None:
         """ok, or 503 naming every part that is not (broker, the coordinator's MQTT session, build workers), and
         how often `serve` restarted the broker and workers."""
         parts, restarts = ctx().health() if ctx().health is not None else ({}, {})
+        parts = {**parts, "storage": storage_health(ctx().settings.data_dir)}
         problems = {k: v for k, v in parts.items() if v}
         body = {"status": "degraded" if problems else "ok", "checks": {k: v or "ok" for k, v in parts.items()},
                 "restarts": restarts}

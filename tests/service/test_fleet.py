@@ -505,7 +505,7 @@ def test_health_names_what_is_down(tmp_path):
     try:
         r = requests.get(f"{server.url}/api/v1/health", timeout=10)
         assert r.status_code == 200 and r.json() == {"status": "ok", "checks": {"broker": "ok", "mqtt": "ok",
-                                                                                 "workers": "ok"},
+                                                                                 "workers": "ok", "storage": "ok"},
                                                      "restarts": {"broker": 0, "workers": 0}}
         server.broker.proc.kill()
         server.worker_procs[0].kill()

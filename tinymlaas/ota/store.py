@@ -36,17 +36,22 @@ class ArtifactStore:
             dst.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".incoming-")
             os.close(fd)
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            except BaseException:  # a full disk: no partial file left behind
+                os.unlink(tmp)
+                raise
         return digest
 
     def put_bytes(self, data: bytes) -> str:
-        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".incoming-", delete=False) as f:
-            f.write(data)
-        try:
-            return self.put_file(Path(f.name))
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+        try:  # removed however it ends: a full disk leaves no partial file behind
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return self.put_file(Path(tmp))
         finally:
-            os.unlink(f.name)
+            os.unlink(tmp)
 
     def read(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()

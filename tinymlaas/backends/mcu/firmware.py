@@ -68,6 +68,9 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
+        full = [line for line in lines if "no space left on device" in line.lower()]
+        if full:  # said after warnings the first line would show
+            raise BuildFailure(f"{what} failed: no space left on device ({full[0][:200]})")
         errors = [line for line in lines if "error" in line.lower() and "collect2" not in line] or lines
         raise BuildFailure(f"{what} failed: {errors[0][:300] if errors else 'exit ' + str(proc.returncode)}")
 
