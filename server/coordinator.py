@@ -28,6 +28,8 @@ from .services.devices import record_state, record_telemetry
 
 log = logging.getLogger("tinymlaas.coordinator")
 
+HEARTBEAT_TOPIC = f"{ROOT}/server/heartbeat"  # published and received by the coordinator: the broker's pulse
+HEARTBEAT_EVERY = 1.0  # seconds
 TELEMETRY_MAX_BYTES = 4096  # a device's figures fit in far less; a 1 MB message was stored as it came
 TELEMETRY_PER_MINUTE = 60
 TELEMETRY_BURST = 10
@@ -86,6 +88,7 @@ class Coordinator:
         self.host, self.port = host, port
         self.loop: MqttLoop | None = None
         self.telemetry = TelemetryGate()
+        self.last_echo = time.monotonic()  # when the broker last returned our heartbeat
 
     def start(self) -> None:
         self.loop = MqttLoop("coordinator-mqtt")  # its own thread: never behind a fleet of emulated devices
@@ -93,6 +96,13 @@ class Coordinator:
         if not self.connected.wait(15):
             raise TimeoutError(f"the coordinator could not connect to MQTT at {self.host}:{self.port}")
         threading.Thread(target=self._watch, name="coordinator-timeouts", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="coordinator-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        self.last_echo = time.monotonic()
+        while not self._stopping.wait(HEARTBEAT_EVERY):
+            if self.connected.is_set():
+                self.client.publish(HEARTBEAT_TOPIC, b"1", qos=0)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -111,7 +121,7 @@ class Coordinator:
             log.error("MQTT connection refused: %s", reason)
             return
         client.subscribe([(f"{ROOT}/devices/+/state", 1), (f"{ROOT}/devices/+/jobs/+/update", 1),
-                          (f"{ROOT}/devices/+/telemetry", 1)])
+                          (f"{ROOT}/devices/+/telemetry", 1), (HEARTBEAT_TOPIC, 0)])
         self.connected.set()
         threading.Thread(target=self.resync, name="coordinator-resync", daemon=True).start()
 
@@ -173,7 +183,14 @@ class Coordinator:
 
     # messages
 
+    def echo_age(self) -> float:
+        """Seconds since the broker last delivered our heartbeat back (a broker that is stopped or hung stops)."""
+        return time.monotonic() - self.last_echo
+
     def _on_message(self, client, _userdata, msg):
+        if msg.topic == HEARTBEAT_TOPIC:
+            self.last_echo = time.monotonic()
+            return
         parts = msg.topic.split("/")
         if len(parts) < 4 or not msg.payload:
             return

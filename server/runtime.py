@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 from cheroot import wsgi
 from sqlalchemy import select
@@ -147,10 +148,28 @@ class Server:
             coordinator.update(certfile=str(cert), keyfile=str(key))
         return files, coordinator
 
+    def broker_hung(self) -> str | None:
+        """Why the broker counts as hung, or None: its process stopped (SIGSTOP), or it has not returned the
+        coordinator's heartbeat for HUNG_AFTER seconds (a SIGSTOPped Mosquitto kept /health ok for 45 s)."""
+        if self.broker is None or not self.broker.running():
+            return None
+        pid = getattr(getattr(self.broker, "proc", None), "pid", None)
+        if pid is not None and process_stopped(pid):
+            return f"the broker's process (pid {pid}) is stopped"
+        if self.coordinator is not None and self.coordinator.connected.is_set() and \
+                self.coordinator.echo_age() > HUNG_AFTER:
+            return f"the broker has not passed a heartbeat on for {self.coordinator.echo_age():.0f} s"
+        return None
+
     def _supervise(self) -> None:
-        """Restart what died: the broker we manage (a Mosquitto killed -9 takes every device offline) and build
-        workers (their builds' leases lapse and the workers requeue them)."""
+        """Restart what died or hung: the broker we manage (a Mosquitto killed -9 takes every device offline) and
+        build workers (their builds' leases lapse and the workers requeue them)."""
         while not self._stopping.wait(self.supervise_every):
+            hung = self.broker_hung()
+            if hung is not None and isinstance(self.broker, MosquittoBroker):  # ours to restart
+                log.warning("%s: killing it, to restart it", hung)
+                self.broker.proc.kill()
+                self.broker.proc.wait(10)
             if self.broker is not None and not self.broker.running():
                 log.warning("the %s MQTT broker is not running: restarting it", self.settings.mqtt)
                 try:
@@ -162,6 +181,10 @@ class Server:
                         log.error("restarting the MQTT broker failed: %s", e)
                     self.broker_error = str(e)
             for i, proc in enumerate(self.worker_procs):
+                if proc.poll() is None and process_stopped(proc.pid) and not self._stopping.is_set():
+                    log.warning("build worker %s is stopped: killing it, to start another", proc.pid)
+                    proc.kill()
+                    proc.wait(10)
                 if proc.poll() is not None and not self._stopping.is_set():
                     log.warning("build worker %s exited (%s): starting another", proc.pid, proc.returncode)
                     self.worker_procs[i] = start_worker(self.settings)
@@ -171,12 +194,19 @@ class Server:
         """Each part of the service and what is wrong with it (None: fine), and how often the supervisor restarted
         the broker and the workers: what /health reports."""
         dead = [p.pid for p in self.worker_procs if p.poll() is not None]
+        stopped = [p.pid for p in self.worker_procs if p.poll() is None and process_stopped(p.pid)]
+        broker = None if self.broker is None or self.broker.running() else f"the {self.settings.mqtt} MQTT " \
+            "broker is not running" + (f" ({self.broker_error})" if self.broker_error else "")
+        workers = None
+        if dead:
+            workers = f"{len(dead)} of {len(self.worker_procs)} build workers exited (pid {dead[0]})"
+        elif stopped:
+            workers = f"{len(stopped)} of {len(self.worker_procs)} build workers are stopped (pid {stopped[0]})"
         return {
-            "broker": None if self.broker is None or self.broker.running() else f"the {self.settings.mqtt} MQTT "
-                      "broker is not running" + (f" ({self.broker_error})" if self.broker_error else ""),
+            "broker": broker or self.broker_hung(),
             "mqtt": None if self.coordinator is not None and self.coordinator.connected.is_set()
             else "the coordinator is not connected to the broker",
-            "workers": f"{len(dead)} of {len(self.worker_procs)} build workers exited (pid {dead[0]})" if dead else None,
+            "workers": workers,
         }, dict(self.restarts)
 
     def _admin_token(self, ctx) -> str | None:
@@ -206,6 +236,18 @@ class Server:
         if self.broker:
             self.broker.stop()
         self.app.extensions["tinymlaas"].close()
+
+
+HUNG_AFTER = 5.0  # seconds without the coordinator's heartbeat back: the broker is hung
+
+
+def process_stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP, a debugger): state T or t in /proc (Linux; elsewhere never)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("T", "t")
 
 
 def start_worker(settings: Settings) -> subprocess.Popen:

@@ -492,6 +492,47 @@ def test_telemetry_is_bounded_in_size_and_rate(live):
         agent.stop()
 
 
+def test_hung_parts_are_named_and_restarted(tmp_path):
+    """A SIGSTOPped broker left /health ok for 45 s and was never restarted; a stopped worker was never reported.
+    Now /health names both within seconds (the broker: its process state, and the coordinator's heartbeat through
+    it), and the supervisor replaces them."""
+    import shutil
+    import threading
+
+    import requests
+
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not installed (make setup installs it)")
+    server = start_server(tmp_path / "data", mqtt="mosquitto", supervise_every=None)
+    broker, worker = server.broker.proc.pid, server.worker_procs[0].pid
+    try:
+        os.kill(broker, signal.SIGSTOP)
+        os.kill(worker, signal.SIGSTOP)
+        checks = requests.get(f"{server.url}/api/v1/health", timeout=10).json()["checks"]
+        assert f"pid {broker}) is stopped" in checks["broker"] and f"stopped (pid {worker})" in checks["workers"]
+        os.kill(broker, signal.SIGCONT)  # a broker hung another way: only the heartbeat notices
+        server.coordinator.last_echo -= 60
+        checks = requests.get(f"{server.url}/api/v1/health", timeout=10).json()["checks"]
+        assert "not passed a heartbeat on" in checks["broker"]
+        wait_for(lambda: requests.get(f"{server.url}/api/v1/health", timeout=10).json()["checks"]["broker"] == "ok",
+                 10, "the heartbeat again")
+        os.kill(broker, signal.SIGSTOP)
+        server.supervise_every = 0.5
+        threading.Thread(target=server._supervise, daemon=True).start()  # the supervisor, as serve runs it
+        wait_for(lambda: getattr(server.broker.proc, "pid", broker) != broker  # proc: None while it restarts
+                 and server.worker_procs[0].pid != worker, 30, "the supervisor's restarts")
+        wait_for(lambda: requests.get(f"{server.url}/api/v1/health", timeout=10).status_code == 200, 30,
+                 "health ok again")
+        assert server.restarts == {"broker": 1, "workers": 1}
+    finally:
+        for pid in (broker, worker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        server.stop()
+
+
 def test_health_names_what_is_down(tmp_path):
     """/health was 'ok' with Mosquitto killed -9: now every part is checked and a failing one makes it 503 (here with
     the supervisor off, which would restart them within a second)."""
