@@ -205,7 +205,11 @@ def main() -> int:
         rows = [r for r in before["rows"] if r["target"] not in targets]
         predictor = {t: v for t, v in before.get("predictor", {}).items() if t not in targets}
         reuse = {t: v for t, v in before.get("reuse", {}).items() if t not in targets}
-        runs = {k: v for k, v in before.get("runs", {}).items() if not set(k.split(", ")) & set(targets)}
+        runs = {}  # earlier runs, less the targets tuned again (a run of several keeps its others' record)
+        for k, v in before.get("runs", {}).items():
+            kept = [t for t in k.split(", ") if t not in targets]
+            if kept:
+                runs[", ".join(kept)] = v
         targets = [t for t in before["targets"] if t not in targets] + targets
         rows.sort(key=lambda r: targets.index(r["target"]))
 
