@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import selectors
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from cheroot import wsgi
@@ -87,8 +90,8 @@ class Server:
     def start(self) -> Server:
         # cheroot: a pool of threads (16, growing to 64 under load), HTTP/1.1 keep-alive, and request bodies
         # streamed to the app, so that Flask refuses an upload over the limit (413, problem+json) before it is read
-        self.http = wsgi.Server((self.host, self.port), self._wsgi, numthreads=16, max=64, request_queue_size=64,
-                                server_name="tinymlaas", shutdown_timeout=1)
+        self.http = GuardedServer((self.host, self.port), self._wsgi, numthreads=16, max=64, request_queue_size=64,
+                                  server_name="tinymlaas", shutdown_timeout=1)
         self.http.prepare()  # bound first: the port may be 0
         try:
             return self._start_parts()
@@ -236,6 +239,86 @@ class Server:
         if self.broker:
             self.broker.stop()
         self.app.extensions["tinymlaas"].close()
+
+
+HEADER_DEADLINE = 10.0  # seconds a connection may take to send its request headers
+PER_CLIENT_WAITING = 32  # connections one address may have waiting for their headers at once
+
+
+class GuardedServer(wsgi.Server):
+    """cheroot, handing a connection to one of its worker threads only once the request's headers are in: a client
+    that sends them slowly waits in a list a single thread watches (select, then MSG_PEEK: nothing consumed) instead
+    of holding a worker (80 such sockets stalled every other request). One that takes longer than HEADER_DEADLINE
+    is closed, and an address with PER_CLIENT_WAITING connections waiting gets no more."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._waiting: dict[object, list] = {}  # conn -> [since, client address, bytes seen]
+        self._waiting_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._watcher: threading.Thread | None = None
+
+    def process_conn(self, conn):
+        seen = self._headers_in(conn)
+        if seen is None:
+            return super().process_conn(conn)
+        peer = conn.remote_addr or ""
+        with self._waiting_lock:
+            if sum(1 for w in self._waiting.values() if w[1] == peer) >= PER_CLIENT_WAITING:
+                conn.close()
+                return None
+            self._waiting[conn] = [time.monotonic(), peer, seen]
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch_waiting, name="http-headers", daemon=True)
+                self._watcher.start()
+        self._wake_w.send(b"\0")
+        return None
+
+    @staticmethod
+    def _headers_in(conn) -> int | None:
+        """None: hand it over (the headers are in, or it is for cheroot to refuse or close, or TLS, whose bytes say
+        nothing here); else how many bytes of an unfinished request have arrived."""
+        if conn.rfile.has_data() or not isinstance(conn.socket, socket.socket) or hasattr(conn.socket, "cipher"):
+            return None
+        try:
+            data = conn.socket.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return None
+        return None if not data or b"\r\n\r\n" in data or len(data) >= 65536 else len(data)
+
+    def _watch_waiting(self) -> None:
+        while self.ready:
+            with self._waiting_lock:
+                waiting = list(self._waiting.items())
+            # sleep until a silent one speaks, a new one arrives, or the next look at those part-way (their unread
+            # bytes keep them readable: they are looked at every 50 ms instead)
+            silent = [conn.socket for conn, (_, _, seen) in waiting if seen == 0]
+            with selectors.DefaultSelector() as sel:
+                for sock in (self._wake_r, *silent):
+                    try:
+                        sel.register(sock, selectors.EVENT_READ)
+                    except (ValueError, OSError):  # closed meanwhile: the look below hands it over
+                        pass
+                if any(key.fileobj is self._wake_r for key, _ in sel.select(0.05)):
+                    self._wake_r.recv(4096)
+            now = time.monotonic()
+            for conn, entry in waiting:
+                seen = self._headers_in(conn)
+                if seen is not None and now - entry[0] < HEADER_DEADLINE:
+                    entry[2] = seen
+                    continue
+                with self._waiting_lock:
+                    self._waiting.pop(conn, None)
+                if seen is not None:  # too slow: cut off
+                    conn.close()
+                else:
+                    super().process_conn(conn)
+        with self._waiting_lock:
+            for conn in self._waiting:
+                conn.close()
+            self._waiting.clear()
 
 
 HUNG_AFTER = 5.0  # seconds without the coordinator's heartbeat back: the broker is hung
