@@ -19,8 +19,29 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _dies_with_its_killed_server(script: str, ready=lambda: True) -> None:
+    """Run `script` as the server (it prints its child's pid, then sleeps), SIGKILL it once `ready()`, and check that
+    the child dies within 10 s."""
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    child = int(server.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _alive(child)
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_a_worker_dies_with_its_killed_server(tmp_path):
-    server = subprocess.Popen([sys.executable, "-c", f"""
+    _dies_with_its_killed_server(f"""
 import time
 from server import create_app
 from server.config import Settings
@@ -29,48 +50,20 @@ settings = Settings(data_dir=r"{tmp_path}")
 create_app(settings)
 print(start_worker(settings).pid, flush=True)
 time.sleep(120)
-"""], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    worker = int(server.stdout.readline())
-    try:
-        deadline = time.monotonic() + 60
-        while "consumer" not in (tmp_path / "worker.log").read_text(errors="replace").lower() and \
-                time.monotonic() < deadline:  # running its queue consumer
-            time.sleep(0.2)
-        assert _alive(worker)
-        os.kill(server.pid, signal.SIGKILL)
-        server.wait()
-        deadline = time.monotonic() + 10
-        while _alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(worker)
-    finally:
-        if _alive(worker):
-            os.kill(worker, signal.SIGKILL)
+""", ready=lambda: "consumer" in (tmp_path / "worker.log").read_text(errors="replace").lower())  # its queue consumer
 
 
 def test_a_managed_mosquitto_dies_with_its_killed_server(tmp_path):
     """A SIGKILLed `serve` left its Mosquitto running under pid 1, with the old port and password file: the next
     server could not bind, and the old secrets kept logging in."""
-    server = subprocess.Popen([sys.executable, "-c", f"""
+    _dies_with_its_killed_server(f"""
 import time
 from server.broker import MosquittoBroker, free_port
 b = MosquittoBroker(r"{tmp_path}", lambda: {{}}, port=free_port())
 b.start()
 print(b.proc.pid, flush=True)
 time.sleep(120)
-"""], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    broker = int(server.stdout.readline())
-    try:
-        assert _alive(broker)
-        os.kill(server.pid, signal.SIGKILL)
-        server.wait()
-        deadline = time.monotonic() + 10
-        while _alive(broker) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(broker)
-    finally:
-        if _alive(broker):
-            os.kill(broker, signal.SIGKILL)
+""")
 
 
 def test_a_broker_already_on_the_port_is_named_at_start(tmp_path):
