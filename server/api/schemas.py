@@ -29,11 +29,37 @@ def Pattern(regex, rule: str) -> validate.Regexp:
     return validate.Regexp(f"^{regex.pattern}$", error=rule)
 
 
-class FirmwareVersion(validate.Validator):
-    """A version an MCUboot image header can hold (tinymlaas.ota.package.parse_version), or none."""
+def _up_to(limit: int) -> str:
+    """A regular expression of the decimal numbers 0..limit, without leading zeros."""
+    digits, alternatives = str(limit), []
+    for k, d in enumerate(digits):  # the numbers as long as limit: a prefix of it, then a smaller digit
+        if k == len(digits) - 1:
+            alternatives.append(f"{digits[:k]}[0-{d}]")
+        elif d != "0":
+            lowest = "1" if k == 0 else "0"
+            if int(d) - 1 >= int(lowest):
+                alternatives.append(f"{digits[:k]}[{lowest}-{int(d) - 1}][0-9]{{{len(digits) - k - 1}}}")
+    if len(digits) > 1:  # the shorter ones
+        alternatives.append(f"[1-9][0-9]{{0,{len(digits) - 2}}}" if len(digits) > 2 else "[1-9]")
+    alternatives.append("0")
+    return "(?:" + "|".join(alternatives) + ")"
+
+
+# what an MCUboot image header holds (tinymlaas.ota.package VERSION_LIMITS), as the document states it
+FIRMWARE_VERSION = (f"^{_up_to(255)}(?:\\.{_up_to(255)}(?:\\.{_up_to(65535)})?)?(?:\\+{_up_to(2**32 - 1)})?$")
+
+
+class FirmwareVersion(validate.Regexp):
+    """A version an MCUboot image header can hold, in the document's pattern, checked again by
+    tinymlaas.ota.package.parse_version."""
+
+    def __init__(self):
+        super().__init__(FIRMWARE_VERSION, error="'{input}' is not major.minor.revision[+build] within an MCUboot "
+                         "header's limits (255.255.65535+4294967295)")
 
     def __call__(self, value):
         if value is not None:
+            super().__call__(value)
             try:
                 parse_version(value)
             except ValueError as e:

@@ -140,7 +140,7 @@ BAD_REQUESTS = {
         "major.minor.revision"),
     "firmware version past the image header": (lambda c, m: c.post("/api/v1/devices", json={
         "id": "fv", "target": "cortex-m4", "firmware_version": "1.0.65536"}, headers=c.auth), 422, "firmware_version",
-        "revision 65536"),
+        "within an MCUboot header's limits"),
     "version past the image header": (lambda c, m: c.post("/api/v1/builds", json={
         "model_id": m, "target": "cortex-m4", "version": "256.0.0"}, headers=c.auth), 422, "version", "major 256"),
     "version with five parts": (lambda c, m: c.post("/api/v1/builds", json={
