@@ -47,22 +47,29 @@ class ServerContext:
         release_queue(self.settings.queue_url)
 
 
-def check_data_folder(folder: Path) -> None:
-    """The data folder exists and takes writes (the database, artifacts, keys live there); else one line naming it
-    (a read-only folder was "internal error ... unable to open database file")."""
+def data_folder_problem(folder: Path) -> str | None:
+    """Why the data folder cannot take writes (the database, artifacts and keys live there), or None."""
     import errno
     import tempfile
-
-    from tinymlaas.errors import TinyMLaaSError
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        why = {errno.EROFS: "it is on a read-only file system", errno.ENOSPC: "its file system is full",
-               errno.EACCES: "this user may not write there"}.get(e.errno, e.strerror or str(e))
-        raise TinyMLaaSError(f"the data folder {folder} cannot be written: {why}") from None
+        return {errno.EROFS: "it is on a read-only file system", errno.ENOSPC: "its file system is full",
+                errno.EACCES: "this user may not write there"}.get(e.errno, e.strerror or str(e))
+    return None
+
+
+def check_data_folder(folder: Path) -> None:
+    """One line naming the folder when it cannot take writes (a read-only folder was "internal error ... unable
+    to open database file")."""
+    from tinymlaas.errors import TinyMLaaSError
+
+    why = data_folder_problem(folder)
+    if why is not None:
+        raise TinyMLaaSError(f"the data folder {folder} cannot be written: {why}")
 
 
 def create_app(settings: Settings | None = None, migrate: bool = True) -> Flask:

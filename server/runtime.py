@@ -256,6 +256,7 @@ class GuardedServer(wsgi.Server):
         self._waiting: dict[object, list] = {}  # conn -> [since, client address, bytes seen]
         self._waiting_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)  # a wake-up already pending is enough: never wait on it
         self._watcher: threading.Thread | None = None
 
     def process_conn(self, conn):
@@ -271,7 +272,10 @@ class GuardedServer(wsgi.Server):
             if self._watcher is None:
                 self._watcher = threading.Thread(target=self._watch_waiting, name="http-headers", daemon=True)
                 self._watcher.start()
-        self._wake_w.send(b"\0")
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:
+            pass
         return None
 
     @staticmethod

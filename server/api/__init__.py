@@ -66,7 +66,7 @@ def problem(status: int, detail: str, field: str | None = None, errors=None):
     return resp
 
 
-def storage_problem(code: int | None, detail: str):
+def storage_problem(code: int | None):
     """507 for a full file system, 503 for a read-only one, naming the server's data folder; None for other
     errors. Nothing was stored: the artifact store writes through temporary files, the database rolls back."""
     folder = current_app.extensions["tinymlaas"].settings.data_dir
@@ -83,13 +83,12 @@ MIN_FREE_BYTES = 64 << 20  # below this a build's artifacts or a model upload ma
 def storage_health(folder) -> str | None:
     """What is wrong with the data folder's storage, for /health: not writable, or almost full."""
     import shutil
-    import tempfile
 
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        return f"the data folder {folder} cannot be written ({e.strerror})"
+    from .. import data_folder_problem
+
+    why = data_folder_problem(folder)
+    if why is not None:
+        return f"the data folder {folder} cannot be written: {why}"
     free = shutil.disk_usage(folder).free
     if free < MIN_FREE_BYTES:
         return f"the data folder {folder} has {free / 2**20:.1f} MiB free"
@@ -146,7 +145,7 @@ def register_api(app) -> None:
 
     @app.errorhandler(OSError)
     def _storage(e: OSError):
-        answer = storage_problem(e.errno, str(e))
+        answer = storage_problem(e.errno)
         if answer is None:
             raise e
         return answer
@@ -157,7 +156,7 @@ def register_api(app) -> None:
             g.db.rollback()
         text = str(e.orig).lower()
         unwritable = "readonly" in text or ("unable to open" in text and storage_health(ctx().settings.data_dir))
-        answer = storage_problem(errno.ENOSPC if "full" in text else errno.EROFS if unwritable else None, str(e.orig))
+        answer = storage_problem(errno.ENOSPC if "full" in text else errno.EROFS if unwritable else None)
         if answer is None:
             raise e
         return answer

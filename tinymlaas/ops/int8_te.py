@@ -386,7 +386,7 @@ def add_s8_tables(a, b, table_a, table_b, mult_out, *, out_shape, exponent, roun
     the multiplier), (x + round_zp - (x < 0)) >> exponent (RoundingDivideByPOT, the output zero point folded into
     the rounding constant), clamped. mult_out is a one-element buffer: with the multiplier a constant, LLVM
     rewrites the rounding high product into a 64-bit one of twice the multiplier (no SMMULR)."""
-    from tvm import te
+    from tvm import te, tirx
 
     def total(*i):
         va = table_a[broadcast(a, out_shape, i).astype("int32") + _i32(128)]
@@ -396,18 +396,12 @@ def add_s8_tables(a, b, table_a, table_b, mult_out, *, out_shape, exponent, roun
 
     def f(*i):
         doubled = s(*i).astype("int64")
-        x = ((doubled * mult_out[0].astype("int64") + tirx_const(1 << 31, "int64")) >> tirx_const(32, "int64"))
+        x = (doubled * mult_out[0].astype("int64") + tirx.const(1 << 31, "int64")) >> tirx.const(32, "int64")
         x = x.astype("int32")
         v = (x + _i32(round_zp) + (x >> _i32(31))) >> _i32(exponent)
         return _clamp(v, act_min, act_max, "int8")
 
     return te.compute(out_shape, f, name="add")
-
-
-def tirx_const(value: int, dtype: str):
-    from tvm import tirx
-
-    return tirx.const(value, dtype)
 
 
 def mul_s8(a, b, *, out_shape, zp_a, zp_b, zp_out, mult, shift, act_min, act_max, out_dtype="int8"):
