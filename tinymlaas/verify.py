@@ -141,3 +141,47 @@ def compare_layers(model: TFLiteModel, batch: list[np.ndarray], steps: list[byte
         checks.append(LayerCheck(tensor.name, op.opcode, want.nbytes, float(np.mean(diff == 0)),
                                  int(diff.max()) if diff.size else 0))
     return checks
+
+
+SOURCE_MAX_LSB = 2  # a QDQ model's outputs against its own framework (see source_fidelity)
+
+
+def source_fidelity(model: TFLiteModel, batches: list[list[np.ndarray]], want: list[list[np.ndarray]]) -> dict | None:
+    """A converted model (ONNX, PyTorch) against its own reference on the build's inputs: what the firmware computes
+    (bit for bit the interpreter's `want`) is what the user's framework computes. Float outputs within
+    FLOAT_REL_TOLERANCE; outputs dequantized from int8 within SOURCE_MAX_LSB steps of their scale: ONNX Runtime
+    (and PyTorch) requantize every layer in float, rounding half to even, where TFLite's integer kernels use a
+    fixed-point multiplier rounding half away from zero, so a value on a rounding boundary lands one step away; and
+    TFLite's integer sigmoid/tanh/softmax write at fixed scales (1/256, 1/128), requantized into the model's.
+    None for a model that was not converted."""
+    source = model.converted_from
+    if source is None:
+        return None
+    ref = source.reference_outputs(batches)
+    max_rel = max_lsb = 0.0
+    quantized = False
+    for r_batch, w_batch in zip(ref, want):
+        for k, (r, w) in enumerate(zip(r_batch, w_batch)):
+            r, w = np.asarray(r, np.float64), np.asarray(w, np.float64)
+            if r.shape != w.shape:
+                raise ValueError(f"output {k}: {source.reference_name} gives shape {r.shape}, the conversion {w.shape}")
+            err = float(np.max(np.abs(r - w))) if r.size else 0.0
+            scale = model.source_output_scales[k] if k < len(model.source_output_scales) else None
+            if scale:
+                quantized = True
+                max_lsb = max(max_lsb, round(err / scale, 3))
+            else:
+                top = float(np.max(np.abs(r))) if r.size else 0.0
+                max_rel = max(max_rel, err / top if top > 0 else err)
+    result = {"reference": source.reference_name, "inputs": len(want), "passed": max_rel <= FLOAT_REL_TOLERANCE}
+    if any(s is None for s in model.source_output_scales) or not model.source_output_scales:
+        result["max_rel_error"] = max_rel
+    if quantized:
+        result["max_lsb_diff"] = max_lsb
+        result["passed"] = result["passed"] and max_lsb <= SOURCE_MAX_LSB
+        result["tolerance"] = (f"within {SOURCE_MAX_LSB} LSB of each output's quantization: {source.reference_name} "
+                               "requantizes in float (round half to even), TFLite's integer kernels and the firmware "
+                               "in fixed point (round half away from zero)")
+    else:
+        result["tolerance"] = f"relative error <= {FLOAT_REL_TOLERANCE:g}"
+    return result

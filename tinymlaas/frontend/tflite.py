@@ -46,6 +46,10 @@ class TFLiteModel:
     original_data: bytes = field(repr=False, default=b"")
     notes: list[str] = field(default_factory=list)
     graph: Graph | None = field(repr=False, default=None)
+    # a model converted from another format (an ONNX or PyTorch model): that model, whose own reference checks the
+    # conversion, and per output the quantization scale its value was dequantized from (None: a float output)
+    converted_from: object | None = field(repr=False, default=None)
+    source_output_scales: tuple = ()
 
     @property
     def hybrid(self) -> bool:

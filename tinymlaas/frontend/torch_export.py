@@ -120,3 +120,32 @@ def load_exported_program(path: str | Path) -> ExportedProgramModel:
     tensors = [*program.state_dict.values(), *program.constants.values()]
     weights = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return ExportedProgramModel(path.stem, path, data, inputs, outputs, int(weights), program)
+
+
+def exported_program_as_tflite(model: ExportedProgramModel):
+    """The program as TFLite operators for the microcontroller targets: exported to ONNX by PyTorch's own exporter,
+    converted as any ONNX model (frontend/onnx_tflite.py), the conversion checked against PyTorch."""
+    import contextlib
+
+    import torch
+
+    from tinymlaas.frontend.onnx import OnnxModel, onnx_as_tflite
+
+    try:  # the exporter reports its steps on stdout: kept off it (a --json report is the only thing there)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.onnx.export(model.program, dynamo=True, external_data=False, verbose=False)
+    except ImportError as e:
+        raise ToolMissing(f"PyTorch's ONNX exporter needs {e.name or 'onnxscript'}: pip install onnxscript") from e
+    except Exception as e:  # the exporter names the operator it has no ONNX form for in its last line
+        text = str(e).strip().splitlines()
+        raise InvalidModel(f"{model.name}: PyTorch cannot export it to ONNX for a microcontroller build: "
+                           f"{(text or [type(e).__name__])[-1][:200]}") from e
+    proto = exported.model_proto
+    onnx_model = OnnxModel(model.name, model.path, proto.SerializeToString(), model.inputs, model.outputs,
+                           model.weights_bytes)
+    tflite = onnx_as_tflite(onnx_model)
+    tflite.converted_from = model
+    tflite.notes[0] = tflite.notes[0].replace("from ONNX", "from the exported program (through ONNX)").replace(
+        onnx_model.reference_name, model.reference_name)
+    return tflite

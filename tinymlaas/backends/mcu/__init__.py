@@ -10,7 +10,7 @@ class McuBackend:
     name = "mcu"
     what = "firmware"
     label = "the microcontroller targets"
-    formats = frozenset({"tflite", "keras"})
+    formats = frozenset({"tflite", "keras", "onnx", "pt2"})
     firmware = True
     stored_artifacts = ("firmware",)  # what the service keeps of a build, beside its report
     searchable = True
@@ -18,6 +18,7 @@ class McuBackend:
     def build(self, model, target, work: Path, request, stage):
         from tinymlaas.backends.mcu.build import build_firmware
 
+        model = as_tflite(model)
         report = build_firmware(model, target, work, request, stage)
         if request.profile:
             from tinymlaas.backends.mcu.profile import profile_build
@@ -41,6 +42,18 @@ class McuBackend:
             if why is not None:
                 return "emulator", f"cannot be {request.emulator} for {target.name}: {why}"
         return None
+
+
+def as_tflite(model):
+    """The model as TFLite operators: ONNX and PyTorch models converted (frontend/onnx_tflite.py)."""
+    from tinymlaas.frontend.onnx import OnnxModel, onnx_as_tflite
+    from tinymlaas.frontend.torch_export import ExportedProgramModel, exported_program_as_tflite
+
+    if isinstance(model, OnnxModel):
+        return onnx_as_tflite(model)
+    if isinstance(model, ExportedProgramModel):
+        return exported_program_as_tflite(model)
+    return model
 
 
 BACKEND = McuBackend()

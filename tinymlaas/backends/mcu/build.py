@@ -24,7 +24,7 @@ from tinymlaas.oracle import load_sample_inputs, make_inputs, reference_outputs,
 from tinymlaas.runners import emulator_for
 from tinymlaas.search.space import load_variant
 from tinymlaas.targets import Target, get_target
-from tinymlaas.verify import VerifiedReport, compare, split_outputs
+from tinymlaas.verify import VerifiedReport, compare, source_fidelity, split_outputs
 
 
 @dataclass
@@ -218,7 +218,11 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
 
     stage("verify")
     got = split_outputs(model, (work / "outputs.bin").read_bytes(), len(batches))
-    fidelity = compare(model, got, want, integer_kernels=lowering == "integer")
+    fidelity = compare(model, got, want, integer_kernels=lowering == "integer").to_dict()
+    source = source_fidelity(model, batches, want)  # a converted ONNX/PyTorch model against its own framework
+    if source is not None:
+        fidelity["source"] = source
+        fidelity["passed"] = fidelity["passed"] and source["passed"]
     counts = [r.instructions for r in run.regions]
 
     stage("measure")
@@ -244,7 +248,7 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
         instructions_repeat_exact=counts[0] == counts[-1] if not program.state_sizes else None,
         variant=variant.to_dict() if variant is not None else None,
         memory_accesses=run.regions[0].memory_accesses,
-        fidelity=fidelity.to_dict(),
+        fidelity=fidelity,
         sizes=sizes.to_dict(),
         fits=fits,
         stages_seconds=stage.finish(),

@@ -21,6 +21,7 @@ def format_report(r: CompileReport) -> str:
         ("lowering", {"integer": "integer kernels", "float": "float32", "mixed": "integer and float32 kernels",
                       "float-emulated": "int8 through float ops"}[r.lowering]),
         ("verified", f"{'PASS' if r.verified else 'FAIL'}: {fid} over {f['inputs']} inputs [{f['tolerance']}]"),
+        *([("source check", source_text(f["source"]))] if f.get("source") else []),
         ("instructions/inference", (f"{fmt(r.instructions)} (range {fmt(r.instructions_min)}.."
                                     f"{fmt(r.instructions_max)}, repeat {repeat_text(r.instructions_repeat_exact)})")),
         ("memory accesses", fmt(r.memory_accesses) if r.memory_accesses is not None else "not counted by " + r.runner),
@@ -44,6 +45,14 @@ def format_report(r: CompileReport) -> str:
     width = max(len(k) for k, _ in rows)
     text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
     return text + ("\n\n" + format_profile(r.profile) if r.profile else "")
+
+
+def source_text(src: dict) -> str:
+    """A converted model's check against its own framework (verify.source_fidelity), for people."""
+    figure = (f"max {src['max_lsb_diff']:g} LSB off" if "max_lsb_diff" in src
+              else f"max rel error {src['max_rel_error']:.2e}")
+    return (f"{'PASS' if src['passed'] else 'FAIL'}: the conversion against {src['reference']}, {figure} over "
+            f"{src['inputs']} inputs [{src['tolerance']}]")
 
 
 def format_profile(p: dict) -> str:
