@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a model to firmware, run it in the emulator, verify and measure")
     p.add_argument("model", help="a .tflite file (float32, int8, int16x8, dynamic-range), a .keras/.h5 file or a "
-                   "SavedModel folder (converted with TensorFlow), an .onnx file or a PyTorch exported program "
-                   "(.pt2, torch.export.save) for the host targets")
+                   "SavedModel folder (converted with TensorFlow), an .onnx file (float, or QDQ int8) or a PyTorch "
+                   "exported program (.pt2, torch.export.save)")
     p.add_argument("--target", "-t", required=True, help="a target name (see `tinymlaas targets`)")
     p.add_argument("--out", "-o", help="output folder (default out/MODEL-TARGET); replaced only on success")
     add_arguments(p, "compile")

@@ -152,7 +152,7 @@ class DeviceQuery(Schema):
 
 class ModelUpload(Schema):
     file = Upload(required=True, metadata={"description": "a .tflite file, a .keras/.h5 file (converted with TensorFlow), "
-                                                          "or an .onnx file (host targets only)"})
+                                                          "or an .onnx file (float or QDQ int8; every target)"})
 
 
 class Model(Schema):
@@ -162,7 +162,7 @@ class Model(Schema):
     size = fields.Integer()
     quantized = fields.Boolean()
     operators = fields.List(fields.String())
-    format = fields.String(metadata={"description": "tflite (every target) or onnx (host targets only)"})
+    format = fields.String(metadata={"description": "tflite or onnx (both for every target)"})
     created_at = UtcDateTime()
 
 

@@ -14,6 +14,6 @@ def cmd_models_upload(args) -> int:
 
 def register(sub) -> None:
     models = sub.add_parser("models", help="uploaded models").add_subparsers(dest="what", required=True)
-    p = api_options(models.add_parser("upload", help="upload a model (.tflite, .keras/.h5, or .onnx for the host targets)"))
+    p = api_options(models.add_parser("upload", help="upload a model (.tflite, .keras/.h5 or .onnx)"))
     p.add_argument("file")
     p.set_defaults(func=cmd_models_upload)

@@ -17,6 +17,31 @@ from ..db import Model
 from .common import Principal, ServiceError
 
 
+def onnx_paths(model) -> bool:
+    """An ONNX upload converted now for the microcontroller targets and imported for the host targets, so that what
+    neither can build is named at upload; whether it is quantized (QDQ). One path suffices: a build for a target of
+    the other is refused then, naming why."""
+    from tinymlaas.backends.mcu import as_tflite
+    from tinymlaas.frontend.to_relax import unsupported_operators
+
+    problems, quantized = [], False
+    try:
+        converted = as_tflite(model)
+        quantized = bool(converted.quantized)
+        missing = unsupported_operators(converted)
+        if missing:
+            problems.append(f"for the microcontroller targets: unsupported operator(s): {', '.join(sorted(set(missing)))}")
+    except TinyMLaaSError as e:
+        problems.append(f"for the microcontroller targets: {e}")
+    try:
+        model.to_relax()
+    except TinyMLaaSError as e:
+        problems.append(f"for the host targets: {e}")
+    if len(problems) == 2:
+        raise ServiceError(422, "; ".join(problems), "file")
+    return quantized
+
+
 def add_model(session: Session, store: ArtifactStore, who: Principal, filename: str, data: bytes,
               quantize: str = "none") -> Model:
     from tinymlaas.frontend.keras import convert_keras, is_keras_input
@@ -45,10 +70,9 @@ def add_model(session: Session, store: ArtifactStore, who: Principal, filename: 
         path = Path(tmp) / name
         path.write_bytes(data)
         try:
-            if suffix == ONNX_SUFFIX:  # imported now, so an operator TVM's ONNX frontend lacks is named at upload
+            if suffix == ONNX_SUFFIX:
                 model = load_onnx(path)
-                model.to_relax()
-                quantized, operators, unsupported = False, model.operators(), []
+                quantized, operators, unsupported = onnx_paths(model), model.operators(), []
             else:
                 if is_keras_input(path):  # kept as the TFLite model TensorFlow's converter makes of it
                     converted = path.with_suffix(".tflite")

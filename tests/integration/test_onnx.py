@@ -46,10 +46,7 @@ def test_onnx_input_errors_are_one_line(tmp_path):
     r = cli("compile", tmp_path / "junk.onnx", "-t", "cpu-host", "-o", tmp_path / "b")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "junk.onnx is not a valid ONNX model" in r.stderr
-    r = cli("compile", small_cnn(tmp_path / "cnn.onnx"), "-t", "cortex-m4", "-o", tmp_path / "c")
-    assert r.returncode == 2 and r.stderr.strip().startswith(
-        "tinymlaas: error: cnn.onnx: ONNX models build for the host targets (cpu-host, cuda-host); for cortex-m4")
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert not (tmp_path / "b").exists()
     op = helper.make_node("DeformConv", ["x", "w", "o"], ["y"])  # in ONNX, not in TVM's ONNX frontend
     graph = helper.make_graph([op], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
                                           [("x", [1, 1, 4, 4]), ("w", [1, 1, 2, 2]), ("o", [1, 8, 3, 3])]],

@@ -123,12 +123,7 @@ def test_exported_program_errors_are_one_line(tmp_path):
     r = cli("compile", tmp_path / "junk.pt2", "-t", "cpu-host", "-o", tmp_path / "b")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "junk.pt2 is not a PyTorch exported program" in r.stderr
-    good = save_program(SmallCnn, torch.randn(1, 3, 12, 12), tmp_path / "cnn.pt2")
-    r = cli("compile", good, "-t", "cortex-m4", "-o", tmp_path / "c")
-    assert r.returncode == 2 and r.stderr.strip().startswith(
-        "tinymlaas: error: cnn.pt2: PyTorch exported programs build for the host targets (cpu-host, cuda-host); "
-        "for cortex-m4")
-    assert not any((tmp_path / d).exists() for d in "abc")
+    assert not any((tmp_path / d).exists() for d in "ab")
 
 
 class BagOfTokens(torch.nn.Module):

@@ -1,8 +1,7 @@
-"""ONNX models, for the host targets: loaded and checked with the onnx package, imported by TVM's ONNX frontend,
-and verified against ONNX Runtime (the reference an ONNX user trusts, as the TFLite interpreter is for TFLite).
-
-The microcontroller path stays TFLite's: its quantization and operator semantics are what the firmware
-reproduces bit for bit. An ONNX model for a microcontroller target is refused with the conversion to use.
+"""ONNX models: loaded and checked with the onnx package; for the host targets imported by TVM's ONNX frontend,
+for the microcontroller targets converted to TFLite operators (onnx_tflite.py, `onnx_as_tflite`), whose semantics
+the firmware reproduces bit for bit. Either way verified against ONNX Runtime (the reference an ONNX user trusts,
+as the TFLite interpreter is for TFLite).
 """
 
 from __future__ import annotations
@@ -139,7 +138,7 @@ def onnx_as_tflite(model: OnnxModel):
     tflite.name = model.name
     tflite.converted_from = model
     tflite.source_output_scales = converted.output_scales
-    tflite.notes = [f"converted from ONNX to {len(tflite.operators)} TFLite operators "
-                    f"({'QDQ int8' if tflite.quantized else 'float'}); the conversion checked against "
-                    f"{model.reference_name}", *converted.notes, *model.notes]
+    what = (f"converted from ONNX to {len(tflite.operators)} TFLite operators "
+            f"({'QDQ int8' if tflite.quantized else 'float'}); the conversion checked against {model.reference_name}")
+    tflite.notes = [what, *converted.notes, *model.notes]
     return tflite

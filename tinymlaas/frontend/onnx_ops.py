@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinymlaas.frontend.onnx_tflite import TO_FIRST, TO_LAST, Converter, QParams
+from tinymlaas.frontend.onnx_tflite import TO_LAST, Converter, QParams
 
 
 class Decline(Exception):
@@ -260,8 +260,9 @@ def _padding(cv: Converter, node, spatial, kernel, strides, dilations):
     if auto == "SAME_LOWER":
         pads = [(b, a) for a, b in same]
     else:
-        flat = list(cv.attr(node, "pads", [0] * (2 * n)))
-        pads = [(int(flat[i]), int(flat[i + n])) for i in range(n)]
+        given = len(cv.shape(node.input[0])) - 2  # a 1-D window runs as a 2-D one of height 1
+        flat = list(cv.attr(node, "pads", [0] * (2 * given)))
+        pads = [(0, 0)] * (n - given) + [(int(flat[i]), int(flat[i + given])) for i in range(given)]
     if all(p == (0, 0) for p in pads):
         return "VALID", None
     if pads == same:

@@ -1,5 +1,6 @@
-"""PyTorch exported programs (`torch.export.save`, a `.pt2` archive), for the host targets: loaded with PyTorch,
-imported by TVM's exported-program frontend, and verified against the program itself run by PyTorch on the CPU in
+"""PyTorch exported programs (`torch.export.save`, a `.pt2` archive): loaded with PyTorch; for the host targets
+imported by TVM's exported-program frontend, for the microcontroller targets exported to ONNX by PyTorch and converted
+from there (`exported_program_as_tflite`); either way verified against the program itself run by PyTorch on the CPU in
 float32 (the reference a PyTorch user trusts, as the TFLite interpreter is for TFLite).
 
 A `.pt2` archive holds pickled objects that PyTorch unpickles with code execution allowed: the command line loads a

@@ -1,0 +1,170 @@
+"""ONNX and PyTorch models on the microcontroller targets: fresh PyTorch exports (float, and QDQ int8 from
+onnxruntime's quantize_static) converted to TFLite operators, built, run in the emulator, bit-exact to the
+interpreter on the conversion and checked against ONNX Runtime / PyTorch on the same inputs."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is a dependency (requirements.lock)")
+
+from onnx import TensorProto, helper
+
+from tests.helpers.cli import cli
+from tests.helpers.torch_onnx import export_onnx, export_pt2, quantize_qdq
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.errors import UnsupportedOperator
+from tinymlaas.frontend.onnx import load_onnx, onnx_as_tflite
+from tinymlaas.oracle import make_inputs, reference_outputs
+from tinymlaas.verify import SOURCE_MAX_LSB, source_fidelity
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """name -> path: each architecture as float ONNX, QDQ with uint8 activations (quantize_static's default) and
+    QDQ int8 per-channel, and as a .pt2."""
+    d = tmp_path_factory.mktemp("onnx-mcu")
+    paths = {}
+    for arch in ("cnn", "separable", "mlp", "conv1d"):
+        f = paths[arch] = export_onnx(arch, d / f"{arch}.onnx")
+        paths[f"{arch}-u8"] = quantize_qdq(f, d / f"{arch}-u8.onnx")
+        paths[f"{arch}-s8"] = quantize_qdq(f, d / f"{arch}-s8.onnx", signed=True)
+        paths[f"{arch}-pt2"] = export_pt2(arch, d / f"{arch}.pt2")
+    return paths
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+@pytest.mark.parametrize("model", ["cnn", "separable", "mlp", "cnn-u8", "separable-s8", "mlp-s8"])
+def test_onnx_models_build_for_microcontrollers(exports, model, target, tmp_path):
+    report = compile_model(exports[model], target, tmp_path / "out")
+    f = report.fidelity
+    assert report.verified, f
+    source = f["source"]
+    assert source["reference"] == "ONNX Runtime" and source["passed"] and source["inputs"] == f["inputs"]
+    if "-" in model:  # QDQ: integer kernels only, bit-exact to the interpreter on the conversion
+        assert report.lowering == "integer" and f["max_lsb_diff"] == 0
+        assert source["max_lsb_diff"] <= SOURCE_MAX_LSB
+        # the weights stay int8: fewer bytes than their float32 values, with each kernel's requantization tables
+        proto = load_onnx(exports[model]).proto()
+        int8_values = sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type in (2, 3))
+        assert report.sizes["weights"] < 4 * int8_values
+    else:
+        assert report.lowering == "float" and f["max_rel_error"] <= 1e-5 and source["max_rel_error"] <= 1e-5
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["fidelity"]["source"] == source and (tmp_path / "out" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+def test_a_pytorch_exported_program_builds_for_microcontrollers(exports, target, tmp_path):
+    r = cli("compile", exports["cnn-pt2"], "-t", target, "-o", tmp_path / "out", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)  # only JSON on stdout, though PyTorch's exporter reports its steps
+    assert report["verified"] and report["lowering"] == "float"
+    assert report["fidelity"]["source"]["reference"] == "PyTorch (CPU, float32)"
+    assert report["fidelity"]["source"]["max_rel_error"] <= 1e-5
+    assert (tmp_path / "out" / "model.pt2").is_file()
+
+
+@pytest.mark.parametrize("model", ["cnn", "separable", "mlp", "conv1d", "cnn-u8", "cnn-s8", "separable-u8",
+                                   "separable-s8", "mlp-u8", "mlp-s8", "conv1d-u8", "conv1d-s8"])
+def test_conversions_match_onnx_runtime(exports, model):
+    """Every architecture and quantization: the converted model in the interpreter against ONNX Runtime on 30
+    random inputs (the firmware is bit-exact to the former, the tests above show)."""
+    tflite = onnx_as_tflite(load_onnx(exports[model]))
+    batches = make_inputs(tflite, 30, seed=3)
+    check = source_fidelity(tflite, batches, reference_outputs(tflite, batches))
+    assert check["passed"], check
+    if "-" in model:
+        assert tflite.quantized and 0 <= check["max_lsb_diff"] <= SOURCE_MAX_LSB
+        # integer operators, not float ones between a dequantize and a quantize
+        assert not {"CONV_2D", "FULLY_CONNECTED"} - set(tflite.operators) or model.startswith("mlp")
+        assert tflite.graph.lowering() == "integer"
+    else:
+        assert check["max_rel_error"] <= 1e-5
+
+
+def test_the_source_check_can_fail(exports):
+    """A conversion that computed something else is caught: one output value one step off passes, three fail."""
+    tflite = onnx_as_tflite(load_onnx(exports["cnn-s8"]))
+    batches = make_inputs(tflite, 4, seed=0)
+    want = reference_outputs(tflite, batches)
+    scale = tflite.source_output_scales[0]
+    assert scale and source_fidelity(tflite, batches, want)["passed"]
+    off = [[w.copy() for w in batch] for batch in want]
+    off[2][0].flat[1] += 3 * scale + source_fidelity(tflite, batches, want)["max_lsb_diff"] * scale
+    assert not source_fidelity(tflite, batches, off)["passed"]
+    float_model = onnx_as_tflite(load_onnx(exports["cnn"]))
+    want = reference_outputs(float_model, batches)
+    want[0][0] = want[0][0] * (1 + 1e-4)
+    check = source_fidelity(float_model, batches, want)
+    assert not check["passed"] and check["max_rel_error"] > 1e-5
+
+
+def _onnx_file(path, nodes, inputs, outputs, initializers=(), opset=18):
+    import onnx
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+                              list(initializers))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return path
+
+
+def test_operators_of_other_exporters(tmp_path):
+    """A graph written with onnx.helper as other exporters write them: batch norm left unfolded, grouped and
+    asymmetrically padded convolutions, transposes, concatenation over channels, resize, slicing, padding, sums
+    over axes without keeping them, a Gemm with alpha and beta, a 3-D MatMul."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def const(name, *shape, scale=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    inits = [const("w", 8, 2, 3, 3), const("b", 8), const("g", 8, scale=1.0), const("beta", 8),
+             const("mean", 8), numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "var"),
+             const("fc", 6, 16), const("fcb", 6), const("mm", 16, 4),
+             numpy_helper.from_array(np.asarray([0, 0, 1, 1, 0, 0, 0, 0], np.int64), "pads"),
+             numpy_helper.from_array(np.asarray([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.asarray([1, 2], np.int64), "starts"),
+             numpy_helper.from_array(np.asarray([7, 30], np.int64), "ends"),
+             numpy_helper.from_array(np.asarray([2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.asarray([2, 3], np.int64), "mean_axes")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], group=2, pads=[0, 1, 1, 0], strides=[2, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["bn"]),
+        helper.make_node("Sigmoid", ["bn"], ["s"]),
+        helper.make_node("Concat", ["s", "bn"], ["cat"], axis=1),
+        helper.make_node("Resize", ["cat", "", "scales"], ["up"], mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("Slice", ["up", "starts", "ends", "axes"], ["sl"]),
+        helper.make_node("Pad", ["sl", "pads"], ["pd"]),
+        helper.make_node("ReduceMean", ["pd", "mean_axes"], ["m"], keepdims=0),
+        helper.make_node("Gemm", ["m", "fc", "fcb"], ["y"], transB=1, alpha=0.5, beta=2.0),
+        helper.make_node("Transpose", ["pd"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["t", "mm"], ["z"]),
+    ]
+    path = _onnx_file(tmp_path / "others.onnx", nodes, [("x", [1, 4, 9, 7])],
+                      [("y", [1, 6]), ("z", [1, 7, 11, 4])], inits)
+    tflite = onnx_as_tflite(load_onnx(path))
+    batches = make_inputs(tflite, 10, seed=1)
+    check = source_fidelity(tflite, batches, reference_outputs(tflite, batches))
+    assert check["passed"] and check["max_rel_error"] <= 1e-5, check
+    assert {"CONV_2D", "PAD", "CONCATENATION", "RESIZE_NEAREST_NEIGHBOR", "STRIDED_SLICE", "MEAN",
+            "FULLY_CONNECTED"} <= set(tflite.operators)
+
+
+def test_what_cannot_be_converted_is_named(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Einsum", ["r", "r"], ["y"], equation="ij,ij->i")]
+    path = _onnx_file(tmp_path / "einsum.onnx", nodes, [("x", [3, 4])], [("y", [3])])
+    with pytest.raises(UnsupportedOperator, match="unsupported operator\\(s\\): Einsum"):
+        compile_model(path, "cortex-m4", tmp_path / "a")
+    r = cli("compile", path, "-t", "rv32imac", "-o", tmp_path / "b")
+    assert r.returncode == 2 and r.stderr.strip() == "tinymlaas: error: einsum.onnx: unsupported operator(s): Einsum"
+    nodes = [helper.make_node("Softmax", ["x"], ["y"], axis=0)]
+    path = _onnx_file(tmp_path / "softmax0.onnx", nodes, [("x", [3, 4])], [("y", [3, 4])])
+    r = cli("compile", path, "-t", "cortex-m4", "-o", tmp_path / "c")
+    assert r.returncode == 2 and "Softmax (over axis 0 of a rank-2 tensor" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not any((tmp_path / d).exists() for d in "abc")
