@@ -181,7 +181,8 @@ def source_fidelity(model: TFLiteModel, batches: list[list[np.ndarray]], want: l
         result["passed"] = result["passed"] and max_lsb <= SOURCE_MAX_LSB
         result["tolerance"] = (f"within {SOURCE_MAX_LSB} LSB of each output's quantization: {source.reference_name} "
                                "requantizes in float (round half to even), TFLite's integer kernels and the firmware "
-                               "in fixed point (round half away from zero)")
+                               "in fixed point (round half away from zero); a float output computed from a dequantized "
+                               "value by softmax, sigmoid, tanh or a reshape is measured in that value's steps")
     else:
         result["tolerance"] = f"relative error <= {FLOAT_REL_TOLERANCE:g}"
     return result

@@ -128,3 +128,21 @@ def quantize_qdq(float_path: Path, path: Path, signed: bool = False, samples: in
         warnings.simplefilter("ignore")
         quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ, **extra)
     return path
+
+
+def export_pt2e(name: str, path: Path, samples: int = 16, seed: int = 0) -> Path:
+    """The architecture quantized as ExecuTorch's backends quantize (PT2E: torchao's prepare_pt2e/convert_pt2e
+    with the XNNPACK quantizer's symmetric per-channel int8 configuration), calibrated on random inputs, saved as
+    a .pt2."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    model = _model(name, seed)
+    example = (torch.randn(*model.shape),)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(model, example).module(), quantizer)
+    rng = torch.Generator().manual_seed(seed + 1)
+    for _ in range(samples):
+        prepared(torch.randn(*model.shape, generator=rng))
+    torch.export.save(torch.export.export(convert_pt2e(prepared), example), str(path))
+    return path

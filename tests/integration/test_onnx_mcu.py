@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch", reason="torch is a dependency (requirements
 from onnx import TensorProto, helper
 
 from tests.helpers.cli import cli
-from tests.helpers.torch_onnx import export_onnx, export_pt2, quantize_qdq
+from tests.helpers.torch_onnx import export_onnx, export_pt2, export_pt2e, quantize_qdq
 from tinymlaas.build.pipeline import compile_model
 from tinymlaas.errors import UnsupportedOperator
 from tinymlaas.frontend.onnx import load_onnx, onnx_as_tflite
@@ -31,6 +31,7 @@ def exports(tmp_path_factory):
         paths[f"{arch}-u8"] = quantize_qdq(f, d / f"{arch}-u8.onnx")
         paths[f"{arch}-s8"] = quantize_qdq(f, d / f"{arch}-s8.onnx", signed=True)
         paths[f"{arch}-pt2"] = export_pt2(arch, d / f"{arch}.pt2")
+        paths[f"{arch}-pt2e"] = export_pt2e(arch, d / f"{arch}-pt2e.pt2")
     return paths
 
 
@@ -64,6 +65,23 @@ def test_a_pytorch_exported_program_builds_for_microcontrollers(exports, target,
     assert report["fidelity"]["source"]["reference"] == "PyTorch (CPU, float32)"
     assert report["fidelity"]["source"]["max_rel_error"] <= 1e-5
     assert (tmp_path / "out" / "model.pt2").is_file()
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+@pytest.mark.parametrize("model", ["cnn", "separable"])
+def test_pt2e_quantized_programs_run_on_integer_kernels(exports, model, target, tmp_path):
+    """PyTorch's PT2E int8 (as ExecuTorch's Cortex-M backend takes it): quantize/dequantize around float aten
+    operators, ReLU between convolution and quantize (fused as TFLite's clamp), float biases: integer kernels only,
+    bit-exact to the conversion, within SOURCE_MAX_LSB of PyTorch."""
+    report = compile_model(exports[f"{model}-pt2e"], target, tmp_path / "out")
+    f = report.fidelity
+    assert report.verified, f
+    if model == "cnn":
+        assert report.lowering == "integer" and f["max_lsb_diff"] == 0
+    else:  # PT2E leaves the final softmax in float: that one float kernel within the float tolerance
+        assert report.lowering == "mixed" and f["kind"] == "float" and f["max_rel_error"] <= 1e-5
+    # the softmax output measured in the steps of the dequantized logits it is computed from
+    assert f["source"]["reference"].startswith("PyTorch") and f["source"]["max_lsb_diff"] <= SOURCE_MAX_LSB
 
 
 @pytest.mark.parametrize("model", ["cnn", "separable", "mlp", "conv1d", "cnn-u8", "cnn-s8", "separable-u8",

@@ -186,6 +186,8 @@ def binary(cv: Converter, node) -> None:
             operands.append(r)
     out = cv.output(node, 0, physical(out_shape, cl), cl)
     options = cv.options(_OPTIONS[opcode]) if opcode in _OPTIONS else None
+    if opcode == "ADD":
+        options.fusedActivationFunction = cv.fused_activation(node)
     cv.op(opcode, operands, [out], options)
     cv.finish_output(node, 0, out, cl)
 
@@ -341,7 +343,7 @@ def _bias_int32(cv: Converter, name: str | None, expect: np.ndarray, channels: i
         if np.allclose(scale, expect, rtol=1e-6) and not qc.zero_point.any():
             return qc.q.reshape(channels).astype(np.int32)
     value = cv.const(name).astype(np.float64).reshape(channels)
-    cv.notes.append(f"{label}: bias requantized to the scale input x weight (TFLite's integer kernels use it)")
+    cv.float_biases.append(label)
     return np.clip(np.round(value / expect), -2**31, 2**31 - 1).astype(np.int32)
 
 
@@ -378,11 +380,12 @@ def conv(cv: Converter, node) -> None:
         filt, opcode, axis = w.transpose(1, 2, 3, 0), "DEPTHWISE_CONV_2D", 3
         options = cv.options("DepthwiseConv2DOptions", padding=0 if padding == "SAME" else 1, strideH=strides[0],
                              strideW=strides[1], dilationHFactor=dilations[0], dilationWFactor=dilations[1],
-                             depthMultiplier=out_ch // c_in)
+                             depthMultiplier=out_ch // c_in, fusedActivationFunction=cv.fused_activation(node))
     else:
         filt, opcode, axis = w.transpose(0, 2, 3, 1), "CONV_2D", 0
         options = cv.options("Conv2DOptions", padding=0 if padding == "SAME" else 1, strideH=strides[0],
-                             strideW=strides[1], dilationHFactor=dilations[0], dilationWFactor=dilations[1])
+                             strideW=strides[1], dilationHFactor=dilations[0], dilationWFactor=dilations[1],
+                             fusedActivationFunction=cv.fused_activation(node))
     if quantized:
         in_q = cv.quant_of(x_name)
         w_scales = np.broadcast_to(qc.scale, (out_ch,)).astype(np.float64)
@@ -428,7 +431,8 @@ def _fully_connected(cv: Converter, node, x_name: str, weights_of, bias_name: st
         bias = cv.constant(np.broadcast_to(b, (out_features,)).astype(np.float32), f"{node.output[0]}/bias")
     out = cv.output(node, 0, cv.shape(node.output[0]), False)
     cv.op("FULLY_CONNECTED", [x, weights, bias], [out],
-          cv.options("FullyConnectedOptions", keepNumDims=len(shape) > 2))
+          cv.options("FullyConnectedOptions", keepNumDims=len(shape) > 2,
+                     fusedActivationFunction=cv.fused_activation(node)))
     cv.finish_output(node, 0, out, False)
 
 

@@ -89,12 +89,14 @@ class Converter:
         self.qalias: dict[str, str] = {}  # DequantizeLinear output -> the quantized value it reads
         self.qconsts: dict[str, QConst] = {}  # DequantizeLinear output of a constant -> that constant
         self.qparams: dict[str, QParams] = {}  # quantized activation value -> its quantization
+        self.fused: dict[str, object] = {}  # an integer operator's output -> the Relu/Clip node fused into it
         self.consumers: dict[str, list] = {}
         for node in self.graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.graph_outputs = [v.name for v in self.graph.output]
         self.notes: list[str] = []
+        self.float_biases: list[str] = []  # integer layers whose bias came in float (PT2E leaves them so)
         self.mode = "float"  # of the operator being converted: "float" or "int8"
         self.node = None
 
@@ -256,7 +258,15 @@ class Converter:
         self.values[(target, channels_last)] = index
 
     def quantized_output(self, node, k: int) -> str:
-        return self.consumers[node.output[k]][0].output[0]
+        return self.consumers[self._through_activation(node.output[k])][0].output[0]
+
+    def _through_activation(self, name: str) -> str:
+        return self.fused[name].output[0] if name in self.fused else name
+
+    def fused_activation(self, node) -> int:
+        """TFLite's fusedActivationFunction for the Relu/Clip fused into integer `node` (0: none)."""
+        act = self.fused.get(node.output[0])
+        return 0 if act is None else _activation_code(self, act)
 
     def quant_of(self, name: str) -> QParams | None:
         """In int8 mode, the quantization of the activation `name` (behind its DequantizeLinear)."""
@@ -287,6 +297,7 @@ class Converter:
             self.values[(v.name, False)] = index
             inputs.append(index)
         quantize_done: set[str] = set()
+        fused_done: set[str] = set()  # outputs of Relu/Clip nodes an integer operator took in
         for node in self.graph.node:
             self.node = node
             if all(o in self.consts for o in node.output if o) and node.op_type != "DequantizeLinear":
@@ -297,17 +308,23 @@ class Converter:
                 if node.output[0] not in quantize_done:
                     self._quantize_linear(node)
             else:
+                if node.output[0] in fused_done:
+                    continue
                 integer = node.op_type in INTEGER and self._integer(node)
                 try:
                     self.mode = "int8" if integer else "float"
                     (INTEGER if integer else CONVERTERS)[node.op_type](self, node)
                 except Decline:  # raised before anything was written
                     integer, self.mode = False, "float"
+                    for name in node.output:
+                        self.fused.pop(name, None)
                     CONVERTERS[node.op_type](self, node)
                 finally:
                     self.mode = "float"
                 if integer:
-                    quantize_done.update(c.output[0] for o in node.output for c in self.consumers.get(o, []))
+                    fused_done.update(self.fused[o].output[0] for o in node.output if o in self.fused)
+                    quantize_done.update(c.output[0] for o in node.output
+                                         for c in self.consumers.get(self._through_activation(o), []))
         outputs, scales = [], []
         for name in self.graph_outputs:
             if name in self.consts:
@@ -320,8 +337,23 @@ class Converter:
                 index = copy
             self.tensors[index].name = name.encode()  # the ONNX output's name, whichever layout step wrote it
             outputs.append(index)
-            scales.append(self.qparams[self.qalias[name]].scale if name in self.qalias else None)
+            scales.append(self._output_scale(name))
+        if self.float_biases:
+            self.notes.append(f"float biases of {len(self.float_biases)} integer layers quantized to int32 at input "
+                              "scale x weight scale (what TFLite's integer kernels add)")
         return Converted(self._pack(inputs, outputs), tuple(self.notes), tuple(scales))
+
+    def _output_scale(self, name: str) -> float | None:
+        """The scale an output is measured in against the model's own framework: that of the dequantized value it
+        is, or is computed from in float by a function that moves no value further than its input moved (softmax,
+        sigmoid, tanh, ReLU, reshapes); None for a float output."""
+        producer = {o: n for n in self.graph.node for o in n.output}
+        while name not in self.qalias:
+            node = producer.get(name)
+            if node is None or node.op_type not in NONEXPANDING:
+                return None
+            name = node.input[0]
+        return self.qparams[self.qalias[name]].scale
 
     def _dequantize_linear(self, node) -> None:
         x = node.input[0]
@@ -363,7 +395,14 @@ class Converter:
             return False
         for name in node.output:
             readers = self.consumers.get(name, [])
+            if (node.op_type in FUSES_ACTIVATION and len(readers) == 1 and name not in self.graph_outputs
+                    and readers[0].op_type in ("Relu", "Clip") and _activation_code(self, readers[0])):
+                # PyTorch's PT2E writes conv -> relu -> quantize: in integers, relu is the clamp of the output
+                self.fused[name] = readers[0]
+                name = readers[0].output[0]
+                readers = self.consumers.get(name, [])
             if not readers or name in self.graph_outputs or any(r.op_type != "QuantizeLinear" for r in readers):
+                self.fused.pop(node.output[0], None)
                 return False
             params = set()
             for r in readers:
@@ -402,6 +441,23 @@ class Converter:
         builder = flatbuffers.Builder(1024)
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
         return bytes(builder.Output())
+
+
+FUSES_ACTIVATION = ("Conv", "Gemm", "MatMul", "Add")
+# one-input functions whose output moves at most as far as their input (max norm; softmax's Jacobian rows sum to
+# 2p(1-p) <= 0.5)
+NONEXPANDING = ("Softmax", "Sigmoid", "Tanh", "Relu", "Clip", "Reshape", "Flatten", "Transpose", "Identity",
+                "Squeeze", "Unsqueeze", "MaxPool", "Dropout")
+
+
+def _activation_code(cv: Converter, node) -> int:
+    """TFLite's ActivationFunctionType for a Relu or Clip node: RELU 1, RELU_N1_TO_1 2, RELU6 3; 0 if it is none of
+    them."""
+    if node.op_type == "Relu":
+        return 1
+    lo = float(cv.consts[node.input[1]]) if len(node.input) > 1 and node.input[1] in cv.consts else -np.inf
+    hi = float(cv.consts[node.input[2]]) if len(node.input) > 2 and node.input[2] in cv.consts else np.inf
+    return {(0.0, np.inf): 1, (-1.0, 1.0): 2, (0.0, 6.0): 3}.get((lo, hi), 0)
 
 
 def to_int8(scale: float, zero_point: int, dtype: str) -> QParams:

@@ -9,6 +9,7 @@ user's own file, the multi-tenant service refuses them (server.services.models.a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
@@ -97,6 +98,8 @@ def load_exported_program(path: str | Path) -> ExportedProgramModel:
         data = path.read_bytes()
     except OSError as e:
         raise InvalidModel(f"cannot read {path}: {e.strerror}") from e
+    with contextlib.suppress(ImportError):  # defines quantize_per_tensor & co., which PT2E-quantized programs call
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
     quiet = logging.getLogger("torch.export")  # it logs a traceback on stderr before raising for a damaged archive
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
@@ -126,8 +129,6 @@ def load_exported_program(path: str | Path) -> ExportedProgramModel:
 def exported_program_as_tflite(model: ExportedProgramModel):
     """The program as TFLite operators for the microcontroller targets: exported to ONNX by PyTorch's own exporter,
     converted as any ONNX model (frontend/onnx_tflite.py), the conversion checked against PyTorch."""
-    import contextlib
-
     import torch
 
     from tinymlaas.frontend.onnx import OnnxModel, onnx_as_tflite
