@@ -99,7 +99,7 @@ def load_exported_program(path: str | Path) -> ExportedProgramModel:
     except OSError as e:
         raise InvalidModel(f"cannot read {path}: {e.strerror}") from e
     with contextlib.suppress(ImportError):  # defines quantize_per_tensor & co., which PT2E-quantized programs call
-        import torch.ao.quantization.fx._decomposed  # noqa: F401
+        import torch.ao.quantization.fx._decomposed
     quiet = logging.getLogger("torch.export")  # it logs a traceback on stderr before raising for a damaged archive
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
