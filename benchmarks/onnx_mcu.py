@@ -22,11 +22,11 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers.torch_onnx import ARCHITECTURES, export_onnx, export_pt2, export_pt2e, quantize_qdq  # noqa: E402
-from tinymlaas import __version__  # noqa: E402
-from tinymlaas.build.pipeline import compile_model  # noqa: E402
-from tinymlaas.build.request import BuildRequest  # noqa: E402
-from tinymlaas.errors import TinyMLaaSError  # noqa: E402
+from tests.helpers.torch_onnx import ARCHITECTURES, export_onnx, export_pt2, export_pt2e, quantize_qdq
+from tinymlaas import __version__
+from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
+from tinymlaas.errors import TinyMLaaSError
 
 FORMS = {  # name -> (how it is made, integer?)
     "onnx-float": (lambda arch, d: export_onnx(arch, d / f"{arch}.onnx"), False),
