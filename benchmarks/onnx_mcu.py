@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[0] = str(ROOT)  # not benchmarks/: its profile.py would shadow the library module torch imports
 
 from tests.helpers.torch_onnx import ARCHITECTURES, export_onnx, export_pt2, export_pt2e, quantize_qdq
 from tinymlaas import __version__
