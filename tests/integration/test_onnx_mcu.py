@@ -186,3 +186,30 @@ def test_what_cannot_be_converted_is_named(tmp_path):
     assert r.returncode == 2 and "Softmax (over axis 0 of a rank-2 tensor" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+@pytest.mark.parametrize("value, folded", [(0.0, True), (0.5, False)])
+def test_a_pad_before_a_convolution_folds_into_it(tmp_path, value, folded):
+    """PyTorch-style padding TFLite's SAME cannot say arrives as PAD -> VALID convolution: folded into the
+    convolution's own padding when the PAD's value is what that padding reads (0), kept otherwise; bit-exact to
+    the interpreter either way, and the same as ONNX Runtime."""
+    from onnx import numpy_helper
+
+    from tinymlaas.frontend.cleanup import clean
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.asarray([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads"),
+             numpy_helper.from_array(np.asarray(value, np.float32), "value")]
+    nodes = [helper.make_node("Pad", ["x", "pads", "value"], ["p"]),
+             helper.make_node("Conv", ["p", "w"], ["y"], strides=[2, 2])]
+    path = _onnx_file(tmp_path / "pad.onnx", nodes, [("x", [1, 3, 10, 9])], [("y", [1, 6, 6, 5])], inits)
+    tflite = onnx_as_tflite(load_onnx(path))
+    cleaned = clean(tflite.graph, shapes_from_interpreter=True)
+    assert (not {"PAD", "PADV2"} & {op.opcode for op in cleaned.operators}) == folded
+    if folded:
+        conv = next(op for op in cleaned.operators if op.opcode == "CONV_2D")
+        assert conv.opt("explicitPadding") == (1, 2, 2, 1)
+    report = compile_model(path, "cortex-m4", tmp_path / "out")
+    assert report.verified and report.fidelity["max_rel_error"] <= 1e-5
+    assert any("PAD operator folded" in n for n in report.notes) == folded

@@ -19,6 +19,7 @@ import numpy as np
 
 from tinymlaas.frontend.dilation import fold_dilated_convolutions
 from tinymlaas.frontend.graph import Graph, Operator
+from tinymlaas.frontend.pad_fold import fold_pads_into_convolutions
 from tinymlaas.ops.semantics import norm_axis, pad_widths, slice_index, strided_slice_index
 
 FOLDERS: dict[str, Callable] = {}  # opcode -> fn(inputs, op, out_tensors) -> list of arrays
@@ -249,7 +250,7 @@ def resolve_shapes(graph: Graph) -> Graph:
     return replace(graph, tensors=tuple(tensors))
 
 
-PASSES = (fold_constants, remove_identities, remove_dead, fold_dilated_convolutions)
+PASSES = (fold_constants, remove_identities, remove_dead, fold_dilated_convolutions, fold_pads_into_convolutions)
 
 
 def clean(graph: Graph, shapes_from_interpreter: bool = False) -> Graph:

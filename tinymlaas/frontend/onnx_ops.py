@@ -634,7 +634,7 @@ def pad(cv: Converter, node) -> None:
     if len(node.input) > 3 and node.input[3]:
         raise cv.unsupported("over some axes only")
     value = float(cv.const(node.input[2])) if len(node.input) > 2 and node.input[2] else 0.0
-    cl = cv.channels_last(node.input[0]) and rank in TO_LAST
+    cl = rank in TO_LAST  # channels-last: what a convolution after it reads, and then folds it into itself
     widths = [(pads[a], pads[a + rank]) for a in range(rank)]
     if cl:
         widths = [widths[a] for a in TO_LAST[rank]]

@@ -97,12 +97,11 @@ def kernel_shape(graph, op, target=None) -> KernelShape | None:
         return KernelShape("dense", int(x.size) // depth, int(w.shape[0]), (depth,), zp, int8, dsp, bool(w.zero_point))
     if len(out.shape) != 4:
         return None
-    from tinymlaas.ops.geometry import padding
+    from tinymlaas.ops.geometry import window_padding
 
     h, wd = int(x.shape[1]), int(x.shape[2])
     kh, kw = int(w.shape[1]), int(w.shape[2])
-    pads = (*padding(op.opt("padding", 0), h, kh, op.opt("strideH", 1), op.opt("dilationHFactor", 1) or 1),
-            *padding(op.opt("padding", 0), wd, kw, op.opt("strideW", 1), op.opt("dilationWFactor", 1) or 1))
+    pads = window_padding(op, h, wd, kh, kw)
     if family == "depthwise":
         if int(op.opt("depthMultiplier", 1) or 1) != 1:
             return None

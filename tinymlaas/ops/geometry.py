@@ -27,12 +27,19 @@ def padding(kind: int, in_size: int, k: int, stride: int, dilation: int) -> tupl
     return same_padding(in_size, k, stride, dilation)
 
 
+def window_padding(op, h, w, kh, kw) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a convolution: its explicit padding (a PAD folded into it:
+    frontend/pad_fold.py), or TFLite's SAME/VALID."""
+    explicit = op.opt("explicitPadding")
+    if explicit:
+        return tuple(int(p) for p in explicit)
+    return (*padding(int(op.opt("padding", 0)), h, kh, op.opt("strideH", 1), op.opt("dilationHFactor", 1) or 1),
+            *padding(int(op.opt("padding", 0)), w, kw, op.opt("strideW", 1), op.opt("dilationWFactor", 1) or 1))
+
+
 def conv_padding(op, h, w, kh, kw) -> list[int]:
     """[top, left, bottom, right] of a convolution operator."""
-    if int(op.opt("padding", 0)) != SAME:
-        return [0, 0, 0, 0]
-    pt, pb = same_padding(h, kh, op.opt("strideH", 1), op.opt("dilationHFactor", 1) or 1)
-    pl, pr = same_padding(w, kw, op.opt("strideW", 1), op.opt("dilationWFactor", 1) or 1)
+    pt, pb, pl, pr = window_padding(op, h, w, kh, kw)
     return [pt, pl, pb, pr]
 
 

@@ -32,7 +32,7 @@ from tinymlaas.ops.dsp_layouts import (
     requantize_exact,
 )
 from tinymlaas.ops.emit import emit_kernel, extern
-from tinymlaas.ops.geometry import dilate_and_pad, padding, reduce_axes, transpose_conv_geometry
+from tinymlaas.ops.geometry import dilate_and_pad, padding, reduce_axes, transpose_conv_geometry, window_padding
 from tinymlaas.ops.interpreter_tables import interpreter_table
 from tinymlaas.ops.quantization import (
     activation_range,
@@ -265,8 +265,7 @@ def conv2d(ctx, op, impl):
     channels = w.shape[0] if name == "CONV_2D" else w.shape[3]
     sh, sw = op.opt("strideH", 1), op.opt("strideW", 1)
     dh, dw = op.opt("dilationHFactor", 1) or 1, op.opt("dilationWFactor", 1) or 1
-    pt, pb = padding(op.opt("padding", 0), h, kh, sh, dh)
-    pl, pr = padding(op.opt("padding", 0), wd, kw, sw, dw)
+    pt, pb, pl, pr = window_padding(op, h, wd, kh, kw)
     if name == "CONV_2D" and (c % w.shape[3] or w.shape[0] % (c // w.shape[3])):
         raise UnsupportedOperator([(f"CONV_2D #{op.index}: {c} input channels in groups of {w.shape[3]} for "
                                    f"{w.shape[0]} filters")], ctx.graph.name)

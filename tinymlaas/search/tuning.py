@@ -62,8 +62,8 @@ def log_target(target) -> str:
 def layer_signature(graph, op) -> str:
     """What a layer's cost depends on, as JSON (the target is a column of its own)."""
     x, w, out = graph.tensor(op.inputs[0]), graph.tensor(op.inputs[1]), graph.tensor(op.outputs[0])
-    keys = ("strideH", "strideW", "dilationHFactor", "dilationWFactor", "padding", "fusedActivationFunction",
-            "depthMultiplier", "keepNumDims")
+    keys = ("strideH", "strideW", "dilationHFactor", "dilationWFactor", "padding", "explicitPadding",
+            "fusedActivationFunction", "depthMultiplier", "keepNumDims")
     return json.dumps({"opcode": op.opcode, "precision": graph.precision(op), "input": list(x.shape),
                        "weights": list(w.shape), "output": list(out.shape),
                        "options": {k: op.opt(k, None) for k in keys if op.opt(k, None) is not None},
