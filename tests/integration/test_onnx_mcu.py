@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from tests.helpers.cli import cli
 from tests.helpers.torch_onnx import export_onnx, export_pt2, export_pt2e, quantize_qdq
 from tinymlaas.build.pipeline import compile_model
+from tinymlaas.build.request import BuildRequest
 from tinymlaas.errors import UnsupportedOperator
 from tinymlaas.frontend.onnx import load_onnx, onnx_as_tflite
 from tinymlaas.oracle import make_inputs, reference_outputs
@@ -213,3 +214,19 @@ def test_a_pad_before_a_convolution_folds_into_it(tmp_path, value, folded):
     report = compile_model(path, "cortex-m4", tmp_path / "out")
     assert report.verified and report.fidelity["max_rel_error"] <= 1e-5
     assert any("PAD operator folded" in n for n in report.notes) == folded
+
+
+def test_search_and_profile_take_onnx_models(exports, tmp_path):
+    """The variant search and the per-layer profile load an ONNX model as the build does (converted), and the build
+    keeps the converted TFLite model beside the original."""
+    r = cli("search", exports["separable-s8"], "-t", "cortex-m4", "--budget", "2", "--no-record", "--json",
+            "-o", tmp_path / "search")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["chosen"] is not None and all(p["verified"] for p in result["points"])
+    report = compile_model(exports["cnn-u8"], "cortex-m4", tmp_path / "out",
+                           BuildRequest(profile=True))
+    assert [s["opcode"] for s in report.profile["steps"] if s["opcode"] == "CONV_2D"] == ["CONV_2D", "CONV_2D"]
+    assert report.profile["totals"]["instructions"] > 0
+    assert (tmp_path / "out" / "converted.tflite").read_bytes()[4:8] == b"TFL3"
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == exports["cnn-u8"].read_bytes()

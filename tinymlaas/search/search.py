@@ -41,8 +41,8 @@ def search(model_path, target: str, workdir, request: BuildRequest | None = None
     at most 8), `ray` (build on a Ray cluster instead of the local process pool; "local" starts one here) and the
     constraints (max_ram, max_flash, max_fidelity_loss). The points run on the target's own runner.
     guided: `pool` candidates screened by the predictor per round; `confirm` best on the RTL model (Ibex targets)."""
+    from tinymlaas.backends.mcu import load_firmware_model
     from tinymlaas.frontend.cleanup import clean
-    from tinymlaas.frontend.tflite import load_tflite
     from tinymlaas.targets import get_target
 
     request = request or BuildRequest()
@@ -54,7 +54,7 @@ def search(model_path, target: str, workdir, request: BuildRequest | None = None
     check_searchable(get_target(target))
     constraints = Constraints.of(request)
     started = time.monotonic()
-    model = load_tflite(model_path)
+    model = load_firmware_model(model_path)
     graph = clean(model.graph, shapes_from_interpreter=True)
     space = Space.of(graph, get_target(target))
     workdir = Path(workdir)

@@ -18,8 +18,12 @@ class McuBackend:
     def build(self, model, target, work: Path, request, stage):
         from tinymlaas.backends.mcu.build import build_firmware
 
-        model = as_tflite(model)
-        report = build_firmware(model, target, work, request, stage)
+        converted = as_tflite(model)
+        report = build_firmware(converted, target, work, request, stage)
+        if converted is not model:  # what was built, for TFLite Micro or a look in a viewer
+            (work / "converted.tflite").write_bytes(converted.data)
+            report.artifacts["converted"] = "converted.tflite"
+        model = converted
         if request.profile:
             from tinymlaas.backends.mcu.profile import profile_build
 
@@ -54,6 +58,14 @@ def as_tflite(model):
     if isinstance(model, ExportedProgramModel):
         return exported_program_as_tflite(model)
     return model
+
+
+def load_firmware_model(path):
+    """The model file at `path` (TFLite, ONNX, .pt2; Keras with default options) as TFLite operators."""
+    from tinymlaas.build.formats import format_of
+    from tinymlaas.build.request import BuildRequest
+
+    return as_tflite(format_of(path).load(Path(path), BuildRequest()))
 
 
 BACKEND = McuBackend()

@@ -14,7 +14,7 @@ from tinymlaas.backends.mcu.firmware import link_firmware, linked_bytes
 from tinymlaas.build.request import BuildRequest
 from tinymlaas.errors import InvalidModel, ModelTooLarge, ToolMissing
 from tinymlaas.frontend.cleanup import clean
-from tinymlaas.frontend.tflite import import_relax_tvm, load_tflite
+from tinymlaas.frontend.tflite import import_relax_tvm
 from tinymlaas.frontend.to_relax import to_relax
 from tinymlaas.ir.lower import lower
 from tinymlaas.ir.memory import plan as plan_memory
@@ -290,8 +290,10 @@ def build_program(model_path, target_name: str, workdir: Path, kernels: str, var
     """A TFLite model's program, kernels and driver in `workdir`, not linked: (target, model, program, kernels,
     driver, lowering). variant (search.space.Variant): its kernels, schedule and fusion instead of `kernels` (its memory plan is
     TVM's: the per-step counts of the in-place twins are the same loops')."""
+    from tinymlaas.backends.mcu import load_firmware_model
+
     target = get_target(target_name)
-    model = load_tflite(model_path)
+    model = load_firmware_model(model_path)
     workdir.mkdir(parents=True, exist_ok=True)
     relax_mod, lowering, _ = import_model(model, target, kernels=dict(variant.kernels) if variant else kernels,
                                           schedules=dict(variant.layers) if variant else None)
