@@ -79,6 +79,7 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/mlperf_tiny.py --models $(MODELS) --out benchmarks/results/mlperf_tiny.json
 	$(PY) benchmarks/corpus.py --out benchmarks/results/corpus_architectures.json
+	$(PY) benchmarks/onnx_mcu.py --out benchmarks/results/onnx_mcu.json
 	$(PY) benchmarks/fleet.py --models $(MODELS) --large 1000 --out benchmarks/results/fleet.json
 	$(PY) benchmarks/cycles.py --models $(MODELS) --out benchmarks/results/cycles.json
 	$(PY) benchmarks/search.py --models $(MODELS) --budget 20 --out benchmarks/results/search.json
