@@ -1,4 +1,5 @@
-"""One converter per ONNX operator: ONNX node -> TFLite operators (onnx_tflite.Converter writes them).
+"""One converter per ONNX operator: ONNX node -> TFLite operators, written through `cv`, the onnx_tflite.Converter
+converting the graph (this module is the lower layer: it knows the converter by what it calls).
 
 CONVERTERS convert an operator in float; INTEGER the ones TFLite has integer kernels for, used when the operator
 sits between DequantizeLinear and QuantizeLinear (a QDQ model). Most converters serve both: the converter's `mode`
@@ -8,9 +9,25 @@ writes anything when this instance cannot be integer (the operator is then conve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from tinymlaas.frontend.onnx_tflite import TO_LAST, Converter, QParams
+# rank -> permutation from the logical (channels-first) order to the stored channels-last one, and back
+TO_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1)}
+TO_FIRST = {3: (0, 2, 1), 4: (0, 3, 1, 2)}
+
+
+@dataclass(frozen=True)
+class QParams:
+    """An activation's quantization as TFLite keeps it (uint8 already moved to int8)."""
+    scale: float
+    zero_point: int
+    dtype: str = "int8"
+
+    def same(self, other: QParams | None) -> bool:
+        return other is not None and (self.scale, self.zero_point, self.dtype) == (other.scale, other.zero_point,
+                                                                                 other.dtype)
 
 
 class Decline(Exception):
@@ -56,15 +73,15 @@ def ints(values) -> np.ndarray:
     return np.asarray(values, dtype=np.int32)
 
 
-def _quantized(cv: Converter) -> bool:
+def _quantized(cv) -> bool:
     return cv.mode == "int8"
 
 
-def _in_quant(cv: Converter, node, k: int = 0) -> QParams | None:
+def _in_quant(cv, node, k: int = 0) -> QParams | None:
     return cv.quant_of(node.input[k]) if _quantized(cv) else None
 
 
-def simple(cv: Converter, node, opcode: str, options=None, quant: QParams | None = None, channels_last=None,
+def simple(cv, node, opcode: str, options=None, quant: QParams | None = None, channels_last=None,
            extra_inputs=()) -> int:
     """`opcode` on input 0 in the layout it is in (or the one asked for), output in the same layout."""
     cl = cv.channels_last(node.input[0]) if channels_last is None else channels_last
@@ -83,7 +100,7 @@ _UNARY_FLOAT = {"Exp": "EXP", "Log": "LOG", "Sqrt": "SQRT", "Abs": "ABS", "Neg":
 
 
 @converts(*_UNARY_FLOAT)
-def unary(cv: Converter, node) -> None:
+def unary(cv, node) -> None:
     opcode = _UNARY_FLOAT[node.op_type]
     if opcode is None:  # 1 / x
         cl = cv.channels_last(node.input[0])
@@ -96,17 +113,17 @@ def unary(cv: Converter, node) -> None:
 
 
 @converts("HardSwish", integer=True)
-def hard_swish(cv: Converter, node) -> None:
+def hard_swish(cv, node) -> None:
     simple(cv, node, "HARD_SWISH")
 
 
 @converts("Relu", integer=True)
-def relu(cv: Converter, node) -> None:
+def relu(cv, node) -> None:
     simple(cv, node, "RELU")
 
 
 @converts("LeakyRelu", integer=True)
-def leaky_relu(cv: Converter, node) -> None:
+def leaky_relu(cv, node) -> None:
     simple(cv, node, "LEAKY_RELU", cv.options("LeakyReluOptions", alpha=float(cv.attr(node, "alpha", 0.01))))
 
 
@@ -115,13 +132,13 @@ _FIXED = {"Sigmoid": ("LOGISTIC", QParams(1 / 256, -128)), "Tanh": ("TANH", QPar
 
 
 @converts("Sigmoid", "Tanh", integer=True)
-def fixed_range(cv: Converter, node) -> None:
+def fixed_range(cv, node) -> None:
     opcode, quant = _FIXED[node.op_type]
     simple(cv, node, opcode, quant=quant if _quantized(cv) else None)
 
 
 @converts("Softmax", integer=True)
-def softmax(cv: Converter, node) -> None:
+def softmax(cv, node) -> None:
     shape = cv.shape(node.input[0])
     axis = int(cv.attr(node, "axis", -1)) % len(shape)
     for cl in (cv.channels_last(node.input[0]), not cv.channels_last(node.input[0])):
@@ -134,7 +151,7 @@ def softmax(cv: Converter, node) -> None:
 
 
 @converts("Clip", integer=True)
-def clip(cv: Converter, node) -> None:
+def clip(cv, node) -> None:
     lo = float(cv.const(node.input[1])) if len(node.input) > 1 and node.input[1] else -np.inf
     hi = float(cv.const(node.input[2])) if len(node.input) > 2 and node.input[2] else np.inf
     named = {(0.0, 6.0): "RELU6", (0.0, np.inf): "RELU", (-1.0, 1.0): "RELU_N1_TO_1"}.get((lo, hi))
@@ -160,7 +177,7 @@ _OPTIONS = {"ADD": "AddOptions", "SUB": "SubOptions", "MUL": "MulOptions", "DIV"
 
 
 @converts(*_BINARY)
-def binary(cv: Converter, node) -> None:
+def binary(cv, node) -> None:
     opcode = _BINARY[node.op_type]
     out_shape = cv.shape(node.output[0])
     rank = len(out_shape)
@@ -193,7 +210,7 @@ def binary(cv: Converter, node) -> None:
 
 
 @converts("Add", "Sub", "Mul", integer=True)
-def binary_integer(cv: Converter, node) -> None:
+def binary_integer(cv, node) -> None:
     for n in node.input:
         if n in cv.qconsts and cv.qconsts[n].per_channel:
             raise Decline  # TFLite's integer ADD/MUL take one scale per operand
@@ -202,7 +219,7 @@ def binary_integer(cv: Converter, node) -> None:
     binary(cv, node)
 
 
-def _broadcast_const(cv: Converter, node, name: str, rank: int, cl: bool) -> int:
+def _broadcast_const(cv, node, name: str, rank: int, cl: bool) -> int:
     """A constant operand at the output's rank, in its layout (float, or int8 with its quantization)."""
     if _quantized(cv):
         qc = cv.qconsts[name]
@@ -222,7 +239,7 @@ def _broadcast_const(cv: Converter, node, name: str, rank: int, cl: bool) -> int
 
 
 @converts("BatchNormalization")
-def batch_norm(cv: Converter, node) -> None:
+def batch_norm(cv, node) -> None:
     gamma, beta, mean, var = (cv.const(n).astype(np.float64) for n in node.input[1:5])
     eps = float(cv.attr(node, "epsilon", 1e-5))
     scale = gamma / np.sqrt(var + eps)
@@ -249,7 +266,7 @@ def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int,
     return total // 2, total - total // 2
 
 
-def _padding(cv: Converter, node, spatial, kernel, strides, dilations):
+def _padding(cv, node, spatial, kernel, strides, dilations):
     """(TFLite padding, explicit pads to apply first or None) for ONNX's pads/auto_pad."""
     n = len(spatial)
     auto = cv.attr(node, "auto_pad", b"NOTSET")
@@ -272,7 +289,7 @@ def _padding(cv: Converter, node, spatial, kernel, strides, dilations):
     return "VALID", pads
 
 
-def _pad_first(cv: Converter, node, x: int, pads, value) -> int:
+def _pad_first(cv, node, x: int, pads, value) -> int:
     """An explicit PAD (PADV2 with `value`) before a VALID window: asymmetric pads TFLite's SAME cannot say."""
     shape = cv.tensor_shape(x)
     widths = [(0, 0), *pads, (0, 0)]
@@ -287,7 +304,7 @@ def _pad_first(cv: Converter, node, x: int, pads, value) -> int:
     return out
 
 
-def _to_2d(cv: Converter, node, x: int, rank: int) -> int:
+def _to_2d(cv, node, x: int, rank: int) -> int:
     """A channels-last (N, L, C) value as (N, 1, L, C): 1-D windows run as 2-D ones of height 1."""
     if rank == 4:
         return x
@@ -297,7 +314,7 @@ def _to_2d(cv: Converter, node, x: int, rank: int) -> int:
     return out
 
 
-def _window_output(cv: Converter, node, rank: int, quant: QParams | None = None) -> tuple[int, int]:
+def _window_output(cv, node, rank: int, quant: QParams | None = None) -> tuple[int, int]:
     """(tensor the window operator writes, tensor of the ONNX output): one and the same for 2-D windows; for 1-D
     ones a (N, 1, L, C) tensor reshaped into the output."""
     out_shape = physical(cv.shape(node.output[0]), True)
@@ -311,13 +328,13 @@ def _window_output(cv: Converter, node, rank: int, quant: QParams | None = None)
     return written, final
 
 
-def _finish_window(cv: Converter, node, written: int, final: int) -> None:
+def _finish_window(cv, node, written: int, final: int) -> None:
     if written != final:
         cv.op("RESHAPE", [written, cv.constant(ints(cv.tensor_shape(final)), f"{node.output[0]}/shape")], [final])
     cv.finish_output(node, 0, final, True)
 
 
-def _weights_int8(cv: Converter, name: str):
+def _weights_int8(cv, name: str):
     """A DequantizeLinear'd weight constant as (int8 values, per-output-channel scales) with zero point 0."""
     if name not in cv.qconsts:
         raise Decline
@@ -333,7 +350,7 @@ def _weights_int8(cv: Converter, name: str):
     return values.astype(np.int8), qc
 
 
-def _bias_int32(cv: Converter, name: str | None, expect: np.ndarray, channels: int, label: str) -> np.ndarray:
+def _bias_int32(cv, name: str | None, expect: np.ndarray, channels: int, label: str) -> np.ndarray:
     """The bias as int32 at scale input x weight (TFLite's); re-rounded, and said, where ONNX chose another."""
     if not name:
         return np.zeros(channels, np.int32)
@@ -348,7 +365,7 @@ def _bias_int32(cv: Converter, name: str | None, expect: np.ndarray, channels: i
 
 
 @converts("Conv", integer=True)
-def conv(cv: Converter, node) -> None:
+def conv(cv, node) -> None:
     x_name, w_name = node.input[0], node.input[1]
     b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if not cv.is_const(w_name):
@@ -403,7 +420,7 @@ def conv(cv: Converter, node) -> None:
     _finish_window(cv, node, written, final)
 
 
-def _fully_connected(cv: Converter, node, x_name: str, weights_of, bias_name: str | None, scale: float = 1.0,
+def _fully_connected(cv, node, x_name: str, weights_of, bias_name: str | None, scale: float = 1.0,
                      bias_scale: float = 1.0) -> None:
     """y = x W^T + b over the last axis; `weights_of(quantized)` gives W as (out, in) (ints and scales when
     quantized)."""
@@ -436,7 +453,7 @@ def _fully_connected(cv: Converter, node, x_name: str, weights_of, bias_name: st
     cv.finish_output(node, 0, out, False)
 
 
-def _matrix(cv: Converter, name: str, transposed: bool):
+def _matrix(cv, name: str, transposed: bool):
     """A constant matrix as (out, in): float, or (int8 values, scales) when quantized."""
     def weights_of(quantized: bool):
         if not quantized:
@@ -451,7 +468,7 @@ def _matrix(cv: Converter, name: str, transposed: bool):
 
 
 @converts("Gemm", integer=True)
-def gemm(cv: Converter, node) -> None:
+def gemm(cv, node) -> None:
     if int(cv.attr(node, "transA", 0)) or len(cv.shape(node.input[0])) != 2:
         raise cv.unsupported("with a transposed or non-matrix first input")
     if not cv.is_const(node.input[1]):
@@ -467,7 +484,7 @@ def gemm(cv: Converter, node) -> None:
 
 
 @converts("MatMul", integer=True)
-def matmul(cv: Converter, node) -> None:
+def matmul(cv, node) -> None:
     a, b = node.input[0], node.input[1]
     if cv.is_const(b) and len(cv.shape(b)) == 2 and len(cv.shape(a)) >= 2:
         _fully_connected(cv, node, a, _matrix(cv, b, False), None)
@@ -483,7 +500,7 @@ def matmul(cv: Converter, node) -> None:
 # --- windows and reductions --------------------------------------------------------------------------------------
 
 @converts("MaxPool", "AveragePool", integer=True)
-def pool(cv: Converter, node) -> None:
+def pool(cv, node) -> None:
     rank = len(cv.shape(node.input[0]))
     if rank not in (3, 4):
         raise cv.unsupported(f"of a rank-{rank} input")
@@ -514,7 +531,7 @@ def pool(cv: Converter, node) -> None:
     _finish_window(cv, node, written, final)
 
 
-def _floor_size_matches(cv: Converter, node, expected) -> bool:
+def _floor_size_matches(cv, node, expected) -> bool:
     kernel = list(cv.attr(node, "kernel_shape"))
     strides = list(cv.attr(node, "strides", [1] * len(kernel)))
     flat = list(cv.attr(node, "pads", [0] * (2 * len(kernel))))
@@ -529,7 +546,7 @@ _REDUCE = {"ReduceMean": "MEAN", "ReduceMax": "REDUCE_MAX", "ReduceSum": "SUM", 
 
 
 @converts(*_REDUCE)
-def reduce(cv: Converter, node) -> None:
+def reduce(cv, node) -> None:
     shape = cv.shape(node.input[0])
     rank = len(shape)
     if node.op_type.startswith("Global"):
@@ -558,14 +575,14 @@ def reduce(cv: Converter, node) -> None:
 
 
 @converts("GlobalAveragePool", "ReduceMean", integer=True)
-def mean_integer(cv: Converter, node) -> None:
+def mean_integer(cv, node) -> None:
     reduce(cv, node)
 
 
 # --- data movement -----------------------------------------------------------------------------------------------
 
 @converts("Reshape", "Flatten", "Squeeze", "Unsqueeze", integer=True)
-def reshape(cv: Converter, node) -> None:
+def reshape(cv, node) -> None:
     shape = cv.shape(node.input[0])
     cl = cv.channels_last(node.input[0]) and same_memory(shape, True)
     x = cv.value(node.input[0], cl if cl else False)
@@ -577,13 +594,13 @@ def reshape(cv: Converter, node) -> None:
 
 
 @converts("Identity", "Dropout")
-def identity(cv: Converter, node) -> None:
+def identity(cv, node) -> None:
     for cl in cv.layouts(node.input[0]):
         cv.values[(node.output[0], cl)] = cv.value(node.input[0], cl)
 
 
 @converts("Transpose", integer=True)
-def transpose(cv: Converter, node) -> None:
+def transpose(cv, node) -> None:
     shape = cv.shape(node.input[0])
     rank = len(shape)
     perm = [int(p) for p in cv.attr(node, "perm", list(range(rank))[::-1])]
@@ -597,7 +614,7 @@ def transpose(cv: Converter, node) -> None:
 
 
 @converts("Concat", integer=True)
-def concat(cv: Converter, node) -> None:
+def concat(cv, node) -> None:
     names = [n for n in node.input if n]
     if any(cv.is_const(n) for n in names) and _quantized(cv):
         raise Decline
@@ -624,7 +641,7 @@ def concat(cv: Converter, node) -> None:
 
 
 @converts("Pad", integer=True)
-def pad(cv: Converter, node) -> None:
+def pad(cv, node) -> None:
     mode = cv.attr(node, "mode", b"constant")
     if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
         raise cv.unsupported(f"mode {mode!r}: constant padding only")
@@ -652,7 +669,7 @@ def pad(cv: Converter, node) -> None:
 
 
 @converts("Slice")
-def slice_(cv: Converter, node) -> None:
+def slice_(cv, node) -> None:
     shape = cv.shape(node.input[0])
     rank = len(shape)
     starts, ends = cv.const(node.input[1]).tolist(), cv.const(node.input[2]).tolist()
@@ -676,7 +693,7 @@ def slice_(cv: Converter, node) -> None:
 
 
 @converts("Resize", "Upsample")
-def resize(cv: Converter, node) -> None:
+def resize(cv, node) -> None:
     shape, out_shape = cv.shape(node.input[0]), cv.shape(node.output[0])
     if len(shape) != 4 or out_shape[:2] != shape[:2]:
         raise cv.unsupported("other than of the spatial axes of a 4-D tensor")

@@ -25,24 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinymlaas.errors import InvalidModel, UnsupportedOperator
-
-# rank -> permutation from the logical (channels-first) order to the stored channels-last one
-TO_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1)}
-TO_FIRST = {3: (0, 2, 1), 4: (0, 3, 1, 2)}
+from tinymlaas.frontend.onnx_ops import CONVERTERS, INTEGER, TO_FIRST, TO_LAST, Decline, QParams
 
 TFLITE_TYPES = {"float32": 0, "int32": 2, "uint8": 3, "int64": 4, "bool": 6, "int16": 7, "int8": 9}
-
-
-@dataclass(frozen=True)
-class QParams:
-    """An activation's quantization as TFLite keeps it (uint8 already moved to int8)."""
-    scale: float
-    zero_point: int
-    dtype: str = "int8"
-
-    def same(self, other: QParams | None) -> bool:
-        return other is not None and (self.scale, self.zero_point, self.dtype) == (other.scale, other.zero_point,
-                                                                                 other.dtype)
 
 
 @dataclass(frozen=True)
@@ -278,8 +263,6 @@ class Converter:
     # --- the whole graph -----------------------------------------------------------------------------------------
 
     def convert(self) -> Converted:
-        from tinymlaas.frontend.onnx_ops import CONVERTERS, INTEGER, Decline
-
         missing = sorted({n.op_type for n in self.graph.node if n.op_type not in CONVERTERS
                           and n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")
                           and not all(o in self.consts for o in n.output)})
@@ -450,7 +433,7 @@ NONEXPANDING = ("Softmax", "Sigmoid", "Tanh", "Relu", "Clip", "Reshape", "Flatte
                 "Squeeze", "Unsqueeze", "MaxPool", "Dropout")
 
 
-def _activation_code(cv: Converter, node) -> int:
+def _activation_code(cv, node) -> int:
     """TFLite's ActivationFunctionType for a Relu or Clip node: RELU 1, RELU_N1_TO_1 2, RELU6 3; 0 if it is none of
     them."""
     if node.op_type == "Relu":
