@@ -194,10 +194,10 @@ def binary(cv, node) -> None:
         else:  # a lower-rank activation: given its leading 1s, then the layout
             x = cv.value(n, False)
             full = (1,) * (rank - len(cv.shape(n))) + tuple(cv.shape(n))
-            r = cv.add_tensor(f"{n}/rank{rank}", full, cv._dtype_of(x), cv.tensor_quant(x))
+            r = cv.add_tensor(f"{n}/rank{rank}", full, cv.dtype_of(x), cv.tensor_quant(x))
             cv.op("RESHAPE", [x, cv.constant(ints(full), f"{n}/rank{rank}/shape")], [r])
             if cl:
-                t = cv.add_tensor(f"{n}/rank{rank}/nhwc", physical(full, True), cv._dtype_of(x), cv.tensor_quant(x))
+                t = cv.add_tensor(f"{n}/rank{rank}/nhwc", physical(full, True), cv.dtype_of(x), cv.tensor_quant(x))
                 cv.op("TRANSPOSE", [r, cv.constant(ints(TO_LAST[rank]), f"{n}/perm")], [t])
                 r = t
             operands.append(r)
@@ -294,12 +294,12 @@ def _pad_first(cv, node, x: int, pads, value) -> int:
     shape = cv.tensor_shape(x)
     widths = [(0, 0), *pads, (0, 0)]
     padded = [s + a + b for s, (a, b) in zip(shape, widths)]
-    out = cv.add_tensor(f"{node.output[0]}/padded", padded, cv._dtype_of(x), cv.tensor_quant(x))
+    out = cv.add_tensor(f"{node.output[0]}/padded", padded, cv.dtype_of(x), cv.tensor_quant(x))
     inputs = [x, cv.constant(ints(widths), f"{node.output[0]}/pads")]
     if value is None:
         cv.op("PAD", inputs, [out])
     else:
-        cv.op("PADV2", inputs + [cv.constant(np.asarray([value], dtype=cv._dtype_of(x)), f"{node.output[0]}/pad_value",
+        cv.op("PADV2", inputs + [cv.constant(np.asarray([value], dtype=cv.dtype_of(x)), f"{node.output[0]}/pad_value",
                                              cv.tensor_quant(x))], [out])
     return out
 
@@ -309,7 +309,7 @@ def _to_2d(cv, node, x: int, rank: int) -> int:
     if rank == 4:
         return x
     n, length, c = cv.tensor_shape(x)
-    out = cv.add_tensor(f"{node.output[0]}/as2d", (n, 1, length, c), cv._dtype_of(x), cv.tensor_quant(x))
+    out = cv.add_tensor(f"{node.output[0]}/as2d", (n, 1, length, c), cv.dtype_of(x), cv.tensor_quant(x))
     cv.op("RESHAPE", [x, cv.constant(ints((n, 1, length, c)), f"{node.output[0]}/as2d/shape")], [out])
     return out
 
@@ -324,7 +324,7 @@ def _window_output(cv, node, rank: int, quant: QParams | None = None) -> tuple[i
     final = cv.output(node, 0, out_shape, True, quant)
     n, length, c = out_shape
     q = cv.tensor_quant(final)
-    written = cv.add_tensor(f"{node.output[0]}/2d", (n, 1, length, c), cv._dtype_of(final), q)
+    written = cv.add_tensor(f"{node.output[0]}/2d", (n, 1, length, c), cv.dtype_of(final), q)
     return written, final
 
 

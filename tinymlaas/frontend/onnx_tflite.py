@@ -190,7 +190,7 @@ class Converter:
         src = self.values[(name, have[0])]
         perm = TO_LAST[rank] if channels_last else TO_FIRST[rank]
         shape = [self.tensor_shape(src)[p] for p in perm]
-        out = self.add_tensor(f"{name}/{'nhwc' if channels_last else 'nchw'}", shape, self._dtype_of(src),
+        out = self.add_tensor(f"{name}/{'nhwc' if channels_last else 'nchw'}", shape, self.dtype_of(src),
                               self.tensor_quant(src))
         self.op("TRANSPOSE", [src, self.constant(np.asarray(perm, np.int32), f"{name}/perm")], [out])
         self.values[(name, channels_last)] = out
@@ -199,7 +199,7 @@ class Converter:
     def channels_last(self, name: str) -> bool:
         return self.layouts(name)[0] if self.layouts(name) else False
 
-    def _dtype_of(self, index: int) -> str:
+    def dtype_of(self, index: int) -> str:
         return {v: k for k, v in TFLITE_TYPES.items()}[self.tensors[index].type]
 
     def _dequantized(self, name: str) -> str:
@@ -314,7 +314,7 @@ class Converter:
                 raise InvalidModel(f"{self.label}: output '{name}' is a constant: nothing to compute")
             index = self.value(name, channels_last=False)
             if index in inputs or index in outputs:  # one tensor cannot be two of the model's ends
-                copy = self.add_tensor(name, self.tensor_shape(index), self._dtype_of(index), self.tensor_quant(index))
+                copy = self.add_tensor(name, self.tensor_shape(index), self.dtype_of(index), self.tensor_quant(index))
                 self.op("RESHAPE", [index, self.constant(np.asarray(self.tensor_shape(index), np.int32),
                                                          f"{name}/shape")], [copy])
                 index = copy
