@@ -230,3 +230,37 @@ def test_search_and_profile_take_onnx_models(exports, tmp_path):
     assert report.profile["totals"]["instructions"] > 0
     assert (tmp_path / "out" / "converted.tflite").read_bytes()[4:8] == b"TFL3"
     assert (tmp_path / "out" / "model.onnx").read_bytes() == exports["cnn-u8"].read_bytes()
+
+
+def test_pytorchs_default_export_with_weights_beside_the_model(tmp_path):
+    """torch.onnx.export keeps the weights in MODEL.onnx.data by default: read from beside the model; without that
+    file, or naming a file elsewhere, refused in one line."""
+    import contextlib
+    import io
+    import shutil
+
+    import onnx
+
+    from tests.helpers.torch_onnx import Cnn
+
+    model = Cnn().eval()
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(model, (torch.randn(*model.shape),), str(tmp_path / "net.onnx"), dynamo=True)
+    assert (tmp_path / "net.onnx.data").is_file()
+    report = compile_model(tmp_path / "net.onnx", "cortex-m4", tmp_path / "out")
+    assert report.verified and report.fidelity["source"]["max_rel_error"] <= 1e-5
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "net.onnx", tmp_path / "alone" / "net.onnx")
+    r = cli("compile", tmp_path / "alone" / "net.onnx", "-t", "cortex-m4", "-o", tmp_path / "a")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "tinymlaas: error: net.onnx keeps its weights in net.onnx.data, which is not beside it: keep the files "
+        "together, or export with external_data=False (one file)")
+    proto = onnx.load(str(tmp_path / "net.onnx"), load_external_data=False)
+    for t in proto.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "/etc/passwd"
+    onnx.save(proto, str(tmp_path / "alone" / "evil.onnx"))
+    r = cli("compile", tmp_path / "alone" / "evil.onnx", "-t", "cortex-m4", "-o", tmp_path / "b")
+    assert r.returncode == 2 and "outside its folder (/etc/passwd)" in r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -93,6 +93,27 @@ def load_onnx(path: str | Path) -> OnnxModel:
         raise InvalidModel(f"cannot read {path}: {e.strerror}") from e
     try:
         proto = onnx.load_from_string(data)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidModel(f"{path.name} is not a valid ONNX model: {first[:200]}") from e
+    external = sorted({entry.value for t in proto.graph.initializer for entry in t.external_data
+                       if entry.key == "location"})
+    if external:  # PyTorch's exporter keeps the weights in a file beside the model by default: read them in
+        outside = [name for name in external if Path(name).name != name or name in ("", ".", "..")]
+        if outside:  # a location elsewhere than beside the model (an absolute path, ..) would read any file
+            raise InvalidModel(f"{path.name} names external weights outside its folder ({outside[0][:80]}): "
+                               "only files beside the model are read")
+        missing = [name for name in external if not (path.parent / name).is_file()]
+        if missing:
+            raise InvalidModel(f"{path.name} keeps its weights in {', '.join(missing)[:120]}, which is not beside "
+                               "it: keep the files together, or export with external_data=False (one file)")
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+            data = proto.SerializeToString()
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidModel(f"{path.name}: its external weights cannot be read: {first[:200]}") from e
+    try:
         onnx.checker.check_model(proto)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
