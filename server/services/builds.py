@@ -42,8 +42,7 @@ def request_build(session: Session, who: Principal, model_id: int, target: str, 
     fmt = FORMATS[model.format]
     if fmt.name not in backend_for(get_target(target)).formats:
         raise ServiceError(422, f"model {model.id} is one of the {fmt.what}: they build for "
-                           f"{targets_of(builds_format(fmt.name))}; for {target}, {fmt.convert} and upload that",
-                           "target")
+                           f"{targets_of(builds_format(fmt.name))}, not for {target}", "target")
     if version is not None:
         try:
             version = canonical_version(version)

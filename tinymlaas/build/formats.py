@@ -22,7 +22,6 @@ class ModelFormat:
     what: str  # for people: "ONNX models"
     matches: Callable[[Path], bool]
     load: Callable  # (path, request) -> a loaded model (TFLiteModel, OnnxModel, ExportedProgramModel)
-    convert: str = ""  # how to get a TFLite model of it, for a backend that takes TFLite only
     saved_suffix: str = ".tflite"  # the model kept beside the build (a Keras model is kept as its conversion)
 
 
@@ -58,10 +57,9 @@ def _load_pt2(path: Path, request):
 FORMATS = {f.name: f for f in (
     ModelFormat("keras", "Keras/SavedModel models", is_keras_input, _load_keras),
     ModelFormat("onnx", "ONNX models", lambda p: p.suffix.lower() == ONNX_SUFFIX, _load_onnx,
-                "convert it to TFLite (e.g. onnx2tf, or export from the training framework through TensorFlow)",
-                ONNX_SUFFIX),
+                saved_suffix=ONNX_SUFFIX),
     ModelFormat("pt2", "PyTorch exported programs", lambda p: p.suffix.lower() == PT2_SUFFIX, _load_pt2,
-                "convert it to TFLite (e.g. ai-edge-torch)", PT2_SUFFIX),
+                saved_suffix=PT2_SUFFIX),
     # anything else is taken for a TFLite flatbuffer: its loader says clearly when it is not one
     ModelFormat("tflite", "TFLite models", lambda p: True, _load_tflite),
 )}

@@ -79,8 +79,8 @@ def _compile(source: Path, target_name: str, out_dir, request: BuildRequest, sta
     backend = backend_for(target)
     fmt = format_of(source)
     if fmt.name not in backend.formats:
-        raise InvalidModel(f"{source.name}: {fmt.what} build for {targets_of(builds_format(fmt.name))}; for "
-                           f"{target.name}, {fmt.convert} and compile that")
+        raise InvalidModel(f"{source.name}: {fmt.what} build for {targets_of(builds_format(fmt.name))}, not for "
+                           f"{target.name}")
     request.check(target, fmt.name)
     stage("import")
     model = fmt.load(source, request)

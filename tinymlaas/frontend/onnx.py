@@ -148,18 +148,20 @@ def onnx_to_relax(model: OnnxModel):
         raise InvalidModel(f"{model.name}: TVM's ONNX frontend cannot import it: {(text or [type(e).__name__])[-1][:200]}") from e
 
 
-def onnx_as_tflite(model: OnnxModel):
+def onnx_as_tflite(model: OnnxModel, source=None, origin: str = "ONNX"):
     """The ONNX model as TFLite operators (frontend/onnx_tflite.py), for the microcontroller targets: a TFLiteModel
-    that remembers `model`, whose reference (ONNX Runtime) then checks the conversion on the build's inputs."""
+    that remembers `source` (the model as the user gave it, `model` itself by default), whose reference (ONNX
+    Runtime, PyTorch) then checks the conversion on the build's inputs. `origin` says what it was, for the notes."""
+    source = source or model
     from tinymlaas.frontend.onnx_tflite import onnx_to_tflite
     from tinymlaas.frontend.tflite import load_model_bytes
 
     converted = onnx_to_tflite(model.proto(), model.path.name)
     tflite = load_model_bytes(converted.data, model.path.name, model.path)
     tflite.name = model.name
-    tflite.converted_from = model
+    tflite.converted_from = source
     tflite.source_output_scales = converted.output_scales
-    what = (f"converted from ONNX to {len(tflite.operators)} TFLite operators "
-            f"({'QDQ int8' if tflite.quantized else 'float'}); the conversion checked against {model.reference_name}")
+    what = (f"converted from {origin} to {len(tflite.operators)} TFLite operators "
+            f"({'QDQ int8' if tflite.quantized else 'float'}); the conversion checked against {source.reference_name}")
     tflite.notes = [what, *converted.notes, *model.notes]
     return tflite

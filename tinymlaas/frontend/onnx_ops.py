@@ -95,8 +95,7 @@ def simple(cv, node, opcode: str, options=None, quant: QParams | None = None, ch
 # --- elementwise -------------------------------------------------------------------------------------------------
 
 _UNARY_FLOAT = {"Exp": "EXP", "Log": "LOG", "Sqrt": "SQRT", "Abs": "ABS", "Neg": "NEG", "Floor": "FLOOR",
-                "Ceil": "CEIL", "Sin": "SIN", "Cos": "COS", "Reciprocal": None, "HardSwish": "HARD_SWISH",
-                "Gelu": "GELU", "Elu": "ELU"}
+                "Ceil": "CEIL", "Sin": "SIN", "Cos": "COS", "Reciprocal": None, "Gelu": "GELU", "Elu": "ELU"}
 
 
 @converts(*_UNARY_FLOAT)
@@ -223,7 +222,7 @@ def _broadcast_const(cv, node, name: str, rank: int, cl: bool) -> int:
     """A constant operand at the output's rank, in its layout (float, or int8 with its quantization)."""
     if _quantized(cv):
         qc = cv.qconsts[name]
-        value = qc.q.astype(np.int64) - int(qc.zero_point[0])
+        value = qc.centered()
         quant = QParams(float(qc.scale[0]), 0)
         if value.min() < -128 or value.max() > 127:
             raise Decline
@@ -339,11 +338,7 @@ def _weights_int8(cv, name: str):
     if name not in cv.qconsts:
         raise Decline
     qc = cv.qconsts[name]
-    zp = qc.zero_point.reshape([-1] + [1] * (qc.q.ndim - 1)) if qc.per_channel and qc.axis == 0 else qc.zero_point
-    if qc.per_channel and qc.axis != 0:
-        zp = np.moveaxis(np.broadcast_to(qc.zero_point, (1,) * (qc.q.ndim - 1) + (qc.zero_point.size,)), -1,
-                         qc.axis) if qc.q.ndim > 1 else qc.zero_point
-    values = qc.q.astype(np.int64) - zp
+    values = qc.centered()
     if values.min() < -127 or values.max() > 127:
         raise cv.unsupported(f"weights '{name}' with zero points that leave the symmetric int8 range: quantize "
                              "the weights symmetrically (QInt8 weights, WeightSymmetric)")
@@ -504,11 +499,10 @@ def pool(cv, node) -> None:
     rank = len(cv.shape(node.input[0]))
     if rank not in (3, 4):
         raise cv.unsupported(f"of a rank-{rank} input")
-    if int(cv.attr(node, "ceil_mode", 0)) or any(d != 1 for d in cv.attr(node, "dilations", [])):
-        # ceil_mode only matters where it changes the output size: TFLite's windows round down
-        expected = [(s + 0) for s in cv.shape(node.output[0])]
-        if any(d != 1 for d in cv.attr(node, "dilations", [])) or not _floor_size_matches(cv, node, expected):
-            raise cv.unsupported("with ceil_mode or dilations")
+    if any(d != 1 for d in cv.attr(node, "dilations", [])):
+        raise cv.unsupported("with dilations")
+    if int(cv.attr(node, "ceil_mode", 0)) and not _floor_size_matches(cv, node):  # TFLite's windows round down
+        raise cv.unsupported("with ceil_mode where it makes the output larger")
     kernel = list(cv.attr(node, "kernel_shape"))
     strides = list(cv.attr(node, "strides", [1] * len(kernel)))
     spatial = list(cv.shape(node.input[0])[2:])
@@ -520,9 +514,8 @@ def pool(cv, node) -> None:
     if pads:
         if opcode == "AVERAGE_POOL_2D" and not int(cv.attr(node, "count_include_pad", 0)):
             raise cv.unsupported("with padding TFLite's SAME does not make and count_include_pad=0")
-        quant = cv.tensor_quant(x)
-        low = (-128 if quant else np.finfo(np.float32).min) if opcode == "MAX_POOL_2D" else None
-        x = _pad_first(cv, node, x, pads, low if opcode == "MAX_POOL_2D" else None)
+        lowest = -128 if cv.tensor_quant(x) else np.finfo(np.float32).min  # what a max window never picks
+        x = _pad_first(cv, node, x, pads, lowest if opcode == "MAX_POOL_2D" else None)
     # TFLite's integer pooling keeps the input's quantization: requantized after where ONNX's output differs
     written, final = _window_output(cv, node, rank, cv.tensor_quant(x) if _quantized(cv) else None)
     cv.op(opcode, [x], [written], cv.options("Pool2DOptions", padding=0 if padding == "SAME" else 1,
@@ -531,14 +524,14 @@ def pool(cv, node) -> None:
     _finish_window(cv, node, written, final)
 
 
-def _floor_size_matches(cv, node, expected) -> bool:
+def _floor_size_matches(cv, node) -> bool:
     kernel = list(cv.attr(node, "kernel_shape"))
     strides = list(cv.attr(node, "strides", [1] * len(kernel)))
     flat = list(cv.attr(node, "pads", [0] * (2 * len(kernel))))
     n = len(kernel)
     spatial = cv.shape(node.input[0])[2:]
     floor = [(spatial[i] + flat[i] + flat[i + n] - kernel[i]) // strides[i] + 1 for i in range(n)]
-    return list(expected[2:]) == floor
+    return list(cv.shape(node.output[0])[2:]) == floor
 
 
 _REDUCE = {"ReduceMean": "MEAN", "ReduceMax": "REDUCE_MAX", "ReduceSum": "SUM", "GlobalAveragePool": "MEAN",

@@ -42,12 +42,20 @@ class QConst:
     def per_channel(self) -> bool:
         return self.scale.size > 1
 
-    def dequantized(self) -> np.ndarray:
+    def along_axis(self, values: np.ndarray) -> np.ndarray:
+        """Per-axis values (scales, zero points) shaped to broadcast against `q`; one value as it is."""
+        if values.size == 1 or self.q.ndim == 0:
+            return values.reshape(())
         shape = [1] * self.q.ndim
-        if self.per_channel:
-            shape[self.axis] = self.scale.size
-        return ((self.q.astype(np.float64) - self.zero_point.reshape(shape)) * self.scale.reshape(shape)).astype(
-            np.float32)
+        shape[self.axis] = values.size
+        return values.reshape(shape)
+
+    def centered(self) -> np.ndarray:
+        """q minus its zero point (int64)."""
+        return self.q.astype(np.int64) - self.along_axis(self.zero_point)
+
+    def dequantized(self) -> np.ndarray:
+        return (self.centered() * self.along_axis(self.scale)).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -146,8 +146,4 @@ def exported_program_as_tflite(model: ExportedProgramModel):
     proto = exported.model_proto
     onnx_model = OnnxModel(model.name, model.path, proto.SerializeToString(), model.inputs, model.outputs,
                            model.weights_bytes)
-    tflite = onnx_as_tflite(onnx_model)
-    tflite.converted_from = model
-    tflite.notes[0] = tflite.notes[0].replace("from ONNX", "from the exported program (through ONNX)").replace(
-        onnx_model.reference_name, model.reference_name)
-    return tflite
+    return onnx_as_tflite(onnx_model, source=model, origin="the exported program (through ONNX)")
