@@ -75,7 +75,7 @@ def _specs(values, initializers: set[str], kind: str) -> list[TensorSpec]:
         for k, d in enumerate(dims):
             if not d.HasField("dim_value") or d.dim_value <= 0:
                 name = d.dim_param or "?"
-                raise InvalidModel(f"{kind} '{v.name}' has a dynamic dimension {k} ('{name}'): host builds are for "
+                raise InvalidModel(f"{kind} '{v.name}' has a dynamic dimension {k} ('{name}'): builds are for "
                                    "static shapes; export the model with a fixed shape (e.g. batch 1)")
             shape.append(int(d.dim_value))
         specs.append(TensorSpec(v.name, tuple(shape), _dtype(v.type.tensor_type.elem_type, f"{kind} '{v.name}'")))

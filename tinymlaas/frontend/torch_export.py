@@ -70,11 +70,11 @@ def _spec(name: str, value, kind: str) -> TensorSpec:
     import torch
 
     if not isinstance(value, torch.Tensor):
-        raise InvalidModel(f"{kind} '{name}' is a {type(value).__name__}, not a tensor: host builds take tensors")
+        raise InvalidModel(f"{kind} '{name}' is a {type(value).__name__}, not a tensor: builds take tensors")
     shape = []
     for k, d in enumerate(value.shape):
         if not isinstance(d, int):
-            raise InvalidModel(f"{kind} '{name}' has a dynamic dimension {k} ('{d}'): host builds are for static "
+            raise InvalidModel(f"{kind} '{name}' has a dynamic dimension {k} ('{d}'): builds are for static "
                                "shapes; export the model without dynamic_shapes (e.g. batch 1)")
         shape.append(d)
     dtype = str(value.dtype).removeprefix("torch.")
