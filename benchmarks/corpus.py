@@ -3,6 +3,8 @@ exact instructions per inference, model flash and RAM, fidelity. One JSON, all r
 
 Usage: python benchmarks/corpus.py [--out benchmarks/results/corpus_architectures.json]
 float32 rows run on cortex-m4 and rv32imafc (FPU), int8 and int16x8 rows on cortex-m4 (DSP) and rv32imac (no FPU).
+float16 and dynamic-range (int8 weight) exports run on all three, built twice: weights at their stored width (the
+default) and widened to float32 at build time (`--weights float32`), beside the .tflite's own constant bytes.
 """
 
 from __future__ import annotations
@@ -23,8 +25,28 @@ from tinymlaas import __version__
 from tinymlaas.build.pipeline import compile_model
 from tinymlaas.build.request import BuildRequest
 from tinymlaas.errors import TinyMLaaSError
+from tinymlaas.frontend.tflite import load_tflite, read_graph
 
-TARGETS = {"float32": ("cortex-m4", "rv32imafc"), "int8": ("cortex-m4", "rv32imac"), "int16x8": ("cortex-m4", "rv32imac")}
+NARROW = ("cortex-m4", "rv32imafc", "rv32imac")
+TARGETS = {"float32": ("cortex-m4", "rv32imafc"), "int8": ("cortex-m4", "rv32imac"), "int16x8": ("cortex-m4", "rv32imac"),
+           "float16": NARROW, "dynamic": NARROW}
+WEIGHT_FLASH_GOAL = 1.1  # issue 34 item 7: weight flash within 1.1x of the .tflite's weights
+
+
+def stored_constant_bytes(path: Path) -> int:
+    graph = read_graph(load_tflite(path).original_data)
+    return sum(t.data.nbytes for t in graph.tensors if t.is_const and t.data is not None)
+
+
+def narrow_figures(path: Path, target: str, work: Path, stored) -> dict:
+    """A narrow-weight export: the same build with weights widened to float32, and the weight flash goal."""
+    wide = compile_model(path, target, work, BuildRequest(inputs=3, weights="float32"))
+    constants = stored_constant_bytes(path)
+    return {"tflite_constant_bytes": constants, "weights_vs_tflite": round(stored.sizes["weights"] / constants, 4),
+            "weight_goal_met": stored.sizes["weights"] <= WEIGHT_FLASH_GOAL * constants,
+            "float32_weights": {"verified": wide.verified, "instructions": wide.instructions,
+                                "weights": wide.sizes["weights"], "flash_model": wide.sizes["flash_model"]},
+            "instructions_vs_float32_weights": round(stored.instructions / wide.instructions, 3)}
 
 
 def main() -> None:
@@ -45,6 +67,8 @@ def main() -> None:
                 row.update(verified=r.verified, lowering=r.lowering, instructions=r.instructions,
                            flash_model=r.sizes["flash_model"], ram_model=r.sizes["ram_model"],
                            weights=r.sizes["weights"], fidelity=r.fidelity, compile_seconds=r.compile_seconds)
+                if entry["precision"] in ("float16", "dynamic"):
+                    row.update(narrow_figures(corpus / entry["file"], target, Path(tmp) / f"{key}-{target}-f32", r))
             except TinyMLaaSError as e:  # not supported yet, or too large for the board: the reason is the figure
                 row.update(verified=False, refused=str(e))
             rows.append(row)
@@ -54,6 +78,9 @@ def main() -> None:
     for r in rows:
         figures = (f"{r['instructions']:>12,} instr  flash {r['flash_model']:>9,} B  RAM {r['ram_model']:>8,} B  "
                    f"{'PASS' if r['verified'] else 'FAIL'}") if "instructions" in r else r["refused"][:90]
+        if "weights_vs_tflite" in r:
+            figures += (f"  weights {r['weights_vs_tflite']:.2f}x the .tflite's, "
+                        f"{r['instructions_vs_float32_weights']:.2f}x the instr of float32 weights")
         print(f"{r['model']:<28} {r['target']:<10} {figures}")
 
 

@@ -151,6 +151,11 @@ def representative(shapes, positive=False, vocab=None):
 def convert(converter, precision, shapes, vocab=None, io_type=None):
     if io_type is not None:  # the model's own interface in that type (the converter's default: float32)
         converter.inference_input_type = converter.inference_output_type = io_type
+    if precision == "float16":  # weights stored as float16, DEQUANTIZE to float32 before use
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif precision == "dynamic":  # dynamic-range: int8 weights (per channel), float activations
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if precision in ("int8", "int16x8"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative(shapes, vocab=vocab)
@@ -340,7 +345,11 @@ def keras2_architectures():
     return {f.__name__: f for f in (lstm_stacked_keras2, lstm_time_major_keras2)}
 
 
-def arch_models(only=None):
+# architectures also exported with narrow weights (float16, dynamic-range int8), as users shrink a float model
+NARROW_WEIGHTS = {"resnet8", "ds_cnn_kws", "conv1d_sensor", "flatten_mlp"}
+
+
+def arch_models(only=None, precisions=None):
     out = HERE / "models"
     out.mkdir(exist_ok=True)
     entries = {}
@@ -352,7 +361,10 @@ def arch_models(only=None):
             continue
         model = build()
         shapes = [(1, *i.shape[1:]) for i in model.inputs]
-        for precision in getattr(build, "precisions", ("float32", "int8", "int16x8")):
+        narrow = ("float16", "dynamic") if name in NARROW_WEIGHTS else ()
+        for precision in getattr(build, "precisions", ("float32", "int8", "int16x8")) + narrow:
+            if precisions and precision not in precisions:
+                continue
             key = f"{name}_{precision}"
             try:
                 data = convert(tf.lite.TFLiteConverter.from_keras_model(model), precision, shapes,
@@ -368,13 +380,17 @@ def arch_models(only=None):
 
 
 def main() -> None:
-    only = set(sys.argv[1:])
+    """generate.py [--precisions P,Q] [NAME ...]: only these graphs (default all), only these precisions."""
+    args, precisions = sys.argv[1:], None
+    if args[:1] == ["--precisions"]:
+        precisions, args = set(args[1].split(",")), args[2:]
+    only = set(args)
     manifest_path = HERE / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if not only or only & set(OPS):
         manifest.update(op_models(only))
     if not only or only - set(OPS):
-        manifest.update(arch_models(only))
+        manifest.update(arch_models(only, precisions))
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
 
 

@@ -134,6 +134,11 @@ class BuildRequest:
                          "with streaming kernels writing over their dying input (smallest RAM), or auto (default): "
                          "TVM's, in place when that does not fit the RAM budget",
                          choices=("auto", "tvm", "optimal", "inplace"), backends=MCU, surfaces=(COMPILE,))
+    weights: str = option("stored", help="float16 and dynamic-range (int8 weights) exports: weights stay at their "
+                          "stored width in flash and the kernels widen each one they read (default: the flash the "
+                          "model was shrunk for), or float32: widened once at build time (fewer instructions, 2x "
+                          "or 4x the weight flash); the same float32 values either way", choices=("stored", "float32"),
+                          backends=MCU, surfaces=(COMPILE,))
     # Keras / SavedModel input
     quantize: str = option("none", help="Keras/SavedModel input: quantize when converting (default none: float32; "
                            "mixed: int8 with the layers int8 hurts most left in float)", choices=_quantize,

@@ -314,8 +314,9 @@ def load_model_bytes(original: bytes, label: str, path: Path | None = None) -> T
         if rewritten:
             graph = read_graph(data, label)
             notes.append(
-                f"dynamic-range (hybrid) quantized model: {rewritten} int8 weight tensors dequantized to float32; "
-                "verified against the interpreter on the dequantized model"
+                f"dynamic-range (hybrid) quantized model: {rewritten} int8 weight tensors used at their exact "
+                "dequantized values by float operators (not TFLite's hybrid kernels, which quantize activations on "
+                "the fly); verified against the interpreter on that float model"
             )
     # integer activations anywhere (a full-integer model may keep a float interface: QUANTIZE/DEQUANTIZE at the edges)
     quantized = any(t.dtype in ("int8", "uint8", "int16") and t.quant is not None and not t.is_const

@@ -306,9 +306,14 @@ def flatten(mod, kernel_operators: list[int | None] = (), extern_operators: list
                    state_sizes=tuple(_nbytes([int(s) for s in p.ty.shape], p.ty.dtype) for p in state_params))
 
 
-def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = True) -> Program:
-    """Relax module -> Program. `schedule(func) -> func` is applied to every fused kernel."""
+def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = True, stored=None,
+          half: str = "scale") -> Program:
+    """Relax module -> Program. `schedule(func) -> func` is applied to every fused kernel. stored
+    (weight_storage.StoredWeights): weights the model keeps narrow stay so in flash; half: how the core widens a
+    half (weight_storage.HALF_WIDENINGS)."""
     import tvm
+
+    from tinymlaas.ir.weight_storage import narrow_weights
 
     mod = relax_passes(fold_constants, fuse)(relax_mod)
     taking = _operators_taking(relax_mod)
@@ -318,5 +323,10 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
         for gv, func in list(mod.functions.items()):
             if isinstance(func, tvm.tirx.PrimFunc):
                 mod[gv] = schedule(func)
+    notes = ()
+    if stored:
+        mod, narrowing = narrow_weights(mod, stored, half)
+        notes = (narrowing.note(),) if narrowing.tensors else ()
     mod = planning_passes()(mod)
-    return flatten(mod, kernel_operators, extern_operators)
+    program = flatten(mod, kernel_operators, extern_operators)
+    return replace(program, notes=program.notes + notes)

@@ -111,6 +111,20 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
 
 
 
+def weight_storage(model, target: Target, weights: str = "stored") -> dict:
+    """lower()'s arguments for the model's narrow weights (float16, dynamic-range int8): kept so in flash unless
+    `weights` (BuildRequest.weights) is float32."""
+    from tinymlaas.frontend.tflite import read_graph
+    from tinymlaas.ir.weight_storage import stored_weights
+
+    if weights == "float32" or model.quantized:
+        return {}
+    stored = stored_weights(read_graph(model.original_data or model.data, model.name))
+    # every Arm FPU here (FPv4-SP, FPv5, Armv8-M) converts half to single in one instruction; RV32F has none
+    half = ("convert" if target.arch == "arm" else "scale") if target.fpu else "integer"
+    return {"stored": stored, "half": half} if stored else {}
+
+
 def check_choices(graph, target: Target, kernels: dict) -> None:
     """Every per-layer kernel choice names a layer of this model that offers it on this target (a variant searched
     for another model or target is refused, not silently built as something else)."""
@@ -162,7 +176,7 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
 
     stage("lower")
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
-                    fuse=variant is None or variant.fusion != "none")
+                    fuse=variant is None or variant.fusion != "none", **weight_storage(model, target, request.weights))
     policy = variant.memory if variant is not None else request.memory
     unplanned = program
 
@@ -286,7 +300,7 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     return report
 
 
-def build_program(model_path, target_name: str, workdir: Path, kernels: str, variant=None):
+def build_program(model_path, target_name: str, workdir: Path, kernels: str, variant=None, weights: str = "stored"):
     """A TFLite model's program, kernels and driver in `workdir`, not linked: (target, model, program, kernels,
     driver, lowering). variant (search.space.Variant): its kernels, schedule and fusion instead of `kernels` (its memory plan is
     TVM's: the per-step counts of the in-place twins are the same loops')."""
@@ -298,7 +312,7 @@ def build_program(model_path, target_name: str, workdir: Path, kernels: str, var
     relax_mod, lowering, _ = import_model(model, target, kernels=dict(variant.kernels) if variant else kernels,
                                           schedules=dict(variant.layers) if variant else None)
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant else None),
-                    fuse=variant is None or variant.fusion != "none")
+                    fuse=variant is None or variant.fusion != "none", **weight_storage(model, target, weights))
     program, built = build_kernels(program, target, workdir)
     return target, model, program, built, generate_driver(model, program, built, workdir), lowering
 

@@ -58,17 +58,19 @@ class Profile:
 
 
 def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "auto",
-                  emulator: str | None = None, variant=None) -> Profile:
+                  emulator: str | None = None, variant=None, weights: str = "stored") -> Profile:
     """Instructions, memory accesses and cycles of each step of one inference, from one profiled build: exact
     counts and per-block counts from QEMU, the llvm-mca estimate from those, and true cycles on Ibex (targets
-    simulated from RTL, or emulator="ibex"). variant: a search.space.Variant to build instead of `kernels`."""
+    simulated from RTL, or emulator="ibex"). variant: a search.space.Variant to build instead of `kernels`; weights:
+    BuildRequest.weights."""
     from tinymlaas.frontend.to_relax import implementations
     from tinymlaas.ir.lower import KernelCall
     from tinymlaas.measure import cycles
     from tinymlaas.runners.qemu import QemuEmulator
     from tinymlaas.search.features import layer_features
 
-    target, model, program, built, driver, lowering = build_program(model_path, target_name, workdir, kernels, variant)
+    target, model, program, built, driver, lowering = build_program(model_path, target_name, workdir, kernels, variant,
+                                                                    weights)
     batches = make_inputs(model, 1, 0)
     (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for x in batches[0]))
     want = reference_outputs(model, batches)
@@ -149,5 +151,6 @@ def profile_build(model, target, request) -> dict:
 
     variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
     with tempfile.TemporaryDirectory(prefix="tinymlaas-profile-") as tmp:
-        return profile_model(model.path, target.name, Path(tmp), request.kernels, request.emulator, variant).to_dict()
+        return profile_model(model.path, target.name, Path(tmp), request.kernels, request.emulator, variant,
+                             request.weights).to_dict()
 

@@ -1,0 +1,236 @@
+"""Weights kept in flash at the width the model stores them, widened to float32 inside the kernels.
+
+A float16 export and a dynamic-range (hybrid) export are float networks whose weights were shrunk on purpose: float16
+values, or int8 values times a scale per output channel. The importer widens them to float32 (exactly) so the float
+operators take them; kept that way they would cost 2x and 4x the flash the user quantized for. This pass runs on the
+fused, scheduled kernels: each float32 constant a kernel reads that equals its stored form exactly goes back to that
+form (float16 bits, or int8 plus the channel scales as one more kernel argument), and every read of it in the kernel
+widens the element (half -> float: the conversion instruction where the core has one, else exponent arithmetic;
+int8: q * scale, one correctly rounded float multiply, the value the importer computed). The kernels compute the same
+float32 numbers as before, bit for bit; they spend a few instructions per weight read on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_ELEMENTS = 32  # smaller constants (a bias of a few channels) stay float32: not worth a conversion per read
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """How the model stores its float operators' weights. half: float16 constants; scales: the scale vectors of the
+    int8 constants float operators dequantize (one per tensor, float32)."""
+
+    half: bool = False
+    scales: tuple[np.ndarray, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.half or bool(self.scales)
+
+
+def stored_weights(graph) -> StoredWeights:
+    """What the model (its graph as stored, before any widening) keeps narrow: float16 constants, int8 constants with
+    a quantization that no integer operator reads (dynamic-range weights)."""
+    half = any(t.is_const and t.dtype == "float16" for t in graph.tensors)
+    integer_reads = {i for op in graph.operators for i in op.inputs
+                     if i >= 0 and not any(graph.tensor(j).dtype == "float32" for j in op.inputs if j >= 0)}
+    scales = []
+    for t in graph.tensors:
+        if t.is_const and t.dtype == "int8" and t.quant is not None and t.index not in integer_reads:
+            s = np.asarray(t.quant.scale, dtype=np.float32).ravel()
+            if not any(np.array_equal(s, seen) for seen in scales):
+                scales.append(s)
+    return StoredWeights(half, tuple(scales))
+
+
+@dataclass(frozen=True)
+class Narrowed:
+    """A float32 constant's stored form: `values` (float16 bits as int16, or int8) and, for int8, the scale of each
+    index along `axis`."""
+
+    values: np.ndarray
+    scale: np.ndarray | None = None
+    axis: int = -1
+
+    @property
+    def kind(self) -> str:
+        return "int8" if self.scale is not None else "float16"
+
+
+def narrowed(c: np.ndarray, stored: StoredWeights) -> Narrowed | None:
+    """c's stored form, if c equals it exactly (else None: c stays float32)."""
+    if c.dtype != np.float32 or c.size < MIN_ELEMENTS or not np.all(np.isfinite(c)):
+        return None
+    if stored.half:
+        h = c.astype(np.float16)
+        if np.array_equal(h.astype(np.float32).view(np.uint32), c.view(np.uint32)):
+            return Narrowed(h.view(np.int16))
+    wide = c.astype(np.float64)
+    for s in stored.scales:
+        for axis in range(c.ndim) if s.size > 1 else (0,):
+            if s.size > 1 and c.shape[axis] != s.size:
+                continue
+            shape = [1] * c.ndim
+            if s.size > 1:
+                shape[axis] = s.size
+            sb = s.astype(np.float64).reshape(shape)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q = np.rint(wide / sb)
+            if not np.all(np.abs(q) <= 127) or c.size + 4 * s.size > c.nbytes // 2:  # (a bias: not worth a scale each)
+                continue
+            # the same float32 the importer wrote (q * scale rounded once): also what the kernel's multiply gives
+            if np.array_equal((q * sb).astype(np.float32).view(np.uint32), c.view(np.uint32)):
+                return Narrowed(q.astype(np.int8), np.broadcast_to(s, (s.size,)).astype(np.float32),
+                                axis if s.size > 1 else -1)
+    return None
+
+
+HALF_WIDENINGS = ("convert", "scale", "integer")  # how a core widens a half: see _widen
+
+
+def _widen(load, new_buffer, scale_buffer, axis: int, half: str):
+    """The float32 value of `load` (a read of the float32 weight) computed from the stored form."""
+    from tvm import tirx
+
+    x = tirx.BufferLoad(new_buffer, load.indices)
+    if scale_buffer is not None:  # the importer's q * scale, rounded once as here
+        s = tirx.BufferLoad(scale_buffer, [load.indices[axis] if axis >= 0 else tirx.const(0, "int32")])
+        return tirx.Cast("float32", x) * s
+    return widen_half(x, half)
+
+
+def widen_half(x, half: str):
+    """float32 of the half whose bits are the int16 `x`. half: convert (the core's half -> float instruction), scale
+    (an FPU without one: integer operations and one float multiply), integer (no FPU: integer operations only; a
+    soft-float multiply for the rare zero or subnormal half)."""
+    from tvm import tirx
+
+    if half == "convert":
+        return tirx.Cast("float32", tirx.reinterpret("float16", x))
+    # the half sign-extended and shifted: exponent and mantissa land on float32's places, the sign copies above the
+    # exponent are cleared; that float32 is 2^112 times too small (exponent bias 127 vs 15; half subnormals land on
+    # float32 subnormals): times 2^112 exactly, or for a normal half, 112 added to the exponent field
+    bits = tirx.bitwise_and(tirx.shift_left(tirx.Cast("int32", x), tirx.const(13, "int32")),
+                            tirx.const(-0x70000001, "int32"))  # 0x8FFFFFFF
+    scaled = tirx.reinterpret("float32", bits) * tirx.const(2.0 ** 112, "float32")
+    if half == "scale":
+        return scaled
+    normal = tirx.bitwise_and(tirx.Cast("int32", x), tirx.const(0x7C00, "int32")) != tirx.const(0, "int32")
+    return tirx.if_then_else(normal, tirx.reinterpret("float32", bits + tirx.const(112 << 23, "int32")), scaled)
+
+
+def narrow_kernel(func, param: int, form: Narrowed, half: str):
+    """`func` reading parameter `param` (a float32 buffer) in its stored form: the buffer's dtype changes and, for
+    int8, a scale buffer is added after the inputs (before the outputs: `n_inputs` of the call). None when the kernel
+    uses the buffer other than by reading elements (a pointer taken, a matched sub-buffer)."""
+    import tvm_ffi
+    from tvm import tirx
+
+    old = func.params[param]
+    new = tirx.decl_buffer(old.shape, str(form.values.dtype), name=old.name + "_stored")
+    scale = tirx.decl_buffer((form.scale.size,), "float32", name=old.name + "_scale") if form.scale is not None else None
+    leftover = []
+
+    def rewrite(node):
+        kind = type(node).__name__
+        if kind == "TensorLoad" and node.source.same_as(old):
+            return _widen(node, new, scale, form.axis, half)
+        if kind == "TensorRegion" and node.source.same_as(old):
+            return tirx.BufferRegion(new, node.region)
+        return node
+
+    def still_used(node):
+        if node.same_as(old):
+            leftover.append(node)
+        return node
+
+    body = tvm_ffi.structural_map(func.body, rewrite)
+    tvm_ffi.structural_map(body, [(type(old), still_used)])
+    if leftover:
+        return None
+    return new, scale, body
+
+
+@dataclass(frozen=True)
+class NarrowingReport:
+    tensors: int = 0
+    float32_bytes: int = 0
+    stored_bytes: int = 0
+    kinds: tuple[str, ...] = ()
+
+    def note(self) -> str:
+        kinds = " and ".join(sorted(set(self.kinds)))
+        return (f"{self.tensors} weight tensors kept at their stored width ({kinds}) in flash: "
+                f"{self.stored_bytes:,} B instead of {self.float32_bytes:,} B as float32; the kernels widen each "
+                "weight they read (exactly: the same float32 values)")
+
+
+def narrow_weights(mod, stored: StoredWeights, half: str):
+    """The fused, scheduled Relax module with every kernel's weights in their stored form where they equal it.
+    Returns (module, NarrowingReport). half: how the core widens a half (HALF_WIDENINGS)."""
+    import tvm
+    from tvm import relax, tirx
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    variants: dict = {}  # (kernel, its narrowed arguments) -> GlobalVar of the kernel reading them
+    counted = {"tensors": 0, "f32": 0, "stored": 0, "kinds": []}
+
+    @relax.expr_functor.mutator
+    class Narrow(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(call_tir) or not isinstance(call.args[1], relax.Tuple):
+                return call
+            gv, args = call.args[0], list(call.args[1].fields)
+            forms = {k: f for k, a in enumerate(args) if isinstance(a, tvm.ir.expr.Constant)
+                     and (f := narrowed(a.value.numpy(), stored)) is not None}
+            if not forms:
+                return call
+            key = (gv.name_hint, tuple((k, f.kind, f.axis) for k, f in sorted(forms.items())))
+            if key not in variants:
+                variants[key] = self._variant(gv, len(args), forms)
+            new_gv, kept = variants[key]
+            if new_gv is None:
+                return call
+            extra = []
+            for k, f in sorted(forms.items()):
+                if k not in kept:
+                    continue
+                args[k] = relax.const(f.values)
+                if f.scale is not None:
+                    extra.append(relax.const(f.scale))
+                counted["tensors"] += 1
+                counted["f32"] += f.values.size * 4
+                counted["stored"] += f.values.nbytes + (f.scale.nbytes if f.scale is not None else 0)
+                counted["kinds"].append(f.kind)
+            out = call.ty_args[0] if len(call.ty_args) == 1 else list(call.ty_args)
+            return relax.call_tir(new_gv, relax.Tuple(args + extra), out)
+
+        def _variant(self, gv, n_inputs, forms):
+            func = self.builder_.get()[gv]
+            params, scales, kept = list(func.params), [], set()
+            body = func.body
+            for k, f in sorted(forms.items()):
+                done = narrow_kernel(tirx.PrimFunc(params, body, func.ret_type, func.attrs), k, f, half)
+                if done is None:
+                    continue
+                new, scale, body = done
+                params[k] = new
+                if scale is not None:
+                    scales.append(scale)
+                kept.add(k)
+            if not kept:
+                return None, kept
+            params = params[:n_inputs] + scales + params[n_inputs:]
+            new_func = tirx.PrimFunc(params, body, func.ret_type, func.attrs)
+            return self.builder_.add_func(new_func, gv.name_hint + "_stored"), kept
+
+    mutator = Narrow(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    out = relax.transform.DeadCodeElimination()(mutator.builder_.get())
+    return out, NarrowingReport(counted["tensors"], counted["f32"], counted["stored"], tuple(counted["kinds"]))
