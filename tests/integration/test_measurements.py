@@ -149,3 +149,28 @@ def test_cortex_m4_loads_and_stores_cost_what_the_manual_says(body, trm_cycles):
     model = model_for(get_target("cortex-m4"))
     assert model.trm_transfers and "TRM" in model.name
     assert block_cost([*body, "add r8, r8, r9"], model) == pytest.approx(trm_cycles + 1, abs=0.02)
+
+
+def test_the_block_that_crashes_llvm_mca_is_found_by_halving(monkeypatch):
+    """A model of a thousand operators has thousands of blocks: one llvm-mca crash must not cost one run per block."""
+    from tinymlaas.measure import cycles
+
+    model = cycles.model_for(get_target("cortex-m4"))
+    runs = []
+    real = cycles._run_mca
+    monkeypatch.setattr(cycles, "_run_mca", lambda m, source: runs.append(source) or real(m, source))
+    good, crashing = ["adds r0, r1, r2", "ldr r3, [r4, #4]"], ["ldr.w r3, [r8], #4"]  # llvm-mca 15 segfaults
+    bodies = [good] * 200 + [crashing] + [good] * 55
+    assert cycles.crashing_block(model, bodies, True, "@") == 200
+    assert len(runs) <= 9  # log2(256) + the check of the one left
+
+
+def test_a_block_cut_inside_an_it_block_is_known_before_llvm_mca_reads_it():
+    """QEMU may end a block inside an IT block: left in llvm-mca's input, its open condition would fail the next
+    block's code region instead (each retry then dropping an innocent block)."""
+    from tinymlaas.measure.cycles import cut_it_block
+
+    assert cut_it_block(["cmp r0, r1", "ite ge"])
+    assert cut_it_block(["ittt lt", "movlt r0, r1", "addlt r0, r0, #1"])
+    assert not cut_it_block(["ite ge", "movge r0, r1", "movlt r0, r2", "add r3, r3, #1"])
+    assert not cut_it_block(["add r0, r1, r2"])

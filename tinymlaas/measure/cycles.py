@@ -177,6 +177,18 @@ def model_for(target) -> CycleModel:
 
 _INSN = re.compile(r"^\s*([0-9a-f]+):\s+(.*)$")
 _POST_INDEXED = re.compile(r"\[(\w+)\],\s*(#-?\w+)$")
+_PRE_INDEXED = re.compile(r"(\[[^\]]*\])!")  # `ldrsb.w r3, [ip, #4]!`: llvm-mca 15 refuses the writeback too
+_IT = re.compile(r"^it[te]{0,3}$")
+
+
+def cut_it_block(body: list[str]) -> bool:
+    """A Thumb block that ends inside an IT block (QEMU cut it there): its conditional instructions would run on into
+    the next code region of llvm-mca's input and make that one fail instead."""
+    open_slots = 0
+    for text in body:
+        mnemonic = text.split(" ", 1)[0]
+        open_slots = len(mnemonic) - 1 if _IT.match(mnemonic) else max(open_slots - 1, 0)
+    return open_slots > 0
 
 
 def disassembly(elf: Path, target) -> tuple[list[int], list[str]]:
@@ -196,6 +208,7 @@ def disassembly(elf: Path, target) -> tuple[list[int], list[str]]:
         text = re.sub(r"\b[0-9a-f]+ <[^>]*>$", ".Ltarget", text).replace("\t", " ")
         if target.arch == "arm":  # llvm-mca 15 crashes on post-indexed loads (`ldr.w r3, [r8], #4`): same cost
             text = _POST_INDEXED.sub(r"[\1, \2]", text)  # as the offset form, whose base update it drops
+            text = _PRE_INDEXED.sub(r"\1", text)
         text = _as_branch(text, target.arch)
         addrs.append(int(m.group(1), 16))
         insns.append(text)
@@ -267,6 +280,23 @@ class BlockCosts:
             conn.close()
 
 
+def crashing_block(model: CycleModel, bodies: list[list[str]], thumb: bool, comment: str) -> int | None:
+    """Which of `bodies` makes llvm-mca crash (one of them does, together): by halving, log2(n) runs, not n (a model of
+    a thousand operators has thousands of blocks). None if none does alone."""
+    def crashes(ks) -> bool:
+        lines = [".syntax unified", ".thumb"] if thumb else []
+        for k in ks:
+            lines += [f"{comment} LLVM-MCA-BEGIN b{k}", *(s.replace(".Ltarget", f".Lt{k}") for s in bodies[k]),
+                      f".Lt{k}:", f"{comment} LLVM-MCA-END b{k}"]
+        return _run_mca(model, "\n".join(lines) + "\n").returncode != 0
+
+    candidates = list(range(len(bodies)))
+    while len(candidates) > 1:
+        half = candidates[:len(candidates) // 2]
+        candidates = half if crashes(half) else candidates[len(candidates) // 2:]
+    return candidates[0] if candidates and crashes(candidates) else None
+
+
 def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleModel | None = None) -> dict:
     """(address, instructions) -> estimated cycles per execution. A block llvm-mca cannot read (rare: an IT block
     cut by QEMU) counts one cycle per instruction, and is named in the result's "fallback" entry."""
@@ -290,7 +320,7 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
     bodies = dict(pending)
     result, fallback = {}, []
     for key, body in list(pending.items()):
-        if body is None:
+        if body is None or (thumb and cut_it_block(body)):
             result[key] = float(key[1])
             fallback.append(key)
             del pending[key]
@@ -324,10 +354,8 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
             break
         if bad_lines:
             bad = {max(i for i, s in enumerate(starts) if s <= line) for line in bad_lines}
-        else:  # llvm-mca crashed without naming a line: find the block alone
-            k = next((i for i, key in enumerate(keys) if _run_mca(model, "\n".join(
-                (lines[:2] if thumb else []) + [f"{comment} LLVM-MCA-BEGIN b", *pending[key]]
-                + [f"{comment} LLVM-MCA-END b"]).replace(".Ltarget", ".Lt0") + "\n.Lt0:\n").returncode != 0), None)
+        else:  # llvm-mca crashed without naming a line: halve the blocks until one alone crashes it
+            k = crashing_block(model, [pending[key] for key in keys], thumb, comment)
             if k is None:
                 raise ToolMissing(f"{LLVM_MCA} failed: {proc.stderr.strip().splitlines()[-1:]}")
             bad = {k}
