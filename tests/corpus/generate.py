@@ -318,10 +318,16 @@ def architectures():
         x = L.Conv2D(6, 3, padding="same", dilation_rate=2, activation="relu")(x)
         return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
 
+    def bilstm_unrolled():  # Keras Bidirectional: a forward and a reversed LSTM, every time step its own operators
+        inp = keras.Input((16, 6))
+        x = L.Bidirectional(L.LSTM(16, unroll=True, return_sequences=True))(inp)  # the backward one's REVERSE_V2
+        return keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling1D()(x)))
+    bilstm_unrolled.precisions = ("float32", "int8")
+
     return {f.__name__: f for f in (resnet8, ds_cnn_kws, conv1d_sensor, lstm_unrolled, gru_unrolled, conv_autoencoder,
                                     unet_tiny, flatten_mlp, dense_autoencoder, tiny_transformer, mobilenet_v2,
                                     mobilenet_v3_small, grouped_cnn, uint8_io_cnn, token_text_classifier,
-                                    dilated_tcn)}
+                                    dilated_tcn, bilstm_unrolled)}
 
 
 def keras2_architectures():

@@ -199,9 +199,9 @@ def narrow_weights(mod, stored: StoredWeights, half: str):
             for k, f in sorted(forms.items()):
                 if k not in kept:
                     continue
-                args[k] = relax.const(f.values)
+                args[k] = relax.const(f.values, str(f.values.dtype))
                 if f.scale is not None:
-                    extra.append(relax.const(f.scale))
+                    extra.append(relax.const(f.scale, "float32"))
                 counted["tensors"] += 1
                 counted["f32"] += f.values.size * 4
                 counted["stored"] += f.values.nbytes + (f.scale.nbytes if f.scale is not None else 0)
@@ -232,5 +232,5 @@ def narrow_weights(mod, stored: StoredWeights, half: str):
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    out = relax.transform.DeadCodeElimination()(mutator.builder_.get())
+    out = mutator.builder_.get()  # (the replaced kernels go in lower.drop_unreferenced_kernels)
     return out, NarrowingReport(counted["tensors"], counted["f32"], counted["stored"], tuple(counted["kinds"]))

@@ -378,6 +378,11 @@ def pool(ctx, op, impl):
     ctx.set_output(op, 0, y)
 
 
+# The table form of an int8 ADD spends 2 KB of flash on two int32[256] tables to save ~10 instructions an element: on
+# a residual add of thousands of elements, not on an LSTM gate's few dozen (an unrolled sequence has hundreds of those)
+ADD_TABLES_MIN_ELEMENTS = 512
+
+
 @register(("ADD", "SUB"), ("int8", "int16"), implementations=("tir",))
 def add(ctx, op, impl):
     """TFLite int8 ADD/SUB: both inputs rescaled to twice the larger scale with 20 bits of headroom (int16: 15)."""
@@ -388,7 +393,8 @@ def add(ctx, op, impl):
     mb, shb = quantize_multiplier(b_t.scale / twice_max)
     mo, sho = quantize_multiplier(twice_max / ((1 << left_shift) * out_t.scale))
     lo, hi = _act(ctx, op)
-    tables = _add_tables(ctx, op, left_shift, (ma, sha), (mb, shb), (mo, sho))
+    tables = (_add_tables(ctx, op, left_shift, (ma, sha), (mb, shb), (mo, sho))
+              if int(np.prod(out_t.shape)) >= ADD_TABLES_MIN_ELEMENTS else None)
     if tables is not None:
         from tvm import relax
 
