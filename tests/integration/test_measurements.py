@@ -161,7 +161,7 @@ def test_the_block_that_crashes_llvm_mca_is_found_by_halving(monkeypatch):
     monkeypatch.setattr(cycles, "_run_mca", lambda m, source: runs.append(source) or real(m, source))
     good, crashing = ["adds r0, r1, r2", "ldr r3, [r4, #4]"], ["ldr.w r3, [r8], #4"]  # llvm-mca 15 segfaults
     bodies = [good] * 200 + [crashing] + [good] * 55
-    assert cycles.crashing_block(model, bodies, True, "@") == 200
+    assert cycles.crashing_block(model, bodies, True) == 200
     assert len(runs) <= 9  # log2(256) + the check of the one left
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinymlaas.ir.kernel_calls import call_kernel, constant, map_kernel_calls, with_inputs
+
 SHARE_MIN_KERNELS = 8  # an unrolled sequence's length; fewer equal layers keep their immediates (and their speed)
 _IMMEDIATES = ("IntImm", "FloatImm")
-
-
 _HIDDEN = "tinymlaas_hidden_load_"
 
 
@@ -99,85 +99,67 @@ def share_kernels(mod, min_kernels: int | None = None):
     """The fused Relax module with each group of at least min_kernels (default SHARE_MIN_KERNELS) kernels equal up
     to their immediates replaced by one kernel taking the differing immediates as arguments. Returns (module,
     SharingReport)."""
-    import tvm
     import tvm_ffi
-    from tvm import relax, tirx
+    from tvm import tirx
 
     min_kernels = SHARE_MIN_KERNELS if min_kernels is None else min_kernels
-    call_tir = tvm.ir.Op.get("relax.call_tir")
     kernels = {gv: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
-    groups: dict = {}
+    groups: dict = {}  # skeleton hash -> [(skeleton, [members])]: equal hashes checked for equality
     for gv, f in kernels.items():
         blank = skeleton(f)
-        key = tvm_ffi.structural_hash(blank)
-        for members in groups.setdefault(key, []):
-            if tvm_ffi.structural_equal(skeleton(kernels[members[0]]), blank):
-                members.append(gv)
-                break
+        same_hash = groups.setdefault(tvm_ffi.structural_hash(blank), [])
+        members = next((m for b, m in same_hash if tvm_ffi.structural_equal(b, blank)), None)
+        if members is None:
+            same_hash.append((blank, [gv]))
         else:
-            groups[key].append([gv])
-    plans = {}  # member GlobalVar -> (shared GlobalVar, its constants per dtype)
-    shared_funcs = {}
-    report = {"groups": 0, "kernels": 0}
-    for same in groups.values():
-        for members in same:
-            if len(members) < min_kernels:
-                continue
-            values = [immediates(kernels[gv]) for gv in members]
-            differing = [p for p in range(len(values[0])) if len({v[p] for v in values}) > 1]
-            # one slot per distinct column of values: an immediate repeated in the kernel (a product computed in
-            # three places) stays one value, so LLVM still sees one expression
-            columns = {}
-            for p in differing:
-                columns.setdefault((values[0][p][0], tuple(v[p][1] for v in values)), []).append(p)
-            dtypes = sorted({dtype for dtype, _ in columns})
-            slots, per_dtype = {}, {d: [] for d in dtypes}
-            for (dtype, column), positions in columns.items():
-                for p in positions:
-                    slots[p] = (dtypes.index(dtype), len(per_dtype[dtype]))
-                per_dtype[dtype].append(column)
-            rep = kernels[members[0]]
-            params = [tirx.decl_buffer((len(per_dtype[d]),), d, name=f"imm_{d}") for d in dtypes]
+            members.append(gv)
+    plans = {}  # member GlobalVar -> (the group's first member, its constants per dtype)
+    shared_funcs = {}  # the group's first member -> (its kernel reading the immediates that differ, their buffers)
+    report = {"groups": 0, "kernels": 0, "calls": 0}
+    for members in (m for same_hash in groups.values() for _, m in same_hash):
+        if len(members) < min_kernels:
+            continue
+        values = [immediates(kernels[gv]) for gv in members]
+        differing = [p for p in range(len(values[0])) if len({v[p] for v in values}) > 1]
+        # one slot per distinct column of values: an immediate repeated in the kernel (a product computed in
+        # three places) stays one value, so LLVM still sees one expression
+        columns = {}
+        for p in differing:
+            columns.setdefault((values[0][p][0], tuple(v[p][1] for v in values)), []).append(p)
+        dtypes = sorted({dtype for dtype, _ in columns})
+        slots, per_dtype = {}, {d: [] for d in dtypes}
+        for (dtype, column), positions in columns.items():
+            for p in positions:
+                slots[p] = (dtypes.index(dtype), len(per_dtype[dtype]))
+            per_dtype[dtype].append(column)
+        params = [tirx.decl_buffer((len(per_dtype[d]),), d, name=f"imm_{d}") for d in dtypes]
 
-            def parametrized(node, position, params=params, slots=slots):
-                if position not in slots:
-                    return node
-                k, slot = slots[position]
-                return tirx.BufferLoad(params[k], [tirx.const(slot, "int32")])
+        def parametrized(node, position, params=params, slots=slots):
+            if position not in slots:
+                return node
+            k, slot = slots[position]
+            return tirx.BufferLoad(params[k], [tirx.const(slot, "int32")])
 
-            body = _map_values(rep, parametrized)
-            shared_funcs[members[0]] = (body, params)
-            for m, gv in enumerate(members):
-                plans[gv] = (members[0], [np.array([column[m] for column in per_dtype[d]], dtype=d) for d in dtypes])
-            report["groups"] += 1
-            report["kernels"] += len(members)
+        shared_funcs[members[0]] = (_map_values(kernels[members[0]], parametrized), params)
+        for m, gv in enumerate(members):
+            plans[gv] = (members[0], [np.array([column[m] for column in per_dtype[d]], dtype=d) for d in dtypes])
+        report["groups"] += 1
+        report["kernels"] += len(members)
     if not plans:
         return mod, SharingReport()
 
     new_gvs = {}
-    calls = [0]
 
-    @relax.expr_functor.mutator
-    class Share(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if not call.op.same_as(call_tir) or call.args[0] not in plans:
-                return call
-            rep_gv, consts = plans[call.args[0]]
-            if rep_gv not in new_gvs:
-                body, params = shared_funcs[rep_gv]
-                n_in = len(call.args[1].fields)
-                func = tirx.PrimFunc(list(body.params[:n_in]) + params + list(body.params[n_in:]), body.body,
-                                     body.ret_type, body.attrs)
-                new_gvs[rep_gv] = self.builder_.add_func(func, rep_gv.name_hint + "_shared")
-            calls[0] += 1
-            args = list(call.args[1].fields) + [relax.const(c, str(c.dtype)) for c in consts]
-            out = call.ty_args[0] if len(call.ty_args) == 1 else list(call.ty_args)
-            return relax.call_tir(new_gvs[rep_gv], relax.Tuple(args), out)
+    def share(call, add_kernel):
+        if call.args[0] not in plans:
+            return call
+        first, consts = plans[call.args[0]]
+        args = list(call.args[1].fields)
+        if first not in new_gvs:
+            body, params = shared_funcs[first]
+            new_gvs[first] = add_kernel(with_inputs(body, params, len(args)), first.name_hint + "_shared")
+        report["calls"] += 1
+        return call_kernel(new_gvs[first], args + [constant(c) for c in consts], call)
 
-    mutator = Share(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    out = mutator.builder_.get()  # (the replaced kernels go in lower.drop_unreferenced_kernels)
-    return out, SharingReport(report["groups"], report["kernels"], calls[0])
+    out = map_kernel_calls(mod, share)
+    return out, SharingReport(report["groups"], report["kernels"], report["calls"])

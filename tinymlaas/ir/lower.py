@@ -306,24 +306,6 @@ def flatten(mod, kernel_operators: list[int | None] = (), extern_operators: list
                    state_sizes=tuple(_nbytes([int(s) for s in p.ty.shape], p.ty.dtype) for p in state_params))
 
 
-def drop_unreferenced_kernels(mod):
-    """mod without the TIR kernels no Relax function calls (a pass that replaced a kernel leaves the old one)."""
-    import tvm
-    from tvm import relax
-
-    called = set()
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
-            called.add(expr.args[0].name_hint)
-
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return tvm.IRModule({gv: f for gv, f in mod.functions.items()
-                         if not isinstance(f, tvm.tirx.PrimFunc) or gv.name_hint in called}, attrs=mod.attrs)
-
-
 def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = True, stored=None,
           half: str = "scale") -> Program:
     """Relax module -> Program. `schedule(func) -> func` is applied to every fused kernel. stored
@@ -331,6 +313,7 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
     half (weight_storage.HALF_WIDENINGS)."""
     import tvm
 
+    from tinymlaas.ir.kernel_calls import drop_unreferenced_kernels
     from tinymlaas.ir.kernel_sharing import share_kernels
     from tinymlaas.ir.weight_storage import narrow_weights
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinymlaas.ir.kernel_calls import call_kernel, constant, map_kernel_calls, with_inputs
+
 MIN_ELEMENTS = 32  # smaller constants (a bias of a few channels) stay float32: not worth a conversion per read
 
 
@@ -172,65 +174,45 @@ def narrow_weights(mod, stored: StoredWeights, half: str):
     """The fused, scheduled Relax module with every kernel's weights in their stored form where they equal it.
     Returns (module, NarrowingReport). half: how the core widens a half (HALF_WIDENINGS)."""
     import tvm
-    from tvm import relax, tirx
+    from tvm import tirx
 
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-    variants: dict = {}  # (kernel, its narrowed arguments) -> GlobalVar of the kernel reading them
+    variants: dict = {}  # (kernel, its narrowed arguments) -> (GlobalVar of the kernel reading them, which it reads)
     counted = {"tensors": 0, "f32": 0, "stored": 0, "kinds": []}
 
-    @relax.expr_functor.mutator
-    class Narrow(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if not call.op.same_as(call_tir) or not isinstance(call.args[1], relax.Tuple):
-                return call
-            gv, args = call.args[0], list(call.args[1].fields)
-            forms = {k: f for k, a in enumerate(args) if isinstance(a, tvm.ir.expr.Constant)
-                     and (f := narrowed(a.value.numpy(), stored)) is not None}
-            if not forms:
-                return call
-            key = (gv.name_hint, tuple((k, f.kind, f.axis) for k, f in sorted(forms.items())))
-            if key not in variants:
-                variants[key] = self._variant(gv, len(args), forms)
-            new_gv, kept = variants[key]
-            if new_gv is None:
-                return call
-            extra = []
-            for k, f in sorted(forms.items()):
-                if k not in kept:
-                    continue
-                args[k] = relax.const(f.values, str(f.values.dtype))
-                if f.scale is not None:
-                    extra.append(relax.const(f.scale, "float32"))
-                counted["tensors"] += 1
-                counted["f32"] += f.values.size * 4
-                counted["stored"] += f.values.nbytes + (f.scale.nbytes if f.scale is not None else 0)
-                counted["kinds"].append(f.kind)
-            out = call.ty_args[0] if len(call.ty_args) == 1 else list(call.ty_args)
-            return relax.call_tir(new_gv, relax.Tuple(args + extra), out)
+    def variant(func, name, n_inputs, forms, add_kernel):
+        params, scales, kept, body = list(func.params), [], set(), func
+        for k, f in sorted(forms.items()):
+            done = narrow_kernel(tirx.PrimFunc(params, body.body, func.ret_type, func.attrs), k, f, half)
+            if done is None:
+                continue
+            params[k], scale, new_body = done
+            body = tirx.PrimFunc(params, new_body, func.ret_type, func.attrs)
+            scales += [scale] if scale is not None else []
+            kept.add(k)
+        return (add_kernel(with_inputs(func, scales, n_inputs, body), name + "_stored") if kept else None), kept
 
-        def _variant(self, gv, n_inputs, forms):
-            func = self.builder_.get()[gv]
-            params, scales, kept = list(func.params), [], set()
-            body = func.body
-            for k, f in sorted(forms.items()):
-                done = narrow_kernel(tirx.PrimFunc(params, body, func.ret_type, func.attrs), k, f, half)
-                if done is None:
-                    continue
-                new, scale, body = done
-                params[k] = new
-                if scale is not None:
-                    scales.append(scale)
-                kept.add(k)
-            if not kept:
-                return None, kept
-            params = params[:n_inputs] + scales + params[n_inputs:]
-            new_func = tirx.PrimFunc(params, body, func.ret_type, func.attrs)
-            return self.builder_.add_func(new_func, gv.name_hint + "_stored"), kept
+    def narrow(call, add_kernel):
+        gv, args = call.args[0], list(call.args[1].fields)
+        forms = {k: f for k, a in enumerate(args) if isinstance(a, tvm.ir.expr.Constant)
+                 and (f := narrowed(a.value.numpy(), stored)) is not None}
+        if not forms:
+            return call
+        key = (gv.name_hint, tuple((k, f.kind, f.axis) for k, f in sorted(forms.items())))
+        if key not in variants:
+            variants[key] = variant(mod[gv], gv.name_hint, len(args), forms, add_kernel)
+        new_gv, kept = variants[key]
+        if new_gv is None:
+            return call
+        extra = []
+        for k in sorted(kept):
+            f = forms[k]
+            args[k] = constant(f.values)
+            extra += [constant(f.scale)] if f.scale is not None else []
+            counted["tensors"] += 1
+            counted["f32"] += f.values.size * 4
+            counted["stored"] += f.values.nbytes + (f.scale.nbytes if f.scale is not None else 0)
+            counted["kinds"].append(f.kind)
+        return call_kernel(new_gv, args + extra, call)
 
-    mutator = Narrow(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    out = mutator.builder_.get()  # (the replaced kernels go in lower.drop_unreferenced_kernels)
+    out = map_kernel_calls(mod, narrow)
     return out, NarrowingReport(counted["tensors"], counted["f32"], counted["stored"], tuple(counted["kinds"]))

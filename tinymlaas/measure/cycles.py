@@ -280,15 +280,23 @@ class BlockCosts:
             conn.close()
 
 
-def crashing_block(model: CycleModel, bodies: list[list[str]], thumb: bool, comment: str) -> int | None:
+def mca_input(bodies: list[list[str]], thumb: bool) -> tuple[str, list[int]]:
+    """llvm-mca's input with one code region per block (each branch to its own end label), and the 1-based line
+    where each region's first instruction is."""
+    comment = "@" if thumb else "#"
+    lines, starts = [".syntax unified", ".thumb"] if thumb else [], []
+    for k, body in enumerate(bodies):
+        starts.append(len(lines) + 2)
+        lines += [f"{comment} LLVM-MCA-BEGIN b{k}", *(s.replace(".Ltarget", f".Lt{k}") for s in body),
+                  f".Lt{k}:", f"{comment} LLVM-MCA-END b{k}"]
+    return "\n".join(lines) + "\n", starts
+
+
+def crashing_block(model: CycleModel, bodies: list[list[str]], thumb: bool) -> int | None:
     """Which of `bodies` makes llvm-mca crash (one of them does, together): by halving, log2(n) runs, not n (a model of
     a thousand operators has thousands of blocks). None if none does alone."""
     def crashes(ks) -> bool:
-        lines = [".syntax unified", ".thumb"] if thumb else []
-        for k in ks:
-            lines += [f"{comment} LLVM-MCA-BEGIN b{k}", *(s.replace(".Ltarget", f".Lt{k}") for s in bodies[k]),
-                      f".Lt{k}:", f"{comment} LLVM-MCA-END b{k}"]
-        return _run_mca(model, "\n".join(lines) + "\n").returncode != 0
+        return _run_mca(model, mca_input([bodies[k] for k in ks], thumb)[0]).returncode != 0
 
     candidates = list(range(len(bodies)))
     while len(candidates) > 1:
@@ -312,7 +320,6 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
                 result["fallback"].append((vaddr, n))
         return result
     thumb = target.arch == "arm"
-    comment = "@" if thumb else "#"
     pending = {}
     for vaddr, n in blocks:
         i = index.get(vaddr & ~1 if thumb else vaddr)
@@ -338,12 +345,8 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
         raise ToolMissing(f"'{LLVM_MCA}' is not installed (run `make setup`)")
     while pending:
         keys = list(pending)
-        lines, starts = [".syntax unified", ".thumb"] if thumb else [], []
-        for k, key in enumerate(keys):
-            starts.append(len(lines) + 1)  # 1-based line of the region's first instruction
-            lines += [f"{comment} LLVM-MCA-BEGIN b{k}", *(s.replace(".Ltarget", f".Lt{k}") for s in pending[key]),
-                      f".Lt{k}:", f"{comment} LLVM-MCA-END b{k}"]
-        proc = _run_mca(model, "\n".join(lines) + "\n")
+        source, starts = mca_input([pending[key] for key in keys], thumb)
+        proc = _run_mca(model, source)
         # llvm-mca drops a region it cannot assemble (exit status 0 all the same): those blocks fall back
         bad_lines = {int(n) for n in re.findall(r"<stdin>:(\d+):\d+: error", proc.stderr)}
         if proc.returncode == 0 and not bad_lines:
@@ -355,7 +358,7 @@ def block_cycles(elf: Path, target, blocks: set[tuple[int, int]], model: CycleMo
         if bad_lines:
             bad = {max(i for i, s in enumerate(starts) if s <= line) for line in bad_lines}
         else:  # llvm-mca crashed without naming a line: halve the blocks until one alone crashes it
-            k = crashing_block(model, [pending[key] for key in keys], thumb, comment)
+            k = crashing_block(model, [pending[key] for key in keys], thumb)
             if k is None:
                 raise ToolMissing(f"{LLVM_MCA} failed: {proc.stderr.strip().splitlines()[-1:]}")
             bad = {k}
@@ -376,11 +379,7 @@ def block_cost(body: list[str], model: CycleModel) -> float:
     """Estimated cycles of one execution of a straight-line block (assembly as objdump prints it), uncached."""
     if model.stalls:
         return table_cost(body, dict(model.stalls))
-    thumb = model.mtriple.startswith("thumb")
-    comment = "@" if thumb else "#"
-    source = [".syntax unified", ".thumb"] if thumb else []
-    proc = _run_mca(model, "\n".join([*source, f"{comment} LLVM-MCA-BEGIN b", *body, f"{comment} LLVM-MCA-END b"])
-                    + "\n")
+    proc = _run_mca(model, mca_input([body], model.mtriple.startswith("thumb"))[0])
     totals = re.findall(r"^Total Cycles:\s+(\d+)", proc.stdout, re.MULTILINE)
     if proc.returncode != 0 or len(totals) != 1:
         raise ToolMissing(f"{LLVM_MCA} could not read the block: {proc.stderr.strip()[-200:]}")
