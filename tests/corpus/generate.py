@@ -324,10 +324,45 @@ def architectures():
         return keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling1D()(x)))
     bilstm_unrolled.precisions = ("float32", "int8")
 
+    def inception_mini():  # Inception-style blocks: 1x1, 1x1->3x3, 1x1->3x3->3x3 and pool->1x1 branches concatenated
+        x = inp = keras.Input((32, 32, 3))
+        x = L.Conv2D(16, 3, 2, padding="same", activation="relu")(x)
+        for width in (8, 12):
+            a = L.Conv2D(width, 1, activation="relu")(x)
+            b = L.Conv2D(width, 3, padding="same", activation="relu")(L.Conv2D(width // 2, 1, activation="relu")(x))
+            c = L.Conv2D(width // 2, 1, activation="relu")(x)
+            c = L.Conv2D(width, 3, padding="same", activation="relu")(L.Conv2D(width, 3, padding="same",
+                                                                              activation="relu")(c))
+            d = L.Conv2D(width, 1, activation="relu")(L.MaxPooling2D(3, 1, padding="same")(x))
+            x = L.MaxPooling2D()(L.Concatenate()([a, b, c, d]))
+        return keras.Model(inp, L.Dense(10, activation="softmax")(L.GlobalAveragePooling2D()(x)))
+
+    def squeezenet_mini():  # SqueezeNet fire modules: a 1x1 squeeze, then 1x1 and 3x3 expands concatenated
+        x = inp = keras.Input((32, 32, 3))
+        x = L.MaxPooling2D(3, 2, padding="same")(L.Conv2D(24, 3, 2, padding="same", activation="relu")(x))
+        for squeeze, expand in ((8, 16), (8, 16), (12, 24)):
+            s = L.Conv2D(squeeze, 1, activation="relu")(x)
+            x = L.Concatenate()([L.Conv2D(expand, 1, activation="relu")(s),
+                                 L.Conv2D(expand, 3, padding="same", activation="relu")(s)])
+        x = L.Conv2D(10, 1, activation="relu")(x)
+        return keras.Model(inp, L.Softmax()(L.GlobalAveragePooling2D()(x)))
+
+    def bilinear_autoencoder():  # separable encoder, bilinear upsampling decoder with concatenated skips
+        inp = keras.Input((32, 32, 1))
+        e1 = L.SeparableConv2D(8, 3, padding="same", activation="relu")(inp)
+        e2 = L.SeparableConv2D(16, 3, 2, padding="same", activation="relu")(e1)
+        e3 = L.SeparableConv2D(24, 3, 2, padding="same", activation="relu")(e2)
+        d2 = L.Concatenate()([L.UpSampling2D(interpolation="bilinear")(e3), e2])
+        d2 = L.SeparableConv2D(16, 3, padding="same", activation="relu")(d2)
+        d1 = L.Concatenate()([L.UpSampling2D(interpolation="bilinear")(d2), e1])
+        d1 = L.SeparableConv2D(8, 3, padding="same", activation="relu")(d1)
+        return keras.Model(inp, L.Conv2D(1, 1, activation="sigmoid")(d1))
+
     return {f.__name__: f for f in (resnet8, ds_cnn_kws, conv1d_sensor, lstm_unrolled, gru_unrolled, conv_autoencoder,
                                     unet_tiny, flatten_mlp, dense_autoencoder, tiny_transformer, mobilenet_v2,
                                     mobilenet_v3_small, grouped_cnn, uint8_io_cnn, token_text_classifier,
-                                    dilated_tcn, bilstm_unrolled)}
+                                    dilated_tcn, bilstm_unrolled, inception_mini, squeezenet_mini,
+                                    bilinear_autoencoder)}
 
 
 def keras2_architectures():

@@ -17,6 +17,7 @@ from tinymlaas.cli import main
 from tinymlaas.errors import ModelTooLarge
 from tinymlaas.ir import memory
 from tinymlaas.ir.lower import ARENA_ALIGN, KernelCall
+from tinymlaas.ops.conv_params import ConvParams
 
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
 INT8_ARCHITECTURES = sorted(k for k, v in MANIFEST.items()
@@ -24,7 +25,7 @@ INT8_ARCHITECTURES = sorted(k for k, v in MANIFEST.items()
 
 
 def _params(n, h, w, c, oh, ow, oc, k, s, pad):
-    return np.array([n, h, w, c, oh, ow, oc, k, k, s, s, 1, 1, pad, pad, 0, 0, -128, 127, 0], dtype=np.int32)
+    return ConvParams(n, h, w, c, oh, ow, oc, k, k, s, s, 1, 1, pad, pad, 0, 0, -128, 127, 0).to_array()
 
 
 # --- the access order of the C loops (gemm_dsp.c), replayed ------------------------------------------------------
@@ -105,7 +106,7 @@ def test_distances_of_known_layers():
     assert memory.depthwise_distance(dw) == 7 * 64
     assert memory.gemm_distance(_params(1, 25, 5, 64, 25, 5, 64, 1, 1, 0)) == 0  # pointwise, same depth
     assert memory.gemm_distance(_params(1, 48, 48, 8, 48, 48, 16, 1, 1, 0)) == (48 * 48 - 2) * 8  # expansion
-    fc = np.array([1, 1, 1, 40, 1, 1, 10] + [1] * 6 + [0, 0, 0, 0, -128, 127, 1], dtype=np.int32)
+    fc = ConvParams(*[1, 1, 1, 40, 1, 1, 10] + [1] * 6 + [0, 0, 0, 0, -128, 127, 1]).to_array()
     assert memory.gemv_distance(fc) is None  # one row: read whole before anything is written
     fc[0] = 3
     assert memory.gemv_distance(fc) == 10 - 40  # negative: the output may start above the input
@@ -113,7 +114,7 @@ def test_distances_of_known_layers():
 
 @pytest.mark.parametrize("batch, c, oc", [(3, 40, 10), (4, 8, 24), (2, 16, 16)])
 def test_gemv_distance_is_exactly_what_its_loop_order_needs(batch, c, oc):
-    params = np.array([batch, 1, 1, c, 1, 1, oc] + [1] * 6 + [0, 0, 0, 0, -128, 127, 1], dtype=np.int32)
+    params = ConvParams(*[batch, 1, 1, c, 1, 1, oc] + [1] * 6 + [0, 0, 0, 0, -128, 127, 1]).to_array()
     events = [e for b in range(batch) for e in (("r", np.arange(b * c, (b + 1) * c)),
                                                  ("w", np.arange(b * oc, (b + 1) * oc)))]
     distance = memory.gemv_distance(params)
@@ -197,10 +198,14 @@ def test_an_unknown_policy_is_refused(models_dir):
 # --- built and run -------------------------------------------------------------------------------------------------
 
 def test_a_model_over_the_ram_budget_is_planned_in_place(models_dir, tmp_path):
-    """The default plan is TVM's; a RAM budget it exceeds gets the in-place plan, bit-exact, before any refusal."""
+    """The default plan is the optimal one (no larger than TVM's); a RAM budget it exceeds gets the in-place plan,
+    bit-exact, before any refusal."""
     path = models_dir / "kws_ref_model.tflite"
     base = compile_model(path, "cortex-m4", tmp_path / "tvm", BuildRequest(inputs=3))
-    assert not any(n.startswith("memory:") for n in base.notes)
+    tvm_plan = compile_model(path, "cortex-m4", tmp_path / "tvm-plan", BuildRequest(inputs=3, memory="tvm"))
+    assert any(n.startswith("memory: optimal plan") for n in base.notes)
+    assert base.sizes["arena"] <= tvm_plan.sizes["arena"]
+    assert abs(base.instructions - tvm_plan.instructions) <= 0.001 * tvm_plan.instructions  # offsets only move
     budget = base.sizes["arena"] * 3 // 4
     small = compile_model(path, "cortex-m4", tmp_path / "inplace", BuildRequest(inputs=3, max_ram=budget))
     assert small.verified and small.fidelity["max_lsb_diff"] == 0 and small.instructions_repeat_exact

@@ -132,7 +132,8 @@ class BuildRequest:
                           choices=("auto", "tir", "dsp", "dsp16"), backends=MCU, surfaces=(COMPILE,))
     memory: str = option("auto", help="arena plan: TVM's, optimal offsets over tensor lifetimes, inplace: optimal "
                          "with streaming kernels writing over their dying input (smallest RAM), or auto (default): "
-                         "TVM's, in place when that does not fit the RAM budget",
+                         "optimal, in place when that does not fit the RAM budget; optimal and inplace write each "
+                         "input of a concatenation straight into its slice",
                          choices=("auto", "tvm", "optimal", "inplace"), backends=MCU, surfaces=(COMPILE,))
     weights: str = option("stored", help="float16 and dynamic-range (int8 weights) exports: weights stay at their "
                           "stored width in flash and the kernels widen each one they read (default: the flash the "

@@ -27,6 +27,7 @@ class Region:
     offset: int = 0  # byte offset in the arena or the kernel scratch area
     nbytes: int = 0
     tensor: int = -1  # arena: which intermediate tensor (tensors with disjoint lifetimes may share bytes)
+    within: int = 0  # arena: bytes from the tensor's start (a layer writing its slice of a concatenation)
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,15 @@ class KernelCall:
 
 @dataclass(frozen=True)
 class Copy:
+    """`rows` runs of `nbytes` bytes, each `src_stride` / `dst_stride` bytes after the last (one run: a plain copy;
+    more: a tensor copied into its slice of a concatenation's output)."""
     src: Region
     dst: Region
     nbytes: int
     op_index: int | None = None
+    rows: int = 1
+    src_stride: int = 0
+    dst_stride: int = 0
 
 
 @dataclass(frozen=True)

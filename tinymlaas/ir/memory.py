@@ -3,7 +3,8 @@
 Policies (a dimension of the variant search, `--memory` on the command line):
   tvm      TVM's StaticPlanBlockMemory as `lower` left it (storage blocks reused by size, laid end to end)
   optimal  offsets chosen by an integer program over the tensors' lifetimes: the smallest arena in which no two
-           tensors alive at the same step overlap
+           tensors alive at the same step overlap; concatenations in place first (ir/concat_in_place.py: each
+           input written straight into its slice of the output)
   inplace  as optimal, and a kernel that streams (reads its input in raster order and writes its output behind
            the read front) may write over its input where the input dies: the output starts at least the kernel's
            safe distance below the input. Such C kernels are called through their in-place twins (no `restrict`);
@@ -21,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from tinymlaas.ir.concat_in_place import concat_in_place
 from tinymlaas.ir.lower import ARENA_ALIGN, KernelCall, Program, Region
 from tinymlaas.ops.conv_params import ConvParams
 
@@ -135,7 +137,7 @@ def _tensors(program: Program) -> list[Tensor]:
         for r in arena_regions(step):
             first.setdefault(r.tensor, k)
             last[r.tensor] = k
-            size[r.tensor] = max(size.get(r.tensor, 0), r.nbytes)
+            size[r.tensor] = max(size.get(r.tensor, 0), r.within + r.nbytes)
     return [Tensor(t, _units(size[t]), first[t], last[t]) for t in sorted(first)]
 
 
@@ -154,6 +156,11 @@ def _elementwise(program: Program, step: KernelCall) -> bool:
     return bool(attrs and attrs.get("tinymlaas.elementwise"))
 
 
+def _whole(r: Region, tensors: dict[int, Tensor]) -> bool:
+    """An arena region that is its whole tensor (not a slice of a concatenation's output)."""
+    return r.kind == "arena" and r.within == 0 and _units(r.nbytes) == tensors[r.tensor].size
+
+
 def _in_place_pairs(program: Program, tensors: dict[int, Tensor]) -> list[InPlace]:
     pairs = []
     for k, step in enumerate(program.steps):
@@ -168,7 +175,7 @@ def _in_place_pairs(program: Program, tensors: dict[int, Tensor]) -> list[InPlac
         else:
             continue
         for x, distance in candidates:
-            if (x.kind == "arena" and y.kind == "arena" and tensors[x.tensor].last == k and tensors[y.tensor].first == k
+            if (_whole(x, tensors) and _whole(y, tensors) and tensors[x.tensor].last == k and tensors[y.tensor].first == k
                     and sum(a.kind == "arena" and a.tensor == x.tensor for a in args) == 1):
                 pairs.append(InPlace(k, x.tensor, y.tensor, distance))
     return pairs
@@ -268,14 +275,17 @@ def plan(program: Program, policy: str = "tvm") -> Program:
         raise ValueError(f"memory policy '{policy}': one of {', '.join(POLICIES)}")
     if policy == "tvm":
         return program
+    tvm_plan = program
+    program, concatenations = concat_in_place(program)
     result = plan_offsets(program, policy)
-    if result.arena_bytes >= program.arena_bytes and not result.overlapped:  # e.g. a greedy plan of a large graph
-        return replace(program, notes=program.notes + (
+    if result.arena_bytes > tvm_plan.arena_bytes or (  # e.g. a greedy plan of a large graph
+            result.arena_bytes == tvm_plan.arena_bytes and not result.overlapped and not concatenations.concatenations):
+        return replace(tvm_plan, notes=tvm_plan.notes + (
             f"memory: the {policy} plan ({result.arena_bytes:,} B) is no smaller than TVM's: TVM's kept",))
     overlapped = set(result.overlapped)
 
     def place(r: Region) -> Region:
-        return replace(r, offset=result.offsets[r.tensor]) if r.kind == "arena" else r
+        return replace(r, offset=result.offsets[r.tensor] + r.within) if r.kind == "arena" else r
 
     steps, unaliased = [], set()
     for k, step in enumerate(program.steps):
@@ -295,7 +305,7 @@ def plan(program: Program, policy: str = "tvm") -> Program:
 
         kernels = tvm.IRModule({gv: f.with_attr("tirx.noalias", False) if gv.name_hint in unaliased else f
                                 for gv, f in program.kernels.functions.items()})
-    note = (f"memory: {policy} plan, arena {result.arena_bytes:,} B (TVM's plan {program.arena_bytes:,} B)"
+    note = (f"memory: {policy} plan, arena {result.arena_bytes:,} B (TVM's plan {tvm_plan.arena_bytes:,} B)"
             + (f", {len(overlapped)} layer(s) in place" if overlapped else "")
             + ("" if result.optimal else ", not proven optimal"))
     return replace(program, kernels=kernels, steps=tuple(steps), arena_bytes=result.arena_bytes,

@@ -14,9 +14,10 @@ import numpy as np
 HEADER = "kernels/include/conv_params.h"  # under firmware/
 
 # struct tinymlaas_conv_params, in order: shapes NHWC in and out, kernel, stride, dilation, padding top/left,
-# zero points, activation bounds, one rounding (the interpreter's fully connected) or two
+# zero points, activation bounds, one rounding (the interpreter's fully connected) or two, and the channels from one
+# output pixel to the next (0: oc; more where a gemm kernel writes its slice of a concatenation, ir/concat_in_place.py)
 CONV_FIELDS = ("n", "h", "w", "c", "oh", "ow", "oc", "kh", "kw", "sh", "sw", "dh", "dw", "pt", "pl",
-               "zp_in", "zp_out", "act_min", "act_max", "single")
+               "zp_in", "zp_out", "act_min", "act_max", "single", "out_stride")
 
 
 class ConvParams(ctypes.Structure):

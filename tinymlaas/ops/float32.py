@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinymlaas.ops.emit import activation
+from tinymlaas.ops.emit import activation, emit_kernel
 from tinymlaas.ops.geometry import (
     SAME,
     const_ints,
     conv_padding,
-    dilate_and_pad,
     reduce_axes,
     same_padding,
     transpose_conv_geometry,
+    transpose_tap,
 )
 from tinymlaas.ops.quantization import same_quantization
 from tinymlaas.ops.registry import register
@@ -57,18 +57,52 @@ def depthwise_conv2d(ctx, op, impl):
     ctx.set_output(op, 0, activation(ctx, op, _bias(ctx, op, y)))
 
 
+def transpose_conv2d_f32(data, weight, *bias, stride, before, out_hw, relu_bounds=None):
+    """NHWC transposed convolution as a gather over the taps on the stride's grid (geometry.transpose_tap), weights
+    OHWI: no zeros multiplied, no dilated copy of the input in RAM. relu_bounds: TFLite's fused RELU / RELU_N1_TO_1 /
+    RELU6 as (lo, hi), either may be None."""
+    from tvm import te, tirx
+
+    n, h, w, _ = (int(v) for v in data.shape)
+    oc, kh, kw, ic = (int(v) for v in weight.shape)
+    (sh, sw), (bh, bw), (oh, ow) = stride, before, out_hw
+    ry = te.reduce_axis((0, -(-kh // sh)), "ry")
+    rx = te.reduce_axis((0, -(-kw // sw)), "rx")
+    rc = te.reduce_axis((0, ic), "rc")
+
+    def product(b, y, x, o):
+        ky, iy, y_ok = transpose_tap(y, ry, sh, bh, kh, h)
+        kx, ix, x_ok = transpose_tap(x, rx, sw, bw, kw, w)
+        return tirx.if_then_else(tirx.all(y_ok, x_ok),
+                                 data[b, iy, ix, rc] * weight[o, kh - 1 - ky, kw - 1 - kx, rc], tirx.const(0.0, "float32"))
+
+    acc = te.compute((n, oh, ow, oc), lambda b, y, x, o: te.sum(product(b, y, x, o), axis=[ry, rx, rc]), name="acc")
+    lo, hi = relu_bounds or (None, None)
+
+    def out(b, y, x, o):
+        v = acc[b, y, x, o] + (bias[0][o] if bias else tirx.const(0.0, "float32"))
+        v = tirx.max(v, tirx.const(lo, "float32")) if lo is not None else v
+        return tirx.min(v, tirx.const(hi, "float32")) if hi is not None else v
+
+    return te.compute((n, oh, ow, oc), out, name="transpose_conv")
+
+
+RELU_BOUNDS = {0: None, 1: (0.0, None), 2: (-1.0, 1.0), 3: (0.0, 6.0)}  # TFLite fused activation -> clamp
+
+
 @register("TRANSPOSE_CONV", F32)
 def transpose_conv(ctx, op, impl):
-    """TFLite scatters input pixel y to output rows y*stride - pad + k; as a gather: the input dilated by the
-    stride and padded, correlated with the kernel flipped in space (weights OHWI -> flipped HWIO, folded)."""
-    from tvm import relax
-
+    """TFLite scatters input pixel y to output rows y*stride - pad + k; here a gather over only the taps that land
+    on the stride's grid (transpose_conv2d_f32), bias and a clamping activation in the same kernel."""
     x_t, w_t, out_t = ctx.tensor(op.inputs[2]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
     stride, pads = transpose_conv_geometry(op, x_t.shape, w_t.shape, out_t.shape)
-    x = dilate_and_pad(ctx.input(op, 2), x_t.shape, stride, pads)
-    weight = relax.op.permute_dims(relax.op.flip(relax.op.flip(ctx.input(op, 1), 1), 2), [1, 2, 3, 0])
-    y = relax.op.nn.conv2d(x, weight, data_layout="NHWC", kernel_layout="HWIO")
-    ctx.set_output(op, 0, activation(ctx, op, _bias(ctx, op, y, 3)))
+    act = int(op.opt("fusedActivationFunction", 0) or 0)
+    args = [ctx.input(op, 2), ctx.input(op, 1)]
+    if len(op.inputs) > 3 and op.inputs[3] >= 0:
+        args.append(ctx.input(op, 3))
+    y = emit_kernel(ctx, transpose_conv2d_f32, args, stride=stride, before=(pads[0][0], pads[1][0]),
+                    out_hw=tuple(out_t.shape[1:3]), relu_bounds=RELU_BOUNDS.get(act))
+    ctx.set_output(op, 0, y if act in RELU_BOUNDS else activation(ctx, op, y))
 
 
 @register("FULLY_CONNECTED", F32)

@@ -56,24 +56,16 @@ def transpose_conv_geometry(op, in_shape, w_shape, out_shape):
     return stride, pads
 
 
-def dilate_and_pad(x, shape, stride, pads, zero: float = 0.0):
-    """NHWC x with stride-1 zeros between pixels, then padded (negative widths crop): the input a transposed
-    convolution correlates with its flipped kernel."""
-    from tvm import relax
+def transpose_tap(y, j, stride: int, before: int, k: int, size: int):
+    """A transposed convolution as a gather (the input dilated by `stride`, padded by `before`, correlated with the
+    kernel flipped): of output row y, the j-th kernel row that lands on the stride's grid. Returns (kernel row,
+    input row it reads, whether both exist). Only ceil(k / stride) taps per row: no zeros multiplied."""
+    from tvm import tirx
 
-    n, h, w, c = shape
-    sh, sw = stride
-    if sh > 1 or sw > 1:
-        x = relax.op.reshape(x, (n, h, 1, w, 1, c))
-        x = relax.op.nn.pad(x, [0, 0, 0, 0, 0, sh - 1, 0, 0, 0, sw - 1, 0, 0], "constant", zero)
-        x = relax.op.reshape(x, (n, h * sh, w * sw, c))
-        x = relax.op.strided_slice(x, [1, 2], [0, 0], [(h - 1) * sh + 1, (w - 1) * sw + 1])
-    size = [(h - 1) * sh + 1, (w - 1) * sw + 1]
-    crop_begin, crop_end = [max(-p[0], 0) for p in pads], [size[i] - max(-pads[i][1], 0) for i in range(2)]
-    if any(crop_begin) or crop_end != size:
-        x = relax.op.strided_slice(x, [1, 2], crop_begin, crop_end)
-    widths = [0, 0, max(pads[0][0], 0), max(pads[0][1], 0), max(pads[1][0], 0), max(pads[1][1], 0), 0, 0]
-    return relax.op.nn.pad(x, widths, "constant", zero) if any(widths) else x
+    first = tirx.floormod(tirx.const(before, "int32") - y, stride)
+    ky = first + j * stride
+    iy = tirx.floordiv(y + ky - before, stride)
+    return ky, iy, tirx.all(ky < k, iy >= 0, iy < size)
 
 
 def const_ints(ctx, op, k) -> list[int]:

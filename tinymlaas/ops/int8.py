@@ -32,7 +32,7 @@ from tinymlaas.ops.dsp_layouts import (
     requantize_exact,
 )
 from tinymlaas.ops.emit import emit_kernel, extern
-from tinymlaas.ops.geometry import dilate_and_pad, padding, reduce_axes, transpose_conv_geometry, window_padding
+from tinymlaas.ops.geometry import padding, reduce_axes, transpose_conv_geometry, window_padding
 from tinymlaas.ops.interpreter_tables import interpreter_table
 from tinymlaas.ops.quantization import (
     activation_range,
@@ -573,22 +573,21 @@ def prelu(ctx, op, impl):
 
 @register("TRANSPOSE_CONV", ("int8", "int16"), implementations=("tir",))
 def transpose_conv(ctx, op, impl):
-    """As float32: the input dilated by the stride and padded with its zero point, then an int8 convolution with the
-    kernel flipped in space; TFLite requantizes per channel like a convolution."""
+    """A gather over the taps on the stride's grid (int8_te.transpose_conv2d_s8); TFLite requantizes per channel
+    like a convolution."""
     from tvm import relax
 
     x_t, w_t, out_t = ctx.tensor(op.inputs[2]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
-    w = np.ascontiguousarray(_const_weights(ctx, op)[:, ::-1, ::-1, :])
+    w = _const_weights(ctx, op)
     channels = w.shape[0]
     stride, pads = transpose_conv_geometry(op, x_t.shape, w_t.shape, out_t.shape)
-    x = ctx.emit(dilate_and_pad(ctx.input(op, 2), x_t.shape, stride, pads, float(x_t.zero_point)))
     mult, shift = _requant_consts(ctx, op.inputs[2], op.inputs[1], op.outputs[0], channels)
     lo, hi = _act(ctx, op)
     bias = _bias_of(ctx, op, 3, channels)
-    args = [x, relax.const(w), relax.const(bias), *map(relax.const, _rescale(ctx, op, mult, shift))]
-    y = emit_kernel(ctx, k.conv2d_s8, args, stride=(1, 1), dilation=(1, 1), padding=(0, 0, 0, 0),
-                    zp_in=x_t.zero_point, zp_out=out_t.zero_point, act_min=lo, act_max=hi,
-                    acc_dtype=accumulator(x_t, w.reshape(channels, -1)))
+    args = [ctx.input(op, 2), relax.const(w), relax.const(bias), *map(relax.const, _rescale(ctx, op, mult, shift))]
+    y = emit_kernel(ctx, k.transpose_conv2d_s8, args, stride=stride, before=(pads[0][0], pads[1][0]),
+                    out_hw=tuple(out_t.shape[1:3]), zp_in=x_t.zero_point, zp_out=out_t.zero_point, act_min=lo,
+                    act_max=hi, acc_dtype=accumulator(x_t, w.reshape(channels, -1)))
     ctx.set_output(op, 0, y)
 
 

@@ -160,6 +160,32 @@ def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, paddin
     return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype, proven)
 
 
+def transpose_conv2d_s8(data, weight, bias, multiplier, shift, *, stride, before, out_hw, zp_in, zp_out, act_min,
+                        act_max, acc_dtype="int32"):
+    """NHWC int8 (or int16x8) transposed convolution, weights OHWI as TFLite holds them: a gather over the taps on the
+    stride's grid (geometry.transpose_tap), (x - zp_in) x w summed, requantized per channel as a convolution."""
+    from tvm import te, tirx
+
+    from tinymlaas.ops.geometry import transpose_tap
+
+    n, h, w, _ = (int(v) for v in data.shape)
+    oc, kh, kw, ic = (int(v) for v in weight.shape)
+    (sh, sw), (bh, bw), (oh, ow) = stride, before, out_hw
+    ry = te.reduce_axis((0, -(-kh // sh)), "ry")
+    rx = te.reduce_axis((0, -(-kw // sw)), "rx")
+    rc = te.reduce_axis((0, ic), "rc")
+
+    def product(b, y, x, o):
+        ky, iy, y_ok = transpose_tap(y, ry, sh, bh, kh, h)
+        kx, ix, x_ok = transpose_tap(x, rx, sw, bw, kw, w)
+        term = _product(data[b, iy, ix, rc].astype("int32") - _i32(zp_in),
+                        weight[o, kh - 1 - ky, kw - 1 - kx, rc].astype("int32"), acc_dtype)
+        return tirx.if_then_else(tirx.all(y_ok, x_ok), term, tirx.const(0, acc_dtype))
+
+    acc = te.compute((n, oh, ow, oc), lambda b, y, x, o: te.sum(product(b, y, x, o), axis=[ry, rx, rc]), name="acc")
+    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype)
+
+
 def requantize_proven(acc, bias, multiplier, round_shift, *, act_min, act_max, single: bool):
     """The requantization of gemm_dsp.c without 64-bit rounding steps or saturation tests, for a layer where
     dsp_layouts.requant_table proved it exact (its columns: `bias` doubled unless `single`, `multiplier`, and

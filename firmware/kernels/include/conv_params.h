@@ -19,6 +19,8 @@ struct tinymlaas_conv_params {
     int32_t zp_in, zp_out;      /* zero points */
     int32_t act_min, act_max;   /* fused activation bounds */
     int32_t single;             /* one rounding (the interpreter's fully connected) instead of two */
+    int32_t out_stride;         /* channels from one output pixel to the next: 0 = oc (a tensor of its own); more
+                                   where the layer writes its slice of a concatenation (gemm kernels only) */
 };
 
 /* gemm_dsp.c's depthwise3x3_rows: walked transposed (rows along the longer output side) when `transposed` */
@@ -37,7 +39,7 @@ enum {
     P_DW = TINYMLAAS_CONV_PARAM(dw), P_PT = TINYMLAAS_CONV_PARAM(pt), P_PL = TINYMLAAS_CONV_PARAM(pl),
     P_ZP_IN = TINYMLAAS_CONV_PARAM(zp_in), P_ZP_OUT = TINYMLAAS_CONV_PARAM(zp_out),
     P_ACT_MIN = TINYMLAAS_CONV_PARAM(act_min), P_ACT_MAX = TINYMLAAS_CONV_PARAM(act_max),
-    P_SINGLE = TINYMLAAS_CONV_PARAM(single),
+    P_SINGLE = TINYMLAAS_CONV_PARAM(single), P_OUT_STRIDE = TINYMLAAS_CONV_PARAM(out_stride),
     P_TRANSPOSED = offsetof(struct tinymlaas_depthwise_rows_params, transposed) / sizeof(int32_t),
 };
 

@@ -504,6 +504,7 @@ static inline __attribute__((always_inline)) void gemm_layer(const int8_t *input
     const int P = params[P_N] * OH * OW, image = params[P_H] * params[P_W] * params[P_C];
     const int32_t lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
     const int C = params[P_C];
+    const int OS = params[P_OUT_STRIDE] ? params[P_OUT_STRIDE] : OC; /* output pixel to pixel */
     if (params[P_KH] == 1 && params[P_KW] == 1 && params[P_SH] == 1 && params[P_SW] == 1 && params[P_PT] == 0 &&
         params[P_PL] == 0 && C % 4 == 0) { /* pointwise: pixel q's patch is the input's q-th run of C */
         const int32_t offset = -params[P_ZP_IN];
@@ -514,7 +515,7 @@ static inline __attribute__((always_inline)) void gemm_layer(const int8_t *input
                 widen4(src0 + c, offset, dst);
                 widen4(src1 + c, offset, dst + 4);
             }
-            pixels(patch, weights, rq, quads, OC, output + p * OC, output + (p + 1 < P ? p + 1 : p) * OC, lo, hi);
+            pixels(patch, weights, rq, quads, OC, output + p * OS, output + (p + 1 < P ? p + 1 : p) * OS, lo, hi);
         }
         return;
     }
@@ -525,7 +526,7 @@ static inline __attribute__((always_inline)) void gemm_layer(const int8_t *input
             const int n = q / (OH * OW), oy = q / OW % OH, ox = q % OW;
             gather_patch(input + n * image, params, oy, ox, j, patch);
         }
-        pixels(patch, weights, rq, quads, OC, output + p * OC, output + (two ? p + 1 : p) * OC, lo, hi);
+        pixels(patch, weights, rq, quads, OC, output + p * OS, output + (two ? p + 1 : p) * OS, lo, hi);
     }
 }
 
@@ -733,6 +734,7 @@ static inline __attribute__((always_inline)) void gemm4_layer(const int8_t *inpu
     const int P = params[P_N] * OH * OW, image = params[P_H] * params[P_W] * C;
     const int32_t lo = params[P_ACT_MIN], hi = params[P_ACT_MAX], offset = -params[P_ZP_IN];
     const int clamp = lo > -128 || hi < 127;
+    const int OS = params[P_OUT_STRIDE] ? params[P_OUT_STRIDE] : OC;
     const int pointwise = params[P_KH] == 1 && params[P_KW] == 1 && params[P_SH] == 1 && params[P_SW] == 1 &&
                           params[P_PT] == 0 && params[P_PL] == 0 && C % 4 == 0;
     for (int p = 0; p < P; p += 4) {
@@ -756,7 +758,7 @@ static inline __attribute__((always_inline)) void gemm4_layer(const int8_t *inpu
             products4(patch, w, rq + oc0, quads, pairs, stage);
             w += pairs * quads * 8;
             for (int j = 0; j < 4; j++) {
-                int8_t *out = output + q[j] * OC + oc0;
+                int8_t *out = output + q[j] * OS + oc0;
                 const int8_t *row = stage + j * TINYMLAAS_G4_CHUNK;
                 if (clamp)
                     for (int i = 0; i < n; i++)

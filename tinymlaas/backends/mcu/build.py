@@ -181,12 +181,13 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     unplanned = program
 
     stage("codegen")
-    program, kernels = build_kernels(plan_memory(unplanned, "tvm" if policy == "auto" else policy), target, work)
+    # auto: the optimal plan (TVM's where it is no larger); in place where even that does not fit
+    program, kernels = build_kernels(plan_memory(unplanned, "optimal" if policy == "auto" else policy), target, work)
     ram = program.arena_bytes + program.scratch_bytes + program.state_bytes
     if policy == "auto" and ram > limits(target, request)[1]:  # the smallest arena we can plan, before giving up
         # built again: an overlapped elementwise kernel is compiled without noalias
         program, kernels = build_kernels(plan_memory(unplanned, "inplace"), target, work)
-        notes.append(f"TVM's arena plan needs {fmt(ram)} B of RAM, over the budget of "
+        notes.append(f"the optimal arena plan needs {fmt(ram)} B of RAM, over the budget of "
                      f"{fmt(limits(target, request)[1])} B: planned in place")
     notes.extend(program.notes)
     check_fits(

@@ -133,6 +133,11 @@ void tinymlaas_trace(const void *data, uint32_t nbytes);
             calls.append(f"    {sym}({', '.join(_ptr(a, offsets, state) for a in step.args)});")
             out = [a for a in step.args if a.kind != "scratch"][-1]  # destination-passing: output last
             calls.append(f"    TINYMLAAS_TRACE_STEP({_ptr(out, offsets, state)}, {out.nbytes});")
+        elif isinstance(step, Copy) and step.rows > 1:  # into a slice of a concatenation
+            calls.append(f"    for (uint32_t r = 0; r < {step.rows}u; r++)\n"
+                         f"        memcpy((uint8_t *){_ptr(step.dst, offsets, state)} + r * {step.dst_stride}u, "
+                         f"(const uint8_t *){_ptr(step.src, offsets, state)} + r * {step.src_stride}u, {step.nbytes});")
+            calls.append(f"    TINYMLAAS_TRACE_STEP({_ptr(step.dst, offsets, state)}, {step.dst.nbytes});")
         elif isinstance(step, Copy):
             calls.append(f"    memcpy({_ptr(step.dst, offsets, state)}, {_ptr(step.src, offsets, state)}, {step.nbytes});")
             calls.append(f"    TINYMLAAS_TRACE_STEP({_ptr(step.dst, offsets, state)}, {step.nbytes});")
