@@ -5,6 +5,8 @@ Usage: python benchmarks/corpus.py [--out benchmarks/results/corpus_architecture
 float32 rows run on cortex-m4 and rv32imafc (FPU), int8 and int16x8 rows on cortex-m4 (DSP) and rv32imac (no FPU).
 float16 and dynamic-range (int8 weight) exports run on all three, built twice: weights at their stored width (the
 default) and widened to float32 at build time (`--weights float32`), beside the .tflite's own constant bytes.
+Every row has the arena TFLite Micro allocates for the same file (measure/tflm.py: tflite-micro's host interpreter,
+or why it cannot run it) and the build's RAM (arena + scratch + stack) over it: issue 34 asks for at most 1.0.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tinymlaas.build.pipeline import compile_model
 from tinymlaas.build.request import BuildRequest
 from tinymlaas.errors import TinyMLaaSError
 from tinymlaas.frontend.tflite import load_tflite, read_graph
+from tinymlaas.measure.tflm import tflm_arena
 
 NARROW = ("cortex-m4", "rv32imafc", "rv32imac")
 TARGETS = {"float32": ("cortex-m4", "rv32imafc"), "int8": ("cortex-m4", "rv32imac"), "int16x8": ("cortex-m4", "rv32imac"),
@@ -60,15 +63,22 @@ def main() -> None:
     jobs = [(key, entry, target) for key, entry in sorted(manifest.items())
             if entry.get("architecture") and "file" in entry and entry["precision"] in TARGETS
             for target in TARGETS[entry["precision"]]]
-    rows = []
+    rows, tflm = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for key, entry, target in tqdm(jobs, desc="corpus", unit="build"):
             row = {"model": key, "precision": entry["precision"], "target": target}
+            if key not in tflm:
+                tflm[key] = tflm_arena(corpus / entry["file"])
+            row["tflm_arena"] = tflm[key].total or None
+            if tflm[key].refused:
+                row["tflm_refused"] = tflm[key].refused
             try:
                 r = compile_model(corpus / entry["file"], target, Path(tmp) / f"{key}-{target}", BuildRequest(inputs=3))
                 row.update(verified=r.verified, lowering=r.lowering, instructions=r.instructions,
                            flash_model=r.sizes["flash_model"], ram_model=r.sizes["ram_model"],
                            weights=r.sizes["weights"], fidelity=r.fidelity, compile_seconds=r.compile_seconds)
+                if row["tflm_arena"]:
+                    row["ram_vs_tflm_arena"] = round(r.sizes["ram_model"] / row["tflm_arena"], 3)
                 if "_unrolled" in key:
                     factor, slack = RECURRENT_FLASH_GOAL
                     goal = int(factor * (stored_constant_bytes(corpus / entry["file"]) + slack))
@@ -84,6 +94,8 @@ def main() -> None:
     for r in rows:
         figures = (f"{r['instructions']:>12,} instr  flash {r['flash_model']:>9,} B  RAM {r['ram_model']:>8,} B  "
                    f"{'PASS' if r['verified'] else 'FAIL'}") if "instructions" in r else r["refused"][:90]
+        if "ram_vs_tflm_arena" in r:
+            figures += f"  RAM {r['ram_vs_tflm_arena']:.2f}x TFLite Micro's arena"
         if "flash_vs_goal" in r:
             figures += f"  flash {r['flash_vs_goal']:.2f}x the goal 2 x (weights + 64 KB)"
         if "weights_vs_tflite" in r:

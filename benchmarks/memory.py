@@ -5,7 +5,10 @@ Usage: python benchmarks/memory.py [--models DIR] [--out FILE] [--targets T,...]
 Per model (the four int8 MLPerf Tiny models and the int8 architectures of tests/corpus, which the planner was not
 tuned for) and target, one build per plan: each is run in QEMU and verified against the TFLite interpreter; its
 arena, RAM (arena + kernel scratch + measured stack) and instruction count are recorded with the planner's time.
-Ratios are to TVM's plan (StaticPlanBlockMemory), the default build.
+Ratios are to TVM's plan (StaticPlanBlockMemory); the default build (`--memory auto`) is the optimal plan, which
+also writes concatenations in place (ir/concat_in_place.py: the instruction counts show the copies saved). Beside
+them, the arena TFLite Micro itself allocates for the same file (measure/tflm.py, tflite-micro's host interpreter;
+its `tail` holds 64-bit pointers, about twice a 32-bit core's) and each plan's RAM over it.
 """
 
 from __future__ import annotations
@@ -40,8 +43,12 @@ def _row(name: str, path: Path, target: str, inputs: int, work: Path) -> dict:
     from tinymlaas.build.pipeline import compile_model
     from tinymlaas.build.request import BuildRequest
     from tinymlaas.errors import TinyMLaaSError
+    from tinymlaas.measure.tflm import tflm_arena
 
     row = {"model": name, "target": target}
+    tflm = tflm_arena(path)
+    row["tflm_arena"] = {"refused": tflm.refused} if tflm.refused else {"total": tflm.total, "head": tflm.head,
+                                                                        "tail": tflm.tail}
     for policy in POLICIES:
         started = time.monotonic()
         try:
@@ -61,6 +68,10 @@ def _row(name: str, path: Path, target: str, inputs: int, work: Path) -> dict:
             if "arena" in row[policy]:
                 row[policy]["arena_vs_tvm"] = round(row[policy]["arena"] / max(base["arena"], 1), 3)
                 row[policy]["ram_vs_tvm"] = round(row[policy]["ram"] / max(base["ram"], 1), 3)
+                row[policy]["instructions_vs_tvm"] = round(row[policy]["instructions"] / max(base["instructions"], 1), 4)
+    for policy in POLICIES:
+        if "ram" in row[policy] and not tflm.refused:
+            row[policy]["ram_vs_tflm_arena"] = round(row[policy]["ram"] / tflm.total, 3)
     return row
 
 
@@ -77,11 +88,13 @@ def main(argv=None) -> int:
             for name, path in _models(args.models):
                 row = _row(name, path, target, args.inputs, Path(tmp) / target / name)
                 rows.append(row)
-                cells = "  ".join(f"{p} {row[p].get('arena', row[p].get('error', '?'))!s:>8}" for p in POLICIES)
-                print(f"{target:10} {name:28} {cells}", flush=True)
+                cells = "  ".join(f"{p} {row[p].get('ram', row[p].get('error', '?'))!s:>8}" for p in POLICIES)
+                tflm = row["tflm_arena"].get("total", "-")
+                print(f"{target:10} {name:28} RAM {cells}  TFLite Micro arena {tflm}", flush=True)
     result = {
-        "what": "arena and RAM of TVM's memory plan, the optimal plan and the in-place plan, each build run in QEMU "
-                "and verified against the TFLite interpreter",
+        "what": "arena and RAM of TVM's memory plan, the optimal plan (the default; concatenations in place) and the "
+                "in-place plan, each build run in QEMU and verified against the TFLite interpreter, beside the arena "
+                "TFLite Micro allocates for the same file (tflite-micro's host interpreter)",
         "tinymlaas": __version__,
         "host": platform.node(),
         "python": platform.python_version(),
