@@ -338,7 +338,10 @@ def fully_connected(ctx, op, impl):
         if table is not None:  # one row: four channels per step; a batch: the 2x2 product
             kernel, block = ("tinymlaas_gemv", 4) if batch == 1 else ("tinymlaas_gemm", 2)
             wide = impl == "dsp16"
-            y = extern(ctx, kernel + ("_w16" if wide else "_w8"),
+            per_tensor = batch == 1 and (table[:, 1:] == table[0, 1:]).all()
+            if per_tensor:  # the biases, then one {mult, round, shift}: 4 B a channel instead of 16
+                table = np.concatenate([table[:, 0], table[0, 1:]]).astype(np.int32)
+            y = extern(ctx, kernel + ("_w16" if wide else "_w8") + ("_pt" if per_tensor else ""),
                        [x, relax.const(blocked_weights(w, block, wide)), relax.const(table), cp], (batch, out_features))
         else:
             y = extern(ctx, "tinymlaas_conv1x1_s8", [x, relax.const(w), bias, relax.const(mult), relax.const(shift), cp],

@@ -15,7 +15,8 @@
  *   weights [OC/2][quad][channel 0..1][k0 k1 k2 k3]   int8  (gemm: output channels in pairs)
  *           [OC/2][quad][channel 0..1][k0 k2 | k1 k3] int16
  *           [OC/4][quad][channel 0..3][...]           gemv: one pixel, four channels per step
- *   requant [OC][bias, multiplier, round, shift]       see struct tinymlaas_rq
+ *   requant [OC][bias, multiplier, round, shift]       see struct tinymlaas_rq (gemv_*_pt: [OC] biases, then
+ *                                                      one multiplier, round, shift)
  *
  * Requantization is TFLite's, bit-exact, in its cheapest exact form: the compiler proved for the layer
  * that no intermediate overflows (tinymlaas/ops/dsp_layouts.py requant_table) and folded the output zero point
@@ -863,12 +864,16 @@ static inline __attribute__((always_inline)) void mac1x4_w16(const int16_t *patc
 
 static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input, const void *weights,
                                                              const struct tinymlaas_rq *rq, const int32_t *params,
-                                                             int8_t *output, int16_t *patch, int quads, int wide,
-                                                             int single, int clamp)
+                                                             int8_t *output, int16_t *patch, int quads, int shared,
+                                                             int wide, int single, int clamp)
 {
     const int C = params[P_C], OC = params[P_OC], batch = params[P_N];
     const int32_t offset = -params[P_ZP_IN], lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
     const int step = quads * (wide ? 32 : 16); /* bytes of four channels */
+    /* channel o's bias and {mult, round, shift}: rows of four words, or (shared) the biases, then one triple */
+    const int32_t *bias = shared ? (const int32_t *)rq : &rq->bias;
+    const int32_t *factors = shared ? (const int32_t *)rq + OC : &rq->mult;
+    const int bias_step = shared ? 1 : 4, factors_step = shared ? 0 : 4;
     for (int b = 0; b < batch; b++, input += C, output += OC) {
         int c = 0;
         for (; c + 4 <= C; c += 4)
@@ -876,14 +881,17 @@ static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input
         for (; c < quads * 4; c++)
             patch[(c & ~3) + lane_of[c & 3]] = c < C ? (int16_t)(input[c] + offset) : 0;
         const uint8_t *w = weights;
+        const int32_t *b = bias, *f = factors; /* channel oc + j's */
         for (int oc = 0; oc < OC; oc += 4, w += step) {
             int32_t acc[4];
             if (wide)
                 mac1x4_w16(patch, (const int16_t *)w, quads, acc);
             else
                 mac1x4_w8(patch, (const int8_t *)w, quads, acc);
-            for (int j = 0; j < 4 && oc + j < OC; j++)
-                output[oc + j] = requantize(acc[j], rq + oc + j, single, clamp, lo, hi);
+            for (int j = 0; j < 4 && oc + j < OC; j++, b += bias_step, f += factors_step) {
+                const struct tinymlaas_rq q = {*b, f[0], f[1], f[2]};
+                output[oc + j] = requantize(acc[j], &q, single, clamp, lo, hi);
+            }
         }
     }
 }
@@ -894,7 +902,7 @@ void tinymlaas_gemv_w8(const int8_t *restrict input, const int8_t *restrict weig
 {
     const int quads = (params[P_C] + 3) / 4;
     int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads);
+    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads, 0);
 }
 
 void tinymlaas_gemv_w16(const int8_t *restrict input, const int16_t *restrict weights,
@@ -903,7 +911,7 @@ void tinymlaas_gemv_w16(const int8_t *restrict input, const int16_t *restrict we
 {
     const int quads = (params[P_C] + 3) / 4;
     int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads);
+    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads, 0);
 }
 
 /* in place: a row is widened whole before its outputs are written */
@@ -912,7 +920,7 @@ void tinymlaas_gemv_w8_inplace(const int8_t *input, const int8_t *restrict weigh
 {
     const int quads = (params[P_C] + 3) / 4;
     int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads);
+    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads, 0);
 }
 
 void tinymlaas_gemv_w16_inplace(const int8_t *input, const int16_t *restrict weights,
@@ -921,7 +929,45 @@ void tinymlaas_gemv_w16_inplace(const int8_t *input, const int16_t *restrict wei
 {
     const int quads = (params[P_C] + 3) / 4;
     int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads);
+    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads, 0);
+}
+
+/* per-tensor twins (_pt): `rq` is every channel's bias, then one {mult, round, shift}, kept in registers (a fully
+   connected layer quantized per tensor: 4 B of table a channel instead of 16) */
+void tinymlaas_gemv_w8_pt(const int8_t *restrict input, const int8_t *restrict weights,
+                          const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                          int8_t *restrict output)
+{
+    const int quads = (params[P_C] + 3) / 4;
+    int16_t patch[quads * 4] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads, 1);
+}
+
+void tinymlaas_gemv_w16_pt(const int8_t *restrict input, const int16_t *restrict weights,
+                           const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                           int8_t *restrict output)
+{
+    const int quads = (params[P_C] + 3) / 4;
+    int16_t patch[quads * 4] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads, 1);
+}
+
+void tinymlaas_gemv_w8_pt_inplace(const int8_t *input, const int8_t *restrict weights,
+                                  const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                                  int8_t *output)
+{
+    const int quads = (params[P_C] + 3) / 4;
+    int16_t patch[quads * 4] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads, 1);
+}
+
+void tinymlaas_gemv_w16_pt_inplace(const int8_t *input, const int16_t *restrict weights,
+                                   const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                                   int8_t *output)
+{
+    const int quads = (params[P_C] + 3) / 4;
+    int16_t patch[quads * 4] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads, 1);
 }
 
 /*
