@@ -19,11 +19,12 @@ def test_time_steps_share_their_kernels_with_the_same_outputs(tmp_path, monkeypa
     apart = compile_model(LSTM, "cortex-m4", tmp_path / "apart", BuildRequest(inputs=3))
     for r in (shared, apart):
         assert r.verified and r.lowering == "integer" and r.fidelity["max_lsb_diff"] == 0
-    assert any("share" in n for n in shared.notes) and not any("share" in n for n in apart.notes)
+    assert any("share one code body" in n for n in shared.notes)
+    assert not any("share" in n for n in apart.notes)
     assert (tmp_path / "shared" / "outputs.bin").read_bytes() == (tmp_path / "apart" / "outputs.bin").read_bytes()
     assert shared.sizes["model_code"] < 0.6 * apart.sizes["model_code"]
     # the constants that differ are loaded once per call, outside the loops: (almost) the same instructions
-    assert shared.instructions <= 1.02 * apart.instructions
+    assert shared.instructions <= 1.03 * apart.instructions
 
 
 @pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
@@ -33,5 +34,5 @@ def test_a_bidirectional_lstm_is_bit_exact_and_small(tmp_path, target):
     r = compile_model(BILSTM, target, tmp_path / "o", BuildRequest(inputs=3))
     assert r.verified and r.fidelity["max_lsb_diff"] == 0
     constants = sum(t.data.nbytes for t in graph.tensors if t.is_const and t.data is not None)
-    # issue 34's goal is 2 x (weights + 64 KB); measured 1.12x of it (benchmarks/results/corpus_architectures.json)
-    assert r.sizes["flash_model"] <= 1.25 * 2 * (constants + 64 * 1024)
+    # issue 34's goal: 2 x (weights + 64 KB) (benchmarks/results/corpus_architectures.json)
+    assert r.sizes["flash_model"] <= 2 * (constants + 64 * 1024)

@@ -95,6 +95,19 @@ class LoweringContext:
         """The tuned schedule of this layer's TIR kernel (None: the default schedule)."""
         return self.schedules.get(op.index)
 
+    def repeats(self, op: Operator) -> int:
+        """How many operators of the graph have this one's opcode and tensor shapes and types (an unrolled sequence
+        repeats each of its operators once per step)."""
+        if not hasattr(self, "_signatures"):
+            from collections import Counter
+
+            self._signatures = Counter(self._signature(o) for o in self.graph.operators)
+        return self._signatures[self._signature(op)]
+
+    def _signature(self, op: Operator) -> tuple:
+        tensors = [self.graph.tensor(i) for i in (*op.inputs, *op.outputs) if i >= 0]
+        return op.opcode, tuple((t.shape, t.dtype) for t in tensors)
+
 
 def choose_implementation(graph: Graph, target, choices, op: Operator, conv: registry.Converter) -> str:
     """The caller's choice for this layer (or for every layer) where it applies, else the C micro-kernels ("dsp")

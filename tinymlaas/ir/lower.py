@@ -85,13 +85,32 @@ def relax_passes(fold_constants: bool = True, fuse: bool = True):
     import tvm
     from tvm import relax
 
-    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()]
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), _splits_apart()]
     if fold_constants:
         passes.append(relax.transform.FoldConstant())
     if fuse:
         passes += [relax.transform.FuseOps(), relax.transform.FuseTIR()]
     passes.append(relax.transform.DeadCodeElimination())
     return tvm.transform.Sequential(passes, name="tinymlaas.fuse")
+
+
+SPLIT_KERNEL = re.compile(r"^split\d*$")  # TVM's legalized split
+
+
+def _splits_apart():
+    """A split kept out of fusion (opaque): fused, its producer's code is repeated once per output (an unrolled
+    sequence's input quantized in 16 copies of the loop: 10-20 KB of code); apart, the producer runs once and the
+    split is a few copies."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="tinymlaas.SplitsApart")
+    def apart(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tvm.tirx.PrimFunc) and SPLIT_KERNEL.match(gv.name_hint):
+                mod[gv] = func.with_attr("op_pattern", 8)  # kOpaque
+        return mod
+
+    return apart
 
 
 def planning_passes():
@@ -338,4 +357,19 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
         notes += (narrowing.note(),) if narrowing.tensors else ()
     mod = planning_passes()(drop_unreferenced_kernels(mod))
     program = flatten(mod, kernel_operators, extern_operators)
-    return replace(program, notes=program.notes + notes)
+    return replace(program, notes=program.notes + notes + _reuse_note(program))
+
+
+def _reuse_note(program: Program) -> tuple[str, ...]:
+    """How many operators run through kernels that serve many (an unrolled sequence's steps: one code body)."""
+    from collections import Counter
+
+    from tinymlaas.ir.kernel_sharing import SHARE_MIN_KERNELS
+
+    calls = Counter(s.kernel for s in program.steps if isinstance(s, KernelCall) and not s.extern)
+    reused = {k: n for k, n in calls.items() if n >= SHARE_MIN_KERNELS}
+    if not reused:
+        return ()
+    note = (f"{sum(reused.values())} operator calls run through {len(reused)} kernels called at least "
+            f"{SHARE_MIN_KERNELS} times each (repeated operators share one code body)")
+    return (note,)

@@ -379,26 +379,39 @@ def broadcast(x, out_shape, index):
     return x[tuple(idx)]
 
 
-def add_s8(a, b, *, out_shape, subtract, left_shift, zp_a, zp_b, zp_out, mult_a, shift_a, mult_b, shift_b, mult_out,
-           shift_out, act_min, act_max):
-    """TFLite int8 ADD/SUB (with broadcasting): both inputs rescaled to a common scale with 20 bits of headroom."""
+def _parameters(params, values: dict) -> dict:
+    """Zero points and multipliers as immediates, or (params: an int32 buffer of `values` in order) read from it: one
+    kernel body then serves every step of an unrolled sequence whose shifts agree, whatever its scales (see
+    int8.repeated_params). Shifts stay immediates: they shape the code (the rounding, a left shift or none)."""
+    if params is None:
+        return {k: _i32(v) for k, v in values.items()}
+    return {k: params[i] for i, k in enumerate(values)}
+
+
+def add_s8(a, b, params=None, *, out_shape, subtract, left_shift, zp_a, zp_b, zp_out, mult_a, shift_a, mult_b, shift_b,
+           mult_out, shift_out, act_min, act_max):
+    """TFLite int8 ADD/SUB (with broadcasting): both inputs rescaled to a common scale with 20 bits of headroom.
+    params: the zero points and multipliers in a buffer instead of immediates (_parameters)."""
     from tvm import te
 
+    q = _parameters(params, {"zp_a": zp_a, "zp_b": zp_b, "zp_out": zp_out, "mult_a": mult_a, "mult_b": mult_b,
+                             "mult_out": mult_out})
+
     def scaled(x, zp, mult, shift):
-        v = (x.astype("int32") - _i32(zp)) * _i32(1 << left_shift)
-        return rounding_divide_by_pot(srdhm(v, _i32(mult)), -shift)
+        v = (x.astype("int32") - zp) * _i32(1 << left_shift)
+        return rounding_divide_by_pot(srdhm(v, mult), -shift)
 
     # The rescaled sum is its own stage, computed per element ("keep_": not inlined by the schedule),
     # so the output rescaling does not copy both input rescalings into one expression tree.
     def combine(*i):
-        sa = scaled(broadcast(a, out_shape, i), zp_a, mult_a, shift_a)
-        sb = scaled(broadcast(b, out_shape, i), zp_b, mult_b, shift_b)
+        sa = scaled(broadcast(a, out_shape, i), q["zp_a"], q["mult_a"], shift_a)
+        sb = scaled(broadcast(b, out_shape, i), q["zp_b"], q["mult_b"], shift_b)
         return sa - sb if subtract else sa + sb
 
     raw = te.compute(out_shape, combine, name="keep_sum")
 
     def f(*i):
-        out = rounding_divide_by_pot(srdhm(raw(*i), _i32(mult_out)), -shift_out) + _i32(zp_out)
+        out = rounding_divide_by_pot(srdhm(raw(*i), q["mult_out"]), -shift_out) + q["zp_out"]
         return _clamp(out, act_min, act_max, str(a.dtype))
 
     return te.compute(out_shape, f, name="add")
@@ -430,13 +443,15 @@ def add_s8_tables(a, b, table_a, table_b, mult_out, *, out_shape, exponent, roun
     return te.compute(out_shape, f, name="add")
 
 
-def mul_s8(a, b, *, out_shape, zp_a, zp_b, zp_out, mult, shift, act_min, act_max, out_dtype="int8"):
-    """TFLite int8 or int16 MUL (with broadcasting)."""
+def mul_s8(a, b, params=None, *, out_shape, zp_a, zp_b, zp_out, mult, shift, act_min, act_max, out_dtype="int8"):
+    """TFLite int8 or int16 MUL (with broadcasting). params: as add_s8's."""
     from tvm import te, tirx
 
+    q = _parameters(params, {"zp_a": zp_a, "zp_b": zp_b, "zp_out": zp_out, "mult": mult})
+
     def f(*i):
-        prod = (broadcast(a, out_shape, i).astype("int32") - _i32(zp_a)) * (broadcast(b, out_shape, i).astype("int32") - _i32(zp_b))
-        out = multiply_by_quantized_multiplier(prod, _i32(mult), _i32(shift)) + _i32(zp_out)
+        prod = (broadcast(a, out_shape, i).astype("int32") - q["zp_a"]) * (broadcast(b, out_shape, i).astype("int32") - q["zp_b"])
+        out = multiply_by_quantized_multiplier(prod, q["mult"], _i32(shift)) + q["zp_out"]
         return tirx.Min(tirx.Max(out, _i32(act_min)), _i32(act_max)).astype(out_dtype)
 
     return te.compute(out_shape, f, name="mul")
