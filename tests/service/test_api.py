@@ -47,6 +47,27 @@ def test_register_list_and_get_devices(client):
                    409, "id", "already registered")
 
 
+def test_device_list_rows_are_what_the_schema_dumps(client, app):
+    """The list is serialized from columns (the fast path), a single device by the schema: the same fields and
+    values, a seen device's time included."""
+    import datetime as dt
+
+    from server.db import Device
+
+    for i in range(3):
+        client.post("/api/v1/devices", json={"id": f"row-{i}", "target": "rv32imac", "group": "rows"},
+                    headers=client.auth)
+    with app.extensions["tinymlaas"].sessions() as s:
+        d = s.get(Device, "row-1")
+        d.last_seen, d.firmware_version, d.instructions, d.state = dt.datetime(2026, 12, 7, 6, 5, 4, 321), "1.2.3", 99, "online"
+        s.commit()
+    listed = client.get("/api/v1/devices?group=rows", headers=client.auth).get_json()
+    assert [d["id"] for d in listed] == ["row-0", "row-1", "row-2"]
+    for row in listed:
+        assert row == client.get(f"/api/v1/devices/{row['id']}", headers=client.auth).get_json()
+    assert listed[1]["last_seen"] == "2026-12-07T06:05:04.000321+00:00" and listed[1]["instructions"] == 99
+
+
 def test_model_upload_and_build_request(client, app, models_dir):
     data = model_path("ad01_int8").read_bytes()
     r = client.post("/api/v1/models", data={"file": (io.BytesIO(data), "ad01_int8.tflite")}, headers=client.auth)
