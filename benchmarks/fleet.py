@@ -5,9 +5,11 @@ Usage: python benchmarks/fleet.py [--models DIR] [--agents 50,200] [--large 1000
 (`make bench` runs it with --large 1000.)
 
 Every device is a real agent (own MQTT login, HTTP download with its own credentials, image checks,
-A/B slot write, QEMU self-test of the new image: every device runs it, none is sampled) in this one process;
-the server is the real app (cheroot thread pool, SQLite WAL), one Huey worker, and each MQTT broker in turn;
-the large fleet on Mosquitto only (the production broker).
+A/B slot write, QEMU self-test of the new image: every device runs it, none is sampled), all of them threads of
+this process; the server is `tinymlaas serve` in a process of its own, as it runs in production (the real app:
+cheroot thread pool, SQLite WAL, one Huey worker), with each MQTT broker in turn; the large fleet on Mosquitto only
+(the production broker). The API clients are threads of this process too: the server does not share an
+interpreter with its clients or devices, which on a 2-core machine still share its cores.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import json
 import logging
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,16 +33,52 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.broker import MosquittoBroker
+from server.broker import MosquittoBroker, free_port
 from server.client import Client
-from tests.helpers.fleet import build, start_agents, start_server
+from tests.helpers.fleet import build, start_agents
 from tinymlaas import __version__
 
 logging.getLogger("amqtt").setLevel(logging.CRITICAL)
 
 
+class ServerProcess:
+    """`tinymlaas serve` in a process of its own: url and admin_token, as tests/helpers/fleet.start_server's Server."""
+
+    def __init__(self, data: Path, mqtt: str = "embedded", workers: int = 1):
+        self.port = free_port()
+        data.mkdir(parents=True, exist_ok=True)
+        self.log = open(data.parent / f"{data.name}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tinymlaas", "serve", "--data", str(data), "--port", str(self.port), "--mqtt", mqtt,
+             "--mqtt-port", str(free_port()), "--workers", str(workers)],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{self.url}/api/v1/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start: see {self.log.name}")
+            time.sleep(0.2)
+        self.admin_token = (data / "admin.token").read_text().strip()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # serve stops its broker and workers on ^C
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
 def rollout(root: Path, model: Path, broker: str, n: int) -> dict:
-    server = start_server(root / f"{broker}-{n}", mqtt=broker)
+    server = ServerProcess(root / f"{broker}-{n}", mqtt=broker)
     agents = []
     try:
         client = Client(server.url, server.admin_token)
@@ -61,7 +101,7 @@ def rollout(root: Path, model: Path, broker: str, n: int) -> dict:
 
 def api_load(root: Path, threads: int = 16, seconds: float = 5.0, devices: int = 200) -> dict:
     """Each endpoint in turn, `threads` clients calling it back to back: requests/s, errors, latency p50/p99."""
-    server = start_server(root / "api", workers=0)
+    server = ServerProcess(root / "api", workers=0)
     try:
         client = Client(server.url, server.admin_token)
         for i in range(devices):

@@ -195,6 +195,18 @@ def test_an_unknown_policy_is_refused(models_dir):
         memory.plan(_program(models_dir / "ad01_int8.tflite", "cortex-m4"), "smallest")
 
 
+def test_a_greedy_plan_at_the_live_bound_needs_no_integer_program(monkeypatch):
+    """An unrolled float LSTM: the greedy plan already needs no more than the bytes alive at its busiest step, so it
+    is optimal as it is (the integer program took 52 s on it)."""
+    def no_ilp(*_a, **_k):
+        raise AssertionError("the integer program ran")
+
+    program = _program(CORPUS / "models" / "lstm_unrolled_float32.tflite", "rv32imafc")
+    monkeypatch.setattr(memory, "_ilp", no_ilp)
+    plan = memory.plan_offsets(program, "optimal")
+    assert plan.optimal and plan.arena_bytes == memory.live_bound(memory._tensors(program)) * ARENA_ALIGN
+
+
 # --- built and run -------------------------------------------------------------------------------------------------
 
 def test_a_model_over_the_ram_budget_is_planned_in_place(models_dir, tmp_path):
