@@ -98,15 +98,19 @@ SPLIT_KERNEL = re.compile(r"^split\d*$")  # TVM's legalized split
 
 
 def _splits_apart():
-    """A split kept out of fusion (opaque): fused, its producer's code is repeated once per output (an unrolled
-    sequence's input quantized in 16 copies of the loop: 10-20 KB of code); apart, the producer runs once and the
-    split is a few copies."""
+    """A split into many parts (an unrolled sequence's steps) kept out of fusion (opaque): fused, its producer's
+    code is repeated once per output (the input quantized in 16 copies of the loop: 10-20 KB of code); apart, the
+    producer runs once and the split is a few copies. A split into a few parts (a recurrent cell's gates) stays
+    fused: there the copy would cost more than the code saved (a float GRU: +18% instructions)."""
     import tvm
+
+    from tinymlaas.ir.kernel_sharing import SHARE_MIN_KERNELS
 
     @tvm.transform.module_pass(opt_level=0, name="tinymlaas.SplitsApart")
     def apart(mod, _ctx):
         for gv, func in list(mod.functions.items()):
-            if isinstance(func, tvm.tirx.PrimFunc) and SPLIT_KERNEL.match(gv.name_hint):
+            if isinstance(func, tvm.tirx.PrimFunc) and SPLIT_KERNEL.match(gv.name_hint) \
+                    and len(func.params) - 1 >= SHARE_MIN_KERNELS:
                 mod[gv] = func.with_attr("op_pattern", 8)  # kOpaque
         return mod
 
