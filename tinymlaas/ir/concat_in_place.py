@@ -194,8 +194,7 @@ def concat_in_place(program: Program) -> tuple[Program, InPlaceConcatReport]:
                 if func is not None:
                     name = f"{producer.kernel}_into_{step.kernel}_{i}"
                     kernels[name] = func
-                    steps[writers[0]] = replace(producer, kernel=name,
-                                                args=(*producer.args[:-1], replace(y, within=y.within)))
+                    steps[writers[0]] = replace(producer, kernel=name, args=(*producer.args[:-1], y))
                     counts["written_in_place"] += 1
                     continue
             replacement.append(Copy(x, slice_of_y, layout.runs[i], step.op_index, rows=layout.rows,
