@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from tinymlaas.ir.kernel_calls import rewrite_buffer
 from tinymlaas.ir.lower import ARENA_ALIGN, Copy, KernelCall, Program, Region
 from tinymlaas.ops.conv_params import CONV_FIELDS
 
@@ -102,12 +103,11 @@ def _strided_tir(func, layout: ConcatLayout, start_elements: int, out_shape):
     """`func` writing its output (the last parameter) into the concatenation's buffer, shifted by `start_elements`
     along the axis. None when the kernel uses its output other than by element stores, loads and regions."""
     import tvm
-    import tvm_ffi
     from tvm import tirx
 
     old = func.params[-1]
     new = tirx.decl_buffer(out_shape, str(old.dtype), name=old.name + "_slice")
-    axis, leftover = layout.axis, []
+    axis = layout.axis
 
     def shifted(indices):
         return [i + tirx.const(start_elements, str(i.ty)) if a == axis else i for a, i in enumerate(indices)]
@@ -124,16 +124,8 @@ def _strided_tir(func, layout: ConcatLayout, start_elements: int, out_shape):
             return tirx.BufferRegion(new, region)
         return node
 
-    def still_used(node):
-        if node.same_as(old):
-            leftover.append(node)
-        return node
-
-    body = tvm_ffi.structural_map(func.body, rewrite)
-    tvm_ffi.structural_map(body, [(type(old), still_used)])
-    if leftover:
-        return None
-    return tirx.PrimFunc([*func.params[:-1], new], body, func.ret_type, func.attrs)
+    body = rewrite_buffer(func.body, old, rewrite)
+    return None if body is None else tirx.PrimFunc([*func.params[:-1], new], body, func.ret_type, func.attrs)
 
 
 def concat_in_place(program: Program) -> tuple[Program, InPlaceConcatReport]:

@@ -1,5 +1,5 @@
-"""Rewriting the fused module's kernel calls: what the passes that give a kernel more constant arguments share
-(ir/kernel_sharing.py, ir/weight_storage.py)."""
+"""Rewriting the fused module's kernel calls and a kernel's buffers: what the passes that give a kernel more
+constant arguments or another buffer share (ir/kernel_sharing.py, ir/weight_storage.py, ir/concat_in_place.py)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,21 @@ def drop_unreferenced_kernels(mod):
             relax.analysis.post_order_visit(func, visit)
     return tvm.IRModule({gv: f for gv, f in mod.functions.items()
                          if not isinstance(f, tvm.tirx.PrimFunc) or gv.name_hint in called}, attrs=mod.attrs)
+
+
+def rewrite_buffer(body, old, rewrite):
+    """A kernel body with `rewrite` applied to every node (tvm_ffi.structural_map), or None when buffer `old` is
+    still used after it: the kernel takes it other than by the accesses the rewrite replaces (a pointer taken, a
+    matched sub-buffer), so it cannot be swapped."""
+    import tvm_ffi
+
+    leftover = []
+
+    def still_used(node):
+        if node.same_as(old):
+            leftover.append(node)
+        return node
+
+    body = tvm_ffi.structural_map(body, rewrite)
+    tvm_ffi.structural_map(body, [(type(old), still_used)])
+    return None if leftover else body

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinymlaas.ir.kernel_calls import call_kernel, constant, map_kernel_calls, with_inputs
+from tinymlaas.ir.kernel_calls import call_kernel, constant, map_kernel_calls, rewrite_buffer, with_inputs
 
 MIN_ELEMENTS = 32  # smaller constants (a bias of a few channels) stay float32: not worth a conversion per read
 
@@ -128,13 +128,11 @@ def narrow_kernel(func, param: int, form: Narrowed, half: str):
     """`func` reading parameter `param` (a float32 buffer) in its stored form: the buffer's dtype changes and, for
     int8, a scale buffer is added after the inputs (before the outputs: `n_inputs` of the call). None when the kernel
     uses the buffer other than by reading elements (a pointer taken, a matched sub-buffer)."""
-    import tvm_ffi
     from tvm import tirx
 
     old = func.params[param]
     new = tirx.decl_buffer(old.shape, str(form.values.dtype), name=old.name + "_stored")
     scale = tirx.decl_buffer((form.scale.size,), "float32", name=old.name + "_scale") if form.scale is not None else None
-    leftover = []
 
     def rewrite(node):
         kind = type(node).__name__
@@ -144,16 +142,8 @@ def narrow_kernel(func, param: int, form: Narrowed, half: str):
             return tirx.BufferRegion(new, node.region)
         return node
 
-    def still_used(node):
-        if node.same_as(old):
-            leftover.append(node)
-        return node
-
-    body = tvm_ffi.structural_map(func.body, rewrite)
-    tvm_ffi.structural_map(body, [(type(old), still_used)])
-    if leftover:
-        return None
-    return new, scale, body
+    body = rewrite_buffer(func.body, old, rewrite)
+    return None if body is None else (new, scale, body)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from tinymlaas.ops.geometry import (
     reduce_axes,
     same_padding,
     transpose_conv_geometry,
-    transpose_tap,
+    transpose_conv_taps,
 )
 from tinymlaas.ops.quantization import same_quantization
 from tinymlaas.ops.registry import register
@@ -58,25 +58,18 @@ def depthwise_conv2d(ctx, op, impl):
 
 
 def transpose_conv2d_f32(data, weight, *bias, stride, before, out_hw, relu_bounds=None):
-    """NHWC transposed convolution as a gather over the taps on the stride's grid (geometry.transpose_tap), weights
-    OHWI: no zeros multiplied, no dilated copy of the input in RAM. relu_bounds: TFLite's fused RELU / RELU_N1_TO_1 /
-    RELU6 as (lo, hi), either may be None."""
+    """NHWC transposed convolution as a gather over the taps on the stride's grid (geometry.transpose_conv_taps),
+    weights OHWI. relu_bounds: TFLite's fused RELU / RELU_N1_TO_1 / RELU6 as (lo, hi), either may be None."""
     from tvm import te, tirx
 
-    n, h, w, _ = (int(v) for v in data.shape)
-    oc, kh, kw, ic = (int(v) for v in weight.shape)
-    (sh, sw), (bh, bw), (oh, ow) = stride, before, out_hw
-    ry = te.reduce_axis((0, -(-kh // sh)), "ry")
-    rx = te.reduce_axis((0, -(-kw // sw)), "rx")
-    rc = te.reduce_axis((0, ic), "rc")
+    (ry, rx, rc), taps = transpose_conv_taps(data.shape, weight.shape, stride, before)
 
     def product(b, y, x, o):
-        ky, iy, y_ok = transpose_tap(y, ry, sh, bh, kh, h)
-        kx, ix, x_ok = transpose_tap(x, rx, sw, bw, kw, w)
-        return tirx.if_then_else(tirx.all(y_ok, x_ok),
-                                 data[b, iy, ix, rc] * weight[o, kh - 1 - ky, kw - 1 - kx, rc], tirx.const(0.0, "float32"))
+        iy, ix, wy, wx, inside = taps(y, x)
+        return tirx.if_then_else(inside, data[b, iy, ix, rc] * weight[o, wy, wx, rc], tirx.const(0.0, "float32"))
 
-    acc = te.compute((n, oh, ow, oc), lambda b, y, x, o: te.sum(product(b, y, x, o), axis=[ry, rx, rc]), name="acc")
+    shape = (int(data.shape[0]), *out_hw, int(weight.shape[0]))
+    acc = te.compute(shape, lambda b, y, x, o: te.sum(product(b, y, x, o), axis=[ry, rx, rc]), name="acc")
     lo, hi = relu_bounds or (None, None)
 
     def out(b, y, x, o):
@@ -84,7 +77,7 @@ def transpose_conv2d_f32(data, weight, *bias, stride, before, out_hw, relu_bound
         v = tirx.max(v, tirx.const(lo, "float32")) if lo is not None else v
         return tirx.min(v, tirx.const(hi, "float32")) if hi is not None else v
 
-    return te.compute((n, oh, ow, oc), out, name="transpose_conv")
+    return te.compute(shape, out, name="transpose_conv")
 
 
 RELU_BOUNDS = {0: None, 1: (0.0, None), 2: (-1.0, 1.0), 3: (0.0, 6.0)}  # TFLite fused activation -> clamp

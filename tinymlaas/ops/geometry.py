@@ -56,16 +56,32 @@ def transpose_conv_geometry(op, in_shape, w_shape, out_shape):
     return stride, pads
 
 
-def transpose_tap(y, j, stride: int, before: int, k: int, size: int):
+def transpose_conv_taps(data_shape, weight_shape, stride, before):
     """A transposed convolution as a gather (the input dilated by `stride`, padded by `before`, correlated with the
-    kernel flipped): of output row y, the j-th kernel row that lands on the stride's grid. Returns (kernel row,
-    input row it reads, whether both exist). Only ceil(k / stride) taps per row: no zeros multiplied."""
-    from tvm import tirx
+    kernel flipped), NHWC data, OHWI weights: the reduce axes (kernel rows, columns, channels) and taps(y, x): the
+    input row and column, the weight's row and column (flipped), and whether they exist, of output pixel (y, x) at
+    the axes' values.
+    Only the taps on the stride's grid: ceil(k / stride) per row, no zeros multiplied, no dilated copy in RAM."""
+    from tvm import te, tirx
 
-    first = tirx.floormod(tirx.const(before, "int32") - y, stride)
-    ky = first + j * stride
-    iy = tirx.floordiv(y + ky - before, stride)
-    return ky, iy, tirx.all(ky < k, iy >= 0, iy < size)
+    _, h, w, _ = (int(v) for v in data_shape)
+    _, kh, kw, ic = (int(v) for v in weight_shape)
+    (sh, sw), (bh, bw) = stride, before
+    ry = te.reduce_axis((0, -(-kh // sh)), "ry")
+    rx = te.reduce_axis((0, -(-kw // sw)), "rx")
+    rc = te.reduce_axis((0, ic), "rc")
+
+    def along(y, j, s, b, k, size):  # the j-th kernel row landing on the grid for output row y, its input row
+        ky = tirx.floormod(tirx.const(b, "int32") - y, s) + j * s
+        iy = tirx.floordiv(y + ky - b, s)
+        return ky, iy, tirx.all(ky < k, iy >= 0, iy < size)
+
+    def taps(y, x):
+        ky, iy, y_ok = along(y, ry, sh, bh, kh, h)
+        kx, ix, x_ok = along(x, rx, sw, bw, kw, w)
+        return iy, ix, kh - 1 - ky, kw - 1 - kx, tirx.all(y_ok, x_ok)
+
+    return (ry, rx, rc), taps
 
 
 def const_ints(ctx, op, k) -> list[int]:

@@ -163,26 +163,21 @@ def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, paddin
 def transpose_conv2d_s8(data, weight, bias, multiplier, shift, *, stride, before, out_hw, zp_in, zp_out, act_min,
                         act_max, acc_dtype="int32"):
     """NHWC int8 (or int16x8) transposed convolution, weights OHWI as TFLite holds them: a gather over the taps on the
-    stride's grid (geometry.transpose_tap), (x - zp_in) x w summed, requantized per channel as a convolution."""
+    stride's grid (geometry.transpose_conv_taps), (x - zp_in) x w summed, requantized per channel as a convolution."""
     from tvm import te, tirx
 
-    from tinymlaas.ops.geometry import transpose_tap
+    from tinymlaas.ops.geometry import transpose_conv_taps
 
-    n, h, w, _ = (int(v) for v in data.shape)
-    oc, kh, kw, ic = (int(v) for v in weight.shape)
-    (sh, sw), (bh, bw), (oh, ow) = stride, before, out_hw
-    ry = te.reduce_axis((0, -(-kh // sh)), "ry")
-    rx = te.reduce_axis((0, -(-kw // sw)), "rx")
-    rc = te.reduce_axis((0, ic), "rc")
+    (ry, rx, rc), taps = transpose_conv_taps(data.shape, weight.shape, stride, before)
 
     def product(b, y, x, o):
-        ky, iy, y_ok = transpose_tap(y, ry, sh, bh, kh, h)
-        kx, ix, x_ok = transpose_tap(x, rx, sw, bw, kw, w)
-        term = _product(data[b, iy, ix, rc].astype("int32") - _i32(zp_in),
-                        weight[o, kh - 1 - ky, kw - 1 - kx, rc].astype("int32"), acc_dtype)
-        return tirx.if_then_else(tirx.all(y_ok, x_ok), term, tirx.const(0, acc_dtype))
+        iy, ix, wy, wx, inside = taps(y, x)
+        term = _product(data[b, iy, ix, rc].astype("int32") - _i32(zp_in), weight[o, wy, wx, rc].astype("int32"),
+                        acc_dtype)
+        return tirx.if_then_else(inside, term, tirx.const(0, acc_dtype))
 
-    acc = te.compute((n, oh, ow, oc), lambda b, y, x, o: te.sum(product(b, y, x, o), axis=[ry, rx, rc]), name="acc")
+    shape = (int(data.shape[0]), *out_hw, int(weight.shape[0]))
+    acc = te.compute(shape, lambda b, y, x, o: te.sum(product(b, y, x, o), axis=[ry, rx, rc]), name="acc")
     return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype)
 
 

@@ -896,79 +896,31 @@ static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input
     }
 }
 
-/* fully connected, one row at a time: weights in blocks of four output channels */
-void tinymlaas_gemv_w8(const int8_t *restrict input, const int8_t *restrict weights,
-                       const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *restrict output)
-{
-    const int quads = (params[P_C] + 3) / 4;
-    int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads, 0);
-}
-
-void tinymlaas_gemv_w16(const int8_t *restrict input, const int16_t *restrict weights,
-                        const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
-                        int8_t *restrict output)
-{
-    const int quads = (params[P_C] + 3) / 4;
-    int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads, 0);
-}
-
-/* in place: a row is widened whole before its outputs are written */
-void tinymlaas_gemv_w8_inplace(const int8_t *input, const int8_t *restrict weights,
-                               const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *output)
-{
-    const int quads = (params[P_C] + 3) / 4;
-    int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads, 0);
-}
-
-void tinymlaas_gemv_w16_inplace(const int8_t *input, const int16_t *restrict weights,
-                                const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
-                                int8_t *output)
-{
-    const int quads = (params[P_C] + 3) / 4;
-    int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads, 0);
-}
-
-/* per-tensor twins (_pt): `rq` is every channel's bias, then one {mult, round, shift}, kept in registers (a fully
-   connected layer quantized per tensor: 4 B of table a channel instead of 16) */
-void tinymlaas_gemv_w8_pt(const int8_t *restrict input, const int8_t *restrict weights,
-                          const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
-                          int8_t *restrict output)
-{
-    const int quads = (params[P_C] + 3) / 4;
-    int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads, 1);
-}
-
-void tinymlaas_gemv_w16_pt(const int8_t *restrict input, const int16_t *restrict weights,
-                           const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
-                           int8_t *restrict output)
-{
-    const int quads = (params[P_C] + 3) / 4;
-    int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads, 1);
-}
-
-void tinymlaas_gemv_w8_pt_inplace(const int8_t *input, const int8_t *restrict weights,
-                                  const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
-                                  int8_t *output)
-{
-    const int quads = (params[P_C] + 3) / 4;
-    int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 0, input, weights, rq, params, output, patch, quads, 1);
-}
-
-void tinymlaas_gemv_w16_pt_inplace(const int8_t *input, const int16_t *restrict weights,
-                                   const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
-                                   int8_t *output)
-{
-    const int quads = (params[P_C] + 3) / 4;
-    int16_t patch[quads * 4] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemv_layer, 1, input, weights, rq, params, output, patch, quads, 1);
-}
+/* Fully connected, one row at a time: weights in blocks of four output channels. Eight entry points from one
+   body: int8 or int16 weights; in place (no `restrict` on input and output: a row is widened whole before its
+   outputs are written); per tensor (_pt: `rq` is every channel's bias, then one {mult, round, shift}, kept in
+   registers: 4 B of table a channel instead of 16). */
+#define TINYMLAAS_GEMV(name, weight_t, wide, shared, noalias)                                                 \
+    void name(const int8_t *noalias input, const weight_t *restrict weights,                                  \
+              const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *noalias output) \
+    {                                                                                                         \
+        const int quads = (params[P_C] + 3) / 4;                                                              \
+        int16_t patch[quads * 4] __attribute__((aligned(8)));                                                 \
+        TINYMLAAS_DISPATCH(gemv_layer, wide, input, weights, rq, params, output, patch, quads, shared);       \
+    }
+#define TINYMLAAS_NOALIAS restrict
+#define TINYMLAAS_ALIASED
+TINYMLAAS_GEMV(tinymlaas_gemv_w8, int8_t, 0, 0, TINYMLAAS_NOALIAS)
+TINYMLAAS_GEMV(tinymlaas_gemv_w16, int16_t, 1, 0, TINYMLAAS_NOALIAS)
+TINYMLAAS_GEMV(tinymlaas_gemv_w8_inplace, int8_t, 0, 0, TINYMLAAS_ALIASED)
+TINYMLAAS_GEMV(tinymlaas_gemv_w16_inplace, int16_t, 1, 0, TINYMLAAS_ALIASED)
+TINYMLAAS_GEMV(tinymlaas_gemv_w8_pt, int8_t, 0, 1, TINYMLAAS_NOALIAS)
+TINYMLAAS_GEMV(tinymlaas_gemv_w16_pt, int16_t, 1, 1, TINYMLAAS_NOALIAS)
+TINYMLAAS_GEMV(tinymlaas_gemv_w8_pt_inplace, int8_t, 0, 1, TINYMLAAS_ALIASED)
+TINYMLAAS_GEMV(tinymlaas_gemv_w16_pt_inplace, int16_t, 1, 1, TINYMLAAS_ALIASED)
+#undef TINYMLAAS_GEMV
+#undef TINYMLAAS_NOALIAS
+#undef TINYMLAAS_ALIASED
 
 /*
  * 3x3 depthwise, dilation 1, depth multiplier 1, C a multiple of 4, weights laid out [C/4][9 taps][4 lanes]
