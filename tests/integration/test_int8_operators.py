@@ -79,7 +79,7 @@ DSP_KERNEL = {
     ("conv_1x1_odd", "dsp"): "tinymlaas_conv1x1_s8",  # a multiplier >= 0.5: left shift, general form
     ("depthwise_3x3_c8_same_relu6", "dsp"): "tinymlaas_depthwise3x3_w8",
     ("depthwise_valid_s1", "dsp"): "tinymlaas_depthwise_s8",
-    ("fc_relu", "dsp"): "tinymlaas_gemv_w8",
+    ("fc_relu", "dsp"): "tinymlaas_gemv_w8_pt",  # quantized per tensor: the biases, one {mult, round, shift}
     ("fc_flatten_batch", "dsp"): "tinymlaas_gemm_w8",
     ("conv_same_s2_relu6_per_channel", "dsp16"): "tinymlaas_gemm4_w16",  # four pixels per pass
     ("conv_1x1_odd_pixels_c12", "dsp16"): "tinymlaas_gemm4_w16",  # 15 pixels: a last group of three
