@@ -85,7 +85,7 @@ DSP_KERNEL = {
     ("conv_1x1_odd_pixels_c12", "dsp16"): "tinymlaas_gemm4_w16",  # 15 pixels: a last group of three
     ("fc_flatten_batch", "dsp16"): "tinymlaas_gemm_w16",  # fully connected: the 2x2 loop
     ("depthwise_3x3_c8_same_relu6", "dsp16"): "tinymlaas_depthwise3x3_rows",
-    ("fc_relu", "dsp16"): "tinymlaas_gemv_w16",
+    ("fc_relu", "dsp16"): "tinymlaas_gemv_w16_pt",
 }
 
 
