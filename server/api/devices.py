@@ -49,6 +49,9 @@ def _tls_credentials(device_id: str) -> dict:
     return out
 
 
+LISTED = tuple(schemas.Device().fields)  # the schema's fields, in its order
+
+
 @blp.route("/devices", methods=["GET"])
 @blp.arguments(schemas.DeviceQuery, location="query", unknown=RAISE)  # a misspelt filter: 422, not every device
 @blp.response(200, schemas.Device(many=True))
@@ -61,9 +64,6 @@ def list_devices(query):
     if query.get("group"):
         q = q.where(db.Device.group == query["group"])
     return jsonify([device_row(row) for row in session().execute(q)])
-
-
-LISTED = tuple(schemas.Device().fields)  # the schema's fields, in its order
 
 
 def device_row(row) -> dict:

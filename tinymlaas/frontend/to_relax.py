@@ -7,6 +7,7 @@ that the kernel calls planned from it still say which TFLite operator they came 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 
@@ -36,6 +37,7 @@ class LoweringContext:
         self.values.update(zip((*graph.inputs, *graph.state), self.params))
         self.new_state: dict[int, object] = {}
         self.op: Operator | None = None
+        self._signatures = None  # operator signature -> how many operators have it (repeats)
 
     def tensor(self, index: int) -> Tensor:
         return self.graph.tensor(index)
@@ -98,9 +100,7 @@ class LoweringContext:
     def repeats(self, op: Operator) -> int:
         """How many operators of the graph have this one's opcode and tensor shapes and types (an unrolled sequence
         repeats each of its operators once per step)."""
-        if not hasattr(self, "_signatures"):
-            from collections import Counter
-
+        if self._signatures is None:
             self._signatures = Counter(self._signature(o) for o in self.graph.operators)
         return self._signatures[self._signature(op)]
 

@@ -410,15 +410,16 @@ def add(ctx, op, impl):
         return
     quantization = {"zp_a": a_t.zero_point, "zp_b": b_t.zero_point, "zp_out": out_t.zero_point, "mult_a": ma,
                     "mult_b": mb, "mult_out": mo}
-    y = emit_kernel(ctx, k.add_s8, [ctx.input(op, 0), ctx.input(op, 1), *repeated_params(ctx, op, quantization)],
+    params = repeated_params(ctx, op, k.ADD_PARAMETERS, quantization)
+    y = emit_kernel(ctx, k.add_s8, [ctx.input(op, 0), ctx.input(op, 1), *params],
                     elementwise=True, out_shape=out_t.shape, subtract=op.opcode == "SUB", left_shift=left_shift,
                     **quantization, shift_a=sha, shift_b=shb, shift_out=sho, act_min=lo, act_max=hi)
     ctx.set_output(op, 0, y)
 
 
-def repeated_params(ctx, op, quantization: dict) -> list:
+def repeated_params(ctx, op, names: tuple[str, ...], quantization: dict) -> list:
     """An operator repeated at least SHARE_MIN_KERNELS times with the same shapes (the steps of an unrolled
-    sequence) takes its zero points and multipliers from a constant (int8_te._parameters): its kernels are then
+    sequence) takes its zero points and multipliers (`names`, in order) from a constant: its kernels are then
     equal wherever the shifts agree, one body for all of them (TVM's builder keeps one of equal functions; shifts
     that differ, constants too, are left to ir/kernel_sharing.py). Immediates elsewhere: the compiler folds them
     into faster code."""
@@ -428,7 +429,7 @@ def repeated_params(ctx, op, quantization: dict) -> list:
 
     if ctx.repeats(op) < SHARE_MIN_KERNELS:
         return []
-    return [relax.const(np.array(list(quantization.values()), dtype=np.int32))]
+    return [relax.const(np.array([quantization[n] for n in names], dtype=np.int32))]
 
 
 def _add_tables(ctx, op, left_shift: int, rescale_a, rescale_b, rescale_out):
@@ -464,7 +465,8 @@ def mul(ctx, op, impl):
     m, s = quantize_multiplier(float(np.float32(a_t.scale) * np.float32(b_t.scale) / np.float32(out_t.scale)))
     lo, hi = _act(ctx, op)
     quantization = {"zp_a": a_t.zero_point, "zp_b": b_t.zero_point, "zp_out": out_t.zero_point, "mult": m}
-    y = emit_kernel(ctx, k.mul_s8, [ctx.input(op, 0), ctx.input(op, 1), *repeated_params(ctx, op, quantization)],
+    params = repeated_params(ctx, op, k.MUL_PARAMETERS, quantization)
+    y = emit_kernel(ctx, k.mul_s8, [ctx.input(op, 0), ctx.input(op, 1), *params],
                     elementwise=True, out_shape=out_t.shape, **quantization, shift=s, act_min=lo, act_max=hi,
                     out_dtype=out_t.dtype)
     ctx.set_output(op, 0, y)

@@ -374,13 +374,18 @@ def broadcast(x, out_shape, index):
     return x[tuple(idx)]
 
 
-def _parameters(params, values: dict) -> dict:
-    """Zero points and multipliers as immediates, or (params: an int32 buffer of `values` in order) read from it: one
-    kernel body then serves every step of an unrolled sequence whose shifts agree, whatever its scales (see
+# the quantization parameters add_s8 / mul_s8 may read from a buffer, in the buffer's order (int8.repeated_params)
+ADD_PARAMETERS = ("zp_a", "zp_b", "zp_out", "mult_a", "mult_b", "mult_out")
+MUL_PARAMETERS = ("zp_a", "zp_b", "zp_out", "mult")
+
+
+def _parameters(params, names: tuple[str, ...], values: dict) -> dict:
+    """Zero points and multipliers as immediates, or (params: an int32 buffer holding `names` in order) read from it:
+    one kernel body then serves every step of an unrolled sequence whose shifts agree, whatever its scales (see
     int8.repeated_params). Shifts stay immediates: they shape the code (the rounding, a left shift or none)."""
     if params is None:
-        return {k: _i32(v) for k, v in values.items()}
-    return {k: params[i] for i, k in enumerate(values)}
+        return {k: _i32(values[k]) for k in names}
+    return {k: params[i] for i, k in enumerate(names)}
 
 
 def add_s8(a, b, params=None, *, out_shape, subtract, left_shift, zp_a, zp_b, zp_out, mult_a, shift_a, mult_b, shift_b,
@@ -389,8 +394,8 @@ def add_s8(a, b, params=None, *, out_shape, subtract, left_shift, zp_a, zp_b, zp
     params: the zero points and multipliers in a buffer instead of immediates (_parameters)."""
     from tvm import te
 
-    q = _parameters(params, {"zp_a": zp_a, "zp_b": zp_b, "zp_out": zp_out, "mult_a": mult_a, "mult_b": mult_b,
-                             "mult_out": mult_out})
+    q = _parameters(params, ADD_PARAMETERS, {"zp_a": zp_a, "zp_b": zp_b, "zp_out": zp_out, "mult_a": mult_a,
+                                             "mult_b": mult_b, "mult_out": mult_out})
 
     def scaled(x, zp, mult, shift):
         v = (x.astype("int32") - zp) * _i32(1 << left_shift)
@@ -442,7 +447,7 @@ def mul_s8(a, b, params=None, *, out_shape, zp_a, zp_b, zp_out, mult, shift, act
     """TFLite int8 or int16 MUL (with broadcasting). params: as add_s8's."""
     from tvm import te, tirx
 
-    q = _parameters(params, {"zp_a": zp_a, "zp_b": zp_b, "zp_out": zp_out, "mult": mult})
+    q = _parameters(params, MUL_PARAMETERS, {"zp_a": zp_a, "zp_b": zp_b, "zp_out": zp_out, "mult": mult})
 
     def f(*i):
         prod = (broadcast(a, out_shape, i).astype("int32") - q["zp_a"]) * (broadcast(b, out_shape, i).astype("int32") - q["zp_b"])
