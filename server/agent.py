@@ -32,7 +32,6 @@ from tinymlaas.ota.slots import BootedImage, Bootloader, Flash, NoBootableImage
 from tinymlaas.private import write_private
 from tinymlaas.targets import get_target
 
-from .broker import ROOT
 from .mqtt_loop import shared_loop
 
 log = logging.getLogger("tinymlaas.agent")
@@ -126,7 +125,8 @@ class Agent:
         self.register()
         self.boot()
         m = self.state["mqtt"]
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, clean_session=True)
+        # the broker knows the device by the key the server gave it (its name is unique in its organisation only)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=m["username"], clean_session=True)
         self.client.username_pw_set(m["username"], m["password"])
         if m.get("tls"):
             self.client.tls_set(**self._tls_files(m))
@@ -158,7 +158,7 @@ class Agent:
             shared_loop().disconnect(self.client, clean)
 
     def _topic(self, suffix: str) -> str:
-        return f"{ROOT}/devices/{self.device_id}/{suffix}"
+        return f"{self.state['mqtt']['topic_root']}/{suffix}"
 
     def _publish(self, suffix: str, payload: dict, retain: bool = False) -> None:
         if self.client is not None:

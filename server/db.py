@@ -5,9 +5,21 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from tinymlaas.build.request import OPTIONS, BuildRequest
@@ -15,6 +27,10 @@ from tinymlaas.private import create_private
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MAX_ID = 2**63 - 1  # the largest BIGINT: an id past it cannot exist (and would overflow a query)
+
+
+def device_key(org_id: int, name: str) -> str:
+    return f"{org_id}.{name}"
 
 
 def now() -> dt.datetime:
@@ -54,9 +70,12 @@ ROLES = {"admin": SCOPES, "developer": ("read", "build", "deploy"), "viewer": ("
 
 
 class User(Base):
+    """A person or a program of one organisation; its name is unique there (another tenant's names are not told)."""
+
     __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_users_org_name"),)
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     role: Mapped[str] = mapped_column(String(16), default="developer")  # admin, developer, viewer
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
@@ -80,9 +99,20 @@ class ApiToken(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
 
+# a device's key: its organisation's id and its name, which is unique within the organisation only ('.' is in no
+# name, so keys of different tenants never meet); devices registered before names were per organisation keep their
+# name as key (their credentials go on working)
+DEVICE_KEY_LENGTH = 96
+
+
 class Device(Base):
+    """A board of an organisation. `id`, its key, is also its MQTT user name and client id (the broker's namespace
+    is the whole service's); the API calls it by `name`."""
+
     __tablename__ = "devices"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # also its MQTT user name
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_devices_org_name"),)
+    id: Mapped[str] = mapped_column(String(DEVICE_KEY_LENGTH), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(32))
     group: Mapped[str] = mapped_column(String(64), default="default", index=True)
     flash_bytes: Mapped[int] = mapped_column(Integer)
@@ -163,7 +193,8 @@ class DeviceJob(Base):
     __tablename__ = "device_jobs"
     id: Mapped[str] = mapped_column(String(96), primary_key=True)
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"), index=True)
-    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    device_id: Mapped[str] = mapped_column(String(DEVICE_KEY_LENGTH), ForeignKey("devices.id"), index=True)
+    device: Mapped[Device] = relationship(lazy="raise")  # jobs_of loads it with the jobs (one query, not one each)
     position: Mapped[int] = mapped_column(Integer)
     stage: Mapped[int] = mapped_column(Integer)
     # pending (not notified yet), notified, in_progress, succeeded, failed, rejected, cancelled
@@ -178,7 +209,7 @@ class DeviceJob(Base):
 class Telemetry(Base):
     __tablename__ = "telemetry"
     id: Mapped[int] = mapped_column(primary_key=True)
-    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    device_id: Mapped[str] = mapped_column(String(DEVICE_KEY_LENGTH), ForeignKey("devices.id"), index=True)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
     data: Mapped[dict] = mapped_column(JSON)
 

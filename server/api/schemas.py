@@ -114,7 +114,7 @@ class DeviceRegister(Schema):
 
 
 class Device(Schema):
-    id = fields.String()
+    id = fields.String(attribute="name", metadata={"description": "the device's name, unique within the organisation"})
     target = fields.String()
     group = fields.String()
     flash_bytes = fields.Integer()
@@ -232,7 +232,7 @@ class Deployment(Schema):
 
 class DeviceJob(Schema):
     id = fields.String()
-    device_id = fields.String()
+    device_id = fields.String(attribute="device.name", metadata={"description": "the device's name"})
     stage = fields.Integer()
     status = fields.String()
     step = fields.String(allow_none=True)

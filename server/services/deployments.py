@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from tinymlaas.ota.package import version_key
 from tinymlaas.ota.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
@@ -33,7 +33,7 @@ def create_deployment(session: Session, who: Principal, build_id: int, group: st
         raise ServiceError(422, why, field)
     devices = session.scalars(
         select(Device).where(Device.org_id == who.org_id, Device.group == group, Device.target == build.target)
-        .order_by(Device.id)
+        .order_by(Device.name)
     ).all()
     if not devices:
         raise ServiceError(422, f"no {build.target} device in group '{group}'", "group")
@@ -46,7 +46,7 @@ def create_deployment(session: Session, who: Principal, build_id: int, group: st
                  and version_key(d.firmware_version) > version_key(build.version)]
         if newer:
             raise ServiceError(409, f"build {build.id} ({build.version}) is older than the firmware of "
-                               f"{len(newer)} device(s) (e.g. {newer[0].id} runs {newer[0].firmware_version}); "
+                               f"{len(newer)} device(s) (e.g. {newer[0].name} runs {newer[0].firmware_version}); "
                                "a downgrade needs force", "force")
     active = session.scalar(select(Deployment).join(Build, Build.id == Deployment.build_id).where(
         Deployment.org_id == who.org_id, Deployment.group == group, Build.target == build.target,
@@ -67,7 +67,7 @@ def create_deployment(session: Session, who: Principal, build_id: int, group: st
     bounds = stage_bounds(plan, len(devices))
     for stage, (start, end) in enumerate(bounds):
         for pos in range(start, end):
-            session.add(DeviceJob(id=f"dep{dep.id}-{devices[pos].id}", deployment_id=dep.id,
+            session.add(DeviceJob(id=f"dep{dep.id}-{devices[pos].name}", deployment_id=dep.id,
                                   device_id=devices[pos].id, position=pos, stage=stage))
     session.commit()
     return dep
@@ -113,7 +113,7 @@ def plan_of(dep: Deployment) -> RolloutPlan:
 
 def jobs_of(session: Session, dep: Deployment) -> list[DeviceJob]:
     return list(session.scalars(select(DeviceJob).where(DeviceJob.deployment_id == dep.id)
-                                .order_by(DeviceJob.position)))
+                                .options(joinedload(DeviceJob.device)).order_by(DeviceJob.position)))
 
 
 def advance(session: Session, dep: Deployment) -> list[DeviceJob]:

@@ -13,14 +13,16 @@ from tinymlaas.ota.package import parse_version
 from tinymlaas.targets import get_target
 
 from ..broker import hash_secret
-from ..db import Build, Deployment, Device, DeviceJob, Model, Telemetry, now
+from ..db import Build, Deployment, Device, DeviceJob, Model, Telemetry, device_key, now
 from .common import DEVICE_ID, DEVICE_ID_RULE, GROUP_NAME, GROUP_NAME_RULE, Principal, ServiceError, target_or_422
 
 
-def register_device(session: Session, who: Principal, device_id: str, target: str, group: str = "default",
+def register_device(session: Session, who: Principal, name: str, target: str, group: str = "default",
                     firmware_version: str | None = None) -> tuple[Device, str]:
+    """A new device of `who`'s organisation and its secret (shown once). `name` is unique within the
+    organisation; its key (MQTT user name) holds the organisation's id, so another tenant's names never collide."""
     who.need("deploy")
-    if not DEVICE_ID.fullmatch(device_id or ""):
+    if not DEVICE_ID.fullmatch(name or ""):
         raise ServiceError(422, DEVICE_ID_RULE,
                            "id")
     if not GROUP_NAME.fullmatch(group or "default"):
@@ -34,16 +36,21 @@ def register_device(session: Session, who: Principal, device_id: str, target: st
         what = ("a core simulated from its RTL for true cycles (builds only)" if backend.firmware
                 else f"a host target ({backend.what} for builds)")
         raise ServiceError(422, f"'{target}' is {what}, not a board a device can be", "target")
-    if session.get(Device, device_id):  # ids are global (they are MQTT user names): taken, whoever has it
-        raise ServiceError(409, f"device '{device_id}' is already registered (device ids are unique across the "
-                           "service)", "id")
+    if device_named(session, who, name) is not None:
+        raise ServiceError(409, f"device '{name}' is already registered", "id")
     secret = secrets.token_urlsafe(24)
-    device = Device(id=device_id, target=target, group=group or "default", flash_bytes=t.board.flash_bytes,
-                    ram_bytes=t.board.ram_bytes, firmware_version=firmware_version, secret_hash=hash_secret(secret),
+    device = Device(id=device_key(who.org_id, name), name=name, target=target, group=group or "default",
+                    flash_bytes=t.board.flash_bytes, ram_bytes=t.board.ram_bytes, firmware_version=firmware_version,
+                    secret_hash=hash_secret(secret),
                     owner_id=who.user.id, org_id=who.org_id)
     session.add(device)
     session.commit()
     return device, secret
+
+
+def device_named(session: Session, who: Principal, name: str) -> Device | None:
+    """The device of `who`'s organisation with this name: another tenant's devices do not exist for it."""
+    return session.scalar(select(Device).where(Device.org_id == who.org_id, Device.name == name))
 
 
 def rotate_device_secret(session: Session, who: Principal, device: Device) -> str:

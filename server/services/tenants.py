@@ -37,10 +37,10 @@ def create_user(session: Session, name: str, org: Organization | None = None, ro
         raise ServiceError(422, USER_NAME_RULE, "name")
     if role not in ROLES:
         raise ServiceError(422, f"role must be one of {', '.join(ROLES)}, not '{str(role)[:20]}'", "role")
-    if session.scalar(select(User).where(User.name == name)):
-        raise ServiceError(409, f"user '{name}' exists", "name")
     if org is None:
         org = create_organization(session, name)
+    if session.scalar(select(User).where(User.org_id == org.id, User.name == name)):  # names are per organisation
+        raise ServiceError(409, f"user '{name}' exists", "name")
     user = User(name=name, org_id=org.id, role=role)
     session.add(user)
     session.flush()

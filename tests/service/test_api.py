@@ -37,7 +37,8 @@ def test_register_list_and_get_devices(client):
     r = client.post("/api/v1/devices", json={"id": "m4-001", "target": "cortex-m4", "group": "lab"}, headers=client.auth)
     assert r.status_code == 201
     body = r.get_json()
-    assert body["flash_bytes"] == 2 * 1024 * 1024 and body["mqtt"]["username"] == "m4-001"
+    assert body["id"] == "m4-001" and body["state"] == "registered" and body["group"] == "lab"
+    assert body["flash_bytes"] == 2 * 1024 * 1024 and body["mqtt"]["username"] == "1.m4-001"  # <organisation id>.<name>
     assert body["mqtt"]["password"] and "BEGIN PUBLIC KEY" in body["signing_key"]
     assert [d["id"] for d in client.get("/api/v1/devices?group=lab", headers=client.auth).get_json()] == ["m4-001"]
     assert client.get("/api/v1/devices?group=other", headers=client.auth).get_json() == []
@@ -58,7 +59,7 @@ def test_device_list_rows_are_what_the_schema_dumps(client, app):
         client.post("/api/v1/devices", json={"id": f"row-{i}", "target": "rv32imac", "group": "rows"},
                     headers=client.auth)
     with app.extensions["tinymlaas"].sessions() as s:
-        d = s.get(Device, "row-1")
+        d = s.get(Device, "1.row-1")  # its key: <organisation id>.<name>
         d.last_seen, d.firmware_version, d.instructions, d.state = dt.datetime(2026, 12, 7, 6, 5, 4, 321), "1.2.3", 99, "online"
         s.commit()
     listed = client.get("/api/v1/devices?group=rows", headers=client.auth).get_json()
@@ -514,14 +515,15 @@ def test_a_version_no_build_of_ours_carries_does_not_hold_rollouts_back(app, cli
     assert dep.status_code == 201, dep.get_json()
     client.post(f"/api/v1/deployments/{dep.get_json()['id']}/cancel", headers=client.auth)
     with app.extensions["tinymlaas"].sessions() as s:
-        record_state(s, "liar", {"state": "idle", "firmware_version": "1" * 10_000})  # not a version: ignored
-        assert s.get(Device, "liar").firmware_version == "255.255.65535"
+        liar = r.get_json()["mqtt"]["username"]  # the device's key (what the broker delivers its reports under)
+        record_state(s, liar, {"state": "idle", "firmware_version": "1" * 10_000})  # not a version: ignored
+        assert s.get(Device, liar).firmware_version == "255.255.65535"
     with app.extensions["tinymlaas"].sessions() as s:  # now it runs a build of ours newer than this one
         newer = s.get(Build, build_id)
         s.add(Build(model_id=newer.model_id, target=newer.target, request=newer.request, version="9.0.0+0",
                     state="failed", owner_id=newer.owner_id, org_id=newer.org_id))
         s.commit()
-        record_state(s, "liar", {"state": "idle", "firmware_version": "9.0.0+0"})
+        record_state(s, liar, {"state": "idle", "firmware_version": "9.0.0+0"})
     assert_problem(client.post("/api/v1/deployments", json={"build_id": build_id, "group": "g1"},
                                headers=client.auth), 409, "force", "downgrade")
     assert version != "9.0.0+0"

@@ -9,10 +9,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import select
 
-from server.broker import ROOT
+from server.agent import Agent
 from server.client import ApiError, Client
 from server.db import Build, Telemetry
 from server.runtime import start_worker
+from server.services.tenants import create_organization, create_user
 from tests.helpers.fleet import CuttingProxy, build, start_agents, start_server, wait_for
 from tests.helpers.paths import model_path
 from tinymlaas.ota.package import inspect_image, public_key_pem, sign_image, slot_size
@@ -225,8 +226,6 @@ def test_dropped_connection_mid_download_resumes(live, tmp_path):
 @pytest.mark.parametrize("point", ["first-chunk", "last-chunk", "pending-record", "tried-record", "confirm-record"])
 def test_device_reset_during_update_recovers(live, point):
     """A power cut at a write point of the update: the restarted device boots a valid image and finishes."""
-    from server.agent import Agent
-
     server, client, v1, v2 = live["server"], live["client"], live["v1"], live["v2"]
     group = f"reset-{point}"
     agent = start_agents(server, live["root"], [f"{group}-0"], group=group)[0]
@@ -261,32 +260,48 @@ def test_devices_are_confined_to_their_own_topics_and_the_will_marks_them_lost(l
     server, client = live["server"], live["client"]
     agents = start_agents(server, live["root"], ["acl-a", "acl-b"], group="acl")
     a, b = agents
+    # another organisation names a device 'acl-b' too: a name is unique in its organisation only, and the broker
+    # keeps the two apart (each logs in with its own key)
+    with server.app.extensions["tinymlaas"].sessions() as s:
+        _, rival_token = create_user(s, "rival-admin", create_organization(s, "rival"))
+        s.commit()
+    twin = Agent(server.url, "acl-b", "cortex-m4", live["root"] / "rival-acl-b", rival_token, "acl").start()
+    wait_for(twin.connected.is_set, 60, "the other organisation's acl-b to connect")
+    user_a, user_b, user_twin = (x.state["mqtt"]["username"] for x in (a, b, twin))
+    assert len({user_a, user_b, user_twin}) == 3
     got = []
     a.stop()  # its login is the spy's: a client's id must be its user name (so the spy would take a's session over)
-    spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="acl-a")
-    spy.username_pw_set("acl-a", a.state["mqtt"]["password"])
+    spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user_a)
+    spy.username_pw_set(user_a, a.state["mqtt"]["password"])
     spy.on_message = lambda c, u, m: got.append(m.topic)
     try:
         spy.connect("127.0.0.1", server.settings.mqtt_port)
         spy.loop_start()
         wait_for(spy.is_connected, 5, "the spy's login")
-        spy.subscribe(f"{ROOT}/devices/acl-b/#", qos=1)
-        spy.publish(f"{ROOT}/devices/acl-b/jobs/dep1-acl-b/update", b'{"status": "SUCCEEDED"}', qos=1)
-        b._publish("telemetry", {"instructions": 1})
+        for victim in (b, twin):
+            root = victim.state["mqtt"]["topic_root"]
+            spy.subscribe(f"{root}/#", qos=1)
+            spy.publish(f"{root}/jobs/dep1-acl-b/update", b'{"status": "SUCCEEDED"}', qos=1)
+            victim._publish("telemetry", {"instructions": 1})
         time.sleep(1.0)
-        assert not [t for t in got if "/acl-b/" in t]
-        wrong = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="acl-wrong")
-        wrong.username_pw_set("acl-b", "not-the-secret")
-        with pytest.raises(TimeoutError):  # the broker answers CONNACK "not authorized"
-            wrong.connect("127.0.0.1", server.settings.mqtt_port)
-            wrong.loop_start()
-            wait_for(lambda: wrong.is_connected(), 2, "a refused login")
-        wrong.loop_stop()
+        own = a.state["mqtt"]["topic_root"] + "/"
+        assert [t for t in got if not t.startswith(own)] == []  # its own retained state at most
+        for user, other in ((user_b, twin), (user_twin, b)):  # one organisation's secret is not the other's
+            wrong = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user)
+            wrong.username_pw_set(user, other.state["mqtt"]["password"])
+            with pytest.raises(TimeoutError):  # the broker answers CONNACK "not authorized"
+                wrong.connect("127.0.0.1", server.settings.mqtt_port)
+                wrong.loop_start()
+                wait_for(lambda w=wrong: w.is_connected(), 2, "a refused login")
+            wrong.loop_stop()
         b.stop(clean=False)  # a power cut: the broker publishes its will
         wait_for(lambda: next(d for d in client.devices() if d["id"] == "acl-b")["state"] == "lost", 90, "lost")
+        rival = Client(server.url, rival_token)
+        assert [(d["id"], d["state"]) for d in rival.devices()] == [("acl-b", "online")]  # its own acl-b, untouched
     finally:
         spy.loop_stop()
         a.stop()
+        twin.stop()
 
 
 def test_killed_worker_build_is_resumed(live):
@@ -367,7 +382,7 @@ def test_cli_against_the_live_server(live, capsys, tmp_path):
     server, v1 = live["server"], live["v1"]
     api = ["--server", server.url, "--token", server.admin_token]
     assert main(["devices", "register", "cli-dev-1", "--target", "cortex-m7", "--group", "cli", *api]) == 0
-    assert "MQTT user cli-dev-1" in capsys.readouterr().out
+    assert "registered cli-dev-1 (cortex-m7, group cli); MQTT user 1.cli-dev-1 password" in capsys.readouterr().out
     assert main(["devices", "list", "--group", "cli", *api]) == 0
     assert "cli-dev-1" in capsys.readouterr().out
     assert main(["builds", "status", str(v1["id"]), *api]) == 0
@@ -451,9 +466,10 @@ def test_cycles_a_device_reports_land_in_the_measurement_database(live):
         agent._publish("telemetry", {"build": v2["id"], "cycles": 99})  # a build never sent to it: ignored
         agent._publish("telemetry", {"build": v1["id"], "instructions": 5, "cycles": 123456})
         store = MeasurementStore(server.settings.database_url)
-        wait_for(lambda: store.rows(device_id="cyc-0"), 10, "the device's row")
+        key = agent.state["mqtt"]["username"]  # the measurement names the device by its key (unique service-wide)
+        wait_for(lambda: store.rows(device_id=key), 10, "the device's row")
         time.sleep(0.5)
-        rows = store.rows(device_id="cyc-0")
+        rows = store.rows(device_id=key)
         assert [(r.cycles, r.cycles_kind, r.build_id, r.target) for r in rows] == [
             (123456.0, "device", v1["id"], "cortex-m4")]
         # the service's own build of v1 is a row too, with its exact instruction count
@@ -473,7 +489,8 @@ def test_telemetry_is_bounded_in_size_and_rate(live):
 
     def stored() -> list[dict]:
         with server.app.extensions["tinymlaas"].sessions() as s:
-            return [t.data for t in s.scalars(select(Telemetry).where(Telemetry.device_id == "tel-0"))]
+            return [t.data for t in s.scalars(select(Telemetry).where(
+                Telemetry.device_id == agent.state["mqtt"]["username"]))]
 
     try:
         agent._publish("telemetry", {"blob": "x" * 1_000_000})

@@ -8,7 +8,8 @@ import pytest
 
 from server.broker import check_secret
 from server.config import Settings
-from server.db import ApiToken, Device, alembic_config
+from server.db import ApiToken, Device, User, alembic_config
+from server.runtime import DeviceAuthority
 from server.services.tenants import create_organization, create_user
 from tests.helpers.api import done_build
 
@@ -68,9 +69,10 @@ def test_an_organisation_sees_and_touches_nothing_of_another(app):
     assert [j["device_id"] for j in jobs] == ["bob-lab-1"]
     alice_jobs = c.get(f"/api/v1/deployments/{dep_id}", headers=auth(app.alice)).get_json()["jobs"]
     assert [j["device_id"] for j in alice_jobs] == ["lab-dev"]
-    # device ids are global (they are MQTT user names): taken is taken, whoever holds it
-    problem(c.post("/api/v1/devices", json={"id": "lab-dev", "target": "cortex-m4"}, headers=bob), 409,
-            "already registered", "id")
+    # a name alice uses is bob's to take too (409 would tell him it exists), and his is another device
+    mine = c.post("/api/v1/devices", json={"id": "lab-dev", "target": "cortex-m4"}, headers=bob)
+    assert mine.status_code == 201, mine.get_json()
+    assert c.get(f"/api/v1/deployments/{dep_id}", headers=auth(app.alice)).get_json()["jobs"] == alice_jobs
 
 
 def test_roles_limit_what_a_user_may_do(app):
@@ -136,6 +138,36 @@ def test_token_scopes_expiry_and_revocation(app):
             "expires_in_days", "expires_in_days")
 
 
+def test_names_are_per_organisation_and_say_nothing_of_another(app):
+    """A device or user name another organisation has was answered 409 (an existence oracle across tenants). Names
+    are unique within an organisation: another's are free to take, and each device logs in to MQTT under its own
+    key, with its own topics."""
+    c = app.test_client()
+    registered = {}
+    for who, token in (("alice", app.alice), ("bob", app.bob)):
+        r = c.post("/api/v1/devices", json={"id": "sensor-1", "target": "cortex-m4"}, headers=auth(token))
+        assert r.status_code == 201, r.get_json()
+        registered[who] = r.get_json()
+        u = c.post("/api/v1/users", json={"name": "carol", "role": "viewer"}, headers=auth(token))
+        assert u.status_code == 201, u.get_json()
+        assert c.get("/api/v1/me", headers=auth(u.get_json()["token"])).get_json()["organization"] == (
+            "acme" if who == "alice" else "globex")
+    a, b = registered["alice"]["mqtt"], registered["bob"]["mqtt"]
+    assert a["username"] != b["username"] and a["topic_root"] != b["topic_root"]
+    assert a["topic_root"].endswith("/" + a["username"])
+    authority = DeviceAuthority(app.extensions["tinymlaas"].sessions, "server-secret")
+    assert authority.authenticate(a["username"], a["password"]) and authority.authenticate(b["username"], b["password"])
+    assert not authority.authenticate(a["username"], b["password"])
+    # within an organisation a name is still one device and one user
+    problem(c.post("/api/v1/devices", json={"id": "sensor-1", "target": "cortex-m4"}, headers=auth(app.bob)), 409,
+            "already registered", "id")
+    problem(c.post("/api/v1/users", json={"name": "carol"}, headers=auth(app.bob)), 409, "exists", "name")
+    for token, theirs in ((app.alice, a), (app.bob, b)):
+        assert [d["id"] for d in c.get("/api/v1/devices", headers=auth(token)).get_json()] == ["sensor-1"]
+        assert c.post("/api/v1/devices/sensor-1/credentials", headers=auth(token)).get_json()["username"] == (
+            theirs["username"])
+
+
 def test_a_rotated_device_secret_replaces_the_old_one(app):
     c = app.test_client()
     first = c.post("/api/v1/devices", json={"id": "rot-1", "target": "cortex-m4"}, headers=auth(app.alice)).get_json()
@@ -144,7 +176,7 @@ def test_a_rotated_device_secret_replaces_the_old_one(app):
     new = r.get_json()["password"]
     assert new != first["mqtt"]["password"]
     with app.extensions["tinymlaas"].sessions() as s:
-        stored = s.get(Device, "rot-1").secret_hash
+        stored = s.get(Device, first["mqtt"]["username"]).secret_hash
     assert check_secret(new, stored) and not check_secret(first["mqtt"]["password"], stored)
 
 
@@ -214,3 +246,42 @@ def test_revoking_needs_more_than_read_and_every_scope_reads(app):
     build_id = done_build(app, c, auth(app.alice), "g1")[0]
     assert c.get(f"/api/v1/builds/{build_id}", headers=auth(builder["token"])).status_code == 200
     assert c.get("/api/v1/builds", headers=auth(builder["token"])).status_code == 200
+
+
+def test_devices_registered_before_names_were_per_organisation_keep_their_login(database_url, make_app, tmp_path):
+    """A schema-0008 database (device ids global): after the upgrade the device keeps its id as MQTT user name and
+    secret, is listed by its name, and another organisation may take the same device and user names."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from server.broker import hash_secret
+    from server.services.tenants import issue_token
+
+    command.upgrade(alembic_config(database_url), "0008")
+    engine = sa.create_engine(database_url)
+    now = dt.datetime(2026, 12, 1)
+    meta = sa.MetaData()
+    meta.reflect(engine, only=("organizations", "users", "devices"))
+    t = meta.tables
+    with engine.begin() as conn:
+        org = conn.execute(t["organizations"].insert().values(name="acme", created_at=now)).inserted_primary_key[0]
+        user = conn.execute(t["users"].insert().values(name="ann", created_at=now, org_id=org, role="admin")
+                            ).inserted_primary_key[0]
+        conn.execute(t["devices"].insert().values(
+            id="old-1", target="cortex-m4", group="default", flash_bytes=1, ram_bytes=1, secret_hash=hash_secret("s3"),
+            state="registered", owner_id=user, org_id=org, created_at=now))
+    engine.dispose()
+    app = make_app(Settings(data_dir=tmp_path / "data", database_url=database_url))  # upgrades to the head
+    c = app.test_client()
+    with app.extensions["tinymlaas"].sessions() as s:
+        _, ann = issue_token(s, s.get(User, user), "t", ["read", "deploy", "admin"], None)
+        globex = create_organization(s, "globex")
+        _, other = create_user(s, "ann", globex)  # the same user name elsewhere
+        s.commit()
+    assert [d["id"] for d in c.get("/api/v1/devices", headers=auth(ann)).get_json()] == ["old-1"]
+    assert DeviceAuthority(app.extensions["tinymlaas"].sessions, "x").authenticate("old-1", "s3")
+    assert c.post("/api/v1/devices/old-1/credentials", headers=auth(ann)).get_json()["username"] == "old-1"
+    r = c.post("/api/v1/devices", json={"id": "old-1", "target": "cortex-m4"}, headers=auth(other))
+    assert r.status_code == 201 and r.get_json()["mqtt"]["username"] == f"{globex.id}.old-1"
+    problem(c.post("/api/v1/devices", json={"id": "old-1", "target": "cortex-m4"}, headers=auth(ann)), 409,
+            "already registered", "id")

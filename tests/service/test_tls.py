@@ -57,14 +57,15 @@ def test_devices_update_over_tls_and_plain_mqtt_is_refused(tls_server, tmp_path)
         m = agents[0].state["mqtt"]
         assert m["tls"] and "BEGIN CERTIFICATE" in m["ca"] and "certificate" not in m
         port, ca = server.settings.mqtt_port, {"ca_certs": _written(agents[0], "mqtt-ca.pem")}
-        assert _connect(port, "tls-01", m["password"], None) != "ok"  # plain MQTT on the TLS port
-        assert _connect(port, "tls-01", m["password"], {}) == "SSLCertVerificationError"  # the system CAs: no trust
+        user, other = m["username"], agents[1].state["mqtt"]["username"]
+        assert _connect(port, user, m["password"], None) != "ok"  # plain MQTT on the TLS port
+        assert _connect(port, user, m["password"], {}) == "SSLCertVerificationError"  # the system CAs: no trust
         b = build(client, model_path("ad01_int8"))
         d = client.wait_deployment(client.deploy(b["id"], group="tls")["id"], timeout=300)
         assert d["state"] == "succeeded" and d["summary"]["counts"] == {"succeeded": 2}
         assert all(a.version == b["version"] for a in agents)
-        assert _connect(port, "tls-01", m["password"], ca) == "ok"
-        assert _connect(port, "tls-02", "wrong", ca) == "Not authorized"  # the secret still counts
+        assert _connect(port, user, m["password"], ca) == "ok"
+        assert _connect(port, other, "wrong", ca) == "Not authorized"  # the secret still counts
     finally:
         for a in agents:
             a.stop()
@@ -82,9 +83,10 @@ def test_with_client_certificates_a_device_needs_its_certificate_and_its_secret(
         ca_only = {"ca_certs": _written(agents[0], "mqtt-ca.pem")}
         with_cert = {**ca_only, "certfile": _written(agents[0], "mqtt-cert.pem"),
                      "keyfile": _written(agents[0], "mqtt-key.pem")}
-        assert _connect(port, "cert-01", m["password"], with_cert) == "ok"
-        assert _connect(port, "cert-01", m["password"], ca_only) != "ok"  # the secret alone is not enough
-        assert _connect(port, "cert-01", "wrong", with_cert) == "Not authorized"  # nor the certificate alone
+        user = m["username"]
+        assert _connect(port, user, m["password"], with_cert) == "ok"
+        assert _connect(port, user, m["password"], ca_only) != "ok"  # the secret alone is not enough
+        assert _connect(port, user, "wrong", with_cert) == "Not authorized"  # nor the certificate alone
         assert (tmp_path / "data" / "tls" / "ca.key").stat().st_mode & 0o777 == 0o600
     finally:
         for a in agents:

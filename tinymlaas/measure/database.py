@@ -48,7 +48,7 @@ class Measurement(Base):
     fidelity: Mapped[dict | None] = mapped_column(JSON)
     flash_bytes: Mapped[int | None] = mapped_column(Integer)
     ram_bytes: Mapped[int | None] = mapped_column(Integer)
-    device_id: Mapped[str | None] = mapped_column(String(64))
+    device_id: Mapped[str | None] = mapped_column(String(96))
     build_id: Mapped[int | None] = mapped_column(Integer)
 
 
