@@ -136,3 +136,19 @@ def test_the_api_document_describes_every_service_option(client):
             assert prop.get("minimum", prop.get("exclusiveMinimum")) == opt.min, f.name
         if opt.allowed() is not None:
             assert prop["enum"][:len(opt.allowed())] == list(opt.allowed()), f.name
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_int4_weights_are_asked_of_integer_models_only(client):
+    """A float model cannot have its int8 weights re-quantized: 422 naming `weights`, nothing queued; an int8 model's
+    request keeps the option for the worker."""
+    data = model_path("ad01_fp32").read_bytes()
+    float_id = client.post("/api/v1/models", data={"file": (io.BytesIO(data), "f.tflite")},
+                           headers=client.auth).get_json()["id"]
+    r = client.post("/api/v1/builds", json={"model_id": float_id, "target": "cortex-m4", "weights": "int4"},
+                    headers=client.auth)
+    assert r.status_code == 422 and r.get_json()["field"] == "weights", r.get_json()
+    assert client.get("/api/v1/builds", headers=client.auth).get_json() == []
+    b = client.post("/api/v1/builds", json={"model_id": _model(client), "target": "cortex-m4", "weights": "int4"},
+                    headers=client.auth)
+    assert b.status_code == 202 and b.get_json()["request"] == {"weights": "int4"}, b.get_json()

@@ -135,11 +135,13 @@ class BuildRequest:
                          "optimal, in place when that does not fit the RAM budget; optimal and inplace write each "
                          "input of a concatenation straight into its slice",
                          choices=("auto", "tvm", "optimal", "inplace"), backends=MCU, surfaces=(COMPILE,))
-    weights: str = option("stored", help="float16 and dynamic-range (int8 weights) exports: weights stay at their "
-                          "stored width in flash and the kernels widen each one they read (default: the flash the "
-                          "model was shrunk for), or float32: widened once at build time (fewer instructions, 2x "
-                          "or 4x the weight flash); the same float32 values either way", choices=("stored", "float32"),
-                          backends=MCU, surfaces=(COMPILE,))
+    weights: str = option("stored", help="stored (default): weights as the model stores them; float16 and "
+                          "dynamic-range exports keep that width in flash and the kernels widen each one they read; "
+                          "float32: those widened once at build time (fewer instructions, 2x or 4x the weight "
+                          "flash; the same values); int4: an integer model's convolution and fully connected "
+                          "weights re-quantized to 4 bits per channel, two to a byte in flash (TIR kernels; the "
+                          "build verified against the interpreter on that int4 model)",
+                          choices=("stored", "float32", "int4"), backends=MCU, surfaces=(COMPILE, SERVICE))
     # Keras / SavedModel input
     quantize: str = option("none", help="Keras/SavedModel input: quantize when converting (default none: float32; "
                            "mixed: int8 with the layers int8 hurts most left in float)", choices=_quantize,

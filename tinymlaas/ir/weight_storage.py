@@ -8,6 +8,9 @@ form (float16 bits, or int8 plus the channel scales as one more kernel argument)
 widens the element (half -> float: the conversion instruction where the core has one, else exponent arithmetic;
 int8: q * scale, one correctly rounded float multiply, the value the importer computed). The kernels compute the same
 float32 numbers as before, bit for bit; they spend a few instructions per weight read on it.
+
+The same pass keeps an integer model's int8 weights of 4-bit values (frontend/lowbit.py's int4 layers) two to a byte:
+each read takes the byte and sign-extends its nibble (a shift pair), so the kernel computes with the same int8 values.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ class StoredWeights:
 
     half: bool = False
     scales: tuple[np.ndarray, ...] = ()
+    int4: bool = False  # int8 constants of 4-bit values: two to a byte
 
     def __bool__(self) -> bool:
-        return self.half or bool(self.scales)
+        return self.half or bool(self.scales) or self.int4
 
 
 def stored_weights(graph) -> StoredWeights:
@@ -50,20 +54,37 @@ def stored_weights(graph) -> StoredWeights:
 
 @dataclass(frozen=True)
 class Narrowed:
-    """A float32 constant's stored form: `values` (float16 bits as int16, or int8) and, for int8, the scale of each
-    index along `axis`."""
+    """A constant's stored form: `values` (float16 bits as int16, or int8) and, for int8, the scale of each index
+    along `axis`; or, for an int8 constant of 4-bit values, those values two to a byte (`unpacked`: its shape)."""
 
     values: np.ndarray
     scale: np.ndarray | None = None
     axis: int = -1
+    unpacked: tuple[int, ...] | None = None
 
     @property
     def kind(self) -> str:
-        return "int8" if self.scale is not None else "float16"
+        return "int4" if self.unpacked is not None else "int8" if self.scale is not None else "float16"
+
+
+def pack_int4(c: np.ndarray) -> np.ndarray:
+    """int8 values in -8..7, row-major, two to a byte: element 2i in the low nibble of byte i, 2i + 1 in the high."""
+    nibbles = (c.ravel().astype(np.int16) & 0xF).astype(np.uint8)
+    nibbles = np.append(nibbles, np.uint8(0)) if nibbles.size % 2 else nibbles
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).view(np.int8)
+
+
+def unpack_int4(packed: np.ndarray, shape) -> np.ndarray:
+    """pack_int4's inverse (a reference for tests; the kernels decode each read)."""
+    b = packed.view(np.uint8).astype(np.int16)
+    nibbles = np.stack([b & 0xF, b >> 4], axis=1).ravel()[:int(np.prod(shape))]
+    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8).reshape(shape)
 
 
 def narrowed(c: np.ndarray, stored: StoredWeights) -> Narrowed | None:
-    """c's stored form, if c equals it exactly (else None: c stays float32)."""
+    """c's stored form, if c equals it exactly (else None: c stays as it is)."""
+    if stored.int4 and c.dtype == np.int8 and c.size >= MIN_ELEMENTS and c.min() >= -8 and c.max() <= 7:
+        return Narrowed(pack_int4(c), unpacked=tuple(c.shape))
     if c.dtype != np.float32 or c.size < MIN_ELEMENTS or not np.all(np.isfinite(c)):
         return None
     if stored.half:
@@ -93,10 +114,13 @@ def narrowed(c: np.ndarray, stored: StoredWeights) -> Narrowed | None:
 HALF_WIDENINGS = ("convert", "scale", "integer")  # how a core widens a half: see _widen
 
 
-def _widen(load, new_buffer, scale_buffer, axis: int, half: str):
-    """The float32 value of `load` (a read of the float32 weight) computed from the stored form."""
+def _widen(load, new_buffer, scale_buffer, form: Narrowed, half: str):
+    """The value of `load` (a read of the wide weight) computed from the stored form."""
     from tvm import tirx
 
+    if form.unpacked is not None:
+        return _nibble(load, new_buffer, form.unpacked)
+    axis = form.axis
     x = tirx.BufferLoad(new_buffer, load.indices)
     if scale_buffer is not None:  # the importer's q * scale, rounded once as here
         s = tirx.BufferLoad(scale_buffer, [load.indices[axis] if axis >= 0 else tirx.const(0, "int32")])
@@ -124,22 +148,40 @@ def widen_half(x, half: str):
     return tirx.if_then_else(normal, tirx.reinterpret("float32", bits + tirx.const(112 << 23, "int32")), scaled)
 
 
+def _nibble(load, packed, shape):
+    """The int8 element `load` reads, from its byte in `packed`: shifted up so that its nibble's top bit is the
+    word's, then arithmetically down (sign-extended). One shift amount for both nibbles: 28 - 4 * (index & 1)."""
+    from tvm import tirx
+
+    i32 = lambda v: tirx.const(v, "int32")
+    flat = i32(0)
+    for index, extent in zip(load.indices, shape, strict=True):  # row-major
+        flat = flat * i32(extent) + tirx.Cast("int32", index)
+    byte = tirx.Cast("int32", tirx.BufferLoad(packed, [tirx.shift_right(flat, i32(1))]))
+    up = i32(28) - tirx.shift_left(tirx.bitwise_and(flat, i32(1)), i32(2))
+    return tirx.Cast("int8", tirx.shift_right(tirx.shift_left(byte, up), i32(28)))
+
+
 def narrow_kernel(func, param: int, form: Narrowed, half: str):
     """`func` reading parameter `param` (a float32 buffer) in its stored form: the buffer's dtype changes and, for
     int8, a scale buffer is added after the inputs (before the outputs: `n_inputs` of the call). None when the kernel
     uses the buffer other than by reading elements (a pointer taken, a matched sub-buffer)."""
+    import tvm
     from tvm import tirx
 
     old = func.params[param]
-    new = tirx.decl_buffer(old.shape, str(form.values.dtype), name=old.name + "_stored")
+    shape = form.values.shape if form.unpacked is not None else old.shape
+    new = tirx.decl_buffer(shape, str(form.values.dtype), name=old.name + "_stored")
     scale = tirx.decl_buffer((form.scale.size,), "float32", name=old.name + "_scale") if form.scale is not None else None
 
     def rewrite(node):
         kind = type(node).__name__
         if kind == "TensorLoad" and node.source.same_as(old):
-            return _widen(node, new, scale, form.axis, half)
-        if kind == "TensorRegion" and node.source.same_as(old):
-            return tirx.BufferRegion(new, node.region)
+            return _widen(node, new, scale, form, half)
+        if kind == "TensorRegion" and node.source.same_as(old):  # what a block reads: packed, the whole buffer
+            region = ([tvm.ir.Range.from_min_extent(0, int(form.values.size))] if form.unpacked is not None
+                      else node.region)
+            return tirx.BufferRegion(new, region)
         return node
 
     body = rewrite_buffer(func.body, old, rewrite)
@@ -149,14 +191,18 @@ def narrow_kernel(func, param: int, form: Narrowed, half: str):
 @dataclass(frozen=True)
 class NarrowingReport:
     tensors: int = 0
-    float32_bytes: int = 0
+    wide_bytes: int = 0  # what they took before: float32, or int8 for int4 weights
     stored_bytes: int = 0
     kinds: tuple[str, ...] = ()
 
     def note(self) -> str:
         kinds = " and ".join(sorted(set(self.kinds)))
+        if set(self.kinds) == {"int4"}:
+            return (f"{self.tensors} int8 weight tensors of 4-bit values kept two to a byte in flash: "
+                    f"{self.stored_bytes:,} B instead of {self.wide_bytes:,} B; the kernels sign-extend each weight "
+                    "they read (the same int8 values)")
         return (f"{self.tensors} weight tensors kept at their stored width ({kinds}) in flash: "
-                f"{self.stored_bytes:,} B instead of {self.float32_bytes:,} B as float32; the kernels widen each "
+                f"{self.stored_bytes:,} B instead of {self.wide_bytes:,} B as float32; the kernels widen each "
                 "weight they read (exactly: the same float32 values)")
 
 
@@ -167,7 +213,7 @@ def narrow_weights(mod, stored: StoredWeights, half: str):
     from tvm import tirx
 
     variants: dict = {}  # (kernel, its narrowed arguments) -> (GlobalVar of the kernel reading them, which it reads)
-    counted = {"tensors": 0, "f32": 0, "stored": 0, "kinds": []}
+    counted = {"tensors": 0, "wide": 0, "stored": 0, "kinds": []}
 
     def variant(func, name, n_inputs, forms, add_kernel):
         params, scales, kept, body = list(func.params), [], set(), func
@@ -193,16 +239,16 @@ def narrow_weights(mod, stored: StoredWeights, half: str):
         new_gv, kept = variants[key]
         if new_gv is None:
             return call
-        extra = []
+        extra, args_wide = [], {k: int(a.value.numpy().nbytes) for k, a in enumerate(args) if k in kept}
         for k in sorted(kept):
             f = forms[k]
             args[k] = constant(f.values)
             extra += [constant(f.scale)] if f.scale is not None else []
             counted["tensors"] += 1
-            counted["f32"] += f.values.size * 4
+            counted["wide"] += args_wide[k]
             counted["stored"] += f.values.nbytes + (f.scale.nbytes if f.scale is not None else 0)
             counted["kinds"].append(f.kind)
         return call_kernel(new_gv, args + extra, call)
 
     out = map_kernel_calls(mod, narrow)
-    return out, NarrowingReport(counted["tensors"], counted["f32"], counted["stored"], tuple(counted["kinds"]))
+    return out, NarrowingReport(counted["tensors"], counted["wide"], counted["stored"], tuple(counted["kinds"]))

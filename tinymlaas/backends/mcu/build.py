@@ -14,6 +14,7 @@ from tinymlaas.backends.mcu.firmware import link_firmware, linked_bytes
 from tinymlaas.build.request import BuildRequest
 from tinymlaas.errors import InvalidModel, ModelTooLarge, ToolMissing
 from tinymlaas.frontend.cleanup import clean
+from tinymlaas.frontend.lowbit import low_bit_weights
 from tinymlaas.frontend.tflite import import_relax_tvm
 from tinymlaas.frontend.to_relax import to_relax
 from tinymlaas.ir.lower import lower
@@ -57,6 +58,8 @@ class CompileReport(VerifiedReport):
     cycles_estimate_method: str | None = None  # the core's cost model and what it assumes
     profile: dict | None = None  # per layer, when asked for (backends.mcu.profile.Profile.to_dict())
     variant: dict | None = None  # the search.space.Variant it was built as, if one was given
+    # per layer with weights: its weight precision (int8 | int4) and the flash its weights take (frontend/lowbit.py)
+    weights: list | None = None
     kind: str = "mcu"  # the backend that built it
 
 
@@ -87,8 +90,9 @@ def check_fits(model_name: str, target: Target, flash: int, ram: int, request: B
 
 
 def import_model(model, target: Target, int8_lowering: str = "integer", kernels: str | dict = "auto",
-                 schedules: dict | None = None):
-    """The Relax module for `model` on `target`, every operator through our registry.
+                 schedules: dict | None = None, tir_layers=()):
+    """The Relax module for `model` on `target`, every operator through our registry. tir_layers: operators built
+    with the TIR kernels whatever `kernels` says (weights below eight bits: the C kernels read int8).
 
     Returns (relax module, lowering, notes): lowering is "float", "integer" (integer kernels, bit-exact) or
     "float-emulated" (int8 through TVM's dequantize/float/quantize, only when asked for).
@@ -101,6 +105,11 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
     notes += [n for n in graph.notes if n not in model.graph.notes]  # what the clean-up rewrote
     if isinstance(kernels, dict):
         check_choices(graph, target, kernels)
+    if tir_layers:
+        from tinymlaas.frontend.to_relax import implementations
+
+        kept = {op.index for op in graph.operators}
+        kernels = {**implementations(graph, target, kernels), **{i: "tir" for i in tir_layers if i in kept}}
     if schedules:
         check_schedules(graph, target, kernels, schedules)
     lowering = graph.lowering()
@@ -113,10 +122,12 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
 
 def weight_storage(model, target: Target, weights: str = "stored") -> dict:
     """lower()'s arguments for the model's narrow weights (float16, dynamic-range int8): kept so in flash unless
-    `weights` (BuildRequest.weights) is float32."""
+    `weights` (BuildRequest.weights) is float32; int4: an integer model's 4-bit weights two to a byte."""
     from tinymlaas.frontend.tflite import read_graph
-    from tinymlaas.ir.weight_storage import stored_weights
+    from tinymlaas.ir.weight_storage import StoredWeights, stored_weights
 
+    if weights == "int4" and model.quantized:
+        return {"stored": StoredWeights(int4=True)}
     if weights == "float32" or model.quantized:
         return {}
     stored = stored_weights(read_graph(model.original_data or model.data, model.name))
@@ -171,8 +182,10 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     stage("import")
     variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
     kernels = dict(variant.kernels) if variant is not None else request.kernels
+    model, layer_weights = low_bit_weights(model, request.weights)
     relax_mod, lowering, notes = import_model(model, target, request.int8_lowering, kernels,
-                                              dict(variant.layers) if variant is not None else None)
+                                              dict(variant.layers) if variant is not None else None,
+                                              tir_layers=[w.op for w in layer_weights if w.precision != "int8"])
 
     stage("lower")
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
@@ -262,6 +275,7 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
         instructions_max=max(counts),
         instructions_repeat_exact=counts[0] == counts[-1] if not program.state_sizes else None,
         variant=variant.to_dict() if variant is not None else None,
+        weights=[w.to_dict() for w in layer_weights] or None,
         memory_accesses=run.regions[0].memory_accesses,
         fidelity=fidelity,
         sizes=sizes.to_dict(),
