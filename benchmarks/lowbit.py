@@ -1,0 +1,101 @@
+"""Weights below eight bits, side by side in one run: the int8 build, the int8 build on the TIR kernels (what the
+int4 layers are built with), and int4 weights: weight bytes, flash, instructions (and the Cortex-M4 cycle estimate),
+every build verified against the TFLite interpreter (the int4 ones against the interpreter on the int4 model).
+
+Usage: python benchmarks/lowbit.py [--models DIR] [--out FILE] [--targets T,...] [--inputs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tinymlaas import __version__
+
+MLPERF = ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant", "ad01_int8"]
+VARIANTS = {  # name -> BuildRequest options
+    "int8": {},
+    "int8_tir": {"kernels": "tir"},
+    "int4": {"weights": "int4"},
+}
+
+
+def _build(path: Path, target: str, options: dict, inputs: int, work: Path) -> dict:
+    from tinymlaas.build.pipeline import compile_model
+    from tinymlaas.build.request import BuildRequest
+    from tinymlaas.errors import TinyMLaaSError
+
+    started = time.monotonic()
+    try:
+        r = compile_model(path, target, work, BuildRequest(inputs=inputs, **options))
+    except TinyMLaaSError as e:
+        return {"error": str(e).splitlines()[0][:200]}
+    out = {"weights_bytes": r.sizes["weights"], "flash_model": r.sizes["flash_model"], "ram_model": r.sizes["ram_model"],
+           "instructions": r.instructions, "verified": r.verified, "bit_exact": r.fidelity.get("max_lsb_diff") == 0,
+           "compile_seconds": round(time.monotonic() - started, 1)}
+    if r.cycles_estimate is not None:
+        out["cycles_estimate"] = round(r.cycles_estimate)
+    if r.weights:
+        out["layers"] = {p: sum(1 for w in r.weights if w["precision"] == p) for p in ("int8", "int4")}
+    return out
+
+
+def _row(name: str, path: Path, target: str, inputs: int, work: Path) -> dict:
+    row = {"model": name, "target": target}
+    for variant, options in VARIANTS.items():
+        row[variant] = _build(path, target, options, inputs, work / variant)
+    base, tir, low = row["int8"], row["int8_tir"], row["int4"]
+    if "weights_bytes" in base and "weights_bytes" in low:
+        low["weights_vs_int8"] = round(low["weights_bytes"] / base["weights_bytes"], 3)
+        low["flash_vs_int8"] = round(low["flash_model"] / base["flash_model"], 3)
+        low["instructions_vs_int8"] = round(low["instructions"] / base["instructions"], 3)
+        if "instructions" in tir:
+            low["instructions_vs_int8_tir"] = round(low["instructions"] / tir["instructions"], 3)
+        if "cycles_estimate" in low and "cycles_estimate" in base:
+            low["cycles_vs_int8"] = round(low["cycles_estimate"] / base["cycles_estimate"], 3)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=Path, default=ROOT.parent / "shared" / "models" / "mlperf-tiny")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lowbit.json")
+    ap.add_argument("--targets", default="cortex-m4,rv32imac")
+    ap.add_argument("--inputs", type=int, default=3)
+    args = ap.parse_args(argv)
+    rows, started = [], time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tinymlaas-lowbit-") as tmp:
+        for target in args.targets.split(","):
+            for name in MLPERF:
+                row = _row(name, args.models / f"{name}.tflite", target, args.inputs, Path(tmp) / target / name)
+                rows.append(row)
+                print(json.dumps({k: (v if not isinstance(v, dict) else {x: v.get(x) for x in (
+                    "weights_bytes", "instructions", "weights_vs_int8", "instructions_vs_int8", "error") if x in v})
+                    for k, v in row.items()}), flush=True)
+    result = {
+        "benchmark": "lowbit",
+        "tinymlaas_version": __version__,
+        "host": {"machine": platform.machine(), "python": platform.python_version()},
+        "method": "per model and target, three builds in one run: int8 (default kernels), int8 on the TIR kernels, "
+                  "int4 weights (--weights int4: every eligible conv/depthwise/FC layer re-quantized to 4 bits per "
+                  "channel, two to a byte, decoded in the kernel on each read); each verified against the TFLite "
+                  "interpreter on the model it computes (int4: the re-quantized model), instructions from QEMU, "
+                  "Cortex-M4 cycles estimated (llvm-mca x QEMU blocks, the TRM's load/store timing)",
+        "seconds": round(time.monotonic() - started),
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
