@@ -12,6 +12,8 @@ from tinymlaas.build.pipeline import compile_model
 from tinymlaas.build.request import BuildRequest, InvalidRequest
 from tinymlaas.frontend.lowbit import INT4_MAX, eligible_layers, with_int4_weights
 from tinymlaas.frontend.tflite import load_model_bytes, read_graph
+from tinymlaas.ir.lower import ARENA_ALIGN
+from tinymlaas.ir.weight_decode import pack_words, unpack_words
 from tinymlaas.ir.weight_storage import pack_int4, unpack_int4
 
 SAME, VALID = 0, 1
@@ -26,12 +28,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+@pytest.mark.parametrize("target, kernels", [
+    # the C kernels (int8 and int16 weights) reading weights unpacked into RAM; TIR decoding each read
+    ("cortex-m4", "dsp"), ("cortex-m4", "dsp16"), ("cortex-m4", "tir"), ("rv32imac", "auto"), ("rv32imac", "tir"),
+])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_int4_layers_are_bit_exact_with_the_interpreter_on_the_int4_model(case, target, tmp_path):
+def test_int4_layers_are_bit_exact_with_the_interpreter_on_the_int4_model(case, target, kernels, tmp_path):
     path = tmp_path / f"{case}.tflite"
     path.write_bytes(CASES[case]())
-    r = compile_model(path, target, tmp_path / "out", BuildRequest(inputs=20, seed=3, weights="int4"))
+    r = compile_model(path, target, tmp_path / "out", BuildRequest(inputs=20, seed=3, weights="int4", kernels=kernels))
     assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
     assert [w["precision"] for w in r.weights] == ["int4"]
     out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
@@ -42,12 +47,17 @@ def test_int4_layers_are_bit_exact_with_the_interpreter_on_the_int4_model(case, 
 def test_int4_halves_the_weight_flash(tmp_path):
     path = tmp_path / "conv.tflite"
     path.write_bytes(q.conv2d(3, [1, 8, 8, 16], 32, 3, 1, SAME, RELU))  # 4,608 weights
-    sizes = {}
-    for weights in ("stored", "int4"):
-        r = compile_model(path, "rv32imac", tmp_path / weights, BuildRequest(inputs=3, weights=weights, kernels="tir"))
-        assert r.fidelity["max_lsb_diff"] == 0
-        sizes[weights] = r.sizes["weights"]
-    assert sizes["stored"] - sizes["int4"] == 4608 // 2  # the same biases and tables; the weights in half the bytes
+    for kernels in ("tir", "auto"):  # decoded per read; unpacked into RAM for the C kernel
+        sizes, ram = {}, {}
+        for weights in ("stored", "int4"):
+            r = compile_model(path, "rv32imac", tmp_path / kernels / weights,
+                              BuildRequest(inputs=3, weights=weights, kernels=kernels))
+            assert r.fidelity["max_lsb_diff"] == 0
+            sizes[weights], ram[weights] = r.sizes["weights"], r.sizes["arena"]
+        # the same biases and tables, the weights halved (give or take the constants' alignment in the blob)
+        assert abs(sizes["stored"] - sizes["int4"] - 4608 // 2) <= (0 if kernels == "tir" else ARENA_ALIGN), sizes
+        if kernels == "auto":  # the unpacked weights need an arena slot of their own
+            assert ram["int4"] >= ram["stored"] + 4608, ram
 
 
 def test_the_int4_model_stands_for_the_int8_weights_within_half_a_step():
@@ -70,14 +80,19 @@ def test_the_int4_model_stands_for_the_int8_weights_within_half_a_step():
     assert np.array_equal(b4.data, want.astype(np.int32))
 
 
-@pytest.mark.parametrize("n", [1, 2, 63, 64, 4097])
+@pytest.mark.parametrize("n", [1, 2, 7, 63, 64, 4097])
 def test_packing_round_trips(n):
     values = np.random.default_rng(n).integers(-8, 8, size=n).astype(np.int8)
-    packed = pack_int4(values)
+    packed = pack_int4(values)  # TIR kernels: pairs, two's complement nibbles
     assert packed.size == (n + 1) // 2
     assert np.array_equal(unpack_int4(packed, values.shape), values)
     if n >= 2:  # element 0 in the low nibble
         assert int(packed.view(np.uint8)[0]) == (int(values[0]) & 0xF) | ((int(values[1]) & 0xF) << 4)
+    words = pack_words(values)  # the C unpacking: groups of eight, value + 8
+    assert words.size == -(-n // 8) * 4
+    assert np.array_equal(unpack_words(words, n), values)
+    if n >= 8:  # byte 1: value 1 low, value 5 high
+        assert int(words.view(np.uint8)[1]) == (int(values[1]) + 8) | ((int(values[5]) + 8) << 4)
 
 
 def test_int4_is_refused_where_it_cannot_apply(tmp_path):

@@ -90,9 +90,8 @@ def check_fits(model_name: str, target: Target, flash: int, ram: int, request: B
 
 
 def import_model(model, target: Target, int8_lowering: str = "integer", kernels: str | dict = "auto",
-                 schedules: dict | None = None, tir_layers=()):
-    """The Relax module for `model` on `target`, every operator through our registry. tir_layers: operators built
-    with the TIR kernels whatever `kernels` says (weights below eight bits: the C kernels read int8).
+                 schedules: dict | None = None):
+    """The Relax module for `model` on `target`, every operator through our registry.
 
     Returns (relax module, lowering, notes): lowering is "float", "integer" (integer kernels, bit-exact) or
     "float-emulated" (int8 through TVM's dequantize/float/quantize, only when asked for).
@@ -105,11 +104,6 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
     notes += [n for n in graph.notes if n not in model.graph.notes]  # what the clean-up rewrote
     if isinstance(kernels, dict):
         check_choices(graph, target, kernels)
-    if tir_layers:
-        from tinymlaas.frontend.to_relax import implementations
-
-        kept = {op.index for op in graph.operators}
-        kernels = {**implementations(graph, target, kernels), **{i: "tir" for i in tir_layers if i in kept}}
     if schedules:
         check_schedules(graph, target, kernels, schedules)
     lowering = graph.lowering()
@@ -184,8 +178,7 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     kernels = dict(variant.kernels) if variant is not None else request.kernels
     model, layer_weights = low_bit_weights(model, request.weights)
     relax_mod, lowering, notes = import_model(model, target, request.int8_lowering, kernels,
-                                              dict(variant.layers) if variant is not None else None,
-                                              tir_layers=[w.op for w in layer_weights if w.precision != "int8"])
+                                              dict(variant.layers) if variant is not None else None)
 
     stage("lower")
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
