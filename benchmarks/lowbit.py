@@ -1,6 +1,7 @@
-"""Weights below eight bits, side by side in one run: the int8 build, the int8 build on the TIR kernels (what the
-int4 layers are built with), and int4 weights: weight bytes, flash, instructions (and the Cortex-M4 cycle estimate),
-every build verified against the TFLite interpreter (the int4 ones against the interpreter on the int4 model).
+"""Weights below eight bits, side by side in one run: int8 and int4 weights with the default (C) kernels, which read
+int4 weights unpacked into RAM right before their layer, and with the TIR kernels, which decode each weight they
+read (no RAM): weight bytes, flash, RAM, instructions (and the Cortex-M4 cycle estimate), every build verified
+against the TFLite interpreter (the int4 ones against the interpreter on the int4 model).
 
 Usage: python benchmarks/lowbit.py [--models DIR] [--out FILE] [--targets T,...] [--inputs N]
 """
@@ -23,8 +24,9 @@ from tinymlaas import __version__
 MLPERF = ["kws_ref_model", "vww_96_int8", "pretrainedResnet_quant", "ad01_int8"]
 VARIANTS = {  # name -> BuildRequest options
     "int8": {},
-    "int8_tir": {"kernels": "tir"},
     "int4": {"weights": "int4"},
+    "int8_tir": {"kernels": "tir"},
+    "int4_tir": {"weights": "int4", "kernels": "tir"},
 }
 
 
@@ -52,15 +54,17 @@ def _row(name: str, path: Path, target: str, inputs: int, work: Path) -> dict:
     row = {"model": name, "target": target}
     for variant, options in VARIANTS.items():
         row[variant] = _build(path, target, options, inputs, work / variant)
-    base, tir, low = row["int8"], row["int8_tir"], row["int4"]
-    if "weights_bytes" in base and "weights_bytes" in low:
-        low["weights_vs_int8"] = round(low["weights_bytes"] / base["weights_bytes"], 3)
-        low["flash_vs_int8"] = round(low["flash_model"] / base["flash_model"], 3)
-        low["instructions_vs_int8"] = round(low["instructions"] / base["instructions"], 3)
-        if "instructions" in tir:
-            low["instructions_vs_int8_tir"] = round(low["instructions"] / tir["instructions"], 3)
-        if "cycles_estimate" in low and "cycles_estimate" in base:
-            low["cycles_vs_int8"] = round(low["cycles_estimate"] / base["cycles_estimate"], 3)
+    for low, base in (("int4", "int8"), ("int4_tir", "int8_tir")):  # each against int8 on the same kernels
+        a, b = row[low], row[base]
+        if "weights_bytes" not in a or "weights_bytes" not in b:
+            continue
+        for key, label in (("weights_bytes", "weights"), ("flash_model", "flash"), ("ram_model", "ram"),
+                          ("instructions", "instructions"), ("cycles_estimate", "cycles")):
+            if key in a and key in b:
+                a[f"{label}_vs_{base}"] = round(a[key] / b[key], 3)
+    if "instructions" in row["int4"] and "instructions" in row["int8"]:
+        row["int4_tir"]["instructions_vs_int8"] = round(row["int4_tir"].get("instructions", 0) /
+                                                        row["int8"]["instructions"], 3)
     return row
 
 
@@ -78,15 +82,16 @@ def main(argv=None) -> int:
                 row = _row(name, args.models / f"{name}.tflite", target, args.inputs, Path(tmp) / target / name)
                 rows.append(row)
                 print(json.dumps({k: (v if not isinstance(v, dict) else {x: v.get(x) for x in (
-                    "weights_bytes", "instructions", "weights_vs_int8", "instructions_vs_int8", "error") if x in v})
-                    for k, v in row.items()}), flush=True)
+                    "weights_bytes", "instructions", "ram_model", "weights_vs_int8", "instructions_vs_int8",
+                    "instructions_vs_int8_tir", "error") if x in v}) for k, v in row.items()}), flush=True)
     result = {
         "benchmark": "lowbit",
         "tinymlaas_version": __version__,
         "host": {"machine": platform.machine(), "python": platform.python_version()},
-        "method": "per model and target, three builds in one run: int8 (default kernels), int8 on the TIR kernels, "
-                  "int4 weights (--weights int4: every eligible conv/depthwise/FC layer re-quantized to 4 bits per "
-                  "channel, two to a byte, decoded in the kernel on each read); each verified against the TFLite "
+        "method": "per model and target, four builds in one run: int8 and int4 weights (--weights int4: every "
+                  "eligible conv/depthwise/FC layer re-quantized to 4 bits per channel, two to a byte in flash) with "
+                  "the default kernels (C micro-kernels; int4 unpacked into RAM before each layer) and with the TIR "
+                  "kernels (int4 decoded on each read); ratios against int8 on the same kernels; each verified against the TFLite "
                   "interpreter on the model it computes (int4: the re-quantized model), instructions from QEMU, "
                   "Cortex-M4 cycles estimated (llvm-mca x QEMU blocks, the TRM's load/store timing)",
         "seconds": round(time.monotonic() - started),
