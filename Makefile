@@ -88,6 +88,7 @@ bench: setup
 # Regenerate the committed test corpus with TensorFlow (make setup installs it).
 corpus: setup
 	$(PY) tests/corpus/generate.py
+	$(PY) tests/corpus/trained.py
 
 clean:
 	rm -rf build out .pytest_cache

@@ -139,9 +139,22 @@ class BuildRequest:
                           "dynamic-range exports keep that width in flash and the kernels widen each one they read; "
                           "float32: those widened once at build time (fewer instructions, 2x or 4x the weight "
                           "flash; the same values); int4: an integer model's convolution and fully connected "
-                          "weights re-quantized to 4 bits per channel, two to a byte in flash (TIR kernels; the "
-                          "build verified against the interpreter on that int4 model)",
-                          choices=("stored", "float32", "int4"), backends=MCU, surfaces=(COMPILE, SERVICE))
+                          "weights re-quantized to 4 bits per channel, two to a byte in flash (the build verified "
+                          "against the interpreter on that int4 model); auto: int4 in the layers where the "
+                          "accuracy on --validation stays within --max-accuracy-drop (int8 elsewhere)",
+                          choices=("stored", "float32", "int4", "auto"), backends=MCU, surfaces=(COMPILE, SERVICE))
+    validation: str | None = option(help="an .npz of held-out samples: `x` (sample axis first; floats are quantized "
+                                    "as the model's input asks) and `y` (labels, or target outputs for mse): the "
+                                    "build's accuracy on them (the interpreter on the model the firmware computes, "
+                                    "bit-exact), beside the model as given", unit="path", backends=MCU,
+                                    surfaces=(COMPILE,), metavar="NPZ")
+    metric: str = option("top1", help="the accuracy --validation measures: top1, top5, auc (a single score, or the "
+                         "second of two) or mse", choices=("top1", "top5", "mse", "auc"), backends=MCU,
+                         surfaces=(COMPILE,))
+    max_accuracy_drop: float | None = option(help="weights below eight bits: the most accuracy they may cost against "
+                                             "the model as given, in points (percentage points of top-k or AUC; "
+                                             "percent more error for mse); needs --validation", min=0.0, max=100.0,
+                                             backends=MCU, surfaces=(COMPILE,), metavar="POINTS")
     # Keras / SavedModel input
     quantize: str = option("none", help="Keras/SavedModel input: quantize when converting (default none: float32; "
                            "mixed: int8 with the layers int8 hurts most left in float)", choices=_quantize,

@@ -126,29 +126,93 @@ def weight_layers(graph) -> list[LayerWeights]:
     return out
 
 
-def low_bit_weights(model, weights: str):
-    """(model, its layers' weights) for a build's `weights` option (BuildRequest.weights): int4 rewrites every
-    eligible layer of an integer model; other values leave the model as it is (and report nothing)."""
+def low_bit_weights(model, request):
+    """(model, its layers' weights, accuracy) for a build's request (BuildRequest.weights, validation, metric,
+    max_accuracy_drop): int4 rewrites every eligible layer of an integer model, auto the layers chosen by accuracy
+    (choose_layers); other values leave the model as it is and report no layers. accuracy: on the validation file
+    when one is given, beside the model as given (None without one)."""
     from dataclasses import replace
 
+    from tinymlaas.accuracy import load_validation
     from tinymlaas.build.request import InvalidRequest
     from tinymlaas.frontend.tflite import read_graph
 
-    if weights != "int4":
-        return model, []
+    validation = load_validation(request.validation, model) if request.validation else None
+    judge = Judge(model.data, validation, request.metric) if validation is not None else None
+    if request.weights not in ("int4", "auto"):
+        return model, [], judge.report(model.data) if judge else None
     if not model.quantized:
-        raise InvalidRequest("weights", "int4 re-quantizes an integer model's int8 weights: this model is float "
-                             "(quantize it first: an int8 .tflite, or --quantize int8 with --calibration)")
-    layers = eligible_layers(model.graph)
-    if not layers:
-        raise InvalidRequest("weights", f"int4: {model.name} has no convolution or fully connected layer with "
-                             f"int8 weights of {MIN_WEIGHTS} values or more")
-    data = with_int4_weights(model.data, layers)
+        raise InvalidRequest("weights", f"{request.weights} re-quantizes an integer model's int8 weights: this model "
+                             "is float (quantize it first: an int8 .tflite, or --quantize int8 with --calibration)")
+    eligible = eligible_layers(model.graph)
+    if not eligible:
+        raise InvalidRequest("weights", f"{request.weights}: {model.name} has no convolution or fully connected layer "
+                             f"with int8 weights of {MIN_WEIGHTS} values or more")
+    limit = request.max_accuracy_drop
+    if request.weights == "auto":
+        chosen = choose_layers(model.data, eligible, judge, 0.0 if limit is None else limit)
+    else:
+        chosen = eligible
+    data = with_int4_weights(model.data, chosen)
+    accuracy = judge.report(data) if judge else None
+    if accuracy and limit is not None and accuracy["drop"] > limit:
+        raise InvalidRequest("max_accuracy_drop", f"{limit:g}: int4 weights in {len(chosen)} of {len(eligible)} "
+                             f"eligible layers lose {accuracy['drop']:.2f} points of {request.metric} ({accuracy['reference']:.4f} -> "
+                             f"{accuracy['value']:.4f}); --weights auto keeps int8 where that costs too much")
     graph = read_graph(data, model.name)
-    kept = [replace(w, precision="int4") if w.op in set(layers) else w for w in weight_layers(graph)]
-    before = sum(w.elements for w in kept)
-    after = sum(w.nbytes for w in kept)
-    note = (f"weights re-quantized to int4 (per channel, symmetric -7..7) in {len(layers)} of {len(kept)} layers: "
-            f"{after:,} B of weights instead of {before:,} B; verified against the interpreter on that int4 model "
-            "(what it costs in accuracy is measured on your data)")
-    return replace(model, data=data, graph=graph, notes=[*model.notes, note]), kept
+    layers = [replace(w, precision="int4") if w.op in set(chosen) else w for w in weight_layers(graph)]
+    before = sum(w.elements for w in layers)
+    after = sum(w.nbytes for w in layers)
+    notes = [(f"weights re-quantized to int4 (per channel, symmetric -7..7) in {len(chosen)} of {len(layers)} "
+              f"layers: {after:,} B of weights instead of {before:,} B; verified against the interpreter on that "
+              "model")]
+    if not chosen:
+        notes.append(f"no layer could go to int4 within {limit:g} points of {request.metric}: all kept int8")
+    return replace(model, data=data, graph=graph, notes=[*model.notes, *notes]), layers, accuracy
+
+
+class Judge:
+    """The accuracy of variants of one model on one validation set, against the model as given (measured once)."""
+
+    def __init__(self, reference: bytes, validation, metric: str):
+        from tinymlaas.accuracy import measure
+
+        self.validation, self.metric = validation, metric
+        self.reference = measure(reference, validation, metric)
+        self.cache: dict[bytes, float] = {}
+
+    def value(self, data: bytes) -> float:
+        from tinymlaas.accuracy import measure
+
+        if data not in self.cache:
+            self.cache[data] = measure(data, self.validation, self.metric)
+        return self.cache[data]
+
+    def drop(self, data: bytes) -> float:
+        from tinymlaas.accuracy import drop
+
+        return drop(self.reference, self.value(data), self.metric)
+
+    def report(self, data: bytes) -> dict:
+        return {"metric": self.metric, "value": self.value(data), "reference": self.reference,
+                "drop": round(self.drop(data), 4), "samples": len(self.validation)}
+
+
+def choose_layers(data: bytes, eligible: list[int], judge: Judge, limit: float) -> list[int]:
+    """The eligible layers whose weights go to int4 within `limit` points of accuracy: all of them if that holds;
+    else each layer's own cost is measured alone, and layers are added in order of flash saved per point lost (the
+    cheapest first), each kept only if the set still holds. Every set kept was measured: none beyond the limit."""
+    if judge.drop(with_int4_weights(data, eligible)) <= limit:
+        return list(eligible)
+    from tinymlaas.frontend.tflite import read_graph
+
+    graph = read_graph(data)
+    size = {op.index: graph.tensor(op.inputs[1]).size for op in graph.operators if op.index in eligible}
+    alone = {i: max(judge.drop(with_int4_weights(data, [i])), 0.0) for i in eligible}
+    order = sorted((i for i in eligible if alone[i] <= limit), key=lambda i: (alone[i] / size[i], -size[i], i))
+    chosen: list[int] = []
+    for i in order:
+        trial = sorted([*chosen, i])
+        if judge.drop(with_int4_weights(data, trial)) <= limit:
+            chosen = trial
+    return chosen

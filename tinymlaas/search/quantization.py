@@ -27,31 +27,9 @@ VARIANTS = (("float32", "none", 0), ("int8", "int8", 0), ("int16x8", "int16x8", 
 
 def _outputs(tflite: bytes, samples: list) -> list[np.ndarray]:
     """The interpreter's outputs (dequantized to float) for each sample, the state reset between them."""
-    from ai_edge_litert.interpreter import Interpreter
+    from tinymlaas.accuracy import interpreter_scores
 
-    it = Interpreter(model_content=tflite)
-    it.allocate_tensors()
-    ins, outs = it.get_input_details(), it.get_output_details()
-    result = []
-    for sample in samples:
-        it.reset_all_variables()
-        for d, x in zip(ins, sample):
-            scale, zero = d["quantization"]
-            value = x if d["dtype"] == np.float32 else np.clip(np.round(x / scale) + zero, *_range(d["dtype"]))
-            it.set_tensor(d["index"], value.astype(d["dtype"]).reshape(d["shape"]))
-        it.invoke()
-        ys = []
-        for d in outs:
-            y = it.get_tensor(d["index"]).astype(np.float64)
-            scale, zero = d["quantization"]
-            ys.append((y - zero) * scale if d["dtype"] != np.float32 and scale else y)
-        result.append(np.concatenate([y.ravel() for y in ys]))
-    return result
-
-
-def _range(dtype) -> tuple[int, int]:
-    info = np.iinfo(dtype)
-    return int(info.min), int(info.max)
+    return list(interpreter_scores(tflite, samples))
 
 
 def fidelity(reference: list[np.ndarray], variant: list[np.ndarray]) -> float:
@@ -62,10 +40,12 @@ def fidelity(reference: list[np.ndarray], variant: list[np.ndarray]) -> float:
 
 
 def accuracy(outputs: list[np.ndarray], labels) -> float | None:
+    from tinymlaas.accuracy import score
+
     if labels is None or len(labels) == 0:
         return None
-    predicted = np.array([int(np.argmax(y)) for y in outputs[:len(labels)]])
-    return round(float(np.mean(predicted == np.asarray(labels)[:len(predicted)])), 4)
+    n = min(len(outputs), len(labels))
+    return round(score(np.stack(outputs[:n]), np.asarray(labels)[:n], "top1"), 4)
 
 
 def search_quantization(source, target: str, workdir, request: BuildRequest | None = None, *,

@@ -60,6 +60,8 @@ class CompileReport(VerifiedReport):
     variant: dict | None = None  # the search.space.Variant it was built as, if one was given
     # per layer with weights: its weight precision (int8 | int4) and the flash its weights take (frontend/lowbit.py)
     weights: list | None = None
+    # on --validation: {"metric", "value", "reference" (the model as given), "drop" (points), "samples"}
+    accuracy: dict | None = None
     kind: str = "mcu"  # the backend that built it
 
 
@@ -120,7 +122,7 @@ def weight_storage(model, target: Target, weights: str = "stored") -> dict:
     from tinymlaas.frontend.tflite import read_graph
     from tinymlaas.ir.weight_storage import StoredWeights, stored_weights
 
-    if weights == "int4" and model.quantized:
+    if weights in ("int4", "auto") and model.quantized:
         return {"stored": StoredWeights(int4=True)}
     if weights == "float32" or model.quantized:
         return {}
@@ -176,7 +178,7 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     stage("import")
     variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
     kernels = dict(variant.kernels) if variant is not None else request.kernels
-    model, layer_weights = low_bit_weights(model, request.weights)
+    model, layer_weights, accuracy = low_bit_weights(model, request)
     relax_mod, lowering, notes = import_model(model, target, request.int8_lowering, kernels,
                                               dict(variant.layers) if variant is not None else None)
 
@@ -269,6 +271,7 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
         instructions_repeat_exact=counts[0] == counts[-1] if not program.state_sizes else None,
         variant=variant.to_dict() if variant is not None else None,
         weights=[w.to_dict() for w in layer_weights] or None,
+        accuracy=accuracy,
         memory_accesses=run.regions[0].memory_accesses,
         fidelity=fidelity,
         sizes=sizes.to_dict(),

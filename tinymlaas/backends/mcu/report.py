@@ -22,6 +22,8 @@ def format_report(r: CompileReport) -> str:
                       "float-emulated": "int8 through float ops"}[r.lowering]),
         ("verified", f"{'PASS' if r.verified else 'FAIL'}: {fid} over {f['inputs']} inputs [{f['tolerance']}]"),
         *([("source check", source_text(f["source"]))] if f.get("source") else []),
+        *([("accuracy", accuracy_text(r.accuracy))] if r.accuracy else []),
+        *([("weights", weights_text(r.weights))] if r.weights else []),
         ("instructions/inference", (f"{fmt(r.instructions)} (range {fmt(r.instructions_min)}.."
                                     f"{fmt(r.instructions_max)}, repeat {repeat_text(r.instructions_repeat_exact)})")),
         ("memory accesses", fmt(r.memory_accesses) if r.memory_accesses is not None else "not counted by " + r.runner),
@@ -45,6 +47,21 @@ def format_report(r: CompileReport) -> str:
     width = max(len(k) for k, _ in rows)
     text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
     return text + ("\n\n" + format_profile(r.profile) if r.profile else "")
+
+
+def accuracy_text(a: dict) -> str:
+    """The validation set's metric on the build's arithmetic against the model as given (lowbit.Judge.report)."""
+    worse = f"{a['drop']:.2f} points lower" if a["drop"] > 0 else f"{-a['drop']:.2f} points higher" if a["drop"] < 0 \
+        else "the same"
+    return f"{a['metric']} {a['value']:.4f} on {a['samples']} samples; the model as given {a['reference']:.4f} ({worse})"
+
+
+def weights_text(layers: list) -> str:
+    """Each weight layer's precision (frontend/lowbit.py LayerWeights.to_dict), counted."""
+    counts = {p: sum(1 for w in layers if w["precision"] == p) for p in ("int8", "int4")}
+    int4 = [str(w["op"]) for w in layers if w["precision"] == "int4"]
+    return (f"{counts['int4']} layer(s) int4 (operators {', '.join(int4) or 'none'}), {counts['int8']} int8; "
+            f"{fmt(sum(w['bytes'] for w in layers))} B of layer weights")
 
 
 def source_text(src: dict) -> str:
