@@ -120,10 +120,10 @@ def depthwise(seed, in_shape, multiplier, k, stride, padding, act):
     return L.model("DEPTHWISE_CONV_2D", [x, wt, b], [y], [x], opt)
 
 
-def fully_connected(seed, in_shape, out_features, act):
+def fully_connected(seed, in_shape, out_features, act, out_scale_factor=1.0):
     L = Layer(seed)
     depth = in_shape[-1]
-    in_scale, out_scale = 0.04, 0.04 * 0.01 * depth * 0.6
+    in_scale, out_scale = 0.04, 0.04 * 0.01 * depth * 0.6 * out_scale_factor
     x = L.activation("x", in_shape, in_scale, 12)
     wt, ws = L.weights("w", [out_features, depth])
     b = L.bias("b", out_features, in_scale * ws)

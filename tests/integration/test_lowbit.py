@@ -25,6 +25,8 @@ CASES = {
     "conv_1x1_odd_channels": lambda: q.conv2d(4, [1, 5, 3, 7], 13, 1, 1, VALID, RELU),
     "depthwise_m2": lambda: q.depthwise(5, [1, 8, 7, 9], 2, 3, 2, SAME, RELU),
     "fc_per_tensor_batch": lambda: q.fully_connected(8, [2, 3, 37], 5, NONE),
+    # one row whose requantization is proven after the re-quantization (the 4-bit gemv reads it in its loop)
+    "fc_row_wide_output_scale": lambda: q.fully_connected(10, [1, 37], 11, RELU, out_scale_factor=30.0),
 }
 
 
@@ -41,7 +43,21 @@ def test_int4_layers_are_bit_exact_with_the_interpreter_on_the_int4_model(case, 
     assert [w["precision"] for w in r.weights] == ["int4"]
     out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
     assert len(np.unique(out)) > 3  # outputs that all saturate would prove nothing
-    assert any("two to a byte" in n for n in r.notes), r.notes  # the kernel read them packed
+    assert any("two to a byte" in n for n in r.notes) or "gemv_w4" in driver(r), r.notes  # read packed
+
+
+def driver(report) -> str:
+    return (Path(report.artifacts["dir"]) / report.artifacts["driver"]).read_text()
+
+
+def test_a_row_of_4_bit_weights_is_read_by_the_4_bit_gemv_without_a_copy_in_ram(tmp_path):
+    path = tmp_path / "fc.tflite"
+    path.write_bytes(q.fully_connected(11, [1, 200], 24, NONE, out_scale_factor=40.0))
+    for target in ("cortex-m4", "rv32imac"):  # SMLAD on 16 x the nibbles; the scalar loop
+        r = compile_model(path, target, tmp_path / target, BuildRequest(inputs=20, weights="int4"))
+        assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
+        assert "tinymlaas_gemv_w4" in driver(r) and "unpack" not in driver(r)
+        assert r.sizes["arena"] <= 256  # the input and output rows only
 
 
 def test_int4_halves_the_weight_flash(tmp_path):

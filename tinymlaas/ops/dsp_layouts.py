@@ -24,6 +24,20 @@ def blocked_weights(w2d: np.ndarray, block: int, wide: bool) -> np.ndarray:
     return np.ascontiguousarray(quads.transpose(0, 2, 1, 3))
 
 
+def gemv4_weights(w2d: np.ndarray) -> np.ndarray:
+    """(OC, K) values in -8..7 -> gemm_dsp.c's 4-bit gemv layout: blocked_weights' [OC/4][K/4][channel 0..3][4] with
+    channels 2p and 2p + 1 in the low and high nibbles of one byte: [OC/4][K/4][pair 0..1][k0 k1 k2 k3]."""
+    blocked = blocked_weights(w2d, 4, wide=False).astype(np.int16)
+    pairs = blocked.reshape(*blocked.shape[:2], 2, 2, 4)  # [..][pair][channel in pair][k]
+    return np.ascontiguousarray(((pairs[..., 0, :] & 0xF) | ((pairs[..., 1, :] & 0xF) << 4)).astype(np.uint8)
+                                .view(np.int8))
+
+
+def fits_int4(w: np.ndarray) -> bool:
+    """Weights that are 4-bit values (a layer --weights int4 re-quantized: frontend/lowbit.py)."""
+    return w.size > 0 and int(w.min()) >= -8 and int(w.max()) <= 7
+
+
 def gemm4_weights(w2d: np.ndarray) -> np.ndarray:
     """(OC, K) int8 -> gemm_dsp.c's four-pixel layout, int16 and doubled (the sums come out as the doubled ones its
     requantization takes): [OC/2][K/4][k0 k2 | k1 k3][channel 0..1][2], the two channels' words of one half of a

@@ -27,7 +27,9 @@ from tinymlaas.ops.dsp_layouts import (
     blocked_weights,
     depthwise3x3_taps,
     depthwise_rows_weights,
+    fits_int4,
     gemm4_weights,
+    gemv4_weights,
     requant_table,
     requantize_exact,
 )
@@ -341,8 +343,11 @@ def fully_connected(ctx, op, impl):
             per_tensor = batch == 1 and (table[:, 1:] == table[0, 1:]).all()
             if per_tensor:  # the biases, then one {mult, round, shift}: 4 B a channel instead of 16
                 table = np.concatenate([table[:, 0], table[0, 1:]]).astype(np.int32)
-            y = extern(ctx, kernel + ("_w16" if wide else "_w8") + ("_pt" if per_tensor else ""),
-                       [x, relax.const(blocked_weights(w, block, wide)), relax.const(table), cp], (batch, out_features))
+            # 4-bit weights (an int4 layer) stay 4-bit for a row: read in the loop, no unpacked copy in RAM
+            width, layout = (("_w4", gemv4_weights(w)) if batch == 1 and fits_int4(w)
+                             else ("_w16" if wide else "_w8", blocked_weights(w, block, wide)))
+            y = extern(ctx, kernel + width + ("_pt" if per_tensor else ""),
+                       [x, relax.const(layout), relax.const(table), cp], (batch, out_features))
         else:
             y = extern(ctx, "tinymlaas_conv1x1_s8", [x, relax.const(w), bias, relax.const(mult), relax.const(shift), cp],
                        (batch, out_features))

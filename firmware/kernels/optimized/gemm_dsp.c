@@ -15,6 +15,8 @@
  *   weights [OC/2][quad][channel 0..1][k0 k1 k2 k3]   int8  (gemm: output channels in pairs)
  *           [OC/2][quad][channel 0..1][k0 k2 | k1 k3] int16
  *           [OC/4][quad][channel 0..3][...]           gemv: one pixel, four channels per step
+ *           [OC/4][quad][pair 0..1][k0 k1 k2 k3]      gemv_w4: values -8..7, a byte holding channel 2p's value
+ *                                                      in its low nibble and channel 2p + 1's in its high one
  *   requant [OC][bias, multiplier, round, shift]       see struct tinymlaas_rq (gemv_*_pt: [OC] biases, then
  *                                                      one multiplier, round, shift)
  *
@@ -862,6 +864,58 @@ static inline __attribute__((always_inline)) void mac1x4_w16(const int16_t *patc
 #endif
 }
 
+/* the same with 4-bit weights, a word per channel pair and quad: each half of the pair's nibbles masked into the
+   high nibbles of a word (16 x the value: SXTB16 then takes them as int8 words, exactly), so the sums come out
+   16 x the products' and are shifted back (exact: every term is a multiple of 16) */
+static inline __attribute__((always_inline)) void mac1x4_w4(const int16_t *patch, const int8_t *weights, int quads,
+                                                            int32_t acc[4])
+{
+#if defined(__ARM_FEATURE_DSP)
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, xa, xb, wa, wb, t0, t1;
+    const int16_t *x = patch;
+    const int8_t *w = weights;
+    int n = quads;
+#define TINYMLAAS_PAIR4(acc_a, acc_b)                                                                     \
+    "ldr %[wa], [%[w]], #4\n\t"                                                                            \
+    "lsl %[wb], %[wa], #4\n\t"                                                                             \
+    "and %[wb], %[wb], #0xF0F0F0F0\n\t" /* channel a, x 16 */                                               \
+    "and %[wa], %[wa], #0xF0F0F0F0\n\t" /* channel b, x 16 */                                               \
+    "sxtb16 %[t0], %[wb]\n\t"                                                                           \
+    "sxtb16 %[t1], %[wb], ror #8\n\t"                                                                   \
+    "smlad %[" acc_a "], %[xa], %[t0], %[" acc_a "]\n\t"                                                 \
+    "smlad %[" acc_a "], %[xb], %[t1], %[" acc_a "]\n\t"                                                 \
+    "sxtb16 %[t0], %[wa]\n\t"                                                                           \
+    "sxtb16 %[t1], %[wa], ror #8\n\t"                                                                   \
+    "smlad %[" acc_b "], %[xa], %[t0], %[" acc_b "]\n\t"                                                 \
+    "smlad %[" acc_b "], %[xb], %[t1], %[" acc_b "]\n\t"
+    __asm__ volatile(
+        "1:\n\t"
+        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
+        TINYMLAAS_PAIR4("a0", "a1")
+        TINYMLAAS_PAIR4("a2", "a3")
+        "subs %[n], %[n], #1\n\t"
+        "bne 1b\n\t"
+        : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [xa] "=&r"(xa), [xb] "=&r"(xb),
+          [wa] "=&r"(wa), [wb] "=&r"(wb), [t0] "=&r"(t0), [t1] "=&r"(t1), [x] "+r"(x), [w] "+r"(w), [n] "+r"(n)
+        :
+        : "cc", "memory");
+#undef TINYMLAAS_PAIR4
+    acc[0] = a0 >> 4, acc[1] = a1 >> 4, acc[2] = a2 >> 4, acc[3] = a3 >> 4;
+#else
+    int32_t a[4] = {0, 0, 0, 0};
+    for (int q = 0; q < quads; q++, patch += 4, weights += 8) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            const int32_t x = patch[slot(0, k)];
+            const uint8_t lo = (uint8_t)weights[k], hi = (uint8_t)weights[4 + k]; /* channels 0 | 1, 2 | 3 */
+            a[0] += x * ((int8_t)(uint8_t)(lo << 4) >> 4), a[1] += x * ((int8_t)lo >> 4);
+            a[2] += x * ((int8_t)(uint8_t)(hi << 4) >> 4), a[3] += x * ((int8_t)hi >> 4);
+        }
+    }
+    acc[0] = a[0], acc[1] = a[1], acc[2] = a[2], acc[3] = a[3];
+#endif
+}
+
 static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input, const void *weights,
                                                              const struct tinymlaas_rq *rq, const int32_t *params,
                                                              int8_t *output, int16_t *patch, int quads, int shared,
@@ -869,7 +923,7 @@ static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input
 {
     const int C = params[P_C], OC = params[P_OC], batch = params[P_N];
     const int32_t offset = -params[P_ZP_IN], lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
-    const int step = quads * (wide ? 32 : 16); /* bytes of four channels */
+    const int step = quads * (wide == 2 ? 8 : wide ? 32 : 16); /* bytes of four channels (wide 2: 4-bit) */
     /* channel o's bias and {mult, round, shift}: rows of four words, or (shared) the biases, then one triple */
     const int32_t *bias = shared ? (const int32_t *)rq : &rq->bias;
     const int32_t *factors = shared ? (const int32_t *)rq + OC : &rq->mult;
@@ -884,7 +938,9 @@ static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input
         const int32_t *b = bias, *f = factors; /* channel oc + j's */
         for (int oc = 0; oc < OC; oc += 4, w += step) {
             int32_t acc[4];
-            if (wide)
+            if (wide == 2)
+                mac1x4_w4(patch, (const int8_t *)w, quads, acc);
+            else if (wide)
                 mac1x4_w16(patch, (const int16_t *)w, quads, acc);
             else
                 mac1x4_w8(patch, (const int8_t *)w, quads, acc);
@@ -896,8 +952,8 @@ static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input
     }
 }
 
-/* Fully connected, one row at a time: weights in blocks of four output channels. Eight entry points from one
-   body: int8 or int16 weights; in place (no `restrict` on input and output: a row is widened whole before its
+/* Fully connected, one row at a time: weights in blocks of four output channels. Twelve entry points from one
+   body: int8, int16 or 4-bit weights; in place (no `restrict` on input and output: a row is widened whole before its
    outputs are written); per tensor (_pt: `rq` is every channel's bias, then one {mult, round, shift}, kept in
    registers: 4 B of table a channel instead of 16). */
 #define TINYMLAAS_GEMV(name, weight_t, wide, shared, noalias)                                                 \
@@ -918,6 +974,11 @@ TINYMLAAS_GEMV(tinymlaas_gemv_w8_pt, int8_t, 0, 1, TINYMLAAS_NOALIAS)
 TINYMLAAS_GEMV(tinymlaas_gemv_w16_pt, int16_t, 1, 1, TINYMLAAS_NOALIAS)
 TINYMLAAS_GEMV(tinymlaas_gemv_w8_pt_inplace, int8_t, 0, 1, TINYMLAAS_ALIASED)
 TINYMLAAS_GEMV(tinymlaas_gemv_w16_pt_inplace, int16_t, 1, 1, TINYMLAAS_ALIASED)
+/* 4-bit weights (--weights int4), read in the loop: no unpacked copy in RAM */
+TINYMLAAS_GEMV(tinymlaas_gemv_w4, int8_t, 2, 0, TINYMLAAS_NOALIAS)
+TINYMLAAS_GEMV(tinymlaas_gemv_w4_inplace, int8_t, 2, 0, TINYMLAAS_ALIASED)
+TINYMLAAS_GEMV(tinymlaas_gemv_w4_pt, int8_t, 2, 1, TINYMLAAS_NOALIAS)
+TINYMLAAS_GEMV(tinymlaas_gemv_w4_pt_inplace, int8_t, 2, 1, TINYMLAAS_ALIASED)
 #undef TINYMLAAS_GEMV
 #undef TINYMLAAS_NOALIAS
 #undef TINYMLAAS_ALIASED
