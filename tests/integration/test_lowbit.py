@@ -50,11 +50,18 @@ def driver(report) -> str:
     return (Path(report.artifacts["dir"]) / report.artifacts["driver"]).read_text()
 
 
-def test_a_row_of_4_bit_weights_is_read_by_the_4_bit_gemv_without_a_copy_in_ram(tmp_path):
+@pytest.mark.parametrize("depth, out_scale_factor", [
+    (200, 40.0),  # a multiplier below 1/2: TFLite's rounding shift after SMMUL
+    (200, 0.2),  # about 3/4 once the weights are 4-bit (18x their int8 scale): one SMMULR
+    (1, 20.0),  # about 1.5 (one input, 64 outputs): shifted left first
+])
+def test_a_row_of_4_bit_weights_is_read_by_the_4_bit_gemv_without_a_copy_in_ram(depth, out_scale_factor, tmp_path):
     path = tmp_path / "fc.tflite"
-    path.write_bytes(q.fully_connected(11, [1, 200], 24, NONE, out_scale_factor=40.0))
+    path.write_bytes(q.fully_connected(11, [1, depth], 24 if depth > 1 else 64, NONE, out_scale_factor=out_scale_factor))
     for target in ("cortex-m4", "rv32imac"):  # SMLAD on 16 x the nibbles; the scalar loop
         r = compile_model(path, target, tmp_path / target, BuildRequest(inputs=20, weights="int4"))
+        out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
+        assert len(np.unique(out)) > 10  # not saturated: the requantization is what is checked
         assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
         assert "tinymlaas_gemv_w4" in driver(r) and "unpack" not in driver(r)
         assert r.sizes["arena"] <= 256  # the input and output rows only

@@ -71,12 +71,14 @@ def depthwise_rows_weights(w: np.ndarray, transposed: bool = False) -> np.ndarra
 
 
 def requant_table(w2d: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np.ndarray, zp_in: int, zp_out: int,
-                  act: tuple[int, int], single: bool) -> np.ndarray | None:
+                  act: tuple[int, int], single: bool, left: bool = False) -> np.ndarray | None:
     """Per output channel {bias, multiplier, round, shift} for gemm_dsp.c's requantization, or None.
 
     The C code skips 64-bit arithmetic, saturation and the sign tests of TFLite's formulas; that is exact
     only while no intermediate can overflow, which is proved here from the weights: |accumulator| is at
     most |bias| + max|x - zp_in| * sum|w|. The output zero point is folded into the rounding constant.
+    left (single rounding, gemm_dsp.c's 4-bit gemv only): a multiplier of 1/2 or more, where TFLite shifts right by
+    32 or fewer, is taken as smmulr((acc + bias) << k, m) + zp_out, stored with shift -(k + 1) and round zp_out.
     A channel the proof fails for is still taken when its output cannot depend on the input
     (requantization is monotonic, so equal outputs at both accumulator bounds): trained models carry such
     dead channels (a huge bias, a zero multiplier); it becomes a constant (multiplier 0).
@@ -95,6 +97,9 @@ def requant_table(w2d: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np
         rnd = (1 << (e - 1)) + (zp_out << e) if ok else 0
         if ok and m > 0 and scaled + abs(rnd) + 1 < 2**31:
             rows.append((b if single else 2 * b, m, rnd, e))
+            continue
+        if single and left and e <= 0 and m > 0 and 0 <= s + 1 <= 30 and a << (s + 1) < 2**31:
+            rows.append((b, m, zp_out, -(s + 2)))  # (acc * m + 2^(30 - s)) >> (31 - s) as one SMMULR
             continue
         ends = [requantize_exact(b + sign * d, m, s, single) for sign in (-1, 1)]
         if a >= 2**31 or None in ends:

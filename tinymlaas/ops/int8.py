@@ -337,6 +337,8 @@ def fully_connected(ctx, op, impl):
         reps = out_features if mult.size == 1 else 1
         mult, shift = np.repeat(mult, reps), np.repeat(shift, reps)
         table = requant_table(w, bias_values, mult, shift, zp_in, zp_out, (lo, hi), single=True)
+        if table is None and batch == 1 and fits_int4(w):  # the 4-bit gemv also takes multipliers of 1/2 or more
+            table = requant_table(w, bias_values, mult, shift, zp_in, zp_out, (lo, hi), single=True, left=True)
         if table is not None:  # one row: four channels per step; a batch: the 2x2 product
             kernel, block = ("tinymlaas_gemv", 4) if batch == 1 else ("tinymlaas_gemm", 2)
             wide = impl == "dsp16"

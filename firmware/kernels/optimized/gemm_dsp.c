@@ -946,7 +946,12 @@ static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input
                 mac1x4_w8(patch, (const int8_t *)w, quads, acc);
             for (int j = 0; j < 4 && oc + j < OC; j++, b += bias_step, f += factors_step) {
                 const struct tinymlaas_rq q = {*b, f[0], f[1], f[2]};
-                output[oc + j] = requantize(acc[j], &q, single, clamp, lo, hi);
+                if (wide == 2 && q.shift < 0) /* 4-bit rows: a multiplier of 1/2 or more (shift -(k + 1), round zp) */
+                    output[oc + j] = saturate(
+                        smmulr((int32_t)((uint32_t)(acc[j] + q.bias) << (-q.shift - 1)), q.mult) + q.round, clamp,
+                        lo, hi);
+                else
+                    output[oc + j] = requantize(acc[j], &q, single, clamp, lo, hi);
             }
         }
     }
