@@ -28,6 +28,8 @@ LIMITS = (1.0, 0.5)  # --max-accuracy-drop for auto, points of top-1 (1: the bou
 VARIANTS = {  # name -> BuildRequest options
     "int8": {},
     "int4": {"weights": "int4"},
+    "palette4": {"weights": "palette", "palette_bits": 4},
+    "palette3": {"weights": "palette", "palette_bits": 3},
     "int8_tir": {"kernels": "tir"},
     "int4_tir": {"weights": "int4", "kernels": "tir"},
 }
@@ -59,7 +61,7 @@ def _row(name: str, path: Path, target: str, inputs: int, work: Path) -> dict:
     row = {"model": name, "target": target}
     for variant, options in VARIANTS.items():
         row[variant] = _build(path, target, options, inputs, work / variant)
-    for low, base in (("int4", "int8"), ("int4_tir", "int8_tir")):  # each against int8 on the same kernels
+    for low, base in (("int4", "int8"), ("palette4", "int8"), ("palette3", "int8"), ("int4_tir", "int8_tir")):
         a, b = row[low], row[base]
         if "weights_bytes" not in a or "weights_bytes" not in b:
             continue
@@ -78,6 +80,7 @@ def _accuracy_row(name: str, target: str, inputs: int, work: Path) -> dict:
     model, validation = TRAINED / f"{name}_int8.tflite", TRAINED / f"{name}_validation.npz"
     row = {"model": name, "target": target}
     variants = {"int8": {}, "int4": {"weights": "int4"},
+                **{f"palette{b}": {"weights": "palette", "palette_bits": b} for b in (4, 3, 2)},
                 **{f"auto_{limit:g}": {"weights": "auto", "max_accuracy_drop": limit} for limit in LIMITS}}
     for variant, options in variants.items():
         row[variant] = _build(model, target, {**options, "validation": str(validation)}, inputs, work / variant)
@@ -115,11 +118,13 @@ def main(argv=None) -> int:
         "benchmark": "lowbit",
         "tinymlaas_version": __version__,
         "host": {"machine": platform.machine(), "python": platform.python_version()},
-        "method": "per model and target, four builds in one run: int8 and int4 weights (--weights int4: every "
+        "method": "per model and target, builds in one run: int8 and int4 weights (--weights int4: every "
                   "eligible conv/depthwise/FC layer re-quantized to 4 bits per channel, two to a byte in flash) with "
-                  "the default kernels (C micro-kernels; int4 unpacked into RAM before each layer) and with the TIR "
-                  "kernels (int4 decoded on each read); ratios against int8 on the same kernels; each verified against the TFLite "
-                  "interpreter on the model it computes (int4: the re-quantized model), instructions from QEMU, "
+                  "the default kernels (C micro-kernels; int4 read in the loop by one-row FC layers, else unpacked "
+                  "into RAM before each layer) and with the TIR kernels (int4 decoded on each read); palettized "
+                  "weights (--weights palette: 16 or 8 k-means values a layer, indices unpacked into RAM before each "
+                  "layer) on the default kernels; ratios against int8 on the same kernels; each verified against the "
+                  "TFLite interpreter on the model it computes (the rewritten one), instructions from QEMU, "
                   "Cortex-M4 cycles estimated (llvm-mca x QEMU blocks, the TRM's load/store timing)",
         "seconds": round(time.monotonic() - started),
         "rows": rows,

@@ -43,9 +43,9 @@ def request_build(session: Session, who: Principal, model_id: int, target: str, 
     if fmt.name not in backend_for(get_target(target)).formats:
         raise ServiceError(422, f"model {model.id} is one of the {fmt.what}: they build for "
                            f"{targets_of(builds_format(fmt.name))}, not for {target}", "target")
-    if request.weights == "int4" and not model.quantized and request.quantize in ("none", "float16"):
-        raise ServiceError(422, f"weights int4 re-quantizes an integer model's int8 weights: model {model.id} is "
-                           "float (upload an int8 model)", "weights")
+    if request.weights in ("int4", "palette") and not model.quantized and request.quantize in ("none", "float16"):
+        raise ServiceError(422, f"weights {request.weights} re-quantizes an integer model's int8 weights: model "
+                           f"{model.id} is float (upload an int8 model)", "weights")
     if version is not None:
         try:
             version = canonical_version(version)

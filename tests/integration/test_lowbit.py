@@ -10,10 +10,10 @@ from tests.helpers import quantized_layers as q
 from tests.helpers.paths import model_path
 from tinymlaas.build.pipeline import compile_model
 from tinymlaas.build.request import BuildRequest, InvalidRequest
-from tinymlaas.frontend.lowbit import INT4_MAX, eligible_layers, with_int4_weights
+from tinymlaas.frontend.lowbit import INT4_MAX, eligible_layers, palette_of, snapped, with_int4_weights
 from tinymlaas.frontend.tflite import load_model_bytes, read_graph
 from tinymlaas.ir.lower import ARENA_ALIGN
-from tinymlaas.ir.weight_decode import pack_words, unpack_words
+from tinymlaas.ir.weight_decode import pack_palette, pack_words, unpack_palette, unpack_words
 from tinymlaas.ir.weight_storage import pack_int4, unpack_int4
 
 SAME, VALID = 0, 1
@@ -43,7 +43,7 @@ def test_int4_layers_are_bit_exact_with_the_interpreter_on_the_int4_model(case, 
     assert [w["precision"] for w in r.weights] == ["int4"]
     out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
     assert len(np.unique(out)) > 3  # outputs that all saturate would prove nothing
-    assert any("two to a byte" in n for n in r.notes) or "gemv_w4" in driver(r), r.notes  # read packed
+    assert any("two to a byte" in n or "kept packed" in n for n in r.notes) or "gemv_w4" in driver(r), r.notes
 
 
 def driver(report) -> str:
@@ -207,3 +207,38 @@ def test_auto_needs_validation_data(tmp_path, capsys):
     model, _ = _trained("digits_cnn")
     assert main(["compile", str(model), "-t", "cortex-m4", "--weights", "auto"]) == 2
     assert "--weights auto chooses per layer by accuracy: give --validation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5])
+@pytest.mark.parametrize("target, kernels", [("cortex-m4", "dsp16"), ("cortex-m4", "tir"), ("rv32imac", "auto")])
+@pytest.mark.parametrize("case", ["conv_same_s2_relu6", "depthwise_m2", "fc_per_tensor_batch"])
+def test_palettized_layers_are_bit_exact_with_at_most_2_to_the_bits_values(case, target, kernels, bits, tmp_path):
+    """Weights snapped to a k-means palette, kept as indices and unpacked before the layer (C and TIR kernels)."""
+    path = tmp_path / f"{case}.tflite"
+    path.write_bytes(CASES[case]())
+    r = compile_model(path, target, tmp_path / "out", BuildRequest(inputs=20, seed=4, weights="palette",
+                                                                   palette_bits=bits, kernels=kernels))
+    assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
+    assert [w["precision"] for w in r.weights] == [f"palette{bits}"]
+    assert any("kept packed in flash" in n for n in r.notes), r.notes
+    out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
+    assert len(np.unique(out)) > 3
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
+def test_palette_packing_round_trips_and_the_rewrite_uses_at_most_2_to_the_bits_values(bits):
+    rng = np.random.default_rng(bits)
+    weights = rng.integers(-127, 128, size=(7, 3, 3, 5)).astype(np.int8)
+    table = palette_of(weights, bits)
+    assert table.size <= 2 ** bits and 0 in table
+    snapped_weights = snapped(weights, table)
+    assert set(np.unique(snapped_weights)) <= set(table.tolist())
+    # every weight went to its nearest palette value
+    distance = np.abs(snapped_weights.astype(int) - weights)
+    assert np.all(distance <= np.abs(weights.astype(int)[..., None] - table.astype(int)).min(axis=-1))
+    for c in (snapped_weights, snapped_weights.astype(np.int16) * 2):  # int8, and a widened, doubled layout
+        packed = pack_palette(c, bits)
+        assert packed is not None
+        assert np.array_equal(unpack_palette(*packed, bits, c.size).reshape(c.shape), c)
+        assert packed[0].size == -(-c.size // (32 // bits)) * 4
+    assert pack_palette(weights, 2) is None  # more values than four

@@ -141,8 +141,12 @@ class BuildRequest:
                           "flash; the same values); int4: an integer model's convolution and fully connected "
                           "weights re-quantized to 4 bits per channel, two to a byte in flash (the build verified "
                           "against the interpreter on that int4 model); auto: int4 in the layers where the "
-                          "accuracy on --validation stays within --max-accuracy-drop (int8 elsewhere)",
-                          choices=("stored", "float32", "int4", "auto"), backends=MCU, surfaces=(COMPILE, SERVICE))
+                          "accuracy on --validation stays within --max-accuracy-drop (int8 elsewhere); palette: "
+                          "each layer's weights snapped to 2^--palette-bits values (k-means), kept as indices",
+                          choices=("stored", "float32", "int4", "auto", "palette"), backends=MCU,
+                          surfaces=(COMPILE, SERVICE))
+    palette_bits: int = option(4, help="--weights palette: bits per weight index (2-6: 4 to 64 values a layer)",
+                               min=2, max=6, backends=MCU, surfaces=(COMPILE, SERVICE), metavar="BITS")
     validation: str | None = option(help="an .npz of held-out samples: `x` (sample axis first; floats are quantized "
                                     "as the model's input asks) and `y` (labels, or target outputs for mse): the "
                                     "build's accuracy on them (the interpreter on the model the firmware computes, "

@@ -26,11 +26,14 @@ class LayerWeights:
 
     op: int
     opcode: str
-    precision: str  # int8 | int4
+    precision: str  # int8 | int4 | palette<bits>
     elements: int
 
     @property
     def nbytes(self) -> int:
+        if self.precision.startswith("palette"):
+            bits = int(self.precision.removeprefix("palette"))
+            return -(-self.elements // (32 // bits)) * 4 + 2 ** bits  # indices in whole words, the table
         return self.elements if self.precision == "int8" else (self.elements + 1) // 2
 
     def to_dict(self) -> dict:
@@ -114,6 +117,48 @@ def with_int4_weights(data: bytes, layers: list[int]) -> bytes:
     return bytes(builder.Output())
 
 
+PALETTE_BITS = (2, 3, 4, 5, 6)
+
+
+def palette_of(q: np.ndarray, bits: int, seed: int = 0) -> np.ndarray:
+    """The 2^bits int8 values (0 among them: the kernels' padding reads it) that the layer's weights are snapped to:
+    1-D k-means (scipy) of the weights' values, rounded; fewer where the weights hold fewer distinct values."""
+    from scipy.cluster.vq import kmeans2
+
+    values = np.unique(q)
+    if values.size + (0 not in values) <= 2 ** bits:
+        return np.union1d(values, [0]).astype(np.int8)
+    centroids, _ = kmeans2(q.astype(np.float64).reshape(-1, 1), 2 ** bits - 1, seed=seed, minit="++")
+    return np.union1d(np.clip(np.rint(centroids.ravel()), -128, 127), [0]).astype(np.int8)
+
+
+def snapped(q: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Each value replaced by the nearest palette value (ties: the smaller)."""
+    table = palette.astype(np.int16)
+    nearest = np.abs(q.astype(np.int16).reshape(-1, 1) - table.reshape(1, -1)).argmin(axis=1)
+    return table[nearest].astype(np.int8).reshape(q.shape)
+
+
+def with_palette_weights(data: bytes, layers: list[int], bits: int) -> bytes:
+    """`data` with the weights of operators `layers` snapped to a palette of 2^bits values each (palette_of). Scales
+    and biases stay: the model computes with int8 weights that take at most 2^bits values, stored as indices."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    if not layers:
+        return data
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+    sg = m.subgraphs[0]
+    for index in layers:
+        w = sg.tensors[sg.operators[index].inputs[1]]
+        buf = m.buffers[w.buffer]
+        q = np.frombuffer(bytes(bytearray(buf.data)), np.int8).reshape(w.shape)
+        buf.data = np.frombuffer(snapped(q, palette_of(q, bits)).tobytes(), np.uint8)
+    builder = flatbuffers.Builder(len(data) + 1024)
+    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def weight_layers(graph) -> list[LayerWeights]:
     """Every layer with constant weights (WEIGHT_AXIS's operators) and its weights as the graph holds them: int8,
     or int4 where all are 4-bit values of a rewritten layer."""
@@ -139,7 +184,7 @@ def low_bit_weights(model, request):
 
     validation = load_validation(request.validation, model) if request.validation else None
     judge = Judge(model.data, validation, request.metric) if validation is not None else None
-    if request.weights not in ("int4", "auto"):
+    if request.weights not in ("int4", "auto", "palette"):
         return model, [], judge.report(model.data) if judge else None
     if not model.quantized:
         raise InvalidRequest("weights", f"{request.weights} re-quantizes an integer model's int8 weights: this model "
@@ -153,19 +198,23 @@ def low_bit_weights(model, request):
         chosen = choose_layers(model.data, eligible, judge, 0.0 if limit is None else limit)
     else:
         chosen = eligible
-    data = with_int4_weights(model.data, chosen)
+    palette = request.weights == "palette"
+    precision = f"palette{request.palette_bits}" if palette else "int4"
+    data = (with_palette_weights(model.data, chosen, request.palette_bits) if palette
+            else with_int4_weights(model.data, chosen))
     accuracy = judge.report(data) if judge else None
     if accuracy and limit is not None and accuracy["drop"] > limit:
-        raise InvalidRequest("max_accuracy_drop", f"{limit:g}: int4 weights in {len(chosen)} of {len(eligible)} "
-                             f"eligible layers lose {accuracy['drop']:.2f} points of {request.metric} ({accuracy['reference']:.4f} -> "
+        raise InvalidRequest("max_accuracy_drop", f"{limit:g}: {precision} weights in {len(chosen)} of "
+                             f"{len(eligible)} eligible layers lose {accuracy['drop']:.2f} points of {request.metric} ({accuracy['reference']:.4f} -> "
                              f"{accuracy['value']:.4f}); --weights auto keeps int8 where that costs too much")
     graph = read_graph(data, model.name)
-    layers = [replace(w, precision="int4") if w.op in set(chosen) else w for w in weight_layers(graph)]
+    layers = [replace(w, precision=precision) if w.op in set(chosen) else w for w in weight_layers(graph)]
     before = sum(w.elements for w in layers)
     after = sum(w.nbytes for w in layers)
-    notes = [(f"weights re-quantized to int4 (per channel, symmetric -7..7) in {len(chosen)} of {len(layers)} "
-              f"layers: {after:,} B of weights instead of {before:,} B; verified against the interpreter on that "
-              "model")]
+    how = (f"snapped to {2 ** request.palette_bits} values a layer (k-means), kept as indices" if palette
+           else "re-quantized to int4 (per channel, symmetric -7..7)")
+    notes = [(f"weights {how} in {len(chosen)} of {len(layers)} layers: {after:,} B of weights instead of "
+              f"{before:,} B; verified against the interpreter on that model")]
     if not chosen:
         notes.append(f"no layer could go to int4 within {limit:g} points of {request.metric}: all kept int8")
     return replace(model, data=data, graph=graph, notes=[*model.notes, *notes]), layers, accuracy

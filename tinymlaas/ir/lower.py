@@ -344,20 +344,22 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
 
     from tinymlaas.ir.kernel_calls import drop_unreferenced_kernels
     from tinymlaas.ir.kernel_sharing import share_kernels
-    from tinymlaas.ir.weight_decode import decode_extern_weights
+    from tinymlaas.ir.weight_decode import decode_weights, int4_unpacking, palette_unpacking
     from tinymlaas.ir.weight_storage import narrow_weights
 
     mod = relax_passes(fold_constants, fuse)(relax_mod)
     taking = _operators_taking(relax_mod)
     unpacked = []
     if stored and stored.int4:  # the C kernels' 4-bit weights: packed in flash, unpacked right before their layer
-        mod, unpacked = decode_extern_weights(mod, taking)
+        mod, unpacked = decode_weights(mod, taking, int4_unpacking, tir_readers=False)
+    elif stored and stored.palette:  # indices into a table, for every kernel
+        mod, unpacked = decode_weights(mod, taking, palette_unpacking(stored.palette), tir_readers=True)
     kernel_operators = _kernel_operators(mod, taking)
     extern_operators = _kernel_operators(mod, taking, "relax.call_dps_packed")
     mod, sharing = share_kernels(mod)  # (the k-th kernel call stays the k-th: kernel_operators still hold)
     notes = (sharing.note(),) if sharing.groups else ()
     if unpacked:
-        notes += ((f"{len(unpacked)} weight tensors of the C kernels kept two to a byte in flash "
+        notes += ((f"{len(unpacked)} weight tensors kept packed in flash "
                    f"({sum(a for _, a, _ in unpacked):,} B instead of {sum(b for b, _, _ in unpacked):,} B) and "
                    f"unpacked into RAM right before their layer (the largest: {max(r for _, _, r in unpacked):,} B)"),)
     if schedule is not None:

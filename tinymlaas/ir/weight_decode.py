@@ -1,15 +1,19 @@
-"""4-bit weights of the C kernels, decoded into RAM right before the layer that reads them.
+"""Weights below eight bits, unpacked into RAM right before the layer that reads them.
 
 The C micro-kernels (firmware/kernels/) read int8 (or widened int16) weights through a pointer: they cannot decode a
-nibble per read the way a TIR kernel can (ir/weight_storage.py). So a C kernel's constant of 4-bit values is kept in
-flash two to a byte and a small TIR kernel unpacks it into an arena buffer just before the call; the memory planner
-gives that buffer a slot for the call's lifetime only. The unpacking is itself a C kernel
-(firmware/kernels/optimized/unpack_int4.c): eight values per word read, in a nibble order chosen for it. The layer runs the same kernel on the same values at its
-int8 speed, plus the unpacking (a few instructions per weight, once per inference); the RAM it costs is the largest
-such layer's weights at their kernel's width.
+value per read the way a TIR kernel can (ir/weight_storage.py). So a constant of 4-bit values, or of a few values
+(a palette), is kept in flash packed, and a small C kernel (firmware/kernels/optimized/unpack_weights.c) unpacks it
+into an arena buffer just before the call; the memory planner gives that buffer a slot for the call's lifetime only.
+The layer runs the same kernel on the same values at its usual speed, plus the unpacking (a few instructions per
+weight, once per inference); the RAM it costs is the largest such layer's weights at their kernel's width.
+- int4: eight values per word read, in a nibble order chosen for it (the C kernels' constants; a TIR kernel decodes
+  its own nibbles);
+- palette: each value an index of 2-6 bits into a table of the constant's values (every kernel's constants).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,14 +21,14 @@ from tinymlaas.ir.weight_storage import MIN_ELEMENTS
 
 
 def packable(c: np.ndarray) -> bool:
-    """A constant the C kernels read whose values all fit in four bits (int8 or int16 storage)."""
+    """A constant whose values all fit in four bits (int8 or int16 storage)."""
     return c.dtype in (np.int8, np.int16) and c.size >= MIN_ELEMENTS and c.min() >= -8 and c.max() <= 7
 
 
 def pack_words(c: np.ndarray) -> np.ndarray:
-    """Values in -8..7, row-major, as firmware/kernels/optimized/unpack_int4.c reads them: each as value + 8 in a
-    nibble, groups of eight in four bytes, byte i holding value i (low nibble) and value i + 4 (high nibble); padded
-    to whole groups."""
+    """Values in -8..7, row-major, as unpack_weights.c's int4 kernels read them: each as value + 8 in a nibble,
+    groups of eight in four bytes, byte i holding value i (low nibble) and value i + 4 (high nibble); padded to
+    whole groups."""
     values = c.ravel().astype(np.int16) + 8
     values = np.concatenate([values, np.zeros(-values.size % 8, np.int16)]).reshape(-1, 2, 4)
     return (values[:, 0, :] | (values[:, 1, :] << 4)).astype(np.uint8).ravel().view(np.int8)
@@ -36,35 +40,85 @@ def unpack_words(packed: np.ndarray, n: int) -> np.ndarray:
     return (np.concatenate([b & 0xF, b >> 4], axis=1).ravel()[:n] - 8).astype(np.int8)
 
 
-def decode_extern_weights(mod, taking: dict):
-    """`mod` (fused, before planning) with every C-kernel constant of 4-bit values stored packed and unpacked by a
-    kernel call right before its reader. `taking` (lower._operators_taking) learns that the packed constant belongs
-    to the operators of the one it replaces (so the unpacking counts in their layer's profile). Returns (module,
-    [(bytes in flash before, after, RAM the unpacked values need)])."""
+def pack_palette(c: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(packed indices, table) of a constant of at most 2^bits values, as unpack_weights.c's palette kernels read
+    them: 32 // bits indices to a little-endian word, the first in the low bits; None if it has more values."""
+    if c.dtype not in (np.int8, np.int16) or c.size < MIN_ELEMENTS:
+        return None
+    table, index = np.unique(c.ravel(), return_inverse=True)
+    if table.size > 2 ** bits:
+        return None
+    per_word = 32 // bits
+    index = np.concatenate([index, np.zeros(-index.size % per_word, index.dtype)]).reshape(-1, per_word)
+    words = (index.astype(np.uint64) << (np.arange(per_word, dtype=np.uint64) * bits)).sum(axis=1)
+    return words.astype("<u4").view(np.int8), table.astype(c.dtype)
+
+
+def unpack_palette(packed: np.ndarray, table: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """pack_palette's inverse (a reference for tests)."""
+    per_word = 32 // bits
+    words = packed.view("<u4").astype(np.uint64)
+    index = (words.reshape(-1, 1) >> (np.arange(per_word, dtype=np.uint64) * bits)) & ((1 << bits) - 1)
+    return table[index.ravel()[:n].astype(np.int64)]
+
+
+@dataclass(frozen=True)
+class Unpacking:
+    """A constant as it stays in flash and the C kernel that unpacks it: symbol(*inputs, out)."""
+
+    symbol: str
+    inputs: tuple  # numpy arrays: the packed values, then the kernel's other inputs (a table, its parameters)
+
+    @property
+    def flash(self) -> int:
+        return sum(a.nbytes for a in self.inputs)
+
+
+def int4_unpacking(c: np.ndarray) -> Unpacking | None:
+    if not packable(c):
+        return None
+    return Unpacking("tinymlaas_unpack_int4_s8" if c.dtype == np.int8 else "tinymlaas_unpack_int4_s16",
+                     (pack_words(c), np.array([c.size], np.int32)))
+
+
+def palette_unpacking(bits: int):
+    def unpacking(c: np.ndarray) -> Unpacking | None:
+        packed = pack_palette(c, bits)
+        if packed is None:
+            return None
+        suffix = "s8" if c.dtype == np.int8 else "s16"
+        return Unpacking(f"tinymlaas_unpack_palette_{suffix}", (*packed, np.array([c.size, bits], np.int32)))
+    return unpacking
+
+
+def decode_weights(mod, taking: dict, unpacking_of, tir_readers: bool):
+    """`mod` (fused, before planning) with every constant `unpacking_of` packs (C kernels' arguments, and TIR
+    kernels' with `tir_readers`) kept packed and unpacked by a kernel call right before its reader. `taking`
+    (lower._operators_taking) learns that the packed constant belongs to the operators of the one it replaces (so
+    the unpacking counts in their layer's profile). Returns (module, [(bytes before, in flash, in RAM)])."""
     import tvm
     from tvm import relax
 
-    call_dps = tvm.ir.Op.get("relax.call_dps_packed")
+    readers = [tvm.ir.Op.get("relax.call_dps_packed")] + ([tvm.ir.Op.get("relax.call_tir")] if tir_readers else [])
     decoded: list = []
 
     @relax.expr_functor.mutator
     class Decode(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not call.op.same_as(call_dps) or not isinstance(call.args[1], relax.Tuple) \
-                    or "_w4" in str(call.args[0].global_symbol):  # a kernel reading 4-bit weights itself
+            if not any(call.op.same_as(r) for r in readers) or not isinstance(call.args[1], relax.Tuple):
                 return call
+            if isinstance(call.args[0], relax.ExternFunc) and "_w4" in str(call.args[0].global_symbol):
+                return call  # a kernel that reads 4-bit weights itself
             args, changed = list(call.args[1].fields), False
             for k, a in enumerate(args):
-                if not isinstance(a, tvm.ir.expr.Constant) or not packable(c := a.value.numpy()):
+                if not isinstance(a, tvm.ir.expr.Constant) or (u := unpacking_of(c := a.value.numpy())) is None:
                     continue
-                packed = relax.const(pack_words(c), "int8")
-                taking[packed] = taking.get(a, set())
-                symbol = "tinymlaas_unpack_int4_s8" if c.dtype == np.int8 else "tinymlaas_unpack_int4_s16"
-                args[k] = self.builder_.emit(relax.call_dps_packed(
-                    symbol, [packed, relax.const(np.array([c.size], np.int32), "int32")],
-                    relax.TensorType(list(c.shape), str(c.dtype))))
-                decoded.append((c.nbytes, (c.size + 1) // 2, c.nbytes))
+                inputs = [relax.const(x, str(x.dtype)) for x in u.inputs]
+                taking[inputs[0]] = taking.get(a, set())
+                args[k] = self.builder_.emit(relax.call_dps_packed(u.symbol, inputs,
+                                                                   relax.TensorType(list(c.shape), str(c.dtype))))
+                decoded.append((c.nbytes, u.flash, c.nbytes))
                 changed = True
             return relax.Call(call.op, [call.args[0], relax.Tuple(args)], call.attrs, call.ty_args) if changed else call
 

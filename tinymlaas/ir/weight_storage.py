@@ -32,9 +32,10 @@ class StoredWeights:
     half: bool = False
     scales: tuple[np.ndarray, ...] = ()
     int4: bool = False  # int8 constants of 4-bit values: two to a byte
+    palette: int = 0  # bits: constants of at most 2^palette values kept as indices (ir/weight_decode.py)
 
     def __bool__(self) -> bool:
-        return self.half or bool(self.scales) or self.int4
+        return self.half or bool(self.scales) or self.int4 or bool(self.palette)
 
 
 def stored_weights(graph) -> StoredWeights:

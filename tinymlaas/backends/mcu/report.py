@@ -58,9 +58,12 @@ def accuracy_text(a: dict) -> str:
 
 def weights_text(layers: list) -> str:
     """Each weight layer's precision (frontend/lowbit.py LayerWeights.to_dict), counted."""
-    counts = {p: sum(1 for w in layers if w["precision"] == p) for p in ("int8", "int4")}
-    int4 = [str(w["op"]) for w in layers if w["precision"] == "int4"]
-    return (f"{counts['int4']} layer(s) int4 (operators {', '.join(int4) or 'none'}), {counts['int8']} int8; "
+    from collections import Counter
+
+    counts = Counter(w["precision"] for w in layers)
+    low = [str(w["op"]) for w in layers if w["precision"] != "int8"]
+    kinds = ", ".join(f"{n} {p}" for p, n in sorted(counts.items(), key=lambda x: x[0] != "int8"))
+    return (f"{kinds} (below eight bits: operators {', '.join(low) or 'none'}); "
             f"{fmt(sum(w['bytes'] for w in layers))} B of layer weights")
 
 

@@ -1,5 +1,6 @@
 /*
- * 4-bit weights unpacked into RAM right before the C kernel that reads them (tinymlaas/ir/weight_decode.py).
+ * Weights below eight bits unpacked into RAM right before the kernel that reads them (tinymlaas/ir/weight_decode.py):
+ * 4-bit values, and palettized ones.
  *
  * packed: groups of eight values in four bytes, byte i holding value i in its low nibble and value i + 4 in its high
  * nibble (tinymlaas/ir/weight_decode.py pack_words), so one word gives two words of output without reordering:
@@ -53,5 +54,34 @@ void tinymlaas_unpack_int4_s16(const int8_t *restrict packed, const int32_t *res
         memcpy(values + 4, &hi, 4);
         for (int k = 0; k < 8 && i + k < n; k++)
             out[i + k] = values[k];
+    }
+}
+
+/*
+ * Palettized weights (tinymlaas/ir/weight_decode.py pack_palette): each value an index of `bits` bits into a table,
+ * as many to a 32-bit word as fit whole (32 / bits: 2 -> 16, 3 -> 10, 4 -> 8, 5 -> 6, 6 -> 5), the first in the low
+ * bits. params: {values, bits}.
+ */
+void tinymlaas_unpack_palette_s8(const int8_t *restrict packed, const int8_t *restrict table,
+                                 const int32_t *restrict params, int8_t *restrict out)
+{
+    const int n = params[0], bits = params[1], per_word = 32 / bits;
+    const uint32_t mask = (1u << bits) - 1, *words = (const uint32_t *)(const void *)packed;
+    for (int i = 0; i < n;) {
+        uint32_t w = *words++;
+        for (int k = 0; k < per_word && i < n; k++, i++, w >>= bits)
+            out[i] = table[w & mask];
+    }
+}
+
+void tinymlaas_unpack_palette_s16(const int8_t *restrict packed, const int16_t *restrict table,
+                                  const int32_t *restrict params, int16_t *restrict out)
+{
+    const int n = params[0], bits = params[1], per_word = 32 / bits;
+    const uint32_t mask = (1u << bits) - 1, *words = (const uint32_t *)(const void *)packed;
+    for (int i = 0; i < n;) {
+        uint32_t w = *words++;
+        for (int k = 0; k < per_word && i < n; k++, i++, w >>= bits)
+            out[i] = table[w & mask];
     }
 }
