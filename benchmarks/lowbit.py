@@ -14,6 +14,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,7 @@ def _build(path: Path, target: str, options: dict, inputs: int, work: Path) -> d
     if r.cycles_estimate is not None:
         out["cycles_estimate"] = round(r.cycles_estimate)
     if r.weights:
-        out["layers"] = {p: sum(1 for w in r.weights if w["precision"] == p) for p in ("int8", "int4")}
+        out["layers"] = dict(Counter(w["precision"] for w in r.weights))
     if r.accuracy:
         out["accuracy"] = r.accuracy
     return out
