@@ -10,6 +10,7 @@ flash (ir/weight_storage.py, form "int4"). What re-quantizing costs in accuracy 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,10 +173,10 @@ def weight_layers(graph) -> list[LayerWeights]:
 
 
 def low_bit_weights(model, request):
-    """(model, its layers' weights, accuracy) for a build's request (BuildRequest.weights, validation, metric,
-    max_accuracy_drop): int4 rewrites every eligible layer of an integer model, auto the layers chosen by accuracy
-    (choose_layers); other values leave the model as it is and report no layers. accuracy: on the validation file
-    when one is given, beside the model as given (None without one)."""
+    """(model, its layers' weights, accuracy) for a build's request (BuildRequest.weights, palette_bits, validation,
+    metric, max_accuracy_drop): int4 or palette rewrites every eligible layer of an integer model, auto the layers
+    and precisions choose_plan finds; other values leave the model as it is and report no layers. accuracy: on the
+    validation file when one is given, beside the model as given (None without one)."""
     from dataclasses import replace
 
     from tinymlaas.accuracy import load_validation
@@ -195,29 +196,62 @@ def low_bit_weights(model, request):
                              f"with int8 weights of {MIN_WEIGHTS} values or more")
     limit = request.max_accuracy_drop
     if request.weights == "auto":
-        chosen = choose_layers(model.data, eligible, judge, 0.0 if limit is None else limit)
+        plan = choose_plan(model.data, model.graph, eligible, judge, 0.0 if limit is None else limit)
     else:
-        chosen = eligible
-    palette = request.weights == "palette"
-    precision = f"palette{request.palette_bits}" if palette else "int4"
-    data = (with_palette_weights(model.data, chosen, request.palette_bits) if palette
-            else with_int4_weights(model.data, chosen))
+        precision = f"palette{request.palette_bits}" if request.weights == "palette" else "int4"
+        plan = dict.fromkeys(eligible, precision)
+    data = rewritten(model.data, plan)
     accuracy = judge.report(data) if judge else None
     if accuracy and limit is not None and accuracy["drop"] > limit:
-        raise InvalidRequest("max_accuracy_drop", f"{limit:g}: {precision} weights in {len(chosen)} of "
-                             f"{len(eligible)} eligible layers lose {accuracy['drop']:.2f} points of {request.metric} ({accuracy['reference']:.4f} -> "
-                             f"{accuracy['value']:.4f}); --weights auto keeps int8 where that costs too much")
+        raise InvalidRequest("max_accuracy_drop", f"{limit:g}: {request.weights} weights in {len(plan)} of "
+                             f"{len(eligible)} eligible layers lose {accuracy['drop']:.2f} points of "
+                             f"{request.metric} ({accuracy['reference']:.4f} -> {accuracy['value']:.4f}); --weights "
+                             "auto keeps int8 where that costs too much")
     graph = read_graph(data, model.name)
-    layers = [replace(w, precision=precision) if w.op in set(chosen) else w for w in weight_layers(graph)]
-    before = sum(w.elements for w in layers)
-    after = sum(w.nbytes for w in layers)
-    how = (f"snapped to {2 ** request.palette_bits} values a layer (k-means), kept as indices" if palette
-           else "re-quantized to int4 (per channel, symmetric -7..7)")
-    notes = [(f"weights {how} in {len(chosen)} of {len(layers)} layers: {after:,} B of weights instead of "
-              f"{before:,} B; verified against the interpreter on that model")]
-    if not chosen:
-        notes.append(f"no layer could go to int4 within {limit:g} points of {request.metric}: all kept int8")
+    layers = [replace(w, precision=plan.get(w.op, "int8")) for w in weight_layers(graph)]
+    counts = ", ".join(f"{n} {p}" for p, n in sorted(Counter(plan.values()).items()))
+    notes = [(f"weights below eight bits in {len(plan)} of {len(layers)} layers ({counts or 'none'}; int4: per "
+              "channel, symmetric -7..7; paletteN: 2^N k-means values a layer, kept as indices): "
+              f"{sum(w.nbytes for w in layers):,} B of layer weights instead of {sum(w.elements for w in layers):,} "
+              "B; verified against the interpreter on that model")]
+    if not plan:
+        notes.append(f"no layer could go below eight bits within {limit:g} points of {request.metric}: all int8")
     return replace(model, data=data, graph=graph, notes=[*model.notes, *notes]), layers, accuracy
+
+
+def rewritten(data: bytes, plan: dict[int, str]) -> bytes:
+    """The model with each planned layer's weights at its precision (int4, paletteN)."""
+    data = with_int4_weights(data, sorted(op for op, p in plan.items() if p == "int4"))
+    for bits in PALETTE_BITS:
+        data = with_palette_weights(data, sorted(op for op, p in plan.items() if p == f"palette{bits}"), bits)
+    return data
+
+
+def candidates(graph, op: int) -> list[str]:
+    """The precisions `auto` tries for a layer, smallest first. A one-row fully connected layer's C kernel reads
+    4-bit weights in its loop (no RAM); a palette would be unpacked into RAM on every inference: int4 only."""
+    o = graph.operators[op]
+    x, w = graph.tensor(o.inputs[0]), graph.tensor(o.inputs[1])
+    if o.opcode == "FULLY_CONNECTED" and x.size == w.shape[1]:
+        return ["int4"]
+    return ["palette2", "palette3", "int4"]
+
+
+def choose_plan(data: bytes, graph, eligible: list[int], judge: Judge, limit: float) -> dict[int, str]:
+    """Per layer the smallest precision within `limit` points of accuracy: each (layer, precision) measured alone
+    first; then layers in order of the flash they can save, each given its smallest precision that keeps the set,
+    measured, within the limit (int8 if none does). Every plan kept was measured: none beyond the limit."""
+    size = {op: graph.tensor(graph.operators[op].inputs[1]).size for op in eligible}
+    nbytes = {(op, p): LayerWeights(op, "", p, size[op]).nbytes for op in eligible for p in candidates(graph, op)}
+    alone = {(op, p): judge.drop(rewritten(data, {op: p})) for op, p in nbytes}
+    order = sorted(eligible, key=lambda op: (-(size[op] - min(nbytes[op, p] for p in candidates(graph, op))), op))
+    plan: dict[int, str] = {}
+    for op in order:
+        for p in candidates(graph, op):
+            if alone[op, p] <= limit and judge.drop(rewritten(data, {**plan, op: p})) <= limit:
+                plan[op] = p
+                break
+    return plan
 
 
 class Judge:
@@ -245,23 +279,3 @@ class Judge:
     def report(self, data: bytes) -> dict:
         return {"metric": self.metric, "value": self.value(data), "reference": self.reference,
                 "drop": round(self.drop(data), 4), "samples": len(self.validation)}
-
-
-def choose_layers(data: bytes, eligible: list[int], judge: Judge, limit: float) -> list[int]:
-    """The eligible layers whose weights go to int4 within `limit` points of accuracy: all of them if that holds;
-    else each layer's own cost is measured alone, and layers are added in order of flash saved per point lost (the
-    cheapest first), each kept only if the set still holds. Every set kept was measured: none beyond the limit."""
-    if judge.drop(with_int4_weights(data, eligible)) <= limit:
-        return list(eligible)
-    from tinymlaas.frontend.tflite import read_graph
-
-    graph = read_graph(data)
-    size = {op.index: graph.tensor(op.inputs[1]).size for op in graph.operators if op.index in eligible}
-    alone = {i: max(judge.drop(with_int4_weights(data, [i])), 0.0) for i in eligible}
-    order = sorted((i for i in eligible if alone[i] <= limit), key=lambda i: (alone[i] / size[i], -size[i], i))
-    chosen: list[int] = []
-    for i in order:
-        trial = sorted([*chosen, i])
-        if judge.drop(with_int4_weights(data, trial)) <= limit:
-            chosen = trial
-    return chosen

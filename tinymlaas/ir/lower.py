@@ -352,8 +352,10 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
     unpacked = []
     if stored and stored.int4:  # the C kernels' 4-bit weights: packed in flash, unpacked right before their layer
         mod, unpacked = decode_weights(mod, taking, int4_unpacking, tir_readers=False)
-    elif stored and stored.palette:  # indices into a table, for every kernel
-        mod, unpacked = decode_weights(mod, taking, palette_unpacking(stored.palette), tir_readers=True)
+    if stored and stored.palette:  # indices into a table, for every kernel (4-bit values: the int4 forms)
+        mod, more = decode_weights(mod, taking, palette_unpacking(stored.palette, skip_int4=stored.int4),
+                                   tir_readers=True)
+        unpacked += more
     kernel_operators = _kernel_operators(mod, taking)
     extern_operators = _kernel_operators(mod, taking, "relax.call_dps_packed")
     mod, sharing = share_kernels(mod)  # (the k-th kernel call stays the k-th: kernel_operators still hold)

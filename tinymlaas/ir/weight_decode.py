@@ -81,9 +81,14 @@ def int4_unpacking(c: np.ndarray) -> Unpacking | None:
                      (pack_words(c), np.array([c.size], np.int32)))
 
 
-def palette_unpacking(bits: int):
+def palette_unpacking(most_bits: int, skip_int4: bool = False):
+    """Constants of at most 2^most_bits values, each at the fewest bits its values need (2 at least); with
+    skip_int4, not those of 4-bit values (kept in their int4 forms)."""
     def unpacking(c: np.ndarray) -> Unpacking | None:
-        packed = pack_palette(c, bits)
+        if c.dtype not in (np.int8, np.int16) or c.size < MIN_ELEMENTS or (skip_int4 and packable(c)):
+            return None
+        bits = max(2, int(np.ceil(np.log2(max(np.unique(c).size, 2)))))
+        packed = pack_palette(c, bits) if bits <= most_bits else None
         if packed is None:
             return None
         suffix = "s8" if c.dtype == np.int8 else "s16"

@@ -116,16 +116,16 @@ def import_model(model, target: Target, int8_lowering: str = "integer", kernels:
 
 
 
-def weight_storage(model, target: Target, weights: str = "stored", palette_bits: int = 4) -> dict:
+def weight_storage(model, target: Target, weights: str = "stored", layers=()) -> dict:
     """lower()'s arguments for the model's narrow weights (float16, dynamic-range int8): kept so in flash unless
-    `weights` (BuildRequest.weights) is float32; int4: an integer model's 4-bit weights two to a byte."""
+    `weights` (BuildRequest.weights) is float32; an integer model's layers below eight bits (`layers`:
+    frontend/lowbit.py LayerWeights): 4-bit weights two to a byte, palettes as indices."""
     from tinymlaas.frontend.tflite import read_graph
     from tinymlaas.ir.weight_storage import StoredWeights, stored_weights
 
-    if weights in ("int4", "auto") and model.quantized:
-        return {"stored": StoredWeights(int4=True)}
-    if weights == "palette" and model.quantized:
-        return {"stored": StoredWeights(palette=palette_bits)}
+    if weights in ("int4", "auto", "palette") and model.quantized:
+        palettes = [int(w.precision.removeprefix("palette")) for w in layers if w.precision.startswith("palette")]
+        return {"stored": StoredWeights(int4=any(w.precision == "int4" for w in layers), palette=max(palettes, default=0))}
     if weights == "float32" or model.quantized:
         return {}
     stored = stored_weights(read_graph(model.original_data or model.data, model.name))
@@ -186,7 +186,7 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
 
     stage("lower")
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
-                    fuse=variant is None or variant.fusion != "none", **weight_storage(model, target, request.weights, request.palette_bits))
+                    fuse=variant is None or variant.fusion != "none", **weight_storage(model, target, request.weights, layer_weights))
     policy = variant.memory if variant is not None else request.memory
     unplanned = program
 
