@@ -1,6 +1,7 @@
 """Weights below eight bits: int4 layers bit-exact with the interpreter on the re-quantized model, half the weight
 flash, refused where they cannot apply."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -270,3 +271,34 @@ def test_auto_never_keeps_a_plan_beyond_the_limit_even_when_each_layer_alone_is_
     assert len(plan) == 1, plan
     biggest = max(eligible, key=lambda op: model.graph.tensor(model.graph.operators[op].inputs[1]).size)
     assert list(plan) == [biggest]
+
+
+def test_a_search_gives_every_point_the_low_bit_plan_and_its_variant_rebuilds_exactly(tmp_path):
+    from tinymlaas.search.search import search
+
+    model, validation = _trained("digits_signal")
+    result = search(model, "rv32imac", tmp_path / "search", BuildRequest(
+        budget=3, weights="auto", validation=str(validation), max_accuracy_drop=0.5, workers=1))
+    plans = {json_key(p.variant.get("weights")) for p in result.points}
+    assert len(plans) == 1 and plans != {json_key(None)}, plans  # one plan, below eight bits, in every point
+    chosen = result.points[result.chosen]
+    assert chosen.verified
+    (tmp_path / "front.json").write_text(json.dumps(result.to_dict()))
+    again = compile_model(model, "rv32imac", tmp_path / "again", BuildRequest(
+        inputs=3, variant_file=str(tmp_path / "front.json")))
+    assert again.instructions == chosen.instructions and again.variant == chosen.variant
+    assert {w["op"]: w["precision"] for w in again.weights if w["precision"] != "int8"} == {
+        int(k): v for k, v in chosen.variant["weights"].items()}
+
+
+def json_key(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def test_a_variant_with_weights_the_model_cannot_have_is_refused(tmp_path):
+    model, _ = _trained("digits_signal")
+    for weights, words in (({"0": "int4"}, "cannot have there"), ({"1": "int3"}, "`weights` must map")):
+        path = tmp_path / "v.json"
+        path.write_text(json.dumps({"kernels": {}, "weights": weights}))
+        with pytest.raises(InvalidRequest, match=words):
+            compile_model(model, "cortex-m4", tmp_path / "out", BuildRequest(variant_file=str(path)))

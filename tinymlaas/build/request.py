@@ -144,21 +144,21 @@ class BuildRequest:
                           "accuracy on --validation stays within --max-accuracy-drop (int8 elsewhere); palette: "
                           "each layer's weights snapped to 2^--palette-bits values (k-means), kept as indices",
                           choices=("stored", "float32", "int4", "auto", "palette"), backends=MCU,
-                          surfaces=(COMPILE, SERVICE))
+                          surfaces=(COMPILE, SEARCH, SERVICE))
     palette_bits: int = option(4, help="--weights palette: bits per weight index (2-6: 4 to 64 values a layer)",
-                               min=2, max=6, backends=MCU, surfaces=(COMPILE, SERVICE), metavar="BITS")
+                               min=2, max=6, backends=MCU, surfaces=(COMPILE, SEARCH, SERVICE), metavar="BITS")
     validation: str | None = option(help="an .npz of held-out samples: `x` (sample axis first; floats are quantized "
                                     "as the model's input asks) and `y` (labels, or target outputs for mse): the "
                                     "build's accuracy on them (the interpreter on the model the firmware computes, "
                                     "bit-exact), beside the model as given", unit="path", backends=MCU,
-                                    surfaces=(COMPILE,), metavar="NPZ")
+                                    surfaces=(COMPILE, SEARCH), metavar="NPZ")
     metric: str = option("top1", help="the accuracy --validation measures: top1, top5, auc (a single score, or the "
                          "second of two) or mse", choices=("top1", "top5", "mse", "auc"), backends=MCU,
-                         surfaces=(COMPILE,))
+                         surfaces=(COMPILE, SEARCH))
     max_accuracy_drop: float | None = option(help="weights below eight bits: the most accuracy they may cost against "
                                              "the model as given, in points (percentage points of top-k or AUC; "
                                              "percent more error for mse); needs --validation", min=0.0, max=100.0,
-                                             backends=MCU, surfaces=(COMPILE,), metavar="POINTS")
+                                             backends=MCU, surfaces=(COMPILE, SEARCH), metavar="POINTS")
     # Keras / SavedModel input
     quantize: str = option("none", help="Keras/SavedModel input: quantize when converting (default none: float32; "
                            "mixed: int8 with the layers int8 hurts most left in float)", choices=_quantize,

@@ -172,7 +172,7 @@ def weight_layers(graph) -> list[LayerWeights]:
     return out
 
 
-def low_bit_weights(model, request):
+def low_bit_weights(model, request, plan: dict[int, str] | None = None):
     """(model, its layers' weights, accuracy) for a build's request (BuildRequest.weights, palette_bits, validation,
     metric, max_accuracy_drop): int4 or palette rewrites every eligible layer of an integer model, auto the layers
     and precisions choose_plan finds; other values leave the model as it is and report no layers. accuracy: on the
@@ -185,7 +185,13 @@ def low_bit_weights(model, request):
 
     validation = load_validation(request.validation, model) if request.validation else None
     judge = Judge(model.data, validation, request.metric) if validation is not None else None
-    if request.weights not in ("int4", "auto", "palette"):
+    if plan:  # a variant's (a search point rebuilt): its layers must be this model's eligible ones
+        wrong = sorted(set(plan) - set(eligible_layers(model.graph)))
+        if wrong:
+            raise InvalidRequest("variant_file", f"puts weights below eight bits at operator(s) "
+                                 f"{', '.join(map(str, wrong))}, which {model.name} cannot have there (made for "
+                                 "another model?)")
+    elif request.weights not in ("int4", "auto", "palette"):
         return model, [], judge.report(model.data) if judge else None
     if not model.quantized:
         raise InvalidRequest("weights", f"{request.weights} re-quantizes an integer model's int8 weights: this model "
@@ -195,11 +201,10 @@ def low_bit_weights(model, request):
         raise InvalidRequest("weights", f"{request.weights}: {model.name} has no convolution or fully connected layer "
                              f"with int8 weights of {MIN_WEIGHTS} values or more")
     limit = request.max_accuracy_drop
-    if request.weights == "auto":
+    if not plan and request.weights == "auto":
         plan = choose_plan(model.data, model.graph, eligible, judge, 0.0 if limit is None else limit)
-    else:
-        precision = f"palette{request.palette_bits}" if request.weights == "palette" else "int4"
-        plan = dict.fromkeys(eligible, precision)
+    elif not plan:
+        plan = dict.fromkeys(eligible, f"palette{request.palette_bits}" if request.weights == "palette" else "int4")
     data = rewritten(model.data, plan)
     accuracy = judge.report(data) if judge else None
     if accuracy and limit is not None and accuracy["drop"] > limit:

@@ -79,8 +79,9 @@ class Evaluator:
 
     def __init__(self, model_path, target: str, workdir: Path, inputs: int, seed: int, workers: int,
                  progress: Callable | None = None, record: bool = False, emulator: str | None = None,
-                 ray_address: str | None = None):
+                 ray_address: str | None = None, weights: tuple = ()):
         self.model_path, self.target, self.workdir, self.record = str(model_path), target, workdir, record
+        self.weights = weights  # every variant's layers below eight bits (search.low_bit_plan)
         self.emulator = emulator
         self.estimate = False  # points ranked by llvm-mca's cycle estimate (a strategy may ask)
         self.workers = workers
@@ -97,6 +98,7 @@ class Evaluator:
     def run(self, variants: list[Variant], limit: int) -> list[Point | None]:
         """Points of `variants` (new ones built, at most `limit` in all); None for those past the limit."""
         new: dict[str, Variant] = {}
+        variants = [replace(v, weights=self.weights) for v in variants] if self.weights else variants
         for v in variants:
             if v.key() not in self.by_key and v.key() not in new and len(self.points) + len(new) < limit:
                 new[v.key()] = v

@@ -32,6 +32,22 @@ def check_searchable(target) -> None:
                            "`tinymlaas compile` (--precision, --tune-trials)")
 
 
+def low_bit_plan(model, request: BuildRequest) -> tuple[tuple[tuple[int, str], ...], list[str]]:
+    """The layers below eight bits every point of the search gets (--weights int4/palette/auto, chosen once: with
+    auto, by accuracy on --validation), and what the search's notes say of them."""
+    from tinymlaas.frontend.lowbit import low_bit_weights
+
+    if request.weights not in ("int4", "palette", "auto"):
+        return (), []
+    _, layers, accuracy = low_bit_weights(model, request)
+    plan = tuple((w.op, w.precision) for w in layers if w.precision != "int8")
+    note = f"weights below eight bits in every point: {', '.join(f'#{op} {p}' for op, p in plan) or 'none'}"
+    if accuracy:
+        note += (f"; {accuracy['metric']} {accuracy['value']:.4f} on {accuracy['samples']} samples, the model as given "
+                 f"{accuracy['reference']:.4f}")
+    return plan, [note]
+
+
 def search(model_path, target: str, workdir, request: BuildRequest | None = None, *,
            progress: Callable | None = None, record: bool = False, pool: int = 2000,
            confirm: int = 2) -> SearchResult:
@@ -59,15 +75,16 @@ def search(model_path, target: str, workdir, request: BuildRequest | None = None
     space = Space.of(graph, get_target(target))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    weights, notes_before = low_bit_plan(model, request)
     ev = Evaluator(Path(model_path).resolve(), target, workdir.resolve(), request.inputs or 3, request.seed,
                    request.workers or min(os.cpu_count() or 1, 8), progress, record,
-                   ray_address=request.ray)
+                   ray_address=request.ray, weights=weights)
     try:
         outcome = STRATEGIES[request.strategy](Context(space, ev, seeds(space), budget, request.seed, constraints,
                                                        graph, get_target(target), pool, confirm))
     finally:
         ev.close()
-    points, confirmed, notes = ev.points, outcome.confirmed, outcome.notes
+    points, confirmed, notes = ev.points, outcome.confirmed, [*notes_before, *outcome.notes]
     front = pareto_front(points, constraints)
     chosen = min(front, key=lambda i: points[i].objectives()) if front else None  # the cheapest, then smallest
     if confirmed:  # true cycles decide between the candidates QEMU ranked best

@@ -17,6 +17,7 @@ from tinymlaas.ir.layer_schedule import LayerSchedule
 
 FUSION = ("default", "none")  # TVM's FuseOps (elementwise tails into their producer), or one kernel per operator
 MEMORY = ("tvm", "optimal", "inplace")  # ir.memory.POLICIES
+LOW_BIT = ("int4", "palette2", "palette3", "palette4", "palette5", "palette6")  # frontend/lowbit.py's precisions
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class Variant:
     fusion: str = "default"
     memory: str = "tvm"
     layers: tuple[tuple[int, LayerSchedule], ...] = ()  # (operator index, its TIR kernel's tuned schedule)
+    # (operator index, its weights' precision below eight bits: int4, paletteN; frontend/lowbit.py)
+    weights: tuple[tuple[int, str], ...] = ()
 
     def to_dict(self) -> dict:
         d = {"kernels": {str(i): impl for i, impl in self.kernels}, "schedule": self.schedule.to_dict(),
@@ -51,6 +54,8 @@ class Variant:
             d["memory"] = self.memory
         if self.layers:  # likewise for layer schedules
             d["layers"] = {str(i): s.to_dict() for i, s in self.layers}
+        if self.weights:  # and for weights below eight bits
+            d["weights"] = {str(i): p for i, p in self.weights}
         return d
 
     @classmethod
@@ -59,7 +64,8 @@ class Variant:
                    schedule=ScheduleSpec(**(d.get("schedule") or {})), fusion=str(d.get("fusion", "default")),
                    memory=str(d.get("memory", "tvm")),
                    layers=tuple(sorted((int(i), LayerSchedule.from_dict(s))
-                                       for i, s in (d.get("layers") or {}).items())))
+                                       for i, s in (d.get("layers") or {}).items())),
+                   weights=tuple(sorted((int(i), str(p)) for i, p in (d.get("weights") or {}).items())))
 
     def key(self) -> str:
         """A stable identity (equal variants, equal key)."""
@@ -73,7 +79,8 @@ class Variant:
                 + (f", unroll<={self.schedule.unroll}" if self.schedule.unroll else "")
                 + (", no fusion" if self.fusion == "none" else "")
                 + (f", memory {self.memory}" if self.memory != "tvm" else "")
-                + (f", {len(self.layers)} layer schedules tuned" if self.layers else ""))
+                + (f", {len(self.layers)} layer schedules tuned" if self.layers else "")
+                + (f", {len(self.weights)} layers below eight bits" if self.weights else ""))
 
 
 @dataclass(frozen=True)
@@ -168,7 +175,8 @@ def load_variant(path) -> Variant:
         data = data["points"][data["chosen"]]
     if isinstance(data, dict) and "variant" in data:
         data = data["variant"]
-    if not isinstance(data, dict) or not set(data) <= {"kernels", "schedule", "fusion", "memory", "layers"} or not data:
+    if not isinstance(data, dict) or not data or not set(data) <= {"kernels", "schedule", "fusion", "memory", "layers",
+                                                                    "weights"}:
         raise InvalidRequest("variant_file", f"{path}: holds no variant (a JSON object with kernels, schedule, "
                              "fusion, memory; or a search's front.json, or a build's report.json)")
     kernels, schedule = data.get("kernels", {}), data.get("schedule", {})
@@ -184,6 +192,10 @@ def load_variant(path) -> Variant:
             LayerSchedule.from_dict(v)
     except (TypeError, ValueError) as e:
         raise InvalidRequest("variant_file", f"{path}: `layers`: {e}") from None
+    weights = data.get("weights", {})
+    if not isinstance(weights, dict) or not all(str(k).isdigit() and v in LOW_BIT for k, v in weights.items()):
+        raise InvalidRequest("variant_file", f"{path}: `weights` must map operator indices to one of "
+                             f"{', '.join(LOW_BIT)}")
     if data.get("fusion", "default") not in FUSION or data.get("memory", "tvm") not in MEMORY:
         raise InvalidRequest("variant_file", f"{path}: `fusion` is one of {', '.join(FUSION)}, `memory` one of "
                              f"{', '.join(MEMORY)}")

@@ -22,7 +22,7 @@ out); `STRATEGIES` names them. A new strategy is one function and one line there
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -151,7 +151,7 @@ def _screen(ctx: Context, featurize, prior: Callable | None) -> int:
     while len(ev.points) < budget:
         base = ev.points[0].cost or 1  # the default build: costs relative to it
         known = [(Variant.from_dict(p.variant), p.cost / base) for p in ev.points if p.verified and p.cost]
-        seen = {Variant.from_dict(p.variant).key() for p in ev.points}
+        seen = {replace(Variant.from_dict(p.variant), weights=()).key() for p in ev.points}  # as candidates are
         candidates: dict[str, Variant] = {}
         for _ in range(ctx.pool):
             v = space.sample(rng)

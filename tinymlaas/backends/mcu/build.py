@@ -123,7 +123,7 @@ def weight_storage(model, target: Target, weights: str = "stored", layers=()) ->
     from tinymlaas.frontend.tflite import read_graph
     from tinymlaas.ir.weight_storage import StoredWeights, stored_weights
 
-    if weights in ("int4", "auto", "palette") and model.quantized:
+    if any(w.precision != "int8" for w in layers) and model.quantized:
         palettes = [int(w.precision.removeprefix("palette")) for w in layers if w.precision.startswith("palette")]
         return {"stored": StoredWeights(int4=any(w.precision == "int4" for w in layers), palette=max(palettes, default=0))}
     if weights == "float32" or model.quantized:
@@ -180,7 +180,7 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     stage("import")
     variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
     kernels = dict(variant.kernels) if variant is not None else request.kernels
-    model, layer_weights, accuracy = low_bit_weights(model, request)
+    model, layer_weights, accuracy = low_bit_weights(model, request, dict(variant.weights) if variant else None)
     relax_mod, lowering, notes = import_model(model, target, request.int8_lowering, kernels,
                                               dict(variant.layers) if variant is not None else None)
 
