@@ -49,6 +49,11 @@ class Client:
         with open(path, "rb") as f:
             return self._call("POST", "/models", files={"file": (path.name, f)}).json()
 
+    def upload_validation(self, model_id: int, path: str | Path) -> dict:
+        path = Path(path)
+        with open(path, "rb") as f:
+            return self._call("PUT", f"/models/{model_id}/validation", files={"file": (path.name, f)}).json()
+
     def request_build(self, model_id: int, target: str, version: str | None = None, **options) -> dict:
         """options: build options by name (tinymlaas.build.request.BuildRequest: max_ram=..., budget=...,
         precision=...), sent nested as the service's request schema has them."""

@@ -137,6 +137,9 @@ class Model(Base):
     quantized: Mapped[bool] = mapped_column(Boolean)
     operators: Mapped[list] = mapped_column(JSON)
     format: Mapped[str] = mapped_column(String(16), default="tflite", server_default="tflite")  # tflite | onnx
+    # held-out samples (an .npz of x and y in the artifact store): every microcontroller build's accuracy on them
+    validation_sha256: Mapped[str | None] = mapped_column(String(64))
+    validation_samples: Mapped[int | None] = mapped_column(Integer)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)

@@ -36,7 +36,7 @@ from tinymlaas.targets import get_target
 
 from .config import Settings
 from .db import Build, Model, make_engine, make_sessionmaker, now
-from .services.builds import OPEN_BUILD_STATES
+from .services.builds import OPEN_BUILD_STATES, VALIDATION_OF_MODEL
 
 log = logging.getLogger("tinymlaas.jobs")
 EMULATING_FROM = STAGES.index("emulate")
@@ -183,6 +183,7 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
         target, request, version = get_target(build.target), build.request, build.version
         org_id = build.org_id
         model_name, model_digest, model_format = model.name, model.sha256, model.format
+        validation_digest = model.validation_sha256
     backend = backend_for(target)
 
     searched_share = [0.0]  # the part of the progress a search took
@@ -205,6 +206,10 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
         # tuning databases per tenant (then per target, model and precision): a rebuild reuses its own
         request = request.applying(target, inputs=settings.build_inputs if target.rtl is None else None,
                                    tuning_dir=str(settings.data_dir / "tuning" / str(org_id)))
+        if request.validation == VALIDATION_OF_MODEL:  # the model's uploaded set, from the artifact store
+            if validation_digest is None or validation_digest not in store:
+                raise TinyMLaaSError("the model's validation set is gone: upload it again")
+            request = replace(request, validation=str(store.path(validation_digest)))
         with tempfile.TemporaryDirectory(prefix="tinymlaas-build-") as tmp:
             model_path = Path(tmp) / f"{model_name}.{model_format}"  # the suffix tells the compiler the format
             shutil.copyfile(store.path(model_digest), model_path)

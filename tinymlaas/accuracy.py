@@ -34,12 +34,16 @@ class Validation:
 
 def load_validation(path, model) -> Validation:
     """`path`'s arrays `x` and `y` as samples of `model`'s single input (TFLiteModel.inputs) and their labels."""
+    import zipfile
+
     path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):  # else np.load takes it for a pickle
+        raise InvalidValidation(f"{path.name}: not an .npz file (numpy.savez: a zip of arrays x and y)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise InvalidValidation(f"{path.name}: not an .npz file ({str(e).splitlines()[0][:120]})") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise InvalidValidation(f"{path.name}: not a readable .npz file ({str(e).splitlines()[0][:120]})") from None
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise InvalidValidation(f"{path.name}: no array {' or '.join(missing)} (it holds {', '.join(arrays) or 'none'})")

@@ -2,7 +2,7 @@ from flask import request
 from sqlalchemy import select
 
 from .. import db
-from ..services.models import add_model
+from ..services.models import add_model, set_validation
 from . import ctx, get_or_404, require, schemas, session
 from .blueprint import Blueprint
 
@@ -31,3 +31,15 @@ def list_models():
 @blp.response(200, schemas.Model)
 def get_model(model_id):
     return get_or_404(db.Model, model_id, "model", require())
+
+
+@blp.route("/models/<int:model_id>/validation", methods=["PUT"])
+@blp.arguments(schemas.ValidationUpload, location="files")
+@blp.response(200, schemas.Model)
+def put_validation(files, model_id):
+    """Upload the model's validation set (multipart field `file`: an .npz of `x` and `y`), checked against the
+    model's input; every microcontroller build of it then reports its accuracy on them (the interpreter on the
+    model the firmware computes), and `weights: auto` / `max_accuracy_drop` are judged on them."""
+    who = require("build")
+    model = get_or_404(db.Model, model_id, "model", who)
+    return set_validation(session(), ctx().store, who, model, files["file"].read())

@@ -163,7 +163,15 @@ class Model(Schema):
     quantized = fields.Boolean()
     operators = fields.List(fields.String())
     format = fields.String(metadata={"description": "tflite or onnx (both for every target)"})
+    validation_samples = fields.Integer(allow_none=True, metadata={
+        "description": "samples of its validation set (PUT /models/{id}/validation), none without one: every "
+                       "microcontroller build reports its accuracy on them"})
     created_at = UtcDateTime()
+
+
+class ValidationUpload(Schema):
+    file = Upload(required=True, metadata={"description": "an .npz with `x` (samples, the sample axis first) and "
+                                                          "`y` (labels, or target outputs for mse)"})
 
 
 class BuildRequestBase(Schema):

@@ -12,8 +12,20 @@ def cmd_models_upload(args) -> int:
     return 0
 
 
+def cmd_models_validation(args) -> int:
+    m = api_client(args).upload_validation(args.model_id, args.file)
+    output(m, args.json, lambda m: f"model {m['id']}: validation set of {m['validation_samples']:,} samples; every "
+           "microcontroller build reports its accuracy on them")
+    return 0
+
+
 def register(sub) -> None:
     models = sub.add_parser("models", help="uploaded models").add_subparsers(dest="what", required=True)
     p = api_options(models.add_parser("upload", help="upload a model (.tflite, .keras/.h5 or .onnx)"))
     p.add_argument("file")
     p.set_defaults(func=cmd_models_upload)
+    p = api_options(models.add_parser("validation", help="upload a model's held-out samples (.npz of x and y): its "
+                                      "builds' accuracy, and what weights auto is judged on"))
+    p.add_argument("model_id", type=int)
+    p.add_argument("file")
+    p.set_defaults(func=cmd_models_validation)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -15,6 +17,8 @@ from tinymlaas.targets import get_target
 from ..db import Build, Model, User
 from .common import Principal, ServiceError, owned, target_or_422
 
+# a build request's `validation` when it is the model's uploaded set (the worker reads it from the artifact store)
+VALIDATION_OF_MODEL = "model"
 BUILD_FINAL = ("done", "failed", "cancelled")  # a build is queued, building or emulating before one of these
 OPEN_BUILD_STATES = ("queued", "building", "emulating")
 
@@ -43,7 +47,16 @@ def request_build(session: Session, who: Principal, model_id: int, target: str, 
     if fmt.name not in backend_for(get_target(target)).formats:
         raise ServiceError(422, f"model {model.id} is one of the {fmt.what}: they build for "
                            f"{targets_of(builds_format(fmt.name))}, not for {target}", "target")
-    if request.weights in ("int4", "palette") and not model.quantized and request.quantize in ("none", "float16"):
+    low_bit_by_accuracy = request.weights == "auto" or request.max_accuracy_drop is not None
+    if low_bit_by_accuracy and not model.validation_sha256:
+        raise ServiceError(422, f"{'weights auto' if request.weights == 'auto' else 'max_accuracy_drop'} is judged "
+                           f"on held-out samples: upload model {model.id}'s first (PUT /api/v1/models/{model.id}/"
+                           "validation, an .npz of x and y)", "weights" if request.weights == "auto"
+                           else "max_accuracy_drop")
+    if model.validation_sha256 and backend_for(get_target(target)).name == "mcu":  # its accuracy in every report
+        request = checked_request(replace(request, validation=VALIDATION_OF_MODEL), get_target(target))
+    if request.weights in ("int4", "palette", "auto") and not model.quantized \
+            and request.quantize in ("none", "float16"):
         raise ServiceError(422, f"weights {request.weights} re-quantizes an integer model's int8 weights: model "
                            f"{model.id} is float (upload an int8 model)", "weights")
     if version is not None:

@@ -4,7 +4,9 @@ the CLI checks it, documented from the same declaration."""
 import datetime as dt
 import io
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
@@ -152,3 +154,40 @@ def test_int4_weights_are_asked_of_integer_models_only(client):
     b = client.post("/api/v1/builds", json={"model_id": _model(client), "target": "cortex-m4", "weights": "int4"},
                     headers=client.auth)
     assert b.status_code == 202 and b.get_json()["request"] == {"weights": "int4"}, b.get_json()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_models_validation_set_judges_its_builds(client, app, tmp_path):
+    """Held-out samples uploaded once: checked against the model's input (a bad file: 422 naming it, nothing kept),
+    then every microcontroller build reports its accuracy on them, and weights auto / max_accuracy_drop are judged
+    on them (refused without a set)."""
+    from server.jobs import run_build
+
+    trained = Path(__file__).resolve().parent.parent / "corpus" / "trained"
+    data = (trained / "digits_signal_int8.tflite").read_bytes()
+    model = client.post("/api/v1/models", data={"file": (io.BytesIO(data), "digits.tflite")},
+                        headers=client.auth).get_json()
+    assert model["validation_samples"] is None
+    auto = {"model_id": model["id"], "target": "cortex-m4", "weights": "auto", "max_accuracy_drop": 0.5}
+    r = client.post("/api/v1/builds", json=auto, headers=client.auth)
+    assert r.status_code == 422 and r.get_json()["field"] == "weights" and "upload" in r.get_json()["detail"]
+    bad = io.BytesIO()
+    np.savez(bad, x=np.zeros((3, 10), np.float32), y=np.zeros(3))
+    r = client.put(f"/api/v1/models/{model['id']}/validation", data={"file": (io.BytesIO(bad.getvalue()), "v.npz")},
+                   headers=client.auth)
+    assert r.status_code == 422 and r.get_json()["field"] == "file" and "not samples of the model's input" in (
+        r.get_json()["detail"]), r.get_json()
+    assert client.get(f"/api/v1/models/{model['id']}", headers=client.auth).get_json()["validation_samples"] is None
+    good = (trained / "digits_signal_validation.npz").read_bytes()
+    r = client.put(f"/api/v1/models/{model['id']}/validation", data={"file": (io.BytesIO(good), "v.npz")},
+                   headers=client.auth)
+    assert r.status_code == 200 and r.get_json()["validation_samples"] == 360, r.get_json()
+    b = client.post("/api/v1/builds", json=auto, headers=client.auth)
+    assert b.status_code == 202, b.get_json()
+    run_build(app.extensions["tinymlaas"].settings, b.get_json()["id"])
+    done = client.get(f"/api/v1/builds/{b.get_json()['id']}", headers=client.auth).get_json()
+    assert done["state"] == "done", done.get("message")
+    accuracy = done["report"]["accuracy"]
+    assert accuracy["samples"] == 360 and accuracy["drop"] <= 0.5 and accuracy["reference"] == 0.986111, accuracy
+    assert any(w["precision"] != "int8" for w in done["report"]["weights"])
+    assert "/" not in json.dumps(done["request"].get("validation", ""))  # no server path in what the user sees

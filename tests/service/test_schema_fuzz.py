@@ -52,7 +52,8 @@ schema = schemathesis.openapi.from_dict(_document())
 # Requests whose acceptance depends on more than their shape: a model file's content, whether a referenced build or
 # model exists and is done, version fields in range, stages strictly increasing. A schema-valid request may get a
 # (documented) 4xx there; every other check still applies to them.
-DEPENDS_ON_DATA = {("POST", "/api/v1/models"), ("POST", "/api/v1/builds"), ("POST", "/api/v1/deployments")}
+DEPENDS_ON_DATA = {("POST", "/api/v1/models"), ("POST", "/api/v1/builds"), ("POST", "/api/v1/deployments"),
+                   ("PUT", "/api/v1/models/{model_id}/validation")}
 
 
 @schema.parametrize()

@@ -150,15 +150,16 @@ class BuildRequest:
     validation: str | None = option(help="an .npz of held-out samples: `x` (sample axis first; floats are quantized "
                                     "as the model's input asks) and `y` (labels, or target outputs for mse): the "
                                     "build's accuracy on them (the interpreter on the model the firmware computes, "
-                                    "bit-exact), beside the model as given", unit="path", backends=MCU,
+                                    "bit-exact), beside the model as given (the service: the model's uploaded set, "
+                                    "PUT /models/{id}/validation)", unit="path", backends=MCU,
                                     surfaces=(COMPILE, SEARCH), metavar="NPZ")
     metric: str = option("top1", help="the accuracy --validation measures: top1, top5, auc (a single score, or the "
                          "second of two) or mse", choices=("top1", "top5", "mse", "auc"), backends=MCU,
-                         surfaces=(COMPILE, SEARCH))
+                         surfaces=(COMPILE, SEARCH, SERVICE))
     max_accuracy_drop: float | None = option(help="weights below eight bits: the most accuracy they may cost against "
                                              "the model as given, in points (percentage points of top-k or AUC; "
                                              "percent more error for mse); needs --validation", min=0.0, max=100.0,
-                                             backends=MCU, surfaces=(COMPILE, SEARCH), metavar="POINTS")
+                                             backends=MCU, surfaces=(COMPILE, SEARCH, SERVICE), metavar="POINTS")
     # Keras / SavedModel input
     quantize: str = option("none", help="Keras/SavedModel input: quantize when converting (default none: float32; "
                            "mixed: int8 with the layers int8 hurts most left in float)", choices=_quantize,

@@ -183,6 +183,11 @@ def low_bit_weights(model, request, plan: dict[int, str] | None = None):
     from tinymlaas.build.request import InvalidRequest
     from tinymlaas.frontend.tflite import read_graph
 
+    if request.weights == "auto" and not request.validation:
+        raise InvalidRequest("weights", "auto chooses per layer by accuracy: give --validation data.npz (and "
+                             "--max-accuracy-drop)")
+    if request.max_accuracy_drop is not None and not request.validation:
+        raise InvalidRequest("max_accuracy_drop", "needs --validation data.npz to measure the accuracy on")
     validation = load_validation(request.validation, model) if request.validation else None
     judge = Judge(model.data, validation, request.metric) if validation is not None else None
     if plan:  # a variant's (a search point rebuilt): its layers must be this model's eligible ones

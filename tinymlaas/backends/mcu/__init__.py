@@ -45,10 +45,6 @@ class McuBackend:
             why = runner_class(request.emulator).problem(target)
             if why is not None:
                 return "emulator", f"cannot be {request.emulator} for {target.name}: {why}"
-        if request.weights == "auto" and request.validation is None:
-            return "weights", "auto chooses per layer by accuracy: give --validation data.npz (and --max-accuracy-drop)"
-        if request.max_accuracy_drop is not None and request.validation is None:
-            return "max_accuracy_drop", "needs --validation data.npz to measure the accuracy on"
         return None
 
 
