@@ -62,26 +62,17 @@ void tinymlaas_unpack_int4_s16(const int8_t *restrict packed, const int32_t *res
  * as many to a 32-bit word as fit whole (32 / bits: 2 -> 16, 3 -> 10, 4 -> 8, 5 -> 6, 6 -> 5), the first in the low
  * bits. params: {values, bits}.
  */
-void tinymlaas_unpack_palette_s8(const int8_t *restrict packed, const int8_t *restrict table,
-                                 const int32_t *restrict params, int8_t *restrict out)
-{
-    const int n = params[0], bits = params[1], per_word = 32 / bits;
-    const uint32_t mask = (1u << bits) - 1, *words = (const uint32_t *)(const void *)packed;
-    for (int i = 0; i < n;) {
-        uint32_t w = *words++;
-        for (int k = 0; k < per_word && i < n; k++, i++, w >>= bits)
-            out[i] = table[w & mask];
+#define TINYMLAAS_UNPACK_PALETTE(name, value_t)                                                            \
+    void name(const int8_t *restrict packed, const value_t *restrict table, const int32_t *restrict params,    \
+              value_t *restrict out)                                                                         \
+    {                                                                                                        \
+        const int n = params[0], bits = params[1], per_word = 32 / bits;                                     \
+        const uint32_t mask = (1u << bits) - 1, *words = (const uint32_t *)(const void *)packed;             \
+        for (int i = 0; i < n;) {                                                                            \
+            uint32_t w = *words++;                                                                           \
+            for (int k = 0; k < per_word && i < n; k++, i++, w >>= bits)                                     \
+                out[i] = table[w & mask];                                                                    \
+        }                                                                                                    \
     }
-}
-
-void tinymlaas_unpack_palette_s16(const int8_t *restrict packed, const int16_t *restrict table,
-                                  const int32_t *restrict params, int16_t *restrict out)
-{
-    const int n = params[0], bits = params[1], per_word = 32 / bits;
-    const uint32_t mask = (1u << bits) - 1, *words = (const uint32_t *)(const void *)packed;
-    for (int i = 0; i < n;) {
-        uint32_t w = *words++;
-        for (int k = 0; k < per_word && i < n; k++, i++, w >>= bits)
-            out[i] = table[w & mask];
-    }
-}
+TINYMLAAS_UNPACK_PALETTE(tinymlaas_unpack_palette_s8, int8_t)
+TINYMLAAS_UNPACK_PALETTE(tinymlaas_unpack_palette_s16, int16_t)
