@@ -140,8 +140,9 @@ class BuildRequest:
                           "float32: those widened once at build time (fewer instructions, 2x or 4x the weight "
                           "flash; the same values); int4: an integer model's convolution and fully connected "
                           "weights re-quantized to 4 bits per channel, two to a byte in flash (the build verified "
-                          "against the interpreter on that int4 model); auto: int4 in the layers where the "
-                          "accuracy on --validation stays within --max-accuracy-drop (int8 elsewhere); palette: "
+                          "against the interpreter on that int4 model); auto: per layer the smallest of palettes "
+                          "of 4 or 8 values, int4 and int8 that keeps the accuracy on --validation within "
+                          "--max-accuracy-drop; palette: "
                           "each layer's weights snapped to 2^--palette-bits values (k-means), kept as indices",
                           choices=("stored", "float32", "int4", "auto", "palette"), backends=MCU,
                           surfaces=(COMPILE, SEARCH, SERVICE))
