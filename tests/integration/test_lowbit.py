@@ -302,3 +302,13 @@ def test_a_variant_with_weights_the_model_cannot_have_is_refused(tmp_path):
         path.write_text(json.dumps({"kernels": {}, "weights": weights}))
         with pytest.raises(InvalidRequest, match=words):
             compile_model(model, "cortex-m4", tmp_path / "out", BuildRequest(variant_file=str(path)))
+
+
+def test_the_per_layer_profile_is_of_the_low_bit_build(tmp_path):
+    """--profile builds the model again: with the build's layers below eight bits, so its steps add up to the
+    build's own count (they were the int8 model's)."""
+    path = tmp_path / "fc.tflite"
+    path.write_bytes(CASES["fc_row_wide_output_scale"]())
+    r = compile_model(path, "cortex-m4", tmp_path / "out", BuildRequest(inputs=3, weights="int4", profile=True))
+    assert r.profile["totals"]["instructions"] == r.instructions
+    assert any("gemv_w4" in s["kernel"] for s in r.profile["steps"]), r.profile["steps"]

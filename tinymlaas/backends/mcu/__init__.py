@@ -27,7 +27,7 @@ class McuBackend:
         if request.profile:
             from tinymlaas.backends.mcu.profile import profile_build
 
-            report.profile = profile_build(model, target, request)
+            report.profile = profile_build(model, target, request, report)
         return report
 
     def format_report(self, report) -> str:

@@ -313,19 +313,23 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     return report
 
 
-def build_program(model_path, target_name: str, workdir: Path, kernels: str, variant=None, weights: str = "stored"):
+def build_program(model_path, target_name: str, workdir: Path, kernels: str, variant=None, weights: str = "stored",
+                  plan: dict | None = None):
     """A TFLite model's program, kernels and driver in `workdir`, not linked: (target, model, program, kernels,
-    driver, lowering). variant (search.space.Variant): its kernels, schedule and fusion instead of `kernels` (its memory plan is
-    TVM's: the per-step counts of the in-place twins are the same loops')."""
+    driver, lowering). variant (search.space.Variant): its kernels, schedule and fusion instead of `kernels` (its
+    memory plan is TVM's: the per-step counts of the in-place twins are the same loops'); plan: layers below eight
+    bits (operator -> precision, as a build's report lists them), else the variant's."""
     from tinymlaas.backends.mcu import load_firmware_model
 
     target = get_target(target_name)
     model = load_firmware_model(model_path)
+    plan = plan or (dict(variant.weights) if variant is not None and variant.weights else None)
+    model, layers, _ = low_bit_weights(model, BuildRequest(), plan) if plan else (model, [], None)
     workdir.mkdir(parents=True, exist_ok=True)
     relax_mod, lowering, _ = import_model(model, target, kernels=dict(variant.kernels) if variant else kernels,
                                           schedules=dict(variant.layers) if variant else None)
     program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant else None),
-                    fuse=variant is None or variant.fusion != "none", **weight_storage(model, target, weights))
+                    fuse=variant is None or variant.fusion != "none", **weight_storage(model, target, weights, layers))
     program, built = build_kernels(program, target, workdir)
     return target, model, program, built, generate_driver(model, program, built, workdir), lowering
 

@@ -58,11 +58,12 @@ class Profile:
 
 
 def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "auto",
-                  emulator: str | None = None, variant=None, weights: str = "stored") -> Profile:
+                  emulator: str | None = None, variant=None, weights: str = "stored", plan: dict | None = None
+                  ) -> Profile:
     """Instructions, memory accesses and cycles of each step of one inference, from one profiled build: exact
     counts and per-block counts from QEMU, the llvm-mca estimate from those, and true cycles on Ibex (targets
     simulated from RTL, or emulator="ibex"). variant: a search.space.Variant to build instead of `kernels`; weights:
-    BuildRequest.weights."""
+    BuildRequest.weights; plan: layers below eight bits (operator -> precision)."""
     from tinymlaas.frontend.to_relax import implementations
     from tinymlaas.ir.lower import KernelCall
     from tinymlaas.measure import cycles
@@ -70,7 +71,7 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
     from tinymlaas.search.features import layer_features
 
     target, model, program, built, driver, lowering = build_program(model_path, target_name, workdir, kernels, variant,
-                                                                    weights)
+                                                                    weights, plan)
     batches = make_inputs(model, 1, 0)
     (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for x in batches[0]))
     want = reference_outputs(model, batches)
@@ -143,14 +144,16 @@ def _written_output(step) -> int | None:
     return region.index if region.kind == "output" else None
 
 
-def profile_build(model, target, request) -> dict:
-    """The per-layer profile of the build `request` asks for (its kernels, or its variant), as a report carries it."""
+def profile_build(model, target, request, report=None) -> dict:
+    """The per-layer profile of the build `request` asks for (its kernels, or its variant, and the layers below eight
+    bits its `report` lists), as a report carries it."""
     import tempfile
 
     from tinymlaas.search.space import load_variant
 
     variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
     with tempfile.TemporaryDirectory(prefix="tinymlaas-profile-") as tmp:
+        plan = {w["op"]: w["precision"] for w in (report.weights or []) if w["precision"] != "int8"} if report else {}
         return profile_model(model.path, target.name, Path(tmp), request.kernels, request.emulator, variant,
-                             request.weights).to_dict()
+                             request.weights, plan or None).to_dict()
 
