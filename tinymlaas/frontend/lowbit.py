@@ -1,11 +1,13 @@
-"""Weights below eight bits: an integer model's layer weights re-quantized to int4 (a TFLite model rewrite).
+"""Weights below eight bits: an integer model's layer weights rewritten in the TFLite model itself.
 
-A layer chosen for int4 gets weights of 4-bit values, per output channel symmetric (values -7..7 times a new scale
-per channel: the channel's largest magnitude / 7), from the values the int8 weights stand for (q * scale). The
-rewritten model is still a TFLite model: int8 weight tensors that hold 4-bit values, their new scales, and biases
-re-quantized to input scale x new weight scale. So the TFLite interpreter runs exactly the arithmetic the firmware
-runs (the verification's reference is that model, bit-exact), and the firmware keeps those weights two to a byte in
-flash (ir/weight_storage.py, form "int4"). What re-quantizing costs in accuracy is the user's data's to say.
+int4: a layer's weights become 4-bit values, per output channel symmetric (-7..7 times a new scale per channel:
+the channel's largest magnitude / 7), from the values the int8 weights stand for (q * scale), with the biases
+re-quantized to input scale x new weight scale. paletteN: a layer's int8 weights are snapped to 2^N values (1-D
+k-means), scales and biases unchanged. Either way the result is still a TFLite model (int8 tensors holding the new
+values), so the TFLite interpreter runs exactly the arithmetic the firmware runs: the verification's reference is
+that model, bit-exact. The firmware keeps those weights packed in flash (ir/weight_storage.py, ir/weight_decode.py,
+the 4-bit gemv). What it costs in accuracy is the user's data's to say: Judge measures it on a validation set, and
+choose_plan (--weights auto) picks each layer's precision within the allowed drop.
 """
 
 from __future__ import annotations
