@@ -793,37 +793,46 @@ void tinymlaas_gemm4_w16_inplace(const int8_t *input, const int16_t *restrict we
 }
 #endif
 
+#if defined(__ARM_FEATURE_DSP)
+/* a word of four int8 weights (k0 k1 k2 k3) into `acc` against the patch's xa = (k0 k2), xb = (k1 k3) */
+#define TINYMLAAS_SMLAD_BYTES(word, acc)                                                                  \
+    "sxtb16 %[t0], %[" word "]\n\t"                                                                        \
+    "sxtb16 %[t1], %[" word "], ror #8\n\t"                                                                \
+    "smlad %[" acc "], %[xa], %[t0], %[" acc "]\n\t"                                                       \
+    "smlad %[" acc "], %[xb], %[t1], %[" acc "]\n\t"
+/* int8 weights: two channels' words in one LDRD */
+#define TINYMLAAS_PAIR8(acc_a, acc_b)                                                                     \
+    "ldrd %[wa], %[wb], [%[w]], #8\n\t" TINYMLAAS_SMLAD_BYTES("wa", acc_a) TINYMLAAS_SMLAD_BYTES("wb", acc_b)
+/* 4-bit weights: one word per channel pair, each channel's nibbles masked into the high nibbles (16 x the value) */
+#define TINYMLAAS_PAIR4(acc_a, acc_b)                                                                     \
+    "ldr %[wa], [%[w]], #4\n\t"                                                                            \
+    "lsl %[wb], %[wa], #4\n\t"                                                                             \
+    "and %[wb], %[wb], #0xF0F0F0F0\n\t" /* channel a */                                                     \
+    "and %[wa], %[wa], #0xF0F0F0F0\n\t" /* channel b */                                                     \
+    TINYMLAAS_SMLAD_BYTES("wb", acc_a) TINYMLAAS_SMLAD_BYTES("wa", acc_b)
+/* one pixel x four channels over `quads`, each quad's patch words then two channel pairs read by `pair` */
+#define TINYMLAAS_MAC1X4_LOOP(pair)                                                                       \
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, xa, xb, wa, wb, t0, t1;                                       \
+    const int16_t *x = patch;                                                                             \
+    const int8_t *w = weights;                                                                            \
+    int n = quads;                                                                                        \
+    __asm__ volatile("1:\n\t"                                                                              \
+                     "ldrd %[xa], %[xb], [%[x]], #8\n\t" pair("a0", "a1") pair("a2", "a3")                 \
+                     "subs %[n], %[n], #1\n\t"                                                             \
+                     "bne 1b\n\t"                                                                          \
+                     : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [xa] "=&r"(xa),          \
+                       [xb] "=&r"(xb), [wa] "=&r"(wa), [wb] "=&r"(wb), [t0] "=&r"(t0), [t1] "=&r"(t1),      \
+                       [x] "+r"(x), [w] "+r"(w), [n] "+r"(n)                                                \
+                     :                                                                                    \
+                     : "cc", "memory")
+#endif
+
 /* acc[j] = patch . weights of channel j, one pixel, four channels, int8 weights */
 static inline __attribute__((always_inline)) void mac1x4_w8(const int16_t *patch, const int8_t *weights, int quads,
                                                             int32_t acc[4])
 {
 #if defined(__ARM_FEATURE_DSP)
-    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, xa, xb, wa, wb, t0, t1;
-    const int16_t *x = patch;
-    const int8_t *w = weights;
-    int n = quads;
-#define TINYMLAAS_PAIR8(acc_a, acc_b)                                                                     \
-    "ldrd %[wa], %[wb], [%[w]], #8\n\t"                                                                   \
-    "sxtb16 %[t0], %[wa]\n\t"                                                                           \
-    "sxtb16 %[t1], %[wa], ror #8\n\t"                                                                   \
-    "smlad %[" acc_a "], %[xa], %[t0], %[" acc_a "]\n\t"                                                 \
-    "smlad %[" acc_a "], %[xb], %[t1], %[" acc_a "]\n\t"                                                 \
-    "sxtb16 %[t0], %[wb]\n\t"                                                                           \
-    "sxtb16 %[t1], %[wb], ror #8\n\t"                                                                   \
-    "smlad %[" acc_b "], %[xa], %[t0], %[" acc_b "]\n\t"                                                 \
-    "smlad %[" acc_b "], %[xb], %[t1], %[" acc_b "]\n\t"
-    __asm__ volatile(
-        "1:\n\t"
-        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
-        TINYMLAAS_PAIR8("a0", "a1")
-        TINYMLAAS_PAIR8("a2", "a3")
-        "subs %[n], %[n], #1\n\t"
-        "bne 1b\n\t"
-        : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [xa] "=&r"(xa), [xb] "=&r"(xb),
-          [wa] "=&r"(wa), [wb] "=&r"(wb), [t0] "=&r"(t0), [t1] "=&r"(t1), [x] "+r"(x), [w] "+r"(w), [n] "+r"(n)
-        :
-        : "cc", "memory");
-#undef TINYMLAAS_PAIR8
+    TINYMLAAS_MAC1X4_LOOP(TINYMLAAS_PAIR8);
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 #else
     mac1x4_scalar(patch, weights, 0, quads, acc);
@@ -871,35 +880,7 @@ static inline __attribute__((always_inline)) void mac1x4_w4(const int16_t *patch
                                                             int32_t acc[4])
 {
 #if defined(__ARM_FEATURE_DSP)
-    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, xa, xb, wa, wb, t0, t1;
-    const int16_t *x = patch;
-    const int8_t *w = weights;
-    int n = quads;
-#define TINYMLAAS_PAIR4(acc_a, acc_b)                                                                     \
-    "ldr %[wa], [%[w]], #4\n\t"                                                                            \
-    "lsl %[wb], %[wa], #4\n\t"                                                                             \
-    "and %[wb], %[wb], #0xF0F0F0F0\n\t" /* channel a, x 16 */                                               \
-    "and %[wa], %[wa], #0xF0F0F0F0\n\t" /* channel b, x 16 */                                               \
-    "sxtb16 %[t0], %[wb]\n\t"                                                                           \
-    "sxtb16 %[t1], %[wb], ror #8\n\t"                                                                   \
-    "smlad %[" acc_a "], %[xa], %[t0], %[" acc_a "]\n\t"                                                 \
-    "smlad %[" acc_a "], %[xb], %[t1], %[" acc_a "]\n\t"                                                 \
-    "sxtb16 %[t0], %[wa]\n\t"                                                                           \
-    "sxtb16 %[t1], %[wa], ror #8\n\t"                                                                   \
-    "smlad %[" acc_b "], %[xa], %[t0], %[" acc_b "]\n\t"                                                 \
-    "smlad %[" acc_b "], %[xb], %[t1], %[" acc_b "]\n\t"
-    __asm__ volatile(
-        "1:\n\t"
-        "ldrd %[xa], %[xb], [%[x]], #8\n\t"
-        TINYMLAAS_PAIR4("a0", "a1")
-        TINYMLAAS_PAIR4("a2", "a3")
-        "subs %[n], %[n], #1\n\t"
-        "bne 1b\n\t"
-        : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [xa] "=&r"(xa), [xb] "=&r"(xb),
-          [wa] "=&r"(wa), [wb] "=&r"(wb), [t0] "=&r"(t0), [t1] "=&r"(t1), [x] "+r"(x), [w] "+r"(w), [n] "+r"(n)
-        :
-        : "cc", "memory");
-#undef TINYMLAAS_PAIR4
+    TINYMLAAS_MAC1X4_LOOP(TINYMLAAS_PAIR4);
     acc[0] = a0 >> 4, acc[1] = a1 >> 4, acc[2] = a2 >> 4, acc[3] = a3 >> 4;
 #else
     int32_t a[4] = {0, 0, 0, 0};
