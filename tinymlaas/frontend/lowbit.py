@@ -82,18 +82,15 @@ def requantize_int4(q: np.ndarray, scale: np.ndarray, axis: int, per_channel: bo
 
 def with_int4_weights(data: bytes, layers: list[int]) -> bytes:
     """The TFLite flatbuffer `data` with the weights of operators `layers` (eligible_layers) re-quantized to int4."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
+    from tinymlaas.frontend.tflite import model_bytes, model_tree, read_graph
 
     if not layers:
         return data
-    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))  # read (and checked) as a graph before
+    opcodes = {op.index: op.opcode for op in read_graph(data).operators}
+    m = model_tree(data)
     sg = m.subgraphs[0]
-    codes = {v: k for k, v in schema.BuiltinOperator.__dict__.items() if not k.startswith("_")}
     for index in layers:
-        op = sg.operators[index]
-        code = m.operatorCodes[op.opcodeIndex]
-        opcode = codes[max(code.builtinCode, code.deprecatedBuiltinCode)]
+        op, opcode = sg.operators[index], opcodes[index]
         axis = WEIGHT_AXIS[opcode]
         x, w = sg.tensors[op.inputs[0]], sg.tensors[op.inputs[1]]
         buf = m.buffers[w.buffer]
@@ -115,9 +112,7 @@ def with_int4_weights(data: bytes, layers: list[int]) -> bytes:
             m.buffers[b.buffer].data = np.frombuffer(b32.tobytes(), np.uint8)
             b.quantization.scale = [float(v) for v in new]
             b.quantization.zeroPoint = [0] * new.size
-    builder = flatbuffers.Builder(len(data) + 1024)
-    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return model_bytes(m, len(data) + 1024)
 
 
 PALETTE_BITS = (2, 3, 4, 5, 6)
@@ -145,26 +140,23 @@ def snapped(q: np.ndarray, palette: np.ndarray) -> np.ndarray:
 def with_palette_weights(data: bytes, layers: list[int], bits: int) -> bytes:
     """`data` with the weights of operators `layers` snapped to a palette of 2^bits values each (palette_of). Scales
     and biases stay: the model computes with int8 weights that take at most 2^bits values, stored as indices."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
+    from tinymlaas.frontend.tflite import model_bytes, model_tree
 
     if not layers:
         return data
-    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+    m = model_tree(data)
     sg = m.subgraphs[0]
     for index in layers:
         w = sg.tensors[sg.operators[index].inputs[1]]
         buf = m.buffers[w.buffer]
         q = np.frombuffer(bytes(bytearray(buf.data)), np.int8).reshape(w.shape)
         buf.data = np.frombuffer(snapped(q, palette_of(q, bits)).tobytes(), np.uint8)
-    builder = flatbuffers.Builder(len(data) + 1024)
-    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return model_bytes(m, len(data) + 1024)
 
 
 def weight_layers(graph) -> list[LayerWeights]:
-    """Every layer with constant weights (WEIGHT_AXIS's operators) and its weights as the graph holds them: int8,
-    or int4 where all are 4-bit values of a rewritten layer."""
+    """Every layer with constant int8 weights (WEIGHT_AXIS's operators), as int8: low_bit_weights sets the
+    precision of those its plan rewrote."""
     out = []
     for op in graph.operators:
         if op.opcode in WEIGHT_AXIS and len(op.inputs) > 1 and graph.tensor(op.inputs[1]).is_const:

@@ -255,16 +255,29 @@ def _spec(t: Tensor) -> TensorSpec:
     return TensorSpec(t.name, t.shape, t.dtype, t.scale, t.zero_point)
 
 
+def model_tree(data: bytes):
+    """The flatbuffer's object tree (the TFLite schema's ModelT), to edit; model_bytes writes it back."""
+    schema = _schema()
+    return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+
+
+def model_bytes(tree, size_hint: int) -> bytes:
+    """A ModelT (model_tree's, edited) as a TFLite flatbuffer."""
+    import flatbuffers
+
+    builder = flatbuffers.Builder(size_hint)
+    builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def _dequantize_hybrid_weights(data: bytes) -> tuple[bytes, int]:
     """Rewrite constant int8 weights that float ops consume (dynamic-range quantization) as float32.
 
     The rewritten model computes what the float network with those (already rounded) weights computes;
     the verification reference runs the same file.
     """
-    import flatbuffers
-
     schema = _schema()
-    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+    m = model_tree(data)
     rewritten = 0
     for sg in m.subgraphs:
         float_consumers = set()
@@ -294,9 +307,7 @@ def _dequantize_hybrid_weights(data: bytes) -> tuple[bytes, int]:
             rewritten += 1
     if not rewritten:
         return data, 0
-    builder = flatbuffers.Builder(len(data) * 4)
-    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output()), rewritten
+    return model_bytes(m, len(data) * 4), rewritten
 
 
 def load_model_bytes(original: bytes, label: str, path: Path | None = None) -> TFLiteModel:
