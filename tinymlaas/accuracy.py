@@ -92,6 +92,15 @@ def interpreter_scores(data: bytes, samples: list) -> np.ndarray:
 def score(scores: np.ndarray, labels: np.ndarray, metric: str) -> float:
     """The metric of outputs `scores` [samples, values] against `labels`: top-k as a fraction, AUC of the positive
     class's score (a single output, or the second of two), MSE of the outputs against the targets."""
+    if metric != "mse":  # a class index per sample (one-hot rows taken as their index)
+        if labels.ndim == 2 and labels.shape == scores.shape:
+            labels = labels.argmax(axis=1)
+        if labels.size != len(scores):
+            raise InvalidValidation(f"y holds {labels.size} values for {len(scores)} samples: {metric} needs one "
+                                    "class index per sample (or one-hot rows)")
+    elif labels.size != scores.size:
+        raise InvalidValidation(f"y holds {labels.size} values for {scores.size} outputs: mse needs the target "
+                                "outputs of every sample")
     if metric in ("top1", "top5"):
         k = 1 if metric == "top1" else 5
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]

@@ -177,7 +177,7 @@ def test_auto_mixes_precisions_per_layer_for_less_flash_than_int4_everywhere(tmp
 
 
 def test_metrics_against_hand_computed_values():
-    from tinymlaas.accuracy import drop, score
+    from tinymlaas.accuracy import InvalidValidation, drop, score
 
     scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.35, 0.25]])
     labels = np.array([1, 1, 2, 1])
@@ -186,6 +186,10 @@ def test_metrics_against_hand_computed_values():
     assert score(scores, scores + 0.5, "mse") == 0.25
     # AUC: positives score 0.9, 0.4; negatives 0.5, 0.1 -> pairs above: (0.9>0.5, 0.9>0.1, 0.4>0.1) = 3 of 4
     assert score(np.array([[0.9], [0.5], [0.4], [0.1]]), np.array([1, 0, 1, 0]), "auc") == 0.75
+    assert score(scores, np.eye(3)[labels], "top1") == 0.5  # one-hot labels: their index
+    for metric, bad in (("top1", np.zeros((4, 2))), ("mse", np.zeros((4, 2)))):  # named, not a numpy traceback
+        with pytest.raises(InvalidValidation, match=f"y holds 8 values .*{metric} needs"):
+            score(scores, bad, metric)
     assert drop(0.9861, 0.9778, "top1") == pytest.approx(0.83)
     assert drop(2.0, 2.5, "mse") == pytest.approx(25.0)
 
