@@ -69,6 +69,25 @@ def test_tensorized_smlad_schedules_build_bit_exact_on_a_dsp_core(tmp_path, name
         assert r.verified and r.fidelity["max_lsb_diff"] == 0, schedule
 
 
+@pytest.mark.parametrize("target", ["rv32imac", "cortex-m4"])
+def test_pointwise_tiles_span_rows_bit_exact(tmp_path, target):
+    """A 1x1 stride-1 convolution runs over its 6 rows of 5 pixels as one axis of 30: tiles of 4 and 8 pixels cross
+    rows (with a partial last tile), and the proven requantization takes each core's rounding form."""
+    path = _model(tmp_path, "pointwise")
+    graph = clean(load_tflite(path).graph, shapes_from_interpreter=True)
+    op = graph.operators[0]
+    space = space_of(kernel_shape(graph, op, get_target(target)))
+    assert kernel_shape(graph, op, get_target(target)).pixels == 30
+    picks = [next(s for s in space if (s.px_block, s.oc_block, s.proven_requant, s.fold_zero_point, s.unroll_tile,
+                                       s.dsp_dot) == (px, oc, True, True, True, False)) for px, oc in ((4, 4), (8, 2))]
+    picks += [s for s in space if s.dsp_dot and s.px_block == 3 and s.oc_block == 4 and s.proven_requant][:1]
+    assert len(picks) == (3 if target == "cortex-m4" else 2)
+    for k, schedule in enumerate(picks):
+        v = Variant(kernels=((op.index, "tir"),), layers=((op.index, schedule),))
+        r = compile_model(path, target, tmp_path / f"b{k}", BuildRequest(inputs=3, variant=v))
+        assert r.verified and r.fidelity["max_lsb_diff"] == 0, schedule
+
+
 def test_a_c_kernel_writing_the_model_output_is_attributed_to_its_operator(tmp_path):
     from tinymlaas.backends.mcu.profile import profile_model
 

@@ -99,15 +99,19 @@ def _reads(step) -> list[Region]:
     return [a for a in step.args if a.kind != "scratch"][:-1]
 
 
-def _strided_tir(func, layout: ConcatLayout, start_elements: int, out_shape):
+def _strided_tir(func, layout: ConcatLayout, start_elements: int, in_shape, out_shape):
     """`func` writing its output (the last parameter) into the concatenation's buffer, shifted by `start_elements`
     along the axis. None when the kernel uses its output other than by element stores, loads and regions."""
     import tvm
     from tvm import tirx
 
     old = func.params[-1]
-    new = tirx.decl_buffer(out_shape, str(old.dtype), name=old.name + "_slice")
     axis = layout.axis
+    if [int(v) for v in old.shape] != [int(v) for v in in_shape]:  # the producer writes it in another view (rows
+        if not layout.last_axis:  # flattened, ir/reshape_views.py): only its last axis is the concatenation's
+            return None
+        out_shape, axis = [*old.shape[:-1], out_shape[-1]], len(old.shape) - 1
+    new = tirx.decl_buffer(out_shape, str(old.dtype), name=old.name + "_slice")
 
     def shifted(indices):
         return [i + tirx.const(start_elements, str(i.ty)) if a == axis else i for a, i in enumerate(indices)]
@@ -182,7 +186,8 @@ def concat_in_place(program: Program) -> tuple[Program, InPlaceConcatReport]:
                 continue
             if alone and isinstance(producer, KernelCall) and not producer.extern \
                     and producer.args[-1] == x and producer.args.count(x) == 1:
-                func = _strided_tir(kernels[producer.kernel], layout, sum(layout.extents[:i]), out_shape)
+                func = _strided_tir(kernels[producer.kernel], layout, sum(layout.extents[:i]),
+                                    kernels[step.kernel].params[i].shape, out_shape)
                 if func is not None:
                     name = f"{producer.kernel}_into_{step.kernel}_{i}"
                     kernels[name] = func

@@ -72,7 +72,8 @@ class LayerSchedule:
 class KernelShape:
     """What a layer's schedule space depends on: the kernel family and its loop extents."""
     family: str  # "conv", "depthwise", "dense"
-    pixels: int  # extent of the pixel axis tiled (output width; the batch for dense)
+    pixels: int  # extent of the pixel axis tiled (output width; all output pixels of a 1x1 stride-1 unpadded
+    # convolution, whose rows its kernel runs as one axis: geometry.pixels_in_rows; the batch for dense)
     channels: int  # output channels (output features)
     reduction: tuple[int, ...]  # reduction extents in "hwc" order: (kh, kw, cin), (kh, kw) or (depth,)
     zero_point: bool  # the input has a nonzero zero point (folding it is a real choice)
@@ -97,7 +98,7 @@ def kernel_shape(graph, op, target=None) -> KernelShape | None:
         return KernelShape("dense", int(x.size) // depth, int(w.shape[0]), (depth,), zp, int8, dsp, bool(w.zero_point))
     if len(out.shape) != 4:
         return None
-    from tinymlaas.ops.geometry import window_padding
+    from tinymlaas.ops.geometry import pixels_in_rows, window_padding
 
     h, wd = int(x.shape[1]), int(x.shape[2])
     kh, kw = int(w.shape[1]), int(w.shape[2])
@@ -106,8 +107,8 @@ def kernel_shape(graph, op, target=None) -> KernelShape | None:
         if int(op.opt("depthMultiplier", 1) or 1) != 1:
             return None
         return KernelShape("depthwise", int(out.shape[2]), int(out.shape[3]), (kh, kw), zp, int8, dsp, any(pads))
-    return KernelShape("conv", int(out.shape[2]), int(out.shape[3]), (kh, kw, int(w.shape[3])), zp, int8, dsp,
-                       any(pads))
+    pixels = int(out.shape[1]) * int(out.shape[2]) if pixels_in_rows(op, h, wd, kh, kw) else int(out.shape[2])
+    return KernelShape("conv", pixels, int(out.shape[3]), (kh, kw, int(w.shape[3])), zp, int8, dsp, any(pads))
 
 
 FAMILIES = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise", "FULLY_CONNECTED": "dense"}

@@ -123,6 +123,7 @@ def planning_passes():
 
     return tvm.transform.Sequential(
         [
+            relax.transform.RewriteDataflowReshape(),  # reshapes as views: the output shares its input's storage
             relax.transform.ToNonDataflow(),
             relax.transform.RemovePurityChecking(),
             relax.transform.CallTIRRewrite(),
@@ -257,6 +258,8 @@ def flatten(mod, kernel_operators: list[int | None] = (), extern_operators: list
                     shape = _ints(value.args[2])
                     regions[var] = Region("arena", offset=base + off, nbytes=_nbytes(shape, value.args[3].value),
                                           tensor=len(regions))
+                elif name == "relax.reshape":  # a view (RewriteDataflowReshape): the same bytes, no copy
+                    regions[var] = region_of(value.args[0])
                 elif name == "relax.builtin.alloc_tensor":
                     shape = _ints(value.args[0])
                     regions[var] = Region("output", index=len(outputs), nbytes=_nbytes(shape, value.args[1].value))

@@ -37,6 +37,14 @@ def window_padding(op, h, w, kh, kw) -> tuple[int, int, int, int]:
             *padding(int(op.opt("padding", 0)), w, kw, op.opt("strideW", 1), op.opt("dilationWFactor", 1) or 1))
 
 
+def pixels_in_rows(op, h, w, kh, kw) -> bool:
+    """A convolution whose output pixels are its input pixels, one to one and in the same raster order (1x1, stride 1,
+    no padding): its TIR kernel runs over the rows flattened into one pixel axis, so register
+    tiles of pixels span rows (a 25x5 map takes tiles of 4 or 8 pixels, not only divisors of 5)."""
+    return (kh == kw == 1 and op.opt("strideH", 1) == op.opt("strideW", 1) == 1 and op.opcode == "CONV_2D"
+            and not any(window_padding(op, h, w, kh, kw)))
+
+
 def conv_padding(op, h, w, kh, kw) -> list[int]:
     """[top, left, bottom, right] of a convolution operator."""
     pt, pb, pl, pr = window_padding(op, h, w, kh, kw)

@@ -34,7 +34,7 @@ from tinymlaas.ops.dsp_layouts import (
     requantize_exact,
 )
 from tinymlaas.ops.emit import emit_kernel, extern
-from tinymlaas.ops.geometry import padding, reduce_axes, transpose_conv_geometry, window_padding
+from tinymlaas.ops.geometry import padding, pixels_in_rows, reduce_axes, transpose_conv_geometry, window_padding
 from tinymlaas.ops.interpreter_tables import interpreter_table
 from tinymlaas.ops.quantization import (
     activation_range,
@@ -305,8 +305,14 @@ def conv2d(ctx, op, impl):
         lanes = schedule is not None and schedule.wide_weights
         args = [x, relax.const(lane_order(w) if lanes else w), *map(relax.const, rescale)]
         tuned = {"schedule": schedule, "fold_zero_point": fold, "acc_dtype": accumulator(x_t, by_channel),
-                 "proven": proven is not None, **({"lanes": True} if lanes else {})}
-        if name == "CONV_2D":
+                 "proven": proven is not None, **({"lanes": True} if lanes else {}),
+                 **({"split_rounding": True} if proven is not None and ctx.target.arch != "arm" else {})}
+        if name == "CONV_2D" and pixels_in_rows(op, h, wd, kh, kw):  # rows flattened: tiles span them (the
+            # reshapes are views: ir/reshape_views.py)
+            args[0] = ctx.emit(relax.op.reshape(x, (n, 1, h * wd, c)))
+            y = emit_kernel(ctx, k.conv2d_s8, args, **common, **tuned)
+            y = ctx.emit(relax.op.reshape(y, shape))
+        elif name == "CONV_2D":
             y = emit_kernel(ctx, k.conv2d_s8, args, **common, **tuned)
         else:
             y = emit_kernel(ctx, k.depthwise_conv2d_s8, args, **common,

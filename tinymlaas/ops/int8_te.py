@@ -133,7 +133,7 @@ def _conv_geometry(data, kh, kw, stride, dilation, padding, zp_in, fold_zero_poi
 
 
 def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, padding, zp_in, zp_out, act_min, act_max,
-              acc_dtype="int32", fold_zero_point=False, proven=False, lanes=False):
+              acc_dtype="int32", fold_zero_point=False, proven=False, lanes=False, split_rounding=False):
     """NHWC int8 (or int16x8) convolution, weights OHWI, per-channel requantization (proven: bias, multiplier and
     shift are the columns of requantize_proven; lanes: int16 weights in lane order, ir/arm_intrinsics.py).
     Grouped (the filter holds a fraction of the input's channels): output channel o reads its group's channels."""
@@ -157,7 +157,8 @@ def conv2d_s8(data, weight, bias, multiplier, shift, *, stride, dilation, paddin
         ),
         name="acc",
     )
-    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype, proven)
+    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype, proven,
+                                split_rounding)
 
 
 def transpose_conv2d_s8(data, weight, bias, multiplier, shift, *, stride, before, out_hw, zp_in, zp_out, act_min,
@@ -181,13 +182,16 @@ def transpose_conv2d_s8(data, weight, bias, multiplier, shift, *, stride, before
     return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype)
 
 
-def requantize_proven(acc, bias, multiplier, round_shift, *, act_min, act_max, single: bool):
+def requantize_proven(acc, bias, multiplier, round_shift, *, act_min, act_max, single: bool,
+                      split_rounding: bool = False):
     """The requantization of gemm_dsp.c without 64-bit rounding steps or saturation tests, for a layer where
     dsp_layouts.requant_table proved it exact (its columns: `bias` doubled unless `single`, `multiplier`, and
     `round_shift` [C, 2] = the rounding constant with the output zero point, the shift):
     double: x = (2 (acc + bias) m + 2^31) >> 32, then (x + round - (x < 0)) >> shift; single: ((acc + bias) m >> 32
     + round) >> shift; then clamped. Sums wrap in int32 where a folded zero point makes a partial sum large: the
-    total is proved to fit."""
+    total is proved to fit. split_rounding: the rounded high word as the high word plus bit 31 of the low one (the
+    same value; on cores without Arm's SMMULR, which takes the first form in one instruction, it is two
+    instructions fewer than a 64-bit add)."""
     from tvm import te, tirx
 
     lo, hi = max(act_min, -128), min(act_max, 127)
@@ -203,19 +207,25 @@ def requantize_proven(acc, bias, multiplier, round_shift, *, act_min, act_max, s
             x = ((total(*i).astype("int64") * m) >> tirx.const(32, "int64")).astype("int32")
             v = (x + round_shift[o, 0]) >> round_shift[o, 1]
         else:
-            x = ((total(*i).astype("int64") * m + tirx.const(1 << 31, "int64"))
-                 >> tirx.const(32, "int64")).astype("int32")
+            product = total(*i).astype("int64") * m
+            if split_rounding:
+                x = ((product >> tirx.const(32, "int64")).astype("int32")
+                     + ((product >> tirx.const(31, "int64")).astype("int32") & _i32(1)))
+            else:
+                x = ((product + tirx.const(1 << 31, "int64")) >> tirx.const(32, "int64")).astype("int32")
             v = _let(x, lambda xv: (xv + round_shift[o, 0] + (xv >> _i32(31))) >> round_shift[o, 1], "x")
         return _clamp(v, lo, hi, "int8")
 
     return te.compute(acc.shape, f, name="requantize")
 
 
-def _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, out_dtype, proven=False):
+def _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, out_dtype, proven=False,
+                         split_rounding=False):
     from tvm import te
 
     if proven:
-        return requantize_proven(acc, bias, multiplier, shift, act_min=act_min, act_max=act_max, single=False)
+        return requantize_proven(acc, bias, multiplier, shift, act_min=act_min, act_max=act_max, single=False,
+                                 split_rounding=split_rounding)
 
     def f(*i):
         o = i[-1]
@@ -228,7 +238,7 @@ def _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max,
 
 def depthwise_conv2d_s8(
     data, weight, bias, multiplier, shift, *, stride, dilation, padding, depth_multiplier, zp_in, zp_out, act_min, act_max,
-    acc_dtype="int32", fold_zero_point=False, proven=False,
+    acc_dtype="int32", fold_zero_point=False, proven=False, split_rounding=False,
 ):
     """NHWC int8 (or int16x8) depthwise convolution, weights 1HWC (C = in channels * depth multiplier)."""
     from tvm import te
@@ -247,7 +257,8 @@ def depthwise_conv2d_s8(
         ),
         name="acc",
     )
-    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype, proven)
+    return _requantize_channels(acc, bias, multiplier, shift, zp_out, act_min, act_max, data.dtype, proven,
+                                split_rounding)
 
 
 def fully_connected_s8(data, weight, bias, multiplier, shift, *, zp_in, zp_weight, zp_out, act_min, act_max,

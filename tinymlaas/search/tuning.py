@@ -45,7 +45,7 @@ class LayerGroup:
 
 
 ROUND = 2  # profiled builds per round: the predictor is refitted between rounds
-KERNELS_REVISION = 4  # raised when the code the kernels compile to changes: older log records no longer hold
+KERNELS_REVISION = 5  # raised when the code the kernels compile to changes: older log records no longer hold
 
 
 def log_target(target) -> str:
