@@ -277,16 +277,36 @@ def test_auto_never_keeps_a_plan_beyond_the_limit_even_when_each_layer_alone_is_
     assert list(plan) == [biggest]
 
 
-def test_a_search_gives_every_point_the_low_bit_plan_and_its_variant_rebuilds_exactly(tmp_path):
+def test_a_search_spans_flash_against_accuracy_and_its_variants_rebuild_exactly(tmp_path):
+    """The strategy's points all get auto's plan; the best of them is built again with int8 weights and the plans
+    auto kept on its way: the front is flash x cost x accuracy, every point's accuracy is its weights' (measured
+    once per plan, the builds being bit-exact to them), none beyond --max-accuracy-drop, and the chosen build has
+    the weights asked for."""
+    from tinymlaas.frontend.lowbit import Judge, low_bit_weights
+    from tinymlaas.accuracy import load_validation
     from tinymlaas.search.search import search
 
     model, validation = _trained("digits_signal")
-    result = search(model, "rv32imac", tmp_path / "search", BuildRequest(
-        budget=3, weights="auto", validation=str(validation), max_accuracy_drop=0.5, workers=1))
-    plans = {json_key(p.variant.get("weights")) for p in result.points}
-    assert len(plans) == 1 and plans != {json_key(None)}, plans  # one plan, below eight bits, in every point
+    request = BuildRequest(budget=6, weights="auto", validation=str(validation), max_accuracy_drop=0.5, workers=1)
+    result = search(model, "rv32imac", tmp_path / "search", request)
+    asked = {str(w.op): w.precision for w in low_bit_weights(load_model_bytes(model.read_bytes(), "m"), request)[1]
+             if w.precision != "int8"}
+    assert asked
+    points = [p for p in result.points if p.verified]
+    by_plan = {}
+    for p in points:
+        by_plan.setdefault(json_key(p.variant.get("weights") or {}), []).append(p)
+    assert json_key(asked) in by_plan and json_key({}) in by_plan and len(by_plan[json_key({})]) == 1, list(by_plan)
+    int8 = by_plan[json_key({})][0]
+    original = load_model_bytes(model.read_bytes(), "m")
+    judge = Judge(original.data, load_validation(str(validation), original), "top1")
+    for p in points:  # each point's accuracy is its own weights' on the validation set
+        plan = {int(k): v for k, v in (p.variant.get("weights") or {}).items()}
+        assert p.accuracy == judge.value(rewritten(original.data, plan)) and p.accuracy_drop <= 0.5
+    assert int8.accuracy_drop == 0 and int8.accuracy == judge.reference
     chosen = result.points[result.chosen]
-    assert chosen.verified
+    assert chosen.variant["weights"] == asked and chosen.flash < int8.flash
+    assert result.points.index(int8) in result.front  # the most accurate point stays on the front
     (tmp_path / "front.json").write_text(json.dumps(result.to_dict()))
     again = compile_model(model, "rv32imac", tmp_path / "again", BuildRequest(
         inputs=3, variant_file=str(tmp_path / "front.json")))

@@ -21,6 +21,7 @@ import numpy as np
 WEIGHT_AXIS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}
 INT4_MAX = 7  # symmetric: -7..7 (TFLite's int4 and CMSIS-NN's s4 kernels take the same range)
 MIN_WEIGHTS = 64  # a smaller tensor saves less flash than its decoding costs in code
+LADDER_STEPS = 2  # plans between int8 and auto's answer that a search also builds (low_bit_weights' ladder)
 
 
 @dataclass(frozen=True)
@@ -166,11 +167,14 @@ def weight_layers(graph) -> list[LayerWeights]:
     return out
 
 
-def low_bit_weights(model, request, plan: dict[int, str] | None = None):
+def low_bit_weights(model, request, plan: dict[int, str] | None = None, ladder: list | None = None):
     """(model, its layers' weights, accuracy) for a build's request (BuildRequest.weights, palette_bits, validation,
     metric, max_accuracy_drop): int4 or palette rewrites every eligible layer of an integer model, auto the layers
     and precisions choose_plan finds; other values leave the model as it is and report no layers. accuracy: on the
-    validation file when one is given, beside the model as given (None without one)."""
+    validation file when one is given, beside the model as given (None without one).
+    ladder: filled with (plan, accuracy) from int8 to the plan given back, through at most LADDER_STEPS plans auto
+    kept on its way (each measured within the limit; evenly spaced): what a search builds besides, so that its
+    front spans flash against accuracy."""
     from dataclasses import replace
 
     from tinymlaas.accuracy import load_validation
@@ -200,12 +204,19 @@ def low_bit_weights(model, request, plan: dict[int, str] | None = None):
         raise InvalidRequest("weights", f"{request.weights}: {model.name} has no convolution or fully connected layer "
                              f"with int8 weights of {MIN_WEIGHTS} values or more")
     limit = request.max_accuracy_drop
+    steps: list[dict[int, str]] = []
     if not plan and request.weights == "auto":
-        plan = choose_plan(model.data, model.graph, eligible, judge, 0.0 if limit is None else limit)
+        plan = choose_plan(model.data, model.graph, eligible, judge, 0.0 if limit is None else limit, steps)
     elif not plan:
         plan = dict.fromkeys(eligible, f"palette{request.palette_bits}" if request.weights == "palette" else "int4")
     data = rewritten(model.data, plan)
     accuracy = judge.report(data) if judge else None
+    if ladder is not None and plan:
+        between = steps[:-1]
+        picks = [between[round(k * (len(between) - 1) / max(LADDER_STEPS - 1, 1))]
+                 for k in range(min(LADDER_STEPS, len(between)))] if between else []
+        for rung in [{}, *[p for k, p in enumerate(picks) if p not in picks[:k]], plan]:
+            ladder.append((rung, judge.report(rewritten(model.data, rung)) if judge else None))
     if accuracy and limit is not None and accuracy["drop"] > limit:
         raise InvalidRequest("max_accuracy_drop", f"{limit:g}: {request.weights} weights in {len(plan)} of "
                              f"{len(eligible)} eligible layers lose {accuracy['drop']:.2f} points of "
@@ -241,10 +252,12 @@ def candidates(graph, op: int) -> list[str]:
     return ["palette2", "palette3", "int4"]
 
 
-def choose_plan(data: bytes, graph, eligible: list[int], judge: Judge, limit: float) -> dict[int, str]:
+def choose_plan(data: bytes, graph, eligible: list[int], judge: Judge, limit: float,
+                steps: list | None = None) -> dict[int, str]:
     """Per layer the smallest precision within `limit` points of accuracy: each (layer, precision) measured alone
     first; then layers in order of the flash they can save, each given its smallest precision that keeps the set,
-    measured, within the limit (int8 if none does). Every plan kept was measured: none beyond the limit."""
+    measured, within the limit (int8 if none does). Every plan kept was measured: none beyond the limit.
+    steps: each plan kept on the way (a copy) is appended to it, the last one the answer."""
     size = {op: graph.tensor(graph.operators[op].inputs[1]).size for op in eligible}
     nbytes = {(op, p): LayerWeights(op, "", p, size[op]).nbytes for op in eligible for p in candidates(graph, op)}
     alone = {(op, p): judge.drop(rewritten(data, {op: p})) for op, p in nbytes}
@@ -254,6 +267,8 @@ def choose_plan(data: bytes, graph, eligible: list[int], judge: Judge, limit: fl
         for p in candidates(graph, op):
             if alone[op, p] <= limit and judge.drop(rewritten(data, {**plan, op: p})) <= limit:
                 plan[op] = p
+                if steps is not None:
+                    steps.append(dict(plan))
                 break
     return plan
 

@@ -79,9 +79,10 @@ class Evaluator:
 
     def __init__(self, model_path, target: str, workdir: Path, inputs: int, seed: int, workers: int,
                  progress: Callable | None = None, record: bool = False, emulator: str | None = None,
-                 ray_address: str | None = None, weights: tuple = ()):
+                 ray_address: str | None = None, weights: tuple = (), accuracy: dict | None = None):
         self.model_path, self.target, self.workdir, self.record = str(model_path), target, workdir, record
-        self.weights = weights  # every variant's layers below eight bits (search.low_bit_plan)
+        self.weights = weights  # every variant's layers below eight bits (search.low_bit_ladder)
+        self.accuracy = accuracy or {}  # weight plan -> its accuracy report (the builds are bit-exact to it)
         self.emulator = emulator
         self.estimate = False  # points ranked by llvm-mca's cycle estimate (a strategy may ask)
         self.workers = workers
@@ -95,10 +96,11 @@ class Evaluator:
         """fn of each job, in order, on the pool."""
         return self.pool.map(fn, jobs) if self.pool else map(fn, jobs)
 
-    def run(self, variants: list[Variant], limit: int) -> list[Point | None]:
-        """Points of `variants` (new ones built, at most `limit` in all); None for those past the limit."""
+    def run(self, variants: list[Variant], limit: int, as_given: bool = False) -> list[Point | None]:
+        """Points of `variants` (new ones built, at most `limit` in all); None for those past the limit. Each gets
+        the search's weight plan unless `as_given` (another rung of its ladder)."""
         new: dict[str, Variant] = {}
-        variants = [replace(v, weights=self.weights) for v in variants] if self.weights else variants
+        variants = [replace(v, weights=self.weights) for v in variants] if self.weights and not as_given else variants
         for v in variants:
             if v.key() not in self.by_key and v.key() not in new and len(self.points) + len(new) < limit:
                 new[v.key()] = v
@@ -106,6 +108,8 @@ class Evaluator:
         jobs = [Job(self.model_path, self.target, v.to_dict(), str(self.workdir / f"point{len(self.points) + k:04d}"),
                     self.inputs, self.seed, self.record, self.emulator, self.estimate) for k, v in enumerate(new)]
         for v, p in zip(new, self.map(evaluate, jobs)):
+            if v.weights in self.accuracy:
+                p = p.with_accuracy(self.accuracy[v.weights])
             self.by_key[v.key()] = len(self.points)
             self.points.append(p)
             if self.progress:

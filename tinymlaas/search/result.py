@@ -3,17 +3,19 @@ as front.json, front.png and the chosen build.
 
 Objectives, all minimised: cost (true cycles where the target's core is simulated from RTL, else exact instructions
 or the core's cycle estimate), RAM, flash, fidelity loss (0 for a bit-exact integer build; the float build's max
-relative error). A point that does not verify or does not fit is kept as infeasible, never on the front.
+relative error), accuracy drop (points of the --validation metric lost against the model as given, by the weights
+below eight bits; 0 without them or without a validation set). A point that does not verify or does not fit is kept
+as infeasible, never on the front.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-OBJECTIVES = ("cost", "ram", "flash", "fidelity_loss")
+OBJECTIVES = ("cost", "ram", "flash", "fidelity_loss", "accuracy_drop")
 
 
 @dataclass(frozen=True)
@@ -21,11 +23,13 @@ class Constraints:
     max_ram: int | None = None
     max_flash: int | None = None
     max_fidelity_loss: float = 0.0  # integer models: bit-exact; float: the float tolerance is the compiler's
+    max_accuracy_drop: float | None = None
 
     @classmethod
     def of(cls, request) -> Constraints:
         """The constraints a BuildRequest sets."""
-        return cls(request.max_ram, request.max_flash, float(request.max_fidelity_loss))
+        return cls(request.max_ram, request.max_flash, float(request.max_fidelity_loss),
+                   getattr(request, "max_accuracy_drop", None))
 
     def violation(self, p: Point) -> float:
         """0 when `p` satisfies them, else how far off (relative), for NSGA-II's constraint handling."""
@@ -38,6 +42,8 @@ class Constraints:
             v += (p.flash - self.max_flash) / self.max_flash
         if p.fidelity_loss > self.max_fidelity_loss:
             v += p.fidelity_loss - self.max_fidelity_loss
+        if self.max_accuracy_drop is not None and p.accuracy_drop > self.max_accuracy_drop:
+            v += p.accuracy_drop - self.max_accuracy_drop
         return v
 
 
@@ -56,9 +62,15 @@ class Point:
     error: str | None = None  # why it was not built (does not fit, a failure), if so
     build_dir: str | None = None
     seconds: float = 0.0
+    accuracy: float | None = None  # the --validation metric of its weights (the build is bit-exact to them)
+    accuracy_drop: float = 0.0  # points of it lost against the model as given
 
     def objectives(self) -> tuple:
-        return (self.cost, self.ram, self.flash, self.fidelity_loss)
+        return (self.cost, self.ram, self.flash, self.fidelity_loss, self.accuracy_drop)
+
+    def with_accuracy(self, report: dict) -> Point:
+        """The point with its weights' accuracy (lowbit.Judge.report)."""
+        return replace(self, accuracy=report["value"], accuracy_drop=float(report["drop"]))
 
     @classmethod
     def of_report(cls, variant: dict, label: str, r, build_dir, seconds: float,
@@ -158,13 +170,16 @@ def format_result(result: SearchResult, artifacts: dict) -> str:
     pts = result.points
     d = pts[result.default]
     size = f"{result.space_size:,}" if result.space_size < 10**9 else f"{result.space_size:.2e}"
+    accuracy = any(p.accuracy is not None for p in pts)  # a column of the metric where weights go below 8 bits
     lines = [(f"{result.model} on {result.target}: {len(pts)} variants built of {size} "
               f"({result.strategy}, seed {result.seed}, {result.seconds:.0f} s)"),
-             f"{'':2}{'variant':<48} {d.cost_kind:>14} {'RAM':>9} {'flash':>9} {'loss':>6}"]
+             f"{'':2}{'variant':<48} {d.cost_kind:>14} {'RAM':>9} {'flash':>9} {'loss':>6}"
+             + (f" {'accuracy':>9} {'drop':>6}" if accuracy else "")]
     for i in sorted(result.front, key=lambda i: pts[i].objectives()):
         p = pts[i]
         mark = "*" if i == result.chosen else " "
-        lines.append(f"{mark} {p.label:<48.48} {p.cost:>14,} {p.ram:>9,} {p.flash:>9,} {p.fidelity_loss:>6.2g}")
+        lines.append(f"{mark} {p.label:<48.48} {p.cost:>14,} {p.ram:>9,} {p.flash:>9,} {p.fidelity_loss:>6.2g}"
+                     + (f" {p.accuracy:>9.4f} {p.accuracy_drop:>6.2f}" if accuracy and p.accuracy is not None else ""))
     if d.cost is not None:
         lines.append(f"  {'default build: ' + d.label:<48.48} {d.cost:>14,} {d.ram:>9,} {d.flash:>9,}")
     for i in result.confirmed:
@@ -179,7 +194,8 @@ def format_result(result: SearchResult, artifacts: dict) -> str:
 
 def plot_front(result: SearchResult, path: Path) -> Path:
     """Cost against RAM for every point built; the front joined, the default and the chosen build marked; the
-    marker's colour is flash."""
+    marker's colour is flash. Where points carry an accuracy (weights below eight bits judged on --validation), a
+    second panel: cost against flash, the colour the accuracy lost."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,7 +203,23 @@ def plot_front(result: SearchResult, path: Path) -> Path:
 
     pts = result.points
     ok = [i for i, p in enumerate(pts) if p.cost is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    judged = [i for i in ok if pts[i].accuracy is not None]
+    fig, axes = plt.subplots(1, 2 if judged else 1, figsize=(12 if judged else 7, 4.5), dpi=110, squeeze=False)
+    ax = axes[0][0]
+    if judged:
+        flash_ax = axes[0][1]
+        sc = flash_ax.scatter([pts[i].flash for i in judged], [pts[i].cost for i in judged],
+                              c=[pts[i].accuracy_drop for i in judged], cmap="magma_r", s=36)
+        fig.colorbar(sc, ax=flash_ax, label="accuracy lost (points)")
+        front = [i for i in result.front if i in judged]
+        flash_ax.scatter([pts[i].flash for i in front], [pts[i].cost for i in front], s=90, facecolors="none",
+                         edgecolors="red", label="Pareto front")
+        if result.chosen is not None:
+            c = pts[result.chosen]
+            flash_ax.scatter([c.flash], [c.cost], marker="*", s=220, c="red", label="chosen")
+        flash_ax.set_xlabel("flash (B)")
+        flash_ax.set_title("flash x cost x accuracy", fontsize=9)
+        flash_ax.legend(fontsize=7, loc="best")
     if ok:
         sc = ax.scatter([pts[i].ram for i in ok], [pts[i].cost for i in ok], c=[pts[i].flash for i in ok],
                         cmap="viridis", s=28, alpha=0.8, label="built and verified" if all(pts[i].verified for i in ok)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tinymlaas.build.request import BuildRequest
 from tinymlaas.search.evaluate import Evaluator, seeds
 from tinymlaas.search.result import Constraints, SearchResult, pareto_front
-from tinymlaas.search.space import Space
+from tinymlaas.search.space import Space, Variant
 from tinymlaas.search.strategies import STRATEGIES, Context
 
 
@@ -32,20 +32,27 @@ def check_searchable(target) -> None:
                            "`tinymlaas compile` (--precision, --tune-trials)")
 
 
-def low_bit_plan(model, request: BuildRequest) -> tuple[tuple[tuple[int, str], ...], list[str]]:
-    """The layers below eight bits every point of the search gets (--weights int4/palette/auto, chosen once: with
-    auto, by accuracy on --validation), and what the search's notes say of them."""
+def low_bit_ladder(model, request: BuildRequest) -> tuple[list[tuple[tuple, dict | None]], list[str]]:
+    """The weight plans a search builds, int8 first and the requested one last (--weights int4/palette/auto, chosen
+    once: with auto, by accuracy on --validation, with up to two plans it kept on its way between), each with its
+    accuracy (None without --validation); and what the search's notes say of them. [] when all stay int8."""
     from tinymlaas.frontend.lowbit import low_bit_weights
 
     if request.weights not in ("int4", "palette", "auto"):
-        return (), []
-    _, layers, accuracy = low_bit_weights(model, request)
+        return [], []
+    ladder: list = []
+    _, layers, accuracy = low_bit_weights(model, request, ladder=ladder)
     plan = tuple((w.op, w.precision) for w in layers if w.precision != "int8")
-    note = f"weights below eight bits in every point: {', '.join(f'#{op} {p}' for op, p in plan) or 'none'}"
+    note = (f"weights below eight bits in every point: {', '.join(f'#{op} {p}' for op, p in plan) or 'none'}"
+            + (f"; {len(ladder) - 1} other plan(s) built on the best of them" if len(ladder) > 1 else ""))
     if accuracy:
         note += (f"; {accuracy['metric']} {accuracy['value']:.4f} on {accuracy['samples']} samples, the model as given "
                  f"{accuracy['reference']:.4f}")
-    return plan, [note]
+    return [(tuple(sorted(rung.items())), acc) for rung, acc in ladder], [note]
+
+
+def _plan_of(point) -> tuple:
+    return tuple(sorted((int(k), v) for k, v in (point.variant.get("weights") or {}).items()))
 
 
 def search(model_path, target: str, workdir, request: BuildRequest | None = None, *,
@@ -75,18 +82,27 @@ def search(model_path, target: str, workdir, request: BuildRequest | None = None
     space = Space.of(graph, get_target(target))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    weights, notes_before = low_bit_plan(model, request)
+    ladder, notes_before = low_bit_ladder(model, request)
+    weights = ladder[-1][0] if ladder else ()
+    rungs = ladder[:-1] if budget > len(ladder) else []  # the other plans, built on the best variant at the end
     ev = Evaluator(Path(model_path).resolve(), target, workdir.resolve(), request.inputs or 3, request.seed,
                    request.workers or min(os.cpu_count() or 1, 8), progress, record,
-                   ray_address=request.ray, weights=weights)
+                   ray_address=request.ray, weights=weights, accuracy={plan: acc for plan, acc in ladder if acc})
     try:
-        outcome = STRATEGIES[request.strategy](Context(space, ev, seeds(space), budget, request.seed, constraints,
-                                                       graph, get_target(target), pool, confirm))
+        outcome = STRATEGIES[request.strategy](Context(space, ev, seeds(space), budget - len(rungs), request.seed,
+                                                       constraints, graph, get_target(target), pool, confirm))
+        best = [i for i in pareto_front(ev.points, constraints) if ev.points[i].cost is not None]
+        if rungs and best:
+            best_variant = Variant.from_dict(ev.points[min(best, key=lambda i: ev.points[i].objectives())].variant)
+            ev.run([replace(best_variant, weights=plan) for plan, _ in rungs], budget, as_given=True)
     finally:
         ev.close()
     points, confirmed, notes = ev.points, outcome.confirmed, [*notes_before, *outcome.notes]
     front = pareto_front(points, constraints)
-    chosen = min(front, key=lambda i: points[i].objectives()) if front else None  # the cheapest, then smallest
+    # the cheapest, then smallest; of the points with the weights asked for, where one is feasible (the other plans
+    # are there to show what accuracy buys: a --variant of the front rebuilds any of them)
+    asked = [i for i in front if _plan_of(points[i]) == weights] or front
+    chosen = min(asked, key=lambda i: points[i].objectives()) if asked else None
     if confirmed:  # true cycles decide between the candidates QEMU ranked best
         chosen = min(confirmed, key=lambda i: (points[i].cycles, points[i].objectives()))
         ranked_by = points[confirmed[0]].cost_kind

@@ -96,8 +96,8 @@ def nsga2(ctx: Context) -> Outcome:
         results = ev.run([space.decode(x) for x in X], budget)
         stale = stale + 1 if len(ev.points) == before else 0
         big = 1e18
-        F = np.array([[p.cost if p and p.cost is not None else big, p.ram if p else big, p.flash if p else big,
-                       p.fidelity_loss if p else big] for p in results], dtype=float)
+        F = np.array([[v if p and v is not None else big for v in (p.objectives() if p else (None,) * len(OBJECTIVES))]
+                      for p in results], dtype=float)
         G = np.array([[ctx.constraints.violation(p) if p else 1e9] for p in results], dtype=float)
         PymooEvaluator().eval(StaticProblem(problem, F=F, G=G), pop)
         algorithm.tell(infills=pop)
