@@ -282,8 +282,8 @@ def test_a_search_spans_flash_against_accuracy_and_its_variants_rebuild_exactly(
     auto kept on its way: the front is flash x cost x accuracy, every point's accuracy is its weights' (measured
     once per plan, the builds being bit-exact to them), none beyond --max-accuracy-drop, and the chosen build has
     the weights asked for."""
-    from tinymlaas.frontend.lowbit import Judge, low_bit_weights
     from tinymlaas.accuracy import load_validation
+    from tinymlaas.frontend.lowbit import Judge, low_bit_weights
     from tinymlaas.search.search import search
 
     model, validation = _trained("digits_signal")
