@@ -108,6 +108,9 @@ class LayerCheck:
     max_lsb_diff: int | None
 
 
+VIEW_OPCODES = ("RESHAPE", "SQUEEZE", "EXPAND_DIMS")  # the same bytes in another shape: views in a build
+
+
 def compare_layers(model: TFLiteModel, batch: list[np.ndarray], steps: list[bytes],
                    op_indices: list[int | None], outputs_written: list[int | None], it=None) -> list[LayerCheck]:
     """Every operator's output against what the build wrote for it, for one input.
@@ -117,22 +120,27 @@ def compare_layers(model: TFLiteModel, batch: list[np.ndarray], steps: list[byte
 
     A step carries the TFLite operator it computes (the last one when several were fused); the last step of an
     operator wrote its output; a model output is what the last step writing its output buffer wrote (that binding
-    may have lost its name). Operators fused into a later
-    kernel, or folded at compile time, have no tensor of their own in the build (None). Tensors keep their indices in `reference_model`'s rewrite, so they are read by
-    index from the reference run."""
+    may have lost its name). A reshape is a view of its input's bytes (no step of its own): its input's step stands
+    for it. Operators fused into a later kernel, or folded at compile time, have no tensor of their own in the build
+    (None). Tensors keep their indices in `reference_model`'s rewrite, so they are read by index from the reference
+    run."""
     it = it or reference_interpreter(model.data, preserve_all_tensors=True)
     for detail, x in zip(it.get_input_details(), batch):
         it.set_tensor(detail["index"], x)
     it.invoke()
     last = {index: k for k, index in enumerate(op_indices) if index is not None}
     writer = {out: k for k, out in enumerate(outputs_written) if out is not None}
-    checks = []
+    checks, step_of = [], {}  # tensor -> the step that wrote it
     for op in model.graph.operators:
         tensor = model.graph.tensor(op.outputs[0])
         want = it.get_tensor(op.outputs[0])
         k = last.get(op.index)
+        if k is None and op.opcode in VIEW_OPCODES:
+            k = step_of.get(op.inputs[0])
         if op.outputs[0] in model.graph.outputs:
             k = writer.get(model.graph.outputs.index(op.outputs[0]), k)
+        if k is not None:
+            step_of[op.outputs[0]] = k
         if k is None or len(steps[k]) != want.nbytes:
             checks.append(LayerCheck(tensor.name, op.opcode, want.nbytes, None, None))
             continue

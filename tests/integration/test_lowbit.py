@@ -336,3 +336,23 @@ def test_the_per_layer_profile_is_of_the_low_bit_build(tmp_path):
     r = compile_model(path, "cortex-m4", tmp_path / "out", BuildRequest(inputs=3, weights="int4", profile=True))
     assert r.profile["totals"]["instructions"] == r.instructions
     assert any("gemv_w4" in s["kernel"] for s in r.profile["steps"]), r.profile["steps"]
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+def test_every_intermediate_tensor_of_a_mixed_low_bit_build_is_bit_exact(tmp_path, target):
+    """The layer-by-layer trace of a build with int4 and palette layers, each tensor against the interpreter on the
+    model those weights make (the trace built the int8 model before)."""
+    from tinymlaas.backends.mcu.profile import verify_layers
+
+    model, _ = _trained("digits_cnn")
+    eligible = eligible_layers(load_model_bytes(model.read_bytes(), "m").graph)
+    plan = {op: ("int4", "palette2", "palette3")[k % 3] for k, op in enumerate(eligible)}
+    results = verify_layers(model, target, tmp_path, inputs=2, plan=plan)
+    assert len(results) == 2
+    for checks in results:
+        computed = [c for c in checks if c.exact_fraction is not None]  # (the flatten's SHAPE is folded at build)
+        assert {c.operator.split()[0] for c in checks if c.exact_fraction is None} <= {"SHAPE", "STRIDED_SLICE",
+                                                                                       "PACK"}
+        assert sum(c.operator.startswith(("CONV_2D", "FULLY_CONNECTED")) for c in computed) >= len(eligible)
+        for c in computed:
+            assert c.max_lsb_diff == 0, f"{c.operator} {c.tensor}: {c.exact_fraction:.2%} exact"

@@ -334,9 +334,11 @@ def build_program(model_path, target_name: str, workdir: Path, kernels: str, var
     return target, model, program, built, generate_driver(model, program, built, workdir), lowering
 
 
-def build_and_run(model_path, target_name: str, workdir: Path, batches_of, kernels: str, **link_flags):
-    """Build with extra harness options (profile / trace) and run it on the inputs `batches_of(model)` gives."""
-    target, model, program, built, driver, _ = build_program(model_path, target_name, workdir, kernels)
+def build_and_run(model_path, target_name: str, workdir: Path, batches_of, kernels: str, plan: dict | None = None,
+                  **link_flags):
+    """Build with extra harness options (profile / trace) and run it on the inputs `batches_of(model)` gives.
+    plan: layers below eight bits (the model given back is the one they make, the interpreter's reference)."""
+    target, model, program, built, driver, _ = build_program(model_path, target_name, workdir, kernels, plan=plan)
     firmware = link_firmware(target, built, driver, workdir, **link_flags)
     batches = batches_of(model)
     (workdir / "inputs.bin").write_bytes(b"".join(x.tobytes() for batch in batches for x in batch))

@@ -114,12 +114,13 @@ def profile_model(model_path, target_name: str, workdir: Path, kernels: str = "a
 
 
 def verify_layers(model_path, target_name: str, workdir: Path, inputs: int = 3, seed: int = 0,
-                  kernels: str = "auto") -> list[list]:
-    """Every intermediate tensor of an integer build against the interpreter's, for each of `inputs` inputs."""
+                  kernels: str = "auto", plan: dict | None = None) -> list[list]:
+    """Every intermediate tensor of an integer build against the interpreter's, for each of `inputs` inputs.
+    plan: layers below eight bits (operator -> int4 / paletteN), checked against the interpreter on that model."""
     from tinymlaas.ir.lower import Copy, KernelCall
 
     model, program, batches, _ = build_and_run(
-        model_path, target_name, workdir, lambda m: make_inputs(m, inputs, seed), kernels, trace=True
+        model_path, target_name, workdir, lambda m: make_inputs(m, inputs, seed), kernels, plan=plan, trace=True
     )
     traced = [s for s in program.steps if isinstance(s, (KernelCall, Copy))]
     sizes = [[a for a in s.args if a.kind != "scratch"][-1].nbytes if isinstance(s, KernelCall) else s.nbytes
