@@ -7,10 +7,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Cross compilers with picolibc, QEMU for Arm and RISC-V, LLVM 15 (llvm-mca for cycle estimates);
 # Mosquitto (the production MQTT broker) and PostgreSQL (the tests also run the API on it);
-# Verilator, g++ and libelf for the cycle-accurate Ibex model; Mono for Renode.
+# Verilator, g++ and libelf for the cycle-accurate Ibex model; Mono for Renode; Chromium and its WebDriver for the
+# dashboard's browser tests.
 APT_PACKAGES := gcc make gcc-arm-none-eabi picolibc-arm-none-eabi \
 	gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf qemu-system-arm qemu-system-misc llvm-15 \
-	mosquitto postgresql verilator g++ libelf-dev mono-complete
+	mosquitto postgresql verilator g++ libelf-dev mono-complete chromium chromium-driver
 # lowRISC Ibex (RTL), from which `make ibex` builds the Verilator models of targets ibex-small and ibex-maxperf.
 IBEX_SRC ?= ../shared/third_party/ibex
 # Renode 1.15 (no package registry carries it): a `renode` on PATH, else this build.

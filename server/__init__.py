@@ -1,4 +1,5 @@
-"""The tinymlaas server: a Flask app (REST API, OpenAPI) over the core, plus the MQTT coordinator.
+"""The tinymlaas server: a Flask app (REST API, OpenAPI, the dashboard under /ui) over the core, plus the MQTT
+coordinator.
 
 `create_app(settings)` builds the app; `server.runtime.Server` adds the broker, the coordinator
 and build workers around it (`tinymlaas serve`).
@@ -74,6 +75,7 @@ def check_data_folder(folder: Path) -> None:
 
 def create_app(settings: Settings | None = None, migrate: bool = True) -> Flask:
     from .api import register_api
+    from .ui import register_ui
 
     settings = settings or Settings.from_env()
     check_data_folder(settings.data_dir)
@@ -92,4 +94,5 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> Flask:
     engine = make_engine(settings.database_url)
     app.extensions["tinymlaas"] = ServerContext(settings, make_sessionmaker(engine), ArtifactStore(settings.artifacts_dir))
     register_api(app)
+    register_ui(app)
     return app

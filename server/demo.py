@@ -2,7 +2,8 @@
 
 A server (SQLite, in-process MQTT broker, one build worker), three emulated devices (Cortex-M4,
 Cortex-M7, RV32), the MLPerf Tiny KWS model uploaded, built and verified per target, rolled out
-over MQTT, and the fleet's final state.
+over MQTT, and the fleet's final state; the dashboard's address and a sign-in token printed first, so that the
+whole run can be watched there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .runtime import Server
 DEVICES = [("kws-m4-01", "cortex-m4"), ("kws-m7-01", "cortex-m7"), ("kws-rv-01", "rv32imac")]
 
 
-def run_demo(model: Path, data: Path) -> int:
+def run_demo(model: Path, data: Path, stay: bool = False) -> int:
     from tqdm import tqdm
 
     logging.getLogger("amqtt").setLevel(logging.CRITICAL)
@@ -32,6 +33,7 @@ def run_demo(model: Path, data: Path) -> int:
     try:
         print(f"server {server.url}: SQLite {settings.database_url}, embedded MQTT broker on port "
               f"{settings.mqtt_port}, 1 build worker")
+        print(f"dashboard: {server.url}/ui/login  sign in with the token {server.admin_token}")
         client = Client(server.url, server.admin_token)
         for device_id, target in DEVICES:
             agents.append(Agent(server.url, device_id, target, data / "devices" / device_id, server.admin_token,
@@ -69,8 +71,22 @@ def run_demo(model: Path, data: Path) -> int:
         for a, dev in zip(agents, sorted(client.devices(), key=lambda d: [x for x, _ in DEVICES].index(d["id"]))):
             print(f"  {dev['id']:<11} {dev['target']:<10} {dev['state']:<8} {dev['firmware_version'] or '-':<9} "
                   f"{'AB'[a.booted.slot] if a.booted else '-':<5} {dev['instructions'] or 0:,}")
+        print(f"\ndashboard: {server.url}/ui/login (token {server.admin_token})"
+              + (": up until Ctrl-C" if stay else "; `tinymlaas demo MODEL --stay` keeps it up afterwards"))
+        if stay:
+            _wait_for_interrupt()
         return 0 if ok else 1
     finally:
         for a in agents:
             a.stop()
         server.stop()
+
+
+def _wait_for_interrupt() -> None:
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass

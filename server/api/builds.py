@@ -1,11 +1,10 @@
 from flask import send_file
-from sqlalchemy import select
 
 from tinymlaas.build.request import BuildRequest
 
 from .. import db
 from ..services.builds import cancel_build, request_build
-from ..services.common import ServiceError
+from ..services.common import ServiceError, of_org
 from . import ctx, get_or_404, require, schemas, session
 from .blueprint import Blueprint
 
@@ -28,7 +27,7 @@ def create(body):
 @blp.response(200, schemas.Build(many=True))
 def list_builds():
     who = require()
-    return session().scalars(select(db.Build).where(db.Build.org_id == who.org_id).order_by(db.Build.id)).all()
+    return session().scalars(of_org(who, db.Build)).all()
 
 
 def _build(build_id: int, who) -> db.Build:

@@ -1,8 +1,7 @@
-from sqlalchemy import select
-
 from tinymlaas.ota.rollout import RolloutPlan
 
 from .. import db
+from ..services.common import of_org
 from ..services.deployments import cancel_deployment, create_deployment, deployment_summary, jobs_of, rollback
 from . import ctx, get_or_404, require, schemas, session
 from .blueprint import Blueprint
@@ -33,8 +32,7 @@ def create(body):
 @blp.response(200, schemas.Deployment(many=True))
 def list_deployments():
     who = require()
-    return session().scalars(select(db.Deployment).where(db.Deployment.org_id == who.org_id)
-                             .order_by(db.Deployment.id)).all()
+    return session().scalars(of_org(who, db.Deployment)).all()
 
 
 def _deployment(dep_id: int, who) -> db.Deployment:

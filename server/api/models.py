@@ -1,7 +1,7 @@
 from flask import request
-from sqlalchemy import select
 
 from .. import db
+from ..services.common import of_org
 from ..services.models import add_model, set_validation
 from . import ctx, get_or_404, require, schemas, session
 from .blueprint import Blueprint
@@ -24,7 +24,7 @@ def upload(files):
 @blp.response(200, schemas.Model(many=True))
 def list_models():
     who = require()
-    return session().scalars(select(db.Model).where(db.Model.org_id == who.org_id).order_by(db.Model.id)).all()
+    return session().scalars(of_org(who, db.Model)).all()
 
 
 @blp.route("/models/<int:model_id>", methods=["GET"])

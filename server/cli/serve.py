@@ -68,7 +68,7 @@ def cmd_agent(args) -> int:
 def cmd_demo(args) -> int:
     from server.demo import run_demo
 
-    return run_demo(Path(args.model), Path(args.data))
+    return run_demo(Path(args.model), Path(args.data), stay=args.stay)
 
 
 def register(sub) -> None:
@@ -90,6 +90,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="the whole flow on one machine: server, 3 emulated devices, build, rollout")
     p.add_argument("model", help="a .tflite model (the Makefile passes MLPerf Tiny KWS)")
     p.add_argument("--data", default="build/demo", help="folder for the server and the devices (replaced)")
+    p.add_argument("--stay", action="store_true", help="keep the server and devices up afterwards (the dashboard), "
+                   "until Ctrl-C")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("worker", help="run build workers (Huey consumer) on the server's data folder")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from tinymlaas.errors import UnknownTarget
@@ -50,6 +51,13 @@ class Principal:
             why = (f"your role ({self.user.role}) does not allow it" if scope not in ROLES[self.user.role]
                    else f"this token ('{self.token.name}') is limited to {', '.join(sorted(self.token.scopes))}")
             raise ServiceError(403, f"this needs the '{scope}' scope: {why}", "Authorization")
+
+
+def of_org(who: Principal, *what, order=None) -> Select:
+    """SELECT `what` (a table's entity or its columns) of `who`'s organisation, by `order` (default: the id): every
+    listing, the API's and the dashboard's, starts here."""
+    table = what[0] if isinstance(what[0], type) else what[0].class_
+    return select(*what).where(table.org_id == who.org_id).order_by(order if order is not None else table.id)
 
 
 def owned(session: Session, who: Principal, model, key):

@@ -81,7 +81,12 @@ def issue_token(session: Session, user: User, name: str, scopes, days: int | Non
 
 def principal_for_token(session: Session, token: str) -> Principal:
     """The principal a bearer token stands for; 401 naming why when none (unknown, expired, revoked)."""
-    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash(token))) if token else None
+    return principal_for_hash(session, token_hash(token) if token else "")
+
+
+def principal_for_hash(session: Session, digest: str) -> Principal:
+    """The principal of the token with this hash (the dashboard's session keeps the hash, never the token)."""
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest)) if digest else None
     if row is None:
         raise ServiceError(401, "a valid API token is needed: 'Authorization: Bearer <token>'", "Authorization")
     if row.revoked_at is not None:

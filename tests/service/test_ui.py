@@ -1,0 +1,119 @@
+"""The dashboard through Flask's test client: sign-in and its session, CSRF, roles, names shown as text.
+(tests/service/test_dashboard_browser.py drives the same pages in Chromium.)"""
+
+import re
+
+import pytest
+
+from server.services.tenants import create_user, principal_for_token, revoke_token
+from tests.helpers import quantized_layers as q
+
+XSS = "<img src=x onerror=alert(1)>"  # (a file name cannot hold '"' or '/')
+
+
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert m, "no CSRF field in the form"
+    return m.group(1)
+
+
+def sign_in(client, token: str):
+    page = client.get("/ui/login")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert 'name="token"' in html
+    return client.post("/ui/login", data={"token": token, "csrf_token": csrf_of(html)})
+
+
+@pytest.fixture
+def ui(app):
+    c = app.test_client()
+    r = sign_in(c, app.token)
+    assert r.status_code == 302 and r.headers["Location"].endswith("/ui/fleet")
+    c.csrf = csrf_of(c.get("/ui/models").get_data(as_text=True))
+    return c
+
+
+def test_sign_in_sets_a_guarded_session_cookie_holding_no_token(app):
+    c = app.test_client()
+    r = sign_in(c, app.token)
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert app.token not in cookie
+    for path in ("/ui/fleet", "/ui/models", "/ui/builds", "/ui/rollouts", "/ui/tokens"):
+        page = c.get(path)
+        assert page.status_code == 200, path
+        assert "alice" in page.get_data(as_text=True)
+
+
+def test_pages_need_a_session_and_a_wrong_token_is_refused(app):
+    c = app.test_client()
+    r = c.get("/ui/fleet")
+    assert r.status_code == 302 and "/ui/login" in r.headers["Location"]
+    assert c.get("/ui/builds/1.json").status_code == 401
+    r = sign_in(c, "tmk_not-a-token")
+    assert r.status_code == 401 and "a valid API token is needed" in r.get_data(as_text=True)
+
+
+def test_forms_without_the_csrf_token_are_refused(app, ui):
+    fresh = app.test_client()
+    r = fresh.post("/ui/login", data={"token": app.token})
+    assert r.status_code == 400 and "CSRF" in r.get_data(as_text=True)
+    r = ui.post("/ui/models", data={"file": (q.fully_connected(1, [1, 16], 4, 0), "m.tflite")})
+    assert r.status_code == 400 and "CSRF" in r.get_data(as_text=True)
+    r = ui.post("/ui/models", data={"csrf_token": "forged", "file": (q.fully_connected(1, [1, 16], 4, 0), "m.tflite")})
+    assert r.status_code == 400
+    assert "No model uploaded yet" in ui.get("/ui/models").get_data(as_text=True)  # nothing was stored
+    r = ui.post("/ui/logout")
+    assert r.status_code == 400 and ui.get("/ui/fleet").status_code == 200  # still signed in
+
+
+def test_names_holding_html_are_shown_as_text(app, ui):
+    from io import BytesIO
+
+    r = ui.post("/ui/models", data={"csrf_token": ui.csrf,
+                                     "file": (BytesIO(q.fully_connected(1, [1, 16], 4, 0)), f"{XSS}.tflite")},
+                content_type="multipart/form-data")
+    assert r.status_code == 302
+    for path in ("/ui/models", r.headers["Location"]):
+        html = ui.get(path).get_data(as_text=True)
+        assert XSS not in html and "&lt;img src=x onerror=alert(1)&gt;" in html, path
+
+
+def test_a_viewer_sees_and_is_refused_every_action(app):
+    with app.extensions["tinymlaas"].sessions() as s:
+        admin = principal_for_token(s, app.token)
+        _, viewer = create_user(s, "vera", _org(s, admin), role="viewer")
+    c = app.test_client()
+    assert sign_in(c, viewer).status_code == 302
+    models = c.get("/ui/models").get_data(as_text=True)
+    assert 'id="upload-form"' not in models  # nothing offered
+    from io import BytesIO
+
+    r = c.post("/ui/models", data={"csrf_token": csrf_of(c.get("/ui/login").get_data(as_text=True)),
+                                    "file": (BytesIO(q.fully_connected(1, [1, 16], 4, 0)), "m.tflite")},
+               content_type="multipart/form-data")
+    assert r.status_code == 403 and "your role (viewer) does not allow it" in r.get_data(as_text=True)
+    assert c.get("/ui/tokens").status_code == 403
+
+
+def _org(s, who):
+    from server.db import Organization
+
+    return s.get(Organization, who.org_id)
+
+
+def test_a_revoked_token_ends_the_session(app, ui):
+    with app.extensions["tinymlaas"].sessions() as s:
+        who = principal_for_token(s, app.token)
+        revoke_token(s, who, who.token.id)
+    r = ui.get("/ui/fleet")
+    assert r.status_code == 302 and "/ui/login" in r.headers["Location"]
+    page = ui.get(r.headers["Location"]).get_data(as_text=True)
+    assert "was revoked" in page
+
+
+def test_sign_out_ends_the_session(ui):
+    r = ui.post("/ui/logout", data={"csrf_token": ui.csrf})
+    assert r.status_code == 302
+    assert ui.get("/ui/fleet").status_code == 302
