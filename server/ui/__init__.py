@@ -293,6 +293,26 @@ def _front_points(front: dict | None) -> dict | None:
             "cost_kind": kind}
 
 
+@bp.post("/builds/<int:build_id>/variant")
+@page
+def build_variant(who, build_id):
+    """A new build of the same model and target as exactly the search point picked on the chart (its variant kept
+    in the artifact store, the build reading it as `--variant` would)."""
+    b = get_or_404(db.Build, build_id, "build", who)
+    if "front" not in (b.artifacts or {}):
+        raise ServiceError(409, f"build {build_id} ran no search: it has no points to pick from")
+    points = json.loads(ctx().store.path(b.artifacts["front"]).read_text())["points"]
+    index = _int(request.form.get("point"), "point")
+    if not 0 <= index < len(points) or points[index].get("cost") is None:
+        raise ServiceError(422, f"point: one of the {len(points)} points the search built", "point")
+    digest = ctx().store.put_bytes(json.dumps({"variant": points[index]["variant"]}).encode())
+    new = request_build(session(), who, b.model_id, b.target, BuildRequest(variant_file=str(ctx().store.path(digest))),
+                        max_open=ctx().settings.max_open_builds)
+    ctx().enqueue_build(new.id)
+    flash(f"Build #{new.id}: point {index} of build #{build_id}'s search ({points[index]['label']}).", "info")
+    return redirect(url_for("ui.build", build_id=new.id))
+
+
 @bp.get("/builds/<int:build_id>.json")
 @page
 def build_status(who, build_id):

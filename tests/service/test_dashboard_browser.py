@@ -3,6 +3,7 @@ server with its broker, a build worker and emulated devices: sign in, upload a m
 finish without reloading, the search's Pareto chart, a rollout to devices watched stage by stage, a viewer refused,
 sign out. TINYMLAAS_SCREENSHOTS=DIR keeps a screenshot of each page there (docs/dashboard/ holds the last ones)."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -94,6 +95,7 @@ def test_the_dashboard_from_sign_in_to_a_rollout(live, browser, tmp_path):
     browser.find_element(By.ID, "request-build").click()
     until(browser, "the build page", lambda: "/ui/builds/" in browser.current_url)
     page = browser.current_url
+    build_id = int(page.rsplit("/", 1)[1])
     states = set()
     until(browser, "the build to finish", lambda: states.add(text(browser, "build-state")) or
           bool(browser.find_elements(By.ID, "report")), timeout=300)
@@ -106,14 +108,26 @@ def test_the_dashboard_from_sign_in_to_a_rollout(live, browser, tmp_path):
     # the search's Pareto front: a point per variant, hover shows it, click picks it
     points = browser.find_elements(By.CSS_SELECTOR, "#front-chart circle.front-point")
     assert len(points) >= 2
-    ActionChains(browser).move_to_element(points[0]).perform()
+    other = next(p for p in points if "(chosen)" not in p.find_element(By.TAG_NAME, "title").get_attribute("textContent"))
+    ActionChains(browser).move_to_element(other).perform()
     until(browser, "the hover text", lambda: "instructions" in text(browser, "front-tip"))
-    points[0].click()
+    other.click()
     assert "picked:" in text(browser, "front-picked") and '"kernels"' in text(browser, "front-picked")
+    index = int(other.get_attribute("data-index"))
     shot(browser, "build")
 
+    # the picked point built as its own build: exactly its variant
+    browser.find_element(By.ID, "build-picked").click()
+    until(browser, "the picked point's build", lambda: browser.current_url != page and "/ui/builds/" in browser.current_url)
+    until(browser, "it to finish", lambda: bool(browser.find_elements(By.ID, "report")), timeout=300)
+    client = Client(url, server.admin_token)
+    built = client.build(int(browser.current_url.rsplit("/", 1)[1]))
+    front = json.loads(client.download_artifact(build_id, "front", tmp_path / "front.json").read_text())
+    assert built["state"] == "done" and built["report"]["verified"]
+    assert built["report"]["variant"] == front["points"][index]["variant"]
+    browser.get(page)
+
     # devices, a rollout to them, stage by stage
-    build_id = int(page.rsplit("/", 1)[1])
     agents = start_agents(server, live["root"], ["ui-dev-1", "ui-dev-2"], group="ui")
     try:
         browser.find_element(By.ID, "nav-fleet").click()

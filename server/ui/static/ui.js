@@ -100,9 +100,10 @@ function drawFront() {
     c.appendChild(title);
     c.addEventListener("mouseenter", () => { tip.textContent = title.textContent; });
     c.addEventListener("click", () => {
-      text("front-picked", `picked: ${title.textContent}\n`
-        + (chosen ? "this build" : "rebuild it exactly: tinymlaas compile MODEL --variant front.json (this point)")
-        + "\n" + JSON.stringify(p.variant, null, 1));
+      text("front-picked", `picked: ${title.textContent}\n` + (chosen ? "(this build)\n" : "")
+        + JSON.stringify(p.variant, null, 1));
+      const point = document.getElementById("pick-point"), button = document.getElementById("build-picked");
+      if (point && button) { point.value = p.i; button.disabled = chosen; }
     });
     chart.appendChild(c);
   }
