@@ -1,9 +1,7 @@
 """Users and API tokens of the caller's organisation."""
 
-from sqlalchemy import select
-
 from .. import db
-from ..services.common import ServiceError
+from ..services.common import ServiceError, of_org
 from ..services.tenants import create_user, issue_token, revoke_token, tokens_visible_to
 from . import require, schemas, session
 from .blueprint import Blueprint
@@ -42,7 +40,7 @@ def create(body):
 @blp.response(200, schemas.User(many=True))
 def list_users():
     who = require()
-    return session().scalars(select(db.User).where(db.User.org_id == who.org_id).order_by(db.User.id)).all()
+    return session().scalars(of_org(who, db.User)).all()
 
 
 @blp.route("/tokens", methods=["POST"])

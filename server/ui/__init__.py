@@ -30,7 +30,15 @@ from ..services.common import Principal, ServiceError, of_org
 from ..services.deployments import cancel_deployment, create_deployment, deployment_summary, jobs_of
 from ..services.devices import device_named
 from ..services.models import add_model
-from ..services.tenants import issue_token, principal_for_hash, principal_for_token, revoke_token, token_hash, tokens_visible_to
+from ..services.tenants import (
+    create_user,
+    issue_token,
+    principal_for_hash,
+    principal_for_token,
+    revoke_token,
+    token_hash,
+    tokens_visible_to,
+)
 
 bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static")
 csrf = CSRFProtect()
@@ -410,6 +418,24 @@ def revoke(who, token_id):
     who.need("admin")
     revoke_token(session(), who, token_id)
     return redirect(url_for("ui.tokens"))
+
+
+@bp.get("/users")
+@page
+def users(who):
+    who.need("admin")
+    return render_template("ui/users.html", users=session().scalars(of_org(who, db.User)).all(), roles=list(db.ROLES),
+                           created=None)
+
+
+@bp.post("/users")
+@page
+def new_user(who):
+    who.need("admin")
+    user, token = create_user(session(), request.form.get("name", ""), session().get(db.Organization, who.org_id),
+                              request.form.get("role", "developer"), token_days=90)
+    return render_template("ui/users.html", users=session().scalars(of_org(who, db.User)).all(), roles=list(db.ROLES),
+                           created=(user.name, token))
 
 
 @bp.get("/whoami.json")

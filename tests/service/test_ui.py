@@ -40,7 +40,7 @@ def test_sign_in_sets_a_guarded_session_cookie_holding_no_token(app):
     cookie = r.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
     assert app.token not in cookie
-    for path in ("/ui/fleet", "/ui/models", "/ui/builds", "/ui/rollouts", "/ui/tokens"):
+    for path in ("/ui/fleet", "/ui/models", "/ui/builds", "/ui/rollouts", "/ui/tokens", "/ui/users"):
         page = c.get(path)
         assert page.status_code == 200, path
         assert "alice" in page.get_data(as_text=True)
@@ -117,3 +117,15 @@ def test_sign_out_ends_the_session(ui):
     r = ui.post("/ui/logout", data={"csrf_token": ui.csrf})
     assert r.status_code == 302
     assert ui.get("/ui/fleet").status_code == 302
+
+
+def test_an_admin_adds_a_user_whose_token_signs_in(app, ui):
+    r = ui.post("/ui/users", data={"csrf_token": ui.csrf, "name": "dana", "role": "viewer"})
+    assert r.status_code == 200
+    token = re.search(r'id="user-token">([^<]+)<', r.get_data(as_text=True)).group(1)
+    other = app.test_client()
+    assert sign_in(other, token).status_code == 302
+    assert "dana" in other.get("/ui/fleet").get_data(as_text=True)
+    assert other.get("/ui/users").status_code == 403  # a viewer
+    r = ui.post("/ui/users", data={"csrf_token": ui.csrf, "name": "dana", "role": "viewer"})
+    assert r.status_code == 409 and "exists" in r.get_data(as_text=True)
