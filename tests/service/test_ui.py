@@ -129,3 +129,23 @@ def test_an_admin_adds_a_user_whose_token_signs_in(app, ui):
     assert other.get("/ui/users").status_code == 403  # a viewer
     r = ui.post("/ui/users", data={"csrf_token": ui.csrf, "name": "dana", "role": "viewer"})
     assert r.status_code == 409 and "exists" in r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("path,form", [
+    ("/ui/builds", {"model_id": "x", "target": "cortex-m4"}),
+    ("/ui/builds", {"model_id": "999", "target": "cortex-m4"}),
+    ("/ui/builds", {"model_id": "1", "target": "no-such-board", "budget": "-3"}),
+    ("/ui/models", {}),
+    ("/ui/rollouts", {"build_id": "1", "group": "g", "stages": "ten"}),
+    ("/ui/rollouts", {"build_id": "", "group": "", "stages": "50 100", "success_threshold": "2"}),
+    ("/ui/rollouts/99/cancel", {}),
+    ("/ui/builds/99/cancel", {}),
+    ("/ui/builds/99/variant", {"point": "0"}),
+    ("/ui/tokens", {"name": "<b>", "scopes": "root", "days": "many"}),
+    ("/ui/tokens/99/revoke", {}),
+    ("/ui/users", {"name": "Bad Name!", "role": "king"}),
+])
+def test_bad_forms_are_refused_with_a_reason_never_a_server_error(ui, path, form):
+    r = ui.post(path, data={"csrf_token": ui.csrf, **form})
+    assert 400 <= r.status_code < 500, (path, r.status_code)
+    assert 'id="refusal"' in r.get_data(as_text=True) or r.status_code == 404
