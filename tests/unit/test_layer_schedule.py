@@ -145,3 +145,23 @@ def test_split_borders_leaves_no_padding_test_in_the_interior():
     assert _lowered_script(DEPTHWISE, split).count("if_then_else") == 0
     # an unpadded layer has no borders: no such point in its space
     assert not any(s.split_borders for s in space_of(POINTWISE_DSP))
+
+
+@pytest.mark.parametrize("shape", [POINTWISE, CONV_PADDED, DEPTHWISE, DENSE, POINTWISE_DSP, DENSE_DSP])
+@pytest.mark.parametrize("accumulators", [8, 16])
+def test_register_blocked_seeds_are_points_of_the_space_within_the_register_file(shape, accumulators):
+    from tinymlaas.ir.layer_schedule import register_blocked
+
+    space = space_of(shape)
+    seeds = register_blocked(shape, space, accumulators)
+    assert 1 <= len(seeds) <= 2 and all(s in space for s in seeds)
+    assert len({(s.oc_block, s.px_block) for s in seeds}) == len(seeds)  # two different tile shapes
+    assert all(s.oc_block * s.px_block <= accumulators and s.unroll_tile for s in seeds)
+    biggest = max(s.oc_block * s.px_block for s in space if s.oc_block * s.px_block <= accumulators
+                  and s.dsp_dot == shape.dsp)  # on a DSP core the largest tile the SMLAD product takes
+    assert seeds[0].oc_block * seeds[0].px_block == (biggest if shape.family != "depthwise" else seeds[0].px_block)
+    if shape.family == "depthwise":
+        assert all(s.oc_block == 1 and s.unroll_taps for s in seeds)
+    if shape.dsp:
+        assert all(s.dsp_dot and s.wide_weights for s in seeds)
+    assert all(s.fold_zero_point == shape.zero_point for s in seeds)

@@ -155,6 +155,36 @@ def space_of(shape: KernelShape) -> list[LayerSchedule]:
     return out
 
 
+def register_blocked(shape: KernelShape, space, accumulators: int) -> list[LayerSchedule]:
+    """At most two points of `space` a register file suggests, for a tuner to measure before any model of its own:
+    the largest register tile of at most `accumulators` accumulators, as square as it comes (and the next shape of
+    that size or smaller), unrolled, the zero point folded, the proven requantization, interiors without padding
+    tests, on DSP cores the SMLAD inner product with widened weights; depthwise: one channel, up to 8 pixels, every
+    tap unrolled (neighbouring taps share loads)."""
+    def plain(s: LayerSchedule) -> bool:
+        return (s.unroll_tile and s.requant == "tile" and s.reduction_order == "hwc" and s.reduction_unroll == 1
+                and s.fold_zero_point == shape.zero_point and s.proven_requant == shape.int8
+                and s.split_borders == (shape.padded and shape.family != "dense") and s.wide_weights == s.dsp_dot)
+
+    pool = [s for s in space if plain(s) and s.oc_block * s.px_block <= accumulators]
+    if shape.family == "depthwise":
+        taps = [s for s in pool if s.oc_block == 1 and s.unroll_taps]
+        pool = taps or [s for s in pool if s.oc_block == 1]
+    else:
+        pool = [s for s in pool if not s.unroll_taps]
+        dots = [s for s in pool if s.dsp_dot]
+        pool = dots or pool
+    pool.sort(key=lambda s: (-s.oc_block * s.px_block, abs(s.oc_block - s.px_block), not s.pixels_outer,
+                             -s.oc_block))
+    picks: list[LayerSchedule] = []
+    for s in pool:
+        if all((s.oc_block, s.px_block) != (p.oc_block, p.px_block) for p in picks):
+            picks.append(s)
+        if len(picks) == 2:
+            break
+    return picks
+
+
 def check(shape: KernelShape, schedule: LayerSchedule) -> str | None:
     """Why `schedule` cannot run a layer of this shape (None: it can)."""
     if schedule == LayerSchedule() or schedule in space_of(shape):

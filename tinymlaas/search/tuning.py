@@ -7,7 +7,8 @@ shapes, strides, padding, activation, precision) cost the same in any model, so 
 
 1. the tuning log (measure/tuning_log.py) says what is known already about each signature: from this model or any
    other, on this machine or another worker;
-2. the C kernels each layer offers are profiled once (one build each, every layer at once);
+2. the C kernels each layer offers are profiled once (one build each, every layer at once), then the two
+   register-blocked schedules the core's register file suggests (layer_schedule.register_blocked);
 3. rounds: every build gives each signature one candidate schedule, and the build is profiled layer by layer in
    QEMU (exact instructions and per-block counts, the cycle estimate from them), so one build measures one
    schedule of every layer. Which candidate: the schedule predictor (gradient-boosted trees over the layer's shape
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinymlaas.ir.layer_schedule import KernelShape, LayerSchedule, features, kernel_shape, space_of
+from tinymlaas.ir.layer_schedule import KernelShape, LayerSchedule, features, kernel_shape, register_blocked, space_of
 from tinymlaas.measure.tuning_log import TuningLog, candidate_key
 from tinymlaas.search.space import Variant
 
@@ -45,6 +46,7 @@ class LayerGroup:
 
 
 ROUND = 2  # profiled builds per round: the predictor is refitted between rounds
+ACCUMULATORS = {"riscv": 16, "arm": 8}  # register-tile accumulators a core's register file holds beside the operands
 KERNELS_REVISION = 5  # raised when the code the kernels compile to changes: older log records no longer hold
 
 
@@ -264,6 +266,14 @@ def tune_strategy(ctx, screen: bool = True):
     for impl in impls:
         picks = [(impl if impl in (*st.group.implementations, "tir") else "tir", None) for st in states]
         if any(candidate_key(p[0]) not in st.measured for st, p in zip(states, picks)):
+            baseline.append(picks)
+    # then the register-blocked schedules the core's register file suggests (layer_schedule.register_blocked):
+    # anchors for the predictor before it has records of its own
+    seeds = [register_blocked(st.group.shape, st.group.space, ACCUMULATORS[target.arch]) for st in states]
+    for k in range(max((len(x) for x in seeds), default=0)):
+        picks = [("tir", x[k]) if k < len(x) else (st.best(by_estimate) or ("tir", None))[:2]
+                 for st, x in zip(states, seeds)]
+        if any(p[1] is not None and candidate_key("tir", p[1]) not in st.measured for st, p in zip(states, picks)):
             baseline.append(picks)
     baseline = baseline[:profiles]
     run_round([variant_of(p) for p in baseline], baseline)
