@@ -255,10 +255,16 @@ def new_build(who):
     model_id = _int(form.get("model_id"), "model_id")
     budget = _int(form.get("budget") or None, "budget") if form.get("budget") else None
     build_request = BuildRequest(budget=budget, strategy=form.get("strategy") or "nsga2") if budget else BuildRequest()
-    build = request_build(session(), who, model_id, form.get("target", ""), build_request, form.get("version") or None,
+    build = _queued(who, model_id, form.get("target", ""), build_request, form.get("version") or None)
+    return redirect(url_for("ui.build", build_id=build.id))
+
+
+def _queued(who, model_id: int, target: str, build_request: BuildRequest, version: str | None = None) -> db.Build:
+    """A build requested as the API requests one (its checks, the user's limit of open builds), and queued."""
+    build = request_build(session(), who, model_id, target, build_request, version,
                           max_open=ctx().settings.max_open_builds)
     ctx().enqueue_build(build.id)
-    return redirect(url_for("ui.build", build_id=build.id))
+    return build
 
 
 def _int(text, field: str) -> int:
@@ -314,9 +320,7 @@ def build_variant(who, build_id):
     if not 0 <= index < len(points) or points[index].get("cost") is None:
         raise ServiceError(422, f"point: one of the {len(points)} points the search built", "point")
     digest = ctx().store.put_bytes(json.dumps({"variant": points[index]["variant"]}).encode())
-    new = request_build(session(), who, b.model_id, b.target, BuildRequest(variant_file=str(ctx().store.path(digest))),
-                        max_open=ctx().settings.max_open_builds)
-    ctx().enqueue_build(new.id)
+    new = _queued(who, b.model_id, b.target, BuildRequest(variant_file=str(ctx().store.path(digest))))
     flash(f"Build #{new.id}: point {index} of build #{build_id}'s search ({points[index]['label']}).", "info")
     return redirect(url_for("ui.build", build_id=new.id))
 
