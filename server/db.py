@@ -123,6 +123,7 @@ class Device(Base):
     state: Mapped[str] = mapped_column(String(16), default="registered")  # registered, online, lost
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime)
     instructions: Mapped[int | None] = mapped_column(Integer)  # last measured instructions per inference
+    slot: Mapped[int | None] = mapped_column(Integer)  # the A/B slot it booted (0: A, 1: B), as it reports it
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)

@@ -124,6 +124,8 @@ class Device(Schema):
     state = fields.String()
     last_seen = UtcDateTime(allow_none=True)
     instructions = fields.Integer(allow_none=True, metadata={"description": "last measured instructions/inference"})
+    slot = fields.Integer(allow_none=True, metadata={"description": "the A/B slot it booted (0: A, 1: B), as it "
+                                                     "reports it"})
 
 
 class MqttCredentials(Schema):

@@ -78,6 +78,8 @@ def record_state(session: Session, device_id: str, state: dict) -> None:
     reported = state.get("firmware_version")
     if isinstance(reported, str) and valid_version(reported):  # anything else is not a version an image holds
         device.firmware_version = reported
+    if state.get("slot") in (0, 1) and not isinstance(state.get("slot"), bool):
+        device.slot = state["slot"]
     device.last_seen = now()
     session.commit()
 

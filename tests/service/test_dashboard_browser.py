@@ -152,6 +152,8 @@ def test_the_dashboard_from_sign_in_to_a_rollout(live, browser, tmp_path):
         shot(browser, "device")
         browser.get(url + "/ui/fleet?group=ui")
         assert text(browser, "devices").count(f"#{build_id}") == 2  # both run the build now
+        slots = {d["id"]: d["slot"] for d in Client(url, server.admin_token).devices("ui")}
+        assert set(slots.values()) <= {0, 1}, slots  # the slot each booted, as its state message said
         shot(browser, "fleet")
     finally:
         for a in agents:

@@ -149,3 +149,17 @@ def test_bad_forms_are_refused_with_a_reason_never_a_server_error(ui, path, form
     r = ui.post(path, data={"csrf_token": ui.csrf, **form})
     assert 400 <= r.status_code < 500, (path, r.status_code)
     assert 'id="refusal"' in r.get_data(as_text=True) or r.status_code == 404
+
+
+def test_the_slot_a_device_reports_is_kept_and_shown(app, ui):
+    from server.services.devices import record_state, register_device
+
+    with app.extensions["tinymlaas"].sessions() as s:
+        who = principal_for_token(s, app.token)
+        device, _ = register_device(s, who, "slotted", "cortex-m4")
+        for state, slot in (({"state": "online", "slot": 1}, 1), ({"state": "online", "slot": True}, 1),
+                            ({"state": "online", "slot": 7}, 1), ({"state": "online", "slot": 0}, 0)):
+            record_state(s, device.id, state)
+            s.refresh(device)
+            assert device.slot == slot, state
+    assert "in slot A" in ui.get("/ui/devices/slotted").get_data(as_text=True)
