@@ -440,10 +440,3 @@ def new_user(who):
                               request.form.get("role", "developer"), token_days=90)
     return render_template("ui/users.html", users=session().scalars(of_org(who, db.User)).all(), roles=list(db.ROLES),
                            created=(user.name, token))
-
-
-@bp.get("/whoami.json")
-def whoami():
-    who = me()
-    return jsonify({"user": who.user.name, "scopes": sorted(who.scopes)})
-
