@@ -35,6 +35,11 @@ class ServerContext:
     coordinator: object | None = None  # set when MQTT runs; deployments wait for it otherwise
     health: object | None = None  # set by `serve`: () -> ({part: problem or None}, {part: restarts})
 
+    def deployment_started(self, deployment_id: int) -> None:
+        """Notify the first stage's devices now (without MQTT running, the coordinator does when it starts)."""
+        if self.coordinator is not None:
+            self.coordinator.kick(deployment_id)
+
     def enqueue_build(self, build_id: int) -> None:
         from .jobs import enqueue_build
 

@@ -10,9 +10,7 @@ blp = Blueprint("deployments", __name__, description="Staged OTA rollouts of a b
 
 
 def _started(dep: db.Deployment) -> db.Deployment:
-    coordinator = ctx().coordinator
-    if coordinator is not None:
-        coordinator.kick(dep.id)
+    ctx().deployment_started(dep.id)
     session().refresh(dep)
     return dep
 

@@ -62,6 +62,20 @@ def rotate_device_secret(session: Session, who: Principal, device: Device) -> st
     return secret
 
 
+ONLINE_SECONDS = 120  # a device heard from within this is online
+PRESENCES = ("online", "offline", "lost", "registered")
+
+
+def presence(device: Device) -> str:
+    """online / offline (heard from within ONLINE_SECONDS or not), lost (its will said so), registered (never heard
+    from): what a person watching the fleet needs, beside the state the device last reported."""
+    if device.last_seen is None:
+        return "registered"
+    if device.state == "lost":
+        return "lost"
+    return "online" if (now() - device.last_seen).total_seconds() <= ONLINE_SECONDS else "offline"
+
+
 def valid_version(text: str) -> bool:
     try:
         parse_version(text)

@@ -28,7 +28,7 @@ from ..api import ctx, get_or_404, session
 from ..services.builds import OPEN_BUILD_STATES, cancel_build, request_build
 from ..services.common import Principal, ServiceError, of_org
 from ..services.deployments import cancel_deployment, create_deployment, deployment_summary, jobs_of
-from ..services.devices import device_named
+from ..services.devices import PRESENCES, device_named, presence
 from ..services.models import add_model
 from ..services.tenants import (
     create_user,
@@ -42,7 +42,6 @@ from ..services.tenants import (
 
 bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static")
 csrf = CSRFProtect()
-ONLINE_SECONDS = 120  # a device heard from within this is online
 
 
 class SignInNeeded(Exception):
@@ -175,27 +174,16 @@ def index():
 
 # --- the fleet ----------------------------------------------------------------------------------------------------
 
-def device_state(device: db.Device) -> str:
-    """online / offline (heard from within ONLINE_SECONDS or not), lost (its will said so), registered (never)."""
-    from ..db import now
-
-    if device.last_seen is None:
-        return "registered"
-    if device.state == "lost":
-        return "lost"
-    return "online" if (now() - device.last_seen).total_seconds() <= ONLINE_SECONDS else "offline"
-
-
 @bp.get("/fleet")
 @page
 def fleet(who):
     devices = session().scalars(of_org(who, db.Device, order=db.Device.name)).all()
-    rows = [(d, device_state(d)) for d in devices]
+    rows = [(d, presence(d)) for d in devices]
     wanted = {k: request.args.get(k, "") for k in ("group", "target", "state")}
     shown = [(d, s) for d, s in rows if (not wanted["group"] or d.group == wanted["group"])
              and (not wanted["target"] or d.target == wanted["target"]) and (not wanted["state"] or s == wanted["state"])]
     choices = {"group": sorted({d.group for d in devices}), "target": sorted({d.target for d in devices}),
-               "state": ["online", "offline", "lost", "registered"]}
+               "state": list(PRESENCES)}
     return render_template("ui/fleet.html", rows=shown, total=len(rows), wanted=wanted, choices=choices)
 
 
@@ -208,7 +196,7 @@ def device(who, name):
     jobs = _device_history(who, d)
     telemetry = session().scalars(select(db.Telemetry).where(db.Telemetry.device_id == d.id)
                                   .order_by(db.Telemetry.received_at.desc()).limit(20)).all()
-    return render_template("ui/device.html", d=d, state=device_state(d), jobs=jobs, telemetry=telemetry)
+    return render_template("ui/device.html", d=d, state=presence(d), jobs=jobs, telemetry=telemetry)
 
 
 def _device_history(who, d: db.Device) -> list:
@@ -365,8 +353,7 @@ def new_rollout(who):
                            "stages") from None
     dep = create_deployment(session(), who, _int(form.get("build_id"), "build_id"), form.get("group") or "", plan,
                             force=form.get("force") == "on")
-    if ctx().coordinator is not None:
-        ctx().coordinator.kick(dep.id)
+    ctx().deployment_started(dep.id)
     return redirect(url_for("ui.rollout", dep_id=dep.id))
 
 

@@ -28,8 +28,7 @@ class Constraints:
     @classmethod
     def of(cls, request) -> Constraints:
         """The constraints a BuildRequest sets."""
-        return cls(request.max_ram, request.max_flash, float(request.max_fidelity_loss),
-                   getattr(request, "max_accuracy_drop", None))
+        return cls(request.max_ram, request.max_flash, float(request.max_fidelity_loss), request.max_accuracy_drop)
 
     def violation(self, p: Point) -> float:
         """0 when `p` satisfies them, else how far off (relative), for NSGA-II's constraint handling."""

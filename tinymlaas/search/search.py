@@ -91,7 +91,7 @@ def search(model_path, target: str, workdir, request: BuildRequest | None = None
     try:
         outcome = STRATEGIES[request.strategy](Context(space, ev, seeds(space), budget - len(rungs), request.seed,
                                                        constraints, graph, get_target(target), pool, confirm))
-        best = [i for i in pareto_front(ev.points, constraints) if ev.points[i].cost is not None]
+        best = pareto_front(ev.points, constraints)  # feasible points only: built, verified, costed
         if rungs and best:
             best_variant = Variant.from_dict(ev.points[min(best, key=lambda i: ev.points[i].objectives())].variant)
             ev.run([replace(best_variant, weights=plan) for plan, _ in rungs], budget, as_given=True)
