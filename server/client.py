@@ -44,10 +44,11 @@ class Client:
     def devices(self, group: str | None = None) -> list[dict]:
         return self._call("GET", "/devices", params={"group": group} if group else None).json()
 
-    def upload_model(self, path: str | Path) -> dict:
-        path = Path(path)
-        with open(path, "rb") as f:
-            return self._call("POST", "/models", files={"file": (path.name, f)}).json()
+    def upload_model(self, path: str | Path, quantize: str = "none", calibration: str | Path | None = None) -> dict:
+        files = {"file": _named_bytes(path)}
+        if calibration is not None:
+            files["calibration"] = _named_bytes(calibration)
+        return self._call("POST", "/models", files=files, data={"quantize": quantize}).json()
 
     def upload_validation(self, model_id: int, path: str | Path) -> dict:
         path = Path(path)
@@ -153,3 +154,23 @@ def draw_rollout(d: dict, width: int = 60) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(d["summary"]["counts"].items()))
     lines.append(f"  {counts}    (# succeeded, X failed, R rejected, T timed out, ~ updating, . notified, - cancelled)")
     return "\n".join(lines)
+
+
+def draw_history(d: dict) -> str:
+    """The rollout's history as text, a line per event."""
+    lines = ["  history:"]
+    for e in d.get("events") or []:
+        where = " ".join(x for x in (f"stage {e['stage'] + 1}" if e.get("stage") is not None else "",
+                                     e.get("device") or "") if x)
+        lines.append(f"    {e['at'][:19].replace('T', ' ')}  {e['kind'].replace('_', ' '):<17} {where:<24} "
+                     f"{e.get('detail') or ''}".rstrip())
+    return "\n".join(lines)
+
+
+def _named_bytes(path: str | Path) -> tuple[str, bytes]:
+    """A file to upload, as (name, content); a clear error when it cannot be read."""
+    path = Path(path)
+    try:
+        return path.name, path.read_bytes()
+    except OSError as e:
+        raise TinyMLaaSError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None

@@ -141,6 +141,8 @@ class Model(Base):
     # held-out samples (an .npz of x and y in the artifact store): every microcontroller build's accuracy on them
     validation_sha256: Mapped[str | None] = mapped_column(String(64))
     validation_samples: Mapped[int | None] = mapped_column(Integer)
+    # what converting it did (a Keras model: TensorFlow's version, the quantization, calibrated on what)
+    notes: Mapped[list | None] = mapped_column(JSON, default=list)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
@@ -208,6 +210,20 @@ class DeviceJob(Base):
     message: Mapped[str | None] = mapped_column(Text)
     instructions: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now, onupdate=now)
+
+
+class DeploymentEvent(Base):
+    """A rollout's history: created, each stage started, each device's outcome, how it ended."""
+
+    __tablename__ = "deployment_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+    # created, stage_started, device_<status> (succeeded, failed, rejected, timed_out), succeeded, halted, cancelled
+    kind: Mapped[str] = mapped_column(String(24))
+    stage: Mapped[int | None] = mapped_column(Integer)
+    device_id: Mapped[str | None] = mapped_column(String(DEVICE_KEY_LENGTH), ForeignKey("devices.id"))
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class Telemetry(Base):

@@ -9,6 +9,10 @@ class InvalidModel(TinyMLaaSError):
     pass
 
 
+class InvalidCalibration(InvalidModel):
+    """Calibration samples that do not fit the model (unreadable, unnamed inputs, other shapes)."""
+
+
 class UnsupportedOperator(TinyMLaaSError):
     def __init__(self, ops: list[str], model: str):
         self.ops = sorted(set(ops))

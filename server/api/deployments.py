@@ -2,7 +2,14 @@ from tinymlaas.ota.rollout import RolloutPlan
 
 from .. import db
 from ..services.common import of_org
-from ..services.deployments import cancel_deployment, create_deployment, deployment_summary, jobs_of, rollback
+from ..services.deployments import (
+    cancel_deployment,
+    create_deployment,
+    deployment_summary,
+    events_of,
+    jobs_of,
+    rollback,
+)
 from . import ctx, get_or_404, require, schemas, session
 from .blueprint import Blueprint
 
@@ -40,10 +47,11 @@ def _deployment(dep_id: int, who) -> db.Deployment:
 @blp.route("/deployments/<int:dep_id>", methods=["GET"])
 @blp.response(200, schemas.DeploymentStatus)
 def status(dep_id):
-    """The rollout: state, per-stage device statuses, and every device's job."""
+    """The rollout: state, per-stage device statuses, every device's job and the rollout's history."""
     dep = _deployment(dep_id, require())
     out = {c.name: getattr(dep, c.name) for c in db.Deployment.__table__.columns}
-    return {**out, "summary": deployment_summary(session(), dep), "jobs": jobs_of(session(), dep)}
+    return {**out, "summary": deployment_summary(session(), dep), "jobs": jobs_of(session(), dep),
+            "events": events_of(session(), dep)}
 
 
 @blp.route("/deployments/<int:dep_id>/rollback", methods=["POST"])

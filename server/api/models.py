@@ -13,11 +13,13 @@ blp = Blueprint("models", __name__, description="Uploaded models")
 @blp.arguments(schemas.ModelUpload, location="files")
 @blp.response(201, schemas.Model)
 def upload(files):
-    """Upload a model (multipart field `file`: TFLite, or Keras converted here with the optional multipart field
-    `quantize`: none, int8, int16x8 or mixed); parsed and checked before it is kept."""
+    """Upload a model (multipart field `file`: TFLite, ONNX, or Keras converted here with the optional multipart
+    fields `quantize`: none, int8, int16x8 or mixed, and `calibration`: an .npz of samples); parsed and checked
+    before it is kept."""
     who = require("build")
-    f = files["file"]
-    return add_model(session(), ctx().store, who, f.filename, f.read(), request.form.get("quantize", "none"))
+    f, samples = files["file"], files.get("calibration")
+    return add_model(session(), ctx().store, who, f.filename, f.read(), request.form.get("quantize", "none"),
+                     samples.read() if samples is not None else None)
 
 
 @blp.route("/models", methods=["GET"])

@@ -155,6 +155,10 @@ class DeviceQuery(Schema):
 class ModelUpload(Schema):
     file = Upload(required=True, metadata={"description": "a .tflite file, a .keras/.h5 file (converted with TensorFlow), "
                                                           "or an .onnx file (float or QDQ int8; every target)"})
+    calibration = Upload(metadata={"description": "for a Keras model quantized here (form field `quantize`): an .npz "
+                                                  "of its calibration samples, one array per input named after it "
+                                                  "(samples first); without one it is calibrated on generated inputs "
+                                                  "and its notes say so"})
 
 
 class Model(Schema):
@@ -165,6 +169,8 @@ class Model(Schema):
     quantized = fields.Boolean()
     operators = fields.List(fields.String())
     format = fields.String(metadata={"description": "tflite or onnx (both for every target)"})
+    notes = fields.List(fields.String(), metadata={"description": "what converting it did (a Keras model: "
+                                                                  "TensorFlow's version, quantization, calibration)"})
     validation_samples = fields.Integer(allow_none=True, metadata={
         "description": "samples of its validation set (PUT /models/{id}/validation), none without one: every "
                        "microcontroller build reports its accuracy on them"})
@@ -251,9 +257,20 @@ class DeviceJob(Schema):
     instructions = fields.Integer(allow_none=True)
 
 
+class DeploymentEvent(Schema):
+    at = UtcDateTime()
+    kind = fields.String(metadata={"description": "created, stage_started, device_succeeded, device_failed, "
+                                                  "device_rejected, device_timed_out, succeeded, halted, cancelled"})
+    stage = fields.Integer(allow_none=True, metadata={"description": "the stage (from 0), where one applies"})
+    device = fields.String(allow_none=True, metadata={"description": "the device's name, where one applies"})
+    detail = fields.String(allow_none=True)
+
+
 class DeploymentStatus(Deployment):
     summary = fields.Dict()
     jobs = fields.List(fields.Nested(DeviceJob))
+    events = fields.List(fields.Nested(DeploymentEvent), metadata={"description": "the rollout's history, oldest "
+                                                                                   "first"})
 
 
 # tenants: users and tokens

@@ -21,11 +21,11 @@ def _watch_rollout(client, dep_id: int) -> dict:
     return client.wait_deployment(dep_id, on_progress=show)
 
 
-def _show_rollout(client, dep_id: int, as_json: bool) -> int:
-    from server.client import draw_rollout
+def _show_rollout(client, dep_id: int, as_json: bool, history: bool = False) -> int:
+    from server.client import draw_history, draw_rollout
 
     d = client.deployment(dep_id)
-    output(d, as_json, draw_rollout)
+    output(d, as_json, lambda d: draw_rollout(d) + ("\n" + draw_history(d) if history else ""))
     return 0 if d["state"] != "halted" else 1
 
 
@@ -49,7 +49,7 @@ def cmd_rollouts_status(args) -> int:
         args.id = deps[-1]["id"]
     if args.wait:
         _watch_rollout(client, args.id)
-    return _show_rollout(client, args.id, args.json)
+    return _show_rollout(client, args.id, args.json, args.history)
 
 
 def cmd_rollouts_cancel(args) -> int:
@@ -83,6 +83,7 @@ def register(sub) -> None:
     p = api_options(rollouts.add_parser("status", help="draw a rollout (default: the latest)"))
     p.add_argument("id", type=int, nargs="?")
     p.add_argument("--wait", action="store_true")
+    p.add_argument("--history", action="store_true", help="also list what happened: stages, each device's outcome")
     p.set_defaults(func=cmd_rollouts_status)
     p = api_options(rollouts.add_parser("rollback", help="deploy the group's previous build again (forced)"))
     p.add_argument("id", type=int, help="the deployment to roll back")

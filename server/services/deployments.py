@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, joinedload
 from tinymlaas.ota.package import version_key
 from tinymlaas.ota.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
 
-from ..db import Build, Deployment, Device, DeviceJob, now
+from ..db import Build, Deployment, DeploymentEvent, Device, DeviceJob, now
 from .common import Principal, ServiceError, owned
 
 
@@ -69,6 +69,9 @@ def create_deployment(session: Session, who: Principal, build_id: int, group: st
         for pos in range(start, end):
             session.add(DeviceJob(id=f"dep{dep.id}-{devices[pos].name}", deployment_id=dep.id,
                                   device_id=devices[pos].id, position=pos, stage=stage))
+    record(session, dep, "created", f"by {who.user.name}: build {build.id} ({build.version}) to {len(devices)} "
+           f"device(s) in {len(bounds)} stage(s)" + (f", rolling back deployment {rollback_of}" if rollback_of else "")
+           + (", forced" if force else ""))
     session.commit()
     return dep
 
@@ -100,11 +103,27 @@ def cancel_deployment(session: Session, who: Principal, deployment_id: int) -> D
     if dep.state != "in_progress":
         raise ServiceError(409, f"deployment {dep.id} is {dep.state}; only one in progress can be cancelled")
     dep.state, dep.reason, dep.active_key = "cancelled", f"cancelled by {who.user.name}", None
+    cancelled = 0
     for j in jobs_of(session, dep):
         if j.status == "pending":
             j.status, j.message = "cancelled", dep.reason
+            cancelled += 1
+    record(session, dep, "cancelled", f"{dep.reason}; {cancelled} device(s) not notified")
     session.commit()
     return dep
+
+
+def record(session: Session, dep: Deployment, kind: str, detail: str, stage: int | None = None,
+           device_id: str | None = None) -> None:
+    """One line of the rollout's history (committed with the change it tells of)."""
+    session.add(DeploymentEvent(deployment_id=dep.id, kind=kind, detail=detail, stage=stage, device_id=device_id))
+
+
+def events_of(session: Session, dep: Deployment) -> list[dict]:
+    """The rollout's history, oldest first, devices by name."""
+    rows = session.execute(select(DeploymentEvent, Device.name).outerjoin(Device, Device.id == DeploymentEvent.device_id)
+                           .where(DeploymentEvent.deployment_id == dep.id).order_by(DeploymentEvent.id)).all()
+    return [{"at": e.at, "kind": e.kind, "stage": e.stage, "device": name, "detail": e.detail} for e, name in rows]
 
 
 def plan_of(dep: Deployment) -> RolloutPlan:
@@ -132,13 +151,17 @@ def advance(session: Session, dep: Deployment) -> list[DeviceJob]:
             dep.state, dep.reason, dep.active_key = d.state, d.reason, None
             for j in session.scalars(pending):
                 j.status, j.message = "cancelled", f"rollout {d.state}: {d.reason}"
+            record(session, dep, d.state, d.reason)
             break
         if d.notify_stage is None:
             break
         dep.current_stage = d.notify_stage
-        for j in session.scalars(pending.where(DeviceJob.stage == d.notify_stage).order_by(DeviceJob.position)):
+        notified = list(session.scalars(pending.where(DeviceJob.stage == d.notify_stage).order_by(DeviceJob.position)))
+        for j in notified:
             j.status = "notified"
-            to_notify.append(j)
+        to_notify += notified
+        record(session, dep, "stage_started", f"stage {d.notify_stage + 1}: {len(notified)} device(s) notified",
+               stage=d.notify_stage)
     session.commit()
     return to_notify
 
@@ -157,6 +180,8 @@ def expire_silent_jobs(session: Session) -> dict[int, list[DeviceJob]]:
             job.status = "timed_out"
             job.message = f"no word from the device for {timeout} s (the rollout's job_timeout)"
             expired.setdefault(job.deployment_id, []).append(job)
+            session.add(DeploymentEvent(deployment_id=job.deployment_id, kind="device_timed_out", stage=job.stage,
+                                        device_id=job.device_id, detail=job.message))
     session.commit()
     return expired
 
@@ -198,6 +223,9 @@ def apply_job_update(session: Session, device_id: str, job_id: str, update: dict
         device.firmware_version, device.build_id = build.version, build.id
         if job.instructions:
             device.instructions = job.instructions
+    if status in TERMINAL:
+        record(session, dep, f"device_{status}", (job.message or status)
+               + (f" ({job.instructions:,} instructions)" if job.instructions else ""), job.stage, device_id)
     session.commit()
     # only a finished job can change the rollout's decision (it counts successes, failures and what is finished)
     return JobUpdate(True, deployment=dep if status in TERMINAL else None)

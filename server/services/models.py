@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from tinymlaas.errors import TinyMLaaSError
+from tinymlaas.errors import InvalidCalibration, TinyMLaaSError
 from tinymlaas.frontend.keras import QUANTIZE
 from tinymlaas.frontend.onnx import ONNX_SUFFIX
 from tinymlaas.frontend.torch_export import PT2_SUFFIX
@@ -43,7 +43,10 @@ def onnx_paths(model) -> bool:
 
 
 def add_model(session: Session, store: ArtifactStore, who: Principal, filename: str, data: bytes,
-              quantize: str = "none") -> Model:
+              quantize: str = "none", calibration: bytes | None = None) -> Model:
+    """A model upload checked and kept. A Keras/SavedModel file is converted here (TensorFlow's converter) with
+    `quantize`, calibrated on `calibration` (an .npz, one array per input, named after it) or, without one, on
+    generated inputs (said in the model's notes)."""
     from tinymlaas.frontend.keras import convert_keras, is_keras_input
     from tinymlaas.frontend.onnx import load_onnx
     from tinymlaas.frontend.tflite import load_tflite
@@ -66,28 +69,42 @@ def add_model(session: Session, store: ArtifactStore, who: Principal, filename: 
     if suffix == ONNX_SUFFIX and quantize != "none":
         raise ServiceError(422, "quantize applies to Keras models (TensorFlow's converter); an ONNX model builds as "
                            "it is", "quantize")
+    if calibration is not None and quantize == "none":
+        raise ServiceError(422, "calibration samples are for quantizing a Keras model: choose quantize int8, "
+                           "int16x8 or mixed, or leave the calibration file out", "calibration")
+    notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_bytes(data)
+        samples = None
+        if calibration is not None:
+            samples = Path(tmp) / "calibration" / "calibration.npz"
+            samples.parent.mkdir()
+            samples.write_bytes(calibration)
         try:
+            if calibration is not None and not is_keras_input(path):
+                raise ServiceError(422, f"calibration samples are for quantizing a Keras model; a "
+                                   f"{suffix or 'TFLite'} model is built as it is", "calibration")
             if suffix == ONNX_SUFFIX:
                 model = load_onnx(path)
                 quantized, operators, unsupported = onnx_paths(model), model.operators(), []
             else:
                 if is_keras_input(path):  # kept as the TFLite model TensorFlow's converter makes of it
                     converted = path.with_suffix(".tflite")
-                    convert_keras(path, converted, quantize)
+                    notes = convert_keras(path, converted, quantize, samples)
                     path, data = converted, converted.read_bytes()
                 model = load_tflite(path)
                 quantized, operators = bool(model.quantized), sorted(set(model.operators))
                 unsupported = unsupported_operators(model)
+        except InvalidCalibration as e:
+            raise ServiceError(422, str(e).replace(str(samples), "the calibration file"), "calibration") from None
         except TinyMLaaSError as e:
             raise ServiceError(422, str(e), "file") from None
     if unsupported:
         raise ServiceError(422, f"unsupported operator(s): {', '.join(sorted(set(unsupported)))}", "file")
     row = Model(name=model.name, sha256=store.put_bytes(data), size=len(data), quantized=quantized,
-                operators=operators, format="onnx" if suffix == ONNX_SUFFIX else "tflite", owner_id=who.user.id,
-                org_id=who.org_id)
+                operators=operators, format="onnx" if suffix == ONNX_SUFFIX else "tflite", notes=notes,
+                owner_id=who.user.id, org_id=who.org_id)
     session.add(row)
     session.commit()
     return row

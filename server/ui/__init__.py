@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from argparse import ArgumentTypeError
 from functools import wraps
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from flask import session as cookie
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy import select
 
-from tinymlaas.build.request import BuildRequest
+from tinymlaas.build.request import BuildRequest, groups, parse_size, value_type
+from tinymlaas.frontend.keras import QUANTIZE
 from tinymlaas.ota.rollout import RolloutPlan
 from tinymlaas.targets import all_targets
 
@@ -27,9 +29,9 @@ from .. import db
 from ..api import ctx, get_or_404, session
 from ..services.builds import OPEN_BUILD_STATES, cancel_build, request_build
 from ..services.common import Principal, ServiceError, of_org
-from ..services.deployments import cancel_deployment, create_deployment, deployment_summary, jobs_of
+from ..services.deployments import cancel_deployment, create_deployment, deployment_summary, events_of, jobs_of
 from ..services.devices import PRESENCES, device_named, presence
-from ..services.models import add_model
+from ..services.models import add_model, set_validation
 from ..services.tenants import (
     create_user,
     issue_token,
@@ -213,7 +215,7 @@ def _device_history(who, d: db.Device) -> list:
 @page
 def models(who):
     rows = session().scalars(of_org(who, db.Model, order=db.Model.id.desc())).all()
-    return render_template("ui/models.html", models=rows, can_build="build" in who.scopes)
+    return render_template("ui/models.html", models=rows, can_build="build" in who.scopes, quantize=QUANTIZE)
 
 
 @bp.post("/models")
@@ -222,9 +224,24 @@ def upload(who):
     f = request.files.get("file")
     if f is None or not f.filename:
         raise ServiceError(422, "choose a model file to upload", "file")
-    model = add_model(session(), ctx().store, who, f.filename, f.read(), request.form.get("quantize", "none"))
+    samples = request.files.get("calibration")
+    samples = samples.read() if samples is not None and samples.filename else None
+    model = add_model(session(), ctx().store, who, f.filename, f.read(), request.form.get("quantize", "none"), samples)
     flash(f"Model {model.name} uploaded.", "info")
     return redirect(url_for("ui.model", model_id=model.id))
+
+
+@bp.post("/models/<int:model_id>/validation")
+@page
+def upload_validation(who, model_id):
+    m = get_or_404(db.Model, model_id, "model", who)
+    f = request.files.get("file")
+    if f is None or not f.filename:
+        raise ServiceError(422, "choose an .npz of held-out samples (x and y) to upload", "file")
+    set_validation(session(), ctx().store, who, m, f.read())
+    flash(f"Validation set of {m.validation_samples:,} samples kept: every microcontroller build of {m.name} reports "
+          "its accuracy on them.", "info")
+    return redirect(url_for("ui.model", model_id=m.id))
 
 
 @bp.get("/models/<int:model_id>")
@@ -233,17 +250,63 @@ def model(who, model_id):
     m = get_or_404(db.Model, model_id, "model", who)
     builds = session().scalars(of_org(who, db.Build, order=db.Build.id.desc()).where(db.Build.model_id == m.id)).all()
     return render_template("ui/model.html", m=m, builds=builds, targets=sorted(all_targets()),
-                           can_build="build" in who.scopes)
+                           can_build="build" in who.scopes, option_groups=BUILD_FORM)
+
+
+def _form_fields() -> list[tuple[str, list[dict]]]:
+    """The build form's fields, one per option the service's build request offers (tinymlaas.build.request
+    declares them once: the API's schema, the CLI's flags and this form), by the object the API nests them in."""
+    titles = {None: "Build", "search": "Variant search", "constraints": "Constraints", "host": "Host targets"}
+    out = []
+    for group, members in groups("service").items():
+        fields = [{"name": f.name, "kind": value_type(f).__name__, "choices": opt.allowed(), "default": f.default,
+                   "help": opt.help, "unit": opt.unit, "min": opt.min, "max": opt.max}
+                  for f, opt in members if opt.unit != "path"]
+        out.append((titles.get(group, group), fields))
+    order = list(titles.values())
+    return sorted(out, key=lambda g: order.index(g[0]) if g[0] in order else len(order))
+
+
+BUILD_FORM = _form_fields()
+SEARCH_OPTIONS = {f.name for f, _ in groups("service").get("search", [])}
+
+
+def build_request_of(form) -> BuildRequest:
+    """The options a build form gives (empty: the option's default), parsed as their declaration says; their
+    ranges, choices and where they apply are checked by the service (request_build), as for the API."""
+    values = {}
+    for _, fields in BUILD_FORM:
+        for field in fields:
+            text = (form.get(field["name"]) or "").strip()
+            if not text:
+                continue
+            name, kind = field["name"], field["kind"]
+            try:
+                if kind == "bool":
+                    if text not in ("yes", "no"):
+                        raise ValueError(text)
+                    values[name] = text == "yes"
+                elif field["unit"] == "bytes":
+                    values[name] = parse_size(text)
+                else:
+                    values[name] = {"int": int, "float": float}.get(kind, str)(text)
+            except (ValueError, TypeError, ArgumentTypeError):
+                what = {"bool": "yes or no", "int": "a whole number", "float": "a number"}.get(kind, "text")
+                if field["unit"] == "bytes":
+                    what = "a size in bytes (e.g. 65536, 256K, 1M)"
+                raise ServiceError(422, f"{name}: {what}, not '{text[:20]}'", name) from None
+    if "budget" not in values and SEARCH_OPTIONS & set(values):
+        raise ServiceError(422, f"{', '.join(sorted(SEARCH_OPTIONS & set(values)))}: a search needs its budget (how "
+                           "many variants to build)", "budget")
+    return BuildRequest(**values)
 
 
 @bp.post("/builds")
 @page
 def new_build(who):
     form = request.form
-    model_id = _int(form.get("model_id"), "model_id")
-    budget = _int(form.get("budget") or None, "budget") if form.get("budget") else None
-    build_request = BuildRequest(budget=budget, strategy=form.get("strategy") or "nsga2") if budget else BuildRequest()
-    build = _queued(who, model_id, form.get("target", ""), build_request, form.get("version") or None)
+    build = _queued(who, _int(form.get("model_id"), "model_id"), form.get("target", ""), build_request_of(form),
+                    form.get("version") or None)
     return redirect(url_for("ui.build", build_id=build.id))
 
 
@@ -362,7 +425,8 @@ def new_rollout(who):
 def rollout(who, dep_id):
     dep = get_or_404(db.Deployment, dep_id, "deployment", who)
     return render_template("ui/rollout.html", dep=dep, summary=deployment_summary(session(), dep),
-                           jobs=jobs_of(session(), dep), can_deploy="deploy" in who.scopes)
+                           jobs=jobs_of(session(), dep), events=events_of(session(), dep),
+                           can_deploy="deploy" in who.scopes)
 
 
 @bp.get("/rollouts/<int:dep_id>.json")
@@ -372,7 +436,8 @@ def rollout_status(who, dep_id):
     jobs = jobs_of(session(), dep)
     return jsonify({"state": dep.state, "reason": dep.reason, "summary": deployment_summary(session(), dep),
                     "jobs": [{"device": j.device.name, "stage": j.stage, "status": j.status, "step": j.step,
-                              "progress": j.progress} for j in jobs]})
+                              "progress": j.progress} for j in jobs],
+                    "events": len(events_of(session(), dep))})
 
 
 @bp.post("/rollouts/<int:dep_id>/cancel")

@@ -5,14 +5,16 @@ import io
 from tests.helpers.paths import model_path
 
 
-def done_build(app, client, headers: dict, group: str) -> tuple[int, dict]:
-    """A device `<group>-dev` in `group`, an uploaded model, and a finished build of it with an image, the build
-    written straight to the database (for tests of rollouts and access, not of the compiler): (build id, model)."""
+def done_build(app, client, headers: dict, group: str, devices: int = 1) -> tuple[int, dict]:
+    """Devices `<group>-dev`, `<group>-dev2`, ... in `group`, an uploaded model, and a finished build of it with an
+    image, the build written straight to the database (for tests of rollouts and access, not of the compiler):
+    (build id, model)."""
     from server.db import Build, Model
 
-    r = client.post("/api/v1/devices", json={"id": f"{group}-dev", "target": "cortex-m4", "group": group},
-                    headers=headers)
-    assert r.status_code == 201, r.get_json()
+    for i in range(1, devices + 1):
+        r = client.post("/api/v1/devices", json={"id": f"{group}-dev{i if i > 1 else ''}", "target": "cortex-m4",
+                                                 "group": group}, headers=headers)
+        assert r.status_code == 201, r.get_json()
     m = client.post("/api/v1/models", data={"file": (io.BytesIO(model_path("ad01_int8").read_bytes()), "ad.tflite")},
                     headers=headers).get_json()
     with app.extensions["tinymlaas"].sessions() as s:

@@ -71,6 +71,83 @@ def test_api_takes_keras_upload(keras_model, tmp_path, quantize, make_app):
     body = r.get_json()
     assert body["name"] == "net" and body["quantized"] == (quantize != "none")
     assert "CONV_2D" in body["operators"]
+    assert any("TensorFlow" in n for n in body["notes"])
+    assert any("accuracy is unknown" in n for n in body["notes"]) == (quantize != "none")  # generated calibration
+
+
+@pytest.fixture
+def keras_service(keras_model, tmp_path, make_app):
+    """An app, a user's token and an upload function for the Keras model (extra fields and files as given)."""
+    import io
+
+    from server.config import Settings
+    from server.services.tenants import create_user
+
+    app = make_app(Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    with app.extensions["tinymlaas"].sessions() as s:
+        _, token = create_user(s, "keras")
+    client = app.test_client()
+
+    def upload(name="net.keras", data=None, calibration: bytes | None = None, **form):
+        fields = {"file": (io.BytesIO(data or (keras_model / "net.keras").read_bytes()), name), **form}
+        if calibration is not None:
+            fields["calibration"] = (io.BytesIO(calibration), "calib.npz")
+        return client.post("/api/v1/models", data=fields, headers={"Authorization": f"Bearer {token}"})
+
+    return app, token, upload
+
+
+def test_a_keras_upload_is_calibrated_on_the_users_samples(keras_model, keras_service):
+    """The calibration file quantizes the model: its ranges, not generated inputs' (the notes say which)."""
+    _, _, upload = keras_service
+    mine = upload(calibration=(keras_model / "calib.npz").read_bytes(), quantize="int8")
+    generated = upload(quantize="int8")
+    assert mine.status_code == generated.status_code == 201, mine.get_data(as_text=True)
+    assert not any("accuracy is unknown" in n for n in mine.get_json()["notes"])
+    assert any("accuracy is unknown" in n for n in generated.get_json()["notes"])
+    assert mine.get_json()["sha256"] != generated.get_json()["sha256"]  # other samples, other quantization
+
+
+def test_bad_calibration_uploads_are_refused_naming_the_field(keras_model, keras_service, tmp_path):
+    import io
+
+    from tests.helpers import quantized_layers as q
+
+    app, _, upload = keras_service
+    wrong = io.BytesIO()
+    np.savez(wrong, x=np.zeros((4, 3, 3), np.float32))
+    for r, why in ((upload(calibration=wrong.getvalue(), quantize="int8"), "calibration samples of shape"),
+                   (upload(calibration=b"not an npz", quantize="int8"), "not a readable .npz"),
+                   (upload(calibration=(keras_model / "calib.npz").read_bytes()), "choose quantize"),
+                   (upload("m.tflite", q.fully_connected(1, [1, 16], 4, 0),
+                           calibration=(keras_model / "calib.npz").read_bytes(), quantize="int8"), "built as it is")):
+        body = r.get_json()
+        assert r.status_code == 422 and why in body["detail"], body
+        assert str(tmp_path) not in body["detail"]  # no server path in the answer
+    from server.db import Model
+
+    with app.extensions["tinymlaas"].sessions() as s:
+        assert s.query(Model).count() == 0
+
+
+def test_the_dashboard_uploads_keras_with_its_calibration(keras_model, keras_service):
+    """The models page's upload: quantize and a calibration file; the model page shows what converting did."""
+    import io
+    import re
+
+    app, token, _ = keras_service
+    ui = app.test_client()
+    login = ui.get("/ui/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', login).group(1)
+    assert ui.post("/ui/login", data={"token": token, "csrf_token": csrf}).status_code == 302
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', ui.get("/ui/models").get_data(as_text=True)).group(1)
+    r = ui.post("/ui/models", data={"csrf_token": csrf, "quantize": "int8",
+                                    "file": (io.BytesIO((keras_model / "net.keras").read_bytes()), "net.keras"),
+                                    "calibration": (io.BytesIO((keras_model / "calib.npz").read_bytes()), "c.npz")},
+                content_type="multipart/form-data")
+    assert r.status_code == 302, r.get_data(as_text=True)
+    page = ui.get(r.headers["Location"]).get_data(as_text=True)
+    assert 'id="model-notes"' in page and "quantization: int8" in page and "accuracy is unknown" not in page
 
 
 @pytest.fixture(scope="module")

@@ -499,6 +499,36 @@ def test_a_device_that_never_answers_times_out_and_the_rollout_moves_on(app, cli
     status = client.get(f"/api/v1/deployments/{dep['id']}", headers=client.auth).get_json()
     assert status["state"] == "halted" and status["summary"]["counts"] == {"timed_out": 1}
     assert "60 s" in status["jobs"][0]["message"]
+    # the rollout's history tells it in order, the device by name
+    events = status["events"]
+    assert [e["kind"] for e in events] == ["created", "stage_started", "device_timed_out", "halted"]
+    assert "by alice" in events[0]["detail"] and "1 device(s) in 1 stage(s)" in events[0]["detail"]
+    assert events[1]["stage"] == 0 and events[2]["device"] == status["jobs"][0]["device_id"]
+    assert events[3]["detail"] == status["reason"]
+
+
+def test_a_rollouts_history_holds_each_stage_and_device_outcome(app, client):
+    """Two stages over two devices: created, stage 1, the device's success, stage 2, a failure, halted; a cancelled
+    rollout says who cancelled it and how many devices were never notified."""
+    from server.services.deployments import advance, apply_job_update
+
+    build_id, _ = done_build(app, client, client.auth, "g2", devices=2)
+    dep = client.post("/api/v1/deployments", json={"build_id": build_id, "group": "g2", "stages": [50, 100],
+                                                   "error_threshold": 0.4}, headers=client.auth).get_json()
+    with app.extensions["tinymlaas"].sessions() as s:
+        d = s.get(Deployment, dep["id"])
+        [first] = advance(s, d)
+        assert apply_job_update(s, first.device_id, first.id, {"status": "IN_PROGRESS", "step": "download"}).accepted
+        assert apply_job_update(s, first.device_id, first.id, {"status": "SUCCEEDED", "instructions": 1234}).accepted
+        [second] = advance(s, d)
+        assert apply_job_update(s, second.device_id, second.id, {"status": "FAILED", "message": "self-test"}).accepted
+        advance(s, d)
+    status = client.get(f"/api/v1/deployments/{dep['id']}", headers=client.auth).get_json()
+    kinds = [(e["kind"], e["stage"]) for e in status["events"]]
+    assert kinds == [("created", None), ("stage_started", 0), ("device_succeeded", 0), ("stage_started", 1),
+                     ("device_failed", 1), ("halted", None)], kinds
+    assert "1,234 instructions" in status["events"][2]["detail"] and status["events"][4]["detail"] == "self-test"
+    assert [e["device"] for e in status["events"] if e["device"]] == [j["device_id"] for j in status["jobs"]]
 
 
 def test_a_version_no_build_of_ours_carries_does_not_hold_rollouts_back(app, client):

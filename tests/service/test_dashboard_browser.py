@@ -145,6 +145,9 @@ def test_the_dashboard_from_sign_in_to_a_rollout(live, browser, tmp_path):
         until(browser, "the rollout to succeed", lambda: text(browser, "rollout-state") == "succeeded", timeout=240)
         assert len(browser.find_elements(By.CSS_SELECTOR, "#stages .dot.succeeded")) == 2
         assert len(browser.find_elements(By.CSS_SELECTOR, "#stages .stage")) == 2
+        history = text(browser, "history")  # the rollout's history, as it happened
+        assert history.count("stage started") == 2 and history.count("device succeeded") == 2, history
+        assert history.splitlines()[-1].split()[-1] != "halted"
         shot(browser, "rollout")
         browser.find_element(By.LINK_TEXT, "ui-dev-1").click()
         until(browser, "the device page", lambda: text(browser, "device-name") == "ui-dev-1")

@@ -410,6 +410,18 @@ def test_cli_against_the_live_server(live, capsys, tmp_path):
     assert "CANCELLED" in out and "cancelled by admin" in out and "stage 1 (  1 dev) [." in out
     assert main(["rollouts", "cancel", str(dep["id"]), *api]) == 2  # not in progress any more
     assert "cancelled" in capsys.readouterr().err
+    assert main(["rollouts", "status", str(dep["id"]), "--history", *api]) == 0
+    history = capsys.readouterr().out.split("history:")[1].strip().splitlines()
+    assert [line.split()[2] for line in history] == ["created", "stage", "cancelled"], history
+    assert "1 device(s) notified" in history[1] and "cancelled by admin" in history[2]
+    # uploads: a file that is not there, calibration samples for a model that is not Keras
+    assert main(["models", "upload", str(tmp_path / "missing.tflite"), *api]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "c.npz").write_bytes(b"samples")
+    assert main(["models", "upload", str(model_path("ad01_int8")), "--quantize", "int8", "--calibration",
+                 str(tmp_path / "c.npz"), *api]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[calibration]" in err[0] and "built as it is" in err[0], err
     # tenants: a user, a narrower token, its revocation; a second organisation made by the operator sees nothing
     assert main(["users", "create", "dana", "--role", "viewer", *api]) == 0
     assert "user dana (viewer); token tmk_" in capsys.readouterr().out

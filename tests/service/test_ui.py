@@ -163,3 +163,88 @@ def test_the_slot_a_device_reports_is_kept_and_shown(app, ui):
             s.refresh(device)
             assert device.slot == slot, state
     assert "in slot A" in ui.get("/ui/devices/slotted").get_data(as_text=True)
+
+
+def test_the_build_form_offers_each_option_the_service_declares_and_queues_what_it_says(app, ui):
+    """The form is made from the build request's declaration (the API's schema comes from it too): a field per
+    option the service offers, and what the form sends is the request queued."""
+    from io import BytesIO
+
+    from server.db import Build
+    from tinymlaas.build.request import BuildRequest, groups
+
+    r = ui.post("/ui/models", data={"csrf_token": ui.csrf, "file": (BytesIO(q.fully_connected(1, [1, 16], 4, 0)),
+                                                                    "m.tflite")}, content_type="multipart/form-data")
+    page = ui.get(r.headers["Location"]).get_data(as_text=True)
+    for members in groups("service").values():
+        for f, opt in members:
+            assert (f'name="{f.name}"' in page) == (opt.unit != "path"), f.name
+    model_id = int(r.headers["Location"].rsplit("/", 1)[1])
+    form = {"csrf_token": ui.csrf, "model_id": str(model_id), "target": "cortex-m4", "max_ram": "6K", "budget": "4",
+            "strategy": "random", "weights": "int4", "estimate_cycles": "no", "precision": ""}
+    r = ui.post("/ui/builds", data=form)
+    assert r.status_code == 302, r.get_data(as_text=True)
+    with app.extensions["tinymlaas"].sessions() as s:
+        build = s.get(Build, int(r.headers["Location"].rsplit("/", 1)[1]))
+        assert build.request == BuildRequest(max_ram=6144, budget=4, strategy="random", weights="int4",
+                                             estimate_cycles=False)
+
+
+@pytest.mark.parametrize("form, field, why", [
+    ({"max_ram": "lots"}, "max_ram", "a size in bytes"),
+    ({"strategy": "guided"}, "budget", "a search needs its budget"),
+    ({"budget": "2.5"}, "budget", "a whole number"),
+    ({"emulator": "abacus"}, "emulator", "must be one of"),
+    ({"estimate_cycles": "maybe"}, "estimate_cycles", "yes or no"),
+    ({"precision": "float16"}, "precision", "applies to"),
+])
+def test_bad_build_options_are_refused_naming_the_field_and_nothing_is_queued(app, ui, form, field, why):
+    from io import BytesIO
+
+    from server.db import Build
+
+    r = ui.post("/ui/models", data={"csrf_token": ui.csrf, "file": (BytesIO(q.fully_connected(1, [1, 16], 4, 0)),
+                                                                    "m.tflite")}, content_type="multipart/form-data")
+    model_id = r.headers["Location"].rsplit("/", 1)[1]
+    r = ui.post("/ui/builds", data={"csrf_token": ui.csrf, "model_id": model_id, "target": "cortex-m4", **form})
+    html = r.get_data(as_text=True)
+    assert r.status_code == 422 and why in html, html
+    assert field.replace("_", "-") in html or field in html
+    with app.extensions["tinymlaas"].sessions() as s:
+        assert s.query(Build).count() == 0
+
+
+def test_a_validation_set_uploaded_on_the_model_page_is_kept(app, ui):
+    from io import BytesIO
+
+    import numpy as np
+
+    r = ui.post("/ui/models", data={"csrf_token": ui.csrf, "file": (BytesIO(q.fully_connected(1, [1, 16], 4, 0)),
+                                                                    "m.tflite")}, content_type="multipart/form-data")
+    page = r.headers["Location"]
+    buf = BytesIO()
+    np.savez(buf, x=np.zeros((5, 16), np.float32), y=np.zeros(5, np.int64))
+    r = ui.post(page + "/validation", data={"csrf_token": ui.csrf, "file": (BytesIO(buf.getvalue()), "v.npz")},
+                content_type="multipart/form-data")
+    assert r.status_code == 302
+    assert "5 samples" in ui.get(page).get_data(as_text=True)
+    r = ui.post(page + "/validation", data={"csrf_token": ui.csrf, "file": (BytesIO(b"not an npz"), "v.npz")},
+                content_type="multipart/form-data")
+    assert r.status_code == 422 and 'id="refusal"' in r.get_data(as_text=True)
+    assert "5 samples" in ui.get(page).get_data(as_text=True)  # the earlier set kept
+
+
+def test_a_rollouts_page_shows_its_history(app, ui):
+    from tests.helpers.api import done_build
+
+    client = app.test_client()
+    build_id, _ = done_build(app, client, {"Authorization": f"Bearer {app.token}"}, "hist")
+    r = ui.post("/ui/rollouts", data={"csrf_token": ui.csrf, "build_id": str(build_id), "group": "hist",
+                                      "stages": "100"})
+    assert r.status_code == 302
+    page = r.headers["Location"]
+    assert ui.post(page + "/cancel", data={"csrf_token": ui.csrf}).status_code == 302
+    html = ui.get(page).get_data(as_text=True)
+    history = html[html.index('id="history"'):]
+    assert history.index("created") < history.index("cancelled by alice")
+    assert ui.get(page + ".json").get_json()["events"] >= 2

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinymlaas.errors import InvalidModel, ToolMissing
+from tinymlaas.errors import InvalidCalibration, InvalidModel, ToolMissing
 from tinymlaas.frontend.tflite import array_for_input, short_input_name
 
 QUANTIZE = ("none", "int8", "int16x8", "mixed")
@@ -58,12 +58,12 @@ def _tensorflow():
 
 def _calibration_arrays(path: Path, inputs: list[tuple[str, tuple[int, ...]]]) -> list[np.ndarray]:
     """The .npz's arrays in the order of `inputs` (name, shape): matched by name; a single array for a single input
-    whatever its name. InvalidModel when they cannot be matched (never one input calibrated on another's data)."""
+    whatever its name. InvalidCalibration when they cannot be matched (never one input calibrated on another's data)."""
     try:
         with np.load(path) as data:
             arrays = {k: np.asarray(data[k], dtype=np.float32) for k in data.files if k != LABELS}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise InvalidModel(f"{path}: not a readable .npz of calibration arrays ({type(e).__name__})") from None
+        raise InvalidCalibration(f"{path}: not a readable .npz of calibration arrays ({type(e).__name__})") from None
     names = [short_input_name(n) for n, _ in inputs]
     keys = [array_for_input(arrays, n) for n, _ in inputs]
     if len(inputs) == 1 and len(arrays) == 1:
@@ -71,11 +71,11 @@ def _calibration_arrays(path: Path, inputs: list[tuple[str, tuple[int, ...]]]) -
     elif None not in keys:
         ordered = [arrays[k] for k in keys]
     else:
-        raise InvalidModel(f"{path}: the model's inputs are {', '.join(names)}; the file holds "
+        raise InvalidCalibration(f"{path}: the model's inputs are {', '.join(names)}; the file holds "
                            f"{', '.join(sorted(arrays)) or 'no arrays'}: name each array after the input it feeds")
     for a, name, (_, shape) in zip(ordered, names, inputs):
         if tuple(a.shape[1:]) != tuple(shape[1:]):
-            raise InvalidModel(f"{path}: calibration samples of shape {list(a.shape[1:])} for input '{name}', the "
+            raise InvalidCalibration(f"{path}: calibration samples of shape {list(a.shape[1:])} for input '{name}', the "
                                f"model takes {list(shape[1:])}")
     return ordered
 

@@ -41,7 +41,7 @@ function watchRollout() {
   poll(card, (d) => {
     text("rollout-state", d.state);
     text("rollout-reason", d.reason || "");
-    const now = JSON.stringify(d.jobs);
+    const now = JSON.stringify([d.jobs, d.events]);
     if (d.state !== "in_progress" || (seen && now !== seen)) { location.reload(); return false; }
     seen = now;
     return true;
