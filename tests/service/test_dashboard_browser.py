@@ -158,6 +158,10 @@ def test_the_dashboard_from_sign_in_to_a_rollout(live, browser, tmp_path):
         slots = {d["id"]: d["slot"] for d in Client(url, server.admin_token).devices("ui")}
         assert set(slots.values()) <= {0, 1}, slots  # the slot each booted, as its state message said
         shot(browser, "fleet")
+        for page in ("models", "builds", "rollouts", "tokens", "users"):  # the lists, for the docs
+            browser.find_element(By.ID, f"nav-{page}").click()
+            until(browser, f"the {page} page", lambda page=page: browser.current_url.endswith(f"/ui/{page}"))
+            shot(browser, page)
     finally:
         for a in agents:
             a.stop()
