@@ -137,6 +137,37 @@ static inline __attribute__((always_inline)) int tap_depth(int C)
 /* slot of k within its quad: (k0 k2 | k1 k3) */
 static const uint8_t lane_of[4] = {0, 2, 1, 3};
 
+/* a patch whose taps are all inside the image (and not on its last pixel when a tap reads one byte further):
+   whole quads, widened straight from the input */
+static inline __attribute__((always_inline)) int inside(const int32_t *params, int y0, int x0)
+{
+    const int H = params[P_H], W = params[P_W], C = params[P_C], D = tap_depth(C);
+    const int y1 = y0 + (params[P_KH] - 1) * params[P_DH], x1 = x0 + (params[P_KW] - 1) * params[P_DW];
+    return D % 4 == 0 && y0 >= 0 && x0 >= 0 && y1 < H && x1 < W && (D == C || y1 < H - 1 || x1 < W - 1);
+}
+
+/* the patch of the window at `row` (its top-left tap), taps `dy` bytes apart down and `dx` across, D channels a
+   tap in whole quads */
+static inline __attribute__((always_inline)) void gather_inside(const int8_t *row, int KH, int KW, int dy, int dx,
+                                                                int D, int32_t offset, int16_t *dst, const int step,
+                                                                const int hi)
+{
+    if (D == 4) { /* one quad a tap (an RGB image's first layer) */
+        for (int ky = 0; ky < KH; ky++, row += dy) {
+            const int8_t *src = row;
+            for (int kx = 0; kx < KW; kx++, src += dx, dst += step)
+                widen4_at(src, offset, dst, hi);
+        }
+        return;
+    }
+    for (int ky = 0; ky < KH; ky++, row += dy) {
+        const int8_t *src = row;
+        for (int kx = 0; kx < KW; kx++, src += dx)
+            for (int c = 0; c < D; c += 4, dst += step)
+                widen4_at(src + c, offset, dst, hi);
+    }
+}
+
 /*
  * One output pixel's input patch, offset added, from dst on: each quad's (k0 k2) word at dst, its (k1 k3) word at
  * dst + hi, the next quad at dst + step (int16 elements; the layouts below fix step and hi). Padding and the tail
@@ -150,24 +181,8 @@ static inline __attribute__((always_inline)) void gather_into(const int8_t *in, 
     const int y0 = oy * params[P_SH] - params[P_PT], x0 = ox * params[P_SW] - params[P_PL];
     const int32_t offset = -params[P_ZP_IN];
     const int D = tap_depth(C);
-    const int y1 = y0 + (KH - 1) * DH, x1 = x0 + (KW - 1) * DW;
-    if (D % 4 == 0 && y0 >= 0 && x0 >= 0 && y1 < H && x1 < W && (D == C || y1 < H - 1 || x1 < W - 1)) {
-        /* inside the image (and not on its last pixel when a tap reads one byte further): whole quads */
-        const int8_t *row = in + (y0 * W + x0) * C;
-        if (D == 4) { /* one quad a tap (an RGB image's first layer) */
-            for (int ky = 0; ky < KH; ky++, row += DH * W * C) {
-                const int8_t *src = row;
-                for (int kx = 0; kx < KW; kx++, src += DW * C, dst += step)
-                    widen4_at(src, offset, dst, hi);
-            }
-            return;
-        }
-        for (int ky = 0; ky < KH; ky++, row += DH * W * C) {
-            const int8_t *src = row;
-            for (int kx = 0; kx < KW; kx++, src += DW * C)
-                for (int c = 0; c < D; c += 4, dst += step)
-                    widen4_at(src + c, offset, dst, hi);
-        }
+    if (inside(params, y0, x0)) {
+        gather_inside(in + (y0 * W + x0) * C, KH, KW, DH * W * C, DW * C, D, offset, dst, step, hi);
         return;
     }
     if (D % 4 == 0) { /* whole quads per tap */
@@ -726,8 +741,22 @@ static void gather_patch4(const int8_t *in, const int32_t *params, int oy, int o
     gather_into(in, params, oy, ox, patch + pixel * 2, 16, 8);
 }
 
+/* four pixels' channels (C a multiple of 4) into a group's patch: [quad][k0 k2 | k1 k3][pixel 0..3] */
+static inline __attribute__((always_inline)) void widen_pixels4(const int8_t *s0, const int8_t *s1,
+                                                                const int8_t *s2, const int8_t *s3, int C,
+                                                                int32_t offset, int16_t *patch)
+{
+    for (int c = 0; c < C; c += 4, patch += 16) {
+        widen4_at(s0 + c, offset, patch, 8);
+        widen4_at(s1 + c, offset, patch + 2, 8);
+        widen4_at(s2 + c, offset, patch + 4, 8);
+        widen4_at(s3 + c, offset, patch + 6, 8);
+    }
+}
+
 /* The layer four output pixels at a time (a last group of fewer repeats its last pixel: same outputs, written
-   again); the requantization proven (double rounding, no overflow), the activation's clamp on the way out. */
+   again); the requantization proven (double rounding, no overflow), the activation's clamp on the way out. Each
+   group's input and output addresses are found once; a window inside the image is widened straight from it. */
 static inline __attribute__((always_inline)) void gemm4_layer(const int8_t *input, const int16_t *weights,
                                                               const struct tinymlaas_rq *rq, const int32_t *params,
                                                               int8_t *output, int16_t *patch, int quads)
@@ -740,34 +769,45 @@ static inline __attribute__((always_inline)) void gemm4_layer(const int8_t *inpu
     const int OS = params[P_OUT_STRIDE] ? params[P_OUT_STRIDE] : OC;
     const int pointwise = params[P_KH] == 1 && params[P_KW] == 1 && params[P_SH] == 1 && params[P_SW] == 1 &&
                           params[P_PT] == 0 && params[P_PL] == 0 && C % 4 == 0;
+    const int KH = params[P_KH], KW = params[P_KW], SH = params[P_SH], SW = params[P_SW];
+    const int dy = params[P_DH] * params[P_W] * C, dx = params[P_DW] * C, D = tap_depth(C);
+    const int16_t *const w_end = weights + ((OC + 1) / 2) * quads * 8;
     for (int p = 0; p < P; p += 4) {
-        int q[4];
+        int8_t *out[4];
+        const int8_t *src[4];
         for (int j = 0; j < 4; j++) {
-            q[j] = p + j < P ? p + j : P - 1;
-            if (pointwise) { /* pixel q's patch is the input's q-th run of C */
-                const int8_t *src = input + q[j] * C;
-#pragma GCC unroll 4
-                for (int c = 0; c < C; c += 4)
-                    widen4_at(src + c, offset, patch + c * 4 + j * 2, 8);
-            } else {
-                const int n = q[j] / (OH * OW), oy = q[j] / OW % OH, ox = q[j] % OW;
-                gather_patch4(input + n * image, params, oy, ox, j, patch);
+            const int q = p + j < P ? p + j : P - 1;
+            out[j] = output + q * OS;
+            src[j] = input + q * C; /* pointwise: pixel q's patch is the input's q-th run of C */
+        }
+        if (pointwise) {
+            widen_pixels4(src[0], src[1], src[2], src[3], C, offset, patch);
+        } else {
+            for (int j = 0; j < 4; j++) {
+                const int q = p + j < P ? p + j : P - 1;
+                const int n = q / (OH * OW), oy = q / OW % OH, ox = q % OW;
+                const int y0 = oy * SH - params[P_PT], x0 = ox * SW - params[P_PL];
+                if (inside(params, y0, x0))
+                    gather_inside(input + n * image + (y0 * params[P_W] + x0) * C, KH, KW, dy, dx, D, offset,
+                                  patch + 2 * j, 16, 8);
+                else
+                    gather_patch4(input + n * image, params, oy, ox, j, patch);
             }
         }
         const int16_t *w = weights;
-        for (int oc0 = 0; oc0 < OC; oc0 += TINYMLAAS_G4_CHUNK) {
+        for (int oc0 = 0; w < w_end; oc0 += TINYMLAAS_G4_CHUNK) {
             const int n = OC - oc0 < TINYMLAAS_G4_CHUNK ? OC - oc0 : TINYMLAAS_G4_CHUNK;
             const int pairs = (n + 1) / 2; /* an odd last channel's partner: zero weights, not stored */
             products4(patch, w, rq + oc0, quads, pairs, stage);
             w += pairs * quads * 8;
             for (int j = 0; j < 4; j++) {
-                int8_t *out = output + q[j] * OS + oc0;
+                int8_t *o = out[j] + oc0;
                 const int8_t *row = stage + j * TINYMLAAS_G4_CHUNK;
                 if (clamp)
                     for (int i = 0; i < n; i++)
-                        out[i] = (int8_t)(row[i] < lo ? lo : row[i] > hi ? hi : row[i]);
+                        o[i] = (int8_t)(row[i] < lo ? lo : row[i] > hi ? hi : row[i]);
                 else
-                    copy_row(out, row, n);
+                    copy_row(o, row, n);
             }
         }
     }
