@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 import requests
 
 from tinymlaas.errors import TinyMLaaSError
+from tinymlaas.ota.delta import DeltaRejected, apply_patch, decompress_image
 from tinymlaas.ota.package import ImageRejected, inspect_image, slot_size
 from tinymlaas.ota.selftest import run_selftest
 from tinymlaas.ota.slots import BootedImage, Bootloader, Flash, NoBootableImage
@@ -205,10 +206,12 @@ class Agent:
         self._publish(f"jobs/{job['jobId']}/update", payload)
 
     def _finish(self, job: dict, status: str, **fields) -> None:
+        if job.get("received"):  # what came over the air for this update: the payload kind and its bytes
+            fields = {**job["received"], **fields}
         self._update(job, status, **fields)
         self.state["done_jobs"][job["jobId"]] = job["last_update"]
         self.state.pop("job", None)
-        for name in ("download.part", "selftest.json"):
+        for name in ("download.part", "delta.part", "download.xz", "selftest.json"):
             (self.dir / name).unlink(missing_ok=True)
         self._save()
         self._publish("state", {"state": "online", "firmware_version": self.version,
@@ -229,18 +232,20 @@ class Agent:
         if job["phase"] != "download":
             return  # staged already: the boot path finishes it
         self._update(job, "IN_PROGRESS", step="downloading", progress=0.0)
-        foreign = [u for u in (job["image"]["url"], job["selftest"]["url"]) if not self._enrolled_origin(u)]
+        urls = [job["image"]["url"], job["selftest"]["url"], *([job["payload"]["url"]] if job.get("payload") else [])]
+        foreign = [u for u in urls if not self._enrolled_origin(u)]
         if foreign:  # the agent's credentials go only to the server it enrolled with
             self._finish(job, "REJECTED", step="download", reason="foreign-url",
                          message=f"download URL {foreign[0][:120]} is not on {self.server}")
             return
         try:
-            image = self._download(job["image"]["url"], job["image"]["sha256"], self.dir / "download.part", job)
+            image, sent = self._fetch_image(job)
             spec = json.loads(self._download(job["selftest"]["url"], job["selftest"]["sha256"],
                                              self.dir / "selftest.json", None))
         except (requests.RequestException, TinyMLaaSError) as e:
             self._finish(job, "FAILED", step="download", message=str(e)[:300])
             return
+        job["received"] = sent
         try:
             inspect_image(image, self.state["signing_key"].encode(), self.flash.slot_size, self.version,
                           allow_downgrade=bool(job.get("allow_downgrade")))
@@ -256,6 +261,34 @@ class Agent:
             self._finish(job, "FAILED", step="boot", message="the bootloader did not start the new image")
             return
         self._finish_test_boot(job, spec)
+
+    def _fetch_image(self, job: dict) -> tuple[bytes, dict]:
+        """The new image by the payload the server chose for this device: a patch against the image it runs (its
+        base checked before anything is fetched or written), the image compressed, or the image itself; the
+        result always checked against the image's hash. A patch or a compressed image that cannot make the image
+        falls back to the full image. Returns the image and what was received ({"payload", "bytes"})."""
+        payload, want = job.get("payload") or {}, job["image"]["sha256"]
+        kind = payload.get("kind", "full")
+        running = self.bootloader.image_in(self.booted.slot) if kind == "delta" and self.booted else None
+        try:
+            if kind == "delta" and running is not None and hashlib.sha256(running).hexdigest() == payload.get("base"):
+                patch = self._download(payload["url"], payload["sha256"], self.dir / "delta.part", job)
+                image = apply_patch(running, patch, self.state["signing_key"].encode())
+            elif kind == "compressed":
+                packed = self._download(payload["url"], payload["sha256"], self.dir / "download.xz", job)
+                image = decompress_image(packed, self.flash.slot_size)
+            else:
+                kind = "full" if kind != "delta" else "full (the running image is not the patch's base)"
+                image = None
+            if image is not None:
+                if hashlib.sha256(image).hexdigest() != want:
+                    raise DeltaRejected("bad-result", "the bytes made are not the image the job names")
+                return image, {"payload": kind, "bytes": payload["size"]}
+        except DeltaRejected as e:
+            log.warning("%s: %s; fetching the full image", self.device_id, e)
+            kind = f"full ({e.reason} {kind})"
+        image = self._download(job["image"]["url"], want, self.dir / "download.part", job)
+        return image, {"payload": kind, "bytes": len(image)}
 
     def _finish_test_boot(self, job: dict, spec: dict | None = None) -> None:
         """Running the new image once as a test image: self-test, then confirm or revert."""

@@ -151,6 +151,10 @@ def draw_rollout(d: dict, width: int = 60) -> str:
         label = f"stage {st['stage'] + 1} ({st['devices']:>3} dev)"
         lines.append(f"  {label} [{rows[0]:<{width}}]")
         lines += [f"  {'':<{len(label)}} [{r:<{width}}]" for r in rows[1:]]
+    sent = d["summary"].get("bytes") or {}
+    if sent.get("total"):
+        lines.append(f"  sent {sent['total']:,} B over the air ("
+                     + ", ".join(f"{k} {v:,} B" for k, v in sorted(sent.items()) if k != "total") + ")")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(d["summary"]["counts"].items()))
     lines.append(f"  {counts}    (# succeeded, X failed, R rejected, T timed out, ~ updating, . notified, - cancelled)")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from .broker import ROOT, SERVER_USER
 from .db import Build, Deployment, DeviceJob
 from .mqtt_loop import MqttLoop
-from .services.deployments import advance, apply_job_update, expire_silent_jobs
+from .services.deployments import advance, apply_job_update, expire_silent_jobs, payload_for
 from .services.devices import record_state, record_telemetry
 
 log = logging.getLogger("tinymlaas.coordinator")
@@ -164,6 +164,8 @@ class Coordinator:
     def _job_document(self, s, job: DeviceJob) -> dict:
         dep = s.get(Deployment, job.deployment_id)
         build = s.get(Build, dep.build_id)
+        payload = payload_for(s, self.ctx.store, self.ctx.settings.signing_key, job, build)
+        s.commit()
         base = self.ctx.settings.public_url.rstrip("/") + "/api/v1/artifacts/"
         return {
             "jobId": job.id,
@@ -175,6 +177,7 @@ class Coordinator:
             "image": {"url": base + build.artifacts["image"], "sha256": build.artifacts["image"],
                       "size": (build.report or {}).get("image", {}).get("size")},
             "selftest": {"url": base + build.artifacts["selftest"], "sha256": build.artifacts["selftest"]},
+            "payload": {**payload, "url": base + payload["sha256"]},
         }
 
     def _notify(self, s, job: DeviceJob) -> None:

@@ -209,6 +209,10 @@ class DeviceJob(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str | None] = mapped_column(Text)
     instructions: Mapped[int | None] = mapped_column(Integer)
+    # what goes over the air: full, compressed or delta (the server's choice; the device's report once it ends,
+    # e.g. a full image after a patch it could not apply) and its bytes
+    payload: Mapped[str | None] = mapped_column(String(48))
+    payload_bytes: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now, onupdate=now)
 
 

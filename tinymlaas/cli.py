@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -170,6 +171,35 @@ def _record(report) -> None:
         print(f"tinymlaas: warning: {warning}", file=sys.stderr)
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise TinyMLaaSError(f"cannot read the {what} {path}: {e.strerror or type(e).__name__}") from None
+
+
+def cmd_image_delta(args) -> int:
+    from tinymlaas.ota.delta import compress_image, make_patch
+
+    old, new = _read(args.old, "old file"), _read(args.new, "new file")
+    patch = make_patch(old, new, Path(args.key) if args.key else None)
+    Path(args.out).write_bytes(patch)
+    print(f"{args.out}: {len(patch):,} B patch ({100 * len(patch) / max(len(new), 1):.1f}% of the new "
+          f"{len(new):,} B; compressed whole it is {len(compress_image(new)):,} B)"
+          + ("; signed" if args.key else "; unsigned"))
+    return 0
+
+
+def cmd_image_apply(args) -> int:
+    from tinymlaas.ota.delta import apply_patch
+
+    key = _read(args.key, "key") if args.key else None
+    result = apply_patch(_read(args.old, "old file"), _read(args.patch, "patch"), key)
+    Path(args.out).write_bytes(result)
+    print(f"{args.out}: {len(result):,} B, SHA-256 {hashlib.sha256(result).hexdigest()}")
+    return 0
+
+
 def image_runners() -> tuple[str, ...]:
     from tinymlaas.runners import RUNNERS, runner_class
 
@@ -225,6 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("operators", help="the operators the compiler takes, per precision, with their kernel variants")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_operators)
+
+    image = sub.add_parser("image", help="smaller updates: a signed patch between two images (or any two files), "
+                           "and applying one").add_subparsers(dest="what", required=True)
+    p = image.add_parser("delta", help="the patch that turns OLD into NEW (signed with --key)")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--out", "-o", required=True, help="the patch file to write")
+    p.add_argument("--key", help="an Ed25519 private key (PEM, e.g. the service's signing key) to sign the patch")
+    p.set_defaults(func=cmd_image_delta)
+    p = image.add_parser("apply", help="apply PATCH to OLD (refused, writing nothing, when OLD is not its base)")
+    p.add_argument("old")
+    p.add_argument("patch")
+    p.add_argument("--out", "-o", required=True, help="the file to write: byte-identical to the patch's NEW")
+    p.add_argument("--key", help="a key (PEM, public or private) the patch must be signed with")
+    p.set_defaults(func=cmd_image_apply)
 
     # Other packages add subcommands (the service registers serve, agent, devices, models, builds, deploy, ...).
     for entry in entry_points(group="tinymlaas.commands"):

@@ -255,6 +255,11 @@ class DeviceJob(Schema):
     progress = fields.Float()
     message = fields.String(allow_none=True)
     instructions = fields.Integer(allow_none=True)
+    payload = fields.String(allow_none=True, metadata={
+        "description": "what went over the air: delta (a signed patch from the image the device ran), compressed "
+                       "(LZMA2) or full; a device that could not use a patch says so (e.g. 'full (wrong-base "
+                       "delta)')"})
+    payload_bytes = fields.Integer(allow_none=True)
 
 
 class DeploymentEvent(Schema):

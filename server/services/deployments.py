@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -186,6 +187,34 @@ def expire_silent_jobs(session: Session) -> dict[int, list[DeviceJob]]:
     return expired
 
 
+def payload_for(session: Session, store, signing_key: Path, job: DeviceJob, build: Build) -> dict:
+    """The smallest valid payload of `build`'s image for the job's device, recorded on the job: a signed patch from
+    the image the device runs (when this service shipped it: the device's build), the image compressed (LZMA2),
+    or the image itself. Patches and the compressed image are made once and kept as the build's artifacts
+    (`delta_from_<build>`, `image_xz`). The device checks the base, and what it makes, against the image's hash;
+    it falls back to the full image (`image` in the job document) when it cannot use the payload."""
+    from tinymlaas.ota.delta import compress_image, make_patch
+
+    artifacts = dict(build.artifacts)
+    image = store.path(artifacts["image"]).read_bytes()
+    if "image_xz" not in artifacts:
+        artifacts["image_xz"] = store.put_bytes(compress_image(image))
+    options = [("full", artifacts["image"], None), ("compressed", artifacts["image_xz"], None)]
+    device = session.get(Device, job.device_id)
+    base = session.get(Build, device.build_id) if device is not None and device.build_id else None
+    if base is not None and base.id != build.id and (base.artifacts or {}).get("image") in store:
+        name = f"delta_from_{base.id}"
+        if name not in artifacts:
+            artifacts[name] = store.put_bytes(make_patch(store.path(base.artifacts["image"]).read_bytes(), image,
+                                                         signing_key))
+        options.append(("delta", artifacts[name], base.artifacts["image"]))
+    if artifacts != build.artifacts:
+        build.artifacts = artifacts
+    kind, digest, base_sha = min(options, key=lambda o: store.path(o[1]).stat().st_size)
+    job.payload, job.payload_bytes = kind, store.path(digest).stat().st_size
+    return {"kind": kind, "sha256": digest, "size": job.payload_bytes, **({"base": base_sha} if base_sha else {})}
+
+
 @dataclass
 class JobUpdate:
     accepted: bool
@@ -214,6 +243,8 @@ def apply_job_update(session: Session, device_id: str, job_id: str, update: dict
     job.step = str(update.get("step") or job.step or "")[:32] or None
     job.progress = float(update.get("progress", 1.0 if status in TERMINAL else job.progress))
     job.message = update.get("message") or job.message
+    if isinstance(update.get("payload"), str) and isinstance(update.get("bytes"), int):  # what the device received
+        job.payload, job.payload_bytes = update["payload"][:48], max(0, update["bytes"])
     device = session.get(Device, device_id)
     if update.get("instructions"):
         job.instructions = int(update["instructions"])
@@ -240,4 +271,9 @@ def deployment_summary(session: Session, dep: Deployment) -> dict:
         members = [j for j in jobs if j.stage == stage]
         stages.append({"stage": stage, "percent": dep.stages[stage] if stage < len(dep.stages) else 100,
                        "devices": len(members), "statuses": [j.status for j in members]})
-    return {"counts": counts, "stages": stages}
+    sent: dict[str, int] = {}
+    for j in jobs:
+        if j.payload_bytes is not None:
+            kind = j.payload.split(" ")[0] if j.payload else "full"
+            sent[kind] = sent.get(kind, 0) + j.payload_bytes
+    return {"counts": counts, "stages": stages, "bytes": {"total": sum(sent.values()), **sent}}

@@ -1,6 +1,7 @@
 """The service end to end on loopback: real HTTP server, real MQTT broker, a Huey worker process,
 emulated devices whose self-test runs every new image in QEMU (all of them, no sampling)."""
 
+import hashlib
 import os
 import signal
 import time
@@ -39,7 +40,10 @@ def _stop(agents):
 def test_build_job_produces_a_verified_signed_image(live, tmp_path):
     client, b = live["client"], live["v1"]
     assert b["progress"] == 1.0 and b["report"]["verified"] and b["report"]["lowering"] == "integer"
-    assert set(b["artifacts"]) == {"image", "firmware", "payload", "report", "selftest", "platformio"}
+    made = {"image", "firmware", "payload", "report", "selftest", "platformio"}
+    # rollouts add the payloads they sent: the image compressed, patches from the builds devices ran
+    assert made <= set(b["artifacts"]) and all(a == "image_xz" or a.startswith("delta_from_")
+                                               for a in set(b["artifacts"]) - made), b["artifacts"]
     image = client.download_artifact(b["id"], "image", tmp_path / "image.bin").read_bytes()
     key = public_key_pem(live["server"].settings.signing_key)
     info = inspect_image(image, key, slot_size(get_target("cortex-m4")))
@@ -141,6 +145,14 @@ def test_downgrade_refused_unless_forced_and_rollback(live):
         assert client.wait_deployment(client.deploy(v1["id"], group="ab")["id"])["state"] == "succeeded"
         dep2 = client.wait_deployment(client.deploy(v2["id"], group="ab")["id"])
         assert dep2["state"] == "succeeded" and all(a.version == v2["version"] for a in agents)
+        # the devices ran v1, which this server shipped: each got a patch from it, a small part of the image
+        image_bytes = v2["report"]["image"]["size"]
+        assert {j["payload"] for j in dep2["jobs"]} == {"delta"}, dep2["jobs"]
+        assert all(j["payload_bytes"] < 0.05 * image_bytes for j in dep2["jobs"]), dep2["jobs"]
+        assert dep2["summary"]["bytes"]["total"] == sum(j["payload_bytes"] for j in dep2["jobs"])
+        for a in agents:  # what each booted is byte for byte the signed image of v2
+            running = a.bootloader.image_in(a.booted.slot)
+            assert hashlib.sha256(running).hexdigest() == v2["artifacts"]["image"]
         with pytest.raises(ApiError) as e:
             client.deploy(v1["id"], group="ab")
         assert e.value.status == 409 and e.value.problem["field"] == "force" and "downgrade" in str(e.value)
@@ -151,6 +163,31 @@ def test_downgrade_refused_unless_forced_and_rollback(live):
         assert all(a.version == v1["version"] for a in agents)
     finally:
         _stop(agents)
+
+
+def test_payloads_are_the_smallest_valid_one_and_a_wrong_base_falls_back_to_the_full_image(live):
+    """A device the server shipped nothing to gets the image compressed; a device the server believes runs v1 but
+    that runs v2 checks the patch's base against its running image, fetches the full image instead and says so."""
+    from server.db import Device
+
+    server, client, v1, v2 = live["server"], live["client"], live["v1"], live["v2"]
+    agent = start_agents(server, live["root"], ["payload-0"], group="payload")[0]
+    try:
+        first = client.wait_deployment(client.deploy(v2["id"], group="payload")["id"])
+        job = first["jobs"][0]
+        assert first["state"] == "succeeded" and job["payload"] == "compressed", job
+        assert job["payload_bytes"] < v2["report"]["image"]["size"]
+        with server.app.extensions["tinymlaas"].sessions() as s:  # the server's record goes wrong
+            device = s.scalars(select(Device).where(Device.name == "payload-0")).one()
+            device.build_id = v1["id"]
+            s.commit()
+        again = client.wait_deployment(client.deploy(v2["id"], group="payload")["id"])
+        job = again["jobs"][0]
+        assert again["state"] == "succeeded", job
+        assert job["payload"].startswith("full (") and job["payload_bytes"] == v2["report"]["image"]["size"], job
+        assert agent.version == v2["version"]
+    finally:
+        _stop([agent])
 
 
 def _bad_build(live, tmp_path, kind: str) -> int:
@@ -179,7 +216,8 @@ def _bad_build(live, tmp_path, kind: str) -> int:
         row = s.get(Build, v2["id"])
         bad = Build(model_id=row.model_id, target=row.target, version="9.9.9+0", state="done",
                     report={**row.report, "image": {"size": len(data)}},
-                    artifacts={**row.artifacts, "image": store.put_bytes(data)}, owner_id=row.owner_id,
+                    artifacts={**{k: v for k, v in row.artifacts.items() if k in ("payload", "selftest")},
+                               "image": store.put_bytes(data)}, owner_id=row.owner_id,
                     org_id=row.org_id)
         s.add(bad)
         s.commit()

@@ -207,3 +207,73 @@ def test_a_new_signing_key_is_private_from_the_start(tmp_path):
 
     key = generate_key(tmp_path / "keys" / "k.pem")
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600 and b"PRIVATE KEY" in key.read_bytes()
+
+
+def _delta_update(bl: Bootloader, patch: bytes, trusted: bytes) -> None:
+    """A delta update as a device runs it: the patch applied to the image in its active slot, the result staged."""
+    from tinymlaas.ota.delta import apply_patch
+
+    _update_path(bl, apply_patch(bl.image_in(bl.flash.record().active), patch, trusted))
+
+
+def test_reset_at_every_write_point_of_a_delta_update_boots_a_valid_image(images, small_firmware, tmp_path):
+    """The patch is applied from the running slot, which the update never writes: after a reset at any write
+    point the device boots a valid image and, applying the same patch again, finishes."""
+    from tinymlaas.ota.delta import make_patch
+
+    trusted = images["trusted"]
+    patch = make_patch(images["1.0.1"], images["1.0.2"], small_firmware["key"])
+    assert len(patch) < 0.05 * len(images["1.0.2"])  # a new version of the same firmware: header and signature
+    clean = Flash(tmp_path / "clean.img", slot_size(M4))
+    Bootloader(clean, trusted).provision(images["1.0.1"])
+    base = clean.writes
+    _delta_update(Bootloader(clean, trusted), patch, trusted)
+    total = clean.writes - base
+    assert Bootloader(clean, trusted).boot().info.version == "1.0.2+0"
+    for point in range(1, total + 1):
+        flash = Flash(tmp_path / f"d{point}.img", slot_size(M4))
+        Bootloader(flash, trusted).provision(images["1.0.1"])
+        flash.fail_at = flash.writes + point
+        with pytest.raises(PowerLoss):
+            _delta_update(Bootloader(flash, trusted), patch, trusted)
+        after = Flash(flash.path, slot_size(M4))
+        booted = Bootloader(after, trusted).boot()
+        assert booted.info.version in ("1.0.1+0", "1.0.2+0"), point
+        bl = Bootloader(after, trusted)
+        if booted.test:
+            bl.confirm()
+        elif booted.info.version == "1.0.1+0":
+            _delta_update(bl, patch, trusted)  # the base is untouched: the same patch applies again
+        final = Bootloader(after, trusted).boot()
+        assert final.info.version == "1.0.2+0" and not final.test, point
+
+
+def test_a_patch_for_another_base_is_refused_before_anything_is_written(images, small_firmware, tmp_path):
+    from tinymlaas.ota.delta import DeltaRejected, make_patch
+
+    trusted = images["trusted"]
+    flash = Flash(tmp_path / "f.img", slot_size(M4))
+    bl = Bootloader(flash, trusted)
+    bl.provision(images["1.0.2"])
+    before, writes = flash.path.read_bytes(), flash.writes
+    patch = make_patch(images["1.0.1"], images["1.0.2"], small_firmware["key"])
+    with pytest.raises(DeltaRejected) as e:
+        _delta_update(bl, patch, trusted)
+    assert e.value.reason == "wrong-base"
+    assert flash.writes == writes and flash.path.read_bytes() == before
+
+
+def test_cli_patches_signed_images_and_firmware_elfs(images, small_firmware, tmp_path, capsys):
+    from tinymlaas.cli import main
+
+    pairs = {"images": (images["1.0.1"], images["1.0.2"]),
+             "elf": (small_firmware["payload"].read_bytes(), (small_firmware["dir"] / "build" / "firmware.elf").read_bytes())}
+    for name, (old, new) in pairs.items():
+        (tmp_path / f"{name}.old").write_bytes(old)
+        (tmp_path / f"{name}.new").write_bytes(new)
+        assert main(["image", "delta", str(tmp_path / f"{name}.old"), str(tmp_path / f"{name}.new"), "-o",
+                     str(tmp_path / f"{name}.patch")]) == 0
+        assert main(["image", "apply", str(tmp_path / f"{name}.old"), str(tmp_path / f"{name}.patch"), "-o",
+                     str(tmp_path / f"{name}.out")]) == 0
+        assert (tmp_path / f"{name}.out").read_bytes() == new, name
+    capsys.readouterr()

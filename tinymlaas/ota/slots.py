@@ -107,11 +107,15 @@ class Flash:
         return self.read(self.slot_offset(slot), self.slot_size)
 
     def write_slot(self, slot: int, image: bytes) -> None:
+        """`image` into `slot`: its header invalidated first and written last, so a slot half written (by a reset)
+        never looks like any image; chunks that already hold their bytes are not written again, so writing the
+        same image after a reset takes up where the reset left it."""
         base = self.slot_offset(slot)
-        # Invalidate the old header first, so a half-written slot can never look like the old image.
         self.write(base, b"\0" * SECTOR)
-        for off in range(0, len(image), CHUNK):
-            self.write(base + off, image[off:off + CHUNK])
+        for off in [*range(CHUNK, len(image), CHUNK), 0]:
+            chunk = image[off:off + CHUNK]
+            if self.read(base + off, len(chunk)) != chunk:
+                self.write(base + off, chunk)
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,16 @@ class Bootloader:
             return None
         data = raw[: info.total_size]
         return info, image_payload(data)
+
+    def image_in(self, slot: int) -> bytes | None:
+        """The signed image in `slot` as it was written (header to the end of its TLVs), None when it holds no valid
+        one: the base a delta update applies to."""
+        raw = self.flash.slot_image(slot)
+        try:
+            info = inspect_image(raw, self.key, self.flash.slot_size)
+        except ImageRejected:
+            return None
+        return raw[: info.total_size]
 
     def boot(self) -> BootedImage:
         rec = self.flash.record()
