@@ -116,3 +116,18 @@ def test_cli_delta_and_apply_round_trip_any_two_files(key, tmp_path, capsys):
     assert len(err) == 1 and "wrong-base" in err[0] and not (tmp_path / "wrong").exists()
     assert main(["image", "apply", str(old), str(tmp_path / "missing"), "-o", str(tmp_path / "x")]) == 2
     assert "cannot read the patch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["bsdiff", "zstd"])
+def test_each_difference_method_round_trips_and_auto_keeps_the_smaller(key, method):
+    old = _firmware_like(7)
+    new = old[:30_000] + _firmware_like(8, 8_000) + old[30_000:]  # a region replaced, the rest moved
+    patch = make_patch(old, new, key, method=method)
+    assert read_patch(patch).method == method and apply_patch(old, patch, public_key_pem(key)) == new
+    sizes = {m: len(make_patch(old, new, key, method=m)) for m in ("bsdiff", "zstd")}
+    assert len(make_patch(old, new, key)) == min(sizes.values())
+    body_at = 84 + 30
+    broken = patch[:body_at] + bytes(b ^ 0xFF for b in patch[body_at:body_at + 8]) + patch[body_at + 8:-64]
+    with pytest.raises(DeltaRejected) as e:  # unsigned check skipped: the body itself must not decode to NEW
+        apply_patch(old, broken[:4 + 1] + b"\x00" + broken[6:])
+    assert e.value.reason in ("corrupt", "bad-result")

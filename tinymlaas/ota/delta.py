@@ -2,13 +2,17 @@
 
 A patch names the exact bytes it applies to and the exact bytes it makes (size and SHA-256 of each), so a device
 refuses one made for another base before it writes anything, and checks what it made before it stages it. The
-difference itself is bsdiff's (the `bsdiff4` package: the BSDIFF40 format, its control, difference and extra
-blocks bzip2-compressed). Applying it reads the base at random and writes the result in order, so a device
-applies it from its running slot into the other slot; the patch stays on the device until the update ends, so a
-reset during the apply starts it again from the same, untouched base.
+difference is made two ways and the smaller kept: bsdiff's (the `bsdiff4` package: the BSDIFF40 format, its
+control, difference and extra blocks bzip2-compressed), or Zstandard with the base as its dictionary (what
+`zstd --patch-from` does: the result compressed with references into the base). Bsdiff wins where code moved a
+little everywhere (a one-line change: addresses shift), Zstandard where whole regions changed (retrained weights:
+their new values compress against the old ones). Both read the base at random and write the result in order, so
+a device applies a patch from its running slot into the other slot (a Zstandard decoder needs no window beyond
+the base and the result already written, both in flash); the patch stays on the device until the update ends, so
+a reset during the apply starts it again from the same, untouched base.
 
 Layout (little-endian):
-    magic "TMDP", format u8 = 1, flags u8 (bit 0: signed), reserved u16,
+    magic "TMDP", format u8 = 1, flags u8 (bit 0: signed), method u8 (1 bsdiff, 2 zstd), reserved u8,
     base size u32, base SHA-256 (32 B), result size u32, result SHA-256 (32 B), body size u32,
     body (BSDIFF40), then, when signed, an Ed25519 signature (64 B) over everything before it.
 
@@ -29,7 +33,10 @@ from tinymlaas.errors import TinyMLaaSError
 MAGIC = b"TMDP"
 FORMAT = 1
 SIGNED = 0x01
-_HEADER = struct.Struct("<4sBBHI32sI32sI")
+BSDIFF, ZSTD = 1, 2
+METHODS = {"bsdiff": BSDIFF, "zstd": ZSTD}
+ZSTD_LEVEL = 19
+_HEADER = struct.Struct("<4sBBBBI32sI32sI")
 SIGNATURE_SIZE = 64
 LZMA_DICT = 64 * 1024
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": LZMA_DICT}]
@@ -52,19 +59,40 @@ class PatchInfo:
     body_size: int
     signed: bool
     size: int  # the whole patch, header and signature included
+    method: str  # bsdiff or zstd
 
 
 def _sha(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def make_patch(base: bytes, result: bytes, signing_key: Path | None = None) -> bytes:
-    """The patch that turns `base` into `result`, signed with the Ed25519 PEM key when one is given."""
-    import bsdiff4
+def _zstd():
+    try:
+        from compression import zstd  # Python 3.14
+    except ImportError:
+        from backports import zstd
+    return zstd
 
-    body = bsdiff4.diff(base, result)
-    head = _HEADER.pack(MAGIC, FORMAT, SIGNED if signing_key else 0, 0, len(base), _sha(base), len(result),
-                        _sha(result), len(body))
+
+def _difference(base: bytes, result: bytes, method: str) -> bytes:
+    if method == "bsdiff":
+        import bsdiff4
+
+        return bsdiff4.diff(base, result)
+    zstd = _zstd()
+    return zstd.compress(result, level=ZSTD_LEVEL, zstd_dict=zstd.ZstdDict(base, is_raw=True)) if base \
+        else zstd.compress(result, level=ZSTD_LEVEL)
+
+
+def make_patch(base: bytes, result: bytes, signing_key: Path | None = None, method: str = "auto") -> bytes:
+    """The patch that turns `base` into `result` (method: bsdiff, zstd, or auto: the smaller of the two), signed with
+    the Ed25519 PEM key when one is given."""
+    if method != "auto" and method not in METHODS:
+        raise TinyMLaaSError(f"patch method {method!r}: one of auto, {', '.join(METHODS)}")
+    made = {m: _difference(base, result, m) for m in (METHODS if method == "auto" else (method,))}
+    name, body = min(made.items(), key=lambda kv: len(kv[1]))
+    head = _HEADER.pack(MAGIC, FORMAT, SIGNED if signing_key else 0, METHODS[name], 0, len(base), _sha(base),
+                        len(result), _sha(result), len(body))
     data = head + body
     if signing_key is not None:
         data += _private_key(signing_key).sign(data)
@@ -75,14 +103,19 @@ def read_patch(patch: bytes) -> PatchInfo:
     """The patch's header, checked for consistency (not its signature: see apply_patch)."""
     if len(patch) < _HEADER.size or patch[:4] != MAGIC:
         raise DeltaRejected("not-a-patch", "no TMDP header")
-    _magic, fmt, flags, _, base_size, base_sha, result_size, result_sha, body_size = _HEADER.unpack_from(patch)
+    _magic, fmt, flags, method, _, base_size, base_sha, result_size, result_sha, body_size = \
+        _HEADER.unpack_from(patch)
     if fmt != FORMAT:
         raise DeltaRejected("format", f"patch format {fmt}; this device reads format {FORMAT}")
+    names = {v: k for k, v in METHODS.items()}
+    if method not in names:
+        raise DeltaRejected("format", f"patch method {method}; this device reads {', '.join(METHODS)}")
     signed = bool(flags & SIGNED)
     if len(patch) != _HEADER.size + body_size + (SIGNATURE_SIZE if signed else 0):
         raise DeltaRejected("truncated", f"{len(patch):,} B, the header says {_HEADER.size + body_size:,} B "
                             "and a signature" if signed else f"{len(patch):,} B does not match its header")
-    return PatchInfo(base_size, base_sha.hex(), result_size, result_sha.hex(), body_size, signed, len(patch))
+    return PatchInfo(base_size, base_sha.hex(), result_size, result_sha.hex(), body_size, signed, len(patch),
+                     names[method])
 
 
 def apply_patch(base: bytes, patch: bytes, trusted_key_pem: bytes | None = None) -> bytes:
@@ -103,12 +136,19 @@ def apply_patch(base: bytes, patch: bytes, trusted_key_pem: bytes | None = None)
     if len(base) != info.base_size or _sha(base).hex() != info.base_sha256:
         raise DeltaRejected("wrong-base", f"made for a {info.base_size:,} B base of SHA-256 {info.base_sha256[:12]}, "
                             f"not this {len(base):,} B one ({_sha(base).hex()[:12]})")
-    import bsdiff4
-
     body = patch[_HEADER.size:_HEADER.size + info.body_size]
     try:
-        result = bsdiff4.patch(base, body)
-    except Exception as e:  # noqa: BLE001 - a corrupt body fails inside the C extension with any of several types
+        if info.method == "bsdiff":
+            import bsdiff4
+
+            result = bsdiff4.patch(base, body)
+        else:
+            zstd = _zstd()
+            decoder = zstd.ZstdDecompressor(zstd.ZstdDict(base, is_raw=True)) if base else zstd.ZstdDecompressor()
+            result = decoder.decompress(body, max_length=info.result_size + 1)
+            if not decoder.eof:
+                raise ValueError("the difference ends early")
+    except Exception as e:  # noqa: BLE001 - a corrupt body fails inside the C extensions with any of several types
         raise DeltaRejected("corrupt", f"the difference does not decode ({type(e).__name__})") from None
     if len(result) != info.result_size or _sha(result).hex() != info.result_sha256:
         raise DeltaRejected("bad-result", "the patched bytes do not match the result the patch names")
