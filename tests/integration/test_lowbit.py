@@ -237,6 +237,46 @@ def test_palettized_layers_are_bit_exact_with_at_most_2_to_the_bits_values(case,
     assert len(np.unique(out)) > 3
 
 
+@pytest.mark.parametrize("shape, outputs, kernels", [
+    ([1, 37], 11, "dsp"),  # depth and channels not multiples of 4: the padding takes index 0
+    ([1, 64], 16, "dsp16"),  # the int16-weight request: a palette row is read as indices all the same
+    ([1, 1, 40], 6, "dsp"),  # a 3-D input, flattened to one row
+])
+def test_a_palettized_row_is_read_by_the_palette_gemv_without_a_copy_in_ram(shape, outputs, kernels, tmp_path):
+    """One-row fully connected layers of at most 16 values read their 4-bit indices through a pair table in the
+    loop (gemm_dsp.c's gemv_p4): bit-exact, and no unpacking kernel or RAM buffer for the weights."""
+    path = tmp_path / "fc.tflite"
+    path.write_bytes(q.fully_connected(12, shape, outputs, RELU))
+    r = compile_model(path, "cortex-m4", tmp_path / "out", BuildRequest(inputs=20, seed=5, weights="palette",
+                                                                       palette_bits=4, kernels=kernels))
+    out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
+    assert len(np.unique(out)) > 5 and r.fidelity["max_lsb_diff"] == 0, r.fidelity
+    assert [w["precision"] for w in r.weights] == ["palette4"]
+    assert "tinymlaas_gemv_p4" in driver(r) and "unpack" not in driver(r)
+    assert r.sizes["arena"] <= 256 and any("read 4-bit palette indices in the loop" in n for n in r.notes)
+
+
+def test_the_palette_gemv_layout_holds_every_real_weight_and_its_table_every_pair():
+    from tinymlaas.ir.weight_decode import gemv_palette
+    from tinymlaas.ops.dsp_layouts import blocked_weights
+
+    rng = np.random.default_rng(0)
+    values = np.array([-120, -64, -9, -1, 0, 3, 17, 90, 127], np.int8)
+    w = rng.choice(values[values != 0], size=(7, 13)).astype(np.int8)  # 7 x 13: padded to 8 x 16
+    blocked = blocked_weights(w, 4, wide=False)
+    packed, pairs = gemv_palette(blocked, 7, 13)
+    index = packed.view(np.uint8).reshape(*blocked.shape[:3], 2)
+    lo, hi = (pairs.astype(np.int64) << 16 >> 16).astype(np.int16), (pairs >> 16).astype(np.int16)
+    for byte, (ka, kb) in ((0, (0, 2)), (1, (1, 3))):  # each byte: two lanes of the quad
+        got_a, got_b = lo[index[..., byte]], hi[index[..., byte]]
+        real = np.zeros((8, 16), bool)
+        real[:7, :13] = True
+        real = real.reshape(2, 4, 4, 4).transpose(0, 2, 1, 3)
+        assert np.array_equal(got_a[real[..., ka]], blocked[..., ka][real[..., ka]])
+        assert np.array_equal(got_b[real[..., kb]], blocked[..., kb][real[..., kb]])
+    assert gemv_palette(blocked_weights(rng.integers(-128, 127, (8, 16), dtype=np.int8), 4, False), 8, 16) is None
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 def test_palette_packing_round_trips_and_the_rewrite_uses_at_most_2_to_the_bits_values(bits):
     rng = np.random.default_rng(bits)

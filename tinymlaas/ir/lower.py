@@ -349,7 +349,7 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
 
     from tinymlaas.ir.kernel_calls import drop_unreferenced_kernels
     from tinymlaas.ir.kernel_sharing import share_kernels
-    from tinymlaas.ir.weight_decode import decode_weights, int4_unpacking, palette_unpacking
+    from tinymlaas.ir.weight_decode import decode_weights, int4_unpacking, palette_gemv, palette_unpacking
     from tinymlaas.ir.weight_storage import narrow_weights
 
     mod = relax_passes(fold_constants, fuse)(relax_mod)
@@ -357,9 +357,12 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
     unpacked = []
     if stored and stored.int4:  # the C kernels' 4-bit weights: packed in flash, unpacked right before their layer
         mod, unpacked = decode_weights(mod, taking, int4_unpacking, tir_readers=False)
+    read_packed = []
     if stored and stored.palette:  # indices into a table, for every kernel (4-bit values: the int4 forms)
-        mod, more = decode_weights(mod, taking, palette_unpacking(stored.palette, skip_int4=stored.int4),
-                                   tir_readers=True)
+        unpacking = palette_unpacking(stored.palette, skip_int4=stored.int4)
+        if stored.palette >= 4:  # one-row C layers of at most 16 values read their 4-bit indices themselves
+            mod, read_packed = palette_gemv(mod, taking, unpacking)
+        mod, more = decode_weights(mod, taking, unpacking, tir_readers=True)
         unpacked += more
     kernel_operators = _kernel_operators(mod, taking)
     extern_operators = _kernel_operators(mod, taking, "relax.call_dps_packed")
@@ -369,6 +372,10 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
         notes += ((f"{len(unpacked)} weight tensors kept packed in flash "
                    f"({sum(a for _, a, _ in unpacked):,} B instead of {sum(b for b, _, _ in unpacked):,} B) and "
                    f"unpacked into RAM right before their layer (the largest: {max(r for _, _, r in unpacked):,} B)"),)
+    if read_packed:
+        notes += ((f"{len(read_packed)} one-row fully connected layers read 4-bit palette indices in the loop "
+                   f"({sum(a for _, a, _ in read_packed):,} B of indices and pair tables instead of "
+                   f"{sum(b for b, _, _ in read_packed):,} B, no RAM)"),)
     if schedule is not None:
         for gv, func in list(mod.functions.items()):
             if isinstance(func, tvm.tirx.PrimFunc):

@@ -97,6 +97,8 @@ STREAMING: dict[str, tuple[Callable, str]] = {
     "tinymlaas_gemv_w8_pt": (gemv_distance, "tinymlaas_gemv_w8_pt_inplace"),
     "tinymlaas_gemv_w16_pt": (gemv_distance, "tinymlaas_gemv_w16_pt_inplace"),
     "tinymlaas_gemv_w4": (gemv_distance, "tinymlaas_gemv_w4_inplace"),
+    "tinymlaas_gemv_p4": (gemv_distance, "tinymlaas_gemv_p4_inplace"),
+    "tinymlaas_gemv_p4_pt": (gemv_distance, "tinymlaas_gemv_p4_pt_inplace"),
     "tinymlaas_gemv_w4_pt": (gemv_distance, "tinymlaas_gemv_w4_pt_inplace"),
     "tinymlaas_depthwise3x3_w8": (depthwise_distance, "tinymlaas_depthwise3x3_w8_inplace"),
     "tinymlaas_depthwise3x3_w16": (depthwise_distance, "tinymlaas_depthwise3x3_w16_inplace"),

@@ -9,6 +9,8 @@ weight, once per inference); the RAM it costs is the largest such layer's weight
 - int4: eight values per word read, in a nibble order chosen for it (the C kernels' constants; a TIR kernel decodes
   its own nibbles);
 - palette: each value an index of 2-6 bits into a table of the constant's values (every kernel's constants).
+One kernel reads a palette itself: the one-row fully connected C kernel (gemv) takes a layer of at most 16 values
+as 4-bit indices and a 256-entry table of index pairs (`palette_gemv`: 1 KiB of flash a layer, no RAM).
 """
 
 from __future__ import annotations
@@ -132,3 +134,105 @@ def decode_weights(mod, taking: dict, unpacking_of, tir_readers: bool):
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get(), decoded
+
+
+# the one-row C kernels that read palettized weights themselves (gemm_dsp.c's gemv_p4)
+GEMV_PALETTE = {"tinymlaas_gemv_w8": "tinymlaas_gemv_p4", "tinymlaas_gemv_w8_pt": "tinymlaas_gemv_p4_pt",
+                "tinymlaas_gemv_w16": "tinymlaas_gemv_p4", "tinymlaas_gemv_w16_pt": "tinymlaas_gemv_p4_pt"}
+# Below this many weights a layer's pair table (1 KiB) costs more flash than its indices save: such a layer is
+# unpacked into RAM like the others, unless no other layer needs the unpacking kernel (whose code, 2.2 KiB, and RAM
+# copy then cost more: AD01's two 128 x 8 layers unpacked, 236 B more flash and 920 B more RAM than read in place).
+GEMV_PALETTE_MIN = 4096
+
+
+def gemv_palette(blocked: np.ndarray, channels: int, depth: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """gemv_w8's weights ([OC/4][K/4][channel 0..3][k0 k1 k2 k3], int8; `channels` x `depth` of them real, the rest
+    padding) of at most 16 values as gemv_p4 reads them: per channel and quad two bytes of 4-bit indices, k0 | k2 << 4
+    then k1 | k3 << 4 (the lanes SMLAD pairs with the widened input), and the table of every byte's two values as an
+    int16 pair; None with more values. Padding takes index 0: it meets zero inputs, or makes outputs never stored."""
+    if blocked.dtype != np.int8 or blocked.ndim != 4 or blocked.shape[-1] != 4:
+        return None
+    blocks, quads = blocked.shape[:2]
+    real = np.zeros((blocks * 4, quads * 4), bool)
+    real[:channels, :depth] = True
+    real = real.reshape(blocks, 4, quads, 4).transpose(0, 2, 1, 3)  # the blocked layout's order
+    values = np.unique(blocked[real])
+    if values.size > 16:
+        return None
+    index = np.where(real, np.searchsorted(values, blocked), 0).astype(np.uint8)
+    packed = np.stack([index[..., 0] | (index[..., 2] << 4), index[..., 1] | (index[..., 3] << 4)], axis=-1)
+    table = np.zeros(16, np.int64)
+    table[:values.size] = values
+    byte = np.arange(256)
+    pairs = ((table[byte & 15] & 0xFFFF) | (table[byte >> 4] << 16)).astype(np.int64) & 0xFFFFFFFF
+    return np.ascontiguousarray(packed).ravel().view(np.int8), pairs.astype(np.uint32).view(np.int32)
+
+
+def _gemv_weights(call, dps):
+    """The weights constant of a gemv_w8 call (None for any other call)."""
+    import tvm
+    from tvm import relax
+
+    if not call.op.same_as(dps) or not isinstance(call.args[0], relax.ExternFunc):
+        return None
+    args = list(call.args[1].fields) if isinstance(call.args[1], relax.Tuple) else []
+    if str(call.args[0].global_symbol) not in GEMV_PALETTE or len(args) != 4:
+        return None
+    return args[1] if isinstance(args[1], tvm.ir.expr.Constant) else None
+
+
+def palette_gemv(mod, taking: dict, unpacking_of):
+    """`mod` with each gemv_w8 call whose weights take at most 16 values calling gemv_p4 on their indices instead
+    (no unpacked copy in RAM): every such layer when no other constant would be unpacked (`unpacking_of`), else those
+    of GEMV_PALETTE_MIN weights or more. Returns (module, [(bytes before, in flash, 0)])."""
+    import tvm
+    from tvm import relax
+
+    from tinymlaas.ops.conv_params import ConvParams
+
+    dps = tvm.ir.Op.get("relax.call_dps_packed")
+    readers = (dps, tvm.ir.Op.get("relax.call_tir"))
+    done: list = []
+    others = []
+
+    @relax.expr_functor.visitor
+    class Others(relax.PyExprVisitor):  # constants the unpacking kernel would take, beside gemv layers' weights
+        def visit_call_(self, call):
+            super().visit_call_(call)
+            if not any(call.op.same_as(r) for r in readers) or not isinstance(call.args[1], relax.Tuple):
+                return
+            mine = _gemv_weights(call, dps)
+            others.extend(a for a in call.args[1].fields if isinstance(a, tvm.ir.expr.Constant)
+                          and (mine is None or not a.same_as(mine)) and unpacking_of(a.value.numpy()) is not None)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            Others().visit_expr(func)
+    smallest = GEMV_PALETTE_MIN if others else 0
+
+    @relax.expr_functor.mutator
+    class Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            constant = _gemv_weights(call, dps)
+            if constant is None or constant.value.numpy().size < smallest:
+                return call
+            symbol, args = str(call.args[0].global_symbol), list(call.args[1].fields)
+            weights = constant.value.numpy()
+            if weights.dtype == np.int16:  # the widened layout's lanes (k0 k2 k1 k3) back in k order, as int8
+                weights = weights[..., [0, 2, 1, 3]].astype(np.int8)
+            params = ConvParams.from_array(args[3].value.numpy()) if isinstance(args[3], tvm.ir.expr.Constant) else None
+            found = gemv_palette(weights, params.oc, params.c) if params is not None else None
+            if found is None:
+                return call
+            packed, pairs = (relax.const(a, str(a.dtype)) for a in found)
+            taking[packed] = taking[pairs] = taking.get(args[1], set())
+            done.append((weights.nbytes, found[0].nbytes + found[1].nbytes, 0))
+            return relax.Call(call.op, [relax.ExternFunc(GEMV_PALETTE[symbol]),
+                                        relax.Tuple([args[0], packed, pairs, *args[2:]])], call.attrs, call.ty_args)
+
+    mutator = Rewrite(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get(), done

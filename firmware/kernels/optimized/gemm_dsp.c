@@ -937,14 +937,59 @@ static inline __attribute__((always_inline)) void mac1x4_w4(const int16_t *patch
 #endif
 }
 
+/* the same with palettized weights: a byte per channel and half quad, its two 4-bit indices (k0 | k2 << 4, then
+   k1 | k3 << 4) looked up in `pairs`, a 256-entry table of the two values as an int16 pair: the lanes SMLAD takes
+   against the patch's (k0 k2) and (k1 k3) words, with no unpacked copy of the weights anywhere */
+static inline __attribute__((always_inline)) void mac1x4_p4(const int16_t *patch, const uint8_t *weights,
+                                                            const int32_t *pairs, int quads, int32_t acc[4])
+{
+#if defined(__ARM_FEATURE_DSP)
+#define TINYMLAAS_P4_BYTE(rot, acc, x)                                                                     \
+    "uxtb %[t], %[wa]" rot "\n\t"                                                                         \
+    "ldr %[t], [%[T], %[t], lsl #2]\n\t"                                                                   \
+    "smlad %[" acc "], %[" x "], %[t], %[" acc "]\n\t"
+#define TINYMLAAS_P4_WORD(acc_a, acc_b)                                                                    \
+    "ldr %[wa], [%[w]], #4\n\t" TINYMLAAS_P4_BYTE("", acc_a, "xa") TINYMLAAS_P4_BYTE(", ror #8", acc_a, "xb") \
+    TINYMLAAS_P4_BYTE(", ror #16", acc_b, "xa") TINYMLAAS_P4_BYTE(", ror #24", acc_b, "xb")
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, xa, xb, wa, t;
+    const int16_t *x = patch;
+    const uint8_t *w = weights;
+    int n = quads;
+    __asm__ volatile("1:\n\t"
+                     "ldrd %[xa], %[xb], [%[x]], #8\n\t" TINYMLAAS_P4_WORD("a0", "a1") TINYMLAAS_P4_WORD("a2", "a3")
+                     "subs %[n], %[n], #1\n\t"
+                     "bne 1b\n\t"
+                     : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [xa] "=&r"(xa), [xb] "=&r"(xb),
+                       [wa] "=&r"(wa), [t] "=&r"(t), [x] "+r"(x), [w] "+r"(w), [n] "+r"(n)
+                     : [T] "r"(pairs)
+                     : "cc", "memory");
+#undef TINYMLAAS_P4_WORD
+#undef TINYMLAAS_P4_BYTE
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+#else
+    int32_t a[4] = {0, 0, 0, 0};
+    for (int q = 0; q < quads; q++, patch += 4, weights += 8) {
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+            const int32_t even = pairs[weights[2 * j]], odd = pairs[weights[2 * j + 1]]; /* (k0 k2), (k1 k3) */
+            a[j] += patch[0] * (int16_t)even + patch[1] * (even >> 16) + patch[2] * (int16_t)odd +
+                    patch[3] * (odd >> 16);
+        }
+    }
+    acc[0] = a[0], acc[1] = a[1], acc[2] = a[2], acc[3] = a[3];
+#endif
+}
+
 static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input, const void *weights,
                                                              const struct tinymlaas_rq *rq, const int32_t *params,
-                                                             int8_t *output, int16_t *patch, int quads, int shared,
-                                                             int wide, int single, int clamp)
+                                                             int8_t *output, int16_t *patch, int quads,
+                                                             const int32_t *pairs, int shared, int wide, int single,
+                                                             int clamp)
 {
     const int C = params[P_C], OC = params[P_OC], batch = params[P_N];
     const int32_t offset = -params[P_ZP_IN], lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
-    const int step = quads * (wide == 2 ? 8 : wide ? 32 : 16); /* bytes of four channels (wide 2: 4-bit) */
+    /* bytes of four channels (wide 2: 4-bit values, 3: 4-bit palette indices, 1: int16, 0: int8) */
+    const int step = quads * (wide >= 2 ? 8 : wide ? 32 : 16);
     /* channel o's bias and {mult, round, shift}: rows of four words, or (shared) the biases, then one triple */
     const int32_t *bias = shared ? (const int32_t *)rq : &rq->bias;
     const int32_t *factors = shared ? (const int32_t *)rq + OC : &rq->mult;
@@ -959,7 +1004,9 @@ static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input
         const int32_t *b = bias, *f = factors; /* channel oc + j's */
         for (int oc = 0; oc < OC; oc += 4, w += step) {
             int32_t acc[4];
-            if (wide == 2)
+            if (wide == 3)
+                mac1x4_p4(patch, w, pairs, quads, acc);
+            else if (wide == 2)
                 mac1x4_w4(patch, (const int8_t *)w, quads, acc);
             else if (wide)
                 mac1x4_w16(patch, (const int16_t *)w, quads, acc);
@@ -988,7 +1035,16 @@ static inline __attribute__((always_inline)) void gemv_layer(const int8_t *input
     {                                                                                                         \
         const int quads = (params[P_C] + 3) / 4;                                                              \
         int16_t patch[quads * 4] __attribute__((aligned(8)));                                                 \
-        TINYMLAAS_DISPATCH(gemv_layer, wide, input, weights, rq, params, output, patch, quads, shared);       \
+        TINYMLAAS_DISPATCH(gemv_layer, wide, input, weights, rq, params, output, patch, quads, 0, shared);    \
+    }
+/* palettized weights (--weights palette, a layer of at most 16 values): 4-bit indices and their pair table */
+#define TINYMLAAS_GEMV_P4(name, shared, noalias)                                                              \
+    void name(const int8_t *noalias input, const uint8_t *restrict indices, const int32_t *restrict pairs,    \
+              const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *noalias output) \
+    {                                                                                                         \
+        const int quads = (params[P_C] + 3) / 4;                                                              \
+        int16_t patch[quads * 4] __attribute__((aligned(8)));                                                 \
+        TINYMLAAS_DISPATCH(gemv_layer, 3, input, indices, rq, params, output, patch, quads, pairs, shared);   \
     }
 #define TINYMLAAS_NOALIAS restrict
 #define TINYMLAAS_ALIASED
@@ -1005,6 +1061,11 @@ TINYMLAAS_GEMV(tinymlaas_gemv_w4, int8_t, 2, 0, TINYMLAAS_NOALIAS)
 TINYMLAAS_GEMV(tinymlaas_gemv_w4_inplace, int8_t, 2, 0, TINYMLAAS_ALIASED)
 TINYMLAAS_GEMV(tinymlaas_gemv_w4_pt, int8_t, 2, 1, TINYMLAAS_NOALIAS)
 TINYMLAAS_GEMV(tinymlaas_gemv_w4_pt_inplace, int8_t, 2, 1, TINYMLAAS_ALIASED)
+TINYMLAAS_GEMV_P4(tinymlaas_gemv_p4, 0, TINYMLAAS_NOALIAS)
+TINYMLAAS_GEMV_P4(tinymlaas_gemv_p4_inplace, 0, TINYMLAAS_ALIASED)
+TINYMLAAS_GEMV_P4(tinymlaas_gemv_p4_pt, 1, TINYMLAAS_NOALIAS)
+TINYMLAAS_GEMV_P4(tinymlaas_gemv_p4_pt_inplace, 1, TINYMLAAS_ALIASED)
+#undef TINYMLAAS_GEMV_P4
 #undef TINYMLAAS_GEMV
 #undef TINYMLAAS_NOALIAS
 #undef TINYMLAAS_ALIASED
