@@ -55,12 +55,16 @@ class Client:
         with open(path, "rb") as f:
             return self._call("PUT", f"/models/{model_id}/validation", files={"file": (path.name, f)}).json()
 
-    def request_build(self, model_id: int, target: str, version: str | None = None, **options) -> dict:
+    def request_build(self, model_id: int, target: str, version: str | None = None, variant: dict | None = None,
+                      **options) -> dict:
         """options: build options by name (tinymlaas.build.request.BuildRequest: max_ram=..., budget=...,
-        precision=...), sent nested as the service's request schema has them."""
+        precision=...), sent nested as the service's request schema has them; variant: build exactly that search
+        point (its JSON)."""
         body = {"model_id": model_id, "target": target, **BuildRequest(**options).grouped()}
         if version:
             body["version"] = version
+        if variant is not None:
+            body["variant"] = variant
         return self._call("POST", "/builds", json=body).json()
 
     def build(self, build_id: int) -> dict:

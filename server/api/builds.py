@@ -3,7 +3,7 @@ from flask import send_file
 from tinymlaas.build.request import BuildRequest
 
 from .. import db
-from ..services.builds import cancel_build, request_build
+from ..services.builds import cancel_build, request_build, with_variant
 from ..services.common import ServiceError, of_org
 from . import ctx, get_or_404, require, schemas, session
 from .blueprint import Blueprint
@@ -17,8 +17,11 @@ blp = Blueprint("builds", __name__, description="Build jobs: compile, verify in 
 def create(body):
     """Queue a build of a model for a target; poll its state and progress."""
     who = require("build")
-    build = request_build(session(), who, body["model_id"], body["target"], BuildRequest.from_grouped(body),
-                          body["version"], max_open=ctx().settings.max_open_builds)
+    request = BuildRequest.from_grouped(body)
+    if body.get("variant") is not None:
+        request = with_variant(ctx().store, request, body["variant"])
+    build = request_build(session(), who, body["model_id"], body["target"], request, body["version"],
+                          max_open=ctx().settings.max_open_builds)
     ctx().enqueue_build(build.id)
     return build
 

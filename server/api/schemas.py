@@ -188,6 +188,10 @@ class BuildRequestBase(Schema):
     version = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
                                 r"^\d+(\.\d+){0,2}(\+\d+)?$", error="'{input}' is not major.minor.revision[+build]"),
                             metadata={"description": "image version major.minor.revision[+build]; default 1.0.<id>"})
+    variant = fields.Dict(load_default=None, allow_none=True, metadata={
+        "description": "build exactly this variant: per-layer `kernels`, `layers` (schedules), `schedule`, `fusion`, "
+                       "`memory`, `weights`, as a search's front.json point or a build's report holds it (not with "
+                       "a search)"})
 
 
 # the build options come from their one declaration (tinymlaas.build.request), as the CLI's flags do

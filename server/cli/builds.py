@@ -36,7 +36,13 @@ def _wait_build(client, build_id: int) -> dict:
 def cmd_builds_request(args) -> int:
     client = api_client(args)
     # checked by the server (it knows the targets it builds for); the flags parse as `tinymlaas compile`'s do
-    b = client.request_build(args.model, args.target, args.version, **from_args(args, "service").to_dict())
+    variant = None
+    if args.variant:  # sent as JSON, checked by the server as `compile --variant` checks the file
+        from tinymlaas.search.space import load_variant
+
+        variant = load_variant(args.variant).to_dict()
+    b = client.request_build(args.model, args.target, args.version, variant=variant,
+                             **from_args(args, "service").to_dict())
     if args.wait:
         b = _wait_build(client, b["id"])
     output(b, args.json, _format_build)
@@ -63,6 +69,8 @@ def register(sub) -> None:
     p.add_argument("--target", "-t", required=True)
     p.add_argument("--version", help="image version major.minor.revision[+build] (default 1.0.<build id>)")
     add_arguments(p, "service")
+    p.add_argument("--variant", metavar="JSON", help="build exactly this variant: a search's front.json (its chosen "
+                   "point), a build's report.json or a variant's JSON, as `compile --variant` takes")
     p.add_argument("--wait", action="store_true", help="wait for it, with a progress bar")
     p.set_defaults(func=cmd_builds_request)
     p = api_options(builds.add_parser("status", help="a build's state, progress and report"))

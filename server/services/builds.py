@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -72,6 +73,29 @@ def request_build(session: Session, who: Principal, model_id: int, target: str, 
         build.version = f"1.0.{build.id}+0"  # later builds are newer
     session.commit()
     return build
+
+
+def with_variant(store, request: BuildRequest, variant) -> BuildRequest:
+    """The request building exactly `variant` (a search point's per-layer kernels, schedules, fusion, memory plan and
+    weights, as a search's front.json or a build's report.json holds it), checked as `--variant` checks a file and
+    kept in the artifact store for the worker; refused with a search (a search chooses its own variant)."""
+    import json
+    import tempfile
+
+    from tinymlaas.search.space import load_variant
+
+    if request.budget is not None:
+        raise ServiceError(422, "a build either searches (search.budget) or builds one given variant, not both",
+                           "variant")
+    data = json.dumps({"variant": variant}).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "variant.json"
+        path.write_bytes(data)
+        try:
+            load_variant(path)
+        except InvalidRequest as e:
+            raise ServiceError(422, e.why.replace(f"{path}: ", ""), "variant") from None
+    return replace(request, variant_file=str(store.path(store.put_bytes(data))))
 
 
 def checked_request(request: BuildRequest, target) -> BuildRequest:

@@ -27,7 +27,7 @@ from tinymlaas.targets import all_targets
 
 from .. import db
 from ..api import ctx, get_or_404, session
-from ..services.builds import OPEN_BUILD_STATES, cancel_build, request_build
+from ..services.builds import OPEN_BUILD_STATES, cancel_build, request_build, with_variant
 from ..services.common import Principal, ServiceError, of_org
 from ..services.deployments import cancel_deployment, create_deployment, deployment_summary, events_of, jobs_of
 from ..services.devices import PRESENCES, device_named, presence
@@ -370,8 +370,7 @@ def build_variant(who, build_id):
     index = _int(request.form.get("point"), "point")
     if not 0 <= index < len(points) or points[index].get("cost") is None:
         raise ServiceError(422, f"point: one of the {len(points)} points the search built", "point")
-    digest = ctx().store.put_bytes(json.dumps({"variant": points[index]["variant"]}).encode())
-    new = _queued(who, b.model_id, b.target, BuildRequest(variant_file=str(ctx().store.path(digest))))
+    new = _queued(who, b.model_id, b.target, with_variant(ctx().store, BuildRequest(), points[index]["variant"]))
     flash(f"Build #{new.id}: point {index} of build #{build_id}'s search ({points[index]['label']}).", "info")
     return redirect(url_for("ui.build", build_id=new.id))
 

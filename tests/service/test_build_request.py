@@ -191,3 +191,34 @@ def test_a_models_validation_set_judges_its_builds(client, app, tmp_path):
     assert accuracy["samples"] == 360 and accuracy["drop"] <= 0.5 and accuracy["reference"] == 0.986111, accuracy
     assert any(w["precision"] != "int8" for w in done["report"]["weights"])
     assert "/" not in json.dumps(done["request"].get("validation", ""))  # no server path in what the user sees
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_given_variant_is_built_exactly_and_a_bad_one_refused_naming_it(client, app):
+    """`variant` in the build request (the dashboard's picked point, `builds request --variant`): checked as
+    `compile --variant` checks a file, refused with a search, and the build's report is built as exactly it."""
+    from server.jobs import run_build
+
+    model = _model(client)
+    variant = {"kernels": {"0": "tir", "1": "dsp16"}, "schedule": {"unroll": 4, "decompose_init": False},
+               "fusion": "default", "memory": "optimal"}
+    for bad, words in (({"kernels": ["tir"]}, "`kernels` must map"), ({"colour": "red"}, "holds no variant"),
+                       ({"layers": {"0": {"oc_block": "many"}}}, "`layers`")):
+        r = client.post("/api/v1/builds", json={"model_id": model, "target": "cortex-m4", "variant": bad},
+                        headers=client.auth)
+        assert r.status_code == 422 and r.get_json()["field"] == "variant" and words in r.get_json()["detail"], (
+            r.get_json())
+        assert "/" not in r.get_json()["detail"]  # no server path in the answer
+    r = client.post("/api/v1/builds", json={"model_id": model, "target": "cortex-m4", "variant": variant,
+                                            "search": {"budget": 4}}, headers=client.auth)
+    assert r.status_code == 422 and r.get_json()["field"] == "variant"
+    assert client.get("/api/v1/builds", headers=client.auth).get_json() == []  # nothing queued
+    b = client.post("/api/v1/builds", json={"model_id": model, "target": "cortex-m4", "variant": variant},
+                    headers=client.auth)
+    assert b.status_code == 202 and "variant_file" not in json.dumps(b.get_json()["request"]), b.get_json()
+    run_build(app.extensions["tinymlaas"].settings, b.get_json()["id"])
+    done = client.get(f"/api/v1/builds/{b.get_json()['id']}", headers=client.auth).get_json()
+    assert done["state"] == "done", done.get("message")
+    built = done["report"]["variant"]
+    assert {k: built["kernels"][k] for k in variant["kernels"]} == variant["kernels"], built
+    assert built["schedule"]["unroll"] == 4 and built["memory"] == "optimal" and done["report"]["verified"]

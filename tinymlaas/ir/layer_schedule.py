@@ -54,6 +54,9 @@ class LayerSchedule:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown layer schedule parameter(s): {', '.join(sorted(unknown))}")
+        for f in fields(cls):  # each as its default's type (a bool is not an int here)
+            if f.name in d and type(d[f.name]) is not type(f.default):
+                raise ValueError(f"{f.name} is {type(f.default).__name__}, not {d[f.name]!r}"[:120])
         return cls(**d)
 
     def key(self) -> str:
