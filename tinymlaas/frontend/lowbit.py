@@ -244,7 +244,8 @@ def rewritten(data: bytes, plan: dict[int, str]) -> bytes:
 
 def candidates(graph, op: int) -> list[str]:
     """The precisions `auto` tries for a layer, smallest first. A one-row fully connected layer's C kernel reads
-    4-bit weights in its loop (no RAM); a palette would be unpacked into RAM on every inference: int4 only."""
+    4-bit weights in its loop (no RAM); so it does 16-value palettes, which take no less flash (and a pair table),
+    while smaller ones would be unpacked into RAM on every inference: int4 only."""
     o = graph.operators[op]
     x, w = graph.tensor(o.inputs[0]), graph.tensor(o.inputs[1])
     if o.opcode == "FULLY_CONNECTED" and x.size == w.shape[1]:
