@@ -273,7 +273,7 @@ class Agent:
         try:
             if kind == "delta" and running is not None and hashlib.sha256(running).hexdigest() == payload.get("base"):
                 patch = self._download(payload["url"], payload["sha256"], self.dir / "delta.part", job)
-                image = apply_patch(running, patch, self.state["signing_key"].encode())
+                image = apply_patch(running, patch, self.state["signing_key"].encode(), self.flash.slot_size)
             elif kind == "compressed":
                 packed = self._download(payload["url"], payload["sha256"], self.dir / "download.xz", job)
                 image = decompress_image(packed, self.flash.slot_size)

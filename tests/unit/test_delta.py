@@ -49,6 +49,15 @@ def test_a_patch_makes_exactly_the_new_bytes(key, case):
         assert len(patch) < 0.02 * len(new), len(patch)
 
 
+def test_a_patch_making_more_than_a_slot_is_refused_before_it_is_decoded(key):
+    old = _firmware_like(1)
+    patch = make_patch(old, old + bytes(5000), key)
+    with pytest.raises(DeltaRejected) as e:
+        apply_patch(old, patch, public_key_pem(key), max_size=len(old))
+    assert e.value.reason == "too-large"
+    assert len(apply_patch(old, patch, public_key_pem(key), max_size=len(old) + 5000)) == len(old) + 5000
+
+
 def test_a_patch_for_another_base_is_refused_naming_both(key):
     old, other = _firmware_like(1), _firmware_like(2)
     patch = make_patch(old, _one_change(old, 7), key)

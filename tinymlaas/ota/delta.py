@@ -118,11 +118,13 @@ def read_patch(patch: bytes) -> PatchInfo:
                      names[method])
 
 
-def apply_patch(base: bytes, patch: bytes, trusted_key_pem: bytes | None = None) -> bytes:
+def apply_patch(base: bytes, patch: bytes, trusted_key_pem: bytes | None = None, max_size: int | None = None) -> bytes:
     """The result of `patch` on `base`. With a trusted key the patch must carry a valid signature by it. Refused
-    (DeltaRejected), before anything is made, when the base is not the one the patch was made for; the result is
-    checked against the size and hash the patch names."""
+    (DeltaRejected), before anything is made, when the base is not the one the patch was made for or the result
+    would exceed `max_size` (a slot); the result is checked against the size and hash the patch names."""
     info = read_patch(patch)
+    if max_size is not None and info.result_size > max_size:
+        raise DeltaRejected("too-large", f"the patch makes {info.result_size:,} B, more than the {max_size:,} B slot")
     if trusted_key_pem is not None:
         if not info.signed:
             raise DeltaRejected("unsigned", "the patch carries no signature")
