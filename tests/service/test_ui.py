@@ -245,7 +245,7 @@ def test_a_rollouts_page_shows_its_history(app, ui):
     page = r.headers["Location"]
     assert ui.post(page + "/cancel", data={"csrf_token": ui.csrf}).status_code == 302
     html = ui.get(page).get_data(as_text=True)
-    title = re.search(r"<title>(.*?)</title>", html, re.S).group(1)
+    title = re.search(r"<title>(.*?)</title>", html, re.DOTALL).group(1)
     assert "<" not in title and html.count('id="history"') == 1, title  # the history is in the page, once
     history = html[html.index('id="history"'):]
     assert history.index("created") < history.index("cancelled by alice")
