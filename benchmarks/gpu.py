@@ -1,200 +1,427 @@
-"""GPU host backend, first measurements: TVM Relax for CUDA vs PyTorch eager vs torch.compile, in one run.
+"""GPU host backend against PyTorch's fastest modes: TVM Relax for CUDA vs PyTorch eager and torch.compile's
+`default`, `reduce-overhead` and `max-autotune`, in float32 and float16, in one run on one GPU.
 
 Usage (on a machine with an NVIDIA GPU, PyTorch and torchvision; TVM 0.27 and this repository on PYTHONPATH):
-    python -P benchmarks/gpu.py [--out FILE] [--runs 100] [--models resnet18:1[:dlight+tuned],...]
-                                [--trials N --per-task M --minutes T --logs DIR] [--variants dlight,tuned,tuned16]
-(-P: this folder's profile.py would hide the standard library's from torch.)
+    python -P benchmarks/gpu.py [--out FILE] [--runs 100] [--models resnet18:1[:graph+tuned16],...]
+        [--variants graph,graph16,tuned16] [--trials N --per-task M --minutes T --tuning-dir DIR]
+        [--torch-modes eager,default,reduce-overhead,max-autotune] [--dtypes float32,float16] [--profile N]
+        [--tune-only]
+    python -P benchmarks/gpu.py --merge RUN.json [RUN.json ...] --out benchmarks/results/gpu.json --key KEY
+(-P: this folder's profile.py would hide the standard library's from torch.) The run of 2026-12-07 set
+TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN (max-autotune's convolutions from cuDNN: its Triton convolution
+templates took minutes per model to autotune). A tuning database in benchmarks/results/tuning/ (NAME-BATCH-PRECISION,
+unpacked under --tuning-dir) rebuilds without trials.
 
-Models (torchvision definitions, random weights, seed 0): resnet18 at batch 1 and 32, mobilenet_v2 at batch 1.
-TVM: `torch.export` -> `from_exported_program` -> the host backend's `optimize` (the zero pipeline, dlight's
-default GPU schedules: untuned, the starting point issue 13 tunes from) -> `relax.build` for CUDA; the same with
-kernel launches as CUDA graphs (`graph`). With --trials, also tuned builds: meta_schedule through the host backend's
-tuner (at most N trials, M per task, --minutes per model, in rounds), dlight for what it leaves, CUDA graphs; in
-float32 (`tuned`) and in float16 with float32 accumulation and tensor-core tiling (`tuned16`; torch's own
-convolutions run as TF32 on tensor cores, `torch_tf32` in the results, the same 10-bit mantissa). Latency: the median
-of `runs` timed calls after warm-up, timed on the device (CUDA events for PyTorch, TVM's time_evaluator for TVM).
-Error: ||tvm - torch|| / ||torch|| on the same random input, outputs compared in float32.
+Models (torchvision definitions, random weights, seed 0): resnet18 at batch 1 and 32, mobilenet_v2 at batch 1
+(`tiny`: a small convolutional network, for trying the script on a machine without torchvision or a GPU, with
+`--device cpu`).
+
+PyTorch: for each precision (the model and input cast to float16 for `float16`) eager and torch.compile in each mode;
+the first call's seconds are its compile time (inductor's on-disk caches as the machine has them: a second run in
+the same hold finds them warm, so `compile_s` of each run is recorded with the run). cuDNN runs float32
+convolutions in TF32 as PyTorch's default allows (`torch_tf32` in the results). The reference for every relative
+error is the float32 model run eagerly with TF32 off.
+
+Ours (`PLANS`): `torch.export` -> `from_exported_program` -> the host backend's `optimize` (zero pipeline,
+meta_schedule from the tuning database when tuned - tensor-core tiling, NHWC and batch norm folded for float16 -
+dlight's default GPU schedules for the rest) -> its lowering pipeline -> `relax.build`. Each build records its mode
+(`build_mode`: precision, tuned, layout, how many kernel launches RewriteCUDAGraph put in CUDA graphs).
+
+Latency: the median of `runs` timed calls after warm-up, timed on the device (CUDA events for PyTorch, TVM's
+time_evaluator for ours). `vs_fastest_torch`: our time over the fastest PyTorch mode's, either precision, among those within
+`TOLERANCE` of the reference.
+`--profile N`: the kernels of our fastest build and of the fastest PyTorch mode over N calls, by PyTorch's profiler
+(CUPTI sees every kernel of the process, TVM's too, graph-launched ones included): top kernels with their share of
+the kernel time, kernel time per call, and what is left of the latency besides kernels (launch gaps).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 MODELS = [("resnet18", 1), ("resnet18", 32), ("mobilenet_v2", 1)]
-# the TVM builds: (precision, tuned, CUDA graphs). dlight: untuned; graph: untuned, launches as CUDA graphs; tuned:
-# meta_schedule + CUDA graphs; tuned16: float16 (accumulating in float32) with tensor-core tiling, tuned, graphs
-PLANS = {"dlight": ("float32", False, False), "graph": ("float32", False, True), "tuned": ("float32", True, True),
-         "graph16": ("float16", False, True), "tuned16": ("float16", True, True)}
+# our builds: (precision, tuned, CUDA graphs). graph: untuned (dlight), float32; graph16: untuned, float16 (float32
+# accumulation); tuned16: float16 tuned with tensor-core tiling; *_nograph: the same, launches one by one
+PLANS = {"graph": ("float32", False, True), "nograph": ("float32", False, False),
+         "graph16": ("float16", False, True), "tuned": ("float32", True, True),
+         "tuned16": ("float16", True, True), "tuned16_nograph": ("float16", True, False)}
+TORCH_MODES = ("eager", "default", "reduce-overhead", "max-autotune")
+DTYPES = ("float32", "float16")
 
 
-def torch_latency_ms(fn, x, runs: int) -> float:
+def tiny_model():
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.BatchNorm2d(16), torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 32, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+
+
+def make_model(name: str, batch: int, device: str):
+    import torch
+
+    torch.manual_seed(0)
+    if name == "tiny":
+        model, size = tiny_model(), 32
+    else:
+        import torchvision
+
+        model, size = getattr(torchvision.models, name)(weights=None), 224
+    return model.eval().to(device), torch.randn(batch, 3, size, size, device=device)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def torch_latency_ms(fn, x, runs: int, device: str) -> float:
     import torch
 
     for _ in range(10):
         fn(x)
-    torch.cuda.synchronize()
+    sync(device)
     times = []
     for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(1000 * (time.perf_counter() - t0))
     return statistics.median(times)
 
 
-def tvm_build(model, x, precision: str = "float32", trials: int = 0, per_task: int = 0, work_dir: str = "tuning",
-              cuda_graph: bool = False, minutes: float | None = None):
-    """The exported program built for CUDA by the host backend's own optimization (`optimize`: float16 as mixed
-    precision, tuning when `trials` - meta_schedule in rounds within the trials and minutes given, tensor-core tiling
-    for float16 - and dlight's default schedules for the rest), optionally with the kernel launches captured as CUDA
-    graphs: (vm, device, build seconds, tuning statistics). Weights are bound as constants (float16: cast once, at
-    build time)."""
+def rel_error(got, reference) -> float:
+    import numpy as np
+
+    return float(np.linalg.norm(got.astype("float64") - reference) / np.linalg.norm(reference))
+
+
+def measure_torch(model, x, reference, modes, dtypes, runs: int, device: str, out: dict, progress) -> dict:
+    """Eager and torch.compile in each mode, per precision, into `out`: latency, first-call (compile) seconds,
+    relative error; `progress()` after each."""
+    import torch
+
+    for dtype in dtypes:
+        m, xi = (copy.deepcopy(model).half(), x.half()) if dtype == "float16" else (model, x)
+        for mode in modes:
+            torch._dynamo.reset()  # each mode compiles afresh (one forward code object, several modes)
+            row = {}
+            try:
+                with torch.no_grad():
+                    fn = m if mode == "eager" else torch.compile(m, mode=None if mode == "default" else mode)
+                    t0 = time.monotonic()
+                    got = fn(xi).float().cpu().numpy()  # copied out at once: reduce-overhead reuses its output
+                    sync(device)
+                    if mode != "eager":
+                        row["compile_s"] = round(time.monotonic() - t0, 1)
+                    row["rel_error"] = rel_error(got, reference)
+                    row["ms"] = round(torch_latency_ms(fn, xi, runs, device), 4)
+            except Exception as e:  # noqa: BLE001 - one mode's failure is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            out.setdefault(dtype, {})[mode] = row
+            print(json.dumps({"torch": dtype, "mode": mode, **row}), flush=True)
+            progress()
+    return out
+
+
+# a PyTorch mode counts as the one to beat only when its output is right: the host backend's own float16 tolerance
+# (mobilenet_v2 in float16 with random weights overflows: relative error 1.0 in every mode)
+TOLERANCE = 2e-2
+
+
+def fastest_torch(table: dict) -> dict | None:
+    rows = [(row["ms"], dtype, mode) for dtype, modes in table.items() for mode, row in modes.items()
+            if "ms" in row and row["rel_error"] <= TOLERANCE]
+    if not rows:
+        return None
+    ms, dtype, mode = min(rows)
+    return {"ms": ms, "dtype": dtype, "mode": mode}
+
+
+def tvm_build(model, x, precision: str, tuned: bool, graphs: bool, work_dir: Path, device: str, trials: int,
+              per_task: int, minutes: float | None, build: bool = True):
+    """The exported program through the host backend's `optimize` and its lowering pipeline, built: (vm, device,
+    build seconds, tuning statistics, mode). Weights are bound as constants (float16: cast once, at build time).
+    build=False: optimize only (tuning the database when it is not finished)."""
     import torch
     import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    from tinymlaas.backends.host.build import tvm_target_of
     from tinymlaas.backends.host.options import HostOptions
-    from tinymlaas.backends.host.passes import lowering_config, optimize
+    from tinymlaas.backends.host.passes import build_mode, lowering_config, lowering_pipeline, optimize
     from tinymlaas.targets import get_target
 
     t0 = time.monotonic()
     with torch.no_grad():
         exported = torch.export.export(model, (x,))
     mod = from_exported_program(exported, keep_params_as_input=False)
-    dev = tvm.cuda(0)
-    target = tvm.target.Target.from_device(dev)  # the GPU's own architecture and limits, for tuning too
-    host = get_target("cuda-host")
-    options = HostOptions(precision=precision, tune_trials=trials, tune_trials_per_task=per_task or None,
-                          tune_minutes=minutes)
-    if trials:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-    mod, stats = optimize(mod, host, target, options, Path(work_dir))
-    config = {"relax.backend.use_cuda_graph": cuda_graph, **lowering_config(host, precision)}
+    host = get_target("cuda-host" if device == "cuda" else "cpu-host")
+    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+    target = tvm_target_of(host, dev)  # on CUDA the GPU's own architecture and limits, for tuning too
+    options = HostOptions(precision=precision, tune_trials=trials if tuned else 0,
+                          tune_trials_per_task=per_task or None, tune_minutes=minutes, cuda_graph=graphs)
+    if tuned:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    mod, stats = optimize(mod, host, target, options, work_dir)
+    if not build:
+        return None, dev, time.monotonic() - t0, stats, None
+    config = {"relax.backend.use_cuda_graph": graphs and device == "cuda", **lowering_config(host, precision)}
     with tvm.transform.PassContext(opt_level=3, config=config):
-        executable = relax.build(mod, target=target)
-    return relax.VirtualMachine(executable, dev), dev, time.monotonic() - t0, stats
+        with target:
+            lowered = lowering_pipeline(target)(mod)
+        executable = relax.build(lowered, target=target, relax_pipeline=None)
+    mode = build_mode(lowered, host, precision, tuned, graphs and device == "cuda")
+    return relax.VirtualMachine(executable, dev), dev, time.monotonic() - t0, stats, mode
 
 
-def tuning_summary(work_dir: str) -> dict:
-    """How many candidates meta_schedule kept in its database, how many of those failed (it records a failed build
-    or run as 1e10 s), and how many error lines its logs hold."""
-    db = Path(work_dir) / "database_tuning_record.json"
+def tuning_summary(work_dir: Path) -> dict:
+    """How many candidates meta_schedule kept in its database and how many of those failed (recorded as 1e10 s)."""
+    db = work_dir / "database_tuning_record.json"
     records = [json.loads(line) for line in db.read_text().splitlines()] if db.exists() else []
     failed = sum(1 for _, rec in records if not rec[1] or min(float(t) for t in rec[1]) >= 1e9)
-    logs = sorted((Path(work_dir) / "logs").glob("*.log")) if (Path(work_dir) / "logs").exists() else []
-    errors = sum(log.read_text(errors="replace").count("Error") for log in logs)
-    return {"records": len(records), "records_failed": failed, "log_files": len(logs), "log_error_lines": errors}
+    done = work_dir / "tuning.json"
+    return {"records": len(records), "records_failed": failed,
+            "tuning": json.loads(done.read_text()) if done.exists() else "not finished"}
 
 
-def measure(name: str, batch: int, runs: int, trials: int = 0, per_task: int = 0, variants=("dlight", "graph"),
-            logs: str | None = None, minutes: float | None = None) -> dict:
+def kernel_profile(fn, calls: int, latency_ms: float, top: int = 15) -> dict:
+    """The kernels `fn` runs over `calls` calls, as PyTorch's profiler (CUPTI) records them: per kernel name the
+    device time and launches; the top ones with their share of all kernel time; kernel time per call against the
+    call's latency (the rest: gaps between kernels, launches, host work)."""
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text()).get("traceEvents", [])
+    kernels: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") == "kernel" and "dur" in e:
+            kernels.setdefault(e["name"], []).append(float(e["dur"]))
+    total = sum(sum(v) for v in kernels.values())
+    if not total:
+        return {"calls": calls, "error": "the profiler recorded no kernels"}
+    ranked = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))
+    per_call = total / calls / 1000
+    kinds: dict[str, float] = {}
+    for name, durs in kernels.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sum(durs)
+    return {"calls": calls, "kernel_ms_per_call": round(per_call, 4), "latency_ms": latency_ms,
+            "not_in_kernels_ms": round(latency_ms - per_call, 4),
+            "launches_per_call": round(sum(len(v) for v in kernels.values()) / calls, 1),
+            "by_kind": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": name[:120], "share": round(sum(durs) / total, 4),
+                     "us_per_call": round(sum(durs) / calls, 2), "launches_per_call": round(len(durs) / calls, 1)}
+                    for name, durs in ranked[:top]]}
+
+
+# by name, first match; Triton's pointwise kernels are named after the operators they fuse ("..._convolution_relu"
+# is a batch norm and ReLU after a convolution)
+KINDS = [("elementwise", r"^triton_poi"), ("depthwise", r"depthwise|dwconv|group_conv"), ("convolution", r"conv|implicit_gemm|cudnn|xmma|sm90_|cutlass"),
+         ("matmul", r"matmul|dense|gemm|gemv"), ("pooling", r"pool|mean|reduce|adaptive"),
+         ("layout/cast", r"transpose|permute|layout|cast|copy|convert"),
+         ("elementwise", r"add|relu|clip|elementwise|triton_poi|bias|batch_norm")]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, low)), "other")
+
+
+def measure(name: str, batch: int, args, variants, out: dict, progress) -> dict:
+    """One workload into `out` (already among the run's models): PyTorch's modes, our builds, the profiles;
+    `progress()` (the run written so far) after each measurement, so a command cut off keeps what it measured."""
     import numpy as np
     import torch
-    import torchvision
-    import tvm
 
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval().cuda()
-    x = torch.randn(batch, 3, 224, 224, device="cuda")
-    out = {"model": name, "batch": batch}
-    with torch.no_grad():
-        reference = model(x).float().cpu().numpy()
-        out["torch_eager_ms"] = round(torch_latency_ms(model, x, runs), 4)
-        t0 = time.monotonic()
-        compiled = torch.compile(model)
-        compiled(x)
-        out["torch_compile_s"] = round(time.monotonic() - t0, 1)
-        out["torch_compile_ms"] = round(torch_latency_ms(compiled, x, runs), 4)
-        # like for like with our float16 builds: torch.compile of the model in half precision (cuDNN's float16
-        # tensor-core convolutions); its error against the float32 reference is reported the same way
-        import copy
-
-        half, x16 = copy.deepcopy(model).half(), x.half()
-        compiled16 = torch.compile(half)
-        got16 = compiled16(x16).float().cpu().numpy()
-        out["torch_compile16_ms"] = round(torch_latency_ms(compiled16, x16, runs), 4)
-        out["torch_compile16_rel_error"] = float(np.linalg.norm(got16 - reference) / np.linalg.norm(reference))
-        del half, x16, compiled16
-    model, x = model.cpu(), x.cpu()
-    for kind in [v for v in variants if not PLANS[v][1] or trials]:
-        precision, tuned, graph = PLANS[kind]
-        tune = trials if tuned else 0
-        work_dir = f"tuning-{name}-{batch}-{precision}"
+    device, runs = args.device, args.runs
+    model, x = make_model(name, batch, device)
+    out.update({"model": name, "batch": batch})
+    if not args.tune_only:
+        with torch.no_grad():
+            tf32 = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = False  # the reference: float32 throughout
+            reference = model(x).double().cpu().numpy()
+            torch.backends.cudnn.allow_tf32 = tf32
+        out["torch"] = {}
+        measure_torch(model, x, reference, args.torch_modes.split(","), args.dtypes.split(","), runs, device,
+                      out["torch"], progress)
+        out["torch_fastest"] = fastest_torch(out["torch"])
+    model_cpu, x_cpu = copy.deepcopy(model).cpu(), x.cpu()
+    ours = out.setdefault("tvm", {})
+    for kind in variants:
+        precision, tuned, graphs = PLANS[kind]
+        work_dir = Path(args.tuning_dir) / f"{name}-{batch}-{precision}"
+        row = ours.setdefault(kind, {})
+        if tuned and not args.trials:
+            row["error"] = "a tuned build needs --trials (no trials run once its database is finished)"
+            continue
         try:
-            vm, dev, seconds, stats = tvm_build(model, x, precision, tune, per_task, work_dir, graph, minutes)
-            if stats:
-                out[f"tuning_run_{precision}"] = stats
-            xt = tvm.runtime.tensor(x.numpy(), dev)
-            got = vm["main"](xt)
-            got = (got if hasattr(got, "numpy") else got[0]).numpy().astype("float32")  # the program returns a tuple
-            timer = vm.time_evaluator("main", dev, number=1, repeat=runs, min_repeat_ms=0)
-            out[f"tvm_{kind}_build_s"] = round(seconds, 1)
-            out[f"tvm_{kind}_ms"] = round(1000 * statistics.median(timer(xt).results), 4)
-            out[f"tvm_{kind}_rel_error"] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
-            out[f"tvm_{kind}_vs_torch_compile"] = round(out[f"tvm_{kind}_ms"] / out["torch_compile_ms"], 3)
-            if precision == "float16":
-                out[f"tvm_{kind}_vs_torch_compile16"] = round(out[f"tvm_{kind}_ms"] / out["torch_compile16_ms"], 3)
-        except Exception as e:  # noqa: BLE001 - one model's failure is a result too
-            out[f"tvm_{kind}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
-        print(json.dumps(out), flush=True)  # so far: a run cut short still tells what it measured
-        if tune:
-            out[f"tuning_{precision}"] = tuning_summary(work_dir)
-            if logs:  # meta_schedule's own logs, to read why candidates failed
-                import shutil
+            vm, dev, seconds, stats, mode = tvm_build(model_cpu, x_cpu, precision, tuned, graphs, work_dir, device,
+                                                      args.trials, args.per_task, args.minutes,
+                                                      build=not args.tune_only)
+            if tuned:
+                row["tuning_run"], row["tuning"] = stats, tuning_summary(work_dir)
+            row["build_s"] = round(seconds, 1)
+            if vm is not None:
+                import tvm
 
-                shutil.make_archive(str(Path(logs) / work_dir), "gztar", work_dir)
+                row["mode"] = mode
+                xt = tvm.runtime.tensor(x_cpu.numpy(), dev)
+                got = vm["main"](xt)
+                got = (got if hasattr(got, "numpy") else got[0]).numpy()  # the program returns a tuple
+                timer = vm.time_evaluator("main", dev, number=1, repeat=runs, min_repeat_ms=0)
+                row["ms"] = round(1000 * statistics.median(timer(xt).results), 4)
+                row["rel_error"] = rel_error(got.astype(np.float64), reference)
+                if out.get("torch_fastest"):
+                    row["vs_fastest_torch"] = round(row["ms"] / out["torch_fastest"]["ms"], 3)
+                if args.profile and device == "cuda":
+                    row["_vm"], row["_xt"] = vm, xt  # profiled below, for the fastest of ours
+        except Exception as e:  # noqa: BLE001 - one build's failure is a result too
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        print(json.dumps({"tvm": kind, **{k: v for k, v in row.items() if not k.startswith("_")}}), flush=True)
+        progress()
+    if args.profile and device == "cuda":
+        built = {k: r for k, r in ours.items() if "_vm" in r}
+        if built:
+            best = min(built, key=lambda k: built[k]["ms"])
+            vm, xt = built[best]["_vm"], built[best]["_xt"]
+            out["profile_ours"] = {"variant": best, **kernel_profile(lambda: vm["main"](xt), args.profile,
+                                                                      built[best]["ms"])}
+        fastest = out.get("torch_fastest")
+        if fastest:
+            with torch.no_grad():
+                m, xi = (copy.deepcopy(model).half(), x.half()) if fastest["dtype"] == "float16" else (model, x)
+                torch._dynamo.reset()
+                fn = m if fastest["mode"] == "eager" else torch.compile(
+                    m, mode=None if fastest["mode"] == "default" else fastest["mode"])
+                fn(xi)
+                out["profile_torch"] = {**fastest, **kernel_profile(lambda: fn(xi), args.profile, fastest["ms"])}
+        for r in ours.values():
+            r.pop("_vm", None), r.pop("_xt", None)
     return out
+
+
+def merge(files: list[str], out: Path, key: str, note: dict) -> None:
+    """Runs (each a file this script wrote) into one entry `latest` of `out`; the entry `latest` held before is
+    kept under `key`."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    merged = {**{k: v for k, v in runs[0].items() if k != "models"}, **note,
+              "models": [m for r in runs for m in r["models"]]}
+    old = json.loads(out.read_text()) if out.exists() else {}
+    if "latest" in old:
+        old[key] = old.pop("latest")
+    out.write_text(json.dumps({"latest": merged, **old}, indent=2) + "\n")
+
+
+def table(results: dict) -> str:
+    lines = [f"{'model':<14}{'batch':>6}{'ours':>10}{'variant':>10}{'torch best':>12}{'mode':>28}{'ratio':>7}"]
+    for r in results["models"]:
+        ours = {k: v for k, v in r.get("tvm", {}).items() if "ms" in v}
+        best = min(ours, key=lambda k: ours[k]["ms"]) if ours else None
+        fast = r.get("torch_fastest") or {}
+        lines.append(f"{r['model']:<14}{r['batch']:>6}{ours[best]['ms'] if best else float('nan'):>10.3f}"
+                     f"{best or '-':>10}{fast.get('ms', float('nan')):>12.3f}"
+                     f"{(fast.get('dtype', '-') + ' ' + fast.get('mode', '')):>28}"
+                     f"{ours[best].get('vs_fastest_torch', float('nan')) if best else float('nan'):>7.2f}")
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
     ap.add_argument("--runs", type=int, default=100)
-    ap.add_argument("--models", default=",".join(f"{m}:{b}" for m, b in MODELS), help="name:batch[:variant+variant],... (variants for that model, else --variants)")
-    ap.add_argument("--trials", type=int, default=0, help="meta_schedule trials per model (default 0: no tuning)")
+    ap.add_argument("--models", default=",".join(f"{m}:{b}" for m, b in MODELS),
+                    help="name:batch[:variant+variant],... (variants for that model, else --variants)")
+    ap.add_argument("--variants", default="graph,graph16,tuned16", help=f"our builds ({', '.join(PLANS)})")
+    ap.add_argument("--torch-modes", default=",".join(TORCH_MODES))
+    ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--trials", type=int, default=0, help="meta_schedule trials per model for the tuned builds: "
+                    "a finished database (tuning.json) is reused without trials")
     ap.add_argument("--per-task", type=int, default=0, help="at most this many trials per task")
     ap.add_argument("--minutes", type=float, help="tuning time budget per model (checked between rounds)")
-    ap.add_argument("--variants", default="dlight,graph,tuned,tuned16", help=f"which TVM builds ({', '.join(PLANS)})")
-    ap.add_argument("--logs", help="folder for meta_schedule's logs (a .tar.gz per model)")
+    ap.add_argument("--tuning-dir", default="tuning", help="tuning databases, one folder per model and precision")
+    ap.add_argument("--search-population", type=int, help="meta_schedule's evolutionary search population "
+                    "(default: the host backend's)")
+    ap.add_argument("--flop-share", type=float, help="tune the heaviest functions holding this share of the FLOPs "
+                    "(default: the host backend's)")
+    ap.add_argument("--profile", type=int, default=0, help="profile the kernels over this many calls")
+    ap.add_argument("--tune-only", action="store_true", help="tune the tuned builds' databases, measure nothing")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: to try the script (cpu-host)")
+    ap.add_argument("--merge", nargs="+", help="merge these runs into --out as `latest` (the old one kept)")
+    ap.add_argument("--key", help="with --merge: the key the old `latest` is kept under")
+    ap.add_argument("--note", default="{}", help="with --merge: JSON fields added to the merged run")
     args = ap.parse_args()
+    if args.merge:
+        if not args.key:
+            ap.error("--merge needs --key")
+        merge(args.merge, Path(args.out), args.key, json.loads(args.note))
+        return 0
+    from tinymlaas.backends.host import tuning
+
+    if args.search_population:
+        tuning.SEARCH = {**tuning.SEARCH, "population_size": args.search_population}
+    if args.flop_share:
+        tuning.FLOP_SHARE = args.flop_share
     import torch
     import tvm
 
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tvm": tvm.__version__,
-               "python": platform.python_version(), "runs": args.runs,
-               "torch_tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
-               "tuning": {"trials": args.trials, "per_task": args.per_task, "minutes": args.minutes}
-               if args.trials else "none (dlight)",
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+               "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(),
+               "torch": torch.__version__, "tvm": tvm.__version__, "python": platform.python_version(),
+               "runs": args.runs,
+               "torch_tf32": {"cudnn": torch.backends.cudnn.allow_tf32,
+                              "matmul": torch.backends.cuda.matmul.allow_tf32},
+               "tuning": {"trials": args.trials, "per_task": args.per_task, "minutes": args.minutes,
+                          "search": tuning.SEARCH, "flop_share": tuning.FLOP_SHARE},
                "models": []}
+    def save():  # the run so far, the models being measured included (unpicklable handles left out)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(results, indent=2, default=lambda _: None)
+        Path(args.out).write_text(text + "\n")
+
     for spec in args.models.split(","):
-        name, batch, *own = spec.split(":")  # name:batch[:dlight+tuned16]: this model's own builds
-        variants = own[0].split("+") if own else args.variants.split(",")
+        name, batch, *own = spec.split(":")  # name:batch[:graph+tuned16]: this model's own builds
+        variants = [v for v in (own[0].split("+") if own else args.variants.split(",")) if v]
         unknown = set(variants) - set(PLANS)
         if unknown:
             ap.error(f"unknown variant(s) {', '.join(sorted(unknown))} in '{spec}' (known: {', '.join(PLANS)})")
-        r = measure(name, int(batch), args.runs, args.trials, args.per_task, variants, args.logs, args.minutes)
-        print(json.dumps(r), flush=True)
-        results["models"].append(r)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    nan = float("nan")
-    print(f"{'model':<14}{'batch':>6}{'eager ms':>10}{'compile ms':>12}{'compile16':>10}{'dlight ms':>10}"
-          f"{'tuned ms':>10}{'tuned16 ms':>11}{'best/compile':>13}{'t16/c16':>8}")
-    for r in results["models"]:
-        best = min((r[f"tvm_{k}_ms"] for k in PLANS if f"tvm_{k}_ms" in r), default=nan)
-        print(f"{r['model']:<14}{r['batch']:>6}{r['torch_eager_ms']:>10.3f}{r['torch_compile_ms']:>12.3f}"
-              f"{r['torch_compile16_ms']:>10.3f}{r.get('tvm_dlight_ms', nan):>10.3f}{r.get('tvm_tuned_ms', nan):>10.3f}"
-              f"{r.get('tvm_tuned16_ms', nan):>11.3f}{best / r['torch_compile_ms']:>13.2f}"
-              f"{r.get('tvm_tuned16_ms', nan) / r['torch_compile16_ms']:>8.2f}")
+        if args.tune_only:
+            variants = [v for v in variants if PLANS[v][1]]
+        current: dict = {}
+        results["models"].append(current)
+        measure(name, int(batch), args, variants, current, save)
+        save()
+    print(table(results))
     return 0
 
 

@@ -101,6 +101,10 @@ def test_host_compile_from_the_command_line(tmp_path):
     report = json.loads(r.stdout)
     assert report["target"] == "cpu-host" and report["verified"] and report["tvm_target"].startswith("llvm")
     assert (tmp_path / "out" / "model.so").is_file() and (tmp_path / "out" / "report.json").is_file()
+    # the build records its mode, in the report and beside the library
+    mode = report["mode"]
+    assert mode["precision"] == "float32" and not mode["tuned"] and mode["kernels"] >= 1 and "cuda_graph" not in mode
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["mode"] == mode
     bad = cli("compile", model_path("ad01_fp32"), "-t", "cpu-host", "--tune-trials", "-1", "-o", tmp_path / "bad")
     assert bad.returncode == 2 and "--tune-trials: must be at least 0" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
@@ -121,6 +125,8 @@ def test_cuda_host_float_models(name, precision, tmp_path):
     r = compile_model(CORPUS_MODELS / name, "cuda-host", tmp_path / "out", BuildRequest(inputs=3, precision=precision))
     assert r.verified, r.fidelity
     assert r.tvm_target.startswith("cuda sm_")
+    graph = r.mode["cuda_graph"]  # launches replayed as CUDA graphs (all but those touching the call's own tensors)
+    assert graph["asked"] and (graph["captured"] or r.mode["kernels"] <= 2), r.mode
     assert np.array_equal(_run_library(r)[0].ravel(), np.frombuffer(
         Path(r.artifacts["outputs"]).read_bytes()[:_run_library(r)[0].nbytes], dtype=np.float32))
 
@@ -184,7 +190,7 @@ def test_a_tuning_cut_short_is_resumed_not_reused(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_tuning_stops_at_its_time_budget_and_a_rebuild_reuses_the_database(tmp_path):
-    opts = BuildRequest(inputs=2, tune_trials=400, tune_trials_per_task=64, tune_minutes=0.01,
+    opts = BuildRequest(inputs=2, tune_trials=400, tune_trials_per_task=64, tune_minutes=0.1,
                           tuning_dir=str(tmp_path / "db"))
     first = compile_model(CORPUS_MODELS / "flatten_mlp_float32.tflite", "cpu-host", tmp_path / "a", opts)
     ran = first.tuning["ran"]

@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from tinymlaas.backends.host.options import HostOptions
-from tinymlaas.backends.host.passes import extern_layers, lowering_config, optimize, public_functions
+from tinymlaas.backends.host.passes import (
+    build_mode,
+    extern_layers,
+    lowering_config,
+    lowering_pipeline,
+    optimize,
+    public_functions,
+)
 from tinymlaas.backends.host.report import HostReport
 from tinymlaas.backends.host.tuning import is_tuned, tuning_folder
 from tinymlaas.errors import BuildFailure, InvalidModel, ToolMissing, UnsupportedOperator
@@ -151,7 +158,10 @@ def build_module(model, module: HostModule, target: HostTarget, work: Path, opti
     graphs = target.device == "cuda" and options.cuda_graph
     config = {"relax.backend.use_cuda_graph": graphs, **lowering_config(target, options.precision)}
     with tvm.transform.PassContext(config=config):
-        executable = relax.build(mod, target=tvm_target)
+        with tvm_target:
+            lowered = lowering_pipeline(tvm_target)(mod)
+        executable = relax.build(lowered, target=tvm_target, relax_pipeline=None)  # its Relax passes ran above
+    mode = build_mode(lowered, target, options.precision, options.tune_trials > 0, graphs)
     library = work / "model.so"
     executable.export_library(str(library))
     seconds["codegen"] = round(time.monotonic() - t0, 3)
@@ -190,7 +200,7 @@ def build_module(model, module: HostModule, target: HostTarget, work: Path, opti
     stage("measure")
     metadata = {"format": "tinymlaas-host/1", "library": library.name, "entry": "main", "tvm": tvm.__version__,
                 "target": target.name, "tvm_target": describe(tvm_target), "device": target.device,
-                "precision": options.precision, "cuda_graph": graphs, "inputs": module.inputs,
+                "precision": options.precision, "cuda_graph": graphs, "mode": mode, "inputs": module.inputs,
                 "outputs": module.outputs, "state": module.state,
                 "load": "relax.VirtualMachine(tvm.runtime.load_module('model.so'), device)['main'](*inputs, *state) "
                         "-> (*outputs, *next state); state starts at each variable's 'initial'"}
@@ -208,7 +218,7 @@ def build_module(model, module: HostModule, target: HostTarget, work: Path, opti
         lowering=module.lowering, latency_ms=round(latency, 4), latency_runs=options.runs,
         fidelity={**fidelity.to_dict(), "reference": module.reference_name},
         sizes={"library": library.stat().st_size, "weights": module.weights_bytes}, tuning=tuning,
-        compile_seconds=round(time.monotonic() - started, 3), stages_seconds=seconds, notes=notes,
+        compile_seconds=round(time.monotonic() - started, 3), stages_seconds=seconds, notes=notes, mode=mode,
         artifacts={"library": "model.so", "metadata": "metadata.json", "inputs": "inputs.bin",
                    "outputs": "outputs.bin", "expected_outputs": "expected_outputs.bin"},
     )

@@ -54,6 +54,55 @@ def lowering_config(target: HostTarget, precision: str) -> dict:
     return {"tirx.disable_storage_rewrite": True} if uses_tensor_cores(target, precision) else {}
 
 
+def lowering_pipeline(tvm_target):
+    """The Relax passes `relax.build` runs by default for this target (for CUDA: legalization, dlight's rules for what
+    is still unscheduled, memory planning and, when `relax.backend.use_cuda_graph` is set, RewriteCUDAGraph), run by
+    the build itself so that what they made can be read before code generation (`build_mode`)."""
+    from tvm import relax
+
+    if "gpu" in tvm_target.keys:
+        return relax.get_default_pipeline(tvm_target)
+    return relax.get_pipeline("default")
+
+
+def _kernel_calls(mod, func) -> int:
+    """How many calls of the module's TIR kernels a lowered Relax function makes."""
+    import tvm
+    from tvm import relax
+
+    kernels = {gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    count = 0
+
+    def visit(expr):
+        nonlocal count
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.GlobalVar) and expr.op in kernels:
+            count += 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return count
+
+
+def build_mode(lowered, target: HostTarget, precision: str, tuned: bool, cuda_graph: bool) -> dict:
+    """How a build runs, read off the module `lowering_pipeline` made: precision, tuned or not, the convolutions'
+    layout, and on CUDA whether kernel launches are captured as CUDA graphs: RewriteCUDAGraph moves each static
+    stretch of launches into a `*_cuda_graph_capture` function that the VM captures on the first call and replays
+    after; `kernels_in_graphs` of `kernels` launches are replayed, the rest are launched one by one (a stretch that
+    allocates or has a dynamic shape stays outside)."""
+    from tvm import relax
+
+    functions = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, relax.Function)}
+    captured = {name for name in functions if name.endswith("_cuda_graph_capture")}
+    in_graphs = sum(_kernel_calls(lowered, functions[name]) for name in captured)
+    total = sum(_kernel_calls(lowered, f) for f in functions.values())
+    nhwc = target.device == "cuda" and tuned and uses_tensor_cores(target, precision)
+    mode = {"precision": precision, "tuned": tuned, "layout": "NHWC" if nhwc else "as the model's",
+            "kernels": total}
+    if target.device == "cuda":
+        mode["cuda_graph"] = {"asked": cuda_graph, "captured": bool(captured), "regions": len(captured),
+                              "kernels_in_graphs": in_graphs}
+    return mode
+
+
 def clip_gather_indices(mod):
     """Every `take` (gather, embedding lookup) clamps its indices into range: TVM's frontends emit mode "fast", which
     reads outside the table for an index out of range (a token id past the vocabulary) - a library a service loads
@@ -88,9 +137,44 @@ def tuning_preparation(tensor_cores: bool):
 
     passes = [relax.transform.FoldBatchnormToConv2D(), relax.transform.FoldConstant()]
     if tensor_cores:
-        passes += [relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}), elementwise_keeps_layout(),
-                   relax.transform.DeadCodeElimination(), relax.transform.FoldConstant()]
+        passes += [clip_as_bounds(), relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+                   elementwise_keeps_layout(), relax.transform.DeadCodeElimination(), relax.transform.FoldConstant()]
     return tvm.transform.Sequential(passes)
+
+
+def clip_as_bounds():
+    """A pass: clip(x, lo, hi) with constant bounds becomes minimum(maximum(x, lo), hi), bounds as constants of x's
+    type. TVM 0.27's ToMixedPrecision fails on a clip that ConvertLayout has visited ("Expected TensorType, but got
+    T.float64": the bounds are scalars, not tensors; mobilenet_v2's ReLU6 in NHWC), and maximum and minimum follow
+    the layout of their input where clip would be wrapped in transposes. Fused into the convolution's function all
+    the same."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x = wildcard()
+    clip = is_op("relax.clip")(x, wildcard(), wildcard())
+
+    def bound(arg):  # a FloatImm/IntImm, or a PrimValue holding one
+        value = getattr(arg, "value", None)
+        value = getattr(value, "value", value)
+        return value if isinstance(value, (int, float)) else None
+
+    def rewrite(expr, matched):
+        call = matched[clip]
+        bounds = [bound(a) for a in call.args[1:]]
+        dtype = getattr(getattr(expr, "ty", None), "dtype", None)
+        if None in bounds or not dtype:
+            return expr
+        low, high = (relax.const(float(b), dtype) for b in bounds)
+        return relax.op.minimum(relax.op.maximum(matched[x], low), high)
+
+    @tvm.transform.module_pass(opt_level=0, name="ClipAsBounds")
+    def apply(mod, _ctx):
+        return tvm.IRModule({gv: rewrite_call(clip, rewrite, f) if isinstance(f, relax.Function) else f
+                             for gv, f in mod.functions.items()}, attrs=mod.attrs)
+
+    return apply
 
 
 # elementwise operators TVM 0.27's ConvertLayout has no layout rule for: it wraps each in a transpose back and forth

@@ -25,14 +25,25 @@ class HostReport(VerifiedReport):
     stages_seconds: dict
     notes: list[str] = field(default_factory=list)
     artifacts: dict = field(default_factory=dict)
+    mode: dict = field(default_factory=dict)  # how it runs: precision, tuned, layout, CUDA graphs (passes.build_mode)
     kind: str = "host"
+
+
+def _graphs(mode: dict) -> str:
+    graph = mode.get("cuda_graph")
+    if not graph:
+        return ""
+    if not graph["captured"]:
+        return ", kernel launches one by one" + ("" if graph["asked"] else " (CUDA graphs off)")
+    return (f", {graph['kernels_in_graphs']} of {mode['kernels']} kernel launches replayed as "
+            f"{graph['regions']} CUDA graph(s)")
 
 
 def format_host_report(r: HostReport) -> str:
     f = r.fidelity
     lines = [
         f"{r.model} on {r.target} ({r.device}); TVM target {r.tvm_target}",
-        f"  precision {r.precision}, lowering {r.lowering}",
+        f"  precision {r.precision}, lowering {r.lowering}" + _graphs(r.mode),
         f"  latency   {r.latency_ms:.4f} ms (median of {r.latency_runs} runs)",
         f"  fidelity  {'PASS' if r.verified else 'FAIL'}: " + ", ".join(
             f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()

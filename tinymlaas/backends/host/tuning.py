@@ -204,7 +204,7 @@ def tune(mod, tvm_target, work_dir: Path, trials: int, per_task: int | None = No
     for handler in [h for h in logger.handlers if not h.get_name()]:
         logger.removeHandler(handler)
     every = ms.relax_integration.extract_tasks(mod, tvm_target)
-    tasks = unmeasured_first(heaviest_tasks(every), work_dir)
+    tasks = unmeasured_first(heaviest_tasks(every, FLOP_SHARE), work_dir)
     per_task = per_task or trials
     records = work_dir / "database_tuning_record.json"
     started, asked, given, rounds, stopped_by = time.monotonic(), 0, 0, 0, "trials"
