@@ -80,6 +80,20 @@ def test_names_holding_html_are_shown_as_text(app, ui):
         assert XSS not in html and "&lt;img src=x onerror=alert(1)&gt;" in html, path
 
 
+def test_device_and_group_names_cannot_hold_html_and_other_names_show_as_text(app, ui):
+    """Device, group and token names are refused with markup (the service's name rules: MQTT topics hold the first
+    two); model names, which come from file names, are shown as text (above)."""
+    c = app.test_client()
+    auth = {"Authorization": f"Bearer {app.token}"}
+    for body, field in (({"id": XSS, "target": "cortex-m4"}, "id"),
+                        ({"id": "ok-dev", "target": "cortex-m4", "group": XSS}, "group")):
+        r = c.post("/api/v1/devices", json=body, headers=auth)
+        assert r.status_code == 422 and r.get_json()["field"] == field, r.get_json()
+    r = ui.post("/ui/tokens", data={"csrf_token": ui.csrf, "name": XSS, "scopes": "read", "days": "3"})
+    assert r.status_code == 422 and 'id="refusal"' in r.get_data(as_text=True)
+    assert XSS not in r.get_data(as_text=True) and XSS not in ui.get("/ui/tokens").get_data(as_text=True)
+
+
 def test_a_viewer_sees_and_is_refused_every_action(app):
     with app.extensions["tinymlaas"].sessions() as s:
         admin = principal_for_token(s, app.token)
