@@ -18,7 +18,7 @@ from pathlib import Path
 from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 from flask import session as cookie
 from flask_wtf.csrf import CSRFError, CSRFProtect
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from tinymlaas.build.request import BuildRequest, groups, parse_size, value_type
 from tinymlaas.frontend.keras import QUANTIZE
@@ -395,10 +395,13 @@ def cancel_build_page(who, build_id):
 @page
 def rollouts(who):
     rows = session().scalars(of_org(who, db.Deployment, order=db.Deployment.id.desc())).all()
+    sent = dict(session().execute(  # bytes over the air per rollout (its jobs' payloads)
+        select(db.DeviceJob.deployment_id, func.sum(db.DeviceJob.payload_bytes))
+        .where(db.DeviceJob.deployment_id.in_([d.id for d in rows])).group_by(db.DeviceJob.deployment_id)).all())
     done = session().scalars(of_org(who, db.Build, order=db.Build.id.desc()).where(db.Build.state == "done")).all()
     groups = sorted(set(session().scalars(of_org(who, db.Device.group, order=db.Device.group))))
     return render_template("ui/rollouts.html", rows=rows, builds=[b for b in done if "image" in (b.artifacts or {})],
-                           groups=groups, can_deploy="deploy" in who.scopes,
+                           groups=groups, can_deploy="deploy" in who.scopes, sent=sent,
                            chosen=request.args.get("build", type=int))
 
 

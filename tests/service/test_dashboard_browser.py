@@ -151,7 +151,7 @@ def test_the_dashboard_from_sign_in_to_a_rollout(live, browser, tmp_path):
         shot(browser, "rollout")
         browser.find_element(By.LINK_TEXT, "ui-dev-1").click()
         until(browser, "the device page", lambda: text(browser, "device-name") == "ui-dev-1")
-        assert "succeeded" in text(browser, "history")
+        assert "succeeded" in text(browser, "history") and " B compressed" in text(browser, "history")
         shot(browser, "device")
         browser.get(url + "/ui/fleet?group=ui")
         assert text(browser, "devices").count(f"#{build_id}") == 2  # both run the build now
