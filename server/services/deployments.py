@@ -196,16 +196,16 @@ def payload_for(session: Session, store, signing_key: Path, job: DeviceJob, buil
     from tinymlaas.ota.delta import compress_image, make_patch
 
     artifacts = dict(build.artifacts)
-    image = store.path(artifacts["image"]).read_bytes()
+    image = lambda: store.path(artifacts["image"]).read_bytes()  # read only when a payload is made
     if "image_xz" not in artifacts:
-        artifacts["image_xz"] = store.put_bytes(compress_image(image))
+        artifacts["image_xz"] = store.put_bytes(compress_image(image()))
     options = [("full", artifacts["image"], None), ("compressed", artifacts["image_xz"], None)]
     device = session.get(Device, job.device_id)
     base = session.get(Build, device.build_id) if device is not None and device.build_id else None
     if base is not None and base.id != build.id and (base.artifacts or {}).get("image") in store:
         name = f"delta_from_{base.id}"
         if name not in artifacts:
-            artifacts[name] = store.put_bytes(make_patch(store.path(base.artifacts["image"]).read_bytes(), image,
+            artifacts[name] = store.put_bytes(make_patch(store.path(base.artifacts["image"]).read_bytes(), image(),
                                                          signing_key))
         options.append(("delta", artifacts[name], base.artifacts["image"]))
     if artifacts != build.artifacts:
