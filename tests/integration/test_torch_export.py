@@ -197,7 +197,10 @@ def test_before_tuning_batch_norm_folds_and_tensor_core_layout_stays_whole(tenso
     calls = [b.value for block in mod["main"].body.blocks for b in block.bindings
              if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]
     ops = [c.op.name for c in calls]
-    assert "relax.nn.batch_norm" not in ops and ops.count("relax.nn.conv2d") == 3 and ops.count("relax.clip") == 2
+    assert "relax.nn.batch_norm" not in ops and ops.count("relax.nn.conv2d") == 3
+    # ReLU6: a clip, or for tensor cores maximum then minimum (clip_as_bounds: float16 conversion fails on a clip)
+    relu6 = (["relax.maximum", "relax.minimum"] if tensor_cores else ["relax.clip"])
+    assert all(ops.count(name) == 2 for name in relu6) and ("relax.clip" in ops) != tensor_cores, ops
     assert ops.count("relax.permute_dims") == (2 if tensor_cores else 0)
     layouts = {c.attrs.data_layout for c in calls if c.op.name == "relax.nn.conv2d"}
     assert layouts == ({"NHWC"} if tensor_cores else {"NCHW"})
