@@ -70,7 +70,7 @@ def create_deployment(session: Session, who: Principal, build_id: int, group: st
         for pos in range(start, end):
             session.add(DeviceJob(id=f"dep{dep.id}-{devices[pos].name}", deployment_id=dep.id,
                                   device_id=devices[pos].id, position=pos, stage=stage))
-    record(session, dep, "created", f"by {who.user.name}: build {build.id} ({build.version}) to {len(devices)} "
+    record(session, dep.id, "created", f"by {who.user.name}: build {build.id} ({build.version}) to {len(devices)} "
            f"device(s) in {len(bounds)} stage(s)" + (f", rolling back deployment {rollback_of}" if rollback_of else "")
            + (", forced" if force else ""))
     session.commit()
@@ -109,15 +109,16 @@ def cancel_deployment(session: Session, who: Principal, deployment_id: int) -> D
         if j.status == "pending":
             j.status, j.message = "cancelled", dep.reason
             cancelled += 1
-    record(session, dep, "cancelled", f"{dep.reason}; {cancelled} device(s) not notified")
+    record(session, dep.id, "cancelled", f"{dep.reason}; {cancelled} device(s) not notified")
     session.commit()
     return dep
 
 
-def record(session: Session, dep: Deployment, kind: str, detail: str, stage: int | None = None,
+def record(session: Session, deployment_id: int, kind: str, detail: str, stage: int | None = None,
            device_id: str | None = None) -> None:
     """One line of the rollout's history (committed with the change it tells of)."""
-    session.add(DeploymentEvent(deployment_id=dep.id, kind=kind, detail=detail, stage=stage, device_id=device_id))
+    session.add(DeploymentEvent(deployment_id=deployment_id, kind=kind, detail=detail, stage=stage,
+                                device_id=device_id))
 
 
 def events_of(session: Session, dep: Deployment) -> list[dict]:
@@ -152,7 +153,7 @@ def advance(session: Session, dep: Deployment) -> list[DeviceJob]:
             dep.state, dep.reason, dep.active_key = d.state, d.reason, None
             for j in session.scalars(pending):
                 j.status, j.message = "cancelled", f"rollout {d.state}: {d.reason}"
-            record(session, dep, d.state, d.reason)
+            record(session, dep.id, d.state, d.reason)
             break
         if d.notify_stage is None:
             break
@@ -161,7 +162,7 @@ def advance(session: Session, dep: Deployment) -> list[DeviceJob]:
         for j in notified:
             j.status = "notified"
         to_notify += notified
-        record(session, dep, "stage_started", f"stage {d.notify_stage + 1}: {len(notified)} device(s) notified",
+        record(session, dep.id, "stage_started", f"stage {d.notify_stage + 1}: {len(notified)} device(s) notified",
                stage=d.notify_stage)
     session.commit()
     return to_notify
@@ -181,8 +182,7 @@ def expire_silent_jobs(session: Session) -> dict[int, list[DeviceJob]]:
             job.status = "timed_out"
             job.message = f"no word from the device for {timeout} s (the rollout's job_timeout)"
             expired.setdefault(job.deployment_id, []).append(job)
-            session.add(DeploymentEvent(deployment_id=job.deployment_id, kind="device_timed_out", stage=job.stage,
-                                        device_id=job.device_id, detail=job.message))
+            record(session, job.deployment_id, "device_timed_out", job.message, job.stage, job.device_id)
     session.commit()
     return expired
 
@@ -255,7 +255,7 @@ def apply_job_update(session: Session, device_id: str, job_id: str, update: dict
         if job.instructions:
             device.instructions = job.instructions
     if status in TERMINAL:
-        record(session, dep, f"device_{status}", (job.message or status)
+        record(session, dep.id, f"device_{status}", (job.message or status)
                + (f" ({job.instructions:,} instructions)" if job.instructions else ""), job.stage, device_id)
     session.commit()
     # only a finished job can change the rollout's decision (it counts successes, failures and what is finished)

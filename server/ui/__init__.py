@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import secrets
-from argparse import ArgumentTypeError
 from functools import wraps
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from flask import session as cookie
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy import func, select
 
-from tinymlaas.build.request import BuildRequest, groups, parse_size, value_type
+from tinymlaas.build.request import BuildRequest, InvalidRequest, groups, parse_text, value_type
 from tinymlaas.frontend.keras import QUANTIZE
 from tinymlaas.ota.rollout import RolloutPlan
 from tinymlaas.targets import all_targets
@@ -280,21 +279,10 @@ def build_request_of(form) -> BuildRequest:
             text = (form.get(field["name"]) or "").strip()
             if not text:
                 continue
-            name, kind = field["name"], field["kind"]
             try:
-                if kind == "bool":
-                    if text not in ("yes", "no"):
-                        raise ValueError(text)
-                    values[name] = text == "yes"
-                elif field["unit"] == "bytes":
-                    values[name] = parse_size(text)
-                else:
-                    values[name] = {"int": int, "float": float}.get(kind, str)(text)
-            except (ValueError, TypeError, ArgumentTypeError):
-                what = {"bool": "yes or no", "int": "a whole number", "float": "a number"}.get(kind, "text")
-                if field["unit"] == "bytes":
-                    what = "a size in bytes (e.g. 65536, 256K, 1M)"
-                raise ServiceError(422, f"{name}: {what}, not '{text[:20]}'", name) from None
+                values[field["name"]] = parse_text(field["name"], text)
+            except InvalidRequest as e:
+                raise ServiceError(422, f"{e.name}: {e.why}", e.name) from None
     if "budget" not in values and SEARCH_OPTIONS & set(values):
         raise ServiceError(422, f"{', '.join(sorted(SEARCH_OPTIONS & set(values)))}: a search needs its budget (how "
                            "many variants to build)", "budget")

@@ -83,12 +83,15 @@ def _update_path(bl: Bootloader, image: bytes, selftest_passes: bool = True) -> 
         bl.revert()
 
 
-def test_reset_at_every_write_point_boots_a_valid_image(images, tmp_path):
+def _reset_at_every_write_point(images, tmp_path, update) -> int:
+    """`update(bootloader)` takes a device from 1.0.1 to 1.0.2; a reset is injected at each of its flash writes in
+    turn: power comes back to a valid image, and the device can always finish an update afterwards. Returns how many
+    write points there were."""
     trusted = images["trusted"]
     clean = Flash(tmp_path / "clean.img", slot_size(M4))
     Bootloader(clean, trusted).provision(images["1.0.1"])
     base = clean.writes
-    _update_path(Bootloader(clean, trusted), images["1.0.2"])
+    update(Bootloader(clean, trusted))
     total = clean.writes - base
     assert total > 4  # header invalidation, data chunks, pending record, tried record, confirm record
     assert Bootloader(clean, trusted).boot().info.version == "1.0.2+0"
@@ -98,7 +101,7 @@ def test_reset_at_every_write_point_boots_a_valid_image(images, tmp_path):
         Bootloader(flash, trusted).provision(images["1.0.1"])
         flash.fail_at = flash.writes + point
         with pytest.raises(PowerLoss):
-            _update_path(Bootloader(flash, trusted), images["1.0.2"])
+            update(Bootloader(flash, trusted))
         # power comes back: a fresh view of the same flash
         after = Flash(flash.path, slot_size(M4))
         booted = Bootloader(after, trusted).boot()
@@ -112,9 +115,14 @@ def test_reset_at_every_write_point_boots_a_valid_image(images, tmp_path):
         if booted.test:
             bl.confirm()
         else:
-            _update_path(bl, images["1.0.2"])
+            update(bl)
         final = Bootloader(after, trusted).boot()
         assert final.info.version == "1.0.2+0" and not final.test, point
+    return total
+
+
+def test_reset_at_every_write_point_boots_a_valid_image(images, tmp_path):
+    _reset_at_every_write_point(images, tmp_path, lambda bl: _update_path(bl, images["1.0.2"]))
 
 
 def test_unconfirmed_test_image_reverts_on_next_boot(images, tmp_path):
@@ -224,28 +232,7 @@ def test_reset_at_every_write_point_of_a_delta_update_boots_a_valid_image(images
     trusted = images["trusted"]
     patch = make_patch(images["1.0.1"], images["1.0.2"], small_firmware["key"])
     assert len(patch) < 0.05 * len(images["1.0.2"])  # a new version of the same firmware: header and signature
-    clean = Flash(tmp_path / "clean.img", slot_size(M4))
-    Bootloader(clean, trusted).provision(images["1.0.1"])
-    base = clean.writes
-    _delta_update(Bootloader(clean, trusted), patch, trusted)
-    total = clean.writes - base
-    assert Bootloader(clean, trusted).boot().info.version == "1.0.2+0"
-    for point in range(1, total + 1):
-        flash = Flash(tmp_path / f"d{point}.img", slot_size(M4))
-        Bootloader(flash, trusted).provision(images["1.0.1"])
-        flash.fail_at = flash.writes + point
-        with pytest.raises(PowerLoss):
-            _delta_update(Bootloader(flash, trusted), patch, trusted)
-        after = Flash(flash.path, slot_size(M4))
-        booted = Bootloader(after, trusted).boot()
-        assert booted.info.version in ("1.0.1+0", "1.0.2+0"), point
-        bl = Bootloader(after, trusted)
-        if booted.test:
-            bl.confirm()
-        elif booted.info.version == "1.0.1+0":
-            _delta_update(bl, patch, trusted)  # the base is untouched: the same patch applies again
-        final = Bootloader(after, trusted).boot()
-        assert final.info.version == "1.0.2+0" and not final.test, point
+    _reset_at_every_write_point(images, tmp_path, lambda bl: _delta_update(bl, patch, trusted))
 
 
 def test_a_patch_for_another_base_is_refused_before_anything_is_written(images, small_firmware, tmp_path):

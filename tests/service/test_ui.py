@@ -205,11 +205,11 @@ def test_the_build_form_offers_each_option_the_service_declares_and_queues_what_
 
 
 @pytest.mark.parametrize("form, field, why", [
-    ({"max_ram": "lots"}, "max_ram", "a size in bytes"),
+    ({"max_ram": "lots"}, "max_ram", "is not a size"),
     ({"strategy": "guided"}, "budget", "a search needs its budget"),
-    ({"budget": "2.5"}, "budget", "a whole number"),
+    ({"budget": "2.5"}, "budget", "is not an integer"),
     ({"emulator": "abacus"}, "emulator", "must be one of"),
-    ({"estimate_cycles": "maybe"}, "estimate_cycles", "yes or no"),
+    ({"estimate_cycles": "maybe"}, "estimate_cycles", "is not yes or no"),
     ({"precision": "float16"}, "precision", "applies to"),
 ])
 def test_bad_build_options_are_refused_naming_the_field_and_nothing_is_queued(app, ui, form, field, why):

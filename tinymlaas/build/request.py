@@ -334,15 +334,32 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 256K, 1M, 65536)") from None
 
 
-def _cli_type(f: dataclasses.Field, opt: Option) -> Callable[[str], Any]:
-    convert = parse_size if opt.unit == "bytes" else value_type(f)
+BOOL_TEXT = {"yes": True, "no": False, "true": True, "false": False}
 
+
+def parse_text(name: str, text: str):
+    """An option's value from text (a command line's, a web form's): sizes take K/M, booleans yes/no. Its range and
+    choices are left to `check`; a text that is not of the option's type is an InvalidRequest naming it."""
+    f, opt = next((f, o) for f, o in declared() if f.name == name)
+    kind = value_type(f)
+    try:
+        if kind is bool:
+            return BOOL_TEXT[text.strip().lower()]
+        if opt.unit == "bytes":
+            return parse_size(text)
+        return kind(text)
+    except (KeyError, ValueError, argparse.ArgumentTypeError):
+        what = ("a size (e.g. 256K, 1M, 65536)" if opt.unit == "bytes" else
+                {bool: "yes or no", int: "an integer", float: "a number"}.get(kind, "text"))
+        raise InvalidRequest(name, f"'{text[:40]}' is not {what}") from None
+
+
+def _cli_type(f: dataclasses.Field, opt: Option) -> Callable[[str], Any]:
     def parse(text: str):
         try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if convert is int else 'a number'}") \
-                from None
+            value = parse_text(f.name, text)
+        except InvalidRequest as e:
+            raise argparse.ArgumentTypeError(e.why) from None
         if opt.unit != "path" and opt.allowed() is None:
             why = opt.problem(value)
             if why is not None:
