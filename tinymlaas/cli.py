@@ -178,12 +178,19 @@ def _read(path: str, what: str) -> bytes:
         raise TinyMLaaSError(f"cannot read the {what} {path}: {e.strerror or type(e).__name__}") from None
 
 
+def _write(path: str, data: bytes) -> None:
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        raise TinyMLaaSError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
+
+
 def cmd_image_delta(args) -> int:
     from tinymlaas.ota.delta import compress_image, make_patch
 
     old, new = _read(args.old, "old file"), _read(args.new, "new file")
     patch = make_patch(old, new, Path(args.key) if args.key else None)
-    Path(args.out).write_bytes(patch)
+    _write(args.out, patch)
     print(f"{args.out}: {len(patch):,} B patch ({100 * len(patch) / max(len(new), 1):.1f}% of the new "
           f"{len(new):,} B; compressed whole it is {len(compress_image(new)):,} B)"
           + ("; signed" if args.key else "; unsigned"))
@@ -195,7 +202,7 @@ def cmd_image_apply(args) -> int:
 
     key = _read(args.key, "key") if args.key else None
     result = apply_patch(_read(args.old, "old file"), _read(args.patch, "patch"), key)
-    Path(args.out).write_bytes(result)
+    _write(args.out, result)
     print(f"{args.out}: {len(result):,} B, SHA-256 {hashlib.sha256(result).hexdigest()}")
     return 0
 

@@ -125,6 +125,11 @@ def test_cli_delta_and_apply_round_trip_any_two_files(key, tmp_path, capsys):
     assert len(err) == 1 and "wrong-base" in err[0] and not (tmp_path / "wrong").exists()
     assert main(["image", "apply", str(old), str(tmp_path / "missing"), "-o", str(tmp_path / "x")]) == 2
     assert "cannot read the patch" in capsys.readouterr().err
+    assert main(["image", "delta", str(old), str(new), "-o", str(tmp_path / "no" / "such" / "p")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    (tmp_path / "rsa.pem").write_text("not a key")
+    assert main(["image", "delta", str(old), str(new), "-o", str(tmp_path / "p2"), "--key", str(tmp_path / "rsa.pem")]) == 2
+    assert "not a readable PEM private key" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["bsdiff", "zstd"])
