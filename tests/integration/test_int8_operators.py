@@ -126,10 +126,16 @@ GATHER_CASES = {
     "conv_1x1_batch_7_pixels_c36_oc37": lambda: q.conv2d(32, [7, 1, 1, 36], 37, 1, 1, VALID, RELU6),
     "conv_3x3_25_pixels_oc70_relu6": lambda: q.conv2d(33, [1, 5, 5, 12], 70, 3, 1, SAME, RELU6),
     "conv_rgb_3x3_s2_16_pixels": lambda: q.conv2d(34, [1, 8, 8, 3], 8, 3, 2, SAME, NONE),
+    # tap rows of whole words (one channel, four taps across; two channels, two taps; dilated across: per tap),
+    # widened straight from the input inside, from a padded copy of the row where the window is clipped, zeros for
+    # rows above and below
+    "conv_c1_4x4_same_s2": lambda: q.conv2d(35, [1, 13, 10, 1], 12, 4, 2, SAME, RELU),
+    "conv_c2_2x2_same_dilated": lambda: q.conv2d(36, [1, 7, 6, 2], 6, 2, 1, SAME, NONE, dilation=2),
+    "conv_c2_2x2_same": lambda: q.conv2d(37, [2, 5, 6, 2], 9, 2, 1, SAME, RELU6),
 }
 
 # gemm4 where four pixels per pass win (int16 weights on DSP cores: pixels 0 or 3 mod 4, or 24 and more)
-GEMM4 = {"conv_rgb_valid_batch2", "conv_c7_same_s2", "conv_rgb_5x5_same_relu6", "conv_1x1_batch_7_pixels_c36_oc37",
+GEMM4 = {"conv_c1_4x4_same_s2", "conv_c2_2x2_same", "conv_c2_2x2_same_dilated", "conv_rgb_valid_batch2", "conv_c7_same_s2", "conv_rgb_5x5_same_relu6", "conv_1x1_batch_7_pixels_c36_oc37",
          "conv_3x3_25_pixels_oc70_relu6", "conv_rgb_3x3_s2_16_pixels"}
 
 

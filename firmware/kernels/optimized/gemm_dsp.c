@@ -143,7 +143,8 @@ static inline __attribute__((always_inline)) int inside(const int32_t *params, i
 {
     const int H = params[P_H], W = params[P_W], C = params[P_C], D = tap_depth(C);
     const int y1 = y0 + (params[P_KH] - 1) * params[P_DH], x1 = x0 + (params[P_KW] - 1) * params[P_DW];
-    return D % 4 == 0 && y0 >= 0 && x0 >= 0 && y1 < H && x1 < W && (D == C || y1 < H - 1 || x1 < W - 1);
+    const int whole = D % 4 == 0 || (params[P_DW] == 1 && params[P_KW] * C % 4 == 0); /* taps or tap rows */
+    return whole && y0 >= 0 && x0 >= 0 && y1 < H && x1 < W && (D == C || y1 < H - 1 || x1 < W - 1);
 }
 
 /* the patch of the window at `row` (its top-left tap), taps `dy` bytes apart down and `dx` across, D channels a
@@ -158,6 +159,12 @@ static inline __attribute__((always_inline)) void gather_inside(const int8_t *ro
             for (int kx = 0; kx < KW; kx++, src += dx, dst += step)
                 widen4_at(src, offset, dst, hi);
         }
+        return;
+    }
+    if (dx == D) { /* a tap row is KW * D contiguous bytes, whole quads (inside() checked it) */
+        for (int ky = 0; ky < KH; ky++, row += dy)
+            for (int q = 0; q < KW * D; q += 4, dst += step)
+                widen4_at(row + q, offset, dst, hi);
         return;
     }
     for (int ky = 0; ky < KH; ky++, row += dy) {
@@ -209,6 +216,34 @@ static inline __attribute__((always_inline)) void gather_into(const int8_t *in, 
                 widen4_at(src, offset, dst, hi);
                 dst += step;
             }
+        }
+        return;
+    }
+    const int row_bytes = KW * C;
+    if (DW == 1 && row_bytes % 4 == 0) { /* each tap row whole quads (one channel, four taps across: a spectrogram's
+                                           first layer): widened straight from the input where it lies inside */
+        for (int ky = 0; ky < KH; ky++) {
+            const int iy = y0 + ky * DH;
+            if (iy < 0 || iy >= H) {
+                for (int q = 0; q < row_bytes; q += 4, dst += step) {
+                    memset(dst, 0, 4);
+                    memset(dst + hi, 0, 4);
+                }
+                continue;
+            }
+            const int8_t *row = in + iy * W * C;
+            if (x0 < 0 || x0 + KW > W) { /* clipped: the row's bytes, padding the input zero point (0 widened) */
+                int8_t raw[row_bytes] __attribute__((aligned(4)));
+                memset(raw, params[P_ZP_IN], (size_t)row_bytes);
+                const int k0 = x0 < 0 ? -x0 : 0, k1 = W - x0 < KW ? W - x0 : KW;
+                if (k1 > k0)
+                    memcpy(raw + k0 * C, row + (x0 + k0) * C, (size_t)((k1 - k0) * C));
+                for (int q = 0; q < row_bytes; q += 4, dst += step)
+                    widen4_at(raw + q, offset, dst, hi);
+                continue;
+            }
+            for (int q = 0; q < row_bytes; q += 4, dst += step)
+                widen4_at(row + x0 * C + q, offset, dst, hi);
         }
         return;
     }
