@@ -27,7 +27,7 @@ import requests
 
 from tinymlaas.errors import TinyMLaaSError
 from tinymlaas.ota.delta import DeltaRejected, apply_patch, decompress_image
-from tinymlaas.ota.package import ImageRejected, inspect_image, slot_size
+from tinymlaas.ota.package import ImageRejected, inspect_image, inspect_model_image, model_slot_size, slot_size
 from tinymlaas.ota.selftest import run_selftest
 from tinymlaas.ota.slots import BootedImage, Bootloader, Flash, NoBootableImage
 from tinymlaas.private import write_private
@@ -57,7 +57,7 @@ class Agent:
         self.board = board  # the emulated board: "qemu" (the target's QEMU machine) or "renode" (a real part's model)
         self.mqtt_port = mqtt_port
         self.state = self._load()
-        self.flash = Flash(self.dir / "flash.img", slot_size(get_target(target)))
+        self.flash = Flash(self.dir / "flash.img", slot_size(get_target(target)), model_slot_size(get_target(target)))
         self.booted: BootedImage | None = None
         self.client: mqtt.Client | None = None
         self.jobs: queue.Queue = queue.Queue()
@@ -83,7 +83,7 @@ class Agent:
 
     @property
     def version(self) -> str | None:
-        return self.booted.info.version if self.booted else None
+        return self.booted.version if self.booted else None
 
     # life cycle
 
@@ -211,7 +211,7 @@ class Agent:
         self._update(job, status, **fields)
         self.state["done_jobs"][job["jobId"]] = job["last_update"]
         self.state.pop("job", None)
-        for name in ("download.part", "delta.part", "download.xz", "selftest.json"):
+        for name in ("download.part", "delta.part", "download.xz", "model.part", "selftest.json"):
             (self.dir / name).unlink(missing_ok=True)
         self._save()
         self._publish("state", {"state": "online", "firmware_version": self.version,
@@ -246,14 +246,18 @@ class Agent:
             self._finish(job, "FAILED", step="download", message=str(e)[:300])
             return
         job["received"] = sent
-        try:
-            inspect_image(image, self.state["signing_key"].encode(), self.flash.slot_size, self.version,
-                          allow_downgrade=bool(job.get("allow_downgrade")))
-        except ImageRejected as e:
-            self._finish(job, "REJECTED", step="verify", reason=e.reason, message=str(e))
-            return
+        if sent["payload"] != "model":  # a model image was inspected where it was made (_model_image)
+            try:
+                inspect_image(image, self.state["signing_key"].encode(), self.flash.slot_size, self.version,
+                              allow_downgrade=bool(job.get("allow_downgrade")))
+            except ImageRejected as e:
+                self._finish(job, "REJECTED", step="verify", reason=e.reason, message=str(e))
+                return
         self._update(job, "IN_PROGRESS", step="installing", progress=0.6)
-        self.bootloader.stage(image)
+        if sent["payload"] == "model":
+            self.bootloader.stage_model(image)
+        else:
+            self.bootloader.stage(image)
         job["phase"] = "staged"
         self._save()
         self._update(job, "IN_PROGRESS", step="rebooting", progress=0.8)
@@ -271,6 +275,9 @@ class Agent:
         kind = payload.get("kind", "full")
         running = self.bootloader.image_in(self.booted.slot) if kind == "delta" and self.booted else None
         try:
+            if kind == "model":
+                image = self._model_image(job, payload)
+                return image, {"payload": "model", "bytes": payload["size"]}
             if kind == "delta" and running is not None and hashlib.sha256(running).hexdigest() == payload.get("base"):
                 patch = self._download(payload["url"], payload["sha256"], self.dir / "delta.part", job)
                 image = apply_patch(running, patch, self.state["signing_key"].encode(), self.flash.slot_size)
@@ -284,11 +291,32 @@ class Agent:
                 if hashlib.sha256(image).hexdigest() != want:
                     raise DeltaRejected("bad-result", "the bytes made are not the image the job names")
                 return image, {"payload": kind, "bytes": payload["size"]}
-        except DeltaRejected as e:
+        except (DeltaRejected, ImageRejected) as e:
             log.warning("%s: %s; fetching the full image", self.device_id, e)
             kind = f"full ({e.reason} {kind})"
         image = self._download(job["image"]["url"], want, self.dir / "download.part", job)
         return image, {"payload": kind, "bytes": len(image)}
+
+    def _model_image(self, job: dict, payload: dict) -> bytes:
+        """A model-only update's model image: a patch against the signed image the device runs its model from (its
+        base checked before anything is fetched) or the image compressed, checked against the image's hash, then inspected as a
+        device inspects a model image before it writes anything: signature, version, and that it was made for
+        the running firmware's model ABI. Raises DeltaRejected or ImageRejected (the caller takes the full image)."""
+        booted = self.booted
+        if booted is None or booted.layout is None:
+            raise ImageRejected("abi-mismatch", "the running firmware has no model region")
+        source = self.bootloader.model_source(booted) if payload.get("base") else None
+        if payload.get("base") and (source is None or hashlib.sha256(source).hexdigest() != payload["base"]):
+            raise DeltaRejected("wrong-base", "the patch was made for another image than the one the model runs from")
+        data = self._download(payload["url"], payload["sha256"], self.dir / "model.part", job)
+        key = self.state["signing_key"].encode()
+        image = (apply_patch(source, data, key, self.flash.model_slot_size) if source is not None
+                 else decompress_image(data, self.flash.model_slot_size))
+        if hashlib.sha256(image).hexdigest() != payload.get("image"):
+            raise DeltaRejected("bad-result", "the bytes made are not the model image the job names")
+        inspect_model_image(image, key, self.flash.model_slot_size, booted.layout.abi, self.version,
+                            allow_downgrade=bool(job.get("allow_downgrade")))
+        return image
 
     def _finish_test_boot(self, job: dict, spec: dict | None = None) -> None:
         """Running the new image once as a test image: self-test, then confirm or revert."""
@@ -301,7 +329,7 @@ class Agent:
             raw[0] ^= 0xFF
             spec = {**spec, "expected_outputs": base64.b64encode(bytes(raw)).decode()}
         with SELFTEST_SLOTS:
-            result = run_selftest(self.booted.payload, spec, board=self.board)
+            result = run_selftest(self.booted.payload, spec, board=self.board, model=self.booted.model_region)
         if result.passed:
             self.bootloader.confirm()
             self._boot()

@@ -119,6 +119,9 @@ class Device(Base):
     ram_bytes: Mapped[int] = mapped_column(Integer)
     firmware_version: Mapped[str | None] = mapped_column(String(32))
     build_id: Mapped[int | None] = mapped_column(ForeignKey("builds.id"))
+    # the build whose firmware image its active slot holds: build_id's, except after a model-only update (then the
+    # build_id's model runs on this build's code part); None: build_id's
+    image_build_id: Mapped[int | None] = mapped_column(ForeignKey("builds.id"))
     secret_hash: Mapped[str] = mapped_column(String(200))  # Mosquitto's PBKDF2-SHA512 format
     state: Mapped[str] = mapped_column(String(16), default="registered")  # registered, online, lost
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime)

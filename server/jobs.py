@@ -237,6 +237,8 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
             package = package_build(out, target, ensure_signing_key(settings), version)
             artifacts.update(image=store.put_file(package.image), payload=store.put_file(package.payload),
                              selftest=store.put_file(package.selftest))
+            if package.model_image is not None:  # the model alone, for devices running this build's code part
+                artifacts["model_image"] = store.put_file(package.model_image)
         with sessions() as s:
             b = s.get(Build, build_id)
             lease.check(b)
@@ -246,7 +248,7 @@ def _run_claimed_build(settings: Settings, build_id: int, sessions, engine, stor
                 b.report["search"] = summary
             if package is not None:
                 b.report["image"] = {"version": package.info.version, "size": package.info.total_size,
-                                     "sha256": package.info.sha256}
+                                     "sha256": package.info.sha256, "abi": package.abi}
             b.artifacts = artifacts
             s.commit()
         if backend.firmware:  # the database holds firmware measurements

@@ -53,7 +53,7 @@ def cancel(build_id):
 ARTIFACT_FILES = {"image": "image.signed.bin", "firmware": "firmware.elf", "payload": "firmware.bin",
                   "report": "report.json", "selftest": "selftest.json", "front": "front.json", "front_plot": "front.png",
                   "library": "model.so", "metadata": "metadata.json",  # these two: host targets
-                  "platformio": "platformio.zip"}
+                  "platformio": "platformio.zip", "model_image": "model.signed.bin"}
 
 
 @blp.route("/builds/<int:build_id>/artifacts/<name>", methods=["GET"])

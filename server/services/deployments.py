@@ -187,32 +187,72 @@ def expire_silent_jobs(session: Session) -> dict[int, list[DeviceJob]]:
     return expired
 
 
+# A model-only payload is taken over a smaller one when it costs at most this much more: the device then writes
+# its model slot alone (the model's bytes, not the whole firmware image) and its running code stays in place. A
+# patch of the whole image and one of the model image carry the same new bytes (the model, the hash and the
+# signature), so the two are within a few bytes of each other either way.
+MODEL_ONLY_ALLOWANCE = 1.05
+
+
 def payload_for(session: Session, store, signing_key: Path, job: DeviceJob, build: Build) -> dict:
     """The smallest valid payload of `build`'s image for the job's device, recorded on the job: a signed patch from
-    the image the device runs (when this service shipped it: the device's build), the image compressed (LZMA2),
-    or the image itself. Patches and the compressed image are made once and kept as the build's artifacts
-    (`delta_from_<build>`, `image_xz`). The device checks the base, and what it makes, against the image's hash;
-    it falls back to the full image (`image` in the job document) when it cannot use the payload."""
+    the firmware image the device runs (when this service shipped it), the model image alone (when that image's
+    code part is the new build's: the same model ABI; preferred within MODEL_ONLY_ALLOWANCE of the smallest), the
+    image compressed (LZMA2), or the image itself. Patches and compressed images are made once and kept as the
+    build's artifacts (`delta_from_<build>`, `image_xz`, `model_from_<base>`, `model_xz`). The device checks the base, and what it makes, against the image's hash; it
+    falls back to the full image (`image` in the job document) when it cannot use the payload."""
     from tinymlaas.ota.delta import compress_image, make_patch
 
     artifacts = dict(build.artifacts)
     image = lambda: store.path(artifacts["image"]).read_bytes()  # read only when a payload is made
     if "image_xz" not in artifacts:
         artifacts["image_xz"] = store.put_bytes(compress_image(image()))
-    options = [("full", artifacts["image"], None), ("compressed", artifacts["image_xz"], None)]
+    options = [{"kind": "full", "sha256": artifacts["image"]}, {"kind": "compressed", "sha256": artifacts["image_xz"]}]
     device = session.get(Device, job.device_id)
-    base = session.get(Build, device.build_id) if device is not None and device.build_id else None
-    if base is not None and base.id != build.id and (base.artifacts or {}).get("image") in store:
-        name = f"delta_from_{base.id}"
+    running = session.get(Build, device.build_id) if device is not None and device.build_id else None
+    flashed = session.get(Build, device.image_build_id) if running is not None and device.image_build_id else running
+    if flashed is not None and running.id != build.id and (flashed.artifacts or {}).get("image") in store:
+        name = f"delta_from_{flashed.id}"
         if name not in artifacts:
-            artifacts[name] = store.put_bytes(make_patch(store.path(base.artifacts["image"]).read_bytes(), image(),
+            artifacts[name] = store.put_bytes(make_patch(store.path(flashed.artifacts["image"]).read_bytes(), image(),
                                                          signing_key))
-        options.append(("delta", artifacts[name], base.artifacts["image"]))
+        options.append({"kind": "delta", "sha256": artifacts[name], "base": flashed.artifacts["image"]})
+        if same_model_abi(flashed, build) and "model_image" in artifacts:
+            # the device runs its model from its firmware image, or (after a model-only update) from a model slot
+            base = flashed.artifacts["image"] if running.id == flashed.id else running.artifacts.get("model_image")
+            if base in store:
+                options.append(model_payload(store, signing_key, artifacts, base))
     if artifacts != build.artifacts:
         build.artifacts = artifacts
-    kind, digest, base_sha = min(options, key=lambda o: store.path(o[1]).stat().st_size)
-    job.payload, job.payload_bytes = kind, store.path(digest).stat().st_size
-    return {"kind": kind, "sha256": digest, "size": job.payload_bytes, **({"base": base_sha} if base_sha else {})}
+    size = lambda o: store.path(o["sha256"]).stat().st_size
+    chosen = min(options, key=size)
+    model = next((o for o in options if o["kind"] == "model"), None)
+    if model is not None and size(model) <= MODEL_ONLY_ALLOWANCE * size(chosen):
+        chosen = model
+    job.payload, job.payload_bytes = chosen["kind"], size(chosen)
+    return {**chosen, "size": job.payload_bytes}
+
+
+def same_model_abi(base: Build, build: Build) -> bool:
+    """Is `build`'s code part byte for byte `base`'s (both images carry the same model ABI)?"""
+    abi = lambda b: ((b.report or {}).get("image") or {}).get("abi")
+    return abi(build) is not None and abi(build) == abi(base)
+
+
+def model_payload(store, signing_key: Path, artifacts: dict, base: str) -> dict:
+    """A model-only payload (recorded in `artifacts`): the smaller of the model image compressed and a signed patch
+    from `base`, the signed image the device runs its model from (a firmware image or a model image)."""
+    from tinymlaas.ota.delta import compress_image, make_patch
+
+    model_image = store.path(artifacts["model_image"]).read_bytes()
+    if "model_xz" not in artifacts:
+        artifacts["model_xz"] = store.put_bytes(compress_image(model_image))
+    name = f"model_from_{base[:16]}"
+    if name not in artifacts:
+        artifacts[name] = store.put_bytes(make_patch(store.path(base).read_bytes(), model_image, signing_key))
+    patch = {"kind": "model", "sha256": artifacts[name], "base": base, "image": artifacts["model_image"]}
+    packed = {"kind": "model", "sha256": artifacts["model_xz"], "image": artifacts["model_image"]}
+    return min((patch, packed), key=lambda o: store.path(o["sha256"]).stat().st_size)
 
 
 @dataclass
@@ -251,6 +291,10 @@ def apply_job_update(session: Session, device_id: str, job_id: str, update: dict
     dep = session.get(Deployment, job.deployment_id)
     if status == "succeeded":
         build = session.get(Build, dep.build_id)
+        if job.payload != "model":  # a firmware image went to its slot (a model-only update leaves the one there)
+            device.image_build_id = build.id
+        elif device.image_build_id is None:
+            device.image_build_id = device.build_id
         device.firmware_version, device.build_id = build.version, build.id
         if job.instructions:
             device.instructions = job.instructions

@@ -30,7 +30,7 @@ def small_firmware(tmp_path_factory):
     from tests.helpers import quantized_layers as q
     from tinymlaas.build.pipeline import compile_model
     from tinymlaas.build.request import BuildRequest
-    from tinymlaas.ota.package import firmware_payload, generate_key, package_build
+    from tinymlaas.ota.package import generate_key, package_build
     from tinymlaas.targets import get_target
 
     work = tmp_path_factory.mktemp("ota")
@@ -39,5 +39,5 @@ def small_firmware(tmp_path_factory):
     compile_model(model, "cortex-m4", work / "build", BuildRequest(inputs=3))
     key = generate_key(work / "keys" / "signing.pem")
     package = package_build(work / "build", get_target("cortex-m4"), key, "1.0.1")
-    firmware_payload(work / "build" / "firmware.elf", get_target("cortex-m4"), work / "payload.bin")
-    return {"dir": work, "key": key, "package": package, "payload": work / "payload.bin"}
+    # the firmware image's payload: the code part, then the model (its weights at the model region)
+    return {"dir": work, "key": key, "package": package, "payload": package.payload}

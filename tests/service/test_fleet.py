@@ -41,8 +41,10 @@ def test_build_job_produces_a_verified_signed_image(live, tmp_path):
     client, b = live["client"], live["v1"]
     assert b["progress"] == 1.0 and b["report"]["verified"] and b["report"]["lowering"] == "integer"
     made = {"image", "firmware", "payload", "report", "selftest", "platformio"}
-    # rollouts add the payloads they sent: the image compressed, patches from the builds devices ran
-    assert made <= set(b["artifacts"]) and all(a == "image_xz" or a.startswith("delta_from_")
+    # a model image where the model's constants fit the model region; rollouts add the payloads they sent: the
+    # image (or the model image) compressed, patches from the builds (or the models) devices ran
+    assert made <= set(b["artifacts"]) and all(a in ("image_xz", "model_image", "model_xz")
+                                               or a.startswith(("delta_from_", "model_from_"))
                                                for a in set(b["artifacts"]) - made), b["artifacts"]
     image = client.download_artifact(b["id"], "image", tmp_path / "image.bin").read_bytes()
     key = public_key_pem(live["server"].settings.signing_key)
@@ -188,6 +190,59 @@ def test_payloads_are_the_smallest_valid_one_and_a_wrong_base_falls_back_to_the_
         assert agent.version == v2["version"]
     finally:
         _stop([agent])
+
+
+def test_a_retrained_model_goes_out_as_a_model_only_update(live, tmp_path):
+    """Builds of one architecture (each retrained: every weight and its scale changed) have the same code part, so
+    a device running one gets the next one's model image alone: written to a model slot, its self-test bit-exact
+    on the first build's code with the new model; the next model-only update patches the model image the device
+    runs. A device of the same target running a model of another architecture gets the full image."""
+    from tests.helpers import quantized_layers as q
+    from tinymlaas.ota.slots import NO_SLOT
+
+    server, client = live["server"], live["client"]
+    store = server.app.extensions["tinymlaas"].store
+    names = {"fc-a": 7, "fc-other": 7, "fc-b": 8, "fc-c": 9}
+    for name, seed in names.items():
+        (tmp_path / f"{name}.tflite").write_bytes(q.fully_connected(seed, [1, 37], 12 if name == "fc-other" else 11, 1))
+    first, other, retrained, again = (build(client, tmp_path / f"{n}.tflite") for n in names)
+    abi = lambda b: b["report"]["image"]["abi"]
+    assert abi(first) == abi(retrained) == abi(again) != abi(other)
+    agents = start_agents(server, live["root"], ["model-0", "model-1"], group="model-a")
+    other_agent = start_agents(server, live["root"], ["model-2"], group="model-o")[0]
+    try:
+        assert client.wait_deployment(client.deploy(first["id"], group="model-a")["id"])["state"] == "succeeded"
+        assert client.wait_deployment(client.deploy(other["id"], group="model-o")["id"])["state"] == "succeeded"
+        for new, base in ((retrained, first["artifacts"]["image"]), (again, retrained["artifacts"]["model_image"])):
+            d = client.wait_deployment(client.deploy(new["id"], group="model-a")["id"])
+            assert d["state"] == "succeeded", d["jobs"]
+            assert {j["payload"] for j in d["jobs"]} == {"model"}, d["jobs"]
+            sizes = {k: store.path(v).stat().st_size for k, v in client.build(new["id"])["artifacts"].items()}
+            sent = d["jobs"][0]["payload_bytes"]  # the smaller of the model image compressed and patched
+            assert sent == min(sizes["model_xz"], sizes[f"model_from_{base[:16]}"]), (sent, sizes)
+            delta = sizes[f"delta_from_{first['id']}"]  # from the firmware image the devices still run
+            assert sent <= 1.05 * delta and sent < 0.2 * sizes["image_xz"], (sent, sizes)
+            assert d["summary"]["bytes"] == {"total": 2 * sent, "model": 2 * sent}
+            for a, job in zip(agents, d["jobs"]):
+                assert a.version == new["version"] and a.booted.model_slot != NO_SLOT and not a.booted.test
+                # the first build's firmware, byte for byte, runs the new model: its verified outputs (the self-test
+                # passed) and its instruction count
+                assert hashlib.sha256(a.bootloader.image_in(a.booted.slot)).hexdigest() == first["artifacts"]["image"]
+                assert job["instructions"] == new["report"]["instructions"]
+        # the server believes model-2 runs the first build; it runs a model of another architecture: the model
+        # payload's base is not what its model runs from, so it takes the full image
+        with server.app.extensions["tinymlaas"].sessions() as s:
+            from server.db import Device
+
+            device = s.scalars(select(Device).where(Device.name == "model-2")).one()
+            device.build_id, device.image_build_id, device.group = first["id"], None, "model-a2"
+            s.commit()
+        d = client.wait_deployment(client.deploy(again["id"], group="model-a2")["id"])
+        job = d["jobs"][0]
+        assert d["state"] == "succeeded" and job["payload"] == "full (wrong-base model)", job
+        assert other_agent.version == again["version"] and other_agent.booted.model_slot == NO_SLOT
+    finally:
+        _stop([*agents, other_agent])
 
 
 def _bad_build(live, tmp_path, kind: str) -> int:

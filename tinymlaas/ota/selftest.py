@@ -43,9 +43,11 @@ def selftest_spec(target: str, firmware: Firmware, inputs: bytes, outputs: bytes
     return spec
 
 
-def run_selftest(payload: bytes, spec: dict, timeout: float = 60.0, board: str = "qemu") -> SelfTestResult:
+def run_selftest(payload: bytes, spec: dict, timeout: float = 60.0, board: str = "qemu",
+                 model: tuple[int, bytes] | None = None) -> SelfTestResult:
     """Boot `payload` on the device's emulated board (`board`: qemu, or renode: Renode's model of the target's
-    part), feed it the spec's inputs, compare every output byte."""
+    part) with `model` (address, bytes: the model the bootloader put in its region, for firmware with one), feed
+    it the spec's inputs, compare every output byte."""
     target = get_target(spec["target"])
     built_for = spec.get("runner", "qemu")
     if built_for != board:
@@ -56,9 +58,12 @@ def run_selftest(payload: bytes, spec: dict, timeout: float = 60.0, board: str =
         work = Path(tmp)
         (work / "payload.bin").write_bytes(payload)
         (work / "inputs.bin").write_bytes(base64.b64decode(spec["inputs"]))
+        if model is not None:
+            (work / "model.bin").write_bytes(model[1])
         try:
             runner = emulator_for(board, timeout, target)
-            run = runner.run_payload(target, work / "payload.bin", spec.get("symbols") or spec["marks"], work)
+            run = runner.run_payload(target, work / "payload.bin", spec.get("symbols") or spec["marks"], work,
+                                     (model[0], work / "model.bin") if model is not None else None)
         except TinyMLaaSError as e:
             return SelfTestResult(False, None, f"the image did not run: {e}")
         got = (work / "outputs.bin").read_bytes() if (work / "outputs.bin").exists() else b""

@@ -39,7 +39,7 @@ def run_elf(elf, target, emulator: str, inputs):
     from pathlib import Path
 
     from tinymlaas.backends import backend_for
-    from tinymlaas.backends.mcu.firmware import Firmware, read_symbols
+    from tinymlaas.backends.mcu.firmware import Firmware, linked_model_region, read_symbols
     from tinymlaas.errors import EmulatorFailure
 
     if not backend_for(target).firmware:
@@ -56,6 +56,7 @@ def run_elf(elf, target, emulator: str, inputs):
     with tempfile.TemporaryDirectory(prefix="tinymlaas-run-") as tmp:
         work = Path(tmp)
         shutil.copyfile(inputs, work / "inputs.bin")
-        firmware = Firmware(elf, elf.with_suffix(".map"), symbols, layout=runner.layout)
+        firmware = Firmware(elf, elf.with_suffix(".map"), symbols, layout=runner.layout,
+                            model_region=linked_model_region(elf, target))
         run = runner.run(target, firmware, work)
         return run, (work / "outputs.bin").read_bytes()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinymlaas import build_dir, data_dir
-from tinymlaas.backends.mcu.firmware import Firmware
+from tinymlaas.backends.mcu.firmware import Firmware, model_payload
 from tinymlaas.errors import EmulatorFailure, EmulatorTimeout, ToolMissing
 
 PLUGIN_SOURCE = data_dir("firmware") / "qemu_plugin" / "icount.c"
@@ -56,6 +56,10 @@ def plugin_path() -> Path:
     return lib
 
 
+def _loader(path: Path, address: int) -> list[str]:
+    return ["-device", f"loader,file={path},addr={address:#x}"]
+
+
 class QemuEmulator:
     """QEMU system emulation with -icount shift=0: one instruction per virtual nanosecond, repeatable."""
 
@@ -80,7 +84,11 @@ class QemuEmulator:
         marks = {k: firmware.symbols.get(f"tinymlaas_mark_{k}") for k in ("begin", "end")}
         if None in marks.values():
             raise EmulatorFailure(f"{firmware.elf.name}: harness marker functions not found")
-        return self._command(target, ["-kernel", str(firmware.elf)], marks, counts_file)
+        image_args = ["-kernel", str(firmware.elf)]
+        if firmware.model_region is not None:  # the model section is in no load segment: put it in place
+            model = model_payload(firmware.elf, target, counts_file.parent / "model.bin")
+            image_args += _loader(model, firmware.model_region.base)
+        return self._command(target, image_args, marks, counts_file)
 
     def _command(self, target, image_args: list[str], marks: dict, counts_file: Path) -> list[str]:
         qemu = shutil.which(target.emulator.qemu)
@@ -109,9 +117,11 @@ class QemuEmulator:
             *image_args,
         ]
 
-    def run_payload(self, target, payload: Path, marks: dict, workdir: Path) -> EmulatorRun:
-        """Boot a raw flash payload (what a bootloader put in place) at the flash base, as a device would."""
-        image_args = ["-device", f"loader,file={payload},addr={target.emulator.flash.base:#x}"]
+    def run_payload(self, target, payload: Path, marks: dict, workdir: Path,
+                    model: tuple[int, Path] | None = None) -> EmulatorRun:
+        """Boot a raw flash payload (what a bootloader put in place) at the flash base, as a device would; `model`
+        (address, file): a model image's payload, put at its region."""
+        image_args = _loader(payload, target.emulator.flash.base) + (_loader(model[1], model[0]) if model else [])
         return self._execute(target, self._command(target, image_args, marks, workdir / "counts.txt"), workdir)
 
     def run(self, target, firmware: Firmware, workdir: Path) -> EmulatorRun:

@@ -130,11 +130,16 @@ class RenodeEmulator:
         self.check(firmware)
         return self._execute(target, [f"sysbus LoadELF @{_path(firmware.elf)}"], firmware.symbols, workdir)
 
-    def run_payload(self, target, payload: Path, symbols: dict, workdir: Path) -> EmulatorRun:
-        """Boot a raw flash payload (what a bootloader put in place) at the flash base, as a device would."""
+    def run_payload(self, target, payload: Path, symbols: dict, workdir: Path,
+                    model: tuple[int, Path] | None = None) -> EmulatorRun:
+        """Boot a raw flash payload (what a bootloader put in place) at the flash base, as a device would; `model`
+        (address, file): a model image's payload, put at its region."""
         base = self.machine.flash.base
         boot = (f"sysbus.cpu VectorTableOffset {base:#x}" if target.arch == "arm" else f"sysbus.cpu PC {base:#x}")
-        return self._execute(target, [f"sysbus LoadBinary @{_path(payload)} {base:#x}", boot], symbols, workdir)
+        loads = [f"sysbus LoadBinary @{_path(payload)} {base:#x}"]
+        if model is not None:
+            loads.append(f"sysbus LoadBinary @{_path(model[1])} {model[0]:#x}")
+        return self._execute(target, [*loads, boot], symbols, workdir)
 
     def _execute(self, target, image: list[str], symbols: dict, workdir: Path) -> EmulatorRun:
         if shutil.which("mono") is None:
