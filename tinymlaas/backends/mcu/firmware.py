@@ -243,9 +243,13 @@ def link_firmware(
     ]
     region = layout.model_region if layout.model_region and driver.weight_bytes <= layout.model_region.size else None
     if region is not None:
-        try:  # gcc's -T drops the one picolibc.specs adds; the region's script augments it
-            _run([*cmd, "-Tpicolibc.ld", f"-Wl,-T,{model_region_script(region, workdir)}"], workdir,
-                 f"linking firmware for {target.name}")
+        # an empty gcc -T keeps picolibc.specs from adding picolibc.ld; the region's script augments it (ld takes an
+        # INSERT script ahead of the script it inserts into), both ahead of the --defsym flags, where the specs put
+        # picolibc.ld: its DEFINED() tests see the same symbols as without a region
+        scripts = ["-T/dev/null", f"-Wl,-T,{model_region_script(region, workdir)}", "-Wl,-T,picolibc.ld"]
+        at = cmd.index(recipe.ldflags[0])
+        try:
+            _run([*cmd[:at], *scripts, *cmd[at:]], workdir, f"linking firmware for {target.name}")
         except BuildFailure:  # the code reaches into the region: the constants go after the code, as without one
             region = None
         else:
