@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 
 ATTR = "tinymlaas.layer_schedule"  # the PrimFunc attribute carrying a layer's schedule (LayerSchedule.key())
@@ -215,7 +216,24 @@ def features(shape: KernelShape, schedule: LayerSchedule) -> dict:
         "unroll_taps": int(schedule.unroll_taps), "proven_requant": int(schedule.proven_requant),
         "dsp_dot": int(schedule.dsp_dot), "wide_weights": int(schedule.wide_weights),
         "padded": int(shape.padded), "split_borders": int(schedule.split_borders),
+        **_implied_work(shape, schedule, red),
     }
+
+
+def _implied_work(shape: KernelShape, schedule: LayerSchedule, red: int) -> dict:
+    """What the tiling implies for the loops, relative to the layer's MACs (shapes differ between models; these
+    ratios carry over): tiles padded past the extents, reduction-loop trips, operand loads, spills."""
+    px_tiles, oc_tiles = -(-shape.pixels // schedule.px_block), -(-shape.channels // schedule.oc_block)
+    tiles, macs = px_tiles * oc_tiles, shape.pixels * shape.channels * red
+    inner = _innermost(shape, schedule.reduction_order)
+    live = schedule.oc_block * schedule.px_block + schedule.oc_block + schedule.px_block
+    return {"tile_waste": tiles * schedule.oc_block * schedule.px_block * red / macs,
+            "log_tiles": math.log(tiles), "log_macs": math.log(macs),
+            "log_inner_trips": math.log(tiles * red / max(1, min(schedule.reduction_unroll, inner))),
+            "loads_rel": tiles * red * (schedule.oc_block + schedule.px_block) / macs,
+            "spill_arm": max(0, live - 11), "spill_riscv": max(0, live - 24), "outputs_rel": 1.0 / red,
+            "unroll_covers": int(schedule.reduction_unroll >= inner),
+            "px_share": schedule.px_block / shape.pixels, "oc_share": schedule.oc_block / shape.channels}
 
 
 # --- the TIR schedule ------------------------------------------------------------------------------------------

@@ -93,13 +93,16 @@ def cost_of(row: dict, by_estimate: bool) -> float | None:
 
 
 class SchedulePredictor:
-    """Log cost of a (layer, schedule) on one target, from the tuning log: LightGBM over the layer's shape and the
-    schedule's knobs (ir.layer_schedule.features). Ranks a layer's space without building it."""
+    """A (layer, schedule)'s log cost on one target relative to the other schedules of its layer, from the tuning
+    log: LightGBM over the layer's shape, the schedule's knobs and what they imply (ir.layer_schedule.features).
+    Ranks a layer's space without building it. The target is each sample's log cost less the mean of its layer's
+    (samples of one kernel shape): only the order within a layer is ever used, and a model that must also learn how
+    large each layer is ranks a layer it never saw worse."""
 
     def __init__(self, seed: int = 0):
         self.seed, self.booster, self.names = seed, None, None
 
-    def fit(self, samples: list[tuple[KernelShape, LayerSchedule, float]], rounds: int = 200) -> SchedulePredictor:
+    def fit(self, samples: list[tuple[KernelShape, LayerSchedule, float]], rounds: int = 300) -> SchedulePredictor:
         import lightgbm as lgb
 
         if len(samples) < 8:
@@ -108,7 +111,12 @@ class SchedulePredictor:
         self.names = sorted(rows[0])
         X = np.array([[r[n] for n in self.names] for r in rows], dtype=float)
         y = np.log(np.array([c for _, _, c in samples], dtype=float))
-        params = {"objective": "regression", "learning_rate": 0.1, "num_leaves": 31, "min_data_in_leaf": 2,
+        by_layer: dict[KernelShape, list[int]] = {}
+        for i, (shape, _, _) in enumerate(samples):
+            by_layer.setdefault(shape, []).append(i)
+        for members in by_layer.values():
+            y[members] -= y[members].mean()
+        params = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 7, "min_data_in_leaf": 5,
                   "seed": self.seed, "deterministic": True, "num_threads": 1, "verbose": -1}
         self.booster = lgb.train(params, lgb.Dataset(X, y), num_boost_round=rounds)
         return self
@@ -332,19 +340,20 @@ def _rank(states: list[LayerState], rows: list[dict], by_estimate: bool, seed: i
         predictor = SchedulePredictor(seed).fit(samples)
     except ValueError:
         return 0
-    ranked = 0
+    ranked, rng = 0, np.random.default_rng([seed, len(rows)])  # the same picks for the same seed and log
     for st in states:
         if not st.order:
             continue
         scores = predictor.predict(st.group.shape, [st.group.space[i] for i in st.order])
-        # mostly the predicted best; every fourth pick from the rest, so the model keeps learning where it is wrong
+        # mostly the predicted best; every fourth pick a random one of the rest: the log then holds samples from
+        # the whole space, which is what ranking the next model's layers (unlike these) needs
         by_score = [st.order[i] for i in np.argsort(scores, kind="stable")]
         head, tail = by_score[: math.ceil(len(by_score) / 4)], by_score[math.ceil(len(by_score) / 4):]
         mixed = []
         for k, i in enumerate(head):
             mixed.append(i)
             if k % 3 == 2 and tail:
-                mixed.append(tail.pop(len(tail) // 2))
+                mixed.append(tail.pop(int(rng.integers(len(tail)))))
         st.order = mixed + tail
         ranked += len(by_score)
     return ranked
