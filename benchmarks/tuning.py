@@ -14,7 +14,9 @@ to --ibex (about 0.2 M simulated instructions per second).
 
 The predictor block: KWS tuned again on a log of its own with "tune-random" and --reference profiled builds (a
 large random sample of every KWS layer's space, measured); the schedule predictor trained only on the other models'
-records ranks those samples. Reported per layer: where the truly best sample lands in the predicted order, pairwise
+records ranks those samples. Those records: the guided runs' (mostly near their layers' best) and --explore
+random builds of each other model on a log of their own (what a worker exploring a fleet's models between builds
+adds: samples from the whole space, which ranking a new model's layers needs). Reported per layer: where the truly best sample lands in the predicted order, pairwise
 ranking accuracy; and the guided KWS run's tuned-layer cost against the reference's best, with its builds.
 """
 
@@ -189,6 +191,8 @@ def main() -> int:
     parser.add_argument("--targets", default="cortex-m4,rv32imac")
     parser.add_argument("--budget", type=int, default=24, help="builds per model (profiled + the two points)")
     parser.add_argument("--reference", type=int, default=100, help="tune-random builds of the held-out model")
+    parser.add_argument("--explore", type=int, default=24, help="tune-random builds of each other model, for the "
+                        "predictor's training records (0: the guided runs' records only)")
     parser.add_argument("--ibex", default="kws_ref_model,ad01_int8", help="models whose rv32imac variants run on "
                         "the Ibex RTL ('' for none)")
     parser.add_argument("--only", default=",".join(ORDER), help="the models, in tuning order (the held-out one last)")
@@ -260,12 +264,24 @@ def main() -> int:
 
             logged_as = log_target(get_target(target))
             training_rows = TuningLog().rows(logged_as)
+            explored_rows, explore_seconds = [], 0.0
+            if args.explore:  # random samples of the other models' layers, on a log of their own
+                os.environ["TINYMLAAS_MEASUREMENTS"] = str(tmp / f"explore-{target}.db")
+                for model in (m for m in args.only.split(",") if m != HELD_OUT):
+                    print(f"{target} explore {model} ({args.explore} random builds) ...", file=sys.stderr, flush=True)
+                    _, _, seconds = tune(models_dir / f"{model}.tflite", target, tmp / target / f"explore-{model}",
+                                         args.explore, strategy="tune-random", seed=1)
+                    explore_seconds += seconds
+                explored_rows = TuningLog().rows(logged_as)
             # the reference: a large random sample of every KWS layer, on a log of its own
             os.environ["TINYMLAAS_MEASUREMENTS"] = str(tmp / f"reference-{target}.db")
             print(f"{target} reference ({args.reference} random builds) ...", file=sys.stderr, flush=True)
             _, ref_history, ref_seconds = tune(models_dir / f"{HELD_OUT}.tflite", target, tmp / target / "ref",
                                                  args.reference, strategy="tune-random")
-            block = predictor_figures(target, TuningLog().rows(logged_as), training_rows, by_estimate)
+            block = predictor_figures(target, TuningLog().rows(logged_as), training_rows + explored_rows,
+                                      by_estimate)
+            block["training"] = {"guided_rows": len(training_rows), "explored_rows": len(explored_rows),
+                                 "explore_builds_per_model": args.explore, "explore_seconds": round(explore_seconds, 1)}
             ref_best = ref_history["history"][-1]["tuned_layers_cost"]
             guided_best = guided_history[-1]["tuned_layers_cost"]
             block.update({
