@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
+from tinymlaas.ota.delta import MODEL_ONLY_ALLOWANCE
 from tinymlaas.ota.package import version_key
 from tinymlaas.ota.rollout import TERMINAL, RolloutPlan, decide, stage_bounds
 
@@ -185,13 +186,6 @@ def expire_silent_jobs(session: Session) -> dict[int, list[DeviceJob]]:
             record(session, job.deployment_id, "device_timed_out", job.message, job.stage, job.device_id)
     session.commit()
     return expired
-
-
-# A model-only payload is taken over a smaller one when it costs at most this much more: the device then writes
-# its model slot alone (the model's bytes, not the whole firmware image) and its running code stays in place. A
-# patch of the whole image and one of the model image carry the same new bytes (the model, the hash and the
-# signature), so the two are within a few bytes of each other either way.
-MODEL_ONLY_ALLOWANCE = 1.05
 
 
 def payload_for(session: Session, store, signing_key: Path, job: DeviceJob, build: Build) -> dict:

@@ -40,6 +40,11 @@ _HEADER = struct.Struct("<4sBBBBI32sI32sI")
 SIGNATURE_SIZE = 64
 LZMA_DICT = 64 * 1024
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": LZMA_DICT}]
+# A model-only payload is taken over a smaller one when it costs at most this much more: the device then writes
+# its model slot alone (the model's bytes, not the whole firmware image) and its running code stays in place. A
+# patch of the whole image and one of the model image carry the same new bytes (the model, the hash and the
+# signature), so the two are within a few bytes of each other either way.
+MODEL_ONLY_ALLOWANCE = 1.05
 
 
 class DeltaRejected(TinyMLaaSError):
