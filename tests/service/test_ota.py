@@ -443,3 +443,14 @@ def test_a_firmware_update_drops_the_model_slot_and_its_revert_keeps_it(images, 
     _update_path(bl, firmware)
     after = bl.boot()
     assert after.info.version == "1.0.2+0" and after.model_slot == NO_SLOT and after.model == confirmed.model
+
+
+def test_a_firmware_elf_runs_with_its_model_section_put_in_place(small_firmware):
+    """The model section is in no load segment (a model image replaces it): running the ELF (`tinymlaas run`) puts
+    it at its region, as a bootloader would, and gives the build's outputs."""
+    from tinymlaas.runners import run_elf
+
+    build = small_firmware["dir"] / "build"
+    run, outputs = run_elf(build / "firmware.elf", M4, "qemu", build / "inputs.bin")
+    assert outputs == (build / "outputs.bin").read_bytes()
+    assert run.regions[0].instructions == json.loads((build / "report.json").read_text())["instructions"]
