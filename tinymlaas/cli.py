@@ -207,6 +207,43 @@ def cmd_image_apply(args) -> int:
     return 0
 
 
+def cmd_image_inspect(args) -> int:
+    """What an image is (firmware or model, version, sizes, model ABI); its hash and signature checked with --key;
+    with --firmware, whether a model image can run on that firmware image's code (the same model ABI)."""
+    from tinymlaas.ota.package import (
+        FIRMWARE_IMAGE,
+        MODEL_IMAGE,
+        ImageRejected,
+        inspect_image,
+        inspect_model_image,
+        model_layout,
+        read_header,
+    )
+
+    data = _read(args.image, "image")
+    info, layout = read_header(data), model_layout(data)
+    kind = layout.kind if layout is not None else None
+    if args.key:
+        key = _read(args.key, "key")
+        if kind == MODEL_IMAGE and args.firmware:
+            running = model_layout(_read(args.firmware, "firmware image"))
+            inspect_model_image(data, key, len(data), running.abi if running else None)
+        else:
+            inspect_image(data, key, len(data), kind=kind or FIRMWARE_IMAGE)
+    elif kind == MODEL_IMAGE and args.firmware:
+        running = model_layout(_read(args.firmware, "firmware image"))
+        if running is None or running.abi != layout.abi:
+            raise ImageRejected("abi-mismatch", f"{args.firmware} has another model ABI (or none): the model "
+                                "image cannot run on it")
+    what = "model" if kind == MODEL_IMAGE else "firmware"
+    region = (f"model ABI {layout.abi[:16]}, model region {layout.address:#x} ({layout.size:,} B)" if layout
+              else "no model region (its constants are linked after the code)")
+    print(f"{args.image}: {what} image {info.version}, {info.total_size:,} B ({info.payload_size:,} B payload); "
+          f"{region}" + ("; hash and signature verified" if args.key else "")
+          + (f"; runs on {args.firmware} (the same model ABI)" if kind == MODEL_IMAGE and args.firmware else ""))
+    return 0
+
+
 def image_runners() -> tuple[str, ...]:
     from tinymlaas.runners import RUNNERS, runner_class
 
@@ -264,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_operators)
 
     image = sub.add_parser("image", help="smaller updates: a signed patch between two images (or any two files), "
-                           "and applying one").add_subparsers(dest="what", required=True)
+                           "applying one, and what an image is").add_subparsers(dest="what", required=True)
     p = image.add_parser("delta", help="the patch that turns OLD into NEW (signed with --key)")
     p.add_argument("old")
     p.add_argument("new")
@@ -277,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="the file to write: byte-identical to the patch's NEW")
     p.add_argument("--key", help="a key (PEM, public or private) the patch must be signed with")
     p.set_defaults(func=cmd_image_apply)
+    p = image.add_parser("inspect", help="what a signed image is: firmware or model, version, sizes and model ABI "
+                         "(refused, exit 2, when --key or --firmware does not accept it)")
+    p.add_argument("image")
+    p.add_argument("--key", help="a key (PEM, public or private) the image must be signed with")
+    p.add_argument("--firmware", help="a firmware image: a model image must have its model ABI")
+    p.set_defaults(func=cmd_image_inspect)
 
     # Other packages add subcommands (the service registers serve, agent, devices, models, builds, deploy, ...).
     for entry in entry_points(group="tinymlaas.commands"):

@@ -454,3 +454,19 @@ def test_a_firmware_elf_runs_with_its_model_section_put_in_place(small_firmware)
     run, outputs = run_elf(build / "firmware.elf", M4, "qemu", build / "inputs.bin")
     assert outputs == (build / "outputs.bin").read_bytes()
     assert run.regions[0].instructions == json.loads((build / "report.json").read_text())["instructions"]
+
+
+def test_cli_inspects_images_and_refuses_a_model_for_other_code_in_one_line(small_firmware, models, tmp_path, capsys):
+    from tinymlaas.cli import main
+
+    firmware, key = str(small_firmware["package"].image), str(small_firmware["key"])
+    assert main(["image", "inspect", str(models["retrained"].model_image), "--key", key, "--firmware", firmware]) == 0
+    out = capsys.readouterr().out
+    assert "model image 1.0.2+0" in out and small_firmware["package"].abi[:16] in out and "verified" in out
+    assert main(["image", "inspect", firmware]) == 0 and "firmware image 1.0.1+0" in capsys.readouterr().out
+    tampered = tmp_path / "tampered.bin"
+    tampered.write_bytes(_flip(models["retrained"].model_image.read_bytes(), 0x200 + 3))
+    for image, said in ((models["other-abi"].model_image, "abi-mismatch"), (tampered, "bad-hash")):
+        assert main(["image", "inspect", str(image), "--key", key, "--firmware", firmware]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
