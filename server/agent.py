@@ -4,7 +4,8 @@ It registers (once; credentials persist in its state folder), connects to MQTT w
 credentials and a last will, and for each job: downloads the image with resume, checks hash,
 signature, size and version, writes the inactive slot, boots it as a test image on its emulated
 board (QEMU, or Renode's model of a real part), runs the self-test, then confirms or reverts —
-reporting every step. Its flash (A/B slots) and its state file are on disk, so a kill at any
+reporting every step. A model-only update (a model image for the running firmware's model ABI)
+goes the same way through a model slot, the firmware staying in place. Its flash (A/B slots) and its state file are on disk, so a kill at any
 moment restarts into a valid image and finishes or fails the job.
 
 The physical board is the one stand-in: its flash is a file and its CPU is QEMU or Renode.
@@ -299,9 +300,9 @@ class Agent:
 
     def _model_image(self, job: dict, payload: dict) -> bytes:
         """A model-only update's model image: a patch against the signed image the device runs its model from (its
-        base checked before anything is fetched) or the image compressed, checked against the image's hash, then inspected as a
-        device inspects a model image before it writes anything: signature, version, and that it was made for
-        the running firmware's model ABI. Raises DeltaRejected or ImageRejected (the caller takes the full image)."""
+        base checked before anything is fetched) or the image compressed, checked against the image's hash, then
+        inspected before anything is written: hash, signature, kind, version, and that it was made for the running
+        firmware's model ABI. Raises DeltaRejected or ImageRejected (the caller takes the full image)."""
         booted = self.booted
         if booted is None or booted.layout is None:
             raise ImageRejected("abi-mismatch", "the running firmware has no model region")
