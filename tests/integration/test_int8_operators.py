@@ -166,6 +166,41 @@ def test_dsp_kernel_choice(case, kernels, tmp_path):
     assert set(re.findall(r'"(tinymlaas_[a-z0-9_]+)"', text)) == {DSP_KERNEL[case, kernels]}
 
 
+# The default build ("auto") takes TIR with its family's default schedule where one is listed for the core
+# (ir/layer_schedule.py DEFAULT_SCHEDULES: depthwise layers on cores with SMLAD), the C kernels elsewhere.
+DEFAULT_DEPTHWISE = {
+    "dw_3x3_c8_same": lambda: q.depthwise(18, [1, 7, 9, 8], 1, 3, 1, SAME, RELU6),
+    "dw_5x5_c12_same": lambda: q.depthwise(41, [1, 14, 13, 12], 1, 5, 1, SAME, NONE),
+    "dw_3x3_c6_s2": lambda: q.depthwise(42, [1, 15, 16, 6], 1, 3, 2, SAME, RELU),
+}
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+@pytest.mark.parametrize("case", sorted(DEFAULT_DEPTHWISE))
+def test_default_depthwise_takes_the_tir_default_schedule_on_dsp_cores(case, target, tmp_path):
+    from tinymlaas.frontend.cleanup import clean
+    from tinymlaas.frontend.tflite import load_tflite
+    from tinymlaas.ir.layer_schedule import default_schedule, kernel_shape
+    from tinymlaas.targets import get_target
+
+    path = tmp_path / f"{case}.tflite"
+    path.write_bytes(DEFAULT_DEPTHWISE[case]())
+    auto = compile_model(path, target, tmp_path / "auto", BuildRequest(inputs=5, seed=2))
+    c = compile_model(path, target, tmp_path / "c", BuildRequest(inputs=5, seed=2, kernels="dsp"))
+    assert auto.fidelity["max_lsb_diff"] == 0 and c.fidelity["max_lsb_diff"] == 0
+    driver = (tmp_path / "auto" / "tinymlaas_model.c").read_text()
+    graph = clean(load_tflite(path).graph)
+    shape = kernel_shape(graph, graph.operators[0], get_target(target))
+    if target == "cortex-m4":  # TIR, with the table's schedule, in fewer instructions than the C kernels
+        schedule = default_schedule(shape)
+        assert schedule is not None and schedule.oc_block == 1 and schedule.px_block == min(5, shape.pixels)
+        assert "tinymlaas_depthwise" not in driver and "tinymlaas_k_op0" in driver
+        assert auto.instructions < c.instructions
+    else:  # no SMLAD: no default schedule, the C kernels
+        assert default_schedule(shape) is None and "tinymlaas_depthwise" in driver
+        assert auto.instructions == c.instructions
+
+
 @pytest.mark.parametrize("single", [False, True])
 def test_requant_table_equals_tflite_requantization(single):
     """gemm_dsp.c's arithmetic (emulated with int32 overflow checks) against TFLite's formula, at the proved

@@ -94,8 +94,12 @@ class LoweringContext:
         return choose_implementation(self.graph, self.target, self.choices, op, conv)
 
     def layer_schedule(self, op: Operator):
-        """The tuned schedule of this layer's TIR kernel (None: the default schedule)."""
-        return self.schedules.get(op.index)
+        """The schedule of this layer's TIR kernel: the one given (a tuned variant), else its family's default on
+        this core (ir/layer_schedule.py DEFAULT_SCHEDULES; None: TIR's own loops)."""
+        from tinymlaas.ir.layer_schedule import default_schedule, kernel_shape
+
+        given = self.schedules.get(op.index)
+        return given if given is not None else default_schedule(kernel_shape(self.graph, op, self.target))
 
     def repeats(self, op: Operator) -> int:
         """How many operators of the graph have this one's opcode and tensor shapes and types (an unrolled sequence
@@ -110,15 +114,20 @@ class LoweringContext:
 
 
 def choose_implementation(graph: Graph, target, choices, op: Operator, conv: registry.Converter) -> str:
-    """The caller's choice for this layer (or for every layer) where it applies, else the C micro-kernels ("dsp")
-    where the layer offers them, else the converter's first implementation.
+    """The caller's choice for this layer (or for every layer) where it applies, else TIR where its family has a
+    default schedule on this core (ir/layer_schedule.py DEFAULT_SCHEDULES: measured faster than the C kernels),
+    else the C micro-kernels ("dsp") where the layer offers them, else the converter's first implementation.
 
     The C kernels are the default on every core, not only on cores with DSP instructions: their scalar fallbacks
     measured 1.1-2.1x fewer instructions than TIR on Cortex-M3 and RV32 (benchmarks/results/search.json)."""
+    from tinymlaas.ir.layer_schedule import default_schedule, kernel_shape
+
     choice = choices.get(op.index) if isinstance(choices, dict) else choices
     options = registry.candidates(graph, op, target)
     if choice in options:
         return choice
+    if choice in (None, "auto") and "tir" in options and default_schedule(kernel_shape(graph, op, target)):
+        return "tir"
     if "dsp" in options and choice in (None, "auto"):
         return "dsp"
     return options[0] if options else conv.implementations[0]

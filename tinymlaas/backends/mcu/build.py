@@ -179,26 +179,36 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     verified against the interpreter and measured. `stage` (tinymlaas.build.pipeline.Stages) is told each stage."""
     stage("import")
     variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
-    kernels = dict(variant.kernels) if variant is not None else request.kernels
-    model, layer_weights, accuracy = low_bit_weights(model, request, dict(variant.weights) if variant else None)
-    relax_mod, lowering, notes = import_model(model, target, request.int8_lowering, kernels,
-                                              dict(variant.layers) if variant is not None else None)
-
-    stage("lower")
-    program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
-                    fuse=variant is None or variant.fusion != "none", **weight_storage(model, target, request.weights, layer_weights))
+    choice = dict(variant.kernels) if variant is not None else request.kernels
     policy = variant.memory if variant is not None else request.memory
-    unplanned = program
+    if choice == "auto" and policy == "inplace":  # the streaming kernels are C: no TIR by default (to_relax.py)
+        choice = "dsp"
+    model, layer_weights, accuracy = low_bit_weights(model, request, dict(variant.weights) if variant else None)
+
+    def imported(choice, stages: bool = True):
+        relax_mod, lowering, notes = import_model(model, target, request.int8_lowering, choice,
+                                                  dict(variant.layers) if variant is not None else None)
+        if stages:
+            stage("lower")
+        program = lower(relax_mod, schedule=schedule_for(variant.schedule if variant is not None else None),
+                        fuse=variant is None or variant.fusion != "none",
+                        **weight_storage(model, target, request.weights, layer_weights))
+        return program, lowering, notes
+
+    unplanned, lowering, notes = imported(choice)
 
     stage("codegen")
     # auto: the optimal plan (TVM's where it is no larger); in place where even that does not fit
     program, kernels = build_kernels(plan_memory(unplanned, "optimal" if policy == "auto" else policy), target, work)
     ram = program.arena_bytes + program.scratch_bytes + program.state_bytes
     if policy == "auto" and ram > limits(target, request)[1]:  # the smallest arena we can plan, before giving up
+        streaming = ""
+        if choice == "auto":  # the C kernels where the default took TIR: those stream in place
+            unplanned, streaming = imported("dsp", stages=False)[0], " with the C kernels (they stream in place)"
         # built again: an overlapped elementwise kernel is compiled without noalias
         program, kernels = build_kernels(plan_memory(unplanned, "inplace"), target, work)
         notes.append(f"the optimal arena plan needs {fmt(ram)} B of RAM, over the budget of "
-                     f"{fmt(limits(target, request)[1])} B: planned in place")
+                     f"{fmt(limits(target, request)[1])} B: planned in place{streaming}")
     notes.extend(program.notes)
     check_fits(
         model.name, target,
