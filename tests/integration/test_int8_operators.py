@@ -166,8 +166,8 @@ def test_dsp_kernel_choice(case, kernels, tmp_path):
     assert set(re.findall(r'"(tinymlaas_[a-z0-9_]+)"', text)) == {DSP_KERNEL[case, kernels]}
 
 
-# The default build ("auto") takes TIR with its family's default schedule where one is listed for the core
-# (ir/layer_schedule.py DEFAULT_SCHEDULES: depthwise layers on cores with SMLAD), the C kernels elsewhere.
+# The default build ("auto") takes TIR with its family's default schedule where one is listed (ir/layer_schedule.py
+# DEFAULT_SCHEDULES: depthwise layers), on every core; the C kernels for the other families.
 DEFAULT_DEPTHWISE = {
     "dw_3x3_c8_same": lambda: q.depthwise(18, [1, 7, 9, 8], 1, 3, 1, SAME, RELU6),
     "dw_5x5_c12_same": lambda: q.depthwise(41, [1, 14, 13, 12], 1, 5, 1, SAME, NONE),
@@ -177,10 +177,10 @@ DEFAULT_DEPTHWISE = {
 
 @pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
 @pytest.mark.parametrize("case", sorted(DEFAULT_DEPTHWISE))
-def test_default_depthwise_takes_the_tir_default_schedule_on_dsp_cores(case, target, tmp_path):
+def test_default_depthwise_takes_the_tir_default_schedule(case, target, tmp_path):
     from tinymlaas.frontend.cleanup import clean
     from tinymlaas.frontend.tflite import load_tflite
-    from tinymlaas.ir.layer_schedule import default_schedule, kernel_shape
+    from tinymlaas.ir.layer_schedule import KernelShape, default_schedule, kernel_shape
     from tinymlaas.targets import get_target
 
     path = tmp_path / f"{case}.tflite"
@@ -191,14 +191,14 @@ def test_default_depthwise_takes_the_tir_default_schedule_on_dsp_cores(case, tar
     driver = (tmp_path / "auto" / "tinymlaas_model.c").read_text()
     graph = clean(load_tflite(path).graph)
     shape = kernel_shape(graph, graph.operators[0], get_target(target))
-    if target == "cortex-m4":  # TIR, with the table's schedule, in fewer instructions than the C kernels
-        schedule = default_schedule(shape)
-        assert schedule is not None and schedule.oc_block == 1 and schedule.px_block == min(5, shape.pixels)
-        assert "tinymlaas_depthwise" not in driver and "tinymlaas_k_op0" in driver
-        assert auto.instructions < c.instructions
-    else:  # no SMLAD: no default schedule, the C kernels
-        assert default_schedule(shape) is None and "tinymlaas_depthwise" in driver
-        assert auto.instructions == c.instructions
+    schedule = default_schedule(shape)  # the table's, in the layer's space
+    assert schedule is not None and schedule.oc_block == 1 and schedule.px_block == min(5, shape.pixels)
+    assert "tinymlaas_depthwise" not in driver and "tinymlaas_k_op0" in driver  # TIR, not the C kernel
+    assert "tinymlaas_depthwise" in (tmp_path / "c" / "tinymlaas_model.c").read_text()
+    assert auto.instructions < c.instructions
+    # families without a default keep TIR's own loops
+    assert default_schedule(KernelShape("dense", 1, 12, (64,), zero_point=False)) is None
+    assert default_schedule(KernelShape("conv", 5, 16, (3, 3, 8), zero_point=True)) is None
 
 
 @pytest.mark.parametrize("single", [False, True])

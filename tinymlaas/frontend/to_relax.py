@@ -115,11 +115,13 @@ class LoweringContext:
 
 def choose_implementation(graph: Graph, target, choices, op: Operator, conv: registry.Converter) -> str:
     """The caller's choice for this layer (or for every layer) where it applies, else TIR where its family has a
-    default schedule on this core (ir/layer_schedule.py DEFAULT_SCHEDULES: measured faster than the C kernels),
-    else the C micro-kernels ("dsp") where the layer offers them, else the converter's first implementation.
+    default schedule (ir/layer_schedule.py DEFAULT_SCHEDULES: depthwise layers, measured faster than the C kernels
+    on every core), else the C micro-kernels ("dsp") where the layer offers them, else the converter's first
+    implementation.
 
-    The C kernels are the default on every core, not only on cores with DSP instructions: their scalar fallbacks
-    measured 1.1-2.1x fewer instructions than TIR on Cortex-M3 and RV32 (benchmarks/results/search.json)."""
+    The C kernels are the default for the other families on every core, not only on cores with DSP instructions:
+    their scalar fallbacks measured 1.1-2.1x fewer instructions than TIR's own loops on Cortex-M3 and RV32
+    (benchmarks/results/search.json)."""
     from tinymlaas.ir.layer_schedule import default_schedule, kernel_shape
 
     choice = choices.get(op.index) if isinstance(choices, dict) else choices

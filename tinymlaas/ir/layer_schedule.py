@@ -189,7 +189,7 @@ def register_blocked(shape: KernelShape, space, accumulators: int) -> list[Layer
     return picks
 
 
-def _depthwise_on_dsp(shape: KernelShape):
+def _depthwise(shape: KernelShape):
     """One channel a tile and as many pixels as fit (five at most: the weight loaded once for five products),
     accumulators in registers, the zero point folded into the bias, the proven requantization per tile, the padded
     border's loops apart: what tuning chose for every 3x3 depthwise layer of KWS and VWW on Cortex-M4 and nearly
@@ -199,20 +199,20 @@ def _depthwise_on_dsp(shape: KernelShape):
                             requant="tile", proven_requant=proven, split_borders=split)
 
 
-# The schedule a TIR kernel takes when none is given, by (family, core with Arm's DSP extension); a family not listed
-# takes LayerSchedule() (TIR's own loops). The families listed are also the ones the default build ("auto") builds
-# with TIR rather than the C micro-kernels: KWS's 3x3 depthwise layers on Cortex-M4 cost 241,968 estimated cycles
-# each this way against 507,627 with gemm_dsp.c's depthwise3x3 (and 1,129,410 with LayerSchedule()); the default
-# build of KWS went 6.54 M -> 5.47 M estimated cycles, VWW 20.09 M -> 17.21 M (Cortex-M7 12.41 M -> 11.38 M; KWS
-# on Cortex-M33 and M55 -12%), every output bit-exact; the border loops cost code (VWW +16.5 KB, KWS -2.7 KB: the
-# C depthwise kernels are no longer linked).
-DEFAULT_SCHEDULES = {("depthwise", True): _depthwise_on_dsp}
+# The schedule a TIR kernel takes when none is given, by family (a family not listed takes LayerSchedule(): TIR's own
+# loops). The families listed are also the ones the default build ("auto") builds with TIR rather than the C
+# micro-kernels. Depthwise, the default builds (estimated cycles; instructions on RV32), every output bit-exact:
+# KWS on Cortex-M4 6.54 M -> 5.47 M (each 3x3 depthwise layer 507,627 -> 241,968; with LayerSchedule() 1,129,410),
+# VWW 20.09 M -> 17.21 M (code +16.5 KB: the border loops), on Cortex-M7 12.41 M -> 11.38 M; KWS on Cortex-M33 and
+# M55 -12% and -13%, on Cortex-M3 10.73 M -> 9.14 M, on RV32IMAC 11.66 M -> 10.28 M instructions (VWW 35.22 M ->
+# 30.91 M, code +24 KB).
+DEFAULT_SCHEDULES = {"depthwise": _depthwise}
 
 
 def default_schedule(shape: KernelShape | None) -> LayerSchedule | None:
     """The first of DEFAULT_SCHEDULES's candidates for this shape that lies in its space; None where none is
     listed (the kernel's loops as TIR makes them)."""
-    rule = DEFAULT_SCHEDULES.get((shape.family, shape.dsp)) if shape is not None else None
+    rule = DEFAULT_SCHEDULES.get(shape.family) if shape is not None else None
     if rule is None:
         return None
     space = set(space_of(shape))
