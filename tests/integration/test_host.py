@@ -188,6 +188,31 @@ def test_a_tuning_cut_short_is_resumed_not_reused(tmp_path):
     assert len(functions) == 2 and functions[0] != functions[1]  # the old record kept, a new function measured
 
 
+def test_a_time_budget_stops_tuning_between_calls_and_keeps_what_they_measured(tmp_path, monkeypatch):
+    """meta_schedule keeps a call's measurements only when the call ends: the tuner calls it for a few functions at
+    a time and checks its minutes budget between calls. One function per call and a budget spent by the first: the
+    first function is measured and kept, the others are not started."""
+    import tvm
+    from tvm import relax
+
+    from tinymlaas.backends.host import tuning
+    from tinymlaas.backends.host.passes import public_functions
+    from tinymlaas.frontend.cleanup import clean
+    from tinymlaas.frontend.tflite import load_tflite
+    from tinymlaas.frontend.to_relax import to_relax
+    from tinymlaas.targets import get_target
+
+    graph = clean(load_tflite(CORPUS_MODELS / "dense_autoencoder_float32.tflite").graph, shapes_from_interpreter=True)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})  # meta_schedule asks how many cores
+    with target:
+        mod = relax.get_pipeline("zero")(public_functions(to_relax(graph, get_target("cpu-host"), "tir")))
+    monkeypatch.setattr(tuning, "TASKS_PER_CALL", 1)
+    ran = tuning.tune(mod, target, tmp_path, trials=8, per_task=1, minutes=1e-4)
+    assert ran["tasks"] > 1 and ran["stopped_by"] == "minutes" and ran["rounds"] == 1
+    records = (tmp_path / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) == ran["trials"] == 1
+
+
 @pytest.mark.slow
 def test_cpu_tuning_stops_at_its_time_budget_and_a_rebuild_reuses_the_database(tmp_path):
     opts = BuildRequest(inputs=2, tune_trials=400, tune_trials_per_task=64, tune_minutes=0.1,

@@ -97,3 +97,95 @@ def test_relu6_in_nhwc_takes_mixed_precision_and_keeps_its_values():
     want, got = run(mod), run(prepared)
     assert want.max() > 6 - 1e-6 or want.min() < 1e-6  # the bounds are reached
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_k_takes_the_convolutions_with_few_output_tiles_and_a_long_reduction():
+    from tinymlaas.backends.host.passes import split_k_factor
+
+    # resnet18 at batch 1 (M = output pixels, N = output channels, K = 9 x input channels)
+    assert split_k_factor(49, 512, 9 * 512) == 16  # layer4: 8 tiles of 64x64 -> 128, chunks of 288
+    assert split_k_factor(49, 512, 9 * 256) == 8  # layer4's first, stride 2
+    assert split_k_factor(196, 256, 9 * 256) == 8  # layer3
+    assert split_k_factor(784, 128, 9 * 128) == 4  # layer2
+    assert split_k_factor(3136, 64, 9 * 64) == 1  # layer1: 49 tiles already
+    assert split_k_factor(49, 512, 256) == 1  # layer4's 1x1 downsample: K too short to split
+    assert split_k_factor(32 * 49, 512, 9 * 512) == 1  # batch 32: 200 tiles
+
+
+def _long_reduction_net():
+    """NCHW float32: a 3x3 convolution over 256 channels to a 7x7 output (split), one with stride 2 and uneven
+    padding-free taps (split), a 1x1 one with a short reduction (kept), each with bias and ReLU."""
+    from tvm import relax
+    from tvm.script import relax as R
+
+    rng = np.random.default_rng(2)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, 256, 15, 15), "float32"))
+
+    def conv(y, cin, cout, k, **kw):
+        w = relax.const((rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype("float32"))
+        b = relax.const(rng.standard_normal((1, cout, 1, 1)).astype("float32"))
+        return bb.emit(relax.op.nn.relu(relax.op.add(bb.emit(relax.op.nn.conv2d(y, w, **kw)), b)))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = conv(x, 256, 64, 3, strides=2)  # 15 -> 7, no padding: M = 49, K = 2304
+            y = conv(y, 64, 96, 3, padding=1)  # 7 -> 7: M = 49, K = 576
+            y = conv(y, 96, 32, 1)  # K = 96: kept
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run_cpu(mod, x):
+    import tvm
+    from tvm import relax
+
+    target = tvm.target.Target("llvm")
+    with target:
+        mod = relax.get_pipeline("zero")(mod)
+    vm = relax.VirtualMachine(relax.build(mod, target=target), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def test_split_k_rewrite_computes_the_convolutions_it_replaces():
+    """The rewrite (im2col, a batched matmul over chunks of K, their sum) against the same model without it, on the
+    CPU: the same outputs up to float32 rounding, on random inputs; the convolutions it splits are gone, the short one
+    stays."""
+    from tvm import relax
+
+    mod = _long_reduction_net()
+    plain = tuning_preparation(tensor_cores=True)(mod)
+    split = tuning_preparation(tensor_cores=True, split_k=True)(mod)
+    script = split["main"].script()
+    assert script.count("R.nn.conv2d") == 1 and script.count("R.matmul") == 2 and script.count("R.sum") == 2
+    assert plain["main"].script().count("R.nn.conv2d") == 3
+    relax.transform.ToMixedPrecision(out_dtype="float32")(split)  # the float16 build's next step takes it
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        x = rng.standard_normal((1, 256, 15, 15)).astype("float32")
+        want, got = _run_cpu(mod, x), _run_cpu(split, x)
+        assert want.shape == got.shape == (1, 32, 7, 7) and np.abs(want).max() > 0.1
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_split_k_matrix_products_get_tensor_core_schedules():
+    """The batched matmuls the rewrite makes (float16 after mixed precision, rows padded to 16) are in the design
+    space meta_schedule tunes with wmma tiling: each has a tensor-core candidate."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from tinymlaas.backends.host.tuning import fast_tvmscript_parsing, tensor_core_space
+
+    mod = tuning_preparation(tensor_cores=True, split_k=True)(_long_reduction_net())
+    mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    target = _cuda_target()
+    with target:
+        mod = relax.get_pipeline("zero")(mod)
+    with fast_tvmscript_parsing():
+        tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if "matmul" in t.task_name]
+        assert len(tasks) == 2
+        for task in tasks:
+            context = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator=tensor_core_space(),
+                                     task_name=task.task_name)
+            assert any("wmma" in str(space.trace) for space in context.generate_design_space()), task.task_name

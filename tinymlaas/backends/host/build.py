@@ -146,7 +146,9 @@ def build_module(model, module: HostModule, target: HostTarget, work: Path, opti
     stage("lower")
     t0 = time.monotonic()
     sha = hashlib.sha256(model.data).hexdigest()
-    db = tuning_folder(target, sha, options.precision, options.tuning_dir or work.parent / "tuning")
+    # a split-K build tunes functions a plain build has not: its own database
+    variant = options.precision + ("-splitk" if options.split_k else "")
+    db = tuning_folder(target, sha, variant, options.tuning_dir or work.parent / "tuning")
     reused = options.tune_trials > 0 and is_tuned(db)
     if options.tune_trials:
         db.mkdir(parents=True, exist_ok=True)

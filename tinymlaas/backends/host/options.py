@@ -18,3 +18,4 @@ class HostOptions:
     runs: int = 50  # timed calls (median) after warm-up
     cuda_graph: bool = True  # CUDA: kernel launches captured once and replayed as CUDA graphs
     sample_inputs: Path | None = None  # .npz of inputs to check with instead of `inputs` random ones
+    split_k: bool = False  # CUDA float16 tuned: convolutions with few output tiles split their reduction (passes.py)

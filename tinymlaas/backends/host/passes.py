@@ -125,13 +125,108 @@ def clip_gather_indices(mod):
     return mutator.builder_.get()
 
 
-def tuning_preparation(tensor_cores: bool):
+# split-K: a convolution whose output covers few 64x64 tiles (resnet18's layer3 and layer4 at batch 1: 8-16 tiles for
+# the H100's 132 multiprocessors, each tile looping over K = 9 x channels) becomes a batched matrix product over
+# chunks of K followed by their sum, so that chunks run side by side. The split doubles while the output tiles times
+# the split stay under SPLIT_K_TILES and each chunk keeps at least SPLIT_K_MIN_CHUNK of K (a multiple of 16, the
+# tensor-core tile); a convolution with SPLIT_K_MAX_TILES output tiles or more is left alone.
+SPLIT_K_TILES = 128
+SPLIT_K_MIN_CHUNK = 256
+SPLIT_K_MAX_TILES = 32
+
+
+def split_k_factor(m: int, n: int, k: int) -> int:
+    """How many chunks of its reduction (K) an M x N x K product is split into; 1: not split."""
+    tiles = -(-m // 64) * -(-n // 64)
+    split = 1
+    if tiles >= SPLIT_K_MAX_TILES:
+        return 1
+    while tiles * split * 2 <= SPLIT_K_TILES and k % (32 * split) == 0 and k // (2 * split) >= SPLIT_K_MIN_CHUNK:
+        split *= 2
+    return split
+
+
+def split_k_convolutions():
+    """A pass over NHWC convolutions with OHWI constant weights (after ConvertLayout): where `split_k_factor` splits
+    one, the convolution becomes im2col (padding and one strided slice per kernel tap, concatenated along channels:
+    an M x K matrix, K ordered as the OHWI weight's H, W, I), its rows padded to a multiple of 16, reshaped into S
+    chunks of K (S x M x K/S), a batched matmul with the weight as S x K/S x N, a sum over the chunks, the padding
+    rows dropped and a reshape back to NHWC. The weight is rearranged once, here. The same function of the input: the
+    sum only groups the products differently."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    def rewrite(call):
+        attrs = call.attrs
+        data, weight = call.args
+        if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "OHWI" or attrs.out_layout != "NHWC"
+                or int(attrs.groups) != 1 or not isinstance(weight, tvm.ir.expr.Constant)):
+            return None
+        try:
+            batch, _, _, channels = (int(d) for d in data.ty.shape)
+            _, out_h, out_w, out_c = (int(d) for d in call.ty.shape)
+        except (TypeError, ValueError, AttributeError):  # a dynamic shape
+            return None
+        w = weight.value.numpy()  # O, H, W, I
+        _, kh, kw, _ = w.shape
+        m, k = batch * out_h * out_w, kh * kw * channels
+        split = split_k_factor(m, out_c, k)
+        if split == 1:
+            return None
+        sh, sw = (int(v) for v in attrs.strides)
+        dh, dw = (int(v) for v in attrs.dilation)
+        top, left, bottom, right = (int(v) for v in attrs.padding)
+        x = data
+        if top or left or bottom or right:
+            x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0])
+        taps = [relax.op.strided_slice(x, axes=[1, 2], begin=[i * dh, j * dw],
+                                       end=[i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1],
+                                       strides=[sh, sw]) for i in range(kh) for j in range(kw)]
+        cols = relax.op.reshape(taps[0] if len(taps) == 1 else relax.op.concat(taps, axis=3), [m, k])
+        rows = -(-m // 16) * 16
+        if rows != m:
+            cols = relax.op.nn.pad(cols, [0, rows - m, 0, 0])
+        chunk = k // split
+        cols = relax.op.permute_dims(relax.op.reshape(cols, [rows, split, chunk]), [1, 0, 2])
+        w_chunks = np.ascontiguousarray(w.reshape(out_c, k).T.reshape(split, chunk, out_c))
+        out_dtype = attrs.out_dtype if attrs.out_dtype else None
+        # the padding rows dropped after the sum: one slice of M x N, not of S x M x N. Under mixed precision each
+        # partial sum is stored in float16, as any matmul's output, and summed in float32
+        out = relax.op.sum(relax.op.matmul(cols, relax.const(w_chunks), out_dtype=out_dtype), axis=0)
+        if rows != m:
+            out = relax.op.strided_slice(out, axes=[0], begin=[0], end=[m])
+        return relax.op.reshape(out, [batch, out_h, out_w, out_c])
+
+    @relax.expr_functor.mutator
+    class SplitK(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
+                split = rewrite(call)
+                return call if split is None else split
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name="SplitKConvolutions")
+    def apply(mod, _ctx):
+        mutator = SplitK(mod)
+        for gv, func in mod.functions.items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return apply
+
+
+def tuning_preparation(tensor_cores: bool, split_k: bool = False):
     """The graph rewrites ahead of tuning (before mixed precision): batch norm folded into the convolution before it
     (its weights and bias are constants: the epilogue keeps a bias add, not a subtract, divide, multiply and add per
     element), and for tensor cores convolutions in NHWC with OHWI weights (channels innermost, as wmma tiles load
     them: one resnet18 convolution at batch 32 on the H100, 32 trials, 56 us in NHWC vs 122 us after 64 in NCHW).
     Layout-following operators (pooling, adds) follow; a transpose stays only where the model's own layout meets it.
-    Not without tuning: dlight's fallback schedules a depthwise convolution with a fused epilogue badly."""
+    Not without tuning: dlight's fallback schedules a depthwise convolution with a fused epilogue badly.
+    split_k (tensor cores only): convolutions with few output tiles and a long reduction split it
+    (`split_k_convolutions`)."""
     import tvm
     from tvm import relax
 
@@ -139,6 +234,8 @@ def tuning_preparation(tensor_cores: bool):
     if tensor_cores:
         passes += [clip_as_bounds(), relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
                    elementwise_keeps_layout(), relax.transform.DeadCodeElimination(), relax.transform.FoldConstant()]
+        if split_k:
+            passes += [split_k_convolutions(), relax.transform.DeadCodeElimination()]
     return tvm.transform.Sequential(passes)
 
 
@@ -222,7 +319,7 @@ def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir
     tensor_cores = uses_tensor_cores(target, options.precision)
     mod = clip_gather_indices(mod)
     if options.tune_trials:
-        mod = tuning_preparation(tensor_cores)(mod)
+        mod = tuning_preparation(tensor_cores, options.split_k)(mod)
     if options.precision == "float16":
         mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
     stats = {}
