@@ -48,11 +48,15 @@ import time
 from pathlib import Path
 
 MODELS = [("resnet18", 1), ("resnet18", 32), ("mobilenet_v2", 1)]
-# our builds: (precision, tuned, CUDA graphs). graph: untuned (dlight), float32; graph16: untuned, float16 (float32
-# accumulation); tuned16: float16 tuned with tensor-core tiling; *_nograph: the same, launches one by one
-PLANS = {"graph": ("float32", False, True), "nograph": ("float32", False, False),
-         "graph16": ("float16", False, True), "tuned": ("float32", True, True),
-         "tuned16": ("float16", True, True), "tuned16_nograph": ("float16", True, False)}
+# our builds: (precision, tuned, CUDA graphs, split-K). graph: untuned (dlight), float32; graph16: untuned, float16
+# (float32 accumulation); tuned16: float16 tuned with tensor-core tiling; *_nograph: the same, launches one by one;
+# tuned16_splitk: tuned16 with the convolutions that have few output tiles split along their reduction
+# (HostOptions.split_k), its database seeded with tuned16's records (the convolutions it leaves alone are the same
+# functions), so that its tuning measures the new matrix products
+PLANS = {"graph": ("float32", False, True, False), "nograph": ("float32", False, False, False),
+         "graph16": ("float16", False, True, False), "tuned": ("float32", True, True, False),
+         "tuned16": ("float16", True, True, False), "tuned16_nograph": ("float16", True, False, False),
+         "tuned16_splitk": ("float16", True, True, True)}
 TORCH_MODES = ("eager", "default", "reduce-overhead", "max-autotune")
 DTYPES = ("float32", "float16")
 
@@ -157,7 +161,7 @@ def fastest_torch(table: dict) -> dict | None:
 
 
 def tvm_build(model, x, precision: str, tuned: bool, graphs: bool, work_dir: Path, device: str, trials: int,
-              per_task: int, minutes: float | None, build: bool = True):
+              per_task: int, minutes: float | None, build: bool = True, split_k: bool = False):
     """The exported program through the host backend's `optimize` and its lowering pipeline, built: (vm, device,
     build seconds, tuning statistics, mode). Weights are bound as constants (float16: cast once, at build time).
     build=False: optimize only (tuning the database when it is not finished)."""
@@ -179,7 +183,8 @@ def tvm_build(model, x, precision: str, tuned: bool, graphs: bool, work_dir: Pat
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
     target = tvm_target_of(host, dev)  # on CUDA the GPU's own architecture and limits, for tuning too
     options = HostOptions(precision=precision, tune_trials=trials if tuned else 0,
-                          tune_trials_per_task=per_task or None, tune_minutes=minutes, cuda_graph=graphs)
+                          tune_trials_per_task=per_task or None, tune_minutes=minutes, cuda_graph=graphs,
+                          split_k=split_k)
     if tuned:
         work_dir.mkdir(parents=True, exist_ok=True)
     mod, stats = optimize(mod, host, target, options, work_dir)
@@ -191,7 +196,20 @@ def tvm_build(model, x, precision: str, tuned: bool, graphs: bool, work_dir: Pat
             lowered = lowering_pipeline(target)(mod)
         executable = relax.build(lowered, target=target, relax_pipeline=None)
     mode = build_mode(lowered, host, precision, tuned, graphs and device == "cuda")
+    mode["split_k"] = split_k
     return relax.VirtualMachine(executable, dev), dev, time.monotonic() - t0, stats, mode
+
+
+def seed_database(work_dir: Path, source: Path) -> None:
+    """A database not started yet takes the records of `source` (not its finished mark): the functions both builds
+    share are measured already."""
+    import shutil
+
+    if (work_dir / "database_tuning_record.json").exists() or not (source / "database_tuning_record.json").exists():
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for f in ("database_workload.json", "database_tuning_record.json"):
+        shutil.copy(source / f, work_dir / f)
 
 
 def tuning_summary(work_dir: Path) -> dict:
@@ -279,8 +297,10 @@ def measure(name: str, batch: int, args, variants, out: dict, progress) -> dict:
     model_cpu, x_cpu = copy.deepcopy(model).cpu(), x.cpu()
     ours = out.setdefault("tvm", {})
     for kind in variants:
-        precision, tuned, graphs = PLANS[kind]
-        work_dir = Path(args.tuning_dir) / f"{name}-{batch}-{precision}"
+        precision, tuned, graphs, split_k = PLANS[kind]
+        work_dir = Path(args.tuning_dir) / f"{name}-{batch}-{precision}{'-splitk' if split_k else ''}"
+        if split_k and tuned:
+            seed_database(work_dir, Path(args.tuning_dir) / f"{name}-{batch}-{precision}")
         row = ours.setdefault(kind, {})
         if tuned and not args.trials:
             row["error"] = "a tuned build needs --trials (no trials run once its database is finished)"
@@ -288,7 +308,7 @@ def measure(name: str, batch: int, args, variants, out: dict, progress) -> dict:
         try:
             vm, dev, seconds, stats, mode = tvm_build(model_cpu, x_cpu, precision, tuned, graphs, work_dir, device,
                                                       args.trials, args.per_task, args.minutes,
-                                                      build=not args.tune_only)
+                                                      build=not args.tune_only, split_k=split_k)
             if tuned:
                 row["tuning_run"], row["tuning"] = stats, tuning_summary(work_dir)
             row["build_s"] = round(seconds, 1)
@@ -296,6 +316,8 @@ def measure(name: str, batch: int, args, variants, out: dict, progress) -> dict:
                 import tvm
 
                 row["mode"] = mode
+                if tuned and not row["tuning"]["records"]:  # an empty database: every function is dlight's
+                    mode["tuned"] = False
                 xt = tvm.runtime.tensor(x_cpu.numpy(), dev)
                 got = vm["main"](xt)
                 got = (got if hasattr(got, "numpy") else got[0]).numpy()  # the program returns a tuple
