@@ -96,10 +96,10 @@ class LoweringContext:
     def layer_schedule(self, op: Operator):
         """The schedule of this layer's TIR kernel: the one given (a tuned variant), else its family's default on
         this core (ir/layer_schedule.py DEFAULT_SCHEDULES; None: TIR's own loops)."""
-        from tinymlaas.ir.layer_schedule import default_schedule, kernel_shape
+        from tinymlaas.ir.layer_schedule import default_for
 
         given = self.schedules.get(op.index)
-        return given if given is not None else default_schedule(kernel_shape(self.graph, op, self.target))
+        return given if given is not None else default_for(self.graph, op, self.target)
 
     def repeats(self, op: Operator) -> int:
         """How many operators of the graph have this one's opcode and tensor shapes and types (an unrolled sequence
@@ -122,13 +122,13 @@ def choose_implementation(graph: Graph, target, choices, op: Operator, conv: reg
     The C kernels are the default for the other families on every core, not only on cores with DSP instructions:
     their scalar fallbacks measured 1.1-2.1x fewer instructions than TIR's own loops on Cortex-M3 and RV32
     (benchmarks/results/search.json)."""
-    from tinymlaas.ir.layer_schedule import default_schedule, kernel_shape
+    from tinymlaas.ir.layer_schedule import default_for
 
     choice = choices.get(op.index) if isinstance(choices, dict) else choices
     options = registry.candidates(graph, op, target)
     if choice in options:
         return choice
-    if choice in (None, "auto") and "tir" in options and default_schedule(kernel_shape(graph, op, target)):
+    if choice in (None, "auto") and "tir" in options and default_for(graph, op, target):
         return "tir"
     if "dsp" in options and choice in (None, "auto"):
         return "dsp"

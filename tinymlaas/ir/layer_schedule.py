@@ -219,6 +219,14 @@ def default_schedule(shape: KernelShape | None) -> LayerSchedule | None:
     return next((s for s in rule(shape) if s in space), None)
 
 
+def default_for(graph, op, target) -> LayerSchedule | None:
+    """default_schedule of an operator on a microcontroller target; None on a host target (its TIR goes through
+    TVM's own schedules for the CPU or GPU)."""
+    if getattr(target, "kind", None) == "host":
+        return None
+    return default_schedule(kernel_shape(graph, op, target))
+
+
 def check(shape: KernelShape, schedule: LayerSchedule) -> str | None:
     """Why `schedule` cannot run a layer of this shape (None: it can)."""
     if schedule == LayerSchedule() or schedule in space_of(shape):
