@@ -169,7 +169,7 @@ def test_dsp_kernel_choice(case, kernels, tmp_path):
 # The default build ("auto") takes TIR with its family's default schedule where one is listed (ir/layer_schedule.py
 # DEFAULT_SCHEDULES: depthwise layers), on every core; the C kernels for the other families.
 DEFAULT_DEPTHWISE = {
-    "dw_3x3_c8_same": lambda: q.depthwise(18, [1, 7, 9, 8], 1, 3, 1, SAME, RELU6),
+    "dw_3x3_c8_same": CASES["depthwise_3x3_c8_same_relu6"],
     "dw_5x5_c12_same": lambda: q.depthwise(41, [1, 14, 13, 12], 1, 5, 1, SAME, NONE),
     "dw_3x3_c6_s2": lambda: q.depthwise(42, [1, 15, 16, 6], 1, 3, 2, SAME, RELU),
 }

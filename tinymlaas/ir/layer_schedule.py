@@ -14,6 +14,7 @@ Every point is valid for the layer it was enumerated for (`space_of`); a point o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -209,6 +210,7 @@ def _depthwise(shape: KernelShape):
 DEFAULT_SCHEDULES = {"depthwise": _depthwise}
 
 
+@functools.lru_cache(maxsize=256)  # asked for each layer by the kernel choice and again by its lowering
 def default_schedule(shape: KernelShape | None) -> LayerSchedule | None:
     """The first of DEFAULT_SCHEDULES's candidates for this shape that lies in its space; None where none is
     listed (the kernel's loops as TIR makes them)."""
