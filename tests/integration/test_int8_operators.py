@@ -132,10 +132,16 @@ GATHER_CASES = {
     "conv_c1_4x4_same_s2": lambda: q.conv2d(35, [1, 13, 10, 1], 12, 4, 2, SAME, RELU),
     "conv_c2_2x2_same_dilated": lambda: q.conv2d(36, [1, 7, 6, 2], 6, 2, 1, SAME, NONE, dilation=2),
     "conv_c2_2x2_same": lambda: q.conv2d(37, [2, 5, 6, 2], 9, 2, 1, SAME, RELU6),
+    # tap rows of one to three channels that are not whole words, split (DSP cores): each row's whole words
+    # straight from the input, the rows' leftover bytes in one last quad (3x3 RGB: 7 quads); clipped windows
+    # from a padded copy; rows of three bytes (all leftovers), of six (one word and two), a batch
+    "conv_c1_3x3_same": lambda: q.conv2d(38, [1, 7, 9, 1], 5, 3, 1, SAME, RELU),
+    "conv_c2_3x3_valid_s2": lambda: q.conv2d(39, [1, 9, 8, 2], 7, 3, 2, VALID, NONE),
+    "conv_rgb_3x3_same_batch2": lambda: q.conv2d(40, [2, 6, 7, 3], 10, 3, 1, SAME, RELU6),
 }
 
 # gemm4 where four pixels per pass win (int16 weights on DSP cores: pixels 0 or 3 mod 4, or 24 and more)
-GEMM4 = {"conv_c1_4x4_same_s2", "conv_c2_2x2_same", "conv_c2_2x2_same_dilated", "conv_rgb_valid_batch2", "conv_c7_same_s2", "conv_rgb_5x5_same_relu6", "conv_1x1_batch_7_pixels_c36_oc37",
+GEMM4 = {"conv_c1_3x3_same", "conv_c2_3x3_valid_s2", "conv_rgb_3x3_same_batch2", "conv_c1_4x4_same_s2", "conv_c2_2x2_same", "conv_c2_2x2_same_dilated", "conv_rgb_valid_batch2", "conv_c7_same_s2", "conv_rgb_5x5_same_relu6", "conv_1x1_batch_7_pixels_c36_oc37",
          "conv_3x3_25_pixels_oc70_relu6", "conv_rgb_3x3_s2_16_pixels"}
 
 
@@ -196,9 +202,44 @@ def test_default_depthwise_takes_the_tir_default_schedule(case, target, tmp_path
     assert "tinymlaas_depthwise" not in driver and "tinymlaas_k_op0" in driver  # TIR, not the C kernel
     assert "tinymlaas_depthwise" in (tmp_path / "c" / "tinymlaas_model.c").read_text()
     assert auto.instructions < c.instructions
-    # families without a default keep TIR's own loops
+    # families without a default keep TIR's own loops; convolutions only over a few channels
     assert default_schedule(KernelShape("dense", 1, 12, (64,), zero_point=False)) is None
     assert default_schedule(KernelShape("conv", 5, 16, (3, 3, 8), zero_point=True)) is None
+    assert default_schedule(KernelShape("conv", 5, 16, (10, 4, 1), zero_point=True)) is None  # whole-word rows
+
+
+# A convolution over an RGB image (tap rows of nine bytes) takes TIR with the few-channel default; a wider one keeps
+# the C kernels. Both bit-exact, TIR fewer instructions than the C kernels on the first.
+DEFAULT_CONV = {
+    "conv_rgb_3x3_s2": lambda: q.conv2d(43, [1, 17, 15, 3], 8, 3, 2, SAME, RELU6),
+    "conv_c2_3x3_same": lambda: q.conv2d(44, [1, 9, 10, 2], 6, 3, 1, SAME, NONE),
+}
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
+@pytest.mark.parametrize("case", sorted(DEFAULT_CONV))
+def test_default_few_channel_conv_takes_tir(case, target, tmp_path):
+    from tinymlaas.frontend.cleanup import clean
+    from tinymlaas.frontend.tflite import load_tflite
+    from tinymlaas.ir.layer_schedule import default_schedule, kernel_shape
+    from tinymlaas.targets import get_target
+
+    path = tmp_path / f"{case}.tflite"
+    path.write_bytes(DEFAULT_CONV[case]())
+    auto = compile_model(path, target, tmp_path / "auto", BuildRequest(inputs=5, seed=2))
+    c = compile_model(path, target, tmp_path / "c", BuildRequest(inputs=5, seed=2, kernels="dsp"))
+    assert auto.fidelity["max_lsb_diff"] == 0 and c.fidelity["max_lsb_diff"] == 0
+    graph = clean(load_tflite(path).graph)
+    schedule = default_schedule(kernel_shape(graph, graph.operators[0], get_target(target)))
+    assert schedule is not None and schedule.oc_block == 2 and schedule.unroll_tile
+    assert "tinymlaas_gemm" not in (tmp_path / "auto" / "tinymlaas_model.c").read_text()
+    assert "tinymlaas_gemm" in (tmp_path / "c" / "tinymlaas_model.c").read_text()
+    assert auto.instructions < c.instructions
+    wide = tmp_path / "wide.tflite"
+    wide.write_bytes(q.conv2d(45, [1, 9, 10, 8], 6, 3, 1, SAME, NONE))
+    built = compile_model(wide, target, tmp_path / "wide", BuildRequest(inputs=3, seed=2))
+    assert built.fidelity["max_lsb_diff"] == 0
+    assert "tinymlaas_gemm" in (tmp_path / "wide" / "tinymlaas_model.c").read_text()
 
 
 @pytest.mark.parametrize("single", [False, True])

@@ -200,14 +200,33 @@ def _depthwise(shape: KernelShape):
                             requant="tile", proven_requant=proven, split_borders=split)
 
 
+def _conv_few_channels(shape: KernelShape):
+    """A convolution over one to three input channels whose tap rows are not whole words (an RGB image's first
+    layer): two output channels and a few pixels a tile, the taps' loops unrolled in the tile, the zero point folded,
+    the proven requantization per tile, the border apart: what tuning chose for the 3x3 RGB layers of VWW and
+    ResNet-8 on Cortex-M4 and M7 (benchmarks/results/tuning.json). The C kernels' word-wide products waste lanes
+    there and gather each window byte by byte; other convolutions keep them (no candidate: an empty rule)."""
+    if len(shape.reduction) != 3:
+        return
+    _, kw, cin = shape.reduction
+    if cin >= 4 or kw * cin % 4 == 0:
+        return
+    for oc, px, fold, proven, split in itertools.product((2, 1), (3, 2, 4, 1), (True, False), (True, False),
+                                                         (True, False)):
+        yield LayerSchedule(oc_block=oc, px_block=px, pixels_outer=False, unroll_tile=True, fold_zero_point=fold,
+                            requant="tile", proven_requant=proven, split_borders=split)
+
+
 # The schedule a TIR kernel takes when none is given, by family (a family not listed takes LayerSchedule(): TIR's own
 # loops). The families listed are also the ones the default build ("auto") builds with TIR rather than the C
 # micro-kernels. Depthwise, the default builds (estimated cycles; instructions on RV32), every output bit-exact:
 # KWS on Cortex-M4 6.54 M -> 5.47 M (each 3x3 depthwise layer 507,627 -> 241,968; with LayerSchedule() 1,129,410),
 # VWW 20.09 M -> 17.21 M (code +16.5 KB: the border loops), on Cortex-M7 12.41 M -> 11.38 M; KWS on Cortex-M33 and
 # M55 -12% and -13%, on Cortex-M3 10.73 M -> 9.14 M, on RV32IMAC 11.66 M -> 10.28 M instructions (VWW 35.22 M ->
-# 30.91 M, code +24 KB).
-DEFAULT_SCHEDULES = {"depthwise": _depthwise}
+# 30.91 M, code +24 KB). Convolutions over one to three channels (2026-12-07; the layer's estimated cycles, bit-exact):
+# VWW's RGB layer on Cortex-M4 2.27 M -> 1.56 M (the whole model 17.20 M -> 16.48 M), ResNet-8's 1.61 M -> 1.51 M;
+# on RV32IMAC 3.25 M -> 1.88 M and 2.37 M -> 1.52 M instructions.
+DEFAULT_SCHEDULES = {"depthwise": _depthwise, "conv": _conv_few_channels}
 
 
 @functools.lru_cache(maxsize=256)  # asked for each layer by the kernel choice and again by its lowering

@@ -197,6 +197,11 @@ class ConvConstants:
 def _gemm_matrix(layer: ConvLayer, consts: ConvConstants) -> np.ndarray:
     oc = consts.weights.shape[0]
     w2d = consts.weights.reshape(oc, -1)
+    if layer.dsp and layer.c < 4 and layer.dw == 1 and layer.kw * layer.c % 4:
+        # gemm_dsp.c's split_rows: each tap row's whole words first, then the rows' leftover bytes together
+        rows = consts.weights.reshape(oc, layer.kh, layer.kw * layer.c)
+        whole = layer.kw * layer.c // 4 * 4
+        return np.concatenate([rows[:, :, :whole].reshape(oc, -1), rows[:, :, whole:].reshape(oc, -1)], axis=1)
     if layer.c % 4 == 3 and layer.dsp:  # gemm_dsp.c's tap_depth: each tap padded to whole words
         w2d = np.pad(consts.weights.reshape(oc, layer.kh * layer.kw, layer.c), ((0, 0), (0, 0), (0, 1))).reshape(oc, -1)
     return w2d

@@ -128,7 +128,7 @@ static inline __attribute__((always_inline)) void copy_small(int8_t *dst, const 
 static inline __attribute__((always_inline)) int tap_depth(int C)
 {
 #if defined(__ARM_FEATURE_DSP)
-    return C % 4 == 3 ? C + 1 : C;
+    return C % 4 == 3 && C > 3 ? C + 1 : C; /* fewer: split_rows */
 #else /* the scalar products would pay more for the extra lane than the gathering saves */
     return C;
 #endif
@@ -175,6 +175,57 @@ static inline __attribute__((always_inline)) void gather_inside(const int8_t *ro
     }
 }
 
+/* Taps of one to three channels whose tap rows are not whole quads (an RGB image's 3x3 window: rows of nine
+   bytes): each tap row's whole quads first, in k order, then the rows' leftover bytes together (k order, 0 after
+   them), so that every quad but the last lies in one row of the input: 3x3x3 in 7 quads, six of them widened
+   straight from the input, against 9 with each tap padded to a word. The weights' k order matches
+   (tinymlaas/ops/int8.py, _gemm_matrix). */
+static inline __attribute__((always_inline)) int split_rows(int C, int KW, int DW)
+{
+#if defined(__ARM_FEATURE_DSP)
+    return C < 4 && DW == 1 && KW * C % 4 != 0;
+#else
+    (void)C, (void)KW, (void)DW;
+    return 0;
+#endif
+}
+
+/* KH tap rows of R bytes, `dy` apart, in split_rows' order */
+static inline __attribute__((always_inline)) void gather_split(const int8_t *row, int KH, int R, int dy,
+                                                               int32_t offset, int16_t *dst, const int step,
+                                                               const int hi)
+{
+    const int whole = R & ~3, left = R & 3;
+    const int8_t *r = row;
+    for (int ky = 0; ky < KH; ky++, r += dy)
+        for (int q = 0; q < whole; q += 4, dst += step)
+            widen4_at(r + q, offset, dst, hi);
+    for (int q = 0; q < KH * left; q += 4) { /* the leftover quads, their tail 0 */
+        memset(dst + (q >> 2) * step, 0, 4);
+        memset(dst + (q >> 2) * step + hi, 0, 4);
+    }
+    for (int ky = 0, t = 0; ky < KH; ky++, row += dy)
+        for (int i = whole; i < R; i++, t++) /* value t: quad t / 4, lane (k0 k2 | k1 k3) */
+            dst[(t >> 2) * step + ((t & 1) ? hi : 0) + ((t >> 1) & 1)] = (int16_t)(row[i] + offset);
+}
+
+/* gather_split for three rows of nine bytes (a 3x3 RGB window) into a gemm4 patch (step 16, hi 8), unrolled: the
+   general loops spill their counters in gemm4_layer */
+static __attribute__((noinline)) void gather_split_3x9(const int8_t *row, int dy, int32_t offset, int16_t *dst)
+{
+    const int8_t *r1 = row + dy, *r2 = r1 + dy;
+    widen4_at(row, offset, dst, 8);
+    widen4_at(row + 4, offset, dst + 16, 8);
+    widen4_at(r1, offset, dst + 32, 8);
+    widen4_at(r1 + 4, offset, dst + 48, 8);
+    widen4_at(r2, offset, dst + 64, 8);
+    widen4_at(r2 + 4, offset, dst + 80, 8);
+    const uint32_t even = (uint16_t)(row[8] + offset) | ((uint32_t)(uint16_t)(r2[8] + offset) << 16);
+    const uint32_t odd = (uint16_t)(r1[8] + offset);
+    memcpy(dst + 96, &even, 4);
+    memcpy(dst + 104, &odd, 4);
+}
+
 /*
  * One output pixel's input patch, offset added, from dst on: each quad's (k0 k2) word at dst, its (k1 k3) word at
  * dst + hi, the next quad at dst + step (int16 elements; the layouts below fix step and hi). Padding and the tail
@@ -190,6 +241,22 @@ static inline __attribute__((always_inline)) void gather_into(const int8_t *in, 
     const int D = tap_depth(C);
     if (inside(params, y0, x0)) {
         gather_inside(in + (y0 * W + x0) * C, KH, KW, DH * W * C, DW * C, D, offset, dst, step, hi);
+        return;
+    }
+    if (split_rows(C, KW, DW)) {
+        const int R = KW * C;
+        if (y0 >= 0 && x0 >= 0 && y0 + (KH - 1) * DH < H && x0 + KW <= W) {
+            gather_split(in + (y0 * W + x0) * C, KH, R, DH * W * C, offset, dst, step, hi);
+            return;
+        }
+        int8_t rows[KH * R]; /* clipped: the rows' bytes, padding the input zero point (0 widened) */
+        memset(rows, params[P_ZP_IN], (size_t)(KH * R));
+        for (int ky = 0; ky < KH; ky++) {
+            const int iy = y0 + ky * DH, k0 = x0 < 0 ? -x0 : 0, k1 = W - x0 < KW ? W - x0 : KW;
+            if (iy >= 0 && iy < H && k1 > k0)
+                memcpy(rows + ky * R + k0 * C, in + (iy * W + x0 + k0) * C, (size_t)((k1 - k0) * C));
+        }
+        gather_split(rows, KH, R, R, offset, dst, step, hi);
         return;
     }
     if (D % 4 == 0) { /* whole quads per tap */
@@ -806,6 +873,7 @@ static inline __attribute__((always_inline)) void gemm4_layer(const int8_t *inpu
                           params[P_PT] == 0 && params[P_PL] == 0 && C % 4 == 0;
     const int KH = params[P_KH], KW = params[P_KW], SH = params[P_SH], SW = params[P_SW];
     const int dy = params[P_DH] * params[P_W] * C, dx = params[P_DW] * C, D = tap_depth(C);
+    const int split = split_rows(C, KW, params[P_DW]);
     const int16_t *const w_end = weights + ((OC + 1) / 2) * quads * 8;
     for (int p = 0; p < P; p += 4) {
         int8_t *out[4];
@@ -822,7 +890,15 @@ static inline __attribute__((always_inline)) void gemm4_layer(const int8_t *inpu
                 const int q = p + j < P ? p + j : P - 1;
                 const int n = q / (OH * OW), oy = q / OW % OH, ox = q % OW;
                 const int y0 = oy * SH - params[P_PT], x0 = ox * SW - params[P_PL];
-                if (inside(params, y0, x0))
+                if (split && y0 >= 0 && x0 >= 0 && y0 + (KH - 1) * params[P_DH] < params[P_H] &&
+                    x0 + KW <= params[P_W])
+                    if (KH == 3 && KW * C == 9)
+                        gather_split_3x9(input + n * image + (y0 * params[P_W] + x0) * C, dy, offset,
+                                         patch + 2 * j);
+                    else
+                        gather_split(input + n * image + (y0 * params[P_W] + x0) * C, KH, KW * C, dy, offset,
+                                     patch + 2 * j, 16, 8);
+                else if (inside(params, y0, x0))
                     gather_inside(input + n * image + (y0 * params[P_W] + x0) * C, KH, KW, dy, dx, D, offset,
                                   patch + 2 * j, 16, 8);
                 else
