@@ -265,6 +265,25 @@ def test_a_validation_file_that_does_not_fit_the_model_is_refused_naming_the_fil
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_models_validation_set_is_its_organisations(client, app):
+    """Another organisation can neither set nor use a model's validation set: the model does not exist for it."""
+    from server.services.tenants import create_organization, create_user
+
+    model = _digits(client)
+    with app.extensions["tinymlaas"].sessions() as s:
+        _, token = create_user(s, "mallory", create_organization(s, "elsewhere"))
+    other = {"Authorization": f"Bearer {token}"}
+    r = client.put(f"/api/v1/models/{model}/validation", data={"file": (io.BytesIO(_npz(x=np.zeros((2, 64)),
+                                                                                         y=np.zeros(2))), "v.npz")},
+                   headers=other)
+    assert r.status_code == 404 and r.mimetype == "application/problem+json", r.get_json()
+    r = client.post("/api/v1/builds", json={"model_id": model, "target": "cortex-m4", "weights": "int4",
+                                            "max_accuracy_drop": 0.5}, headers=other)
+    assert r.status_code == 422 and r.get_json()["field"] == "model_id", r.get_json()
+    assert client.get(f"/api/v1/models/{model}", headers=client.auth).get_json()["validation_samples"] == 360
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("body, field, words", [
     ({"weights": "int4", "max_accuracy_drop": 150}, None, "max_accuracy_drop"),  # out of range: the schema's
     ({"weights": "int4", "max_accuracy_drop": -1}, None, "max_accuracy_drop"),
