@@ -21,7 +21,7 @@ def create(body):
     if body.get("variant") is not None:
         request = with_variant(ctx().store, request, body["variant"])
     build = request_build(session(), who, body["model_id"], body["target"], request, body["version"],
-                          max_open=ctx().settings.max_open_builds)
+                          max_open=ctx().settings.max_open_builds, store=ctx().store)
     ctx().enqueue_build(build.id)
     return build
 

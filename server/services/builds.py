@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from tinymlaas.backends import backend_for, builds_format, targets_of
 from tinymlaas.build.formats import FORMATS
 from tinymlaas.build.request import BuildRequest, InvalidRequest
+from tinymlaas.frontend.lowbit import WEIGHT_SETS
 from tinymlaas.ota.package import canonical_version
 from tinymlaas.runners import runner_class
 from tinymlaas.targets import get_target
@@ -25,9 +26,11 @@ OPEN_BUILD_STATES = ("queued", "building", "emulating")
 
 
 def request_build(session: Session, who: Principal, model_id: int, target: str, request: BuildRequest | None = None,
-                  version: str | None = None, max_open: int | None = None) -> Build:
+                  version: str | None = None, max_open: int | None = None, store=None) -> Build:
     """Queue a build, its request checked as the CLI and the worker check it. max_open: how many of the user's
-    builds may be queued or running at once (429 beyond)."""
+    builds may be queued or running at once (429 beyond). store (the artifact store): with it, weights int4 or
+    palette with a max_accuracy_drop are measured on the model's validation set before anything is queued (422
+    beyond the limit)."""
     who.need("build")
     request = request or BuildRequest()
     checked_request(request, target_or_422(target))
@@ -48,18 +51,23 @@ def request_build(session: Session, who: Principal, model_id: int, target: str, 
     if fmt.name not in backend_for(get_target(target)).formats:
         raise ServiceError(422, f"model {model.id} is one of the {fmt.what}: they build for "
                            f"{targets_of(builds_format(fmt.name))}, not for {target}", "target")
-    low_bit_by_accuracy = request.weights == "auto" or request.max_accuracy_drop is not None
-    if low_bit_by_accuracy and not model.validation_sha256:
-        raise ServiceError(422, f"{'weights auto' if request.weights == 'auto' else 'max_accuracy_drop'} is judged "
+    auto = "auto" in request.weights.split(",")
+    if request.weights in WEIGHT_SETS and request.budget is None:
+        raise ServiceError(422, f"weights {request.weights} is a set of precisions for a search to explore "
+                           "(search.budget); a build takes one: int4, palette, or auto (chosen per layer)", "weights")
+    if (auto or request.max_accuracy_drop is not None) and not model.validation_sha256:
+        raise ServiceError(422, f"{'weights auto' if auto else 'max_accuracy_drop'} is judged "
                            f"on held-out samples: upload model {model.id}'s first (PUT /api/v1/models/{model.id}/"
-                           "validation, an .npz of x and y)", "weights" if request.weights == "auto"
-                           else "max_accuracy_drop")
+                           "validation, an .npz of x and y)", "weights" if auto else "max_accuracy_drop")
     if model.validation_sha256 and backend_for(get_target(target)).name == "mcu":  # its accuracy in every report
         request = checked_request(replace(request, validation=VALIDATION_OF_MODEL), get_target(target))
-    if request.weights in ("int4", "palette", "auto") and not model.quantized \
+    if request.weights not in ("stored", "float32") and not model.quantized \
             and request.quantize in ("none", "float16"):
         raise ServiceError(422, f"weights {request.weights} re-quantizes an integer model's int8 weights: model "
                            f"{model.id} is float (upload an int8 model)", "weights")
+    if store is not None and request.weights in ("int4", "palette") and request.max_accuracy_drop is not None \
+            and request.variant_file is None:
+        _within_the_limit(store, model, request)
     if version is not None:
         try:
             version = canonical_version(version)
@@ -73,6 +81,34 @@ def request_build(session: Session, who: Principal, model_id: int, target: str, 
         build.version = f"1.0.{build.id}+0"  # later builds are newer
     session.commit()
     return build
+
+
+def _within_the_limit(store, model: Model, request: BuildRequest) -> None:
+    """weights int4 or palette (every eligible layer) measured on the model's validation set against its
+    max_accuracy_drop, as the build would measure them: 422 naming max_accuracy_drop beyond it (or naming what else
+    the model cannot have), so that the refusal comes before anything is queued. The interpreter runs the model
+    over the set twice (as given and rewritten): what the worker would do first."""
+    import tempfile
+
+    from tinymlaas.backends.mcu import as_tflite
+    from tinymlaas.errors import TinyMLaaSError
+    from tinymlaas.frontend.lowbit import low_bit_weights
+    from tinymlaas.frontend.onnx import load_onnx
+    from tinymlaas.frontend.tflite import load_tflite
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = Path(tmp) / f"model.{model.format}"
+        model_file.write_bytes(store.read(model.sha256))
+        npz = Path(tmp) / "validation.npz"
+        npz.write_bytes(store.read(model.validation_sha256))
+        try:
+            loaded = as_tflite(load_onnx(model_file)) if model.format == "onnx" else load_tflite(model_file)
+            low_bit_weights(loaded, replace(request, validation=str(npz)))
+        except InvalidRequest as e:
+            field = request_field(e.name)
+            raise ServiceError(422, f"{field} {e.why.replace('--weights', 'weights')}", field) from None
+        except TinyMLaaSError as e:  # the model's validation set no longer fits it: the upload is the one to redo
+            raise ServiceError(422, str(e).replace(str(npz), "the validation set"), "weights") from None
 
 
 def with_variant(store, request: BuildRequest, variant) -> BuildRequest:

@@ -301,7 +301,7 @@ def new_build(who):
 def _queued(who, model_id: int, target: str, build_request: BuildRequest, version: str | None = None) -> db.Build:
     """A build requested as the API requests one (its checks, the user's limit of open builds), and queued."""
     build = request_build(session(), who, model_id, target, build_request, version,
-                          max_open=ctx().settings.max_open_builds)
+                          max_open=ctx().settings.max_open_builds, store=ctx().store)
     ctx().enqueue_build(build.id)
     return build
 

@@ -355,6 +355,62 @@ def test_a_search_spans_flash_against_accuracy_and_its_variants_rebuild_exactly(
         int(k): v for k, v in chosen.variant["weights"].items()}
 
 
+def test_a_search_over_a_set_of_precisions_never_chooses_one_beyond_the_limit(tmp_path, capsys):
+    """--weights int4,palette --palette-bits 2 on the 1-D digits CNN: int4 everywhere loses 0.83 points of top-1,
+    palettes of 4 values 8.9 with fewer weight bytes. With a 1-point limit the candidates get int4 (the smallest plan
+    within it); the palette plan is built on the best variant and measured, but never on the front nor chosen. The
+    chosen point rebuilds exactly from front.json, a set given to `compile` is refused naming --weights."""
+    from tinymlaas.accuracy import load_validation
+    from tinymlaas.cli import main
+    from tinymlaas.frontend.lowbit import Judge
+    from tinymlaas.search.result import write_result
+    from tinymlaas.search.search import search
+
+    model, validation = _trained("digits_signal")
+    request = BuildRequest(budget=6, weights="int4,palette", palette_bits=2, validation=str(validation),
+                           max_accuracy_drop=1.0, workers=1)
+    result = search(model, "cortex-m4", tmp_path / "search", request)
+    original = load_model_bytes(model.read_bytes(), "m")
+    eligible = eligible_layers(original.graph)
+    judge = Judge(original.data, load_validation(str(validation), original), "top1")
+    by_precision = {}
+    for i, p in enumerate(result.points):
+        assert p.verified, p.error
+        plan = {int(k): v for k, v in (p.variant.get("weights") or {}).items()}
+        assert p.accuracy == judge.value(rewritten(original.data, plan))  # measured, each point its own weights'
+        by_precision.setdefault("/".join(sorted(set(plan.values()))) or "int8", []).append(i)
+        assert not plan or sorted(plan) == eligible  # uniform plans: every eligible layer
+    assert set(by_precision) == {"int8", "int4", "palette2"}, by_precision
+    over = [result.points[i] for i in by_precision["palette2"]]
+    assert len(over) == 1 and over[0].accuracy_drop > 1.0 and over[0].flash < result.points[result.chosen].flash
+    assert over[0].weights_bytes < result.points[result.chosen].weights_bytes
+    assert not set(by_precision["palette2"]) & set(result.front) and result.chosen not in by_precision["palette2"]
+    chosen = result.points[result.chosen]
+    assert result.chosen in by_precision["int4"] and len(by_precision["int4"]) >= 3  # the strategy's candidates
+    assert 0 < chosen.accuracy_drop <= 1.0 and chosen.accuracy == judge.value(rewritten(
+        original.data, dict.fromkeys(eligible, "int4")))
+    int8 = result.points[by_precision["int8"][0]]
+    assert chosen.flash < int8.flash and by_precision["int8"][0] in result.front
+    assert any("palette2: 5 layer(s)" in n and "beyond --max-accuracy-drop 1" in n for n in result.notes), result.notes
+    # the chosen variant rebuilt from front.json, with the search's request (as the service's worker does)
+    write_result(result, tmp_path / "front")
+    again = compile_model(model, "cortex-m4", tmp_path / "again", replace(
+        request, budget=None, workers=None, inputs=3, variant_file=str(tmp_path / "front" / "front.json")))
+    assert again.variant == chosen.variant and again.instructions == chosen.instructions
+    assert again.sizes["flash_model"] == chosen.flash and again.accuracy["value"] == chosen.accuracy
+    assert {w["op"]: w["precision"] for w in again.weights} == dict.fromkeys(eligible, "int4")
+    assert again.sizes["weights"] == chosen.weights_bytes and again.accuracy == chosen.accuracy_of_weights
+    assert set(chosen.accuracy_of_weights) >= {"metric", "value", "reference"}
+    best = json.loads((tmp_path / "front" / "best" / "report.json").read_text())  # the chosen build, its accuracy
+    assert best["accuracy"] == again.accuracy and best["sizes"]["weights"] == chosen.weights_bytes
+    capsys.readouterr()
+    assert main(["compile", str(model), "-t", "cortex-m4", "--weights", "int4,palette", "-o",
+                 str(tmp_path / "set")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tinymlaas: error: --weights int4,palette is a set of precisions for `search`") and (
+        "\n" not in err), err
+
+
 def json_key(value) -> str:
     return json.dumps(value, sort_keys=True)
 

@@ -86,6 +86,12 @@ def _quantize() -> tuple:
     return QUANTIZE
 
 
+def _weights() -> tuple:
+    from tinymlaas.frontend.lowbit import WEIGHT_SETS
+
+    return ("stored", "float32", "int4", "auto", "palette", *WEIGHT_SETS)
+
+
 MCU, HOST = frozenset({"mcu"}), frozenset({"host"})
 KERAS = frozenset({"keras"})
 COMPILE, SEARCH, SERVICE = "compile", "search", "service"
@@ -143,9 +149,12 @@ class BuildRequest:
                           "against the interpreter on that int4 model); auto: per layer the smallest of palettes "
                           "of 4 or 8 values, int4 and int8 that keeps the accuracy on --validation within "
                           "--max-accuracy-drop; palette: "
-                          "each layer's weights snapped to 2^--palette-bits values (k-means), kept as indices",
-                          choices=("stored", "float32", "int4", "auto", "palette"), backends=MCU,
-                          surfaces=(COMPILE, SEARCH, SERVICE))
+                          "each layer's weights snapped to 2^--palette-bits values (k-means), kept as indices. "
+                          "search (and a service build that searches) also takes a set of int4, palette and auto, "
+                          "such as int4,palette: each one's plan measured on --validation, the smallest within "
+                          "--max-accuracy-drop given to every candidate, the others built on the best and kept on "
+                          "the front when within it (off it when not)",
+                          choices=_weights, backends=MCU, surfaces=(COMPILE, SEARCH, SERVICE), metavar="WEIGHTS")
     palette_bits: int = option(4, help="--weights palette: bits per weight index (2-6: 4 to 64 values a layer)",
                                min=2, max=6, backends=MCU, surfaces=(COMPILE, SEARCH, SERVICE), metavar="BITS")
     validation: str | None = option(help="an .npz of held-out samples: `x` (sample axis first; floats are quantized "

@@ -22,6 +22,9 @@ WEIGHT_AXIS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}
 INT4_MAX = 7  # symmetric: -7..7 (TFLite's int4 and CMSIS-NN's s4 kernels take the same range)
 MIN_WEIGHTS = 64  # a smaller tensor saves less flash than its decoding costs in code
 LADDER_STEPS = 2  # plans between int8 and auto's answer that a search also builds (low_bit_weights' ladder)
+LOW_BIT = ("int4", "palette", "auto")  # the --weights values below eight bits (palette: --palette-bits)
+# sets of them a search explores (BuildRequest.weights' choices: the same order in each)
+WEIGHT_SETS = ("int4,palette", "int4,auto", "palette,auto", "int4,palette,auto")
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,12 @@ def low_bit_weights(model, request, plan: dict[int, str] | None = None, ladder: 
     from tinymlaas.build.request import InvalidRequest
     from tinymlaas.frontend.tflite import read_graph
 
+    if request.weights in WEIGHT_SETS:  # a search explores a set; what it builds is one of its points' plans
+        if plan is None:
+            raise InvalidRequest("weights", f"{request.weights} is a set of precisions for `search` to explore; a "
+                                 "build takes one (int4, palette, or auto: chosen per layer), or a searched "
+                                 "--variant")
+        request = replace(request, weights="stored")  # the variant's plan decides (int8 where it has none)
     if request.weights == "auto" and not request.validation:
         raise InvalidRequest("weights", "auto chooses per layer by accuracy: give --validation data.npz (and "
                              "--max-accuracy-drop)")

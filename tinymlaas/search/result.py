@@ -63,13 +63,17 @@ class Point:
     seconds: float = 0.0
     accuracy: float | None = None  # the --validation metric of its weights (the build is bit-exact to them)
     accuracy_drop: float = 0.0  # points of it lost against the model as given
+    # the whole block a build's report carries (metric, value, reference, drop, samples), None without --validation
+    accuracy_of_weights: dict | None = None
+    weights_bytes: int | None = None  # the build's sizes.weights (weights, biases, tables: what --weights shrinks)
 
     def objectives(self) -> tuple:
         return (self.cost, self.ram, self.flash, self.fidelity_loss, self.accuracy_drop)
 
     def with_accuracy(self, report: dict) -> Point:
         """The point with its weights' accuracy (lowbit.Judge.report)."""
-        return replace(self, accuracy=report["value"], accuracy_drop=float(report["drop"]))
+        return replace(self, accuracy=report["value"], accuracy_drop=float(report["drop"]),
+                       accuracy_of_weights=dict(report))
 
     @classmethod
     def of_report(cls, variant: dict, label: str, r, build_dir, seconds: float,
@@ -84,7 +88,8 @@ class Point:
                       (r.instructions, "instructions"))
         return cls(variant, label, r.verified, cost=cost, cost_kind=kind, instructions=r.instructions,
                    cycles=r.cycles, ram=r.sizes["ram_model"], flash=r.sizes["flash_model"],
-                   fidelity_loss=fidelity_loss, build_dir=str(build_dir), seconds=round(seconds, 2))
+                   fidelity_loss=fidelity_loss, build_dir=str(build_dir), seconds=round(seconds, 2),
+                   weights_bytes=r.sizes.get("weights"))
 
     @classmethod
     def refused(cls, variant: dict, label: str, error: Exception, seconds: float) -> Point:
@@ -126,6 +131,9 @@ class SearchResult:
                "space_size": self.space_size, "front": len(self.front), "seconds": self.seconds,
                "chosen": {"variant": chosen.variant, "label": chosen.label, chosen.cost_kind: chosen.cost},
                "default": {"variant": default.variant, default.cost_kind: default.cost}}
+        if chosen.accuracy_of_weights:  # weights below eight bits judged on --validation
+            out["chosen"]["accuracy"] = chosen.accuracy_of_weights
+            out["chosen"]["weights_bytes"] = chosen.weights_bytes
         if self.screened:
             out["screened"] = self.screened
         if self.confirmed:
@@ -162,6 +170,12 @@ def write_result(result: SearchResult, out: Path) -> dict:
         shutil.rmtree(best, ignore_errors=True)
         shutil.copytree(result.points[result.chosen].build_dir, best)
         artifacts["best"] = str(best)
+        chosen, report = result.points[result.chosen], best / "report.json"
+        if chosen.accuracy_of_weights and report.is_file():  # measured once per plan, not in each point's build
+            data = json.loads(report.read_text())
+            if data.get("accuracy") is None:
+                data["accuracy"] = chosen.accuracy_of_weights
+                report.write_text(json.dumps(data, indent=2) + "\n")
     return artifacts
 
 

@@ -36,9 +36,11 @@ def low_bit_ladder(model, request: BuildRequest) -> tuple[list[tuple[tuple, dict
     """The weight plans a search builds, int8 first and the requested one last (--weights int4/palette/auto, chosen
     once: with auto, by accuracy on --validation, with up to two plans it kept on its way between), each with its
     accuracy (None without --validation); and what the search's notes say of them. [] when all stay int8."""
-    from tinymlaas.frontend.lowbit import low_bit_weights
+    from tinymlaas.frontend.lowbit import LOW_BIT, WEIGHT_SETS, low_bit_weights
 
-    if request.weights not in ("int4", "palette", "auto"):
+    if request.weights in WEIGHT_SETS:
+        return explored_weights(model, request)
+    if request.weights not in LOW_BIT:
         return [], []
     ladder: list = []
     _, layers, accuracy = low_bit_weights(model, request, ladder=ladder)
@@ -49,6 +51,52 @@ def low_bit_ladder(model, request: BuildRequest) -> tuple[list[tuple[tuple, dict
         note += (f"; {accuracy['metric']} {accuracy['value']:.4f} on {accuracy['samples']} samples, the model as given "
                  f"{accuracy['reference']:.4f}")
     return [(tuple(sorted(rung.items())), acc) for rung, acc in ladder], [note]
+
+
+def explored_weights(model, request: BuildRequest) -> tuple[list[tuple[tuple, dict | None]], list[str]]:
+    """--weights as a set (int4,palette,auto): each precision's plan (int4 or palette<--palette-bits> in every
+    eligible layer; auto's per layer, with the plans it kept on its way), each measured on --validation. The plan
+    asked of every candidate is the one of fewest weight bytes within --max-accuracy-drop (int8 where none is); the
+    others, int8 first, are the ladder's other rungs, built on the best variant: a plan beyond the limit is built and
+    measured, but infeasible, so never on the front nor chosen. Same shape as low_bit_ladder's answer."""
+    from tinymlaas.build.request import InvalidRequest
+    from tinymlaas.frontend.lowbit import low_bit_weights
+
+    limit = request.max_accuracy_drop
+    if limit is not None and not request.validation:
+        raise InvalidRequest("max_accuracy_drop", "needs --validation data.npz to measure the accuracy on")
+    accuracy: dict[tuple, dict | None] = {}  # every plan built, int8 first
+    chosen_by: dict[tuple, tuple[str, int]] = {}  # each precision's own plan: (the precision, its weight bytes)
+    for precision in request.weights.split(","):
+        ladder: list = []
+        # a uniform plan is measured, not refused, beyond the limit (the search keeps it off the front); auto's
+        # choice is the limit's
+        one = replace(request, weights=precision, max_accuracy_drop=limit if precision == "auto" else None)
+        _, layers, _ = low_bit_weights(model, one, ladder=ladder)
+        for rung, acc in ladder:
+            accuracy.setdefault(tuple(sorted(rung.items())), acc)
+        own = tuple((w.op, w.precision) for w in layers if w.precision != "int8")
+        accuracy.setdefault(own, ladder[-1][1] if ladder else None)
+        name = f"palette{request.palette_bits}" if precision == "palette" else precision
+        chosen_by.setdefault(own, (name, sum(w.nbytes for w in layers)))
+
+    def within(plan: tuple) -> bool:
+        return limit is None or accuracy[plan] is None or accuracy[plan]["drop"] <= limit
+
+    fits = [plan for plan in chosen_by if within(plan)]
+    asked = min(fits, key=lambda plan: chosen_by[plan][1]) if fits else ()
+    accuracy.setdefault((), None)
+    notes = []
+    for plan, (precision, nbytes) in chosen_by.items():
+        acc = accuracy[plan]
+        notes.append(f"weights {precision}: {len(plan)} layer(s) below eight bits, {nbytes:,} B of layer weights"
+                     + (f", {acc['metric']} {acc['value']:.4f} ({acc['drop']:.2f} points lost)" if acc else "")
+                     + ("" if within(plan) else f": beyond --max-accuracy-drop {limit:g}, built but off the front"))
+    notes.append(f"every candidate got weights {chosen_by[asked][0]}'s plan (the fewest weight bytes within the "
+                 f"limit); {len(accuracy) - 1} other plan(s) built on the best of them" if asked else
+                 f"no plan of {request.weights} within --max-accuracy-drop {limit:g}: every candidate int8; "
+                 f"{len(accuracy) - 1} other plan(s) built on the best of them")
+    return [(plan, acc) for plan, acc in accuracy.items() if plan != asked] + [(asked, accuracy[asked])], notes
 
 
 def _plan_of(point) -> tuple:

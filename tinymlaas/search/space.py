@@ -80,7 +80,8 @@ class Variant:
                 + (", no fusion" if self.fusion == "none" else "")
                 + (f", memory {self.memory}" if self.memory != "tvm" else "")
                 + (f", {len(self.layers)} layer schedules tuned" if self.layers else "")
-                + (f", {len(self.weights)} layers below eight bits" if self.weights else ""))
+                + (f", {len(self.weights)} layers {'/'.join(sorted({p for _, p in self.weights}))}"
+                   if self.weights else ""))
 
 
 @dataclass(frozen=True)
