@@ -142,6 +142,25 @@ TRM_EXAMPLES = [
 ]
 
 
+# The same timings when the next instruction reads what was loaded (the ADD counted: one cycle). llvm-mca stalls
+# it after a single load or a load double, and after a load multiple only on the list's last register: the
+# manual's 1 + N either way.
+TRM_DEPENDENT = [
+    (["ldr r0, [r1]", "add r8, r0, r9"], 3),
+    (["ldrd r4, r5, [r0, #8]", "add r8, r4, r9"], 4),
+    (["ldm r0, {r4, r5, r6, r7}", "add r8, r4, r9"], 6),  # the first register: no stall in llvm-mca
+    (["ldm r0, {r4, r5, r6, r7}", "add r8, r7, r9"], 6),  # the last: llvm-mca's stall is the manual's cycle
+    (["pop {r4, r5}", "add r8, r4, r9"], 4),
+]
+
+
+@pytest.mark.parametrize("body, total", TRM_DEPENDENT)
+def test_cortex_m4_loads_followed_by_their_use(body, total):
+    from tinymlaas.measure.cycles import block_cost, model_for
+
+    assert block_cost(body, model_for(get_target("cortex-m4"))) == pytest.approx(total, abs=0.02)
+
+
 @pytest.mark.parametrize("body, trm_cycles", TRM_EXAMPLES)
 def test_cortex_m4_loads_and_stores_cost_what_the_manual_says(body, trm_cycles):
     from tinymlaas.measure.cycles import block_cost, model_for

@@ -156,7 +156,8 @@ def transfer_extra(body: list[str]) -> float:
         elif mnemonic in _MULTIPLE:
             listed = [r for r in regs if r not in regs[:1]] if mnemonic in ("ldm", "stm", "vldm", "vstm") else regs
             loaded = listed if mnemonic in ("ldm", "pop", "vldm", "vpop") else []
-            extra += _words(listed) - (1.0 if loaded and data_use(k, loaded) else 0.0)
+            # llvm-mca stalls the next instruction only on the list's last register (the last word to arrive)
+            extra += _words(listed) - (1.0 if loaded and data_use(k, loaded[-1:]) else 0.0)
     return extra
 
 
