@@ -5,7 +5,7 @@ Usage (on a machine with an NVIDIA GPU, PyTorch and torchvision; TVM 0.27 and th
     python -P benchmarks/gpu.py [--out FILE] [--runs 100] [--models resnet18:1[:graph+tuned16],...]
         [--variants graph,graph16,tuned16] [--trials N --per-task M --minutes T --tuning-dir DIR]
         [--torch-modes eager,default,reduce-overhead,max-autotune] [--dtypes float32,float16] [--profile N]
-        [--tune-only]
+        [--skip-torch model:dtype:mode,...] [--tune-only]
     python -P benchmarks/gpu.py --merge RUN.json [RUN.json ...] --out benchmarks/results/gpu.json --key KEY
 (-P: this folder's profile.py would hide the standard library's from torch.) The run of 2026-12-07 set
 TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS=ATEN (max-autotune's convolutions from cuDNN: its Triton convolution
@@ -118,14 +118,19 @@ def rel_error(got, reference) -> float:
     return float(np.linalg.norm(got.astype("float64") - reference) / np.linalg.norm(reference))
 
 
-def measure_torch(model, x, reference, modes, dtypes, runs: int, device: str, out: dict, progress) -> dict:
+def measure_torch(model, x, reference, modes, dtypes, runs: int, device: str, out: dict, progress,
+                  skip: frozenset = frozenset()) -> dict:
     """Eager and torch.compile in each mode, per precision, into `out`: latency, first-call (compile) seconds,
-    relative error; `progress()` after each."""
+    relative error; `progress()` after each. `skip`: (dtype, mode) pairs not run (recorded as skipped)."""
     import torch
 
     for dtype in dtypes:
         m, xi = (copy.deepcopy(model).half(), x.half()) if dtype == "float16" else (model, x)
         for mode in modes:
+            if (dtype, mode) in skip:
+                out.setdefault(dtype, {})[mode] = {"skipped": "--skip-torch"}
+                print(json.dumps({"torch": dtype, "mode": mode, "skipped": True}), flush=True)
+                continue
             torch._dynamo.reset()  # each mode compiles afresh (one forward code object, several modes)
             row = {}
             try:
@@ -291,8 +296,10 @@ def measure(name: str, batch: int, args, variants, out: dict, progress) -> dict:
             reference = model(x).double().cpu().numpy()
             torch.backends.cudnn.allow_tf32 = tf32
         out["torch"] = {}
+        skip = frozenset(tuple(spec.split(":")[1:]) for spec in args.skip_torch.split(",")
+                         if spec.split(":")[0] == name)
         measure_torch(model, x, reference, args.torch_modes.split(","), args.dtypes.split(","), runs, device,
-                      out["torch"], progress)
+                      out["torch"], progress, skip)
         out["torch_fastest"] = fastest_torch(out["torch"])
     model_cpu, x_cpu = copy.deepcopy(model).cpu(), x.cpu()
     ours = out.setdefault("tvm", {})
@@ -387,6 +394,8 @@ def main() -> int:
     ap.add_argument("--variants", default="graph,graph16,tuned16", help=f"our builds ({', '.join(PLANS)})")
     ap.add_argument("--torch-modes", default=",".join(TORCH_MODES))
     ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--skip-torch", default="", help="model:dtype:mode,... PyTorch columns not run (e.g. "
+                    "mobilenet_v2:float16:max-autotune: float16 overflows with random weights, 2.5 min of compiling)")
     ap.add_argument("--trials", type=int, default=0, help="meta_schedule trials per model for the tuned builds: "
                     "a finished database (tuning.json) is reused without trials")
     ap.add_argument("--per-task", type=int, default=0, help="at most this many trials per task")

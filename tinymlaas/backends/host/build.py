@@ -32,6 +32,7 @@ from tinymlaas.backends.host.passes import (
     lowering_pipeline,
     optimize,
     public_functions,
+    uses_tensor_cores,
 )
 from tinymlaas.backends.host.report import HostReport
 from tinymlaas.backends.host.tuning import is_tuned, tuning_folder
@@ -146,8 +147,9 @@ def build_module(model, module: HostModule, target: HostTarget, work: Path, opti
     stage("lower")
     t0 = time.monotonic()
     sha = hashlib.sha256(model.data).hexdigest()
-    # a split-K build tunes functions a plain build has not: its own database
-    variant = options.precision + ("-splitk" if options.split_k else "")
+    # a split-K build tunes functions a plain build has not: its own database (split-K applies to tensor cores only)
+    split_k = options.split_k and uses_tensor_cores(target, options.precision)
+    variant = options.precision + ("-splitk" if split_k else "")
     db = tuning_folder(target, sha, variant, options.tuning_dir or work.parent / "tuning")
     reused = options.tune_trials > 0 and is_tuned(db)
     if options.tune_trials:
@@ -164,6 +166,8 @@ def build_module(model, module: HostModule, target: HostTarget, work: Path, opti
             lowered = lowering_pipeline(tvm_target)(mod)
         executable = relax.build(lowered, target=tvm_target, relax_pipeline=None)  # its Relax passes ran above
     mode = build_mode(lowered, target, options.precision, options.tune_trials > 0, graphs)
+    if options.tune_trials and uses_tensor_cores(target, options.precision):
+        mode["split_k"] = options.split_k
     library = work / "model.so"
     executable.export_library(str(library))
     seconds["codegen"] = round(time.monotonic() - t0, 3)

@@ -18,4 +18,6 @@ class HostOptions:
     runs: int = 50  # timed calls (median) after warm-up
     cuda_graph: bool = True  # CUDA: kernel launches captured once and replayed as CUDA graphs
     sample_inputs: Path | None = None  # .npz of inputs to check with instead of `inputs` random ones
-    split_k: bool = False  # CUDA float16 tuned: convolutions with few output tiles split their reduction (passes.py)
+    # CUDA float16 tuned: convolutions with few output tiles split their reduction (passes.py); on since its first GPU
+    # measurement (benchmarks/results/gpu.json: resnet18 b1 on an H100, 2.05x faster than without in the same run)
+    split_k: bool = True
