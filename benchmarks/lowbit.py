@@ -1,7 +1,8 @@
 """Weights below eight bits, side by side in one run: int8 and int4 weights with the default (C) kernels, which read
-int4 weights unpacked into RAM right before their layer, and with the TIR kernels, which decode each weight they
-read (no RAM): weight bytes, flash, RAM, instructions (and the Cortex-M4 cycle estimate), every build verified
-against the TFLite interpreter (the int4 ones against the interpreter on the int4 model).
+int4 weights in their loop (convolutions and fully connected layers: gemm_w4, gemv_w4; no RAM) or unpacked into RAM
+right before their layer (the others), and with the TIR kernels, which decode each weight they read (no RAM):
+weight bytes, flash, RAM, instructions (and the Cortex-M4 cycle estimate), every build verified against the TFLite
+interpreter (the int4 ones against the interpreter on the int4 model).
 
 Usage: python benchmarks/lowbit.py [--models DIR] [--out FILE] [--targets T,...] [--inputs N]
 """
@@ -121,8 +122,8 @@ def main(argv=None) -> int:
         "host": {"machine": platform.machine(), "python": platform.python_version()},
         "method": "per model and target, builds in one run: int8 and int4 weights (--weights int4: every "
                   "eligible conv/depthwise/FC layer re-quantized to 4 bits per channel, two to a byte in flash) with "
-                  "the default kernels (C micro-kernels; int4 read in the loop by one-row FC layers, else unpacked "
-                  "into RAM before each layer) and with the TIR kernels (int4 decoded on each read); palettized "
+                  "the default kernels (C micro-kernels; int4 read in the loop by convolutions and FC layers of a "
+                  "proven requantization (gemm_w4, gemv_w4), else unpacked into RAM before each layer) and with the TIR kernels (int4 decoded on each read); palettized "
                   "weights (--weights palette: 16 or 8 k-means values a layer, indices unpacked into RAM before each "
                   "layer) on the default kernels; ratios against int8 on the same kernels; each verified against the "
                   "TFLite interpreter on the model it computes (the rewritten one), instructions from QEMU, "

@@ -17,6 +17,7 @@ from tinymlaas.frontend.tflite import load_model_bytes, read_graph
 from tinymlaas.ir.lower import ARENA_ALIGN
 from tinymlaas.ir.weight_decode import pack_palette, pack_words, unpack_palette, unpack_words
 from tinymlaas.ir.weight_storage import pack_int4, unpack_int4
+from tinymlaas.ops.dsp_layouts import gemm_w4_weights, sums_fit_at_16x
 
 SAME, VALID = 0, 1
 NONE, RELU, RELU6 = 0, 1, 3
@@ -33,7 +34,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("target, kernels", [
-    # the C kernels (int8 and int16 weights) reading weights unpacked into RAM; TIR decoding each read
+    # the C kernels: 4-bit weights read in the loop (gemm_w4, gemv_w4) or unpacked into RAM (int16 weights, the
+    # general requantization); TIR decoding each read
     ("cortex-m4", "dsp"), ("cortex-m4", "dsp16"), ("cortex-m4", "tir"), ("rv32imac", "auto"), ("rv32imac", "tir"),
 ])
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -45,7 +47,7 @@ def test_int4_layers_are_bit_exact_with_the_interpreter_on_the_int4_model(case, 
     assert [w["precision"] for w in r.weights] == ["int4"]
     out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
     assert len(np.unique(out)) > 3  # outputs that all saturate would prove nothing
-    assert any("two to a byte" in n or "kept packed" in n for n in r.notes) or "gemv_w4" in driver(r), r.notes
+    assert any("two to a byte" in n or "kept packed" in n for n in r.notes) or "_w4" in driver(r), r.notes
 
 
 def driver(report) -> str:
@@ -69,10 +71,74 @@ def test_a_row_of_4_bit_weights_is_read_by_the_4_bit_gemv_without_a_copy_in_ram(
         assert r.sizes["arena"] <= 256  # the input and output rows only
 
 
+# convolutions whose 4-bit weights the 2x2 product reads in its loop (gemm_dsp.c gemm_w4): the pointwise path, padded
+# windows, odd channel counts and an odd output count, the few-channel split rows of an RGB image, a batch, fully
+# connected batches (single rounding); multipliers below 1/2 only (clamped, and the unclamped run of products) and
+# with rows of 1/2 or more (4-bit scales are ~18x the int8 ones), alone or mixed with the others
+GEMM_W4_CASES = {
+    "pointwise_c16": lambda: q.conv2d(21, [1, 6, 5, 16], 10, 1, 1, VALID, NONE),
+    "pointwise_odd_channels_relu": lambda: q.conv2d(22, [1, 5, 3, 7], 13, 1, 1, VALID, RELU, out_scale_factor=3.0),
+    "conv3x3_same_relu6": lambda: q.conv2d(23, [1, 7, 6, 8], 6, 3, 1, SAME, RELU6),
+    "conv3x3_same_s2_c5": lambda: q.conv2d(24, [1, 9, 8, 5], 9, 3, 2, SAME, NONE),
+    "conv3x3_rgb_s2": lambda: q.conv2d(25, [1, 11, 9, 3], 8, 3, 2, SAME, NONE),
+    "conv3x3_batch2": lambda: q.conv2d(26, [2, 6, 5, 12], 7, 3, 1, VALID, NONE, out_scale_factor=4.0),
+    "fc_batch": lambda: q.fully_connected(27, [3, 40], 9, NONE),
+    # multipliers below 1/2 after the re-quantization (the others reach 1/2 and more: rows of a left shift)
+    "pointwise_c12_relu_small_multipliers": lambda: q.conv2d(28, [1, 4, 6, 12], 10, 1, 1, VALID, RELU,
+                                                             out_scale_factor=16.0),
+    "fc_batch_relu_small_multipliers": lambda: q.fully_connected(29, [2, 40], 9, RELU, out_scale_factor=8.0),
+}
+BELOW_ONE_HALF = {"conv3x3_batch2", "pointwise_c12_relu_small_multipliers", "fc_batch_relu_small_multipliers"}
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])  # SMLAD on 16 x the nibbles; the scalar loop
+@pytest.mark.parametrize("case", sorted(GEMM_W4_CASES))
+def test_4_bit_convolution_weights_are_read_by_gemm_w4_without_a_copy_in_ram(case, target, tmp_path):
+    _check_gemm_w4(case, target, tmp_path)
+
+
+@pytest.mark.parametrize("target", ["cortex-m7", "cortex-m33", "cortex-m3"])  # the other DSP cores; Thumb-2 without
+@pytest.mark.parametrize("case", ["conv3x3_same_relu6", "conv3x3_batch2"])  # DSP (the scalar loop)
+def test_gemm_w4_on_the_other_arm_cores(case, target, tmp_path):
+    _check_gemm_w4(case, target, tmp_path)
+
+
+def _check_gemm_w4(case, target, tmp_path):
+    path = tmp_path / f"{case}.tflite"
+    path.write_bytes(GEMM_W4_CASES[case]())
+    request = BuildRequest(inputs=20, seed=5, kernels="dsp")  # the C kernels (on RV32 their scalar loops)
+    r8 = compile_model(path, target, tmp_path / "int8", request)
+    r4 = compile_model(path, target, tmp_path / "int4", replace(request, weights="int4"))
+    assert r4.fidelity["max_lsb_diff"] == 0, r4.fidelity
+    out = np.frombuffer(Path(r4.artifacts["outputs"]).read_bytes(), dtype=np.int8)
+    assert len(np.unique(out)) > 10  # not saturated: the sums and their requantization are what is checked
+    # gemm_w4l where the 4-bit scales bring rows of a multiplier of 1/2 or more
+    symbol = "tinymlaas_gemm_w4(" if case in BELOW_ONE_HALF else "tinymlaas_gemm_w4l("
+    assert symbol in driver(r4) and "tinymlaas_gemm_w8" in driver(r8)
+    assert "unpack" not in driver(r4)
+    # the same arena (the weights stay in flash, nothing is unpacked) and the same patch on the stack; the kernel's
+    # frame may save a few more registers than gemm_w8's: 32 B
+    assert r4.sizes["arena"] == r8.sizes["arena"], (r4.sizes, r8.sizes)
+    assert r4.sizes["ram_model"] <= r8.sizes["ram_model"] + 32, (r4.sizes, r8.sizes)
+
+
+def test_the_gemm_w4_layout_pairs_channels_in_the_nibbles_of_each_byte():
+    w = np.random.default_rng(4).integers(-8, 8, size=(5, 7)).astype(np.int8)  # odd channels, depth not a quad
+    packed = gemm_w4_weights(w).view(np.uint8)
+    assert packed.shape == (3, 2, 4)  # [OC/2][K/4][k0 k1 k2 k3]
+    low = ((packed & 0xF).astype(np.int8) ^ 8) - 8  # channel 2p
+    high = ((packed >> 4).astype(np.int8) ^ 8) - 8  # channel 2p + 1
+    back = np.stack([low, high], axis=1).transpose(0, 1, 2, 3).reshape(6, 8)  # [channel][k]
+    assert np.array_equal(back[:5, :7], w)
+    assert not back[5].any() and not back[:, 7:].any()  # the padding is 0
+    assert sums_fit_at_16x(np.full((1, 75200), 7, np.int8), 0)  # inputs within 128 of the zero point
+    assert not sums_fit_at_16x(np.full((1, 75200), 7, np.int8), 127)  # 16 x 255 x 526,400 >= 2^31
+
+
 def test_int4_halves_the_weight_flash(tmp_path):
     path = tmp_path / "conv.tflite"
     path.write_bytes(q.conv2d(3, [1, 8, 8, 16], 32, 3, 1, SAME, RELU))  # 4,608 weights
-    for kernels in ("tir", "auto"):  # decoded per read; unpacked into RAM for the C kernel
+    for kernels in ("tir", "auto"):  # decoded per read; read in the loop by the C kernel (gemm_w4)
         sizes, ram = {}, {}
         for weights in ("stored", "int4"):
             r = compile_model(path, "rv32imac", tmp_path / kernels / weights,
@@ -81,8 +147,8 @@ def test_int4_halves_the_weight_flash(tmp_path):
             sizes[weights], ram[weights] = r.sizes["weights"], r.sizes["arena"]
         # the same biases and tables, the weights halved (give or take the constants' alignment in the blob)
         assert abs(sizes["stored"] - sizes["int4"] - 4608 // 2) <= (0 if kernels == "tir" else ARENA_ALIGN), sizes
-        if kernels == "auto":  # the unpacked weights need an arena slot of their own
-            assert ram["int4"] >= ram["stored"] + 4608, ram
+        if kernels == "auto":  # no unpacked copy: no arena slot of its own
+            assert ram["int4"] == ram["stored"], ram
 
 
 def test_the_int4_model_stands_for_the_int8_weights_within_half_a_step():

@@ -26,7 +26,8 @@ from tinymlaas.ops.conv_params import CONV_FIELDS
 CONCAT_KERNEL = re.compile(r"^concatenate\d*$")  # TVM's legalized concat, not fused with anything
 # C kernels that honour conv_params.h's out_stride (gemm_dsp.c gemm_layer, gemm4_layer): (input, weights, rq,
 # params, output)
-STRIDED_OUTPUT = {"tinymlaas_gemm_w8", "tinymlaas_gemm_w16", "tinymlaas_gemm4_w16"}
+STRIDED_OUTPUT = {"tinymlaas_gemm_w8", "tinymlaas_gemm_w16", "tinymlaas_gemm_w4", "tinymlaas_gemm_w4l",
+                  "tinymlaas_gemm4_w16"}
 OUT_STRIDE = CONV_FIELDS.index("out_stride")
 
 

@@ -91,6 +91,8 @@ def depthwise_distance(params: np.ndarray) -> int:
 STREAMING: dict[str, tuple[Callable, str]] = {
     "tinymlaas_gemm_w8": (gemm_distance, "tinymlaas_gemm_w8_inplace"),
     "tinymlaas_gemm_w16": (gemm_distance, "tinymlaas_gemm_w16_inplace"),
+    "tinymlaas_gemm_w4": (gemm_distance, "tinymlaas_gemm_w4_inplace"),
+    "tinymlaas_gemm_w4l": (gemm_distance, "tinymlaas_gemm_w4l_inplace"),
     "tinymlaas_gemm4_w16": (lambda params: gemm_distance(params, group=4), "tinymlaas_gemm4_w16_inplace"),
     "tinymlaas_gemv_w8": (gemv_distance, "tinymlaas_gemv_w8_inplace"),
     "tinymlaas_gemv_w16": (gemv_distance, "tinymlaas_gemv_w16_inplace"),

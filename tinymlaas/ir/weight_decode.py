@@ -10,7 +10,9 @@ weight, once per inference); the RAM it costs is the largest such layer's weight
   its own nibbles);
 - palette: each value an index of 2-6 bits into a table of the constant's values (every kernel's constants).
 One kernel reads a palette itself: the one-row fully connected C kernel (gemv) takes a layer of at most 16 values
-as 4-bit indices and a 256-entry table of index pairs (`palette_gemv`: 1 KiB of flash a layer, no RAM).
+as 4-bit indices and a 256-entry table of index pairs (`palette_gemv`: 1 KiB of flash a layer, no RAM). Two read
+4-bit values themselves (ops/int8.py picks them, and `decode_weights` leaves their calls alone): gemv_w4 (one row)
+and gemm_w4 (convolutions and fully connected batches on int8 weights with a proven requantization).
 """
 
 from __future__ import annotations

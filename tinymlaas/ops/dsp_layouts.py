@@ -33,6 +33,21 @@ def gemv4_weights(w2d: np.ndarray) -> np.ndarray:
                                 .view(np.int8))
 
 
+def gemm_w4_weights(w2d: np.ndarray) -> np.ndarray:
+    """(OC, K) values in -8..7 -> gemm_dsp.c's 4-bit 2x2 layout: blocked_weights' [OC/2][K/4][channel 0..1][4] with
+    the pair in one byte per k, channel 0 in the low nibble: [OC/2][K/4][k0 k1 k2 k3], one word per pair and quad."""
+    blocked = blocked_weights(w2d, 2, wide=False).astype(np.int16)
+    return np.ascontiguousarray(((blocked[..., 0, :] & 0xF) | ((blocked[..., 1, :] & 0xF) << 4)).astype(np.uint8)
+                                .view(np.int8))
+
+
+def sums_fit_at_16x(w2d: np.ndarray, zp_in: int) -> bool:
+    """The 4-bit loops' sums, 16 x the products', fit in 32 bits for any int8 input (every partial sum is at most
+    the largest input offset times the channel's sum of |w|)."""
+    x_max = max(abs(-128 - zp_in), abs(127 - zp_in))
+    return 16 * x_max * int(np.abs(w2d.astype(np.int64)).sum(axis=1).max(initial=0)) < 2**31
+
+
 def fits_int4(w: np.ndarray) -> bool:
     """Weights that are 4-bit values (a layer --weights int4 re-quantized: frontend/lowbit.py)."""
     return w.size > 0 and int(w.min()) >= -8 and int(w.max()) <= 7
@@ -77,8 +92,10 @@ def requant_table(w2d: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np
     The C code skips 64-bit arithmetic, saturation and the sign tests of TFLite's formulas; that is exact
     only while no intermediate can overflow, which is proved here from the weights: |accumulator| is at
     most |bias| + max|x - zp_in| * sum|w|. The output zero point is folded into the rounding constant.
-    left (single rounding, gemm_dsp.c's 4-bit gemv only): a multiplier of 1/2 or more, where TFLite shifts right by
-    32 or fewer, is taken as smmulr((acc + bias) << k, m) + zp_out, stored with shift -(k + 1) and round zp_out.
+    left (gemm_dsp.c's 4-bit kernels only, gemv_w4 and gemm_w4): a multiplier of 1/2 or more (single rounding: TFLite
+    shifts right by 32 or fewer; double: left by s >= 0 before its high multiply, no rounding shift) is taken as
+    smmulr((acc + bias) << k, m) + zp_out, k = s + 1 (one rounding, half up, in both), stored with shift -(k + 1)
+    and round zp_out.
     A channel the proof fails for is still taken when its output cannot depend on the input
     (requantization is monotonic, so equal outputs at both accumulator bounds): trained models carry such
     dead channels (a huge bias, a zero multiplier); it becomes a constant (multiplier 0).
@@ -98,7 +115,7 @@ def requant_table(w2d: np.ndarray, bias: np.ndarray, mult: np.ndarray, shift: np
         if ok and m > 0 and scaled + abs(rnd) + 1 < 2**31:
             rows.append((b if single else 2 * b, m, rnd, e))
             continue
-        if single and left and e <= 0 and m > 0 and 0 <= s + 1 <= 30 and a << (s + 1) < 2**31:
+        if left and e <= 0 and m > 0 and 0 <= s + 1 <= 30 and a << (s + 1) < 2**31:
             rows.append((b, m, zp_out, -(s + 2)))  # (acc * m + 2^(30 - s)) >> (31 - s) as one SMMULR
             continue
         ends = [requantize_exact(b + sign * d, m, s, single) for sign in (-1, 1)]

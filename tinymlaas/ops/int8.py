@@ -29,9 +29,11 @@ from tinymlaas.ops.dsp_layouts import (
     depthwise_rows_weights,
     fits_int4,
     gemm4_weights,
+    gemm_w4_weights,
     gemv4_weights,
     requant_table,
     requantize_exact,
+    sums_fit_at_16x,
 )
 from tinymlaas.ops.emit import emit_kernel, extern
 from tinymlaas.ops.geometry import padding, pixels_in_rows, reduce_axes, transpose_conv_geometry, window_padding
@@ -159,6 +161,13 @@ class ConvLayer:
     wide: bool  # "dsp16": the weights widened to int16 in flash
     dsp: bool  # the core has the DSP extension
     batch: int = 1
+    int4: bool = False  # weights of 4-bit values (--weights int4) whose 16x sums fit 32 bits: gemm_w4 reads them
+
+    @property
+    def gemm_w4(self) -> bool:
+        """The 2x2 product reading 4-bit weights in its loop, for a convolution of int8 weights (dsp) of 4-bit
+        values: no unpacked copy in RAM. dsp16 keeps its int16 kernels (speed asked for, at the flash it costs)."""
+        return self.int4 and not self.depthwise and not self.wide
 
     @property
     def pointwise(self) -> bool:
@@ -211,6 +220,10 @@ def _gemm_operands(layer: ConvLayer, consts: ConvConstants) -> list:
     return [blocked_weights(_gemm_matrix(layer, consts), 2, layer.wide), consts.table, consts.params.to_array()]
 
 
+def _gemm_w4_operands(layer: ConvLayer, consts: ConvConstants) -> list:
+    return [gemm_w4_weights(_gemm_matrix(layer, consts)), consts.table, consts.params.to_array()]
+
+
 def _gemm4_operands(layer: ConvLayer, consts: ConvConstants) -> list:
     table = consts.table  # an odd count's partner channel reads a row of its own (zeros), never past the table
     table = np.concatenate([table, np.zeros((1, table.shape[1]), table.dtype)]) if len(table) % 2 else table
@@ -249,6 +262,7 @@ class ConvKernel(NamedTuple):
 CONV_KERNELS = (
     #          symbol                         _w8/16 proven layers                             operands
     ConvKernel("tinymlaas_gemm4_w16",         False, True,  lambda layer: layer.gemm4,         _gemm4_operands),
+    ConvKernel("tinymlaas_gemm_w4",           False, True,  lambda layer: layer.gemm_w4,       _gemm_w4_operands),
     ConvKernel("tinymlaas_gemm",              True,  True,  lambda layer: not layer.depthwise, _gemm_operands),
     ConvKernel("tinymlaas_depthwise3x3_rows", False, True,  lambda layer: layer.rows3x3,       _rows_operands),
     ConvKernel("tinymlaas_depthwise3x3",      True,  True,  lambda layer: layer.dw3x3,         _depthwise3x3_operands),
@@ -286,17 +300,22 @@ def conv2d(ctx, op, impl):
     shape = out_t.shape
     if impl in ("dsp", "dsp16"):
         _, oh, ow, _ = shape
+        int4 = name == "CONV_2D" and fits_int4(w) and sums_fit_at_16x(w.reshape(channels, -1), zp_in)
         layer = ConvLayer(name == "DEPTHWISE_CONV_2D", c, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, wide=impl == "dsp16",
-                          dsp=ctx.target.dsp, batch=n)
+                          dsp=ctx.target.dsp, batch=n, int4=int4)
         table = None  # the proof reads all the weights: only where a proven kernel could take the layer
         if any(kernel.proven and kernel.applies(layer) for kernel in CONV_KERNELS):
             w2d = w.reshape(kh * kw, channels).T if layer.depthwise else w.reshape(channels, -1)
             table = requant_table(w2d, bias, mult, shift, zp_in, zp_out, (lo, hi), single=False)
+            if table is None and layer.gemm_w4:  # 4-bit scales: multipliers of 1/2 or more, which gemm_w4 takes
+                table = requant_table(w2d, bias, mult, shift, zp_in, zp_out, (lo, hi), single=False, left=True)
         kernel = next(kernel for kernel in CONV_KERNELS
                       if kernel.applies(layer) and (table is not None or not kernel.proven))
         params = ConvParams(n, h, wd, c, oh, ow, channels, kh, kw, sh, sw, dh, dw, pt, pl, zp_in, zp_out, lo, hi)
         constants = ConvConstants(w, bias, tuple(_rescale(ctx, op, mult, shift)), table, params)
         symbol = kernel.symbol + (("_w16" if layer.wide else "_w8") if kernel.widths else "")
+        if kernel.symbol == "tinymlaas_gemm_w4" and (table[:, 3] < 0).any():
+            symbol += "l"  # rows of a left shift: the variant that requantizes them (a model links what it calls)
         y = extern(ctx, symbol, [x, *map(relax.const, kernel.operands(layer, constants))], shape)
     else:
         schedule = ctx.layer_schedule(op)
@@ -347,18 +366,24 @@ def fully_connected(ctx, op, impl):
                                     lo, hi, single=1).to_array())
         reps = out_features if mult.size == 1 else 1
         mult, shift = np.repeat(mult, reps), np.repeat(shift, reps)
+        wide = impl == "dsp16"
+        # 4-bit weights (an int4 layer) stay 4-bit: read in the loop (a row: gemv_w4; a batch, int8 weights asked
+        # for: gemm_w4), no unpacked copy in RAM; both also take multipliers of 1/2 or more
+        int4 = fits_int4(w) and (batch == 1 or (not wide and sums_fit_at_16x(w, zp_in)))
         table = requant_table(w, bias_values, mult, shift, zp_in, zp_out, (lo, hi), single=True)
-        if table is None and batch == 1 and fits_int4(w):  # the 4-bit gemv also takes multipliers of 1/2 or more
+        if table is None and int4:
             table = requant_table(w, bias_values, mult, shift, zp_in, zp_out, (lo, hi), single=True, left=True)
         if table is not None:  # one row: four channels per step; a batch: the 2x2 product
             kernel, block = ("tinymlaas_gemv", 4) if batch == 1 else ("tinymlaas_gemm", 2)
-            wide = impl == "dsp16"
             per_tensor = batch == 1 and (table[:, 1:] == table[0, 1:]).all()
             if per_tensor:  # the biases, then one {mult, round, shift}: 4 B a channel instead of 16
                 table = np.concatenate([table[:, 0], table[0, 1:]]).astype(np.int32)
-            # 4-bit weights (an int4 layer) stay 4-bit for a row: read in the loop, no unpacked copy in RAM
-            width, layout = (("_w4", gemv4_weights(w)) if batch == 1 and fits_int4(w)
-                             else ("_w16" if wide else "_w8", blocked_weights(w, block, wide)))
+            if int4 and batch == 1:
+                width, layout = "_w4", gemv4_weights(w)
+            elif int4:  # gemm_w4l: rows of a left shift
+                width, layout = "_w4l" if (table[:, 3] < 0).any() else "_w4", gemm_w4_weights(w)
+            else:
+                width, layout = "_w16" if wide else "_w8", blocked_weights(w, block, wide)
             y = extern(ctx, kernel + width + ("_pt" if per_tensor else ""),
                        [x, relax.const(layout), relax.const(table), cp], (batch, out_features))
         else:

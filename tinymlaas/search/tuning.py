@@ -47,7 +47,7 @@ class LayerGroup:
 
 ROUND = 2  # profiled builds per round: the predictor is refitted between rounds
 ACCUMULATORS = {"riscv": 16, "arm": 8}  # register-tile accumulators a core's register file holds beside the operands
-KERNELS_REVISION = 9  # raised when the code the kernels compile to changes: older log records no longer hold
+KERNELS_REVISION = 10  # raised when the code the kernels compile to changes: older log records no longer hold
 
 
 def log_target(target) -> str:

@@ -4,9 +4,11 @@
  * Each pair of output pixels is gathered once, with the input offset added, into an int16 patch on the
  * stack (im2col; padding is 0 there, which is what (zero point - zero point) contributes). The inner
  * loop computes two pixels x two output channels per four input channels with eight SMLAD.
- * Weights come in two variants, the compiler picks one per layer:
+ * Weights come in three variants, the compiler picks one per layer:
  *   w8:  int8 in flash (as in the model); two SXTB16 widen each weight word in the loop
  *   w16: pre-widened to int16 (twice the flash); one LDM loads two channels' four weights, no widening
+ *   w4:  4-bit values (--weights int4), a channel pair's four weights in one word, read in the loop: no unpacked
+ *        copy in RAM (each channel's nibbles masked into the high nibbles, see TINYMLAAS_QUAD4)
  *
  * Layouts, k = (ky, kx, c) flattened and padded with zeros to quads of four; on DSP cores a depth of 4n - 1
  * (an RGB image) is padded per tap to 4n first (tap_depth): each tap is then whole words of the input, the
@@ -14,6 +16,8 @@
  *   patch   [quad][pixel 0..1][k0 k2 | k1 k3]         int16, the order SXTAB16/SXTB16 produce
  *   weights [OC/2][quad][channel 0..1][k0 k1 k2 k3]   int8  (gemm: output channels in pairs)
  *           [OC/2][quad][channel 0..1][k0 k2 | k1 k3] int16
+ *           [OC/2][quad][k0 k1 k2 k3]         gemm_w4: values -8..7, a byte holding channel 0's value in its low
+ *                                              nibble and channel 1's in its high one
  *           [OC/4][quad][channel 0..3][...]           gemv: one pixel, four channels per step
  *           [OC/4][quad][pair 0..1][k0 k1 k2 k3]      gemv_w4: values -8..7, a byte holding channel 2p's value
  *                                                      in its low nibble and channel 2p + 1's in its high one
@@ -392,6 +396,24 @@ static inline __attribute__((always_inline)) void mac2x2_scalar(const int16_t *p
     acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
 }
 
+/* the same with 4-bit weights, [quad][k0 k1 k2 k3] bytes of channel 0 | channel 1 << 4: each nibble taken as 16 x
+   its value (a sign-extended byte with its low nibble cleared, and the low nibble shifted up), one or two
+   operations per weight instead of a load; the sums are 16 x the products' and shifted back (exact) */
+static inline __attribute__((always_inline)) void mac2x2_scalar_w4(const int16_t *patch, const int8_t *weights,
+                                                                   int quads, int32_t acc[4])
+{
+    int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+    for (int q = 0; q < quads; q++, patch += 8, weights += 4) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            const int32_t b = weights[k], x0 = patch[lane_of[k]], x1 = patch[4 + lane_of[k]];
+            const int32_t w0 = (int32_t)((uint32_t)b << 28) >> 24, w1 = b & ~15;
+            a00 += x0 * w0, a01 += x0 * w1, a10 += x1 * w0, a11 += x1 * w1;
+        }
+    }
+    acc[0] = a00 >> 4, acc[1] = a01 >> 4, acc[2] = a10 >> 4, acc[3] = a11 >> 4;
+}
+
 /* 1 pixel x 4 channels (the gemv), weights [quad][channel 0..3][4] */
 static inline __attribute__((always_inline)) void mac1x4_scalar(const int16_t *patch, const void *weights, int wide,
                                                                 int quads, int32_t acc[4])
@@ -427,6 +449,35 @@ static inline __attribute__((always_inline)) void mac1x4_scalar(const int16_t *p
     "smlad %[a10], %[xb], %[w3], %[a10]\n\t"                                                            \
     "smlad %[a11], %[xa], %[w0], %[a11]\n\t"                                                            \
     "smlad %[a11], %[xb], %[w1], %[a11]\n\t"
+/* 4-bit weights: one word holds both channels' four weights (byte i: channel 0's k_i | channel 1's << 4); each
+   channel's nibbles masked into the high nibbles (m = 0xF0F0F0F0 in a register, so that the shift comes with the
+   AND) make int8 words of 16 x the values, which the rest of QUAD8 takes as they are: 16 instructions for 16 MACs
+   against QUAD8's 15. The sums come out 16 x the products' (exact while 16 x the largest sum fits in 32 bits: the
+   compiler checks it) and are shifted back after the loop. */
+#define TINYMLAAS_QUAD4                                                                                  \
+    "ldr %[w1], [%[w]], #4\n\t"                                                                          \
+    "and %[w0], %[m], %[w1], lsl #4\n\t" /* channel 0 */                                                 \
+    "and %[w1], %[w1], %[m]\n\t"         /* channel 1 */                                                 \
+    "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixel 0 */                                                    \
+    "sxtb16 %[w2], %[w0]\n\t"                                                                           \
+    "sxtb16 %[w3], %[w0], ror #8\n\t"                                                                   \
+    "smlad %[a00], %[xa], %[w2], %[a00]\n\t"                                                            \
+    "smlad %[a00], %[xb], %[w3], %[a00]\n\t"                                                            \
+    "sxtb16 %[w0], %[w1]\n\t"                                                                           \
+    "sxtb16 %[w1], %[w1], ror #8\n\t"                                                                   \
+    "smlad %[a01], %[xa], %[w0], %[a01]\n\t"                                                            \
+    "smlad %[a01], %[xb], %[w1], %[a01]\n\t"                                                            \
+    "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixel 1 */                                                    \
+    "smlad %[a10], %[xa], %[w2], %[a10]\n\t"                                                            \
+    "smlad %[a10], %[xb], %[w3], %[a10]\n\t"                                                            \
+    "smlad %[a11], %[xa], %[w0], %[a11]\n\t"                                                            \
+    "smlad %[a11], %[xb], %[w1], %[a11]\n\t"
+/* the 4-bit loops' sums back to the products' (exact: every term is a multiple of 16) */
+#define TINYMLAAS_UNSCALE4                                                                               \
+    "asr %[a00], %[a00], #4\n\t"                                                                         \
+    "asr %[a01], %[a01], #4\n\t"                                                                         \
+    "asr %[a10], %[a10], #4\n\t"                                                                         \
+    "asr %[a11], %[a11], #4\n\t"
 /* int16 weights: one LDM (w0..w3 in ascending registers) loads both channels' four weights */
 #define TINYMLAAS_QUAD16                                                                                 \
     "ldmia %[w]!, {%[w0], %[w1], %[w2], %[w3]}\n\t"                                                      \
@@ -446,7 +497,7 @@ static inline __attribute__((always_inline)) void mac1x4_scalar(const int16_t *p
         [n] "+r"(n)
 
 /* acc[pixel * 2 + channel] = sum over quads of patch x weights (2 pixels x 2 channels) */
-#define TINYMLAAS_MAC2X2(name, wtype, quad)                                                                \
+#define TINYMLAAS_MAC2X2(name, wtype, quad, unscale, ...)                                                  \
     static inline __attribute__((always_inline)) void name(const int16_t *patch, const wtype *weights,      \
                                                            int quads, int32_t acc[4])                       \
     {                                                                                                       \
@@ -455,11 +506,13 @@ static inline __attribute__((always_inline)) void mac1x4_scalar(const int16_t *p
         const int16_t *x = patch;                                                                           \
         const wtype *w = weights;                                                                           \
         int n = quads;                                                                                      \
-        __asm__ volatile(TINYMLAAS_TWO_QUADS_PER_PASS(quad) : TINYMLAAS_QUAD_OPERANDS : : "cc", "memory");  \
+        __asm__ volatile(TINYMLAAS_TWO_QUADS_PER_PASS(quad) unscale                                         \
+                         : TINYMLAAS_QUAD_OPERANDS : __VA_ARGS__ : "cc", "memory");                         \
         acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;                                             \
     }
-TINYMLAAS_MAC2X2(mac2x2_w8, int8_t, TINYMLAAS_QUAD8)
-TINYMLAAS_MAC2X2(mac2x2_w16, int16_t, TINYMLAAS_QUAD16)
+TINYMLAAS_MAC2X2(mac2x2_w8, int8_t, TINYMLAAS_QUAD8, "")
+TINYMLAAS_MAC2X2(mac2x2_w16, int16_t, TINYMLAAS_QUAD16, "")
+TINYMLAAS_MAC2X2(mac2x2_w4, int8_t, TINYMLAAS_QUAD4, TINYMLAAS_UNSCALE4, [m] "r"(0xF0F0F0F0u))
 
 /*
  * The same for `pairs` channel pairs in one loop, every register pinned (the compiler, given the loop in C,
@@ -495,6 +548,38 @@ TINYMLAAS_MAC2X2(mac2x2_w16, int16_t, TINYMLAAS_QUAD16)
     }
 TINYMLAAS_PRODUCTS(products_w8, int8_t, TINYMLAAS_QUAD8)
 TINYMLAAS_PRODUCTS(products_w16, int16_t, TINYMLAAS_QUAD16)
+
+/* the same with 4-bit weights: the mask takes lr, so the output pointer lives in memory (two more instructions a
+   channel pair, one fewer a quad) */
+static __attribute__((noinline)) void products_w4(const int16_t *patch, const int8_t *weights, int quads, int pairs,
+                                                  int32_t *run)
+{
+    register const int16_t *x __asm__("r0");
+    register const int8_t *w __asm__("r1") = weights;
+    register int32_t a00 __asm__("r2"), a10 __asm__("r3"), a01 __asm__("r4"), a11 __asm__("r5");
+    register int32_t xa __asm__("r6"), xb __asm__("r7");
+    register int32_t w0 __asm__("r8"), w1 __asm__("r9"), w2 __asm__("r10"), w3 __asm__("r11");
+    register int n __asm__("r12");
+    register uint32_t m __asm__("lr") = 0xF0F0F0F0u;
+    int32_t *out = run;
+    const int32_t *const end = run + 4 * pairs;
+    __asm__ volatile("4:\n\t"
+                     "movs %[a00], #0\n\t"
+                     "movs %[a10], #0\n\t"
+                     "movs %[a01], #0\n\t"
+                     "movs %[a11], #0\n\t"
+                     "ldr %[x], %[patch]\n\t"
+                     "ldr %[n], %[quads]\n\t" TINYMLAAS_TWO_QUADS_PER_PASS(TINYMLAAS_QUAD4) TINYMLAAS_UNSCALE4
+                     "ldr %[xa], %[out]\n\t"
+                     "stmia %[xa]!, {%[a00], %[a10], %[a01], %[a11]}\n\t"
+                     "str %[xa], %[out]\n\t"
+                     "ldr %[xb], %[end]\n\t"
+                     "cmp %[xa], %[xb]\n\t"
+                     "bne 4b\n\t"
+                     : TINYMLAAS_QUAD_OPERANDS, [out] "+m"(out)
+                     : [patch] "m"(patch), [quads] "m"(quads), [end] "m"(end), [m] "r"(m)
+                     : "cc", "memory");
+}
 #else
 static inline __attribute__((always_inline)) void mac2x2_w8(const int16_t *patch, const int8_t *weights, int quads,
                                                             int32_t acc[4])
@@ -506,6 +591,12 @@ static inline __attribute__((always_inline)) void mac2x2_w16(const int16_t *patc
                                                              int32_t acc[4])
 {
     mac2x2_scalar(patch, weights, 1, quads, acc);
+}
+
+static inline __attribute__((always_inline)) void mac2x2_w4(const int16_t *patch, const int8_t *weights, int quads,
+                                                            int32_t acc[4])
+{
+    mac2x2_scalar_w4(patch, weights, quads, acc);
 }
 #endif
 
@@ -544,24 +635,52 @@ static void requantize_run(const int32_t *acc, const struct tinymlaas_rq *rq, in
 }
 #endif
 
-/* two pixels' outputs for all OC channels (out1 == out0: one pixel in both lanes); wide: int16 weights */
+/* the 2x2 product of a channel pair; wide: the weights' width (0: int8, 1: int16, 2 and 3: 4-bit) */
+static inline __attribute__((always_inline)) void mac2x2(const int16_t *patch, const uint8_t *w, int wide, int quads,
+                                                         int32_t acc[4])
+{
+    if (wide >= 2)
+        mac2x2_w4(patch, (const int8_t *)w, quads, acc);
+    else if (wide)
+        mac2x2_w16(patch, (const int16_t *)w, quads, acc);
+    else
+        mac2x2_w8(patch, (const int8_t *)w, quads, acc);
+}
+
+/* requantize(), or with `left` (a 4-bit layer's table: its 4-bit scales push some multipliers to 1/2 or more, where
+   TFLite shifts left before its high multiply: both roundings are then one SMMULR) a row of such a multiplier, stored
+   with shift -(k + 1) and round zp_out (tinymlaas/ops/dsp_layouts.py requant_table, left) */
+static inline __attribute__((always_inline)) int8_t requantize_left(int32_t acc, const struct tinymlaas_rq *q, int left,
+                                                                    int single, int clamp, int32_t lo, int32_t hi)
+{
+    if (left && q->shift < 0)
+        return saturate(smmulr((int32_t)((uint32_t)(acc + q->bias) << (-q->shift - 1)), q->mult) + q->round, clamp,
+                        lo, hi);
+    return requantize(acc, q, single, clamp, lo, hi);
+}
+
+/* two pixels' outputs for all OC channels (out1 == out0: one pixel in both lanes); wide: as mac2x2's, 3: 4-bit with
+   rows of a left shift in the table */
 static inline __attribute__((always_inline)) void gemm_pixels(const int16_t *patch, const void *weights,
                                                               const struct tinymlaas_rq *rq, int quads, int OC,
                                                               int8_t *out0, int8_t *out1, int wide, int single,
                                                               int clamp, int32_t lo, int32_t hi)
 {
     const uint8_t *w = weights;
-    const int step = quads * (wide ? 16 : 8); /* bytes of one channel pair */
+    const int step = quads * (wide >= 2 ? 4 : wide ? 16 : 8); /* bytes of one channel pair */
+    const int left = wide == 3;
     int32_t acc[4];
     int oc = 0;
 #if defined(__ARM_FEATURE_DSP)
-    if (!single && !clamp) { /* the products of up to 32 channels, then their requantization in one run */
+    if (!single && !clamp && !left) { /* the products of up to 32 channels, then their requantization in one run */
         enum { CHUNK = 32 };
         int32_t run[2 * CHUNK] __attribute__((aligned(8)));
         for (int oc0 = 0; oc0 < OC; oc0 += CHUNK) {
             const int n = OC - oc0 < CHUNK ? OC - oc0 : CHUNK;
             const int pairs = (n + 1) / 2; /* an odd last channel's partner: zero weights, not stored */
-            if (wide)
+            if (wide >= 2)
+                products_w4(patch, (const int8_t *)w, quads, pairs, run);
+            else if (wide)
                 products_w16(patch, (const int16_t *)w, quads, pairs, run);
             else
                 products_w8(patch, (const int8_t *)w, quads, pairs, run);
@@ -572,23 +691,17 @@ static inline __attribute__((always_inline)) void gemm_pixels(const int16_t *pat
     }
 #endif
     for (; oc + 2 <= OC; oc += 2, w += step) {
-        if (wide)
-            mac2x2_w16(patch, (const int16_t *)w, quads, acc);
-        else
-            mac2x2_w8(patch, (const int8_t *)w, quads, acc);
+        mac2x2(patch, w, wide, quads, acc);
         const struct tinymlaas_rq r0 = rq[oc], r1 = rq[oc + 1]; /* loaded once: the stores could alias them */
-        out0[oc] = requantize(acc[0], &r0, single, clamp, lo, hi);
-        out0[oc + 1] = requantize(acc[1], &r1, single, clamp, lo, hi);
-        out1[oc] = requantize(acc[2], &r0, single, clamp, lo, hi);
-        out1[oc + 1] = requantize(acc[3], &r1, single, clamp, lo, hi);
+        out0[oc] = requantize_left(acc[0], &r0, left, single, clamp, lo, hi);
+        out0[oc + 1] = requantize_left(acc[1], &r1, left, single, clamp, lo, hi);
+        out1[oc] = requantize_left(acc[2], &r0, left, single, clamp, lo, hi);
+        out1[oc + 1] = requantize_left(acc[3], &r1, left, single, clamp, lo, hi);
     }
     if (oc < OC) { /* odd OC: the pair's second channel is zero padding */
-        if (wide)
-            mac2x2_w16(patch, (const int16_t *)w, quads, acc);
-        else
-            mac2x2_w8(patch, (const int8_t *)w, quads, acc);
-        out0[oc] = requantize(acc[0], rq + oc, single, clamp, lo, hi);
-        out1[oc] = requantize(acc[2], rq + oc, single, clamp, lo, hi);
+        mac2x2(patch, w, wide, quads, acc);
+        out0[oc] = requantize_left(acc[0], rq + oc, left, single, clamp, lo, hi);
+        out1[oc] = requantize_left(acc[2], rq + oc, left, single, clamp, lo, hi);
     }
 }
 
@@ -607,6 +720,14 @@ TINYMLAAS_PIXELS(pixels_w16_d, 1, 0, 0)
 TINYMLAAS_PIXELS(pixels_w16_dc, 1, 0, 1)
 TINYMLAAS_PIXELS(pixels_w16_s, 1, 1, 0)
 TINYMLAAS_PIXELS(pixels_w16_sc, 1, 1, 1)
+TINYMLAAS_PIXELS(pixels_w4_d, 2, 0, 0)
+TINYMLAAS_PIXELS(pixels_w4_dc, 2, 0, 1)
+TINYMLAAS_PIXELS(pixels_w4_s, 2, 1, 0)
+TINYMLAAS_PIXELS(pixels_w4_sc, 2, 1, 1)
+TINYMLAAS_PIXELS(pixels_w4l_d, 3, 0, 0)
+TINYMLAAS_PIXELS(pixels_w4l_dc, 3, 0, 1)
+TINYMLAAS_PIXELS(pixels_w4l_s, 3, 1, 0)
+TINYMLAAS_PIXELS(pixels_w4l_sc, 3, 1, 1)
 #undef TINYMLAAS_PIXELS
 
 typedef void (*pixels_fn)(const int16_t *, const void *, const struct tinymlaas_rq *, int, int, int8_t *, int8_t *,
@@ -619,7 +740,12 @@ static inline __attribute__((always_inline)) void gemm_layer(const int8_t *input
 {
     static const pixels_fn table[8] = {pixels_w8_d,  pixels_w8_dc,  pixels_w8_s,  pixels_w8_sc,
                                        pixels_w16_d, pixels_w16_dc, pixels_w16_s, pixels_w16_sc};
-    const pixels_fn pixels = table[wide * 4 + single * 2 + clamp];
+    /* tables of their own: a 4-bit entry point links only its own loops */
+    static const pixels_fn table4[4] = {pixels_w4_d, pixels_w4_dc, pixels_w4_s, pixels_w4_sc};
+    static const pixels_fn table4l[4] = {pixels_w4l_d, pixels_w4l_dc, pixels_w4l_s, pixels_w4l_sc};
+    const pixels_fn pixels = wide == 3   ? table4l[single * 2 + clamp]
+                             : wide == 2 ? table4[single * 2 + clamp]
+                                         : table[wide * 4 + single * 2 + clamp];
     const int OH = params[P_OH], OW = params[P_OW], OC = params[P_OC];
     const int P = params[P_N] * OH * OW, image = params[P_H] * params[P_W] * params[P_C];
     const int32_t lo = params[P_ACT_MIN], hi = params[P_ACT_MAX];
@@ -677,6 +803,25 @@ void tinymlaas_gemm_w16(const int8_t *restrict input, const int16_t *restrict we
     TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
 }
 
+/* 4-bit weights (--weights int4), read in the loop: no unpacked copy in RAM. _w4l: the table has rows of a left
+   shift (negative shift: a multiplier of 1/2 or more), requantized in C, never in requantize_run (the compiler
+   names the variant, so that a model links only the loops it calls). */
+void tinymlaas_gemm_w4(const int8_t *restrict input, const int8_t *restrict weights,
+                       const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *restrict output)
+{
+    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
+    int16_t patch[quads * 8] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemm_layer, 2, input, weights, rq, params, output, patch, quads);
+}
+
+void tinymlaas_gemm_w4l(const int8_t *restrict input, const int8_t *restrict weights,
+                        const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *restrict output)
+{
+    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
+    int16_t patch[quads * 8] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemm_layer, 3, input, weights, rq, params, output, patch, quads);
+}
+
 /*
  * In-place twins (here and below): the same loops without `restrict` on input and output, which the memory
  * planner (tinymlaas/ir/memory.py) may overlap, the output behind the input's read front by a distance it derives
@@ -697,6 +842,23 @@ void tinymlaas_gemm_w16_inplace(const int8_t *input, const int16_t *restrict wei
     const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
     int16_t patch[quads * 8] __attribute__((aligned(8)));
     TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
+}
+
+void tinymlaas_gemm_w4_inplace(const int8_t *input, const int8_t *restrict weights,
+                               const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *output)
+{
+    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
+    int16_t patch[quads * 8] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemm_layer, 2, input, weights, rq, params, output, patch, quads);
+}
+
+void tinymlaas_gemm_w4l_inplace(const int8_t *input, const int8_t *restrict weights,
+                                const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
+                                int8_t *output)
+{
+    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
+    int16_t patch[quads * 8] __attribute__((aligned(8)));
+    TINYMLAAS_DISPATCH(gemm_layer, 3, input, weights, rq, params, output, patch, quads);
 }
 
 #if defined(__ARM_FEATURE_DSP) /* the compiler offers these kernels on DSP cores only */
