@@ -54,6 +54,20 @@ def driver(report) -> str:
     return (Path(report.artifacts["dir"]) / report.artifacts["driver"]).read_text()
 
 
+@pytest.mark.parametrize("case", ["conv_same_s2_relu6", "fc_per_tensor_batch"])
+def test_int4_weights_stay_4_bit_under_the_int16_weight_kernels(case, tmp_path):
+    """--kernels dsp16 widens int8 weights to int16 in flash; 4-bit weights keep their four bits (gemm_w4): the
+    weights take less flash than the int8 build's (the same requantization tables beside), not four times theirs."""
+    path = tmp_path / f"{case}.tflite"
+    path.write_bytes(CASES[case]())
+    int8 = compile_model(path, "cortex-m4", tmp_path / "int8", BuildRequest(inputs=5, seed=3, kernels="dsp16"))
+    int4 = compile_model(path, "cortex-m4", tmp_path / "int4",
+                         BuildRequest(inputs=5, seed=3, weights="int4", kernels="dsp16"))
+    assert int4.fidelity["max_lsb_diff"] == 0 and int8.fidelity["max_lsb_diff"] == 0
+    assert "_w4" in driver(int4) and "_w16" in driver(int8)
+    assert int4.sizes["weights"] < int8.sizes["weights"], (int4.sizes, int8.sizes)  # with the same tables
+
+
 @pytest.mark.parametrize("depth, out_scale_factor", [
     (200, 40.0),  # a multiplier below 1/2: TFLite's rounding shift after SMMUL
     (200, 0.2),  # about 3/4 once the weights are 4-bit (18x their int8 scale): one SMMULR

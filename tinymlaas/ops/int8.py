@@ -165,8 +165,8 @@ class ConvLayer:
 
     @property
     def gemm_w4(self) -> bool:
-        """The 2x2 product reading 4-bit weights in its loop, for a convolution of int8 weights (dsp) of 4-bit
-        values: no unpacked copy in RAM. dsp16 keeps its int16 kernels (speed asked for, at the flash it costs)."""
+        """The 2x2 product reading 4-bit weights in its loop, for a convolution of 4-bit values: no unpacked copy in
+        RAM (dsp16 too: widened to int16 they would take four times their flash)."""
         return self.int4 and not self.depthwise and not self.wide
 
     @property
@@ -301,8 +301,9 @@ def conv2d(ctx, op, impl):
     if impl in ("dsp", "dsp16"):
         _, oh, ow, _ = shape
         int4 = name == "CONV_2D" and fits_int4(w) and sums_fit_at_16x(w.reshape(channels, -1), zp_in)
-        layer = ConvLayer(name == "DEPTHWISE_CONV_2D", c, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, wide=impl == "dsp16",
-                          dsp=ctx.target.dsp, batch=n, int4=int4)
+        # 4-bit weights stay 4-bit under dsp16 too: widened to int16 they would take four times their flash
+        layer = ConvLayer(name == "DEPTHWISE_CONV_2D", c, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow,
+                          wide=impl == "dsp16" and not int4, dsp=ctx.target.dsp, batch=n, int4=int4)
         table = None  # the proof reads all the weights: only where a proven kernel could take the layer
         if any(kernel.proven and kernel.applies(layer) for kernel in CONV_KERNELS):
             w2d = w.reshape(kh * kw, channels).T if layer.depthwise else w.reshape(channels, -1)
@@ -366,10 +367,10 @@ def fully_connected(ctx, op, impl):
                                     lo, hi, single=1).to_array())
         reps = out_features if mult.size == 1 else 1
         mult, shift = np.repeat(mult, reps), np.repeat(shift, reps)
-        wide = impl == "dsp16"
-        # 4-bit weights (an int4 layer) stay 4-bit: read in the loop (a row: gemv_w4; a batch, int8 weights asked
-        # for: gemm_w4), no unpacked copy in RAM; both also take multipliers of 1/2 or more
-        int4 = fits_int4(w) and (batch == 1 or (not wide and sums_fit_at_16x(w, zp_in)))
+        # 4-bit weights (an int4 layer) stay 4-bit, dsp16 or not: read in the loop (a row: gemv_w4; a batch:
+        # gemm_w4), no unpacked copy in RAM; both also take multipliers of 1/2 or more
+        int4 = fits_int4(w) and (batch == 1 or sums_fit_at_16x(w, zp_in))
+        wide = impl == "dsp16" and not int4
         table = requant_table(w, bias_values, mult, shift, zp_in, zp_out, (lo, hi), single=True)
         if table is None and int4:
             table = requant_table(w, bias_values, mult, shift, zp_in, zp_out, (lo, hi), single=True, left=True)

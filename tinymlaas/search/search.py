@@ -147,12 +147,17 @@ def search(model_path, target: str, workdir, request: BuildRequest | None = None
         ev.close()
     points, confirmed, notes = ev.points, outcome.confirmed, [*notes_before, *outcome.notes]
     front = pareto_front(points, constraints)
-    # the cheapest, then smallest; of the points with the weights asked for, where one is feasible (the other plans
-    # are there to show what accuracy buys: a --variant of the front rebuilds any of them)
-    asked = [i for i in front if _plan_of(points[i]) == weights] or front
+    # the cheapest, then smallest; of the feasible points with the weights asked for, where there is one (the other
+    # plans are there to show what accuracy buys: a --variant of the front rebuilds any of them)
+    feasible = [i for i, p in enumerate(points) if constraints.violation(p) == 0]
+    asked = [i for i in feasible if _plan_of(points[i]) == weights] or front
     chosen = min(asked, key=lambda i: points[i].objectives()) if asked else None
-    if confirmed:  # true cycles decide between the candidates QEMU ranked best
-        chosen = min(confirmed, key=lambda i: (points[i].cycles, points[i].objectives()))
+    if chosen is not None and chosen not in front:
+        notes.append(f"the chosen build has the weights asked for; another plan built on the way dominates it "
+                     f"(on the front: {', '.join(points[i].label for i in front)})")
+    if confirmed:  # true cycles decide between the candidates QEMU ranked best (of the weights asked for, too)
+        eligible = [i for i in confirmed if _plan_of(points[i]) == weights] or confirmed
+        chosen = min(eligible, key=lambda i: (points[i].cycles, points[i].objectives()))
         ranked_by = points[confirmed[0]].cost_kind
         notes.append(f"the best by {ranked_by} and the default build ({len(confirmed)}) run on the RTL model; the "
                      "fewest true cycles chosen")
