@@ -786,80 +786,35 @@ static inline __attribute__((always_inline)) void gemm_layer(const int8_t *input
             clamp_ ? layer(__VA_ARGS__, wide, 0, 1) : layer(__VA_ARGS__, wide, 0, 0);                     \
     } while (0)
 
-void tinymlaas_gemm_w8(const int8_t *restrict input, const int8_t *restrict weights,
-                       const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *restrict output)
-{
-    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
-    int16_t patch[quads * 8] __attribute__((aligned(8))); /* on the stack, measured with the rest */
-    TINYMLAAS_DISPATCH(gemm_layer, 0, input, weights, rq, params, output, patch, quads);
-}
+/* An exported entry: the patch on the stack (measured with the rest), the layer's loops for its weights (0: int8,
+   1: int16, 2: 4-bit, 3: 4-bit with rows of a left shift); `io` is `restrict`, or nothing for the in-place twin. */
+#define TINYMLAAS_GEMM_ENTRY(name, wtype, kind, io)                                                       \
+    void name(const int8_t *io input, const wtype *restrict weights, const struct tinymlaas_rq *restrict rq, \
+              const int32_t *restrict params, int8_t *io output)                                            \
+    {                                                                                                     \
+        const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;                 \
+        int16_t patch[quads * 8] __attribute__((aligned(8)));                                             \
+        TINYMLAAS_DISPATCH(gemm_layer, kind, input, weights, rq, params, output, patch, quads);            \
+    }
 
-void tinymlaas_gemm_w16(const int8_t *restrict input, const int16_t *restrict weights,
-                        const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
-                        int8_t *restrict output)
-{
-    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
-    int16_t patch[quads * 8] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
-}
-
+TINYMLAAS_GEMM_ENTRY(tinymlaas_gemm_w8, int8_t, 0, restrict)
+TINYMLAAS_GEMM_ENTRY(tinymlaas_gemm_w16, int16_t, 1, restrict)
 /* 4-bit weights (--weights int4), read in the loop: no unpacked copy in RAM. _w4l: the table has rows of a left
    shift (negative shift: a multiplier of 1/2 or more), requantized in C, never in requantize_run (the compiler
    names the variant, so that a model links only the loops it calls). */
-void tinymlaas_gemm_w4(const int8_t *restrict input, const int8_t *restrict weights,
-                       const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *restrict output)
-{
-    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
-    int16_t patch[quads * 8] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemm_layer, 2, input, weights, rq, params, output, patch, quads);
-}
-
-void tinymlaas_gemm_w4l(const int8_t *restrict input, const int8_t *restrict weights,
-                        const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *restrict output)
-{
-    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
-    int16_t patch[quads * 8] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemm_layer, 3, input, weights, rq, params, output, patch, quads);
-}
+TINYMLAAS_GEMM_ENTRY(tinymlaas_gemm_w4, int8_t, 2, restrict)
+TINYMLAAS_GEMM_ENTRY(tinymlaas_gemm_w4l, int8_t, 3, restrict)
 
 /*
- * In-place twins (here and below): the same loops without `restrict` on input and output, which the memory
- * planner (tinymlaas/ir/memory.py) may overlap, the output behind the input's read front by a distance it derives
- * from this loop order: a pair of pixels is gathered whole before its outputs are written, pixels in raster order.
+ * In-place twins (here and below): the same loops without `restrict` on input and output, which the memory planner
+ * (tinymlaas/ir/memory.py) may overlap, the output behind the input's read front by a distance it derives from this
+ * loop order: a pair of pixels is gathered whole before its outputs are written, pixels in raster order.
  */
-void tinymlaas_gemm_w8_inplace(const int8_t *input, const int8_t *restrict weights,
-                               const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *output)
-{
-    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
-    int16_t patch[quads * 8] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemm_layer, 0, input, weights, rq, params, output, patch, quads);
-}
-
-void tinymlaas_gemm_w16_inplace(const int8_t *input, const int16_t *restrict weights,
-                                const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
-                                int8_t *output)
-{
-    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
-    int16_t patch[quads * 8] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemm_layer, 1, input, weights, rq, params, output, patch, quads);
-}
-
-void tinymlaas_gemm_w4_inplace(const int8_t *input, const int8_t *restrict weights,
-                               const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *output)
-{
-    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
-    int16_t patch[quads * 8] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemm_layer, 2, input, weights, rq, params, output, patch, quads);
-}
-
-void tinymlaas_gemm_w4l_inplace(const int8_t *input, const int8_t *restrict weights,
-                                const struct tinymlaas_rq *restrict rq, const int32_t *restrict params,
-                                int8_t *output)
-{
-    const int quads = (params[P_KH] * params[P_KW] * tap_depth(params[P_C]) + 3) / 4;
-    int16_t patch[quads * 8] __attribute__((aligned(8)));
-    TINYMLAAS_DISPATCH(gemm_layer, 3, input, weights, rq, params, output, patch, quads);
-}
+TINYMLAAS_GEMM_ENTRY(tinymlaas_gemm_w8_inplace, int8_t, 0, )
+TINYMLAAS_GEMM_ENTRY(tinymlaas_gemm_w16_inplace, int16_t, 1, )
+TINYMLAAS_GEMM_ENTRY(tinymlaas_gemm_w4_inplace, int8_t, 2, )
+TINYMLAAS_GEMM_ENTRY(tinymlaas_gemm_w4l_inplace, int8_t, 3, )
+#undef TINYMLAAS_GEMM_ENTRY
 
 #if defined(__ARM_FEATURE_DSP) /* the compiler offers these kernels on DSP cores only */
 /*
