@@ -173,24 +173,33 @@ def test_dsp_kernel_choice(case, kernels, tmp_path):
 
 
 # The default build ("auto") takes TIR with its family's default schedule where one is listed (ir/layer_schedule.py
-# DEFAULT_SCHEDULES: depthwise layers), on every core; the C kernels for the other families.
-DEFAULT_DEPTHWISE = {
-    "dw_3x3_c8_same": CASES["depthwise_3x3_c8_same_relu6"],
-    "dw_5x5_c12_same": lambda: q.depthwise(41, [1, 14, 13, 12], 1, 5, 1, SAME, NONE),
-    "dw_3x3_c6_s2": lambda: q.depthwise(42, [1, 15, 16, 6], 1, 3, 2, SAME, RELU),
+# DEFAULT_SCHEDULES: depthwise layers; convolutions over one to three channels whose tap rows are not whole words),
+# on every core; the C kernels elsewhere. Case -> (model, the C kernel it replaces, the default's tile check).
+DEFAULTS = {
+    "dw_3x3_c8_same": (CASES["depthwise_3x3_c8_same_relu6"], "tinymlaas_depthwise",
+                       lambda s, shape: s.oc_block == 1 and s.px_block == min(5, shape.pixels)),
+    "dw_5x5_c12_same": (lambda: q.depthwise(41, [1, 14, 13, 12], 1, 5, 1, SAME, NONE), "tinymlaas_depthwise",
+                        lambda s, shape: s.oc_block == 1 and s.px_block == min(5, shape.pixels)),
+    "dw_3x3_c6_s2": (lambda: q.depthwise(42, [1, 15, 16, 6], 1, 3, 2, SAME, RELU), "tinymlaas_depthwise",
+                     lambda s, shape: s.oc_block == 1 and s.px_block == min(5, shape.pixels)),
+    "conv_rgb_3x3_s2": (lambda: q.conv2d(43, [1, 17, 15, 3], 8, 3, 2, SAME, RELU6), "tinymlaas_gemm",
+                        lambda s, shape: s.oc_block == 2 and s.unroll_tile),
+    "conv_c2_3x3_same": (lambda: q.conv2d(44, [1, 9, 10, 2], 6, 3, 1, SAME, NONE), "tinymlaas_gemm",
+                         lambda s, shape: s.oc_block == 2 and s.unroll_tile),
 }
 
 
 @pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
-@pytest.mark.parametrize("case", sorted(DEFAULT_DEPTHWISE))
-def test_default_depthwise_takes_the_tir_default_schedule(case, target, tmp_path):
+@pytest.mark.parametrize("case", sorted(DEFAULTS))
+def test_the_default_build_takes_tir_with_the_family_default(case, target, tmp_path):
     from tinymlaas.frontend.cleanup import clean
     from tinymlaas.frontend.tflite import load_tflite
-    from tinymlaas.ir.layer_schedule import KernelShape, default_schedule, kernel_shape
+    from tinymlaas.ir.layer_schedule import default_schedule, kernel_shape
     from tinymlaas.targets import get_target
 
+    model, c_kernel, tile_ok = DEFAULTS[case]
     path = tmp_path / f"{case}.tflite"
-    path.write_bytes(DEFAULT_DEPTHWISE[case]())
+    path.write_bytes(model())
     auto = compile_model(path, target, tmp_path / "auto", BuildRequest(inputs=5, seed=2))
     c = compile_model(path, target, tmp_path / "c", BuildRequest(inputs=5, seed=2, kernels="dsp"))
     assert auto.fidelity["max_lsb_diff"] == 0 and c.fidelity["max_lsb_diff"] == 0
@@ -198,46 +207,21 @@ def test_default_depthwise_takes_the_tir_default_schedule(case, target, tmp_path
     graph = clean(load_tflite(path).graph)
     shape = kernel_shape(graph, graph.operators[0], get_target(target))
     schedule = default_schedule(shape)  # the table's, in the layer's space
-    assert schedule is not None and schedule.oc_block == 1 and schedule.px_block == min(5, shape.pixels)
-    assert "tinymlaas_depthwise" not in driver and "tinymlaas_k_op0" in driver  # TIR, not the C kernel
-    assert "tinymlaas_depthwise" in (tmp_path / "c" / "tinymlaas_model.c").read_text()
+    assert schedule is not None and tile_ok(schedule, shape)
+    assert c_kernel not in driver and "tinymlaas_k_op0" in driver  # TIR, not the C kernel
+    assert c_kernel in (tmp_path / "c" / "tinymlaas_model.c").read_text()
     assert auto.instructions < c.instructions
-    # families without a default keep TIR's own loops; convolutions only over a few channels
+
+
+def test_families_without_a_default_keep_their_kernels(tmp_path):
+    from tinymlaas.ir.layer_schedule import KernelShape, default_schedule
+
     assert default_schedule(KernelShape("dense", 1, 12, (64,), zero_point=False)) is None
     assert default_schedule(KernelShape("conv", 5, 16, (3, 3, 8), zero_point=True)) is None
     assert default_schedule(KernelShape("conv", 5, 16, (10, 4, 1), zero_point=True)) is None  # whole-word rows
-
-
-# A convolution over an RGB image (tap rows of nine bytes) takes TIR with the few-channel default; a wider one keeps
-# the C kernels. Both bit-exact, TIR fewer instructions than the C kernels on the first.
-DEFAULT_CONV = {
-    "conv_rgb_3x3_s2": lambda: q.conv2d(43, [1, 17, 15, 3], 8, 3, 2, SAME, RELU6),
-    "conv_c2_3x3_same": lambda: q.conv2d(44, [1, 9, 10, 2], 6, 3, 1, SAME, NONE),
-}
-
-
-@pytest.mark.parametrize("target", ["cortex-m4", "rv32imac"])
-@pytest.mark.parametrize("case", sorted(DEFAULT_CONV))
-def test_default_few_channel_conv_takes_tir(case, target, tmp_path):
-    from tinymlaas.frontend.cleanup import clean
-    from tinymlaas.frontend.tflite import load_tflite
-    from tinymlaas.ir.layer_schedule import default_schedule, kernel_shape
-    from tinymlaas.targets import get_target
-
-    path = tmp_path / f"{case}.tflite"
-    path.write_bytes(DEFAULT_CONV[case]())
-    auto = compile_model(path, target, tmp_path / "auto", BuildRequest(inputs=5, seed=2))
-    c = compile_model(path, target, tmp_path / "c", BuildRequest(inputs=5, seed=2, kernels="dsp"))
-    assert auto.fidelity["max_lsb_diff"] == 0 and c.fidelity["max_lsb_diff"] == 0
-    graph = clean(load_tflite(path).graph)
-    schedule = default_schedule(kernel_shape(graph, graph.operators[0], get_target(target)))
-    assert schedule is not None and schedule.oc_block == 2 and schedule.unroll_tile
-    assert "tinymlaas_gemm" not in (tmp_path / "auto" / "tinymlaas_model.c").read_text()
-    assert "tinymlaas_gemm" in (tmp_path / "c" / "tinymlaas_model.c").read_text()
-    assert auto.instructions < c.instructions
-    wide = tmp_path / "wide.tflite"
+    wide = tmp_path / "wide.tflite"  # eight channels: the C kernels stay the default
     wide.write_bytes(q.conv2d(45, [1, 9, 10, 8], 6, 3, 1, SAME, NONE))
-    built = compile_model(wide, target, tmp_path / "wide", BuildRequest(inputs=3, seed=2))
+    built = compile_model(wide, "cortex-m4", tmp_path / "wide", BuildRequest(inputs=3, seed=2))
     assert built.fidelity["max_lsb_diff"] == 0
     assert "tinymlaas_gemm" in (tmp_path / "wide" / "tinymlaas_model.c").read_text()
 
