@@ -433,8 +433,7 @@ static inline __attribute__((always_inline)) void mac1x4_scalar(const int16_t *p
 #if defined(__ARM_FEATURE_DSP)
 /* One quad of the 2x2 product (pixels 0 and 1 of the patch x channels 0 and 1 of the weights) into
    a<pixel><channel>. int8 weights: two SXTB16 widen each channel's word (k0 k2 | k1 k3, the patch's order). */
-#define TINYMLAAS_QUAD8                                                                                  \
-    "ldrd %[w0], %[w1], [%[w]], #8\n\t" /* channel 0 and 1, four weights each */                         \
+#define TINYMLAAS_QUAD_PRODUCTS /* w0, w1: the two channels' int8 words */                               \
     "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixel 0 */                                                    \
     "sxtb16 %[w2], %[w0]\n\t"                                                                           \
     "sxtb16 %[w3], %[w0], ror #8\n\t"                                                                   \
@@ -449,6 +448,9 @@ static inline __attribute__((always_inline)) void mac1x4_scalar(const int16_t *p
     "smlad %[a10], %[xb], %[w3], %[a10]\n\t"                                                            \
     "smlad %[a11], %[xa], %[w0], %[a11]\n\t"                                                            \
     "smlad %[a11], %[xb], %[w1], %[a11]\n\t"
+#define TINYMLAAS_QUAD8                                                                                  \
+    "ldrd %[w0], %[w1], [%[w]], #8\n\t" /* channel 0 and 1, four weights each */                         \
+    TINYMLAAS_QUAD_PRODUCTS
 /* 4-bit weights: one word holds both channels' four weights (byte i: channel 0's k_i | channel 1's << 4); each
    channel's nibbles masked into the high nibbles (m = 0xF0F0F0F0 in a register, so that the shift comes with the
    AND) make int8 words of 16 x the values, which the rest of QUAD8 takes as they are: 16 instructions for 16 MACs
@@ -458,20 +460,7 @@ static inline __attribute__((always_inline)) void mac1x4_scalar(const int16_t *p
     "ldr %[w1], [%[w]], #4\n\t"                                                                          \
     "and %[w0], %[m], %[w1], lsl #4\n\t" /* channel 0 */                                                 \
     "and %[w1], %[w1], %[m]\n\t"         /* channel 1 */                                                 \
-    "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixel 0 */                                                    \
-    "sxtb16 %[w2], %[w0]\n\t"                                                                           \
-    "sxtb16 %[w3], %[w0], ror #8\n\t"                                                                   \
-    "smlad %[a00], %[xa], %[w2], %[a00]\n\t"                                                            \
-    "smlad %[a00], %[xb], %[w3], %[a00]\n\t"                                                            \
-    "sxtb16 %[w0], %[w1]\n\t"                                                                           \
-    "sxtb16 %[w1], %[w1], ror #8\n\t"                                                                   \
-    "smlad %[a01], %[xa], %[w0], %[a01]\n\t"                                                            \
-    "smlad %[a01], %[xb], %[w1], %[a01]\n\t"                                                            \
-    "ldrd %[xa], %[xb], [%[x]], #8\n\t" /* pixel 1 */                                                    \
-    "smlad %[a10], %[xa], %[w2], %[a10]\n\t"                                                            \
-    "smlad %[a10], %[xb], %[w3], %[a10]\n\t"                                                            \
-    "smlad %[a11], %[xa], %[w0], %[a11]\n\t"                                                            \
-    "smlad %[a11], %[xb], %[w1], %[a11]\n\t"
+    TINYMLAAS_QUAD_PRODUCTS
 /* the 4-bit loops' sums back to the products' (exact: every term is a multiple of 16) */
 #define TINYMLAAS_UNSCALE4                                                                               \
     "asr %[a00], %[a00], #4\n\t"                                                                         \
