@@ -90,19 +90,16 @@ def _within_the_limit(store, model: Model, request: BuildRequest) -> None:
     over the set twice (as given and rewritten): what the worker would do first."""
     import tempfile
 
-    from tinymlaas.backends.mcu import as_tflite
     from tinymlaas.errors import TinyMLaaSError
     from tinymlaas.frontend.lowbit import low_bit_weights
-    from tinymlaas.frontend.onnx import load_onnx
-    from tinymlaas.frontend.tflite import load_tflite
+
+    from .models import load_stored
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_file = Path(tmp) / f"model.{model.format}"
-        model_file.write_bytes(store.read(model.sha256))
         npz = Path(tmp) / "validation.npz"
         npz.write_bytes(store.read(model.validation_sha256))
         try:
-            loaded = as_tflite(load_onnx(model_file)) if model.format == "onnx" else load_tflite(model_file)
+            loaded = load_stored(store, model, Path(tmp))
             low_bit_weights(loaded, replace(request, validation=str(npz)))
         except InvalidRequest as e:
             field = request_field(e.name)

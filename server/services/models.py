@@ -110,25 +110,30 @@ def add_model(session: Session, store: ArtifactStore, who: Principal, filename: 
     return row
 
 
+def load_stored(store: ArtifactStore, model: Model, folder: Path):
+    """The stored model written into `folder` and loaded as TFLite operators (backends.mcu.load_firmware_model:
+    what a microcontroller build reads)."""
+    from tinymlaas.backends.mcu import load_firmware_model
+
+    model_file = folder / f"model.{model.format}"
+    model_file.write_bytes(store.read(model.sha256))
+    return load_firmware_model(model_file)
+
+
 def set_validation(session: Session, store: ArtifactStore, who: Principal, model: Model, data: bytes) -> Model:
     """The model's validation set (an .npz of x and y, checked against its input) kept, replacing any earlier one:
     every microcontroller build of it then reports its accuracy on those samples, and --weights auto and
     max_accuracy_drop measure on them."""
     from tinymlaas.accuracy import load_validation
-    from tinymlaas.backends.mcu import as_tflite
-    from tinymlaas.frontend.onnx import load_onnx
-    from tinymlaas.frontend.tflite import load_tflite
 
     who.need("build")
     if not data:
         raise ServiceError(422, "the file is empty", "file")
     with tempfile.TemporaryDirectory() as tmp:
-        model_file = Path(tmp) / f"model.{model.format}"
-        model_file.write_bytes(store.read(model.sha256))
         npz = Path(tmp) / "validation.npz"
         npz.write_bytes(data)
         try:
-            loaded = as_tflite(load_onnx(model_file)) if model.format == "onnx" else load_tflite(model_file)
+            loaded = load_stored(store, model, Path(tmp))
             samples = len(load_validation(npz, loaded))
         except TinyMLaaSError as e:
             raise ServiceError(422, str(e).replace(str(npz), "the file").replace(npz.name, "the file"),
