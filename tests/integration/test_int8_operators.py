@@ -138,10 +138,13 @@ GATHER_CASES = {
     "conv_c1_3x3_same": lambda: q.conv2d(38, [1, 7, 9, 1], 5, 3, 1, SAME, RELU),
     "conv_c2_3x3_valid_s2": lambda: q.conv2d(39, [1, 9, 8, 2], 7, 3, 2, VALID, NONE),
     "conv_rgb_3x3_same_batch2": lambda: q.conv2d(40, [2, 6, 7, 3], 10, 3, 1, SAME, RELU6),
+    # three channels not split: rows of whole words (4x4 taps: twelve bytes), dilated across (taps apart)
+    "conv_rgb_4x4_same": lambda: q.conv2d(46, [1, 9, 8, 3], 6, 4, 1, SAME, RELU),
+    "conv_rgb_3x3_dilated": lambda: q.conv2d(47, [1, 9, 9, 3], 5, 3, 1, SAME, NONE, dilation=2),
 }
 
 # gemm4 where four pixels per pass win (int16 weights on DSP cores: pixels 0 or 3 mod 4, or 24 and more)
-GEMM4 = {"conv_c1_3x3_same", "conv_c2_3x3_valid_s2", "conv_rgb_3x3_same_batch2", "conv_c1_4x4_same_s2", "conv_c2_2x2_same", "conv_c2_2x2_same_dilated", "conv_rgb_valid_batch2", "conv_c7_same_s2", "conv_rgb_5x5_same_relu6", "conv_1x1_batch_7_pixels_c36_oc37",
+GEMM4 = {"conv_rgb_4x4_same", "conv_rgb_3x3_dilated", "conv_c1_3x3_same", "conv_c2_3x3_valid_s2", "conv_rgb_3x3_same_batch2", "conv_c1_4x4_same_s2", "conv_c2_2x2_same", "conv_c2_2x2_same_dilated", "conv_rgb_valid_batch2", "conv_c7_same_s2", "conv_rgb_5x5_same_relu6", "conv_1x1_batch_7_pixels_c36_oc37",
          "conv_3x3_25_pixels_oc70_relu6", "conv_rgb_3x3_s2_16_pixels"}
 
 

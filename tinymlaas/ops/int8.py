@@ -211,7 +211,7 @@ def _gemm_matrix(layer: ConvLayer, consts: ConvConstants) -> np.ndarray:
         rows = consts.weights.reshape(oc, layer.kh, layer.kw * layer.c)
         whole = layer.kw * layer.c // 4 * 4
         return np.concatenate([rows[:, :, :whole].reshape(oc, -1), rows[:, :, whole:].reshape(oc, -1)], axis=1)
-    if layer.c % 4 == 3 and layer.dsp:  # gemm_dsp.c's tap_depth: each tap padded to whole words
+    if layer.c % 4 == 3 and layer.c > 3 and layer.dsp:  # gemm_dsp.c's tap_depth: each tap padded to whole words
         w2d = np.pad(consts.weights.reshape(oc, layer.kh * layer.kw, layer.c), ((0, 0), (0, 0), (0, 1))).reshape(oc, -1)
     return w2d
 
