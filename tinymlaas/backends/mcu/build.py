@@ -63,6 +63,8 @@ class CompileReport(VerifiedReport):
     # on --validation: {"metric", "value", "reference" (the model as given), "drop" (points), "samples"}
     accuracy: dict | None = None
     kind: str = "mcu"  # the backend that built it
+    # the kernel choice built: the request's, or dsp where an in-place plan took the C kernels (they stream in place)
+    kernels: str | None = None
 
 
 def fmt(n: int) -> str:
@@ -204,7 +206,8 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     if policy == "auto" and ram > limits(target, request)[1]:  # the smallest arena we can plan, before giving up
         streaming = ""
         if choice == "auto":  # the C kernels where the default took TIR: those stream in place
-            unplanned, streaming = imported("dsp", stages=False)[0], " with the C kernels (they stream in place)"
+            choice = "dsp"
+            unplanned, streaming = imported(choice, stages=False)[0], " with the C kernels (they stream in place)"
         # built again: an overlapped elementwise kernel is compiled without noalias
         program, kernels = build_kernels(plan_memory(unplanned, "inplace"), target, work)
         notes.append(f"the optimal arena plan needs {fmt(ram)} B of RAM, over the budget of "
@@ -282,6 +285,7 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
         instructions_max=max(counts),
         instructions_repeat_exact=counts[0] == counts[-1] if not program.state_sizes else None,
         variant=variant.to_dict() if variant is not None else None,
+        kernels=choice if variant is None else None,
         weights=[w.to_dict() for w in layer_weights] or None,
         accuracy=accuracy,
         memory_accesses=run.regions[0].memory_accesses,

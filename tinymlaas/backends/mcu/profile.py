@@ -146,8 +146,8 @@ def _written_output(step) -> int | None:
 
 
 def profile_build(model, target, request, report=None) -> dict:
-    """The per-layer profile of the build `request` asks for (its kernels, or its variant, and the layers below eight
-    bits its `report` lists), as a report carries it."""
+    """The per-layer profile of the build `request` asks for (the kernels its `report` says were built, or its
+    variant, and the layers below eight bits the report lists), as a report carries it."""
     import tempfile
 
     from tinymlaas.search.space import load_variant
@@ -155,6 +155,7 @@ def profile_build(model, target, request, report=None) -> dict:
     variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
     with tempfile.TemporaryDirectory(prefix="tinymlaas-profile-") as tmp:
         plan = {w["op"]: w["precision"] for w in (report.weights or []) if w["precision"] != "int8"} if report else {}
-        return profile_model(model.path, target.name, Path(tmp), request.kernels, request.emulator, variant,
+        kernels = (report.kernels if report else None) or request.kernels  # an in-place plan builds the C kernels
+        return profile_model(model.path, target.name, Path(tmp), kernels, request.emulator, variant,
                              request.weights, plan or None).to_dict()
 
