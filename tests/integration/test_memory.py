@@ -240,8 +240,27 @@ def test_a_model_over_the_ram_budget_is_planned_in_place(models_dir, tmp_path):
     assert "_inplace(" in (tmp_path / "inplace" / "tinymlaas_model.c").read_text()
     assert any("over the budget" in n for n in small.notes) and any("inplace plan" in n for n in small.notes)
     assert any("with the C kernels" in n for n in small.notes)  # the default's TIR depthwise layers do not stream
+    # the C kernels only on the layers the plan overlaps, the default's elsewhere, in an arena as small as on the C
+    # kernels everywhere
+    all_c = compile_model(path, "cortex-m4", tmp_path / "all-c", BuildRequest(inputs=3, max_ram=budget, kernels="dsp"))
+    assert isinstance(small.kernels, dict) and set(small.kernels.values()) == {"dsp"}, small.kernels
+    assert small.sizes["arena"] <= all_c.sizes["arena"] and small.instructions <= all_c.instructions
     with pytest.raises(ModelTooLarge, match=r"RAM [\d,]+ B > 4,096 B"):  # in place is not enough: the sizes named
         compile_model(path, "cortex-m4", tmp_path / "no", BuildRequest(inputs=3, max_ram=4096))
+
+
+def test_an_in_place_build_keeps_the_default_kernels_where_layers_do_not_stream(models_dir, tmp_path):
+    """VWW in place: the plan on the C kernels everywhere overlaps a few layers; the build keeps the C kernels there
+    and the default's elsewhere (TIR depthwise, 2x faster on Cortex-M4) in an arena no larger, bit-exact."""
+    path = models_dir / "vww_96_int8.tflite"
+    r = compile_model(path, "cortex-m4", tmp_path / "b", BuildRequest(inputs=1, memory="inplace"))
+    assert r.verified and r.fidelity["max_lsb_diff"] == 0
+    assert r.sizes["arena"] <= memory.plan(_program(path, "cortex-m4", "dsp"), "inplace").arena_bytes
+    driver = (tmp_path / "b" / "tinymlaas_model.c").read_text()
+    assert "tinymlaas_depthwise3x3_w8_inplace(" in driver  # a streamed depthwise layer
+    assert re.search(r"tinymlaas_k_op\d+_depthwise_conv_2d\w*\(", driver)  # and TIR's where a layer does not stream
+    streamed = {i for i, k in r.kernels.items() if k == "dsp"}
+    assert streamed and len(streamed) < 10  # a few of VWW's 28 layers
 
 
 @pytest.mark.slow

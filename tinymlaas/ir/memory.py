@@ -106,6 +106,7 @@ STREAMING: dict[str, tuple[Callable, str]] = {
     "tinymlaas_depthwise3x3_w16": (depthwise_distance, "tinymlaas_depthwise3x3_w16_inplace"),
 }
 
+STREAMING_TWINS = frozenset(twin for _, twin in STREAMING.values())
 
 # --- the problem: tensors, lifetimes, which pairs conflict --------------------------------------------------------
 

@@ -17,7 +17,8 @@ from tinymlaas.frontend.cleanup import clean
 from tinymlaas.frontend.lowbit import low_bit_weights
 from tinymlaas.frontend.tflite import import_relax_tvm
 from tinymlaas.frontend.to_relax import to_relax
-from tinymlaas.ir.lower import lower
+from tinymlaas.ir.lower import KernelCall, lower
+from tinymlaas.ir.memory import STREAMING_TWINS
 from tinymlaas.ir.memory import plan as plan_memory
 from tinymlaas.ir.schedule import schedule_for
 from tinymlaas.measure.sizes import measure_firmware
@@ -63,8 +64,9 @@ class CompileReport(VerifiedReport):
     # on --validation: {"metric", "value", "reference" (the model as given), "drop" (points), "samples"}
     accuracy: dict | None = None
     kind: str = "mcu"  # the backend that built it
-    # the kernel choice built: the request's, or dsp where an in-place plan took the C kernels (they stream in place)
-    kernels: str | None = None
+    # the kernel choice built: the request's; where an in-place plan took the C kernels (they stream in place), dsp,
+    # or {operator index: "dsp"} for the layers it overlaps (the others as the default builds them)
+    kernels: str | dict | None = None
 
 
 def fmt(n: int) -> str:
@@ -183,7 +185,8 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
     variant = request.variant or (load_variant(request.variant_file) if request.variant_file else None)
     choice = dict(variant.kernels) if variant is not None else request.kernels
     policy = variant.memory if variant is not None else request.memory
-    if choice == "auto" and policy == "inplace":  # the streaming kernels are C: no TIR by default (to_relax.py)
+    streams = choice == "auto" and policy == "inplace"  # the streaming kernels are C: planned on them first
+    if streams:
         choice = "dsp"
     model, layer_weights, accuracy = low_bit_weights(model, request, dict(variant.weights) if variant else None)
 
@@ -199,17 +202,33 @@ def build_firmware(model, target: Target, work: Path, request: BuildRequest, sta
 
     unplanned, lowering, notes = imported(choice)
 
+    def in_place_on_c_kernels(unplanned):
+        """The in-place plan on the C kernels, then the default's kernels back on the layers it did not overlap
+        when the arena stays as small (only a streaming kernel's layer needs the C kernel: TIR's depthwise is 2x
+        faster than the C one on Cortex-M4)."""
+        planned = plan_memory(unplanned, "inplace")
+        streamed = {step.op_index: "dsp" for step in planned.steps
+                    if isinstance(step, KernelCall) and step.kernel in STREAMING_TWINS}
+        mixed = plan_memory(imported(streamed, stages=False)[0], "inplace")
+        return (mixed, streamed) if mixed.arena_bytes <= planned.arena_bytes else (planned, "dsp")
+
     stage("codegen")
     # auto: the optimal plan (TVM's where it is no larger); in place where even that does not fit
-    program, kernels = build_kernels(plan_memory(unplanned, "optimal" if policy == "auto" else policy), target, work)
+    if streams:
+        planned, choice = in_place_on_c_kernels(unplanned)
+    else:
+        planned = plan_memory(unplanned, "optimal" if policy == "auto" else policy)
+    program, kernels = build_kernels(planned, target, work)
     ram = program.arena_bytes + program.scratch_bytes + program.state_bytes
     if policy == "auto" and ram > limits(target, request)[1]:  # the smallest arena we can plan, before giving up
         streaming = ""
         if choice == "auto":  # the C kernels where the default took TIR: those stream in place
-            choice = "dsp"
-            unplanned, streaming = imported(choice, stages=False)[0], " with the C kernels (they stream in place)"
+            planned, choice = in_place_on_c_kernels(imported("dsp", stages=False)[0])
+            streaming = " with the C kernels where they stream in place"
+        else:
+            planned = plan_memory(unplanned, "inplace")
         # built again: an overlapped elementwise kernel is compiled without noalias
-        program, kernels = build_kernels(plan_memory(unplanned, "inplace"), target, work)
+        program, kernels = build_kernels(planned, target, work)
         notes.append(f"the optimal arena plan needs {fmt(ram)} B of RAM, over the budget of "
                      f"{fmt(limits(target, request)[1])} B: planned in place{streaming}")
     notes.extend(program.notes)
