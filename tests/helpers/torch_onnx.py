@@ -77,7 +77,30 @@ class Conv1dNet(nn.Module):
         return torch.sigmoid(self.fc(z.mean(-1)))
 
 
-ARCHITECTURES = {"cnn": Cnn, "separable": Separable, "mlp": Mlp, "conv1d": Conv1dNet}
+class Transformer(nn.Module):
+    """A small vision transformer: 4x4 patches, a learned position embedding, one pre-norm encoder block
+    (LayerNorm, 4-head self-attention, a GELU MLP), mean over tokens, a linear head."""
+
+    shape = (1, 1, 16, 16)
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.1)
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        y = self.ln1(x)
+        x = x + self.attention(y, y, y, need_weights=False)[0]
+        x = x + self.mlp(self.ln2(x))
+        return self.head(x.mean(1))
+
+
+ARCHITECTURES = {"cnn": Cnn, "separable": Separable, "mlp": Mlp, "conv1d": Conv1dNet, "transformer": Transformer}
 
 
 def _model(name: str, seed: int = 0) -> nn.Module:
@@ -95,6 +118,17 @@ def export_onnx(name: str, path: Path, seed: int = 0) -> Path:
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randn(*model.shape),), str(path), dynamo=True, external_data=False,
+                          input_names=["x"], output_names=["y"])
+    return path
+
+
+def export_onnx_torchscript(name: str, path: Path, seed: int = 0) -> Path:
+    """The TorchScript exporter (torch.onnx.export(dynamo=False), opset 17), as many projects still export: shapes
+    computed at run time (Shape, Gather, Cast), GELU spelled with Erf."""
+    model = _model(name, seed)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(*model.shape),), str(path), dynamo=False, opset_version=17,
                           input_names=["x"], output_names=["y"])
     return path
 

@@ -39,11 +39,16 @@ INTEGER: dict = {}
 
 
 def converts(*op_types: str, integer: bool = False):
+    """Register `fn` for `op_types`; integer=True: as their integer converter, and as the float one only where they
+    have none (an integer converter may Decline, and its float fallback must not be itself: a float Add of a
+    constant went to binary_integer, which declined again)."""
     def register(fn):
         for t in op_types:
-            CONVERTERS[t] = fn
             if integer:
                 INTEGER[t] = fn
+                CONVERTERS.setdefault(t, fn)
+            else:
+                CONVERTERS[t] = fn
         return fn
     return register
 
@@ -235,6 +240,48 @@ def _broadcast_const(cv, node, name: str, rank: int, cl: bool) -> int:
     if value.size == 1:
         value = value.reshape(())
     return cv.constant(value.astype(dtype), f"{node.output[0]}/{name}", quant)
+
+
+@converts("LayerNormalization")
+def layer_norm(cv, node) -> None:
+    """LayerNormalization as the float operators TFLite's converter writes for Keras' LayerNormalization: the mean
+    over the normalized axes, the centred value, its mean square, RSQRT of it plus epsilon, then scale and bias."""
+    if any(node.output[1:]):
+        raise cv.unsupported("with its mean or inverse deviation as outputs")
+    shape = cv.shape(node.input[0])
+    rank, name = len(shape), node.output[0]
+    axis = int(cv.attr(node, "axis", -1)) % rank
+    reduced = tuple(1 if i >= axis else d for i, d in enumerate(shape))
+    axes = cv.constant(ints(range(axis, rank)), f"{name}/axes")
+    x = cv.value(node.input[0], False)
+
+    def step(opcode, inputs, out_shape, label, options=None):
+        t = cv.add_tensor(f"{name}/{label}", out_shape, "float32")
+        cv.op(opcode, inputs, [t], options)
+        return t
+
+    def const(value, label):
+        value = np.asarray(value, np.float32)
+        return cv.constant(value.reshape((1,) * (rank - value.ndim) + value.shape), f"{name}/{label}")
+
+    mean = step("MEAN", [x, axes], reduced, "mean", cv.options("ReducerOptions", keepDims=True))
+    centred = step("SUB", [x, mean], shape, "centred", cv.options("SubOptions"))
+    square = step("MUL", [centred, centred], shape, "square", cv.options("MulOptions"))
+    var = step("MEAN", [square, axes], reduced, "variance", cv.options("ReducerOptions", keepDims=True))
+    eps = const(float(cv.attr(node, "epsilon", 1e-5)), "epsilon")
+    inv = step("RSQRT", [step("ADD", [var, eps], reduced, "plus_epsilon", cv.options("AddOptions"))], reduced,
+               "inverse_deviation")
+    y = step("MUL", [centred, inv], shape, "normalized", cv.options("MulOptions"))
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    for k, (operand, opcode, kind) in enumerate([(node.input[1], "MUL", "MulOptions"), (bias, "ADD", "AddOptions")]):
+        if operand is None:
+            continue
+        if not cv.is_const(operand):
+            raise cv.unsupported("with a scale or bias computed at run time")
+        last = k == 1 or bias is None
+        out = cv.output(node, 0, shape, False) if last else cv.add_tensor(f"{name}/scaled", shape, "float32")
+        cv.op(opcode, [y, const(cv.const(operand), opcode.lower())], [out], cv.options(kind))
+        y = out
 
 
 @converts("BatchNormalization")
@@ -583,6 +630,24 @@ def reshape(cv, node) -> None:
     quant = cv.tensor_quant(x) if _quantized(cv) else None
     out = cv.output(node, 0, new, False, quant)
     cv.op("RESHAPE", [x, cv.constant(ints(new), f"{node.output[0]}/shape")], [out])
+    cv.finish_output(node, 0, out, False)
+
+
+@converts("Gather", integer=True)
+def gather(cv, node) -> None:
+    """Gather at constant indices (an exporter's unbinding of packed query/key/value, a row of a table): TFLite's
+    GATHER on the logical layout."""
+    if not cv.is_const(node.input[1]) or cv.is_const(node.input[0]):
+        raise cv.unsupported("with indices computed at run time or of a constant table")
+    shape = cv.shape(node.input[0])
+    axis = int(cv.attr(node, "axis", 0)) % len(shape)
+    indices = cv.const(node.input[1]).astype(np.int64)
+    indices = np.where(indices < 0, indices + shape[axis], indices).astype(np.int32)
+    x = cv.value(node.input[0], False)
+    quant = cv.tensor_quant(x) if _quantized(cv) else None
+    out = cv.output(node, 0, cv.shape(node.output[0]), False, quant)
+    cv.op("GATHER", [x, cv.constant(indices, f"{node.output[0]}/indices")], [out],
+          cv.options("GatherOptions", axis=axis))
     cv.finish_output(node, 0, out, False)
 
 

@@ -72,8 +72,8 @@ class Converter:
         from ai_edge_litert import schema_py_generated as schema
 
         self.schema, self.label = schema, label
-        self.graph = proto.graph
         self.shapes, self.dtypes, self.consts = _probe(proto, label)
+        self.graph = fuse_gelu(proto.graph, self.consts)
         self.tensors: list = []
         self.buffers: list = [schema.BufferT()]
         self.operators: list = []
@@ -469,9 +469,9 @@ def _probe(proto, label: str):
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].HasField("t") \
                 else np.asarray(onnx.helper.get_attribute_value(node.attribute[0]))
     constant_only = set(consts)
-    for node in proto.graph.node:
-        if node.op_type not in ("Constant", "DequantizeLinear", "QuantizeLinear") and all(
-                not i or i in constant_only for i in node.input):
+    for node in proto.graph.node:  # a shape is static here: what only shapes and constants feed is a constant too
+        if node.op_type in ("Shape", "Size") or node.op_type not in ("Constant", "DequantizeLinear", "QuantizeLinear") \
+                and all(not i or i in constant_only for i in node.input):
             constant_only.update(node.output)
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
@@ -517,6 +517,63 @@ def _probe(proto, label: str):
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
               "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
               "tensor(bool)": np.bool_}
+
+
+def fuse_gelu(graph, consts: dict):
+    """The exact GELU as exporters before ONNX's Gelu (opset 20) spell it, x * 0.5 * (1 + Erf(x / sqrt(2))) in
+    either order of its two products, as one Gelu node (TFLite's GELU): TFLite has no Erf. Other nodes as they are."""
+    import onnx
+
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def const_of(node, value, op_type):
+        if node is None or node.op_type != op_type:
+            return None
+        for k, other in ((0, 1), (1, 0)):
+            c = consts.get(node.input[k])
+            if c is not None and np.size(c) == 1 and np.isclose(float(np.ravel(c)[0]), value, rtol=1e-4):
+                return node.input[other]
+        return None
+
+    def only_reader(name):
+        r = readers.get(name, [])
+        return r[0] if len(r) == 1 else None
+
+    replaced, fused = set(), {}
+    for erf in graph.node:
+        if erf.op_type != "Erf":
+            continue
+        scaled = producer.get(erf.input[0])
+        x = const_of(scaled, np.sqrt(2), "Div") or const_of(scaled, 1 / np.sqrt(2), "Mul")
+        plus = only_reader(erf.output[0])
+        if x is None or const_of(plus, 1.0, "Add") != erf.output[0]:
+            continue
+        first = only_reader(plus.output[0])  # (1 + erf) * x then * 0.5, or * 0.5 then * x
+        if first is None or first.op_type != "Mul":
+            continue
+        other = first.input[1] if first.input[0] == plus.output[0] else first.input[0]
+        last = only_reader(first.output[0])
+        x_then_half = other == x and const_of(last, 0.5, "Mul") == first.output[0]
+        half_then_x = const_of(first, 0.5, "Mul") == plus.output[0] and last is not None \
+            and last.op_type == "Mul" and x in last.input
+        if not (x_then_half or half_then_x):
+            continue
+        chain = [scaled, erf, plus, first, last]
+        if any(only_reader(n.output[0]) is None for n in chain[:-1]):
+            continue
+        replaced.update(id(n) for n in chain)
+        fused[id(last)] = onnx.helper.make_node("Gelu", [x], [last.output[0]], name=f"{last.output[0]}/gelu")
+    if not fused:
+        return graph
+    out = onnx.GraphProto()
+    out.CopyFrom(graph)
+    del out.node[:]
+    out.node.extend(fused.get(id(n), n) for n in graph.node if id(n) not in replaced or id(n) in fused)
+    return out
 
 
 def onnx_to_tflite(proto, label: str) -> Converted:
