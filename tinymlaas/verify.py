@@ -152,6 +152,18 @@ def compare_layers(model: TFLiteModel, batch: list[np.ndarray], steps: list[byte
 
 
 SOURCE_MAX_LSB = 2  # a QDQ model's outputs against its own framework (see source_fidelity)
+REQUANTIZATIONS_PER_EXTRA_LSB = 4  # see source_lsb_tolerance
+
+
+def source_lsb_tolerance(model: TFLiteModel) -> int:
+    """SOURCE_MAX_LSB, plus one step for every REQUANTIZATIONS_PER_EXTRA_LSB float results quantized again inside the
+    model (QUANTIZE: a float layer norm, attention product or softmax between integer layers). Each is a rounding
+    both sides make, and may land one step apart, and a step early on spreads through the layers after it. Measured
+    on 60 random inputs of a small ViT (9 such quantizations) against PyTorch (PT2E) and ONNX Runtime (QDQ): 0-3
+    steps; CNNs, with none, 0-2."""
+    inner = sum(1 for op in model.graph.operators if op.opcode == "QUANTIZE"
+                and model.graph.tensor(op.inputs[0]).dtype == "float32" and op.inputs[0] not in model.graph.inputs)
+    return SOURCE_MAX_LSB + inner // REQUANTIZATIONS_PER_EXTRA_LSB
 
 
 def source_fidelity(model: TFLiteModel, batches: list[list[np.ndarray]], want: list[list[np.ndarray]]) -> dict | None:
@@ -185,12 +197,16 @@ def source_fidelity(model: TFLiteModel, batches: list[list[np.ndarray]], want: l
     if any(s is None for s in model.source_output_scales) or not model.source_output_scales:
         result["max_rel_error"] = max_rel
     if quantized:
+        tolerance = source_lsb_tolerance(model)
         result["max_lsb_diff"] = max_lsb
-        result["passed"] = result["passed"] and max_lsb <= SOURCE_MAX_LSB
-        result["tolerance"] = (f"within {SOURCE_MAX_LSB} LSB of each output's quantization: {source.reference_name} "
+        result["passed"] = result["passed"] and max_lsb <= tolerance
+        result["tolerance"] = (f"within {tolerance} LSB of each output's quantization: {source.reference_name} "
                                "requantizes in float (round half to even), TFLite's integer kernels and the firmware "
-                               "in fixed point (round half away from zero); a float output computed from a dequantized "
-                               "value by softmax, sigmoid, tanh or a reshape is measured in that value's steps")
+                               "in fixed point (round half away from zero)"
+                               + (", and float results quantized again inside the model each round once more"
+                                  if tolerance > SOURCE_MAX_LSB else "")
+                               + "; a float output computed from a dequantized value by softmax, sigmoid, tanh or a "
+                               "reshape is measured in that value's steps")
     else:
         result["tolerance"] = f"relative error <= {FLOAT_REL_TOLERANCE:g}"
     return result

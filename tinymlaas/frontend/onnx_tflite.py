@@ -293,6 +293,8 @@ class Converter:
             self.node = node
             if all(o in self.consts for o in node.output if o) and node.op_type != "DequantizeLinear":
                 continue
+            if self._moves_a_quantized_constant(node):
+                continue
             if node.op_type == "DequantizeLinear":
                 self._dequantize_linear(node)
             elif node.op_type == "QuantizeLinear":
@@ -359,6 +361,24 @@ class Converter:
         if x not in self.qparams:
             raise self.unsupported(f"of '{x}', which no QuantizeLinear wrote")
         self.qalias[node.output[0]] = x
+
+    def _moves_a_quantized_constant(self, node) -> bool:
+        """A Transpose or reshape of a DequantizeLinear'd constant (PT2E writes a Linear over tokens as a MatMul by
+        its weight transposed): moved here, at build time, and still quantized, so that the operator reading it sees
+        quantized weights."""
+        if node.op_type not in ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity") \
+                or not node.input or node.input[0] not in self.qconsts:
+            return False
+        qc = self.qconsts[node.input[0]]
+        if node.op_type == "Transpose":
+            perm = [int(p) for p in self.attr(node, "perm", list(range(qc.q.ndim))[::-1])]
+            q, axis = qc.q.transpose(perm), perm.index(qc.axis) if qc.q.ndim else 0
+        elif qc.per_channel and node.op_type != "Identity":  # where the channel axis lands is not said
+            return False
+        else:
+            q, axis = qc.q.reshape(self.shape(node.output[0])), qc.axis if node.op_type == "Identity" else 0
+        self.qconsts[node.output[0]] = QConst(q, qc.scale, qc.zero_point, axis)
+        return True
 
     def _quantize_linear(self, node) -> None:
         """A float value quantized (its QuantizeLinear not taken by an integer operator): QUANTIZE."""
