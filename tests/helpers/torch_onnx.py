@@ -100,7 +100,23 @@ class Transformer(nn.Module):
         return self.head(x.mean(1))
 
 
-ARCHITECTURES = {"cnn": Cnn, "separable": Separable, "mlp": Mlp, "conv1d": Conv1dNet, "transformer": Transformer}
+class Recurrent(nn.Module):
+    """A sequence model: an LSTM then a GRU over 12 steps (batch first), a linear head on the GRU's last state."""
+
+    shape = (1, 12, 6)
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.gru, self.fc = nn.LSTM(6, 10, batch_first=True), nn.GRU(10, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        _, h = self.gru(y)
+        return self.fc(h[-1])
+
+
+ARCHITECTURES = {"cnn": Cnn, "separable": Separable, "mlp": Mlp, "conv1d": Conv1dNet, "transformer": Transformer,
+                 "recurrent": Recurrent}
 
 
 def _model(name: str, seed: int = 0) -> nn.Module:

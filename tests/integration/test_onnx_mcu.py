@@ -209,6 +209,78 @@ def test_a_transformer_builds_for_microcontrollers(export, tmp_path):
         assert {"RSQRT", "BATCH_MATMUL", "SOFTMAX"} <= ops and "GELU" in ops, ops
 
 
+@pytest.mark.parametrize("export", ["dynamo", "torchscript", "pt2"])
+def test_pytorch_lstm_and_gru_build_for_microcontrollers(export, tmp_path):
+    """nn.LSTM and nn.GRU (PyTorch exports GRU with linear_before_reset) unrolled over their steps into float
+    operators: against the interpreter on the conversion and against ONNX Runtime / PyTorch."""
+    write = {"dynamo": export_onnx, "torchscript": export_onnx_torchscript, "pt2": export_pt2}[export]
+    path = write("recurrent", tmp_path / ("r.pt2" if export == "pt2" else "r.onnx"))
+    report = compile_model(path, "cortex-m4", tmp_path / "out", BuildRequest(inputs=2))
+    f = report.fidelity
+    assert report.verified and f["max_rel_error"] <= 1e-5 and f["source"]["max_rel_error"] <= 1e-5, f
+
+
+def test_an_unrolled_sequence_stores_its_weights_once(tmp_path):
+    """An LSTM of 32 over 30 steps: each step's product reads the same weights, stored once in flash, and checked
+    against the flash limit once (counted per step, 30 copies of its recurrent weights went over a limit the build
+    fits in)."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(3)
+    hidden, features, steps = 32, 4, 30
+    inits = [numpy_helper.from_array((rng.standard_normal((1, 4 * hidden, n)) * 0.3).astype(np.float32), name)
+             for name, n in (("W", features), ("R", hidden))]
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["", "y_h"], hidden_size=hidden)
+    path = _onnx_file(tmp_path / "lstm.onnx", [node], [("x", [steps, 1, features])], [("y_h", [1, 1, hidden])],
+                      inits)
+    weights = 4 * 4 * hidden * (features + hidden)  # float32 W and R
+    report = compile_model(path, "rv32imac", tmp_path / "out", BuildRequest(inputs=2, max_flash=weights * 4))
+    assert report.verified and report.fidelity["source"]["max_rel_error"] <= 1e-5
+    assert weights <= report.sizes["weights"] <= weights + 4096  # once, with the zero biases and a few constants
+
+
+def _recurrent_graph(tmp_path, op, hidden, features, steps, batch, inits=(), **attrs):
+    """One ONNX LSTM/GRU with random weights; inputs x (and initial states as graph inputs), every output."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(7)
+    gates = {"LSTM": 4, "GRU": 3}[op]
+    dirs = 2 if attrs.get("direction") == "bidirectional" else 1
+    layout = attrs.get("layout", 0)
+    w = numpy_helper.from_array((rng.standard_normal((dirs, gates * hidden, features)) * 0.4).astype(np.float32), "W")
+    r = numpy_helper.from_array((rng.standard_normal((dirs, gates * hidden, hidden)) * 0.4).astype(np.float32), "R")
+    b = numpy_helper.from_array((rng.standard_normal((dirs, 2 * gates * hidden)) * 0.3).astype(np.float32), "B")
+    x_shape = [batch, steps, features] if layout else [steps, batch, features]
+    state = [batch, dirs, hidden] if layout else [dirs, batch, hidden]
+    names = ["x", "W", "R", "B", "", *inits]
+    outputs = [("y", [batch, steps, dirs, hidden] if layout else [steps, dirs, batch, hidden]), ("y_h", state)]
+    if op == "LSTM":
+        outputs.append(("y_c", state))
+    node = helper.make_node(op, names, [n for n, _ in outputs], hidden_size=hidden, **attrs)
+    inputs = [("x", x_shape)] + [(n, state) for n in inits]
+    return _onnx_file(tmp_path / f"{op.lower()}.onnx", [node], inputs, outputs, [w, r, b])
+
+
+@pytest.mark.parametrize("op, attrs, inits", [
+    ("LSTM", {"direction": "bidirectional"}, ("h0", "c0")),
+    ("GRU", {"direction": "reverse", "linear_before_reset": 0}, ("h0",)),
+    ("GRU", {"linear_before_reset": 1}, ()),
+    ("LSTM", {"direction": "reverse"}, ()),
+])
+def test_onnx_recurrent_forms_match_onnx_runtime(tmp_path, op, attrs, inits):
+    """Directions, both GRU forms, initial states given at run time, every output (the sequence, the last h and c)."""
+    path = _recurrent_graph(tmp_path, op, hidden=5, features=3, steps=4, batch=2, inits=inits, **attrs)
+    report = compile_model(path, "rv32imac", tmp_path / "out", BuildRequest(inputs=3))
+    f = report.fidelity
+    assert report.verified and f["source"]["passed"] and f["source"]["max_rel_error"] <= 1e-5, f
+
+
+def test_recurrent_forms_onnx_runtime_would_compute_otherwise_are_named(tmp_path):
+    path = _recurrent_graph(tmp_path, "LSTM", hidden=4, features=3, steps=3, batch=1, clip=1.0)
+    with pytest.raises(UnsupportedOperator, match="LSTM .*with a cell clip"):
+        compile_model(path, "cortex-m4", tmp_path / "a")
+
+
 def test_a_float_add_of_a_constant_converts(tmp_path):
     """A float Add with a constant operand: the integer converter declines it, and the float one takes it (it
     declined again: an internal error)."""

@@ -63,7 +63,10 @@ class Program:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(c.nbytes for c in self.constants)
+        """Flash of the constants as the driver packs them: identical ones once (an unrolled sequence's weights,
+        one copy per step here), alignment aside."""
+        unique = {(str(c.dtype), np.ascontiguousarray(c).tobytes()): c.nbytes for c in self.constants}
+        return sum(unique.values())
 
     @property
     def state_offsets(self) -> list[int]:
