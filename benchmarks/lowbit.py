@@ -1,6 +1,8 @@
 """Weights below eight bits, side by side in one run: int8 and int4 weights with the default (C) kernels, which read
 int4 weights in their loop (convolutions and fully connected layers: gemm_w4, gemv_w4; no RAM) or unpacked into RAM
-right before their layer (the others), and with the TIR kernels, which decode each weight they read (no RAM):
+right before their layer (the others), and with the TIR kernels, which decode each weight they read (no RAM);
+palettes of 16 and 8 values on the default kernels (convolutions and fully connected layers decoded a block of
+output channels at a time: unpack_weights.c gemm_p8/gemv_p8):
 weight bytes, flash, RAM, instructions (and the Cortex-M4 cycle estimate), every build verified against the TFLite
 interpreter (the int4 ones against the interpreter on the int4 model).
 
@@ -124,8 +126,11 @@ def main(argv=None) -> int:
                   "eligible conv/depthwise/FC layer re-quantized to 4 bits per channel, two to a byte in flash) with "
                   "the default kernels (C micro-kernels; int4 read in the loop by convolutions and FC layers of a "
                   "proven requantization (gemm_w4, gemv_w4), else unpacked into RAM before each layer) and with the TIR kernels (int4 decoded on each read); palettized "
-                  "weights (--weights palette: 16 or 8 k-means values a layer, indices unpacked into RAM before each "
-                  "layer) on the default kernels; ratios against int8 on the same kernels; each verified against the "
+                  "weights (--weights palette: 16 or 8 k-means values a layer, kept as indices) on the default "
+                  "kernels: the matrix kernels (convolutions, fully connected) decode them a block of output channels "
+                  "at a time into an arena scratch of one block (the whole layer where the arena has room beside the "
+                  "layer's tensors), one-row layers of 16 values read them in the loop (gemv_p4), the others "
+                  "(depthwise, TIR) get them unpacked into RAM before the layer; ratios against int8 on the same kernels; each verified against the "
                   "TFLite interpreter on the model it computes (the rewritten one), instructions from QEMU, "
                   "Cortex-M4 cycles estimated (llvm-mca x QEMU blocks, the TRM's load/store timing)",
         "seconds": round(time.monotonic() - started),

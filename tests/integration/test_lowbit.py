@@ -305,14 +305,15 @@ def test_auto_needs_validation_data(tmp_path, capsys):
 @pytest.mark.parametrize("target, kernels", [("cortex-m4", "dsp16"), ("cortex-m4", "tir"), ("rv32imac", "auto")])
 @pytest.mark.parametrize("case", ["conv_same_s2_relu6", "depthwise_m2", "fc_per_tensor_batch"])
 def test_palettized_layers_are_bit_exact_with_at_most_2_to_the_bits_values(case, target, kernels, bits, tmp_path):
-    """Weights snapped to a k-means palette, kept as indices and unpacked before the layer (C and TIR kernels)."""
+    """Weights snapped to a k-means palette, kept as indices: decoded a block of channels at a time (the C matrix
+    kernels) or unpacked before the layer (the others, TIR)."""
     path = tmp_path / f"{case}.tflite"
     path.write_bytes(CASES[case]())
     r = compile_model(path, target, tmp_path / "out", BuildRequest(inputs=20, seed=4, weights="palette",
                                                                    palette_bits=bits, kernels=kernels))
     assert r.fidelity["max_lsb_diff"] == 0, r.fidelity
     assert [w["precision"] for w in r.weights] == [f"palette{bits}"]
-    assert any("kept packed in flash" in n for n in r.notes), r.notes
+    assert any("kept packed in flash" in n or "a block of output channels at a time" in n for n in r.notes), r.notes
     out = np.frombuffer(Path(r.artifacts["outputs"]).read_bytes(), dtype=np.int8)
     assert len(np.unique(out)) > 3
 
@@ -334,6 +335,83 @@ def test_a_palettized_row_is_read_by_the_palette_gemv_without_a_copy_in_ram(shap
     assert [w["precision"] for w in r.weights] == ["palette4"]
     assert "tinymlaas_gemv_p4" in driver(r) and "unpack" not in driver(r)
     assert r.sizes["arena"] <= 256 and any("read 4-bit palette indices in the loop" in n for n in r.notes)
+
+
+# palettized layers of the C matrix kernels, decoded a block of output channels at a time into a scratch in the arena
+# (unpack_weights.c gemm_p8/gemm_p16/gemm4_p16/gemv_p8): the pointwise path, padded windows with an odd channel
+# count, the few-channel split rows of an RGB image, a batch, fully connected batches and rows (per tensor: its table
+# spread per channel); and layers of several blocks, the last one short (weight_decode.PALETTE_SCRATCH)
+PALETTE_BLOCK_CASES = {
+    "pointwise_c16": (lambda: q.conv2d(41, [1, 6, 5, 16], 10, 1, 1, VALID, NONE), 4),
+    "conv3x3_same_s2_c5": (lambda: q.conv2d(42, [1, 9, 8, 5], 9, 3, 2, SAME, RELU), 3),
+    "conv3x3_rgb_s2": (lambda: q.conv2d(43, [1, 11, 9, 3], 8, 3, 2, SAME, RELU6), 2),
+    "conv3x3_batch2": (lambda: q.conv2d(44, [2, 6, 5, 12], 7, 3, 1, VALID, NONE), 3),
+    "fc_batch": (lambda: q.fully_connected(45, [3, 40], 9, NONE), 4),
+    "fc_row_per_tensor": (lambda: q.fully_connected(46, [1, 300], 70, RELU), 3),
+    # 20 channel pairs of 128 values: two blocks of int8 (16 pairs and 4), three of int16
+    "pointwise_c64_two_blocks": (lambda: q.conv2d(47, [1, 5, 4, 64], 40, 1, 1, VALID, RELU), 4),
+    # 10 pairs of 576 values: blocks of the least four pairs (4, 4, 2), an odd last channel
+    "conv3x3_c32_three_blocks": (lambda: q.conv2d(48, [1, 6, 5, 32], 19, 3, 1, SAME, NONE), 2),
+}
+
+
+@pytest.mark.parametrize("target, kernels", [
+    ("cortex-m4", "dsp"), ("cortex-m4", "dsp16"),  # SMLAD on int8 / int16 (four pixels a pass where it applies)
+    ("rv32imac", "dsp"), ("cortex-m3", "dsp"),  # the scalar loops: no DSP
+])
+@pytest.mark.parametrize("case", sorted(PALETTE_BLOCK_CASES))
+def test_palettized_matrix_layers_decode_blocks_of_channels_without_a_copy_in_the_arena(case, target, kernels,
+                                                                                        tmp_path):
+    from tinymlaas.ir.weight_decode import PALETTE_MIN_PAIRS, PALETTE_SCRATCH
+
+    make, bits = PALETTE_BLOCK_CASES[case]
+    path = tmp_path / f"{case}.tflite"
+    path.write_bytes(make())
+    request = BuildRequest(inputs=20, seed=6, kernels=kernels)
+    r8 = compile_model(path, target, tmp_path / "int8", request)
+    rp = compile_model(path, target, tmp_path / "palette", replace(request, weights="palette", palette_bits=bits))
+    assert rp.fidelity["max_lsb_diff"] == 0, rp.fidelity
+    assert [w["precision"] for w in rp.weights] == [f"palette{bits}"]
+    out = np.frombuffer(Path(rp.artifacts["outputs"]).read_bytes(), dtype=np.int8)
+    assert len(np.unique(out)) > 10  # not saturated
+    code = driver(rp)
+    assert "unpack" not in code and "tinymlaas_gemv_p4" not in code
+    row = case.startswith("fc_row")
+    four = kernels == "dsp16" and "tinymlaas_gemm4_w16" in driver(r8)
+    symbol = ("tinymlaas_gemv_p" if row else "tinymlaas_gemm4_p" if four else "tinymlaas_gemm_p") + (
+        "16" if kernels == "dsp16" else "8")
+    assert symbol + ("_pt(" if row else "(") in code, code  # fc_row_per_tensor: its table of one triple
+    assert "tinymlaas_palette_first_s" in code  # the scratch's first block, right before the layer
+    # RAM: one block of the weights in the arena (at most the scratch's bytes, or PALETTE_MIN_PAIRS pairs, or the
+    # layer's whole when the arena had room for it), beside the int8 build's; the stack the int8 kernel's and the
+    # block loop's frame (its copy of the parameter block, saved registers: under 256 B)
+    blocks = [n for n in rp.notes if "a block of output channels at a time" in n]
+    assert len(blocks) == 1, rp.notes
+    largest = int(blocks[0].split("the largest block ")[1].split(" B")[0].replace(",", ""))
+    weights = r8.sizes["weights"]
+    assert 0 < largest <= max(PALETTE_SCRATCH, PALETTE_MIN_PAIRS * 2 * 576 * (2 if kernels == "dsp16" else 1),
+                              weights), (largest, rp.notes)
+    assert rp.sizes["arena"] <= r8.sizes["arena"] + -(-largest // ARENA_ALIGN) * ARENA_ALIGN, (rp.sizes, r8.sizes)
+    assert rp.sizes["stack_peak"] <= r8.sizes["stack_peak"] + 256, (rp.sizes, r8.sizes)
+
+
+def test_the_palette_blob_decodes_to_the_kernel_layout_in_blocks():
+    """palette_blob's header, table and indices give back every value of the layout, from any block's start (the
+    C decoder reads runs starting inside a word)."""
+    from tinymlaas.ir.weight_decode import palette_blob
+
+    rng = np.random.default_rng(9)
+    for bits, dtype in ((2, np.int8), (3, np.int16), (5, np.int8), (6, np.int16)):
+        values = rng.choice(np.arange(-100, 100), size=2 ** bits - 1, replace=False)
+        c = np.concatenate([[0], values])[rng.integers(0, 2 ** bits, size=(13, 7, 2, 4))].astype(dtype)
+        blob = palette_blob(c, bits, scratch=3 * 56 * c.itemsize, least=1)
+        assert list(blob[:3]) == [bits, 3, 56]
+        table = blob[4:4 + blob[3]].view(np.uint8).view(dtype)
+        words = blob[4 + blob[3]:].view(np.uint32).astype(np.uint64)
+        per_word = 32 // bits
+        index = (words.reshape(-1, 1) >> (np.arange(per_word, dtype=np.uint64) * bits)) & ((1 << bits) - 1)
+        assert np.array_equal(table[index.ravel()[:c.size].astype(np.int64)].reshape(c.shape), c)
+    assert palette_blob(np.arange(40, dtype=np.int8).reshape(5, 8), 4) is None  # 40 values: not 16
 
 
 def test_the_palette_gemv_layout_holds_every_real_weight_and_its_table_every_pair():

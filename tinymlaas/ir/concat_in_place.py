@@ -27,7 +27,7 @@ CONCAT_KERNEL = re.compile(r"^concatenate\d*$")  # TVM's legalized concat, not f
 # C kernels that honour conv_params.h's out_stride (gemm_dsp.c gemm_layer, gemm4_layer): (input, weights, rq,
 # params, output)
 STRIDED_OUTPUT = {"tinymlaas_gemm_w8", "tinymlaas_gemm_w16", "tinymlaas_gemm_w4", "tinymlaas_gemm_w4l",
-                  "tinymlaas_gemm4_w16"}
+                  "tinymlaas_gemm4_w16", "tinymlaas_gemm_p8", "tinymlaas_gemm_p16", "tinymlaas_gemm4_p16"}
 OUT_STRIDE = CONV_FIELDS.index("out_stride")
 
 

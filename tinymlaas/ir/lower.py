@@ -352,7 +352,14 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
 
     from tinymlaas.ir.kernel_calls import drop_unreferenced_kernels
     from tinymlaas.ir.kernel_sharing import share_kernels
-    from tinymlaas.ir.weight_decode import decode_weights, int4_unpacking, palette_gemv, palette_unpacking
+    from tinymlaas.ir.weight_decode import (
+        GEMV_BLOCKS,
+        decode_weights,
+        int4_unpacking,
+        palette_gemm,
+        palette_gemv,
+        palette_unpacking,
+    )
     from tinymlaas.ir.weight_storage import narrow_weights
 
     mod = relax_passes(fold_constants, fuse)(relax_mod)
@@ -360,11 +367,15 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
     unpacked = []
     if stored and stored.int4:  # the C kernels' 4-bit weights: packed in flash, unpacked right before their layer
         mod, unpacked = decode_weights(mod, taking, int4_unpacking, tir_readers=False)
-    read_packed = []
+    read_packed, blocks = [], []
     if stored and stored.palette:  # indices into a table, for every kernel (4-bit values: the int4 forms)
         unpacking = palette_unpacking(stored.palette, skip_int4=stored.int4)
+        # the matrix kernels decode a block of channels at a time into a scratch
+        mod, blocks = palette_gemm(mod, taking, unpacking)
         if stored.palette >= 4:  # one-row C layers of at most 16 values read their 4-bit indices themselves
             mod, read_packed = palette_gemv(mod, taking, unpacking)
+        mod, more = palette_gemm(mod, taking, unpacking, GEMV_BLOCKS)  # the other one-row layers: in blocks too
+        blocks += more
         mod, more = decode_weights(mod, taking, unpacking, tir_readers=True)
         unpacked += more
     kernel_operators = _kernel_operators(mod, taking)
@@ -375,6 +386,11 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
         notes += ((f"{len(unpacked)} weight tensors kept packed in flash "
                    f"({sum(a for _, a, _ in unpacked):,} B instead of {sum(b for b, _, _ in unpacked):,} B) and "
                    f"unpacked into RAM right before their layer (the largest: {max(r for _, _, r in unpacked):,} B)"),)
+    if blocks:
+        notes += ((f"{len(blocks)} convolution or matrix layers decode palette indices a block of output channels at "
+                   f"a time ({sum(a for _, a, _ in blocks):,} B of indices and tables instead of "
+                   f"{sum(b for b, _, _ in blocks):,} B) into a scratch of one block in the arena (the largest block "
+                   f"{max(r for _, _, r in blocks):,} B)"),)
     if read_packed:
         notes += ((f"{len(read_packed)} one-row fully connected layers read 4-bit palette indices in the loop "
                    f"({sum(a for _, a, _ in read_packed):,} B of indices and pair tables instead of "

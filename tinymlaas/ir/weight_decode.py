@@ -238,3 +238,133 @@ def palette_gemv(mod, taking: dict, unpacking_of):
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get(), done
+
+
+# the matrix kernels whose palettized weights are decoded a block of channels at a time into a scratch in the arena
+# (unpack_weights.c's gemm_p8, gemm_p16, gemm4_p16, gemv_p8(_pt), gemv_p16(_pt)) instead of whole; all take (input,
+# weights, scratch, rq, params). A layer whose weights fit in the arena beside the tensors alive at it (below the
+# peak that other layers' tensors set: _arena_room's estimate) takes one block of all of them: no second gather.
+GEMM_PALETTE = {"tinymlaas_gemm_w8": "tinymlaas_gemm_p8", "tinymlaas_gemm_w16": "tinymlaas_gemm_p16",
+                "tinymlaas_gemm4_w16": "tinymlaas_gemm4_p16"}
+GEMV_BLOCKS = {"tinymlaas_gemv_w8": "tinymlaas_gemv_p8", "tinymlaas_gemv_w16": "tinymlaas_gemv_p16",
+               "tinymlaas_gemv_w8_pt": "tinymlaas_gemv_p8_pt", "tinymlaas_gemv_w16_pt": "tinymlaas_gemv_p16_pt"}
+# elsewhere a block's weights at most this many bytes (or the room, when more), but at least PALETTE_MIN_PAIRS channel
+# pairs: each block gathers every pixel's patch again (one row: a unit of four channels, widened again per block).
+# Measured on Cortex-M4 palette4 with the scratch on the stack and no room rule (instructions, RAM): KWS 4.44 M /
+# 18,652 B at 1 KiB, 4.20 M / 19,676 B at 2 KiB, 4.04 M / 21,724 B at 4 KiB (one block a layer); VWW 13.90 M and
+# 13.41 M at 1 and 2 KiB, both 59,164 B (its 256-channel layers' four pairs: 2 KiB either way)
+PALETTE_SCRATCH = 2048
+PALETTE_MIN_PAIRS = 4
+
+
+def palette_blob(c: np.ndarray, bits: int, scratch: int = PALETTE_SCRATCH, least: int = PALETTE_MIN_PAIRS
+                 ) -> np.ndarray | None:
+    """A matrix kernel's weights ([OC/2][...], int8 or int16) of at most 2^bits values as gemm_p8/gemm_p16/
+    gemm4_p16 read them (int32): {bits, channel pairs per block, values per pair, table words}, the table (2^bits
+    values of c's type in whole words), the indices (pack_palette's words). None with more values. least: units a
+    block takes even beyond `scratch`."""
+    packed = pack_palette(c, bits)
+    if packed is None or c.ndim < 2:
+        return None
+    words, table = packed
+    pairs, per_pair = c.shape[0], int(np.prod(c.shape[1:]))
+    full = np.zeros(2 ** bits, c.dtype)
+    full[:table.size] = table
+    table_bytes = np.concatenate([full.view(np.uint8), np.zeros(-full.nbytes % 4, np.uint8)])
+    most = min(pairs, max(least, scratch // (per_pair * c.itemsize)))
+    block = -(-pairs // -(-pairs // most))  # as many blocks as `most` needs, evened out: the least scratch
+    header = np.array([bits, block, per_pair, table_bytes.size // 4], np.int32)
+    return np.concatenate([header, table_bytes.view("<i4"), words.view("<i4")]).astype(np.int32)
+
+
+def _nbytes(expr) -> int:
+    ty = getattr(expr, "ty", None)
+    try:
+        return int(np.prod([int(d) for d in ty.shape], dtype=np.int64)) * np.dtype(str(ty.dtype)).itemsize
+    except (TypeError, AttributeError, ValueError):
+        return 0
+
+
+def _arena_room(mod) -> dict:
+    """Each binding's call -> the bytes the arena has beside the tensors alive at it, by the tensors' lifetimes in
+    binding order (each from its binding to its last use; the model's inputs are not in the arena): the peak of
+    their sum less theirs at the call. A lower bound of the plan's arena, so an estimate of the room (a planned arena
+    may also leave gaps)."""
+    from tvm import relax
+
+    room: dict = {}
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        bindings = [b for block in func.body.blocks for b in block.bindings]
+        last: dict = {}
+        for step, b in enumerate(bindings):
+            for v in relax.analysis.free_vars(b.value):
+                last[v] = step
+        for v in relax.analysis.free_vars(func.body.body):
+            last[v] = len(bindings)
+        live = np.zeros(len(bindings) + 1, np.int64)
+        for step, b in enumerate(bindings):
+            live[step:last.get(b.var, step) + 1] += _nbytes(b.var)
+        peak = int(live.max(initial=0))
+        for step, b in enumerate(bindings):
+            if isinstance(b.value, relax.Call):
+                room[b.value] = peak - int(live[step])
+    return room
+
+
+def palette_block_scratch(blob: np.ndarray, itemsize: int) -> int:
+    """The bytes of palette_blob's scratch: one block's weights."""
+    return int(blob[1]) * int(blob[2]) * itemsize
+
+
+def palette_gemm(mod, taking: dict, unpacking_of, symbols: dict = GEMM_PALETTE):
+    """`mod` with each call of `symbols` (GEMM_PALETTE, GEMV_BLOCKS) whose weights `unpacking_of` would unpack as a
+    palette calling its palette twin on palette_blob instead, with a scratch of one block that palette_first_s8/s16
+    fills with the first block right before (an arena tensor of that call to this one): decoded a block at a time.
+    Returns (module, [(bytes before, in flash, the block scratch)])."""
+    import tvm
+    from tvm import relax
+
+    dps = tvm.ir.Op.get("relax.call_dps_packed")
+    done: list = []
+    room = _arena_room(mod)
+
+    @relax.expr_functor.mutator
+    class Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call):
+            free = room.get(call, 0)  # keyed by the call as it was
+            call = super().visit_call_(call)
+            if not call.op.same_as(dps) or not isinstance(call.args[0], relax.ExternFunc) \
+                    or not isinstance(call.args[1], relax.Tuple):
+                return call
+            symbol, args = str(call.args[0].global_symbol), list(call.args[1].fields)
+            if symbol not in symbols or len(args) != 4 or not all(isinstance(a, tvm.ir.expr.Constant) for a in args[1:]):
+                return call
+            weights = args[1].value.numpy()
+            unpacking = unpacking_of(weights)
+            if unpacking is None or not unpacking.symbol.startswith("tinymlaas_unpack_palette"):
+                return call
+            # the scratch: the whole layer where the arena has room for it beside the tensors alive at this layer
+            # (one block: no second gather), else the room or PALETTE_SCRATCH, whichever is more
+            budget = weights.nbytes if weights.nbytes <= free else max(PALETTE_SCRATCH, free)
+            # one row is widened again per block, a few instructions per input: a block of one unit costs little
+            blob = palette_blob(weights, int(unpacking.inputs[2][1]), budget,
+                                least=1 if symbols is GEMV_BLOCKS else PALETTE_MIN_PAIRS)
+            if blob is None:
+                return call
+            const = relax.const(blob, "int32")
+            taking[const] = taking.get(args[1], set())
+            scratch = palette_block_scratch(blob, weights.itemsize)
+            first = self.builder_.emit(relax.call_dps_packed(
+                "tinymlaas_palette_first_s8" if weights.dtype == np.int8 else "tinymlaas_palette_first_s16", [const],
+                relax.TensorType([scratch // weights.itemsize], str(weights.dtype))))
+            done.append((weights.nbytes, blob.nbytes, scratch))
+            return relax.Call(call.op, [relax.ExternFunc(symbols[symbol]),
+                                        relax.Tuple([args[0], const, first, *args[2:]])], call.attrs, call.ty_args)
+
+    mutator = Rewrite(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get(), done
