@@ -352,6 +352,8 @@ PALETTE_BLOCK_CASES = {
     "pointwise_c64_two_blocks": (lambda: q.conv2d(47, [1, 5, 4, 64], 40, 1, 1, VALID, RELU), 4),
     # 10 pairs of 576 values: blocks of the least four pairs (4, 4, 2), an odd last channel
     "conv3x3_c32_three_blocks": (lambda: q.conv2d(48, [1, 6, 5, 32], 19, 3, 1, SAME, NONE), 2),
+    # a channel of a zero multiplier and one saturated by its bias (constant outputs: compact rows keep their round)
+    "pointwise_dead_channels": (lambda: q.conv2d(49, [1, 5, 4, 16], 12, 1, 1, VALID, RELU, dead_channels=True), 3),
 }
 
 
@@ -387,12 +389,37 @@ def test_palettized_matrix_layers_decode_blocks_of_channels_without_a_copy_in_th
     # block loop's frame (its copy of the parameter block, saved registers: under 256 B)
     blocks = [n for n in rp.notes if "a block of output channels at a time" in n]
     assert len(blocks) == 1, rp.notes
+    if not row:  # the rows of requant_table's forms (a per-tensor row keeps its table of one triple)
+        assert "1 of them keep their requantization rows in 9 B a channel" in blocks[0], blocks[0]
     largest = int(blocks[0].split("the largest block ")[1].split(" B")[0].replace(",", ""))
     weights = r8.sizes["weights"]
     assert 0 < largest <= max(PALETTE_SCRATCH, PALETTE_MIN_PAIRS * 2 * 576 * (2 if kernels == "dsp16" else 1),
                               weights), (largest, rp.notes)
     assert rp.sizes["arena"] <= r8.sizes["arena"] + -(-largest // ARENA_ALIGN) * ARENA_ALIGN, (rp.sizes, r8.sizes)
     assert rp.sizes["stack_peak"] <= r8.sizes["stack_peak"] + 256, (rp.sizes, r8.sizes)
+
+
+def test_compact_requantization_rows_expand_to_the_table_and_refuse_other_rows():
+    """compact_rows keeps requant_table's rows (round from the shift and the output zero point; constant rows of
+    multiplier 0) in 9 B; expanded_rows (expand_rows' arithmetic, 32-bit) gives the table back; a row of another
+    form (a 4-bit layer's left shift) is refused."""
+    from tinymlaas.ir.weight_decode import compact_rows, expanded_rows
+    from tinymlaas.ops.dsp_layouts import requant_table
+
+    rng = np.random.default_rng(12)
+    w = rng.integers(-127, 128, size=(13, 40)).astype(np.int8)
+    bias = rng.integers(-5000, 5000, size=13)
+    mult = rng.integers(2**30, 2**31 - 1, size=13)
+    shift = rng.integers(-12, -3, size=13)
+    mult[3], bias[5] = 0, 2**30  # a zero multiplier, a bias that saturates every output: constant rows
+    for zp_out in (-128, -3, 0, 77):
+        table = requant_table(w, bias, mult, shift, 5, zp_out, (-128, 127), single=False)
+        assert table is not None and (table[:, 1] == 0).sum() >= 2
+        compact = compact_rows(table, zp_out)
+        assert compact.nbytes == 4 + 9 * 13 + 3  # {R}, 8 B a row, a byte of shift a row in whole words
+        assert np.array_equal(expanded_rows(compact, zp_out), table)
+    assert compact_rows(np.array([[10, 2**30, 77, -3]], np.int32), 77) is None  # a left shift's row
+    assert compact_rows(np.array([[10, 2**30, 78, 4]], np.int32), 0) is None  # a round of no known form
 
 
 def test_the_palette_blob_decodes_to_the_kernel_layout_in_blocks():

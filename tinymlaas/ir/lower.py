@@ -387,10 +387,13 @@ def lower(relax_mod, schedule=None, fold_constants: bool = True, fuse: bool = Tr
                    f"({sum(a for _, a, _ in unpacked):,} B instead of {sum(b for b, _, _ in unpacked):,} B) and "
                    f"unpacked into RAM right before their layer (the largest: {max(r for _, _, r in unpacked):,} B)"),)
     if blocks:
+        compact = sum(c for *_, c in blocks)
         notes += ((f"{len(blocks)} convolution or matrix layers decode palette indices a block of output channels at "
-                   f"a time ({sum(a for _, a, _ in blocks):,} B of indices and tables instead of "
-                   f"{sum(b for b, _, _ in blocks):,} B) into a scratch of one block in the arena (the largest block "
-                   f"{max(r for _, _, r in blocks):,} B)"),)
+                   f"a time ({sum(b[1] for b in blocks):,} B of indices and tables instead of "
+                   f"{sum(b[0] for b in blocks):,} B) into a scratch of one block in the arena (the largest block "
+                   f"{max(b[2] for b in blocks):,} B)"
+                   + (f"; {compact} of them keep their requantization rows in 9 B a channel instead of 16, expanded "
+                      "a block at a time into the scratch" if compact else "")),)
     if read_packed:
         notes += ((f"{len(read_packed)} one-row fully connected layers read 4-bit palette indices in the loop "
                    f"({sum(a for _, a, _ in read_packed):,} B of indices and pair tables instead of "

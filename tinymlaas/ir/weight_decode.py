@@ -257,12 +257,12 @@ PALETTE_SCRATCH = 2048
 PALETTE_MIN_PAIRS = 4
 
 
-def palette_blob(c: np.ndarray, bits: int, scratch: int = PALETTE_SCRATCH, least: int = PALETTE_MIN_PAIRS
-                 ) -> np.ndarray | None:
+def palette_blob(c: np.ndarray, bits: int, scratch: int = PALETTE_SCRATCH, least: int = PALETTE_MIN_PAIRS,
+                 compact: bool = False) -> np.ndarray | None:
     """A matrix kernel's weights ([OC/2][...], int8 or int16) of at most 2^bits values as gemm_p8/gemm_p16/
     gemm4_p16 read them (int32): {bits, channel pairs per block, values per pair, table words}, the table (2^bits
     values of c's type in whole words), the indices (pack_palette's words). None with more values. least: units a
-    block takes even beyond `scratch`."""
+    block takes even beyond `scratch`. compact: the kernel's requantization rows are compact_rows' (bits | 1 << 8)."""
     packed = pack_palette(c, bits)
     if packed is None or c.ndim < 2:
         return None
@@ -273,7 +273,7 @@ def palette_blob(c: np.ndarray, bits: int, scratch: int = PALETTE_SCRATCH, least
     table_bytes = np.concatenate([full.view(np.uint8), np.zeros(-full.nbytes % 4, np.uint8)])
     most = min(pairs, max(least, scratch // (per_pair * c.itemsize)))
     block = -(-pairs // -(-pairs // most))  # as many blocks as `most` needs, evened out: the least scratch
-    header = np.array([bits, block, per_pair, table_bytes.size // 4], np.int32)
+    header = np.array([bits | (compact << 8), block, per_pair, table_bytes.size // 4], np.int32)
     return np.concatenate([header, table_bytes.view("<i4"), words.view("<i4")]).astype(np.int32)
 
 
@@ -313,20 +313,52 @@ def _arena_room(mod) -> dict:
     return room
 
 
-def palette_block_scratch(blob: np.ndarray, itemsize: int) -> int:
-    """The bytes of palette_blob's scratch: one block's weights."""
-    return int(blob[1]) * int(blob[2]) * itemsize
+def compact_rows(table: np.ndarray, zp_out: int) -> np.ndarray | None:
+    """gemm_dsp.c's requantization rows {bias, multiplier, round, shift} (requant_table's) in 9 B a row instead of 16
+    (unpack_weights.c expand_rows): {R, then {bias, multiplier} a row, then a byte of shift a row}, where each row's
+    round is (1 << (shift - 1)) + (zp_out << shift), or the row is a constant output (multiplier 0, bias 0: its round
+    kept in the bias word). None where a row is neither (a 4-bit layer's rows of a left shift)."""
+    t = np.asarray(table, np.int64).reshape(-1, 4)
+    b, m, r, e = t.T
+    if ((e < 0) | (e > 30)).any():
+        return None
+    rounding = np.where(e >= 1, np.left_shift(1, np.maximum(e - 1, 0)) + np.left_shift(np.int64(zp_out), e), 0)
+    if not (((m != 0) & (e >= 1) & (r == rounding)) | ((m == 0) & (b == 0))).all():
+        return None
+    pairs = np.stack([np.where(m == 0, r, b), m], axis=1).ravel()
+    shifts = np.concatenate([e, np.zeros(-e.size % 4, np.int64)]).astype(np.int8).view("<i4")
+    return np.concatenate([[t.shape[0]], pairs, shifts]).astype(np.int32)
+
+
+def expanded_rows(compact: np.ndarray, zp_out: int) -> np.ndarray:
+    """compact_rows' inverse, as expand_rows computes it (a reference for tests)."""
+    count = int(compact[0])
+    pairs = compact[1:1 + 2 * count].astype(np.int64).reshape(-1, 2)
+    e = compact[1 + 2 * count:].view(np.int8)[:count].astype(np.int64)
+    b, m = pairs.T
+    rounding = (np.left_shift(1, np.maximum(e - 1, 0)) + np.left_shift(np.int64(zp_out), e)) & 0xFFFFFFFF
+    rounding = np.where(rounding >= 2**31, rounding - 2**32, rounding)
+    return np.stack([np.where(m != 0, b, 0), m, np.where(m != 0, rounding, b), e], axis=1).astype(np.int32)
+
+
+def palette_block_scratch(blob: np.ndarray, itemsize: int, group: int = 2) -> int:
+    """The bytes of palette_blob's scratch: one block's weights, and with compact rows their expansion behind them
+    (16 B a channel of the block: `group` channels a unit)."""
+    compact = int(blob[0]) >> 8
+    return int(blob[1]) * int(blob[2]) * itemsize + compact * int(blob[1]) * group * 16
 
 
 def palette_gemm(mod, taking: dict, unpacking_of, symbols: dict = GEMM_PALETTE):
     """`mod` with each call of `symbols` (GEMM_PALETTE, GEMV_BLOCKS) whose weights `unpacking_of` would unpack as a
     palette calling its palette twin on palette_blob instead, with a scratch of one block that palette_first_s8/s16
     fills with the first block right before (an arena tensor of that call to this one): decoded a block at a time.
-    Returns (module, [(bytes before, in flash, the block scratch)])."""
+    Returns (module, [(bytes before, in flash, the block scratch, compact rows)])."""
     import tvm
     from tvm import relax
 
     dps = tvm.ir.Op.get("relax.call_dps_packed")
+    from tinymlaas.ops.conv_params import ConvParams
+
     done: list = []
     room = _arena_room(mod)
 
@@ -345,23 +377,30 @@ def palette_gemm(mod, taking: dict, unpacking_of, symbols: dict = GEMM_PALETTE):
             unpacking = unpacking_of(weights)
             if unpacking is None or not unpacking.symbol.startswith("tinymlaas_unpack_palette"):
                 return call
-            # the scratch: the whole layer where the arena has room for it beside the tensors alive at this layer
-            # (one block: no second gather), else the room or PALETTE_SCRATCH, whichever is more
-            budget = weights.nbytes if weights.nbytes <= free else max(PALETTE_SCRATCH, free)
+            rq = args[2]
+            compact = None if symbol.endswith("_pt") else compact_rows(
+                rq.value.numpy(), ConvParams.from_array(args[3].value.numpy()).zp_out)
+            # the scratch: the whole layer where the arena has room for it (and its expanded rows) beside the tensors
+            # alive at this layer (one block: no second gather), else the room or PALETTE_SCRATCH, whichever is more
+            whole = weights.nbytes + (int(compact[0]) * 16 if compact is not None else 0)
+            budget = weights.nbytes if whole <= free else max(PALETTE_SCRATCH, free - (whole - weights.nbytes))
             # one row is widened again per block, a few instructions per input: a block of one unit costs little
             blob = palette_blob(weights, int(unpacking.inputs[2][1]), budget,
-                                least=1 if symbols is GEMV_BLOCKS else PALETTE_MIN_PAIRS)
+                                least=1 if symbols is GEMV_BLOCKS else PALETTE_MIN_PAIRS, compact=compact is not None)
             if blob is None:
                 return call
+            if compact is not None:  # the rows in 9 B instead of 16, expanded a block at a time
+                rq = relax.const(compact, "int32")
+                taking[rq] = taking.get(args[2], set())
             const = relax.const(blob, "int32")
             taking[const] = taking.get(args[1], set())
-            scratch = palette_block_scratch(blob, weights.itemsize)
+            scratch = palette_block_scratch(blob, weights.itemsize, 4 if symbols is GEMV_BLOCKS else 2)
             first = self.builder_.emit(relax.call_dps_packed(
                 "tinymlaas_palette_first_s8" if weights.dtype == np.int8 else "tinymlaas_palette_first_s16", [const],
                 relax.TensorType([scratch // weights.itemsize], str(weights.dtype))))
-            done.append((weights.nbytes, blob.nbytes, scratch))
+            done.append((weights.nbytes, blob.nbytes, scratch, compact is not None))
             return relax.Call(call.op, [relax.ExternFunc(symbols[symbol]),
-                                        relax.Tuple([args[0], const, first, *args[2:]])], call.attrs, call.ty_args)
+                                        relax.Tuple([args[0], const, first, rq, args[3]])], call.attrs, call.ty_args)
 
     mutator = Rewrite(mod)
     for gv, func in mod.functions.items():

@@ -89,7 +89,8 @@ TINYMLAAS_UNPACK_PALETTE(tinymlaas_unpack_palette_s16, int16_t)
  * the whole layer). Every weight is decoded once per inference, as an unpacked copy was; the RAM is one block's
  * weights instead of the layer's; what it costs is each pixel's gather (im2col) once per block instead of once.
  *
- * blob (int32): {bits, units per block, values per unit, table words}, the table (2^bits values of the
+ * blob (int32): {bits (| 1 << 8: compact requantization rows, expand_rows), units per block, values per unit,
+ * table words}, the table (2^bits values of the
  * weights' type, in whole words), then the indices of the kernel's weight layout, flattened: 32 / bits to a word,
  * the first in the low bits (as unpack_palette_* reads them). A unit's weights (a channel pair, or four channels
  * for the one-row product) are adjacent in every layout these kernels take ([OC/2][quad][...], [OC/4][quad][...]):
@@ -160,28 +161,53 @@ enum { TINYMLAAS_CONV_PARAMS = sizeof(struct tinymlaas_conv_params) / sizeof(int
     void name(const int32_t *restrict blob, value_t *restrict scratch)                                         \
     {                                                                                                          \
         range((const uint32_t *)(const void *)(blob + 4 + blob[3]), (const value_t *)(const void *)(blob + 4), \
-              blob[0], 0, blob[1] * blob[2], scratch);                                                         \
+              blob[0] & 0xFF, 0, blob[1] * blob[2], scratch);                                                  \
     }
 TINYMLAAS_PALETTE_FIRST(tinymlaas_palette_first_s8, int8_t, palette_range_s8)
 TINYMLAAS_PALETTE_FIRST(tinymlaas_palette_first_s16, int16_t, palette_range_s16)
 #undef TINYMLAAS_PALETTE_FIRST
 
+/* compact requantization rows (the blob's bits word | 1 << 8): {R, then per row {bias, mult}, then a byte of shift per
+   row}; round is (1 << (shift - 1)) + (zp_out << shift), as tinymlaas/ops/dsp_layouts.py requant_table makes it (it
+   proved the sum fits), or, in a row of multiplier 0 (a constant output), the bias word: rows [first, first + n)
+   expanded to {bias, mult, round, shift} */
+static void expand_rows(const int32_t *compact, int first, int n, int32_t zp_out, int32_t *rows)
+{
+    const int R = compact[0];
+    const int32_t *pairs = compact + 1;
+    const int8_t *shifts = (const int8_t *)(const void *)(compact + 1 + 2 * R);
+    if (n > R - first)
+        n = R - first;
+    for (int i = first; i < first + n; i++, rows += TINYMLAAS_RQ_WORDS) {
+        const int32_t b = pairs[2 * i], m = pairs[2 * i + 1], e = shifts[i];
+        rows[0] = m ? b : 0;
+        rows[1] = m;
+        rows[2] = m ? (int32_t)((1u << (e - 1)) + ((uint32_t)zp_out << e)) : b;
+        rows[3] = e;
+    }
+}
+
 /* the layer in blocks of `group` channels (the layout's unit: a pair for the 2x2 and four-pixel products, four for
    the one-row product), each decoded into the scratch (the first one is there already) and run by `kernel` on its
    channels. shared (the one-row product's per-tensor table: every channel's bias, then one {mult, round, shift}):
    the block's biases and the triple copied to the stack, as the kernel reads them for a layer of the block's
-   channels. The scratch is an arena buffer whose last reader this call is: it is written here. */
+   channels; compact rows (expand_rows) expanded for the block behind its weights in the scratch. The scratch is an
+   arena buffer whose last reader this call is: it is written here. */
 #define TINYMLAAS_PALETTE_BLOCKS(name, value_t, range, kernel, group, shared)                                  \
     void name(const int8_t *restrict input, const int32_t *restrict blob, const value_t *restrict first,        \
               const struct tinymlaas_rq *restrict rq, const int32_t *restrict params, int8_t *restrict output) \
     {                                                                                                          \
-        const int bits = blob[0], block = blob[1], per_unit = blob[2];                                         \
+        const int bits = blob[0] & 0xFF, compact = !(shared) && (blob[0] >> 8), block = blob[1];               \
+        const int per_unit = blob[2];                                                                          \
         const value_t *table = (const value_t *)(const void *)(blob + 4);                                      \
         const uint32_t *words = (const uint32_t *)(const void *)(blob + 4 + blob[3]);                          \
         const int OC = params[P_OC], units = (OC + group - 1) / group;                                         \
         const int32_t *rows = (const int32_t *)(const void *)rq; /* TINYMLAAS_RQ_WORDS a channel */            \
         value_t *scratch = (value_t *)(uintptr_t)first;                                                        \
-        int32_t sub[TINYMLAAS_CONV_PARAMS], own[shared ? block * group + 3 : 1];                               \
+        int32_t sub[TINYMLAAS_CONV_PARAMS];                                                                    \
+        int32_t own[shared ? block * group + 3 : 1];                                                           \
+        /* compact rows: expanded behind the block's weights in the scratch (the compiler made it that much larger) */ \
+        int32_t *expanded = (int32_t *)(void *)(scratch + block * per_unit);                                   \
         memcpy(sub, params, sizeof(sub));                                                                      \
         sub[P_OUT_STRIDE] = params[P_OUT_STRIDE] ? params[P_OUT_STRIDE] : OC;                                  \
         for (int u = 0; u < units; u += block) {                                                               \
@@ -195,6 +221,9 @@ TINYMLAAS_PALETTE_FIRST(tinymlaas_palette_first_s16, int16_t, palette_range_s16)
                 memcpy(own, rows + oc, (size_t)channels * sizeof(int32_t));                                    \
                 memcpy(own + channels, rows + OC, 3 * sizeof(int32_t));                                        \
                 block_rq = own;                                                                                \
+            } else if (compact) {                                                                              \
+                expand_rows(rows, oc, group * n, params[P_ZP_OUT], expanded);                                  \
+                block_rq = expanded;                                                                           \
             }                                                                                                  \
             kernel(input, scratch, (const struct tinymlaas_rq *)(const void *)block_rq, sub, output + oc);     \
         }                                                                                                      \
