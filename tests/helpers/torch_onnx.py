@@ -115,8 +115,52 @@ class Recurrent(nn.Module):
         return self.fc(h[-1])
 
 
+class Upsampler(nn.Module):
+    """A decoder's pieces: a transposed convolution (stride 2, padding 1, output padding 1), PixelShuffle."""
+
+    shape = (1, 3, 6, 6)
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.conv = nn.ConvTranspose2d(3, 6, 3, stride=2, padding=1, output_padding=1), nn.Conv2d(6, 8, 3)
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, x):
+        return self.shuffle(self.conv(torch.relu(self.up(x))))
+
+
+class Norms(nn.Module):
+    """GroupNorm with SiLU, InstanceNorm with PReLU (one slope per channel)."""
+
+    shape = (1, 3, 10, 10)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gn = nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8)
+        self.b, self.inorm, self.prelu = nn.Conv2d(8, 6, 3), nn.InstanceNorm2d(6, affine=True), nn.PReLU(6)
+
+    def forward(self, x):
+        return self.prelu(self.inorm(self.b(nn.functional.silu(self.gn(self.a(x))))))
+
+
+class Activations(nn.Module):
+    """Softplus, Hardsigmoid, Mish, ELU between linear layers."""
+
+    shape = (2, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.acts = [nn.Softplus(), nn.Hardsigmoid(), nn.Mish(), nn.ELU()]
+
+    def forward(self, x):
+        for fc, act in zip(self.fcs, self.acts):
+            x = act(fc(x) * 3)
+        return x
+
+
 ARCHITECTURES = {"cnn": Cnn, "separable": Separable, "mlp": Mlp, "conv1d": Conv1dNet, "transformer": Transformer,
-                 "recurrent": Recurrent}
+                 "recurrent": Recurrent, "upsampler": Upsampler, "norms": Norms, "activations": Activations}
 
 
 def _model(name: str, seed: int = 0) -> nn.Module:

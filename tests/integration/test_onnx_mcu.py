@@ -281,6 +281,19 @@ def test_recurrent_forms_onnx_runtime_would_compute_otherwise_are_named(tmp_path
         compile_model(path, "cortex-m4", tmp_path / "a")
 
 
+@pytest.mark.parametrize("export", ["torchscript", "pt2"])
+@pytest.mark.parametrize("model", ["upsampler", "norms", "activations"])
+def test_more_pytorch_layers_build_for_microcontrollers(model, export, tmp_path):
+    """ConvTranspose2d, PixelShuffle (DepthToSpace, CRD), GroupNorm and InstanceNorm, SiLU, PReLU, Softplus,
+    Hardsigmoid, Mish and ELU (the dynamo exporter spells some with Greater and Where) against ONNX Runtime /
+    PyTorch."""
+    write = {"torchscript": export_onnx_torchscript, "pt2": export_pt2}[export]
+    path = write(model, tmp_path / ("m.pt2" if export == "pt2" else "m.onnx"))
+    report = compile_model(path, "rv32imac", tmp_path / "out", BuildRequest(inputs=2))
+    f = report.fidelity
+    assert report.verified and f["max_rel_error"] <= 1e-5 and f["source"]["max_rel_error"] <= 1e-5, f
+
+
 def test_a_float_add_of_a_constant_converts(tmp_path):
     """A float Add with a constant operand: the integer converter declines it, and the float one takes it (it
     declined again: an internal error)."""

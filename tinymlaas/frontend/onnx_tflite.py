@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinymlaas.errors import InvalidModel, UnsupportedOperator
-from tinymlaas.frontend import onnx_recurrent  # noqa: F401 - registers LSTM and GRU
+from tinymlaas.frontend import onnx_more, onnx_recurrent  # noqa: F401 - register their converters
 from tinymlaas.frontend.onnx_ops import CONVERTERS, INTEGER, TO_FIRST, TO_LAST, Decline, QParams
 
 TFLITE_TYPES = {"float32": 0, "int32": 2, "uint8": 3, "int64": 4, "bool": 6, "int16": 7, "int8": 9}
