@@ -27,6 +27,7 @@ meta_schedule from the tuning database when tuned - tensor-core tiling, NHWC and
 dlight's default GPU schedules for the rest) -> its lowering pipeline -> `relax.build`. Each build records its mode
 (`build_mode`: precision, tuned, layout, how many kernel launches RewriteCUDAGraph put in CUDA graphs).
 
+Order per workload: our builds, then PyTorch's modes (since 2026-12-08; before, PyTorch's first), then the profiles.
 Latency: the median of `runs` timed calls after warm-up, timed on the device (CUDA events for PyTorch, TVM's
 time_evaluator for ours). `vs_fastest_torch`: our time over the fastest PyTorch mode's, either precision, among those within
 `TOLERANCE` of the reference.
@@ -52,11 +53,12 @@ MODELS = [("resnet18", 1), ("resnet18", 32), ("mobilenet_v2", 1)]
 # (float32 accumulation); tuned16: float16 tuned with tensor-core tiling; *_nograph: the same, launches one by one;
 # tuned16_splitk: tuned16 with the convolutions that have few output tiles split along their reduction
 # (HostOptions.split_k), its database seeded with tuned16's records (the convolutions it leaves alone are the same
-# functions), so that its tuning measures the new matrix products
+# functions), so that its tuning measures the new matrix products; tuned16_splitk_apart: the same with each im2col a
+# kernel of its own (passes.SPLIT_K_IM2COL_FUSES off: the previous layer's sum and epilogue not fused into it)
 PLANS = {"graph": ("float32", False, True, False), "nograph": ("float32", False, False, False),
          "graph16": ("float16", False, True, False), "tuned": ("float32", True, True, False),
          "tuned16": ("float16", True, True, False), "tuned16_nograph": ("float16", True, False, False),
-         "tuned16_splitk": ("float16", True, True, True)}
+         "tuned16_splitk": ("float16", True, True, True), "tuned16_splitk_apart": ("float16", True, True, "apart")}
 TORCH_MODES = ("eager", "default", "reduce-overhead", "max-autotune")
 DTYPES = ("float32", "float16")
 
@@ -166,7 +168,7 @@ def fastest_torch(table: dict) -> dict | None:
 
 
 def tvm_build(model, x, precision: str, tuned: bool, graphs: bool, work_dir: Path, device: str, trials: int,
-              per_task: int, minutes: float | None, build: bool = True, split_k: bool = False):
+              per_task: int, minutes: float | None, build: bool = True, split_k: bool | str = False):
     """The exported program through the host backend's `optimize` and its lowering pipeline, built: (vm, device,
     build seconds, tuning statistics, mode). Weights are bound as constants (float16: cast once, at build time).
     build=False: optimize only (tuning the database when it is not finished)."""
@@ -189,10 +191,16 @@ def tvm_build(model, x, precision: str, tuned: bool, graphs: bool, work_dir: Pat
     target = tvm_target_of(host, dev)  # on CUDA the GPU's own architecture and limits, for tuning too
     options = HostOptions(precision=precision, tune_trials=trials if tuned else 0,
                           tune_trials_per_task=per_task or None, tune_minutes=minutes, cuda_graph=graphs,
-                          split_k=split_k)
+                          split_k=bool(split_k))
     if tuned:
         work_dir.mkdir(parents=True, exist_ok=True)
-    mod, stats = optimize(mod, host, target, options, work_dir)
+    from tinymlaas.backends.host import passes
+
+    passes.SPLIT_K_IM2COL_FUSES = split_k != "apart"
+    try:
+        mod, stats = optimize(mod, host, target, options, work_dir)
+    finally:
+        passes.SPLIT_K_IM2COL_FUSES = True
     if not build:
         return None, dev, time.monotonic() - t0, stats, None
     config = {"relax.backend.use_cuda_graph": graphs and device == "cuda", **lowering_config(host, precision)}
@@ -295,12 +303,6 @@ def measure(name: str, batch: int, args, variants, out: dict, progress) -> dict:
             torch.backends.cudnn.allow_tf32 = False  # the reference: float32 throughout
             reference = model(x).double().cpu().numpy()
             torch.backends.cudnn.allow_tf32 = tf32
-        out["torch"] = {}
-        skip = frozenset(tuple(spec.split(":")[1:]) for spec in args.skip_torch.split(",")
-                         if spec.split(":")[0] == name)
-        measure_torch(model, x, reference, args.torch_modes.split(","), args.dtypes.split(","), runs, device,
-                      out["torch"], progress, skip)
-        out["torch_fastest"] = fastest_torch(out["torch"])
     model_cpu, x_cpu = copy.deepcopy(model).cpu(), x.cpu()
     ours = out.setdefault("tvm", {})
     for kind in variants:
@@ -331,13 +333,22 @@ def measure(name: str, batch: int, args, variants, out: dict, progress) -> dict:
                 timer = vm.time_evaluator("main", dev, number=1, repeat=runs, min_repeat_ms=0)
                 row["ms"] = round(1000 * statistics.median(timer(xt).results), 4)
                 row["rel_error"] = rel_error(got.astype(np.float64), reference)
-                if out.get("torch_fastest"):
-                    row["vs_fastest_torch"] = round(row["ms"] / out["torch_fastest"]["ms"], 3)
                 if args.profile and device == "cuda":
                     row["_vm"], row["_xt"] = vm, xt  # profiled below, for the fastest of ours
         except Exception as e:  # noqa: BLE001 - one build's failure is a result too
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         print(json.dumps({"tvm": kind, **{k: v for k, v in row.items() if not k.startswith("_")}}), flush=True)
+        progress()
+    if not args.tune_only:  # PyTorch's modes after ours: a run cut off in a long max-autotune compile keeps ours
+        out["torch"] = {}
+        skip = frozenset(tuple(spec.split(":")[1:]) for spec in args.skip_torch.split(",")
+                         if spec.split(":")[0] == name)
+        measure_torch(model, x, reference, args.torch_modes.split(","), args.dtypes.split(","), runs, device,
+                      out["torch"], progress, skip)
+        out["torch_fastest"] = fastest_torch(out["torch"])
+        for row in ours.values():
+            if "ms" in row and out["torch_fastest"]:
+                row["vs_fastest_torch"] = round(row["ms"] / out["torch_fastest"]["ms"], 3)
         progress()
     if args.profile and device == "cuda":
         built = {k: r for k, r in ours.items() if "_vm" in r}

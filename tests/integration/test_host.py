@@ -158,6 +158,8 @@ def test_cuda_float16_tuning_measures_tensor_core_schedules(tmp_path):
                (Path(r.tuning["database"]) / "database_tuning_record.json").read_text().splitlines()]
     wmma = [rec for _, rec in records if "wmma_sync_16x16x16_f16f16" in json.dumps(rec[0])]
     assert wmma and any(rec[1] and max(float(t) for t in rec[1]) < 1e9 for rec in wmma)
+    # split-K is on by default: resnet8's last stage (8x8 outputs, 64 channels, K = 576) splits its reduction in two
+    assert r.mode["split_k"] and r.mode["split_k_convolutions"] >= 1, r.mode
     # a rebuild in a new process loads the database of wmma schedules (their intrinsics registered first)
     again = cli("compile", CORPUS_MODELS / "resnet8_float32.tflite", "-t", "cuda-host", "--precision", "float16",
                 "--tune-trials", "48", "--tuning-dir", tmp_path / "db", "-o", tmp_path / "b", "--json")

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from tinymlaas.backends.host.options import HostOptions
-from tinymlaas.backends.host.passes import build_mode, lowering_config, lowering_pipeline, optimize, tuning_preparation
+from tinymlaas.backends.host.passes import (
+    build_mode,
+    lowering_config,
+    lowering_pipeline,
+    optimize,
+    split_k_preparation,
+    tuning_preparation,
+)
 from tinymlaas.targets import get_target
 
 
@@ -151,22 +158,59 @@ def _run_cpu(mod, x):
 def test_split_k_rewrite_computes_the_convolutions_it_replaces():
     """The rewrite (im2col, a batched matmul over chunks of K, their sum) against the same model without it, on the
     CPU: the same outputs up to float32 rounding, on random inputs; the convolutions it splits are gone, the short one
-    stays."""
+    stays. In float16 (after mixed precision, as the build runs it) the same outputs as the mixed-precision model
+    without it, up to float16 rounding."""
     from tvm import relax
 
     mod = _long_reduction_net()
     plain = tuning_preparation(tensor_cores=True)(mod)
-    split = tuning_preparation(tensor_cores=True, split_k=True)(mod)
+    split = split_k_preparation()(plain)
     script = split["main"].script()
-    assert script.count("R.nn.conv2d") == 1 and script.count("R.matmul") == 2 and script.count("R.sum") == 2
+    assert script.count("R.nn.conv2d") == 1 and script.count("R.matmul") == 2
+    assert script.count("R.call_tir(split_k_im2col") == 2 and script.count("R.call_tir(split_k_sum") == 2
     assert plain["main"].script().count("R.nn.conv2d") == 3
-    relax.transform.ToMixedPrecision(out_dtype="float32")(split)  # the float16 build's next step takes it
+    half = relax.transform.ToMixedPrecision(out_dtype="float32")(plain)
+    half_split = split_k_preparation()(half)
+    assert half_split["main"].script().count("R.matmul") == 2
     rng = np.random.default_rng(3)
     for _ in range(2):
         x = rng.standard_normal((1, 256, 15, 15)).astype("float32")
         want, got = _run_cpu(mod, x), _run_cpu(split, x)
         assert want.shape == got.shape == (1, 32, 7, 7) and np.abs(want).max() > 0.1
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        want16, got16 = _run_cpu(half, x), _run_cpu(half_split, x)
+        assert np.linalg.norm(want16 - want) / np.linalg.norm(want) < 5e-3
+        assert np.linalg.norm(got16 - want16) / np.linalg.norm(want16) < 5e-3
+
+
+def test_split_k_im2col_reads_every_tap_with_padding_stride_and_dilation():
+    """The TE im2col alone against numpy: padded (uneven), strided and dilated taps, rows past the output pixels
+    zero, K in the OHWI weight's order (H, W, I) and cut into chunks."""
+    import tvm
+    from tvm import te
+
+    from tinymlaas.backends.host.passes import split_k_im2col
+
+    rng = np.random.default_rng(5)
+    x_np = rng.standard_normal((2, 9, 8, 4)).astype("float32")
+    kh, kw, sh, sw, dh, dw, top, left, bottom, right = 3, 2, 2, 1, 1, 2, 1, 0, 2, 1
+    oh = (9 + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (8 + left + right - dw * (kw - 1) - 1) // sw + 1
+    m, k, split = 2 * oh * ow, kh * kw * 4, 4
+    rows = -(-m // 16) * 16
+    x = te.placeholder(x_np.shape, "float32", name="x")
+    cols = split_k_im2col(x, (kh, kw), (sh, sw), (dh, dw), (top, left, bottom, right), (oh, ow), split, rows)
+    func = tvm.compile(te.create_prim_func([x, cols]), target="llvm")
+    got = tvm.runtime.empty((split, rows, k // split), "float32")
+    func(tvm.runtime.tensor(x_np), got)
+    padded = np.pad(x_np, [(0, 0), (top, bottom), (left, right), (0, 0)])
+    want = np.zeros((rows, k), "float32")
+    for b in range(2):
+        for oy in range(oh):
+            for ox in range(ow):
+                taps = [padded[b, oy * sh + i * dh, ox * sw + j * dw] for i in range(kh) for j in range(kw)]
+                want[(b * oh + oy) * ow + ox] = np.concatenate(taps)
+    np.testing.assert_array_equal(got.numpy(), want.reshape(rows, split, k // split).transpose(1, 0, 2))
 
 
 def test_split_k_matrix_products_get_tensor_core_schedules():
@@ -177,8 +221,8 @@ def test_split_k_matrix_products_get_tensor_core_schedules():
 
     from tinymlaas.backends.host.tuning import fast_tvmscript_parsing, tensor_core_space
 
-    mod = tuning_preparation(tensor_cores=True, split_k=True)(_long_reduction_net())
-    mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    mod = tuning_preparation(tensor_cores=True)(_long_reduction_net())
+    mod = split_k_preparation()(relax.transform.ToMixedPrecision(out_dtype="float32")(mod))
     target = _cuda_target()
     with target:
         mod = relax.get_pipeline("zero")(mod)
@@ -189,3 +233,9 @@ def test_split_k_matrix_products_get_tensor_core_schedules():
             context = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator=tensor_core_space(),
                                      task_name=task.task_name)
             assert any("wmma" in str(space.trace) for space in context.generate_design_space()), task.task_name
+    # the build records how many convolutions it split (one im2col each)
+    with target:
+        import tvm.s_tir.dlight as dl
+
+        lowered = lowering_pipeline(target)(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.Fallback())(mod))
+    assert build_mode(lowered, get_target("cuda-host"), "float16", True, True)["split_k_convolutions"] == 2

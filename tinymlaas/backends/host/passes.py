@@ -65,12 +65,12 @@ def lowering_pipeline(tvm_target):
     return relax.get_pipeline("default")
 
 
-def _kernel_calls(mod, func) -> int:
-    """How many calls of the module's TIR kernels a lowered Relax function makes."""
+def _kernel_calls(mod, func, named: str = "") -> int:
+    """How many calls of the module's TIR kernels (those whose name holds `named`) a lowered Relax function makes."""
     import tvm
     from tvm import relax
 
-    kernels = {gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    kernels = {gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and named in gv.name_hint}
     count = 0
 
     def visit(expr):
@@ -100,6 +100,8 @@ def build_mode(lowered, target: HostTarget, precision: str, tuned: bool, cuda_gr
     if target.device == "cuda":
         mode["cuda_graph"] = {"asked": cuda_graph, "captured": bool(captured), "regions": len(captured),
                               "kernels_in_graphs": in_graphs}
+    if nhwc:  # convolutions split along K: one im2col each, in a kernel of its own or fused with its producers
+        mode["split_k_convolutions"] = sum(_kernel_calls(lowered, f, "split_k_im2col") for f in functions.values())
     return mode
 
 
@@ -133,6 +135,12 @@ def clip_gather_indices(mod):
 SPLIT_K_TILES = 128
 SPLIT_K_MIN_CHUNK = 256
 SPLIT_K_MAX_TILES = 32
+# the im2col function is injective: FuseOps fuses the previous layer's epilogue (the chunks' sum, bias, ReLU) into it,
+# each im2col element summing its input's partial products again (a 3x3 convolution reads each input 9 times, from
+# L2) instead of a kernel writing the activation and another reading it. False: im2col stays a kernel of its own
+# (benchmarks/gpu.py measures both: variants tuned16_splitk and tuned16_splitk_apart)
+SPLIT_K_IM2COL_FUSES = True
+OPAQUE = 8  # TVM's OpPatternKind kOpaque: AnnotateTIROpPattern keeps a function's own op_pattern
 
 
 def split_k_factor(m: int, n: int, k: int) -> int:
@@ -146,18 +154,61 @@ def split_k_factor(m: int, n: int, k: int) -> int:
     return split
 
 
+def split_k_im2col(x, kernel: tuple, strides: tuple, dilation: tuple, padding: tuple, out_hw: tuple, split: int,
+                   rows: int):
+    """TE: the NHWC input's patches as S chunks of K (S x rows x K/S; K ordered as an OHWI weight's H, W, I), rows
+    past the B x OH x OW output pixels and taps in the padding zero. One gather per element, so that a single kernel
+    (with whatever elementwise producers fuse into it) writes the matrix product's operand: written with pad, a
+    strided slice per tap, concat, reshape and transpose it took 4-5 us a convolution at batch 1 on an H100."""
+    from tvm import te, tirx
+
+    batch, height, width, channels = (int(d) for d in x.shape)
+    (kh, kw), (sh, sw), (dh, dw), (top, left), (oh, ow) = kernel, strides, dilation, padding[:2], out_hw
+    chunk = kh * kw * channels // split
+
+    def patch(s, r, c):
+        k = s * chunk + c
+        tap, ch = k // channels, k % channels
+        p = r % (oh * ow)
+        iy = p // ow * sh + tap // kw * dh - top
+        ix = p % ow * sw + tap % kw * dw - left
+        inside = tirx.all(r < batch * oh * ow, iy >= 0, iy < height, ix >= 0, ix < width)
+        return tirx.if_then_else(inside, x[r // (oh * ow), iy, ix, ch], tirx.const(0, x.dtype))
+
+    return te.compute((split, rows, chunk), patch, name="split_k_im2col")
+
+
+def split_k_sum(y, m: int):
+    """TE: the S partial products (S x rows x N) summed chunk by chunk, rows past `m` dropped (m x N). Written out
+    as S - 1 adds per element, not as a reduction: an injective kernel, one output element a thread reading its S
+    partials (coalesced along N), which fuses with the bias and activation after it. dlight's reduction rule gave
+    relax.op.sum(axis=0) a cross-thread reduction per output element: 11 us a convolution on an H100 for 2 MB."""
+    from tvm import te
+
+    split, _, n = (int(d) for d in y.shape)
+
+    def total(i, j):
+        acc = y[0, i, j]
+        for s in range(1, split):
+            acc = acc + y[s, i, j]
+        return acc
+
+    return te.compute((m, n), total, name="split_k_sum")
+
+
 def split_k_convolutions():
-    """A pass over NHWC convolutions with OHWI constant weights (after ConvertLayout): where `split_k_factor` splits
-    one, the convolution becomes im2col (padding and one strided slice per kernel tap, concatenated along channels:
-    an M x K matrix, K ordered as the OHWI weight's H, W, I), its rows padded to a multiple of 16, reshaped into S
-    chunks of K (S x M x K/S), a batched matmul with the weight as S x K/S x N, a sum over the chunks, the padding
-    rows dropped and a reshape back to NHWC. The weight is rearranged once, here. The same function of the input: the
-    sum only groups the products differently."""
+    """A pass over NHWC convolutions with OHWI constant weights (after ConvertLayout, and for float16 after mixed
+    precision and constant folding: float16 data and weights, a float32 output): where `split_k_factor` splits one,
+    the convolution becomes im2col (`split_k_im2col`: an M x K matrix, rows padded to a multiple of 16, as S chunks
+    of K, S x M' x K/S), a batched matmul with the weight as S x K/S x N, the chunks' sum (`split_k_sum`, padding rows
+    dropped) and a reshape back to NHWC. The weight is rearranged once, here. The same function of the input: the sum
+    only groups the products differently. After mixed precision because its TE functions are no Relax operators
+    (ToMixedPrecision stops at a call_tir)."""
     import numpy as np
     import tvm
     from tvm import relax
 
-    def rewrite(call):
+    def rewrite(bb, call):
         attrs = call.attrs
         data, weight = call.args
         if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "OHWI" or attrs.out_layout != "NHWC"
@@ -174,28 +225,21 @@ def split_k_convolutions():
         split = split_k_factor(m, out_c, k)
         if split == 1:
             return None
-        sh, sw = (int(v) for v in attrs.strides)
-        dh, dw = (int(v) for v in attrs.dilation)
-        top, left, bottom, right = (int(v) for v in attrs.padding)
-        x = data
-        if top or left or bottom or right:
-            x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0])
-        taps = [relax.op.strided_slice(x, axes=[1, 2], begin=[i * dh, j * dw],
-                                       end=[i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1],
-                                       strides=[sh, sw]) for i in range(kh) for j in range(kw)]
-        cols = relax.op.reshape(taps[0] if len(taps) == 1 else relax.op.concat(taps, axis=3), [m, k])
         rows = -(-m // 16) * 16
-        if rows != m:
-            cols = relax.op.nn.pad(cols, [0, rows - m, 0, 0])
-        chunk = k // split
-        cols = relax.op.permute_dims(relax.op.reshape(cols, [rows, split, chunk]), [1, 0, 2])
-        w_chunks = np.ascontiguousarray(w.reshape(out_c, k).T.reshape(split, chunk, out_c))
-        out_dtype = attrs.out_dtype if attrs.out_dtype else None
-        # the padding rows dropped after the sum: one slice of M x N, not of S x M x N. Under mixed precision each
-        # partial sum is stored in float16, as any matmul's output, and summed in float32
-        out = relax.op.sum(relax.op.matmul(cols, relax.const(w_chunks), out_dtype=out_dtype), axis=0)
-        if rows != m:
-            out = relax.op.strided_slice(out, axes=[0], begin=[0], end=[m])
+        cols = bb.emit_te(split_k_im2col, data, (kh, kw), tuple(int(v) for v in attrs.strides),
+                          tuple(int(v) for v in attrs.dilation), tuple(int(v) for v in attrs.padding),
+                          (out_h, out_w), split, rows, primfunc_name_hint="split_k_im2col")
+        if not SPLIT_K_IM2COL_FUSES:  # an opaque function: FuseOps leaves it a kernel of its own
+            gvar = bb.lookup_binding(cols).args[0]
+            bb.update_func(gvar, bb.get()[gvar].with_attr("op_pattern", OPAQUE))
+        w_chunks = np.ascontiguousarray(w.reshape(out_c, k).T.reshape(split, k // split, out_c))
+        in_dtype, out_dtype = str(data.ty.dtype), str(call.ty.dtype)
+        partial = relax.op.matmul(cols, relax.const(w_chunks), out_dtype=out_dtype)
+        if in_dtype != out_dtype:  # float16 in, float32 out (after mixed precision): each partial product stored in
+            # float16, as mixed precision stores any matmul's output, then summed in float32 (the matrix product's
+            # function is the one the tuning databases since 2026-12-07 hold)
+            partial = relax.op.astype(relax.op.astype(partial, in_dtype), out_dtype)
+        out = bb.emit_te(split_k_sum, bb.emit(partial), m, primfunc_name_hint="split_k_sum")
         return relax.op.reshape(out, [batch, out_h, out_w, out_c])
 
     @relax.expr_functor.mutator
@@ -203,7 +247,7 @@ def split_k_convolutions():
         def visit_call_(self, call):
             call = super().visit_call_(call)
             if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
-                split = rewrite(call)
+                split = rewrite(self.builder_, call)
                 return call if split is None else split
             return call
 
@@ -218,15 +262,13 @@ def split_k_convolutions():
     return apply
 
 
-def tuning_preparation(tensor_cores: bool, split_k: bool = False):
+def tuning_preparation(tensor_cores: bool):
     """The graph rewrites ahead of tuning (before mixed precision): batch norm folded into the convolution before it
     (its weights and bias are constants: the epilogue keeps a bias add, not a subtract, divide, multiply and add per
     element), and for tensor cores convolutions in NHWC with OHWI weights (channels innermost, as wmma tiles load
     them: one resnet18 convolution at batch 32 on the H100, 32 trials, 56 us in NHWC vs 122 us after 64 in NCHW).
     Layout-following operators (pooling, adds) follow; a transpose stays only where the model's own layout meets it.
-    Not without tuning: dlight's fallback schedules a depthwise convolution with a fused epilogue badly.
-    split_k (tensor cores only): convolutions with few output tiles and a long reduction split it
-    (`split_k_convolutions`)."""
+    Not without tuning: dlight's fallback schedules a depthwise convolution with a fused epilogue badly."""
     import tvm
     from tvm import relax
 
@@ -234,9 +276,17 @@ def tuning_preparation(tensor_cores: bool, split_k: bool = False):
     if tensor_cores:
         passes += [clip_as_bounds(), relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
                    elementwise_keeps_layout(), relax.transform.DeadCodeElimination(), relax.transform.FoldConstant()]
-        if split_k:
-            passes += [split_k_convolutions(), relax.transform.DeadCodeElimination()]
     return tvm.transform.Sequential(passes)
+
+
+def split_k_preparation():
+    """After `tuning_preparation` and mixed precision (tensor cores): the weights' casts folded, then convolutions
+    with few output tiles and a long reduction split it (`split_k_convolutions`)."""
+    import tvm
+    from tvm import relax
+
+    return tvm.transform.Sequential([relax.transform.FoldConstant(), split_k_convolutions(),
+                                     relax.transform.DeadCodeElimination()])
 
 
 def clip_as_bounds():
@@ -319,9 +369,11 @@ def optimize(mod, target: HostTarget, tvm_target, options: HostOptions, work_dir
     tensor_cores = uses_tensor_cores(target, options.precision)
     mod = clip_gather_indices(mod)
     if options.tune_trials:
-        mod = tuning_preparation(tensor_cores, options.split_k)(mod)
+        mod = tuning_preparation(tensor_cores)(mod)
     if options.precision == "float16":
         mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    if options.tune_trials and tensor_cores and options.split_k:
+        mod = split_k_preparation()(mod)
     stats = {}
     with tvm_target:
         if options.tune_trials:
