@@ -294,6 +294,19 @@ def test_more_pytorch_layers_build_for_microcontrollers(model, export, tmp_path)
     assert report.verified and f["max_rel_error"] <= 1e-5 and f["source"]["max_rel_error"] <= 1e-5, f
 
 
+@pytest.mark.parametrize("model", ["upsampler", "activations"])
+def test_float_outputs_of_quantized_layers_are_measured_in_their_steps(model, tmp_path):
+    """A QDQ model whose output is computed in float from a dequantized value (PixelShuffle; a product with 3, then
+    ELU) is measured against ONNX Runtime in that value's steps times what the float functions can stretch them
+    (1 for moves and ELU, 3 for the product), not by a float model's 1e-5: 1.2e-2 relative made them fail."""
+    path = quantize_qdq(export_onnx(model, tmp_path / "m.onnx"), tmp_path / "m-s8.onnx", signed=True)
+    tflite = onnx_as_tflite(load_onnx(path))
+    batches = make_inputs(tflite, 20, seed=2)
+    check = source_fidelity(tflite, batches, reference_outputs(tflite, batches))
+    assert check["passed"] and check["max_lsb_diff"] <= SOURCE_MAX_LSB, check
+    assert tflite.source_output_scales[0] is not None
+
+
 def test_a_float_add_of_a_constant_converts(tmp_path):
     """A float Add with a constant operand: the integer converter declines it, and the float one takes it (it
     declined again: an internal error)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinymlaas.frontend.onnx_ops import TO_LAST, _broadcast_const, converts, ints, physical, physical_axis
+from tinymlaas.frontend.onnx_ops import TO_LAST, broadcast_const, converts, ints, physical, physical_axis
 
 
 class _Steps:
@@ -110,7 +110,7 @@ def prelu(cv, node) -> None:
     shape = cv.shape(node.output[0])
     rank = len(shape)
     cl = cv.channels_last(node.input[0]) and rank in TO_LAST
-    slope = _broadcast_const(cv, node, node.input[1], rank, cl)
+    slope = broadcast_const(cv, node, node.input[1], rank, cl)
     if cv.tensor_shape(slope) == ():  # one slope: TFLite's PRELU takes it at the input's rank
         slope = cv.constant(np.full((1,) * rank, cv.const(node.input[1]), np.float32), f"{node.output[0]}/slope")
     out = cv.output(node, 0, physical(shape, cl), cl)
@@ -162,7 +162,7 @@ _COMPARE = {"Greater": "GREATER", "Less": "LESS", "Equal": "EQUAL", "GreaterOrEq
 def _operand(cv, node, name: str, rank: int):
     """An operand at the output's rank in the logical layout: constants broadcast, activations as they are."""
     if cv.is_const(name):
-        return _broadcast_const(cv, node, name, rank, False)
+        return broadcast_const(cv, node, name, rank, False)
     if len(cv.shape(name)) != rank:
         raise cv.unsupported("with operands of other ranks")
     return cv.value(name, False)

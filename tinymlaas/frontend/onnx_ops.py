@@ -192,7 +192,7 @@ def binary(cv, node) -> None:
     operands = []
     for n in node.input:
         if cv.is_const(n):
-            operands.append(_broadcast_const(cv, node, n, rank, cl))
+            operands.append(broadcast_const(cv, node, n, rank, cl))
         elif len(cv.shape(n)) == rank:
             operands.append(cv.value(n, cl))
         else:  # a lower-rank activation: given its leading 1s, then the layout
@@ -223,7 +223,7 @@ def binary_integer(cv, node) -> None:
     binary(cv, node)
 
 
-def _broadcast_const(cv, node, name: str, rank: int, cl: bool) -> int:
+def broadcast_const(cv, node, name: str, rank: int, cl: bool) -> int:
     """A constant operand at the output's rank, in its layout (float, or int8 with its quantization)."""
     if _quantized(cv):
         qc = cv.qconsts[name]

@@ -339,15 +339,43 @@ class Converter:
 
     def _output_scale(self, name: str) -> float | None:
         """The scale an output is measured in against the model's own framework: that of the dequantized value it
-        is, or is computed from in float by a function that moves no value further than its input moved (softmax,
-        sigmoid, tanh, ReLU, reshapes); None for a float output."""
+        is, or is computed from in float by functions of one value that move an output at most `gain` times as far
+        as their input moved (softmax, sigmoid, tanh, ReLU, moves of elements: 1; a product with a constant: its
+        size), times those gains; None for a float output."""
         producer = {o: n for n in self.graph.node for o in n.output}
+        gain = 1.0
         while name not in self.qalias:
             node = producer.get(name)
-            if node is None or node.op_type not in NONEXPANDING:
+            step = None if node is None else self._lipschitz(node)
+            if step is None:
                 return None
-            name = node.input[0]
-        return self.qparams[self.qalias[name]].scale
+            name, factor = step
+            gain *= factor
+        return self.qparams[self.qalias[name]].scale * gain
+
+    def _lipschitz(self, node) -> tuple[str, float] | None:
+        """(the one varying input of `node`, the most its output moves per unit its input moves), or None."""
+        if node.op_type in NONEXPANDING:
+            return node.input[0], 1.0
+        alpha = self.attr(node, "alpha", None)
+        if node.op_type in ("Elu", "LeakyRelu"):  # slope 1 on one side, at most alpha on the other
+            return node.input[0], max(1.0, abs(float({"Elu": 1.0, "LeakyRelu": 0.01}[node.op_type]
+                                                     if alpha is None else alpha)))
+        if node.op_type == "HardSigmoid":
+            return node.input[0], abs(float(0.2 if alpha is None else alpha))
+        if node.op_type == "PRelu" and node.input[1] in self.consts:
+            return node.input[0], max(1.0, float(np.max(np.abs(self.consts[node.input[1]]))))
+        if node.op_type in ("Mul", "Div") and len(node.input) == 2:
+            varying = [i for i in node.input if i not in self.consts]
+            const = [i for i in node.input if i in self.consts]
+            if len(varying) == 1 and const and np.size(self.consts[const[0]]) >= 1:
+                c = float(np.max(np.abs(self.consts[const[0]])))
+                if node.op_type == "Div":
+                    if const[0] != node.input[1] or not np.all(self.consts[const[0]]):
+                        return None
+                    c = 1.0 / float(np.min(np.abs(self.consts[const[0]])))
+                return varying[0], c
+        return None
 
     def _dequantize_linear(self, node) -> None:
         x = node.input[0]
@@ -459,6 +487,7 @@ FUSES_ACTIVATION = ("Conv", "Gemm", "MatMul", "Add")
 # one-input functions whose output moves at most as far as their input (max norm; softmax's Jacobian rows sum to
 # 2p(1-p) <= 0.5)
 NONEXPANDING = ("Softmax", "Sigmoid", "Tanh", "Relu", "Clip", "Reshape", "Flatten", "Transpose", "Identity",
+                "DepthToSpace", "SpaceToDepth", "Softplus", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                 "Squeeze", "Unsqueeze", "MaxPool", "Dropout")
 
 
