@@ -13,6 +13,8 @@ def format_report(r: CompileReport) -> str:
     f, s = r.fidelity, r.sizes
     if f["kind"] == "float":
         fid = f"max rel error {f['max_rel_error']:.2e} (abs {f['max_abs_error']:.2e})"
+        if "max_lsb_diff" in f:  # a float output of quantized layers, measured in their steps
+            fid += f", {f['max_lsb_diff']:g} LSB of its quantization"
     else:
         fid = f"{f['exact_fraction'] * 100:.2f}% of output bytes bit-exact, max {f['max_lsb_diff']} LSB off"
     rows = [
