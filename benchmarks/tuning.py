@@ -198,6 +198,8 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(ORDER), help="the models, in tuning order (the held-out one last)")
     parser.add_argument("--append", action="store_true", help="add these targets to the rows already in --out")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tuning.json"))
+    parser.add_argument("--dump", default="", help="a folder: every target's measured records (training, explore, "
+                        "reference) and histories written there as TARGET.json, to study the predictor offline")
     args = parser.parse_args()
     models_dir, out = Path(args.models), Path(args.out)
     targets = [t for t in args.targets.split(",") if t]
@@ -250,7 +252,7 @@ def main() -> int:
                 rows.append(row)
                 print(f"  {row['ratio_to_default']}x the default in {seconds} s", file=sys.stderr, flush=True)
                 if model == HELD_OUT:
-                    guided_history = history["history"]
+                    guided_history, guided_baseline = history["history"], history.get("baseline_builds")
             # the log again: the same model costs no search now
             again, again_history, again_seconds = tune(models_dir / f"{HELD_OUT}.tflite", target,
                                                        tmp / target / "again", args.budget)
@@ -278,18 +280,34 @@ def main() -> int:
             print(f"{target} reference ({args.reference} random builds) ...", file=sys.stderr, flush=True)
             _, ref_history, ref_seconds = tune(models_dir / f"{HELD_OUT}.tflite", target, tmp / target / "ref",
                                                  args.reference, strategy="tune-random")
-            block = predictor_figures(target, TuningLog().rows(logged_as), training_rows + explored_rows,
-                                      by_estimate)
+            reference_rows = TuningLog().rows(logged_as)
+            block = predictor_figures(target, reference_rows, training_rows + explored_rows, by_estimate)
+            if args.dump:
+                Path(args.dump).mkdir(parents=True, exist_ok=True)
+                (Path(args.dump) / f"{target}.json").write_text(json.dumps(
+                    {"by_estimate": by_estimate, "training_rows": training_rows, "explored_rows": explored_rows,
+                     "reference_rows": reference_rows, "guided_history": guided_history,
+                     "reference_history": ref_history["history"], "baseline_builds": guided_baseline}))
             block["training"] = {"guided_rows": len(training_rows), "explored_rows": len(explored_rows),
                                  "explore_builds_per_model": args.explore, "explore_seconds": round(explore_seconds, 1)}
             ref_best = ref_history["history"][-1]["tuned_layers_cost"]
             guided_best = guided_history[-1]["tuned_layers_cost"]
+            ref_builds = len(ref_history["history"])
+            within = next((h["build"] for h in guided_history
+                           if h["tuned_layers_cost"] and h["tuned_layers_cost"] <= 1.03 * ref_best), None)
             block.update({
-                "reference": {"strategy": "tune-random", "profiled_builds": len(ref_history["history"]),
-                              "tuned_layers_cost": ref_best, "wall_seconds": ref_seconds},
+                "reference": {"strategy": "tune-random", "profiled_builds": ref_builds,
+                              "tuned_layers_cost": ref_best, "wall_seconds": ref_seconds,
+                              "baseline_builds": ref_history.get("baseline_builds")},
                 "guided": {"profiled_builds": len(guided_history), "tuned_layers_cost": guided_best,
                            "vs_reference": round(guided_best / ref_best, 4),
-                           "builds_share": round(len(guided_history) / len(ref_history["history"]), 3)},
+                           "builds_share": round(len(guided_history) / ref_builds, 3),
+                           # the first build whose tuned layers cost at most 1.03x the reference's best, and
+                           # what share of the reference's builds that is (the first baseline_builds are the
+                           # same fixed candidates in both runs: C kernels, plain TIR, register-blocked seeds)
+                           "builds_within_3pct": within,
+                           "within_3pct_share": round(within / ref_builds, 3) if within else None,
+                           "baseline_builds": guided_baseline},
                 "convergence": {"guided": guided_history, "random": ref_history["history"]}})
             predictor[target] = block
             write()

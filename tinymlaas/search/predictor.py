@@ -11,6 +11,8 @@ model, so what is learned on some models ranks the variants of another.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -242,3 +244,75 @@ def ranking_quality(predicted, truth, ks=(1, 5)) -> dict:
             "pairwise_accuracy": round(float(right.mean()) if right.size else 1.0, 4),
             **{f"peak@{k}": round(float(t.min() / t[order[:k]].min()), 4) for k in ks},
             "spearman": round(float(spearmanr(p, t)[0]), 4) if len(t) > 2 else None}
+
+
+# --- the schedule predictor of layer-by-layer tuning (search/tuning.py) -----------------------------------------
+
+@dataclass(frozen=True)
+class TunedLayer:
+    """A layer as the tuning log knows it: its kernel shape (ir.layer_schedule.KernelShape) and its signature
+    (JSON: shapes, strides, padding; "" where unknown). Two layers of one kernel shape may differ in geometry."""
+    shape: object
+    signature: str = ""
+
+    @functools.cached_property
+    def layer(self) -> dict:
+        return json.loads(self.signature) if self.signature else {}
+
+
+def as_layer(layer) -> TunedLayer:
+    return layer if isinstance(layer, TunedLayer) else TunedLayer(layer)
+
+
+class SchedulePredictor:
+    """A (layer, schedule)'s log cost on one target relative to the other schedules of its layer, from the tuning
+    log: LightGBM over features.schedule_features (the knobs, the code they imply per MAC, the padded share). Ranks
+    a layer's space without building it.
+
+    The label is each sample's log cost less the mean of its layer's: only the order within a layer is ever used.
+    The per-MAC counts that can only add cycles are monotone constraints, and `members` models fitted on bagged
+    rows and columns are averaged: the records hold some forty schedules of each of a few dozen layers, and one
+    tree ensemble fitted on them moves with the order of its rows by as much as a feature gains (held-out figures:
+    benchmarks/tuning.py)."""
+
+    def __init__(self, seed: int = 0, members: int = 4):
+        self.seed, self.members, self.boosters, self.names = seed, members, [], None
+
+    def _matrix(self, layer: TunedLayer, schedules) -> np.ndarray:
+        from tinymlaas.search.features import schedule_features
+
+        rows = [schedule_features(layer.shape, s, layer.layer) for s in schedules]
+        return np.array([[r[n] for n in self.names] for r in rows], dtype=float)
+
+    def fit(self, samples: list[tuple], rounds: int = 600) -> SchedulePredictor:
+        """samples: (TunedLayer or KernelShape, LayerSchedule, cost)."""
+        import lightgbm as lgb
+
+        from tinymlaas.search.features import MONOTONE, schedule_features
+
+        if len(samples) < 8:
+            raise ValueError("too few measured schedules to learn from")
+        layers = [as_layer(x) for x, _, _ in samples]
+        rows = [schedule_features(la.shape, s, la.layer) for la, (_, s, _) in zip(layers, samples)]
+        self.names = sorted(rows[0])
+        X = np.array([[r[n] for n in self.names] for r in rows], dtype=float)
+        y = np.log(np.array([c for _, _, c in samples], dtype=float))
+        by_layer: dict[TunedLayer, list[int]] = {}
+        for i, la in enumerate(layers):
+            by_layer.setdefault(la, []).append(i)
+        for same in by_layer.values():
+            y[same] -= y[same].mean()
+        params = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 5,
+                  "bagging_fraction": 0.7, "bagging_freq": 1, "feature_fraction": 0.7, "deterministic": True,
+                  "monotone_constraints": [int(n in MONOTONE) for n in self.names], "num_threads": 1, "verbose": -1}
+        data = lgb.Dataset(X, y, free_raw_data=False)
+        self.boosters = [lgb.train({**params, "seed": self.seed * 1000 + k}, data, num_boost_round=rounds)
+                         for k in range(self.members)]
+        return self
+
+    def predict(self, layer, schedules) -> np.ndarray:
+        """Predicted log cost of each schedule relative to its layer's (TunedLayer or KernelShape)."""
+        if not self.boosters:
+            raise ValueError("the schedule predictor is not trained")
+        X = self._matrix(as_layer(layer), schedules)
+        return np.mean([b.predict(X) for b in self.boosters], axis=0)

@@ -11,9 +11,10 @@ shapes, strides, padding, activation, precision) cost the same in any model, so 
    register-blocked schedules the core's register file suggests (layer_schedule.register_blocked);
 3. rounds: every build gives each signature one candidate schedule, and the build is profiled layer by layer in
    QEMU (exact instructions and per-block counts, the cycle estimate from them), so one build measures one
-   schedule of every layer. Which candidate: the schedule predictor (gradient-boosted trees over the layer's shape
-   and the schedule's knobs, trained on the log of this target across models) ranks the layer's whole space and
-   the best not yet measured is built; without enough records, seeded random picks;
+   schedule of every layer. Which candidate: the schedule predictor (predictor.SchedulePredictor: gradient-boosted
+   trees over the schedule's knobs and the code they imply per MAC, trained on the log of this target across
+   models) ranks the layer's whole space and the best not yet measured is built; without enough records, seeded
+   random picks;
 4. assembly: each layer takes its cheapest measured candidate (C kernel or schedule); the whole model is built
    and verified against the interpreter like any point of a search.
 
@@ -30,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tinymlaas.ir.layer_schedule import KernelShape, LayerSchedule, features, kernel_shape, register_blocked, space_of
+from tinymlaas.ir.layer_schedule import KernelShape, LayerSchedule, kernel_shape, register_blocked, space_of
 from tinymlaas.measure.tuning_log import TuningLog, candidate_key
+from tinymlaas.search.predictor import SchedulePredictor, TunedLayer
 from tinymlaas.search.space import Variant
 
 
@@ -92,42 +94,9 @@ def cost_of(row: dict, by_estimate: bool) -> float | None:
     return row.get("cycles_estimate") if by_estimate else row.get("instructions")
 
 
-class SchedulePredictor:
-    """A (layer, schedule)'s log cost on one target relative to the other schedules of its layer, from the tuning
-    log: LightGBM over the layer's shape, the schedule's knobs and what they imply (ir.layer_schedule.features).
-    Ranks a layer's space without building it. The target is each sample's log cost less the mean of its layer's
-    (samples of one kernel shape): only the order within a layer is ever used, and a model that must also learn how
-    large each layer is ranks a layer it never saw worse."""
-
-    def __init__(self, seed: int = 0):
-        self.seed, self.booster, self.names = seed, None, None
-
-    def fit(self, samples: list[tuple[KernelShape, LayerSchedule, float]], rounds: int = 300) -> SchedulePredictor:
-        import lightgbm as lgb
-
-        if len(samples) < 8:
-            raise ValueError("too few measured schedules to learn from")
-        rows = [features(sh, s) for sh, s, _ in samples]
-        self.names = sorted(rows[0])
-        X = np.array([[r[n] for n in self.names] for r in rows], dtype=float)
-        y = np.log(np.array([c for _, _, c in samples], dtype=float))
-        by_layer: dict[KernelShape, list[int]] = {}
-        for i, (shape, _, _) in enumerate(samples):
-            by_layer.setdefault(shape, []).append(i)
-        for members in by_layer.values():
-            y[members] -= y[members].mean()
-        params = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 7, "min_data_in_leaf": 5,
-                  "seed": self.seed, "deterministic": True, "num_threads": 1, "verbose": -1}
-        self.booster = lgb.train(params, lgb.Dataset(X, y), num_boost_round=rounds)
-        return self
-
-    def predict(self, shape: KernelShape, schedules: list[LayerSchedule]) -> np.ndarray:
-        rows = [features(shape, s) for s in schedules]
-        return self.booster.predict(np.array([[r[n] for n in self.names] for r in rows], dtype=float))
-
-
 def training_samples(rows: list[dict], by_estimate: bool, exclude_model: str | None = None) -> list:
-    """(shape, schedule, cost) of the TIR candidates in tuning-log rows (a model left out, for held-out figures)."""
+    """(TunedLayer, schedule, cost) of the TIR candidates in tuning-log rows (a model left out, for held-out
+    figures)."""
     out = []
     for r in rows:
         cost = cost_of(r, by_estimate)
@@ -136,8 +105,9 @@ def training_samples(rows: list[dict], by_estimate: bool, exclude_model: str | N
         shape = r["layer"].get("kernel_shape")
         if shape is None:
             continue
-        out.append((KernelShape(**{**shape, "reduction": tuple(shape["reduction"])}),
-                    LayerSchedule.from_dict(r["schedule"]), float(cost)))
+        layer = TunedLayer(KernelShape(**{**shape, "reduction": tuple(shape["reduction"])}),
+                           json.dumps(r["layer"], sort_keys=True))
+        out.append((layer, LayerSchedule.from_dict(r["schedule"]), float(cost)))
     return out
 
 
@@ -317,6 +287,7 @@ def tune_strategy(ctx, screen: bool = True):
         notes.append(f"{len(failed)} profiled builds failed or did not verify (none chosen): {failed[0]}")
     (ev.workdir / "tuning_history.json").write_text(json.dumps(
         {"cost": "cycles_estimate" if by_estimate else "instructions", "screened": screen, "history": history,
+         "baseline_builds": len(baseline),  # the C kernels, the plain TIR kernel, the register-blocked seeds
          "layers": [{"signature": json.loads(st.group.signature), "ops": list(st.group.op_indices),
                      "measured": len(st.measured), "space": len(st.group.space),
                      "best": _best_dict(st.best(by_estimate))} for st in states]},
@@ -344,7 +315,8 @@ def _rank(states: list[LayerState], rows: list[dict], by_estimate: bool, seed: i
     for st in states:
         if not st.order:
             continue
-        scores = predictor.predict(st.group.shape, [st.group.space[i] for i in st.order])
+        scores = predictor.predict(TunedLayer(st.group.shape, _log_layer(st.group)),
+                                   [st.group.space[i] for i in st.order])
         # mostly the predicted best; every fourth pick a random one of the rest: the log then holds samples from
         # the whole space, which is what ranking the next model's layers (unlike these) needs
         by_score = [st.order[i] for i in np.argsort(scores, kind="stable")]
