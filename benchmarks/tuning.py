@@ -130,11 +130,15 @@ def predictor_figures(target: str, reference_rows: list[dict], training_rows: li
                         "samples": len(truth), "true_best_rank": best_rank,
                         "true_best_percentile": round(100 * best_rank / len(truth), 1),
                         "predicted_best_regret": round(float(truth[order[0]] / truth.min() - 1), 4),
+                        # built in the predicted order, the samples it takes to reach 1.03x the best of them (a
+                        # seeded random order takes about (samples + 1) / (those within 3% + 1))
+                        "picks_within_3pct": int(np.argmax(truth[order] <= 1.03 * truth.min())) + 1,
                         "pairwise_accuracy": round(pairwise, 3)})
     return {"trained_on": sorted({r["model_name"] for r in training_rows} - {HELD_OUT}),
             "training_rows": len(train), "held_out_model": HELD_OUT, "layers": figures,
             "mean_pairwise_accuracy": round(float(np.mean([f["pairwise_accuracy"] for f in figures])), 3),
-            "worst_true_best_percentile": max(f["true_best_percentile"] for f in figures)}
+            "worst_true_best_percentile": max(f["true_best_percentile"] for f in figures),
+            "most_picks_within_3pct": max(f["picks_within_3pct"] for f in figures)}
 
 
 def plot(doc: dict, out: Path) -> list[str]:
@@ -200,12 +204,26 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tuning.json"))
     parser.add_argument("--dump", default="", help="a folder: every target's measured records (training, explore, "
                         "reference) and histories written there as TARGET.json, to study the predictor offline")
+    parser.add_argument("--refigure", default="", help="a --dump folder: no build; the predictor figures of --targets "
+                        "in --out computed again from that run's records (after a change to the predictor or to "
+                        "what is reported)")
     args = parser.parse_args()
     models_dir, out = Path(args.models), Path(args.out)
     targets = [t for t in args.targets.split(",") if t]
     measured = list(targets)  # what this run tunes (with --append, `targets` also lists those kept)
     rows, predictor, reuse, runs = [], {}, {}, {}
     started = time.monotonic()
+    if args.refigure:
+        doc = json.loads(out.read_text())
+        for target in targets:
+            d = json.loads((Path(args.refigure) / f"{target}.json").read_text())
+            fresh = predictor_figures(target, d["reference_rows"], d["training_rows"] + d["explored_rows"],
+                                      d["by_estimate"])
+            doc["predictor"][target].update({k: fresh[k] for k in ("layers", "mean_pairwise_accuracy",
+                                                                   "worst_true_best_percentile",
+                                                                   "most_picks_within_3pct")})
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        return 0
     if args.append and out.exists():  # more targets into an existing run's file
         before = json.loads(out.read_text())
         rows = [r for r in before["rows"] if r["target"] not in targets]
