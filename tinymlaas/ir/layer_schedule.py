@@ -119,7 +119,8 @@ def kernel_shape(graph, op, target=None) -> KernelShape | None:
 FAMILIES = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise", "FULLY_CONNECTED": "dense"}
 
 
-def _innermost(shape: KernelShape, order: str) -> int:
+def innermost(shape: KernelShape, order: str) -> int:
+    """The reduction axis the kernel's innermost loop walks for this order (its trip count)."""
     red = shape.reduction
     if shape.family == "dense":
         return red[0]
@@ -142,7 +143,7 @@ def space_of(shape: KernelShape) -> list[LayerSchedule]:
             (False, True), (True, False) if shape.int8 else (False,), dots, borders):
         if oc > shape.channels or px > shape.pixels or (oc == 1 and px == 1 and not tile):
             continue
-        inner = _innermost(shape, order)
+        inner = innermost(shape, order)
         if unroll > inner or inner % unroll:
             continue
         if fold and not shape.zero_point:
@@ -270,7 +271,7 @@ def features(shape: KernelShape, schedule: LayerSchedule) -> dict:
         "pixel_remainder": shape.pixels % schedule.px_block, "channel_remainder": shape.channels % schedule.oc_block,
         "live_registers": tile * int(schedule.unroll_tile) + schedule.oc_block + schedule.px_block,
         "family": ("conv", "depthwise", "dense").index(shape.family), "pixels": shape.pixels,
-        "channels": shape.channels, "reduction": red, "innermost": _innermost(shape, schedule.reduction_order),
+        "channels": shape.channels, "reduction": red, "innermost": innermost(shape, schedule.reduction_order),
         "kernel_taps": red // (shape.reduction[-1] if shape.family == "conv" else 1),
         "unroll_taps": int(schedule.unroll_taps), "proven_requant": int(schedule.proven_requant),
         "dsp_dot": int(schedule.dsp_dot), "wide_weights": int(schedule.wide_weights),
@@ -284,7 +285,7 @@ def _implied_work(shape: KernelShape, schedule: LayerSchedule, red: int) -> dict
     ratios carry over): tiles padded past the extents, reduction-loop trips, operand loads, spills."""
     px_tiles, oc_tiles = -(-shape.pixels // schedule.px_block), -(-shape.channels // schedule.oc_block)
     tiles, macs = px_tiles * oc_tiles, shape.pixels * shape.channels * red
-    inner = _innermost(shape, schedule.reduction_order)
+    inner = innermost(shape, schedule.reduction_order)
     live = schedule.oc_block * schedule.px_block + schedule.oc_block + schedule.px_block
     return {"tile_waste": tiles * schedule.oc_block * schedule.px_block * red / macs,
             "log_tiles": math.log(tiles), "log_macs": math.log(macs),

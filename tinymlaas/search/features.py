@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from tinymlaas.ir.layer_schedule import innermost
+
 # Multiply-accumulates per output element, from the weight tensor's shape (TFLite layouts).
 _MACS_PER_OUTPUT = {
     "CONV_2D": lambda w: int(np.prod(w[1:])),  # OHWI: kh * kw * cin
@@ -81,15 +83,6 @@ def schedule_features(shape, schedule, layer: dict | None = None) -> dict:
     return {**_knobs(shape, schedule), **_code_per_mac(shape, schedule), **_border_features(shape, schedule, layer)}
 
 
-def _innermost(shape, order: str) -> int:
-    red = shape.reduction
-    if shape.family == "dense":
-        return red[0]
-    if order == "hwc":
-        return red[-1]
-    return red[1] if shape.family == "conv" else red[0]  # chw: kw innermost for conv, kh for depthwise
-
-
 def _knobs(shape, s) -> dict:
     macs = math.prod(shape.reduction)
     return {"conv": int(shape.family == "conv"), "depthwise": int(shape.family == "depthwise"),
@@ -99,7 +92,7 @@ def _knobs(shape, s) -> dict:
             "pixels_outer": int(s.pixels_outer), "unroll_tile": int(s.unroll_tile), "fold": int(s.fold_zero_point),
             "requant_row": int(s.requant == "row"), "unroll_taps": int(s.unroll_taps),
             "proven": int(s.proven_requant), "dsp_dot": int(s.dsp_dot), "wide_weights": int(s.wide_weights),
-            "split_borders": int(s.split_borders), "innermost": _innermost(shape, s.reduction_order),
+            "split_borders": int(s.split_borders), "innermost": innermost(shape, s.reduction_order),
             "log_reduction": math.log(macs), "log_pixels": math.log(shape.pixels),
             "log_channels": math.log(shape.channels), "px_share": s.px_block / shape.pixels,
             "oc_share": s.oc_block / shape.channels, "px_remainder": (shape.pixels % s.px_block) / shape.pixels,
@@ -113,7 +106,7 @@ def _code_per_mac(shape, s) -> dict:
     red, family = shape.reduction, shape.family
     total = math.prod(red)
     taps = 1 if family == "dense" else red[0] * red[1]
-    inner = _innermost(shape, s.reduction_order)
+    inner = innermost(shape, s.reduction_order)
     tile = s.oc_block * s.px_block
     step = 4 if s.dsp_dot else min(s.reduction_unroll, inner)  # reduction steps one trip of the inner loop does
     body = step * (taps if s.unroll_taps and family == "depthwise" else 1)
