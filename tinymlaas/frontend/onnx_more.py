@@ -1,36 +1,12 @@
-"""More ONNX operators as TFLite float operators: transposed convolution, instance normalization (and PyTorch's
-GroupNorm, which exports through it), PRelu, HardSigmoid, Softplus, Mish, comparisons and Where, DepthToSpace. Each is TFLite's own operator
+"""More ONNX operators as TFLite float operators: transposed convolution, layer and instance normalization (and
+PyTorch's GroupNorm, which exports through the latter), PRelu, HardSigmoid, Softplus, Mish, comparisons and Where, DepthToSpace. Each is TFLite's own operator
 where TFLite has one, else the few operators TFLite's converter writes for it."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from tinymlaas.frontend.onnx_ops import TO_LAST, broadcast_const, converts, ints, physical, physical_axis
-
-
-class _Steps:
-    """Intermediate float tensors of one node, named after its output."""
-
-    def __init__(self, cv, node):
-        self.cv, self.name, self.count = cv, node.output[0], 0
-
-    def op(self, opcode: str, inputs, shape, options=None) -> int:
-        self.count += 1
-        out = self.cv.add_tensor(f"{self.name}/{opcode.lower()}{self.count}", shape, "float32")
-        self.cv.op(opcode, inputs, [out], options)
-        return out
-
-    def const(self, value) -> int:
-        self.count += 1
-        return self.cv.constant(np.asarray(value, np.float32), f"{self.name}/c{self.count}")
-
-
-_OPTIONS = {"ADD": "AddOptions", "SUB": "SubOptions", "MUL": "MulOptions"}
-
-
-def _options(cv, opcode: str):
-    return cv.options(_OPTIONS[opcode]) if opcode in _OPTIONS else None
+from tinymlaas.frontend.onnx_ops import TO_LAST, Steps, broadcast_const, converts, ints, physical, physical_axis
 
 
 @converts("ConvTranspose")
@@ -59,7 +35,7 @@ def conv_transpose(cv, node) -> None:
     first = [pads[0], pads[1]]
     if any(f < 0 or f + o > fl for f, o, fl in zip(first, out_shape[1:3], full[1:3])):
         raise cv.unsupported("with an output padding past what its pads take off")
-    s = _Steps(cv, node)
+    s = Steps(cv, node)
     bias = np.asarray(cv.const(b_name), np.float32) if b_name else np.zeros(c_out, np.float32)
     whole = s.op("TRANSPOSE_CONV", [cv.constant(ints(full), f"{node.output[0]}/shape"),
                                     cv.constant(np.ascontiguousarray(w.transpose(1, 2, 3, 0)), f"{w_name}/tflite"),
@@ -74,33 +50,61 @@ def conv_transpose(cv, node) -> None:
           cv.options("StridedSliceOptions"))
 
 
+def _normalized(cv, s: Steps, x: int, shape, axes: list[int], eps: float) -> int:
+    """(x - mean) * RSQRT(mean square + eps) over the (physical) `axes`: what TFLite's converter writes for a
+    layer norm."""
+    reduced = tuple(1 if a in axes else d for a, d in enumerate(shape))
+    over = cv.constant(ints(axes), f"{s.name}/axes")
+    keep = cv.options("ReducerOptions", keepDims=True)
+    centred = s.op("SUB", [x, s.op("MEAN", [x, over], reduced, keep)], shape)
+    var = s.op("MEAN", [s.op("MUL", [centred, centred], shape), over], reduced, keep)
+    return s.op("MUL", [centred, s.op("RSQRT", [s.op("ADD", [var, s.const(eps)], reduced)], reduced)], shape)
+
+
+def _scale_and_shift(cv, node, s: Steps, y: int, shape, scale, bias, channels_last: bool) -> None:
+    """y * scale + bias into the node's output (constants broadcast to y's rank; bias may be None)."""
+    y = s.op("MUL", [y, s.const(scale)], shape)
+    out = cv.output(node, 0, shape, channels_last)
+    cv.op("ADD", [y, s.const(bias)], [out], cv.options("AddOptions"))
+
+
+@converts("LayerNormalization")
+def layer_norm(cv, node) -> None:
+    """Normalized over the axes from `axis` on, then scale and bias."""
+    if any(node.output[1:]):
+        raise cv.unsupported("with its mean or inverse deviation as outputs")
+    if not all(cv.is_const(n) for n in node.input[1:] if n):
+        raise cv.unsupported("with a scale or bias computed at run time")
+    shape = cv.shape(node.input[0])
+    rank = len(shape)
+    axis = int(cv.attr(node, "axis", -1)) % rank
+    s = Steps(cv, node)
+    y = _normalized(cv, s, cv.value(node.input[0], False), shape, list(range(axis, rank)),
+                    float(cv.attr(node, "epsilon", 1e-5)))
+    scale = np.asarray(cv.const(node.input[1]), np.float32)
+    bias = (np.asarray(cv.const(node.input[2]), np.float32) if len(node.input) > 2 and node.input[2]
+            else np.zeros_like(scale))
+    full = (1,) * (rank - scale.ndim)
+    _scale_and_shift(cv, node, s, y, shape, scale.reshape(full + scale.shape), bias.reshape(full + bias.shape), False)
+
+
 @converts("InstanceNormalization")
 def instance_norm(cv, node) -> None:
-    """Per sample and channel over the spatial axes: mean, centred value, mean square, RSQRT of it plus epsilon,
-    then the channel's scale and bias (in whichever layout the input is)."""
+    """Per sample and channel over the spatial axes, then the channel's scale and bias (in whichever layout the
+    input is)."""
     shape = cv.shape(node.input[0])
     rank = len(shape)
     cl = cv.channels_last(node.input[0]) and rank in TO_LAST
     phys = physical(shape, cl)
-    axes = cv.constant(ints([physical_axis(a, rank, cl) for a in range(2, rank)]), f"{node.output[0]}/axes")
-    reduced = tuple(1 if a in [physical_axis(k, rank, cl) for k in range(2, rank)] else d for a, d in enumerate(phys))
-    s = _Steps(cv, node)
-    x = cv.value(node.input[0], cl)
-    mean = s.op("MEAN", [x, axes], reduced, cv.options("ReducerOptions", keepDims=True))
-    centred = s.op("SUB", [x, mean], phys, _options(cv, "SUB"))
-    var = s.op("MEAN", [s.op("MUL", [centred, centred], phys, _options(cv, "MUL")), axes], reduced,
-               cv.options("ReducerOptions", keepDims=True))
-    inv = s.op("RSQRT", [s.op("ADD", [var, s.const(float(cv.attr(node, "epsilon", 1e-5)))], reduced,
-                               _options(cv, "ADD"))], reduced)
-    y = s.op("MUL", [centred, inv], phys, _options(cv, "MUL"))
+    s = Steps(cv, node)
+    y = _normalized(cv, s, cv.value(node.input[0], cl), phys, [physical_axis(a, rank, cl) for a in range(2, rank)],
+                    float(cv.attr(node, "epsilon", 1e-5)))
     channel = [1] * rank
     channel[1] = shape[1]
     scale, bias = (np.asarray(cv.const(n), np.float32).reshape(channel) for n in node.input[1:3])
     if cl:
         scale, bias = scale.transpose(TO_LAST[rank]), bias.transpose(TO_LAST[rank])
-    y = s.op("MUL", [y, s.const(scale)], phys, _options(cv, "MUL"))
-    out = cv.output(node, 0, phys, cl)
-    cv.op("ADD", [y, s.const(bias)], [out], _options(cv, "ADD"))
+    _scale_and_shift(cv, node, s, y, phys, scale, bias, cl)
 
 
 @converts("PRelu")
@@ -122,22 +126,21 @@ def hard_sigmoid(cv, node) -> None:
     """max(0, min(1, alpha * x + beta)): MUL, ADD, then TFLite's RELU_0_TO_1."""
     cl = cv.channels_last(node.input[0])
     shape = physical(cv.shape(node.output[0]), cl)
-    s = _Steps(cv, node)
-    scaled = s.op("MUL", [cv.value(node.input[0], cl), s.const(float(cv.attr(node, "alpha", 0.2)))], shape,
-                  _options(cv, "MUL"))
-    shifted = s.op("ADD", [scaled, s.const(float(cv.attr(node, "beta", 0.5)))], shape, _options(cv, "ADD"))
+    s = Steps(cv, node)
+    scaled = s.op("MUL", [cv.value(node.input[0], cl), s.const(float(cv.attr(node, "alpha", 0.2)))], shape)
+    shifted = s.op("ADD", [scaled, s.const(float(cv.attr(node, "beta", 0.5)))], shape)
     out = cv.output(node, 0, shape, cl)
     cv.op("RELU_0_TO_1", [shifted], [out])
 
 
-def _softplus(cv, s: _Steps, x: int, shape, out: int | None = None) -> int:
+def _softplus(cv, s: Steps, x: int, shape, out: int | None = None) -> int:
     """log(1 + exp(x)) as max(x, 0) + log(1 + exp(-|x|)) (no overflow for large x), into `out` if given."""
     tail = s.op("EXP", [s.op("NEG", [s.op("ABS", [x], shape)], shape)], shape)
-    soft = s.op("LOG", [s.op("ADD", [tail, s.const(1.0)], shape, _options(cv, "ADD"))], shape)
+    soft = s.op("LOG", [s.op("ADD", [tail, s.const(1.0)], shape)], shape)
     inputs = [s.op("RELU", [x], shape), soft]
     if out is None:
-        return s.op("ADD", inputs, shape, _options(cv, "ADD"))
-    cv.op("ADD", inputs, [out], _options(cv, "ADD"))
+        return s.op("ADD", inputs, shape)
+    cv.op("ADD", inputs, [out], cv.options("AddOptions"))
     return out
 
 
@@ -146,13 +149,13 @@ def softplus(cv, node) -> None:
     """Softplus; Mish is x * tanh(softplus(x))."""
     cl = cv.channels_last(node.input[0])
     shape = physical(cv.shape(node.output[0]), cl)
-    s = _Steps(cv, node)
+    s = Steps(cv, node)
     x = cv.value(node.input[0], cl)
     if node.op_type == "Softplus":
         _softplus(cv, s, x, shape, cv.output(node, 0, shape, cl))
         return
     y = s.op("TANH", [_softplus(cv, s, x, shape)], shape)
-    cv.op("MUL", [x, y], [cv.output(node, 0, shape, cl)], _options(cv, "MUL"))
+    cv.op("MUL", [x, y], [cv.output(node, 0, shape, cl)], cv.options("MulOptions"))
 
 
 _COMPARE = {"Greater": "GREATER", "Less": "LESS", "Equal": "EQUAL", "GreaterOrEqual": "GREATER_EQUAL",
@@ -198,7 +201,7 @@ def depth_to_space(cv, node) -> None:
     if mode == "CRD":  # DCR channel (i * block + j) * C' + c' is CRD channel c' * block^2 + i * block + j
         c_out = c // (block * block)
         order = [k % c_out * block * block + k // c_out for k in range(c)]
-        s = _Steps(cv, node)
+        s = Steps(cv, node)
         x = s.op("GATHER", [x, cv.constant(ints(order), f"{node.output[0]}/dcr")], (n, h, w, c),
                  cv.options("GatherOptions", axis=3))
     out = cv.output(node, 0, physical(cv.shape(node.output[0]), True), True)

@@ -97,6 +97,29 @@ def simple(cv, node, opcode: str, options=None, quant: QParams | None = None, ch
     return out
 
 
+class Steps:
+    """Intermediate float tensors and operators of one node's conversion, named after its first output (the
+    converters that write a node as several TFLite operators: normalizations, recurrent cells, softplus)."""
+
+    def __init__(self, cv, node):
+        self.cv, self.name, self.count = cv, node.output[0] or node.name or node.op_type, 0
+
+    def tensor(self, shape, label: str) -> int:
+        self.count += 1
+        return self.cv.add_tensor(f"{self.name}/{label}{self.count}", shape, "float32")
+
+    def op(self, opcode: str, inputs, shape, options=None, label: str | None = None) -> int:
+        """`opcode` into a new tensor of `shape`; ADD, SUB and MUL get their options when none are given."""
+        out = self.tensor(shape, label or opcode.lower())
+        kind = {"ADD": "AddOptions", "SUB": "SubOptions", "MUL": "MulOptions"}.get(opcode)
+        self.cv.op(opcode, inputs, [out], options if options is not None or kind is None else self.cv.options(kind))
+        return out
+
+    def const(self, value, label: str = "c") -> int:
+        self.count += 1
+        return self.cv.constant(np.ascontiguousarray(value, np.float32), f"{self.name}/{label}{self.count}")
+
+
 # --- elementwise -------------------------------------------------------------------------------------------------
 
 _UNARY_FLOAT = {"Exp": "EXP", "Log": "LOG", "Sqrt": "SQRT", "Abs": "ABS", "Neg": "NEG", "Floor": "FLOOR",
@@ -240,48 +263,6 @@ def broadcast_const(cv, node, name: str, rank: int, cl: bool) -> int:
     if value.size == 1:
         value = value.reshape(())
     return cv.constant(value.astype(dtype), f"{node.output[0]}/{name}", quant)
-
-
-@converts("LayerNormalization")
-def layer_norm(cv, node) -> None:
-    """LayerNormalization as the float operators TFLite's converter writes for Keras' LayerNormalization: the mean
-    over the normalized axes, the centred value, its mean square, RSQRT of it plus epsilon, then scale and bias."""
-    if any(node.output[1:]):
-        raise cv.unsupported("with its mean or inverse deviation as outputs")
-    shape = cv.shape(node.input[0])
-    rank, name = len(shape), node.output[0]
-    axis = int(cv.attr(node, "axis", -1)) % rank
-    reduced = tuple(1 if i >= axis else d for i, d in enumerate(shape))
-    axes = cv.constant(ints(range(axis, rank)), f"{name}/axes")
-    x = cv.value(node.input[0], False)
-
-    def step(opcode, inputs, out_shape, label, options=None):
-        t = cv.add_tensor(f"{name}/{label}", out_shape, "float32")
-        cv.op(opcode, inputs, [t], options)
-        return t
-
-    def const(value, label):
-        value = np.asarray(value, np.float32)
-        return cv.constant(value.reshape((1,) * (rank - value.ndim) + value.shape), f"{name}/{label}")
-
-    mean = step("MEAN", [x, axes], reduced, "mean", cv.options("ReducerOptions", keepDims=True))
-    centred = step("SUB", [x, mean], shape, "centred", cv.options("SubOptions"))
-    square = step("MUL", [centred, centred], shape, "square", cv.options("MulOptions"))
-    var = step("MEAN", [square, axes], reduced, "variance", cv.options("ReducerOptions", keepDims=True))
-    eps = const(float(cv.attr(node, "epsilon", 1e-5)), "epsilon")
-    inv = step("RSQRT", [step("ADD", [var, eps], reduced, "plus_epsilon", cv.options("AddOptions"))], reduced,
-               "inverse_deviation")
-    y = step("MUL", [centred, inv], shape, "normalized", cv.options("MulOptions"))
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    for k, (operand, opcode, kind) in enumerate([(node.input[1], "MUL", "MulOptions"), (bias, "ADD", "AddOptions")]):
-        if operand is None:
-            continue
-        if not cv.is_const(operand):
-            raise cv.unsupported("with a scale or bias computed at run time")
-        last = k == 1 or bias is None
-        out = cv.output(node, 0, shape, False) if last else cv.add_tensor(f"{name}/scaled", shape, "float32")
-        cv.op(opcode, [y, const(cv.const(operand), opcode.lower())], [out], cv.options(kind))
-        y = out
 
 
 @converts("BatchNormalization")

@@ -11,39 +11,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinymlaas.frontend.onnx_ops import converts, ints
+from tinymlaas.frontend.onnx_ops import Steps, converts, ints
 
 # gate order in W, R and B: ONNX's
 _GATES = {"LSTM": 4, "GRU": 3}
 _DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"]}
 
 
-class _Emit:
-    """Float tensors and operators of one recurrent node, named after its first output."""
-
-    def __init__(self, cv, node):
-        self.cv, self.name, self.count = cv, node.output[0] or node.name or "rnn", 0
-
-    def tensor(self, shape, label: str) -> int:
-        self.count += 1
-        return self.cv.add_tensor(f"{self.name}/{label}{self.count}", shape, "float32")
-
-    def op(self, opcode: str, inputs, shape, label: str, options=None) -> int:
-        out = self.tensor(shape, label)
-        self.cv.op(opcode, inputs, [out], options)
-        return out
-
-    def const(self, value, label: str) -> int:
-        self.count += 1
-        return self.cv.constant(np.ascontiguousarray(value, np.float32), f"{self.name}/{label}{self.count}")
+class _Emit(Steps):
+    """Steps with the pieces of a recurrent cell."""
 
     def fc(self, x, w: np.ndarray, b: np.ndarray, rows: int) -> int:
-        return self.op("FULLY_CONNECTED", [x, self.const(w, "w"), self.const(b, "b")], (rows, w.shape[0]), "fc",
-                       self.cv.options("FullyConnectedOptions"))
+        return self.op("FULLY_CONNECTED", [x, self.const(w, "w"), self.const(b, "b")], (rows, w.shape[0]),
+                       self.cv.options("FullyConnectedOptions"), label="fc")
 
     def binary(self, opcode: str, a, b, shape) -> int:
-        kind = {"ADD": "AddOptions", "SUB": "SubOptions", "MUL": "MulOptions"}[opcode]
-        return self.op(opcode, [a, b], shape, opcode.lower(), self.cv.options(kind))
+        return self.op(opcode, [a, b], shape)
 
     def split(self, x, parts: int, shape) -> list[int]:
         outs = [self.tensor((shape[0], shape[1] // parts), "gate") for _ in range(parts)]
@@ -56,11 +39,10 @@ class _Emit:
         return self.op("STRIDED_SLICE", [x, self.cv.constant(ints([start, 0]), f"{self.name}/begin{self.count}"),
                                          self.cv.constant(ints([start + count, width]), f"{self.name}/end{self.count}"),
                                          self.cv.constant(ints([1, 1]), f"{self.name}/strides{self.count}")],
-                       (count, width), "step", self.cv.options("StridedSliceOptions"))
+                       (count, width), self.cv.options("StridedSliceOptions"), label="step")
 
     def reshape(self, x, shape) -> int:
-        return self.op("RESHAPE", [x, self.cv.constant(ints(shape), f"{self.name}/shape{self.count}")], shape,
-                       "reshape")
+        return self.op("RESHAPE", [x, self.cv.constant(ints(shape), f"{self.name}/shape{self.count}")], shape)
 
 
 def _refuse_what_onnx_runtime_would_compute_otherwise(cv, node, kind: str) -> None:
@@ -95,7 +77,7 @@ def _initial(cv, e: _Emit, node, k: int, direction: int, batch: int, hidden: int
     part = e.op("STRIDED_SLICE", [whole, cv.constant(ints([direction, 0, 0]), f"{e.name}/h0b{direction}.{k}"),
                                   cv.constant(ints([direction + 1, batch, hidden]), f"{e.name}/h0e{direction}.{k}"),
                                   cv.constant(ints([1, 1, 1]), f"{e.name}/h0s{direction}.{k}")],
-                (1, batch, hidden), "initial", cv.options("StridedSliceOptions"))
+                (1, batch, hidden), cv.options("StridedSliceOptions"), label="initial")
     return e.reshape(part, (batch, hidden))
 
 
@@ -106,10 +88,10 @@ def _lstm_step(e: _Emit, xt, h, c, r, state):
     pre = xt if h is None else e.binary("ADD", xt, e.fc(h, r, np.zeros(4 * hidden, np.float32), batch),
                                         (batch, 4 * hidden))
     i, o, f, g = e.split(pre, 4, (batch, 4 * hidden))
-    i, o, f = (e.op("LOGISTIC", [v], state, "sigmoid") for v in (i, o, f))
-    new = e.binary("MUL", i, e.op("TANH", [g], state, "tanh"), state)
+    i, o, f = (e.op("LOGISTIC", [v], state, label="sigmoid") for v in (i, o, f))
+    new = e.binary("MUL", i, e.op("TANH", [g], state, label="tanh"), state)
     c = new if c is None else e.binary("ADD", e.binary("MUL", f, c, state), new, state)
-    return e.binary("MUL", o, e.op("TANH", [c], state, "tanh"), state), c
+    return e.binary("MUL", o, e.op("TANH", [c], state, label="tanh"), state), c
 
 
 def _gru_step(e: _Emit, xt, h, r, rb, before_reset: bool, state):
@@ -119,8 +101,8 @@ def _gru_step(e: _Emit, xt, h, r, rb, before_reset: bool, state):
     xz, xr, xh = e.split(xt, 3, (batch, 3 * hidden))
     rbh = rb[2 * hidden:]
     if h is None:  # a zero state: z and r see only the input; the reset multiplies zeros, or R_h's bias
-        z = e.op("LOGISTIC", [xz], state, "sigmoid")
-        reset = e.op("LOGISTIC", [xr], state, "sigmoid")
+        z = e.op("LOGISTIC", [xz], state, label="sigmoid")
+        reset = e.op("LOGISTIC", [xr], state, label="sigmoid")
         recurrent = e.binary("MUL", reset, e.const(np.broadcast_to(rbh, state), "rbh"), state) if before_reset \
             else e.const(np.broadcast_to(rbh, state), "rbh")
     else:
@@ -129,11 +111,11 @@ def _gru_step(e: _Emit, xt, h, r, rb, before_reset: bool, state):
             hz, hr, hh = e.split(e.fc(h, r, np.concatenate([zero, rbh]), batch), 3, (batch, 3 * hidden))
         else:  # (r * H) R_h^T + Rb_h
             hz, hr = e.split(e.fc(h, r[:2 * hidden], zero, batch), 2, (batch, 2 * hidden))
-        z = e.op("LOGISTIC", [e.binary("ADD", xz, hz, state)], state, "sigmoid")
-        reset = e.op("LOGISTIC", [e.binary("ADD", xr, hr, state)], state, "sigmoid")
+        z = e.op("LOGISTIC", [e.binary("ADD", xz, hz, state)], state, label="sigmoid")
+        reset = e.op("LOGISTIC", [e.binary("ADD", xr, hr, state)], state, label="sigmoid")
         recurrent = e.binary("MUL", reset, hh, state) if before_reset \
             else e.fc(e.binary("MUL", reset, h, state), r[2 * hidden:], rbh, batch)
-    cand = e.op("TANH", [e.binary("ADD", xh, recurrent, state)], state, "tanh")
+    cand = e.op("TANH", [e.binary("ADD", xh, recurrent, state)], state, label="tanh")
     # (1 - z) * cand + z * H = cand + z * (H - cand)
     h_prev = h if h is not None else e.const(np.zeros(state), "zero")
     return e.binary("ADD", cand, e.binary("MUL", z, e.binary("SUB", h_prev, cand, state), state), state)
@@ -195,8 +177,8 @@ def recurrent(cv, node) -> None:
         y = [h for step in outputs for h in step]
         out = cv.output(node, 0, (steps, dirs, batch, hidden), False)
         pieces = [e.reshape(p, (1, 1, batch, hidden)) for p in y]
-        flat = e.op("CONCATENATION", pieces, (steps * dirs, 1, batch, hidden), "sequence",
-                    cv.options("ConcatenationOptions", axis=0)) if len(pieces) > 1 else pieces[0]
+        flat = e.op("CONCATENATION", pieces, (steps * dirs, 1, batch, hidden),
+                    cv.options("ConcatenationOptions", axis=0), label="sequence") if len(pieces) > 1 else pieces[0]
         cv.op("RESHAPE", [flat, cv.constant(ints((steps, dirs, batch, hidden)), f"{node.output[0]}/shape")], [out])
     write(1, last_h, (dirs, batch, hidden))
     if kind == "LSTM":
